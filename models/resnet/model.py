@@ -1,0 +1,124 @@
+"""ResNet — He, Zhang, Ren, Sun, "Deep Residual Learning for Image Recognition", CVPR 2016
+(arXiv:1512.03385).
+
+Table 1 of the paper, with the stages named as there:
+
+    layer     output (224 px)  18-layer        34-layer        50-layer          101-layer          152-layer
+    conv1     112x112          7x7, 64, stride 2, then 3x3 max pool, stride 2
+    conv2_x   56x56            [3x3,64]x2 x2   [3x3,64]x2 x3   [1x1,64 3x3,64 1x1,256]x3   ...x3    ...x3
+    conv3_x   28x28            [3x3,128]x2 x2  ... x4          [1x1,128 ... 1x1,512]x4     ...x4    ...x8
+    conv4_x   14x14            [3x3,256]x2 x2  ... x6          [1x1,256 ... 1x1,1024]x6    ...x23   ...x36
+    conv5_x   7x7              [3x3,512]x2 x2  ... x3          [1x1,512 ... 1x1,2048]x3    ...x3    ...x3
+              1x1              average pool, 1000-d fc, softmax
+
+Choices the paper leaves open, taken as torchvision and Keras Applications take them: batch norm after
+every convolution and before the ReLU, no convolution biases (BN makes them redundant), projection
+shortcuts (option B) only where the shape changes, and the downsampling stride on the first 1x1
+convolution of a bottleneck (the paper's form, "ResNet v1"; torchvision moves it to the 3x3, "v1.5").
+
+`small_input=True` swaps the ImageNet stem for a 3x3 stride-1 convolution without max pool (the paper's
+CIFAR-10 networks, Sec. 4.2, also start this way), so 28-64 px images keep their resolution into conv2_x.
+`width` scales every stage (64 in the paper); smaller widths give the fast models used for tests and CPU runs.
+"""
+
+import keras
+from keras import layers
+
+# depth -> (block type, blocks per stage conv2_x..conv5_x), from Table 1.
+STAGES = {
+    18: ("basic", (2, 2, 2, 2)),
+    34: ("basic", (3, 4, 6, 3)),
+    50: ("bottleneck", (3, 4, 6, 3)),
+    101: ("bottleneck", (3, 4, 23, 3)),
+    152: ("bottleneck", (3, 8, 36, 3)),
+}
+BOTTLENECK_EXPANSION = 4
+BN_EPSILON = 1.001e-5  # Keras Applications' value, so their weight files give identical outputs
+BN_MOMENTUM = 0.9  # Caffe/torch value; Keras' 0.99 makes moving statistics lag behind in short runs
+
+
+def conv_bn(x, filters: int, kernel_size: int, strides: int, name: str, relu: bool = True):
+    """Convolution, batch norm and (optionally) ReLU: the unit every row of Table 1 is made of."""
+    x = layers.Conv2D(filters, kernel_size, strides=strides, padding="same", use_bias=False,
+                      kernel_initializer="he_normal", name=f"{name}_conv")(x)
+    x = layers.BatchNormalization(epsilon=BN_EPSILON, momentum=BN_MOMENTUM, name=f"{name}_bn")(x)
+    if relu:
+        x = layers.ReLU(name=f"{name}_relu")(x)
+    return x
+
+
+def shortcut(x, filters: int, strides: int, name: str):
+    """Identity where shapes match, else a 1x1 projection (option B of Sec. 3.3)."""
+    if strides == 1 and x.shape[-1] == filters:
+        return x
+    return conv_bn(x, filters, 1, strides, name=f"{name}_0", relu=False)
+
+
+def basic_block(x, filters: int, strides: int, name: str):
+    """Two 3x3 convolutions (Fig. 5 left), used by ResNet-18/34."""
+    residual = shortcut(x, filters, strides, name)
+    x = conv_bn(x, filters, 3, strides, name=f"{name}_1")
+    x = conv_bn(x, filters, 3, 1, name=f"{name}_2", relu=False)
+    x = layers.Add(name=f"{name}_add")([residual, x])
+    return layers.ReLU(name=f"{name}_out")(x)
+
+
+def bottleneck_block(x, filters: int, strides: int, name: str):
+    """1x1 reduce, 3x3, 1x1 expand by 4 (Fig. 5 right), used by ResNet-50/101/152."""
+    residual = shortcut(x, filters * BOTTLENECK_EXPANSION, strides, name)
+    x = conv_bn(x, filters, 1, strides, name=f"{name}_1")
+    x = conv_bn(x, filters, 3, 1, name=f"{name}_2")
+    x = conv_bn(x, filters * BOTTLENECK_EXPANSION, 1, 1, name=f"{name}_3", relu=False)
+    x = layers.Add(name=f"{name}_add")([residual, x])
+    return layers.ReLU(name=f"{name}_out")(x)
+
+
+def stage(x, block, filters: int, blocks: int, strides: int, name: str):
+    """One row of Table 1: `blocks` blocks, the first one downsampling by `strides`."""
+    x = block(x, filters, strides, name=f"{name}_block1")
+    for i in range(2, blocks + 1):
+        x = block(x, filters, 1, name=f"{name}_block{i}")
+    return x
+
+
+def stem(x, width: int, small_input: bool):
+    """conv1 (+ max pool): 7x7/2 and 3x3/2 pool on ImageNet, 3x3/1 and no pool for small images."""
+    if small_input:
+        return conv_bn(x, width, 3, 1, name="conv1")
+    x = conv_bn(x, width, 7, 2, name="conv1")
+    return layers.MaxPooling2D(3, strides=2, padding="same", name="pool1")(x)
+
+
+def trunk(inputs, depth: int, width: int, small_input: bool) -> dict:
+    """conv1 to conv5_x; returns each stage's output keyed by its stride, in network order."""
+    if depth not in STAGES:
+        raise ValueError(f"ResNet depth {depth} is not in Table 1; choose one of {sorted(STAGES)}")
+    block_type, blocks_per_stage = STAGES[depth]
+    block = basic_block if block_type == "basic" else bottleneck_block
+    x = stem(inputs, width, small_input)
+    stride = 1 if small_input else 4
+    features = {}
+    for index, blocks in enumerate(blocks_per_stage):
+        strides = 1 if index == 0 else 2
+        stride *= strides
+        x = stage(x, block, width * 2**index, blocks, strides, name=f"conv{index + 2}")
+        features[f"stride_{stride}"] = x
+    return features
+
+
+def backbone(input_shape: tuple = (224, 224, 3), depth: int = 50, width: int = 64,
+             small_input: bool = False) -> keras.Model:
+    """The convolutional trunk as a model whose outputs are the stage outputs keyed by stride
+    ("stride_4" .. "stride_32" with the ImageNet stem; 1 .. 8 with `small_input`)."""
+    inputs = keras.Input(shape=input_shape, name="image")
+    return keras.Model(inputs, trunk(inputs, depth, width, small_input), name=f"resnet{depth}_backbone")
+
+
+def build(num_classes: int = 1000, input_shape: tuple = (224, 224, 3), depth: int = 50,
+          width: int = 64, small_input: bool = False) -> keras.Model:
+    """ResNet-`depth` classifier: trunk, global average pool, `num_classes`-way softmax."""
+    inputs = keras.Input(shape=input_shape, name="image")
+    features = trunk(inputs, depth, width, small_input)
+    x = layers.GlobalAveragePooling2D(name="avg_pool")(list(features.values())[-1])
+    outputs = layers.Dense(num_classes, activation="softmax", name="predictions")(x)
+    return keras.Model(inputs, outputs, name=f"resnet{depth}")

@@ -1,0 +1,126 @@
+"""Augmentation-function generators, composed from the YAML list `data.augment`.
+
+Each entry is a name, or a one-key mapping `{name: {argument: value}}`. A name resolves, in order, to:
+1. a function of the model folder's own `augment.py` (snapshotted with the run);
+2. a generator below (`random_crop`, `random_resized_crop`, `horizontal_flip`);
+3. any Keras augmentation layer by class name (`RandomRotation: {factor: 0.05}`, `RandomContrast`, ...).
+
+A generator takes its arguments (plus `image_size` when it asks for it) and returns a function
+image -> image on one float32 image with values on the 0-255 scale, applied before normalization.
+Generators marked `crops_raw_image` must come first: they cut `image_size` straight out of the decoded
+image, replacing the default resize.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Callable
+
+import keras
+import tensorflow as tf
+
+from shared.errors import UserError
+
+AugmentFn = Callable[[tf.Tensor], tf.Tensor]
+
+
+def random_crop(image_size: int, padding: int = 4) -> AugmentFn:
+    """Pad by `padding` pixels of zeros, then crop `image_size` at a random place (CIFAR/ResNet style)."""
+    def crop(image):
+        padded = tf.pad(image, [[padding, padding], [padding, padding], [0, 0]])
+        return tf.image.random_crop(padded, [image_size, image_size, tf.shape(image)[-1]])
+    return crop
+
+
+def random_resized_crop(image_size: int, scale: tuple = (0.08, 1.0),
+                        ratio: tuple = (3 / 4, 4 / 3)) -> AugmentFn:
+    """Inception-style crop (Szegedy et al. 2014): a random box covering `scale` of the area with
+    aspect `ratio`, resized to `image_size`."""
+    def crop(image):
+        begin, size, _ = tf.image.sample_distorted_bounding_box(
+            tf.shape(image), bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]),
+            area_range=scale, aspect_ratio_range=ratio, min_object_covered=0.0,
+            max_attempts=10, use_image_if_no_bounding_boxes=True)
+        cropped = tf.slice(image, begin, size)
+        return tf.image.resize(cropped, [image_size, image_size])
+    return crop
+
+
+random_resized_crop.crops_raw_image = True
+
+
+def horizontal_flip() -> AugmentFn:
+    """Mirror left-right with probability 1/2."""
+    return keras.layers.RandomFlip("horizontal")
+
+
+GENERATORS = {f.__name__: f for f in (random_crop, random_resized_crop, horizontal_flip)}
+KERAS_LAYERS = sorted(name for name in dir(keras.layers) if name.startswith("Random") or name in
+                      ("RandAugment", "AutoContrast", "Equalization", "Solarization"))
+
+
+@dataclass
+class Augmentation:
+    name: str
+    fn: AugmentFn
+    crops_raw_image: bool = False
+
+
+def _entry(entry) -> tuple[str, dict]:
+    if isinstance(entry, str):
+        return entry, {}
+    if isinstance(entry, dict) and len(entry) == 1:
+        name, kwargs = next(iter(entry.items()))
+        if kwargs is None:
+            kwargs = {}
+        if isinstance(name, str) and isinstance(kwargs, dict):
+            return name, kwargs
+    raise UserError(f"data.augment entry {entry!r} must be a name or {{name: {{argument: value}}}}")
+
+
+def _call_with_checked_args(name: str, factory, kwargs: dict, image_size: int, seed: int):
+    parameters = inspect.signature(factory).parameters
+    accepts_any = any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+    for key in kwargs:
+        if key not in parameters and not accepts_any:
+            valid = [p for p in parameters if p not in ("image_size", "seed", "kwargs")]
+            match = difflib.get_close_matches(key, valid, n=1)
+            hint = f"did you mean {match[0]}?" if match else f"valid: {', '.join(valid) or 'none'}"
+            raise UserError(f"data.augment {name} takes no argument {key!r}; {hint}")
+    extra = {}
+    if "image_size" in parameters:
+        extra["image_size"] = image_size
+    if "seed" in parameters and "seed" not in kwargs:
+        extra["seed"] = seed
+    try:
+        return factory(**kwargs, **extra)
+    except (TypeError, ValueError) as error:
+        raise UserError(f"data.augment {name} {kwargs}: {error}") from None
+
+
+def build(entries: list, image_size: int, model_augment: ModuleType | None = None,
+          seed: int = 0) -> list[Augmentation]:
+    """Turn the config's list into functions, checking every name and argument up front."""
+    augmentations = []
+    for position, entry in enumerate(entries):
+        name, kwargs = _entry(entry)
+        factory = getattr(model_augment, name, None) if model_augment else None
+        if not callable(factory):
+            factory = GENERATORS.get(name) or (getattr(keras.layers, name) if name in KERAS_LAYERS else None)
+        if factory is None:
+            own = [n for n, f in vars(model_augment).items() if inspect.isfunction(f) and not n.startswith("_")] \
+                if model_augment else []
+            known = own + list(GENERATORS) + KERAS_LAYERS
+            match = difflib.get_close_matches(name, known, n=1)
+            hint = f"did you mean {match[0]}?" if match else f"known: {', '.join(own + list(GENERATORS))}, " \
+                                                            f"or a keras.layers.Random* layer"
+            raise UserError(f"unknown augmentation {name!r} in data.augment; {hint}")
+        fn = _call_with_checked_args(name, factory, kwargs, image_size, seed + position)
+        crops = bool(getattr(factory, "crops_raw_image", False))
+        if crops and position != 0:
+            raise UserError(f"data.augment {name} crops the decoded image and must be the first entry")
+        augmentations.append(Augmentation(name, fn, crops))
+    return augmentations

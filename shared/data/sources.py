@@ -1,0 +1,245 @@
+"""Where images come from. Each source yields (image, label) `tf.data` datasets for a train and a test
+split in a fixed, class-mixed order, plus what the pipeline needs to know about them.
+
+Images are either decoded uint8 arrays (`encoded=False`) or file paths to decode later (`encoded=True`,
+so decoding runs inside the parallel map, not up front).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+
+from shared.config import DataConfig
+from shared.errors import UserError
+
+FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist",)
+FASHION_MNIST_FILES = {
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
+FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+# Per-channel statistics on the 0-255 scale.
+FASHION_MNIST_MEAN, FASHION_MNIST_STD = [72.94], [90.02]
+IMAGENET_MEAN, IMAGENET_STD = [123.675, 116.28, 103.53], [58.395, 57.12, 57.375]
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif"}
+
+
+@dataclass
+class Source:
+    train: tf.data.Dataset
+    test: tf.data.Dataset
+    num_train: int
+    num_test: int
+    class_names: list[str]
+    mean: list[float]  # default normalization statistics (0-255 scale, one per source channel)
+    std: list[float]
+    encoded: bool = False  # elements are file paths to decode
+    fixed_size: bool = True  # every image already has one square size (no aspect-preserving crop needed)
+    files: dict = field(default_factory=dict)  # split -> list of file paths, for error reports
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+def load(config: DataConfig) -> Source:
+    config = dataclasses.replace(config, **{key: os.path.expanduser(getattr(config, key))
+                                            for key in ("path", "data_dir", "manual_dir") if getattr(config, key)})
+    loaders = {"fashion_mnist": fashion_mnist, "synthetic": synthetic, "folder": folder, "tfds": tfds_source}
+    return loaders[config.source](config)
+
+
+# ---------------------------------------------------------------- fashion_mnist
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read an IDX file (the MNIST format: magic, dims, then raw uint8 data), gzipped or not."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as handle:
+            data = handle.read()
+        magic = int.from_bytes(data[0:4], "big")
+        dtype_code, ndim = magic >> 8, magic & 0xFF
+        if data[0:2] != b"\x00\x00" or dtype_code != 0x08:
+            raise ValueError("not an unsigned-byte IDX file")
+        shape = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
+        array = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+        return array.reshape(shape)
+    except (OSError, ValueError, EOFError) as error:
+        raise UserError(f"{path} is not a readable IDX file ({error}); re-download or reinstall it") from None
+
+
+def _fashion_mnist_dir(config: DataConfig) -> Path | None:
+    candidates = [config.path] if config.path else list(FASHION_MNIST_DIRS)
+    for candidate in candidates:
+        folder = Path(candidate)
+        if all((folder / name).is_file() for pair in FASHION_MNIST_FILES.values() for name in pair):
+            return folder
+    return None
+
+
+def fashion_mnist(config: DataConfig) -> Source:
+    """The IDX files from data.path, else the Debian package's folder, else TFDS."""
+    folder = _fashion_mnist_dir(config)
+    if folder is None:
+        looked = config.path or ", ".join(FASHION_MNIST_DIRS)
+        try:
+            import tensorflow_datasets as tfds
+            builder = tfds.builder("fashion_mnist", data_dir=config.data_dir)
+            builder.download_and_prepare()
+        except Exception as error:  # no files and no download: say where we looked and how to get it
+            raise UserError(
+                f"Fashion-MNIST not found: no IDX files (train-images-idx3-ubyte.gz ...) in {looked}, and the "
+                f"TFDS download failed ({type(error).__name__}); install it with "
+                f"`apt-get install dataset-fashion-mnist` or set data.path to a folder with the four IDX files"
+            ) from None
+        return tfds_source(config, name="fashion_mnist", builder=builder,
+                           mean=FASHION_MNIST_MEAN, std=FASHION_MNIST_STD)
+    arrays = {}
+    for split, (images_file, labels_file) in FASHION_MNIST_FILES.items():
+        images, labels = read_idx(folder / images_file), read_idx(folder / labels_file)
+        if len(images) != len(labels):
+            raise UserError(f"{folder}: {images_file} and {labels_file} disagree on the number of examples")
+        arrays[split] = (images[..., None], labels.astype(np.int32))
+    return Source(
+        train=tf.data.Dataset.from_tensor_slices(arrays["train"]),
+        test=tf.data.Dataset.from_tensor_slices(arrays["test"]),
+        num_train=len(arrays["train"][1]), num_test=len(arrays["test"][1]),
+        class_names=FASHION_MNIST_CLASSES, mean=FASHION_MNIST_MEAN, std=FASHION_MNIST_STD,
+    )
+
+
+# ---------------------------------------------------------------- synthetic
+
+
+def synthetic_arrays(num_examples: int, num_classes: int, size: int, channels: int, seed: int):
+    """Deterministic, learnable images: each class is a fixed random pattern, each example that
+    pattern plus independent noise. Pattern and noise carry equal weight, so a small model must learn
+    but reaches high accuracy in a few steps."""
+    patterns = np.random.default_rng(12345).uniform(0, 255, (num_classes, size, size, channels))
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, num_classes, num_examples).astype(np.int32)
+    noise = rng.uniform(0, 255, (num_examples, size, size, channels))
+    images = (0.5 * patterns[labels] + 0.5 * noise).astype(np.uint8)
+    return images, labels
+
+
+def synthetic(config: DataConfig) -> Source:
+    num_classes = config.num_classes or 10
+    size, channels = config.image_size, config.channels
+    train = synthetic_arrays(config.synthetic_train, num_classes, size, channels, seed=1)
+    test = synthetic_arrays(config.synthetic_test, num_classes, size, channels, seed=2)
+    return Source(
+        train=tf.data.Dataset.from_tensor_slices(train), test=tf.data.Dataset.from_tensor_slices(test),
+        num_train=config.synthetic_train, num_test=config.synthetic_test,
+        class_names=[f"class_{i}" for i in range(num_classes)],
+        mean=[127.5] * channels, std=[36.0] * channels,
+    )
+
+
+# ---------------------------------------------------------------- folder
+
+
+def list_folder_split(root: Path, split: str, class_names: list[str] | None = None):
+    """Files of `root/split/<class>/*`, labels by sorted class name, shuffled once with a fixed seed
+    so the order mixes classes (a validation carve-out then holds every class)."""
+    split_dir = root / split
+    if not split_dir.is_dir():
+        raise UserError(f"folder dataset {root} has no {split}/ folder; expected {root}/{split}/<class>/<image> "
+                        f"(set data.train_split / data.test_split to the folder names you have)")
+    if class_names is None:
+        class_names = sorted(p.name for p in split_dir.iterdir() if p.is_dir())
+        if not class_names:
+            raise UserError(f"{split_dir} has no class folders; expected {split_dir}/<class>/<image>")
+    index = {name: i for i, name in enumerate(class_names)}
+    files, labels = [], []
+    for class_dir in sorted(p for p in split_dir.iterdir() if p.is_dir()):
+        if class_dir.name not in index:
+            raise UserError(f"{class_dir} is a class that the train split does not have; "
+                            f"remove it or add it to train/")
+        for path in sorted(class_dir.iterdir()):
+            if path.suffix.lower() in IMAGE_SUFFIXES:
+                files.append(str(path))
+                labels.append(index[class_dir.name])
+    if not files:
+        raise UserError(f"{split_dir} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    order = list(range(len(files)))
+    random.Random(0).shuffle(order)
+    return [files[i] for i in order], [labels[i] for i in order], class_names
+
+
+def folder(config: DataConfig) -> Source:
+    root = Path(config.path)
+    if not root.is_dir():
+        raise UserError(f"folder dataset not found: {root}; set data.path to a folder with train/<class>/ images")
+    train_files, train_labels, class_names = list_folder_split(root, config.train_split)
+    test_files, test_labels, _ = list_folder_split(root, config.test_split, class_names)
+
+    def dataset(files, labels):
+        return tf.data.Dataset.from_tensor_slices((tf.constant(files), tf.constant(labels, tf.int32)))
+
+    return Source(
+        train=dataset(train_files, train_labels), test=dataset(test_files, test_labels),
+        num_train=len(train_files), num_test=len(test_files), class_names=class_names,
+        mean=IMAGENET_MEAN, std=IMAGENET_STD, encoded=True, fixed_size=False,
+        files={"train": train_files, "test": test_files},
+    )
+
+
+# ---------------------------------------------------------------- tfds
+
+
+def tfds_source(config: DataConfig, name: str | None = None, builder=None,
+                mean: list[float] | None = None, std: list[float] | None = None) -> Source:
+    """Any TFDS dataset with an image and a label feature (`as_supervised`), prepared by TFDS itself;
+    data_dir and manual_dir (ImageNet's tars) pass through."""
+    import tensorflow_datasets as tfds
+
+    name = name or config.name
+    if builder is None:
+        try:
+            builder = tfds.builder(name, data_dir=config.data_dir)
+        except Exception as error:  # DatasetNotFoundError and friends
+            raise UserError(f"TFDS has no dataset {name!r} ({str(error).splitlines()[0][:200]}); "
+                            f"check data.name against `tfds.list_builders()`") from None
+        try:
+            builder.download_and_prepare(
+                download_config=tfds.download.DownloadConfig(manual_dir=config.manual_dir))
+        except Exception as error:
+            first_line = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+            manual = (" For imagenet2012, put ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar in a folder and "
+                      "set data.manual_dir to it (data.data_dir chooses where TFDS writes the prepared copy)."
+                      if name.startswith("imagenet") else "")
+            raise UserError(f"TFDS could not prepare {name!r}: {first_line}.{manual}") from None
+    info = builder.info
+    label_feature = info.features["label"] if "label" in info.features else None
+    if label_feature is None or not hasattr(label_feature, "num_classes"):
+        raise UserError(f"TFDS dataset {name!r} has no class label feature; it cannot train a classifier")
+
+    def split(split_name: str):
+        try:
+            count = info.splits[split_name].num_examples
+            dataset = builder.as_dataset(split=split_name, as_supervised=True, shuffle_files=False)
+        except (KeyError, ValueError) as error:
+            raise UserError(f"TFDS dataset {name!r} has no split {split_name!r} ({error}); "
+                            f"available: {', '.join(info.splits.keys())}") from None
+        return dataset.map(lambda image, label: (image, tf.cast(label, tf.int32))), count
+
+    train, num_train = split(config.train_split)
+    test, num_test = split(config.test_split)
+    shape = info.features["image"].shape
+    fixed = shape[0] is not None and shape[0] == shape[1]
+    channels = shape[-1] or 3
+    return Source(train=train, test=test, num_train=num_train, num_test=num_test,
+                  class_names=list(label_feature.names), fixed_size=fixed,
+                  mean=mean or (IMAGENET_MEAN if channels == 3 else [127.5]),
+                  std=std or (IMAGENET_STD if channels == 3 else [64.0]))

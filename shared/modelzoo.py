@@ -1,0 +1,102 @@
+"""Find a model folder, import its `model.py` from a path, and check the config's hyperparameters
+against its `build` signature.
+
+Importing from a path (not as a package) is what lets a run rebuild its model from the copy of
+`model.py` inside its own snapshot, long after `models/<name>/model.py` has moved on.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import inspect
+import sys
+from pathlib import Path
+from types import ModuleType
+
+from shared.errors import UserError
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+MODELS_DIR = PROJECT_ROOT / "models"
+BUILD_ARGS = ("num_classes", "input_shape")  # supplied by the runner from the data, not by the config
+
+
+def available_models() -> list[str]:
+    return sorted(p.name for p in MODELS_DIR.iterdir() if (p / "model.py").is_file()) if MODELS_DIR.is_dir() else []
+
+
+def model_dir(name: str, path: str | None = None) -> Path:
+    """The folder holding the model's source: `path` when given, else models/<name>."""
+    folder = Path(path) if path else MODELS_DIR / name
+    if not (folder / "model.py").is_file():
+        known = available_models()
+        match = difflib.get_close_matches(name, known, n=1)
+        hint = f"did you mean {match[0]}?" if match else f"available: {', '.join(known) or 'none'}"
+        raise UserError(f"unknown model {name!r}: no model.py in {folder}; {hint}")
+    return folder
+
+
+def import_file(path: Path, module_name: str) -> ModuleType:
+    """Import one Python file under a unique name (two runs' model.py may be loaded side by side)."""
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module  # keras serialization looks modules up by name
+    try:
+        spec.loader.exec_module(module)
+    except Exception as error:
+        del sys.modules[module_name]
+        raise UserError(f"{path} failed to import: {type(error).__name__}: {error}; fix the model source") from error
+    return module
+
+
+def load_model_module(folder: Path) -> ModuleType:
+    folder = Path(folder).resolve()
+    module = import_file(folder / "model.py", f"_model_{abs(hash(str(folder)))}")
+    if not callable(getattr(module, "build", None)):
+        raise UserError(f"{folder / 'model.py'} has no build(num_classes, input_shape, **hparams) function")
+    return module
+
+
+def hparam_defaults(module: ModuleType) -> dict:
+    """The model's hyperparameters and their defaults, from `build`'s signature."""
+    parameters = inspect.signature(module.build).parameters
+    return {name: p.default for name, p in parameters.items()
+            if name not in BUILD_ARGS and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+
+def resolve_hparams(module: ModuleType, hparams: dict, where: str = "") -> dict:
+    """Every hyperparameter of `build`, the config's value where given, else the default; unknown names
+    and values of the wrong type are errors naming the closest valid hyperparameter."""
+    defaults = hparam_defaults(module)
+    resolved = {}
+    for name, value in hparams.items():
+        if name not in defaults:
+            match = difflib.get_close_matches(name, list(defaults), n=1)
+            hint = f"did you mean model.{match[0]}?" if match else f"valid: {', '.join(sorted(defaults)) or 'none'}"
+            raise UserError(f"unknown config key model.{name}{where}: build() takes no such argument; {hint}")
+        default = defaults[name]
+        if default is not inspect.Parameter.empty and default is not None and value is not None:
+            expected = type(default)
+            if expected is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            elif expected is tuple and isinstance(value, list):
+                value = tuple(value)
+            if not isinstance(value, expected) or (isinstance(value, bool) and expected is not bool):
+                raise UserError(f"config key model.{name}{where} must be {expected.__name__} "
+                                f"(like its default {default!r}), got {value!r}")
+        resolved[name] = value
+    for name, default in defaults.items():
+        if name not in resolved:
+            if default is inspect.Parameter.empty:
+                raise UserError(f"config key model.{name} is required by build(){where}; set it")
+            resolved[name] = list(default) if isinstance(default, tuple) else default
+    return resolved
+
+
+def build_model(module: ModuleType, num_classes: int, input_shape: tuple, hparams: dict):
+    """Call the model's `build`; a ValueError from it (a bad depth, say) is the user's to fix."""
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in hparams.items()}
+    try:
+        return module.build(num_classes=num_classes, input_shape=tuple(input_shape), **kwargs)
+    except (ValueError, TypeError) as error:
+        raise UserError(f"model could not be built with {kwargs}: {error}") from error

@@ -1,0 +1,71 @@
+"""The command line: train (the default), test.
+
+    python -m shared.runner --config models/resnet/quick.yaml [--set train.epochs=3] [--notes "why"]
+    python -m shared.runner test --run runs/resnet/v0003
+
+A user mistake prints one line `error: ...` and exits with status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TF's C++ start-up chatter out of the way
+
+COMMANDS = ("train", "test")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m shared.runner",
+                                     description="Train and test the canonical ILSVRC classifiers.")
+    sub = parser.add_subparsers(dest="command")
+    train = sub.add_parser("train", help="train from a config, then test (the default command)")
+    train.add_argument("--config", required=True, help="a recipe, e.g. models/resnet/quick.yaml")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config key in dot notation, e.g. --set train.batch_size=64")
+    train.add_argument("--notes", help="why this run exists; stored first in the run's notes.md")
+    test = sub.add_parser("test", help="re-test a finished run from its own snapshot")
+    test.add_argument("--run", required=True, help="a run folder, e.g. runs/resnet/v0003")
+    if not argv or argv[0] not in (*COMMANDS, "-h", "--help"):
+        argv = ["train", *argv]
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    from shared.errors import UserError  # after argparse, so --help answers before TF loads
+
+    try:
+        if args.command == "test":
+            from shared.evaluate import evaluate
+            from shared.train import summary
+
+            metrics = evaluate(args.run)
+            print(summary(metrics))
+            return 0
+        from shared.config import load_config
+        from shared.train import summary, train
+
+        overrides = list(args.set) + ([f"run.notes={_yaml_string(args.notes)}"] if args.notes else [])
+        config = load_config(args.config, overrides)
+        run = train(config, argv=["-m", "shared.runner", *argv])
+        print(f"{run.path}: {summary(run.test_metrics())}")
+        return 0
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _yaml_string(text: str) -> str:
+    import json
+    return json.dumps(text)  # a JSON string is a YAML string: quotes and colons survive
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,302 @@
+"""The run store: every run is a folder `<runs root>/<model>/<version>/` that holds everything needed to
+know, rebuild and re-test it:
+
+    model.py (+ augment.py)  the model source that built it, copied at start
+    notes.md                 the run's notes, then the model folder's notes
+    config.yaml              the fully resolved config, in stable key order
+    environment.json         package versions, git commit and dirtiness, command line, machine
+    status.json              running / finished / failed, with times and the error
+    metrics.csv              one row per epoch (Keras CSVLogger)
+    test_metrics.json        the held-out evaluation after training
+    checkpoints/             epoch-NNNN.keras (model + optimizer state); the newest is the run's last
+    logs/                    TensorBoard
+
+Versions are v0001, v0002, ... (zero-padded so `ls` sorts them), allocated with an atomic mkdir so
+concurrent runs never share a folder. `python -m shared.runs list|diff` reads the store.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import difflib
+import json
+import os
+import platform
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+import yaml
+
+from shared.errors import UserError
+from shared.modelzoo import PROJECT_ROOT
+
+ROOT_MARKER = ".runs_root"  # marks a runs root; scripts/prune_checkpoints.sh refuses folders without it
+VERSION_RE = re.compile(r"^v(\d+)$")
+VERSION_DIGITS = 4
+SNAPSHOT_SOURCES = ("model.py", "augment.py")
+DIFF_FILES = ("model.py", "augment.py", "config.yaml", "notes.md")
+PACKAGES = ("tensorflow", "keras", "numpy", "pillow", "pyyaml", "tensorflow-datasets", "tqdm")
+
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+def atomic_write(path: Path, text: str) -> None:
+    """Write to a temporary file beside `path`, then rename: readers never see half a file."""
+    path = Path(path)
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w") as out:
+            out.write(text)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give them the usual permissions
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@dataclass
+class Run:
+    path: Path
+
+    @property
+    def model_name(self) -> str:
+        return self.path.parent.name
+
+    @property
+    def version(self) -> str:
+        return self.path.name
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.path / "checkpoints"
+
+    def checkpoints(self) -> list[Path]:
+        """Complete checkpoints, oldest first (temporary files of an interrupted save are skipped)."""
+        return sorted(self.checkpoint_dir.glob("epoch-*.keras"))
+
+    def last_checkpoint(self) -> Path | None:
+        found = self.checkpoints()
+        return found[-1] if found else None
+
+    def status(self) -> dict:
+        try:
+            return json.loads((self.path / "status.json").read_text())
+        except (OSError, ValueError):
+            return {"status": "unknown"}
+
+    def set_status(self, status: str, **details) -> None:
+        record = {**self.status(), "status": status, **details}
+        if status != "failed":
+            record.pop("error", None)
+        record["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+        atomic_write(self.path / "status.json", json.dumps(record, indent=2) + "\n")
+
+    def config_dict(self) -> dict:
+        return yaml.safe_load((self.path / "config.yaml").read_text())
+
+    def test_metrics(self) -> dict | None:
+        path = self.path / "test_metrics.json"
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def write_json(self, name: str, payload: dict) -> None:
+        atomic_write(self.path / name, json.dumps(payload, indent=2, sort_keys=True) + "\n")
+
+
+# ---------------------------------------------------------------- creating runs
+
+
+def runs_root(directory: str | Path) -> Path:
+    root = Path(directory)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / ROOT_MARKER).touch()
+    return root
+
+
+def allocate(root: Path, model_name: str) -> Path:
+    """Create the next free version folder. mkdir is atomic: if another process takes the same number
+    first, ours fails with FileExistsError and we move on to the next."""
+    model_dir = runs_root(root) / model_name
+    model_dir.mkdir(parents=True, exist_ok=True)
+    while True:
+        taken = [int(m.group(1)) for p in model_dir.iterdir() if (m := VERSION_RE.match(p.name))]
+        candidate = model_dir / f"v{max(taken, default=0) + 1:0{VERSION_DIGITS}d}"
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            continue
+
+
+def environment(argv: list[str] | None = None) -> dict:
+    versions = {}
+    for package in PACKAGES:
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    git = {}
+    try:
+        def run_git(*args):
+            return subprocess.run(["git", "-C", str(PROJECT_ROOT), *args], capture_output=True, text=True,
+                                  timeout=10, check=True).stdout.strip()
+        git = {"commit": run_git("rev-parse", "HEAD"), "dirty": bool(run_git("status", "--porcelain"))}
+    except (OSError, subprocess.SubprocessError):
+        git = {"commit": None, "dirty": None}
+    return {
+        "command": " ".join([Path(sys.executable).name, *(argv if argv is not None else sys.argv)]),
+        "cwd": os.getcwd(), "python": platform.python_version(), "platform": platform.platform(),
+        "host": socket.gethostname(), "packages": versions, "git": git,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+
+
+def create(config, model_folder: Path, argv: list[str] | None = None) -> Run:
+    """Allocate a version and snapshot the model source, notes, resolved config and environment."""
+    run = Run(allocate(Path(config.run.dir), config.model.name))
+    for name in SNAPSHOT_SOURCES:
+        if (model_folder / name).is_file():
+            shutil.copy2(model_folder / name, run.path / name)
+    model_notes = model_folder / "notes.md"
+    notes = [f"# {config.model.name} {run.version}", ""]
+    if config.run.notes.strip():
+        notes += [config.run.notes.strip(), ""]
+    if model_notes.is_file():
+        notes += ["---", f"Model notes ({model_notes.name} at the time of the run):", "", model_notes.read_text()]
+    atomic_write(run.path / "notes.md", "\n".join(notes).rstrip() + "\n")
+    atomic_write(run.path / "config.yaml", config.dump())
+    run.write_json("environment.json", environment(argv))
+    run.checkpoint_dir.mkdir()
+    run.set_status("running", started=time.strftime("%Y-%m-%dT%H:%M:%S"), pid=os.getpid())
+    return run
+
+
+def open_run(path: str | Path) -> Run:
+    """A run folder, accepting short versions (runs/resnet/v3 for v0003)."""
+    path = Path(path)
+    if not path.is_dir():
+        match = VERSION_RE.match(path.name)
+        if match:
+            padded = path.parent / f"v{int(match.group(1)):0{VERSION_DIGITS}d}"
+            if padded.is_dir():
+                path = padded
+    if not (path / "config.yaml").is_file():
+        raise UserError(f"no run at {path} (a run folder holds config.yaml); "
+                        f"`python -m shared.runs list` shows the runs there are")
+    return Run(path)
+
+
+def all_runs(root: Path, model: str | None = None) -> list[Run]:
+    root = Path(root)
+    models = [root / model] if model else sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    return [Run(p) for m in models if m.is_dir()
+            for p in sorted(m.iterdir(), key=lambda p: p.name) if VERSION_RE.match(p.name) and p.is_dir()]
+
+
+# ---------------------------------------------------------------- list
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def table(runs: list[Run]) -> str:
+    """Version, status, the config keys whose values differ between these runs, and test top-1."""
+    if not runs:
+        return "no runs"
+    configs = []
+    for run in runs:
+        try:
+            configs.append(_flatten(run.config_dict()))
+        except (OSError, yaml.YAMLError):
+            configs.append({})
+    keys = sorted({k for c in configs for k in c})
+    differing = [k for k in keys if k != "run.notes" and len({json.dumps(c.get(k)) for c in configs}) > 1]
+    header = ["run", "status", *differing, "top1"]
+    rows = []
+    for run, config in zip(runs, configs):
+        metrics = run.test_metrics() or {}
+        top1 = metrics.get("top1")
+        rows.append([f"{run.model_name}/{run.version}", run.status().get("status", "unknown"),
+                     *(_short(config.get(k)) for k in differing),
+                     f"{top1:.4f}" if isinstance(top1, float) else "-"])
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    return "\n".join("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *rows])
+
+
+def _short(value) -> str:
+    text = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+    return text if len(text) <= 30 else text[:27] + "..."
+
+
+# ---------------------------------------------------------------- diff
+
+
+def unified_diff(a: Run, b: Run) -> str:
+    chunks = []
+    for name in DIFF_FILES:
+        left, right = a.path / name, b.path / name
+        if not left.exists() and not right.exists():
+            continue
+        left_lines = left.read_text().splitlines(keepends=True) if left.exists() else []
+        right_lines = right.read_text().splitlines(keepends=True) if right.exists() else []
+        chunks.extend(difflib.unified_diff(left_lines, right_lines, str(left), str(right)))
+    return "".join(chunks)
+
+
+def diff(a: Run, b: Run, interactive: bool | None = None) -> str | None:
+    """Open $DIFFTOOL (default vimdiff) on each file pair when on a terminal; else return a unified diff."""
+    if interactive is None:
+        interactive = sys.stdin.isatty() and sys.stdout.isatty()
+    tool = os.environ.get("DIFFTOOL", "vimdiff")
+    if interactive and shutil.which(tool.split()[0]):
+        for name in DIFF_FILES:
+            if (a.path / name).exists() and (b.path / name).exists():
+                subprocess.run([*tool.split(), str(a.path / name), str(b.path / name)])
+        return None
+    return unified_diff(a, b)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m shared.runs", description="Read the run store.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    listing = sub.add_parser("list", help="a table of runs")
+    listing.add_argument("model", nargs="?")
+    listing.add_argument("--dir", default="runs", help="the runs root (default: runs)")
+    differ = sub.add_parser("diff", help="vimdiff (or $DIFFTOOL) two runs' model source, config and notes")
+    differ.add_argument("a")
+    differ.add_argument("b")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "list":
+            if args.model and not (Path(args.dir) / args.model).is_dir():
+                raise UserError(f"no runs of model {args.model!r} in {args.dir}")
+            print(table(all_runs(Path(args.dir), args.model)))
+        else:
+            text = diff(open_run(args.a), open_run(args.b))
+            if text is not None:
+                print(text or "no differences in " + ", ".join(DIFF_FILES), end="" if text else "\n")
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

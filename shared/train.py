@@ -1,0 +1,104 @@
+"""The train runner: config -> datasets -> model -> `model.fit` -> run snapshot.
+
+Everything that can be checked (config, model hyperparameters, data) is checked before the run folder
+is created, so a bad input leaves nothing behind; once the folder exists, any failure marks it failed.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import keras
+import tensorflow as tf
+
+from shared import data as data_module
+from shared import modelzoo, optim, runs
+from shared.callbacks import EpochCheckpoint, LearningRateLogger
+from shared.config import Config
+from shared.errors import UserError
+from shared.evaluate import evaluate_model
+
+
+def _where(config: Config) -> str:
+    return f" (in {config.source_file})" if config.source_file else ""
+
+
+def prepare(config: Config):
+    """Resolve the model and its hyperparameters, and build the datasets; returns what `fit` needs."""
+    folder = modelzoo.model_dir(config.model.name, config.model.path)
+    module = modelzoo.load_model_module(folder)
+    config.model.hparams = modelzoo.resolve_hparams(module, config.model.hparams, _where(config))
+    model_augment = modelzoo.import_file(folder / "augment.py", f"_augment_{abs(hash(str(folder)))}") \
+        if (folder / "augment.py").is_file() else None
+    keras.utils.set_random_seed(config.train.seed)
+    datasets = data_module.make_datasets(config, model_augment)
+    config.data.num_classes = datasets.num_classes  # resolved: the snapshot says how many there were
+    model = modelzoo.build_model(module, datasets.num_classes, datasets.input_shape, config.model.hparams)
+    return folder, model, datasets
+
+
+def compile_model(model: keras.Model, config: Config, steps_per_epoch: int, num_classes: int) -> None:
+    optim.apply_weight_decay(model, config.train.weight_decay)
+    model.compile(
+        optimizer=optim.make_optimizer(config.train, steps_per_epoch),
+        loss=keras.losses.SparseCategoricalCrossentropy(),
+        metrics=[keras.metrics.SparseCategoricalAccuracy(name="top1"),
+                 keras.metrics.SparseTopKCategoricalAccuracy(k=min(5, num_classes), name="top5")],
+        jit_compile=config.train.jit_compile,
+    )
+
+
+def train(config: Config, argv: list[str] | None = None) -> runs.Run:
+    """Train as the config says, test on the held-out split, and return the finished run."""
+    folder, model, datasets = prepare(config)
+    compile_model(model, config, datasets.steps_per_epoch, datasets.num_classes)
+    run = runs.create(config, folder, argv)
+    print(f"run {run.path}: {config.model.name} {config.model.hparams}, {datasets.num_train} training / "
+          f"{datasets.num_val} validation / {datasets.num_test} test images, {datasets.num_classes} classes, "
+          f"{datasets.steps_per_epoch} steps x {config.train.epochs} epochs", flush=True)
+    started = time.time()
+    try:
+        model.fit(
+            datasets.train, epochs=config.train.epochs, steps_per_epoch=datasets.steps_per_epoch,
+            validation_data=datasets.val, verbose=_verbosity(config.train.verbose), shuffle=False,
+            callbacks=[
+                LearningRateLogger(),
+                keras.callbacks.CSVLogger(str(run.path / "metrics.csv")),
+                keras.callbacks.TensorBoard(log_dir=str(run.path / "logs"), write_graph=False),
+                EpochCheckpoint(run.checkpoint_dir),
+            ],
+        )
+        metrics = evaluate_model(model, datasets.test, datasets.num_classes)
+    except tf.errors.InvalidArgumentError as error:
+        # A file the pipeline could not decode: name it instead of showing TF's op trace.
+        bad = data_module.find_undecodable(datasets.source) if datasets.source.encoded else []
+        run.set_status("failed", ended=time.strftime("%Y-%m-%dT%H:%M:%S"),
+                       error=f"undecodable images: {bad}" if bad else str(error).splitlines()[0][:500])
+        if bad:
+            raise UserError(f"corrupt or unreadable image{'s' if len(bad) > 1 else ''}: {', '.join(bad[:5])}"
+                            f"{' ...' if len(bad) > 5 else ''}; delete or replace {'them' if len(bad) > 1 else 'it'}"
+                            f" (run {run.path} is marked failed)") from None
+        raise
+    except KeyboardInterrupt:
+        run.set_status("interrupted", ended=time.strftime("%Y-%m-%dT%H:%M:%S"))
+        raise
+    except BaseException as error:
+        run.set_status("failed", ended=time.strftime("%Y-%m-%dT%H:%M:%S"),
+                       error=f"{type(error).__name__}: {str(error).strip().splitlines()[0][:500] if str(error).strip() else ''}")
+        raise
+    metrics["train_seconds"] = round(time.time() - started, 1)
+    metrics["checkpoint"] = str(run.last_checkpoint().relative_to(run.path))
+    run.write_json("test_metrics.json", metrics)
+    run.set_status("finished", ended=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    return run
+
+
+def _verbosity(configured: int) -> int:
+    """A progress bar on a terminal; one line per epoch in logs and CI, where a bar is noise."""
+    return 2 if configured == 1 and not sys.stdout.isatty() else configured
+
+
+def summary(metrics: dict) -> str:
+    return (f"test top-1 {metrics['top1']:.4f}  top-5 {metrics['top5']:.4f}  loss {metrics['loss']:.4f}  "
+            f"({metrics['examples']} images)")
