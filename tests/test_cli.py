@@ -1,0 +1,99 @@
+"""The command line on bad input: one line naming the problem and the fix, non-zero exit, no traceback."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from PIL import Image
+
+from shared import runner
+
+from conftest import REPO, tiny_tree
+from test_data import make_folder_dataset
+
+
+def run_cli(capsys, *argv):
+    code = runner.main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def write_config(tmp_path, tree) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+def assert_one_line_error(code, err, *fragments):
+    assert code == 2
+    lines = [line for line in err.strip().splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, err
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("change, fragments", [
+    (lambda t: t["train"].update(batchsize=3), ["unknown config key train.batchsize", "did you mean train.batch_size"]),
+    (lambda t: t["train"].update(epochs="many"), ["train.epochs", "must be int"]),
+    (lambda t: t["model"].update(name="resnt"), ["unknown model 'resnt'", "did you mean resnet"]),
+    (lambda t: t["model"].update(depth=19), ["ResNet depth 19 is not in Table 1", "choose one of"]),
+    (lambda t: t["model"].update(dpth=18), ["unknown config key model.dpth", "did you mean model.depth"]),
+    (lambda t: t["data"].update(source="folder", path="/nonexistent/imagenet"), ["folder dataset not found"]),
+])
+def test_bad_configs(tmp_path, capsys, change, fragments):
+    tree = tiny_tree(tmp_path / "runs")
+    change(tree)
+    code, _, err = run_cli(capsys, "--config", write_config(tmp_path, tree))
+    assert_one_line_error(code, err, *fragments)
+    assert not (tmp_path / "runs" / "resnet").exists()  # nothing half-written
+
+
+def test_missing_config_file(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "--config", tmp_path / "nope.yaml")
+    assert_one_line_error(code, err, "config file not found", "nope.yaml")
+
+
+def test_bad_set_override(tmp_path, capsys):
+    path = write_config(tmp_path, tiny_tree(tmp_path / "runs"))
+    code, _, err = run_cli(capsys, "--config", path, "--set", "train.epochs")
+    assert_one_line_error(code, err, "not key=value")
+
+
+def test_nonexistent_run_for_test(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "test", "--run", tmp_path / "runs" / "resnet" / "v7")
+    assert_one_line_error(code, err, "no run at", "shared.runs list")
+
+
+def test_corrupt_image_in_a_folder_dataset_names_the_file(tmp_path, capsys):
+    root = make_folder_dataset(tmp_path / "imgs", per_class=3)
+    bad = root / "train" / "dog" / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 truncated, not a real JPEG")
+    tree = tiny_tree(tmp_path / "runs", train={"epochs": 1, "batch_size": 4})
+    tree["data"] = {"source": "folder", "path": str(root), "test_split": "val", "image_size": 16}
+    code, _, err = run_cli(capsys, "--config", write_config(tmp_path, tree))
+    assert_one_line_error(code, err, "corrupt or unreadable image", str(bad), "marked failed")
+    (run_dir,) = (tmp_path / "runs" / "resnet").iterdir()
+    assert yaml.safe_load((run_dir / "status.json").read_text())["status"] == "failed"
+
+
+def test_real_process_prints_one_line_and_exit_code(tmp_path):
+    """The same through a real `python -m shared.runner` process (what a user types)."""
+    result = subprocess.run([sys.executable, "-m", "shared.runner", "--config", str(tmp_path / "missing.yaml")],
+                            capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 2
+    assert "error: config file not found" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_train_then_test_from_the_command_line(tmp_path, capsys):
+    path = write_config(tmp_path, tiny_tree(tmp_path / "runs", train={"epochs": 1}))
+    code, out, err = run_cli(capsys, "--config", path, "--notes", "cli: smoke", "--set", "data.synthetic_train=64")
+    assert code == 0, err
+    assert "test top-1" in out
+    (run_dir,) = (tmp_path / "runs" / "resnet").iterdir()
+    assert "cli: smoke" in (run_dir / "notes.md").read_text()
+    recorded = out.strip().splitlines()[-1].split(": ", 1)[1]
+    code, out, err = run_cli(capsys, "test", "--run", run_dir)
+    assert code == 0 and out.strip() == recorded

@@ -1,0 +1,195 @@
+import gzip
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from shared.config import load_config
+from shared.data import augment, make_datasets, preprocess, sources
+from shared.errors import UserError
+
+from conftest import tiny_tree
+
+FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    with gzip.open(path, "wb") as out:
+        out.write(header + array.astype(np.uint8).tobytes())
+
+
+def fake_fashion_dir(root: Path, train: int = 40, test: int = 20) -> Path:
+    """The four IDX files in the real format, with random pixels."""
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True, exist_ok=True)
+    for prefix, count in (("train", train), ("t10k", test)):
+        write_idx(root / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (count, 28, 28)))
+        write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", np.arange(count) % 10)
+    return root
+
+
+def make_folder_dataset(root: Path, classes=("cat", "dog", "fox"), per_class=4, size=(40, 30)) -> Path:
+    """ImageNet-style train/<class>/*.jpg and val/<class>/*, including a grayscale JPEG and a PNG."""
+    rng = np.random.default_rng(1)
+    for split in ("train", "val"):
+        for index, name in enumerate(classes):
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+                image = Image.fromarray(pixels)
+                if i == 1:
+                    image.convert("L").save(folder / f"{i}.jpg")
+                elif i == 2:
+                    image.save(folder / f"{i}.png")
+                else:
+                    image.save(folder / f"{i}.JPEG")
+    return root
+
+
+def config_for(tmp_path, **data):
+    tree = tiny_tree(tmp_path / "runs")
+    tree["data"] = {"image_size": 16, "channels": 3, **data}
+    return load_config(tree=tree)
+
+
+def first_batch(dataset):
+    images, labels = next(iter(dataset))
+    return images.numpy(), labels.numpy()
+
+
+def test_fashion_mnist_reads_idx_files_from_data_path(tmp_path):
+    config = config_for(tmp_path, source="fashion_mnist", path=str(fake_fashion_dir(tmp_path / "fm")),
+                        image_size=28, channels=1)
+    datasets = make_datasets(config)
+    assert (datasets.num_train, datasets.num_test, datasets.num_classes) == (40, 20, 10)
+    images, labels = first_batch(datasets.test)
+    assert images.shape == (20, 28, 28, 1) and labels.tolist() == list(np.arange(20) % 10)
+
+
+def test_fashion_mnist_grayscale_becomes_rgb_when_asked(tmp_path):
+    config = config_for(tmp_path, source="fashion_mnist", path=str(fake_fashion_dir(tmp_path / "fm")),
+                        image_size=32, channels=3, normalize=False)
+    images, _ = first_batch(make_datasets(config).test)
+    assert images.shape[1:] == (32, 32, 3)
+    np.testing.assert_allclose(images[..., 0], images[..., 2])  # the same gray in every channel
+
+
+def test_fashion_mnist_missing_everywhere_says_where_and_how(tmp_path, monkeypatch):
+    import tensorflow_datasets as tfds
+
+    def no_network(*args, **kwargs):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(tfds, "builder", no_network)
+    config = config_for(tmp_path, source="fashion_mnist", path=str(tmp_path / "empty"))
+    with pytest.raises(UserError, match=r"Fashion-MNIST not found.*empty.*apt-get install dataset-fashion-mnist"):
+        make_datasets(config)
+
+
+def test_corrupt_idx_file_is_a_user_error(tmp_path):
+    folder = fake_fashion_dir(tmp_path / "fm")
+    (folder / "t10k-labels-idx1-ubyte.gz").write_bytes(b"not gzip at all")
+    with pytest.raises(UserError, match="not a readable IDX file"):
+        make_datasets(config_for(tmp_path, source="fashion_mnist", path=str(folder)))
+
+
+@pytest.mark.skipif(not FASHION_DIR.is_dir(), reason="Debian package dataset-fashion-mnist not installed")
+def test_fashion_mnist_real_files_from_the_debian_package(tmp_path):
+    datasets = make_datasets(config_for(tmp_path, source="fashion_mnist", image_size=28, channels=1,
+                                        normalize=False))
+    assert (datasets.num_train, datasets.num_test) == (60000, 10000)
+    images, labels = first_batch(datasets.test)
+    assert 0.0 <= images.min() and images.max() <= 1.0 and set(labels.tolist()) <= set(range(10))
+
+
+def test_synthetic_is_deterministic():
+    a = sources.synthetic_arrays(32, 5, 8, 3, seed=1)
+    b = sources.synthetic_arrays(32, 5, 8, 3, seed=1)
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])
+
+
+def test_folder_source_decodes_jpeg_png_and_grayscale(tmp_path):
+    root = make_folder_dataset(tmp_path / "imgs")
+    config = config_for(tmp_path, source="folder", path=str(root), test_split="val")
+    datasets = make_datasets(config)
+    assert datasets.class_names == ["cat", "dog", "fox"]
+    assert (datasets.num_train, datasets.num_test) == (12, 12)
+    images, labels = first_batch(datasets.test)
+    assert images.shape == (12, 16, 16, 3)
+    assert sorted(labels.tolist()) == [0] * 4 + [1] * 4 + [2] * 4
+
+
+def test_folder_source_errors(tmp_path):
+    with pytest.raises(UserError, match="folder dataset not found"):
+        make_datasets(config_for(tmp_path, source="folder", path=str(tmp_path / "missing")))
+    (tmp_path / "noval" / "train" / "a").mkdir(parents=True)
+    with pytest.raises(UserError, match="no val/ folder"):
+        make_datasets(config_for(tmp_path, source="folder", path=str(tmp_path / "noval"), test_split="val"))
+
+
+def test_tfds_source_on_tfds_mock_data(tmp_path):
+    import tensorflow_datasets as tfds
+
+    with tfds.testing.mock_data(num_examples=12):
+        config = config_for(tmp_path, source="tfds", name="mnist", image_size=28, channels=1)
+        datasets = make_datasets(config)
+        assert datasets.num_classes == 10
+        images, labels = first_batch(datasets.test)
+        assert images.shape[1:] == (28, 28, 1)
+
+
+def test_tfds_unknown_dataset_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="TFDS has no dataset 'no_such_dataset_xyz'"):
+        make_datasets(config_for(tmp_path, source="tfds", name="no_such_dataset_xyz"))
+
+
+def test_normalization_toggles(tmp_path):
+    on = config_for(tmp_path, source="synthetic", num_classes=3, normalize=True)
+    off = config_for(tmp_path, source="synthetic", num_classes=3, normalize=False)
+    normalized, _ = first_batch(make_datasets(on).test)
+    raw, _ = first_batch(make_datasets(off).test)
+    assert 0.0 <= raw.min() and raw.max() <= 1.0
+    np.testing.assert_allclose(normalized, (raw * 255.0 - 127.5) / 36.0, rtol=1e-4, atol=1e-4)
+
+
+def test_resize_and_center_crop_keeps_the_middle():
+    image = tf.reshape(tf.range(40 * 20 * 1, dtype=tf.float32), (40, 20, 1))
+    out = preprocess.resize_and_center_crop(image, 16, crop_fraction=1.0)
+    assert out.shape == (16, 16, 1)
+
+
+def test_augmentations_compose_from_names_and_keras_layers():
+    built = augment.build(["horizontal_flip", {"random_crop": {"padding": 2}},
+                           {"RandomContrast": {"factor": 0.2}}], image_size=8)
+    image = tf.random.uniform((8, 8, 3), 0, 255)
+    for augmentation in built:
+        image = augmentation.fn(image)
+    assert image.shape == (8, 8, 3)
+
+
+def test_random_resized_crop_must_come_first_and_outputs_image_size():
+    (crop,) = augment.build(["random_resized_crop"], image_size=12)
+    assert crop.crops_raw_image and crop.fn(tf.zeros((50, 30, 3))).shape == (12, 12, 3)
+    with pytest.raises(UserError, match="must be the first entry"):
+        augment.build(["horizontal_flip", "random_resized_crop"], image_size=12)
+
+
+def test_augmentation_errors_suggest_fixes():
+    with pytest.raises(UserError, match="unknown augmentation 'horizontal_flp'.*did you mean horizontal_flip"):
+        augment.build(["horizontal_flp"], image_size=8)
+    with pytest.raises(UserError, match="random_crop takes no argument 'pad'.*did you mean padding"):
+        augment.build([{"random_crop": {"pad": 2}}], image_size=8)
+
+
+def test_model_folder_augment_py_is_used(tmp_path, model_copy):
+    (model_copy / "augment.py").write_text(
+        "import tensorflow as tf\n\ndef invert():\n    return lambda image: 255.0 - image\n")
+    from shared.modelzoo import import_file
+    module = import_file(model_copy / "augment.py", "_test_augment")
+    (invert,) = augment.build(["invert"], image_size=4, model_augment=module)
+    assert float(invert.fn(tf.zeros((4, 4, 1)))[0, 0, 0]) == 255.0

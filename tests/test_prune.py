@@ -1,0 +1,78 @@
+import subprocess
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "prune_checkpoints.sh"
+
+
+def make_runs(root: Path, epochs: int = 3, marker: bool = True) -> Path:
+    root.mkdir(parents=True)
+    if marker:
+        (root / ".runs_root").touch()
+    for version in ("v0001", "v0002"):
+        folder = root / "resnet" / version / "checkpoints"
+        folder.mkdir(parents=True)
+        for epoch in range(1, epochs + 1):
+            (folder / f"epoch-{epoch:04d}.keras").write_bytes(b"x" * 100 * epoch)
+    return root
+
+
+def prune(*args):
+    return subprocess.run(["bash", str(SCRIPT), *map(str, args)], capture_output=True, text=True)
+
+
+def remaining(root: Path) -> dict:
+    return {p.parent.parent.name: sorted(c.name for c in p.iterdir())
+            for p in sorted(root.glob("*/v*/checkpoints"))}
+
+
+def test_keeps_the_newest_and_reports_bytes(tmp_path):
+    root = make_runs(tmp_path / "runs")
+    result = prune(root)
+    assert result.returncode == 0, result.stderr
+    assert remaining(root) == {"v0001": ["epoch-0003.keras"], "v0002": ["epoch-0003.keras"]}
+    assert "freed 600 bytes from 4 checkpoint(s)" in result.stdout  # (100 + 200) x 2 runs
+    assert result.stdout.count("removed ") == 4
+
+
+def test_keep_n(tmp_path):
+    root = make_runs(tmp_path / "runs")
+    assert prune("--keep", 2, root).returncode == 0
+    assert remaining(root)["v0001"] == ["epoch-0002.keras", "epoch-0003.keras"]
+
+
+def test_dry_run_removes_nothing(tmp_path):
+    root = make_runs(tmp_path / "runs")
+    result = prune("--dry-run", root)
+    assert result.returncode == 0
+    assert "would remove" in result.stdout and "would free 600 bytes" in result.stdout
+    assert remaining(root)["v0002"] == ["epoch-0001.keras", "epoch-0002.keras", "epoch-0003.keras"]
+
+
+def test_never_removes_the_last_checkpoint(tmp_path):
+    root = make_runs(tmp_path / "runs", epochs=1)
+    assert prune(root).returncode == 0
+    assert remaining(root) == {"v0001": ["epoch-0001.keras"], "v0002": ["epoch-0001.keras"]}
+    result = prune("--keep", 0, root)
+    assert result.returncode == 2 and "--keep must be a whole number of at least 1" in result.stderr
+
+
+def test_refuses_folders_that_are_not_runs_roots(tmp_path):
+    root = make_runs(tmp_path / "elsewhere", marker=False)
+    result = prune(root)
+    assert result.returncode == 2 and "refusing to prune" in result.stderr
+    assert remaining(root)["v0001"] == ["epoch-0001.keras", "epoch-0002.keras", "epoch-0003.keras"]
+    assert prune(tmp_path / "missing").returncode == 2
+
+
+def test_does_not_follow_links_out_of_the_root(tmp_path):
+    outside = tmp_path / "precious"
+    outside.mkdir()
+    for epoch in (1, 2):
+        (outside / f"epoch-{epoch:04d}.keras").write_text("keep me")
+    root = make_runs(tmp_path / "runs", epochs=1)
+    (root / "resnet" / "v0003").mkdir()
+    (root / "resnet" / "v0003" / "checkpoints").symlink_to(outside)
+    assert prune(root).returncode == 0
+    assert sorted(p.name for p in outside.iterdir()) == ["epoch-0001.keras", "epoch-0002.keras"]

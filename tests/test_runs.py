@@ -1,0 +1,118 @@
+import json
+import multiprocessing
+from pathlib import Path
+
+import pytest
+import yaml
+
+from shared import runs
+from shared.config import load_config
+from shared.errors import UserError
+from shared.evaluate import evaluate
+from shared.train import train
+
+from conftest import tiny_tree
+
+
+def _allocate_many(args):
+    root, count = args
+    return [runs.allocate(Path(root), "resnet").name for _ in range(count)]
+
+
+def test_concurrent_allocation_never_shares_a_folder(tmp_path):
+    with multiprocessing.get_context("spawn").Pool(4) as pool:
+        names = [n for chunk in pool.map(_allocate_many, [(str(tmp_path), 10)] * 4) for n in chunk]
+    assert len(names) == len(set(names)) == 40
+    assert sorted(names) == [f"v{i:04d}" for i in range(1, 41)]  # zero-padded: ls order is numeric order
+
+
+def test_snapshot_holds_everything_about_the_run(trained_run):
+    run, source = trained_run
+    files = {p.name for p in run.path.iterdir()}
+    assert {"model.py", "notes.md", "config.yaml", "environment.json", "status.json", "metrics.csv",
+            "test_metrics.json", "checkpoints", "logs"} <= files
+    assert (run.path / "model.py").read_text() == (source / "model.py").read_text()
+    assert run.status()["status"] == "finished"
+    assert run.last_checkpoint().name == "epoch-0002.keras"
+    config = yaml.safe_load((run.path / "config.yaml").read_text())
+    assert config["model"] == {"name": "resnet", "path": str(source), "depth": 18, "width": 4, "small_input": True}
+    assert config["data"]["num_classes"] == 4 and config["train"]["epochs"] == 2
+    notes = (run.path / "notes.md").read_text()
+    assert "a tiny test run" in notes and "He, Zhang, Ren, Sun" in notes  # run notes, then the model's notes
+    environment = json.loads((run.path / "environment.json").read_text())
+    assert environment["packages"]["tensorflow"].startswith("2.21") and "commit" in environment["git"]
+    rows = (run.path / "metrics.csv").read_text().splitlines()
+    assert rows[0].startswith("epoch,") and "lr" in rows[0] and len(rows) == 3
+    metrics = run.test_metrics()
+    assert 0.0 <= metrics["top1"] <= metrics["top5"] <= 1.0 and metrics["examples"] == 64
+
+
+def test_synthetic_data_is_learnable(trained_run):
+    run, _ = trained_run
+    assert run.test_metrics()["top1"] > 0.5  # chance is 0.25 with 4 classes
+
+
+def test_test_runner_reproduces_the_recorded_metric_after_the_model_source_changed(trained_run):
+    run, source = trained_run
+    recorded = run.test_metrics()
+    original = (source / "model.py").read_text()
+    try:
+        # The live source moves on: a different architecture that the checkpoint no longer fits.
+        (source / "model.py").write_text(original.replace("BOTTLENECK_EXPANSION = 4", "BOTTLENECK_EXPANSION = 2")
+                                         .replace('18: ("basic", (2, 2, 2, 2))', '18: ("basic", (1, 1, 1, 1))'))
+        again = evaluate(run.path)
+    finally:
+        (source / "model.py").write_text(original)
+    assert again["top1"] == recorded["top1"] and again["top5"] == recorded["top5"]
+    assert again["loss"] == pytest.approx(recorded["loss"], rel=1e-6)
+
+
+def test_open_run_accepts_short_versions_and_rejects_missing(trained_run):
+    run, _ = trained_run
+    assert runs.open_run(run.path.parent / "v1").path == run.path
+    with pytest.raises(UserError, match="no run at"):
+        runs.open_run(run.path.parent / "v9")
+
+
+def test_list_shows_only_differing_keys(tmp_path):
+    root = tmp_path / "runs"
+    for epochs in (1, 2):
+        path = runs.allocate(root, "resnet")
+        tree = tiny_tree(root, train={"epochs": epochs})
+        (path / "config.yaml").write_text(load_config(tree=tree).dump())
+        runs.Run(path).set_status("finished")
+        runs.Run(path).write_json("test_metrics.json", {"top1": 0.5 * epochs})
+    text = runs.table(runs.all_runs(root))
+    header, first, second = text.splitlines()
+    assert header.split() == ["run", "status", "train.epochs", "top1"]
+    assert first.split() == ["resnet/v0001", "finished", "1", "0.5000"]
+    assert second.split() == ["resnet/v0002", "finished", "2", "1.0000"]
+
+
+def test_diff_prints_a_unified_diff_without_a_terminal(tmp_path, capsys):
+    root = tmp_path / "runs"
+    for text, epochs in (("x = 1\n", 1), ("x = 2\n", 2)):
+        path = runs.allocate(root, "resnet")
+        (path / "model.py").write_text(text)
+        (path / "config.yaml").write_text(load_config(tree={"train": {"epochs": epochs}}).dump())
+        (path / "notes.md").write_text("same\n")
+    assert runs.main(["diff", str(root / "resnet" / "v1"), str(root / "resnet" / "v2")]) == 0
+    out = capsys.readouterr().out
+    assert "-x = 1" in out and "+x = 2" in out and "-  epochs: 1" in out and "+  epochs: 2" in out
+    assert "notes.md" not in out  # identical files add nothing
+
+
+def test_failed_run_is_marked_failed(tmp_path, model_copy):
+    # A model that builds but breaks inside fit: the run folder must say failed, not look finished.
+    text = (model_copy / "model.py").read_text()
+    (model_copy / "model.py").write_text(text.replace(
+        'outputs = layers.Dense(num_classes, activation="softmax", name="predictions")(x)',
+        'outputs = layers.Dense(num_classes, activation="softmax", name="predictions")(x)\n'
+        '    outputs = layers.Lambda(lambda t: t[:, :1])(outputs)  # labels now fall outside the output'))
+    tree = tiny_tree(tmp_path / "runs", train={"epochs": 1})
+    tree["model"]["path"] = str(model_copy)
+    with pytest.raises(Exception):
+        train(load_config(tree=tree))
+    (run_dir,) = (tmp_path / "runs" / "resnet").iterdir()
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["status"] == "failed" and status["error"]
