@@ -180,10 +180,13 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise UserError(f"--set {text!r} is not key=value; write e.g. --set train.batch_size=64")
+    stripped = raw.strip()
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = yaml.safe_load(stripped) if stripped else None
     except yaml.YAMLError:
-        raise UserError(f"--set {text!r}: the value is not valid YAML; quote it, e.g. --set 'run.notes=\"a: b\"'")
+        value = stripped  # "a: b: c" is no YAML value, but a fine note
+    if isinstance(value, (dict, list)) and not stripped.startswith(("{", "[")):
+        value = stripped  # only flow style ([1, 2], {a: 1}) makes a collection; "hello: world" stays text
     return key.strip().split("."), value
 
 

@@ -128,6 +128,7 @@ def test_folder_source_errors(tmp_path):
     with pytest.raises(UserError, match="folder dataset not found"):
         make_datasets(config_for(tmp_path, source="folder", path=str(tmp_path / "missing")))
     (tmp_path / "noval" / "train" / "a").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "noval" / "train" / "a" / "x.jpg")
     with pytest.raises(UserError, match="no val/ folder"):
         make_datasets(config_for(tmp_path, source="folder", path=str(tmp_path / "noval"), test_split="val"))
 

@@ -23,7 +23,7 @@ def prune(*args):
 
 
 def remaining(root: Path) -> dict:
-    return {p.parent.parent.name: sorted(c.name for c in p.iterdir())
+    return {p.parent.name: sorted(c.name for c in p.iterdir())
             for p in sorted(root.glob("*/v*/checkpoints"))}
 
 

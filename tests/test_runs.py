@@ -1,5 +1,6 @@
 import json
-import multiprocessing
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,14 +15,16 @@ from shared.train import train
 from conftest import tiny_tree
 
 
-def _allocate_many(args):
-    root, count = args
-    return [runs.allocate(Path(root), "resnet").name for _ in range(count)]
+ALLOCATE = "import sys; from pathlib import Path; from shared.runs import allocate; " \
+           "print(' '.join(allocate(Path(sys.argv[1]), 'resnet').name for _ in range(10)))"
 
 
 def test_concurrent_allocation_never_shares_a_folder(tmp_path):
-    with multiprocessing.get_context("spawn").Pool(4) as pool:
-        names = [n for chunk in pool.map(_allocate_many, [(str(tmp_path), 10)] * 4) for n in chunk]
+    # Four processes racing for versions in the same folder.
+    workers = [subprocess.Popen([sys.executable, "-c", ALLOCATE, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+               for _ in range(4)]
+    names = [name for worker in workers for name in worker.communicate(timeout=60)[0].split()]
+    assert all(worker.returncode == 0 for worker in workers)
     assert len(names) == len(set(names)) == 40
     assert sorted(names) == [f"v{i:04d}" for i in range(1, 41)]  # zero-padded: ls order is numeric order
 

@@ -227,8 +227,10 @@ def tfds_source(config: DataConfig, name: str | None = None, builder=None,
 
     def split(split_name: str):
         try:
-            count = info.splits[split_name].num_examples
             dataset = builder.as_dataset(split=split_name, as_supervised=True, shuffle_files=False)
+            count = int(dataset.cardinality())
+            if count < 0:  # unknown to tf.data: ask the dataset's metadata
+                count = info.splits[split_name].num_examples
         except (KeyError, ValueError) as error:
             raise UserError(f"TFDS dataset {name!r} has no split {split_name!r} ({error}); "
                             f"available: {', '.join(info.splits.keys())}") from None

@@ -1,0 +1,122 @@
+"""AlexNet (models/alexnet): parameter counts, LRN, PCA lighting, backbone, small images, one fit."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from shared import modelzoo
+from shared.config import load_config
+from shared.data import augment as shared_augment
+from shared.modelzoo import MODELS_DIR, load_model_module
+
+alexnet = load_model_module(MODELS_DIR / "alexnet")
+alexnet_augment = modelzoo.import_file(MODELS_DIR / "alexnet" / "augment.py", "_test_alexnet_augment")
+
+
+def trainable(model) -> int:
+    return int(sum(np.prod(w.shape) for w in model.trainable_weights))
+
+
+def test_default_matches_torchvision_parameter_count():
+    model = alexnet.build()
+    assert trainable(model) == model.count_params() == 61_100_840
+    assert model.output.shape[1:] == (1000,)
+    assert model.layers[-1].name == "predictions"
+
+
+def test_two_towers_has_the_papers_grouped_parameter_count():
+    # conv 34,944 + 307,456 + 885,120 + 663,936 + 442,624; fc 37,752,832 + 16,781,312 + 4,097,000.
+    model = alexnet.build(two_towers=True, lrn=True)
+    assert trainable(model) == 60_965_224
+    assert model.get_layer("conv2").groups == 2 and model.get_layer("conv3").groups == 1
+
+
+def lrn_reference(a, size=5, k=2.0, alpha=1e-4, beta=0.75):
+    """Sec. 3.3 written out: b_i = a_i / (k + alpha * sum_{j=max(0,i-n/2)}^{min(N-1,i+n/2)} a_j^2)^beta."""
+    channels, half = a.shape[-1], size // 2
+    b = np.empty_like(a, dtype=np.float64)
+    for i in range(channels):
+        lo, hi = max(0, i - half), min(channels - 1, i + half)
+        b[..., i] = a[..., i] / (k + alpha * np.sum(a[..., lo:hi + 1].astype(np.float64) ** 2, axis=-1)) ** beta
+    return b
+
+
+def test_lrn_layer_follows_the_papers_formula():
+    a = (np.random.default_rng(0).normal(size=(2, 3, 4, 11)) * 60).astype("float32")  # alpha*sum ~ k
+    layer = alexnet.LocalResponseNormalization()
+    out = np.asarray(layer(a))
+    np.testing.assert_allclose(out, lrn_reference(a), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out, tf.nn.local_response_normalization(a, 2, bias=2.0, alpha=1e-4, beta=0.75),
+                               rtol=1e-5, atol=1e-5)
+    # groups=2: the window stays inside each half (each GPU in the paper).
+    b = a[..., :10]
+    grouped = np.asarray(alexnet.LocalResponseNormalization(groups=2)(b))
+    np.testing.assert_allclose(grouped, np.concatenate([lrn_reference(b[..., :5]), lrn_reference(b[..., 5:])], -1),
+                               rtol=1e-5, atol=1e-5)
+    clone = alexnet.LocalResponseNormalization.from_config(layer.get_config())
+    assert (clone.size, clone.k, clone.alpha, clone.beta) == (5, 2.0, 1e-4, 0.75)
+
+
+def test_pca_lighting_keeps_shape_and_is_identity_at_zero():
+    image = tf.random.uniform((8, 6, 3), 0, 255, seed=1)
+    assert alexnet_augment.pca_lighting(std=0.0)(image) is image
+    out = alexnet_augment.pca_lighting(std=0.1)(image)
+    assert out.shape == image.shape and out.dtype == tf.float32
+    shift = (out - image).numpy()
+    np.testing.assert_allclose(shift, np.broadcast_to(shift[0, 0], shift.shape), atol=1e-3)  # one RGB offset
+
+
+def test_pca_lighting_draws_alpha_along_the_scaled_eigenvectors():
+    tf.random.set_seed(0)
+    lighting = alexnet_augment.pca_lighting(std=0.1)
+    zero = tf.zeros((1, 1, 3))
+    shifts = np.stack([lighting(zero).numpy()[0, 0] for _ in range(300)])
+    eigvec, eigval = np.array(alexnet_augment.IMAGENET_EIGVEC), np.array(alexnet_augment.IMAGENET_EIGVAL) * 255
+    alphas = np.linalg.solve(eigvec, shifts.T).T / eigval  # shift = eigvec @ (alpha * eigval * 255)
+    assert np.all(np.abs(alphas.std(axis=0) - 0.1) < 0.02)
+    with pytest.raises(ValueError, match="RGB"):
+        lighting(tf.zeros((4, 4, 1)))
+
+
+def test_pca_lighting_is_found_by_name_from_the_model_folder():
+    (entry,) = shared_augment.build([{"pca_lighting": {"std": 0.1}}], 224, model_augment=alexnet_augment)
+    assert entry.name == "pca_lighting" and entry.fn(tf.zeros((4, 4, 3))).shape == (4, 4, 3)
+
+
+def test_backbone_outputs_by_stride():
+    shapes = {k: tuple(t.shape[1:]) for k, t in alexnet.backbone().output.items()}
+    assert shapes == {"stride_4": (55, 55, 64), "stride_8": (27, 27, 192), "stride_16": (13, 13, 256),
+                      "stride_32": (6, 6, 256)}
+    small = alexnet.backbone((28, 28, 1), lrn=True, two_towers=True, small_input=True)
+    assert {k: tuple(t.shape[1:]) for k, t in small.output.items()} == {
+        "stride_1": (28, 28, 96), "stride_2": (14, 14, 256), "stride_4": (7, 7, 256), "stride_8": (4, 4, 256)}
+
+
+def test_small_input_at_28_px():
+    model = alexnet.build(10, (28, 28, 1), small_input=True)
+    assert model.get_layer("conv5").output.shape[1:3] == (7, 7)
+    assert model.get_layer("avg_pool").output.shape[1:] == (4, 4, 256)
+    probabilities = model.predict(np.zeros((2, 28, 28, 1), "float32"), verbose=0)
+    assert probabilities.shape == (2, 10)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
+
+
+def test_one_training_epoch_on_random_images():
+    keras.utils.set_random_seed(0)
+    model = alexnet.build(10, (32, 32, 3), lrn=True, two_towers=True, small_input=True)
+    model.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9), loss="sparse_categorical_crossentropy")
+    images = np.random.default_rng(0).uniform(-1, 1, (32, 32, 32, 3)).astype("float32")
+    labels = np.arange(32) % 10
+    before = [w.numpy().copy() for w in model.trainable_weights]
+    history = model.fit(images, labels, batch_size=16, epochs=1, verbose=0)
+    assert np.isfinite(history.history["loss"][0])
+    assert all(not np.array_equal(b, w.numpy()) for b, w in zip(before, model.trainable_weights))
+
+
+@pytest.mark.parametrize("recipe", ["run.yaml", "quick.yaml"])
+def test_recipes_load_and_match_build(recipe):
+    config = load_config(MODELS_DIR / "alexnet" / recipe)
+    hparams = modelzoo.resolve_hparams(alexnet, config.model.hparams)
+    assert config.model.name == "alexnet" and hparams["small_input"] == (recipe == "quick.yaml")
+    shared_augment.build(config.data.augment, config.data.image_size, model_augment=alexnet_augment)
