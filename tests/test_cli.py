@@ -89,11 +89,13 @@ def test_real_process_prints_one_line_and_exit_code(tmp_path):
 
 def test_train_then_test_from_the_command_line(tmp_path, capsys):
     path = write_config(tmp_path, tiny_tree(tmp_path / "runs", train={"epochs": 1}))
-    code, out, err = run_cli(capsys, "--config", path, "--notes", "cli: smoke", "--set", "data.synthetic_train=64")
+    code, out, err = run_cli(capsys, "--config", path, "--notes", "cli: smoke", "--set", "data.synthetic_train=64",
+                             "--set", "data.val_fraction=0.25")
     assert code == 0, err
-    assert "test top-1" in out
+    assert "test top-1" in out and "48 training / 16 validation / 64 test images" in out
     (run_dir,) = (tmp_path / "runs" / "resnet").iterdir()
     assert "cli: smoke" in (run_dir / "notes.md").read_text()
+    assert "val_top1" in (run_dir / "metrics.csv").read_text().splitlines()[0]  # validated every epoch
     recorded = out.strip().splitlines()[-1].split(": ", 1)[1]
     code, out, err = run_cli(capsys, "test", "--run", run_dir)
     assert code == 0 and out.strip() == recorded

@@ -144,6 +144,13 @@ def test_tfds_source_on_tfds_mock_data(tmp_path):
         assert images.shape[1:] == (28, 28, 1)
 
 
+def test_imagenet_without_its_tars_says_where_to_put_them(tmp_path):
+    config = config_for(tmp_path, source="tfds", name="imagenet2012", data_dir=str(tmp_path / "tfds"),
+                        manual_dir=str(tmp_path / "manual"), test_split="validation")
+    with pytest.raises(UserError, match=r"ILSVRC2012_img_train\.tar.*data\.manual_dir \(now .*manual\)"):
+        make_datasets(config)
+
+
 def test_tfds_unknown_dataset_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="TFDS has no dataset 'no_such_dataset_xyz'"):
         make_datasets(config_for(tmp_path, source="tfds", name="no_such_dataset_xyz"))

@@ -216,8 +216,8 @@ def tfds_source(config: DataConfig, name: str | None = None, builder=None,
                 download_config=tfds.download.DownloadConfig(manual_dir=config.manual_dir))
         except Exception as error:
             first_line = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
-            manual = (" For imagenet2012, put ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar in a folder and "
-                      "set data.manual_dir to it (data.data_dir chooses where TFDS writes the prepared copy)."
+            manual = (f" For {name}, put ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar in data.manual_dir "
+                      f"(now {config.manual_dir or 'unset'}); data.data_dir chooses where TFDS writes the prepared copy."
                       if name.startswith("imagenet") else "")
             raise UserError(f"TFDS could not prepare {name!r}: {first_line}.{manual}") from None
     info = builder.info
