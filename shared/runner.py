@@ -39,18 +39,22 @@ def main(argv: list[str] | None = None) -> int:
     from shared.errors import UserError  # after argparse, so --help answers before TF loads
 
     try:
+        # Cheap checks first: a typo should answer at once, before TensorFlow loads.
         if args.command == "test":
+            from shared.runs import open_run
+
+            run = open_run(args.run)
             from shared.evaluate import evaluate
             from shared.train import summary
 
-            metrics = evaluate(args.run)
-            print(summary(metrics))
+            print(summary(evaluate(run)))
             return 0
         from shared.config import load_config
-        from shared.train import summary, train
 
         overrides = list(args.set) + ([f"run.notes={_yaml_string(args.notes)}"] if args.notes else [])
         config = load_config(args.config, overrides)
+        from shared.train import summary, train
+
         run = train(config, argv=["-m", "shared.runner", *argv])
         print(f"{run.path}: {summary(run.test_metrics())}")
         return 0
