@@ -67,9 +67,12 @@ class OptimizerConfig:
 class LearningRateConfig:
     base: float = 0.1
     base_batch_size: int | None = None  # set: scale linearly, lr = base * batch_size / base_batch_size
-    schedule: str = field(default="constant", metadata={"choices": ("constant", "step", "cosine")})
+    schedule: str = field(default="constant",
+                          metadata={"choices": ("constant", "step", "exponential", "cosine", "plateau")})
     milestones: list[int] = field(default_factory=list)  # epochs where `step` multiplies by gamma
-    gamma: float = 0.1
+    gamma: float = 0.1  # the factor of step, exponential and plateau
+    decay_epochs: float = 1.0  # exponential: multiply by gamma every decay_epochs (staircase)
+    patience: int = 5  # plateau: epochs without improvement of the monitored loss before multiplying by gamma
     warmup_epochs: float = 0.0  # linear warmup from 0 before the schedule starts
 
 
@@ -373,5 +376,7 @@ def _check_consistency(config: Config, provenance: dict) -> None:
         raise UserError("data.source is tfds but data.name is empty; set data.name (e.g. imagenet2012)")
     if data.source == "folder" and not data.path:
         raise UserError("data.source is folder but data.path is empty; set it to the folder holding train/ and val/")
+    if train.lr.schedule == "plateau" and train.lr.warmup_epochs:
+        raise UserError("train.lr.schedule plateau does not combine with train.lr.warmup_epochs; set it to 0")
     if train.lr.schedule == "step" and not train.lr.milestones:
         raise UserError("train.lr.schedule is step but train.lr.milestones is empty; list the epochs, e.g. [30, 60]")

@@ -64,6 +64,7 @@ def train(config: Config, argv: list[str] | None = None) -> runs.Run:
             validation_data=datasets.val, verbose=_verbosity(config.train.verbose), shuffle=False,
             callbacks=[
                 LearningRateLogger(),
+                *optim.schedule_callbacks(config.train, validating=datasets.val is not None),
                 keras.callbacks.CSVLogger(str(run.path / "metrics.csv")),
                 keras.callbacks.TensorBoard(log_dir=str(run.path / "logs"), write_graph=False),
                 EpochCheckpoint(run.checkpoint_dir),

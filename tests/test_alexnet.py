@@ -108,7 +108,8 @@ def test_one_training_epoch_on_random_images():
     keras.utils.set_random_seed(0)
     # Single tower: Conv2D(groups=2) runs through XLA on CPU and makes a fit ~4x slower (forward is tested above).
     model = alexnet.build(10, (32, 32, 3), lrn=True, small_input=True)
-    model.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9), loss="sparse_categorical_crossentropy")
+    model.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9), loss="sparse_categorical_crossentropy",
+                  jit_compile=False)
     images = np.random.default_rng(0).uniform(-1, 1, (32, 32, 32, 3)).astype("float32")
     labels = np.arange(32) % 10
     before = [w.numpy().copy() for w in model.trainable_weights]
