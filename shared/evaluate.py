@@ -35,7 +35,8 @@ def evaluate_model(model, dataset: tf.data.Dataset, num_classes: int) -> dict:
 
 
 def load_run_model(run: Run):
-    """Rebuild the run's model from its snapshotted model.py and config, with its last checkpoint."""
+    """Rebuild the run's model from its snapshotted model.py and config, with its last checkpoint;
+    returns the classifier alone (auxiliary heads, if any, are for training only)."""
     config = config_module.from_dict(run.config_dict())
     module = modelzoo.load_model_module(run.path)
     checkpoint = run.last_checkpoint()
@@ -50,7 +51,7 @@ def load_run_model(run: Run):
     except Exception as error:
         raise UserError(f"checkpoint {checkpoint} does not fit the model built from {run.path / 'model.py'}: "
                         f"{str(error).splitlines()[0][:300]}") from None
-    return model, config
+    return modelzoo.inference_model(model), config
 
 
 def evaluate(run: Run | str) -> dict:

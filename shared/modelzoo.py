@@ -19,6 +19,7 @@ from shared.errors import UserError
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 MODELS_DIR = PROJECT_ROOT / "models"
 BUILD_ARGS = ("num_classes", "input_shape")  # supplied by the runner from the data, not by the config
+MAIN_OUTPUT = "predictions"  # a model with auxiliary heads returns a dict; this key is the classifier
 
 
 def available_models() -> list[str]:
@@ -100,3 +101,28 @@ def build_model(module: ModuleType, num_classes: int, input_shape: tuple, hparam
         return module.build(num_classes=num_classes, input_shape=tuple(input_shape), **kwargs)
     except (ValueError, TypeError) as error:
         raise UserError(f"model could not be built with {kwargs}: {error}") from error
+
+
+def auxiliary_loss_weights(module: ModuleType, model) -> dict[str, float]:
+    """For a model whose outputs are a dict (main classifier + auxiliary heads, like GoogLeNet's), the
+    training loss weight of each auxiliary head, from the model file's AUX_LOSS_WEIGHTS; {} otherwise."""
+    if not isinstance(model.output, dict):
+        return {}
+    names = set(model.output)
+    if MAIN_OUTPUT not in names:
+        raise UserError(f"{module.__file__}: a model with several outputs must name its classifier "
+                        f"{MAIN_OUTPUT!r}; it has {sorted(names)}")
+    weights = dict(getattr(module, "AUX_LOSS_WEIGHTS", {}))
+    missing = names - {MAIN_OUTPUT} - set(weights)
+    if missing:
+        raise UserError(f"{module.__file__}: no AUX_LOSS_WEIGHTS entry for output(s) {sorted(missing)}")
+    return {name: float(weights[name]) for name in sorted(names - {MAIN_OUTPUT})}
+
+
+def inference_model(model):
+    """The classifier alone: auxiliary heads dropped, weights shared (for testing and export)."""
+    if not isinstance(model.output, dict):
+        return model
+    import keras
+
+    return keras.Model(model.inputs, model.output[MAIN_OUTPUT], name=model.name)

@@ -17,6 +17,7 @@ from shared import modelzoo, optim, runs
 from shared.callbacks import EpochCheckpoint, LearningRateLogger
 from shared.config import Config
 from shared.errors import UserError
+from shared.modelzoo import MAIN_OUTPUT
 from shared.evaluate import evaluate_model
 
 
@@ -35,24 +36,38 @@ def prepare(config: Config):
     datasets = data_module.make_datasets(config, model_augment)
     config.data.num_classes = datasets.num_classes  # resolved: the snapshot says how many there were
     model = modelzoo.build_model(module, datasets.num_classes, datasets.input_shape, config.model.hparams)
-    return folder, model, datasets
+    return folder, module, model, datasets
 
 
-def compile_model(model: keras.Model, config: Config, steps_per_epoch: int, num_classes: int) -> None:
+def compile_model(model: keras.Model, config: Config, steps_per_epoch: int, num_classes: int,
+                  aux_loss_weights: dict[str, float] | None = None) -> None:
+    """Cross-entropy on the classifier, plus each auxiliary head's cross-entropy times its weight."""
     optim.apply_weight_decay(model, config.train.weight_decay)
-    model.compile(
-        optimizer=optim.make_optimizer(config.train, steps_per_epoch),
-        loss=keras.losses.SparseCategoricalCrossentropy(),
-        metrics=[keras.metrics.SparseCategoricalAccuracy(name="top1"),
-                 keras.metrics.SparseTopKCategoricalAccuracy(k=min(5, num_classes), name="top5")],
-        jit_compile=config.train.jit_compile,
-    )
+    loss = keras.losses.SparseCategoricalCrossentropy()
+    metrics = [keras.metrics.SparseCategoricalAccuracy(name="top1"),
+               keras.metrics.SparseTopKCategoricalAccuracy(k=min(5, num_classes), name="top5")]
+    loss_weights = None
+    if aux_loss_weights:
+        loss = {name: keras.losses.SparseCategoricalCrossentropy() for name in (MAIN_OUTPUT, *aux_loss_weights)}
+        loss_weights = {MAIN_OUTPUT: 1.0, **aux_loss_weights}
+        metrics = {MAIN_OUTPUT: metrics}
+    model.compile(optimizer=optim.make_optimizer(config.train, steps_per_epoch), loss=loss,
+                  loss_weights=loss_weights, metrics=metrics, jit_compile=config.train.jit_compile)
+
+
+def _labels_for_every_output(dataset, names: list[str]):
+    """Auxiliary heads learn the same label as the classifier."""
+    if dataset is None or not names:
+        return dataset
+    return dataset.map(lambda images, labels: (images, {name: labels for name in names}))
 
 
 def train(config: Config, argv: list[str] | None = None) -> runs.Run:
     """Train as the config says, test on the held-out split, and return the finished run."""
-    folder, model, datasets = prepare(config)
-    compile_model(model, config, datasets.steps_per_epoch, datasets.num_classes)
+    folder, module, model, datasets = prepare(config)
+    aux_weights = modelzoo.auxiliary_loss_weights(module, model)
+    compile_model(model, config, datasets.steps_per_epoch, datasets.num_classes, aux_weights)
+    outputs = [MAIN_OUTPUT, *aux_weights] if aux_weights else []
     run = runs.create(config, folder, argv)
     print(f"run {run.path}: {config.model.name} {config.model.hparams}, {datasets.num_train} training / "
           f"{datasets.num_val} validation / {datasets.num_test} test images, {datasets.num_classes} classes, "
@@ -60,8 +75,9 @@ def train(config: Config, argv: list[str] | None = None) -> runs.Run:
     started = time.time()
     try:
         model.fit(
-            datasets.train, epochs=config.train.epochs, steps_per_epoch=datasets.steps_per_epoch,
-            validation_data=datasets.val, verbose=_verbosity(config.train.verbose), shuffle=False,
+            _labels_for_every_output(datasets.train, outputs), epochs=config.train.epochs,
+            steps_per_epoch=datasets.steps_per_epoch,
+            validation_data=_labels_for_every_output(datasets.val, outputs), verbose=_verbosity(config.train.verbose), shuffle=False,
             callbacks=[
                 LearningRateLogger(),
                 *optim.schedule_callbacks(config.train, validating=datasets.val is not None),
@@ -70,7 +86,7 @@ def train(config: Config, argv: list[str] | None = None) -> runs.Run:
                 EpochCheckpoint(run.checkpoint_dir),
             ],
         )
-        metrics = evaluate_model(model, datasets.test, datasets.num_classes)
+        metrics = evaluate_model(modelzoo.inference_model(model), datasets.test, datasets.num_classes)
     except tf.errors.InvalidArgumentError as error:
         # A file the pipeline could not decode: name it instead of showing TF's op trace.
         bad = data_module.find_undecodable(datasets.source) if datasets.source.encoded else []
