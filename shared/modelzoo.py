@@ -125,4 +125,4 @@ def inference_model(model):
         return model
     import keras
 
-    return keras.Model(model.inputs, model.output[MAIN_OUTPUT], name=model.name)
+    return keras.Model(model.input, model.output[MAIN_OUTPUT], name=model.name)
