@@ -106,7 +106,7 @@ def test_small_input_at_28_px(two_towers):
 
 def test_one_training_epoch_on_random_images():
     keras.utils.set_random_seed(0)
-    # Single tower: Conv2D(groups=2) runs through XLA on CPU and makes a fit ~4x slower (forward is tested above).
+    # Single tower: Conv2D(groups=2) runs through XLA on CPU and makes a fit ~3x slower (forward is tested above).
     model = alexnet.build(10, (32, 32, 3), lrn=True, small_input=True)
     model.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9), loss="sparse_categorical_crossentropy",
                   jit_compile=False)

@@ -24,17 +24,19 @@ classifier) is a dense layer after global average pooling, which is the same thi
 
 Choices the paper leaves open, taken as Keras Applications takes them so that its ImageNet weight files load
 into these models unchanged (same layers, same order, same weight shapes, same layer names):
-- width multiplier `alpha` (Sec. 6.1, 0.35-1.4): every channel count is `_make_divisible(c * alpha, 8)`, the
-  last 1x1 convolution stays 1280 for alpha <= 1 and becomes `_make_divisible(1280 * alpha, 8)` above 1;
-- the expansion of the first bottleneck (t = 1) is dropped: it would be an identity-sized 1x1 convolution;
+- width multiplier `alpha` (Sec. 6.1, 0.35-1.4): channels are rounded to multiples of 8 by `_make_divisible`
+  (32 * alpha for the first convolution, int(c * alpha) for the bottlenecks); the last 1x1 convolution stays
+  1280 for alpha <= 1 and becomes `_make_divisible(1280 * alpha)` above 1;
+- the first bottleneck (t = 1) has no expansion convolution (it would not widen anything), as in TF-slim;
 - stride-2 depthwise convolutions pad explicitly (one pixel on the bottom/right for even sizes, both sides
   for odd ones, which is what "same" padding does too) and then use "valid" padding;
 - batch norm epsilon 1e-3 (Keras Applications' and TF-slim's value; it changes outputs, so weight files need it).
 
-Choices of this project: batch-norm momentum 0.997, the `bn_decay` of the authors' TF-slim training scope (Keras
-Applications uses 0.999, which leaves the moving statistics visibly behind in runs of a few thousand steps; the
-momentum is not stored in weight files); He-normal convolution kernels (batch norm follows every convolution,
-so the scale matters little); optional dropout before the classifier (TF-slim trains with 0.2).
+Choices of this project: batch-norm momentum 0.9, the torch value that torchvision's MobileNetV2 and this
+project's ResNet use (Keras Applications' 0.999 and TF-slim's 0.997 leave the moving statistics far behind the
+weights in runs of a few hundred steps, such as quick.yaml; momentum is not stored in weight files); He-normal
+convolution kernels (batch norm follows every convolution, so their scale matters little); optional dropout
+before the classifier (the authors' TF-slim code trains with 0.2).
 
 `small_input=True` keeps the resolution that 28-64 px images need: the first convolution gets stride 1 instead of
 2, and the first stride-2 bottleneck row (c = 24) stride 1 instead of 2. Everything else, weights included, is
@@ -58,7 +60,7 @@ FIRST_CONV_CHANNELS = 32
 LAST_CONV_CHANNELS = 1280
 CHANNEL_DIVISOR = 8
 BN_EPSILON = 1e-3  # Keras Applications' and TF-slim's value, so their weight files give identical outputs
-BN_MOMENTUM = 0.997  # the authors' TF-slim bn_decay; Keras Applications' 0.999 lags in short runs
+BN_MOMENTUM = 0.9  # torch/torchvision value; Keras Applications' 0.999 (TF-slim 0.997) lags in short runs
 KERNEL_INITIALIZER = "he_normal"
 
 
