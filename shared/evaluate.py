@@ -46,11 +46,7 @@ def load_run_model(run: Run):
     data = config.data
     model = modelzoo.build_model(module, data.num_classes, (data.image_size, data.image_size, data.channels),
                                  config.model.hparams)
-    try:
-        model.load_weights(checkpoint)
-    except Exception as error:
-        raise UserError(f"checkpoint {checkpoint} does not fit the model built from {run.path / 'model.py'}: "
-                        f"{str(error).splitlines()[0][:300]}") from None
+    modelzoo.load_weight_file(model, checkpoint, what=f"model built from {run.path / 'model.py'}")
     return modelzoo.inference_model(model), config
 
 

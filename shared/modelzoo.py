@@ -126,3 +126,22 @@ def inference_model(model):
     import keras
 
     return keras.Model(model.input, model.output[MAIN_OUTPUT], name=model.name)
+
+
+def load_weight_file(model, path, what: str = "model") -> None:
+    """Load a Keras weight file into `model`: a run's `.keras` checkpoint, a `.weights.h5`, or a Keras 2
+    `.h5` such as Keras Applications' ImageNet downloads (matched by layer order). A file that does not
+    fit (another depth, a missing bias, a different class count) is a UserError, not a trace."""
+    import warnings
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise UserError(f"weight file not found: {path}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Keras warns once per unmatched layer before it raises
+            model.load_weights(str(path))
+    except (ValueError, KeyError, OSError) as error:
+        reason = " ".join(str(error).split())[:300]
+        raise UserError(f"weight file {path} does not fit the {what}: {reason}; build the model with the "
+                        f"hyperparameters the file was saved with") from None

@@ -5,7 +5,8 @@ import keras
 import numpy as np
 import pytest
 
-from shared.modelzoo import MODELS_DIR, load_model_module
+from shared.errors import UserError
+from shared.modelzoo import MODELS_DIR, load_model_module, load_weight_file
 
 resnet = load_model_module(MODELS_DIR / "resnet")
 
@@ -14,7 +15,8 @@ def trainable(model) -> int:
     return int(sum(np.prod(w.shape) for w in model.trainable_weights))
 
 
-@pytest.mark.parametrize("depth, torchvision_count", [(18, 11_689_512), (50, 25_557_032)])
+@pytest.mark.parametrize("depth, torchvision_count", [(18, 11_689_512), (34, 21_797_672), (50, 25_557_032),
+                                                     (101, 44_549_160), (152, 60_192_808)])
 def test_resnet_parameter_counts_match_torchvision(depth, torchvision_count):
     # torchvision counts trainable parameters only (BN running statistics are buffers there).
     assert trainable(resnet.build(1000, (224, 224, 3), depth=depth)) == torchvision_count
@@ -36,3 +38,48 @@ def test_resnet_small_input_keeps_resolution():
 def test_resnet_rejects_depths_not_in_table_1():
     with pytest.raises(ValueError, match="not in Table 1"):
         resnet.build(10, (32, 32, 3), depth=20)
+
+
+def keras_applications_resnet(depth: int, size: int):
+    return {50: keras.applications.ResNet50, 101: keras.applications.ResNet101,
+            152: keras.applications.ResNet152}[depth](weights=None, input_shape=(size, size, 3))
+
+
+def test_resnet50_with_conv_bias_has_keras_applications_count():
+    assert resnet.build(1000, (224, 224, 3), depth=50, conv_bias=True).count_params() == 25_636_712
+
+
+def test_keras_applications_weight_files_load_with_identical_outputs(tmp_path, depth=50):
+    """The ImageNet files Keras publishes are Keras 2 `.h5`; Keras 3 writes `.weights.h5`. Both load."""
+    import h5py
+    from keras.src.legacy.saving import legacy_h5_format
+
+    reference = keras_applications_resnet(depth, 64)
+    legacy, modern = tmp_path / "legacy.h5", tmp_path / "modern.weights.h5"
+    with h5py.File(legacy, "w") as handle:
+        legacy_h5_format.save_weights_to_hdf5_group(handle, reference)
+    reference.save_weights(modern)
+    images = np.random.default_rng(0).uniform(0, 255, (2, 64, 64, 3)).astype("float32")
+    expected = reference.predict(images, verbose=0)
+    for path in (legacy, modern):
+        ours = resnet.build(1000, (64, 64, 3), depth=depth, conv_bias=True)
+        load_weight_file(ours, path)
+        assert np.abs(ours.predict(images, verbose=0) - expected).max() < 1e-4
+
+
+@pytest.mark.parametrize("depth", [101, 152])
+def test_deeper_resnets_have_keras_applications_weight_layout(depth):
+    """Loading by layer order needs the same weights in the same order with the same shapes."""
+    ours = resnet.build(1000, (32, 32, 3), depth=depth, conv_bias=True)
+    reference = keras_applications_resnet(depth, 32)
+    assert [tuple(w.shape) for w in ours.weights] == [tuple(w.shape) for w in reference.weights]
+
+
+def test_weight_file_that_does_not_fit_is_a_clear_error(tmp_path):
+    reference = keras_applications_resnet(50, 32)
+    path = tmp_path / "resnet50.weights.h5"
+    reference.save_weights(path)
+    with pytest.raises(UserError, match="does not fit the model.*hyperparameters the file was saved with"):
+        load_weight_file(resnet.build(1000, (32, 32, 3), depth=50), path)  # no conv biases
+    with pytest.raises(UserError, match="weight file not found"):
+        load_weight_file(resnet.build(10, (32, 32, 3), depth=18), tmp_path / "missing.h5")

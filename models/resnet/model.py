@@ -37,9 +37,10 @@ BN_EPSILON = 1.001e-5  # Keras Applications' value, so their weight files give i
 BN_MOMENTUM = 0.9  # Caffe/torch value; Keras' 0.99 makes moving statistics lag behind in short runs
 
 
-def conv_bn(x, filters: int, kernel_size: int, strides: int, name: str, relu: bool = True):
+def conv_bn(x, filters: int, kernel_size: int, strides: int, name: str, relu: bool = True,
+            bias: bool = False, padding: str = "same"):
     """Convolution, batch norm and (optionally) ReLU: the unit every row of Table 1 is made of."""
-    x = layers.Conv2D(filters, kernel_size, strides=strides, padding="same", use_bias=False,
+    x = layers.Conv2D(filters, kernel_size, strides=strides, padding=padding, use_bias=bias,
                       kernel_initializer="he_normal", name=f"{name}_conv")(x)
     x = layers.BatchNormalization(epsilon=BN_EPSILON, momentum=BN_MOMENTUM, name=f"{name}_bn")(x)
     if relu:
@@ -47,78 +48,83 @@ def conv_bn(x, filters: int, kernel_size: int, strides: int, name: str, relu: bo
     return x
 
 
-def shortcut(x, filters: int, strides: int, name: str):
+def shortcut(x, filters: int, strides: int, name: str, bias: bool):
     """Identity where shapes match, else a 1x1 projection (option B of Sec. 3.3)."""
     if strides == 1 and x.shape[-1] == filters:
         return x
-    return conv_bn(x, filters, 1, strides, name=f"{name}_0", relu=False)
+    return conv_bn(x, filters, 1, strides, name=f"{name}_0", relu=False, bias=bias)
 
 
-def basic_block(x, filters: int, strides: int, name: str):
+def basic_block(x, filters: int, strides: int, name: str, bias: bool = False):
     """Two 3x3 convolutions (Fig. 5 left), used by ResNet-18/34."""
-    residual = shortcut(x, filters, strides, name)
-    x = conv_bn(x, filters, 3, strides, name=f"{name}_1")
-    x = conv_bn(x, filters, 3, 1, name=f"{name}_2", relu=False)
+    residual = shortcut(x, filters, strides, name, bias)
+    x = conv_bn(x, filters, 3, strides, name=f"{name}_1", bias=bias)
+    x = conv_bn(x, filters, 3, 1, name=f"{name}_2", relu=False, bias=bias)
     x = layers.Add(name=f"{name}_add")([residual, x])
     return layers.ReLU(name=f"{name}_out")(x)
 
 
-def bottleneck_block(x, filters: int, strides: int, name: str):
+def bottleneck_block(x, filters: int, strides: int, name: str, bias: bool = False):
     """1x1 reduce, 3x3, 1x1 expand by 4 (Fig. 5 right), used by ResNet-50/101/152."""
-    residual = shortcut(x, filters * BOTTLENECK_EXPANSION, strides, name)
-    x = conv_bn(x, filters, 1, strides, name=f"{name}_1")
-    x = conv_bn(x, filters, 3, 1, name=f"{name}_2")
-    x = conv_bn(x, filters * BOTTLENECK_EXPANSION, 1, 1, name=f"{name}_3", relu=False)
+    residual = shortcut(x, filters * BOTTLENECK_EXPANSION, strides, name, bias)
+    x = conv_bn(x, filters, 1, strides, name=f"{name}_1", bias=bias)
+    x = conv_bn(x, filters, 3, 1, name=f"{name}_2", bias=bias)
+    x = conv_bn(x, filters * BOTTLENECK_EXPANSION, 1, 1, name=f"{name}_3", relu=False, bias=bias)
     x = layers.Add(name=f"{name}_add")([residual, x])
     return layers.ReLU(name=f"{name}_out")(x)
 
 
-def stage(x, block, filters: int, blocks: int, strides: int, name: str):
+def stage(x, block, filters: int, blocks: int, strides: int, name: str, bias: bool):
     """One row of Table 1: `blocks` blocks, the first one downsampling by `strides`."""
-    x = block(x, filters, strides, name=f"{name}_block1")
+    x = block(x, filters, strides, name=f"{name}_block1", bias=bias)
     for i in range(2, blocks + 1):
-        x = block(x, filters, 1, name=f"{name}_block{i}")
+        x = block(x, filters, 1, name=f"{name}_block{i}", bias=bias)
     return x
 
 
-def stem(x, width: int, small_input: bool):
-    """conv1 (+ max pool): 7x7/2 and 3x3/2 pool on ImageNet, 3x3/1 and no pool for small images."""
+def stem(x, width: int, small_input: bool, bias: bool):
+    """conv1 (+ max pool): 7x7/2 and 3x3/2 pool on ImageNet, 3x3/1 and no pool for small images.
+    Explicit symmetric padding (3, then 1) as Caffe, torchvision and Keras Applications pad."""
     if small_input:
-        return conv_bn(x, width, 3, 1, name="conv1")
-    x = conv_bn(x, width, 7, 2, name="conv1")
-    return layers.MaxPooling2D(3, strides=2, padding="same", name="pool1")(x)
+        return conv_bn(x, width, 3, 1, name="conv1", bias=bias)
+    x = layers.ZeroPadding2D(3, name="conv1_pad")(x)
+    x = conv_bn(x, width, 7, 2, name="conv1", bias=bias, padding="valid")
+    x = layers.ZeroPadding2D(1, name="pool1_pad")(x)
+    return layers.MaxPooling2D(3, strides=2, name="pool1_pool")(x)
 
 
-def trunk(inputs, depth: int, width: int, small_input: bool) -> dict:
+def trunk(inputs, depth: int, width: int, small_input: bool, conv_bias: bool = False) -> dict:
     """conv1 to conv5_x; returns each stage's output keyed by its stride, in network order."""
     if depth not in STAGES:
         raise ValueError(f"ResNet depth {depth} is not in Table 1; choose one of {sorted(STAGES)}")
     block_type, blocks_per_stage = STAGES[depth]
     block = basic_block if block_type == "basic" else bottleneck_block
-    x = stem(inputs, width, small_input)
+    x = stem(inputs, width, small_input, conv_bias)
     stride = 1 if small_input else 4
     features = {}
     for index, blocks in enumerate(blocks_per_stage):
         strides = 1 if index == 0 else 2
         stride *= strides
-        x = stage(x, block, width * 2**index, blocks, strides, name=f"conv{index + 2}")
+        x = stage(x, block, width * 2**index, blocks, strides, name=f"conv{index + 2}", bias=conv_bias)
         features[f"stride_{stride}"] = x
     return features
 
 
 def backbone(input_shape: tuple = (224, 224, 3), depth: int = 50, width: int = 64,
-             small_input: bool = False) -> keras.Model:
+             small_input: bool = False, conv_bias: bool = False) -> keras.Model:
     """The convolutional trunk as a model whose outputs are the stage outputs keyed by stride
     ("stride_4" .. "stride_32" with the ImageNet stem; 1 .. 8 with `small_input`)."""
     inputs = keras.Input(shape=input_shape, name="image")
-    return keras.Model(inputs, trunk(inputs, depth, width, small_input), name=f"resnet{depth}_backbone")
+    return keras.Model(inputs, trunk(inputs, depth, width, small_input, conv_bias), name=f"resnet{depth}_backbone")
 
 
 def build(num_classes: int = 1000, input_shape: tuple = (224, 224, 3), depth: int = 50,
-          width: int = 64, small_input: bool = False) -> keras.Model:
-    """ResNet-`depth` classifier: trunk, global average pool, `num_classes`-way softmax."""
+          width: int = 64, small_input: bool = False, conv_bias: bool = False) -> keras.Model:
+    """ResNet-`depth` classifier: trunk, global average pool, `num_classes`-way softmax.
+    `conv_bias=True` gives every convolution a bias, as Keras Applications' ResNet50/101/152 have, so
+    their ImageNet weight files load (`model.load_weights(path)`)."""
     inputs = keras.Input(shape=input_shape, name="image")
-    features = trunk(inputs, depth, width, small_input)
+    features = trunk(inputs, depth, width, small_input, conv_bias)
     x = layers.GlobalAveragePooling2D(name="avg_pool")(list(features.values())[-1])
     outputs = layers.Dense(num_classes, activation="softmax", name="predictions")(x)
     return keras.Model(inputs, outputs, name=f"resnet{depth}")
