@@ -89,7 +89,7 @@ def train(config: Config, argv: list[str] | None = None) -> runs.Run:
         metrics = evaluate_model(modelzoo.inference_model(model), datasets.test, datasets.num_classes)
     except tf.errors.InvalidArgumentError as error:
         # A file the pipeline could not decode: name it instead of showing TF's op trace.
-        bad = data_module.find_undecodable(datasets.source) if datasets.source.encoded else []
+        bad = data_module.find_undecodable(datasets.source) if datasets.source.encoding == "path" else []
         run.set_status("failed", ended=time.strftime("%Y-%m-%dT%H:%M:%S"),
                        error=f"undecodable images: {bad}" if bad else str(error).splitlines()[0][:500])
         if bad:

@@ -201,3 +201,36 @@ def test_model_folder_augment_py_is_used(tmp_path, model_copy):
     module = import_file(model_copy / "augment.py", "_test_augment")
     (invert,) = augment.build(["invert"], image_size=4, model_augment=module)
     assert float(invert.fn(tf.zeros((4, 4, 1)))[0, 0, 0]) == 255.0
+
+
+def encoded(tmp_path, fmt: str, size=(48, 36), mode="RGB") -> tf.Tensor:
+    pixels = np.random.default_rng(3).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    path = tmp_path / f"image.{fmt}"
+    Image.fromarray(pixels).convert(mode).save(path, format="JPEG" if fmt == "jpg" else "PNG", quality=95)
+    return tf.io.read_file(str(path))
+
+
+@pytest.mark.parametrize("fmt", ["jpg", "png"])
+def test_fused_center_crop_equals_decode_then_crop(tmp_path, fmt):
+    data = encoded(tmp_path, fmt)
+    fused = preprocess.decode_center_crop(data, 16, 0.875, 3)
+    whole = preprocess.decode(data, 3)
+    top, left, height, width = preprocess.center_crop_window(tf.shape(whole), 0.875)
+    assert (int(height), int(width)) == (31, 31)  # 0.875 of the 36 px short side, centred
+    reference = tf.image.resize(whole[top:top + height, left:left + width], [16, 16])
+    np.testing.assert_allclose(fused.numpy(), reference.numpy(), atol=1e-3)
+
+
+@pytest.mark.parametrize("fmt, mode", [("jpg", "RGB"), ("jpg", "L"), ("png", "RGB")])
+def test_fused_random_resized_crop_on_encoded_images(tmp_path, fmt, mode):
+    (crop,) = augment.build(["random_resized_crop"], image_size=12)
+    out = crop.fn.from_encoded(encoded(tmp_path, fmt, mode=mode), 3)
+    assert out.shape == (12, 12, 3) and 0.0 <= float(tf.reduce_min(out)) and float(tf.reduce_max(out)) <= 255.0
+
+
+def test_folder_training_pipeline_uses_the_fused_crop(tmp_path):
+    root = make_folder_dataset(tmp_path / "imgs")
+    config = config_for(tmp_path, source="folder", path=str(root), test_split="val",
+                        augment=["random_resized_crop", "horizontal_flip"])
+    images, _ = first_batch(make_datasets(config).train)
+    assert images.shape[1:] == (16, 16, 3)

@@ -27,6 +27,7 @@ layers see both), 60,965,224 parameters. The paper's network is `lrn=True, two_t
 `small_input=True`, for 28-64 px images: conv1 becomes 3x3 stride 1 (same padding) instead of 11x11
 stride 4, the three max pools pad "same" (28 px: 28 -> 14 -> 7 -> 4), and the adaptive average pool
 before fc6 goes to 4x4 instead of 6x6 (an identity at 28 and 32 px). Everything else is as above.
+`width` (not in the paper) scales every channel count and fc6/fc7, for models a CPU can train quickly.
 """
 
 import keras
@@ -100,10 +101,15 @@ def max_pool(x, small_input: bool, name: str):
     return layers.MaxPooling2D(3, strides=2, padding="same" if small_input else "valid", name=name)(x)
 
 
-def trunk(inputs, lrn: bool, two_towers: bool, small_input: bool) -> dict:
+def scaled(channels: int, width: float) -> int:
+    """`width` times the table's channel count, kept even so two towers split it evenly."""
+    return max(2, 2 * round(channels * width / 2))
+
+
+def trunk(inputs, lrn: bool, two_towers: bool, small_input: bool, width: float = 1.0) -> dict:
     """conv1 to pool5; returns four feature maps keyed by their stride (the product of the layer strides:
     4, 8, 16, 32; 1, 2, 4, 8 with `small_input`), each the last map at that stride."""
-    c1, c2, c3, c4, c5 = CHANNELS[two_towers]
+    c1, c2, c3, c4, c5 = (scaled(c, width) for c in CHANNELS[two_towers])
     groups = {name: g if two_towers else 1 for name, g in TOWER_GROUPS.items()}
     if small_input:
         x = conv_relu(inputs, c1, 3, 1, "same", 1, name="conv1")
@@ -127,14 +133,14 @@ def trunk(inputs, lrn: bool, two_towers: bool, small_input: bool) -> dict:
     return features
 
 
-def classifier(x, num_classes: int, dropout: float, pooled_size: int):
+def classifier(x, num_classes: int, dropout: float, pooled_size: int, units: int = FC_UNITS):
     """Adaptive average pool to the size fc6 expects, then fc6 and fc7 (4096, ReLU, each after
     dropout, as torchvision places it) and the `num_classes`-way softmax."""
     x = layers.AdaptiveAveragePooling2D(pooled_size, name="avg_pool")(x)
     x = layers.Flatten(name="flatten")(x)
     for name in ("fc6", "fc7"):
         x = layers.Dropout(dropout, name=f"{name}_dropout")(x)
-        x = layers.Dense(FC_UNITS, activation="relu", kernel_initializer="he_normal", name=name)(x)
+        x = layers.Dense(units, activation="relu", kernel_initializer="he_normal", name=name)(x)
     return layers.Dense(num_classes, activation="softmax", name="predictions")(x)
 
 
@@ -143,19 +149,25 @@ def _name(two_towers: bool) -> str:
 
 
 def backbone(input_shape: tuple = (224, 224, 3), lrn: bool = False, two_towers: bool = False,
-             small_input: bool = False) -> keras.Model:
+             small_input: bool = False, width: float = 1.0) -> keras.Model:
     """conv1 to pool5 as a model whose outputs are {"stride_4": conv1 (55x55 at 224 px), "stride_8":
     conv2 (27x27), "stride_16": conv5 (13x13), "stride_32": pool5 (6x6)}; with `small_input` the keys
     are stride_1 .. stride_8 (28, 14, 7, 4 at 28 px). Valid padding makes the maps smaller than
     input/stride; feature pixel i is centred on input pixel stride * i + stride - 1."""
     inputs = keras.Input(shape=input_shape, name="image")
-    return keras.Model(inputs, trunk(inputs, lrn, two_towers, small_input), name=f"{_name(two_towers)}_backbone")
+    return keras.Model(inputs, trunk(inputs, lrn, two_towers, small_input, width),
+                       name=f"{_name(two_towers)}_backbone")
 
 
 def build(num_classes: int = 1000, input_shape: tuple = (224, 224, 3), dropout: float = 0.5,
-          lrn: bool = False, two_towers: bool = False, small_input: bool = False) -> keras.Model:
-    """AlexNet classifier: trunk, adaptive average pool, fc6, fc7, `num_classes`-way softmax."""
+          lrn: bool = False, two_towers: bool = False, small_input: bool = False,
+          width: float = 1.0) -> keras.Model:
+    """AlexNet classifier: trunk, adaptive average pool, fc6, fc7, `num_classes`-way softmax.
+    `width` scales every convolution and fc6/fc7 (1.0 is the table; smaller is for CPU runs)."""
+    if width <= 0:
+        raise ValueError(f"AlexNet width must be positive, got {width}")
     inputs = keras.Input(shape=input_shape, name="image")
-    features = trunk(inputs, lrn, two_towers, small_input)
-    outputs = classifier(list(features.values())[-1], num_classes, dropout, POOLED_SIZE[small_input])
+    features = trunk(inputs, lrn, two_towers, small_input, width)
+    outputs = classifier(list(features.values())[-1], num_classes, dropout, POOLED_SIZE[small_input],
+                         units=max(1, round(FC_UNITS * width)))
     return keras.Model(inputs, outputs, name=_name(two_towers))

@@ -35,21 +35,35 @@ class Datasets:
 
 
 def _image_fn(config: Config, source: sources.Source, augmentations: list[augment.Augmentation] | None):
-    """The per-example map: decode -> channels -> float -> (augment | resize) -> normalize."""
+    """The per-example map: decode (fused with the crop for encoded images) -> float -> augment ->
+    normalize. Train and eval differ only in `augmentations`."""
     data = config.data
     mean = data.mean or _fit_channels(source.mean, data.channels)
     std = data.std or _fit_channels(source.std, data.channels)
     augmentations = augmentations or []
-    crops_raw = bool(augmentations) and augmentations[0].crops_raw_image
+    crop = augmentations[0].fn if augmentations and augmentations[0].crops_raw_image else None
+    rest = augmentations[1:] if crop else augmentations
+
+    def from_encoded(encoded):
+        if source.encoding == "path":
+            encoded = tf.io.read_file(encoded)
+        if crop is not None:
+            return crop.from_encoded(encoded, data.channels)
+        if source.fixed_size:
+            return preprocess.resize(tf.cast(preprocess.decode(encoded, data.channels), tf.float32), data.image_size)
+        return preprocess.decode_center_crop(encoded, data.image_size, data.crop_fraction, data.channels)
+
+    def from_pixels(image):
+        image = tf.cast(preprocess.match_channels(image, data.channels), tf.float32)
+        if crop is not None:
+            return crop(image)
+        if source.fixed_size:
+            return preprocess.resize(image, data.image_size)
+        return preprocess.resize_and_center_crop(image, data.image_size, data.crop_fraction)
 
     def fn(image, label):
-        if source.encoded:
-            image = preprocess.decode(image, data.channels)
-        image = tf.cast(preprocess.match_channels(image, data.channels), tf.float32)
-        if not crops_raw:
-            image = (preprocess.resize(image, data.image_size) if source.fixed_size else
-                     preprocess.resize_and_center_crop(image, data.image_size, data.crop_fraction))
-        for augmentation in augmentations:
+        image = from_encoded(image) if source.encoding else from_pixels(image)
+        for augmentation in rest:
             image = augmentation.fn(image)
         image = tf.ensure_shape(image, (data.image_size, data.image_size, data.channels))
         return preprocess.normalize(image, mean, std, data.normalize), label
@@ -70,7 +84,7 @@ def find_undecodable(source: sources.Source) -> list[str]:
     paths = [path for split in source.files.values() for path in split]
     for path in tqdm(paths, desc="looking for the unreadable image", unit="file", leave=False):
         try:
-            tf.io.decode_image(tf.io.read_file(path), expand_animations=False)
+            preprocess.decode(tf.io.read_file(path), 3)
         except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError):
             bad.append(path)
     return bad
@@ -100,7 +114,7 @@ def make_datasets(config: Config, model_augment: ModuleType | None = None) -> Da
     train_fn = _image_fn(config, source, augmentations)
     eval_fn = _image_fn(config, source, None)
     batch = train_config.batch_size
-    if not source.encoded and num_train <= 200_000:
+    if not source.encoding and num_train <= 200_000:
         train = train.cache()  # decoded arrays: keep them in memory across epochs
     train = (train.shuffle(min(data.shuffle_buffer, num_train), seed=train_config.seed,
                            reshuffle_each_iteration=True)

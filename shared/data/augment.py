@@ -22,6 +22,7 @@ from typing import Callable
 import keras
 import tensorflow as tf
 
+from shared.data import preprocess
 from shared.errors import UserError
 
 AugmentFn = Callable[[tf.Tensor], tf.Tensor]
@@ -35,18 +36,39 @@ def random_crop(image_size: int, padding: int = 4) -> AugmentFn:
     return crop
 
 
-def random_resized_crop(image_size: int, scale: tuple = (0.08, 1.0),
-                        ratio: tuple = (3 / 4, 4 / 3)) -> AugmentFn:
-    """Inception-style crop (Szegedy et al. 2014): a random box covering `scale` of the area with
-    aspect `ratio`, resized to `image_size`."""
-    def crop(image):
+class RandomResizedCrop:
+    """Inception-style crop (Szegedy et al. 2014): a random box covering `scale` of the area with aspect
+    `ratio`, resized to `image_size`. On encoded images it decodes only that box (fused decode-and-crop)."""
+
+    crops_raw_image = True
+
+    def __init__(self, image_size: int, scale: tuple, ratio: tuple):
+        if not (0 < scale[0] <= scale[1] <= 1 and 0 < ratio[0] <= ratio[1]):
+            raise ValueError(f"needs 0 < scale[0] <= scale[1] <= 1 and 0 < ratio[0] <= ratio[1], "
+                             f"got scale {list(scale)}, ratio {list(ratio)}")
+        self.image_size, self.scale, self.ratio = image_size, tuple(scale), tuple(ratio)
+
+    def window(self, shape: tf.Tensor) -> tuple:
         begin, size, _ = tf.image.sample_distorted_bounding_box(
-            tf.shape(image), bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]),
-            area_range=scale, aspect_ratio_range=ratio, min_object_covered=0.0,
+            tf.concat([shape[:2], [1]], axis=0), bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]),
+            area_range=self.scale, aspect_ratio_range=self.ratio, min_object_covered=0.0,
             max_attempts=10, use_image_if_no_bounding_boxes=True)
-        cropped = tf.slice(image, begin, size)
-        return tf.image.resize(cropped, [image_size, image_size])
-    return crop
+        return begin[0], begin[1], size[0], size[1]
+
+    def __call__(self, image: tf.Tensor) -> tf.Tensor:
+        top, left, height, width = self.window(tf.shape(image))
+        cropped = tf.slice(image, tf.stack([top, left, 0]), tf.stack([height, width, -1]))
+        return tf.image.resize(cropped, [self.image_size, self.image_size])
+
+    def from_encoded(self, data: tf.Tensor, channels: int) -> tf.Tensor:
+        window = self.window(preprocess.encoded_shape(data))
+        return tf.image.resize(preprocess.decode_and_crop(data, window, channels), [self.image_size] * 2)
+
+
+def random_resized_crop(image_size: int, scale: tuple = (0.08, 1.0),
+                        ratio: tuple = (3 / 4, 4 / 3)) -> RandomResizedCrop:
+    """Inception-style random crop of 8-100 % of the area, aspect 3/4-4/3, resized to image_size."""
+    return RandomResizedCrop(image_size, scale, ratio)
 
 
 random_resized_crop.crops_raw_image = True

@@ -10,12 +10,49 @@ from __future__ import annotations
 import tensorflow as tf
 
 
-def decode(path: tf.Tensor, channels: int) -> tf.Tensor:
-    """Read and decode one image file (JPEG, PNG, GIF, BMP) to uint8 with `channels` channels."""
-    data = tf.io.read_file(path)
+def decode(data: tf.Tensor, channels: int) -> tf.Tensor:
+    """Decode one encoded image (JPEG, PNG, GIF, BMP; a PNG named .JPEG too) to uint8 with `channels`."""
     image = tf.io.decode_image(data, channels=channels, expand_animations=False)
     image.set_shape([None, None, channels])
     return image
+
+
+def decode_and_crop(data: tf.Tensor, window: tuple, channels: int) -> tf.Tensor:
+    """Decode only the crop window [top, left, height, width]: for a JPEG, `decode_and_crop_jpeg` skips
+    the blocks outside it (the main saving of the ImageNet input pipeline); other formats decode whole,
+    then crop."""
+    def jpeg():
+        return tf.image.decode_and_crop_jpeg(data, tf.stack(window), channels=channels)
+
+    def other():
+        top, left, height, width = window
+        return tf.slice(decode(data, channels), tf.stack([top, left, 0]), tf.stack([height, width, -1]))
+
+    image = tf.cond(tf.io.is_jpeg(data), jpeg, other)
+    image.set_shape([None, None, channels])
+    return image
+
+
+def encoded_shape(data: tf.Tensor) -> tf.Tensor:
+    """[height, width] of an encoded image, read from the JPEG header without decoding where possible."""
+    return tf.cond(tf.io.is_jpeg(data),
+                   lambda: tf.image.extract_jpeg_shape(data)[:2],
+                   lambda: tf.shape(decode(data, 1))[:2])
+
+
+def center_crop_window(shape: tf.Tensor, crop_fraction: float) -> tuple:
+    """The central square covering `crop_fraction` of the short side: cropping it and resizing to S is
+    the standard eval view (resize the short side to S / crop_fraction, take the central S x S)."""
+    height, width = shape[0], shape[1]
+    side = tf.cast(tf.cast(tf.minimum(height, width), tf.float32) * crop_fraction, tf.int32)
+    side = tf.maximum(side, 1)
+    return (height - side) // 2, (width - side) // 2, side, side
+
+
+def decode_center_crop(data: tf.Tensor, image_size: int, crop_fraction: float, channels: int) -> tf.Tensor:
+    """Eval preprocessing of an encoded image: decode only the central crop, resize to image_size."""
+    window = center_crop_window(encoded_shape(data), crop_fraction)
+    return tf.image.resize(decode_and_crop(data, window, channels), [image_size, image_size])
 
 
 def match_channels(image: tf.Tensor, channels: int) -> tf.Tensor:

@@ -1,8 +1,8 @@
 """Where images come from. Each source yields (image, label) `tf.data` datasets for a train and a test
 split in a fixed, class-mixed order, plus what the pipeline needs to know about them.
 
-Images are either decoded uint8 arrays (`encoded=False`) or file paths to decode later (`encoded=True`,
-so decoding runs inside the parallel map, not up front).
+Images are decoded uint8 arrays (`encoding=None`), or file paths (`"path"`) or encoded bytes (`"bytes"`)
+decoded later inside the parallel map, fused with the crop.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ class Source:
     class_names: list[str]
     mean: list[float]  # default normalization statistics (0-255 scale, one per source channel)
     std: list[float]
-    encoded: bool = False  # elements are file paths to decode
+    encoding: str | None = None  # None: decoded arrays; "path": image files; "bytes": encoded images
     fixed_size: bool = True  # every image already has one square size (no aspect-preserving crop needed)
     files: dict = field(default_factory=dict)  # split -> list of file paths, for error reports
 
@@ -190,7 +190,7 @@ def folder(config: DataConfig) -> Source:
     return Source(
         train=dataset(train_files, train_labels), test=dataset(test_files, test_labels),
         num_train=len(train_files), num_test=len(test_files), class_names=class_names,
-        mean=IMAGENET_MEAN, std=IMAGENET_STD, encoded=True, fixed_size=False,
+        mean=IMAGENET_MEAN, std=IMAGENET_STD, encoding="path", fixed_size=False,
         files={"train": train_files, "test": test_files},
     )
 
@@ -227,7 +227,10 @@ def tfds_source(config: DataConfig, name: str | None = None, builder=None,
 
     def split(split_name: str):
         try:
-            dataset = builder.as_dataset(split=split_name, as_supervised=True, shuffle_files=False)
+            # Variable-size images (ImageNet) stay encoded, so decoding fuses with the crop in the map.
+            decoders = None if fixed else {"image": tfds.decode.SkipDecoding()}
+            dataset = builder.as_dataset(split=split_name, as_supervised=True, shuffle_files=False,
+                                         decoders=decoders)
             count = int(dataset.cardinality())
             if count < 0:  # unknown to tf.data: ask the dataset's metadata
                 count = info.splits[split_name].num_examples
@@ -236,12 +239,12 @@ def tfds_source(config: DataConfig, name: str | None = None, builder=None,
                             f"available: {', '.join(info.splits.keys())}") from None
         return dataset.map(lambda image, label: (image, tf.cast(label, tf.int32))), count
 
-    train, num_train = split(config.train_split)
-    test, num_test = split(config.test_split)
     shape = info.features["image"].shape
     fixed = shape[0] is not None and shape[0] == shape[1]
     channels = shape[-1] or 3
+    train, num_train = split(config.train_split)
+    test, num_test = split(config.test_split)
     return Source(train=train, test=test, num_train=num_train, num_test=num_test,
-                  class_names=list(label_feature.names), fixed_size=fixed,
+                  class_names=list(label_feature.names), fixed_size=fixed, encoding=None if fixed else "bytes",
                   mean=mean or (IMAGENET_MEAN if channels == 3 else [127.5]),
                   std=std or (IMAGENET_STD if channels == 3 else [64.0]))

@@ -1,0 +1,256 @@
+"""TFRecord shards of encoded images in the layout TF Model Garden uses for ImageNet classification.
+
+Each record is a `tf.train.Example` with the Model Garden keys (`FEATURES`): the file's own bytes, unchanged,
+under `image/encoded`, its `image/format`, the 0-based `image/class/label`, and the class folder name
+(`image/class/synset`, the WordNet id for ImageNet), height and width. Shards are named like Model Garden's
+(`train-00000-of-01024`, `validation-00000-of-00128`), so its shards and these read the same way.
+
+Labels: Model Garden's own ImageNet converter writes 0-based labels for 1000 classes; some older scripts (the
+TF-slim / TPU `build_imagenet_data.py` family) wrote 1-based labels for 1001 classes, 0 being "background".
+Read such shards with `read_dataset(..., label_offset=-1)`.
+
+    shards = write_shards(files, labels, synsets, Path("out"), "train", num_shards=1024)
+    dataset = read_dataset("out/train-*")      # (encoded bytes, int32 label), decode with tf.io.decode_image
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from pathlib import Path
+from typing import Iterable
+
+import tensorflow as tf
+
+from shared.errors import UserError
+
+AUTOTUNE = tf.data.AUTOTUNE
+
+# The Model Garden keys, as a `tf.io.parse_single_example` spec; the optional ones have defaults.
+FEATURES = {
+    "image/encoded": tf.io.FixedLenFeature((), tf.string),
+    "image/format": tf.io.FixedLenFeature((), tf.string, default_value="jpeg"),
+    "image/class/label": tf.io.FixedLenFeature((), tf.int64),
+    "image/class/synset": tf.io.FixedLenFeature((), tf.string, default_value=""),
+    "image/height": tf.io.FixedLenFeature((), tf.int64, default_value=-1),
+    "image/width": tf.io.FixedLenFeature((), tf.int64, default_value=-1),
+}
+# What the reader parses: only what training needs.
+READ_FEATURES = {key: FEATURES[key] for key in ("image/encoded", "image/class/label")}
+
+# PIL's format name -> the `image/format` value; only formats `tf.io.decode_image` decodes. MPO is a JPEG with
+# extra pictures appended (some cameras write it); TF decodes its first picture.
+TF_FORMATS = {"JPEG": "jpeg", "MPO": "jpeg", "PNG": "png", "GIF": "gif", "BMP": "bmp"}
+SKIP_HINT = "fix or remove it, or skip such files with skip_corrupt=True (--skip-corrupt)"
+
+
+class Shards(list):
+    """The shard paths `write_shards` returns (a plain `list[Path]`), plus what it skipped."""
+
+    def __init__(self, paths: Iterable[Path] = (), corrupt: list[str] | None = None,
+                 reused: list[Path] | None = None):
+        super().__init__(paths)
+        self.corrupt = corrupt or []  # unreadable image files left out (skip_corrupt=True)
+        self.reused = reused or []  # shards that already existed complete and were not rewritten
+
+
+# ---------------------------------------------------------------- writing
+
+
+def _bytes(value: bytes) -> tf.train.Feature:
+    return tf.train.Feature(bytes_list=tf.train.BytesList(value=[value]))
+
+
+def _int64(value: int) -> tf.train.Feature:
+    return tf.train.Feature(int64_list=tf.train.Int64List(value=[value]))
+
+
+def read_image_file(path: str) -> tuple[bytes, str, int, int]:
+    """The file's bytes, its format as TF names it, its height and width. Raises UserError when the file
+    cannot be read, is not an image TF decodes, or does not decode (a truncated JPEG, say): the check
+    decodes JPEGs at 1/8 scale, which reads every byte but costs a fraction of a full decode."""
+    from PIL import Image
+
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read()
+    except OSError as error:
+        raise UserError(f"cannot read image file {path} ({error.strerror or error}); {SKIP_HINT}") from None
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            pil_format, (width, height) = image.format, image.size
+            if pil_format in ("JPEG", "MPO"):
+                image.draft(image.mode, (1, 1))  # DCT scaling: the decoder still reads the whole stream
+            image.load()
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise UserError(f"image file {path} does not decode ({reason}); {SKIP_HINT}") from None
+    if pil_format not in TF_FORMATS:
+        raise UserError(f"image file {path} is a {pil_format} image, which TensorFlow does not decode; "
+                        f"convert it to JPEG or PNG, or skip such files with skip_corrupt=True (--skip-corrupt)")
+    return data, TF_FORMATS[pil_format], height, width
+
+
+def example_from_file(path: str, label: int, synset: str | None) -> tf.train.Example:
+    """One Model Garden record from an image file: its raw bytes (no re-encoding), the format read from the
+    content (a PNG named .JPEG gets `png`), height, width, label and, when given, the synset."""
+    data, image_format, height, width = read_image_file(path)
+    feature = {
+        "image/encoded": _bytes(data),
+        "image/format": _bytes(image_format.encode()),
+        "image/class/label": _int64(int(label)),
+        "image/height": _int64(height),
+        "image/width": _int64(width),
+    }
+    if synset is not None:
+        feature["image/class/synset"] = _bytes(synset.encode())
+    return tf.train.Example(features=tf.train.Features(feature=feature))
+
+
+def shard_name(prefix: str, index: int, num_shards: int) -> str:
+    """`train-00000-of-01024`, as Model Garden names shards."""
+    return f"{prefix}-{index:05d}-of-{num_shards:05d}"
+
+
+def _plan_digest(files: list[str], labels: list[int], synsets: list[str] | None, num_shards: int) -> str:
+    """A digest of what goes where: file (class folder and name, so moving the dataset does not change it),
+    label and synset in order, and the shard count."""
+    digest = hashlib.sha256(f"{num_shards}\n".encode())
+    for i, (path, label) in enumerate(zip(files, labels)):
+        name = "/".join(Path(path).parts[-2:])
+        digest.update(f"{name}\t{label}\t{synsets[i] if synsets else ''}\n".encode())
+    return digest.hexdigest()
+
+
+def _check_resume(output_dir: Path, prefix: str, num_shards: int, digest: str) -> None:
+    """Refuse to mix shards of another sharding or another image list into this one."""
+    existing = sorted(output_dir.glob(f"{prefix}-?????-of-?????"))
+    other = [path for path in existing if not path.name.endswith(f"-of-{num_shards:05d}")]
+    if other:
+        raise UserError(f"{output_dir} already holds {prefix} shards of another shard count ({other[0].name}); "
+                        f"delete {output_dir}/{prefix}-* or write to another folder")
+    plan = output_dir / f".{prefix}.plan"
+    if existing and plan.is_file() and plan.read_text().strip() != digest:
+        raise UserError(f"the {prefix} shards in {output_dir} were written from another image list (or order); "
+                        f"delete {output_dir}/{prefix}-* to rewrite them, or write to another folder")
+    plan.write_text(digest + "\n")
+
+
+def write_shards(files: list[str], labels: list[int], synsets: list[str] | None, output_dir: Path,
+                 prefix: str, num_shards: int, progress: bool = True, skip_corrupt: bool = False) -> Shards:
+    """Write `files` (in the caller's order: shuffle first) as `num_shards` contiguous chunks named
+    `{prefix}-{i:05d}-of-{num_shards:05d}` in `output_dir`, and return their paths (a `Shards` list, whose
+    `.corrupt` names the unreadable files skipped and `.reused` the shards kept from an earlier run).
+
+    Resumable: each shard is written under a temporary name and renamed when complete, and a shard whose final
+    name exists is kept, not rewritten. A rerun must list the same files in the same order (checked against a
+    digest in `output_dir/.{prefix}.plan`). An unreadable image raises UserError naming it, unless
+    `skip_corrupt`, which leaves it out, counts it and prints the count.
+    """
+    from tqdm import tqdm
+
+    if len(files) != len(labels) or (synsets is not None and len(synsets) != len(files)):
+        raise ValueError("files, labels and synsets must have the same length")
+    if num_shards < 1:
+        raise UserError(f"the number of {prefix} shards must be at least 1, not {num_shards}")
+    if num_shards > len(files):
+        raise UserError(f"{num_shards} {prefix} shards for {len(files)} images would leave shards empty; "
+                        f"ask for at most {len(files)} shards")
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    _check_resume(output_dir, prefix, num_shards, _plan_digest(files, labels, synsets, num_shards))
+
+    bounds = [len(files) * i // num_shards for i in range(num_shards + 1)]
+    paths = [output_dir / shard_name(prefix, i, num_shards) for i in range(num_shards)]
+    todo = [i for i in range(num_shards) if not paths[i].exists()]
+    reused = [paths[i] for i in range(num_shards) if paths[i].exists()]
+    if reused:
+        print(f"{prefix}: skipped {len(reused)} of {num_shards} shards already complete in {output_dir} "
+              f"({reused[0].name}{' ...' if len(reused) > 1 else ''}); delete them to rewrite them", flush=True)
+    corrupt: list[str] = []
+    done_images = len(files) - sum(bounds[i + 1] - bounds[i] for i in todo)
+    with tqdm(total=len(files), initial=done_images, desc=f"{prefix} shards", unit="img",
+              disable=not progress, smoothing=0.05) as bar:
+        for i in todo:
+            temporary = paths[i].with_name(f".{paths[i].name}.partial")
+            try:
+                with tf.io.TFRecordWriter(str(temporary)) as writer:
+                    for j in range(bounds[i], bounds[i + 1]):
+                        try:
+                            example = example_from_file(files[j], labels[j], synsets[j] if synsets else None)
+                        except UserError:
+                            if not skip_corrupt:
+                                raise
+                            corrupt.append(files[j])
+                        else:
+                            writer.write(example.SerializeToString())
+                        bar.update(1)
+                os.replace(temporary, paths[i])
+            finally:
+                if temporary.exists():
+                    temporary.unlink()
+    if corrupt:
+        print(f"{prefix}: skipped {len(corrupt)} unreadable image file(s), first {corrupt[0]}", flush=True)
+    return Shards(paths, corrupt=corrupt, reused=reused)
+
+
+# ---------------------------------------------------------------- reading
+
+
+def resolve_files(pattern_or_files: str | os.PathLike | Iterable[str | os.PathLike]) -> list[str]:
+    """A glob pattern (`out/train-*`) or a list of shard paths -> the sorted, existing shard files.
+    Raises UserError when nothing matches or a listed file is missing."""
+    hint = "write them with scripts/make_tfrecords.py"
+    if isinstance(pattern_or_files, (str, os.PathLike)):
+        pattern = os.fspath(pattern_or_files)
+        files = sorted(tf.io.gfile.glob(pattern))
+        if not files:
+            raise UserError(f"no TFRecord files match {pattern}; {hint}")
+        return files
+    files = [os.fspath(path) for path in pattern_or_files]
+    if not files:
+        raise UserError(f"no TFRecord files given (an empty list); {hint}")
+    missing = [path for path in files if not tf.io.gfile.exists(path)]
+    if missing:
+        raise UserError(f"no TFRecord files match {missing[0]}"
+                        f"{f' (and {len(missing) - 1} more missing)' if len(missing) > 1 else ''}; {hint}")
+    return files
+
+
+def read_dataset(pattern_or_files: str | os.PathLike | Iterable[str | os.PathLike], label_offset: int = 0,
+                 shuffle_files: bool = False, seed: int | None = None, cycle_length: int = 8,
+                 deterministic: bool = True) -> tf.data.Dataset:
+    """`(encoded image bytes: tf.string scalar, label: tf.int32 scalar)` from Model Garden shards.
+
+    Reads `cycle_length` shards at once, interleaved one record each (in parallel; with `deterministic` the
+    order is fixed by the file order, else records come as soon as read). `shuffle_files` reshuffles the shard
+    order each epoch (with `seed`); records within a shard keep their order, so shuffle the records too.
+    `label_offset` is added to every label: -1 reads 1-based shards (1001 classes, 0 = background) as 0-based;
+    a label still below 0 then fails with an InvalidArgumentError. Decode with `tf.io.decode_image`, which
+    reads JPEG, PNG, GIF and BMP whatever the file was named.
+    """
+    files = resolve_files(pattern_or_files)
+    dataset = tf.data.Dataset.from_tensor_slices(files)
+    if shuffle_files:
+        dataset = dataset.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
+    dataset = dataset.interleave(tf.data.TFRecordDataset, cycle_length=max(1, min(cycle_length, len(files))),
+                                 block_length=1, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
+
+    def parse(record):
+        example = tf.io.parse_single_example(record, READ_FEATURES)
+        label = tf.cast(example["image/class/label"], tf.int32) + label_offset
+        check = tf.debugging.assert_non_negative(
+            label, message=f"TFRecord label below 0 after label_offset={label_offset}; the shards' labels "
+                           f"are 0-based, read them with label_offset=0")
+        with tf.control_dependencies([check]):
+            return example["image/encoded"], tf.identity(label)
+
+    return dataset.map(parse, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
+
+
+def count_records(files: str | os.PathLike | Iterable[str | os.PathLike]) -> int:
+    """The number of records in the shards (a pattern or a list). Reads every file once, start to end
+    (parallel, no parsing): seconds for a validation split, minutes for ImageNet's 140 GB train split."""
+    dataset = tf.data.TFRecordDataset(resolve_files(files), num_parallel_reads=AUTOTUNE)
+    return int(dataset.reduce(tf.constant(0, tf.int64), lambda count, _: count + 1))
