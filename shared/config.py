@@ -33,11 +33,12 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     source: str = field(default="fashion_mnist",
-                        metadata={"choices": ("fashion_mnist", "synthetic", "folder", "tfds")})
+                        metadata={"choices": ("fashion_mnist", "synthetic", "folder", "ilsvrc", "tfrecord", "tfds")})
     name: str | None = None  # TFDS dataset name (source: tfds)
-    path: str | None = None  # IDX folder (fashion_mnist) or dataset root with train/ and val/ (folder)
+    path: str | None = None  # IDX folder (fashion_mnist), or the root holding train/ and val/ (folder, ilsvrc)
     data_dir: str | None = None  # TFDS data_dir
     manual_dir: str | None = None  # TFDS manual_dir (ImageNet tars)
+    label_offset: int = 0  # tfrecord: added to stored labels (-1 for 1-based shards from imagenet_to_gcs.py)
     train_split: str = "train"
     test_split: str = "test"  # the held-out split evaluated after training
     image_size: int = 224
@@ -374,8 +375,9 @@ def _check_consistency(config: Config, provenance: dict) -> None:
                             f"but data.channels is {data.channels}; give one per channel")
     if data.source == "tfds" and not data.name:
         raise UserError("data.source is tfds but data.name is empty; set data.name (e.g. imagenet2012)")
-    if data.source == "folder" and not data.path:
-        raise UserError("data.source is folder but data.path is empty; set it to the folder holding train/ and val/")
+    if data.source in ("folder", "ilsvrc", "tfrecord") and not data.path:
+        raise UserError(f"data.source is {data.source} but data.path is empty; "
+                        f"set it to the folder holding train/ and val/")
     if train.lr.schedule == "plateau" and train.lr.warmup_epochs:
         raise UserError("train.lr.schedule plateau does not combine with train.lr.warmup_epochs; set it to 0")
     if train.lr.schedule == "step" and not train.lr.milestones:

@@ -52,7 +52,7 @@ def test_unknown_key_from_set_is_attributed_to_set():
     ("train.epochs=ten", "train.epochs (from --set) must be int"),
     ("train.epochs=2.5", "must be int"),
     ("data.normalize=3", "must be bool"),
-    ("data.source=imagenet", "choose one of fashion_mnist, synthetic, folder, tfds"),
+    ("data.source=imagenet", "choose one of fashion_mnist, synthetic, folder, ilsvrc, tfrecord, tfds"),
     ("train.batch_size=0", "must be positive"),
     ("data.mean=[1, 2]", "has 2 values but data.channels is 3"),
     ("train.lr.schedule=step", "milestones is empty"),
@@ -90,7 +90,7 @@ def test_dump_is_stable_and_in_schema_order():
 def test_model_hparams_are_checked_against_build_signature():
     module = modelzoo.load_model_module(modelzoo.model_dir("resnet"))
     resolved = modelzoo.resolve_hparams(module, {"depth": 18})
-    assert resolved == {"depth": 18, "width": 64, "small_input": False}  # defaults filled in
+    assert resolved == {"depth": 18, "width": 64, "small_input": False, "conv_bias": False}  # defaults filled in
     with pytest.raises(UserError, match="model.dpeth.*did you mean model.depth"):
         modelzoo.resolve_hparams(module, {"dpeth": 18})
     with pytest.raises(UserError, match="model.small_input must be bool"):

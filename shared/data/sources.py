@@ -54,7 +54,8 @@ class Source:
 def load(config: DataConfig) -> Source:
     config = dataclasses.replace(config, **{key: os.path.expanduser(getattr(config, key))
                                             for key in ("path", "data_dir", "manual_dir") if getattr(config, key)})
-    loaders = {"fashion_mnist": fashion_mnist, "synthetic": synthetic, "folder": folder, "tfds": tfds_source}
+    loaders = {"fashion_mnist": fashion_mnist, "synthetic": synthetic, "folder": folder, "ilsvrc": ilsvrc_source,
+               "tfrecord": tfrecord_source, "tfds": tfds_source}
     return loaders[config.source](config)
 
 
@@ -184,15 +185,68 @@ def folder(config: DataConfig) -> Source:
     train_files, train_labels, class_names = list_folder_split(root, config.train_split)
     test_files, test_labels, _ = list_folder_split(root, config.test_split, class_names)
 
-    def dataset(files, labels):
-        return tf.data.Dataset.from_tensor_slices((tf.constant(files), tf.constant(labels, tf.int32)))
-
     return Source(
-        train=dataset(train_files, train_labels), test=dataset(test_files, test_labels),
+        train=_paths_dataset(train_files, train_labels), test=_paths_dataset(test_files, test_labels),
         num_train=len(train_files), num_test=len(test_files), class_names=class_names,
         mean=IMAGENET_MEAN, std=IMAGENET_STD, encoding="path", fixed_size=False,
         files={"train": train_files, "test": test_files},
     )
+
+
+# ---------------------------------------------------------------- ilsvrc
+
+
+def _paths_dataset(files: list[str], labels: list[int]) -> tf.data.Dataset:
+    return tf.data.Dataset.from_tensor_slices((tf.constant(files), tf.constant(labels, tf.int32)))
+
+
+def ilsvrc_source(config: DataConfig) -> Source:
+    """The extracted ILSVRC layout: train/<wnid>/*.JPEG, val/ in class folders or flat with the official
+    ground truth. Labels are Keras Applications' 1000-class indices, whichever classes are present."""
+    from shared.data import ilsvrc
+
+    root = Path(config.path)
+    if not root.is_dir():
+        raise UserError(f"ILSVRC folder not found: {root}; set data.path to the folder holding train/ and val/")
+    train_files, train_labels = ilsvrc.list_ilsvrc_split(root, config.train_split)
+    test_files, test_labels = ilsvrc.list_ilsvrc_split(root, config.test_split)
+    return Source(train=_paths_dataset(train_files, train_labels), test=_paths_dataset(test_files, test_labels),
+                  num_train=len(train_files), num_test=len(test_files), class_names=ilsvrc.imagenet_wnids(),
+                  mean=IMAGENET_MEAN, std=IMAGENET_STD, encoding="path", fixed_size=False,
+                  files={"train": train_files, "test": test_files})
+
+
+# ---------------------------------------------------------------- tfrecord
+
+
+TFRECORD_PREFIXES = {"val": "validation"}  # Model Garden names the ImageNet val shards validation-*
+
+
+def tfrecord_source(config: DataConfig) -> Source:
+    """Shards in TF Model Garden's layout (image/encoded, image/class/label) under data.path:
+    <split>-NNNNN-of-NNNNN, labels.txt, and counts.json as scripts/make_tfrecords.py writes them."""
+    import json
+
+    from shared.data import tfrecord
+
+    root = Path(config.path)
+    if not root.is_dir():
+        raise UserError(f"TFRecord folder not found: {root}; write one with scripts/make_tfrecords.py")
+    class_names = tfrecord.read_labels(root / "labels.txt")
+    counts_file = root / "counts.json"
+    counts = json.loads(counts_file.read_text()) if counts_file.is_file() else {}
+    splits = {}
+    for role, split in (("train", config.train_split), ("test", config.test_split)):
+        prefix = TFRECORD_PREFIXES.get(split, split)
+        files = tfrecord.resolve_files(str(root / f"{prefix}-*-of-*"))
+        count = counts.get(prefix) or tfrecord.count_records(files)  # without counts.json: read once
+        # A fixed file order when a validation split is carved off train; else shuffle shards each epoch.
+        shuffle = role == "train" and config.val_fraction == 0
+        dataset = tfrecord.read_dataset(files, label_offset=config.label_offset, shuffle_files=shuffle, seed=0)
+        splits[role] = (dataset, count, files)
+    return Source(train=splits["train"][0], test=splits["test"][0], num_train=splits["train"][1],
+                  num_test=splits["test"][1], class_names=class_names, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                  encoding="bytes", fixed_size=False)
 
 
 # ---------------------------------------------------------------- tfds

@@ -5,9 +5,11 @@ under `image/encoded`, its `image/format`, the 0-based `image/class/label`, and 
 (`image/class/synset`, the WordNet id for ImageNet), height and width. Shards are named like Model Garden's
 (`train-00000-of-01024`, `validation-00000-of-00128`), so its shards and these read the same way.
 
-Labels: Model Garden's own ImageNet converter writes 0-based labels for 1000 classes; some older scripts (the
-TF-slim / TPU `build_imagenet_data.py` family) wrote 1-based labels for 1001 classes, 0 being "background".
-Read such shards with `read_dataset(..., label_offset=-1)`.
+Labels: these shards are 0-based, 1000 classes for ImageNet (the sorted WordNet ids). The ImageNet shards most
+Model Garden users have come from TF's older converters (the TPU `tools/datasets/imagenet_to_gcs.py`, TF-slim's
+`build_imagenet_data.py`), which numbered the sorted synsets from 1, leaving 0 for "background" (hence the
+`num_classes: 1001` of Model Garden's ImageNet configs). Read such shards with `read_dataset(..., label_offset=-1)`;
+applied to 0-based shards, it stops the read at the first class-0 record (a label below 0).
 
     shards = write_shards(files, labels, synsets, Path("out"), "train", num_shards=1024)
     dataset = read_dataset("out/train-*")      # (encoded bytes, int32 label), decode with tf.io.decode_image
@@ -247,6 +249,18 @@ def read_dataset(pattern_or_files: str | os.PathLike | Iterable[str | os.PathLik
             return example["image/encoded"], tf.identity(label)
 
     return dataset.map(parse, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
+
+
+def read_labels(path: str | os.PathLike) -> list[str]:
+    """The class names of `labels.txt` (one a line, label order), as scripts/make_tfrecords.py writes it."""
+    path = os.fspath(path)
+    if not tf.io.gfile.exists(path):
+        raise UserError(f"no class list {path}; write the shards and labels.txt with scripts/make_tfrecords.py")
+    with tf.io.gfile.GFile(path) as handle:
+        names = [line.strip() for line in handle if line.strip()]
+    if not names:
+        raise UserError(f"{path} lists no classes; rewrite it with scripts/make_tfrecords.py")
+    return names
 
 
 def count_records(files: str | os.PathLike | Iterable[str | os.PathLike]) -> int:

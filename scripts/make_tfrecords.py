@@ -1,0 +1,135 @@
+"""Write a folder dataset (SRC/train/<class>/*, SRC/val/<class>/*) as TFRecord shards in TF Model Garden's
+ImageNet layout: OUT/train-00000-of-01024 ..., OUT/validation-00000-of-00128 ..., and OUT/labels.txt (the class
+folder names, one a line, in label order: label 0 is the first line).
+
+    python scripts/make_tfrecords.py SRC OUT [--train-shards 1024] [--val-shards 128] [--splits train val]
+                                             [--skip-corrupt]
+
+Labels are 0-based, classes the sorted folder names of SRC/train (shared by every split); the images keep
+their bytes (no re-encoding) and go into the shards in the same fixed, class-mixed order the `folder` source
+uses. Interrupted? Run the same command again: complete shards are kept, the rest written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without `pip install -e .`
+
+# Split folder -> shard prefix (Model Garden's names); other folders keep their own name.
+PREFIXES = {"train": "train", "val": "validation", "validation": "validation"}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("src", type=Path, help="folder dataset: SRC/<split>/<class>/<image>")
+    parser.add_argument("out", type=Path, help="output folder for the shards and labels.txt")
+    parser.add_argument("--train-shards", type=int, default=1024, help="shards for the train split (default 1024)")
+    parser.add_argument("--val-shards", type=int, default=128,
+                        help="shards for every other split (default 128)")
+    parser.add_argument("--splits", nargs="+", default=["train", "val"],
+                        help="split folders under SRC (default: train val); val is written as validation-*")
+    parser.add_argument("--skip-corrupt", action="store_true",
+                        help="leave out (and count) image files that do not decode, instead of stopping")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser.parse_args(argv)
+
+
+def class_names_of(src: Path, first_split: str) -> list[str]:
+    """Sorted class folder names of SRC/train (or of the first split when there is no train folder)."""
+    from shared.errors import UserError
+
+    split_dir = src / "train" if (src / "train").is_dir() else src / first_split
+    names = sorted(path.name for path in split_dir.iterdir() if path.is_dir()) if split_dir.is_dir() else []
+    if not names:
+        raise UserError(f"{split_dir} has no class folders; expected {split_dir}/<class>/<image>")
+    return names
+
+
+def write_labels(path: Path, class_names: list[str]) -> None:
+    """labels.txt, refusing to change the classes of shards written before."""
+    from shared.errors import UserError
+
+    text = "".join(f"{name}\n" for name in class_names)
+    if path.is_file() and path.read_text() != text:
+        raise UserError(f"{path} lists other classes than {len(class_names)} class folders found now; the "
+                        f"shards there have other labels: delete that folder's contents or write to another one")
+    temporary = path.with_name(f".{path.name}.partial")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
+def run(args: argparse.Namespace) -> None:
+    from shared.errors import UserError
+
+    if not args.src.is_dir():
+        raise UserError(f"folder dataset not found: {args.src}; pass a folder with train/<class>/ images")
+    for flag, value in (("--train-shards", args.train_shards), ("--val-shards", args.val_shards)):
+        if value < 1:
+            raise UserError(f"{flag} must be at least 1, not {value}")
+    prefixes = [PREFIXES.get(split, split) for split in args.splits]
+    if len(set(prefixes)) != len(prefixes):
+        raise UserError(f"--splits {' '.join(args.splits)} names one split twice; give each split once")
+
+    class_names = class_names_of(args.src, args.splits[0])
+    from shared.data.sources import list_folder_split  # TensorFlow loads here, after the cheap checks
+    from shared.data.tfrecord import write_shards
+
+    listed = {split: list_folder_split(args.src, split, class_names) for split in args.splits}  # check all first
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_labels(args.out / "labels.txt", class_names)
+    for split, prefix in zip(args.splits, prefixes):
+        files, labels, _ = listed[split]
+        num_shards = args.train_shards if split == "train" else args.val_shards
+        if num_shards > len(files):
+            print(f"{prefix}: {len(files)} images, fewer than {num_shards} shards: writing {len(files)} shards")
+            num_shards = len(files)
+        shards = write_shards(files, labels, [class_names[label] for label in labels], args.out, prefix,
+                              num_shards, progress=not args.no_progress, skip_corrupt=args.skip_corrupt)
+        written = len(shards) - len(shards.reused)
+        print(f"{prefix}: {len(files) - len(shards.corrupt)} images of {args.src / split} in {num_shards} shards "
+              f"{args.out}/{prefix}-*-of-{num_shards:05d} (wrote {written}, kept {len(shards.reused)} complete"
+              f"{f', skipped {len(shards.corrupt)} unreadable' if shards.corrupt else ''})", flush=True)
+    print(f"labels: {args.out / 'labels.txt'} ({len(class_names)} classes, label = line number - 1)")
+    write_counts(args.out, prefixes)
+
+
+def write_counts(out: Path, prefixes: list[str]) -> None:
+    """counts.json: records per split, so training need not read a whole split to learn its size."""
+    import json
+
+    from shared.data.tfrecord import count_records, resolve_files
+
+    path = out / "counts.json"
+    counts = json.loads(path.read_text()) if path.is_file() else {}
+    for prefix in prefixes:
+        counts[prefix] = count_records(resolve_files(str(out / f"{prefix}-*-of-*")))
+    temporary = path.with_name(f".{path.name}.partial")
+    temporary.write_text(json.dumps(counts, indent=2, sort_keys=True) + "\n")
+    os.replace(temporary, path)
+    print(f"counts: {path} {counts}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from shared.errors import UserError  # after argparse, so --help answers before TF loads
+
+    try:
+        run(args)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; run the same command again to finish (complete shards are kept)", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,209 @@
+import json
+"""TFRecord shards in Model Garden's layout: write, read back byte for byte, resume, corrupt files, CLI."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from shared.data.sources import list_folder_split
+from shared.data.tfrecord import (FEATURES, count_records, example_from_file, read_dataset, read_labels,
+                                  shard_name, write_shards)
+from shared.errors import UserError
+
+REPO = Path(__file__).resolve().parent.parent
+CLASSES = ("n01440764", "n01443537", "n01484850")
+
+
+def make_source(root: Path, train_per_class: int = 3, val_per_class: int = 1) -> Path:
+    """SRC/{train,val}/<wnid>/*.JPEG, 64x48 px; in train, image 1 is a grayscale JPEG and image 2 a PNG
+    named .JPEG (as in ILSVRC2012's n02105855_2933.JPEG)."""
+    rng = np.random.default_rng(0)
+    for split, count in (("train", train_per_class), ("val", val_per_class)):
+        for name in CLASSES:
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(count):
+                image = Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8))
+                path = folder / f"{name}_{i}.JPEG"
+                if split == "train" and i == 1:
+                    image.convert("L").save(path, "JPEG")
+                elif split == "train" and i == 2:
+                    image.save(path, "PNG")
+                else:
+                    image.save(path, "JPEG")
+    return root
+
+
+@pytest.fixture
+def source(tmp_path):
+    root = make_source(tmp_path / "src")
+    files, labels, class_names = list_folder_split(root, "train")
+    return root, files, labels, class_names
+
+
+def records(dataset) -> list[tuple[bytes, int]]:
+    return [(image.numpy(), int(label)) for image, label in dataset]
+
+
+def test_example_keeps_bytes_and_reads_format_from_content(source):
+    _, files, labels, _ = source
+    png = next(path for path in files if Image.open(path).format == "PNG")
+    assert png.endswith(".JPEG")
+    example = tf.io.parse_single_example(example_from_file(png, 2, "n01484850").SerializeToString(), FEATURES)
+    assert example["image/encoded"].numpy() == Path(png).read_bytes()
+    assert example["image/format"].numpy() == b"png"
+    assert (int(example["image/height"]), int(example["image/width"])) == (48, 64)
+    assert int(example["image/class/label"]) == 2 and example["image/class/synset"].numpy() == b"n01484850"
+    plain = tf.io.parse_single_example(example_from_file(files[0], 0, None).SerializeToString(), FEATURES)
+    assert plain["image/format"].numpy() == b"jpeg" and plain["image/class/synset"].numpy() == b""
+
+
+def test_round_trip(source, tmp_path):
+    _, files, labels, class_names = source
+    out = tmp_path / "out"
+    shards = write_shards(files, labels, [class_names[l] for l in labels], out, "train", 2, progress=False)
+    assert [p.name for p in shards] == ["train-00000-of-00002", "train-00001-of-00002"]
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == [p.name for p in shards]
+    assert [count_records([p]) for p in shards] == [4, 5]  # contiguous chunks, in the caller's order
+    assert count_records(str(out / "train-*")) == len(files) == 9
+    # cycle_length=1 reads the shards one after the other: exactly the caller's order
+    got = records(read_dataset(str(out / "train-*"), cycle_length=1))
+    assert got == [(Path(path).read_bytes(), label) for path, label in zip(files, labels)]
+    image, label = next(iter(read_dataset(shards)))
+    assert image.dtype == tf.string and image.shape == () and label.dtype == tf.int32 and label.shape == ()
+    for encoded, _ in got:  # every record decodes, whatever its format and channels
+        assert tf.io.decode_image(encoded, channels=3, expand_animations=False).shape == (48, 64, 3)
+
+
+def test_rerun_rewrites_only_missing_shards(source, tmp_path, capsys):
+    _, files, labels, _ = source
+    out = tmp_path / "out"
+    shards = write_shards(files, labels, None, out, "train", 3, progress=False)
+    for path in shards:
+        os.utime(path, (1_000_000_000, 1_000_000_000))
+    shards[1].unlink()
+    capsys.readouterr()
+    again = write_shards(files, labels, None, out, "train", 3, progress=False)
+    assert "skipped 2 of 3 shards already complete" in capsys.readouterr().out
+    assert again == shards and again.reused == [shards[0], shards[2]]
+    assert [path.stat().st_mtime == 1_000_000_000 for path in shards] == [True, False, True]
+    assert not list(out.glob("*.partial")) and not list(out.glob(".*.partial"))
+    assert records(read_dataset(shards, cycle_length=1)) == [
+        (Path(path).read_bytes(), label) for path, label in zip(files, labels)]
+
+
+def test_rerun_refuses_another_list_or_shard_count(source, tmp_path):
+    _, files, labels, _ = source
+    out = tmp_path / "out"
+    write_shards(files, labels, None, out, "train", 3, progress=False)
+    with pytest.raises(UserError, match="another image list"):
+        write_shards(files[::-1], labels[::-1], None, out, "train", 3, progress=False)
+    with pytest.raises(UserError, match="another shard count"):
+        write_shards(files, labels, None, out, "train", 2, progress=False)
+    with pytest.raises(UserError, match="at most 9 shards"):
+        write_shards(files, labels, None, tmp_path / "other", "train", 10, progress=False)
+
+
+def test_corrupt_file(source, tmp_path, capsys):
+    _, files, labels, _ = source
+    truncated = Path(files[4])
+    truncated.write_bytes(truncated.read_bytes()[:200])
+    out = tmp_path / "out"
+    with pytest.raises(UserError, match=str(truncated)):
+        write_shards(files, labels, None, out, "train", 2, progress=False)
+    assert not (out / shard_name("train", 1, 2)).exists() and not list(out.glob(".*.partial"))
+    shards = write_shards(files, labels, None, out, "train", 2, progress=False, skip_corrupt=True)
+    assert shards.corrupt == [str(truncated)]
+    assert "skipped 1 unreadable image file" in capsys.readouterr().out
+    assert count_records(shards) == len(files) - 1
+    kept = {image for image, _ in records(read_dataset(shards))}
+    assert kept == {Path(path).read_bytes() for path in files if path != str(truncated)}
+
+
+def test_not_an_image(source, tmp_path):
+    _, files, labels, _ = source
+    Path(files[0]).write_text("not an image")
+    with pytest.raises(UserError, match=f"{files[0]} does not decode"):
+        example_from_file(files[0], 0, None)
+
+
+def test_label_offset(source, tmp_path):
+    _, files, labels, _ = source
+    one_based = [label + 1 for label in labels]  # the older 1001-class convention
+    shards = write_shards(files, one_based, None, tmp_path / "out", "train", 1, progress=False)
+    assert [label for _, label in records(read_dataset(shards))] == one_based
+    assert [label for _, label in records(read_dataset(shards, label_offset=-1))] == labels
+    zero_based = write_shards(files, labels, None, tmp_path / "zero", "train", 1, progress=False)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="label_offset"):
+        records(read_dataset(zero_based, label_offset=-1))
+
+
+def test_deterministic_order(source, tmp_path):
+    _, files, labels, _ = source
+    shards = write_shards(files, labels, None, tmp_path / "out", "train", 3, progress=False)
+    first = records(read_dataset(shards, cycle_length=2))
+    assert first == records(read_dataset(shards, cycle_length=2))
+    assert sorted(first) == sorted((Path(path).read_bytes(), label) for path, label in zip(files, labels))
+    shuffled = records(read_dataset(shards, shuffle_files=True, seed=3))
+    assert shuffled == records(read_dataset(shards, shuffle_files=True, seed=3)) and sorted(shuffled) == sorted(first)
+
+
+def test_no_files(tmp_path):
+    with pytest.raises(UserError, match=r"no TFRecord files match .*train-\*; write them with scripts/make_tfr"):
+        read_dataset(str(tmp_path / "train-*"))
+    with pytest.raises(UserError, match="train-00000-of-00001"):
+        count_records([tmp_path / "train-00000-of-00001"])
+    with pytest.raises(UserError, match="no TFRecord files"):
+        read_dataset([])
+    with pytest.raises(UserError, match="labels.txt; write the shards"):
+        read_labels(tmp_path / "labels.txt")
+
+
+def run_script(*args):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    return subprocess.run([sys.executable, str(REPO / "scripts" / "make_tfrecords.py"), *map(str, args)],
+                          capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+
+
+def test_script(tmp_path):
+    src, out = make_source(tmp_path / "src"), tmp_path / "out"
+    result = run_script(src, out, "--train-shards", 2, "--val-shards", 5, "--no-progress")
+    assert result.returncode == 0, result.stderr
+    assert "validation: 3 images, fewer than 5 shards: writing 3 shards" in result.stdout
+    assert "train: 9 images" in result.stdout and "labels.txt (3 classes" in result.stdout
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == [
+        "counts.json", "labels.txt", "train-00000-of-00002", "train-00001-of-00002",
+        "validation-00000-of-00003", "validation-00001-of-00003", "validation-00002-of-00003"]
+    assert (out / "labels.txt").read_text().split() == read_labels(out / "labels.txt") == list(CLASSES)
+    files, labels, _ = list_folder_split(src, "val", list(CLASSES))
+    assert records(read_dataset(str(out / "validation-*"), cycle_length=1)) == [
+        (Path(path).read_bytes(), label) for path, label in zip(files, labels)]
+    parsed = tf.io.parse_single_example(next(iter(tf.data.TFRecordDataset(str(out / "train-00000-of-00002")))),
+                                        FEATURES)
+    assert parsed["image/class/synset"].numpy().decode() == CLASSES[int(parsed["image/class/label"])]
+
+    assert json.loads((out / "counts.json").read_text()) == {"train": 9, "validation": 3}
+
+    # The shards feed training as data.source tfrecord: fused decode-and-crop from the stored bytes.
+    from shared.config import load_config
+    from shared.data import make_datasets
+
+    config = load_config(tree={"data": {"source": "tfrecord", "path": str(out), "test_split": "val",
+                                        "image_size": 16, "augment": ["random_resized_crop", "horizontal_flip"]},
+                               "train": {"batch_size": 9}})
+    datasets = make_datasets(config)
+    assert (datasets.num_train, datasets.num_test, datasets.class_names) == (9, 3, list(CLASSES))
+    images, batch_labels = next(iter(datasets.train))
+    assert images.shape == (9, 16, 16, 3) and sorted(batch_labels.numpy()) == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert sorted(next(iter(datasets.test))[1].numpy()) == [0, 1, 2]
+
+    missing = run_script(tmp_path / "nowhere", out)
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
+    assert missing.stderr.strip().splitlines() == [
+        f"error: folder dataset not found: {tmp_path / 'nowhere'}; pass a folder with train/<class>/ images"]
