@@ -48,6 +48,7 @@ class DataConfig:
     mean: list[float] | None = None  # per channel, on the 0-255 scale; None: the source's statistics
     std: list[float] | None = None
     augment: list = field(default_factory=list)  # names or {name: {arg: value}}, see shared.data.augment
+    batch_augment: list = field(default_factory=list)  # MixUp / CutMix on whole batches (soft labels)
     crop_fraction: float = 0.875  # eval: resize to image_size / crop_fraction, center-crop image_size
     val_fraction: float = 0.0  # carve a validation split off train, evaluated every epoch
     limit_train: int | None = None  # use only the first N training examples (smoke runs)

@@ -40,15 +40,23 @@ def prepare(config: Config):
 
 
 def compile_model(model: keras.Model, config: Config, steps_per_epoch: int, num_classes: int,
-                  aux_loss_weights: dict[str, float] | None = None) -> None:
-    """Cross-entropy on the classifier, plus each auxiliary head's cross-entropy times its weight."""
+                  aux_loss_weights: dict[str, float] | None = None, soft_labels: bool = False) -> None:
+    """Cross-entropy on the classifier, plus each auxiliary head's cross-entropy times its weight.
+    Class-index labels use the sparse losses and metrics; mixed one-hot labels (MixUp, CutMix) the dense."""
     optim.apply_weight_decay(model, config.train.weight_decay)
-    loss = keras.losses.SparseCategoricalCrossentropy()
-    metrics = [keras.metrics.SparseCategoricalAccuracy(name="top1"),
-               keras.metrics.SparseTopKCategoricalAccuracy(k=min(5, num_classes), name="top5")]
+    k = min(5, num_classes)
+    if soft_labels:
+        make_loss = keras.losses.CategoricalCrossentropy
+        metrics = [keras.metrics.CategoricalAccuracy(name="top1"),
+                   keras.metrics.TopKCategoricalAccuracy(k=k, name="top5")]
+    else:
+        make_loss = keras.losses.SparseCategoricalCrossentropy
+        metrics = [keras.metrics.SparseCategoricalAccuracy(name="top1"),
+                   keras.metrics.SparseTopKCategoricalAccuracy(k=k, name="top5")]
+    loss = make_loss()
     loss_weights = None
     if aux_loss_weights:
-        loss = {name: keras.losses.SparseCategoricalCrossentropy() for name in (MAIN_OUTPUT, *aux_loss_weights)}
+        loss = {name: make_loss() for name in (MAIN_OUTPUT, *aux_loss_weights)}
         loss_weights = {MAIN_OUTPUT: 1.0, **aux_loss_weights}
         metrics = {MAIN_OUTPUT: metrics}
     model.compile(optimizer=optim.make_optimizer(config.train, steps_per_epoch), loss=loss,
@@ -66,7 +74,8 @@ def train(config: Config, argv: list[str] | None = None) -> runs.Run:
     """Train as the config says, test on the held-out split, and return the finished run."""
     folder, module, model, datasets = prepare(config)
     aux_weights = modelzoo.auxiliary_loss_weights(module, model)
-    compile_model(model, config, datasets.steps_per_epoch, datasets.num_classes, aux_weights)
+    compile_model(model, config, datasets.steps_per_epoch, datasets.num_classes, aux_weights,
+                  soft_labels=datasets.soft_labels)
     outputs = [MAIN_OUTPUT, *aux_weights] if aux_weights else []
     run = runs.create(config, folder, argv)
     print(f"run {run.path}: {config.model.name} {config.model.hparams}, {datasets.num_train} training / "

@@ -234,3 +234,23 @@ def test_folder_training_pipeline_uses_the_fused_crop(tmp_path):
                         augment=["random_resized_crop", "horizontal_flip"])
     images, _ = first_batch(make_datasets(config).train)
     assert images.shape[1:] == (16, 16, 3)
+
+
+def test_mixup_and_cutmix_mix_whole_batches_into_soft_labels(tmp_path):
+    config = config_for(tmp_path, source="synthetic", num_classes=4, batch_augment=[{"MixUp": {"alpha": 0.4}},
+                                                                                   "CutMix"])
+    datasets = make_datasets(config)
+    assert datasets.soft_labels
+    images, labels = first_batch(datasets.train)
+    assert labels.shape == (images.shape[0], 4)
+    np.testing.assert_allclose(labels.sum(axis=1), 1.0, atol=1e-5)
+    assert (labels.max(axis=1) < 1.0).any()  # some labels really are mixtures
+    assert first_batch(datasets.test)[1].ndim == 1  # the test split keeps class indices
+    with pytest.raises(UserError, match="unknown batch augmentation 'Mixup'.*did you mean MixUp"):
+        make_datasets(config_for(tmp_path, source="synthetic", batch_augment=["Mixup"]))
+
+
+def test_keras_randaugment_and_random_erasing_by_name(tmp_path):
+    config = config_for(tmp_path, source="synthetic", num_classes=3, augment=["RandAugment", "RandomErasing"])
+    images, _ = first_batch(make_datasets(config).train)
+    assert images.shape[1:] == (16, 16, 3) and np.isfinite(images).all()

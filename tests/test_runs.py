@@ -120,3 +120,13 @@ def test_failed_run_is_marked_failed(tmp_path, model_copy):
     (run_dir,) = (tmp_path / "runs" / "resnet").iterdir()
     status = json.loads((run_dir / "status.json").read_text())
     assert status["status"] == "failed" and status["error"]
+
+
+def test_training_with_mixup_uses_the_soft_label_loss(tmp_path):
+    tree = tiny_tree(tmp_path / "runs", train={"epochs": 1})
+    tree["data"]["batch_augment"] = [{"MixUp": {"alpha": 0.2}}]
+    tree["data"]["val_fraction"] = 0.25
+    run = train(load_config(tree=tree))
+    header = (run.path / "metrics.csv").read_text().splitlines()[0]
+    assert "val_top1" in header and run.status()["status"] == "finished"
+    assert evaluate(run)["top1"] == run.test_metrics()["top1"]

@@ -28,6 +28,7 @@ class Datasets:
     class_names: list[str]
     input_shape: tuple[int, int, int]
     source: sources.Source
+    soft_labels: bool = False  # train and val labels are (mixed) one-hot vectors, not class indices
 
     @property
     def num_classes(self) -> int:
@@ -111,6 +112,7 @@ def make_datasets(config: Config, model_augment: ModuleType | None = None) -> Da
         raise UserError(f"the {data.source} data has {num_train} training and {num_test} test examples "
                         f"after limits and val_fraction; both must be positive")
 
+    mixers = augment.build_batch(data.batch_augment, seed=train_config.seed)
     train_fn = _image_fn(config, source, augmentations)
     eval_fn = _image_fn(config, source, None)
     batch = train_config.batch_size
@@ -120,18 +122,28 @@ def make_datasets(config: Config, model_augment: ModuleType | None = None) -> Da
                            reshuffle_each_iteration=True)
              .repeat()
              .map(train_fn, num_parallel_calls=AUTOTUNE)
-             .batch(batch, drop_remainder=False)
-             .prefetch(AUTOTUNE))
+             .batch(batch, drop_remainder=False))
+    num_classes = source.num_classes
 
-    def evaluation(dataset):
-        return dataset.map(eval_fn, num_parallel_calls=AUTOTUNE).batch(batch).prefetch(AUTOTUNE)
+    def one_hot(images, labels):
+        return images, tf.one_hot(labels, num_classes)
+
+    if mixers:  # whole-batch work after batching: one vectorized call per batch
+        train = train.map(one_hot)
+        for mix in mixers:
+            train = train.map(mix, num_parallel_calls=AUTOTUNE)
+    train = train.prefetch(AUTOTUNE)
+
+    def evaluation(dataset, soft: bool = False):
+        dataset = dataset.map(eval_fn, num_parallel_calls=AUTOTUNE).batch(batch)
+        return (dataset.map(one_hot) if soft else dataset).prefetch(AUTOTUNE)
 
     steps = math.ceil(num_train / batch)
     if train_config.steps_per_epoch:
         steps = min(steps, train_config.steps_per_epoch)
     return Datasets(
-        train=train, test=evaluation(test), val=evaluation(val) if val is not None else None,
+        train=train, test=evaluation(test), val=evaluation(val, soft=bool(mixers)) if val is not None else None,
         steps_per_epoch=steps, num_train=num_train, num_val=num_val, num_test=num_test,
         class_names=source.class_names, input_shape=(data.image_size, data.image_size, data.channels),
-        source=source,
+        source=source, soft_labels=bool(mixers),
     )

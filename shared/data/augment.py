@@ -9,6 +9,10 @@ A generator takes its arguments (plus `image_size` when it asks for it) and retu
 image -> image on one float32 image with values on the 0-255 scale, applied before normalization.
 Generators marked `crops_raw_image` must come first: they cut `image_size` straight out of the decoded
 image, replacing the default resize.
+
+`data.batch_augment` lists augmentations that mix the examples of a batch, images and labels together:
+Keras' `MixUp: {alpha: 0.2}` (Zhang et al. 2018) and `CutMix: {factor: 1.0}` (Yun et al. 2019). They run
+on whole batches after batching, and turn the labels into mixed one-hot vectors.
 """
 
 from __future__ import annotations
@@ -146,3 +150,26 @@ def build(entries: list, image_size: int, model_augment: ModuleType | None = Non
             raise UserError(f"data.augment {name} crops the decoded image and must be the first entry")
         augmentations.append(Augmentation(name, fn, crops))
     return augmentations
+
+
+BATCH_LAYERS = ("MixUp", "CutMix")  # Keras layers that take {"images", "labels"} batches
+
+
+def build_batch(entries: list, seed: int = 0) -> list[Callable]:
+    """The batch-mixing Keras layers of `data.batch_augment`, each a function (images, one_hot) ->
+    (images, mixed labels)."""
+    functions = []
+    for position, entry in enumerate(entries):
+        name, kwargs = _entry(entry)
+        if name not in BATCH_LAYERS:
+            match = difflib.get_close_matches(name, BATCH_LAYERS, n=1)
+            hint = f"did you mean {match[0]}?" if match else f"choose from {', '.join(BATCH_LAYERS)}"
+            raise UserError(f"unknown batch augmentation {name!r} in data.batch_augment; {hint} "
+                            f"(per-image augmentations go in data.augment)")
+        layer = _call_with_checked_args(name, getattr(keras.layers, name), kwargs, 0, seed + 100 + position)
+
+        def mix(images, labels, layer=layer):
+            mixed = layer({"images": images, "labels": labels}, training=True)
+            return mixed["images"], mixed["labels"]
+        functions.append(mix)
+    return functions
