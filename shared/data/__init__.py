@@ -44,6 +44,7 @@ def _image_fn(config: Config, source: sources.Source, augmentations: list[augmen
     augmentations = augmentations or []
     crop = augmentations[0].fn if augmentations and augmentations[0].crops_raw_image else None
     rest = augmentations[1:] if crop else augmentations
+    normalize = preprocess.normalizer(mean, std, data.normalize, data.image_size)
 
     def from_encoded(encoded):
         if source.encoding == "path":
@@ -67,7 +68,7 @@ def _image_fn(config: Config, source: sources.Source, augmentations: list[augmen
         for augmentation in rest:
             image = augmentation.fn(image)
         image = tf.ensure_shape(image, (data.image_size, data.image_size, data.channels))
-        return preprocess.normalize(image, mean, std, data.normalize), label
+        return normalize(image), label
     return fn
 
 

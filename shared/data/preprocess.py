@@ -86,8 +86,13 @@ def resize_and_center_crop(image: tf.Tensor, image_size: int, crop_fraction: flo
     return tf.slice(image, [top, left, 0], [image_size, image_size, -1])
 
 
-def normalize(image: tf.Tensor, mean: list[float], std: list[float], enabled: bool) -> tf.Tensor:
-    """(x - mean) / std per channel on the 0-255 scale, or x / 255 when normalization is off."""
+def normalizer(mean: list[float], std: list[float], enabled: bool, image_size: int):
+    """A function image -> (image - mean) / std per channel on the 0-255 scale, or image / 255 when
+    normalization is off. The constants are tiled to the full image shape: TF's CPU kernels broadcast a
+    3-wide last axis slowly (measured 25-30 % of the whole train pipeline), full-shape operands do not."""
     if not enabled:
-        return image / 255.0
-    return (image - tf.constant(mean, tf.float32)) / tf.constant(std, tf.float32)
+        return lambda image: image * (1.0 / 255.0)
+    shape = [image_size, image_size, 1]
+    offset = tf.tile(tf.reshape(tf.constant(mean, tf.float32), [1, 1, -1]), shape)
+    scale = tf.tile(tf.reshape(1.0 / tf.constant(std, tf.float32), [1, 1, -1]), shape)
+    return lambda image: (image - offset) * scale
