@@ -92,7 +92,10 @@ def find_undecodable(source: sources.Source) -> list[str]:
     return bad
 
 
-def make_datasets(config: Config, model_augment: ModuleType | None = None) -> Datasets:
+def make_datasets(config: Config, model_augment: ModuleType | None = None,
+                  input_context: tf.distribute.InputContext | None = None) -> Datasets:
+    """The run's pipelines. With a tf.distribute `input_context` (several input pipelines, one per
+    worker) each pipeline reads its own shard of the training examples and batches per replica."""
     data, train_config = config.data, config.train
     source = sources.load(data)
     if data.num_classes is not None and data.num_classes != source.num_classes:
@@ -117,12 +120,18 @@ def make_datasets(config: Config, model_augment: ModuleType | None = None) -> Da
     train_fn = _image_fn(config, source, augmentations)
     eval_fn = _image_fn(config, source, None)
     batch = train_config.batch_size
+    if input_context is not None and input_context.num_input_pipelines > 1:
+        train = train.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
+        num_train = len(range(input_context.input_pipeline_id, num_train, input_context.num_input_pipelines))
+        batch = input_context.get_per_replica_batch_size(batch)
+    # Deterministic: one map thread, so the stateful random ops draw in a fixed order.
+    parallel = 1 if data.deterministic else AUTOTUNE
     if not source.encoding and num_train <= 200_000:
         train = train.cache()  # decoded arrays: keep them in memory across epochs
     train = (train.shuffle(min(data.shuffle_buffer, num_train), seed=train_config.seed,
                            reshuffle_each_iteration=True)
              .repeat()
-             .map(train_fn, num_parallel_calls=AUTOTUNE)
+             .map(train_fn, num_parallel_calls=parallel, deterministic=True)
              .batch(batch, drop_remainder=False))
     num_classes = source.num_classes
 
@@ -132,7 +141,7 @@ def make_datasets(config: Config, model_augment: ModuleType | None = None) -> Da
     if mixers:  # whole-batch work after batching: one vectorized call per batch
         train = train.map(one_hot)
         for mix in mixers:
-            train = train.map(mix, num_parallel_calls=AUTOTUNE)
+            train = train.map(mix, num_parallel_calls=parallel, deterministic=True)
     train = train.prefetch(AUTOTUNE)
 
     def evaluation(dataset, soft: bool = False):

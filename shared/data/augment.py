@@ -32,11 +32,11 @@ from shared.errors import UserError
 AugmentFn = Callable[[tf.Tensor], tf.Tensor]
 
 
-def random_crop(image_size: int, padding: int = 4) -> AugmentFn:
+def random_crop(image_size: int, padding: int = 4, seed: int | None = None) -> AugmentFn:
     """Pad by `padding` pixels of zeros, then crop `image_size` at a random place (CIFAR/ResNet style)."""
     def crop(image):
         padded = tf.pad(image, [[padding, padding], [padding, padding], [0, 0]])
-        return tf.image.random_crop(padded, [image_size, image_size, tf.shape(image)[-1]])
+        return tf.image.random_crop(padded, [image_size, image_size, tf.shape(image)[-1]], seed=seed)
     return crop
 
 
@@ -46,17 +46,17 @@ class RandomResizedCrop:
 
     crops_raw_image = True
 
-    def __init__(self, image_size: int, scale: tuple, ratio: tuple):
+    def __init__(self, image_size: int, scale: tuple, ratio: tuple, seed: int | None = None):
         if not (0 < scale[0] <= scale[1] <= 1 and 0 < ratio[0] <= ratio[1]):
             raise ValueError(f"needs 0 < scale[0] <= scale[1] <= 1 and 0 < ratio[0] <= ratio[1], "
                              f"got scale {list(scale)}, ratio {list(ratio)}")
-        self.image_size, self.scale, self.ratio = image_size, tuple(scale), tuple(ratio)
+        self.image_size, self.scale, self.ratio, self.seed = image_size, tuple(scale), tuple(ratio), seed
 
     def window(self, shape: tf.Tensor) -> tuple:
         begin, size, _ = tf.image.sample_distorted_bounding_box(
             tf.concat([shape[:2], [1]], axis=0), bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]),
             area_range=self.scale, aspect_ratio_range=self.ratio, min_object_covered=0.0,
-            max_attempts=10, use_image_if_no_bounding_boxes=True)
+            max_attempts=10, use_image_if_no_bounding_boxes=True, seed=self.seed or 0)
         return begin[0], begin[1], size[0], size[1]
 
     def __call__(self, image: tf.Tensor) -> tf.Tensor:
@@ -69,10 +69,10 @@ class RandomResizedCrop:
         return tf.image.resize(preprocess.decode_and_crop(data, window, channels), [self.image_size] * 2)
 
 
-def random_resized_crop(image_size: int, scale: tuple = (0.08, 1.0),
-                        ratio: tuple = (3 / 4, 4 / 3)) -> RandomResizedCrop:
+def random_resized_crop(image_size: int, scale: tuple = (0.08, 1.0), ratio: tuple = (3 / 4, 4 / 3),
+                        seed: int | None = None) -> RandomResizedCrop:
     """Inception-style random crop of 8-100 % of the area, aspect 3/4-4/3, resized to image_size."""
-    return RandomResizedCrop(image_size, scale, ratio)
+    return RandomResizedCrop(image_size, scale, ratio, seed)
 
 
 random_resized_crop.crops_raw_image = True
