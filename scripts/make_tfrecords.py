@@ -118,17 +118,10 @@ def write_counts(out: Path, prefixes: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from shared.errors import UserError  # after argparse, so --help answers before TF loads
+    from shared.errors import run_cli  # after argparse, so --help answers before TF loads
 
-    try:
-        run(args)
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted; run the same command again to finish (complete shards are kept)", file=sys.stderr)
-        return 130
-    return 0
+    return run_cli(lambda: run(args),
+                   interrupted="interrupted; run the same command again to finish (complete shards are kept)")
 
 
 if __name__ == "__main__":

@@ -3,3 +3,19 @@
 
 class UserError(Exception):
     """A problem the user can fix (bad config, missing data, unknown run); the message says how."""
+
+
+def run_cli(action, interrupted: str = "interrupted") -> int:
+    """Run a command-line action: a UserError becomes one line `error: ...` on stderr and exit status 2,
+    Ctrl-C status 130; anything else is a bug and keeps its traceback."""
+    import sys
+
+    try:
+        action()
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(interrupted, file=sys.stderr)
+        return 130
+    return 0

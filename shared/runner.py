@@ -36,34 +36,31 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    from shared.errors import UserError  # after argparse, so --help answers before TF loads
+    from shared.errors import run_cli  # after argparse, so --help answers before TF loads
 
-    try:
-        # Cheap checks first: a typo should answer at once, before TensorFlow loads.
-        if args.command == "test":
-            from shared.runs import open_run
+    return run_cli(lambda: _test(args) if args.command == "test" else _train(args, argv))
 
-            run = open_run(args.run)
-            from shared.evaluate import evaluate
-            from shared.train import summary
 
-            print(summary(evaluate(run)))
-            return 0
-        from shared.config import load_config
+def _test(args: argparse.Namespace) -> None:
+    # Cheap checks first: a typo should answer at once, before TensorFlow loads.
+    from shared.runs import open_run
 
-        overrides = list(args.set) + ([f"run.notes={_yaml_string(args.notes)}"] if args.notes else [])
-        config = load_config(args.config, overrides)
-        from shared.train import summary, train
+    run = open_run(args.run)
+    from shared.evaluate import evaluate
+    from shared.train import summary
 
-        run = train(config, argv=["-m", "shared.runner", *argv])
-        print(f"{run.path}: {summary(run.test_metrics())}")
-        return 0
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    print(summary(evaluate(run)))
+
+
+def _train(args: argparse.Namespace, argv: list[str]) -> None:
+    from shared.config import load_config
+
+    overrides = list(args.set) + ([f"run.notes={_yaml_string(args.notes)}"] if args.notes else [])
+    config = load_config(args.config, overrides)
+    from shared.train import summary, train
+
+    run = train(config, argv=["-m", "shared.runner", *argv])
+    print(f"{run.path}: {summary(run.test_metrics())}")
 
 
 def _yaml_string(text: str) -> str:

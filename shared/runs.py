@@ -36,7 +36,7 @@ from pathlib import Path
 
 import yaml
 
-from shared.errors import UserError
+from shared.errors import UserError, run_cli
 from shared.modelzoo import PROJECT_ROOT
 
 ROOT_MARKER = ".runs_root"  # marks a runs root; scripts/prune_checkpoints.sh refuses folders without it
@@ -283,7 +283,8 @@ def main(argv: list[str] | None = None) -> int:
     differ.add_argument("a")
     differ.add_argument("b")
     args = parser.parse_args(argv)
-    try:
+
+    def action():
         if args.command == "list":
             if args.model and not (Path(args.dir) / args.model).is_dir():
                 raise UserError(f"no runs of model {args.model!r} in {args.dir}")
@@ -292,10 +293,7 @@ def main(argv: list[str] | None = None) -> int:
             text = diff(open_run(args.a), open_run(args.b))
             if text is not None:
                 print(text or "no differences in " + ", ".join(DIFF_FILES), end="" if text else "\n")
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(action)
 
 
 if __name__ == "__main__":
