@@ -85,8 +85,8 @@ def train(config: Config, argv: list[str] | None = None) -> runs.Run:
     try:
         model.fit(
             _labels_for_every_output(datasets.train, outputs), epochs=config.train.epochs,
-            steps_per_epoch=datasets.steps_per_epoch,
-            validation_data=_labels_for_every_output(datasets.val, outputs), verbose=_verbosity(config.train.verbose), shuffle=False,
+            steps_per_epoch=datasets.steps_per_epoch, validation_data=_labels_for_every_output(datasets.val, outputs),
+            verbose=_verbosity(config.train.verbose), shuffle=False,
             callbacks=[
                 LearningRateLogger(),
                 *optim.schedule_callbacks(config.train, validating=datasets.val is not None),
@@ -96,28 +96,32 @@ def train(config: Config, argv: list[str] | None = None) -> runs.Run:
             ],
         )
         metrics = evaluate_model(modelzoo.inference_model(model), datasets.test, datasets.num_classes)
-    except tf.errors.InvalidArgumentError as error:
-        # A file the pipeline could not decode: name it instead of showing TF's op trace.
-        bad = data_module.find_undecodable(datasets.source) if datasets.source.encoding == "path" else []
-        run.set_status("failed", ended=time.strftime("%Y-%m-%dT%H:%M:%S"),
-                       error=f"undecodable images: {bad}" if bad else str(error).splitlines()[0][:500])
-        if bad:
-            raise UserError(f"corrupt or unreadable image{'s' if len(bad) > 1 else ''}: {', '.join(bad[:5])}"
-                            f"{' ...' if len(bad) > 5 else ''}; delete or replace {'them' if len(bad) > 1 else 'it'}"
-                            f" (run {run.path} is marked failed)") from None
-        raise
     except KeyboardInterrupt:
-        run.set_status("interrupted", ended=time.strftime("%Y-%m-%dT%H:%M:%S"))
+        run.set_status("interrupted", ended=_now())
         raise
     except BaseException as error:
-        run.set_status("failed", ended=time.strftime("%Y-%m-%dT%H:%M:%S"),
-                       error=f"{type(error).__name__}: {str(error).strip().splitlines()[0][:500] if str(error).strip() else ''}")
+        # A file the pipeline could not decode: name it instead of showing TF's op trace.
+        bad = data_module.find_undecodable(datasets.source) \
+            if isinstance(error, tf.errors.InvalidArgumentError) and datasets.source.encoding == "path" else []
+        run.set_status("failed", ended=_now(), error=f"undecodable images: {bad}" if bad else _first_line(error))
+        if bad:
+            raise UserError(f"corrupt or unreadable image(s): {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}; "
+                            f"delete or replace them (run {run.path} is marked failed)") from None
         raise
     metrics["train_seconds"] = round(time.time() - started, 1)
     metrics["checkpoint"] = str(run.last_checkpoint().relative_to(run.path))
     run.write_json("test_metrics.json", metrics)
-    run.set_status("finished", ended=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    run.set_status("finished", ended=_now())
     return run
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S")
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0][:500] if text else ''}"
 
 
 def _verbosity(configured: int) -> int:
