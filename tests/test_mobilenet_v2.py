@@ -5,7 +5,7 @@ import keras
 import numpy as np
 import pytest
 
-from shared.modelzoo import MODELS_DIR, load_model_module
+from shared.modelzoo import MODELS_DIR, load_model_module, load_weight_file
 
 mobilenet_v2 = load_model_module(MODELS_DIR / "mobilenet_v2")
 
@@ -98,14 +98,14 @@ def test_keras_applications_weights_load_by_layer_order(tmp_path):
     assert_close(features_and_probabilities(ours, images), expected)
 
     app.save_weights(tmp_path / "app.weights.h5")  # Keras 3 weight file
-    ours = mobilenet_v2.load_keras_applications_weights(mobilenet_v2.build(1000, (96, 96, 3)),
-                                                        tmp_path / "app.weights.h5")
+    ours = mobilenet_v2.build(1000, (96, 96, 3))
+    load_weight_file(ours, tmp_path / "app.weights.h5")
     assert_close(features_and_probabilities(ours, images), expected)
 
     # A no-top file in the Keras 2 HDF5 format, as the ImageNet downloads are, into the backbone.
     keras.Model(app.input, app.get_layer("out_relu").output).save(tmp_path / "app_no_top.h5")
-    backbone = mobilenet_v2.load_keras_applications_weights(mobilenet_v2.backbone((96, 96, 3)),
-                                                            tmp_path / "app_no_top.h5")
+    backbone = mobilenet_v2.backbone((96, 96, 3))
+    load_weight_file(backbone, tmp_path / "app_no_top.h5")
     assert_close([predict(backbone, images)["stride_32"]], expected[:1])
 
 

@@ -171,12 +171,3 @@ def build(num_classes: int = 1000, input_shape: tuple = (224, 224, 3), alpha: fl
     outputs = layers.Dense(num_classes, activation="softmax", name="predictions")(x)
     return keras.Model(inputs, outputs, name=f"mobilenet_v2_{alpha:g}")
 
-
-def load_keras_applications_weights(model: keras.Model, path: str) -> keras.Model:
-    """Load a Keras Applications MobileNetV2 weight file of the same `alpha` into `model`, matching layers by
-    order (layer names are not consulted). `path` may be a Keras 3 `.weights.h5` file or a Keras 2 `.h5` file
-    such as the ImageNet downloads `mobilenet_v2_weights_tf_dim_ordering_tf_kernels_<alpha>_<size>[_no_top].h5`:
-    a file with the classifier goes into `build(1000, ...)`, a `_no_top` file into `backbone(...)`. The input
-    must then be scaled to [-1, 1] as those weights were trained (data.mean and data.std 127.5)."""
-    model.load_weights(str(path))
-    return model
