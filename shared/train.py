@@ -108,6 +108,11 @@ def train(config: Config, argv: list[str] | None = None) -> runs.Run:
             raise UserError(f"corrupt or unreadable image(s): {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}; "
                             f"delete or replace them (run {run.path} is marked failed)") from None
         raise
+    if datasets.skips is not None:  # data.on_corrupt: skip
+        metrics["skipped_train_images"] = datasets.skips.skipped
+        metrics["skipped_test_images"] = datasets.num_test - metrics["examples"]
+        print(f"skipped unreadable images: {metrics['skipped_train_images']} while training, "
+              f"{metrics['skipped_test_images']} of the test split", flush=True)
     metrics["train_seconds"] = round(time.time() - started, 1)
     metrics["checkpoint"] = str(run.last_checkpoint().relative_to(run.path))
     run.write_json("test_metrics.json", metrics)

@@ -99,3 +99,18 @@ def test_train_then_test_from_the_command_line(tmp_path, capsys):
     recorded = out.strip().splitlines()[-1].split(": ", 1)[1]
     code, out, err = run_cli(capsys, "test", "--run", run_dir)
     assert code == 0 and out.strip() == recorded
+
+
+def test_corrupt_images_can_be_skipped_and_counted(tmp_path, capsys):
+    root = make_folder_dataset(tmp_path / "imgs", per_class=3)
+    (root / "train" / "dog" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated, not a real JPEG")
+    (root / "val" / "cat" / "empty.png").write_bytes(b"")
+    tree = tiny_tree(tmp_path / "runs", train={"epochs": 1, "batch_size": 4})
+    tree["data"] = {"source": "folder", "path": str(root), "test_split": "val", "image_size": 16,
+                    "on_corrupt": "skip"}
+    code, out, err = run_cli(capsys, "--config", write_config(tmp_path, tree))
+    assert code == 0, err
+    (run_dir,) = (tmp_path / "runs" / "resnet").iterdir()
+    metrics = yaml.safe_load((run_dir / "test_metrics.json").read_text())
+    assert metrics["skipped_train_images"] >= 1 and metrics["skipped_test_images"] == 1
+    assert metrics["examples"] == 9 and "skipped unreadable images" in out

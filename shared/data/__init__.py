@@ -16,6 +16,24 @@ from shared.errors import UserError
 AUTOTUNE = tf.data.AUTOTUNE
 
 
+class SkipCounter:
+    """Counts the encoded images the training pipeline could not decode and skipped
+    (`data.on_corrupt: skip`): examples are numbered before decoding, so the gaps after
+    `ignore_errors` are the skipped ones."""
+
+    def __init__(self):
+        self.passed = tf.Variable(0, dtype=tf.int64, trainable=False)
+        self.last = tf.Variable(-1, dtype=tf.int64, trainable=False)
+
+    def record(self, index, image, label):
+        with tf.control_dependencies([self.passed.assign_add(1), self.last.assign(tf.maximum(self.last, index))]):
+            return tf.identity(image), label
+
+    @property
+    def skipped(self) -> int:
+        return int(self.last.numpy()) + 1 - int(self.passed.numpy())
+
+
 @dataclass
 class Datasets:
     train: tf.data.Dataset  # repeats forever; one epoch is `steps_per_epoch` batches
@@ -29,6 +47,7 @@ class Datasets:
     input_shape: tuple[int, int, int]
     source: sources.Source
     soft_labels: bool = False  # train and val labels are (mixed) one-hot vectors, not class indices
+    skips: SkipCounter | None = None  # with data.on_corrupt: skip, how many training images were skipped
 
     @property
     def num_classes(self) -> int:
@@ -128,11 +147,18 @@ def make_datasets(config: Config, model_augment: ModuleType | None = None,
     parallel = 1 if data.deterministic else AUTOTUNE
     if not source.encoding and num_train <= 200_000:
         train = train.cache()  # decoded arrays: keep them in memory across epochs
-    train = (train.shuffle(min(data.shuffle_buffer, num_train), seed=train_config.seed,
-                           reshuffle_each_iteration=True)
-             .repeat()
-             .map(train_fn, num_parallel_calls=parallel, deterministic=True)
-             .batch(batch, drop_remainder=False))
+    train = train.shuffle(min(data.shuffle_buffer, num_train), seed=train_config.seed,
+                          reshuffle_each_iteration=True).repeat()
+    skipping = data.on_corrupt == "skip" and source.encoding is not None
+    skips = SkipCounter() if skipping else None
+    if skipping:  # number the examples, drop those that fail to decode, count the gaps
+        train = (train.enumerate()
+                 .map(lambda index, example: (index, *train_fn(*example)), num_parallel_calls=parallel)
+                 .ignore_errors()
+                 .map(skips.record))
+    else:
+        train = train.map(train_fn, num_parallel_calls=parallel, deterministic=True)
+    train = train.batch(batch, drop_remainder=False)
     num_classes = source.num_classes
 
     def one_hot(images, labels):
@@ -145,7 +171,10 @@ def make_datasets(config: Config, model_augment: ModuleType | None = None,
     train = train.prefetch(AUTOTUNE)
 
     def evaluation(dataset, soft: bool = False):
-        dataset = dataset.map(eval_fn, num_parallel_calls=AUTOTUNE).batch(batch)
+        dataset = dataset.map(eval_fn, num_parallel_calls=AUTOTUNE)
+        if skipping:
+            dataset = dataset.ignore_errors()  # the evaluated count then falls short by the skipped images
+        dataset = dataset.batch(batch)
         return (dataset.map(one_hot) if soft else dataset).prefetch(AUTOTUNE)
 
     steps = math.ceil(num_train / batch)
@@ -155,5 +184,5 @@ def make_datasets(config: Config, model_augment: ModuleType | None = None,
         train=train, test=evaluation(test), val=evaluation(val, soft=bool(mixers)) if val is not None else None,
         steps_per_epoch=steps, num_train=num_train, num_val=num_val, num_test=num_test,
         class_names=source.class_names, input_shape=(data.image_size, data.image_size, data.channels),
-        source=source, soft_labels=bool(mixers),
+        source=source, soft_labels=bool(mixers), skips=skips,
     )
