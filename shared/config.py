@@ -242,18 +242,6 @@ def _closest(word: str, candidates: list[str]) -> str:
     return f"; did you mean {match[0]}?" if match else f"; valid keys: {', '.join(sorted(candidates))}"
 
 
-def all_keys(section_type=Config, prefix: str = "") -> list[str]:
-    """Every dotted key of the schema (model hyperparameters aside)."""
-    keys = []
-    for f in dataclasses.fields(section_type):
-        if f.metadata.get("internal") or f.name == "hparams":
-            continue
-        dotted = f"{prefix}{f.name}"
-        sub = _dataclass_type(f.type)
-        keys.extend(all_keys(sub, dotted + ".") if sub else [dotted])
-    return keys
-
-
 def _dataclass_type(annotation):
     resolved = _resolve(annotation)
     return resolved if dataclasses.is_dataclass(resolved) else None

@@ -54,7 +54,5 @@ def evaluate(run: Run | str) -> dict:
     """Re-test a finished run on its test split; the figures equal those recorded at training time."""
     run = run if isinstance(run, Run) else open_run(run)
     model, config = load_run_model(run)
-    model_augment = modelzoo.import_file(run.path / "augment.py", f"_augment_{abs(hash(str(run.path)))}") \
-        if (run.path / "augment.py").is_file() else None
-    datasets = data_module.make_datasets(config, model_augment)
+    datasets = data_module.make_datasets(config, modelzoo.load_augment_module(run.path))
     return evaluate_model(model, datasets.test, datasets.num_classes)

@@ -58,6 +58,12 @@ def load_model_module(folder: Path) -> ModuleType:
     return module
 
 
+def load_augment_module(folder: Path) -> ModuleType | None:
+    """The model folder's own augmentation generators (`augment.py`), if it has any."""
+    path = Path(folder).resolve() / "augment.py"
+    return import_file(path, f"_augment_{abs(hash(str(path)))}") if path.is_file() else None
+
+
 def hparam_defaults(module: ModuleType) -> dict:
     """The model's hyperparameters and their defaults, from `build`'s signature."""
     parameters = inspect.signature(module.build).parameters

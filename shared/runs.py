@@ -18,7 +18,6 @@ concurrent runs never share a folder. `python -m shared.runs list|diff` reads th
 from __future__ import annotations
 
 import argparse
-import csv
 import difflib
 import json
 import os

@@ -30,10 +30,8 @@ def prepare(config: Config):
     folder = modelzoo.model_dir(config.model.name, config.model.path)
     module = modelzoo.load_model_module(folder)
     config.model.hparams = modelzoo.resolve_hparams(module, config.model.hparams, _where(config))
-    model_augment = modelzoo.import_file(folder / "augment.py", f"_augment_{abs(hash(str(folder)))}") \
-        if (folder / "augment.py").is_file() else None
     keras.utils.set_random_seed(config.train.seed)
-    datasets = data_module.make_datasets(config, model_augment)
+    datasets = data_module.make_datasets(config, modelzoo.load_augment_module(folder))
     config.data.num_classes = datasets.num_classes  # resolved: the snapshot says how many there were
     model = modelzoo.build_model(module, datasets.num_classes, datasets.input_shape, config.model.hparams)
     return folder, module, model, datasets

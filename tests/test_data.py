@@ -165,9 +165,9 @@ def test_normalization_toggles(tmp_path):
     np.testing.assert_allclose(normalized, (raw * 255.0 - 127.5) / 36.0, rtol=1e-4, atol=1e-4)
 
 
-def test_resize_and_center_crop_keeps_the_middle():
+def test_center_crop_keeps_the_middle():
     image = tf.reshape(tf.range(40 * 20 * 1, dtype=tf.float32), (40, 20, 1))
-    out = preprocess.resize_and_center_crop(image, 16, crop_fraction=1.0)
+    out = preprocess.center_crop(image, 16, crop_fraction=1.0)
     assert out.shape == (16, 16, 1)
 
 

@@ -70,8 +70,6 @@ def _image_fn(config: Config, source: sources.Source, augmentations: list[augmen
             encoded = tf.io.read_file(encoded)
         if crop is not None:
             return crop.from_encoded(encoded, data.channels)
-        if source.fixed_size:
-            return preprocess.resize(tf.cast(preprocess.decode(encoded, data.channels), tf.float32), data.image_size)
         return preprocess.decode_center_crop(encoded, data.image_size, data.crop_fraction, data.channels)
 
     def from_pixels(image):
@@ -80,7 +78,7 @@ def _image_fn(config: Config, source: sources.Source, augmentations: list[augmen
             return crop(image)
         if source.fixed_size:
             return preprocess.resize(image, data.image_size)
-        return preprocess.resize_and_center_crop(image, data.image_size, data.crop_fraction)
+        return preprocess.center_crop(image, data.image_size, data.crop_fraction)
 
     def fn(image, label):
         image = from_encoded(image) if source.encoding else from_pixels(image)

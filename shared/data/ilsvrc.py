@@ -30,15 +30,14 @@ import functools
 import importlib.util
 import json
 import os
-import random
 from pathlib import Path
 
 import numpy as np
 
+from shared.data.listing import IMAGE_SUFFIXES, is_image, mix_classes
 from shared.errors import UserError
 
 NUM_CLASSES = 1000
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif"}
 LABELS_FILES = ("datasets/imagenet2012/labels.txt", "image_classification/imagenet2012_labels.txt")
 CSV_NAME = "LOC_val_solution.csv"
 TXT_NAME = "ILSVRC2012_validation_ground_truth.txt"
@@ -126,23 +125,13 @@ def decode_predictions(probabilities: np.ndarray, top: int = 5, class_index_path
 # ---------------------------------------------------------------- the extracted layout
 
 
-def _is_image(name: str) -> bool:
-    return os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES and not name.startswith(".")
-
-
-def _shuffled(files: list[str], labels: list[int]) -> tuple[list[str], list[int]]:
-    order = list(range(len(files)))
-    random.Random(0).shuffle(order)
-    return [files[i] for i in order], [labels[i] for i in order]
-
-
 def _class_folders(split_dir: Path, folders: list[os.DirEntry], index: dict[str, int]):
     files, labels = [], []
     for folder in sorted(folders, key=lambda entry: entry.name):
         if folder.name not in index:
             raise UserError(f"{folder.path} is not an ImageNet class folder ({folder.name!r} is none of the 1000 "
                             f"ILSVRC2012 wnids); remove it or move it out of {split_dir}")
-        names = sorted(entry.name for entry in os.scandir(folder.path) if entry.is_file() and _is_image(entry.name))
+        names = sorted(entry.name for entry in os.scandir(folder.path) if entry.is_file() and is_image(entry.name))
         files.extend(os.path.join(folder.path, name) for name in names)
         labels.extend([index[folder.name]] * len(names))
     return files, labels
@@ -235,7 +224,7 @@ def list_ilsvrc_split(root: Path | str, split: str, synsets: Path | str | None =
                         f"the extracted val tar (set data.path, data.train_split / data.test_split)")
     entries = [entry for entry in os.scandir(split_dir) if not entry.name.startswith(".")]
     folders = [entry for entry in entries if entry.is_dir()]
-    images = sorted(entry.name for entry in entries if entry.is_file() and _is_image(entry.name))
+    images = sorted(entry.name for entry in entries if entry.is_file() and is_image(entry.name))
     index = wnid_to_index()
     if folders and images:
         raise UserError(f"{split_dir} mixes class folders and loose images (e.g. {images[0]}); move the images "
@@ -263,4 +252,4 @@ def list_ilsvrc_split(root: Path | str, split: str, synsets: Path | str | None =
     if not files:
         raise UserError(f"{split_dir} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}); expected "
                         f"{split_dir}/<wnid>/*.JPEG")
-    return _shuffled(files, labels)
+    return mix_classes(files, labels)

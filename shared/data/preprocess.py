@@ -74,16 +74,11 @@ def resize(image: tf.Tensor, image_size: int) -> tf.Tensor:
     return tf.image.resize(image, [image_size, image_size])
 
 
-def resize_and_center_crop(image: tf.Tensor, image_size: int, crop_fraction: float) -> tf.Tensor:
-    """Resize the short side to image_size / crop_fraction (256 for 224 at 0.875), keep the aspect
-    ratio, take the central image_size square: the standard ImageNet evaluation view."""
-    shape = tf.cast(tf.shape(image)[:2], tf.float32)
-    scale = (image_size / crop_fraction) / tf.reduce_min(shape)
-    new_shape = tf.cast(tf.math.ceil(shape * scale), tf.int32)
-    image = tf.image.resize(image, new_shape)
-    top = (new_shape[0] - image_size) // 2
-    left = (new_shape[1] - image_size) // 2
-    return tf.slice(image, [top, left, 0], [image_size, image_size, -1])
+def center_crop(image: tf.Tensor, image_size: int, crop_fraction: float) -> tf.Tensor:
+    """The eval view of decoded pixels: the same central window as `decode_center_crop`, resized."""
+    top, left, height, width = center_crop_window(tf.shape(image), crop_fraction)
+    cropped = tf.slice(image, tf.stack([top, left, 0]), tf.stack([height, width, -1]))
+    return tf.image.resize(cropped, [image_size, image_size])
 
 
 def normalizer(mean: list[float], std: list[float], enabled: bool, image_size: int):

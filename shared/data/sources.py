@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import os
-import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import numpy as np
 import tensorflow as tf
 
 from shared.config import DataConfig
+from shared.data.listing import IMAGE_SUFFIXES, is_image, mix_classes
 from shared.errors import UserError
 
 FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist",)
@@ -30,7 +30,6 @@ FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
 # Per-channel statistics on the 0-255 scale.
 FASHION_MNIST_MEAN, FASHION_MNIST_STD = [72.94], [90.02]
 IMAGENET_MEAN, IMAGENET_STD = [123.675, 116.28, 103.53], [58.395, 57.12, 57.375]
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif"}
 
 
 @dataclass
@@ -43,7 +42,7 @@ class Source:
     mean: list[float]  # default normalization statistics (0-255 scale, one per source channel)
     std: list[float]
     encoding: str | None = None  # None: decoded arrays; "path": image files; "bytes": encoded images
-    fixed_size: bool = True  # every image already has one square size (no aspect-preserving crop needed)
+    fixed_size: bool = True  # decoded arrays of one square size: resized, not center-cropped (encoded: False)
     files: dict = field(default_factory=dict)  # split -> list of file paths, for error reports
 
     @property
@@ -168,14 +167,13 @@ def list_folder_split(root: Path, split: str, class_names: list[str] | None = No
             raise UserError(f"{class_dir} is a class that the train split does not have; "
                             f"remove it or add it to train/")
         for path in sorted(class_dir.iterdir()):
-            if path.suffix.lower() in IMAGE_SUFFIXES:
+            if is_image(path.name):
                 files.append(str(path))
                 labels.append(index[class_dir.name])
     if not files:
         raise UserError(f"{split_dir} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-    order = list(range(len(files)))
-    random.Random(0).shuffle(order)
-    return [files[i] for i in order], [labels[i] for i in order], class_names
+    files, labels = mix_classes(files, labels)
+    return files, labels, class_names
 
 
 def folder(config: DataConfig) -> Source:
