@@ -1,27 +1,97 @@
-"""Keras callbacks the runner adds to `model.fit`: atomic per-epoch checkpoints and the learning
-rate in the epoch logs (so metrics.csv and TensorBoard show it)."""
+"""Keras callbacks the runner adds to `model.fit`: atomic per-epoch checkpoints, the crash-safe backup
+that `--resume` restores, a stop on a non-finite loss, and the learning rate in the epoch logs (so
+metrics.csv and TensorBoard show it)."""
 
 from __future__ import annotations
 
+import json
+import math
 import os
 from pathlib import Path
 
 import keras
+
+BACKUP_STATE = "training_metadata.json"
 
 
 class EpochCheckpoint(keras.callbacks.Callback):
     """Save model and optimizer state as checkpoints/epoch-NNNN.keras after every epoch. The file is
     written under a temporary name and renamed, so a crash never leaves a truncated checkpoint."""
 
-    def __init__(self, directory: Path):
+    def __init__(self, directory: Path, epoch_offset: int = 0):
         super().__init__()
         self.directory = Path(directory)
+        self.epoch_offset = epoch_offset  # epochs trained before this fit (a head-only warm start)
 
     def on_epoch_end(self, epoch, logs=None):
-        final = self.directory / f"epoch-{epoch + 1:04d}.keras"
-        partial = self.directory / f".epoch-{epoch + 1:04d}.partial.keras"
+        number = epoch + 1 + self.epoch_offset
+        final = self.directory / f"epoch-{number:04d}.keras"
+        partial = self.directory / f".epoch-{number:04d}.partial.keras"
         self.model.save(partial)
         os.replace(partial, final)
+
+
+class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
+    """Keras' BackupAndRestore (weights, optimizer state and epoch counter, restored when `fit` starts
+    again), made crash-safe: each epoch's weights go to a new file, and the metadata that names it is
+    replaced atomically afterwards, so the backup on disk is always one complete epoch, whatever
+    moment a SIGKILL lands. Keras' own writes overwrite the file in place."""
+
+    def __init__(self, backup_dir: Path):
+        super().__init__(str(backup_dir), save_freq="epoch", delete_checkpoint=False)
+        self.directory = Path(backup_dir)
+
+    def _save_model(self):
+        self.directory.mkdir(parents=True, exist_ok=True)
+        weights = f"epoch-{self._current_epoch:04d}.weights.h5"
+        partial = self.directory / f".partial-{weights}"  # Keras wants the .weights.h5 suffix
+        self.model.save_weights(str(partial), overwrite=True)
+        os.replace(partial, self.directory / weights)
+        state = self.directory / f".{BACKUP_STATE}.partial"
+        state.write_text(json.dumps({"epoch": self._current_epoch, "weights": weights}))
+        os.replace(state, self.directory / BACKUP_STATE)  # the commit point
+        for old in self.directory.glob("epoch-*.weights.h5"):
+            if old.name != weights:
+                old.unlink()
+
+    def _load_model(self):
+        state = backup_state(self.directory)
+        if state is None:
+            return
+        if self.model.optimizer is not None and not self.model.optimizer.built:
+            self.model.optimizer.build(self.model.trainable_variables)  # its slots must exist to be loaded
+        self.model.load_weights(str(self.directory / state["weights"]))
+        self.model._initial_epoch = state["epoch"]  # what Keras' own callback sets: fit starts there
+
+
+def backup_state(directory: Path) -> dict | None:
+    """The last committed backup, {"epoch": completed epochs, "weights": file name}, or None."""
+    path = Path(directory) / BACKUP_STATE
+    if not path.is_file():
+        return None
+    state = json.loads(path.read_text())
+    return state if (Path(directory) / state.get("weights", "")).is_file() else None
+
+
+class NonFiniteLoss(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+class StopOnNonFiniteLoss(keras.callbacks.Callback):
+    """Raise at the first batch whose loss is NaN or infinite, before the epoch's checkpoint and
+    backup could save the broken weights (Keras' TerminateOnNaN would let the epoch end callbacks run)."""
+
+    def __init__(self):
+        super().__init__()
+        self.epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            raise NonFiniteLoss(f"the training loss became {float(loss)} at epoch {self.epoch + 1}, batch {batch + 1}")
 
 
 class LearningRateLogger(keras.callbacks.Callback):

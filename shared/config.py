@@ -65,6 +65,10 @@ class OptimizerConfig:
     name: str = field(default="sgd", metadata={"choices": ("sgd", "adam", "adamw", "rmsprop")})
     momentum: float = 0.9  # sgd and rmsprop
     nesterov: bool = False
+    rho: float = 0.9  # rmsprop: the decay of the squared-gradient average (MobileNetV2's "decay 0.9")
+    epsilon: float | None = None  # None: 1e-3 for rmsprop (TF's reference recipes), 1e-7 for adam/adamw
+    clip_norm: float | None = None  # clip each gradient tensor to this L2 norm
+    clip_global_norm: float | None = None  # clip all gradients together to this global L2 norm
 
 
 @dataclass
@@ -72,12 +76,15 @@ class LearningRateConfig:
     base: float = 0.1
     base_batch_size: int | None = None  # set: scale linearly, lr = base * batch_size / base_batch_size
     schedule: str = field(default="constant",
-                          metadata={"choices": ("constant", "step", "exponential", "cosine", "plateau")})
+                          metadata={"choices": ("constant", "step", "exponential", "cosine", "polynomial",
+                                                "plateau")})
     milestones: list[int] = field(default_factory=list)  # epochs where `step` multiplies by gamma
     gamma: float = 0.1  # the factor of step, exponential and plateau
     decay_epochs: float = 1.0  # exponential: multiply by gamma every decay_epochs (staircase)
     patience: int = 5  # plateau: epochs without improvement of the monitored loss before multiplying by gamma
     warmup_epochs: float = 0.0  # linear warmup from 0 before the schedule starts
+    power: float = 1.0  # polynomial: (1 - t/T)^power from base to end
+    end: float = 0.0  # polynomial: the final rate
 
 
 @dataclass
@@ -87,10 +94,59 @@ class TrainConfig:
     steps_per_epoch: int | None = None  # cap on steps per epoch; None: the whole training split
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     lr: LearningRateConfig = field(default_factory=LearningRateConfig)
-    weight_decay: float = 0.0  # L2 penalty on convolution and dense kernels, as the papers use it
+    weight_decay: float = 0.0  # on convolution and dense kernels (not biases or batch norm)
+    weight_decay_mode: str = field(default="l2", metadata={"choices": ("l2", "decoupled")})  # l2: a loss
+    # term wd/2*|w|^2, as the papers use it; decoupled: w -= lr*wd*w in the optimizer (Loshchilov & Hutter)
+    label_smoothing: float = 0.0
+    ema_momentum: float | None = None  # e.g. 0.9999: keep an exponential moving average of the weights,
+    # evaluated and saved as the model
+    precision: str = field(default="float32", metadata={"choices": ("float32", "mixed_float16", "mixed_bfloat16")})
+    freeze: list[str] = field(default_factory=list)  # layer-name patterns (fnmatch) kept frozen; "backbone":
+    # every layer but the classifier head
     jit_compile: bool = False  # XLA
     seed: int = 0
     verbose: int = field(default=1, metadata={"choices": (0, 1, 2)})  # Keras fit: 1 is a progress bar
+
+
+@dataclass
+class InitConfig:
+    """Where the starting weights come from (finetune, finetune-all, detection)."""
+    from_run: str | None = None  # a run folder: its weights, built from its own snapshotted model.py
+    weights: str | None = None  # a weight file (e.g. a Keras Applications .h5 for ResNet / MobileNetV2)
+    mode: str = field(default="finetune", metadata={"choices": ("finetune", "finetune_all")})  # finetune:
+    # train the new head on a frozen backbone; finetune_all: every layer, at lr * lr_scale
+    lr_scale: float = 0.1  # finetune_all: the learning rate is train.lr.base times this
+    head_epochs: int = 0  # finetune_all: first train the head alone for this many epochs (warm start)
+
+
+@dataclass
+class DistributeConfig:
+    strategy: str = field(default="auto", metadata={"choices": ("auto", "one_device", "mirrored", "multi_worker",
+                                                                "tpu")})  # auto: mirrored on several GPUs
+    tpu: str = ""  # tpu: the TPU name or grpc:// address ("" on a TPU VM)
+
+
+@dataclass
+class DistillConfig:
+    """Knowledge distillation (Hinton et al. 2015): `distill --teacher RUN` or distill.teacher."""
+    teacher: str | None = None  # a finished run; its model is rebuilt from its own snapshot and frozen
+    temperature: float = 4.0  # softens both distributions; the soft loss is scaled by T^2
+    alpha: float = 0.9  # weight of the teacher's soft targets; 1 - alpha on the hard labels
+
+
+@dataclass
+class TuneConfig:
+    """Hyperparameter search with Optuna: `python -m shared.runner tune --config models/<m>/tune.yaml`."""
+    study: str | None = None  # None: <model>-<config file stem>
+    storage: str | None = None  # an SQLAlchemy URL; None: sqlite:///<run.dir>/tuning.db
+    sampler: str = field(default="tpe", metadata={"choices": ("grid", "random", "tpe", "nsga2")})
+    trials: int = 10
+    objectives: list = field(default_factory=lambda: [{"metric": "top1", "direction": "maximize"}])
+    constraints: dict = field(default_factory=dict)  # metric -> upper bound, e.g. {latency_ms: 5.0}
+    space: dict = field(default_factory=dict)  # dotted config key -> {choice: [...]}, {int: [lo, hi]},
+    # {float: [lo, hi], log: true}
+    prune: bool = True  # single objective: stop bad trials early (Optuna's median pruner)
+    seed: int = 0
 
 
 @dataclass
@@ -104,6 +160,10 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    init: InitConfig = field(default_factory=InitConfig)
+    distribute: DistributeConfig = field(default_factory=DistributeConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
     run: RunConfig = field(default_factory=RunConfig)
     source_file: str | None = field(default=None, metadata={"internal": True})  # the recipe it was read from
     provenance: dict = field(default_factory=dict, metadata={"internal": True})  # dotted key -> file or --set
@@ -369,6 +429,31 @@ def _check_consistency(config: Config, provenance: dict) -> None:
     if data.source in ("folder", "ilsvrc", "tfrecord") and not data.path:
         raise UserError(f"data.source is {data.source} but data.path is empty; "
                         f"set it to the folder holding train/ and val/")
+    if not 0.0 <= train.label_smoothing < 1.0:
+        raise UserError(f"config key train.label_smoothing{_where('train.label_smoothing', provenance)} "
+                        f"must be in [0, 1)")
+    if train.ema_momentum is not None and not 0.0 < train.ema_momentum < 1.0:
+        raise UserError(f"config key train.ema_momentum{_where('train.ema_momentum', provenance)} must be in (0, 1), "
+                        f"e.g. 0.9999, or null to switch EMA off")
+    for key in ("clip_norm", "clip_global_norm"):
+        value = getattr(train.optimizer, key)
+        if value is not None and value <= 0:
+            raise UserError(f"config key train.optimizer.{key} must be positive, got {value}")
+    if train.optimizer.clip_norm and train.optimizer.clip_global_norm:
+        raise UserError("train.optimizer.clip_norm and clip_global_norm are both set; keep one")
+    if config.init.mode == "finetune_all" and not (config.init.from_run or config.init.weights):
+        raise UserError("init.mode is finetune_all but neither init.from_run nor init.weights is set; "
+                        "name the run or weight file to start from")
+    if config.init.head_epochs < 0 or config.init.head_epochs >= train.epochs and config.init.mode == "finetune_all":
+        raise UserError(f"init.head_epochs is {config.init.head_epochs}; it must be in [0, train.epochs)")
+    if config.distill.temperature <= 0:
+        raise UserError(f"config key distill.temperature{_where('distill.temperature', provenance)} must be positive")
+    if not 0.0 <= config.distill.alpha <= 1.0:
+        raise UserError(f"config key distill.alpha{_where('distill.alpha', provenance)} must be in [0, 1]")
+    if config.tune.trials < 1:
+        raise UserError(f"config key tune.trials{_where('tune.trials', provenance)} must be at least 1")
+    if config.init.from_run and config.init.weights:
+        raise UserError("init.from_run and init.weights are both set; start from one of them")
     if train.lr.schedule == "plateau" and train.lr.warmup_epochs:
         raise UserError("train.lr.schedule plateau does not combine with train.lr.warmup_epochs; set it to 0")
     if train.lr.schedule == "step" and not train.lr.milestones:

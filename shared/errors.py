@@ -15,7 +15,7 @@ def run_cli(action, interrupted: str = "interrupted") -> int:
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(interrupted, file=sys.stderr)
+    except KeyboardInterrupt as stop:
+        print(str(stop) if str(stop) and not str(stop).startswith("signal") else interrupted, file=sys.stderr)
         return 130
     return 0

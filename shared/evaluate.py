@@ -51,8 +51,13 @@ def load_run_model(run: Run):
 
 
 def evaluate(run: Run | str) -> dict:
-    """Re-test a finished run on its test split; the figures equal those recorded at training time."""
+    """Re-test a finished run on its test split; the figures equal those recorded at training time.
+    Also draws the confusion matrix as the run's confusion.png."""
+    from shared import plots
+
     run = run if isinstance(run, Run) else open_run(run)
     model, config = load_run_model(run)
     datasets = data_module.make_datasets(config, modelzoo.load_augment_module(run.path))
-    return evaluate_model(model, datasets.test, datasets.num_classes)
+    metrics = evaluate_model(model, datasets.test, datasets.num_classes)
+    plots.plot_confusion(metrics["confusion"], datasets.class_names, run.path / "confusion.png")
+    return metrics

@@ -42,16 +42,18 @@ class _Constant(keras.optimizers.schedules.LearningRateSchedule):
         return {"value": self.value}
 
 
-def base_learning_rate(train: TrainConfig) -> float:
-    """The configured rate, scaled linearly with batch size when lr.base_batch_size is set
-    (the ResNet recipe: 0.1 for batch 256)."""
+def base_learning_rate(train: TrainConfig, replicas: int = 1, scale: float = 1.0) -> float:
+    """The configured rate (times `scale`, finetune-all's lower rate), scaled linearly with the global
+    batch size (per-replica batch x replicas) when lr.base_batch_size is set (the ResNet recipe: 0.1
+    for batch 256; Goyal et al. 2017)."""
     lr = train.lr
-    return lr.base * train.batch_size / lr.base_batch_size if lr.base_batch_size else lr.base
+    global_batch = train.batch_size * replicas
+    return scale * (lr.base * global_batch / lr.base_batch_size if lr.base_batch_size else lr.base)
 
 
-def learning_rate(train: TrainConfig, steps_per_epoch: int):
+def learning_rate(train: TrainConfig, steps_per_epoch: int, replicas: int = 1, scale: float = 1.0):
     lr = train.lr
-    base = base_learning_rate(train)
+    base = base_learning_rate(train, replicas, scale)
     warmup_steps = int(round(lr.warmup_epochs * steps_per_epoch))
     total_steps = max(train.epochs * steps_per_epoch - warmup_steps, 1)
     if lr.schedule == "constant":
@@ -67,6 +69,9 @@ def learning_rate(train: TrainConfig, steps_per_epoch: int):
             staircase=True)
     elif lr.schedule == "cosine":  # to zero at the last step (Loshchilov & Hutter 2017, without restarts)
         schedule = keras.optimizers.schedules.CosineDecay(base, total_steps)
+    elif lr.schedule == "polynomial":  # base -> end as (1 - t/T)^power; power 1 is linear decay
+        schedule = keras.optimizers.schedules.PolynomialDecay(base, total_steps, end_learning_rate=lr.end,
+                                                              power=lr.power)
     else:  # plateau: a plain variable that shared.callbacks' ReduceLROnPlateau lowers
         return base
     return WarmupThen(schedule, warmup_steps) if warmup_steps else schedule
@@ -81,25 +86,48 @@ def schedule_callbacks(train: TrainConfig, validating: bool) -> list:
                                               factor=train.lr.gamma, patience=train.lr.patience, verbose=1)]
 
 
-def make_optimizer(train: TrainConfig, steps_per_epoch: int) -> keras.optimizers.Optimizer:
-    rate = learning_rate(train, steps_per_epoch)
+def decoupled_weight_decay(train: TrainConfig) -> float | None:
+    """The optimizer's own (decoupled) weight decay: for weight_decay_mode decoupled, and always for
+    AdamW, which is Adam with decoupled decay by definition (Loshchilov & Hutter 2019)."""
+    decoupled = train.weight_decay_mode == "decoupled" or train.optimizer.name == "adamw"
+    return train.weight_decay if decoupled and train.weight_decay else None
+
+
+def make_optimizer(train: TrainConfig, steps_per_epoch: int, replicas: int = 1,
+                   lr_scale: float = 1.0) -> keras.optimizers.Optimizer:
+    """The configured optimizer with its schedule, decoupled weight decay, gradient clipping and
+    weight EMA (Keras optimizers do all of these natively)."""
     opt = train.optimizer
+    common = {
+        "learning_rate": learning_rate(train, steps_per_epoch, replicas, lr_scale),
+        "weight_decay": decoupled_weight_decay(train),
+        "clipnorm": opt.clip_norm,
+        "global_clipnorm": opt.clip_global_norm,
+        "use_ema": train.ema_momentum is not None,
+        "ema_momentum": train.ema_momentum or 0.99,
+    }
     if opt.name == "sgd":
-        return keras.optimizers.SGD(rate, momentum=opt.momentum, nesterov=opt.nesterov)
-    if opt.name == "rmsprop":
-        return keras.optimizers.RMSprop(rate, rho=0.9, momentum=opt.momentum, epsilon=1e-3)
-    if opt.name == "adamw":
-        return keras.optimizers.AdamW(rate)
-    return keras.optimizers.Adam(rate)
+        optimizer = keras.optimizers.SGD(momentum=opt.momentum, nesterov=opt.nesterov, **common)
+    elif opt.name == "rmsprop":  # TF-style RMSProp of the MobileNet/Inception recipes: decay 0.9, eps 1e-3
+        optimizer = keras.optimizers.RMSprop(rho=opt.rho, momentum=opt.momentum,
+                                             epsilon=opt.epsilon if opt.epsilon is not None else 1e-3, **common)
+    else:
+        make = keras.optimizers.AdamW if opt.name == "adamw" else keras.optimizers.Adam
+        optimizer = make(epsilon=opt.epsilon if opt.epsilon is not None else 1e-7, **common)
+    if common["weight_decay"]:
+        # Decay kernels only, as the L2 form does: not biases or batch-norm scales and offsets.
+        optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])
+    return optimizer
 
 
-def apply_weight_decay(model: keras.Model, weight_decay: float) -> None:
+def apply_weight_decay(model: keras.Model, train: TrainConfig) -> None:
     """L2 penalty weight_decay/2 * ||w||^2 on every convolution and dense kernel (not on biases or
     batch-norm parameters), added to the loss as in the papers. Keras collects a variable's
-    `regularizer` into `model.losses`, so this works on any model without touching its code."""
-    if not weight_decay:
+    `regularizer` into `model.losses`, so this works on any model without touching its code.
+    Nothing to do when the decay is decoupled (the optimizer applies it)."""
+    if not train.weight_decay or decoupled_weight_decay(train):
         return
-    regularizer = keras.regularizers.L2(weight_decay / 2)
+    regularizer = keras.regularizers.L2(train.weight_decay / 2)
     for layer in model.layers:
         for attribute in ("kernel", "depthwise_kernel", "pointwise_kernel"):
             variable = getattr(layer, attribute, None)

@@ -1,7 +1,15 @@
-"""The command line: train (the default), test.
+"""The command line.
 
     python -m shared.runner --config models/resnet/quick.yaml [--set train.epochs=3] [--notes "why"]
+    python -m shared.runner --resume runs/resnet/v0003
+    python -m shared.runner finetune --config models/mobilenet_v2/quick.yaml --from runs/mobilenet_v2/v0002
+    python -m shared.runner finetune-all --config ... --from runs/mobilenet_v2/v0002 [--weights file.h5]
     python -m shared.runner test --run runs/resnet/v0003
+    python -m shared.runner preview --config models/alexnet/quick.yaml --out preview.png
+    python -m shared.runner lr-sweep --config models/resnet/quick.yaml [--min-lr 1e-5 --max-lr 10 --steps 100]
+    python -m shared.runner find-batch --config models/resnet/run.yaml [--max-batch 1024]
+    python -m shared.runner export --run runs/resnet/v0003 --format saved_model|tflite [--quantize int8]
+    python -m shared.runner size --run runs/resnet/v0003
 
 A user mistake prints one line `error: ...` and exits with status 2, without a traceback.
 """
@@ -14,7 +22,14 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TF's C++ start-up chatter out of the way
 
-COMMANDS = ("train", "test")
+COMMANDS = ("train", "finetune", "finetune-all", "test", "preview", "lr-sweep", "find-batch", "export", "size")
+
+
+def _config_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    parser.add_argument("--config", required=required, help="a recipe, e.g. models/resnet/quick.yaml")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key in dot notation, e.g. --set train.batch_size=64")
+    parser.add_argument("--notes", help="why this run exists; stored first in the run's notes.md")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -22,15 +37,54 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                                      description="Train and test the canonical ILSVRC classifiers.")
     sub = parser.add_subparsers(dest="command")
     train = sub.add_parser("train", help="train from a config, then test (the default command)")
-    train.add_argument("--config", required=True, help="a recipe, e.g. models/resnet/quick.yaml")
-    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a config key in dot notation, e.g. --set train.batch_size=64")
-    train.add_argument("--notes", help="why this run exists; stored first in the run's notes.md")
+    _config_arguments(train, required=False)
+    train.add_argument("--resume", metavar="RUN", help="continue an interrupted run from its last complete epoch")
+    for name, what in (("finetune", "train a new head on the frozen backbone of a finished run"),
+                       ("finetune-all", "train every layer, starting from a finished run, at a lower rate")):
+        command = sub.add_parser(name, help=what)
+        _config_arguments(command)
+        source = command.add_mutually_exclusive_group(required=True)
+        source.add_argument("--from", dest="from_run", metavar="RUN", help="the run whose weights to start from")
+        source.add_argument("--weights", help="a weight file, e.g. a Keras Applications .h5 for ResNet/MobileNetV2")
+    preview = sub.add_parser("preview", help="write a grid of augmented training images as a PNG")
+    _config_arguments(preview)
+    preview.add_argument("--count", type=int, default=32, help="how many images (default 32)")
+    preview.add_argument("--out", default="preview.png", help="the PNG to write (default preview.png)")
+    sweep = sub.add_parser("lr-sweep", help="learning-rate range test: loss against a rising rate, and a suggestion")
+    _config_arguments(sweep)
+    sweep.add_argument("--min-lr", type=float, default=1e-6)
+    sweep.add_argument("--max-lr", type=float, default=1.0)
+    sweep.add_argument("--steps", type=int, default=100, help="training batches, one per rate (default 100)")
+    sweep.add_argument("--out", default="lr_sweep.png", help="the plot to write (default lr_sweep.png)")
+    finder = sub.add_parser("find-batch", help="the largest batch size that fits in device memory")
+    _config_arguments(finder)
+    finder.add_argument("--start", type=int, default=8, help="the first batch size tried (default 8)")
+    finder.add_argument("--max-batch", type=int, default=None,
+                        help="stop searching here (default 4096 on a GPU, 512 on a CPU)")
+    export = sub.add_parser("export", help="a finished run as a TF Serving SavedModel or a TFLite file")
+    export.add_argument("--run", required=True, help="a run folder, e.g. runs/resnet/v0003")
+    export.add_argument("--format", required=True, choices=("saved_model", "tflite"))
+    export.add_argument("--export-dir", default="exports",
+                        help="saved_model: the TF Serving model base folder (default exports)")
+    export.add_argument("--name", help="saved_model: the served model's name (default: the run's model)")
+    export.add_argument("--keep", type=int, default=5, help="saved_model: versions kept (default 5)")
+    export.add_argument("--quantize", default="none", choices=("none", "float16", "dynamic", "int8"),
+                        help="tflite: post-training quantization (default none: float32)")
+    export.add_argument("--io", default="float", choices=("float", "int8"),
+                        help="tflite int8: the input/output type (default float)")
+    export.add_argument("--evaluate", action="store_true", help="tflite: test the file with LiteRT on the test split")
+    size = sub.add_parser("size", help="parameters, multiply-adds, size on disk and CPU latency of a run's artifacts")
+    size.add_argument("--run", required=True, help="a run folder, e.g. runs/resnet/v0003")
     test = sub.add_parser("test", help="re-test a finished run from its own snapshot")
     test.add_argument("--run", required=True, help="a run folder, e.g. runs/resnet/v0003")
     if not argv or argv[0] not in (*COMMANDS, "-h", "--help"):
         argv = ["train", *argv]
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.command == "train" and bool(args.config) == bool(args.resume):
+        parser.error("give --config to start a run or --resume RUN to continue one (not both)")
+    if args.command == "train" and args.resume and (args.set or args.notes):
+        parser.error("--resume continues a run with its own config; --set and --notes do not apply")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,10 +92,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from shared.errors import run_cli  # after argparse, so --help answers before TF loads
 
-    return run_cli(lambda: _test(args) if args.command == "test" else _train(args, argv))
+    actions = {"test": _test, "train": _train, "finetune": _train, "finetune-all": _train, "preview": _preview,
+               "lr-sweep": _lr_sweep, "find-batch": _find_batch, "export": _export, "size": _size}
+    return run_cli(lambda: actions[args.command](args, argv))
 
 
-def _test(args: argparse.Namespace) -> None:
+def _test(args: argparse.Namespace, argv: list[str]) -> None:
     # Cheap checks first: a typo should answer at once, before TensorFlow loads.
     from shared.runs import open_run
 
@@ -52,15 +108,95 @@ def _test(args: argparse.Namespace) -> None:
     print(summary(evaluate(run)))
 
 
-def _train(args: argparse.Namespace, argv: list[str]) -> None:
+def _preview(args: argparse.Namespace, argv: list[str]) -> None:
+    from shared.config import load_config
+    from shared.errors import UserError
+
+    if args.count < 1:
+        raise UserError(f"--count is {args.count}; ask for at least one image")
+    config = load_config(args.config, list(args.set))
+    from shared import plots
+
+    print(f"wrote {plots.preview(config, args.out, count=args.count)}: {args.count} augmented training images")
+
+
+def _lr_sweep(args: argparse.Namespace, argv: list[str]) -> None:
     from shared.config import load_config
 
-    overrides = list(args.set) + ([f"run.notes={_yaml_string(args.notes)}"] if args.notes else [])
-    config = load_config(args.config, overrides)
-    from shared.train import summary, train
+    config = load_config(args.config, list(args.set))
+    from shared import lr_finder
 
-    run = train(config, argv=["-m", "shared.runner", *argv])
-    print(f"{run.path}: {summary(run.test_metrics())}")
+    print(lr_finder.format_report(lr_finder.lr_range_test(config, args.min_lr, args.max_lr, args.steps, args.out)))
+
+
+def _find_batch(args: argparse.Namespace, argv: list[str]) -> None:
+    from shared.config import load_config
+
+    config = load_config(args.config, list(args.set))
+    from shared import batch_finder
+
+    # A CPU rarely runs out of memory before the search becomes very slow: a lower default cap there.
+    limit = args.max_batch or (4096 if batch_finder.has_gpu() else 512)
+    print(batch_finder.format_report(batch_finder.find_batch_size(config, start=args.start, max_batch=limit)))
+
+
+def _export(args: argparse.Namespace, argv: list[str]) -> None:
+    from shared.runs import open_run
+
+    run = open_run(args.run)
+    if args.format == "saved_model":
+        from shared import export
+
+        path = export.export_saved_model(run, args.export_dir, model_name=args.name, keep=args.keep)
+        print(f"exported {path}\n{export.serving_command(args.export_dir, path.parent.name)}")
+        return
+    from shared import tflite
+
+    path = tflite.convert(run, quantize=args.quantize, io=args.io)
+    print(f"exported {path} ({path.stat().st_size / 1e6:.2f} MB)")
+    if args.evaluate:
+        metrics = tflite.evaluate_tflite(path, run)
+        print(f"LiteRT test top-1 {metrics['top1']:.4f}  top-5 {metrics['top5']:.4f}  ({metrics['examples']} images)")
+
+
+def _size(args: argparse.Namespace, argv: list[str]) -> None:
+    from shared.runs import open_run
+
+    run = open_run(args.run)
+    from shared import size_report
+
+    print(size_report.format_table(size_report.size_report(run)))
+
+
+def finetune_overrides(args: argparse.Namespace) -> list[str]:
+    """What `finetune` / `finetune-all` mean, as config keys (so the run's config.yaml records them);
+    the user's own --set values come after and win."""
+    source = [f"init.from_run={args.from_run}"] if args.from_run else [f"init.weights={args.weights}"]
+    if args.command == "finetune":
+        return [*source, "init.mode=finetune", "train.freeze=[backbone]"]
+    return [*source, "init.mode=finetune_all", "train.freeze=[]"]
+
+
+def _train(args: argparse.Namespace, argv: list[str]) -> None:
+    from shared.config import load_config
+    from shared.runs import open_run
+
+    if getattr(args, "resume", None):
+        run = open_run(args.resume)  # a typo answers before TensorFlow loads
+        from shared.train import resume, summary
+
+        run = resume(run.path, argv=["-m", "shared.runner", *argv])
+    else:
+        overrides = finetune_overrides(args) if args.command.startswith("finetune") else []
+        overrides += list(args.set) + ([f"run.notes={_yaml_string(args.notes)}"] if args.notes else [])
+        config = load_config(args.config, overrides)
+        if config.init.from_run:
+            open_run(config.init.from_run)
+        from shared.train import summary, train
+
+        run = train(config, argv=["-m", "shared.runner", *argv])
+    metrics = run.test_metrics()
+    print(f"{run.path}: {summary(metrics)}" if metrics else "worker done; the chief worker keeps the run folder")
 
 
 def _yaml_string(text: str) -> str:

@@ -4,6 +4,7 @@ know, rebuild and re-test it:
     model.py (+ augment.py)  the model source that built it, copied at start
     notes.md                 the run's notes, then the model folder's notes
     config.yaml              the fully resolved config, in stable key order
+    labels.txt               the class names, one per line, in class-index order
     environment.json         package versions, git commit and dirtiness, command line, machine
     status.json              running / finished / failed, with times and the error
     metrics.csv              one row per epoch (Keras CSVLogger)
@@ -42,6 +43,7 @@ ROOT_MARKER = ".runs_root"  # marks a runs root; scripts/prune_checkpoints.sh re
 VERSION_RE = re.compile(r"^v(\d+)$")
 VERSION_DIGITS = 4
 SNAPSHOT_SOURCES = ("model.py", "augment.py")
+LABELS_FILE = "labels.txt"
 DIFF_FILES = ("model.py", "augment.py", "config.yaml", "notes.md")
 PACKAGES = ("tensorflow", "keras", "numpy", "pillow", "pyyaml", "tensorflow-datasets", "tqdm")
 
@@ -104,6 +106,11 @@ class Run:
     def config_dict(self) -> dict:
         return yaml.safe_load((self.path / "config.yaml").read_text())
 
+    def class_names(self) -> list[str] | None:
+        """The class names in index order (runs from before labels.txt existed: None)."""
+        path = self.path / LABELS_FILE
+        return path.read_text().splitlines() if path.is_file() else None
+
     def test_metrics(self) -> dict | None:
         path = self.path / "test_metrics.json"
         return json.loads(path.read_text()) if path.is_file() else None
@@ -160,8 +167,9 @@ def environment(argv: list[str] | None = None) -> dict:
     }
 
 
-def create(config, model_folder: Path, argv: list[str] | None = None) -> Run:
-    """Allocate a version and snapshot the model source, notes, resolved config and environment."""
+def create(config, model_folder: Path, argv: list[str] | None = None, provenance: str = "") -> Run:
+    """Allocate a version and snapshot the model source, notes, resolved config and environment.
+    `provenance`: where the starting weights came from, recorded in the notes."""
     run = Run(allocate(Path(config.run.dir), config.model.name))
     for name in SNAPSHOT_SOURCES:
         if (model_folder / name).is_file():
@@ -170,6 +178,8 @@ def create(config, model_folder: Path, argv: list[str] | None = None) -> Run:
     notes = [f"# {config.model.name} {run.version}", ""]
     if config.run.notes.strip():
         notes += [config.run.notes.strip(), ""]
+    if provenance:
+        notes += [f"Starting weights: {provenance}", ""]
     if model_notes.is_file():
         notes += ["---", f"Model notes ({model_notes.name} at the time of the run):", "", model_notes.read_text()]
     atomic_write(run.path / "notes.md", "\n".join(notes).rstrip() + "\n")
@@ -177,6 +187,14 @@ def create(config, model_folder: Path, argv: list[str] | None = None) -> Run:
     run.write_json("environment.json", environment(argv))
     run.checkpoint_dir.mkdir()
     run.set_status("running", started=time.strftime("%Y-%m-%dT%H:%M:%S"), pid=os.getpid())
+    return run
+
+
+def scratch() -> Run:
+    """A throwaway run folder for a non-chief worker of a multi-worker job: it saves (saving takes
+    part in collective ops) but only the chief's run folder is kept."""
+    run = Run(Path(tempfile.mkdtemp(prefix="worker-run-")))
+    run.checkpoint_dir.mkdir()
     return run
 
 

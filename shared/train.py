@@ -1,50 +1,66 @@
 """The train runner: config -> datasets -> model -> `model.fit` -> run snapshot.
 
-Everything that can be checked (config, model hyperparameters, data) is checked before the run folder
-is created, so a bad input leaves nothing behind; once the folder exists, any failure marks it failed.
+Everything that can be checked (config, model hyperparameters, data, starting weights) is checked
+before the run folder is created, so a bad input leaves nothing behind; once the folder exists, any
+failure marks it failed, and SIGTERM or Ctrl-C marks it interrupted. `resume(run)` continues an
+interrupted run from its last complete epoch, in the same folder.
 """
 
 from __future__ import annotations
 
+import contextlib
+import csv
+import dataclasses
+import os
+import shutil
+import signal
 import sys
+import threading
 import time
+from pathlib import Path
 
 import keras
 import tensorflow as tf
 
 from shared import data as data_module
-from shared import modelzoo, optim, runs
-from shared.callbacks import EpochCheckpoint, LearningRateLogger
+from shared import distribute, finetune, modelzoo, optim, plots, runs
+from shared.callbacks import (AtomicBackupAndRestore, EpochCheckpoint, LearningRateLogger, NonFiniteLoss,
+                              StopOnNonFiniteLoss, backup_state)
 from shared.config import Config
 from shared.errors import UserError
-from shared.modelzoo import MAIN_OUTPUT
 from shared.evaluate import evaluate_model
+from shared.modelzoo import MAIN_OUTPUT
 
 
 def _where(config: Config) -> str:
     return f" (in {config.source_file})" if config.source_file else ""
 
 
-def prepare(config: Config):
-    """Resolve the model and its hyperparameters, and build the datasets; returns what `fit` needs."""
-    folder = modelzoo.model_dir(config.model.name, config.model.path)
+def prepare(config: Config, replicas: int = 1, model_folder: Path | None = None):
+    """Resolve the model and its hyperparameters, and build the datasets; returns what `fit` needs.
+    `model_folder`: where model.py lives (a run folder when resuming), else the config's model."""
+    folder = model_folder or modelzoo.model_dir(config.model.name, config.model.path)
     module = modelzoo.load_model_module(folder)
     config.model.hparams = modelzoo.resolve_hparams(module, config.model.hparams, _where(config))
     keras.utils.set_random_seed(config.train.seed)
-    datasets = data_module.make_datasets(config, modelzoo.load_augment_module(folder))
+    datasets = data_module.make_datasets(config, modelzoo.load_augment_module(folder), replicas=replicas)
     config.data.num_classes = datasets.num_classes  # resolved: the snapshot says how many there were
     model = modelzoo.build_model(module, datasets.num_classes, datasets.input_shape, config.model.hparams)
     return folder, module, model, datasets
 
 
 def compile_model(model: keras.Model, config: Config, steps_per_epoch: int, num_classes: int,
-                  aux_loss_weights: dict[str, float] | None = None, soft_labels: bool = False) -> None:
+                  aux_loss_weights: dict[str, float] | None = None, soft_labels: bool = False,
+                  replicas: int = 1, lr_scale: float = 1.0) -> None:
     """Cross-entropy on the classifier, plus each auxiliary head's cross-entropy times its weight.
-    Class-index labels use the sparse losses and metrics; mixed one-hot labels (MixUp, CutMix) the dense."""
-    optim.apply_weight_decay(model, config.train.weight_decay)
+    Class-index labels use the sparse losses and metrics; one-hot labels (MixUp, CutMix, label
+    smoothing) the dense ones."""
+    train = config.train
+    optim.apply_weight_decay(model, train)
     k = min(5, num_classes)
-    if soft_labels:
-        make_loss = keras.losses.CategoricalCrossentropy
+    if soft_labels or train.label_smoothing:
+        def make_loss():
+            return keras.losses.CategoricalCrossentropy(label_smoothing=train.label_smoothing)
         metrics = [keras.metrics.CategoricalAccuracy(name="top1"),
                    keras.metrics.TopKCategoricalAccuracy(k=k, name="top5")]
     else:
@@ -57,46 +73,158 @@ def compile_model(model: keras.Model, config: Config, steps_per_epoch: int, num_
         loss = {name: make_loss() for name in (MAIN_OUTPUT, *aux_loss_weights)}
         loss_weights = {MAIN_OUTPUT: 1.0, **aux_loss_weights}
         metrics = {MAIN_OUTPUT: metrics}
-    model.compile(optimizer=optim.make_optimizer(config.train, steps_per_epoch), loss=loss,
-                  loss_weights=loss_weights, metrics=metrics, jit_compile=config.train.jit_compile)
+    model.compile(optimizer=optim.make_optimizer(train, steps_per_epoch, replicas, lr_scale), loss=loss,
+                  loss_weights=loss_weights, metrics=metrics, jit_compile=train.jit_compile)
 
 
-def _labels_for_every_output(dataset, names: list[str]):
-    """Auxiliary heads learn the same label as the classifier."""
-    if dataset is None or not names:
-        return dataset
-    return dataset.map(lambda images, labels: (images, {name: labels for name in names}))
+def training_labels(dataset, outputs: list[str], one_hot_classes: int | None):
+    """Labels as the compiled loss wants them: one-hot for label smoothing, and the same label for
+    every auxiliary head."""
+    if dataset is None:
+        return None
+    if one_hot_classes:
+        dataset = dataset.map(lambda images, labels: (images, tf.one_hot(labels, one_hot_classes)))
+    if outputs:
+        dataset = dataset.map(lambda images, labels: (images, {name: labels for name in outputs}))
+    return dataset
 
 
-def train(config: Config, argv: list[str] | None = None) -> runs.Run:
-    """Train as the config says, test on the held-out split, and return the finished run."""
-    folder, module, model, datasets = prepare(config)
+@dataclasses.dataclass
+class Phase:
+    """A stretch of epochs trained with one set of frozen layers and one optimizer."""
+    until_epoch: int
+    freeze: list[str]
+    lr_scale: float = 1.0
+
+
+def plan_phases(config: Config) -> list[Phase]:
+    """finetune_all with head_epochs: the new head alone first (backbone frozen), then every layer at
+    the lower rate; otherwise one phase."""
+    train, init = config.train, config.init
+    if init.mode != "finetune_all":
+        return [Phase(train.epochs, list(train.freeze))]
+    phases = [Phase(init.head_epochs, ["backbone"])] if init.head_epochs else []
+    return phases + [Phase(train.epochs, list(train.freeze), init.lr_scale)]
+
+
+@contextlib.contextmanager
+def precision_policy(name: str):
+    """Build and train under a Keras dtype policy (mixed_float16 / mixed_bfloat16: compute in half
+    precision, variables in float32); the classifier layers keep float32 outputs."""
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(name)
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """SIGTERM (a scheduler's or cloud preemption's stop) handled like Ctrl-C: stop, save, mark."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def train(config: Config, argv: list[str] | None = None, callbacks: list | tuple = ()) -> runs.Run:
+    """Train as the config says, test on the held-out split, and return the finished run.
+    `callbacks`: extra Keras callbacks, run after the runner's own (a tuner's pruning hook, a timer)."""
+    return _run_training(config, argv, resumed=None, extra_callbacks=list(callbacks))
+
+
+def resume(path: str | Path, argv: list[str] | None = None) -> runs.Run:
+    """Continue an interrupted or failed run from its last complete epoch (weights, optimizer state,
+    schedule position and epoch counter from its backup), with its own config and model.py."""
+    run = runs.open_run(path)
+    state = run.status().get("status")
+    if state == "finished":
+        raise UserError(f"run {run.path} already finished; start a new run instead")
+    from shared import config as config_module
+
+    config = config_module.from_dict(run.config_dict())
+    return _run_training(config, argv, resumed=run)
+
+
+def _run_training(config: Config, argv: list[str] | None, resumed: runs.Run | None,
+                  extra_callbacks: list | None = None) -> runs.Run:
+    placement = distribute.make_placement(config.distribute)
+    phases = plan_phases(config)
+    restoring = resumed is not None and any(backup_state(b) for b in _backup_dirs(resumed, phases))
+    with precision_policy(config.train.precision), placement.strategy.scope():
+        folder, module, model, datasets = prepare(config, placement.replicas,
+                                                  model_folder=resumed.path if resumed else None)
+        provenance = ""
+        if (config.init.from_run or config.init.weights) and not restoring:
+            provenance = finetune.initialize_from(config.init, model, module, config.model.hparams,
+                                                  datasets.input_shape, _where(config))
+    distribute.patch_multi_worker_build(model, placement)
     aux_weights = modelzoo.auxiliary_loss_weights(module, model)
-    compile_model(model, config, datasets.steps_per_epoch, datasets.num_classes, aux_weights,
-                  soft_labels=datasets.soft_labels)
     outputs = [MAIN_OUTPUT, *aux_weights] if aux_weights else []
-    run = runs.create(config, folder, argv)
+    head = finetune.head_layer_names(module, model, config.model.hparams, datasets.input_shape) \
+        if any(phase.freeze for phase in phases) else set()
+    for phase in phases:  # patterns are checked now, before a run folder exists
+        _freeze(model, phase.freeze, head)
+
+    if resumed:
+        run = resumed
+        run.set_status("running", resumed=_now(), pid=os.getpid())
+    elif placement.is_chief:
+        run = runs.create(config, folder, argv, provenance=provenance)
+        runs.atomic_write(run.path / runs.LABELS_FILE, "".join(f"{name}\n" for name in datasets.class_names))
+    else:
+        run = runs.scratch()
     print(f"run {run.path}: {config.model.name} {config.model.hparams}, {datasets.num_train} training / "
           f"{datasets.num_val} validation / {datasets.num_test} test images, {datasets.num_classes} classes, "
-          f"{datasets.steps_per_epoch} steps x {config.train.epochs} epochs", flush=True)
+          f"{datasets.steps_per_epoch} steps x {config.train.epochs} epochs; {placement.description}"
+          + (f"; {provenance}" if provenance else ""), flush=True)
+    backups = _backup_dirs(run, phases)
+    if resumed:
+        done = max((s["epoch"] for s in map(backup_state, backups) if s), default=0)
+        _truncate_metrics(run.path / "metrics.csv", done)
+        print(f"resuming after epoch {done} of {config.train.epochs}", flush=True)
+
+    one_hot = datasets.num_classes if config.train.label_smoothing and not datasets.soft_labels else None
+    train_data = training_labels(datasets.train, outputs, one_hot)
+    val_data = training_labels(datasets.val, outputs, one_hot)
     started = time.time()
     try:
-        model.fit(
-            _labels_for_every_output(datasets.train, outputs), epochs=config.train.epochs,
-            steps_per_epoch=datasets.steps_per_epoch, validation_data=_labels_for_every_output(datasets.val, outputs),
-            verbose=_verbosity(config.train.verbose), shuffle=False,
-            callbacks=[
-                LearningRateLogger(),
-                *optim.schedule_callbacks(config.train, validating=datasets.val is not None),
-                keras.callbacks.CSVLogger(str(run.path / "metrics.csv")),
-                keras.callbacks.TensorBoard(log_dir=str(run.path / "logs"), write_graph=False),
-                EpochCheckpoint(run.checkpoint_dir),
-            ],
-        )
+        with sigterm_as_interrupt():
+            start = 0
+            for phase, backup in zip(phases, backups):
+                with precision_policy(config.train.precision), placement.strategy.scope():
+                    _freeze(model, phase.freeze, head)
+                    compile_model(model, _phase_train_config(config, phase.until_epoch - start),
+                                  datasets.steps_per_epoch, datasets.num_classes, aux_weights,
+                                  soft_labels=datasets.soft_labels, replicas=placement.replicas,
+                                  lr_scale=phase.lr_scale)
+                model.fit(train_data, epochs=phase.until_epoch, initial_epoch=start,
+                          steps_per_epoch=datasets.steps_per_epoch, validation_data=val_data,
+                          verbose=_verbosity(config.train.verbose), shuffle=False,
+                          callbacks=[*_callbacks(config, run, backup, validating=val_data is not None),
+                                     *(extra_callbacks or [])])
+                start = phase.until_epoch
         metrics = evaluate_model(modelzoo.inference_model(model), datasets.test, datasets.num_classes)
     except KeyboardInterrupt:
+        _save_interrupted(model, run)
+        plots.plot_curves(run.path / "metrics.csv", run.path / "curves.png")
         run.set_status("interrupted", ended=_now())
-        raise
+        raise KeyboardInterrupt(f"interrupted; the state of the last complete epoch is kept: "
+                                f"python -m shared.runner --resume {run.path}") from None
+    except NonFiniteLoss as error:
+        run.set_status("failed", ended=_now(), error=str(error))
+        last = run.last_checkpoint()
+        raise UserError(f"{error}; lower train.lr.base or set train.optimizer.clip_global_norm (run {run.path} "
+                        f"is marked failed, last good checkpoint: {last or 'none'})") from None
     except BaseException as error:
         # A file the pipeline could not decode: name it instead of showing TF's op trace.
         bad = data_module.find_undecodable(datasets.source) \
@@ -106,16 +234,82 @@ def train(config: Config, argv: list[str] | None = None) -> runs.Run:
             raise UserError(f"corrupt or unreadable image(s): {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}; "
                             f"delete or replace them (run {run.path} is marked failed)") from None
         raise
+    if not placement.is_chief:
+        shutil.rmtree(run.path, ignore_errors=True)
+        return run
+    plots.plot_curves(run.path / "metrics.csv", run.path / "curves.png")
     if datasets.skips is not None:  # data.on_corrupt: skip
         metrics["skipped_train_images"] = datasets.skips.skipped
         metrics["skipped_test_images"] = datasets.num_test - metrics["examples"]
         print(f"skipped unreadable images: {metrics['skipped_train_images']} while training, "
               f"{metrics['skipped_test_images']} of the test split", flush=True)
     metrics["train_seconds"] = round(time.time() - started, 1)
-    metrics["checkpoint"] = str(run.last_checkpoint().relative_to(run.path))
+    if config.train.ema_momentum is not None:
+        metrics["weights"] = "ema"
+    last = run.last_checkpoint()
+    metrics["checkpoint"] = str(last.relative_to(run.path)) if last else None
     run.write_json("test_metrics.json", metrics)
+    plots.plot_confusion(metrics["confusion"], datasets.class_names, run.path / "confusion.png")
+    shutil.rmtree(run.path / "backup", ignore_errors=True)  # finished: nothing left to resume
     run.set_status("finished", ended=_now())
     return run
+
+
+def _freeze(model: keras.Model, patterns: list[str], head: set[str]) -> None:
+    """Exactly the phase's layers frozen: everything trainable first, then the patterns."""
+    finetune.unfreeze_all(model)
+    if patterns:
+        finetune.freeze_layers(model, patterns, head)
+
+
+def _backup_dirs(run: runs.Run, phases: list[Phase]) -> list[Path]:
+    return [run.path / "backup" / f"phase-{i + 1}" for i in range(len(phases))]
+
+
+def _phase_train_config(config: Config, epochs: int):
+    """The phase's own schedule length: a schedule spans the phase, not the whole run."""
+    return dataclasses.replace(config, train=dataclasses.replace(config.train, epochs=max(epochs, 1)))
+
+
+def _callbacks(config: Config, run: runs.Run, backup: Path, validating: bool) -> list:
+    """Order matters at the end of an epoch: the metrics row and the checkpoint are written before the
+    backup commits, so a crash between them makes resume redo that epoch (never skip it); with EMA the
+    backup holds the raw weights and the checkpoint the averaged ones."""
+    callbacks = [
+        StopOnNonFiniteLoss(),
+        LearningRateLogger(),
+        *optim.schedule_callbacks(config.train, validating=validating),
+        keras.callbacks.CSVLogger(str(run.path / "metrics.csv"), append=True),
+        keras.callbacks.TensorBoard(log_dir=str(run.path / "logs"), write_graph=False),
+        AtomicBackupAndRestore(backup),
+    ]
+    if config.train.ema_momentum is not None:
+        callbacks.append(keras.callbacks.SwapEMAWeights(swap_on_epoch=True))
+    callbacks.append(EpochCheckpoint(run.checkpoint_dir))
+    return callbacks
+
+
+def _truncate_metrics(path: Path, epochs_done: int) -> None:
+    """Keep the metrics rows of the epochs the backup holds: an epoch cut short and redone must not
+    appear twice."""
+    if not path.is_file():
+        return
+    with open(path, newline="") as handle:
+        rows = list(csv.reader(handle))
+    if not rows:
+        return
+    kept = [rows[0]] + [row for row in rows[1:] if row and int(float(row[0])) < epochs_done]
+    text = "".join(",".join(row) + "\n" for row in kept)
+    runs.atomic_write(path, text)
+
+
+def _save_interrupted(model: keras.Model, run: runs.Run) -> None:
+    """The weights at the moment of the stop, as checkpoints/interrupted.keras (resume continues from
+    the last complete epoch's backup; this file keeps the partial epoch's progress at hand)."""
+    with contextlib.suppress(Exception):
+        partial = run.checkpoint_dir / ".interrupted.partial.keras"
+        model.save(partial)
+        os.replace(partial, run.checkpoint_dir / "interrupted.keras")
 
 
 def _now() -> str:

@@ -43,6 +43,6 @@ def test_plateau_uses_keras_reduce_on_plateau():
 def test_weight_decay_is_an_l2_penalty_on_kernels_only():
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2), keras.layers.BatchNormalization()])
     model.layers[0].kernel.assign(np.ones((3, 2)))
-    optim.apply_weight_decay(model, 1e-2)
+    optim.apply_weight_decay(model, load_config(tree={"train": {"weight_decay": 1e-2}}).train)
     (penalty,) = model.losses
     assert float(penalty) == pytest.approx(1e-2 / 2 * 6)  # wd/2 * ||w||^2, the papers' convention

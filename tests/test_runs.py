@@ -110,9 +110,10 @@ def test_failed_run_is_marked_failed(tmp_path, model_copy):
     # A model that builds but breaks inside fit: the run folder must say failed, not look finished.
     text = (model_copy / "model.py").read_text()
     (model_copy / "model.py").write_text(text.replace(
-        'outputs = layers.Dense(num_classes, activation="softmax", name="predictions")(x)',
-        'outputs = layers.Dense(num_classes, activation="softmax", name="predictions")(x)\n'
-        '    outputs = layers.Lambda(lambda t: t[:, :1])(outputs)  # labels now fall outside the output'))
+        '    return keras.Model(inputs, outputs, name=f"resnet{depth}")',
+        '    outputs = layers.Lambda(lambda t: t[:, :1])(outputs)  # labels now fall outside the output\n'
+        '    return keras.Model(inputs, outputs, name=f"resnet{depth}")'))
+    assert "Lambda" in (model_copy / "model.py").read_text()
     tree = tiny_tree(tmp_path / "runs", train={"epochs": 1})
     tree["model"]["path"] = str(model_copy)
     with pytest.raises(Exception):

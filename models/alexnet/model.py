@@ -141,7 +141,8 @@ def classifier(x, num_classes: int, dropout: float, pooled_size: int, units: int
     for name in ("fc6", "fc7"):
         x = layers.Dropout(dropout, name=f"{name}_dropout")(x)
         x = layers.Dense(units, activation="relu", kernel_initializer="he_normal", name=name)(x)
-    return layers.Dense(num_classes, activation="softmax", name="predictions")(x)
+    return layers.Dense(num_classes, activation="softmax", name="predictions",
+                       dtype="float32")(x)  # float32 probabilities under mixed precision
 
 
 def _name(two_towers: bool) -> str:

@@ -162,7 +162,7 @@ def aux_classifier(x, num_classes: int, batch_norm: bool, width: float, name: st
     x = layers.Flatten(name=f"{name}_flatten")(x)
     x = layers.Dense(channels(AUX_FC, width), activation="relu", name=f"{name}_fc")(x)
     x = layers.Dropout(AUX_DROPOUT, name=f"{name}_dropout")(x)
-    return layers.Dense(num_classes, activation="softmax", name=name)(x)
+    return layers.Dense(num_classes, activation="softmax", name=name, dtype="float32")(x)
 
 
 def trunk(inputs, batch_norm: bool, small_input: bool, kernel_5x5: int, width: float) -> dict:
@@ -208,7 +208,8 @@ def build(num_classes: int = 1000, input_shape: tuple = (224, 224, 3), dropout: 
     modules = trunk(inputs, batch_norm, small_input, kernel_5x5, width)
     x = layers.GlobalAveragePooling2D(name="avg_pool")(modules["5b"])
     x = layers.Dropout(dropout, name="dropout")(x)
-    predictions = layers.Dense(num_classes, activation="softmax", name="predictions")(x)
+    predictions = layers.Dense(num_classes, activation="softmax", name="predictions",
+                       dtype="float32")(x)  # float32 probabilities under mixed precision
     if not aux_heads:
         return keras.Model(inputs, predictions, name="googlenet")
     outputs = {"predictions": predictions}

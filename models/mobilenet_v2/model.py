@@ -168,6 +168,7 @@ def build(num_classes: int = 1000, input_shape: tuple = (224, 224, 3), alpha: fl
     x = layers.GlobalAveragePooling2D(name="avg_pool")(list(features.values())[-1])
     if dropout:
         x = layers.Dropout(dropout, name="dropout")(x)
-    outputs = layers.Dense(num_classes, activation="softmax", name="predictions")(x)
+    outputs = layers.Dense(num_classes, activation="softmax", name="predictions",
+                       dtype="float32")(x)  # float32 probabilities under mixed precision
     return keras.Model(inputs, outputs, name=f"mobilenet_v2_{alpha:g}")
 

@@ -126,5 +126,6 @@ def build(num_classes: int = 1000, input_shape: tuple = (224, 224, 3), depth: in
     inputs = keras.Input(shape=input_shape, name="image")
     features = trunk(inputs, depth, width, small_input, conv_bias)
     x = layers.GlobalAveragePooling2D(name="avg_pool")(list(features.values())[-1])
-    outputs = layers.Dense(num_classes, activation="softmax", name="predictions")(x)
+    outputs = layers.Dense(num_classes, activation="softmax", name="predictions",
+                       dtype="float32")(x)  # float32 probabilities under mixed precision
     return keras.Model(inputs, outputs, name=f"resnet{depth}")

@@ -58,12 +58,10 @@ def _image_fn(config: Config, source: sources.Source, augmentations: list[augmen
     """The per-example map: decode (fused with the crop for encoded images) -> float -> augment ->
     normalize. Train and eval differ only in `augmentations`."""
     data = config.data
-    mean = data.mean or _fit_channels(source.mean, data.channels)
-    std = data.std or _fit_channels(source.std, data.channels)
     augmentations = augmentations or []
     crop = augmentations[0].fn if augmentations and augmentations[0].crops_raw_image else None
     rest = augmentations[1:] if crop else augmentations
-    normalize = preprocess.normalizer(mean, std, data.normalize, data.image_size)
+    normalize = preprocess.normalizer(data.mean, data.std, data.normalize, data.image_size)
 
     def from_encoded(encoded):
         if source.encoding == "path":
@@ -110,14 +108,20 @@ def find_undecodable(source: sources.Source) -> list[str]:
 
 
 def make_datasets(config: Config, model_augment: ModuleType | None = None,
-                  input_context: tf.distribute.InputContext | None = None) -> Datasets:
-    """The run's pipelines. With a tf.distribute `input_context` (several input pipelines, one per
-    worker) each pipeline reads its own shard of the training examples and batches per replica."""
+                  input_context: tf.distribute.InputContext | None = None, replicas: int = 1) -> Datasets:
+    """The run's pipelines, batched at the global batch: train.batch_size per replica x `replicas`
+    (Keras splits each batch over the replicas of a tf.distribute strategy). With an `input_context`
+    (several input pipelines, one per worker) each pipeline reads its own shard of the training
+    examples and batches per replica."""
     data, train_config = config.data, config.train
     source = sources.load(data)
     if data.num_classes is not None and data.num_classes != source.num_classes:
         raise UserError(f"data.num_classes is {data.num_classes} but the {data.source} data has "
                         f"{source.num_classes} classes; remove data.num_classes or fix it")
+    # The normalization statistics, resolved into the config: the run's snapshot (and an export of it)
+    # then holds the exact values the model was trained with.
+    data.mean = data.mean or _fit_channels(source.mean, data.channels)
+    data.std = data.std or _fit_channels(source.std, data.channels)
     augmentations = augment.build(data.augment, data.image_size, model_augment, seed=train_config.seed)
 
     train, num_train = source.train, source.num_train
@@ -136,7 +140,7 @@ def make_datasets(config: Config, model_augment: ModuleType | None = None,
     mixers = augment.build_batch(data.batch_augment, seed=train_config.seed)
     train_fn = _image_fn(config, source, augmentations)
     eval_fn = _image_fn(config, source, None)
-    batch = train_config.batch_size
+    batch = train_config.batch_size * replicas
     if input_context is not None and input_context.num_input_pipelines > 1:
         train = train.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
         num_train = len(range(input_context.input_pipeline_id, num_train, input_context.num_input_pipelines))

@@ -1,0 +1,353 @@
+"""Starting weights for fine-tuning: copy another model's weights into a freshly built one, by layer name,
+and freeze layers.
+
+The source is either a finished run (`init.from_run`: its model rebuilt from its own snapshotted model.py and
+config.yaml, with its last checkpoint) or a weight file (`init.weights`: a `.keras` checkpoint, a `.weights.h5`,
+or a Keras 2 `.h5` such as Keras Applications' ImageNet downloads). Weight files load by layer order, so they go
+first into a twin of the new model at the file's class count (or into its backbone, for a no-top file).
+
+The classifier head (every layer of `build` that `backbone` does not have) may change shape, since a new
+data set has another class count: its layers are copied where shapes agree and otherwise keep their fresh
+initialization. Everywhere else the two models must agree, or the error says which layers differ and how.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import inspect
+import io
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+
+import h5py
+import keras
+
+from shared import modelzoo
+from shared.config import InitConfig
+from shared.errors import UserError
+from shared.modelzoo import MAIN_OUTPUT
+from shared.runs import Run, open_run
+
+BACKBONE_PATTERN = "backbone"  # train.freeze: every layer but the classifier head
+MAX_LISTED = 5  # layers (or hyperparameters) named in one error message
+
+
+# ---------------------------------------------------------------- the classifier head
+
+
+def head_layer_names(module: ModuleType, model: keras.Model, hparams: dict, input_shape: tuple) -> set[str]:
+    """The names of `model`'s classifier head: its layers that the model's `backbone` (built with the
+    hyperparameters its signature accepts) does not have. Auxiliary classifiers count as head too. A model
+    file without `backbone()` falls back to the layers that produce the model's outputs."""
+    if not callable(getattr(module, "backbone", None)):
+        return _output_layer_names(model)
+    trunk = module.backbone(input_shape=tuple(input_shape), **_accepted_kwargs(module.backbone, hparams))
+    trunk_names = {layer.name for layer in trunk.layers}
+    return {layer.name for layer in _non_input_layers(model) if layer.name not in trunk_names}
+
+
+def _accepted_kwargs(function, hparams: dict) -> dict:
+    """The hyperparameters `function` takes (a backbone has no dropout or aux_heads), lists as tuples as
+    `modelzoo.build_model` passes them."""
+    parameters = inspect.signature(function).parameters
+    return {name: tuple(value) if isinstance(value, list) else value
+            for name, value in hparams.items() if name in parameters and name != "input_shape"}
+
+
+def _output_layer_names(model: keras.Model) -> set[str]:
+    outputs = keras.tree.flatten(model.outputs)
+    return {tensor._keras_history.operation.name for tensor in outputs}
+
+
+def _non_input_layers(model: keras.Model) -> list:
+    return [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
+
+
+# ---------------------------------------------------------------- sources of weights
+
+
+@dataclass
+class Source:
+    """A model holding the starting weights, with what the run's notes and error messages say about it."""
+    model: keras.Model
+    description: str  # e.g. "runs/resnet/v0002 (checkpoints/epoch-0003.keras, model built from ...)"
+    hparams: dict | None = None  # the hyperparameters it was built with, when known (a run's)
+    input_shape: tuple | None = None
+    has_classifier: bool = True  # False for a no-top weight file
+
+
+def source_from_run(run: Run, checkpoint: Path | None = None) -> Source:
+    """The run's model rebuilt from its snapshotted model.py and config.yaml, auxiliary heads kept, with
+    `checkpoint` (default: its last one) loaded."""
+    checkpoint = checkpoint or run.last_checkpoint()
+    if checkpoint is None:
+        raise UserError(f"run {run.path} has no checkpoint in {run.checkpoint_dir} "
+                        f"(status: {run.status().get('status')}); train it first or pick another run")
+    recorded = run.config_dict()
+    hparams = {name: value for name, value in recorded["model"].items() if name not in ("name", "path")}
+    data = recorded["data"]  # resolved at training time: num_classes is the data set's
+    input_shape = (data["image_size"], data["image_size"], data["channels"])
+    module = modelzoo.load_model_module(run.path)
+    model = modelzoo.build_model(module, data["num_classes"], input_shape, hparams)
+    modelzoo.load_weight_file(model, checkpoint, what=f"model built from {run.path / 'model.py'}")
+    return Source(model, f"{run.path} ({checkpoint.relative_to(run.path)}, model built from its snapshotted "
+                         f"model.py)", hparams=hparams, input_shape=input_shape)
+
+
+def source_from_file(path: Path, module: ModuleType, hparams: dict, input_shape: tuple) -> Source:
+    """A weight file loaded by layer order into a twin of the new model: `build` at the file's class count,
+    or `backbone` for a no-top file. A `.keras` checkpoint inside a run folder is that run's, rebuilt from
+    its own snapshot instead (its hyperparameters may differ from the new model's)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise UserError(f"weight file not found: {path}")
+    run = _owning_run(path)
+    if run is not None:
+        return source_from_run(run, path.resolve())
+    shapes = read_layer_shapes(path)
+    if MAIN_OUTPUT in shapes:
+        num_classes = shapes[MAIN_OUTPUT][0][-1]  # the kernel is (features, classes)
+        twin = modelzoo.build_model(module, num_classes, input_shape, hparams)
+        into = f"the model built for {num_classes} classes"
+    elif callable(getattr(module, "backbone", None)):
+        twin = module.backbone(input_shape=tuple(input_shape), **_accepted_kwargs(module.backbone, hparams))
+        into = "the backbone"
+    else:
+        raise UserError(f"{path} has no {MAIN_OUTPUT!r} layer (a no-top file) and {module.__file__} has no "
+                        f"backbone() to load it into; use the file with the classifier (include_top)")
+    modelzoo.load_weight_file(twin, path)
+    return Source(twin, f"{path} ({_file_format(path)}, loaded by layer order into {into})",
+                  has_classifier=MAIN_OUTPUT in shapes)
+
+
+def _owning_run(path: Path) -> Run | None:
+    """The run whose checkpoints/ folder holds `path`, if any."""
+    folder = path.resolve().parent
+    if path.suffix == ".keras" and folder.name == "checkpoints" and (folder.parent / "config.yaml").is_file():
+        return Run(folder.parent)
+    return None
+
+
+def _file_format(path: Path) -> str:
+    if path.suffix == ".keras":
+        return "Keras checkpoint"
+    return "Keras 3 weights" if path.name.endswith(".weights.h5") else "Keras 2 HDF5"
+
+
+def read_layer_shapes(path: Path) -> dict[str, list[tuple]]:
+    """Layer name -> the shapes of its weights, in order, from a `.keras` archive, a Keras 3 `.weights.h5`
+    or a Keras 2 `.h5` (weights only or a whole model); layers without weights are left out."""
+    try:
+        if path.suffix == ".keras":
+            with zipfile.ZipFile(path) as archive:
+                buffer = io.BytesIO(archive.read("model.weights.h5"))
+            with h5py.File(buffer, "r") as handle:
+                return _keras3_layer_shapes(handle)
+        with h5py.File(path, "r") as handle:
+            if "layer_names" in handle.attrs or "model_weights" in handle:
+                return _keras2_layer_shapes(handle.get("model_weights", handle))
+            return _keras3_layer_shapes(handle)
+    except (OSError, KeyError, zipfile.BadZipFile) as error:
+        raise UserError(f"{path} is not a Keras weight file (.keras, .weights.h5 or Keras 2 .h5): "
+                        f"{' '.join(str(error).split())[:200]}") from None
+
+
+def _keras2_layer_shapes(group: h5py.Group) -> dict[str, list[tuple]]:
+    """Keras 2 layout: the root lists `layer_names`; each layer's group lists its `weight_names`."""
+    shapes = {}
+    for name in (_text(n) for n in group.attrs["layer_names"]):
+        weights = [tuple(group[name][_text(w)].shape) for w in group[name].attrs["weight_names"]]
+        if weights:
+            shapes[name] = weights
+    return shapes
+
+
+def _keras3_layer_shapes(handle: h5py.File) -> dict[str, list[tuple]]:
+    """Keras 3 layout: layers/<class-based path>/vars/<index>, the layer's own name an attribute of vars."""
+    shapes = {}
+    for entry in handle.get("layers", {}).values():
+        variables = entry.get("vars")
+        if variables is not None and len(variables):
+            shapes[_text(variables.attrs.get("name", entry.name))] = \
+                [tuple(variables[key].shape) for key in sorted(variables, key=int)]
+    return shapes
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def source_model(init: InitConfig, module: ModuleType, hparams: dict, input_shape: tuple) -> Source:
+    """The model holding `init`'s starting weights: a run's (`init.from_run`) or a file's (`init.weights`)."""
+    if init.from_run:
+        return source_from_run(open_run(init.from_run))
+    if init.weights:
+        return source_from_file(Path(init.weights), module, hparams, input_shape)
+    raise ValueError("init has neither from_run nor weights: there are no starting weights to load")
+
+
+# ---------------------------------------------------------------- copying by name
+
+
+@dataclass
+class Matching:
+    """How each layer with weights of the new model is served by the source."""
+    copied: list[str] = field(default_factory=list)
+    reinitialized: list[str] = field(default_factory=list)  # head layers the source lacks or shapes differently
+    conflicts: list[str] = field(default_factory=list)  # non-head layers that do not fit, described
+    unused: list[str] = field(default_factory=list)  # source layers the new model does not have
+
+
+def match_layers(source: keras.Model, model: keras.Model, head: set[str]) -> Matching:
+    """Pair the layers of `model` and `source` by name and compare their weight shapes."""
+    theirs = {layer.name: layer for layer in _non_input_layers(source) if layer.weights}
+    matching = Matching()
+    for layer in _non_input_layers(model):
+        if not layer.weights:
+            continue
+        other = theirs.get(layer.name)
+        if other is not None and _shapes(other) == _shapes(layer):
+            matching.copied.append(layer.name)
+        elif layer.name in head:
+            matching.reinitialized.append(layer.name)
+        else:
+            matching.conflicts.append(_conflict(other, layer))
+    names = {layer.name for layer in model.layers}
+    matching.unused = [name for name in theirs if name not in names]
+    return matching
+
+
+def _shapes(layer) -> list[tuple]:
+    return [tuple(weight.shape) for weight in layer.weights]
+
+
+def _conflict(theirs, ours) -> str:
+    """How a layer of the new model differs from the source's layer of that name, in a few words."""
+    if theirs is None:
+        return f"{ours.name} is not in the source"
+    if len(theirs.weights) != len(ours.weights):
+        return (f"{ours.name} has {', '.join(w.name for w in theirs.weights)} in the source, "
+                f"{', '.join(w.name for w in ours.weights)} here")
+    there, here = next((a, b) for a, b in zip(theirs.weights, ours.weights) if a.shape != b.shape)
+    return f"{ours.name} {here.name} is {tuple(there.shape)} in the source, {tuple(here.shape)} here"
+
+
+def copy_weights(source: keras.Model, model: keras.Model, names: list[str]) -> None:
+    """Set each named layer of `model` to the source layer's weights (batch-norm statistics included)."""
+    for name in names:
+        model.get_layer(name).set_weights(source.get_layer(name).get_weights())
+
+
+def _fix(source: Source, hparams: dict, input_shape: tuple) -> str:
+    """What to change so the two models agree: the differing hyperparameters, when the source's are known."""
+    differences = []
+    if source.hparams is not None:
+        for name in sorted(set(source.hparams) | set(hparams)):
+            there, here = _comparable(source.hparams.get(name)), _comparable(hparams.get(name))
+            if there != here:
+                differences.append(f"model.{name} {there!r} there, {here!r} here")
+    if source.input_shape is not None and source.input_shape[-1] != input_shape[-1]:
+        differences.append(f"data.channels {source.input_shape[-1]} there, {input_shape[-1]} here")
+    if not differences:
+        return "build the model with the hyperparameters the weights were saved with"
+    return f"build it with the source's hyperparameters ({'; '.join(differences[:MAX_LISTED])})"
+
+
+def _comparable(value):
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _class_count(model: keras.Model) -> int | None:
+    try:
+        return model.get_layer(MAIN_OUTPUT).output.shape[-1]
+    except ValueError:
+        return None
+
+
+def _listed(names: list[str], limit: int = MAX_LISTED) -> str:
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def describe(source: Source, model: keras.Model, matching: Matching) -> str:
+    """One line for the run's notes: where the weights came from, and what of the head was not copied."""
+    parts = [f"weights from {source.description}"]
+    if matching.reinitialized:
+        was, now = _class_count(source.model), _class_count(model)
+        if not source.has_classifier:
+            why = " (the source has no classifier)"
+        elif MAIN_OUTPUT in matching.reinitialized and was is not None and was != now:
+            why = f" for {now} classes (was {was})"
+        else:
+            why = " (not in the source, or shaped differently)"
+        parts.append(f"head {_listed(matching.reinitialized)} re-initialized{why}")
+    else:
+        parts.append("head copied too (same shapes)")
+    if matching.unused:
+        parts.append(f"source layers not in this model, ignored: {_listed(matching.unused, 3)}")
+    return "; ".join(parts)
+
+
+def initialize_from(init: InitConfig, model: keras.Model, module: ModuleType, hparams: dict, input_shape: tuple,
+                    where: str = "") -> str:
+    """Copy `init`'s starting weights into the freshly built `model`, layer by layer by name, and return a
+    one-line description for the run's notes. Head layers whose shapes differ keep their fresh
+    initialization; any other layer that the source lacks or shapes differently is a UserError naming the
+    layers and the fix. `where` (e.g. " (in recipe.yaml)") follows the config key in error messages."""
+    key = f"init.from_run {init.from_run}" if init.from_run else f"init.weights {init.weights}"
+    try:
+        source = source_model(init, module, hparams, input_shape)
+    except UserError as error:
+        raise UserError(f"{key}{where}: {error}") from None
+    matching = match_layers(source.model, model, head_layer_names(module, model, hparams, input_shape))
+    if matching.conflicts:
+        raise UserError(f"{key}{where} does not fit this model outside its classifier head: "
+                        f"{_listed(matching.conflicts)}; {_fix(source, hparams, input_shape)}")
+    copy_weights(source.model, model, matching.copied)
+    return describe(source, model, matching)
+
+
+# ---------------------------------------------------------------- freezing
+
+
+def freeze_layers(model: keras.Model, patterns: list[str], head: set[str]) -> list[str]:
+    """Set `trainable = False` on the layers whose names match any fnmatch pattern ("conv2_*"), and on every
+    layer outside `head` for the pattern "backbone"; returns the frozen names in network order. Frozen batch
+    norm also stops updating its statistics (Keras runs it in inference mode), as fine-tuning wants.
+    Recompile the model afterwards."""
+    layers = _non_input_layers(model)
+    frozen = set()
+    for pattern in patterns:
+        if pattern == BACKBONE_PATTERN:
+            matched = {layer.name for layer in layers if layer.name not in head}
+        else:
+            matched = {layer.name for layer in layers if fnmatch.fnmatchcase(layer.name, pattern)}
+        if not matched:
+            raise UserError(f"train.freeze pattern {pattern!r} matches no layer; {_name_examples(pattern, layers)}")
+        frozen |= matched
+    if not any(layer.trainable_weights for layer in layers if layer.name not in frozen):
+        raise UserError(f"train.freeze {patterns} freezes every layer with weights, so nothing would train; "
+                        f"leave the classifier head ({_listed(sorted(head))}) out")
+    for layer in layers:
+        if layer.name in frozen:
+            layer.trainable = False
+    return [layer.name for layer in layers if layer.name in frozen]
+
+
+def _name_examples(pattern: str, layers: list) -> str:
+    names = [layer.name for layer in layers]
+    close = difflib.get_close_matches(pattern, names, n=3, cutoff=0.4)
+    if close:
+        return f"did you mean {', '.join(close)}? (fnmatch patterns, e.g. conv2_*)"
+    spread = names[:: max(1, len(names) // MAX_LISTED)][:MAX_LISTED]
+    return f"layers are named like {', '.join(spread)}, ...; or use \"backbone\""
+
+
+def unfreeze_all(model: keras.Model) -> None:
+    """Make every layer trainable again (finetune_all after the head-only warm start); recompile after."""
+    model.trainable = True
+    for layer in model.layers:  # a functional model's setter does not reach its layers
+        layer.trainable = True

@@ -1,0 +1,89 @@
+"""tf.distribute: mirrored over two logical CPU devices, and multi-worker with two local processes
+(TF_CONFIG on 127.0.0.1); the global batch is the per-replica batch times the replicas."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import yaml
+
+from conftest import REPO, tiny_tree
+from shared.config import DistributeConfig
+from shared.errors import UserError
+
+
+def test_mirrored_on_two_logical_cpus(tmp_path):
+    tree = tiny_tree(tmp_path / "runs", train={"epochs": 1, "batch_size": 16, "verbose": 0, "lr": {"base": 0.05}})
+    tree["distribute"] = {"strategy": "mirrored"}
+    script = textwrap.dedent(f"""
+        from shared.distribute import split_cpu
+        split_cpu(2)  # before TensorFlow sets up its devices
+        from shared.config import load_config
+        from shared.train import train
+        run = train(load_config(tree={tree!r}))
+        print("RESULT", run.path)
+    """)
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "MirroredStrategy, 2 replicas" in result.stdout
+    # 256 examples, global batch 16 x 2 = 32: 8 steps per epoch
+    assert "8 steps x 1 epochs" in result.stdout
+    run_dir = result.stdout.split("RESULT ")[1].strip()
+    assert json.loads(open(f"{run_dir}/status.json").read())["status"] == "finished"
+
+
+def free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def test_multi_worker_with_two_local_processes(tmp_path):
+    tree = tiny_tree(tmp_path / "runs", train={"epochs": 2, "batch_size": 16, "verbose": 0, "lr": {"base": 0.05}})
+    tree["distribute"] = {"strategy": "multi_worker"}
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(tree))
+    workers = [f"127.0.0.1:{port}" for port in free_ports(2)]
+    processes = []
+    for index in range(2):
+        env = {**os.environ, "TF_CONFIG": json.dumps({"cluster": {"worker": workers},
+                                                      "task": {"type": "worker", "index": index}})}
+        processes.append(subprocess.Popen([sys.executable, "-m", "shared.runner", "--config", str(config)],
+                                          cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                          text=True))
+    outputs = [p.communicate(timeout=400) for p in processes]
+    for process, (out, err) in zip(processes, outputs):
+        assert process.returncode == 0, err[-3000:]
+    assert "MultiWorkerMirroredStrategy, 2 replicas, 2 workers" in outputs[0][0]
+    (run_dir,) = (tmp_path / "runs" / "resnet").iterdir()  # only the chief keeps a run folder
+    assert json.loads((run_dir / "status.json").read_text())["status"] == "finished"
+    assert (run_dir / "checkpoints" / "epoch-0002.keras").is_file()
+
+
+def test_bad_cluster_settings(monkeypatch):
+    from shared.distribute import make_placement
+
+    monkeypatch.setenv("TF_CONFIG", "{not json")
+    with pytest.raises(UserError, match="TF_CONFIG is not a valid cluster"):
+        make_placement(DistributeConfig(strategy="multi_worker"))
+    monkeypatch.delenv("TF_CONFIG")
+    with pytest.raises(UserError, match="fewer than two workers"):
+        make_placement(DistributeConfig(strategy="multi_worker"))
+
+
+def test_auto_is_the_default_strategy_on_one_device(monkeypatch):
+    from shared.distribute import make_placement
+
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    placement = make_placement(DistributeConfig())
+    assert placement.replicas == 1 and placement.is_chief

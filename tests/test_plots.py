@@ -1,0 +1,195 @@
+"""shared.plots: training curves, confusion matrices, image grids and the augmentation preview."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from shared import plots
+from shared.config import load_config
+
+from conftest import tiny_tree
+
+FULL_CSV = """epoch,loss,lr,top1,top5,val_loss,val_top1,val_top5
+0,2.0,0.1,0.30,0.70,1.90,0.35,0.75
+1,1.5,0.01,0.50,0.85,1.40,0.52,0.88
+2,1.2,0.001,0.60,0.90,1.30,0.58,0.90
+"""
+TRAIN_ONLY_CSV = """epoch,loss,top1,top5
+0,2.0,0.30,0.70
+1,1.5,0.50,0.85
+"""
+AUX_HEADS_CSV = """epoch,aux1_loss,loss,lr,predictions_loss,predictions_top1,val_loss,val_predictions_top1
+0,2.2,3.0,0.05,2.0,0.25,2.9,0.30
+1,1.8,2.4,0.04,1.6,0.40,2.5,0.41
+"""
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    with Image.open(path) as image:
+        image.load()  # a truncated file fails here
+        assert image.format == "PNG" and image.mode in ("RGB", "RGBA")
+        return image.size
+
+
+def leftovers(folder: Path) -> list[str]:
+    return [p.name for p in folder.iterdir() if p.name.startswith(".") or p.suffix == ".tmp"]
+
+
+def panels(figure) -> dict:
+    """Panel title -> (axes, {line label: y data})."""
+    return {axes.get_title(): (axes, {line.get_label(): line.get_ydata() for line in axes.get_lines()})
+            for axes in figure.axes}
+
+
+# --- curves --------------------------------------------------------------------------------------
+
+def test_curves_with_validation_and_learning_rate(tmp_path):
+    metrics = plots.read_metrics(write(tmp_path / "metrics.csv", FULL_CSV))
+    np.testing.assert_array_equal(metrics["epoch"], [1, 2, 3])  # 1-based
+    drawn = panels(plots.curves_figure(metrics))
+    assert set(drawn) == {"loss", "top-1 accuracy", "learning rate"}
+    np.testing.assert_allclose(drawn["loss"][1]["val"], [1.9, 1.4, 1.3])
+    np.testing.assert_allclose(drawn["top-1 accuracy"][1]["train"], [0.3, 0.5, 0.6])
+    assert drawn["learning rate"][0].get_yscale() == "log"  # 0.1 .. 0.001 spans 100x
+    assert drawn["loss"][0].get_xaxis().get_data_interval()[0] == 1
+
+    out = plots.plot_curves(tmp_path / "metrics.csv", tmp_path / "plots" / "curves.png")
+    assert out == tmp_path / "plots" / "curves.png"
+    width, height = png_size(out)
+    assert width > height  # three panels side by side
+    assert leftovers(tmp_path / "plots") == []
+
+
+def test_curves_without_validation_or_lr_draw_fewer_panels(tmp_path):
+    drawn = panels(plots.curves_figure(plots.read_metrics(write(tmp_path / "m.csv", TRAIN_ONLY_CSV))))
+    assert set(drawn) == {"loss", "top-1 accuracy"}
+    assert all(set(lines) == {"train"} for _, lines in drawn.values())
+    narrow = png_size(plots.plot_curves(tmp_path / "m.csv", tmp_path / "two.png"))[0]
+    wide = png_size(plots.plot_curves(write(tmp_path / "full.csv", FULL_CSV), tmp_path / "three.png"))[0]
+    assert wide > narrow
+
+
+def test_curves_of_a_model_with_auxiliary_heads_use_the_main_output(tmp_path):
+    drawn = panels(plots.curves_figure(plots.read_metrics(write(tmp_path / "m.csv", AUX_HEADS_CSV))))
+    np.testing.assert_allclose(drawn["top-1 accuracy"][1]["train"], [0.25, 0.40])
+    np.testing.assert_allclose(drawn["top-1 accuracy"][1]["val"], [0.30, 0.41])
+    np.testing.assert_allclose(drawn["loss"][1]["train"], [3.0, 2.4])  # the total loss
+    assert drawn["learning rate"][0].get_yscale() == "linear"  # 0.05 .. 0.04
+
+
+def test_curves_of_a_single_epoch(tmp_path):
+    single = write(tmp_path / "m.csv", FULL_CSV.splitlines()[0] + "\n" + FULL_CSV.splitlines()[1] + "\n")
+    drawn = panels(plots.curves_figure(plots.read_metrics(single)))
+    np.testing.assert_allclose(drawn["loss"][1]["train"], [2.0])
+    assert drawn["learning rate"][0].get_yscale() == "linear"
+    png_size(plots.plot_curves(single, tmp_path / "curves.png"))
+
+
+def test_curves_treat_na_cells_as_gaps(tmp_path):
+    metrics = plots.read_metrics(write(tmp_path / "m.csv", "epoch,loss,val_loss\n0,2.0,NA\n1,1.5,1.4\n"))
+    assert np.isnan(metrics["val_loss"][0]) and metrics["val_loss"][1] == 1.4
+
+
+@pytest.mark.parametrize("content", [None, "", "epoch,loss,top1,lr\n"])
+def test_curves_of_a_missing_or_empty_file_write_nothing(tmp_path, content):
+    metrics = tmp_path / "metrics.csv"
+    if content is not None:
+        metrics.write_text(content)
+    out = tmp_path / "plots" / "curves.png"
+    assert plots.plot_curves(metrics, out) is None
+    assert not out.exists()
+    assert not (tmp_path / "plots").exists() or list((tmp_path / "plots").iterdir()) == []
+
+
+# --- confusion -----------------------------------------------------------------------------------
+
+def test_confusion_of_three_classes_is_annotated_and_labelled(tmp_path):
+    confusion = [[8, 2, 0], [1, 9, 0], [0, 5, 5]]
+    figure = plots.confusion_figure(confusion, ["cat", "dog", "fox"])
+    axes = figure.axes[0]
+    assert "73.33%" in axes.get_title()  # 22 of 30
+    assert [label.get_text() for label in axes.get_yticklabels()] == ["cat", "dog", "fox"]
+    cells = [text.get_text() for text in axes.texts]
+    assert len(cells) == 9 and cells[:3] == ["0.80", "0.20", "0.00"]  # rows sum to 1
+    np.testing.assert_allclose(axes.images[0].get_array().sum(axis=1), 1.0)
+    raw = plots.confusion_figure(confusion, None, normalize=False).axes[0]
+    assert [text.get_text() for text in raw.texts][:3] == ["8", "2", "0"]
+
+    out = plots.plot_confusion(confusion, ["cat", "dog", "fox"], tmp_path / "new" / "confusion.png")
+    png_size(out)
+    assert leftovers(tmp_path / "new") == []
+
+
+def test_confusion_of_sixty_classes_has_no_cell_text_or_tick_labels(tmp_path):
+    rng = np.random.default_rng(0)
+    confusion = np.diag(rng.integers(5, 10, 60)) + rng.integers(0, 2, (60, 60))
+    confusion[7] = 0  # a class absent from the test split: its row stays zero, not NaN
+    names = [f"class_{index}" for index in range(60)]
+    axes = plots.confusion_figure(confusion, names).axes[0]
+    assert len(axes.texts) == 0 and len(axes.get_xticks()) == 0
+    assert np.isfinite(axes.images[0].get_array()).all()
+    width, height = png_size(plots.plot_confusion(confusion, names, tmp_path / "confusion.png"))
+    assert min(width, height) >= 1000  # grows with the number of classes
+    with pytest.raises(ValueError, match="3 class names for a 60-class"):
+        plots.confusion_figure(confusion, names[:3])
+
+
+# --- image grids ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_image_grid_grows_with_rows(tmp_path, channels):
+    rng = np.random.default_rng(0)
+    images = rng.normal(0, 2, (16, 12, 12, channels)).astype(np.float32)  # normalized: not in [0, 1]
+    titles = [f"img {index}" for index in range(16)]
+    two_rows = png_size(plots.image_grid(images[:8], titles[:8], tmp_path / "two.png", columns=4))
+    four_rows = png_size(plots.image_grid(images, titles, tmp_path / "four.png", columns=4))
+    assert four_rows[0] == two_rows[0] and four_rows[1] > 1.8 * two_rows[1]
+    assert leftovers(tmp_path) == []
+
+
+def test_image_grid_shows_each_image_in_unit_range_and_gray_for_one_channel():
+    images = np.stack([np.full((4, 4, 1), -3.0), np.linspace(-5, 5, 16).reshape(4, 4, 1)])
+    figure = plots.grid_figure(images, None, columns=8)
+    first, second = (axes.images[0] for axes in figure.axes)
+    assert second.get_cmap().name == "gray"
+    np.testing.assert_allclose([second.get_array().min(), second.get_array().max()], [0, 1])
+    assert np.all(first.get_array() == 0)  # a flat image does not divide by zero
+    with pytest.raises(ValueError, match="titles for"):
+        plots.grid_figure(images, ["only one"])
+
+
+# --- augmentation preview ------------------------------------------------------------------------
+
+def test_preview_of_augmented_training_images(tmp_path):
+    config = load_config(tree=tiny_tree(tmp_path / "runs", data={"augment": ["horizontal_flip"]}))
+    out = plots.preview(config, tmp_path / "preview" / "augment.png", count=8, seed=3)
+    width, height = png_size(out)
+    assert width > height  # one row of eight
+    assert leftovers(tmp_path / "preview") == []
+
+
+def test_preview_with_mixup_spans_batches_and_titles_the_mixed_labels(tmp_path, monkeypatch):
+    tree = tiny_tree(tmp_path / "runs", data={"batch_augment": [{"MixUp": {"alpha": 0.4}}]},
+                     train={"batch_size": 8})
+    titles_seen = []
+    original = plots.image_grid
+
+    def recording_grid(images, titles, out_png, columns=8):
+        titles_seen.extend(titles)
+        assert images.shape == (20, 16, 16, 3)
+        return original(images, titles, out_png, columns)
+    monkeypatch.setattr(plots, "image_grid", recording_grid)
+
+    out = plots.preview(load_config(tree=tree), tmp_path / "mixup.png", count=20)
+    png_size(out)
+    assert len(titles_seen) == 20
+    names, weights = zip(*(title.rsplit(" ", 1) for title in titles_seen))
+    assert set(names) <= {"class_0", "class_1", "class_2", "class_3"}
+    assert all(0.5 <= float(weight) <= 1.0 for weight in weights)  # the strongest of a two-way mix

@@ -1,0 +1,125 @@
+"""Nothing lost: a run killed with SIGKILL mid-epoch resumes into the same folder and finishes with
+every epoch exactly once; SIGTERM saves and marks the run interrupted; a NaN loss stops it cleanly."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from conftest import REPO, tiny_tree
+
+EPOCHS = 4
+
+
+def slow_tree(runs_dir: Path) -> dict:
+    """Epochs of a couple of seconds, so a signal can land in the middle of one."""
+    return tiny_tree(runs_dir, data={"synthetic_train": 2048, "image_size": 24},
+                     train={"epochs": EPOCHS, "batch_size": 32, "verbose": 0, "lr": {"base": 0.05}})
+
+
+def start(tmp_path: Path, tree: dict, *extra: str) -> subprocess.Popen:
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(tree))
+    return subprocess.Popen([sys.executable, "-m", "shared.runner", "--config", str(config), *extra],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_backup(runs_dir: Path, process: subprocess.Popen, epochs: int, timeout: float = 240) -> Path:
+    """The run folder, once its backup holds `epochs` complete epochs."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert process.poll() is None, process.communicate()
+        for state in runs_dir.glob("resnet/v*/backup/phase-1/training_metadata.json"):
+            if json.loads(state.read_text())["epoch"] >= epochs:
+                return state.parents[2]
+        time.sleep(0.05)
+    raise AssertionError("no backup appeared in time")
+
+
+def resume(run_dir: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "shared.runner", "--resume", str(run_dir)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+
+
+def metric_epochs(run_dir: Path) -> list[int]:
+    with open(run_dir / "metrics.csv", newline="") as handle:
+        return [int(row["epoch"]) for row in csv.DictReader(handle)]
+
+
+def status(run_dir: Path) -> str:
+    return json.loads((run_dir / "status.json").read_text())["status"]
+
+
+def test_sigkill_mid_epoch_then_resume(tmp_path):
+    process = start(tmp_path, slow_tree(tmp_path / "runs"))
+    run_dir = wait_for_backup(tmp_path / "runs", process, epochs=1)
+    time.sleep(0.7)  # into epoch 2
+    process.kill()
+    process.wait()
+    assert status(run_dir) == "running"  # SIGKILL leaves no chance to say anything
+    done = json.loads((run_dir / "backup/phase-1/training_metadata.json").read_text())["epoch"]
+    assert 1 <= done < EPOCHS
+
+    result = resume(run_dir)
+    assert result.returncode == 0, result.stderr
+    assert f"resuming after epoch {done} of {EPOCHS}" in result.stdout
+    assert status(run_dir) == "finished"
+    assert metric_epochs(run_dir) == list(range(EPOCHS))  # none duplicated, none missing
+    assert (run_dir / "checkpoints" / f"epoch-{EPOCHS:04d}.keras").is_file()
+    assert not (run_dir / "backup").exists()  # finished: the backup is gone
+    metrics = json.loads((run_dir / "test_metrics.json").read_text())
+    assert metrics["checkpoint"] == f"checkpoints/epoch-{EPOCHS:04d}.keras"
+    # the checkpoint is readable and re-tests to the recorded figure
+    retest = subprocess.run([sys.executable, "-m", "shared.runner", "test", "--run", str(run_dir)], cwd=REPO,
+                            capture_output=True, text=True, timeout=300)
+    assert retest.returncode == 0, retest.stderr
+    assert f"top-1 {metrics['top1']:.4f}" in retest.stdout
+    # the optimizer continued: its step counter covers every epoch's batches exactly once
+    steps = 2048 // 32
+    import keras
+    model = keras.saving.load_model(run_dir / "checkpoints" / f"epoch-{EPOCHS:04d}.keras", compile=True)
+    assert int(model.optimizer.iterations.numpy()) == EPOCHS * steps
+
+
+def test_sigterm_saves_and_marks_interrupted(tmp_path):
+    process = start(tmp_path, slow_tree(tmp_path / "runs"))
+    run_dir = wait_for_backup(tmp_path / "runs", process, epochs=1)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    assert "--resume" in err and "Traceback" not in err
+    assert status(run_dir) == "interrupted"
+    assert (run_dir / "checkpoints" / "interrupted.keras").is_file()
+
+    result = resume(run_dir)
+    assert result.returncode == 0, result.stderr
+    assert status(run_dir) == "finished"
+    assert metric_epochs(run_dir) == list(range(EPOCHS))
+
+
+def test_resume_refuses_a_finished_run(trained_run, capsys):
+    from shared import runner
+
+    run, _ = trained_run
+    code = runner.main(["--resume", str(run.path)])
+    err = capsys.readouterr().err
+    assert code == 2 and "already finished" in err
+
+
+def test_nan_loss_stops_with_a_clear_message(tmp_path):
+    tree = tiny_tree(tmp_path / "runs", train={"epochs": 2, "verbose": 0, "lr": {"base": 1.0e+30}})
+    process = start(tmp_path, tree)
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == 2, err
+    assert "loss became" in err and "Traceback" not in err
+    (run_dir,) = (tmp_path / "runs" / "resnet").iterdir()
+    assert status(run_dir) == "failed"
+    assert not list((run_dir / "checkpoints").glob("epoch-*.keras"))  # no broken weights saved
