@@ -1,0 +1,317 @@
+"""Export a finished run as a SavedModel for TensorFlow Serving.
+
+The layout is the one TF Serving watches: `<export_dir>/<model_name>/<version>/` with integer versions;
+it serves the highest and hot-swaps when a higher one appears, so exporting after each training round
+(train-in-the-loop) updates a running server with no restart. Each version holds two signatures:
+
+    serving_default  image_bytes: [N] tf.string, encoded JPEG / PNG (REST: {"b64": ...})
+    predict_images   images: [N, S, S, C] float32, 0-255 pixels already at the run's image size
+
+both preprocessing inside the graph exactly as the run's eval pipeline does, and both returning
+`probabilities` [N, classes], `classes` [N, k] int32 top-k ids, `labels` [N, k] class names and
+`scores` [N, k]. A version appears by a rename of a finished folder, so a watching server never
+sees half a model; `<export_dir>/models.config` lists every model for a multi-model server.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from shared.errors import UserError
+from shared.runs import Run, atomic_write, open_run
+
+CONFIG_FILE = "models.config"
+SERVING_PATH = "/models"  # where the tensorflow/serving image looks for models
+SERVING_DEFAULT = "serving_default"
+PREDICT_IMAGES = "predict_images"
+OUTPUT_KEYS = ("probabilities", "classes", "labels", "scores")
+VERSION_RE = re.compile(r"^\d+$")  # TF Serving's version folders: all digits
+MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+# The sources whose eval view is known from the config alone: decoded arrays of one square size are
+# resized; encoded images of any size are center-cropped (shared.data._image_fn).
+RESIZED_SOURCES = ("synthetic", "fashion_mnist")
+CROPPED_SOURCES = ("folder", "ilsvrc", "tfrecord")
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+# ---------------------------------------------------------------- the export folder
+
+
+def versions(model_dir: Path) -> dict[int, Path]:
+    """The numeric version folders of one model folder (none if it does not exist)."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        return {}
+    return {int(p.name): p for p in model_dir.iterdir() if VERSION_RE.match(p.name)}
+
+
+def _is_saved_model(path: Path) -> bool:
+    return path.is_dir() and ((path / "saved_model.pb").is_file() or (path / "saved_model.pbtxt").is_file())
+
+
+def _check_model_dir(model_dir: Path) -> None:
+    """Refuse a folder that holds something besides SavedModel versions and hidden entries: exporting
+    (and pruning) there would mix our versions with someone else's files, or a mistyped --export-dir
+    (a runs root, say) would be written into."""
+    if model_dir.exists() and not model_dir.is_dir():
+        raise UserError(f"{model_dir} is a file, not a model folder; choose another --export-dir or --name")
+    for entry in sorted(model_dir.iterdir()) if model_dir.is_dir() else []:
+        if entry.name.startswith("."):
+            continue  # our temporary folders, editor files: TF Serving ignores them too
+        if not VERSION_RE.match(entry.name) or not _is_saved_model(entry):
+            raise UserError(f"{entry} is not a SavedModel version (an all-digit folder with saved_model.pb); "
+                            f"{model_dir} must hold only exported versions: move it away or export elsewhere")
+
+
+def _remove(path: Path) -> None:
+    """Delete a version folder: first rename it to a hidden name (one atomic step, after which TF Serving
+    no longer sees it), then remove the files."""
+    hidden = path.parent / f".deleting-{path.name}-{os.getpid()}-{time.monotonic_ns()}"
+    os.rename(path, hidden)
+    shutil.rmtree(hidden, ignore_errors=True)
+
+
+def prune(model_dir: Path, keep: int) -> list[int]:
+    """Keep only the newest `keep` numeric versions; returns the versions removed."""
+    if keep < 1:
+        raise UserError(f"--keep must be at least 1 (got {keep}): TF Serving needs a version to serve")
+    found = versions(model_dir)
+    removed = sorted(found)[:-keep]
+    for number in removed:
+        _remove(found[number])
+    return removed
+
+
+def model_folders(export_dir: Path) -> list[str]:
+    """The model folders of an export folder: visible folders with at least one SavedModel version."""
+    export_dir = Path(export_dir)
+    if not export_dir.is_dir():
+        return []
+    return sorted(p.name for p in export_dir.iterdir()
+                  if p.is_dir() and not p.name.startswith(".") and any(map(_is_saved_model, versions(p).values())))
+
+
+def write_models_config(export_dir: Path) -> Path:
+    """`<export_dir>/models.config`, TF Serving's model config (text proto) listing every model folder,
+    for `--model_config_file` when the whole export folder is mounted at /models."""
+    export_dir = Path(export_dir)
+    entries = "".join(
+        "  config {\n"
+        f"    name: {json.dumps(name)}\n"
+        f"    base_path: {json.dumps(f'{SERVING_PATH}/{name}')}\n"
+        '    model_platform: "tensorflow"\n'
+        "  }\n"
+        for name in model_folders(export_dir))
+    text = ("# Written by shared.export. Serve every model here with:\n"
+            f"#   docker run -p 8501:8501 -v {shlex.quote(str(export_dir.resolve()))}:{SERVING_PATH} "
+            f"tensorflow/serving --model_config_file={SERVING_PATH}/{CONFIG_FILE}\n"
+            f"model_config_list {{\n{entries}}}\n")
+    path = export_dir / CONFIG_FILE
+    atomic_write(path, text)
+    return path
+
+
+def serving_command(export_dir: str | Path, model_name: str) -> str:
+    """Two lines: the `docker run` that serves the model with TF Serving's REST API on port 8501, and a
+    `curl` that classifies one image through it (the bytes travel base64-encoded as {"b64": ...})."""
+    source = shlex.quote(f"{Path(export_dir).expanduser().resolve() / model_name}:{SERVING_PATH}/{model_name}")
+    docker = (f"docker run -p 8501:8501 -v {source} -e MODEL_NAME={shlex.quote(model_name)} "
+              f"tensorflow/serving")
+    body = ('{"signature_name": "serving_default", "instances": [{"image_bytes": {"b64": "\'"$(base64 -w0 '
+            'image.jpg)"\'"}}]}')
+    curl = f"curl -d '{body}' http://localhost:8501/v1/models/{model_name}:predict"
+    return f"{docker}\n{curl}"
+
+
+# ---------------------------------------------------------------- the preprocessing
+
+
+def resizes_pixels(config) -> bool:
+    """Whether the run's eval view resizes the whole image (sources of fixed-size decoded arrays) or
+    decodes the central crop (encoded images of any size): shared.data._image_fn decides by the source,
+    so we ask the source the same question, from the config where that suffices."""
+    data = config.data
+    if data.source in RESIZED_SOURCES:
+        return True  # the TFDS fallback of fashion_mnist is fixed-size too
+    if data.source in CROPPED_SOURCES:
+        return False
+    if data.source == "tfds":
+        try:  # the dataset's metadata, without reading (or preparing) the images
+            import tensorflow_datasets as tfds
+
+            shape = tfds.builder(data.name, data_dir=data.data_dir).info.features["image"].shape
+            return shape[0] is not None and shape[0] == shape[1]
+        except Exception:  # not prepared here, no such dataset: the source itself says below
+            pass
+    from shared.data import sources
+
+    return sources.load(data).fixed_size
+
+
+def _statistics(config) -> tuple[list[float], list[float]]:
+    """The normalization constants: resolved into config.yaml at training time; older runs get the
+    source's, fitted to the channels exactly as training did."""
+    data = config.data
+    if not data.normalize or (data.mean and data.std):
+        return data.mean, data.std
+    from shared.data import _fit_channels, sources
+
+    source = sources.load(data)
+    return (data.mean or _fit_channels(source.mean, data.channels),
+            data.std or _fit_channels(source.std, data.channels))
+
+
+def _serving_functions(model, config, class_names: list[str], top_k: int, resize: bool,
+                       mean: list[float], std: list[float]):
+    """(bytes_fn, images_fn): the two endpoints as plain functions of batched tensors."""
+    import tensorflow as tf
+
+    from shared.data import preprocess
+
+    data = config.data
+    size, channels = data.image_size, data.channels
+    normalize = preprocess.normalizer(mean, std, data.normalize, size)
+
+    def decode_one(encoded):
+        # The eval pipeline's view of one encoded image (shared.data._image_fn, no augmentation).
+        if not resize:
+            return preprocess.decode_center_crop(encoded, size, data.crop_fraction, channels)
+        image = tf.cast(preprocess.decode(encoded, channels), tf.float32)
+        shape = tf.shape(image)
+        # preprocess.resize skips images already at the size; decoded shapes are dynamic here.
+        image = tf.cond(tf.logical_and(tf.equal(shape[0], size), tf.equal(shape[1], size)),
+                        lambda: image, lambda: tf.image.resize(image, [size, size]))
+        return tf.ensure_shape(image, (size, size, channels))
+
+    def classify(pixels):
+        probabilities = tf.cast(model(normalize(pixels), training=False), tf.float32)
+        scores, classes = tf.math.top_k(probabilities, k=min(top_k, len(class_names)))
+        return {"probabilities": probabilities, "classes": tf.cast(classes, tf.int32),
+                "labels": tf.gather(tf.constant(class_names, tf.string), classes), "scores": scores}
+
+    def bytes_fn(image_bytes):
+        pixels = tf.map_fn(decode_one, image_bytes,
+                           fn_output_signature=tf.TensorSpec((size, size, channels), tf.float32))
+        return classify(pixels)
+
+    def images_fn(images):
+        return classify(images)
+
+    return bytes_fn, images_fn
+
+
+# ---------------------------------------------------------------- export
+
+
+def _write_saved_model(model, config, class_names: list[str], top_k: int, target: Path) -> dict:
+    """Write the SavedModel into `target` (an empty folder) with Keras' ExportArchive, which tracks the
+    model's variables for tf.saved_model.save; returns the preprocessing it built in."""
+    import keras
+    import tensorflow as tf
+
+    size, channels = config.data.image_size, config.data.channels
+    resize = resizes_pixels(config)
+    mean, std = _statistics(config)
+    bytes_fn, images_fn = _serving_functions(model, config, class_names, top_k, resize, mean, std)
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    # Named first and explicitly, so TF Serving's default signature takes bytes.
+    archive.add_endpoint(SERVING_DEFAULT, bytes_fn,
+                         input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
+    archive.add_endpoint(PREDICT_IMAGES, images_fn,
+                         input_signature=[tf.TensorSpec([None, size, size, channels], tf.float32, name="images")])
+    archive.write_out(str(target), verbose=False)
+    return {"image_size": size, "channels": channels, "preprocessing": "resize" if resize else "center_crop",
+            "crop_fraction": config.data.crop_fraction, "normalize": config.data.normalize,
+            "mean": mean, "std": std}
+
+
+def export_saved_model(run: Run | str | Path, export_dir: Path, model_name: str | None = None,
+                       version: int | None = None, keep: int = 5, top_k: int = 5) -> Path:
+    """Export the run's last checkpoint to `<export_dir>/<model_name>/<version>/` and return that path.
+
+    model_name: default the run's model name. version: default one past the highest there (TF Serving
+    serves the highest). keep: how many numeric versions to leave, the newest. top_k: how many classes
+    the `classes` / `labels` / `scores` outputs hold (at most the class count).
+    The version appears by renaming a finished hidden folder; then older versions are pruned and
+    `<export_dir>/models.config` is rewritten."""
+    from shared.evaluate import load_run_model
+
+    run = run if isinstance(run, Run) else open_run(run)
+    model_name = model_name or run.model_name
+    if not MODEL_NAME_RE.match(model_name):
+        raise UserError(f"model name {model_name!r} is not usable as a folder and URL name; "
+                        f"use letters, digits, '.', '_' and '-'")
+    if keep < 1:
+        raise UserError(f"--keep must be at least 1 (got {keep}): TF Serving needs a version to serve")
+    if top_k < 1:
+        raise UserError(f"top_k must be at least 1 (got {top_k})")
+    if version is not None and version < 0:
+        raise UserError(f"--version must be a non-negative integer (got {version})")
+    if run.last_checkpoint() is None:
+        raise UserError(f"run {run.path} has no checkpoint in {run.checkpoint_dir} "
+                        f"(status: {run.status().get('status')}); train it first")
+    export_dir = Path(export_dir).expanduser()
+    model_dir = export_dir / model_name
+    _check_model_dir(model_dir)
+    existing = versions(model_dir)
+    if version is not None:
+        if version in existing:
+            raise UserError(f"version {version} of {model_name} exists already at {existing[version]}; "
+                            f"leave out --version to export the next one ({max(existing) + 1})")
+        if sum(number > version for number in existing) >= keep:
+            raise UserError(f"version {version} would be pruned at once: {keep} newer version(s) of "
+                            f"{model_name} exist in {model_dir}; leave out --version or raise --keep")
+
+    model, config = load_run_model(run)
+    names = run.class_names()
+    num_classes = int(model.output_shape[-1])
+    if not names or len(names) != num_classes:  # a run from before labels.txt: the index is the name
+        names = [str(i) for i in range(num_classes)]
+
+    model_dir.mkdir(parents=True, exist_ok=True)
+    # Hidden (not all digits): TF Serving ignores the folder while it is being written.
+    staging = Path(tempfile.mkdtemp(prefix=".export-", dir=model_dir))
+    try:
+        os.chmod(staging, 0o777 & ~_UMASK)  # mkdtemp makes 0700 folders; a server may run as another user
+        preprocessing = _write_saved_model(model, config, names, top_k, staging)
+        extra = staging / "assets.extra"  # provenance beside the model; TF Serving does not read it
+        extra.mkdir(exist_ok=True)
+        (extra / "export.json").write_text(json.dumps({
+            "run": str(run.path.resolve()), "checkpoint": run.last_checkpoint().name, **preprocessing,
+            "top_k": min(top_k, len(names)), "labels": names, "exported": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }, indent=2) + "\n")
+        target = _publish(staging, model_dir, version)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    prune(model_dir, keep)
+    write_models_config(export_dir)
+    return target
+
+
+def _publish(staging: Path, model_dir: Path, version: int | None) -> Path:
+    """Rename the finished folder to its version. A rename onto a non-empty folder fails, so a concurrent
+    export that took the same number first makes us take the next (an explicit version: an error)."""
+    while True:
+        number = version if version is not None else max(versions(model_dir), default=0) + 1
+        target = model_dir / str(number)
+        if target.exists():  # rename(2) would silently replace an empty folder
+            if version is not None:
+                raise UserError(f"version {version} of {model_dir.name} appeared at {target} during the export")
+            continue
+        try:
+            os.rename(staging, target)
+            return target
+        except OSError:
+            if version is not None or not target.exists():
+                raise

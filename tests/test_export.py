@@ -1,0 +1,164 @@
+"""SavedModel export for TF Serving: the served graph equals the run's eval pipeline + model, versions
+appear atomically and are pruned, and user mistakes are one-line errors."""
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from shared import export
+from shared.errors import UserError
+from shared.runs import Run
+
+# Run in a fresh process without the project on the path: the SavedModel must stand on its own.
+SERVE = r"""
+import json, sys
+import numpy as np, tensorflow as tf
+folder, files, out = sys.argv[1], sys.argv[2:-1], sys.argv[-1]
+loaded = tf.saved_model.load(folder)
+raw = [open(f, "rb").read() for f in files]
+result = {"signatures": sorted(loaded.signatures.keys()), "inputs": {}}
+serve, images = loaded.signatures["serving_default"], loaded.signatures["predict_images"]
+for name, fn in (("serving_default", serve), ("predict_images", images)):
+    result["inputs"][name] = sorted(fn.structured_input_signature[1])
+def plain(outputs):
+    return {k: (v.numpy().astype(str).tolist() if v.dtype == tf.string else v.numpy().tolist())
+            for k, v in outputs.items()} | {"dtypes": {k: v.dtype.name for k, v in outputs.items()}}
+result["bytes"] = plain(serve(image_bytes=tf.constant(raw)))
+square = np.stack([np.array(tf.io.decode_png(r, channels=3)) for r in raw[:-1]]).astype(np.float32)
+result["images"] = plain(images(images=tf.constant(square)))
+json.dump(result, open(out, "w"))
+"""
+
+
+def png(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def saved_model(trained_run, tmp_path_factory) -> Path:
+    """One export of the trained run, shared: each export costs seconds of tracing and writing."""
+    run, _ = trained_run
+    export_dir = tmp_path_factory.mktemp("export")
+    folder = export.export_saved_model(run, export_dir, top_k=3)
+    assert folder == export_dir / "resnet" / "1"
+    return folder
+
+
+def eval_pipeline_probabilities(run: Run, images: list[np.ndarray]) -> np.ndarray:
+    """The Keras model's probabilities on pixels preprocessed by the project's own eval map."""
+    from shared.data import _image_fn, sources
+    from shared.evaluate import load_run_model
+
+    model, config = load_run_model(run)
+    eval_fn = _image_fn(config, sources.load(config.data), None)
+    return np.concatenate([model(eval_fn(tf.constant(image), 0)[0][None], training=False).numpy()
+                           for image in images])
+
+
+def test_served_model_equals_the_eval_pipeline(trained_run, saved_model, tmp_path):
+    run, _ = trained_run
+    from shared.data.sources import synthetic_arrays
+
+    pixels, _ = synthetic_arrays(6, 4, 16, 3, seed=7)
+    odd = np.random.default_rng(3).integers(0, 256, (20, 24, 3), dtype=np.uint8)  # resized in the graph
+    images = [*pixels, odd]
+    files = []
+    for i, image in enumerate(images):
+        files.append(tmp_path / f"{i}.png")
+        files[-1].write_bytes(png(image))
+
+    folder = saved_model
+    out = tmp_path / "served.json"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"TF_CPP_MIN_LOG_LEVEL": "2"}
+    subprocess.run([sys.executable, "-c", SERVE, str(folder), *map(str, files), str(out)],
+                   cwd=tmp_path, env=env, check=True, timeout=120)
+    served = json.loads(out.read_text())
+
+    assert {"serving_default", "predict_images"} <= set(served["signatures"])
+    assert served["inputs"] == {"serving_default": ["image_bytes"], "predict_images": ["images"]}
+    expected = eval_pipeline_probabilities(run, images)
+    names = run.class_names()
+    for key, count in (("bytes", len(images)), ("images", len(pixels))):
+        result = served[key]
+        assert set(result) - {"dtypes"} == set(export.OUTPUT_KEYS)
+        assert result["dtypes"] == {"probabilities": "float32", "classes": "int32", "labels": "string",
+                                    "scores": "float32"}
+        probabilities = np.array(result["probabilities"])
+        assert probabilities.shape == (count, 4)
+        assert np.abs(probabilities - expected[:count]).max() < 1e-5
+        classes = np.array(result["classes"])
+        assert classes.shape == (count, 3)
+        assert (classes[:, 0] == expected[:count].argmax(axis=1)).all()
+        assert result["labels"] == [[names[c] for c in row] for row in classes]
+        assert np.allclose(result["scores"], np.take_along_axis(probabilities, classes, axis=1))
+    assert len(set(np.array(served["bytes"]["classes"])[:, 0])) > 1  # not one constant answer
+
+    provenance = json.loads((folder / "assets.extra" / "export.json").read_text())
+    assert provenance["preprocessing"] == "resize" and provenance["labels"] == names
+    command = export.serving_command(folder.parent.parent, "resnet")
+    docker, curl = command.splitlines()
+    assert f"-v {folder.parent}:/models/resnet -e MODEL_NAME=resnet tensorflow/serving" in docker
+    assert "image_bytes" in curl and "localhost:8501/v1/models/resnet:predict" in curl
+
+
+def test_versions_increment_and_old_ones_are_pruned(trained_run, saved_model, tmp_path):
+    run, _ = trained_run
+    export_dir = tmp_path / "export"
+    for version in ("1", "2"):  # earlier exports, copied: a real one costs seconds
+        shutil.copytree(saved_model, export_dir / "tiny" / version)
+    assert export.export_saved_model(run, export_dir, model_name="tiny", keep=2).name == "3"
+    assert sorted(p.name for p in (export_dir / "tiny").iterdir()) == ["2", "3"]  # no hidden leftovers
+    config = (export_dir / export.CONFIG_FILE).read_text()
+    assert 'name: "tiny"' in config and 'base_path: "/models/tiny"' in config
+    assert 'model_platform: "tensorflow"' in config and config.count("config {") == 1
+
+    with pytest.raises(UserError, match="exists already"):
+        export.export_saved_model(run, export_dir, model_name="tiny", version=3)
+    with pytest.raises(UserError, match="keep"):
+        export.export_saved_model(run, export_dir, model_name="tiny", keep=0)
+
+
+def test_a_failed_export_leaves_no_version(trained_run, tmp_path, monkeypatch):
+    run, _ = trained_run
+    model_dir = tmp_path / "export" / "resnet"
+    model_dir.mkdir(parents=True)
+
+    def broken(*args, **kwargs):
+        Path(args[1], "saved_model.pb").write_bytes(b"half")  # as if it died mid-write
+        raise OSError("disk full")
+
+    monkeypatch.setattr(tf.saved_model, "save", broken)
+    with pytest.raises(OSError, match="disk full"):
+        export.export_saved_model(run, tmp_path / "export")
+    assert list(model_dir.iterdir()) == []
+    assert not (tmp_path / "export" / export.CONFIG_FILE).exists()
+
+
+def test_foreign_files_and_untrained_runs_are_refused(trained_run, tmp_path):
+    run, _ = trained_run
+    model_dir = tmp_path / "export" / "resnet"
+    model_dir.mkdir(parents=True)
+    (model_dir / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="notes.txt"):
+        export.export_saved_model(run, tmp_path / "export")
+    (model_dir / "notes.txt").unlink()
+    (model_dir / "7").mkdir()  # numeric, but not a SavedModel
+    with pytest.raises(UserError, match="7"):
+        export.export_saved_model(run, tmp_path / "export")
+
+    untrained = tmp_path / "runs" / "resnet" / "v0001"
+    shutil.copytree(run.path, untrained, ignore=shutil.ignore_patterns("*.keras"))
+    with pytest.raises(UserError, match="train it first"):
+        export.export_saved_model(untrained, tmp_path / "other")
+    assert not (tmp_path / "other").exists()
