@@ -5,6 +5,8 @@
     python -m shared.runner finetune --config models/mobilenet_v2/quick.yaml --from runs/mobilenet_v2/v0002
     python -m shared.runner finetune-all --config ... --from runs/mobilenet_v2/v0002 [--weights file.h5]
     python -m shared.runner test --run runs/resnet/v0003
+    python -m shared.runner distill --config models/mobilenet_v2/quick.yaml --teacher runs/resnet/v0004
+    python -m shared.runner tune --config models/resnet/tune.yaml
     python -m shared.runner preview --config models/alexnet/quick.yaml --out preview.png
     python -m shared.runner lr-sweep --config models/resnet/quick.yaml [--min-lr 1e-5 --max-lr 10 --steps 100]
     python -m shared.runner find-batch --config models/resnet/run.yaml [--max-batch 1024]
@@ -22,7 +24,7 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TF's C++ start-up chatter out of the way
 
-COMMANDS = ("train", "finetune", "finetune-all", "test", "preview", "lr-sweep", "find-batch", "export", "size")
+COMMANDS = ("train", "finetune", "finetune-all", "distill", "tune", "test", "preview", "lr-sweep", "find-batch", "export", "size")
 
 
 def _config_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
@@ -46,6 +48,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         source = command.add_mutually_exclusive_group(required=True)
         source.add_argument("--from", dest="from_run", metavar="RUN", help="the run whose weights to start from")
         source.add_argument("--weights", help="a weight file, e.g. a Keras Applications .h5 for ResNet/MobileNetV2")
+    student = sub.add_parser("distill", help="train the config's model as a student of a finished run")
+    _config_arguments(student)
+    student.add_argument("--teacher", required=True, metavar="RUN", help="the teacher run, e.g. runs/resnet/v0004")
+    tune = sub.add_parser("tune", help="hyperparameter search with Optuna over the config's tune: section")
+    _config_arguments(tune)
     preview = sub.add_parser("preview", help="write a grid of augmented training images as a PNG")
     _config_arguments(preview)
     preview.add_argument("--count", type=int, default=32, help="how many images (default 32)")
@@ -92,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from shared.errors import run_cli  # after argparse, so --help answers before TF loads
 
-    actions = {"test": _test, "train": _train, "finetune": _train, "finetune-all": _train, "preview": _preview,
+    actions = {"test": _test, "train": _train, "finetune": _train, "finetune-all": _train, "distill": _train,
+               "tune": _tune, "preview": _preview,
                "lr-sweep": _lr_sweep, "find-batch": _find_batch, "export": _export, "size": _size}
     return run_cli(lambda: actions[args.command](args, argv))
 
@@ -118,6 +126,19 @@ def _preview(args: argparse.Namespace, argv: list[str]) -> None:
     from shared import plots
 
     print(f"wrote {plots.preview(config, args.out, count=args.count)}: {args.count} augmented training images")
+
+
+def _tune(args: argparse.Namespace, argv: list[str]) -> None:
+    from shared.config import load_config
+
+    overrides = list(args.set) + ([f"run.notes={_yaml_string(args.notes)}"] if args.notes else [])
+    config = load_config(args.config, overrides)
+    from shared import tune
+
+    result = tune.tune(config, argv=["-m", "shared.runner", *argv])
+    print(result["table"])
+    if result.get("plot"):
+        print(f"plot: {result['plot']}")
 
 
 def _lr_sweep(args: argparse.Namespace, argv: list[str]) -> None:
@@ -188,10 +209,13 @@ def _train(args: argparse.Namespace, argv: list[str]) -> None:
         run = resume(run.path, argv=["-m", "shared.runner", *argv])
     else:
         overrides = finetune_overrides(args) if args.command.startswith("finetune") else []
+        if args.command == "distill":
+            overrides.append(f"distill.teacher={args.teacher}")
         overrides += list(args.set) + ([f"run.notes={_yaml_string(args.notes)}"] if args.notes else [])
         config = load_config(args.config, overrides)
-        if config.init.from_run:
-            open_run(config.init.from_run)
+        for source in (config.init.from_run, config.distill.teacher):
+            if source:
+                open_run(source)  # a typo answers before TensorFlow loads
         from shared.train import summary, train
 
         run = train(config, argv=["-m", "shared.runner", *argv])

@@ -1,0 +1,326 @@
+"""TensorFlow Lite export of a run's model, and the LiteRT checks that go with it: accuracy on the
+run's test split and batch-1 CPU latency.
+
+The exported model takes what the Keras model takes: one *normalized* float32 image of the run's size,
+shape (1, image_size, image_size, channels), i.e. (pixel - data.mean) / data.std with the statistics in
+the run's config.yaml; it returns the class probabilities. Quantization modes:
+
+    none      float32 weights and activations
+    float16   weights stored as float16 (dequantized to float32 when the model loads): half the size
+    dynamic   dynamic-range quantization: int8 weights, float activations (quantized on the fly)
+    int8      full-integer quantization: int8 weights and activations, calibrated on training images;
+              builtin int8 kernels only. io="int8" also makes the input and output tensors int8
+              (quantize them with the tensor's scale and zero point), io="float" keeps float I/O.
+
+Conversion: a batch-1 `tf.function` of `model(image, training=False)`, its variables frozen into
+constants, through `TFLiteConverter.from_concrete_functions`. Freezing first matters with Keras 3 in
+TF 2.21: given the unfrozen function (and the model as its trackable object) the converter keeps the
+weights as resource variables (VAR_HANDLE / READ_VARIABLE ops) that LiteRT leaves uninitialized (NaN
+outputs), and int8 calibration fails on them. `from_keras_model` also works but writes and reloads a
+whole SavedModel (3-4x slower); it is the fallback should TF's freezing helper move.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import statistics
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+
+from shared.errors import UserError
+from shared.runs import Run, open_run
+
+QUANTIZE_MODES = ("none", "float16", "dynamic", "int8")
+IO_TYPES = ("float", "int8")
+EXPORT_DIR = "export"
+# In a fully-integer model only these ops may touch float tensors (the float I/O boundary).
+_BOUNDARY_OPS = {"QUANTIZE", "DEQUANTIZE"}
+
+
+def _as_run(run: Run | str | Path) -> Run:
+    return run if isinstance(run, Run) else open_run(run)
+
+
+def check_mode(quantize: str, io: str = "float") -> None:
+    """Reject an unknown mode or I/O type, and int8 I/O on a model that is not fully int8."""
+    if quantize not in QUANTIZE_MODES:
+        raise UserError(f"unknown quantization {quantize!r}; choose one of {', '.join(QUANTIZE_MODES)}")
+    if io not in IO_TYPES:
+        raise UserError(f"unknown input/output type {io!r}; choose one of {', '.join(IO_TYPES)}")
+    if io == "int8" and quantize != "int8":
+        raise UserError(f"int8 input/output needs full-integer quantization (quantize=int8), "
+                        f"not quantize={quantize}; use io=float with {quantize}")
+
+
+def default_path(run: Run, quantize: str, io: str = "float") -> Path:
+    """`<run>/export/model_<quantize>[_int8io].tflite`."""
+    return run.path / EXPORT_DIR / f"model_{quantize}{'_int8io' if io == 'int8' else ''}.tflite"
+
+
+def atomic_write_bytes(path: Path, content: bytes) -> None:
+    """Temp file beside `path`, then rename: a reader (or an interrupted export) never sees half a model."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as out:
+            out.write(content)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def representative_dataset(run: Run, config, count: int = 200) -> Callable[[], Iterator[list[np.ndarray]]]:
+    """A generator factory of `count` single normalized training images, for int8 calibration.
+
+    The images come from the run's training split through `make_datasets`, with the augmentations
+    switched off: calibration should see the images inference will see (center crop, no mixing),
+    not flipped, cropped or MixUp-blended ones. The shuffle (seeded) still mixes the classes."""
+    from shared import data as data_module
+    from shared import modelzoo
+
+    config = copy.deepcopy(config)  # do not touch the caller's config
+    config.data.augment = []
+    config.data.batch_augment = []
+    datasets = data_module.make_datasets(config, modelzoo.load_augment_module(run.path))
+    count = max(1, min(count, datasets.num_train))
+
+    def generate():
+        for image, _ in datasets.train.unbatch().take(count):
+            yield [image.numpy()[None].astype(np.float32)]
+    return generate
+
+
+def _converter(model, input_shape: tuple):
+    """A converter for `model(image, training=False)` on one image: static shapes (1, H, W, C)."""
+    import tensorflow as tf
+
+    spec = tf.TensorSpec((1, *input_shape), tf.float32, name="image")
+    try:  # TF's own freezing helper (what from_keras_model uses inside), not exported under tf.*
+        from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
+    except ImportError:
+        import keras
+
+        inputs = keras.Input(batch_shape=spec.shape, name="image")
+        return tf.lite.TFLiteConverter.from_keras_model(keras.Model(inputs, model(inputs)))
+    forward = tf.function(lambda image: model(image, training=False), input_signature=[spec])
+    frozen = convert_variables_to_constants_v2(forward.get_concrete_function())
+    # The frozen function holds no variables, so its trackable object only has to exist (without one
+    # TF takes its deprecated path); passing the model instead re-saves Keras' whole object graph
+    # into the converter's temporary SavedModel: 3x slower for the same file.
+    return tf.lite.TFLiteConverter.from_concrete_functions([frozen], tf.Module())
+
+
+def non_int8_ops(content: bytes) -> list[str]:
+    """Ops of a converted model that compute in float although it should be fully int8: the converter
+    (TF 2.21) silently keeps an op without an int8 kernel (SIN, say) in float between a DEQUANTIZE
+    and a QUANTIZE instead of failing, so the result has to be checked."""
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    # Without the default delegate the op list is the model's own, not XNNPACK's partition of it.
+    interpreter = Interpreter(model_content=content,
+                              experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+    dtypes = {d["index"]: np.dtype(d["dtype"]) for d in interpreter.get_tensor_details()}
+    if not hasattr(interpreter, "_get_ops_details"):  # no public per-op API in LiteRT 2.3; if it goes,
+        boundary = {d["index"] for d in [*interpreter.get_input_details(), *interpreter.get_output_details()]}
+        return ["(unnamed)"] if any(t == np.float32 and i not in boundary for i, t in dtypes.items()) else []
+    found = []
+    for op in interpreter._get_ops_details():
+        if op["op_name"] in _BOUNDARY_OPS:
+            continue
+        tensors = [i for i in [*op["inputs"], *op["outputs"]] if i >= 0]
+        if any(dtypes.get(i) == np.float32 for i in tensors):
+            found.append(op["op_name"])
+    return sorted(set(found))
+
+
+def convert(run: Run | str | Path, quantize: str = "none", io: str = "float", out_path: Path | None = None,
+            representative_images: int = 200) -> Path:
+    """Convert the run's model (its own model.py snapshot and last checkpoint) to a .tflite file and
+    return its path (default `<run>/export/model_<quantize>[_int8io].tflite`, written atomically).
+    `representative_images`: training images used to calibrate the int8 activation ranges."""
+    check_mode(quantize, io)
+    import tensorflow as tf
+
+    from shared.evaluate import load_run_model
+
+    run = _as_run(run)
+    model, config = load_run_model(run)
+    data = config.data
+    converter = _converter(model, (data.image_size, data.image_size, data.channels))
+    if quantize == "float16":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.target_spec.supported_types = [tf.float16]
+    elif quantize == "dynamic":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]  # no representative data: weights only
+    elif quantize == "int8":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.representative_dataset = representative_dataset(run, config, representative_images)
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        if io == "int8":
+            converter.inference_input_type = tf.int8
+            converter.inference_output_type = tf.int8
+    try:
+        with warnings.catch_warnings():
+            # Said for every int8 conversion, and means nothing here: the input is float or int8 with
+            # the scale calibrated from the representative images.
+            warnings.filterwarnings("ignore", message="Statistics for quantized inputs")
+            content = converter.convert()
+    except UserError:
+        raise
+    except Exception as error:  # ConverterError (not public in tf.lite), or a calibration RuntimeError
+        reason = " ".join(str(error).split())[:400]
+        hint = "; quantize=dynamic (int8 weights, float activations) or float16 may work" \
+            if quantize == "int8" else ""
+        raise UserError(f"TFLite conversion (quantize={quantize}) of {run.path} failed: {reason}{hint}") from error
+    if quantize == "int8":
+        floating = non_int8_ops(content)
+        if floating:
+            raise UserError(f"the model of {run.path} cannot be fully int8-quantized: op(s) {', '.join(floating)} "
+                            f"have no int8 kernel and would stay float; use quantize=dynamic (int8 weights, "
+                            f"float activations) or float16 instead")
+    out = Path(out_path) if out_path is not None else default_path(run, quantize, io)
+    atomic_write_bytes(out, content)
+    return out
+
+
+# ---------------------------------------------------------------- running the .tflite
+
+
+def _interpreter(path: Path | str, num_threads: int | None = None):
+    from ai_edge_litert.interpreter import Interpreter
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"no TFLite model at {path}; export one first")
+    interpreter = Interpreter(model_path=str(path), num_threads=num_threads)
+    interpreter.allocate_tensors()
+    return interpreter
+
+
+def _quantize(x: np.ndarray, detail: dict) -> np.ndarray:
+    """Float -> the tensor's integer type with its scale / zero point (float tensors pass through)."""
+    dtype = np.dtype(detail["dtype"])
+    if not np.issubdtype(dtype, np.integer):
+        return x.astype(dtype)
+    scale, zero_point = detail["quantization"]
+    info = np.iinfo(dtype)
+    return np.clip(np.round(x / scale + zero_point), info.min, info.max).astype(dtype)
+
+
+def _dequantize(y: np.ndarray, detail: dict) -> np.ndarray:
+    if not np.issubdtype(np.dtype(detail["dtype"]), np.integer):
+        return y.astype(np.float32)
+    scale, zero_point = detail["quantization"]
+    return (y.astype(np.float32) - zero_point) * scale
+
+
+def predict_tflite(interpreter, images: np.ndarray) -> np.ndarray:
+    """Float probabilities for a batch of normalized float images, one invoke per image (the model
+    is batch 1); int8 I/O is quantized / dequantized here."""
+    source, target = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
+    outputs = []
+    for image in images:
+        interpreter.set_tensor(source["index"], _quantize(image[None], source))
+        interpreter.invoke()
+        outputs.append(_dequantize(interpreter.get_tensor(target["index"]), target)[0])
+    return np.stack(outputs)
+
+
+def evaluate_tflite(path: Path | str, run: Run | str | Path, limit: int | None = None) -> dict:
+    """Top-1 / top-5 of the .tflite model on the run's test split (its first `limit` examples when
+    given), with `examples` the number evaluated. Uses every core: this is about accuracy, not speed."""
+    from shared import config as config_module
+    from shared import data as data_module
+    from shared import modelzoo
+
+    run = _as_run(run)
+    config = config_module.from_dict(run.config_dict())
+    datasets = data_module.make_datasets(config, modelzoo.load_augment_module(run.path))
+    test = datasets.test.unbatch()
+    if limit is not None:
+        test = test.take(limit)
+    interpreter = _interpreter(path, num_threads=os.cpu_count())
+    k = min(5, datasets.num_classes)
+    top1 = top5 = count = 0
+    for images, labels in test.batch(256):
+        probabilities = predict_tflite(interpreter, images.numpy())
+        labels = labels.numpy()
+        top1 += int((probabilities.argmax(axis=1) == labels).sum())
+        top_k = np.argsort(-probabilities, axis=1)[:, :k]
+        top5 += int((top_k == labels[:, None]).any(axis=1).sum())
+        count += len(labels)
+    if count == 0:
+        raise UserError("the test split is empty; check data.test_split and data.limit_test")
+    return {"top1": top1 / count, "top5": top5 / count, "examples": count}
+
+
+class _Timed:
+    """A LiteRT interpreter with a random input in place, ready to be timed."""
+
+    def __init__(self, path: Path | str, num_threads: int = 1):
+        self.interpreter = _interpreter(path, num_threads=num_threads)
+        detail = self.interpreter.get_input_details()[0]
+        rng = np.random.default_rng(0)
+        self.interpreter.set_tensor(detail["index"],
+                                    _quantize(rng.standard_normal(detail["shape"]).astype(np.float32), detail))
+
+    def sample(self, runs: int) -> list[float]:
+        times = []
+        for _ in range(runs):
+            start = time.perf_counter()
+            self.interpreter.invoke()
+            times.append((time.perf_counter() - start) * 1000.0)
+        return times
+
+
+def latency_ms(path: Path | str, runs: int = 50, warmup: int = 5) -> float:
+    """Median batch-1 CPU latency (ms) of one invoke with LiteRT (default XNNPACK delegate), on ONE
+    thread: a stable figure on a shared machine, and the one that compares across models."""
+    timed = _Timed(path)
+    timed.sample(warmup)
+    return statistics.median(timed.sample(max(1, runs)))
+
+
+def interleaved_latency_ms(paths: Sequence[Path | str], rounds: int = 5, runs: int = 20,
+                           warmup: int = 5) -> list[float]:
+    """Median one-thread batch-1 latency of each model, measured in alternating rounds (A, B, A, B...)
+    so a load change on a busy machine hits all of them alike, not whichever ran during it."""
+    timers = [_Timed(path) for path in paths]
+    samples: list[list[float]] = [[] for _ in timers]
+    for timed in timers:
+        timed.sample(warmup)
+    for _ in range(max(1, rounds)):
+        for timed, collected in zip(timers, samples):
+            collected.extend(timed.sample(max(1, runs)))
+    return [statistics.median(collected) for collected in samples]
+
+
+def keras_latency_ms(model, input_shape: Sequence[int], runs: int = 50, warmup: int = 5) -> float:
+    """Median batch-1 latency (ms) of the Keras model as a traced `tf.function` of
+    `model(x, training=False)`, result copied to the host. `input_shape` is one image's (H, W, C).
+    TensorFlow runs with its own thread pool (all cores unless configured otherwise)."""
+    import tensorflow as tf
+
+    shape = tuple(input_shape)
+    shape = shape if len(shape) == 4 else (1, *shape)
+    forward = tf.function(lambda x: model(x, training=False))
+    x = tf.random.normal(shape, seed=0)
+    for _ in range(max(1, warmup)):  # the first call traces
+        forward(x).numpy()
+    times = []
+    for _ in range(max(1, runs)):
+        start = time.perf_counter()
+        forward(x).numpy()
+        times.append((time.perf_counter() - start) * 1000.0)
+    return statistics.median(times)
