@@ -23,7 +23,7 @@ import keras
 import tensorflow as tf
 
 from shared import data as data_module
-from shared import distribute, finetune, modelzoo, optim, plots, runs
+from shared import distill, distribute, finetune, modelzoo, optim, plots, runs
 from shared.callbacks import (AtomicBackupAndRestore, EpochCheckpoint, LearningRateLogger, NonFiniteLoss,
                               StopOnNonFiniteLoss, backup_state)
 from shared.config import Config
@@ -167,7 +167,8 @@ def _run_training(config: Config, argv: list[str] | None, resumed: runs.Run | No
         if (config.init.from_run or config.init.weights) and not restoring:
             provenance = finetune.initialize_from(config.init, model, module, config.model.hparams,
                                                   datasets.input_shape, _where(config))
-    distribute.patch_multi_worker_build(model, placement)
+        trainer = _with_teacher(config, model, datasets)  # the model that fit() trains
+    distribute.patch_multi_worker_build(trainer, placement)
     aux_weights = modelzoo.auxiliary_loss_weights(module, model)
     outputs = [MAIN_OUTPUT, *aux_weights] if aux_weights else []
     head = finetune.head_layer_names(module, model, config.model.hparams, datasets.input_shape) \
@@ -203,11 +204,12 @@ def _run_training(config: Config, argv: list[str] | None, resumed: runs.Run | No
             for phase, backup in zip(phases, backups):
                 with precision_policy(config.train.precision), placement.strategy.scope():
                     _freeze(model, phase.freeze, head)
-                    compile_model(model, _phase_train_config(config, phase.until_epoch - start),
+                    optim.apply_weight_decay(model, config.train)  # the student's, when distilling
+                    compile_model(trainer, _phase_train_config(config, phase.until_epoch - start),
                                   datasets.steps_per_epoch, datasets.num_classes, aux_weights,
                                   soft_labels=datasets.soft_labels, replicas=placement.replicas,
                                   lr_scale=phase.lr_scale)
-                model.fit(train_data, epochs=phase.until_epoch, initial_epoch=start,
+                trainer.fit(train_data, epochs=phase.until_epoch, initial_epoch=start,
                           steps_per_epoch=datasets.steps_per_epoch, validation_data=val_data,
                           verbose=_verbosity(config.train.verbose), shuffle=False,
                           callbacks=[*_callbacks(config, run, backup, validating=val_data is not None),
@@ -253,6 +255,19 @@ def _run_training(config: Config, argv: list[str] | None, resumed: runs.Run | No
     shutil.rmtree(run.path / "backup", ignore_errors=True)  # finished: nothing left to resume
     run.set_status("finished", ended=_now())
     return run
+
+
+def _with_teacher(config: Config, model: keras.Model, datasets) -> keras.Model:
+    """With distill.teacher set: the student wrapped with its frozen teacher (Hinton et al. 2015);
+    checkpoints, evaluation and export see the student alone. Otherwise the model itself."""
+    if not config.distill.teacher:
+        return model
+    teacher_run = runs.open_run(config.distill.teacher)
+    config.distill.teacher = str(teacher_run.path.resolve())  # the snapshot finds it from anywhere
+    teacher = distill.load_teacher(teacher_run, datasets.num_classes, datasets.input_shape,
+                                   normalization=distill.data_normalization(config.data),
+                                   class_names=datasets.class_names)
+    return distill.Distiller(model, teacher, config.distill.temperature, config.distill.alpha)
 
 
 def _freeze(model: keras.Model, patterns: list[str], head: set[str]) -> None:

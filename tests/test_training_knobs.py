@@ -170,3 +170,21 @@ def test_preview_lr_sweep_and_find_batch_commands(tmp_path, capsys):
     assert (tmp_path / "p.png").is_file() and (tmp_path / "lr.png").is_file()
     assert "suggested lr" in out and "32" in out
     assert runner.main(["preview", "--config", str(config), "--count", "0"]) == 2
+
+
+def test_distill_command_trains_a_student_that_retests_alone(tmp_path, trained_run, capsys):
+    teacher, _ = trained_run
+    tree = tiny_tree(tmp_path / "runs", train={"epochs": 1, "verbose": 0, "lr": {"base": 0.05}})
+    tree["model"] = {"name": "mobilenet_v2", "alpha": 0.35, "small_input": True}
+    config = tmp_path / "student.yaml"
+    config.write_text(yaml.safe_dump(tree))
+    assert runner.main(["distill", "--config", str(config), "--teacher", str(teacher.path),
+                        "--set", "distill.temperature=2.0"]) == 0
+    (student_dir,) = (tmp_path / "runs" / "mobilenet_v2").iterdir()
+    recorded = yaml.safe_load((student_dir / "config.yaml").read_text())
+    assert recorded["distill"] == {"teacher": str(teacher.path.resolve()), "temperature": 2.0, "alpha": 0.9}
+    metrics = json.loads((student_dir / "test_metrics.json").read_text())
+    capsys.readouterr()
+    assert runner.main(["test", "--run", str(student_dir)]) == 0  # the checkpoint is the student alone
+    assert f"top-1 {metrics['top1']:.4f}" in capsys.readouterr().out
+    assert runner.main(["distill", "--config", str(config), "--teacher", str(tmp_path / "nope")]) == 2
