@@ -1,0 +1,274 @@
+"""shared.tune: search-space parsing, grid / NSGA-II studies of tiny runs, resuming, pruning."""
+
+from __future__ import annotations
+
+import importlib.util
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.trial import TrialState
+
+from shared import tune as tune_module
+from shared.config import load_config
+from shared.errors import UserError
+from shared.runs import Run, all_runs
+
+from conftest import REPO, tiny_tree
+
+# One convolution: a trial trains in about two seconds, where the tiny ResNet takes ten.
+TINY_MODEL = '''
+import keras
+from keras import layers
+
+
+def build(num_classes: int = 10, input_shape: tuple = (16, 16, 3), width: int = 4) -> keras.Model:
+    inputs = keras.Input(shape=input_shape, name="image")
+    x = layers.Conv2D(width, 3, strides=2, activation="relu", name="conv")(inputs)
+    x = layers.GlobalAveragePooling2D(name="pool")(x)
+    outputs = layers.Dense(num_classes, activation="softmax", name="predictions")(x)
+    return keras.Model(inputs, outputs, name="tiny")
+'''
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("tiny_model")
+    (folder / "model.py").write_text(TINY_MODEL)
+    return folder
+
+
+def study_config(tmp_path: Path, tiny_model: Path, **tune):
+    tree = tiny_tree(tmp_path / "runs", train={"epochs": 1},
+                     data={"synthetic_train": 64, "synthetic_test": 32})
+    tree["model"] = {"name": "tiny", "path": str(tiny_model), "width": 4}
+    tree["tune"] = tune
+    return load_config(tree=tree)
+
+
+def stored_study(config, name: str) -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=tune_module.storage_url(config))
+
+
+# ---------------------------------------------------------------- parsing
+
+
+def test_space_entries_become_distributions(tmp_path, tiny_model):
+    config = study_config(tmp_path, tiny_model)
+    space = tune_module.parse_space({
+        "model.width": {"choice": [2, 4, 8]},
+        "train.batch_size": {"int": [16, 64], "step": 16},
+        "train.lr.base": {"float": [1e-3, 0.3], "log": True},
+        "train": {"label_smoothing": {"float": [0, 0.2]}},  # nested, as --set tune.space.train... writes it
+    }, config)
+    assert list(space) == ["model.width", "train.batch_size", "train.lr.base", "train.label_smoothing"]
+    assert space["model.width"] == CategoricalDistribution([2, 4, 8])
+    assert space["train.batch_size"] == IntDistribution(16, 64, step=16)
+    assert space["train.lr.base"] == FloatDistribution(1e-3, 0.3, log=True)
+    assert tune_module.grid_values(space["train.batch_size"]) == [16, 32, 48, 64]
+    assert tune_module.grid_values(space["train.lr.base"]) is None
+
+
+def test_the_example_search_space_parses():
+    config = load_config(REPO / "models" / "resnet" / "tune.yaml")
+    space = tune_module.parse_space(config.tune.space, config)
+    assert {"train.lr.base", "model.width", "train.weight_decay"} <= set(space)
+    assert [o.metric for o in tune_module.parse_objectives(config)] == ["top1", "params"]
+    assert config.tune.sampler == "nsga2" and tune_module.study_name(config) == "resnet-tune"
+
+
+@pytest.mark.parametrize("space, message", [
+    ({"train.lr.bsae": {"float": [0.01, 0.1]}}, "did you mean train.lr.base?"),
+    ({"model.widht": {"choice": [2, 4]}}, "did you mean model.width?"),
+    ({"train.batch_size": {"choice": [32, "big"]}}, "train.batch_size"),  # a value of the wrong type
+    ({"data.val_fraction": {"float": [0.1, 1.5]}}, "data.val_fraction"),  # an end out of range
+    ({"model.width": {"choice": []}}, "non-empty list"),
+    ({"train.lr.base": {"float": [0.1, 0.01]}}, "low < high"),
+    ({"train.epochs": {"int": [3, 3]}}, "low < high"),
+    ({"train.lr.base": {"float": [0.0, 0.1], "log": True}}, "log range must start above 0"),
+    ({"train.lr.base": {"chioce": [0.1]}}, "did you mean choice?"),
+    ({"train.lr.base": {"float": [0.01, 0.1], "lg": True}}, "'lg' does not go with float"),
+    ({"train.lr.base": 0.1}, "write a spec"),
+    ({"tune.trials": {"choice": [1, 2]}}, "cannot be searched"),
+    ({}, "tune.space is empty"),
+])
+def test_bad_spaces_are_one_line_user_errors(tmp_path, tiny_model, space, message):
+    config = study_config(tmp_path, tiny_model)
+    with pytest.raises(UserError, match=message.replace("?", r"\?").replace("(", r"\(")) as caught:
+        tune_module.parse_space(space, config)
+    assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("tune, message", [
+    ({"sampler": "grid", "space": {"train.lr.base": {"float": [0.01, 0.1]}}}, "grid needs finite values"),
+    ({"objectives": [{"metric": "val_loss", "direction": "minimize"}]}, "needs a validation split"),
+    ({"objectives": [{"metric": "top-1", "direction": "maximize"}]}, "did you mean top1?"),
+    ({"objectives": [{"metric": "top1", "direction": "maximise"}]}, "did you mean maximize?"),
+    ({"constraints": {"latency": 5.0}}, "did you mean latency_ms?"),
+])
+def test_bad_studies_fail_before_anything_runs(tmp_path, tiny_model, tune, message):
+    config = study_config(tmp_path, tiny_model, **{"space": {"train.lr.base": {"choice": [0.01, 0.1]}}, **tune})
+    with pytest.raises(UserError, match=message.replace("?", r"\?")):
+        tune_module.tune(config)
+    assert not (tmp_path / "runs").exists()  # no database, no run folder
+
+
+def test_pruning_callback_reports_and_prunes():
+    class FakeTrial:
+        def __init__(self):
+            self.reported = []
+
+        def report(self, value, step):
+            self.reported.append((step, value))
+
+        def should_prune(self):
+            return len(self.reported) == 2
+
+    trial = FakeTrial()
+    callback = tune_module.pruning_callback(trial, tune_module.monitored_names("top1", validating=True))
+    callback.on_epoch_end(0, {"loss": 1.0, "val_predictions_top1": 0.5})  # a model with auxiliary heads
+    with pytest.raises(optuna.TrialPruned, match="after epoch 2"):
+        callback.on_epoch_end(1, {"val_top1": 0.25})
+    assert trial.reported == [(0, 0.5), (1, 0.25)]
+    assert tune_module.monitored_names("params", validating=True) is None  # no per-epoch value
+
+
+# ---------------------------------------------------------------- studies
+
+
+def test_grid_study_runs_every_point_and_resumes(tmp_path, tiny_model, capsys):
+    space = {"train.lr.base": {"choice": [0.01, 0.05, 0.2]}}
+    config = study_config(tmp_path, tiny_model, study="grid", sampler="grid", trials=2, space=space)
+    first = tune_module.tune(config, argv=["pytest"])
+    assert first["trials"]["complete"] == 2
+    # The same command with more trials resumes: only the missing one runs, capped at the grid's 3.
+    config = study_config(tmp_path, tiny_model, study="grid", sampler="grid", trials=5, space=space)
+    tune_module.tune(config, argv=["pytest"])
+    assert "the grid has 3 points; running 3" in capsys.readouterr().out
+    result = tune_module.tune(config, argv=["pytest"])  # finished: runs nothing, reports again
+    assert "3 of 3 trials done or running, running 0 more" in capsys.readouterr().out
+
+    study = stored_study(config, "grid")
+    complete = study.get_trials(states=(TrialState.COMPLETE,))
+    assert len(study.trials) == len(complete) == 3
+    assert sorted(t.params["train.lr.base"] for t in complete) == [0.01, 0.05, 0.2]
+    runs = all_runs(tmp_path / "runs", "tiny")
+    assert len(runs) == 3 and all(r.status()["status"] == "finished" for r in runs)
+    assert sorted(t.user_attrs["run"] for t in complete) == sorted(str(r.path) for r in runs)
+    for trial in complete:
+        run = Run(Path(trial.user_attrs["run"]))
+        note = f"tune study grid trial {trial.number}: train.lr.base={trial.params['train.lr.base']}"
+        assert note in (run.path / "notes.md").read_text()
+        recorded = run.config_dict()
+        assert note in recorded["run"]["notes"] and recorded["train"]["lr"]["base"] == trial.params["train.lr.base"]
+        assert trial.values[0] == run.test_metrics()["top1"]
+
+    assert [b["trial"] for b in result["best"]] == [study.best_trial.number]
+    assert (tmp_path / "runs" / "grid-history.png").read_bytes()[:4] == b"\x89PNG"
+    best = load_config(result["best"][0]["config"])
+    assert best.train.lr.base == study.best_trial.params["train.lr.base"] and best.tune.space == {}
+
+
+def test_nsga2_study_gives_a_pareto_front(tmp_path, tiny_model, capsys):
+    bound = 100.0  # 3x3x3xw+w (conv) + wx4+4 (4 classes) = 32w+4: widths 1 (36) and 2 (68) fit, 4 (132) not
+    config = study_config(
+        tmp_path, tiny_model, sampler="nsga2", trials=4,
+        objectives=[{"metric": "top1", "direction": "maximize"}, {"metric": "params", "direction": "minimize"}],
+        constraints={"params": bound},
+        space={"model.width": {"choice": [1, 2, 4]}, "train.lr.base": {"float": [0.01, 0.3], "log": True}})
+    result = tune_module.tune(config, argv=["pytest"])
+    out = capsys.readouterr().out
+    assert "Pareto front" in out and "top1 (max)" in out and "params (min)" in out
+    assert result["study"] == "tiny-tune"  # <model>-tune for a config built in code
+
+    study = stored_study(config, "tiny-tune")
+    complete = study.get_trials(states=(TrialState.COMPLETE,))
+    assert len(complete) == 4
+    for trial in complete:
+        params = 32 * trial.params["model.width"] + 4
+        assert trial.values[1] == params
+        assert trial.constraints == {"params": params - bound}
+    # NSGA-II may propose a point again: its figures are reused, not trained a second time.
+    repeats = [t for t in complete if "same_as" in t.user_attrs]
+    for trial in repeats:
+        earlier = study.trials[trial.user_attrs["same_as"]]
+        assert earlier.params == trial.params and earlier.user_attrs["run"] == trial.user_attrs["run"]
+    assert len(all_runs(tmp_path / "runs", "tiny")) == 4 - len(repeats)
+    front = {t.number for t in study.best_trials if "same_as" not in t.user_attrs}
+    assert front and {b["trial"] for b in result["best"]} == front
+    assert all(t.values[1] <= bound for t in study.best_trials)  # infeasible trials are never best
+    assert result["plot"] == tmp_path / "runs" / "tiny-tune-pareto.png"
+    assert result["plot"].read_bytes()[:4] == b"\x89PNG"
+    for best in result["best"]:
+        assert best["config"] == tmp_path / "runs" / "tune" / "tiny-tune" / f"trial-{best['trial']}.yaml"
+        recipe = load_config(best["config"])
+        assert recipe.model.hparams["width"] == best["params"]["model.width"]
+        assert recipe.train.lr.base == pytest.approx(best["params"]["train.lr.base"])
+        assert f"trial {best['trial']}" in recipe.run.notes
+        assert "tune" not in yaml.safe_load(best["config"].read_text())
+        assert str(best["run"]) in out
+
+
+def test_a_pruned_trial_marks_its_run(tmp_path, tiny_model, monkeypatch):
+    # Any loss is above -1: the trial is pruned after its first epoch.
+    monkeypatch.setattr(tune_module, "_make_pruner", lambda monitor: optuna.pruners.ThresholdPruner(upper=-1.0))
+    config = study_config(tmp_path, tiny_model, study="pruned", sampler="random", trials=1,
+                          objectives=[{"metric": "loss", "direction": "minimize"}],
+                          space={"train.lr.base": {"float": [0.01, 0.1]}})
+    result = tune_module.tune(config)
+    assert result["best"] == [] and result["trials"]["pruned"] == 1 and result["plot"] is None
+    (trial,) = stored_study(config, "pruned").trials
+    assert trial.state == TrialState.PRUNED and list(trial.intermediate_values) == [0]
+    status = Run(Path(trial.user_attrs["run"])).status()
+    assert status["status"] == "pruned" and "pruned after epoch 1" in status["reason"]
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # study.ask, standing in for a dead worker
+def test_a_trial_left_running_by_a_killed_process_is_run_again(tmp_path, tiny_model, monkeypatch):
+    monkeypatch.setattr(tune_module, "HEARTBEAT_S", 1)  # stale after 2 s instead of 2 minutes
+    config = study_config(tmp_path, tiny_model, study="killed", sampler="random", trials=1,
+                          space={"train.lr.base": {"choice": [0.01, 0.05]}})
+    # What a process killed mid-trial leaves behind: a RUNNING trial whose heartbeat stopped.
+    storage = tune_module.open_storage(tune_module.storage_url(config))
+    study = optuna.create_study(storage=storage, study_name="killed", direction="maximize")
+    dead = study.ask({"train.lr.base": CategoricalDistribution([0.01, 0.05])})
+    storage.record_heartbeat(dead._trial_id)
+    time.sleep(3.5)  # SQLite's clock has whole seconds
+
+    result = tune_module.tune(config)
+    trials = stored_study(config, "killed").trials
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]
+    assert trials[1].params == dead.params and trials[1].system_attrs["failed_trial"] == 0
+    assert result["trials"]["complete"] == 1 and len(all_runs(tmp_path / "runs", "tiny")) == 1
+
+
+def test_a_resumed_study_must_keep_its_objectives(tmp_path, tiny_model):
+    config = study_config(tmp_path, tiny_model, study="mixed", space={"train.lr.base": {"choice": [0.01, 0.1]}})
+    url = tune_module.storage_url(config)
+    study = optuna.create_study(storage=tune_module.open_storage(url), study_name="mixed", direction="minimize")
+    with pytest.raises(UserError, match=r"optimizes minimize, not top1 \(max\); set tune.study"):
+        tune_module.tune(config)
+    assert not (tmp_path / "runs" / "tiny").exists()
+    # Same direction, another metric: the study remembers what it was created for.
+    tune_module._check_same_objectives(study, [tune_module.Objective("loss", "minimize")], url)
+    with pytest.raises(UserError, match=r"optimizes loss \(min\), not val_loss \(min\)"):
+        tune_module._check_same_objectives(study, [tune_module.Objective("val_loss", "minimize")], url)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("shared.tflite") is None,
+                    reason="shared/tflite.py (LiteRT export) is not in this checkout")
+def test_tflite_size_and_latency_objectives(tmp_path, tiny_model):
+    config = study_config(tmp_path, tiny_model, study="lite", sampler="random", trials=1,
+                          objectives=[{"metric": "tflite_int8_mb", "direction": "minimize"}],
+                          constraints={"latency_ms": 1000.0},
+                          space={"model.width": {"choice": [2, 4]}})
+    result = tune_module.tune(config)
+    (trial,) = stored_study(config, "lite").trials
+    metrics = trial.user_attrs["metrics"]
+    tflite_file = Path(trial.user_attrs["run"]) / "export" / "model_int8.tflite"
+    assert metrics["tflite_int8_mb"] == pytest.approx(tflite_file.stat().st_size / 1e6)
+    assert 0 < metrics["latency_ms"] < 1000 and trial.constraints == {"latency_ms": metrics["latency_ms"] - 1000}
+    assert result["best"][0]["values"] == {"tflite_int8_mb": metrics["tflite_int8_mb"]}
