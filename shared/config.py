@@ -127,6 +127,32 @@ class DistributeConfig:
 
 
 @dataclass
+class DetectionConfig:
+    """A single-shot detector on a classification backbone (task: detection)."""
+    format: str = field(default="coco", metadata={"choices": ("coco", "voc", "tfrecord")})  # annotations
+    train_annotations: str | None = None  # coco: the JSON; voc: the image-set list (None: every XML);
+    test_annotations: str | None = None   # tfrecord: a file glob (label_map.pbtxt beside it, or label_map)
+    label_map: str | None = None  # tfrecord: the TF Object Detection API label_map.pbtxt (1-based ids)
+    strides: list[int] = field(default_factory=lambda: [8, 16, 32])  # backbone feature maps used
+    fpn_channels: int = 64
+    head: str = field(default="conv", metadata={"choices": ("conv", "depthwise")})  # depthwise: SSDLite
+    head_depth: int = 2  # shared head convolutions before the box / class outputs
+    anchor_size: float = 4.0  # anchor side = anchor_size x stride, times each scale
+    anchor_scales: list[float] = field(default_factory=lambda: [1.0, 1.26, 1.59])
+    aspect_ratios: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
+    positive_iou: float = 0.5  # anchors matched at or above: positive; below negative_iou: background;
+    negative_iou: float = 0.4  # in between: ignored
+    max_boxes: int = 32  # ground-truth boxes per image kept (padded) in the pipeline
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+    box_loss_weight: float = 1.0
+    score_threshold: float = 0.05
+    nms_iou: float = 0.5
+    max_detections: int = 100
+    unfreeze_epoch: int | None = None  # with init.from_run and train.freeze [backbone]: train all from here
+
+
+@dataclass
 class DistillConfig:
     """Knowledge distillation (Hinton et al. 2015): `distill --teacher RUN` or distill.teacher."""
     teacher: str | None = None  # a finished run; its model is rebuilt from its own snapshot and frozen
@@ -157,11 +183,13 @@ class RunConfig:
 
 @dataclass
 class Config:
+    task: str = field(default="classification", metadata={"choices": ("classification", "detection")})
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     init: InitConfig = field(default_factory=InitConfig)
     distribute: DistributeConfig = field(default_factory=DistributeConfig)
+    detection: DetectionConfig = field(default_factory=DetectionConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
     run: RunConfig = field(default_factory=RunConfig)

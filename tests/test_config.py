@@ -84,7 +84,8 @@ def test_dump_is_stable_and_in_schema_order():
     first = load_config(tree={"train": {"epochs": 3}, "model": {"depth": 18}}).dump()
     second = load_config(tree={"model": {"depth": 18}, "train": {"epochs": 3}}).dump()
     assert first == second
-    assert list(yaml.safe_load(first)) == ["model", "data", "train", "init", "distribute", "distill", "tune", "run"]
+    assert list(yaml.safe_load(first)) == ["task", "model", "data", "train", "init", "distribute", "detection",
+                                           "distill", "tune", "run"]
 
 
 def test_model_hparams_are_checked_against_build_signature():
