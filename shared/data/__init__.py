@@ -14,6 +14,7 @@ from shared.data import augment, preprocess, sources
 from shared.errors import UserError
 
 AUTOTUNE = tf.data.AUTOTUNE
+CACHE_BYTES = 2 * 1024**3  # preprocessed training images kept in memory up to this size
 
 
 class SkipCounter:
@@ -147,7 +148,13 @@ def make_datasets(config: Config, model_augment: ModuleType | None = None,
         batch = input_context.get_per_replica_batch_size(batch)
     # Deterministic: one map thread, so the stateful random ops draw in a fixed order.
     parallel = 1 if data.deterministic else AUTOTUNE
-    if not source.encoding and num_train <= 200_000:
+    # Decoded arrays without random augmentation: preprocess once and keep the result in memory, so an
+    # epoch is only shuffle and batch (as a bare fit on arrays); with augmentation, cache the raw arrays.
+    float_bytes = num_train * data.image_size ** 2 * data.channels * 4
+    preprocess_once = not source.encoding and not augmentations and float_bytes <= CACHE_BYTES
+    if preprocess_once:
+        train = train.map(train_fn, num_parallel_calls=parallel, deterministic=True).cache()
+    elif not source.encoding and num_train <= 200_000:
         train = train.cache()  # decoded arrays: keep them in memory across epochs
     train = train.shuffle(min(data.shuffle_buffer, num_train), seed=train_config.seed,
                           reshuffle_each_iteration=True).repeat()
@@ -158,7 +165,7 @@ def make_datasets(config: Config, model_augment: ModuleType | None = None,
                  .map(lambda index, example: (index, *train_fn(*example)), num_parallel_calls=parallel)
                  .ignore_errors()
                  .map(skips.record))
-    else:
+    elif not preprocess_once:
         train = train.map(train_fn, num_parallel_calls=parallel, deterministic=True)
     train = train.batch(batch, drop_remainder=False)
     num_classes = source.num_classes
