@@ -111,13 +111,14 @@ def distillation_loss(y_true, student_probs, teacher_probs, temperature: float =
 def data_normalization(data: DataConfig) -> tuple[list[float], list[float]]:
     """The (mean, std) per channel on the 0-255 scale that a run's input pipeline applied, as
     `shared.data.preprocess.normalizer` does: normalize off (pixels / 255) is mean 0, std 255. Needs the
-    resolved statistics, which `make_datasets` writes into the config (and every run's config.yaml)."""
+    resolved statistics `make_datasets` writes into the config and every run's config.yaml (older runs:
+    the source's)."""
     if not data.normalize:
         return [0.0] * data.channels, [255.0] * data.channels
-    if data.mean is None or data.std is None:
-        raise UserError("the normalization statistics (data.mean / data.std) are not resolved; "
-                        "build the datasets first, or set them in the config")
-    return [float(v) for v in data.mean], [float(v) for v in data.std]
+    from shared.data import normalization_statistics
+
+    mean, std = normalization_statistics(data)
+    return [float(v) for v in mean], [float(v) for v in std]
 
 
 @keras.saving.register_keras_serializable(package="shared")

@@ -161,13 +161,11 @@ def _statistics(config) -> tuple[list[float], list[float]]:
     """The normalization constants: resolved into config.yaml at training time; older runs get the
     source's, fitted to the channels exactly as training did."""
     data = config.data
-    if not data.normalize or (data.mean and data.std):
+    if not data.normalize:
         return data.mean, data.std
-    from shared.data import _fit_channels, sources
+    from shared.data import normalization_statistics
 
-    source = sources.load(data)
-    return (data.mean or _fit_channels(source.mean, data.channels),
-            data.std or _fit_channels(source.std, data.channels))
+    return normalization_statistics(data)
 
 
 def _serving_functions(model, config, class_names: list[str], top_k: int, resize: bool,

@@ -88,6 +88,17 @@ def _image_fn(config: Config, source: sources.Source, augmentations: list[augmen
     return fn
 
 
+def normalization_statistics(data, source: sources.Source | None = None) -> tuple[list[float], list[float]]:
+    """The per-channel mean and std (0-255 scale) the pipeline normalizes with: the config's, else the
+    source's fitted to the channels. Runs record them in config.yaml; for older runs (and configs not
+    yet resolved) they come from the source, loaded if not given."""
+    if data.mean and data.std:
+        return list(data.mean), list(data.std)
+    source = source or sources.load(data)
+    return (list(data.mean or _fit_channels(source.mean, data.channels)),
+            list(data.std or _fit_channels(source.std, data.channels)))
+
+
 def _fit_channels(stats: list[float], channels: int) -> list[float]:
     if len(stats) == channels:
         return stats
@@ -121,8 +132,7 @@ def make_datasets(config: Config, model_augment: ModuleType | None = None,
                         f"{source.num_classes} classes; remove data.num_classes or fix it")
     # The normalization statistics, resolved into the config: the run's snapshot (and an export of it)
     # then holds the exact values the model was trained with.
-    data.mean = data.mean or _fit_channels(source.mean, data.channels)
-    data.std = data.std or _fit_channels(source.std, data.channels)
+    data.mean, data.std = normalization_statistics(data, source)
     augmentations = augment.build(data.augment, data.image_size, model_augment, seed=train_config.seed)
 
     train, num_train = source.train, source.num_train
