@@ -110,10 +110,23 @@ def _test(args: argparse.Namespace, argv: list[str]) -> None:
     from shared.runs import open_run
 
     run = open_run(args.run)
+    if _is_detection(run):
+        from shared.detection.train import evaluate_detection_run, summary
+
+        print(summary(evaluate_detection_run(run)))
+        return
     from shared.evaluate import evaluate
     from shared.train import summary
 
     print(summary(evaluate(run)))
+
+
+def _is_detection(run) -> bool:
+    """Whether a run's config.yaml says task: detection (read without loading TensorFlow)."""
+    try:
+        return (run.config_dict() or {}).get("task") == "detection"
+    except (OSError, ValueError):
+        return False
 
 
 def _preview(args: argparse.Namespace, argv: list[str]) -> None:
@@ -165,6 +178,9 @@ def _export(args: argparse.Namespace, argv: list[str]) -> None:
     from shared.runs import open_run
 
     run = open_run(args.run)
+    if _is_detection(run):
+        _export_detection(args, run)
+        return
     if args.format == "saved_model":
         from shared import export
 
@@ -178,6 +194,26 @@ def _export(args: argparse.Namespace, argv: list[str]) -> None:
     if args.evaluate:
         metrics = tflite.evaluate_tflite(path, run)
         print(f"LiteRT test top-1 {metrics['top1']:.4f}  top-5 {metrics['top5']:.4f}  ({metrics['examples']} images)")
+
+
+def _export_detection(args: argparse.Namespace, run) -> None:
+    from shared.detection import export as detection_export
+
+    if args.format == "saved_model":
+        from shared.export import serving_command
+
+        path = detection_export.export_detection_saved_model(run, args.export_dir, model_name=args.name,
+                                                             keep=args.keep)
+        print(f"exported {path}\n{serving_command(args.export_dir, path.parent.name)}")
+        return
+    path = detection_export.export_detection_tflite(run, quantize=args.quantize, io=args.io)
+    print(f"exported {path} ({path.stat().st_size / 1e6:.2f} MB) with {path.parent / detection_export.ANCHORS_FILE} "
+          f"and {path.parent / detection_export.INFO_FILE} beside it (decode outside: "
+          f"shared.detection.export.decode_tflite_outputs)")
+    if args.evaluate:
+        from shared.detection.train import summary
+
+        print(f"LiteRT {summary(detection_export.evaluate_detection_tflite(path, run))}")
 
 
 def _size(args: argparse.Namespace, argv: list[str]) -> None:
@@ -204,7 +240,10 @@ def _train(args: argparse.Namespace, argv: list[str]) -> None:
 
     if getattr(args, "resume", None):
         run = open_run(args.resume)  # a typo answers before TensorFlow loads
-        from shared.train import resume, summary
+        if _is_detection(run):
+            from shared.detection.train import resume_detection as resume, summary
+        else:
+            from shared.train import resume, summary
 
         run = resume(run.path, argv=["-m", "shared.runner", *argv])
     else:
@@ -216,7 +255,10 @@ def _train(args: argparse.Namespace, argv: list[str]) -> None:
         for source in (config.init.from_run, config.distill.teacher):
             if source:
                 open_run(source)  # a typo answers before TensorFlow loads
-        from shared.train import summary, train
+        if config.task == "detection":
+            from shared.detection.train import summary, train_detection as train
+        else:
+            from shared.train import summary, train
 
         run = train(config, argv=["-m", "shared.runner", *argv])
     metrics = run.test_metrics()

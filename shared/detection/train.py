@@ -1,0 +1,487 @@
+"""The detection runner (`task: detection`): config -> detection data -> detector on the model's backbone ->
+`model.fit` -> COCO mAP on the test split -> run snapshot. The classification runner's twin
+(`shared.train`): the same run folder, callbacks, status handling and phases.
+
+    python -m shared.runner --config models/resnet/detect.yaml
+    python -m shared.runner --config models/resnet/detect.yaml --set init.from_run=runs/resnet/v0001
+    python -m shared.runner test --run runs/resnet/v0002        # re-test a detection run from its snapshot
+
+Before the run folder exists everything is checked: the config's detection keys, the annotations and image
+files (`load_detection_data`), the backbone's strides (`build_detector`), the augmentation names and the
+starting weights, which must fit the backbone (`init.from_run` / `init.weights`).
+
+Starting weights: `init.from_run` names a classification run (its model is rebuilt from its own snapshotted
+model.py and config.yaml with its last checkpoint, `finetune.source_from_run`) or a detection run (its
+detector, likewise); `init.weights` a weight file (`finetune.source_from_file`). Layers are copied by name:
+the detector's backbone keeps the classification model's layer names, so every backbone layer must be
+there with the same shapes, or the run stops with a UserError naming the layers and the differing
+hyperparameters. The pyramid and head layers (`fpn_*`, `head_*`) are copied only from a detection run whose
+shapes agree; otherwise they keep their fresh initialization.
+
+Freezing: `train.freeze: [backbone]` freezes every layer but the pyramid and heads (fnmatch patterns of
+layer names work too); `detection.unfreeze_epoch: N` trains the first N epochs so, then every layer from
+epoch N + 1 on (a second `fit` with a recompiled optimizer; epochs, checkpoints and metrics.csv rows are
+counted through). `init.mode: finetune_all` (`finetune-all --from RUN`) works as in classification:
+`init.head_epochs` with the backbone frozen, then every layer at `init.lr_scale` times the rate.
+
+Data augmentation: `data.augment` lists the box-aware augmentations of `shared.detection.datasets`
+(flip, zoom, translate); an empty list trains on the images as they are.
+
+After training the last checkpoint is evaluated on the test split: `test_metrics.json` holds COCO mAP
+(AP@[.5:.95]), mAP50, mAP75 and per-class APs (`metrics.coco_map`, on boxes in the resized image: IoU does
+not change when x and y are scaled), `detections.png` a gallery of test images with the predicted boxes
+(class and score) over the ground truth (dashed), `curves.png` the losses and learning rate per epoch.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from shared import finetune, modelzoo, optim, plots, runs
+from shared import train as classification
+from shared.callbacks import NonFiniteLoss, backup_state
+from shared.config import Config
+from shared.detection import datasets as detection_data
+from shared.detection.anchors import training_targets
+from shared.detection.losses import detection_losses
+from shared.detection.metrics import coco_map
+from shared.detection.model import HEAD_PREFIXES, OUTPUT_NAMES, build_detector, model_anchors
+from shared.detection.postprocess import decode_detections
+from shared.errors import UserError
+
+GALLERY_FILE = "detections.png"
+GALLERY_IMAGES = 16  # test images drawn in detections.png
+GALLERY_COLUMNS = 4
+GALLERY_MIN_SCORE = 0.3  # predictions drawn from this score up (all of them count in the mAP)
+GALLERY_MAX_BOXES = 10  # predictions drawn per image, best first
+GALLERY_OVERLAP = 0.5  # a prediction overlapping a better drawn one more than this (any class) is not drawn
+UNSUPPORTED_STRATEGIES = ("mirrored", "multi_worker", "tpu")
+
+
+# ---------------------------------------------------------------- checks
+
+
+def _where(config: Config) -> str:
+    return f" (in {config.source_file})" if config.source_file else ""
+
+
+def check_detection_config(config: Config) -> None:
+    """The rules of `task: detection` that involve several keys; the schema checks the rest."""
+    where = _where(config)
+    if config.task != "detection":
+        raise UserError(f"task is {config.task!r}{where}; the detection runner needs task: detection")
+    if config.data.val_fraction:
+        raise UserError(f"data.val_fraction{where} is not supported for task: detection (the test split is "
+                        f"evaluated after training); set it to 0")
+    if config.distill.teacher:
+        raise UserError(f"distill.teacher{where}: distillation is for classification; remove it for task: "
+                        f"detection")
+    if config.distribute.strategy in UNSUPPORTED_STRATEGIES:
+        raise UserError(f"distribute.strategy {config.distribute.strategy}{where} is not supported for task: "
+                        f"detection yet; use auto or one_device (one device)")
+    if config.data.batch_augment:
+        raise UserError(f"data.batch_augment{where} (MixUp / CutMix) is for classification; remove it for "
+                        f"task: detection")
+    detection_augmentations(config)
+    if not config.detection.test_annotations:
+        raise UserError(f"detection.test_annotations{where} is empty; the detection runner evaluates on a test "
+                        f"split after training: name its annotations")
+    unfreeze, epochs = config.detection.unfreeze_epoch, config.train.epochs
+    if unfreeze is not None:
+        if not config.train.freeze:
+            raise UserError(f"detection.unfreeze_epoch {unfreeze}{where} needs train.freeze (e.g. [backbone]): "
+                            f"there is nothing to unfreeze")
+        if not 1 <= unfreeze < epochs:
+            raise UserError(f"detection.unfreeze_epoch is {unfreeze}{where}; it must be in [1, train.epochs = "
+                            f"{epochs}): the epochs trained frozen before every layer trains")
+        if config.init.mode == "finetune_all":
+            raise UserError(f"detection.unfreeze_epoch and init.mode finetune_all{where} both plan the frozen "
+                            f"epochs; use one (init.head_epochs with finetune_all)")
+
+
+def detection_augmentations(config: Config) -> tuple[str, ...]:
+    """data.augment as the names `make_dataset` takes (flip, zoom, translate)."""
+    names = []
+    for entry in config.data.augment:
+        if not isinstance(entry, str) or entry not in detection_data.AUGMENTATIONS:
+            raise UserError(f"data.augment entry {entry!r}{_where(config)} is no detection augmentation; for "
+                            f"task: detection choose from {', '.join(detection_data.AUGMENTATIONS)} (boxes "
+                            f"follow them), or [] for none")
+        names.append(entry)
+    return tuple(names)
+
+
+def _absolute(path: str | None) -> str | None:
+    return os.path.abspath(os.path.expanduser(path)) if path else path
+
+
+def absolute_paths(config: Config) -> None:
+    """Data and source paths made absolute, so the run's config.yaml finds them from any directory."""
+    data, detection = config.data, config.detection
+    data.path = _absolute(data.path)
+    for key in ("train_annotations", "test_annotations"):
+        value = getattr(detection, key)
+        # VOC's are image-set names unless they are files
+        if value and (detection.format != "voc" or os.path.exists(os.path.expanduser(value))):
+            setattr(detection, key, _absolute(value))
+    detection.label_map = _absolute(detection.label_map)
+    config.init.from_run = _absolute(config.init.from_run)
+    config.init.weights = _absolute(config.init.weights)
+
+
+def plan_phases(config: Config) -> list[classification.Phase]:
+    """train.freeze with detection.unfreeze_epoch N: N epochs frozen, then every layer; otherwise the
+    classification runner's plan (one phase, or finetune_all's head-only warm start)."""
+    unfreeze = config.detection.unfreeze_epoch
+    if unfreeze is None:
+        return classification.plan_phases(config)
+    return [classification.Phase(unfreeze, list(config.train.freeze)), classification.Phase(config.train.epochs, [])]
+
+
+# ---------------------------------------------------------------- starting weights
+
+
+def head_layer_names(detector: keras.Model) -> set[str]:
+    """The layers the detector adds to the backbone: fpn_*, head_* and the two outputs."""
+    return {layer.name for layer in detector.layers
+            if layer.name.startswith(HEAD_PREFIXES) or layer.name in OUTPUT_NAMES}
+
+
+def _source_from_detection_run(run: runs.Run) -> finetune.Source:
+    detector, config = load_detection_model(run)
+    data = config.data
+    return finetune.Source(detector, f"{run.path} ({run.last_checkpoint().relative_to(run.path)}, detector built "
+                                     f"from its snapshotted model.py)", hparams=dict(config.model.hparams),
+                           input_shape=(data.image_size, data.image_size, data.channels))
+
+
+def _normalization_note(source_run: runs.Run | None, config: Config) -> str:
+    """A remark when the source run normalized its inputs otherwise than this run does: its backbone then
+    sees inputs on another scale than the one it learned."""
+    if source_run is None:
+        return ""
+    recorded = source_run.config_dict().get("data", {})
+    if recorded.get("normalize", True) and (recorded.get("mean") is None or recorded.get("std") is None):
+        return ""  # not recorded (the source's own statistics): nothing to compare
+    mean, std = detection_data.detection_normalization(config)
+    if recorded.get("normalize", True) == config.data.normalize and recorded.get("mean") == mean \
+            and recorded.get("std") == std:
+        return ""
+    return (f" (note: it normalized its inputs with mean {recorded.get('mean')} std {recorded.get('std')}, this "
+            f"run with mean {mean} std {std}; set data.mean / data.std to match)")
+
+
+def initialize_backbone(config: Config, detector: keras.Model, module) -> str:
+    """Copy init.from_run's (or init.weights') layers into `detector` by name; returns the line for the run's
+    notes. Every backbone layer must be in the source with the same shapes (else a UserError naming them and
+    the differing hyperparameters); pyramid and head layers are copied where the source has them shaped
+    alike (a detection run), else they keep their fresh initialization."""
+    init, data, where = config.init, config.data, _where(config)
+    input_shape = (data.image_size, data.image_size, data.channels)
+    hparams = config.model.hparams
+    key = f"init.from_run {init.from_run}" if init.from_run else f"init.weights {init.weights}"
+    source_run = None
+    try:
+        if init.from_run:
+            source_run = runs.open_run(init.from_run)
+            if source_run.config_dict().get("task") == "detection":
+                source = _source_from_detection_run(source_run)
+            else:
+                source = finetune.source_from_run(source_run)
+        else:
+            source = finetune.source_from_file(Path(init.weights), module, hparams, input_shape)
+    except UserError as error:
+        raise UserError(f"{key}{where}: {error}") from None
+    head = head_layer_names(detector)
+    matching = finetune.match_layers(source.model, detector, head)
+    if matching.conflicts:
+        raise UserError(f"{key}{where} does not fit this detector's backbone: "
+                        f"{finetune._listed(matching.conflicts)}; {finetune._fix(source, hparams, input_shape)}")
+    finetune.copy_weights(source.model, detector, matching.copied)
+    backbone = [name for name in matching.copied if name not in head]
+    copied_head = [name for name in matching.copied if name in head]
+    line = f"backbone weights from {source.description}: {len(backbone)} layers copied by name; "
+    if copied_head:
+        line += (f"pyramid and heads: {len(copied_head)} layers copied, {len(matching.reinitialized)} freshly "
+                 f"initialized ({finetune._listed(matching.reinitialized, 3) or 'none'})")
+    else:
+        line += f"pyramid and heads freshly initialized ({len(matching.reinitialized)} layers)"
+    return line + _normalization_note(source_run, config)
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+def _unnormalize(images: np.ndarray, config: Config) -> np.ndarray:
+    """Pipeline images back to 0-255 pixels, for drawing."""
+    data = config.data
+    if not data.normalize:
+        return np.clip(images * 255.0, 0, 255)
+    mean, std = detection_data.detection_normalization(config)
+    return np.clip(images * np.asarray(std, np.float32) + np.asarray(mean, np.float32), 0, 255)
+
+
+def ground_truth(split: detection_data.DetectionSplit, image_size: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Every annotated box (not only the first detection.max_boxes), in the resized image's pixels."""
+    truth = []
+    for record in split:
+        scale = np.array([image_size / record.width, image_size / record.height] * 2, np.float32)
+        truth.append((record.boxes * scale, record.classes))
+    return truth
+
+
+def evaluate_detector(detector: keras.Model, split: detection_data.DetectionSplit, config: Config,
+                      class_names: list[str], gallery: int = GALLERY_IMAGES) -> tuple[dict, dict]:
+    """COCO mAP of `detector` on `split` through the evaluation pipeline and decode_detections (NMS with
+    config.detection's thresholds). Returns (metrics, gallery data: the first `gallery` images as 0-255
+    pixels with their detections and ground truth)."""
+    size = config.data.image_size
+    anchors = model_anchors(detector, config.detection)
+
+    @tf.function(reduce_retracing=True, autograph=False)  # no Python control flow to convert
+    def predict(images):
+        return decode_detections(anchors, detector(images, training=False), config.detection, size)
+
+    detections, shown = [], []
+    for images, _ in detection_data.make_dataset(split, config, training=False):
+        found = {key: value.numpy() for key, value in predict(images).items()}
+        for i, count in enumerate(found["num_detections"]):
+            detections.append((found["boxes"][i, :count], found["classes"][i, :count], found["scores"][i, :count]))
+        if sum(map(len, shown)) < gallery:
+            shown.append(_unnormalize(images.numpy(), config))
+    truth = ground_truth(split, size)
+    metrics = coco_map(truth, detections, class_names, config.detection.max_detections)
+    metrics.update(examples=len(split), boxes=split.num_boxes,
+                   detections=int(sum(len(classes) for _, classes, _ in detections)))
+    images = np.concatenate(shown)[:gallery] if shown else np.zeros((0, size, size, config.data.channels))
+    return metrics, {"images": images, "detections": detections[:len(images)], "truth": truth[:len(images)]}
+
+
+def _shown(boxes: np.ndarray, scores: np.ndarray, min_score: float) -> list[int]:
+    """The predictions drawn: from `min_score` up, best first, at most GALLERY_MAX_BOXES, and none that
+    overlaps a better drawn one by IoU > GALLERY_OVERLAP whatever its class (NMS is per class, so one object
+    may carry several class hypotheses; the picture shows the best)."""
+    from shared.detection.export import box_iou
+
+    kept: list[int] = []
+    for i in np.argsort(-scores, kind="stable"):
+        if scores[i] < min_score or len(kept) == GALLERY_MAX_BOXES:
+            break
+        if not kept or not (box_iou(boxes[i], boxes[kept]) > GALLERY_OVERLAP).any():
+            kept.append(int(i))
+    return kept
+
+
+def detections_figure(images: np.ndarray, detections: list, truth: list, class_names: list[str],
+                      columns: int = GALLERY_COLUMNS, min_score: float = GALLERY_MIN_SCORE):
+    """A grid of images (0-255 pixels [N, S, S, C]) with the ground-truth boxes dashed white and the
+    predictions scoring at least `min_score` (see `_shown`) in their class's colour, labelled with class and
+    score."""
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Rectangle
+
+    count = len(images)
+    columns = max(1, min(columns, count))
+    rows = max(1, math.ceil(count / columns))
+    figure = Figure(figsize=(2.6 * columns, 2.8 * rows), dpi=plots.DPI, layout="constrained")
+    palette = list(colormaps["tab10"].colors)
+    for index, axes in enumerate(figure.subplots(rows, columns, squeeze=False).flat):
+        axes.axis("off")
+        if index >= count:
+            continue
+        image = images[index] / 255.0
+        if image.shape[-1] == 1:
+            axes.imshow(image[..., 0], cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+        else:
+            axes.imshow(image, interpolation="nearest")
+        gt_boxes, gt_classes = truth[index]
+        for box in gt_boxes:
+            axes.add_patch(Rectangle((box[0], box[1]), box[2] - box[0], box[3] - box[1], fill=False,
+                                     edgecolor="white", linestyle="--", linewidth=1.0))
+        boxes, classes, scores = detections[index]
+        keep = _shown(np.asarray(boxes), np.asarray(scores), min_score)
+        for i in keep:
+            box, cls = boxes[i], int(classes[i])
+            colour = palette[cls % len(palette)]
+            axes.add_patch(Rectangle((box[0], box[1]), box[2] - box[0], box[3] - box[1], fill=False,
+                                     edgecolor=colour, linewidth=1.5))
+            name = class_names[cls] if 0 <= cls < len(class_names) else str(cls)
+            axes.text(box[0], box[1], f"{name} {scores[i]:.2f}", color="black", fontsize=6, va="bottom",
+                      bbox={"facecolor": colour, "alpha": 0.8, "pad": 0.5, "linewidth": 0})
+        axes.set_title(f"{len(keep)} found (>= {min_score:g}) / {len(gt_classes)} true", fontsize=7)
+    return figure
+
+
+def plot_detections(gallery: dict, class_names: list[str], out_png: Path) -> Path | None:
+    """The gallery of `evaluate_detector` as a PNG, written atomically (None when there is no image)."""
+    if not len(gallery["images"]):
+        return None
+    figure = detections_figure(gallery["images"], gallery["detections"], gallery["truth"], class_names)
+    return plots.save_figure(figure, out_png)
+
+
+def summary(metrics: dict) -> str:
+    def fmt(value):
+        return f"{value:.4f}" if isinstance(value, float) else "n/a"
+
+    return (f"test mAP@[.5:.95] {fmt(metrics.get('mAP'))}  mAP@.5 {fmt(metrics.get('mAP50'))}  "
+            f"mAP@.75 {fmt(metrics.get('mAP75'))}  ({metrics.get('examples')} images, {metrics.get('boxes')} boxes)")
+
+
+# ---------------------------------------------------------------- runs
+
+
+def load_detection_model(run: runs.Run) -> tuple[keras.Model, Config]:
+    """The run's detector rebuilt from its snapshotted model.py and config.yaml, with its last checkpoint."""
+    from shared import config as config_module
+
+    config = config_module.from_dict(run.config_dict())
+    if config.task != "detection":
+        raise UserError(f"run {run.path} is a {config.task} run, not a detection run")
+    checkpoint = run.last_checkpoint()
+    if checkpoint is None:
+        raise UserError(f"run {run.path} has no checkpoint in {run.checkpoint_dir} "
+                        f"(status: {run.status().get('status')}); train it first")
+    module = modelzoo.load_model_module(run.path)
+    data = config.data
+    detector = build_detector(module, config.model.hparams, data.num_classes, data.image_size, data.channels,
+                              config.detection)
+    modelzoo.load_weight_file(detector, checkpoint, what=f"detector built from {run.path / 'model.py'}")
+    return detector, config
+
+
+def evaluate_detection_run(run: runs.Run | str | Path) -> dict:
+    """Re-test a detection run on its test split from its own snapshot (model.py, config.yaml, last
+    checkpoint): the figures equal those recorded at training time. Redraws detections.png."""
+    run = run if isinstance(run, runs.Run) else runs.open_run(run)
+    detector, config = load_detection_model(run)
+    _, test, class_names = detection_data.load_detection_data(config)
+    recorded = run.class_names()
+    if recorded and recorded != class_names:
+        raise UserError(f"the annotations of run {run.path} now name other classes ({', '.join(class_names[:4])} "
+                        f"...) than it was trained on ({', '.join(recorded[:4])} ...)")
+    metrics, gallery = evaluate_detector(detector, test, config, class_names)
+    plot_detections(gallery, class_names, run.path / GALLERY_FILE)
+    return metrics
+
+
+def train_detection(config: Config, argv: list[str] | None = None, callbacks: list | tuple = ()) -> runs.Run:
+    """Train a detector as the config says (task: detection), test it on the test split, and return the
+    finished run. `callbacks`: extra Keras callbacks after the runner's own."""
+    return _run_training(config, argv, resumed=None, extra_callbacks=list(callbacks))
+
+
+def resume_detection(path: str | Path, argv: list[str] | None = None) -> runs.Run:
+    """Continue an interrupted or failed detection run from its last complete epoch (its backup)."""
+    from shared import config as config_module
+
+    run = runs.open_run(path)
+    if run.status().get("status") == "finished":
+        raise UserError(f"run {run.path} already finished; start a new run instead")
+    return _run_training(config_module.from_dict(run.config_dict()), argv, resumed=run)
+
+
+def _run_training(config: Config, argv: list[str] | None, resumed: runs.Run | None,
+                  extra_callbacks: list | None = None) -> runs.Run:
+    # ---- everything checked before a run folder exists
+    check_detection_config(config)
+    absolute_paths(config)
+    where = _where(config)
+    folder = resumed.path if resumed else modelzoo.model_dir(config.model.name, config.model.path)
+    module = modelzoo.load_model_module(folder)
+    config.model.hparams = modelzoo.resolve_hparams(module, config.model.hparams, where)
+    phases = plan_phases(config)
+    backups = classification._backup_dirs(resumed, phases) if resumed else []
+    restoring = any(backup_state(b) for b in backups)
+    train_split, test_split, class_names = detection_data.load_detection_data(config)
+    if config.data.num_classes is not None and config.data.num_classes != len(class_names):
+        raise UserError(f"data.num_classes is {config.data.num_classes}{where} but the annotations "
+                        f"{train_split.source} have {len(class_names)} classes; remove data.num_classes")
+    config.data.num_classes = len(class_names)  # resolved: the snapshot says how many there were
+    data = config.data
+    keras.utils.set_random_seed(config.train.seed)
+    with classification.precision_policy(config.train.precision):
+        detector = build_detector(module, config.model.hparams, len(class_names), data.image_size, data.channels,
+                                  config.detection)
+    provenance = ""
+    if (config.init.from_run or config.init.weights) and not restoring:
+        provenance = initialize_backbone(config, detector, module)
+    head = head_layer_names(detector)
+    for phase in phases:  # patterns are checked now, before a run folder exists
+        classification._freeze(detector, phase.freeze, head)
+    anchors = model_anchors(detector, config.detection)
+    steps = detection_data.steps_per_epoch(train_split, config)
+    train_data = detection_data.make_dataset(train_split, config, training=True,
+                                             augment=detection_augmentations(config), repeat=True)
+    train_data = train_data.map(training_targets(anchors, config.detection), num_parallel_calls=tf.data.AUTOTUNE)
+
+    # ---- the run
+    if resumed:
+        run = resumed
+        run.set_status("running", resumed=classification._now(), pid=os.getpid())
+    else:
+        run = runs.create(config, folder, argv, provenance=provenance)
+        runs.atomic_write(run.path / runs.LABELS_FILE, "".join(f"{name}\n" for name in class_names))
+        backups = classification._backup_dirs(run, phases)
+    print(f"run {run.path}: {config.model.name} detector {config.model.hparams}, {len(train_split)} training / "
+          f"{len(test_split)} test images, {len(class_names)} classes, {int(anchors.shape[0])} anchors, {steps} steps "
+          f"x {config.train.epochs} epochs" + (f"; {provenance}" if provenance else ""), flush=True)
+    if resumed:
+        done = max((s["epoch"] for s in map(backup_state, backups) if s), default=0)
+        classification._truncate_metrics(run.path / "metrics.csv", done)
+        print(f"resuming after epoch {done} of {config.train.epochs}", flush=True)
+
+    started = time.time()
+    try:
+        with classification.sigterm_as_interrupt():
+            start = 0
+            for phase, backup in zip(phases, backups):
+                with classification.precision_policy(config.train.precision):
+                    classification._freeze(detector, phase.freeze, head)
+                    optim.apply_weight_decay(detector, config.train)
+                    phase_config = classification._phase_train_config(config, phase.until_epoch - start)
+                    detector.compile(optimizer=optim.make_optimizer(phase_config.train, steps,
+                                                                    lr_scale=phase.lr_scale),
+                                     loss=detection_losses(config.detection), jit_compile=config.train.jit_compile)
+                detector.fit(train_data, epochs=phase.until_epoch, initial_epoch=start, steps_per_epoch=steps,
+                             verbose=classification._verbosity(config.train.verbose), shuffle=False,
+                             callbacks=[*classification._callbacks(config, run, backup, validating=False),
+                                        *(extra_callbacks or [])])
+                start = phase.until_epoch
+        train_seconds = round(time.time() - started, 1)
+        last = run.last_checkpoint()
+        if last is not None:  # what `test --run` rebuilds: the same weights, the same figures
+            modelzoo.load_weight_file(detector, last, what="detector")
+        metrics, gallery = evaluate_detector(detector, test_split, config, class_names)
+    except KeyboardInterrupt:
+        classification._save_interrupted(detector, run)
+        plots.plot_curves(run.path / "metrics.csv", run.path / "curves.png")
+        run.set_status("interrupted", ended=classification._now())
+        raise KeyboardInterrupt(f"interrupted; the state of the last complete epoch is kept: "
+                                f"python -m shared.runner --resume {run.path}") from None
+    except NonFiniteLoss as error:
+        run.set_status("failed", ended=classification._now(), error=str(error))
+        raise UserError(f"{error}; lower train.lr.base or set train.optimizer.clip_global_norm (run {run.path} "
+                        f"is marked failed, last good checkpoint: {run.last_checkpoint() or 'none'})") from None
+    except BaseException as error:
+        run.set_status("failed", ended=classification._now(), error=classification._first_line(error))
+        raise
+    plots.plot_curves(run.path / "metrics.csv", run.path / "curves.png")
+    metrics["train_seconds"] = train_seconds
+    metrics["checkpoint"] = str(last.relative_to(run.path)) if last else None
+    if config.train.ema_momentum is not None:
+        metrics["weights"] = "ema"
+    run.write_json("test_metrics.json", metrics)
+    plot_detections(gallery, class_names, run.path / GALLERY_FILE)
+    shutil.rmtree(run.path / "backup", ignore_errors=True)  # finished: nothing left to resume
+    run.set_status("finished", ended=classification._now())
+    return run
