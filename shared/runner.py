@@ -3,7 +3,7 @@
     python -m shared.runner --config models/resnet/quick.yaml [--set train.epochs=3] [--notes "why"]
     python -m shared.runner --resume runs/resnet/v0003
     python -m shared.runner finetune --config models/mobilenet_v2/quick.yaml --from runs/mobilenet_v2/v0002
-    python -m shared.runner finetune-all --config ... --from runs/mobilenet_v2/v0002 [--weights file.h5]
+    python -m shared.runner finetune-all --config ... (--from runs/mobilenet_v2/v0002 | --weights file.h5)
     python -m shared.runner test --run runs/resnet/v0003
     python -m shared.runner distill --config models/mobilenet_v2/quick.yaml --teacher runs/resnet/v0004
     python -m shared.runner tune --config models/resnet/tune.yaml
@@ -13,7 +13,8 @@
     python -m shared.runner export --run runs/resnet/v0003 --format saved_model|tflite [--quantize int8]
     python -m shared.runner size --run runs/resnet/v0003
 
-A user mistake prints one line `error: ...` and exits with status 2, without a traceback.
+A recipe with `task: detection` trains, tests, resumes and exports a detector through the same commands
+(shared/detection/). A user mistake prints one line `error: ...` and exits with status 2, without a traceback.
 """
 
 from __future__ import annotations
