@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import time
 from pathlib import Path
 
@@ -258,8 +257,6 @@ def test_a_resumed_study_must_keep_its_objectives(tmp_path, tiny_model):
         tune_module._check_same_objectives(study, [tune_module.Objective("val_loss", "minimize")], url)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("shared.tflite") is None,
-                    reason="shared/tflite.py (LiteRT export) is not in this checkout")
 def test_tflite_size_and_latency_objectives(tmp_path, tiny_model):
     config = study_config(tmp_path, tiny_model, study="lite", sampler="random", trials=1,
                           objectives=[{"metric": "tflite_int8_mb", "direction": "minimize"}],
