@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from PIL import Image
 
 from shared import runner
 

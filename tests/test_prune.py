@@ -1,7 +1,6 @@
 import subprocess
 from pathlib import Path
 
-import pytest
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "prune_checkpoints.sh"
 
