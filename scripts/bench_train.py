@@ -5,7 +5,8 @@ Same model (built from the same config), same compile settings, same in-memory F
 `shared.train.train` with everything it does around `fit` (metrics.csv, TensorBoard, per-epoch
 checkpoint, crash-safe backup, learning-rate logging). Throughput is images/second over whole epochs
 after the first (tracing and XLA compilation), measured from one epoch start to the next, so the
-work every callback does at the end of an epoch is counted. The two sides alternate, twice.
+work every callback does at the end of an epoch is counted. The two sides alternate, each measurement in
+a fresh process.
 
     python scripts/bench_train.py [--config models/resnet/quick.yaml] [--images 12800] [--epochs 4]
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -84,18 +86,33 @@ def bare_side(path: str, images: int, epochs: int, runs_dir: str) -> float:
     return images / statistics.median(timer.seconds_per_epoch())
 
 
+def _in_child(side: str, args: argparse.Namespace, runs_dir: str) -> float:
+    command = [sys.executable, __file__, "--side", side, "--config", args.config, "--images", str(args.images),
+               "--epochs", str(args.epochs), "--runs-dir", runs_dir]
+    output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    return float(output.split("IMAGES_PER_SECOND ")[1].split()[0])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="models/resnet/quick.yaml")
     parser.add_argument("--images", type=int, default=12800, help="training images per epoch")
     parser.add_argument("--epochs", type=int, default=4, help="epochs per side and round; the first is not timed")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--side", choices=("bare", "runner"), help=argparse.SUPPRESS)  # one measurement
+    parser.add_argument("--runs-dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.side:  # a child process: one side, one number
+        measure = bare_side if args.side == "bare" else runner_side
+        print(f"IMAGES_PER_SECOND {measure(args.config, args.images, args.epochs, args.runs_dir):.1f}")
+        return
     runner, bare = [], []
     with tempfile.TemporaryDirectory() as runs_dir:
         for round_number in range(args.rounds):
-            bare.append(bare_side(args.config, args.images, args.epochs, runs_dir))
-            runner.append(runner_side(args.config, args.images, args.epochs, runs_dir))
+            # Each measurement in a fresh process: Keras and TF state left by one training (traced
+            # functions, writers) must not slow the next.
+            bare.append(_in_child("bare", args, runs_dir))
+            runner.append(_in_child("runner", args, runs_dir))
             print(f"round {round_number + 1}: bare fit {bare[-1]:.0f} img/s, runner {runner[-1]:.0f} img/s", flush=True)
     best_runner, best_bare = max(runner), max(bare)
     print(f"config {args.config}, {args.images} images per epoch, best of {args.rounds} rounds")

@@ -15,7 +15,7 @@ import yaml
 
 from conftest import REPO, tiny_tree
 
-EPOCHS = 4
+EPOCHS = 3
 
 
 def slow_tree(runs_dir: Path) -> dict:
