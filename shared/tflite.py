@@ -197,7 +197,7 @@ def convert(run: Run | str | Path, quantize: str = "none", io: str = "float", ou
 # ---------------------------------------------------------------- running the .tflite
 
 
-def _interpreter(path: Path | str, num_threads: int | None = None):
+def load_interpreter(path: Path | str, num_threads: int | None = None):
     from ai_edge_litert.interpreter import Interpreter
 
     path = Path(path)
@@ -250,7 +250,7 @@ def evaluate_tflite(path: Path | str, run: Run | str | Path, limit: int | None =
     test = datasets.test.unbatch()
     if limit is not None:
         test = test.take(limit)
-    interpreter = _interpreter(path, num_threads=os.cpu_count())
+    interpreter = load_interpreter(path, num_threads=os.cpu_count())
     k = min(5, datasets.num_classes)
     top1 = top5 = count = 0
     for images, labels in test.batch(256):
@@ -269,7 +269,7 @@ class _Timed:
     """A LiteRT interpreter with a random input in place, ready to be timed."""
 
     def __init__(self, path: Path | str, num_threads: int = 1):
-        self.interpreter = _interpreter(path, num_threads=num_threads)
+        self.interpreter = load_interpreter(path, num_threads=num_threads)
         detail = self.interpreter.get_input_details()[0]
         rng = np.random.default_rng(0)
         self.interpreter.set_tensor(detail["index"],

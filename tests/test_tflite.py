@@ -80,7 +80,7 @@ def test_each_mode_converts_to_a_smaller_file(run, report):
 
 def test_float32_tflite_matches_keras(run, report, keras_and_images):
     model, images, _ = keras_and_images
-    interpreter = tflite._interpreter(_path(run, report, "tflite float32"))
+    interpreter = tflite.load_interpreter(_path(run, report, "tflite float32"))
     assert tuple(interpreter.get_input_details()[0]["shape"]) == (1, 16, 16, 3)
     expected = model(images, training=False).numpy()
     got = tflite.predict_tflite(interpreter, images)
@@ -89,7 +89,7 @@ def test_float32_tflite_matches_keras(run, report, keras_and_images):
 
 def test_int8_has_int8_weights_and_keeps_accuracy(run, report, keras_and_images):
     path = _path(run, report, "tflite int8")
-    details = tflite._interpreter(path).get_tensor_details()
+    details = tflite.load_interpreter(path).get_tensor_details()
     kernels = [d for d in details if len(d["shape"]) == 4 and d["name"] != "image"
                and "conv" in d["name"].lower() and d["shape"][0] > 1]  # (out, kh, kw, in) weights
     assert kernels and all(np.dtype(d["dtype"]) == np.int8 for d in kernels)
@@ -98,7 +98,7 @@ def test_int8_has_int8_weights_and_keeps_accuracy(run, report, keras_and_images)
     assert tflite.non_int8_ops(path.read_bytes()) == []
 
     model, images, _ = keras_and_images
-    agree = (tflite.predict_tflite(tflite._interpreter(path), images).argmax(1)
+    agree = (tflite.predict_tflite(tflite.load_interpreter(path), images).argmax(1)
              == model(images, training=False).numpy().argmax(1)).mean()
     assert agree >= 0.75
     metrics = tflite.evaluate_tflite(path, run)
@@ -111,14 +111,14 @@ def test_int8_has_int8_weights_and_keeps_accuracy(run, report, keras_and_images)
 def test_int8_io(run, report, keras_and_images, tmp_path):
     out = tmp_path / "int8io.tflite"
     assert tflite.convert(run, "int8", io="int8", out_path=out) == out
-    interpreter = tflite._interpreter(out)
+    interpreter = tflite.load_interpreter(out)
     assert np.dtype(interpreter.get_input_details()[0]["dtype"]) == np.int8
     assert np.dtype(interpreter.get_output_details()[0]["dtype"]) == np.int8
     # Quantizing the input / dequantizing the output by hand gives what the float-I/O int8 model gives.
     _, images, _ = keras_and_images
     probabilities = tflite.predict_tflite(interpreter, images)
     assert np.allclose(probabilities.sum(axis=1), 1.0, atol=0.05)
-    float_io = tflite.predict_tflite(tflite._interpreter(_path(run, report, "tflite int8")), images)
+    float_io = tflite.predict_tflite(tflite.load_interpreter(_path(run, report, "tflite int8")), images)
     assert (probabilities.argmax(1) == float_io.argmax(1)).mean() >= 0.9
     metrics = tflite.evaluate_tflite(out, run, limit=16)
     assert metrics["examples"] == 16 and 0.0 <= metrics["top1"] <= 1.0

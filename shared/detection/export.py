@@ -254,14 +254,10 @@ def export_detection_tflite(run: Run | str | Path, quantize: str = "none", io: s
 
 
 def tflite_interpreter(path: Path | str, num_threads: int | None = None):
-    from ai_edge_litert.interpreter import Interpreter
+    """The LiteRT interpreter for a detection .tflite (shared.tflite's loader)."""
+    from shared.tflite import load_interpreter
 
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"no TFLite model at {path}; export one first")
-    interpreter = Interpreter(model_path=str(path), num_threads=num_threads)
-    interpreter.allocate_tensors()
-    return interpreter
+    return load_interpreter(path, num_threads=num_threads)
 
 
 def identify_outputs(interpreter, detector, input_shape: tuple, seed: int = 0) -> dict[str, str]:
