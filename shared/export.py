@@ -245,21 +245,37 @@ def export_saved_model(run: Run | str | Path, export_dir: Path, model_name: str 
     from shared.evaluate import load_run_model
 
     run = run if isinstance(run, Run) else open_run(run)
-    model_name = model_name or run.model_name
+    if top_k < 1:
+        raise UserError(f"top_k must be at least 1 (got {top_k})")
+    model_dir = target_folder(run, export_dir, model_name or run.model_name, version, keep)
+
+    model, config = load_run_model(run)
+    names = run.class_names()
+    num_classes = int(model.output_shape[-1])
+    if not names or len(names) != num_classes:  # a run from before labels.txt: the index is the name
+        names = [str(i) for i in range(num_classes)]
+
+    def write(staging: Path) -> dict:
+        preprocessing = _write_saved_model(model, config, names, top_k, staging)
+        return {**preprocessing, "top_k": min(top_k, len(names)), "labels": names}
+
+    return publish(run, export_dir, model_dir, version, keep, write)
+
+
+def target_folder(run: Run, export_dir: str | Path, model_name: str, version: int | None, keep: int) -> Path:
+    """Check an export request before any work: the name, --keep, --version, a checkpoint to export
+    and a model folder without foreign files. Returns <export_dir>/<model_name>."""
     if not MODEL_NAME_RE.match(model_name):
         raise UserError(f"model name {model_name!r} is not usable as a folder and URL name; "
                         f"use letters, digits, '.', '_' and '-'")
     if keep < 1:
         raise UserError(f"--keep must be at least 1 (got {keep}): TF Serving needs a version to serve")
-    if top_k < 1:
-        raise UserError(f"top_k must be at least 1 (got {top_k})")
     if version is not None and version < 0:
         raise UserError(f"--version must be a non-negative integer (got {version})")
     if run.last_checkpoint() is None:
         raise UserError(f"run {run.path} has no checkpoint in {run.checkpoint_dir} "
                         f"(status: {run.status().get('status')}); train it first")
-    export_dir = Path(export_dir).expanduser()
-    model_dir = export_dir / model_name
+    model_dir = Path(export_dir).expanduser() / model_name
     _check_model_dir(model_dir)
     existing = versions(model_dir)
     if version is not None:
@@ -269,31 +285,30 @@ def export_saved_model(run: Run | str | Path, export_dir: Path, model_name: str 
         if sum(number > version for number in existing) >= keep:
             raise UserError(f"version {version} would be pruned at once: {keep} newer version(s) of "
                             f"{model_name} exist in {model_dir}; leave out --version or raise --keep")
+    return model_dir
 
-    model, config = load_run_model(run)
-    names = run.class_names()
-    num_classes = int(model.output_shape[-1])
-    if not names or len(names) != num_classes:  # a run from before labels.txt: the index is the name
-        names = [str(i) for i in range(num_classes)]
 
+def publish(run: Run, export_dir: str | Path, model_dir: Path, version: int | None, keep: int, write) -> Path:
+    """Write a version atomically: `write(staging)` saves the SavedModel into a hidden folder (TF Serving
+    ignores it) and returns provenance for assets.extra/export.json; the folder is then renamed to its
+    version number, older versions pruned and models.config rewritten. A failure leaves nothing."""
     model_dir.mkdir(parents=True, exist_ok=True)
-    # Hidden (not all digits): TF Serving ignores the folder while it is being written.
     staging = Path(tempfile.mkdtemp(prefix=".export-", dir=model_dir))
     try:
         os.chmod(staging, 0o777 & ~_UMASK)  # mkdtemp makes 0700 folders; a server may run as another user
-        preprocessing = _write_saved_model(model, config, names, top_k, staging)
+        provenance = write(staging)
         extra = staging / "assets.extra"  # provenance beside the model; TF Serving does not read it
         extra.mkdir(exist_ok=True)
         (extra / "export.json").write_text(json.dumps({
-            "run": str(run.path.resolve()), "checkpoint": run.last_checkpoint().name, **preprocessing,
-            "top_k": min(top_k, len(names)), "labels": names, "exported": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "run": str(run.path.resolve()), "checkpoint": run.last_checkpoint().name, **provenance,
+            "exported": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }, indent=2) + "\n")
         target = _publish(staging, model_dir, version)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     prune(model_dir, keep)
-    write_models_config(export_dir)
+    write_models_config(Path(export_dir).expanduser())
     return target
 
 

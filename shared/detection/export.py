@@ -30,17 +30,13 @@ from __future__ import annotations
 import io as io_module  # `io` is export_detection_tflite's argument (the CLI's --io)
 import json
 import os
-import shutil
-import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
 from shared.detection.anchors import VARIANCES
 from shared.errors import UserError
-from shared.export import (MODEL_NAME_RE, PREDICT_IMAGES, SERVING_DEFAULT, _UMASK, _check_model_dir, _publish,
-                           prune, versions, write_models_config)
+from shared.export import PREDICT_IMAGES, SERVING_DEFAULT, publish, target_folder
 from shared.runs import Run, open_run
 
 OUTPUT_KEYS = ("boxes", "classes", "labels", "scores", "num_detections")
@@ -138,44 +134,18 @@ def export_detection_saved_model(run: Run | str | Path, export_dir: Path, model_
 
     run = _as_run(run)
     model_name = model_name or default_model_name(run)
-    if not MODEL_NAME_RE.match(model_name):
-        raise UserError(f"model name {model_name!r} is not usable as a folder and URL name; "
-                        f"use letters, digits, '.', '_' and '-'")
-    if keep < 1:
-        raise UserError(f"--keep must be at least 1 (got {keep}): TF Serving needs a version to serve")
-    if version is not None and version < 0:
-        raise UserError(f"--version must be a non-negative integer (got {version})")
-    export_dir = Path(export_dir).expanduser()
-    model_dir = export_dir / model_name
-    _check_model_dir(model_dir)
-    existing = versions(model_dir)
-    if version is not None and version in existing:
-        raise UserError(f"version {version} of {model_name} exists already at {existing[version]}; "
-                        f"leave out --version to export the next one ({max(existing) + 1})")
+    model_dir = target_folder(run, export_dir, model_name, version, keep)
     detector, config = load_detection_model(run)
     names = run.class_names() or [str(i) for i in range(config.data.num_classes)]
 
-    model_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".export-", dir=model_dir))  # hidden: TF Serving ignores it
-    try:
-        os.chmod(staging, 0o777 & ~_UMASK)
+    def write(staging: Path) -> dict:
         _write_saved_model(detector, config, names, staging)
-        extra = staging / "assets.extra"
-        extra.mkdir(exist_ok=True)
-        (extra / "export.json").write_text(json.dumps({
-            "run": str(run.path.resolve()), "checkpoint": run.last_checkpoint().name, "task": "detection",
-            **_preprocessing(config), "labels": names, "outputs": list(OUTPUT_KEYS),
-            "boxes": "absolute xyxy pixels of the image as sent", "score_threshold": config.detection.score_threshold,
-            "nms_iou": config.detection.nms_iou, "max_detections": config.detection.max_detections,
-            "exported": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        }, indent=2) + "\n")
-        target = _publish(staging, model_dir, version)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    prune(model_dir, keep)
-    write_models_config(export_dir)
-    return target
+        return {"task": "detection", **_preprocessing(config), "labels": names, "outputs": list(OUTPUT_KEYS),
+                "boxes": "absolute xyxy pixels of the image as sent",
+                "score_threshold": config.detection.score_threshold, "nms_iou": config.detection.nms_iou,
+                "max_detections": config.detection.max_detections}
+
+    return publish(run, export_dir, model_dir, version, keep, write)
 
 
 # ---------------------------------------------------------------- TFLite
