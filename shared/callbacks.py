@@ -94,6 +94,28 @@ class StopOnNonFiniteLoss(keras.callbacks.Callback):
             raise NonFiniteLoss(f"the training loss became {float(loss)} at epoch {self.epoch + 1}, batch {batch + 1}")
 
 
+class StopOnSignal(keras.callbacks.Callback):
+    """SIGTERM (a scheduler's stop, a cloud preemption) ends training at the next batch boundary, as
+    Ctrl-C does. The signal handler only records the signal and the callback raises KeyboardInterrupt
+    from Python: an exception raised inside the handler itself can land in native TF code that drops
+    it (seen once: a run that ignored SIGTERM and finished). A second signal stops at once."""
+
+    def __init__(self):
+        super().__init__()
+        self.signal: int | None = None
+
+    def request(self, signum, frame):
+        if self.signal is not None:
+            raise KeyboardInterrupt(f"signal {signum}")
+        self.signal = signum
+
+    def check(self, *args, **kwargs):
+        if self.signal is not None:
+            raise KeyboardInterrupt(f"signal {self.signal}")
+
+    on_train_batch_end = on_test_batch_end = on_epoch_begin = check
+
+
 class LearningRateLogger(keras.callbacks.Callback):
     """Add the learning rate at the end of each epoch to the logs, as `lr`."""
 

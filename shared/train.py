@@ -25,7 +25,7 @@ import tensorflow as tf
 from shared import data as data_module
 from shared import distill, distribute, finetune, modelzoo, optim, plots, runs
 from shared.callbacks import (AtomicBackupAndRestore, EpochCheckpoint, LearningRateLogger, NonFiniteLoss,
-                              StopOnNonFiniteLoss, backup_state)
+                              StopOnNonFiniteLoss, StopOnSignal, backup_state)
 from shared.config import Config
 from shared.errors import UserError
 from shared.evaluate import evaluate_model
@@ -121,19 +121,19 @@ def precision_policy(name: str):
 
 @contextlib.contextmanager
 def sigterm_as_interrupt():
-    """SIGTERM (a scheduler's or cloud preemption's stop) handled like Ctrl-C: stop, save, mark."""
+    """SIGTERM (a scheduler's or cloud preemption's stop) handled like Ctrl-C: stop, save, mark. Yields
+    the callback that raises it at the next batch (or None off the main thread, where signals can't
+    be caught)."""
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield None
         return
-
-    def handler(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    previous = signal.signal(signal.SIGTERM, handler)
+    stop = StopOnSignal()
+    previous = signal.signal(signal.SIGTERM, stop.request)
     try:
-        yield
+        yield stop
     finally:
         signal.signal(signal.SIGTERM, previous)
+    stop.check()  # a signal during the last batch still stops the run before testing
 
 
 def train(config: Config, argv: list[str] | None = None, callbacks: list | tuple = ()) -> runs.Run:
@@ -199,7 +199,7 @@ def _run_training(config: Config, argv: list[str] | None, resumed: runs.Run | No
     val_data = training_labels(datasets.val, outputs, one_hot)
     started = time.time()
     try:
-        with sigterm_as_interrupt():
+        with sigterm_as_interrupt() as stop:
             start = 0
             for phase, backup in zip(phases, backups):
                 with precision_policy(config.train.precision), placement.strategy.scope():
@@ -212,7 +212,8 @@ def _run_training(config: Config, argv: list[str] | None, resumed: runs.Run | No
                 trainer.fit(train_data, epochs=phase.until_epoch, initial_epoch=start,
                           steps_per_epoch=datasets.steps_per_epoch, validation_data=val_data,
                           verbose=_verbosity(config.train.verbose), shuffle=False,
-                          callbacks=[*_callbacks(config, run, backup, validating=val_data is not None),
+                          callbacks=[*([stop] if stop else []),
+                                     *_callbacks(config, run, backup, validating=val_data is not None),
                                      *(extra_callbacks or [])])
                 start = phase.until_epoch
         metrics = evaluate_model(modelzoo.inference_model(model), datasets.test, datasets.num_classes)
