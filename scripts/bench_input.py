@@ -25,6 +25,7 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import shared  # noqa: E402,F401  (first: it sets the host allocator before TensorFlow starts)
 import keras  # noqa: E402
 import matplotlib  # noqa: E402
 import numpy as np  # noqa: E402
@@ -129,7 +130,8 @@ def main() -> None:
                                for i in range(10**9)), lambda b: count(b[0]), args.seconds),
         }
     print(f"{len(files)} JPEG photographs ({', '.join(f'{w}x{h}' for w, h in SIZES)}), {IMAGE_SIZE} px crops, "
-          f"batch {args.batch}, {os.cpu_count()} CPUs, TF {tf.__version__}")
+          f"batch {args.batch}, {os.cpu_count()} CPUs, TF {tf.__version__}, "
+          f"TF_CPU_ALLOCATOR_USE_BFC={os.environ.get('TF_CPU_ALLOCATOR_USE_BFC')}")
     labels = {"decode_only": "(a) decode-only ceiling, tf.io.decode_jpeg", "train": "(b) project train pipeline",
               "eval": "(c) project eval pipeline", "pil": "(d) PIL + keras.utils.PyDataset"}
     for key, label in labels.items():

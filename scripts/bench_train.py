@@ -27,6 +27,7 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import shared  # noqa: E402,F401  (first: it sets the host allocator before TensorFlow starts)
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 

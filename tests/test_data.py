@@ -10,7 +10,7 @@ from shared.config import load_config
 from shared.data import augment, make_datasets, preprocess, sources
 from shared.errors import UserError
 
-from conftest import tiny_tree
+from conftest import REPO, tiny_tree
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 
@@ -288,3 +288,18 @@ def test_each_worker_reads_its_own_shard(tmp_path):
         images, _ = next(iter(datasets.train.unbatch().batch(5)))
         seen.append({image.tobytes() for image in images.numpy()})
     assert not seen[0] & seen[1] and len(seen[0] | seen[1]) == 10  # disjoint halves of the 10 examples
+
+
+def test_importing_the_package_selects_the_bfc_host_allocator_unless_told_otherwise():
+    """TF reads TF_CPU_ALLOCATOR_USE_BFC once at start-up: `import shared` must set it (and respect a user's value)."""
+    import os
+    import subprocess
+    import sys
+
+    probe = "import shared, os; print(os.environ['TF_CPU_ALLOCATOR_USE_BFC'])"
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPU_ALLOCATOR_USE_BFC"}
+    default = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, cwd=REPO)
+    chosen = subprocess.run([sys.executable, "-c", probe], env={**env, "TF_CPU_ALLOCATOR_USE_BFC": "false"},
+                            capture_output=True, text=True, cwd=REPO)
+    assert default.stdout.strip() == "true", default.stderr
+    assert chosen.stdout.strip() == "false", chosen.stderr
