@@ -122,3 +122,30 @@ def test_nan_loss_stops_with_a_clear_message(tmp_path):
     (run_dir,) = (tmp_path / "runs" / "resnet").iterdir()
     assert status(run_dir) == "failed"
     assert not list((run_dir / "checkpoints").glob("epoch-*.keras"))  # no broken weights saved
+
+
+def test_a_recorded_signal_stops_training_at_the_next_batch():
+    """The SIGTERM handler only records; the callback raises from Python after the batch in flight, and a
+    second signal raises at once."""
+    import keras
+    import numpy as np
+    import pytest
+
+    from shared.callbacks import StopOnSignal
+
+    stop = StopOnSignal()
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.compile("sgd", "mse")
+    seen = []
+
+    class Sender(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            seen.append(batch)
+            if batch == 2:
+                stop.request(signal.SIGTERM, None)
+
+    with pytest.raises(KeyboardInterrupt):
+        model.fit(np.zeros((64, 2)), np.zeros(64), batch_size=4, epochs=1, verbose=0, callbacks=[Sender(), stop])
+    assert seen == [0, 1, 2]  # batch 2 ran to its end, no later batch started
+    with pytest.raises(KeyboardInterrupt):
+        stop.request(signal.SIGTERM, None)
