@@ -210,24 +210,30 @@ def _serving_functions(model, config, class_names: list[str], top_k: int, resize
 # ---------------------------------------------------------------- export
 
 
-def _write_saved_model(model, config, class_names: list[str], top_k: int, target: Path) -> dict:
-    """Write the SavedModel into `target` (an empty folder) with Keras' ExportArchive, which tracks the
-    model's variables for tf.saved_model.save; returns the preprocessing it built in."""
+def write_archive(model, bytes_fn, images_fn, image_shape: tuple[int, int, int], target: Path) -> None:
+    """A SavedModel of `model` with the two endpoints every export has: `serving_default` on encoded image
+    bytes (first and by that name, so TF Serving's default signature takes bytes) and `predict_images` on
+    float pixels of `image_shape`."""
     import keras
     import tensorflow as tf
 
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.add_endpoint(SERVING_DEFAULT, bytes_fn,
+                         input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
+    archive.add_endpoint(PREDICT_IMAGES, images_fn,
+                         input_signature=[tf.TensorSpec([None, *image_shape], tf.float32, name="images")])
+    archive.write_out(str(target), verbose=False)
+
+
+def _write_saved_model(model, config, class_names: list[str], top_k: int, target: Path) -> dict:
+    """Write the SavedModel into `target` (an empty folder) with Keras' ExportArchive, which tracks the
+    model's variables for tf.saved_model.save; returns the preprocessing it built in."""
     size, channels = config.data.image_size, config.data.channels
     resize = resizes_pixels(config)
     mean, std = _statistics(config)
     bytes_fn, images_fn = _serving_functions(model, config, class_names, top_k, resize, mean, std)
-    archive = keras.export.ExportArchive()
-    archive.track(model)
-    # Named first and explicitly, so TF Serving's default signature takes bytes.
-    archive.add_endpoint(SERVING_DEFAULT, bytes_fn,
-                         input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
-    archive.add_endpoint(PREDICT_IMAGES, images_fn,
-                         input_signature=[tf.TensorSpec([None, size, size, channels], tf.float32, name="images")])
-    archive.write_out(str(target), verbose=False)
+    write_archive(model, bytes_fn, images_fn, (size, size, channels), target)
     return {"image_size": size, "channels": channels, "preprocessing": "resize" if resize else "center_crop",
             "crop_fraction": config.data.crop_fraction, "normalize": config.data.normalize,
             "mean": mean, "std": std}

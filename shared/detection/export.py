@@ -36,7 +36,7 @@ import numpy as np
 
 from shared.detection.anchors import VARIANCES
 from shared.errors import UserError
-from shared.export import PREDICT_IMAGES, SERVING_DEFAULT, publish, target_folder
+from shared.export import publish, target_folder, write_archive
 from shared.runs import Run, open_run
 
 OUTPUT_KEYS = ("boxes", "classes", "labels", "scores", "num_detections")
@@ -110,18 +110,9 @@ def detection_serving_functions(detector, config, class_names: list[str]):
 
 
 def _write_saved_model(detector, config, class_names: list[str], target: Path) -> None:
-    import keras
-    import tensorflow as tf
-
     size, channels = config.data.image_size, config.data.channels
     bytes_fn, images_fn = detection_serving_functions(detector, config, class_names)
-    archive = keras.export.ExportArchive()
-    archive.track(detector)
-    archive.add_endpoint(SERVING_DEFAULT, bytes_fn,
-                         input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
-    archive.add_endpoint(PREDICT_IMAGES, images_fn,
-                         input_signature=[tf.TensorSpec([None, size, size, channels], tf.float32, name="images")])
-    archive.write_out(str(target), verbose=False)
+    write_archive(detector, bytes_fn, images_fn, (size, size, channels), target)
 
 
 def export_detection_saved_model(run: Run | str | Path, export_dir: Path, model_name: str | None = None,
