@@ -122,15 +122,15 @@ def precision_policy(name: str):
 @contextlib.contextmanager
 def sigterm_as_interrupt():
     """SIGTERM (a scheduler's or cloud preemption's stop) handled like Ctrl-C: stop, save, mark. Yields
-    the callback that raises it at the next batch (or None off the main thread, where signals can't
-    be caught)."""
+    the callbacks every fit inside must get: the one that raises at the next batch (none off the main
+    thread, where signals can't be caught)."""
     if threading.current_thread() is not threading.main_thread():
-        yield None
+        yield []
         return
     stop = StopOnSignal()
     previous = signal.signal(signal.SIGTERM, stop.request)
     try:
-        yield stop
+        yield [stop]
     finally:
         signal.signal(signal.SIGTERM, previous)
     stop.check()  # a signal during the last batch still stops the run before testing
@@ -199,7 +199,7 @@ def _run_training(config: Config, argv: list[str] | None, resumed: runs.Run | No
     val_data = training_labels(datasets.val, outputs, one_hot)
     started = time.time()
     try:
-        with sigterm_as_interrupt() as stop:
+        with sigterm_as_interrupt() as stop_callbacks:
             start = 0
             for phase, backup in zip(phases, backups):
                 with precision_policy(config.train.precision), placement.strategy.scope():
@@ -212,7 +212,7 @@ def _run_training(config: Config, argv: list[str] | None, resumed: runs.Run | No
                 trainer.fit(train_data, epochs=phase.until_epoch, initial_epoch=start,
                           steps_per_epoch=datasets.steps_per_epoch, validation_data=val_data,
                           verbose=_verbosity(config.train.verbose), shuffle=False,
-                          callbacks=[*([stop] if stop else []),
+                          callbacks=[*stop_callbacks,
                                      *_callbacks(config, run, backup, validating=val_data is not None),
                                      *(extra_callbacks or [])])
                 start = phase.until_epoch

@@ -442,7 +442,7 @@ def _run_training(config: Config, argv: list[str] | None, resumed: runs.Run | No
 
     started = time.time()
     try:
-        with classification.sigterm_as_interrupt():
+        with classification.sigterm_as_interrupt() as stop_callbacks:
             start = 0
             for phase, backup in zip(phases, backups):
                 with classification.precision_policy(config.train.precision):
@@ -454,7 +454,8 @@ def _run_training(config: Config, argv: list[str] | None, resumed: runs.Run | No
                                      loss=detection_losses(config.detection), jit_compile=config.train.jit_compile)
                 detector.fit(train_data, epochs=phase.until_epoch, initial_epoch=start, steps_per_epoch=steps,
                              verbose=classification._verbosity(config.train.verbose), shuffle=False,
-                             callbacks=[*classification._callbacks(config, run, backup, validating=False),
+                             callbacks=[*stop_callbacks,
+                                        *classification._callbacks(config, run, backup, validating=False),
                                         *(extra_callbacks or [])])
                 start = phase.until_epoch
         train_seconds = round(time.time() - started, 1)
