@@ -1,0 +1,88 @@
+"""scripts/fit_on_jax.py: the Fashion-MNIST recipes on any Keras backend (JAX on a GPU machine without
+TensorFlow). Here it runs on the TensorFlow backend, the only one installed."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from shared.errors import UserError
+
+from conftest import REPO
+from test_data import fake_fashion_dir
+
+SCRIPT = REPO / "scripts" / "fit_on_jax.py"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("fit_on_jax", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_script(*args, cwd=REPO):
+    env = {**os.environ, "KERAS_BACKEND": "tensorflow"}
+    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_importing_the_script_leaves_the_backend_alone():
+    before = os.environ.get("KERAS_BACKEND")
+    load_script()
+    assert os.environ.get("KERAS_BACKEND") == before
+
+
+def test_random_crop_picks_a_place_per_image():
+    script = load_script()
+    images = np.random.default_rng(0).integers(1, 256, (64, 28, 28, 1)).astype(np.uint8)
+    cropped = script.augmenter([{"random_crop": {"padding": 2}}], np.random.default_rng(1))(images)
+    assert cropped.shape == images.shape
+    padded = np.pad(images, [(0, 0), (2, 2), (2, 2), (0, 0)])
+    offsets = set()
+    for original, out in zip(padded, cropped):
+        found = [(r, c) for r in range(5) for c in range(5) if np.array_equal(original[r:r + 28, c:c + 28], out)]
+        assert len(found) == 1
+        offsets.add(found[0])
+    assert len(offsets) > 10  # keras.layers.RandomCrop would give one place for the whole batch
+
+
+def test_horizontal_flip_flips_about_half():
+    script = load_script()
+    images = np.random.default_rng(0).integers(0, 256, (200, 28, 28, 1)).astype(np.uint8)
+    out = script.augmenter(["horizontal_flip"], np.random.default_rng(2))(images)
+    flipped = np.array([np.array_equal(o, i[:, ::-1]) for o, i in zip(out, images)])
+    unchanged = np.array([np.array_equal(o, i) for o, i in zip(out, images)])
+    assert np.all(flipped ^ unchanged)
+    assert 60 < flipped.sum() < 140
+
+
+def test_unsupported_augmentation_is_a_user_error():
+    with pytest.raises(UserError, match="'random_erasing' is not supported here"):
+        load_script().augmenter(["random_erasing"], np.random.default_rng(0))
+
+
+def test_trains_googlenet_with_aux_heads_and_label_smoothing(tmp_path):
+    data = fake_fashion_dir(tmp_path / "fm", train=32, test=20)
+    result = run_script("models/googlenet/fashion.yaml", "model.width=0.0625", "train.epochs=2",
+                        "train.batch_size=8", "train.steps_per_epoch=2", "--data", data, "--out", tmp_path / "out")
+    assert result.returncode == 0, result.stderr[-2000:]
+    history = (tmp_path / "out" / "history.csv").read_text().splitlines()
+    assert history[0] == "epoch,loss,train_top1,test_top1,seconds" and len(history) == 3
+    summary = json.loads((tmp_path / "out" / "result.json").read_text())
+    assert summary["epochs"] == 2 and summary["backend"] == "tensorflow"
+    assert summary["hparams"]["aux_heads"] is True and summary["hparams"]["width"] == 0.0625
+    assert 0.0 <= summary["test_top1"] <= summary["test_top5"] <= 1.0
+
+
+def test_other_data_sources_are_refused_in_one_line(tmp_path):
+    result = run_script("models/resnet/run.yaml", "--out", tmp_path / "out")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: models/resnet/run.yaml: data.source is 'tfds'; this script reads Fashion-MNIST only")
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
