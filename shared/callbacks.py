@@ -37,9 +37,13 @@ class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
     replaced atomically afterwards, so the backup on disk is always one complete epoch, whatever
     moment a SIGKILL lands. Keras' own writes overwrite the file in place."""
 
-    def __init__(self, backup_dir: Path):
+    def __init__(self, backup_dir: Path, stateful: list | tuple = ()):
+        """`stateful`: callbacks with get_state()/set_state() whose state is committed with each epoch's
+        weights and restored with them; list them before this callback, so that at an epoch's end their
+        state is already updated, and at the start their own reset comes before the restore."""
         super().__init__(str(backup_dir), save_freq="epoch", delete_checkpoint=False)
         self.directory = Path(backup_dir)
+        self.stateful = {type(callback).__name__: callback for callback in stateful}
 
     def _save_model(self):
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -48,7 +52,8 @@ class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
         self.model.save_weights(str(partial), overwrite=True)
         os.replace(partial, self.directory / weights)
         state = self.directory / f".{BACKUP_STATE}.partial"
-        state.write_text(json.dumps({"epoch": self._current_epoch, "weights": weights}))
+        callbacks = {name: callback.get_state() for name, callback in self.stateful.items()}
+        state.write_text(json.dumps({"epoch": self._current_epoch, "weights": weights, "callbacks": callbacks}))
         os.replace(state, self.directory / BACKUP_STATE)  # the commit point
         for old in self.directory.glob("epoch-*.weights.h5"):
             if old.name != weights:
@@ -62,6 +67,21 @@ class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
             self.model.optimizer.build(self.model.trainable_variables)  # its slots must exist to be loaded
         self.model.load_weights(str(self.directory / state["weights"]))
         self.model._initial_epoch = state["epoch"]  # what Keras' own callback sets: fit starts there
+        for name, saved in state.get("callbacks", {}).items():  # older backups have none
+            if name in self.stateful:
+                self.stateful[name].set_state(saved)
+
+
+class ResumableReduceLROnPlateau(keras.callbacks.ReduceLROnPlateau):
+    """Keras' ReduceLROnPlateau whose patience count, best value and cooldown are committed with the
+    backup, so `--resume` goes on counting where the run stopped (Keras' own starts afresh, which can
+    put off a due reduction by `patience` epochs). The reduced rate itself is optimizer state."""
+
+    def get_state(self) -> dict:
+        return {"wait": int(self.wait), "best": float(self.best), "cooldown_counter": int(self.cooldown_counter)}
+
+    def set_state(self, state: dict) -> None:
+        self.wait, self.best, self.cooldown_counter = state["wait"], state["best"], state["cooldown_counter"]
 
 
 def backup_state(directory: Path) -> dict | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import keras
 
+from shared.callbacks import ResumableReduceLROnPlateau
 from shared.config import TrainConfig
 
 
@@ -82,8 +83,8 @@ def schedule_callbacks(train: TrainConfig, validating: bool) -> list:
     without a validation split), as AlexNet's recipe divided by 10 when the error stopped falling."""
     if train.lr.schedule != "plateau":
         return []
-    return [keras.callbacks.ReduceLROnPlateau(monitor="val_loss" if validating else "loss",
-                                              factor=train.lr.gamma, patience=train.lr.patience, verbose=1)]
+    return [ResumableReduceLROnPlateau(monitor="val_loss" if validating else "loss",
+                                       factor=train.lr.gamma, patience=train.lr.patience, verbose=1)]
 
 
 def decoupled_weight_decay(train: TrainConfig) -> float | None:

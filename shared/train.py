@@ -291,13 +291,14 @@ def _callbacks(config: Config, run: runs.Run, backup: Path, validating: bool) ->
     """Order matters at the end of an epoch: the metrics row and the checkpoint are written before the
     backup commits, so a crash between them makes resume redo that epoch (never skip it); with EMA the
     backup holds the raw weights and the checkpoint the averaged ones."""
+    schedule = optim.schedule_callbacks(config.train, validating=validating)
     callbacks = [
         StopOnNonFiniteLoss(),
         LearningRateLogger(),
-        *optim.schedule_callbacks(config.train, validating=validating),
+        *schedule,
         keras.callbacks.CSVLogger(str(run.path / "metrics.csv"), append=True),
         keras.callbacks.TensorBoard(log_dir=str(run.path / "logs"), write_graph=False),
-        AtomicBackupAndRestore(backup),
+        AtomicBackupAndRestore(backup, stateful=[c for c in schedule if hasattr(c, "get_state")]),
     ]
     if config.train.ema_momentum is not None:
         callbacks.append(keras.callbacks.SwapEMAWeights(swap_on_epoch=True))

@@ -149,3 +149,38 @@ def test_a_recorded_signal_stops_training_at_the_next_batch():
     assert seen == [0, 1, 2]  # batch 2 ran to its end, no later batch started
     with pytest.raises(KeyboardInterrupt):
         stop.request(signal.SIGTERM, None)
+
+
+def test_plateau_patience_survives_a_resume(tmp_path):
+    """ReduceLROnPlateau's count of epochs without improvement is committed with the backup: a run cut
+    after epoch 3 of a flat loss resumes counting at 2, not 0."""
+    import keras
+    import numpy as np
+
+    from shared.callbacks import AtomicBackupAndRestore, ResumableReduceLROnPlateau, backup_state
+
+    x, y = np.random.default_rng(0).normal(size=(32, 2)), np.zeros(32)
+    seen = []
+
+    class Probe(keras.callbacks.Callback):
+        def __init__(self, plateau):
+            super().__init__()
+            self.plateau = plateau
+
+        def on_epoch_begin(self, epoch, logs=None):
+            seen.append((epoch, self.plateau.wait))
+
+    def fit(epochs: int) -> None:
+        model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+        model.compile(keras.optimizers.SGD(0.0), "mse")  # rate 0: the loss never improves
+        plateau = ResumableReduceLROnPlateau(monitor="loss", patience=10)
+        backup = AtomicBackupAndRestore(tmp_path / "backup", stateful=[plateau])
+        model.fit(x, y, batch_size=8, epochs=epochs, verbose=0, callbacks=[plateau, backup, Probe(plateau)])
+
+    fit(3)
+    assert seen == [(0, 0), (1, 0), (2, 1)]
+    saved = backup_state(tmp_path / "backup")["callbacks"]["ResumableReduceLROnPlateau"]
+    assert saved["wait"] == 2 and saved["cooldown_counter"] == 0 and saved["best"] > 0
+    seen.clear()
+    fit(5)
+    assert seen == [(3, 2), (4, 3)]  # Keras' own callback would start again at 0
