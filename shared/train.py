@@ -36,14 +36,16 @@ def _where(config: Config) -> str:
     return f" (in {config.source_file})" if config.source_file else ""
 
 
-def prepare(config: Config, replicas: int = 1, model_folder: Path | None = None):
+def prepare(config: Config, replicas: int = 1, model_folder: Path | None = None, start_epoch: int = 0):
     """Resolve the model and its hyperparameters, and build the datasets; returns what `fit` needs.
-    `model_folder`: where model.py lives (a run folder when resuming), else the config's model."""
+    `model_folder`: where model.py lives (a run folder when resuming), else the config's model;
+    `start_epoch`: epochs already trained (resuming), where the training stream starts."""
     folder = model_folder or modelzoo.model_dir(config.model.name, config.model.path)
     module = modelzoo.load_model_module(folder)
     config.model.hparams = modelzoo.resolve_hparams(module, config.model.hparams, _where(config))
     keras.utils.set_random_seed(config.train.seed)
-    datasets = data_module.make_datasets(config, modelzoo.load_augment_module(folder), replicas=replicas)
+    datasets = data_module.make_datasets(config, modelzoo.load_augment_module(folder), replicas=replicas,
+                                         start_epoch=start_epoch)
     config.data.num_classes = datasets.num_classes  # resolved: the snapshot says how many there were
     model = modelzoo.build_model(module, datasets.num_classes, datasets.input_shape, config.model.hparams)
     return folder, module, model, datasets
@@ -159,10 +161,11 @@ def _run_training(config: Config, argv: list[str] | None, resumed: runs.Run | No
                   extra_callbacks: list | None = None) -> runs.Run:
     placement = distribute.make_placement(config.distribute)
     phases = plan_phases(config)
-    restoring = resumed is not None and any(backup_state(b) for b in _backup_dirs(resumed, phases))
+    saved = [s for s in map(backup_state, _backup_dirs(resumed, phases)) if s] if resumed else []
+    restoring, done = bool(saved), max((s["epoch"] for s in saved), default=0)
     with precision_policy(config.train.precision), placement.strategy.scope():
         folder, module, model, datasets = prepare(config, placement.replicas,
-                                                  model_folder=resumed.path if resumed else None)
+                                                  model_folder=resumed.path if resumed else None, start_epoch=done)
         provenance = ""
         if (config.init.from_run or config.init.weights) and not restoring:
             provenance = finetune.initialize_from(config.init, model, module, config.model.hparams,
@@ -190,7 +193,6 @@ def _run_training(config: Config, argv: list[str] | None, resumed: runs.Run | No
           + (f"; {provenance}" if provenance else ""), flush=True)
     backups = _backup_dirs(run, phases)
     if resumed:
-        done = max((s["epoch"] for s in map(backup_state, backups) if s), default=0)
         _truncate_metrics(run.path / "metrics.csv", done)
         print(f"resuming after epoch {done} of {config.train.epochs}", flush=True)
 

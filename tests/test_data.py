@@ -303,3 +303,21 @@ def test_importing_the_package_selects_the_bfc_host_allocator_unless_told_otherw
                             capture_output=True, text=True, cwd=REPO)
     assert default.stdout.strip() == "true", default.stderr
     assert chosen.stdout.strip() == "false", chosen.stderr
+
+
+def test_a_resumed_stream_starts_where_the_epochs_done_left_it(tmp_path):
+    """start_epoch=2 (a run resumed after two epochs) yields the batches an uninterrupted stream yields
+    from its third epoch on; 100 examples in batches of 32: an epoch is 4 batches, across pass ends."""
+    config = config_for(tmp_path, source="synthetic", num_classes=4, synthetic_train=100, synthetic_test=20)
+    config.train.batch_size = 32
+
+    def batches(start_epoch: int, count: int) -> list:
+        stream = make_datasets(config, start_epoch=start_epoch).train
+        return [(images.numpy(), labels.numpy()) for images, labels in stream.take(count)]
+
+    uninterrupted, resumed = batches(0, 12), batches(2, 4)
+    assert make_datasets(config).steps_per_epoch == 4
+    for (images, labels), (want_images, want_labels) in zip(resumed, uninterrupted[8:]):
+        np.testing.assert_array_equal(labels, want_labels)
+        np.testing.assert_allclose(images, want_images)
+    assert not np.array_equal(resumed[0][1], uninterrupted[0][1])  # not the first epoch again

@@ -120,11 +120,13 @@ def find_undecodable(source: sources.Source) -> list[str]:
 
 
 def make_datasets(config: Config, model_augment: ModuleType | None = None,
-                  input_context: tf.distribute.InputContext | None = None, replicas: int = 1) -> Datasets:
+                  input_context: tf.distribute.InputContext | None = None, replicas: int = 1,
+                  start_epoch: int = 0) -> Datasets:
     """The run's pipelines, batched at the global batch: train.batch_size per replica x `replicas`
     (Keras splits each batch over the replicas of a tf.distribute strategy). With an `input_context`
     (several input pipelines, one per worker) each pipeline reads its own shard of the training
-    examples and batches per replica."""
+    examples and batches per replica. `start_epoch` (a resumed run): the training stream starts where
+    that many epochs left it, so a resumed run sees the examples in the order an uninterrupted one would."""
     data, train_config = config.data, config.train
     source = sources.load(data)
     if data.num_classes is not None and data.num_classes != source.num_classes:
@@ -166,8 +168,13 @@ def make_datasets(config: Config, model_augment: ModuleType | None = None,
         train = train.map(train_fn, num_parallel_calls=parallel, deterministic=True).cache()
     elif not source.encoding and num_train <= 200_000:
         train = train.cache()  # decoded arrays: keep them in memory across epochs
+    steps = math.ceil(num_train / batch)
+    if train_config.steps_per_epoch:
+        steps = min(steps, train_config.steps_per_epoch)
     train = train.shuffle(min(data.shuffle_buffer, num_train), seed=train_config.seed,
                           reshuffle_each_iteration=True).repeat()
+    if start_epoch:  # skipped before decoding and augmenting: only the shuffle runs over them
+        train = train.skip(start_epoch * steps * batch)
     skipping = data.on_corrupt == "skip" and source.encoding is not None
     skips = SkipCounter() if skipping else None
     if skipping:  # number the examples, drop those that fail to decode, count the gaps
@@ -196,9 +203,6 @@ def make_datasets(config: Config, model_augment: ModuleType | None = None,
         dataset = dataset.batch(batch)
         return (dataset.map(one_hot) if soft else dataset).prefetch(AUTOTUNE)
 
-    steps = math.ceil(num_train / batch)
-    if train_config.steps_per_epoch:
-        steps = min(steps, train_config.steps_per_epoch)
     return Datasets(
         train=train, test=evaluation(test), val=evaluation(val, soft=bool(mixers)) if val is not None else None,
         steps_per_epoch=steps, num_train=num_train, num_val=num_val, num_test=num_test,
