@@ -115,6 +115,14 @@ class DetectionSplit:
         return DetectionSplit(self.records[:count], self.class_names, self.source)
 
 
+def require_image_files(records: list, where: str, fix: str) -> None:
+    """One error naming the first missing image file (and how many more), before anything is written."""
+    missing = [record.image for record in records if not os.path.isfile(record.image)]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise UserError(f"image file {missing[0]} {where} not found{more}; {fix}")
+
+
 def _check_box(box: Sequence[float], width: int, height: int, where: str, fix: str) -> list[float]:
     """Validate one absolute xyxy box against its image; returns it clipped to the image (within
     BOX_TOLERANCE). `where` names the file and object, `fix` says what to do."""
@@ -231,11 +239,8 @@ def read_coco(annotation_file: str | os.PathLike, images_root: str | os.PathLike
     if not records:
         raise UserError(f"{path} lists no images; {fix}")
     if check_files:
-        missing = [record.image for record in records if not os.path.isfile(record.image)]
-        if missing:
-            raise UserError(f"image file {missing[0]} listed in {path} not found"
-                            f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}; "
-                            f"set data.path to the folder the file_name entries are relative to")
+        require_image_files(records, f"listed in {path}",
+                            "set data.path to the folder the file_name entries are relative to")
     return DetectionSplit(records, class_names, str(path))
 
 
@@ -488,10 +493,7 @@ def read_voc(root: str | os.PathLike, image_set: str | None = None, class_names:
                                        np.array([index[names[i]] for i in keep], np.int32), name=image_id,
                                        difficult=np.array([difficult[i] for i in keep], bool)))
     if check_files:
-        missing = [record.image for record in records if not os.path.isfile(record.image)]
-        if missing:
-            raise UserError(f"image file {missing[0]} (from its VOC annotation) not found"
-                            f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}; "
+        require_image_files(records, "(from its VOC annotation)",
                             f"put the images in {root / 'JPEGImages'} or fix <filename>")
     return DetectionSplit(records, list(class_names), listed_in)
 
