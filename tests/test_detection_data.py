@@ -244,6 +244,8 @@ MALFORMED = {
     "voc box outside": (lambda p: voc_case(p, XML_OUTSIDE), r"a\.xml object 1 \(cat\): box .* lies outside"),
     "voc unknown class": (lambda p: voc_case(p, labels=["dog"]), r"names class 'cat', which the label list"),
     "voc missing set": (lambda p: voc_case(p, image_set="val"), r"VOC image set 'val' not found"),
+    "voc missing image file": (lambda p: voc_case(p, XML_OUTSIDE.replace("a.png", "b.png").replace("90", "9")),
+                               r"image file .*JPEGImages/b\.png \(from its VOC annotation\) not found; put the images"),
     "voc no annotations": (lambda p: lambda: D.read_voc(p), r"has no Annotations/ folder"),
     "tfod missing label id": (lambda p: tfod_case(p, boxes=((1, 1, 9, 9), (2, 2, 9, 9)), names=("cat", "dog")),
                               r"class label 2 is not an id in .*label_map\.pbtxt \(ids 1\.\.1\); add an item"),
