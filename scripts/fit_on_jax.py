@@ -112,6 +112,9 @@ def fit(args) -> int:
     rng = np.random.default_rng(train.seed)
 
     data = Path(args.data)
+    missing = [name for pair in FILES.values() for name in pair if not (data / name).is_file()]
+    if missing:
+        raise UserError(f"{data} has no {missing[0]}; pass --data with the folder of the four Fashion-MNIST IDX files")
     arrays = {split: (read_idx(data / images)[..., None], read_idx(data / labels).astype(np.int32))
               for split, (images, labels) in FILES.items()}
     (x_train, y_train), (x_test, y_test) = arrays["train"], arrays["test"]

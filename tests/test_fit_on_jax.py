@@ -86,3 +86,12 @@ def test_other_data_sources_are_refused_in_one_line(tmp_path):
         "error: models/resnet/run.yaml: data.source is 'tfds'; this script reads Fashion-MNIST only")
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_folder_without_the_idx_files_is_refused_in_one_line(tmp_path):
+    result = run_script("models/resnet/quick.yaml", "--data", tmp_path, "--out", tmp_path / "out")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: {tmp_path} has no train-images-idx3-ubyte.gz; pass --data with the folder of the four "
+        "Fashion-MNIST IDX files")
+    assert not (tmp_path / "out").exists()
