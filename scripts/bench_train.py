@@ -71,7 +71,8 @@ def runner_side(path: str, images: int, epochs: int, runs_dir: str) -> float:
 def bare_side(path: str, images: int, epochs: int, runs_dir: str) -> float:
     """The same model and compile settings, fed the runner's own preprocessed arrays by plain fit."""
     from shared import modelzoo
-    from shared.train import compile_model, prepare
+    from shared.optim import compile_model
+    from shared.train import prepare
 
     config = bench_config(path, images, epochs, runs_dir)
     _, module, model, datasets = prepare(config)

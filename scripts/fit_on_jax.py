@@ -6,9 +6,11 @@ TensorFlow, and as a check that the model files are pure Keras 3. Any Keras back
         --data /usr/share/datasets/fashion-mnist --out /tmp/mobilenet_v2
 
 It takes from the config what `python -m shared.runner` takes: the model file and its hyperparameters,
-the optimizer, schedule, weight decay and label smoothing (through `shared.optim`, which needs no
-TensorFlow), batch size, epochs and seed. The input pipeline is the runner's for Fashion-MNIST, rebuilt
-in NumPy: normalize with the source's statistics, and for training the config's `random_crop` (zero
+batch size, epochs and seed, and compiles with the runner's own `shared.optim.compile_model` (optimizer,
+schedule, weight decay, label smoothing, losses, metrics). It reads the IDX files with
+`shared.fashion_mnist`, as the runner's source does; those modules need no TensorFlow. The input pipeline
+is the runner's for Fashion-MNIST, rebuilt in NumPy: normalize with the source's statistics, and for
+training the config's `random_crop` (zero
 padding, a crop at a random place per image) and `horizontal_flip`. What it does not do: run folders,
 checkpoints, resume, TensorBoard. It writes history.csv (per epoch: loss, training top-1, test top-1,
 seconds) and result.json to --out, and prints one line per epoch.
@@ -18,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import gzip
 import json
 import math
 import os
@@ -33,22 +34,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
-from shared import modelzoo, optim  # noqa: E402  (both free of TensorFlow)
+from shared import modelzoo, optim  # noqa: E402  (these four modules are free of TensorFlow)
 from shared.config import load_config  # noqa: E402
 from shared.errors import UserError  # noqa: E402
-
-FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
-         "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
-MEAN, STD = 72.94, 90.02  # shared/data/sources.py's Fashion-MNIST statistics (0-255 scale)
-
-
-def read_idx(path: Path) -> np.ndarray:
-    """An unsigned-byte IDX file (magic, dims, data); shared.data.sources has the checked reader, but
-    importing it needs TensorFlow."""
-    data = gzip.open(path, "rb").read()
-    ndim = data[3]
-    shape = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
-    return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(shape)
+from shared.fashion_mnist import (FASHION_MNIST_CLASSES, FASHION_MNIST_FILES, FASHION_MNIST_MEAN,  # noqa: E402
+                                  FASHION_MNIST_STD, read_idx)
 
 
 def augmenter(augment: list, rng: np.random.Generator):
@@ -112,37 +102,30 @@ def fit(args) -> int:
     rng = np.random.default_rng(train.seed)
 
     data = Path(args.data)
-    missing = [name for pair in FILES.values() for name in pair if not (data / name).is_file()]
+    missing = [name for pair in FASHION_MNIST_FILES.values() for name in pair if not (data / name).is_file()]
     if missing:
         raise UserError(f"{data} has no {missing[0]}; pass --data with the folder of the four Fashion-MNIST IDX files")
     arrays = {split: (read_idx(data / images)[..., None], read_idx(data / labels).astype(np.int32))
-              for split, (images, labels) in FILES.items()}
+              for split, (images, labels) in FASHION_MNIST_FILES.items()}
     (x_train, y_train), (x_test, y_test) = arrays["train"], arrays["test"]
-    mean = (config.data.mean or [MEAN])[0]
-    std = (config.data.std or [STD])[0]
+    # One grey channel: per-channel statistics of a colour config are averaged, as the runner does.
+    mean = np.mean(config.data.mean or FASHION_MNIST_MEAN)
+    std = np.mean(config.data.std or FASHION_MNIST_STD)
 
     def normalize(images):
         return ((images.astype(np.float32) - mean) / std).astype(np.float32)
 
-    model = modelzoo.build_model(module, 10, (config.data.image_size, config.data.image_size, 1), hparams)
+    num_classes = len(FASHION_MNIST_CLASSES)
+    model = modelzoo.build_model(module, num_classes, (config.data.image_size, config.data.image_size, 1), hparams)
     aux = modelzoo.auxiliary_loss_weights(module, model)
     steps = math.ceil(len(x_train) / train.batch_size)
     if train.steps_per_epoch:
         steps = min(steps, train.steps_per_epoch)
-    optim.apply_weight_decay(model, train)
+    if keras.backend.backend() == "jax":
+        train.jit_compile = True  # JAX without jit runs op by op, far too slow; other backends follow the config
+    optim.compile_model(model, config, steps, num_classes, aux_loss_weights=aux)
     smoothing = train.label_smoothing
-
-    def make_loss():
-        return (keras.losses.CategoricalCrossentropy(label_smoothing=smoothing) if smoothing
-                else keras.losses.SparseCategoricalCrossentropy())
-    top1 = keras.metrics.CategoricalAccuracy(name="top1") if smoothing else keras.metrics.SparseCategoricalAccuracy(name="top1")
     outputs = [modelzoo.MAIN_OUTPUT, *aux]
-    model.compile(optimizer=optim.make_optimizer(train, steps),
-                  loss={name: make_loss() for name in outputs} if aux else make_loss(),
-                  loss_weights={modelzoo.MAIN_OUTPUT: 1.0, **aux} if aux else None,
-                  metrics={modelzoo.MAIN_OUTPUT: [top1]} if aux else [top1],
-                  # JAX without jit runs op by op, far too slow; other backends follow the config
-                  jit_compile=True if keras.backend.backend() == "jax" else train.jit_compile)
     classifier = modelzoo.inference_model(model)
     augment = augmenter(config.data.augment, rng)
     x_test_normalized = normalize(x_test)
@@ -157,7 +140,7 @@ def fit(args) -> int:
         tick = time.time()
         order = rng.permutation(len(x_train))[:steps * train.batch_size]
         images, labels = normalize(augment(x_train[order])), y_train[order]
-        targets = keras.utils.to_categorical(labels, 10) if smoothing else labels
+        targets = keras.utils.to_categorical(labels, num_classes) if smoothing else labels
         if aux:
             targets = {name: targets for name in outputs}
         logs = model.fit(images, targets, batch_size=train.batch_size, epochs=epoch + 1, initial_epoch=epoch,

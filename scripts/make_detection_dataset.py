@@ -130,7 +130,7 @@ def make_split(split: str, count: int, items: np.ndarray, labels: np.ndarray, ar
     from PIL import Image
     from tqdm import tqdm
 
-    from shared.data.sources import FASHION_MNIST_CLASSES
+    from shared.fashion_mnist import FASHION_MNIST_CLASSES
     from shared.detection.datasets import DetectionRecord, DetectionSplit
 
     folder = args.out / "images" / split
@@ -148,7 +148,7 @@ def make_split(split: str, count: int, items: np.ndarray, labels: np.ndarray, ar
 
 
 def run(args: argparse.Namespace) -> None:
-    from shared.data.sources import FASHION_MNIST_CLASSES, FASHION_MNIST_FILES, read_idx
+    from shared.fashion_mnist import FASHION_MNIST_CLASSES, FASHION_MNIST_FILES, read_idx
     from shared.detection import datasets
     from shared.errors import UserError
 

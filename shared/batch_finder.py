@@ -71,7 +71,8 @@ class TrainStepProbe:
         self._compile(model)
 
     def _compile(self, model) -> None:
-        from shared.train import compile_model, precision_policy
+        from shared.optim import compile_model
+        from shared.train import precision_policy
 
         with precision_policy(self.config.train.precision):
             compile_model(model, self.config, self.steps_per_epoch, self.num_classes, self.aux_weights,

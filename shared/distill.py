@@ -215,7 +215,7 @@ class Distiller(keras.Model):
     """A student trained against a frozen teacher. It behaves as the student: `call` returns the
     student's output (a dict for models with auxiliary heads), so compiled metrics, `evaluate` and
     `predict` score the student; only the student's weights train. `compile` takes the losses the runner
-    would give the student alone (`shared.train.compile_model` works unchanged); in training, the main
+    would give the student alone (`shared.optim.compile_model` works unchanged); in training, the main
     output's loss becomes `distillation_loss` around it, auxiliary heads keep their hard-label losses and
     weights, and weight-decay terms are added unchanged. Evaluation (validation) reports the student's
     plain loss, comparable with runs trained without a teacher, and does not run the teacher.

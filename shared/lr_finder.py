@@ -101,7 +101,8 @@ def lr_range_test(config: Config, min_lr: float = 1e-6, max_lr: float = 1.0, ste
     minimum's rate / 10), "stopped" ("diverged", "nan" or None), "steps" (requested), "batch_size",
     "base_batch_size"}; with `out_png`, also writes the loss-vs-rate plot there and adds "plot"."""
     from shared import modelzoo
-    from shared.train import compile_model, prepare, precision_policy, training_labels
+    from shared.optim import compile_model
+    from shared.train import prepare, precision_policy, training_labels
 
     _check_arguments(min_lr, max_lr, steps)
     if out_png is not None:

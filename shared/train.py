@@ -51,34 +51,6 @@ def prepare(config: Config, replicas: int = 1, model_folder: Path | None = None,
     return folder, module, model, datasets
 
 
-def compile_model(model: keras.Model, config: Config, steps_per_epoch: int, num_classes: int,
-                  aux_loss_weights: dict[str, float] | None = None, soft_labels: bool = False,
-                  replicas: int = 1, lr_scale: float = 1.0) -> None:
-    """Cross-entropy on the classifier, plus each auxiliary head's cross-entropy times its weight.
-    Class-index labels use the sparse losses and metrics; one-hot labels (MixUp, CutMix, label
-    smoothing) the dense ones."""
-    train = config.train
-    optim.apply_weight_decay(model, train)
-    k = min(5, num_classes)
-    if soft_labels or train.label_smoothing:
-        def make_loss():
-            return keras.losses.CategoricalCrossentropy(label_smoothing=train.label_smoothing)
-        metrics = [keras.metrics.CategoricalAccuracy(name="top1"),
-                   keras.metrics.TopKCategoricalAccuracy(k=k, name="top5")]
-    else:
-        make_loss = keras.losses.SparseCategoricalCrossentropy
-        metrics = [keras.metrics.SparseCategoricalAccuracy(name="top1"),
-                   keras.metrics.SparseTopKCategoricalAccuracy(k=k, name="top5")]
-    loss = make_loss()
-    loss_weights = None
-    if aux_loss_weights:
-        loss = {name: make_loss() for name in (MAIN_OUTPUT, *aux_loss_weights)}
-        loss_weights = {MAIN_OUTPUT: 1.0, **aux_loss_weights}
-        metrics = {MAIN_OUTPUT: metrics}
-    model.compile(optimizer=optim.make_optimizer(train, steps_per_epoch, replicas, lr_scale), loss=loss,
-                  loss_weights=loss_weights, metrics=metrics, jit_compile=train.jit_compile)
-
-
 def training_labels(dataset, outputs: list[str], one_hot_classes: int | None):
     """Labels as the compiled loss wants them: one-hot for label smoothing, and the same label for
     every auxiliary head."""
@@ -207,7 +179,7 @@ def _run_training(config: Config, argv: list[str] | None, resumed: runs.Run | No
                 with precision_policy(config.train.precision), placement.strategy.scope():
                     _freeze(model, phase.freeze, head)
                     optim.apply_weight_decay(model, config.train)  # the student's, when distilling
-                    compile_model(trainer, _phase_train_config(config, phase.until_epoch - start),
+                    optim.compile_model(trainer, _phase_train_config(config, phase.until_epoch - start),
                                   datasets.steps_per_epoch, datasets.num_classes, aux_weights,
                                   soft_labels=datasets.soft_labels, replicas=placement.replicas,
                                   lr_scale=phase.lr_scale)

@@ -16,7 +16,7 @@ import tensorflow as tf
 from PIL import Image
 
 from shared.config import from_dict
-from shared.data.sources import FASHION_MNIST_CLASSES, FASHION_MNIST_DIRS
+from shared.fashion_mnist import FASHION_MNIST_CLASSES, FASHION_MNIST_DIRS
 from shared.detection import datasets as D
 from shared.errors import UserError
 

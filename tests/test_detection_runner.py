@@ -18,7 +18,7 @@ from PIL import Image
 
 from shared import modelzoo, runner, runs
 from shared.config import from_dict
-from shared.data.sources import FASHION_MNIST_DIRS
+from shared.fashion_mnist import FASHION_MNIST_DIRS
 
 from test_detection_data import load_script
 

@@ -18,7 +18,7 @@ from shared.errors import UserError
 from shared.evaluate import load_run_model
 from shared.finetune import unfreeze_all
 from shared.modelzoo import MODELS_DIR, load_model_module, resolve_hparams
-from shared.train import compile_model
+from shared.optim import compile_model
 
 from conftest import tiny_tree
 

@@ -97,3 +97,25 @@ def test_a_folder_without_the_idx_files_is_refused_in_one_line(tmp_path, monkeyp
         f"error: {tmp_path} has no train-images-idx3-ubyte.gz; pass --data with the folder of the four "
         "Fashion-MNIST IDX files")]
     assert not (tmp_path / "out").exists()
+
+
+def test_the_modules_it_uses_import_no_tensorflow():
+    """The script runs where TensorFlow is absent: the package modules it imports, and everything those
+    import from the package, must not import TensorFlow (read from their source, at any depth)."""
+    import ast
+
+    free = {"shared", "shared.config", "shared.errors", "shared.fashion_mnist", "shared.modelzoo", "shared.optim",
+            "shared.callbacks"}
+    for name in sorted(free - {"shared"}):
+        path = REPO / (name.replace(".", "/") + ".py")
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                modules = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                modules = [node.module or ""] + [f"{node.module}.{alias.name}" for alias in node.names]
+            else:
+                continue
+            for module in modules:
+                assert not module.startswith("tensorflow"), f"{path.name} imports {module}"
+                if module.startswith("shared.") and module.count(".") == 1:
+                    assert module in free, f"{path.name} imports {module}, which is not free of TensorFlow"

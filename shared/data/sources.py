@@ -8,7 +8,6 @@ decoded later inside the parallel map, fused with the crop.
 from __future__ import annotations
 
 import dataclasses
-import gzip
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,16 +18,9 @@ import tensorflow as tf
 from shared.config import DataConfig
 from shared.data.listing import IMAGE_SUFFIXES, is_image, mix_classes
 from shared.errors import UserError
+from shared.fashion_mnist import (FASHION_MNIST_CLASSES, FASHION_MNIST_DIRS, FASHION_MNIST_FILES,
+                                  FASHION_MNIST_MEAN, FASHION_MNIST_STD, read_idx)
 
-FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist",)
-FASHION_MNIST_FILES = {
-    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
-    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
-}
-FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-                         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
-# Per-channel statistics on the 0-255 scale.
-FASHION_MNIST_MEAN, FASHION_MNIST_STD = [72.94], [90.02]
 IMAGENET_MEAN, IMAGENET_STD = [123.675, 116.28, 103.53], [58.395, 57.12, 57.375]
 
 
@@ -59,23 +51,6 @@ def load(config: DataConfig) -> Source:
 
 
 # ---------------------------------------------------------------- fashion_mnist
-
-
-def read_idx(path: Path) -> np.ndarray:
-    """Read an IDX file (the MNIST format: magic, dims, then raw uint8 data), gzipped or not."""
-    opener = gzip.open if path.suffix == ".gz" else open
-    try:
-        with opener(path, "rb") as handle:
-            data = handle.read()
-        magic = int.from_bytes(data[0:4], "big")
-        dtype_code, ndim = magic >> 8, magic & 0xFF
-        if data[0:2] != b"\x00\x00" or dtype_code != 0x08:
-            raise ValueError("not an unsigned-byte IDX file")
-        shape = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
-        array = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
-        return array.reshape(shape)
-    except (OSError, ValueError, EOFError) as error:
-        raise UserError(f"{path} is not a readable IDX file ({error}); re-download or reinstall it") from None
 
 
 def _fashion_mnist_dir(config: DataConfig) -> Path | None:
