@@ -25,7 +25,8 @@ import time
 from pathlib import Path
 
 from shared.errors import UserError
-from shared.runs import Run, atomic_write, open_run
+from shared.durable import atomic_write
+from shared.runs import Run, open_run
 
 CONFIG_FILE = "models.config"
 SERVING_PATH = "/models"  # where the tensorflow/serving image looks for models

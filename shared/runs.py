@@ -36,6 +36,7 @@ from pathlib import Path
 
 import yaml
 
+from shared.durable import atomic_write
 from shared.errors import UserError, run_cli
 from shared.modelzoo import PROJECT_ROOT
 
@@ -46,24 +47,6 @@ SNAPSHOT_SOURCES = ("model.py", "augment.py")
 LABELS_FILE = "labels.txt"
 DIFF_FILES = ("model.py", "augment.py", "config.yaml", "notes.md")
 PACKAGES = ("tensorflow", "keras", "numpy", "pillow", "pyyaml", "tensorflow-datasets", "tqdm")
-
-
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-
-
-def atomic_write(path: Path, text: str) -> None:
-    """Write to a temporary file beside `path`, then rename: readers never see half a file."""
-    path = Path(path)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w") as out:
-            out.write(text)
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give them the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 @dataclass

@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Sequence
 
 from shared.errors import UserError
-from shared.runs import Run, atomic_write, open_run
+from shared.durable import atomic_write
+from shared.runs import Run, open_run
 
 FORMATS = ("keras", "saved_model", "tflite float32", "tflite float16", "tflite dynamic", "tflite int8")
 TFLITE_MODES = {  # report format -> (quantize, io) of shared.tflite.convert

@@ -25,7 +25,6 @@ from __future__ import annotations
 import copy
 import os
 import statistics
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -33,6 +32,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
+from shared.durable import atomic_write
 from shared.errors import UserError
 from shared.runs import Run, open_run
 
@@ -61,23 +61,6 @@ def check_mode(quantize: str, io: str = "float") -> None:
 def default_path(run: Run, quantize: str, io: str = "float") -> Path:
     """`<run>/export/model_<quantize>[_int8io].tflite`."""
     return run.path / EXPORT_DIR / f"model_{quantize}{'_int8io' if io == 'int8' else ''}.tflite"
-
-
-def atomic_write_bytes(path: Path, content: bytes) -> None:
-    """Temp file beside `path`, then rename: a reader (or an interrupted export) never sees half a model."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as out:
-            out.write(content)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def representative_dataset(run: Run, config, count: int = 200) -> Callable[[], Iterator[list[np.ndarray]]]:
@@ -190,7 +173,7 @@ def convert(run: Run | str | Path, quantize: str = "none", io: str = "float", ou
                             f"have no int8 kernel and would stay float; use quantize=dynamic (int8 weights, "
                             f"float activations) or float16 instead")
     out = Path(out_path) if out_path is not None else default_path(run, quantize, io)
-    atomic_write_bytes(out, content)
+    atomic_write(out, content)
     return out
 
 

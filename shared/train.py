@@ -23,7 +23,7 @@ import keras
 import tensorflow as tf
 
 from shared import data as data_module
-from shared import distill, distribute, finetune, modelzoo, optim, plots, runs
+from shared import distill, distribute, durable, finetune, modelzoo, optim, plots, runs
 from shared.callbacks import (AtomicBackupAndRestore, EpochCheckpoint, LearningRateLogger, NonFiniteLoss,
                               StopOnNonFiniteLoss, StopOnSignal, backup_state)
 from shared.config import Config
@@ -156,7 +156,7 @@ def _run_training(config: Config, argv: list[str] | None, resumed: runs.Run | No
         run.set_status("running", resumed=_now(), pid=os.getpid())
     elif placement.is_chief:
         run = runs.create(config, folder, argv, provenance=provenance)
-        runs.atomic_write(run.path / runs.LABELS_FILE, "".join(f"{name}\n" for name in datasets.class_names))
+        durable.atomic_write(run.path / runs.LABELS_FILE, "".join(f"{name}\n" for name in datasets.class_names))
     else:
         run = runs.scratch()
     print(f"run {run.path}: {config.model.name} {config.model.hparams}, {datasets.num_train} training / "
@@ -291,7 +291,7 @@ def _truncate_metrics(path: Path, epochs_done: int) -> None:
         return
     kept = [rows[0]] + [row for row in rows[1:] if row and int(float(row[0])) < epochs_done]
     text = "".join(",".join(row) + "\n" for row in kept)
-    runs.atomic_write(path, text)
+    durable.atomic_write(path, text)
 
 
 def _save_interrupted(model: keras.Model, run: runs.Run) -> None:

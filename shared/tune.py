@@ -705,7 +705,7 @@ def _format(value: Any) -> str:
 def write_trial_config(config: Config, study: str, trial: FrozenTrial, objectives: list[Objective],
                        folder: Path) -> Path:
     """The base recipe with the trial's values, as a YAML recipe that trains as it is (no tune section)."""
-    from shared.runs import atomic_write
+    from shared.durable import atomic_write
 
     values = {key: trial.params[key] for key in trial.params}
     results = ", ".join(f"{o.metric} {_format(v)}" for o, v in zip(objectives, trial.values))

@@ -171,7 +171,8 @@ def export_detection_tflite(run: Run | str | Path, quantize: str = "none", io: s
     (default `<run>/export/detector_<quantize>.tflite`); every file is written atomically."""
     from shared.detection.model import model_anchors
     from shared.detection.train import load_detection_model
-    from shared.tflite import EXPORT_DIR, atomic_write_bytes
+    from shared.durable import atomic_write
+    from shared.tflite import EXPORT_DIR
 
     if quantize not in TFLITE_QUANTIZE:
         raise UserError(f"quantize={quantize} is not offered for detectors; choose one of "
@@ -207,9 +208,9 @@ def export_detection_tflite(run: Run | str | Path, quantize: str = "none", io: s
             "max_detections": detection.max_detections,
             # every file exported here, with its own output tensor names (the anchors are the run's)
             "models": {**_exported_models(out.parent), out.name: {"quantize": quantize, "output_tensors": tensors}}}
-    atomic_write_bytes(out.parent / ANCHORS_FILE, buffer.getvalue())
-    atomic_write_bytes(out.parent / INFO_FILE, (json.dumps(info, indent=2) + "\n").encode())
-    atomic_write_bytes(out, content)
+    atomic_write(out.parent / ANCHORS_FILE, buffer.getvalue())
+    atomic_write(out.parent / INFO_FILE, (json.dumps(info, indent=2) + "\n").encode())
+    atomic_write(out, content)
     return out
 
 

@@ -45,7 +45,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from shared import finetune, modelzoo, optim, plots, runs
+from shared import durable, finetune, modelzoo, optim, plots, runs
 from shared import train as classification
 from shared.callbacks import NonFiniteLoss, backup_state
 from shared.config import Config
@@ -430,7 +430,7 @@ def _run_training(config: Config, argv: list[str] | None, resumed: runs.Run | No
         run.set_status("running", resumed=classification._now(), pid=os.getpid())
     else:
         run = runs.create(config, folder, argv, provenance=provenance)
-        runs.atomic_write(run.path / runs.LABELS_FILE, "".join(f"{name}\n" for name in class_names))
+        durable.atomic_write(run.path / runs.LABELS_FILE, "".join(f"{name}\n" for name in class_names))
         backups = classification._backup_dirs(run, phases)
     print(f"run {run.path}: {config.model.name} detector {config.model.hparams}, {len(train_split)} training / "
           f"{len(test_split)} test images, {len(class_names)} classes, {int(anchors.shape[0])} anchors, {steps} steps "
