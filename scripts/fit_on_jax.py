@@ -29,6 +29,13 @@ from pathlib import Path
 
 if __name__ == "__main__":  # run as a script: JAX unless told otherwise (imported by a test: left alone)
     os.environ.setdefault("KERAS_BACKEND", "jax")
+    try:  # before `import keras`, which fails with a traceback on a backend that is not installed
+        if os.environ["KERAS_BACKEND"] == "jax":
+            import jax  # noqa: F401
+    except ImportError:
+        print('error: KERAS_BACKEND=jax needs JAX: pip install -e ".[jax]" (or run with KERAS_BACKEND=tensorflow)',
+              file=sys.stderr)
+        sys.exit(2)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import keras  # noqa: E402

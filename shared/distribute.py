@@ -23,6 +23,10 @@ from shared.config import DistributeConfig
 from shared.errors import UserError
 
 
+# Keras minor versions whose private trainer functions patch_multi_worker_build was tested against.
+TESTED_KERAS = ("3.15",)
+
+
 @dataclass
 class Placement:
     strategy: tf.distribute.Strategy
@@ -120,6 +124,8 @@ def patch_multi_worker_build(model, placement: Placement) -> None:
 
     import keras
 
+    check_patchable_keras(keras.__version__)
+
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
         if iterator is not None:
             for _, _, batches in iterator:
@@ -138,3 +144,13 @@ def patch_multi_worker_build(model, placement: Placement) -> None:
     from keras.src.backend.tensorflow import trainer as keras_tf_trainer
 
     keras_tf_trainer._collective_all_reduce_multi_worker = lambda strategy: False
+
+
+def check_patchable_keras(version: str) -> None:
+    """The multi-worker patch replaces private Keras functions: refuse a Keras it was not tested on rather
+    than train with a patch that no longer fits."""
+    minor = ".".join(version.split(".")[:2])
+    if minor not in TESTED_KERAS:
+        raise UserError(f"multi-worker training patches Keras internals tested on Keras {', '.join(TESTED_KERAS)} "
+                        f"only, and Keras {version} is installed; install a tested one "
+                        f"(pip install 'keras=={TESTED_KERAS[-1]}.*') or use another distribute.strategy")

@@ -169,7 +169,8 @@ def _read_synsets(path: Path) -> list[str]:
             import scipy.io
         except ImportError:
             raise UserError(f"{TXT_NAME} numbers classes in the devkit's meta.mat order and reading {path} needs "
-                            f"scipy (`pip install scipy`); or use {CSV_NAME} or val/<wnid>/ class folders") from None
+                            f"scipy: pip install -e \".[devkit]\"; or use {CSV_NAME} or val/<wnid>/ class "
+                            f"folders") from None
         try:
             synsets = scipy.io.loadmat(str(path), squeeze_me=True)["synsets"]
             leaves = {int(s["ILSVRC2012_ID"]): str(s["WNID"]) for s in synsets if int(s["num_children"]) == 0}
