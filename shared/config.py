@@ -1,7 +1,8 @@
 """Run recipes: YAML files with `extends`, `--set` overrides in dot notation, strict validation.
 
 The schema is the dataclasses below: every key a user may write, its type, its default. Anything else
-is an error naming the key, the file it came from and the closest valid key. `model` is open-ended:
+is an error naming the key, the file it came from and the closest valid key. Every number is finite and
+in the range `RANGES` gives its key, checked when the config loads, before any folder exists. `model` is open-ended:
 besides `name` and `path` it holds the model's own hyperparameters, which `shared.modelzoo` checks
 against the model's `build` signature.
 """
@@ -10,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,8 +22,32 @@ from typing import Any
 import yaml
 
 from shared.errors import UserError
+from shared.names import check_plain_name
 
 SET_SOURCE = "--set"
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """PyYAML follows YAML 1.1, where `1e-3` (no dot) is text; YAML 1.2 and every user read a number."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"), list("-+0123456789."))
+
+
+class _YamlDumper(yaml.SafeDumper):
+    """Multi-line text (notes) as a literal block, as it was typed; PyYAML falls back to a quoted
+    string where a block cannot hold the text exactly."""
+
+
+_YamlDumper.add_representer(str, lambda dumper, text: dumper.represent_scalar(
+    "tag:yaml.org,2002:str", text, style="|" if "\n" in text else None))
+
+
+def yaml_load(text: str):
+    """A recipe's YAML, with exponent floats such as 1e-3 read as numbers."""
+    return yaml.load(text, Loader=_YamlLoader)
 
 
 @dataclass
@@ -204,7 +231,9 @@ class Config:
         return out
 
     def dump(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=False, width=100)
+        # allow_unicode: notes, names and paths stay readable (UTF-8), not \u escapes
+        return yaml.dump(self.to_dict(), Dumper=_YamlDumper, sort_keys=False, default_flow_style=False,
+                         width=100, allow_unicode=True)
 
 
 def _section_to_dict(section) -> dict:
@@ -215,6 +244,97 @@ def _section_to_dict(section) -> dict:
         value = getattr(section, f.name)
         out[f.name] = _section_to_dict(value) if dataclasses.is_dataclass(value) else value
     return out
+
+
+# ---------------------------------------------------------------- ranges
+
+
+@dataclass(frozen=True)
+class Range:
+    """The numbers a key allows: from `low` to `high`, each end included unless `*_open`. Always finite."""
+    low: float = -math.inf
+    high: float = math.inf
+    low_open: bool = False
+    high_open: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        return math.isfinite(value) and above and below  # NaN compares false both ways
+
+    def __str__(self) -> str:
+        """What the error message says a value must be: "> 0", "in [0, 1)", "finite"."""
+        low, high = (f"{v:g}" for v in (self.low, self.high))
+        if self.high == math.inf:
+            return "finite" if self.low == -math.inf else f"{'>' if self.low_open else '>='} {low}"
+        return f"in {'(' if self.low_open else '['}{low}, {high}{')' if self.high_open else ']'}"
+
+
+ANY = Range()
+POSITIVE = Range(0, low_open=True)
+NON_NEGATIVE = Range(0)
+AT_LEAST_ONE = Range(1)
+FRACTION = Range(0, 1, high_open=True)  # [0, 1)
+UNIT = Range(0, 1)  # [0, 1]
+
+# Every number of the schema (keys with `choices` aside); a list's range holds for each of its items.
+RANGES: dict[str, Range] = {
+    "data.label_offset": ANY,
+    "data.image_size": AT_LEAST_ONE,
+    "data.num_classes": AT_LEAST_ONE,
+    "data.mean": Range(0, 255),  # the 0-255 pixel scale
+    "data.std": POSITIVE,
+    "data.crop_fraction": Range(0, 1, low_open=True),
+    "data.val_fraction": FRACTION,
+    "data.limit_train": AT_LEAST_ONE,
+    "data.limit_test": AT_LEAST_ONE,
+    "data.shuffle_buffer": AT_LEAST_ONE,
+    "data.synthetic_train": AT_LEAST_ONE,
+    "data.synthetic_test": AT_LEAST_ONE,
+    "train.epochs": AT_LEAST_ONE,
+    "train.batch_size": AT_LEAST_ONE,
+    "train.steps_per_epoch": AT_LEAST_ONE,
+    "train.optimizer.momentum": FRACTION,
+    "train.optimizer.rho": FRACTION,
+    "train.optimizer.epsilon": POSITIVE,
+    "train.optimizer.clip_norm": POSITIVE,
+    "train.optimizer.clip_global_norm": POSITIVE,
+    "train.lr.base": POSITIVE,
+    "train.lr.base_batch_size": AT_LEAST_ONE,
+    "train.lr.milestones": AT_LEAST_ONE,
+    "train.lr.gamma": POSITIVE,
+    "train.lr.decay_epochs": POSITIVE,
+    "train.lr.patience": NON_NEGATIVE,
+    "train.lr.warmup_epochs": NON_NEGATIVE,
+    "train.lr.power": POSITIVE,
+    "train.lr.end": NON_NEGATIVE,
+    "train.weight_decay": NON_NEGATIVE,
+    "train.label_smoothing": FRACTION,
+    "train.ema_momentum": Range(0, 1, low_open=True, high_open=True),  # e.g. 0.9999; null: no EMA
+    "train.seed": NON_NEGATIVE,
+    "init.lr_scale": POSITIVE,
+    "init.head_epochs": NON_NEGATIVE,
+    "detection.strides": AT_LEAST_ONE,
+    "detection.fpn_channels": AT_LEAST_ONE,
+    "detection.head_depth": NON_NEGATIVE,
+    "detection.anchor_size": POSITIVE,
+    "detection.anchor_scales": POSITIVE,
+    "detection.aspect_ratios": POSITIVE,
+    "detection.positive_iou": Range(0, 1, low_open=True),
+    "detection.negative_iou": UNIT,
+    "detection.max_boxes": AT_LEAST_ONE,
+    "detection.focal_alpha": UNIT,
+    "detection.focal_gamma": NON_NEGATIVE,
+    "detection.box_loss_weight": NON_NEGATIVE,
+    "detection.score_threshold": UNIT,
+    "detection.nms_iou": Range(0, 1, low_open=True),
+    "detection.max_detections": AT_LEAST_ONE,
+    "detection.unfreeze_epoch": AT_LEAST_ONE,
+    "distill.temperature": POSITIVE,
+    "distill.alpha": UNIT,
+    "tune.trials": AT_LEAST_ONE,
+    "tune.seed": NON_NEGATIVE,
+}
 
 
 # ---------------------------------------------------------------- loading and merging
@@ -252,7 +372,10 @@ def read_yaml(path: Path, chain: tuple = ()) -> tuple[dict, dict[str, str]]:
         hint = f" (extended by {chain[-1]})" if chain else ""
         raise UserError(f"config file not found: {path}{hint}; check the path")
     try:
-        tree = yaml.safe_load(path.read_text()) or {}
+        tree = yaml_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as error:
+        raise UserError(f"config {path} is not UTF-8 text ({error.reason} at byte {error.start}); "
+                        f"save it as UTF-8") from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
@@ -277,7 +400,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise UserError(f"--set {text!r} is not key=value; write e.g. --set train.batch_size=64")
     stripped = raw.strip()
     try:
-        value = yaml.safe_load(stripped) if stripped else None
+        value = yaml_load(stripped) if stripped else None
     except yaml.YAMLError:
         value = stripped  # "a: b: c" is no YAML value, but a fine note
     if isinstance(value, (dict, list)) and not stripped.startswith(("{", "[")):
@@ -411,8 +534,47 @@ def _build_section(section_type, tree: dict, provenance: dict, prefix: str):
         if choices and value not in choices:
             raise UserError(f"config key {dotted}{_where(dotted, provenance)} is {value!r}; "
                             f"choose one of {', '.join(map(str, choices))}")
+        _check_value(dotted, value, provenance)
         kwargs[key] = value
     return section_type(**kwargs)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)  # YAML's true is an int
+
+
+def _check_value(dotted: str, value, provenance: dict) -> None:
+    """The one place every value is checked beyond its type: numbers against `RANGES` (finite, always),
+    text for what a file name or config.yaml cannot hold; nested free-form values (tune.space,
+    augment arguments, model hyperparameters) item by item."""
+    where = _where(dotted, provenance)
+    if _is_number(value):
+        allowed = RANGES.get(dotted, ANY)
+        if value not in allowed:
+            raise UserError(f"config key {dotted}{where} is {value!r}; it must be {allowed}")
+    elif isinstance(value, str):
+        problem = _text_problem(value)
+        if problem:
+            raise UserError(f"config key {dotted}{where} is {value!r}, which {problem}")
+    elif isinstance(value, list):
+        for item in value:
+            if _is_number(item) and item not in RANGES.get(dotted, ANY):
+                raise UserError(f"config key {dotted}{where} is {value!r}; each item must be "
+                                f"{RANGES.get(dotted, ANY)}")
+            _check_value(dotted, item, provenance)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_value(f"{dotted}.{key}", item, provenance)
+
+
+def _text_problem(text: str) -> str | None:
+    if "\x00" in text:
+        return "holds a NUL character"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates: undecodable bytes (os.fsdecode), or a \ud83d escape
+        return "is not valid UTF-8 text (undecodable bytes, or half of a \\u surrogate pair); write it in UTF-8"
+    return None
 
 
 def from_dict(tree: dict, provenance: dict[str, str] | None = None) -> Config:
@@ -425,8 +587,13 @@ def from_dict(tree: dict, provenance: dict[str, str] | None = None) -> Config:
     model_tree = dict(model_tree)
     name = model_tree.pop("name", "resnet")
     path = model_tree.pop("path", None)
-    if not isinstance(name, str) or not name:
-        raise UserError(f"config key model.name{_where('model.name', provenance)} must be a model folder name")
+    # The name is a folder of the runs root (with or without model.path), so it must be a plain name.
+    check_plain_name("config key model.name", name, _where("model.name", provenance))
+    if path is not None and not isinstance(path, str):
+        raise UserError(f"config key model.path{_where('model.path', provenance)} must be a folder path, got {path!r}")
+    _check_value("model", {"name": name, "path": path, **model_tree}, provenance)
+    if config.tune.study is not None:
+        check_plain_name("config key tune.study", config.tune.study, _where("tune.study", provenance))
     config.model = ModelConfig(name=name, path=path, hparams=model_tree)
     config.provenance = provenance
     _check_consistency(config, provenance)
@@ -436,17 +603,6 @@ def from_dict(tree: dict, provenance: dict[str, str] | None = None) -> Config:
 def _check_consistency(config: Config, provenance: dict) -> None:
     """Rules that involve more than one key."""
     data, train = config.data, config.train
-    positive = {"data.image_size": data.image_size, "train.epochs": train.epochs,
-                "train.batch_size": train.batch_size, "train.steps_per_epoch": train.steps_per_epoch,
-                "data.num_classes": data.num_classes, "data.limit_train": data.limit_train,
-                "data.limit_test": data.limit_test}
-    for key, value in positive.items():
-        if value is not None and value <= 0:
-            raise UserError(f"config key {key}{_where(key, provenance)} must be positive, got {value}")
-    if not 0.0 <= data.val_fraction < 1.0:
-        raise UserError(f"config key data.val_fraction{_where('data.val_fraction', provenance)} must be in [0, 1)")
-    if not 0.0 < data.crop_fraction <= 1.0:
-        raise UserError(f"config key data.crop_fraction{_where('data.crop_fraction', provenance)} must be in (0, 1]")
     for key in ("mean", "std"):
         value = getattr(data, key)
         if value is not None and len(value) != data.channels:
@@ -457,29 +613,16 @@ def _check_consistency(config: Config, provenance: dict) -> None:
     if data.source in ("folder", "ilsvrc", "tfrecord") and not data.path:
         raise UserError(f"data.source is {data.source} but data.path is empty; "
                         f"set it to the folder holding train/ and val/")
-    if not 0.0 <= train.label_smoothing < 1.0:
-        raise UserError(f"config key train.label_smoothing{_where('train.label_smoothing', provenance)} "
-                        f"must be in [0, 1)")
-    if train.ema_momentum is not None and not 0.0 < train.ema_momentum < 1.0:
-        raise UserError(f"config key train.ema_momentum{_where('train.ema_momentum', provenance)} must be in (0, 1), "
-                        f"e.g. 0.9999, or null to switch EMA off")
-    for key in ("clip_norm", "clip_global_norm"):
-        value = getattr(train.optimizer, key)
-        if value is not None and value <= 0:
-            raise UserError(f"config key train.optimizer.{key} must be positive, got {value}")
     if train.optimizer.clip_norm and train.optimizer.clip_global_norm:
         raise UserError("train.optimizer.clip_norm and clip_global_norm are both set; keep one")
     if config.init.mode == "finetune_all" and not (config.init.from_run or config.init.weights):
         raise UserError("init.mode is finetune_all but neither init.from_run nor init.weights is set; "
                         "name the run or weight file to start from")
-    if config.init.head_epochs < 0 or config.init.head_epochs >= train.epochs and config.init.mode == "finetune_all":
+    if config.init.head_epochs >= train.epochs and config.init.mode == "finetune_all":
         raise UserError(f"init.head_epochs is {config.init.head_epochs}; it must be in [0, train.epochs)")
-    if config.distill.temperature <= 0:
-        raise UserError(f"config key distill.temperature{_where('distill.temperature', provenance)} must be positive")
-    if not 0.0 <= config.distill.alpha <= 1.0:
-        raise UserError(f"config key distill.alpha{_where('distill.alpha', provenance)} must be in [0, 1]")
-    if config.tune.trials < 1:
-        raise UserError(f"config key tune.trials{_where('tune.trials', provenance)} must be at least 1")
+    if config.detection.negative_iou > config.detection.positive_iou:
+        raise UserError(f"detection.negative_iou {config.detection.negative_iou} is above detection.positive_iou "
+                        f"{config.detection.positive_iou}; keep negative_iou <= positive_iou")
     if config.init.from_run and config.init.weights:
         raise UserError("init.from_run and init.weights are both set; start from one of them")
     if train.lr.schedule == "plateau" and train.lr.warmup_epochs:

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from shared.errors import UserError
 from shared.durable import atomic_write
+from shared.names import check_plain_name
 from shared.runs import Run, open_run
 
 CONFIG_FILE = "models.config"
@@ -272,6 +273,7 @@ def export_saved_model(run: Run | str | Path, export_dir: Path, model_name: str 
 def target_folder(run: Run, export_dir: str | Path, model_name: str, version: int | None, keep: int) -> Path:
     """Check an export request before any work: the name, --keep, --version, a checkpoint to export
     and a model folder without foreign files. Returns <export_dir>/<model_name>."""
+    check_plain_name("export --name", model_name)
     if not MODEL_NAME_RE.match(model_name):
         raise UserError(f"model name {model_name!r} is not usable as a folder and URL name; "
                         f"use letters, digits, '.', '_' and '-'")

@@ -15,6 +15,7 @@ from pathlib import Path
 from types import ModuleType
 
 from shared.errors import UserError
+from shared.names import check_plain_name
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 MODELS_DIR = PROJECT_ROOT / "models"
@@ -28,7 +29,7 @@ def available_models() -> list[str]:
 
 def model_dir(name: str, path: str | None = None) -> Path:
     """The folder holding the model's source: `path` when given, else models/<name>."""
-    folder = Path(path) if path else MODELS_DIR / name
+    folder = Path(path) if path else MODELS_DIR / check_plain_name("model", name)  # not ../elsewhere
     if not (folder / "model.py").is_file():
         known = available_models()
         match = difflib.get_close_matches(name, known, n=1)

@@ -47,6 +47,7 @@ from optuna.trial import FrozenTrial, TrialState
 from shared import config as config_module
 from shared.config import Config
 from shared.errors import UserError
+from shared.names import check_plain_name
 
 # metric -> its natural direction (the default when an objective gives none)
 METRICS: dict[str, str] = {
@@ -305,6 +306,7 @@ def _check_metric_needs(config: Config, metrics: set[str], space: dict[str, Base
 def study_name(config: Config) -> str:
     """tune.study, else <model>-<config file stem> (<model>-tune for a config built in code)."""
     name = config.tune.study or f"{config.model.name}-{Path(config.source_file).stem if config.source_file else 'tune'}"
+    check_plain_name("tune.study", name)
     if not STUDY_NAME_RE.match(name):
         raise UserError(f"tune.study {name!r} must be letters, digits, '.', '_' and '-' (it names files too)")
     return name

@@ -1,10 +1,12 @@
+import dataclasses
+import re
 from pathlib import Path
 
 import pytest
 import yaml
 
 from shared import modelzoo
-from shared.config import load_config
+from shared.config import RANGES, load_config
 from shared.errors import UserError
 
 
@@ -53,7 +55,7 @@ def test_unknown_key_from_set_is_attributed_to_set():
     ("train.epochs=2.5", "must be int"),
     ("data.normalize=3", "must be bool"),
     ("data.source=imagenet", "choose one of fashion_mnist, synthetic, folder, ilsvrc, tfrecord, tfds"),
-    ("train.batch_size=0", "must be positive"),
+    ("train.batch_size=0", "train.batch_size (from --set) is 0; it must be >= 1"),
     ("data.mean=[1, 2]", "has 2 values but data.channels is 3"),
     ("train.lr.schedule=step", "milestones is empty"),
     ("train", "not key=value"),
@@ -109,3 +111,106 @@ def test_repository_recipes_load():
         config = load_config(recipe)
         module = modelzoo.load_model_module(modelzoo.model_dir(config.model.name, config.model.path))
         modelzoo.resolve_hparams(module, config.model.hparams)
+
+
+# ---------------------------------------------------------------- ranges
+
+
+def _numeric_fields(section=None, prefix=""):
+    """Dotted names of every number (or list of numbers) in the schema, keys with choices aside."""
+    from shared.config import Config, _dataclass_type, _resolve
+
+    out = []
+    for f in dataclasses.fields(section or Config):
+        if f.metadata.get("internal") or f.name == "hparams":
+            continue
+        sub = _dataclass_type(f.type)
+        if sub:
+            out += _numeric_fields(sub, f"{prefix}{f.name}.")
+        elif not f.metadata.get("choices") and re.search(r"\b(int|float)\b", str(_resolve(f.type))):
+            out.append(f"{prefix}{f.name}")
+    return out
+
+
+def test_every_number_of_the_schema_has_a_range_and_its_default_is_in_it():
+    numeric = _numeric_fields()
+    assert sorted(numeric) == sorted(RANGES)  # no number left unchecked, no range for a key that is gone
+    defaults = load_config(tree={})
+    for key, allowed in RANGES.items():
+        value = defaults
+        for part in key.split("."):
+            value = getattr(value, part)
+        assert all(v in allowed for v in (value if isinstance(value, list) else [value]) if v is not None), key
+
+
+def _nested_yaml(dotted: str, value: str) -> str:
+    keys = dotted.split(".")
+    return "".join(f"{'  ' * depth}{key}:\n" for depth, key in enumerate(keys[:-1])) + \
+        f"{'  ' * (len(keys) - 1)}{keys[-1]}: {value}\n"
+
+
+@pytest.mark.parametrize("key, value, shown, allowed", [
+    ("train.lr.base", ".nan", "nan", "> 0"),  # NaN <= 0 is false: it used to pass
+    ("train.lr.base", ".NaN", "nan", "> 0"),
+    ("train.lr.base", "0", "0.0", "> 0"),
+    ("train.lr.base", "-1e-3", "-0.001", "> 0"),  # an exponent without a dot is a number too
+    ("init.lr_scale", ".inf", "inf", "> 0"),
+    ("distill.temperature", "-.inf", "-inf", "> 0"),
+    ("data.std", "[58.0, .inf, 57.0]", "[58.0, inf, 57.0]", "each item must be > 0"),
+    ("data.mean", "[-1, 0, 0]", "[-1.0, 0.0, 0.0]", "each item must be in [0, 255]"),
+    ("train.weight_decay", "-0.0001", "-0.0001", ">= 0"),
+    ("data.shuffle_buffer", "0", "0", ">= 1"),
+    ("train.epochs", "0", "0", ">= 1"),
+    ("train.batch_size", "-8", "-8", ">= 1"),
+    ("data.image_size", "0", "0", ">= 1"),
+    ("data.val_fraction", "1", "1.0", "in [0, 1)"),
+    ("data.crop_fraction", "0", "0.0", "in (0, 1]"),
+    ("distill.alpha", "1.5", "1.5", "in [0, 1]"),
+    ("train.optimizer.clip_global_norm", "0", "0.0", "> 0"),
+    ("train.optimizer.clip_norm", ".nan", "nan", "> 0"),
+    ("train.optimizer.momentum", "1", "1.0", "in [0, 1)"),
+    ("train.label_smoothing", ".nan", "nan", "in [0, 1)"),
+    ("train.ema_momentum", "1.0", "1.0", "in (0, 1)"),
+    ("train.lr.milestones", "[30, 0]", "[30, 0]", "each item must be >= 1"),
+    ("detection.nms_iou", "0", "0.0", "in (0, 1]"),
+    ("detection.anchor_scales", "[1.0, -1.0]", "[1.0, -1.0]", "each item must be > 0"),
+    ("detection.strides", "[8, 0]", "[8, 0]", "each item must be >= 1"),
+    ("detection.focal_gamma", "-.inf", "-inf", ">= 0"),
+    ("tune.trials", "0", "0", ">= 1"),
+    ("tune.seed", "-1", "-1", ">= 0"),
+    ("tune.constraints.latency_ms", ".inf", "inf", "finite"),  # free-form values: finite
+    ("model.dropout", ".nan", "nan", "finite"),  # model hyperparameters too
+])
+def test_numbers_out_of_range_name_key_value_range_and_file(tmp_path, key, value, shown, allowed):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(_nested_yaml(key, value), encoding="utf-8")
+    with pytest.raises(UserError) as error:
+        load_config(path)
+    message = str(error.value)
+    assert f"config key {key} (from {path}) is {shown}; " in message and message.endswith(allowed), message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("train.lr.base=true", "train.lr.base (from --set) must be float, got True"),  # YAML's true is an int
+    ("train.epochs=yes", "train.epochs (from --set) must be int, got True"),
+    ("data.std=[true, 1, 1]", "data.std (from --set) must be list of float or null"),
+    ("train.lr.base=nan", "must be float, got 'nan'"),  # plain nan is text in YAML; .nan is the float
+])
+def test_booleans_and_words_are_not_numbers(override, fragment):
+    with pytest.raises(UserError, match=re.escape(fragment)):
+        load_config(tree={}, overrides=[override])
+
+
+def test_exponent_floats_without_a_dot_are_numbers(tmp_path):
+    path = write(tmp_path / "c.yaml", "train:\n  lr: {base: 1e-3}\n  weight_decay: 4E-5\nrun: {notes: 1e-3 to 2e-3}\n")
+    config = load_config(path, ["train.optimizer.epsilon=1e-7"])
+    assert (config.train.lr.base, config.train.weight_decay, config.train.optimizer.epsilon) == (1e-3, 4e-5, 1e-7)
+    assert config.run.notes == "1e-3 to 2e-3"
+
+
+def test_a_recipe_that_is_not_utf8_is_one_line(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("run: {notes: café}\n".encode("latin-1"))
+    with pytest.raises(UserError, match="is not UTF-8 text"):
+        load_config(path)

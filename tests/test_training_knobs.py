@@ -64,7 +64,7 @@ def test_global_batch_scales_the_rate():
 @pytest.mark.parametrize("change, fragment", [
     ({"label_smoothing": 1.0}, "train.label_smoothing"),
     ({"ema_momentum": 1.5}, "train.ema_momentum"),
-    ({"optimizer": {"clip_norm": -1.0}}, "clip_norm must be positive"),
+    ({"optimizer": {"clip_norm": -1.0}}, "clip_norm is -1.0; it must be > 0"),
     ({"precision": "float8"}, "choose one of float32, mixed_float16, mixed_bfloat16"),
 ])
 def test_bad_knobs(change, fragment):
