@@ -53,7 +53,8 @@ class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
         os.replace(partial, self.directory / weights)
         state = self.directory / f".{BACKUP_STATE}.partial"
         callbacks = {name: callback.get_state() for name, callback in self.stateful.items()}
-        state.write_text(json.dumps({"epoch": self._current_epoch, "weights": weights, "callbacks": callbacks}))
+        state.write_text(json.dumps({"epoch": self._current_epoch, "weights": weights, "callbacks": callbacks}),
+                         encoding="utf-8")
         os.replace(state, self.directory / BACKUP_STATE)  # the commit point
         for old in self.directory.glob("epoch-*.weights.h5"):
             if old.name != weights:
@@ -89,7 +90,7 @@ def backup_state(directory: Path) -> dict | None:
     path = Path(directory) / BACKUP_STATE
     if not path.is_file():
         return None
-    state = json.loads(path.read_text())
+    state = json.loads(path.read_text(encoding="utf-8"))
     return state if (Path(directory) / state.get("weights", "")).is_file() else None
 
 

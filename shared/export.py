@@ -311,7 +311,7 @@ def publish(run: Run, export_dir: str | Path, model_dir: Path, version: int | No
         (extra / "export.json").write_text(json.dumps({
             "run": str(run.path.resolve()), "checkpoint": run.last_checkpoint().name, **provenance,
             "exported": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        }, indent=2) + "\n")
+        }, indent=2) + "\n", encoding="utf-8")
         target = _publish(staging, model_dir, version)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

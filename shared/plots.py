@@ -57,7 +57,7 @@ def read_metrics(metrics_csv: Path) -> dict[str, np.ndarray]:
     metrics_csv = Path(metrics_csv)
     if not metrics_csv.is_file():
         return {}
-    with open(metrics_csv, newline="") as handle:
+    with open(metrics_csv, newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
     if not rows:
         return {}

@@ -267,8 +267,25 @@ def _train(args: argparse.Namespace, argv: list[str]) -> None:
 
 
 def _yaml_string(text: str) -> str:
-    import json
-    return json.dumps(text)  # a JSON string is a YAML string: quotes and colons survive
+    """`text` as a YAML double-quoted scalar for a --set value: quotes, colons, newlines and any Unicode
+    come back verbatim. (JSON's \\ud83d\\ude00 escapes for an emoji read back as two lone surrogates.)"""
+    import math
+
+    import yaml
+
+    return yaml.safe_dump(_cli_text(text), default_style='"', allow_unicode=True, width=math.inf).strip()
+
+
+def _cli_text(text: str) -> str:
+    """Command-line text as the user typed it. Outside UTF-8 mode (a C locale with PYTHONUTF8=0) Python
+    hands over UTF-8 bytes as surrogate escapes; they are decoded here. Bytes that are not UTF-8 stay
+    escaped, and the config check names them."""
+    import os
+
+    try:
+        return os.fsencode(text).decode("utf-8")
+    except UnicodeError:
+        return text
 
 
 if __name__ == "__main__":

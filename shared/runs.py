@@ -75,7 +75,7 @@ class Run:
 
     def status(self) -> dict:
         try:
-            return json.loads((self.path / "status.json").read_text())
+            return json.loads((self.path / "status.json").read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return {"status": "unknown"}
 
@@ -87,16 +87,16 @@ class Run:
         atomic_write(self.path / "status.json", json.dumps(record, indent=2) + "\n")
 
     def config_dict(self) -> dict:
-        return yaml.safe_load((self.path / "config.yaml").read_text())
+        return yaml.safe_load((self.path / "config.yaml").read_text(encoding="utf-8"))
 
     def class_names(self) -> list[str] | None:
         """The class names in index order (runs from before labels.txt existed: None)."""
         path = self.path / LABELS_FILE
-        return path.read_text().splitlines() if path.is_file() else None
+        return path.read_text(encoding="utf-8").splitlines() if path.is_file() else None
 
     def test_metrics(self) -> dict | None:
         path = self.path / "test_metrics.json"
-        return json.loads(path.read_text()) if path.is_file() else None
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
     def write_json(self, name: str, payload: dict) -> None:
         atomic_write(self.path / name, json.dumps(payload, indent=2, sort_keys=True) + "\n")
@@ -164,7 +164,8 @@ def create(config, model_folder: Path, argv: list[str] | None = None, provenance
     if provenance:
         notes += [f"Starting weights: {provenance}", ""]
     if model_notes.is_file():
-        notes += ["---", f"Model notes ({model_notes.name} at the time of the run):", "", model_notes.read_text()]
+        notes += ["---", f"Model notes ({model_notes.name} at the time of the run):", "",
+                  model_notes.read_text(encoding="utf-8")]
     atomic_write(run.path / "notes.md", "\n".join(notes).rstrip() + "\n")
     atomic_write(run.path / "config.yaml", config.dump())
     run.write_json("environment.json", environment(argv))
@@ -254,8 +255,8 @@ def unified_diff(a: Run, b: Run) -> str:
         left, right = a.path / name, b.path / name
         if not left.exists() and not right.exists():
             continue
-        left_lines = left.read_text().splitlines(keepends=True) if left.exists() else []
-        right_lines = right.read_text().splitlines(keepends=True) if right.exists() else []
+        left_lines = left.read_text(encoding="utf-8").splitlines(keepends=True) if left.exists() else []
+        right_lines = right.read_text(encoding="utf-8").splitlines(keepends=True) if right.exists() else []
         chunks.extend(difflib.unified_diff(left_lines, right_lines, str(left), str(right)))
     return "".join(chunks)
 

@@ -285,7 +285,7 @@ def _truncate_metrics(path: Path, epochs_done: int) -> None:
     appear twice."""
     if not path.is_file():
         return
-    with open(path, newline="") as handle:
+    with open(path, newline="", encoding="utf-8") as handle:
         rows = list(csv.reader(handle))
     if not rows:
         return

@@ -473,7 +473,7 @@ def find_run(config: Config, tag: str):
     folder = Path(config.run.dir) / config.model.name
     for path in sorted(folder.glob("v*"), reverse=True):  # zero-padded versions: newest first
         notes = path / "notes.md"
-        if notes.is_file() and f"{tag}:" in notes.read_text():
+        if notes.is_file() and f"{tag}:" in notes.read_text(encoding="utf-8"):
             return Run(path)
     return None
 

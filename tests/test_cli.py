@@ -1,5 +1,6 @@
 """The command line on bad input: one line naming the problem and the fix, non-zero exit, no traceback."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -113,3 +114,17 @@ def test_corrupt_images_can_be_skipped_and_counted(tmp_path, capsys):
     metrics = yaml.safe_load((run_dir / "test_metrics.json").read_text())
     assert metrics["skipped_train_images"] >= 1 and metrics["skipped_test_images"] == 1
     assert metrics["examples"] == 9 and "skipped unreadable images" in out
+
+
+@pytest.mark.parametrize("extra, fragments", [
+    (["--set", "train.lr.base=.nan"], ["train.lr.base (from --set) is nan", "must be > 0"]),
+    (["--set", "data.std=[1, .inf, 1]"], ["data.std", "each item must be > 0"]),
+    (["--set", "model.name=../x"], ["model.name", "path separator"]),
+    (["--set", "model.name=.."], ["model.name", "relative folder"]),
+    (["--notes", os.fsdecode(b"caf\xe9")], ["run.notes", "not valid UTF-8"]),
+])
+def test_bad_input_is_one_line_and_creates_no_folder(tmp_path, capsys, extra, fragments):
+    runs = tmp_path / "area" / "runs"
+    code, _, err = run_cli(capsys, "--config", write_config(tmp_path, tiny_tree(runs)), *extra)
+    assert_one_line_error(code, err, *fragments)
+    assert not (tmp_path / "area").exists()  # no runs root, no folder beside it

@@ -4,6 +4,7 @@ augmentation generators (`augment`) assembled into batched, prefetched `tf.data`
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -113,7 +114,7 @@ def find_undecodable(source: sources.Source) -> list[str]:
     paths = [path for split in source.files.values() for path in split]
     for path in tqdm(paths, desc="looking for the unreadable image", unit="file", leave=False):
         try:
-            preprocess.decode(tf.io.read_file(path), 3)
+            preprocess.decode(tf.io.read_file(os.fsencode(path)), 3)  # bytes: names need not be UTF-8
         except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError):
             bad.append(path)
     return bad

@@ -56,7 +56,7 @@ def _wnids() -> tuple[str, ...]:
     if path is None:
         raise UserError("the ImageNet class list (imagenet2012 labels.txt of tensorflow-datasets) was not found; "
                         "install it with `pip install tensorflow-datasets`")
-    wnids = tuple(line.strip() for line in path.read_text().splitlines() if line.strip())
+    wnids = tuple(line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
     if len(wnids) != NUM_CLASSES or list(wnids) != sorted(set(wnids)):
         raise UserError(f"{path} does not hold {NUM_CLASSES} distinct sorted wnids; reinstall tensorflow-datasets")
     return wnids
@@ -87,7 +87,7 @@ def human_labels(path: str | Path | None = None) -> dict[str, str] | None:
             return None
     path = Path(path).expanduser()
     try:
-        index = json.loads(path.read_text())
+        index = json.loads(path.read_text(encoding="utf-8"))
         entries = [index[str(i)] for i in range(NUM_CLASSES)]
         wnids, names = zip(*((str(wnid), str(name)) for wnid, name in entries))
     except FileNotFoundError:
@@ -145,7 +145,7 @@ def _search_dirs(root: Path) -> list[Path]:
 def _read_csv(path: Path) -> dict[str, str]:
     """ImageId -> wnid from Kaggle's LOC_val_solution.csv."""
     truth = {}
-    with open(path, newline="") as handle:
+    with open(path, newline="", encoding="utf-8") as handle:
         reader = csv.reader(handle)
         header = next(reader, None)
         if header is None or [h.strip() for h in header[:2]] != ["ImageId", "PredictionString"]:
@@ -163,7 +163,7 @@ def _read_csv(path: Path) -> dict[str, str]:
 def _read_synsets(path: Path) -> list[str]:
     """wnids in ILSVRC2012_ID order: a text file (first token of line i = ID i) or the devkit's meta.mat."""
     if path.suffix.lower() != ".mat":
-        wnids = [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
+        wnids = [line.split()[0] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     else:
         try:
             import scipy.io
@@ -195,7 +195,7 @@ def _read_txt(path: Path, synsets: Path | None) -> dict[str, str]:
                             f"or val/<wnid>/ class folders")
     order = _read_synsets(Path(synsets))
     truth = {}
-    for n, line in enumerate(path.read_text().split(), start=1):
+    for n, line in enumerate(path.read_text(encoding="utf-8").split(), start=1):
         if not line.isdigit() or not 1 <= int(line) <= NUM_CLASSES:
             raise UserError(f"{path} line {n} is {line!r}, not an ILSVRC2012_ID 1-{NUM_CLASSES}; restore the file")
         truth[f"ILSVRC2012_val_{n:08d}"] = order[int(line) - 1]

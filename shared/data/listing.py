@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import os
 import random
+from pathlib import Path
+
+from shared.errors import UserError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif"}
 
@@ -19,3 +22,18 @@ def mix_classes(files: list[str], labels: list[int]) -> tuple[list[str], list[in
     order = list(range(len(files)))
     random.Random(0).shuffle(order)
     return [files[i] for i in order], [labels[i] for i in order]
+
+
+def class_name(folder: Path) -> str:
+    """A class folder's name as text. The name lands in labels.txt and exported models, so it must be
+    UTF-8; image file names need not be (they are read as bytes, see `file_names`)."""
+    try:
+        return os.fsencode(folder.name).decode("utf-8")
+    except UnicodeError:
+        raise UserError(f"class folder {ascii(str(folder))} is not named in UTF-8; rename it "
+                        f"(its name becomes a class label)") from None
+
+
+def file_names(files: list[str]) -> list[bytes]:
+    """Paths as the bytes the file system holds, so a name that is not valid UTF-8 is read too."""
+    return [os.fsencode(path) for path in files]

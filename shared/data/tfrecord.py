@@ -133,10 +133,10 @@ def _check_resume(output_dir: Path, prefix: str, num_shards: int, digest: str) -
         raise UserError(f"{output_dir} already holds {prefix} shards of another shard count ({other[0].name}); "
                         f"delete {output_dir}/{prefix}-* or write to another folder")
     plan = output_dir / f".{prefix}.plan"
-    if existing and plan.is_file() and plan.read_text().strip() != digest:
+    if existing and plan.is_file() and plan.read_text(encoding="utf-8").strip() != digest:
         raise UserError(f"the {prefix} shards in {output_dir} were written from another image list (or order); "
                         f"delete {output_dir}/{prefix}-* to rewrite them, or write to another folder")
-    plan.write_text(digest + "\n")
+    plan.write_text(digest + "\n", encoding="utf-8")
 
 
 def write_shards(files: list[str], labels: list[int], synsets: list[str] | None, output_dir: Path,

@@ -264,7 +264,7 @@ def write_coco(split: DetectionSplit, path: str | os.PathLike, images_root: str 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"info": {"description": split.source}, "images": images,
-                                "annotations": annotations, "categories": categories}))
+                                "annotations": annotations, "categories": categories}), encoding="utf-8")
 
 
 # ---------------------------------------------------------------- label lists and label maps
@@ -377,7 +377,7 @@ def write_label_map(path: str | os.PathLike, class_names: Sequence[str]) -> None
                    for i, name in enumerate(class_names))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    path.write_text(text, encoding="utf-8")
 
 
 def read_class_list(path: str | os.PathLike) -> list[str]:
@@ -417,7 +417,7 @@ def _voc_image_ids(root: Path, image_set: str | None) -> tuple[list[str], str]:
     if list_file is None:
         raise UserError(f"VOC image set {image_set!r} not found (looked for {', '.join(map(str, candidates))}); "
                         f"set detection.train_annotations / test_annotations to a set name such as trainval")
-    ids = [line.split()[0] for line in list_file.read_text().splitlines() if line.strip()]
+    ids = [line.split()[0] for line in list_file.read_text(encoding="utf-8").splitlines() if line.strip()]
     if not ids:
         raise UserError(f"VOC image set {list_file} lists no images; list one image id a line")
     return ids, str(list_file)
@@ -546,7 +546,7 @@ def write_voc(split: DetectionSplit, root: str | os.PathLike, image_set: str) ->
         ET.indent(annotation)
         ET.ElementTree(annotation).write(root / "Annotations" / f"{source.stem}.xml", encoding="utf-8")
         ids.append(source.stem)
-    (root / "ImageSets" / "Main" / f"{image_set}.txt").write_text("".join(f"{i}\n" for i in ids))
+    (root / "ImageSets" / "Main" / f"{image_set}.txt").write_text("".join(f"{i}\n" for i in ids), encoding="utf-8")
 
 
 def _channels_of(path: Path) -> int:

@@ -250,7 +250,7 @@ def identify_outputs(interpreter, detector, input_shape: tuple, seed: int = 0) -
 def _exported_models(folder: Path) -> dict:
     """detection.json's record of the .tflite files in `folder` that still exist."""
     try:
-        models = json.loads((folder / INFO_FILE).read_text()).get("models", {})
+        models = json.loads((folder / INFO_FILE).read_text(encoding="utf-8")).get("models", {})
     except (OSError, ValueError, AttributeError):
         return {}
     return {name: entry for name, entry in models.items() if (folder / name).is_file()}
