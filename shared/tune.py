@@ -8,7 +8,9 @@ trial (user attribute `run`). The study lives in an SQL database (default
 
 - rerunning the same command resumes it: only the trials still missing run (completed and pruned
   ones count);
-- several processes given the same storage share the study;
+- several processes given the same storage share the study: started together, they create it one
+  at a time (a lock file beside the SQLite file), each draws its own seed stream, they start no more
+  than tune.trials between them, and values one worker is training another waits for and reuses;
 - a trial left RUNNING by a killed process is failed by Optuna's heartbeat once it is stale
   (HEARTBEAT_S * 2 without a beat) and queued again once with the same values.
 
@@ -31,7 +33,6 @@ import copy
 import difflib
 import importlib.util
 import math
-import os
 import re
 import time
 import warnings
@@ -47,6 +48,7 @@ from optuna.trial import FrozenTrial, TrialState
 from shared import config as config_module
 from shared.config import Config
 from shared.errors import UserError
+from shared.locks import FileLock
 from shared.names import check_plain_name
 
 # metric -> its natural direction (the default when an objective gives none)
@@ -70,6 +72,8 @@ HEARTBEAT_S = 60  # a running trial writes a heartbeat this often; stale after t
 MAX_RETRY = 1  # a trial whose process died is queued again this many times
 PRUNE_STARTUP_TRIALS = 5  # MedianPruner: no pruning until this many trials have finished
 PRUNE_WARMUP_EPOCHS = 1  # ... nor on the first epoch, whose figures are mostly noise
+CLAIM = "trains_values"  # user attribute of a trial that trains its values (no other trial had them)
+WAIT_S = 2.0  # how often a trial waiting for another worker's trial of the same values looks again
 
 
 @dataclass(frozen=True)
@@ -326,6 +330,16 @@ def _sqlite_file(url: str) -> Path | None:
     return Path(database) if database and database != ":memory:" else None
 
 
+def study_lock(config: Config, url: str) -> FileLock:
+    """The lock the workers of a study take to create it and to claim trials: beside an SQLite file, else
+    (a database server) in <run.dir>/tune, which covers the workers of one machine; workers on several
+    machines rely on Optuna's own create-or-load of the study."""
+    database = _sqlite_file(url)
+    if database is not None:
+        return FileLock(database.with_name(f".{database.name}.lock"))
+    return FileLock(Path(config.run.dir) / "tune" / f".{study_name(config)}.lock")
+
+
 def open_storage(url: str) -> optuna.storages.RDBStorage:
     """The study database, with heartbeats: a trial of a process that died is failed once its heartbeat
     is stale, and queued again (same values) up to MAX_RETRY times."""
@@ -480,7 +494,7 @@ def find_run(config: Config, tag: str):
 
 def make_objective(base_config: Config, study: str, space: dict[str, BaseDistribution],
                    objectives: list[Objective], constraints: dict[str, float], monitor: tuple[str, ...] | None,
-                   argv: list[str] | None):
+                   argv: list[str] | None, lock: FileLock):
     """The function Optuna calls for each trial: sample, train a run, measure, return the values."""
     needed = list(dict.fromkeys([*(o.metric for o in objectives), *constraints]))  # objectives first
 
@@ -492,8 +506,8 @@ def make_objective(base_config: Config, study: str, space: dict[str, BaseDistrib
         values = {key: suggest(trial, key, distribution) for key, distribution in space.items()}
         earlier = same_values(trial, values)
         if earlier is not None:
-            # NSGA-II on a small space often proposes a point again; training is seeded, so the
-            # figures would be the same: reuse them instead of training the same run twice.
+            # NSGA-II on a small space often proposes a point again, and workers sampling at once may
+            # too; training is seeded, so the figures would be the same: reuse them.
             metrics = earlier.user_attrs["metrics"]
             trial.set_user_attr("run", earlier.user_attrs.get("run"))
             trial.set_user_attr("metrics", metrics)
@@ -536,8 +550,29 @@ def make_objective(base_config: Config, study: str, space: dict[str, BaseDistrib
         return finish(trial, metrics)
 
     def same_values(trial: optuna.Trial, values: dict[str, Any]) -> FrozenTrial | None:
-        done = trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        return next((t for t in done if t.params == values and "metrics" in t.user_attrs), None)
+        """A complete trial with these values, waiting for one another worker is training; else None,
+        and this trial claims the values (under the lock, so two workers never both train them)."""
+        told = False
+        while True:
+            with lock:
+                others = [t for t in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,
+                                                                                    TrialState.RUNNING))
+                          if t.number != trial.number and t.params == values]
+                done = next((t for t in others if t.state == TrialState.COMPLETE and "metrics" in t.user_attrs),
+                            None)
+                training = next((t for t in others if t.state == TrialState.RUNNING and t.user_attrs.get(CLAIM)),
+                                None)
+                if done is not None or training is None:
+                    if done is None:
+                        trial.set_user_attr(CLAIM, True)
+                    return done
+            if not told:
+                print(f"trial {trial.number}: trial {training.number} is training the same values; waiting "
+                      f"for its figures", flush=True)
+                told = True
+            time.sleep(WAIT_S)
+            with _quiet_experimental():  # a worker that died: its trial fails once stale, we train instead
+                optuna.storages.fail_stale_trials(trial.study)
 
     def finish(trial: optuna.Trial, metrics: dict[str, float]) -> float | tuple[float, ...]:
         for metric, bound in constraints.items():  # Optuna 5: set_constraint replaces constraints_func
@@ -593,31 +628,57 @@ def tune(config: Config, argv: list[str] | None = None) -> dict:
             print(f"note: tune.trials is {wanted} but the grid has {size} points; running {size}", flush=True)
             wanted = size
     url = storage_url(config)
-    storage = open_storage(url)
     single = len(objectives) == 1
     monitor = monitored_names(objectives[0].metric, config.data.val_fraction > 0) \
         if single and settings.prune else None
-    study = optuna.create_study(storage=storage, study_name=name, load_if_exists=True,
-                                directions=[o.direction for o in objectives], pruner=_make_pruner(monitor))
-    _check_same_objectives(study, objectives, url)
-    with _quiet_experimental():
-        optuna.storages.fail_stale_trials(study)  # a killed process's trials: failed, queued again
-    trials = study.get_trials(deepcopy=False)
-    counted = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)]
-    remaining = max(0, wanted - len(counted))
-    # A resumed study (or a second worker) must not replay the draws of the first: offset the seed.
-    others_running = any(t.state == TrialState.RUNNING for t in trials)
-    seed = settings.seed + len(trials) + (os.getpid() if others_running else 0)
+    lock = study_lock(config, url)
+    # Workers started together: one at a time creates the tables and the study and takes a worker number.
+    with lock:
+        study = optuna.create_study(storage=open_storage(url), study_name=name, load_if_exists=True,
+                                    directions=[o.direction for o in objectives], pruner=_make_pruner(monitor))
+        _check_same_objectives(study, objectives, url)
+        with _quiet_experimental():
+            optuna.storages.fail_stale_trials(study)  # a killed process's trials: failed, queued again
+        counted = _counted_trials(study)
+        worker = study.user_attrs.get("workers", 0)
+        study.set_user_attr("workers", worker + 1)
+    # Each start (a resume, a second worker) draws its own stream; the first reproduces tune.seed's. Not
+    # the grid: its stored grid ids index a grid shuffled by the seed, so every worker needs the same one.
+    seed = settings.seed + (0 if grid is not None else worker)
     study.sampler = _make_sampler(settings.sampler, grid, wanted, seed)
-    print(f"study {name} in {url}: {len(counted)} of {wanted} trials done or running, running {remaining} more",
-          flush=True)
-    if remaining:
-        objective = make_objective(config, name, space, objectives, constraints, monitor, argv)
-        # MaxTrialsCallback: stop early when other workers on the same storage have finished the rest.
-        study.optimize(objective, n_trials=remaining, catch=(TrialFailed,), gc_after_trial=True,
-                       callbacks=[optuna.study.MaxTrialsCallback(wanted, states=(TrialState.COMPLETE,
-                                                                                 TrialState.PRUNED))])
+    print(f"study {name} in {url}: {counted} of {wanted} trials done or running, running "
+          f"{max(0, wanted - counted)} more", flush=True)
+    if counted < wanted:
+        objective = make_objective(config, name, space, objectives, constraints, monitor, argv, lock)
+        run_trials(study, objective, wanted, lock)
     return report(study, config, objectives, constraints, list(space), url)
+
+
+def run_trials(study: optuna.Study, objective, wanted: int, lock) -> None:
+    """Start trials until `wanted` are complete, pruned or running, counting every worker's. The count and
+    the new trial are one step under the study lock, so workers together never start more than `wanted`."""
+    while True:
+        lock.acquire()
+        held = True
+
+        def started(trial: optuna.Trial):
+            nonlocal held
+            lock.release()  # the trial is RUNNING now: the other workers count it
+            held = False
+            return objective(trial)
+
+        try:
+            if _counted_trials(study) >= wanted:
+                return
+            study.optimize(started, n_trials=1, catch=(TrialFailed,), gc_after_trial=True)
+        finally:
+            if held:
+                lock.release()
+
+
+def _counted_trials(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED,
+                                                        TrialState.RUNNING)))
 
 
 def _check_same_objectives(study: optuna.Study, objectives: list[Objective], url: str) -> None:
