@@ -600,6 +600,15 @@ def from_dict(tree: dict, provenance: dict[str, str] | None = None) -> Config:
     return config
 
 
+def _check_runs_root(directory: str, provenance: dict) -> None:
+    """run.dir must be a folder, or creatable: found now, not after the model is built."""
+    path = Path(directory)
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise UserError(f"config key run.dir{_where('run.dir', provenance)} is {directory!r}, but {existing} is a "
+                        f"file, not a folder; choose another runs root")
+
+
 def _check_consistency(config: Config, provenance: dict) -> None:
     """Rules that involve more than one key."""
     data, train = config.data, config.train
@@ -608,6 +617,7 @@ def _check_consistency(config: Config, provenance: dict) -> None:
         if value is not None and len(value) != data.channels:
             raise UserError(f"config key data.{key}{_where('data.' + key, provenance)} has {len(value)} values "
                             f"but data.channels is {data.channels}; give one per channel")
+    _check_runs_root(config.run.dir, provenance)
     if data.source == "tfds" and not data.name:
         raise UserError("data.source is tfds but data.name is empty; set data.name (e.g. imagenet2012)")
     if data.source in ("folder", "ilsvrc", "tfrecord") and not data.path:

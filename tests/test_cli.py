@@ -128,3 +128,12 @@ def test_bad_input_is_one_line_and_creates_no_folder(tmp_path, capsys, extra, fr
     code, _, err = run_cli(capsys, "--config", write_config(tmp_path, tiny_tree(runs)), *extra)
     assert_one_line_error(code, err, *fragments)
     assert not (tmp_path / "area").exists()  # no runs root, no folder beside it
+
+
+def test_a_runs_root_that_is_a_file_is_one_line_before_tensorflow(tmp_path, capsys):
+    blocker = tmp_path / "runs"
+    blocker.write_text("not a folder", encoding="utf-8")
+    for runs in (blocker, blocker / "deeper"):
+        code, _, err = run_cli(capsys, "--config", write_config(tmp_path, tiny_tree(runs)))
+        assert_one_line_error(code, err, "run.dir", "is a file, not a folder")
+    assert blocker.read_text(encoding="utf-8") == "not a folder"
