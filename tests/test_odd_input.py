@@ -174,6 +174,9 @@ def test_a_class_folder_not_named_in_utf8_is_one_line(tmp_path):
     config = load_config(tree={"data": {"source": "folder", "path": str(root), "test_split": "val"}}).data
     with pytest.raises(UserError, match=r"class folder .*ch\\udce2t.* is not named in UTF-8"):
         sources.load(config)
+    os.rename(os.fsencode(root / "train") + b"/ch\xe2t", root / "train" / "two\nlines")
+    with pytest.raises(UserError, match=r"class folder .*two\\nlines' has a control character"):
+        sources.load(config)  # labels.txt holds one class name per line
 
 
 # ---------------------------------------------------------------- text files

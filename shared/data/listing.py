@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import random
+import unicodedata
 from pathlib import Path
 
 from shared.errors import UserError
@@ -28,10 +29,14 @@ def class_name(folder: Path) -> str:
     """A class folder's name as text. The name lands in labels.txt and exported models, so it must be
     UTF-8; image file names need not be (they are read as bytes, see `file_names`)."""
     try:
-        return os.fsencode(folder.name).decode("utf-8")
+        name = os.fsencode(folder.name).decode("utf-8")
     except UnicodeError:
         raise UserError(f"class folder {ascii(str(folder))} is not named in UTF-8; rename it "
                         f"(its name becomes a class label)") from None
+    if any(unicodedata.category(c) == "Cc" for c in name):  # labels.txt holds one name per line
+        raise UserError(f"class folder {str(folder)!r} has a control character (a newline, a tab) in its name; "
+                        f"rename it (its name becomes a class label)")
+    return name
 
 
 def file_names(files: list[str]) -> list[bytes]:
