@@ -10,7 +10,7 @@ from shared import config as config_module
 from shared import data as data_module
 from shared import modelzoo
 from shared.errors import UserError
-from shared.runs import Run, open_run
+from shared.runs import Run, open_run, require_idle
 
 
 def evaluate_model(model, dataset: tf.data.Dataset, num_classes: int) -> dict:
@@ -37,6 +37,7 @@ def evaluate_model(model, dataset: tf.data.Dataset, num_classes: int) -> dict:
 def load_run_model(run: Run):
     """Rebuild the run's model from its snapshotted model.py and config, with its last checkpoint;
     returns the classifier alone (auxiliary heads, if any, are for training only)."""
+    require_idle(run)  # a live run's last checkpoint is about to change
     config = config_module.from_dict(run.config_dict())
     module = modelzoo.load_model_module(run.path)
     checkpoint = run.last_checkpoint()

@@ -29,7 +29,7 @@ from shared import modelzoo
 from shared.config import InitConfig
 from shared.errors import UserError
 from shared.modelzoo import MAIN_OUTPUT
-from shared.runs import Run, open_run
+from shared.runs import Run, open_run, require_idle
 
 BACKBONE_PATTERN = "backbone"  # train.freeze: every layer but the classifier head
 MAX_LISTED = 5  # layers (or hyperparameters) named in one error message
@@ -82,6 +82,7 @@ class Source:
 def source_from_run(run: Run, checkpoint: Path | None = None) -> Source:
     """The run's model rebuilt from its snapshotted model.py and config.yaml, auxiliary heads kept, with
     `checkpoint` (default: its last one) loaded."""
+    require_idle(run)  # a live run's last checkpoint is about to change
     checkpoint = checkpoint or run.last_checkpoint()
     if checkpoint is None:
         raise UserError(f"run {run.path} has no checkpoint in {run.checkpoint_dir} "

@@ -108,9 +108,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _test(args: argparse.Namespace, argv: list[str]) -> None:
     # Cheap checks first: a typo should answer at once, before TensorFlow loads.
-    from shared.runs import open_run
+    from shared.runs import open_run, require_idle
 
     run = open_run(args.run)
+    require_idle(run)  # a run still training is refused before TensorFlow loads
     if _is_detection(run):
         from shared.detection.train import evaluate_detection_run, summary
 
@@ -176,9 +177,10 @@ def _find_batch(args: argparse.Namespace, argv: list[str]) -> None:
 
 
 def _export(args: argparse.Namespace, argv: list[str]) -> None:
-    from shared.runs import open_run
+    from shared.runs import open_run, require_idle
 
     run = open_run(args.run)
+    require_idle(run)
     if _is_detection(run):
         _export_detection(args, run)
         return
@@ -218,9 +220,10 @@ def _export_detection(args: argparse.Namespace, run) -> None:
 
 
 def _size(args: argparse.Namespace, argv: list[str]) -> None:
-    from shared.runs import open_run
+    from shared.runs import open_run, require_idle
 
     run = open_run(args.run)
+    require_idle(run)
     from shared import size_report
 
     print(size_report.format_table(size_report.size_report(run)))
@@ -237,10 +240,11 @@ def finetune_overrides(args: argparse.Namespace) -> list[str]:
 
 def _train(args: argparse.Namespace, argv: list[str]) -> None:
     from shared.config import load_config
-    from shared.runs import open_run
+    from shared.runs import lock_run, open_run, require_idle
 
     if getattr(args, "resume", None):
-        run = open_run(args.resume)  # a typo answers before TensorFlow loads
+        run = open_run(args.resume)  # a typo, or a run another process trains, answers before TensorFlow loads
+        lock_run(run, ["-m", "shared.runner", *argv])
         if _is_detection(run):
             from shared.detection.train import resume_detection as resume, summary
         else:
@@ -255,7 +259,7 @@ def _train(args: argparse.Namespace, argv: list[str]) -> None:
         config = load_config(args.config, overrides)
         for source in (config.init.from_run, config.distill.teacher):
             if source:
-                open_run(source)  # a typo answers before TensorFlow loads
+                require_idle(open_run(source))  # a typo or a live run answers before TensorFlow loads
         if config.task == "detection":
             from shared.detection.train import summary, train_detection as train
         else:

@@ -7,6 +7,7 @@ know, rebuild and re-test it:
     labels.txt               the class names, one per line, in class-index order
     environment.json         package versions, git commit and dirtiness, command line, machine
     status.json              running / finished / failed, with times and the error
+    run.lock                 who trains it (pid, host, start, command); flock-held while that process lives
     metrics.csv              one row per epoch (Keras CSVLogger)
     test_metrics.json        the held-out evaluation after training
     checkpoints/             epoch-NNNN.keras (model + optimizer state); the newest is the run's last
@@ -14,12 +15,19 @@ know, rebuild and re-test it:
 
 Versions are v0001, v0002, ... (zero-padded so `ls` sorts them), allocated with an atomic mkdir so
 concurrent runs never share a folder. `python -m shared.runs list|diff` reads the store.
+
+A training process holds an exclusive flock on its run's `run.lock` for as long as it trains (`lock_run`);
+the kernel drops it when the process dies, so a killed run's lock is stale and the next taker simply takes
+it over. Readers (test, export, size, finetune --from, a distillation teacher) call `require_idle` and are
+refused with one line while the run is live.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
+import fcntl
 import json
 import os
 import platform
@@ -41,6 +49,8 @@ from shared.errors import UserError, run_cli
 from shared.modelzoo import PROJECT_ROOT
 
 ROOT_MARKER = ".runs_root"  # marks a runs root; scripts/prune_checkpoints.sh refuses folders without it
+LOCK_FILE = "run.lock"
+LOCK_WAIT_SECONDS = 2.0  # a reader's probe or a prune holds the lock briefly; a trainer waits that out
 VERSION_RE = re.compile(r"^v(\d+)$")
 VERSION_DIGITS = 4
 SNAPSHOT_SOURCES = ("model.py", "augment.py")
@@ -85,6 +95,8 @@ class Run:
             record.pop("error", None)
         record["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
         atomic_write(self.path / "status.json", json.dumps(record, indent=2) + "\n")
+        if status != "running":
+            unlock_run(self)  # training has ended: readers may have the run
 
     def config_dict(self) -> dict:
         return yaml.safe_load((self.path / "config.yaml").read_text(encoding="utf-8"))
@@ -154,6 +166,7 @@ def create(config, model_folder: Path, argv: list[str] | None = None, provenance
     """Allocate a version and snapshot the model source, notes, resolved config and environment.
     `provenance`: where the starting weights came from, recorded in the notes."""
     run = Run(allocate(Path(config.run.dir), config.model.name))
+    lock_run(run, argv)  # before the first write: nobody may take a folder that is being filled
     for name in SNAPSHOT_SOURCES:
         if (model_folder / name).is_file():
             shutil.copy2(model_folder / name, run.path / name)
@@ -204,6 +217,102 @@ def all_runs(root: Path, model: str | None = None) -> list[Run]:
             for p in sorted(m.iterdir(), key=lambda p: p.name) if VERSION_RE.match(p.name) and p.is_dir()]
 
 
+# ---------------------------------------------------------------- the training lock
+
+
+class RunInUse(UserError):
+    """Another live process trains the run."""
+
+
+_HELD: dict[Path, int] = {}  # run folder (resolved) -> the open descriptor holding its lock in this process
+
+
+def lock_run(run: Run, argv: list[str] | None = None) -> None:
+    """Hold the run's lock until `unlock_run` or the end of this process; RunInUse if another live process
+    holds it. A lock left by a dead process is taken over. Taking it again in the holding process is a no-op.
+    run.lock is written in place, never replaced: the flock belongs to the file's inode."""
+    key = run.path.resolve()
+    if key in _HELD:
+        return
+    handle = os.open(run.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        deadline = time.monotonic() + LOCK_WAIT_SECONDS
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise RunInUse(in_use_message(run, _lock_record(run))) from None
+                time.sleep(0.1)
+        command = " ".join([Path(sys.executable).name, *(argv if argv is not None else sys.argv)])
+        record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                  "command": command}
+        os.ftruncate(handle, 0)
+        os.pwrite(handle, (json.dumps(record) + "\n").encode(), 0)
+        os.fsync(handle)
+    except BaseException:
+        os.close(handle)  # closing drops the flock too
+        raise
+    _HELD[key] = handle
+
+
+def unlock_run(run: Run) -> None:
+    """Let go of the run's lock if this process holds it (run.lock stays: it names the last trainer)."""
+    handle = _HELD.pop(run.path.resolve(), None)
+    if handle is not None:
+        os.close(handle)
+
+
+def lock_holder(run: Run) -> dict | None:
+    """The lock record of the live process that trains the run (this one included), or None when no process
+    holds the lock (never trained under a lock, ended, or killed: the kernel released it)."""
+    if run.path.resolve() in _HELD:
+        return _lock_record(run)
+    try:
+        handle = os.open(run.path / LOCK_FILE, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return _lock_record(run)
+    finally:
+        os.close(handle)  # releases the probe's shared lock at once
+    return None
+
+
+def require_idle(run: Run) -> None:
+    """RunInUse (one line naming the process) if another live process trains the run: its checkpoints and
+    files are still being written."""
+    if run.path.resolve() in _HELD:
+        return
+    record = lock_holder(run)
+    if record is not None:
+        raise RunInUse(in_use_message(run, record))
+
+
+def in_use_message(run: Run, record: dict) -> str:
+    pid = record.get("pid", "?")
+    return (f"run {run.path} is in use by pid {pid} on {record.get('host', '?')} since "
+            f"{record.get('started', '?')}; wait until it ends or stop it (kill {pid}), then try again")
+
+
+def _lock_record(run: Run) -> dict:
+    """What run.lock says (empty if unreadable: a holder may be between truncating and writing it)."""
+    with contextlib.suppress(OSError, ValueError):
+        record = json.loads((run.path / LOCK_FILE).read_text(encoding="utf-8"))
+        if isinstance(record, dict):
+            return record
+    return {}
+
+
+def shown_status(run: Run) -> str:
+    """status.json's status, except that a run marked running whose lock no process holds is `crashed`."""
+    status = run.status().get("status", "unknown")
+    return "crashed" if status == "running" and lock_holder(run) is None else status
+
+
 # ---------------------------------------------------------------- list
 
 
@@ -234,7 +343,7 @@ def table(runs: list[Run]) -> str:
     for run, config in zip(runs, configs):
         metrics = run.test_metrics() or {}
         top1 = metrics.get("top1")
-        rows.append([f"{run.model_name}/{run.version}", run.status().get("status", "unknown"),
+        rows.append([f"{run.model_name}/{run.version}", shown_status(run),
                      *(_short(config.get(k)) for k in differing),
                      f"{top1:.4f}" if isinstance(top1, float) else "-"])
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]

@@ -120,6 +120,7 @@ def resume(path: str | Path, argv: list[str] | None = None) -> runs.Run:
     """Continue an interrupted or failed run from its last complete epoch (weights, optimizer state,
     schedule position and epoch counter from its backup), with its own config and model.py."""
     run = runs.open_run(path)
+    runs.lock_run(run, argv)  # before anything is read or written: a live run is refused here
     state = run.status().get("status")
     if state == "finished":
         raise UserError(f"run {run.path} already finished; start a new run instead")

@@ -133,9 +133,10 @@ def test_folder_source_errors(tmp_path):
         make_datasets(config_for(tmp_path, source="folder", path=str(tmp_path / "noval"), test_split="val"))
 
 
-def test_tfds_source_on_tfds_mock_data(tmp_path):
+def test_tfds_source_on_tfds_mock_data(tmp_path, monkeypatch):
     import tensorflow_datasets as tfds
 
+    monkeypatch.setattr(sources, "unreachable", lambda url: None)  # the mock downloads nothing: no network needed
     with tfds.testing.mock_data(num_examples=12):
         config = config_for(tmp_path, source="tfds", name="mnist", image_size=28, channels=1)
         datasets = make_datasets(config)

@@ -130,3 +130,15 @@ def test_training_with_mixup_uses_the_soft_label_loss(tmp_path):
     header = (run.path / "metrics.csv").read_text().splitlines()[0]
     assert "val_top1" in header and run.status()["status"] == "finished"
     assert evaluate(run)["top1"] == run.test_metrics()["top1"]
+
+
+def test_list_shows_a_running_run_without_a_live_process_as_crashed(tmp_path):
+    run = runs.Run(runs.allocate(tmp_path / "runs", "resnet"))
+    (run.path / "config.yaml").write_text(load_config(tree=tiny_tree(tmp_path / "runs")).dump())
+    run.set_status("running")  # as a SIGKILLed run leaves it: no process holds its lock
+    assert runs.table([run]).splitlines()[1].split()[:2] == ["resnet/v0001", "crashed"]
+    runs.lock_run(run)
+    try:
+        assert runs.table([run]).splitlines()[1].split()[:2] == ["resnet/v0001", "running"]
+    finally:
+        runs.unlock_run(run)

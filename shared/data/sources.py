@@ -9,14 +9,18 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import socket
+import threading
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlparse
 
 import numpy as np
 import tensorflow as tf
 
 from shared.config import DataConfig
-from shared.data.listing import IMAGE_SUFFIXES, class_name, file_names, is_image, mix_classes
+from shared.data.listing import IMAGE_SUFFIXES, is_image, mix_classes
 from shared.errors import UserError
 from shared.fashion_mnist import (FASHION_MNIST_CLASSES, FASHION_MNIST_DIRS, FASHION_MNIST_FILES,
                                   FASHION_MNIST_MEAN, FASHION_MNIST_STD, read_idx)
@@ -70,11 +74,16 @@ def fashion_mnist(config: DataConfig) -> Source:
         try:
             import tensorflow_datasets as tfds
             builder = tfds.builder("fashion_mnist", data_dir=config.data_dir)
-            builder.download_and_prepare()
+            if not builder.is_prepared():
+                offline = unreachable(getattr(builder, "URL", None) or TFDS_STORAGE_URL)
+                if offline:
+                    raise ConnectionError(offline)
+                builder.download_and_prepare()
         except Exception as error:  # no files and no download: say where we looked and how to get it
+            reason = f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:200]}"
             raise UserError(
                 f"Fashion-MNIST not found: no IDX files (train-images-idx3-ubyte.gz ...) in {looked}, and the "
-                f"TFDS download failed ({type(error).__name__}); install it with "
+                f"TFDS download failed ({reason}); install it with "
                 f"`apt-get install dataset-fashion-mnist` or set data.path to a folder with the four IDX files"
             ) from None
         return tfds_source(config, name="fashion_mnist", builder=builder,
@@ -131,21 +140,20 @@ def list_folder_split(root: Path, split: str, class_names: list[str] | None = No
     if not split_dir.is_dir():
         raise UserError(f"folder dataset {root} has no {split}/ folder; expected {root}/{split}/<class>/<image> "
                         f"(set data.train_split / data.test_split to the folder names you have)")
-    class_dirs = sorted((p for p in split_dir.iterdir() if p.is_dir()), key=class_name)
     if class_names is None:
-        class_names = [class_name(p) for p in class_dirs]
+        class_names = sorted(p.name for p in split_dir.iterdir() if p.is_dir())
         if not class_names:
             raise UserError(f"{split_dir} has no class folders; expected {split_dir}/<class>/<image>")
     index = {name: i for i, name in enumerate(class_names)}
     files, labels = [], []
-    for class_dir in class_dirs:
-        if class_name(class_dir) not in index:
+    for class_dir in sorted(p for p in split_dir.iterdir() if p.is_dir()):
+        if class_dir.name not in index:
             raise UserError(f"{class_dir} is a class that the train split does not have; "
                             f"remove it or add it to train/")
         for path in sorted(class_dir.iterdir()):
             if is_image(path.name):
-                files.append(str(path))  # may hold surrogate escapes: read through file_names()
-                labels.append(index[class_name(class_dir)])
+                files.append(str(path))
+                labels.append(index[class_dir.name])
     if not files:
         raise UserError(f"{split_dir} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
     files, labels = mix_classes(files, labels)
@@ -171,7 +179,7 @@ def folder(config: DataConfig) -> Source:
 
 
 def _paths_dataset(files: list[str], labels: list[int]) -> tf.data.Dataset:
-    return tf.data.Dataset.from_tensor_slices((tf.constant(file_names(files)), tf.constant(labels, tf.int32)))
+    return tf.data.Dataset.from_tensor_slices((tf.constant(files), tf.constant(labels, tf.int32)))
 
 
 def ilsvrc_source(config: DataConfig) -> Source:
@@ -208,7 +216,7 @@ def tfrecord_source(config: DataConfig) -> Source:
         raise UserError(f"TFRecord folder not found: {root}; write one with scripts/make_tfrecords.py")
     class_names = tfrecord.read_labels(root / "labels.txt")
     counts_file = root / "counts.json"
-    counts = json.loads(counts_file.read_text(encoding="utf-8")) if counts_file.is_file() else {}
+    counts = json.loads(counts_file.read_text()) if counts_file.is_file() else {}
     splits = {}
     for role, split in (("train", config.train_split), ("test", config.test_split)):
         prefix = TFRECORD_PREFIXES.get(split, split)
@@ -225,6 +233,35 @@ def tfrecord_source(config: DataConfig) -> Source:
 
 # ---------------------------------------------------------------- tfds
 
+TFDS_STORAGE_URL = "https://storage.googleapis.com"  # TFDS's own mirror, for builders that name no URL
+PROBE_SECONDS = 3.0  # a download host that has not answered by then counts as unreachable
+
+
+def unreachable(url: str) -> str | None:
+    """Why `url`'s host (or the proxy configured for it) cannot be reached within PROBE_SECONDS, else None.
+    TFDS retries a failed download for minutes (urllib3 backoff); offline, this says so in seconds."""
+    target = urlparse(url)
+    proxy = urllib.request.getproxies().get(target.scheme)
+    if proxy and not urllib.request.proxy_bypass(target.hostname or ""):
+        target = urlparse(proxy if "://" in proxy else f"http://{proxy}")
+    host, port = target.hostname or "", target.port or (443 if target.scheme == "https" else 80)
+    outcome: dict = {}
+
+    def connect():
+        try:
+            socket.create_connection((host, port), timeout=PROBE_SECONDS).close()
+            outcome["error"] = None
+        except OSError as error:
+            outcome["error"] = error
+
+    probe = threading.Thread(target=connect, daemon=True)  # name resolution has no timeout of its own
+    probe.start()
+    probe.join(PROBE_SECONDS)
+    if "error" not in outcome:
+        return f"no network: {host}:{port} did not answer within {PROBE_SECONDS:g} s"
+    error = outcome["error"]
+    return None if error is None else f"no network: cannot reach {host}:{port} ({type(error).__name__}: {error})"
+
 
 def tfds_source(config: DataConfig, name: str | None = None, builder=None,
                 mean: list[float] | None = None, std: list[float] | None = None) -> Source:
@@ -239,6 +276,12 @@ def tfds_source(config: DataConfig, name: str | None = None, builder=None,
         except Exception as error:  # DatasetNotFoundError and friends
             raise UserError(f"TFDS has no dataset {name!r} ({str(error).splitlines()[0][:200]}); "
                             f"check data.name against `tfds.list_builders()`") from None
+        # Datasets built from manual_dir's files (ImageNet) need no network; the others are downloaded.
+        offline = None if builder.is_prepared() or builder.MANUAL_DOWNLOAD_INSTRUCTIONS else \
+            unreachable(getattr(builder, "URL", None) or TFDS_STORAGE_URL)
+        if offline:
+            raise UserError(f"TFDS cannot download {name!r} ({offline}); prepare it on a machine with network "
+                            f"and set data.data_dir to that copy (now {config.data_dir or 'the TFDS default'})")
         try:
             builder.download_and_prepare(
                 download_config=tfds.download.DownloadConfig(manual_dir=config.manual_dir))

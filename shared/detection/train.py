@@ -347,6 +347,7 @@ def load_detection_model(run: runs.Run) -> tuple[keras.Model, Config]:
     config = config_module.from_dict(run.config_dict())
     if config.task != "detection":
         raise UserError(f"run {run.path} is a {config.task} run, not a detection run")
+    runs.require_idle(run)  # a live run's last checkpoint is about to change
     checkpoint = run.last_checkpoint()
     if checkpoint is None:
         raise UserError(f"run {run.path} has no checkpoint in {run.checkpoint_dir} "
@@ -385,6 +386,7 @@ def resume_detection(path: str | Path, argv: list[str] | None = None) -> runs.Ru
     from shared import config as config_module
 
     run = runs.open_run(path)
+    runs.lock_run(run, argv)  # before anything is read or written: a live run is refused here
     if run.status().get("status") == "finished":
         raise UserError(f"run {run.path} already finished; start a new run instead")
     return _run_training(config_module.from_dict(run.config_dict()), argv, resumed=run)
