@@ -121,13 +121,49 @@ def resume(path: str | Path, argv: list[str] | None = None) -> runs.Run:
     schedule position and epoch counter from its backup), with its own config and model.py."""
     run = runs.open_run(path)
     runs.lock_run(run, argv)  # before anything is read or written: a live run is refused here
-    state = run.status().get("status")
-    if state == "finished":
-        raise UserError(f"run {run.path} already finished; start a new run instead")
+    check_resumable(run)
     from shared import config as config_module
 
     config = config_module.from_dict(run.config_dict())
     return _run_training(config, argv, resumed=run)
+
+
+def check_resumable(run: runs.Run) -> None:
+    """Refuse (and let go of the run's lock) unless resuming continues the run: a finished run, or one whose
+    trained epochs (checkpoints, metrics rows, test metrics) have no committed backup to continue from, is
+    never retrained in place from epoch 0. The backup, not status.json (which may be missing or damaged),
+    says how far training got; a run with nothing trained yet simply starts again."""
+    try:
+        _check_resumable(run)
+    except BaseException:
+        runs.unlock_run(run)
+        raise
+
+
+def _check_resumable(run: runs.Run) -> None:
+    state = run.status().get("status", "unknown")
+    if state == "finished":
+        raise UserError(f"run {run.path} already finished; start a new run instead")
+    for backup in sorted((run.path / "backup").glob("phase-*")):
+        try:
+            if backup_state(backup):
+                return
+        except (OSError, ValueError) as error:
+            raise UserError(f"the backup of run {run.path} is damaged ({backup}: {_first_line(error)}); it cannot "
+                            f"be resumed: start a new run (finetune --from {run.path} starts from its last "
+                            f"checkpoint)") from None
+    trained = [what for what, there in (("checkpoints", run.checkpoints()), ("metrics rows", _metric_rows(run)),
+                                        ("test metrics", (run.path / "test_metrics.json").is_file())) if there]
+    if trained:
+        raise UserError(f"run {run.path} has {', '.join(trained)} but no committed backup to resume from "
+                        f"(status: {state}); resuming would retrain it from epoch 0 over them: start a new run "
+                        f"(finetune --from {run.path} starts from its last checkpoint)")
+
+
+def _metric_rows(run: runs.Run) -> bool:
+    with contextlib.suppress(OSError):
+        return len((run.path / "metrics.csv").read_text(encoding="utf-8").strip().splitlines()) > 1
+    return False
 
 
 def _run_training(config: Config, argv: list[str] | None, resumed: runs.Run | None,

@@ -1,4 +1,5 @@
 import json
+import shutil
 import subprocess
 import sys
 
@@ -130,6 +131,28 @@ def test_training_with_mixup_uses_the_soft_label_loss(tmp_path):
     header = (run.path / "metrics.csv").read_text().splitlines()[0]
     assert "val_top1" in header and run.status()["status"] == "finished"
     assert evaluate(run)["top1"] == run.test_metrics()["top1"]
+
+
+@pytest.mark.parametrize("damage", ["damaged", "missing"])
+def test_resume_never_retrains_from_epoch_0_over_a_runs_epochs(trained_run, tmp_path, damage):
+    # A finished run has no backup left; with its status.json damaged or gone, nothing says it finished.
+    from shared.train import resume
+
+    run_dir = tmp_path / "resnet" / "v0001"
+    shutil.copytree(trained_run[0].path, run_dir)
+    if damage == "damaged":
+        (run_dir / "status.json").write_text('{"status": "fini')
+    else:
+        (run_dir / "status.json").unlink()
+    before = {p.name: p.read_bytes() for p in (run_dir / "checkpoints").iterdir()}
+    metrics = (run_dir / "metrics.csv").read_text()
+    with pytest.raises(UserError, match=r"has checkpoints, metrics rows, test metrics but no committed backup "
+                                        r"to resume from \(status: unknown\)") as refused:
+        resume(run_dir)
+    assert "\n" not in str(refused.value)
+    assert {p.name: p.read_bytes() for p in (run_dir / "checkpoints").iterdir()} == before
+    assert (run_dir / "metrics.csv").read_text() == metrics
+    assert runs.lock_holder(runs.Run(run_dir)) is None  # refused: the lock is let go at once
 
 
 def test_list_shows_a_running_run_without_a_live_process_as_crashed(tmp_path):

@@ -387,8 +387,7 @@ def resume_detection(path: str | Path, argv: list[str] | None = None) -> runs.Ru
 
     run = runs.open_run(path)
     runs.lock_run(run, argv)  # before anything is read or written: a live run is refused here
-    if run.status().get("status") == "finished":
-        raise UserError(f"run {run.path} already finished; start a new run instead")
+    classification.check_resumable(run)
     return _run_training(config_module.from_dict(run.config_dict()), argv, resumed=run)
 
 
