@@ -1,5 +1,8 @@
+import os
 import subprocess
 from pathlib import Path
+
+import pytest
 
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "prune_checkpoints.sh"
@@ -75,3 +78,47 @@ def test_does_not_follow_links_out_of_the_root(tmp_path):
     (root / "resnet" / "v0003" / "checkpoints").symlink_to(outside)
     assert prune(root).returncode == 0
     assert sorted(p.name for p in outside.iterdir()) == ["epoch-0001.keras", "epoch-0002.keras"]
+
+
+def test_keep_counts_are_decimal_whatever_the_leading_zeros(tmp_path):
+    root = make_runs(tmp_path / "runs", epochs=9)
+    result = prune("--keep", "010", root)  # ten, not octal eight: all nine stay
+    assert result.returncode == 0, result.stderr
+    assert len(remaining(root)["v0001"]) == 9
+    result = prune("--keep", "08", root)  # eight; bash arithmetic would reject 08 as octal
+    assert result.returncode == 0, result.stderr
+    assert remaining(root)["v0001"] == [f"epoch-{epoch:04d}.keras" for epoch in range(2, 10)]
+    assert prune("--keep=000", root).returncode == 2
+
+
+def failing(bin_dir: Path, command: str, script: str) -> dict:
+    """A PATH on which `command` is a shell script that fails as the real one does in `script`'s case."""
+    bin_dir.mkdir(exist_ok=True)
+    real = subprocess.run(["bash", "-c", f"command -v {command}"], capture_output=True, text=True).stdout.strip()
+    shim = bin_dir / command
+    shim.write_text(f'#!/bin/sh\nREAL="{real}"\n{script}\n')
+    shim.chmod(0o755)
+    return {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+
+
+def test_a_failing_find_is_an_error(tmp_path):
+    # e.g. a run folder it may not read: find lists the rest and exits 1; the script must not go on.
+    root = make_runs(tmp_path / "runs")
+    env = failing(tmp_path / "bin", "find",
+                  '"$REAL" "$@"; echo "find: \'runs/resnet/v0003\': Permission denied" >&2; exit 1')
+    result = subprocess.run(["bash", str(SCRIPT), str(root)], capture_output=True, text=True, env=env)
+    assert result.returncode != 0 and "error: could not list" in result.stderr
+    assert "freed" not in result.stdout
+    assert remaining(root)["v0001"] == ["epoch-0001.keras", "epoch-0002.keras", "epoch-0003.keras"]
+
+
+@pytest.mark.parametrize("command, error", [("rm", "error: could not remove"),
+                                             ("stat", "error: cannot read the size of")])
+def test_a_failing_rm_or_stat_is_an_error(tmp_path, command, error):
+    # A checkpoint that cannot be removed or read (a read-only or failing file system); other files as usual.
+    root = make_runs(tmp_path / "runs")
+    env = failing(tmp_path / "bin", command, f'case "$*" in *epoch-*.keras*) echo "{command}: $*: Input/output '
+                                             f'error" >&2; exit 1;; esac; exec "$REAL" "$@"')
+    result = subprocess.run(["bash", str(SCRIPT), str(root)], capture_output=True, text=True, env=env)
+    assert result.returncode != 0 and error in result.stderr
+    assert "freed" not in result.stdout and "removed" not in result.stdout
