@@ -25,11 +25,13 @@ import time
 from pathlib import Path
 
 from shared.errors import UserError
-from shared.durable import atomic_write
+from shared.durable import DiskFull, atomic_write, disk_space_checked, fsync_dir, fsync_tree
+from shared.locks import FileLock
 from shared.names import check_plain_name
 from shared.runs import Run, open_run
 
 CONFIG_FILE = "models.config"
+LOCK_FILE = ".export.lock"  # in the export folder: exports there publish, prune and list one at a time
 SERVING_PATH = "/models"  # where the tensorflow/serving image looks for models
 SERVING_DEFAULT = "serving_default"
 PREDICT_IMAGES = "predict_images"
@@ -74,11 +76,20 @@ def _check_model_dir(model_dir: Path) -> None:
                             f"{model_dir} must hold only exported versions: move it away or export elsewhere")
 
 
+def export_lock(export_dir: str | Path) -> FileLock:
+    """Held while an export reads the versions, publishes one, prunes and writes models.config, so two
+    exports into one folder never take one number, prune each other's folders or list a half state."""
+    return FileLock(Path(export_dir).expanduser() / LOCK_FILE)
+
+
 def _remove(path: Path) -> None:
     """Delete a version folder: first rename it to a hidden name (one atomic step, after which TF Serving
     no longer sees it), then remove the files."""
     hidden = path.parent / f".deleting-{path.name}-{os.getpid()}-{time.monotonic_ns()}"
-    os.rename(path, hidden)
+    try:
+        os.rename(path, hidden)
+    except FileNotFoundError:  # removed already, by an export that did not take the lock
+        return
     shutil.rmtree(hidden, ignore_errors=True)
 
 
@@ -285,39 +296,59 @@ def target_folder(run: Run, export_dir: str | Path, model_name: str, version: in
         raise UserError(f"run {run.path} has no checkpoint in {run.checkpoint_dir} "
                         f"(status: {run.status().get('status')}); train it first")
     model_dir = Path(export_dir).expanduser() / model_name
-    _check_model_dir(model_dir)
-    existing = versions(model_dir)
-    if version is not None:
-        if version in existing:
-            raise UserError(f"version {version} of {model_name} exists already at {existing[version]}; "
-                            f"leave out --version to export the next one ({max(existing) + 1})")
-        if sum(number > version for number in existing) >= keep:
-            raise UserError(f"version {version} would be pruned at once: {keep} newer version(s) of "
-                            f"{model_name} exist in {model_dir}; leave out --version or raise --keep")
+    with export_lock(export_dir):  # another export may be publishing or pruning there
+        _check_model_dir(model_dir)
+        _check_version(model_dir, version, keep)
     return model_dir
+
+
+def _check_version(model_dir: Path, version: int | None, keep: int) -> None:
+    """An explicit --version must be new, and not so old that pruning would remove it at once."""
+    if version is None:
+        return
+    existing = versions(model_dir)
+    if version in existing:
+        raise UserError(f"version {version} of {model_dir.name} exists already at {existing[version]}; "
+                        f"leave out --version to export the next one ({max(existing) + 1})")
+    if sum(number > version for number in existing) >= keep:
+        raise UserError(f"version {version} would be pruned at once: {keep} newer version(s) of "
+                        f"{model_dir.name} exist in {model_dir}; leave out --version or raise --keep")
 
 
 def publish(run: Run, export_dir: str | Path, model_dir: Path, version: int | None, keep: int, write) -> Path:
     """Write a version atomically: `write(staging)` saves the SavedModel into a hidden folder (TF Serving
     ignores it) and returns provenance for assets.extra/export.json; the folder is then renamed to its
-    version number, older versions pruned and models.config rewritten. A failure leaves nothing."""
+    version number, older versions pruned and models.config rewritten. A failure leaves nothing (a full
+    disk: a DiskFull naming the model folder); the writing runs beside other exports, the numbering,
+    pruning and models.config one export at a time (`export_lock`)."""
     model_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".export-", dir=model_dir))
     try:
-        os.chmod(staging, 0o777 & ~_UMASK)  # mkdtemp makes 0700 folders; a server may run as another user
-        provenance = write(staging)
-        extra = staging / "assets.extra"  # provenance beside the model; TF Serving does not read it
-        extra.mkdir(exist_ok=True)
-        (extra / "export.json").write_text(json.dumps({
-            "run": str(run.path.resolve()), "checkpoint": run.last_checkpoint().name, **provenance,
-            "exported": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        }, indent=2) + "\n", encoding="utf-8")
-        target = _publish(staging, model_dir, version)
+        with disk_space_checked(model_dir):
+            os.chmod(staging, 0o777 & ~_UMASK)  # mkdtemp makes 0700 folders; a server may run as another user
+            provenance = write(staging)
+            extra = staging / "assets.extra"  # provenance beside the model; TF Serving does not read it
+            extra.mkdir(exist_ok=True)
+            (extra / "export.json").write_text(json.dumps({
+                "run": str(run.path.resolve()), "checkpoint": run.last_checkpoint().name, **provenance,
+                "exported": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            }, indent=2) + "\n", encoding="utf-8")
+            fsync_tree(staging)  # complete on disk before its version number appears
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    prune(model_dir, keep)
-    write_models_config(Path(export_dir).expanduser())
+    with export_lock(export_dir):
+        try:
+            _check_version(model_dir, version, keep)  # newer versions may have appeared meanwhile
+            target = _publish(staging, model_dir, version)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        prune(model_dir, keep)
+        try:
+            write_models_config(Path(export_dir).expanduser())
+        except DiskFull as error:  # the version is served all the same: say so
+            raise DiskFull(f"exported {target}, but {error}") from None
     return target
 
 
@@ -333,6 +364,7 @@ def _publish(staging: Path, model_dir: Path, version: int | None) -> Path:
             continue
         try:
             os.rename(staging, target)
+            fsync_dir(model_dir)
             return target
         except OSError:
             if version is not None or not target.exists():

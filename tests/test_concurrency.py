@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import optuna
@@ -71,3 +72,82 @@ def test_two_tune_workers_share_a_new_study(tmp_path, sampler, trials):
     for trial in study.trials:
         if "same_as" in trial.user_attrs:
             assert trial.params == study.trials[trial.user_attrs["same_as"]].params
+
+
+# ---------------------------------------------------------------- exports into one folder
+
+
+def fake_version(folder: Path) -> None:
+    """An earlier export, as far as numbering and pruning can tell (a real one costs seconds)."""
+    folder.mkdir(parents=True)
+    (folder / "saved_model.pb").write_bytes(b"an earlier version")
+
+
+def test_three_exports_at_once_take_their_own_versions(trained_run, tmp_path):
+    run, _ = trained_run
+    export_dir = tmp_path / "exports"
+    for version in (1, 2, 3):
+        fake_version(export_dir / "tiny" / str(version))
+
+    def export(name: str) -> list[str]:
+        return [sys.executable, "-m", "shared.runner", "export", "--run", str(run.path), "--format", "saved_model",
+                "--export-dir", str(export_dir), "--name", name, "--keep", "2"]
+
+    results = together(export("tiny"), export("tiny"), export("other"))
+    assert [r.returncode for r in results] == [0, 0, 0], "\n".join(r.stderr[-1500:] for r in results)
+    published = sorted(line.split()[1] for r in results for line in r.stdout.splitlines()
+                       if line.startswith("exported "))
+    assert published == [str(export_dir / "other" / "1"), str(export_dir / "tiny" / "4"),
+                         str(export_dir / "tiny" / "5")]  # one number each, none lost to pruning
+    assert sorted(p.name for p in (export_dir / "tiny").iterdir()) == ["4", "5"]  # 1-3 pruned, nothing hidden
+    assert sorted(p.name for p in (export_dir / "other").iterdir()) == ["1"]
+    for version in ("tiny/4", "tiny/5", "other/1"):
+        assert (export_dir / version / "saved_model.pb").is_file()
+        assert (export_dir / version / "assets.extra" / "export.json").is_file()
+    config = (export_dir / "models.config").read_text()
+    assert 'name: "tiny"' in config and 'name: "other"' in config  # neither export's listing lost
+
+
+HOLD_EXPORT_LOCK = """
+import sys, time
+from pathlib import Path
+from shared.export import export_lock
+export_dir = Path(sys.argv[1])
+while not list(export_dir.glob("tiny/.export-*")):  # the export has started writing its version
+    time.sleep(0.01)
+with export_lock(export_dir):
+    print("held", flush=True)
+    sys.stdin.read()  # until the test closes our stdin
+"""
+
+
+def test_an_export_publishes_only_once_the_lock_is_free(trained_run, tmp_path):
+    import threading
+
+    from shared import export
+
+    run, _ = trained_run
+    export_dir = tmp_path / "exports"
+    fake_version(export_dir / "tiny" / "1")
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_EXPORT_LOCK, str(export_dir)], cwd=REPO, env=ENV,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    published = []
+    exporting = threading.Thread(target=lambda: published.append(
+        export.export_saved_model(run, export_dir, model_name="tiny", keep=1)))
+    exporting.start()
+    try:
+        assert holder.stdout.readline() == "held\n"
+        # The export finishes writing and then waits: no new version, no pruning, no models.config.
+        staging = export_dir / "tiny"
+        while not list(staging.glob(".export-*/assets.extra/export.json")) and exporting.is_alive():
+            time.sleep(0.05)
+        time.sleep(1.0)
+        assert exporting.is_alive()
+        assert sorted(p.name for p in staging.iterdir() if not p.name.startswith(".")) == ["1"]
+        assert not (export_dir / "models.config").exists()
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)
+        exporting.join(timeout=120)
+    assert published == [export_dir / "tiny" / "2"]
+    assert sorted(p.name for p in staging.iterdir()) == ["2"]

@@ -1,6 +1,7 @@
 """SavedModel export for TF Serving: the served graph equals the run's eval pipeline + model, versions
 appear atomically and are pruned, and user mistakes are one-line errors."""
 
+import errno
 import io
 import json
 import os
@@ -15,6 +16,7 @@ import tensorflow as tf
 from PIL import Image
 
 from shared import export
+from shared.durable import DiskFull
 from shared.errors import UserError
 from shared.runs import Run
 
@@ -162,3 +164,76 @@ def test_foreign_files_and_untrained_runs_are_refused(trained_run, tmp_path):
     with pytest.raises(UserError, match="train it first"):
         export.export_saved_model(untrained, tmp_path / "other")
     assert not (tmp_path / "other").exists()
+
+
+def enospc() -> OSError:
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+@pytest.mark.parametrize("error", [enospc(), tf.errors.ResourceExhaustedError(
+    None, None, "variables/variables.data-00000-of-00001; No space left on device")])
+def test_a_full_disk_during_export_is_one_line_and_keeps_earlier_versions(trained_run, saved_model, tmp_path,
+                                                                         monkeypatch, error):
+    run, _ = trained_run
+    export_dir = tmp_path / "export"
+    shutil.copytree(saved_model, export_dir / "resnet" / "1")
+    config = export.write_models_config(export_dir).read_text()
+
+    def full(*args, **kwargs):
+        Path(args[1], "saved_model.pb").write_bytes(b"half")  # as if the disk filled mid-write
+        raise error
+
+    monkeypatch.setattr(tf.saved_model, "save", full)
+    with pytest.raises(DiskFull) as caught:
+        export.export_saved_model(run, export_dir)
+    message = str(caught.value)
+    assert "\n" not in message and f"disk full while writing {export_dir / 'resnet'} (" in message
+    assert "free there" in message
+    assert sorted(p.name for p in (export_dir / "resnet").iterdir()) == ["1"]  # no half version, none hidden
+    assert (export_dir / "resnet" / "1" / "saved_model.pb").read_bytes() == (saved_model / "saved_model.pb").read_bytes()
+    assert (export_dir / export.CONFIG_FILE).read_text() == config
+
+
+def test_a_full_disk_writing_models_config_keeps_the_old_one(trained_run, saved_model, tmp_path, monkeypatch):
+    run, _ = trained_run
+    export_dir = tmp_path / "export"
+    shutil.copytree(saved_model, export_dir / "resnet" / "1")
+    config = export.write_models_config(export_dir).read_text()
+    fsync = os.fsync
+
+    def full(descriptor):  # the config's temporary file cannot be flushed: where a full disk shows late
+        if os.readlink(f"/proc/self/fd/{descriptor}").endswith(export.CONFIG_FILE):
+            raise enospc()
+        return fsync(descriptor)
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(DiskFull) as caught:
+        export.export_saved_model(run, export_dir, keep=1)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.startswith(f"exported {export_dir / 'resnet' / '2'}, but disk full while writing "
+                              f"{export_dir / export.CONFIG_FILE} (")
+    assert sorted(p.name for p in (export_dir / "resnet").iterdir()) == ["2"]  # published, 1 pruned
+    assert (export_dir / "resnet" / "2" / "assets.extra" / "export.json").is_file()
+    assert (export_dir / export.CONFIG_FILE).read_text() == config
+    assert sorted(p.name for p in export_dir.iterdir()) == [export.LOCK_FILE, export.CONFIG_FILE, "resnet"]
+
+
+def test_a_full_disk_writing_a_tflite_file_keeps_the_earlier_one(trained_run, tmp_path, monkeypatch):
+    from shared import tflite
+
+    run, _ = trained_run
+    out = tmp_path / "model.tflite"
+    out.write_bytes(b"the earlier export")
+    fsync = os.fsync
+
+    def full(descriptor):
+        if os.readlink(f"/proc/self/fd/{descriptor}").endswith(out.name):
+            raise enospc()
+        return fsync(descriptor)
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(DiskFull) as caught:
+        tflite.convert(run, out_path=out)
+    assert "\n" not in str(caught.value) and str(caught.value).startswith(f"disk full while writing {out} (")
+    assert out.read_bytes() == b"the earlier export" and sorted(tmp_path.iterdir()) == [out]
