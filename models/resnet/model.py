@@ -35,11 +35,20 @@ STAGES = {
 BOTTLENECK_EXPANSION = 4
 BN_EPSILON = 1.001e-5  # Keras Applications' value, so their weight files give identical outputs
 BN_MOMENTUM = 0.9  # Caffe/torch value; Keras' 0.99 makes moving statistics lag behind in short runs
+# oneDNN's backward-weights kernel for a strided 1x1 convolution writes past its buffer when the input has fewer
+# channels than its channel block (16 with AVX-512, 8 with AVX2): the heap is corrupted and training dies with
+# SIGSEGV or "malloc(): ..." (oneDNN issue #6035). Narrower inputs are subsampled first (see conv_bn).
+STRIDED_1X1_MIN_CHANNELS = 16
 
 
 def conv_bn(x, filters: int, kernel_size: int, strides: int, name: str, relu: bool = True,
             bias: bool = False, padding: str = "same"):
     """Convolution, batch norm and (optionally) ReLU: the unit every row of Table 1 is made of."""
+    if kernel_size == 1 and strides > 1 and x.shape[-1] < STRIDED_1X1_MIN_CHANNELS:
+        # A stride-s 1x1 convolution is a stride-1 one on every s-th pixel: same weights, same outputs,
+        # without the oneDNN kernel above. The 1x1 max pool only picks those pixels.
+        x = layers.MaxPooling2D(1, strides=strides, padding=padding, name=f"{name}_subsample")(x)
+        strides = 1
     x = layers.Conv2D(filters, kernel_size, strides=strides, padding=padding, use_bias=bias,
                       kernel_initializer="he_normal", name=f"{name}_conv")(x)
     x = layers.BatchNormalization(epsilon=BN_EPSILON, momentum=BN_MOMENTUM, name=f"{name}_bn")(x)
