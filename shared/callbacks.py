@@ -1,9 +1,10 @@
-"""Keras callbacks the runner adds to `model.fit`: atomic per-epoch checkpoints, the crash-safe backup
-that `--resume` restores, a stop on a non-finite loss, and the learning rate in the epoch logs (so
-metrics.csv and TensorBoard show it)."""
+"""Keras callbacks the runner adds to `model.fit`: durable per-epoch checkpoints and metrics rows, the
+crash-safe backup that `--resume` restores, a stop on a non-finite loss, and the learning rate in the
+epoch logs (so metrics.csv and TensorBoard show it)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -11,31 +12,72 @@ from pathlib import Path
 
 import keras
 
+from shared import durable
+
 BACKUP_STATE = "training_metadata.json"
 
 
 class EpochCheckpoint(keras.callbacks.Callback):
-    """Save model and optimizer state as checkpoints/epoch-NNNN.keras after every epoch. The file is
-    written under a temporary name and renamed, so a crash never leaves a truncated checkpoint."""
+    """Save model and optimizer state as checkpoints/epoch-NNNN.keras after every epoch, durably: written
+    beside under a temporary name, fsynced, renamed, the folder fsynced (shared.durable), so a crash never
+    leaves a truncated checkpoint. `ema`: the checkpoint holds the optimizer's moving averages of the
+    weights, swapped in for the save and out again after it, so training (and the backup after this
+    callback) goes on with the raw weights."""
 
-    def __init__(self, directory: Path, epoch_offset: int = 0):
+    def __init__(self, directory: Path, epoch_offset: int = 0, ema: bool = False):
         super().__init__()
         self.directory = Path(directory)
         self.epoch_offset = epoch_offset  # epochs trained before this fit (a head-only warm start)
+        self.ema = keras.callbacks.SwapEMAWeights() if ema else None
+
+    def set_model(self, model):
+        super().set_model(model)
+        if self.ema is not None:
+            self.ema.set_model(model)
 
     def on_epoch_end(self, epoch, logs=None):
-        number = epoch + 1 + self.epoch_offset
-        final = self.directory / f"epoch-{number:04d}.keras"
-        partial = self.directory / f".epoch-{number:04d}.partial.keras"
-        self.model.save(partial)
-        os.replace(partial, final)
+        final = self.directory / f"epoch-{epoch + 1 + self.epoch_offset:04d}.keras"
+        if self.ema is None:
+            self._save(final)
+            return
+        self.ema.on_test_begin()  # Keras' own swap, as around validation: the averages into the model
+        try:
+            self._save(final)
+        finally:
+            self.ema.on_test_end()
+
+    def _save(self, final: Path) -> None:
+        with durable.partial_path(final) as partial:
+            self.model.save(partial)
+
+
+class DurableCSVLogger(keras.callbacks.CSVLogger):
+    """Keras' CSVLogger whose epoch row is on disk (flushed and fsynced) when the callback returns, so a
+    backup committed after it never counts an epoch whose row was lost. A row that could not be written
+    (a full disk) is cut off again, and the error is a DiskFull naming the file."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        path = Path(self.filename)
+        size = os.fstat(self.csv_file.fileno()).st_size  # the previous rows were flushed: nothing buffered
+        try:
+            with durable.disk_space_checked(path):
+                super().on_epoch_end(epoch, logs)
+                os.fsync(self.csv_file.fileno())
+                durable.fsync_dir(path.parent)  # the file's entry, when this row created it
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self.csv_file.close()  # flushes what it can, then drops the buffer with the descriptor
+            self.writer = None
+            with contextlib.suppress(OSError):
+                os.truncate(path, size)
+            raise
 
 
 class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
     """Keras' BackupAndRestore (weights, optimizer state and epoch counter, restored when `fit` starts
     again), made crash-safe: each epoch's weights go to a new file, and the metadata that names it is
-    replaced atomically afterwards, so the backup on disk is always one complete epoch, whatever
-    moment a SIGKILL lands. Keras' own writes overwrite the file in place."""
+    replaced afterwards (both durably, shared.durable), so the backup on disk is always one complete
+    epoch, whatever moment a SIGKILL lands. Keras' own writes overwrite the files in place."""
 
     def __init__(self, backup_dir: Path, stateful: list | tuple = ()):
         """`stateful`: callbacks with get_state()/set_state() whose state is committed with each epoch's
@@ -46,16 +88,12 @@ class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
         self.stateful = {type(callback).__name__: callback for callback in stateful}
 
     def _save_model(self):
-        self.directory.mkdir(parents=True, exist_ok=True)
         weights = f"epoch-{self._current_epoch:04d}.weights.h5"
-        partial = self.directory / f".partial-{weights}"  # Keras wants the .weights.h5 suffix
-        self.model.save_weights(str(partial), overwrite=True)
-        os.replace(partial, self.directory / weights)
-        state = self.directory / f".{BACKUP_STATE}.partial"
+        with durable.partial_path(self.directory / weights) as partial:
+            self.model.save_weights(str(partial), overwrite=True)
         callbacks = {name: callback.get_state() for name, callback in self.stateful.items()}
-        state.write_text(json.dumps({"epoch": self._current_epoch, "weights": weights, "callbacks": callbacks}),
-                         encoding="utf-8")
-        os.replace(state, self.directory / BACKUP_STATE)  # the commit point
+        durable.atomic_write(self.directory / BACKUP_STATE,  # the commit point
+                             json.dumps({"epoch": self._current_epoch, "weights": weights, "callbacks": callbacks}))
         for old in self.directory.glob("epoch-*.weights.h5"):
             if old.name != weights:
                 old.unlink()

@@ -12,6 +12,7 @@ import contextlib
 import csv
 import dataclasses
 import os
+import re
 import shutil
 import signal
 import sys
@@ -24,11 +25,11 @@ import tensorflow as tf
 
 from shared import data as data_module
 from shared import distill, distribute, durable, finetune, modelzoo, optim, plots, runs
-from shared.callbacks import (AtomicBackupAndRestore, EpochCheckpoint, LearningRateLogger, NonFiniteLoss,
-                              StopOnNonFiniteLoss, StopOnSignal, backup_state)
+from shared.callbacks import (AtomicBackupAndRestore, DurableCSVLogger, EpochCheckpoint, LearningRateLogger,
+                              NonFiniteLoss, StopOnNonFiniteLoss, StopOnSignal, backup_state)
 from shared.config import Config
 from shared.errors import UserError
-from shared.evaluate import evaluate_model
+from shared.evaluate import evaluate_model, load_run_model
 from shared.modelzoo import MAIN_OUTPUT
 
 
@@ -203,6 +204,7 @@ def _run_training(config: Config, argv: list[str] | None, resumed: runs.Run | No
     backups = _backup_dirs(run, phases)
     if resumed:
         _truncate_metrics(run.path / "metrics.csv", done)
+        _remove_partials(run)
         print(f"resuming after epoch {done} of {config.train.epochs}", flush=True)
 
     one_hot = datasets.num_classes if config.train.label_smoothing and not datasets.soft_labels else None
@@ -227,46 +229,92 @@ def _run_training(config: Config, argv: list[str] | None, resumed: runs.Run | No
                                      *_callbacks(config, run, backup, validating=val_data is not None),
                                      *(extra_callbacks or [])])
                 start = phase.until_epoch
-        metrics = evaluate_model(modelzoo.inference_model(model), datasets.test, datasets.num_classes)
+        if not placement.is_chief:  # its figures would go with its scratch folder
+            shutil.rmtree(run.path, ignore_errors=True)
+            return run
+        metrics, last = _test_last_checkpoint(run, datasets)
+        with durable.disk_space_checked(run.path / "curves.png"):
+            plots.plot_curves(run.path / "metrics.csv", run.path / "curves.png")
+        if datasets.skips is not None:  # data.on_corrupt: skip
+            metrics["skipped_train_images"] = datasets.skips.skipped
+            metrics["skipped_test_images"] = datasets.num_test - metrics["examples"]
+            print(f"skipped unreadable images: {metrics['skipped_train_images']} while training, "
+                  f"{metrics['skipped_test_images']} of the test split", flush=True)
+        metrics["train_seconds"] = round(time.time() - started, 1)
+        if config.train.ema_momentum is not None:
+            metrics["weights"] = "ema"
+        metrics["checkpoint"] = str(last.relative_to(run.path))
+        run.write_json("test_metrics.json", metrics)
+        with durable.disk_space_checked(run.path / "confusion.png"):
+            plots.plot_confusion(metrics["confusion"], datasets.class_names, run.path / "confusion.png")
+        run.set_status("finished", ended=_now())
     except KeyboardInterrupt:
         _save_interrupted(model, run)
-        plots.plot_curves(run.path / "metrics.csv", run.path / "curves.png")
-        run.set_status("interrupted", ended=_now())
+        with _unless_disk_full():  # a full disk must not hide the stop
+            plots.plot_curves(run.path / "metrics.csv", run.path / "curves.png")
+        _mark(run, "interrupted", ended=_now())
         raise KeyboardInterrupt(f"interrupted; the state of the last complete epoch is kept: "
                                 f"python -m shared.runner --resume {run.path}") from None
     except NonFiniteLoss as error:
-        run.set_status("failed", ended=_now(), error=str(error))
+        _mark(run, "failed", ended=_now(), error=str(error))
         last = run.last_checkpoint()
         raise UserError(f"{error}; lower train.lr.base or set train.optimizer.clip_global_norm (run {run.path} "
                         f"is marked failed, last good checkpoint: {last or 'none'})") from None
     except BaseException as error:
+        if _disk_full(error):
+            full = error if isinstance(error, durable.DiskFull) else durable.disk_full_error(_written_path(error, run))
+            marked = _mark(run, "failed", ended=_now(), error=str(full))
+            raise durable.DiskFull(f"{full} (run {run.path} {'is' if marked else 'could not be'} marked failed; "
+                                   f"once there is room: python -m shared.runner --resume {run.path})") from None
         # A file the pipeline could not decode: name it instead of showing TF's op trace.
         bad = data_module.find_undecodable(datasets.source) \
             if isinstance(error, tf.errors.InvalidArgumentError) and datasets.source.encoding == "path" else []
-        run.set_status("failed", ended=_now(), error=f"undecodable images: {bad}" if bad else _first_line(error))
+        _mark(run, "failed", ended=_now(), error=f"undecodable images: {bad}" if bad else _first_line(error))
         if bad:
             raise UserError(f"corrupt or unreadable image(s): {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}; "
                             f"delete or replace them (run {run.path} is marked failed)") from None
         raise
-    if not placement.is_chief:
-        shutil.rmtree(run.path, ignore_errors=True)
-        return run
-    plots.plot_curves(run.path / "metrics.csv", run.path / "curves.png")
-    if datasets.skips is not None:  # data.on_corrupt: skip
-        metrics["skipped_train_images"] = datasets.skips.skipped
-        metrics["skipped_test_images"] = datasets.num_test - metrics["examples"]
-        print(f"skipped unreadable images: {metrics['skipped_train_images']} while training, "
-              f"{metrics['skipped_test_images']} of the test split", flush=True)
-    metrics["train_seconds"] = round(time.time() - started, 1)
-    if config.train.ema_momentum is not None:
-        metrics["weights"] = "ema"
-    last = run.last_checkpoint()
-    metrics["checkpoint"] = str(last.relative_to(run.path)) if last else None
-    run.write_json("test_metrics.json", metrics)
-    plots.plot_confusion(metrics["confusion"], datasets.class_names, run.path / "confusion.png")
     shutil.rmtree(run.path / "backup", ignore_errors=True)  # finished: nothing left to resume
-    run.set_status("finished", ended=_now())
     return run
+
+
+def _test_last_checkpoint(run: runs.Run, datasets) -> tuple[dict, Path]:
+    """The test figures of the checkpoint the run records as its last, on the model `test --run` rebuilds
+    from it: the figures equal, whatever the model in memory holds (raw weights where the checkpoint has
+    the EMA ones, a backup restored after the last checkpoint was written, a half-trained epoch)."""
+    last = run.last_checkpoint()
+    model, _ = load_run_model(run)  # the same file: nothing else writes checkpoints now
+    return evaluate_model(model, datasets.test, datasets.num_classes), last
+
+
+def _disk_full(error: BaseException) -> bool:
+    return isinstance(error, durable.DiskFull) or durable.is_disk_full(error)
+
+
+def _written_path(error: BaseException, run: runs.Run) -> Path:
+    """The file a disk-full error was writing: the OSError's own, else one in the run folder that the
+    message names (TensorFlow's writers), else the run folder."""
+    if isinstance(error, OSError) and error.filename:
+        return Path(error.filename)
+    named = re.search(re.escape(str(run.path)) + r"[^\s;:,'\"]*", str(error))
+    return Path(named.group(0)) if named else run.path
+
+
+@contextlib.contextmanager
+def _unless_disk_full():
+    try:
+        yield
+    except Exception as error:
+        if not _disk_full(error):
+            raise
+
+
+def _mark(run: runs.Run, status: str, **details) -> bool:
+    """Set the run's status; on a full disk keep the old one (False) rather than hide the error in hand."""
+    with _unless_disk_full():
+        run.set_status(status, **details)
+        return True
+    return False
 
 
 def _with_teacher(config: Config, model: keras.Model, datasets) -> keras.Model:
@@ -299,34 +347,34 @@ def _phase_train_config(config: Config, epochs: int):
 
 
 def _callbacks(config: Config, run: runs.Run, backup: Path, validating: bool) -> list:
-    """Order matters at the end of an epoch: the metrics row and the checkpoint are written before the
-    backup commits, so a crash between them makes resume redo that epoch (never skip it); with EMA the
-    backup holds the raw weights and the checkpoint the averaged ones."""
+    """Order matters at the end of an epoch: the metrics row and the checkpoint are on disk (fsynced)
+    before the backup commits, so a crash anywhere between makes resume redo that epoch, never skip it,
+    and no kill loses a checkpoint. With EMA, validation and the checkpoint see the averaged weights,
+    the backup the raw ones with the optimizer state."""
     schedule = optim.schedule_callbacks(config.train, validating=validating)
-    callbacks = [
+    ema = config.train.ema_momentum is not None
+    return [
         StopOnNonFiniteLoss(),
         LearningRateLogger(),
         *schedule,
-        keras.callbacks.CSVLogger(str(run.path / "metrics.csv"), append=True),
+        *([keras.callbacks.SwapEMAWeights()] if ema else []),  # for validation only
         keras.callbacks.TensorBoard(log_dir=str(run.path / "logs"), write_graph=False),
+        DurableCSVLogger(str(run.path / "metrics.csv"), append=True),
+        EpochCheckpoint(run.checkpoint_dir, ema=ema),
         AtomicBackupAndRestore(backup, stateful=[c for c in schedule if hasattr(c, "get_state")]),
     ]
-    if config.train.ema_momentum is not None:
-        callbacks.append(keras.callbacks.SwapEMAWeights(swap_on_epoch=True))
-    callbacks.append(EpochCheckpoint(run.checkpoint_dir))
-    return callbacks
 
 
 def _truncate_metrics(path: Path, epochs_done: int) -> None:
     """Keep the metrics rows of the epochs the backup holds: an epoch cut short and redone must not
-    appear twice."""
+    appear twice, and a row cut off by a kill (fewer fields than the header) goes too."""
     if not path.is_file():
         return
     with open(path, newline="", encoding="utf-8") as handle:
         rows = list(csv.reader(handle))
     if not rows:
         return
-    kept = [rows[0]] + [row for row in rows[1:] if row and int(float(row[0])) < epochs_done]
+    kept = [rows[0]] + [row for row in rows[1:] if len(row) == len(rows[0]) and int(float(row[0])) < epochs_done]
     text = "".join(",".join(row) + "\n" for row in kept)
     durable.atomic_write(path, text)
 
@@ -334,10 +382,17 @@ def _truncate_metrics(path: Path, epochs_done: int) -> None:
 def _save_interrupted(model: keras.Model, run: runs.Run) -> None:
     """The weights at the moment of the stop, as checkpoints/interrupted.keras (resume continues from
     the last complete epoch's backup; this file keeps the partial epoch's progress at hand)."""
-    with contextlib.suppress(Exception):
-        partial = run.checkpoint_dir / ".interrupted.partial.keras"
+    with contextlib.suppress(Exception), durable.partial_path(run.checkpoint_dir / "interrupted.keras") as partial:
         model.save(partial)
-        os.replace(partial, run.checkpoint_dir / "interrupted.keras")
+
+
+def _remove_partials(run: runs.Run) -> None:
+    """Temporary files a killed run left beside its checkpoints, backup and small files (never read:
+    readers see only the renamed ones), which would otherwise hold disk space for good."""
+    for folder, pattern in ((run.checkpoint_dir, ".partial-*"), (run.path / "backup", "**/.partial-*"),
+                            (run.path, ".partial-*")):
+        for partial in folder.glob(pattern):
+            durable.remove(partial)
 
 
 def _now() -> str:
