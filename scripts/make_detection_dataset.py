@@ -148,11 +148,20 @@ def make_split(split: str, count: int, items: np.ndarray, labels: np.ndarray, ar
 
 
 def run(args: argparse.Namespace) -> None:
+    from shared.durable import disk_space_checked
+    from shared.locks import folder_writer
+
+    check_args(args)
+    # One run writes OUT at a time (a second one stops, naming the first); a full disk is one line.
+    with folder_writer(args.out), disk_space_checked(args.out):
+        write_dataset(args)
+
+
+def write_dataset(args: argparse.Namespace) -> None:
     from shared.fashion_mnist import FASHION_MNIST_CLASSES, FASHION_MNIST_FILES, read_idx
     from shared.detection import datasets
     from shared.errors import UserError
 
-    check_args(args)
     wanted = {"train": args.train, "test": args.test}
     splits = {}
     for split, count in wanted.items():

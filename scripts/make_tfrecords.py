@@ -7,12 +7,14 @@ folder names, one a line, in label order: label 0 is the first line).
 
 Labels are 0-based, classes the sorted folder names of SRC/train (shared by every split); the images keep
 their bytes (no re-encoding) and go into the shards in the same fixed, class-mixed order the `folder` source
-uses. Interrupted? Run the same command again: complete shards are kept, the rest written.
+uses. Interrupted? Run the same command again: complete shards are kept, the rest written. A second run into
+the same OUT while one is writing there stops at once, naming the process that writes.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -54,15 +56,14 @@ def class_names_of(src: Path, first_split: str) -> list[str]:
 
 def write_labels(path: Path, class_names: list[str]) -> None:
     """labels.txt, refusing to change the classes of shards written before."""
+    from shared.durable import atomic_write
     from shared.errors import UserError
 
     text = "".join(f"{name}\n" for name in class_names)
-    if path.is_file() and path.read_text() != text:
+    if path.is_file() and path.read_text(encoding="utf-8") != text:
         raise UserError(f"{path} lists other classes than {len(class_names)} class folders found now; the "
                         f"shards there have other labels: delete that folder's contents or write to another one")
-    temporary = path.with_name(f".{path.name}.partial")
-    temporary.write_text(text)
-    os.replace(temporary, path)
+    atomic_write(path, text)
 
 
 def run(args: argparse.Namespace) -> None:
@@ -78,11 +79,24 @@ def run(args: argparse.Namespace) -> None:
         raise UserError(f"--splits {' '.join(args.splits)} names one split twice; give each split once")
 
     class_names = class_names_of(args.src, args.splits[0])
-    from shared.data.sources import list_folder_split  # TensorFlow loads here, after the cheap checks
+    from shared.locks import folder_writer
+
+    with contextlib.ExitStack() as held:
+        # Another run writing OUT: stop at once, before listing the images (minutes for ImageNet) and
+        # before touching its files. A folder not there yet is made (and held) once the images check out.
+        if args.out.is_dir():
+            held.enter_context(folder_writer(args.out))
+        from shared.data.sources import list_folder_split  # TensorFlow loads here, after the cheap checks
+
+        listed = {split: list_folder_split(args.src, split, class_names) for split in args.splits}  # check all
+        args.out.mkdir(parents=True, exist_ok=True)
+        held.enter_context(folder_writer(args.out))
+        write_all(args, class_names, prefixes, listed)
+
+
+def write_all(args: argparse.Namespace, class_names: list[str], prefixes: list[str], listed: dict) -> None:
     from shared.data.tfrecord import write_shards
 
-    listed = {split: list_folder_split(args.src, split, class_names) for split in args.splits}  # check all first
-    args.out.mkdir(parents=True, exist_ok=True)
     write_labels(args.out / "labels.txt", class_names)
     for split, prefix in zip(args.splits, prefixes):
         files, labels, _ = listed[split]
@@ -105,14 +119,13 @@ def write_counts(out: Path, prefixes: list[str]) -> None:
     import json
 
     from shared.data.tfrecord import count_records, resolve_files
+    from shared.durable import atomic_write
 
     path = out / "counts.json"
-    counts = json.loads(path.read_text()) if path.is_file() else {}
+    counts = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     for prefix in prefixes:
         counts[prefix] = count_records(resolve_files(str(out / f"{prefix}-*-of-*")))
-    temporary = path.with_name(f".{path.name}.partial")
-    temporary.write_text(json.dumps(counts, indent=2, sort_keys=True) + "\n")
-    os.replace(temporary, path)
+    atomic_write(path, json.dumps(counts, indent=2, sort_keys=True) + "\n")
     print(f"counts: {path} {counts}")
 
 

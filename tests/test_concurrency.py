@@ -151,3 +151,60 @@ def test_an_export_publishes_only_once_the_lock_is_free(trained_run, tmp_path):
         exporting.join(timeout=120)
     assert published == [export_dir / "tiny" / "2"]
     assert sorted(p.name for p in staging.iterdir()) == ["2"]
+
+
+# ---------------------------------------------------------------- shard writers into one folder
+
+
+def test_two_make_tfrecords_into_one_folder(tmp_path):
+    from test_tfrecord import make_source
+
+    from shared.data.tfrecord import count_records, read_labels
+
+    src, out = make_source(tmp_path / "src"), tmp_path / "out"
+    out.mkdir()  # an existing folder: the second run stops before listing any image
+    command = [sys.executable, str(REPO / "scripts" / "make_tfrecords.py"), str(src), str(out),
+               "--train-shards", "3", "--val-shards", "2", "--no-progress"]
+    results = together(command, command)
+    assert sorted(r.returncode for r in results) in ([0, 0], [0, 2]), "\n".join(r.stderr[-1500:] for r in results)
+    for refused in (r for r in results if r.returncode == 2):  # the other one was writing: one line, naming it
+        (line,) = refused.stderr.strip().splitlines()
+        assert line.startswith(f"error: {out} is being written by pid ") and line.endswith(
+            "; wait for it or choose another folder")
+    assert sorted(p.name for p in out.iterdir()) == [
+        ".train.plan", ".validation.plan", ".writer.lock", "counts.json", "labels.txt", "train-00000-of-00003",
+        "train-00001-of-00003", "train-00002-of-00003", "validation-00000-of-00002", "validation-00001-of-00002"]
+    assert count_records(str(out / "train-*")) == 9 and count_records(str(out / "validation-*")) == 3
+    assert len(read_labels(out / "labels.txt")) == 3
+
+
+HOLD_FOLDER = """
+import sys
+from shared.locks import folder_writer
+with folder_writer(sys.argv[1]):
+    print("held", flush=True)
+    sys.stdin.read()  # until the test closes our stdin
+"""
+
+
+def test_make_detection_dataset_refuses_a_folder_being_written(tmp_path, capsys):
+    import importlib.util
+    import socket
+
+    spec = importlib.util.spec_from_file_location("make_detection_dataset",
+                                                  REPO / "scripts" / "make_detection_dataset.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "out"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_FOLDER, str(out)], cwd=REPO, env=ENV,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        assert script.main([str(out), "--train", "2", "--test", "1", "--no-progress"]) == 2
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: {out} is being written by pid {holder.pid} on {socket.gethostname()}; wait for it or choose "
+        f"another folder"]
+    assert sorted(p.name for p in out.iterdir()) == [".writer.lock"]

@@ -1,6 +1,7 @@
 import json
 """TFRecord shards in Model Garden's layout: write, read back byte for byte, resume, corrupt files, CLI."""
 
+import errno
 import os
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from PIL import Image
 from shared.data.sources import list_folder_split
 from shared.data.tfrecord import (FEATURES, count_records, example_from_file, read_dataset, read_labels,
                                   shard_name, write_shards)
+from shared.durable import DiskFull
 from shared.errors import UserError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -49,6 +51,11 @@ def source(tmp_path):
 
 def records(dataset) -> list[tuple[bytes, int]]:
     return [(image.numpy(), int(label)) for image, label in dataset]
+
+
+def partial_files(folder: Path) -> list[str]:
+    """Temporary files a writer left behind (shared.durable's names and the older `.NAME.partial`)."""
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith(".partial") or p.name.endswith(".partial"))
 
 
 def test_example_keeps_bytes_and_reads_format_from_content(source):
@@ -93,7 +100,7 @@ def test_rerun_rewrites_only_missing_shards(source, tmp_path, capsys):
     assert "skipped 2 of 3 shards already complete" in capsys.readouterr().out
     assert again == shards and again.reused == [shards[0], shards[2]]
     assert [path.stat().st_mtime == 1_000_000_000 for path in shards] == [True, False, True]
-    assert not list(out.glob("*.partial")) and not list(out.glob(".*.partial"))
+    assert partial_files(out) == []
     assert records(read_dataset(shards, cycle_length=1)) == [
         (Path(path).read_bytes(), label) for path, label in zip(files, labels)]
 
@@ -117,7 +124,7 @@ def test_corrupt_file(source, tmp_path, capsys):
     out = tmp_path / "out"
     with pytest.raises(UserError, match=str(truncated)):
         write_shards(files, labels, None, out, "train", 2, progress=False)
-    assert not (out / shard_name("train", 1, 2)).exists() and not list(out.glob(".*.partial"))
+    assert not (out / shard_name("train", 1, 2)).exists() and partial_files(out) == []
     shards = write_shards(files, labels, None, out, "train", 2, progress=False, skip_corrupt=True)
     assert shards.corrupt == [str(truncated)]
     assert "skipped 1 unreadable image file" in capsys.readouterr().out
@@ -207,3 +214,98 @@ def test_script(tmp_path):
     assert missing.returncode == 2 and "Traceback" not in missing.stderr
     assert missing.stderr.strip().splitlines() == [
         f"error: folder dataset not found: {tmp_path / 'nowhere'}; pass a folder with train/<class>/ images"]
+
+
+# ---------------------------------------------------------------- one writer, a full disk
+
+HOLD_FOLDER = """
+import sys
+from shared.locks import folder_writer
+with folder_writer(sys.argv[1]):
+    print("held", flush=True)
+    sys.stdin.read()  # until the test closes our stdin
+"""
+
+
+def test_a_second_writer_of_a_folder_is_refused(source, tmp_path):
+    import socket
+
+    _, files, labels, _ = source
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_FOLDER, str(out)], cwd=REPO, env=env,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        message = f"{out} is being written by pid {holder.pid} on {socket.gethostname()}; wait for it or " \
+                  f"choose another folder"
+        with pytest.raises(UserError) as caught:
+            write_shards(files, labels, None, out, "train", 3, progress=False)
+        assert str(caught.value) == message
+        refused = run_script(tmp_path / "src", out, "--train-shards", 2, "--val-shards", 1, "--no-progress")
+        assert refused.returncode == 2 and refused.stderr.strip().splitlines() == [f"error: {message}"]
+        assert sorted(p.name for p in out.iterdir()) == [".writer.lock"]  # nothing of the other's touched
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)
+    write_shards(files, labels, None, out, "train", 3, progress=False)  # the holder is gone: the lock too
+
+
+def full_disk_writer(monkeypatch, failing_shard: str, error: Exception) -> None:
+    """TFRecordWriter whose first record into `failing_shard` (its temporary name) fails as a full disk."""
+    real = tf.io.TFRecordWriter
+
+    class Writer(real):
+        def __init__(self, path, *args, **kwargs):
+            super().__init__(path, *args, **kwargs)
+            self.failing = path.endswith(failing_shard)
+
+        def write(self, record):
+            if self.failing:
+                super().write(record[:10])  # half a record reaches the file
+                raise error
+            super().write(record)
+
+    monkeypatch.setattr(tf.io, "TFRecordWriter", Writer)
+
+
+@pytest.mark.parametrize("error", [OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)),
+                                   tf.errors.ResourceExhaustedError(None, None, "No space left on device")])
+def test_a_full_disk_while_writing_a_shard_is_one_line_and_keeps_finished_shards(source, tmp_path, monkeypatch,
+                                                                                 error):
+    _, files, labels, _ = source
+    out = tmp_path / "out"
+    full_disk_writer(monkeypatch, shard_name("train", 1, 3), error)
+    with pytest.raises(DiskFull) as caught:
+        write_shards(files, labels, None, out, "train", 3, progress=False)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.startswith(f"disk full while writing {out / shard_name('train', 1, 3)} (") and "free there" in message
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == [shard_name("train", 0, 3)]
+    assert partial_files(out) == []
+    monkeypatch.undo()  # space freed: the rerun keeps shard 0 and writes the rest
+    shards = write_shards(files, labels, None, out, "train", 3, progress=False)
+    assert shards.reused == [out / shard_name("train", 0, 3)]
+    assert records(read_dataset(shards, cycle_length=1)) == [
+        (Path(path).read_bytes(), label) for path, label in zip(files, labels)]
+
+
+def test_a_full_disk_writing_counts_is_one_line(tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_tfrecords", REPO / "scripts" / "make_tfrecords.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    src, out = make_source(tmp_path / "src"), tmp_path / "out"
+    fsync = os.fsync
+
+    def full(descriptor):  # where a full disk shows on file systems that allocate late
+        if os.readlink(f"/proc/self/fd/{descriptor}").endswith("counts.json"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return fsync(descriptor)
+
+    monkeypatch.setattr(os, "fsync", full)
+    assert script.main([str(src), str(out), "--train-shards", "2", "--val-shards", "1", "--no-progress"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"error: disk full while writing {out / 'counts.json'} (")
+    assert not (out / "counts.json").exists() and partial_files(out) == []

@@ -25,7 +25,9 @@ from typing import Iterable
 
 import tensorflow as tf
 
+from shared.durable import atomic_write, partial_path
 from shared.errors import UserError
+from shared.locks import folder_writer
 
 AUTOTUNE = tf.data.AUTOTUNE
 
@@ -136,7 +138,14 @@ def _check_resume(output_dir: Path, prefix: str, num_shards: int, digest: str) -
     if existing and plan.is_file() and plan.read_text(encoding="utf-8").strip() != digest:
         raise UserError(f"the {prefix} shards in {output_dir} were written from another image list (or order); "
                         f"delete {output_dir}/{prefix}-* to rewrite them, or write to another folder")
-    plan.write_text(digest + "\n", encoding="utf-8")
+    atomic_write(plan, digest + "\n")
+
+
+def _remove_partial_shards(output_dir: Path, prefix: str) -> None:
+    """Shards a killed writer left half-written (their temporary names); only the folder's writer calls this."""
+    for pattern in (f".partial-*-{prefix}-?????-of-?????", f".{prefix}-?????-of-?????.partial"):
+        for path in output_dir.glob(pattern):
+            path.unlink(missing_ok=True)
 
 
 def write_shards(files: list[str], labels: list[int], synsets: list[str] | None, output_dir: Path,
@@ -148,10 +157,10 @@ def write_shards(files: list[str], labels: list[int], synsets: list[str] | None,
     Resumable: each shard is written under a temporary name and renamed when complete, and a shard whose final
     name exists is kept, not rewritten. A rerun must list the same files in the same order (checked against a
     digest in `output_dir/.{prefix}.plan`). An unreadable image raises UserError naming it, unless
-    `skip_corrupt`, which leaves it out, counts it and prints the count.
+    `skip_corrupt`, which leaves it out, counts it and prints the count. One process writes a folder at a
+    time (`shared.locks.folder_writer`: another gets a UserError naming it); a full disk is a DiskFull naming
+    the shard, which is not left behind.
     """
-    from tqdm import tqdm
-
     if len(files) != len(labels) or (synsets is not None and len(synsets) != len(files)):
         raise ValueError("files, labels and synsets must have the same length")
     if num_shards < 1:
@@ -161,7 +170,16 @@ def write_shards(files: list[str], labels: list[int], synsets: list[str] | None,
                         f"ask for at most {len(files)} shards")
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    with folder_writer(output_dir):
+        return _write_shards(files, labels, synsets, output_dir, prefix, num_shards, progress, skip_corrupt)
+
+
+def _write_shards(files: list[str], labels: list[int], synsets: list[str] | None, output_dir: Path,
+                  prefix: str, num_shards: int, progress: bool, skip_corrupt: bool) -> Shards:
+    from tqdm import tqdm
+
     _check_resume(output_dir, prefix, num_shards, _plan_digest(files, labels, synsets, num_shards))
+    _remove_partial_shards(output_dir, prefix)
 
     bounds = [len(files) * i // num_shards for i in range(num_shards + 1)]
     paths = [output_dir / shard_name(prefix, i, num_shards) for i in range(num_shards)]
@@ -175,23 +193,17 @@ def write_shards(files: list[str], labels: list[int], synsets: list[str] | None,
     with tqdm(total=len(files), initial=done_images, desc=f"{prefix} shards", unit="img",
               disable=not progress, smoothing=0.05) as bar:
         for i in todo:
-            temporary = paths[i].with_name(f".{paths[i].name}.partial")
-            try:
-                with tf.io.TFRecordWriter(str(temporary)) as writer:
-                    for j in range(bounds[i], bounds[i + 1]):
-                        try:
-                            example = example_from_file(files[j], labels[j], synsets[j] if synsets else None)
-                        except UserError:
-                            if not skip_corrupt:
-                                raise
-                            corrupt.append(files[j])
-                        else:
-                            writer.write(example.SerializeToString())
-                        bar.update(1)
-                os.replace(temporary, paths[i])
-            finally:
-                if temporary.exists():
-                    temporary.unlink()
+            with partial_path(paths[i]) as temporary, tf.io.TFRecordWriter(str(temporary)) as writer:
+                for j in range(bounds[i], bounds[i + 1]):
+                    try:
+                        example = example_from_file(files[j], labels[j], synsets[j] if synsets else None)
+                    except UserError:
+                        if not skip_corrupt:
+                            raise
+                        corrupt.append(files[j])
+                    else:
+                        writer.write(example.SerializeToString())
+                    bar.update(1)
     if corrupt:
         print(f"{prefix}: skipped {len(corrupt)} unreadable image file(s), first {corrupt[0]}", flush=True)
     return Shards(paths, corrupt=corrupt, reused=reused)
