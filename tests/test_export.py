@@ -237,3 +237,14 @@ def test_a_full_disk_writing_a_tflite_file_keeps_the_earlier_one(trained_run, tm
         tflite.convert(run, out_path=out)
     assert "\n" not in str(caught.value) and str(caught.value).startswith(f"disk full while writing {out} (")
     assert out.read_bytes() == b"the earlier export" and sorted(tmp_path.iterdir()) == [out]
+
+
+def test_pruning_a_version_another_process_removed_is_no_error(tmp_path, monkeypatch):
+    model_dir = tmp_path / "tiny"
+    for version in ("1", "2", "3"):
+        (model_dir / version).mkdir(parents=True)
+    listed = export.versions(model_dir)
+    shutil.rmtree(model_dir / "1")  # gone between our listing and our removal
+    monkeypatch.setattr(export, "versions", lambda folder: listed)
+    assert export.prune(model_dir, keep=1) == [1, 2]
+    assert [p.name for p in model_dir.iterdir()] == ["3"]

@@ -269,3 +269,34 @@ def test_tflite_size_and_latency_objectives(tmp_path, tiny_model):
     assert metrics["tflite_int8_mb"] == pytest.approx(tflite_file.stat().st_size / 1e6)
     assert 0 < metrics["latency_ms"] < 1000 and trial.constraints == {"latency_ms": metrics["latency_ms"] - 1000}
     assert result["best"][0]["values"] == {"tflite_int8_mb": metrics["tflite_int8_mb"]}
+
+
+def test_values_another_worker_is_training_are_waited_for_and_reused(tmp_path, tiny_model, monkeypatch):
+    import threading
+
+    monkeypatch.setattr(tune_module, "WAIT_S", 0.1)
+    config = study_config(tmp_path, tiny_model, study="twins", sampler="random", trials=2,
+                          space={"train.lr.base": {"choice": [0.05]}})
+    # Another worker's trial, training the only point there is: RUNNING, its values claimed.
+    storage = tune_module.open_storage(tune_module.storage_url(config))
+    study = optuna.create_study(storage=storage, study_name="twins", direction="maximize")
+    tune_module._check_same_objectives(study, tune_module.parse_objectives(config), tune_module.storage_url(config))
+    other = study.ask({"train.lr.base": CategoricalDistribution([0.05])})
+    other.set_user_attr(tune_module.CLAIM, True)
+    storage.record_heartbeat(other._trial_id)
+
+    def other_worker_finishes():
+        time.sleep(3.0)  # long after our trial has started waiting
+        other.set_user_attr("run", "runs/tiny/v0042")
+        other.set_user_attr("metrics", {"top1": 0.5})
+        study.tell(other, 0.5)
+
+    finishing = threading.Thread(target=other_worker_finishes)
+    finishing.start()
+    result = tune_module.tune(config)
+    finishing.join()
+    trials = stored_study(config, "twins").trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.COMPLETE]
+    assert trials[1].user_attrs["same_as"] == 0 and trials[1].user_attrs["run"] == "runs/tiny/v0042"
+    assert trials[1].values == [0.5] and result["trials"]["complete"] == 2
+    assert not (tmp_path / "runs" / "tiny").exists()  # nothing trained twice
