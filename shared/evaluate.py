@@ -22,6 +22,10 @@ def evaluate_model(model, dataset: tf.data.Dataset, num_classes: int) -> dict:
     for images, labels in dataset:
         probabilities = forward(images).numpy().astype(np.float64)
         labels = labels.numpy()
+        outside = labels[(labels < 0) | (labels >= num_classes)]
+        if len(outside):  # numpy would wrap -1 to the last class, or fail with an IndexError
+            raise UserError(f"the test data holds label {outside[0]}, outside 0-{num_classes - 1} for "
+                            f"{num_classes} classes; fix the data's labels or its class list")
         predicted = probabilities.argmax(axis=1)
         np.add.at(confusion, (labels, predicted), 1)
         top_k = np.argsort(-probabilities, axis=1)[:, :k]
@@ -53,12 +57,49 @@ def load_run_model(run: Run):
 
 def evaluate(run: Run | str) -> dict:
     """Re-test a finished run on its test split; the figures equal those recorded at training time.
+    Refuses (UserError) data whose class names are not the run's (labels.txt), in the same order.
     Also draws the confusion matrix as the run's confusion.png."""
     from shared import plots
 
     run = run if isinstance(run, Run) else open_run(run)
-    model, config = load_run_model(run)
+    config = config_module.from_dict(run.config_dict())
+    if config.data.source != "synthetic":  # synthetic data has as many classes as data.num_classes asks
+        config.data.num_classes = None  # the data's own classes, compared with the run's before the model loads
     datasets = data_module.make_datasets(config, modelzoo.load_augment_module(run.path))
+    check_class_names(datasets.class_names, run)
+    model, _ = load_run_model(run)
     metrics = evaluate_model(model, datasets.test, datasets.num_classes)
     plots.plot_confusion(metrics["confusion"], datasets.class_names, run.path / "confusion.png")
     return metrics
+
+
+def class_difference(ours: list[str], theirs: list[str]) -> str | None:
+    """Where two class lists (in index order) first differ, in words; None when they are equal."""
+    if list(ours) == list(theirs):
+        return None
+    index = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
+    mine = repr(ours[index]) if index < len(ours) else "nothing"
+    other = repr(theirs[index]) if index < len(theirs) else "nothing"
+    return f"first difference at index {index}: {mine} vs {other}"
+
+
+def _shown(names: list[str], limit: int = 12) -> str:
+    return "[" + ", ".join(map(repr, names[:limit])) + (f", ... {len(names)} in all" if len(names) > limit else "") + "]"
+
+
+def check_class_names(data_classes: list[str], run: Run) -> None:
+    """Refuse to test `run` on data whose classes (names in index order) are not the ones it was trained on
+    (labels.txt): its figures would silently compare other classes. Runs without labels.txt (older ones)
+    are checked by class count only."""
+    recorded = run.class_names()
+    if recorded is None:
+        trained = run.config_dict().get("data", {}).get("num_classes")
+        if trained is not None and trained != len(data_classes):
+            raise UserError(f"the test data has {len(data_classes)} classes where run {run.path} was trained on "
+                            f"{trained}; test it on the data it was trained on")
+        return
+    difference = class_difference(data_classes, recorded)
+    if difference:
+        raise UserError(f"the test data has classes {_shown(data_classes)} where run {run.path} was trained on "
+                        f"{_shown(recorded)} ({run.path / 'labels.txt'}): {difference}; test it on data with the "
+                        f"run's classes in the same order")

@@ -37,3 +37,23 @@ def read_idx(path: Path) -> np.ndarray:
         return array.reshape(shape)
     except (OSError, ValueError, EOFError) as error:
         raise UserError(f"{path} is not a readable IDX file ({error}); re-download or reinstall it") from None
+
+
+def read_split(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """(images uint8 [N, 28, 28], labels int32 [N]) of a split ("train" or "test") from its two IDX files,
+    checked to agree in length and to hold only the class indices 0-9."""
+    images_file, labels_file = FASHION_MNIST_FILES[split]
+    images, labels = read_idx(folder / images_file), read_idx(folder / labels_file)
+    if len(images) != len(labels):
+        raise UserError(f"{folder}: {images_file} and {labels_file} disagree on the number of examples")
+    check_labels(labels, len(FASHION_MNIST_CLASSES), folder / labels_file)
+    return images, labels.astype(np.int32)
+
+
+def check_labels(labels: np.ndarray, num_classes: int, where: str | Path) -> None:
+    """Raise UserError naming `where`, the first label outside 0..num_classes-1 and its position."""
+    bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+    if len(bad):
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise UserError(f"{where} holds label {labels[bad[0]]} at example {bad[0]}{more}, outside 0-{num_classes - 1} "
+                        f"for {num_classes} classes; re-download or reinstall the file")

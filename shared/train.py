@@ -28,7 +28,7 @@ from shared import distill, distribute, durable, finetune, modelzoo, optim, plot
 from shared.callbacks import (AtomicBackupAndRestore, DurableCSVLogger, EpochCheckpoint, LearningRateLogger,
                               NonFiniteLoss, StopOnNonFiniteLoss, StopOnSignal, backup_state)
 from shared.config import Config
-from shared.errors import UserError
+from shared.errors import UserError, embedded_user_error
 from shared.evaluate import evaluate_model, load_run_model
 from shared.modelzoo import MAIN_OUTPUT
 
@@ -400,6 +400,9 @@ def _now() -> str:
 
 
 def _first_line(error: BaseException) -> str:
+    embedded = embedded_user_error(error)  # a data check inside the pipeline: its own one line
+    if embedded is not None:
+        return str(embedded)
     text = str(error).strip()
     return f"{type(error).__name__}: {text.splitlines()[0][:500] if text else ''}"
 

@@ -20,10 +20,11 @@ import numpy as np
 import tensorflow as tf
 
 from shared.config import DataConfig
+from shared.data import checks
 from shared.data.listing import IMAGE_SUFFIXES, is_image, mix_classes
 from shared.errors import UserError
 from shared.fashion_mnist import (FASHION_MNIST_CLASSES, FASHION_MNIST_DIRS, FASHION_MNIST_FILES,
-                                  FASHION_MNIST_MEAN, FASHION_MNIST_STD, read_idx)
+                                  FASHION_MNIST_MEAN, FASHION_MNIST_STD, read_split)
 
 IMAGENET_MEAN, IMAGENET_STD = [123.675, 116.28, 103.53], [58.395, 57.12, 57.375]
 
@@ -89,11 +90,9 @@ def fashion_mnist(config: DataConfig) -> Source:
         return tfds_source(config, name="fashion_mnist", builder=builder,
                            mean=FASHION_MNIST_MEAN, std=FASHION_MNIST_STD)
     arrays = {}
-    for split, (images_file, labels_file) in FASHION_MNIST_FILES.items():
-        images, labels = read_idx(folder / images_file), read_idx(folder / labels_file)
-        if len(images) != len(labels):
-            raise UserError(f"{folder}: {images_file} and {labels_file} disagree on the number of examples")
-        arrays[split] = (images[..., None], labels.astype(np.int32))
+    for split in FASHION_MNIST_FILES:
+        images, labels = read_split(folder, split)
+        arrays[split] = (images[..., None], labels)
     return Source(
         train=tf.data.Dataset.from_tensor_slices(arrays["train"]),
         test=tf.data.Dataset.from_tensor_slices(arrays["test"]),
@@ -224,7 +223,8 @@ def tfrecord_source(config: DataConfig) -> Source:
         count = counts.get(prefix) or tfrecord.count_records(files)  # without counts.json: read once
         # A fixed file order when a validation split is carved off train; else shuffle shards each epoch.
         shuffle = role == "train" and config.val_fraction == 0
-        dataset = tfrecord.read_dataset(files, label_offset=config.label_offset, shuffle_files=shuffle, seed=0)
+        dataset = tfrecord.read_dataset(files, label_offset=config.label_offset, shuffle_files=shuffle, seed=0,
+                                        num_classes=len(class_names))
         splits[role] = (dataset, count, files)
     return Source(train=splits["train"][0], test=splits["test"][0], num_train=splits["train"][1],
                   num_test=splits["test"][1], class_names=class_names, mean=IMAGENET_MEAN, std=IMAGENET_STD,
@@ -308,7 +308,16 @@ def tfds_source(config: DataConfig, name: str | None = None, builder=None,
         except (KeyError, ValueError) as error:
             raise UserError(f"TFDS dataset {name!r} has no split {split_name!r} ({error}); "
                             f"available: {', '.join(info.splits.keys())}") from None
-        return dataset.map(lambda image, label: (image, tf.cast(label, tf.int32))), count
+        return dataset.map(lambda image, label: (image, checked_label(label, split_name))), count
+
+    def checked_label(label, split_name: str):
+        # TFDS' ClassLabel encodes only valid indices; a hand-made or altered dataset may not hold to it
+        check = checks.check((label >= 0) & (label < label_feature.num_classes), f"TFDS dataset {name!r} split ",
+                             f"{split_name!r} holds label ", label, f", outside 0-{label_feature.num_classes - 1} "
+                             f"for its {label_feature.num_classes} classes; prepare it again (delete its folder "
+                             f"in data.data_dir)")
+        with tf.control_dependencies([check]):
+            return tf.cast(label, tf.int32)
 
     shape = info.features["image"].shape
     fixed = shape[0] is not None and shape[0] == shape[1]

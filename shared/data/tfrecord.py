@@ -9,7 +9,7 @@ Labels: these shards are 0-based, 1000 classes for ImageNet (the sorted WordNet 
 Model Garden users have come from TF's older converters (the TPU `tools/datasets/imagenet_to_gcs.py`, TF-slim's
 `build_imagenet_data.py`), which numbered the sorted synsets from 1, leaving 0 for "background" (hence the
 `num_classes: 1001` of Model Garden's ImageNet configs). Read such shards with `read_dataset(..., label_offset=-1)`;
-applied to 0-based shards, it stops the read at the first class-0 record (a label below 0).
+applied to 0-based shards, it stops the read at the first class-0 record (a label below 0), naming the shard.
 
     shards = write_shards(files, labels, synsets, Path("out"), "train", num_shards=1024)
     dataset = read_dataset("out/train-*")      # (encoded bytes, int32 label), decode with tf.io.decode_image
@@ -25,6 +25,7 @@ from typing import Iterable
 
 import tensorflow as tf
 
+from shared.data import checks
 from shared.durable import atomic_write, partial_path
 from shared.errors import UserError
 from shared.locks import folder_writer
@@ -234,31 +235,45 @@ def resolve_files(pattern_or_files: str | os.PathLike | Iterable[str | os.PathLi
 
 def read_dataset(pattern_or_files: str | os.PathLike | Iterable[str | os.PathLike], label_offset: int = 0,
                  shuffle_files: bool = False, seed: int | None = None, cycle_length: int = 8,
-                 deterministic: bool = True) -> tf.data.Dataset:
+                 deterministic: bool = True, num_classes: int | None = None) -> tf.data.Dataset:
     """`(encoded image bytes: tf.string scalar, label: tf.int32 scalar)` from Model Garden shards.
 
     Reads `cycle_length` shards at once, interleaved one record each (in parallel; with `deterministic` the
     order is fixed by the file order, else records come as soon as read). `shuffle_files` reshuffles the shard
     order each epoch (with `seed`); records within a shard keep their order, so shuffle the records too.
-    `label_offset` is added to every label: -1 reads 1-based shards (1001 classes, 0 = background) as 0-based;
-    a label still below 0 then fails with an InvalidArgumentError. Decode with `tf.io.decode_image`, which
-    reads JPEG, PNG, GIF and BMP whatever the file was named.
+    `label_offset` is added to every label: -1 reads 1-based shards (1001 classes, 0 = background) as 0-based.
+    A label outside [0, `num_classes`) (below 0 when `num_classes` is None) fails the read when it is reached,
+    with a one-line message naming the shard and the label (`shared.data.checks`): the shards are only seen
+    while streaming, and a first pass over them all would cost as much as an epoch's reading. Decode with
+    `tf.io.decode_image`, which reads JPEG, PNG, GIF and BMP whatever the file was named.
     """
     files = resolve_files(pattern_or_files)
     dataset = tf.data.Dataset.from_tensor_slices(files)
     if shuffle_files:
         dataset = dataset.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
-    dataset = dataset.interleave(tf.data.TFRecordDataset, cycle_length=max(1, min(cycle_length, len(files))),
-                                 block_length=1, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
 
-    def parse(record):
+    def records_of(shard):  # each record with its shard's name, for the label check's message
+        return tf.data.TFRecordDataset(shard).map(lambda record: (record, shard))
+
+    dataset = dataset.interleave(records_of, cycle_length=max(1, min(cycle_length, len(files))),
+                                 block_length=1, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
+    after = f" after label_offset={label_offset}" if label_offset else ""
+    allowed = "below 0" if num_classes is None else f"outside 0-{num_classes - 1} for {num_classes} classes"
+    rewrite = "rewrite the shards (or labels.txt) with scripts/make_tfrecords.py"
+    # The likely fix depends on the side the label falls off: no offset for 0-based shards, -1 for 1-based.
+    below = "the shards are 0-based: set data.label_offset: 0" if label_offset < 0 else rewrite
+    above = (f"shards numbered from 1 (0 = background) need data.label_offset: -1, else {rewrite}"
+             if label_offset == 0 else rewrite)
+
+    def parse(record, shard):
         example = tf.io.parse_single_example(record, READ_FEATURES)
-        label = tf.cast(example["image/class/label"], tf.int32) + label_offset
-        check = tf.debugging.assert_non_negative(
-            label, message=f"TFRecord label below 0 after label_offset={label_offset}; the shards' labels "
-                           f"are 0-based, read them with label_offset=0")
+        stored = example["image/class/label"]
+        label = stored + label_offset
+        valid = (label >= 0) if num_classes is None else (label >= 0) & (label < num_classes)
+        check = checks.check(valid, "TFRecord shard ", shard, " holds image/class/label ", stored,
+                             f"{after}, {allowed}; ", tf.where(label < 0, below, above))
         with tf.control_dependencies([check]):
-            return example["image/encoded"], tf.identity(label)
+            return example["image/encoded"], tf.cast(label, tf.int32)
 
     return dataset.map(parse, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
 

@@ -1,0 +1,134 @@
+"""Labels outside [0, num_classes) in any source are one line naming the file (or shard) and the label, never
+a silent wrong training or a TF op traceback; `test --run` refuses data whose classes are not the run's."""
+
+from __future__ import annotations
+
+import gzip
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from shared import runs
+from shared.config import load_config
+from shared.data import make_datasets, sources
+from shared.data.tfrecord import read_dataset, write_shards
+from shared.errors import UserError, embedded_user_error, run_cli
+from shared.evaluate import evaluate, evaluate_model
+
+from conftest import tiny_tree
+from test_data import config_for, fake_fashion_dir, make_folder_dataset
+
+
+def write_tfrecord_dataset(root, labels: list[int], num_classes: int = 10):
+    """root/train-00000-of-00001 and validation-00000-of-00001 holding tiny PNGs with `labels`, and a
+    labels.txt of `num_classes` names."""
+    images = root / "images"
+    images.mkdir(parents=True)
+    files = []
+    for i in range(len(labels)):
+        files.append(str(images / f"{i}.png"))
+        Image.new("RGB", (8, 8), (i * 20, 0, 0)).save(files[-1])
+    write_shards(files, labels, None, root, "train", 1, progress=False)
+    write_shards(files, [0] * len(files), None, root, "validation", 1, progress=False)
+    (root / "labels.txt").write_text("".join(f"class_{i}\n" for i in range(num_classes)))
+    return root
+
+
+def test_tfrecord_label_outside_the_classes_names_the_shard(tmp_path):
+    root = write_tfrecord_dataset(tmp_path / "tfr", [0, 3, 10, 1])
+    shard = root / "train-00000-of-00001"
+    with pytest.raises(tf.errors.InvalidArgumentError) as error:
+        list(read_dataset(shard, num_classes=10))
+    message = str(embedded_user_error(error.value))
+    assert f"TFRecord shard {shard} holds image/class/label 10, outside 0-9 for 10 classes" in message
+    assert "data.label_offset: -1" in message and "\n" not in message
+    # 0-based shards read as 1-based: label 0 falls below 0
+    zero = write_tfrecord_dataset(tmp_path / "zero", [0, 1])
+    with pytest.raises(tf.errors.InvalidArgumentError) as error:
+        list(read_dataset(zero / "train-00000-of-00001", label_offset=-1, num_classes=10))
+    assert "label 0 after label_offset=-1, outside 0-9" in str(embedded_user_error(error.value))
+    assert "set data.label_offset: 0" in str(embedded_user_error(error.value))
+
+
+def test_training_on_a_shard_with_a_bad_label_is_one_line_from_the_cli(tmp_path, capsys):
+    from shared.train import train
+
+    root = write_tfrecord_dataset(tmp_path / "tfr", [0, 1, 2, 10] * 4)
+    tree = tiny_tree(tmp_path / "runs", data={"source": "tfrecord", "path": str(root), "num_classes": None,
+                                              "test_split": "validation", "image_size": 8},
+                     train={"epochs": 1, "batch_size": 8})
+    assert run_cli(lambda: train(load_config(tree=tree), argv=["pytest"])) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: TFRecord shard ") and "\n" not in err
+    assert f"{root / 'train-00000-of-00001'} holds image/class/label 10, outside 0-9 for 10 classes" in err
+    (run_dir,) = (tmp_path / "runs" / "resnet").iterdir()
+    status = runs.Run(run_dir).status()
+    assert status["status"] == "failed" and status["error"] == err.removeprefix("error: ")
+
+
+def write_labels_idx(path, labels):
+    header = bytes([0, 0, 0x08, 1]) + len(labels).to_bytes(4, "big")
+    with gzip.open(path, "wb") as out:
+        out.write(header + np.asarray(labels, np.uint8).tobytes())
+
+
+def test_fashion_mnist_label_12_names_the_file(tmp_path):
+    folder = fake_fashion_dir(tmp_path / "fm")
+    labels = np.arange(20) % 10
+    labels[7] = 12
+    write_labels_idx(folder / "t10k-labels-idx1-ubyte.gz", labels)
+    with pytest.raises(UserError, match=r"t10k-labels-idx1-ubyte\.gz holds label 12 at example 7, outside 0-9 "
+                                        r"for 10 classes; re-download"):
+        sources.load(config_for(tmp_path, source="fashion_mnist", path=str(folder)).data)
+
+
+def test_tfds_label_outside_its_classes_is_one_line(tmp_path, monkeypatch):
+    import tensorflow_datasets as tfds
+
+    monkeypatch.setattr(sources, "unreachable", lambda url: None, raising=False)  # the mock downloads nothing
+
+    def as_dataset(self, *args, **kwargs):
+        return tf.data.Dataset.from_tensor_slices({"image": np.zeros((3, 28, 28, 1), np.uint8),
+                                                   "label": np.array([1, 12, 2], np.int64)})
+
+    with tfds.testing.mock_data(as_dataset_fn=as_dataset):
+        source = sources.load(config_for(tmp_path, source="tfds", name="mnist", image_size=28, channels=1).data)
+        with pytest.raises(tf.errors.InvalidArgumentError) as error:
+            list(source.train)
+    assert str(embedded_user_error(error.value)).startswith(
+        "TFDS dataset 'mnist' split 'train' holds label 12, outside 0-9 for its 10 classes;")
+
+
+def test_evaluation_refuses_labels_outside_the_classes():
+    model = tf.keras.Sequential([tf.keras.Input((2,)), tf.keras.layers.Dense(3, activation="softmax")])
+    for bad in (-1, 3):
+        dataset = tf.data.Dataset.from_tensor_slices((np.zeros((4, 2), np.float32), [0, 1, bad, 2])).batch(4)
+        with pytest.raises(UserError, match=f"the test data holds label {bad}, outside 0-2 for 3 classes"):
+            evaluate_model(model, dataset, 3)
+
+
+def test_test_run_refuses_data_whose_classes_were_renamed(tmp_path, capsys):
+    from shared.train import train
+
+    root = make_folder_dataset(tmp_path / "imgs", per_class=3)
+    tree = tiny_tree(tmp_path / "runs", data={"source": "folder", "path": str(root), "test_split": "val",
+                                              "num_classes": None, "image_size": 8},
+                     train={"epochs": 1, "batch_size": 9})
+    run = train(load_config(tree=tree), argv=["pytest"])
+    assert run.class_names() == ["cat", "dog", "fox"]
+    for split in ("train", "val"):  # the same count of classes, one of them another
+        (root / split / "dog").rename(root / split / "emu")
+    with pytest.raises(UserError) as error:
+        evaluate(run.path)
+    assert str(error.value).startswith("the test data has classes ['cat', 'emu', 'fox'] where run ")
+    assert "trained on ['cat', 'dog', 'fox']" in str(error.value)
+    assert "first difference at index 1: 'emu' vs 'dog'" in str(error.value)
+    for split in ("train", "val"):  # one class more: refused too (not "data.num_classes is 3 ...")
+        (root / split / "emu").rename(root / split / "dog")
+        (root / split / "gnu").mkdir()
+        Image.new("RGB", (8, 8)).save(root / split / "gnu" / "0.png")
+    assert run_cli(lambda: evaluate(run.path)) == 2
+    err = capsys.readouterr().err
+    assert "first difference at index 3: 'gnu' vs nothing" in err and err.count("\n") == 1
