@@ -34,6 +34,7 @@ import io
 import json
 import os
 import re
+import reprlib
 import shutil
 import warnings
 import xml.etree.ElementTree as ET
@@ -45,6 +46,7 @@ import numpy as np
 import tensorflow as tf
 
 from shared.config import Config
+from shared.data import checks
 from shared.errors import UserError
 
 AUTOTUNE = tf.data.AUTOTUNE
@@ -123,6 +125,36 @@ def require_image_files(records: list, where: str, fix: str) -> None:
         raise UserError(f"image file {missing[0]} {where} not found{more}; {fix}")
 
 
+def image_size_problem(image: str | bytes, width: int, height: int, stated: str = "its annotation states"
+                       ) -> str | None:
+    """Why an image file (or encoded image) does not match the `width` x `height` its annotation (`stated`)
+    gives, or cannot be an image at all; None when its header agrees. Reads only the header (PIL opens lazily): a cheap check
+    of every image before training, not a decode (a corrupt body is caught in `make_dataset`)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(image if isinstance(image, str) else io.BytesIO(image)) as opened:
+            actual = opened.size
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
+        return f"is not a readable image ({reason})"
+    if actual != (width, height):
+        return f"is {actual[0]}x{actual[1]} pixels but {stated} {width}x{height}"
+    return None
+
+
+def require_image_sizes(records: list, where: str, fix: str) -> None:
+    """One error naming the first image file whose header is unreadable or disagrees with the width and
+    height `where` (the annotation) states for it (and how many more)."""
+    problems = [(record, problem) for record in records
+                if (problem := image_size_problem(record.image, record.width, record.height, where))]
+    if problems:
+        record, problem = problems[0]
+        more = f" (and {len(problems) - 1} more image(s))" if len(problems) > 1 else ""
+        name = record.image if isinstance(record.image, str) else record.name
+        raise UserError(f"image {name} {problem}{more}; {fix}")
+
+
 def _check_box(box: Sequence[float], width: int, height: int, where: str, fix: str) -> list[float]:
     """Validate one absolute xyxy box against its image; returns it clipped to the image (within
     BOX_TOLERANCE). `where` names the file and object, `fix` says what to do."""
@@ -154,10 +186,10 @@ def _read_text(path: Path, what: str, fix: str) -> str:
 def _positive_int(value, where: str, what: str, fix: str) -> int:
     try:
         number = float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         number = float("nan")
     if not np.isfinite(number) or number <= 0 or number != int(number):
-        raise UserError(f"{where}: {what} is {value!r}, not a positive whole number; {fix}")
+        raise UserError(f"{where}: {what} is {_brief(value)}, not a positive whole number; {fix}")
     return int(number)
 
 
@@ -169,7 +201,8 @@ def read_coco(annotation_file: str | os.PathLike, images_root: str | os.PathLike
     """A COCO detection JSON: `images` (id, file_name relative to `images_root`, width, height),
     `annotations` (image_id, category_id, bbox [x, y, w, h] in pixels, iscrowd) and `categories` (id, name).
     Categories sorted by id become class indices 0, 1, ...; crowd annotations (iscrowd 1) are skipped; images
-    without annotations are kept, with no boxes. `check_files` checks that every image file exists."""
+    without annotations are kept, with no boxes. `check_files` checks that every image file exists and that
+    its header gives the size the file states. Whatever the file holds, a problem is one UserError line."""
     path = Path(annotation_file).expanduser()
     fix = f"fix {path} or regenerate it"
     text = _read_text(path, "COCO annotation file", "set detection.train_annotations / test_annotations to the JSON")
@@ -178,6 +211,38 @@ def read_coco(annotation_file: str | os.PathLike, images_root: str | os.PathLike
     except json.JSONDecodeError as error:
         raise UserError(f"{path} is not valid JSON (line {error.lineno} column {error.colno}: {error.msg}); "
                         f"fix the file or regenerate it") from None
+    except RecursionError:  # Python's parser recurses once per [ or {
+        raise UserError(f"{path} nests lists or objects too deeply to be a COCO file; {fix}") from None
+    try:
+        split = _coco_split(tree, path, Path(images_root).expanduser(), fix)
+    except (TypeError, ValueError, OverflowError, AttributeError, RecursionError) as error:
+        # a shape the checks below did not foresee: still one line, naming the file
+        reason = (str(error).splitlines() or [""])[0][:200]
+        raise UserError(f"{path} is not a COCO detection file this reader understands ({type(error).__name__}: "
+                        f"{reason}); {fix}") from None
+    if check_files:
+        require_image_files(split.records, f"listed in {path}",
+                            "set data.path to the folder the file_name entries are relative to")
+        require_image_sizes(split.records, f"{path} states",
+                            f"fix its width and height in {path} or replace the image")
+    return split
+
+
+def _brief(value) -> str:
+    """A short repr for messages, safe for deeply nested or huge values."""
+    brief = reprlib.Repr()
+    brief.maxlevel, brief.maxstring, brief.maxother, brief.maxlong = 2, 60, 60, 40
+    return brief.repr(value)
+
+
+def _coco_id(value, where: str, what: str, fix: str):
+    """An id as COCO writes them: a whole number (or, leniently, a string)."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise UserError(f"{where}: {what} {_brief(value)} is not a whole number; {fix}")
+    return value
+
+
+def _coco_split(tree, path: Path, root: Path, fix: str) -> DetectionSplit:
     if not isinstance(tree, dict) or not all(isinstance(tree.get(key), list)
                                              for key in ("images", "annotations", "categories")):
         raise UserError(f"{path} is not a COCO detection file: it needs the lists images, annotations and "
@@ -185,10 +250,14 @@ def read_coco(annotation_file: str | os.PathLike, images_root: str | os.PathLike
     categories = {}
     for category in tree["categories"]:
         if not isinstance(category, dict) or "id" not in category or "name" not in category:
-            raise UserError(f"{path}: category {category!r} needs an id and a name; {fix}")
-        if category["id"] in categories:
-            raise UserError(f"{path}: category id {category['id']} appears twice; {fix}")
-        categories[category["id"]] = str(category["name"])
+            raise UserError(f"{path}: category {_brief(category)} needs an id and a name; {fix}")
+        category_id = _coco_id(category["id"], path, "category id", fix)
+        if not isinstance(category["name"], (str, int)) or isinstance(category["name"], bool):
+            raise UserError(f"{path}: category {category_id} has the name {_brief(category['name'])}, not a text; "
+                            f"{fix}")
+        if category_id in categories:
+            raise UserError(f"{path}: category id {category_id} appears twice; {fix}")
+        categories[category_id] = str(category["name"])
     if not categories:
         raise UserError(f"{path} lists no categories; {fix}")
     try:
@@ -198,49 +267,49 @@ def read_coco(annotation_file: str | os.PathLike, images_root: str | os.PathLike
     index = {category_id: i for i, category_id in enumerate(ids)}
     class_names = [categories[category_id] for category_id in ids]
 
-    root = Path(images_root).expanduser()
-    images = {}  # id -> [file, width, height, boxes, classes]
+    images = {}  # id -> [file, width, height, boxes, classes, name]
     for image in tree["images"]:
         if not isinstance(image, dict) or not all(key in image for key in ("id", "file_name", "width", "height")):
-            raise UserError(f"{path}: image {str(image)[:120]} needs id, file_name, width and height; {fix}")
-        where = f"{path}: image {image['id']} ({image['file_name']})"
-        if image["id"] in images:
-            raise UserError(f"{path}: image id {image['id']} appears twice; {fix}")
+            raise UserError(f"{path}: image {_brief(image)} needs id, file_name, width and height; {fix}")
+        image_id = _coco_id(image["id"], path, "image id", fix)
+        if not isinstance(image["file_name"], str) or not image["file_name"]:
+            raise UserError(f"{path}: image {image_id} has the file_name {_brief(image['file_name'])}, not a "
+                            f"path; {fix}")
+        where = f"{path}: image {image_id} ({image['file_name']})"
+        if image_id in images:
+            raise UserError(f"{path}: image id {image_id} appears twice; {fix}")
         width = _positive_int(image["width"], where, "width", fix)
         height = _positive_int(image["height"], where, "height", fix)
-        images[image["id"]] = [str(root / image["file_name"]), width, height, [], [], str(image["file_name"])]
+        images[image_id] = [str(root / image["file_name"]), width, height, [], [], image["file_name"]]
     for annotation in tree["annotations"]:
         if not isinstance(annotation, dict) or not all(key in annotation for key in ("image_id", "category_id",
                                                                                      "bbox")):
-            raise UserError(f"{path}: annotation {str(annotation)[:120]} needs image_id, category_id and bbox; "
-                            f"{fix}")
+            raise UserError(f"{path}: annotation {_brief(annotation)} needs image_id, category_id and bbox; {fix}")
         if annotation.get("iscrowd", 0):
             continue  # a crowd region, not one object: COCO's own evaluation ignores these too
-        where = f"{path}: annotation {annotation.get('id', '?')}"
-        if annotation["image_id"] not in images:
-            raise UserError(f"{where} refers to image id {annotation['image_id']}, which `images` does not list; "
-                            f"{fix}")
-        if annotation["category_id"] not in index:
-            raise UserError(f"{where} has category id {annotation['category_id']}, which `categories` does not "
-                            f"list (ids: {', '.join(map(str, ids[:20]))}); add the category or fix the id")
+        where = f"{path}: annotation {_brief(annotation.get('id', '?'))}"
+        image_id = _coco_id(annotation["image_id"], where, "image_id", fix)
+        category_id = _coco_id(annotation["category_id"], where, "category_id", fix)
+        if image_id not in images:
+            raise UserError(f"{where} refers to image id {image_id}, which `images` does not list; {fix}")
+        if category_id not in index:
+            raise UserError(f"{where} has category id {category_id}, which `categories` does not list (ids: "
+                            f"{', '.join(map(str, ids[:20]))}); add the category or fix the id")
         bbox = annotation["bbox"]
         if (not isinstance(bbox, list) or len(bbox) != 4
                 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in bbox)):
-            raise UserError(f"{where}: bbox {bbox!r} is not [x, y, width, height]; {fix}")
-        entry = images[annotation["image_id"]]
+            raise UserError(f"{where}: bbox {_brief(bbox)} is not [x, y, width, height]; {fix}")
+        entry = images[image_id]
         x, y, w, h = (float(v) for v in bbox)
         box = _check_box([x, y, x + w, y + h], entry[1], entry[2], f"{where} (image {entry[5]})",
                          "fix the bbox [x, y, width, height] or remove the annotation")
         entry[3].append(box)
-        entry[4].append(index[annotation["category_id"]])
+        entry[4].append(index[category_id])
     records = [DetectionRecord(file, width, height, np.array(boxes, np.float32).reshape(-1, 4),
                                np.array(classes, np.int32), name=name)
                for file, width, height, boxes, classes, name in images.values()]
     if not records:
         raise UserError(f"{path} lists no images; {fix}")
-    if check_files:
-        require_image_files(records, f"listed in {path}",
-                            "set data.path to the folder the file_name entries are relative to")
     return DetectionSplit(records, class_names, str(path))
 
 
@@ -417,7 +486,8 @@ def _voc_image_ids(root: Path, image_set: str | None) -> tuple[list[str], str]:
     if list_file is None:
         raise UserError(f"VOC image set {image_set!r} not found (looked for {', '.join(map(str, candidates))}); "
                         f"set detection.train_annotations / test_annotations to a set name such as trainval")
-    ids = [line.split()[0] for line in list_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    text = _read_text(list_file, "VOC image set", "list one image id a line")
+    ids = [line.split()[0] for line in text.splitlines() if line.strip()]
     if not ids:
         raise UserError(f"VOC image set {list_file} lists no images; list one image id a line")
     return ids, str(list_file)
@@ -437,7 +507,15 @@ def _parse_voc_xml(path: Path, images_dir: Path) -> tuple[str, int, int, list, l
     if not path.is_file():
         raise UserError(f"VOC annotation {path} not found; remove its id from the image set or add the XML")
     try:
-        tree = ET.parse(path).getroot()
+        data = path.read_bytes()
+    except OSError as error:
+        raise UserError(f"cannot read VOC annotation {path} ({error.strerror or error}); {fix}") from None
+    if b"<!DOCTYPE" in data or b"<!ENTITY" in data:
+        # VOC files declare nothing; entity expansion ("billion laughs") is refused outright, whatever
+        # protection the linked expat has
+        raise UserError(f"{path} declares a DTD or entities, which a VOC annotation never does; {fix}")
+    try:
+        tree = ET.fromstring(data)
     except ET.ParseError as error:
         raise UserError(f"{path} is not valid XML ({error}); {fix}") from None
     size = tree.find("size")
@@ -495,6 +573,8 @@ def read_voc(root: str | os.PathLike, image_set: str | None = None, class_names:
     if check_files:
         require_image_files(records, "(from its VOC annotation)",
                             f"put the images in {root / 'JPEGImages'} or fix <filename>")
+        require_image_sizes(records, "its VOC annotation's <size> states",
+                            "fix <size> in the annotation or replace the image")
     return DetectionSplit(records, list(class_names), listed_in)
 
 
@@ -621,6 +701,10 @@ def read_tfod_records(pattern: str | os.PathLike | Sequence[str | os.PathLike],
                     width, height = _image_size(encoded[0])
                 except Exception:
                     raise UserError(f"{where}: image/encoded is not an image; rewrite the record") from None
+            else:
+                problem = image_size_problem(encoded[0], width, height, "image/width and image/height state")
+                if problem:
+                    raise UserError(f"{where}: image/encoded {problem}; rewrite the record")
             coords = [_feature_values(example, f"image/object/bbox/{key}") for key in ("xmin", "ymin", "xmax", "ymax")]
             labels = _feature_values(example, "image/object/class/label")
             texts = [text.decode("utf-8", "replace") for text in _feature_values(example, "image/object/class/text")]
@@ -844,6 +928,31 @@ def _augmenter(names: Sequence[str], seed: int):
     return layers, apply
 
 
+def _name_failed_images(loaded: tf.data.Dataset, names: list[str], image_shape: tuple, max_boxes: int
+                        ) -> tf.data.Dataset:
+    """`loaded` yields (index, pixels, boxes, classes) in index order; an image whose loading fails (a corrupt
+    or truncated file TF cannot decode) would stop the pipeline with TF's message, which names no file. Here
+    failed images are dropped, and the gap in the indices fails the pipeline with a one-line message naming
+    the first of them (`shared.data.checks`). A sentinel after the last image shows a gap at the end."""
+    count, names = len(names), tf.constant(names, tf.string)
+    sentinel = tf.data.Dataset.from_tensors((tf.constant(count, tf.int64), tf.zeros(image_shape, tf.float32),
+                                             tf.fill([max_boxes, 4], -1.0), tf.fill([max_boxes], -1)))
+
+    def expect(next_index, element):
+        index = element[0]
+        check = checks.check(tf.equal(index, next_index), "detection image ",
+                             tf.gather(names, tf.minimum(next_index, count - 1)),
+                             " cannot be read or decoded (a corrupt or truncated file?), or its size is not the "
+                             "annotation's; replace it or remove it from the annotations")
+        with tf.control_dependencies([check]):
+            return index + 1, (tf.identity(index), *element[1:])
+
+    return (loaded.ignore_errors().concatenate(sentinel)
+            .scan(tf.constant(0, tf.int64), expect)
+            .filter(lambda index, *rest: index < count)
+            .map(lambda index, *rest: tuple(rest)))
+
+
 def make_dataset(split: DetectionSplit, config: Config, training: bool, augment: Sequence[str] | None = None,
                  repeat: bool = False, batch_size: int | None = None) -> tf.data.Dataset:
     """Batches `(images float32 [B, S, S, C], {"boxes": float32 [B, M, 4], "classes": int32 [B, M]})` with
@@ -881,18 +990,18 @@ def make_dataset(split: DetectionSplit, config: Config, training: bool, augment:
     def load(image, hw, boxes, classes):
         encoded = tf.io.read_file(image) if by_path else image
         pixels = preprocess.decode(encoded, channels)
-        shape = tf.shape(pixels)[:2]
-        check = tf.debugging.Assert(tf.reduce_all(tf.equal(shape, hw)), [
-            "the decoded image", image if by_path else "(encoded)", "has [height, width]", shape,
-            "but its annotation says", hw, "; fix the annotation's width and height"])
-        with tf.control_dependencies([check]):
+        same_size = tf.debugging.assert_equal(tf.shape(pixels)[:2], hw)  # the readers checked the header
+        with tf.control_dependencies([same_size]):
             pixels = tf.image.resize(tf.cast(pixels, tf.float32), [size, size])
         hw = tf.cast(hw, tf.float32)
         scale = tf.stack([size / hw[1], size / hw[0], size / hw[1], size / hw[0]])
         boxes = tf.where(classes[:, None] >= 0, boxes * scale, -1.0)
         return pixels, boxes, classes
 
-    dataset = dataset.map(load, num_parallel_calls=AUTOTUNE, deterministic=True)
+    dataset = _name_failed_images(dataset.enumerate().map(lambda index, example: (index, *load(*example)),
+                                                          num_parallel_calls=AUTOTUNE, deterministic=True),
+                                  [record.image if by_path else record.name for record in split.records],
+                                  (size, size, channels), max_boxes)
     if len(split) * size * size * channels * 4 <= CACHE_BYTES:
         dataset = dataset.cache()  # decode and resize once; augmentation runs after the cache
     if training:
