@@ -99,6 +99,19 @@ def test_a_folder_without_the_idx_files_is_refused_in_one_line(tmp_path, monkeyp
     assert not (tmp_path / "out").exists()
 
 
+def test_a_label_outside_the_ten_classes_is_refused_in_one_line(tmp_path, monkeypatch, capsys):
+    from test_labels import write_labels_idx
+
+    folder = fake_fashion_dir(tmp_path / "fm")
+    write_labels_idx(folder / "train-labels-idx1-ubyte.gz", [12] + [0] * 39)
+    monkeypatch.chdir(REPO)
+    code, stderr = run_script("models/resnet/quick.yaml", "--data", folder, "--out", tmp_path / "out", capsys=capsys)
+    assert code == 2
+    assert stderr.strip().splitlines() == [(
+        f"error: {folder / 'train-labels-idx1-ubyte.gz'} holds label 12 at example 0, outside 0-9 for 10 classes; "
+        "re-download or reinstall the file")]
+
+
 def test_the_modules_it_uses_import_no_tensorflow():
     """The script runs where TensorFlow is absent: the package modules it imports, and everything those
     import from the package, must not import TensorFlow (read from their source, at any depth)."""
