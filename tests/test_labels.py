@@ -132,3 +132,22 @@ def test_test_run_refuses_data_whose_classes_were_renamed(tmp_path, capsys):
     assert run_cli(lambda: evaluate(run.path)) == 2
     err = capsys.readouterr().err
     assert "first difference at index 3: 'gnu' vs nothing" in err and err.count("\n") == 1
+
+
+def test_ilsvrc_ground_truth_outside_the_1000_classes_names_the_file(tmp_path):
+    from shared.data import ilsvrc
+    from test_ilsvrc import make_flat_val, write_csv
+
+    truth = make_flat_val(tmp_path)
+    (tmp_path / "synsets.txt").write_text("\n".join(ilsvrc.imagenet_wnids()) + "\n")
+    ground_truth = tmp_path / "ILSVRC2012_validation_ground_truth.txt"
+    for bad in ("1001", "0", "-3"):
+        ground_truth.write_text(f"1\n2\n{bad}\n4\n5\n6\n")
+        with pytest.raises(UserError, match=f"ILSVRC2012_validation_ground_truth.txt line 3 is '{bad}', not an "
+                                            f"ILSVRC2012_ID 1-1000"):
+            ilsvrc.list_ilsvrc_split(tmp_path, "val", synsets=tmp_path / "synsets.txt")
+    truth["ILSVRC2012_val_00000002"] = "n99999999"
+    write_csv(tmp_path / "LOC_val_solution.csv", truth)
+    with pytest.raises(UserError, match=r"LOC_val_solution.csv gives ILSVRC2012_val_00000002.JPEG the class "
+                                        r"'n99999999', none of the 1000 ILSVRC2012 wnids"):
+        ilsvrc.list_ilsvrc_split(tmp_path, "val")
