@@ -185,7 +185,7 @@ def _read_text(path: Path, what: str, fix: str) -> str:
 
 def _positive_int(value, where: str, what: str, fix: str) -> int:
     try:
-        number = float(value)
+        number = float("nan") if isinstance(value, bool) else float(value)
     except (TypeError, ValueError, OverflowError):
         number = float("nan")
     if not np.isfinite(number) or number <= 0 or number != int(number):
@@ -257,7 +257,11 @@ def _coco_split(tree, path: Path, root: Path, fix: str) -> DetectionSplit:
                             f"{fix}")
         if category_id in categories:
             raise UserError(f"{path}: category id {category_id} appears twice; {fix}")
-        categories[category_id] = str(category["name"])
+        name = str(category["name"])
+        if not name.strip() or len(name.splitlines()) > 1:  # a run records its classes one a line
+            raise UserError(f"{path}: category {category_id} has the name {name!r}; give it a name of one "
+                            f"non-empty line")
+        categories[category_id] = name
     if not categories:
         raise UserError(f"{path} lists no categories; {fix}")
     try:
