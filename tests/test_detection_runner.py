@@ -121,6 +121,26 @@ def test_test_command_reproduces_the_recorded_map(trained, capsys):
     assert capsys.readouterr().out.strip() == summary(trained.test_metrics())
 
 
+def test_test_command_refuses_annotations_whose_categories_were_renamed(trained, generated, tmp_path, capsys):
+    import shutil
+
+    import yaml
+
+    copy = tmp_path / "run"
+    shutil.copytree(trained.path, copy)
+    config = yaml.safe_load((copy / "config.yaml").read_text())
+    for split in ("train", "test"):  # the same ids, one of them renamed, in both files
+        tree = json.loads((generated / "annotations" / f"{split}.json").read_text())
+        tree["categories"][1]["name"] = "renamed"
+        (tmp_path / f"{split}.json").write_text(json.dumps(tree))
+        config["detection"][f"{split}_annotations"] = str(tmp_path / f"{split}.json")
+    (copy / "config.yaml").write_text(yaml.safe_dump(config))
+    assert runner.main(["test", "--run", str(copy)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"where run {copy} was trained on [" in err
+    assert f"first difference at index 1: 'renamed' vs {trained.class_names()[1]!r}" in err
+
+
 @pytest.mark.parametrize("case", ["backbone_mismatch", "strides", "augment"])
 def test_bad_detection_inputs_are_one_line_errors_without_a_run_folder(case, generated, tmp_path, capsys):
     runs_dir = tmp_path / "runs"

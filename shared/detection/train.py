@@ -56,6 +56,7 @@ from shared.detection.metrics import coco_map
 from shared.detection.model import HEAD_PREFIXES, OUTPUT_NAMES, build_detector, model_anchors
 from shared.detection.postprocess import decode_detections
 from shared.errors import UserError
+from shared.evaluate import check_class_names
 
 GALLERY_FILE = "detections.png"
 GALLERY_IMAGES = 16  # test images drawn in detections.png
@@ -366,10 +367,7 @@ def evaluate_detection_run(run: runs.Run | str | Path) -> dict:
     run = run if isinstance(run, runs.Run) else runs.open_run(run)
     detector, config = load_detection_model(run)
     _, test, class_names = detection_data.load_detection_data(config)
-    recorded = run.class_names()
-    if recorded and recorded != class_names:
-        raise UserError(f"the annotations of run {run.path} now name other classes ({', '.join(class_names[:4])} "
-                        f"...) than it was trained on ({', '.join(recorded[:4])} ...)")
+    check_class_names(class_names, run)  # the annotations may have changed since
     metrics, gallery = evaluate_detector(detector, test, config, class_names)
     plot_detections(gallery, class_names, run.path / GALLERY_FILE)
     return metrics
