@@ -967,6 +967,8 @@ def make_dataset(split: DetectionSplit, config: Config, training: bool, augment:
     `augment` (names from AUGMENTATIONS; None: DEFAULT_AUGMENT; () none); evaluation keeps the file order.
     One pass is one epoch unless `repeat`. data.deterministic: one thread for the random maps, so the same
     seed gives the same batches. Images with more than M boxes keep their first M (a warning says how many).
+    An image that does not decode (or not to its annotated size) stops the pipeline when it is reached, with
+    one line naming it (an InvalidArgumentError whose message `run_cli` prints alone).
     Resolves data.mean / data.std into the config when unset (see `detection_normalization`)."""
     from shared.data import preprocess
 
