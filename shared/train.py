@@ -280,8 +280,8 @@ def _run_training(config: Config, argv: list[str] | None, resumed: runs.Run | No
 
 def _test_last_checkpoint(run: runs.Run, datasets) -> tuple[dict, Path]:
     """The test figures of the checkpoint the run records as its last, on the model `test --run` rebuilds
-    from it: the figures equal, whatever the model in memory holds (raw weights where the checkpoint has
-    the EMA ones, a backup restored after the last checkpoint was written, a half-trained epoch)."""
+    from it (float32, from the run's model.py and config), so the two always agree; the model in memory
+    can differ (it computes in bfloat16 under mixed precision, or holds a restored backup's weights)."""
     last = run.last_checkpoint()
     model, _ = load_run_model(run)  # the same file: nothing else writes checkpoints now
     return evaluate_model(model, datasets.test, datasets.num_classes), last
