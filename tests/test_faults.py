@@ -158,6 +158,16 @@ def test_a_kill_at_each_commit_point_of_an_epoch_end_loses_nothing(tmp_path, cap
     assert int(last.optimizer.iterations.numpy()) == EPOCHS * STEPS
 
 
+def test_a_metrics_row_cut_off_by_a_kill_is_dropped_when_resuming(tmp_path):
+    """A kill while epoch 13's row was being written left "1" of "12,...": read as epoch 1, it would stay."""
+    from shared.train import _truncate_metrics
+
+    path = tmp_path / "metrics.csv"
+    path.write_text("epoch,loss,lr\n" + "".join(f"{n},0.5,0.1\n" for n in range(12)) + "1")
+    _truncate_metrics(path, epochs_done=12)
+    assert metric_epochs(tmp_path) == list(range(12))
+
+
 def test_the_recorded_figure_is_the_one_test_gives_for_the_last_checkpoint(tmp_path):
     """Trained in bfloat16 with EMA, the run still records what `test --run` computes from its last checkpoint
     (rebuilt in float32): the figure is never the model in memory's own."""
