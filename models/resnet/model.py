@@ -46,8 +46,9 @@ def conv_bn(x, filters: int, kernel_size: int, strides: int, name: str, relu: bo
     """Convolution, batch norm and (optionally) ReLU: the unit every row of Table 1 is made of."""
     if kernel_size == 1 and strides > 1 and x.shape[-1] < STRIDED_1X1_MIN_CHANNELS:
         # A stride-s 1x1 convolution is a stride-1 one on every s-th pixel: same weights, same outputs,
-        # without the oneDNN kernel above. The 1x1 max pool only picks those pixels.
-        x = layers.MaxPooling2D(1, strides=strides, padding=padding, name=f"{name}_subsample")(x)
+        # without the oneDNN kernel above. A 1x1 average pool picks those pixels (its gradient is cheaper
+        # under XLA than a max pool's).
+        x = layers.AveragePooling2D(1, strides=strides, padding=padding, name=f"{name}_subsample")(x)
         strides = 1
     x = layers.Conv2D(filters, kernel_size, strides=strides, padding=padding, use_bias=bias,
                       kernel_initializer="he_normal", name=f"{name}_conv")(x)
