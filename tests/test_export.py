@@ -248,3 +248,22 @@ def test_pruning_a_version_another_process_removed_is_no_error(tmp_path, monkeyp
     monkeypatch.setattr(export, "versions", lambda folder: listed)
     assert export.prune(model_dir, keep=1) == [1, 2]
     assert [p.name for p in model_dir.iterdir()] == ["3"]
+
+
+def test_an_explicit_version_overtaken_during_the_export_is_refused_not_pruned(trained_run, tmp_path, monkeypatch):
+    run, _ = trained_run
+    model_dir = tmp_path / "export" / "resnet"
+    (model_dir / "1").mkdir(parents=True)
+    (model_dir / "1" / "saved_model.pb").write_bytes(b"an earlier version")
+    write_archive = export.write_archive
+
+    def write_while_another_export_publishes(*args, **kwargs):
+        write_archive(*args, **kwargs)
+        newer = model_dir / "3"  # another export's version, newer than the one asked for
+        newer.mkdir()
+        (newer / "saved_model.pb").write_bytes(b"another export")
+
+    monkeypatch.setattr(export, "write_archive", write_while_another_export_publishes)
+    with pytest.raises(UserError, match="version 2 would be pruned at once"):
+        export.export_saved_model(run, tmp_path / "export", version=2, keep=1)
+    assert sorted(p.name for p in model_dir.iterdir()) == ["1", "3"]  # nothing published, nothing pruned
