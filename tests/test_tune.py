@@ -300,3 +300,25 @@ def test_values_another_worker_is_training_are_waited_for_and_reused(tmp_path, t
     assert trials[1].user_attrs["same_as"] == 0 and trials[1].user_attrs["run"] == "runs/tiny/v0042"
     assert trials[1].values == [0.5] and result["trials"]["complete"] == 2
     assert not (tmp_path / "runs" / "tiny").exists()  # nothing trained twice
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # study.ask, standing in for a worker that dies
+def test_a_trial_waiting_for_a_worker_that_died_trains_the_values_itself(tmp_path, tiny_model, monkeypatch,
+                                                                       capsys):
+    monkeypatch.setattr(tune_module, "HEARTBEAT_S", 3)  # stale after 6 s instead of 2 minutes
+    monkeypatch.setattr(tune_module, "WAIT_S", 0.2)
+    config = study_config(tmp_path, tiny_model, study="orphan", sampler="random", trials=2,
+                          space={"train.lr.base": {"choice": [0.05]}})
+    storage = tune_module.open_storage(tune_module.storage_url(config))
+    study = optuna.create_study(storage=storage, study_name="orphan", direction="maximize")
+    dead = study.ask({"train.lr.base": CategoricalDistribution([0.05])})
+    dead.set_user_attr(tune_module.CLAIM, True)
+    storage.record_heartbeat(dead._trial_id)  # its last beat: the worker dies now, mid-training
+
+    result = tune_module.tune(config)
+    assert "trial 1: trial 0 is training the same values; waiting for its figures" in capsys.readouterr().out
+    trials = stored_study(config, "orphan").trials
+    # Ours waited, saw the dead trial fail, trained the values; the dead one's retry reused ours.
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
+    assert "same_as" not in trials[1].user_attrs and trials[2].user_attrs["same_as"] == 1
+    assert result["trials"]["complete"] == 2 and len(all_runs(tmp_path / "runs", "tiny")) == 1
