@@ -208,3 +208,22 @@ def test_make_detection_dataset_refuses_a_folder_being_written(tmp_path, capsys)
         f"error: {out} is being written by pid {holder.pid} on {socket.gethostname()}; wait for it or choose "
         f"another folder"]
     assert sorted(p.name for p in out.iterdir()) == [".writer.lock"]
+
+
+def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
+    import signal
+
+    from shared.locks import FileLock
+
+    lock = FileLock(tmp_path / ".some.lock")
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_FOLDER, str(tmp_path / "out")], cwd=REPO, env=ENV,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == "held\n"
+    writer_lock = FileLock(tmp_path / "out" / ".writer.lock")
+    assert not writer_lock.acquire(blocking=False)  # held by the other process
+    holder.send_signal(signal.SIGKILL)
+    holder.wait(timeout=60)
+    assert writer_lock.acquire(blocking=False)  # the kernel dropped it with the process
+    writer_lock.release()
+    with lock, lock:  # re-entrant within a process
+        pass

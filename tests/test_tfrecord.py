@@ -309,3 +309,13 @@ def test_a_full_disk_writing_counts_is_one_line(tmp_path, monkeypatch, capsys):
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert line.startswith(f"error: disk full while writing {out / 'counts.json'} (")
     assert not (out / "counts.json").exists() and partial_files(out) == []
+
+
+def test_half_shards_of_a_killed_writer_are_removed(source, tmp_path):
+    _, files, labels, _ = source
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in (f".partial-0123456789ab-{shard_name('train', 1, 3)}", f".{shard_name('train', 2, 3)}.partial"):
+        (out / name).write_bytes(b"half a shard")  # what SIGKILL mid-shard leaves (new and older names)
+    write_shards(files, labels, None, out, "train", 3, progress=False)
+    assert partial_files(out) == []
