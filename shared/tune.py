@@ -650,14 +650,15 @@ def tune(config: Config, argv: list[str] | None = None) -> dict:
           f"{max(0, wanted - counted)} more", flush=True)
     if counted < wanted:
         objective = make_objective(config, name, space, objectives, constraints, monitor, argv, lock)
-        run_trials(study, objective, wanted, lock)
+        run_trials(study, objective, wanted, wanted - counted, lock)
     return report(study, config, objectives, constraints, list(space), url)
 
 
-def run_trials(study: optuna.Study, objective, wanted: int, lock) -> None:
-    """Start trials until `wanted` are complete, pruned or running, counting every worker's. The count and
+def run_trials(study: optuna.Study, objective, wanted: int, most: int, lock: FileLock) -> None:
+    """Start trials until `wanted` are complete, pruned or running, counting every worker's, and at most
+    `most` here (failed trials do not count: this bounds a study whose every trial fails). The count and
     the new trial are one step under the study lock, so workers together never start more than `wanted`."""
-    while True:
+    for _ in range(most):
         lock.acquire()
         held = True
 

@@ -322,3 +322,15 @@ def test_a_trial_waiting_for_a_worker_that_died_trains_the_values_itself(tmp_pat
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
     assert "same_as" not in trials[1].user_attrs and trials[2].user_attrs["same_as"] == 1
     assert result["trials"]["complete"] == 2 and len(all_runs(tmp_path / "runs", "tiny")) == 1
+
+
+def test_a_study_whose_trials_all_fail_stops(tmp_path, tiny_model, monkeypatch):
+    def broken(run, wanted):
+        raise tune_module.TrialFailed(f"run {run.path}: diverged")
+
+    monkeypatch.setattr(tune_module, "measure", broken)
+    config = study_config(tmp_path, tiny_model, study="failing", sampler="random", trials=2,
+                          space={"train.lr.base": {"choice": [0.01, 0.05]}})
+    result = tune_module.tune(config)  # failed trials do not count towards tune.trials, nor run forever
+    assert [t.state for t in stored_study(config, "failing").trials] == [TrialState.FAIL, TrialState.FAIL]
+    assert result["best"] == [] and result["trials"]["fail"] == 2
