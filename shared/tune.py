@@ -654,11 +654,13 @@ def tune(config: Config, argv: list[str] | None = None) -> dict:
     return report(study, config, objectives, constraints, list(space), url)
 
 
-def run_trials(study: optuna.Study, objective, wanted: int, most: int, lock: FileLock) -> None:
-    """Start trials until `wanted` are complete, pruned or running, counting every worker's, and at most
-    `most` here (failed trials do not count: this bounds a study whose every trial fails). The count and
-    the new trial are one step under the study lock, so workers together never start more than `wanted`."""
-    for _ in range(most):
+def run_trials(study: optuna.Study, objective, wanted: int, most_failed: int, lock: FileLock) -> None:
+    """Start trials until `wanted` are complete, pruned or running, counting every worker's, or until
+    `most_failed` of those started here have failed (failed trials do not count towards `wanted`: a study
+    whose every trial fails would never end). The count and the new trial are one step under the study
+    lock, so workers together never start more than `wanted`."""
+    ended: list[TrialState] = []
+    while ended.count(TrialState.FAIL) < most_failed:
         lock.acquire()
         held = True
 
@@ -671,7 +673,8 @@ def run_trials(study: optuna.Study, objective, wanted: int, most: int, lock: Fil
         try:
             if _counted_trials(study) >= wanted:
                 return
-            study.optimize(started, n_trials=1, catch=(TrialFailed,), gc_after_trial=True)
+            study.optimize(started, n_trials=1, catch=(TrialFailed,), gc_after_trial=True,
+                           callbacks=[lambda _, trial: ended.append(trial.state)])
         finally:
             if held:
                 lock.release()
