@@ -21,7 +21,7 @@ import tensorflow as tf
 
 from shared.config import DataConfig
 from shared.data import checks
-from shared.data.listing import IMAGE_SUFFIXES, is_image, mix_classes
+from shared.data.listing import IMAGE_SUFFIXES, class_name, file_names, is_image, mix_classes
 from shared.errors import UserError
 from shared.fashion_mnist import (FASHION_MNIST_CLASSES, FASHION_MNIST_DIRS, FASHION_MNIST_FILES,
                                   FASHION_MNIST_MEAN, FASHION_MNIST_STD, read_split)
@@ -139,20 +139,21 @@ def list_folder_split(root: Path, split: str, class_names: list[str] | None = No
     if not split_dir.is_dir():
         raise UserError(f"folder dataset {root} has no {split}/ folder; expected {root}/{split}/<class>/<image> "
                         f"(set data.train_split / data.test_split to the folder names you have)")
+    class_dirs = sorted((p for p in split_dir.iterdir() if p.is_dir()), key=class_name)
     if class_names is None:
-        class_names = sorted(p.name for p in split_dir.iterdir() if p.is_dir())
+        class_names = [class_name(p) for p in class_dirs]
         if not class_names:
             raise UserError(f"{split_dir} has no class folders; expected {split_dir}/<class>/<image>")
     index = {name: i for i, name in enumerate(class_names)}
     files, labels = [], []
-    for class_dir in sorted(p for p in split_dir.iterdir() if p.is_dir()):
-        if class_dir.name not in index:
+    for class_dir in class_dirs:
+        if class_name(class_dir) not in index:
             raise UserError(f"{class_dir} is a class that the train split does not have; "
                             f"remove it or add it to train/")
         for path in sorted(class_dir.iterdir()):
             if is_image(path.name):
-                files.append(str(path))
-                labels.append(index[class_dir.name])
+                files.append(str(path))  # may hold surrogate escapes: read through file_names()
+                labels.append(index[class_name(class_dir)])
     if not files:
         raise UserError(f"{split_dir} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
     files, labels = mix_classes(files, labels)
@@ -178,7 +179,7 @@ def folder(config: DataConfig) -> Source:
 
 
 def _paths_dataset(files: list[str], labels: list[int]) -> tf.data.Dataset:
-    return tf.data.Dataset.from_tensor_slices((tf.constant(files), tf.constant(labels, tf.int32)))
+    return tf.data.Dataset.from_tensor_slices((tf.constant(file_names(files)), tf.constant(labels, tf.int32)))
 
 
 def ilsvrc_source(config: DataConfig) -> Source:
@@ -215,7 +216,7 @@ def tfrecord_source(config: DataConfig) -> Source:
         raise UserError(f"TFRecord folder not found: {root}; write one with scripts/make_tfrecords.py")
     class_names = tfrecord.read_labels(root / "labels.txt")
     counts_file = root / "counts.json"
-    counts = json.loads(counts_file.read_text()) if counts_file.is_file() else {}
+    counts = json.loads(counts_file.read_text(encoding="utf-8")) if counts_file.is_file() else {}
     splits = {}
     for role, split in (("train", config.train_split), ("test", config.test_split)):
         prefix = TFRECORD_PREFIXES.get(split, split)
