@@ -25,9 +25,7 @@ refused with one line while the run is live.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import difflib
-import fcntl
 import json
 import os
 import platform
@@ -45,6 +43,7 @@ from pathlib import Path
 import yaml
 
 from shared.durable import atomic_write
+from shared import locks
 from shared.errors import UserError, run_cli
 from shared.modelzoo import PROJECT_ROOT
 
@@ -224,68 +223,36 @@ class RunInUse(UserError):
     """Another live process trains the run."""
 
 
-_HELD: dict[Path, int] = {}  # run folder (resolved) -> the open descriptor holding its lock in this process
+def _run_lock(run: Run) -> locks.FileLock:
+    return locks.FileLock(run.path / LOCK_FILE)
 
 
 def lock_run(run: Run, argv: list[str] | None = None) -> None:
     """Hold the run's lock until `unlock_run` or the end of this process; RunInUse if another live process
-    holds it. A lock left by a dead process is taken over. Taking it again in the holding process is a no-op.
-    run.lock is written in place, never replaced: the flock belongs to the file's inode."""
-    key = run.path.resolve()
-    if key in _HELD:
+    holds it. A lock left by a dead process is taken over. Taking it again in the holding process is a no-op."""
+    lock = _run_lock(run)
+    if lock.held_here:
         return
-    handle = os.open(run.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
-    try:
-        deadline = time.monotonic() + LOCK_WAIT_SECONDS
-        while True:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    raise RunInUse(in_use_message(run, _lock_record(run))) from None
-                time.sleep(0.1)
-        command = " ".join([Path(sys.executable).name, *(argv if argv is not None else sys.argv)])
-        record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                  "command": command}
-        os.ftruncate(handle, 0)
-        os.pwrite(handle, (json.dumps(record) + "\n").encode(), 0)
-        os.fsync(handle)
-    except BaseException:
-        os.close(handle)  # closing drops the flock too
-        raise
-    _HELD[key] = handle
+    if not lock.acquire(blocking=False, wait_seconds=LOCK_WAIT_SECONDS, argv=argv):
+        raise RunInUse(in_use_message(run, locks.read_record(lock.path)))
 
 
 def unlock_run(run: Run) -> None:
     """Let go of the run's lock if this process holds it (run.lock stays: it names the last trainer)."""
-    handle = _HELD.pop(run.path.resolve(), None)
-    if handle is not None:
-        os.close(handle)
+    lock = _run_lock(run)
+    while lock.held_here:
+        lock.release()
 
 
 def lock_holder(run: Run) -> dict | None:
-    """The lock record of the live process that trains the run (this one included), or None when no process
-    holds the lock (never trained under a lock, ended, or killed: the kernel released it)."""
-    if run.path.resolve() in _HELD:
-        return _lock_record(run)
-    try:
-        handle = os.open(run.path / LOCK_FILE, os.O_RDONLY)
-    except OSError:
-        return None
-    try:
-        fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return _lock_record(run)
-    finally:
-        os.close(handle)  # releases the probe's shared lock at once
-    return None
+    """The lock record of the live process that trains the run (this one included), or None."""
+    return locks.holder(run.path / LOCK_FILE)
 
 
 def require_idle(run: Run) -> None:
     """RunInUse (one line naming the process) if another live process trains the run: its checkpoints and
     files are still being written."""
-    if run.path.resolve() in _HELD:
+    if _run_lock(run).held_here:
         return
     record = lock_holder(run)
     if record is not None:
@@ -293,18 +260,8 @@ def require_idle(run: Run) -> None:
 
 
 def in_use_message(run: Run, record: dict) -> str:
-    pid = record.get("pid", "?")
-    return (f"run {run.path} is in use by pid {pid} on {record.get('host', '?')} since "
-            f"{record.get('started', '?')}; wait until it ends or stop it (kill {pid}), then try again")
-
-
-def _lock_record(run: Run) -> dict:
-    """What run.lock says (empty if unreadable: a holder may be between truncating and writing it)."""
-    with contextlib.suppress(OSError, ValueError):
-        record = json.loads((run.path / LOCK_FILE).read_text(encoding="utf-8"))
-        if isinstance(record, dict):
-            return record
-    return {}
+    return (f"run {run.path} is in use by {locks.describe(record)}; wait until it ends or stop it "
+            f"(kill {record.get('pid', 'its process')}), then try again")
 
 
 def shown_status(run: Run) -> str:

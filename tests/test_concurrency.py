@@ -4,6 +4,7 @@ into one output folder. Each test starts both processes before either can finish
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -204,9 +205,10 @@ def test_make_detection_dataset_refuses_a_folder_being_written(tmp_path, capsys)
     finally:
         holder.stdin.close()
         holder.wait(timeout=60)
-    assert capsys.readouterr().err.strip().splitlines() == [
-        f"error: {out} is being written by pid {holder.pid} on {socket.gethostname()}; wait for it or choose "
-        f"another folder"]
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and re.fullmatch(
+        rf"error: {re.escape(str(out))} is being written by pid {holder.pid} on {re.escape(socket.gethostname())} "
+        r"since \d{4}-\d\d-\d\dT[\d:]{8}; wait for it or choose another folder", lines[0]), lines
     assert sorted(p.name for p in out.iterdir()) == [".writer.lock"]
 
 
