@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Callable, Iterator
 
 import keras
 import tensorflow as tf
@@ -210,8 +211,13 @@ def _run_training(config: Config, argv: list[str] | None, resumed: runs.Run | No
     one_hot = datasets.num_classes if config.train.label_smoothing and not datasets.soft_labels else None
     train_data = training_labels(datasets.train, outputs, one_hot)
     val_data = training_labels(datasets.val, outputs, one_hot)
+
+    def undecodable(error: BaseException) -> list[str]:  # name the files instead of showing TF's op trace
+        return data_module.find_undecodable(datasets.source) \
+            if isinstance(error, tf.errors.InvalidArgumentError) and datasets.source.encoding == "path" else []
+
     started = time.time()
-    try:
+    with failures_marked(run, model, undecodable):
         with sigterm_as_interrupt() as stop_callbacks:
             start = 0
             for phase, backup in zip(phases, backups):
@@ -248,6 +254,19 @@ def _run_training(config: Config, argv: list[str] | None, resumed: runs.Run | No
         with durable.disk_space_checked(run.path / "confusion.png"):
             plots.plot_confusion(metrics["confusion"], datasets.class_names, run.path / "confusion.png")
         run.set_status("finished", ended=_now())
+    shutil.rmtree(run.path / "backup", ignore_errors=True)  # finished: nothing left to resume
+    return run
+
+
+@contextlib.contextmanager
+def failures_marked(run: runs.Run, model: keras.Model,
+                    undecodable: Callable[[BaseException], list[str]] = lambda error: []) -> Iterator[None]:
+    """What a run's training and testing do to it when they stop early, for every task: Ctrl-C or SIGTERM
+    saves the moment's weights and marks it interrupted; a non-finite loss, a full disk or files that
+    `undecodable(error)` names mark it failed with one line; anything else marks it failed and keeps its
+    traceback. On a full disk the old status stays, and the line says so."""
+    try:
+        yield
     except KeyboardInterrupt:
         _save_interrupted(model, run)
         with _unless_disk_full():  # a full disk must not hide the stop
@@ -266,16 +285,12 @@ def _run_training(config: Config, argv: list[str] | None, resumed: runs.Run | No
             marked = _mark(run, "failed", ended=_now(), error=str(full))
             raise durable.DiskFull(f"{full} (run {run.path} {'is' if marked else 'could not be'} marked failed; "
                                    f"once there is room: python -m shared.runner --resume {run.path})") from None
-        # A file the pipeline could not decode: name it instead of showing TF's op trace.
-        bad = data_module.find_undecodable(datasets.source) \
-            if isinstance(error, tf.errors.InvalidArgumentError) and datasets.source.encoding == "path" else []
+        bad = undecodable(error)
         _mark(run, "failed", ended=_now(), error=f"undecodable images: {bad}" if bad else _first_line(error))
         if bad:
             raise UserError(f"corrupt or unreadable image(s): {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}; "
                             f"delete or replace them (run {run.path} is marked failed)") from None
         raise
-    shutil.rmtree(run.path / "backup", ignore_errors=True)  # finished: nothing left to resume
-    return run
 
 
 def _test_last_checkpoint(run: runs.Run, datasets) -> tuple[dict, Path]:

@@ -166,6 +166,36 @@ def test_bad_detection_inputs_are_one_line_errors_without_a_run_folder(case, gen
     assert not (runs_dir / "resnet").exists()
 
 
+@pytest.mark.parametrize("where", ["checkpoint", "detections plot"])
+def test_a_full_disk_in_a_detection_run_is_one_line_and_keeps_the_last_good_checkpoint(where, generated, tmp_path,
+                                                                                        monkeypatch, capsys):
+    """The detection runner shares the classification runner's failure handling (failures_marked)."""
+    import keras
+
+    from test_faults import fail_figure, fail_writer, partials
+
+    runs_dir = tmp_path / "runs"
+    overrides = [*TINY, *data_overrides(generated), f"run.dir={runs_dir}"]
+    if where == "checkpoint":
+        fail_writer(monkeypatch, "save", "epoch-0002.keras")
+        named, kept = "checkpoints/epoch-0002.keras", 1
+    else:
+        fail_figure(monkeypatch, "detections.png")
+        named, kept = "detections.png", 2
+    code = runner.main(["--config", str(REPO / "models" / "resnet" / "detect.yaml"),
+                        *[arg for item in overrides for arg in ("--set", item)]])
+    monkeypatch.undo()
+    err = capsys.readouterr().err
+    (run_dir,) = (runs_dir / "resnet").iterdir()
+    assert code == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"error: disk full while writing {run_dir / named} (") and "is marked failed" in err, err
+    assert json.loads((run_dir / "status.json").read_text())["status"] == "failed"
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("epoch-*.keras")) == \
+        [f"epoch-{n:04d}.keras" for n in range(1, kept + 1)]
+    keras.saving.load_model(run_dir / "checkpoints" / f"epoch-{kept:04d}.keras", compile=False)
+    assert partials(run_dir) == []
+
+
 def keras_detections(detector, config, images) -> dict:
     """The Keras pipeline: normalized images -> detector -> decode_detections, traced as the runner does."""
     from shared.detection.model import model_anchors

@@ -47,7 +47,7 @@ import tensorflow as tf
 
 from shared import durable, finetune, modelzoo, optim, plots, runs
 from shared import train as classification
-from shared.callbacks import NonFiniteLoss, backup_state
+from shared.callbacks import backup_state
 from shared.config import Config
 from shared.detection import datasets as detection_data
 from shared.detection.anchors import training_targets
@@ -440,7 +440,7 @@ def _run_training(config: Config, argv: list[str] | None, resumed: runs.Run | No
         print(f"resuming after epoch {done} of {config.train.epochs}", flush=True)
 
     started = time.time()
-    try:
+    with classification.failures_marked(run, detector):
         with classification.sigterm_as_interrupt() as stop_callbacks:
             start = 0
             for phase, backup in zip(phases, backups):
@@ -462,26 +462,15 @@ def _run_training(config: Config, argv: list[str] | None, resumed: runs.Run | No
         if last is not None:  # what `test --run` rebuilds: the same weights, the same figures
             modelzoo.load_weight_file(detector, last, what="detector")
         metrics, gallery = evaluate_detector(detector, test_split, config, class_names)
-    except KeyboardInterrupt:
-        classification._save_interrupted(detector, run)
-        plots.plot_curves(run.path / "metrics.csv", run.path / "curves.png")
-        run.set_status("interrupted", ended=classification._now())
-        raise KeyboardInterrupt(f"interrupted; the state of the last complete epoch is kept: "
-                                f"python -m shared.runner --resume {run.path}") from None
-    except NonFiniteLoss as error:
-        run.set_status("failed", ended=classification._now(), error=str(error))
-        raise UserError(f"{error}; lower train.lr.base or set train.optimizer.clip_global_norm (run {run.path} "
-                        f"is marked failed, last good checkpoint: {run.last_checkpoint() or 'none'})") from None
-    except BaseException as error:
-        run.set_status("failed", ended=classification._now(), error=classification._first_line(error))
-        raise
-    plots.plot_curves(run.path / "metrics.csv", run.path / "curves.png")
-    metrics["train_seconds"] = train_seconds
-    metrics["checkpoint"] = str(last.relative_to(run.path)) if last else None
-    if config.train.ema_momentum is not None:
-        metrics["weights"] = "ema"
-    run.write_json("test_metrics.json", metrics)
-    plot_detections(gallery, class_names, run.path / GALLERY_FILE)
+        with durable.disk_space_checked(run.path / "curves.png"):
+            plots.plot_curves(run.path / "metrics.csv", run.path / "curves.png")
+        metrics["train_seconds"] = train_seconds
+        metrics["checkpoint"] = str(last.relative_to(run.path)) if last else None
+        if config.train.ema_momentum is not None:
+            metrics["weights"] = "ema"
+        run.write_json("test_metrics.json", metrics)
+        with durable.disk_space_checked(run.path / GALLERY_FILE):
+            plot_detections(gallery, class_names, run.path / GALLERY_FILE)
+        run.set_status("finished", ended=classification._now())
     shutil.rmtree(run.path / "backup", ignore_errors=True)  # finished: nothing left to resume
-    run.set_status("finished", ended=classification._now())
     return run
