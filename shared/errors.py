@@ -34,6 +34,9 @@ def run_cli(action, interrupted: str = "interrupted") -> int:
     its traceback."""
     import sys
 
+    for stream in (sys.stdout, sys.stderr):  # an ASCII locale must not turn a Unicode name into a crash
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     try:
         action()
     except UserError as error:

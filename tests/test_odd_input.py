@@ -67,6 +67,17 @@ def test_unicode_notes_run_dir_and_model_path_survive_a_c_locale(unicode_setup):
     assert f"resnet/{run.name}" in listed.stdout.decode()
 
 
+def test_unicode_names_print_under_an_ascii_locale(tmp_path):
+    """Outside UTF-8 mode stdout is ASCII: a Unicode model name in `runs list` is escaped, not a crash."""
+    version = tmp_path / "runs" / "modèle_😀" / "v0001"
+    version.mkdir(parents=True)
+    (version / "config.yaml").write_text("model: {name: x}\n", encoding="utf-8")
+    listed = python("-m", "shared.runs", "list", "--dir", tmp_path / "runs", env=STRICT_C_LOCALE)
+    assert listed.returncode == 0, listed.stderr.decode("utf-8", "replace")
+    (row,) = [line for line in listed.stdout.splitlines() if line.endswith(b"/v0001  unknown  -")]
+    assert row.startswith(b"mod\\")  # the non-ASCII part escaped
+
+
 def test_command_line_notes_are_decoded_without_utf8_mode():
     """Outside UTF-8 mode, argv arrives as surrogate escapes of its UTF-8 bytes; --notes is text again."""
     code = ("import sys; from shared.runner import _yaml_string; from shared.config import load_config; "
