@@ -1,0 +1,117 @@
+"""What a task is: the part of a run that differs between classification, detection and deblurring.
+
+A run's lifecycle (`shared.lifecycle`: lock, run folder, phases, callbacks, signals, resume, status) is the
+same for every task; a `Task` says what it builds, feeds, compiles, measures and exports. The tasks are
+listed in `shared.tasks.TASKS` (a plain dict: name -> instance), and `shared.tasks.task_for(config or run)`
+picks a config's or a run's. In the spirit of TF Model Garden's `base_task.Task`, without its registries.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Callable
+
+# The CLI commands a task may support (shared.runner's command table lists which task supports which).
+ALL_COMMANDS = frozenset({"train", "resume", "test", "finetune", "finetune-all", "distill", "tune", "preview",
+                          "lr-sweep", "find-batch", "export", "size"})
+
+
+@dataclasses.dataclass
+class Phase:
+    """A stretch of epochs trained with one set of frozen layers and one optimizer."""
+    until_epoch: int
+    freeze: list[str]
+    lr_scale: float = 1.0
+
+
+@dataclasses.dataclass
+class TaskData:
+    """A task's input pipelines and the facts the lifecycle reports and records about them."""
+    train: Any  # tf.data.Dataset of (inputs, targets) exactly as the compiled loss wants them (repeating)
+    val: Any | None  # likewise, or None when there is no validation split
+    steps_per_epoch: int
+    class_names: list[str]  # written to the run's labels.txt
+    input_shape: tuple[int, int, int]
+    description: str  # "N training / M test images, K classes, ..." for the run's first line
+    details: Any = None  # the task's own (its datasets or splits), for evaluate()
+    # names the files behind a pipeline error (undecodable images), or [] when it is not about files
+    undecodable: Callable[[BaseException], list[str]] = lambda error: []
+
+
+class Task:
+    """The interface every task implements. The lifecycle calls, in order: check -> plan_phases ->
+    datasets -> build -> initialize (when init.from_run / init.weights) -> trainer -> head_layer_names ->
+    per phase: compile + fit -> evaluate (on the model rebuilt from the last checkpoint) -> summary."""
+
+    name: str = ""
+    commands: frozenset[str] = frozenset()  # the CLI commands it supports (subset of ALL_COMMANDS)
+    distributes: bool = False  # whether distribute.strategy may spread it over devices or workers
+
+    # ---- before a run folder exists (every user mistake is raised here as a UserError)
+    def check(self, config) -> None:
+        """Rules of this task that involve several config keys; may make paths absolute."""
+
+    def plan_phases(self, config) -> list[Phase]:
+        """finetune_all with head_epochs: the head alone first (backbone frozen), then every layer at the
+        lower rate; otherwise one phase."""
+        train, init = config.train, config.init
+        if init.mode != "finetune_all":
+            return [Phase(train.epochs, list(train.freeze))]
+        phases = [Phase(init.head_epochs, ["backbone"])] if init.head_epochs else []
+        return phases + [Phase(train.epochs, list(train.freeze), init.lr_scale)]
+
+    def datasets(self, config, folder: Path, replicas: int = 1, start_epoch: int = 0) -> TaskData:
+        """The training (and validation / test) pipelines; sets config.data.num_classes from the data."""
+        raise NotImplementedError
+
+    def build(self, module, config, input_shape: tuple[int, int, int]) -> Any:
+        """The trainable keras.Model from the model module (its build() or backbone()) and a resolved config."""
+        raise NotImplementedError
+
+    def inference_model(self, model) -> Any:
+        """The model evaluation and export see (e.g. without training-only auxiliary heads)."""
+        return model
+
+    def initialize(self, config, model, module, data: TaskData) -> str:
+        """Copy init.from_run's / init.weights' layers into `model`; returns the line for the run's notes."""
+        raise NotImplementedError
+
+    def trainer(self, config, model, data: TaskData) -> Any:
+        """The model fit() trains (a distillation wrapper around `model`, say); checkpoints see `model`."""
+        return model
+
+    def head_layer_names(self, module, model, config, input_shape: tuple[int, int, int]) -> set[str]:
+        """The layers the task adds on the backbone: never frozen by train.freeze: [backbone]."""
+        raise NotImplementedError
+
+    # ---- per phase
+    def compile(self, trainer, model, config, data: TaskData, lr_scale: float, replicas: int) -> None:
+        """Compile `trainer` with the task's losses and metrics and shared.optim's optimizer; `config.train`
+        holds the phase's own epochs (a schedule spans the phase)."""
+        raise NotImplementedError
+
+    # ---- after training, and `test --run`
+    def evaluate(self, model, data: TaskData, config) -> tuple[dict, Callable[[Path], Any]]:
+        """The test metrics of `model` (JSON-able dict) and a function that draws the task's figure(s) into
+        a run folder (confusion.png, detections.png, ...)."""
+        raise NotImplementedError
+
+    def test_data(self, config, run) -> TaskData:
+        """The data `test --run` evaluates on, refused (UserError) when its classes are not the run's."""
+        raise NotImplementedError
+
+    def summary(self, metrics: dict) -> str:
+        """One line of a run's test figures, printed by train / test / resume."""
+        raise NotImplementedError
+
+    # ---- export (commands "export"; run is a finished run)
+    def export_saved_model(self, run, export_dir: Path, model_name: str | None, keep: int) -> Path:
+        raise NotImplementedError
+
+    def export_tflite(self, run, quantize: str, io: str) -> tuple[Path, str]:
+        """The .tflite file and a line saying what was written beside it ('' when nothing)."""
+        raise NotImplementedError
+
+    def evaluate_tflite(self, path: Path, run) -> dict:
+        raise NotImplementedError
