@@ -35,7 +35,7 @@ def make_folder_dataset(root: Path, classes=("cat", "dog", "fox"), per_class=4, 
     """ImageNet-style train/<class>/*.jpg and val/<class>/*, including a grayscale JPEG and a PNG."""
     rng = np.random.default_rng(1)
     for split in ("train", "val"):
-        for index, name in enumerate(classes):
+        for name in classes:
             folder = root / split / name
             folder.mkdir(parents=True, exist_ok=True)
             for i in range(per_class):

@@ -62,7 +62,7 @@ def test_multi_worker_with_two_local_processes(tmp_path):
                                           cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                           text=True))
     outputs = [p.communicate(timeout=400) for p in processes]
-    for process, (out, err) in zip(processes, outputs):
+    for process, (_, err) in zip(processes, outputs):
         assert process.returncode == 0, err[-3000:]
     assert "MultiWorkerMirroredStrategy, 2 replicas, 2 workers" in outputs[0][0]
     (run_dir,) = (tmp_path / "runs" / "resnet").iterdir()  # only the chief keeps a run folder

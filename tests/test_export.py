@@ -190,7 +190,8 @@ def test_a_full_disk_during_export_is_one_line_and_keeps_earlier_versions(traine
     assert "\n" not in message and f"disk full while writing {export_dir / 'resnet'} (" in message
     assert "free there" in message
     assert sorted(p.name for p in (export_dir / "resnet").iterdir()) == ["1"]  # no half version, none hidden
-    assert (export_dir / "resnet" / "1" / "saved_model.pb").read_bytes() == (saved_model / "saved_model.pb").read_bytes()
+    assert ((export_dir / "resnet" / "1" / "saved_model.pb").read_bytes()
+            == (saved_model / "saved_model.pb").read_bytes())
     assert (export_dir / export.CONFIG_FILE).read_text() == config
 
 

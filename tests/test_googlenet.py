@@ -78,7 +78,7 @@ def test_paper_form_count_and_multiply_adds(paper_model):
     assert trainable(model) == model.count_params() == PAPER_COUNT  # no batch norm: nothing non-trainable
     assert trainable(paper_model) == PAPER_AUX_COUNT
     assert 1.5e9 < multiply_adds(model) < 1.6e9  # "1.5 billion multiply-adds" (Sec. 5); 1,582,671,872 here
-    assert len([l for l in model.layers if isinstance(l, googlenet.LocalResponseNormalization)]) == 2
+    assert len([layer for layer in model.layers if isinstance(layer, googlenet.LocalResponseNormalization)]) == 2
 
 
 def test_aux_heads_only_when_asked_and_dropped_for_inference():
@@ -117,7 +117,7 @@ def test_small_input_at_32_px():
     model = googlenet.build(10, (32, 32, 1), small_input=True, aux_heads=True, width=0.25)
     assert model.get_layer("inception_3a_output").output.shape[1:3] == (32, 32)
     assert aux_layers(model) and model.get_layer("aux1_pool").output.shape[1:3] == (4, 4)  # 16x16 -> 4x4/4
-    assert not any(isinstance(l, googlenet.LocalResponseNormalization) for l in model.layers)
+    assert not any(isinstance(layer, googlenet.LocalResponseNormalization) for layer in model.layers)
     outputs = model.predict(np.zeros((2, 32, 32, 1), "float32"), verbose=0)
     assert {name: value.shape for name, value in outputs.items()} == \
         {"predictions": (2, 10), "aux1": (2, 10), "aux2": (2, 10)}

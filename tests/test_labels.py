@@ -12,7 +12,7 @@ from PIL import Image
 
 from shared import runs
 from shared.config import load_config
-from shared.data import make_datasets, sources
+from shared.data import sources
 from shared.data.tfrecord import read_dataset, write_shards
 from shared.errors import UserError, embedded_user_error, run_cli
 from shared.evaluate import evaluate, evaluate_model

@@ -1,7 +1,7 @@
-import json
 """TFRecord shards in Model Garden's layout: write, read back byte for byte, resume, corrupt files, CLI."""
 
 import errno
+import json
 import os
 import subprocess
 import sys
@@ -74,7 +74,7 @@ def test_example_keeps_bytes_and_reads_format_from_content(source):
 def test_round_trip(source, tmp_path):
     _, files, labels, class_names = source
     out = tmp_path / "out"
-    shards = write_shards(files, labels, [class_names[l] for l in labels], out, "train", 2, progress=False)
+    shards = write_shards(files, labels, [class_names[label] for label in labels], out, "train", 2, progress=False)
     assert [p.name for p in shards] == ["train-00000-of-00002", "train-00001-of-00002"]
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == [p.name for p in shards]
     assert [count_records([p]) for p in shards] == [4, 5]  # contiguous chunks, in the caller's order
@@ -280,7 +280,8 @@ def test_a_full_disk_while_writing_a_shard_is_one_line_and_keeps_finished_shards
         write_shards(files, labels, None, out, "train", 3, progress=False)
     message = str(caught.value)
     assert "\n" not in message
-    assert message.startswith(f"disk full while writing {out / shard_name('train', 1, 3)} (") and "free there" in message
+    assert message.startswith(f"disk full while writing {out / shard_name('train', 1, 3)} (")
+    assert "free there" in message
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == [shard_name("train", 0, 3)]
     assert partial_files(out) == []
     monkeypatch.undo()  # space freed: the rerun keeps shard 0 and writes the rest

@@ -145,7 +145,8 @@ def test_finetune_and_finetune_all_from_a_run(tmp_path, trained_run, capsys):
     lrs = [float(row.split(",")[rows[0].split(",").index("lr")]) for row in rows[1:]]
     assert lrs[1] == pytest.approx(0.025)
     final = keras.saving.load_model(all_layers / "checkpoints" / "epoch-0002.keras", compile=False)
-    assert not np.array_equal(before.get_layer("conv1_conv").kernel.numpy(), final.get_layer("conv1_conv").kernel.numpy())
+    assert not np.array_equal(before.get_layer("conv1_conv").kernel.numpy(),
+                              final.get_layer("conv1_conv").kernel.numpy())
 
 
 def test_finetune_mismatch_is_one_line(tmp_path, trained_run, capsys):

@@ -289,7 +289,8 @@ def tfds_source(config: DataConfig, name: str | None = None, builder=None,
         except Exception as error:
             first_line = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
             manual = (f" For {name}, put ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar in data.manual_dir "
-                      f"(now {config.manual_dir or 'unset'}); data.data_dir chooses where TFDS writes the prepared copy."
+                      f"(now {config.manual_dir or 'unset'}); "
+                      "data.data_dir chooses where TFDS writes the prepared copy."
                       if name.startswith("imagenet") else "")
             raise UserError(f"TFDS could not prepare {name!r}: {first_line}.{manual}") from None
     info = builder.info

@@ -128,8 +128,8 @@ def require_image_files(records: list, where: str, fix: str) -> None:
 def image_size_problem(image: str | bytes, width: int, height: int, stated: str = "its annotation states"
                        ) -> str | None:
     """Why an image file (or encoded image) does not match the `width` x `height` its annotation (`stated`)
-    gives, or cannot be an image at all; None when its header agrees. Reads only the header (PIL opens lazily): a cheap check
-    of every image before training, not a decode (a corrupt body is caught in `make_dataset`)."""
+    gives, or cannot be an image at all; None when its header agrees. Reads only the header (PIL opens lazily): a
+    cheap check of every image before training, not a decode (a corrupt body is caught in `make_dataset`)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
