@@ -180,6 +180,15 @@ class DetectionConfig:
 
 
 @dataclass
+class DeblurConfig:
+    """Image restoration on a classification backbone (task: deblur; shared/deblur/)."""
+    blur: list = field(default_factory=lambda: [{"gaussian": {"sigma": [1.0, 2.0]}}])  # see shared.data.blur
+    decoder_channels: int = 32  # every decoder level's width (the skips are reduced to it by a 1x1 first)
+    loss: str = field(default="l1", metadata={"choices": ("l1", "l2")})  # on the normalized images
+    gallery: int = 8  # test images drawn in deblur.png (blurred / restored / sharp rows)
+
+
+@dataclass
 class DistillConfig:
     """Knowledge distillation (Hinton et al. 2015): `distill --teacher RUN` or distill.teacher."""
     teacher: str | None = None  # a finished run; its model is rebuilt from its own snapshot and frozen
@@ -210,7 +219,7 @@ class RunConfig:
 
 @dataclass
 class Config:
-    task: str = field(default="classification", metadata={"choices": ("classification", "detection")})
+    task: str = field(default="classification", metadata={"choices": ("classification", "detection", "deblur")})
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -218,6 +227,7 @@ class Config:
     distribute: DistributeConfig = field(default_factory=DistributeConfig)
     detection: DetectionConfig = field(default_factory=DetectionConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    deblur: DeblurConfig = field(default_factory=DeblurConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
     run: RunConfig = field(default_factory=RunConfig)
     source_file: str | None = field(default=None, metadata={"internal": True})  # the recipe it was read from
@@ -330,6 +340,8 @@ RANGES: dict[str, Range] = {
     "detection.nms_iou": Range(0, 1, low_open=True),
     "detection.max_detections": AT_LEAST_ONE,
     "detection.unfreeze_epoch": AT_LEAST_ONE,
+    "deblur.decoder_channels": AT_LEAST_ONE,
+    "deblur.gallery": AT_LEAST_ONE,
     "distill.temperature": POSITIVE,
     "distill.alpha": UNIT,
     "tune.trials": AT_LEAST_ONE,

@@ -96,7 +96,7 @@ class Augmentation:
     crops_raw_image: bool = False
 
 
-def _entry(entry) -> tuple[str, dict]:
+def _entry(entry, key: str = "data.augment") -> tuple[str, dict]:
     if isinstance(entry, str):
         return entry, {}
     if isinstance(entry, dict) and len(entry) == 1:
@@ -105,10 +105,11 @@ def _entry(entry) -> tuple[str, dict]:
             kwargs = {}
         if isinstance(name, str) and isinstance(kwargs, dict):
             return name, kwargs
-    raise UserError(f"data.augment entry {entry!r} must be a name or {{name: {{argument: value}}}}")
+    raise UserError(f"{key} entry {entry!r} must be a name or {{name: {{argument: value}}}}")
 
 
-def _call_with_checked_args(name: str, factory, kwargs: dict, image_size: int, seed: int):
+def _call_with_checked_args(name: str, factory, kwargs: dict, image_size: int, seed: int,
+                            config_key: str = "data.augment"):
     parameters = inspect.signature(factory).parameters
     accepts_any = any(p.kind is p.VAR_KEYWORD for p in parameters.values())
     for key in kwargs:
@@ -116,7 +117,7 @@ def _call_with_checked_args(name: str, factory, kwargs: dict, image_size: int, s
             valid = [p for p in parameters if p not in ("image_size", "seed", "kwargs")]
             match = difflib.get_close_matches(key, valid, n=1)
             hint = f"did you mean {match[0]}?" if match else f"valid: {', '.join(valid) or 'none'}"
-            raise UserError(f"data.augment {name} takes no argument {key!r}; {hint}")
+            raise UserError(f"{config_key} {name} takes no argument {key!r}; {hint}")
     extra = {}
     if "image_size" in parameters:
         extra["image_size"] = image_size
@@ -125,15 +126,16 @@ def _call_with_checked_args(name: str, factory, kwargs: dict, image_size: int, s
     try:
         return factory(**kwargs, **extra)
     except (TypeError, ValueError) as error:
-        raise UserError(f"data.augment {name} {kwargs}: {error}") from None
+        raise UserError(f"{config_key} {name} {kwargs}: {error}") from None
 
 
 def build(entries: list, image_size: int, model_augment: ModuleType | None = None,
-          seed: int = 0) -> list[Augmentation]:
-    """Turn the config's list into functions, checking every name and argument up front."""
+          seed: int = 0, key: str = "data.augment") -> list[Augmentation]:
+    """Turn the config's list into functions, checking every name and argument up front. `key`: the
+    config key the list came from, for the error messages (deblur.blur builds its generators here too)."""
     augmentations = []
     for position, entry in enumerate(entries):
-        name, kwargs = _entry(entry)
+        name, kwargs = _entry(entry, key)
         factory = getattr(model_augment, name, None) if model_augment else None
         if not callable(factory):
             factory = GENERATORS.get(name) or (getattr(keras.layers, name) if name in KERAS_LAYERS else None)
@@ -145,7 +147,7 @@ def build(entries: list, image_size: int, model_augment: ModuleType | None = Non
             hint = f"did you mean {match[0]}?" if match else f"known: {', '.join(own + list(GENERATORS))}, " \
                                                             f"or a keras.layers.Random* layer"
             raise UserError(f"unknown augmentation {name!r} in data.augment; {hint}")
-        fn = _call_with_checked_args(name, factory, kwargs, image_size, seed + position)
+        fn = _call_with_checked_args(name, factory, kwargs, image_size, seed + position, key)
         crops = bool(getattr(factory, "crops_raw_image", False))
         if crops and position != 0:
             raise UserError(f"data.augment {name} crops the decoded image and must be the first entry")

@@ -1,0 +1,137 @@
+"""Export of a deblurring run: a TF Serving SavedModel (encoded image bytes in, restored image out) and a
+TFLite file (one normalized image in, the normalized restored image out), both from the run's own snapshot
+and last checkpoint, published and written as the classification exports are (shared.export, shared.tflite).
+
+SavedModel endpoints (shared.export.write_archive):
+* `serving_default`: image_bytes [N] string -> {"restored": [N, S, S, C] float32 pixels 0-255}; each image
+  takes the eval pipeline's view (resized, or the central crop for sources of any size), as classification.
+* `predict_images`: images [N, S, S, C] float32 pixels 0-255 -> the same.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from shared.errors import UserError
+from shared.runs import Run, open_run
+
+OUTPUT = "restored"
+
+
+def _as_run(run: Run | str | Path) -> Run:
+    return run if isinstance(run, Run) else open_run(run)
+
+
+def _rebuild(run: Run):
+    from shared import config as config_module
+    from shared.tasks import rebuild
+
+    config = config_module.from_dict(run.config_dict())
+    if config.task != "deblur":
+        raise UserError(f"run {run.path} is a {config.task} run, not a deblurring run (task: deblur)")
+    return rebuild(run)
+
+
+def serving_functions(model, config, resize: bool):
+    """(bytes_fn, images_fn): encoded images / float pixels 0-255 -> {"restored": pixels 0-255, clipped}."""
+    import tensorflow as tf
+
+    from shared.data import preprocess
+    from shared.deblur.data import pixel_mapping
+
+    data = config.data
+    size, channels = data.image_size, data.channels
+    to_pixels, from_pixels = pixel_mapping(config)
+
+    def decode_one(encoded):
+        if not resize:
+            return preprocess.decode_center_crop(encoded, size, data.crop_fraction, channels)
+        image = tf.image.resize(tf.cast(preprocess.decode(encoded, channels), tf.float32), [size, size])
+        return tf.ensure_shape(image, (size, size, channels))
+
+    def restore(pixels):
+        restored = tf.cast(model(from_pixels(pixels), training=False), tf.float32)
+        return {OUTPUT: tf.clip_by_value(to_pixels(restored), 0.0, 255.0)}
+
+    def bytes_fn(image_bytes):
+        return restore(tf.map_fn(decode_one, image_bytes,
+                                 fn_output_signature=tf.TensorSpec((size, size, channels), tf.float32)))
+
+    return bytes_fn, restore
+
+
+def export_saved_model(run: Run | str | Path, export_dir: Path, model_name: str | None = None,
+                       version: int | None = None, keep: int = 5) -> Path:
+    """The run's restorer as `<export_dir>/<model_name>/<version>/` (shared.export's folder rules: version
+    numbering, pruning, models.config, atomic publication); returns that path."""
+    from shared import export
+    from shared.data import normalization_statistics
+
+    run = _as_run(run)
+    model_dir = export.target_folder(run, export_dir, model_name or run.model_name, version, keep)
+    model, config = _rebuild(run)
+    data = config.data
+    resize = export.resizes_pixels(config)
+    bytes_fn, images_fn = serving_functions(model, config, resize)
+    mean, std = normalization_statistics(data) if data.normalize else (None, None)
+
+    def write(staging: Path) -> dict:
+        export.write_archive(model, bytes_fn, images_fn, (data.image_size, data.image_size, data.channels), staging)
+        return {"task": "deblur", "image_size": data.image_size, "channels": data.channels,
+                "preprocessing": "resize" if resize else "center_crop", "crop_fraction": data.crop_fraction,
+                "normalize": data.normalize, "mean": mean, "std": std, "output": f"{OUTPUT}: pixels 0-255"}
+
+    return export.publish(run, export_dir, model_dir, version, keep, write)
+
+
+def convert_tflite(run: Run | str | Path, quantize: str = "none", io: str = "float",
+                   out_path: Path | None = None) -> Path:
+    """The run's restorer as a .tflite file (default `<run>/export/restorer_<quantize>.tflite`, written
+    atomically): input one normalized image (1, S, S, C), output the normalized restored image."""
+    import tensorflow as tf
+
+    from shared import tflite
+    from shared.durable import atomic_write
+
+    tflite.check_mode(quantize, io)
+    if quantize == "int8" or io != "float":
+        raise UserError(f"--quantize {quantize} --io {io}: a restorer's TFLite file has float input and output and "
+                        f"int8 activations would coarsen the restored pixels; use quantize none, float16 or dynamic")
+    run = _as_run(run)
+    model, config = _rebuild(run)
+    data = config.data
+    converter = tflite._converter(model, (data.image_size, data.image_size, data.channels))
+    if quantize in ("float16", "dynamic"):
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        if quantize == "float16":
+            converter.target_spec.supported_types = [tf.float16]
+    try:
+        content = converter.convert()
+    except Exception as error:  # the converter's errors are not public types
+        reason = " ".join(str(error).split())[:400]
+        raise UserError(f"TFLite conversion (quantize={quantize}) of {run.path} failed: {reason}") from error
+    out = Path(out_path) if out_path is not None else run.path / "export" / f"restorer_{quantize}.tflite"
+    atomic_write(out, content)
+    return out
+
+
+def evaluate_tflite(path: Path | str, run: Run | str | Path, limit: int | None = None) -> dict:
+    """PSNR / SSIM of the .tflite restorer on the run's test pairs (the first `limit` test images when given)."""
+    import os
+
+    from shared import config as config_module
+    from shared import tflite
+    from shared.deblur.evaluate import evaluate_restorer
+    from shared.tasks.deblur import DEBLUR
+
+    run = _as_run(run)
+    config = config_module.from_dict(run.config_dict())
+    test = DEBLUR.test_data(config, run).details.test
+    if limit is not None:
+        test = test.unbatch().take(limit).batch(config.train.batch_size)
+    interpreter = tflite.load_interpreter(path, num_threads=os.cpu_count())
+    metrics, _ = evaluate_restorer(lambda images: tflite.predict_tflite(interpreter, np.asarray(images)), test,
+                                   config)
+    return metrics

@@ -1,0 +1,135 @@
+"""`task: deblur`: a residual restoration network on a classification backbone (shared/deblur/model.py),
+trained on (blurred, sharp) pairs blurred on the fly (shared/deblur/data.py, shared/data/blur.py),
+measured by PSNR / SSIM against the blurred input and drawn in deblur.png (shared/deblur/evaluate.py),
+exported as a SavedModel (image bytes in, restored image out) or a TFLite file (shared/deblur/export.py).
+`test_with_classifier` asks a classification run what it makes of sharp, blurred and restored images."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import keras
+import tensorflow as tf
+
+from shared import config as config_module
+from shared import data as data_module
+from shared import durable, finetune, modelzoo, optim, runs
+from shared.config import Config
+from shared.data import blur
+from shared.deblur import evaluate as deblur_evaluate
+from shared.deblur.data import make_pairs
+from shared.deblur.model import build_restorer, head_layer_names
+from shared.errors import UserError
+from shared.evaluate import check_class_names
+from shared.task import Task, TaskData
+
+
+def _where(config: Config) -> str:
+    return f" (in {config.source_file})" if config.source_file else ""
+
+
+class DeblurTask(Task):
+    name = "deblur"
+    commands = frozenset({"train", "resume", "test", "finetune", "finetune-all", "export", "size"})
+    distributes = False
+
+    def check(self, config) -> None:
+        if config.data.batch_augment:
+            raise UserError(f"data.batch_augment{_where(config)} mixes images of a batch; a deblurring run "
+                            f"restores each image as it is: remove it")
+        blur.build(config.deblur.blur, seed=config.train.seed)  # names and arguments, before a folder exists
+
+    def datasets(self, config, folder, replicas=1, start_epoch=0) -> TaskData:
+        pairs = make_pairs(config, modelzoo.load_augment_module(folder), replicas=replicas, start_epoch=start_epoch)
+        datasets = pairs.datasets
+
+        def undecodable(error: BaseException) -> list[str]:
+            return data_module.find_undecodable(datasets.source) \
+                if isinstance(error, tf.errors.InvalidArgumentError) and datasets.source.encoding == "path" else []
+
+        return TaskData(train=pairs.train, val=pairs.val, steps_per_epoch=datasets.steps_per_epoch,
+                        class_names=list(datasets.class_names), input_shape=tuple(datasets.input_shape),
+                        description=f"{datasets.num_train} training / {datasets.num_val} validation / "
+                                    f"{datasets.num_test} test images, blur {config.deblur.blur}",
+                        details=pairs, undecodable=undecodable)
+
+    def build(self, module, config, input_shape):
+        return build_restorer(module, config.model.hparams, input_shape[0], input_shape[-1],
+                              config.deblur.decoder_channels)
+
+    def initialize(self, config, model, module, data) -> str:
+        # The classification rule fits: every backbone layer from the source, the decoder (the layers the
+        # model's backbone() does not have) freshly initialized unless the source has them alike.
+        return finetune.initialize_from(config.init, model, module, config.model.hparams, data.input_shape,
+                                        _where(config))
+
+    def head_layer_names(self, module, model, config, input_shape):
+        return head_layer_names(model)
+
+    def compile(self, trainer, model, module, config, data, lr_scale, replicas):
+        loss = keras.losses.MeanAbsoluteError() if config.deblur.loss == "l1" else keras.losses.MeanSquaredError()
+        trainer.compile(optimizer=optim.make_optimizer(config.train, data.steps_per_epoch, replicas, lr_scale),
+                        loss=loss, metrics=[deblur_evaluate.psnr_metric(config)],
+                        jit_compile=config.train.jit_compile)
+
+    def evaluate(self, model, data, config):
+        metrics, gallery = deblur_evaluate.evaluate_restorer(model, data.details.test, config)
+
+        def draw(folder: Path) -> None:
+            with durable.disk_space_checked(folder / deblur_evaluate.FIGURE_FILE):
+                deblur_evaluate.plot_gallery(gallery, folder / deblur_evaluate.FIGURE_FILE)
+
+        return metrics, draw
+
+    def test_data(self, config, run) -> TaskData:
+        data = self.datasets(config, run.path)
+        check_class_names(data.class_names, run)
+        return data
+
+    def summary(self, metrics):
+        return deblur_evaluate.summary(metrics)
+
+    def export_saved_model(self, run, export_dir, model_name, keep):
+        from shared.deblur import export
+
+        return export.export_saved_model(run, export_dir, model_name=model_name, keep=keep)
+
+    def export_tflite(self, run, quantize, io):
+        from shared.deblur import export
+
+        return export.convert_tflite(run, quantize=quantize, io=io), ""
+
+    def evaluate_tflite(self, path, run):
+        from shared.deblur import export
+
+        return export.evaluate_tflite(path, run)
+
+
+DEBLUR = DeblurTask()
+
+
+def test_with_classifier(run: runs.Run | str | Path, classifier: runs.Run | str | Path) -> dict:
+    """`test --run DEBLUR_RUN --classifier CLASSIFICATION_RUN`: the deblurring run's test figures (as
+    `test --run`) plus metrics["classifier"]: the classifier's top-1 on the sharp, blurred and restored test
+    images, and the share of the top-1 lost to blur that restoring recovers. Written to the deblurring run's
+    classifier_metrics.json (the run's own test_metrics.json stays as training wrote it)."""
+    from shared.tasks import rebuild
+
+    run = run if isinstance(run, runs.Run) else runs.open_run(run)
+    classifier_run = classifier if isinstance(classifier, runs.Run) else runs.open_run(classifier)
+    config = config_module.from_dict(run.config_dict())
+    if config.task != "deblur":
+        raise UserError(f"run {run.path} is a {config.task} run; --classifier needs a deblurring run (task: deblur)")
+    classifier_config = config_module.from_dict(classifier_run.config_dict())
+    data = DEBLUR.test_data(config, run)
+    deblur_evaluate.check_classifier(classifier_config, config, classifier_run.class_names(), data.class_names,
+                                     f"--classifier {classifier_run.path}")
+    restorer, _ = rebuild(run)
+    classifier_model, classifier_config = rebuild(classifier_run)
+    metrics, draw = DEBLUR.evaluate(restorer, data, config)
+    draw(run.path)
+    metrics["classifier"] = {"run": str(classifier_run.path.resolve()),
+                             **deblur_evaluate.classifier_top1(classifier_model, classifier_config, restorer,
+                                                               data.details.test, config)}
+    run.write_json("classifier_metrics.json", metrics["classifier"])
+    return metrics
