@@ -2,7 +2,7 @@
 light decoder with skip connections back to full resolution, and a residual output.
 
 * Encoder: every feature map the backbone returns (as the detector, shared/detection/model.py).
-* Decoder (U-Net style: Ronneberger et al. 2015): from the coarsest map up, each level is upsampled to
+* Decoder (U-Net style: Ronneberger et al. 2015): from the coarsest map up, each level is upsampled (bilinear) to
   the next finer map's size, concatenated with that map (reduced to `decoder_channels` by a 1x1
   convolution first: a MobileNetV2's 1280-channel map would otherwise dominate the decoder) and merged by
   a 3x3 convolution with ReLU. The last level is the input image itself, so the decoder ends at full
@@ -21,10 +21,20 @@ from types import ModuleType
 import keras
 from keras import layers
 
-from shared.detection.model import _upsample_to, backbone_feature_maps, build_backbone
+from shared.detection.model import backbone_feature_maps, build_backbone
 
 HEAD_PREFIXES = ("decoder_",)
 OUTPUT_NAME = "restored"
+
+
+def _upsample_to(x, target_shape: tuple[int, int], name: str):
+    """Bilinear upsampling to the finer level's size: UpSampling2D for an integer factor, else a resize to
+    the exact shape (a 4 px map onto 7 px). Bilinear, not nearest: smooth images are what is restored, and
+    XLA has no gradient kernel for a nearest-neighbour resize (train.jit_compile)."""
+    (h, w), (th, tw) = x.shape[1:3], target_shape
+    if th % h == 0 and tw % w == 0:
+        return layers.UpSampling2D((th // h, tw // w), interpolation="bilinear", name=name)(x)
+    return layers.Resizing(th, tw, interpolation="bilinear", name=name)(x)
 
 
 def build_restorer(module: ModuleType, hparams: dict, image_size: int, channels: int,
@@ -39,7 +49,7 @@ def build_restorer(module: ModuleType, hparams: dict, image_size: int, channels:
     x = layers.Conv2D(decoder_channels, 1, activation="relu", name=f"decoder_lateral_{key}")(x)
     skips = [(k, layers.Conv2D(decoder_channels, 1, activation="relu", name=f"decoder_lateral_{k}")(t))
              for k, t in reversed(maps[:-1])]
-    for level, (key, skip) in enumerate([*skips, ("image", image)]):
+    for key, skip in [*skips, ("image", image)]:
         if tuple(x.shape[1:3]) != tuple(skip.shape[1:3]):
             x = _upsample_to(x, tuple(skip.shape[1:3]), name=f"decoder_upsample_{key}")
         x = layers.Concatenate(name=f"decoder_concat_{key}")([x, skip])
