@@ -2,7 +2,7 @@
 trained on (blurred, sharp) pairs blurred on the fly (shared/deblur/data.py, shared/data/blur.py),
 measured by PSNR / SSIM against the blurred input and drawn in deblur.png (shared/deblur/evaluate.py),
 exported as a SavedModel (image bytes in, restored image out) or a TFLite file (shared/deblur/export.py).
-`test_with_classifier` asks a classification run what it makes of sharp, blurred and restored images."""
+`evaluate_with_classifier` asks a classification run what it makes of sharp, blurred and restored images."""
 
 from __future__ import annotations
 
@@ -108,7 +108,7 @@ class DeblurTask(Task):
 DEBLUR = DeblurTask()
 
 
-def test_with_classifier(run: runs.Run | str | Path, classifier: runs.Run | str | Path) -> dict:
+def evaluate_with_classifier(run: runs.Run | str | Path, classifier: runs.Run | str | Path) -> dict:
     """`test --run DEBLUR_RUN --classifier CLASSIFICATION_RUN`: the deblurring run's test figures (as
     `test --run`) plus metrics["classifier"]: the classifier's top-1 on the sharp, blurred and restored test
     images, and the share of the top-1 lost to blur that restoring recovers. Written to the deblurring run's

@@ -1,0 +1,114 @@
+"""Deblurring runs end to end through the run lifecycle (task: deblur): train, test --run, the classifier's
+view, init.from_run of a classification run's backbone, and export parity (SavedModel on image bytes,
+TFLite). Tiny: 16 px synthetic images, a width-4 ResNet-18, a few steps."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from shared import lifecycle, tasks
+from shared.config import load_config
+from shared.errors import UserError
+from shared.tasks.deblur import DEBLUR, evaluate_with_classifier
+from tests.conftest import tiny_tree
+
+pytestmark = pytest.mark.slow  # two trainings and two exports: about a minute on 2 cores
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """(classification run, deblurring run started from its backbone), both finished."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(tasks.TASKS, "deblur", DEBLUR)  # harmless once shared.tasks lists it itself
+        base = tmp_path_factory.mktemp("deblur")
+        data = {"channels": 1, "synthetic_train": 64, "synthetic_test": 32}
+        classifier = lifecycle.train(load_config(tree=tiny_tree(base / "runs", data=data,
+                                                                train={"epochs": 1, "batch_size": 16})))
+        tree = tiny_tree(base / "runs", data=data, train={"epochs": 1, "batch_size": 16, "steps_per_epoch": 3,
+                                                          "optimizer": {"name": "adam"}, "lr": {"base": 1e-3}},
+                         deblur={"decoder_channels": 4, "gallery": 4}, init={"from_run": str(classifier.path)})
+        tree["task"] = "deblur"
+        restorer = lifecycle.train(load_config(tree=tree))
+        yield classifier, restorer
+
+
+def test_a_deblurring_run_trains_tests_and_starts_from_a_classifier_backbone(runs):
+    classifier, restorer = runs
+    metrics = restorer.test_metrics()
+    assert set(metrics) >= {"psnr_blurred", "psnr_restored", "ssim_blurred", "ssim_restored", "psnr_gain"}
+    assert metrics["examples"] == 32 and (restorer.path / "deblur.png").stat().st_size > 0
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(tasks.TASKS, "deblur", DEBLUR)
+        again = lifecycle.test(restorer)
+        # init.from_run copied the classifier's first convolution (frozen nowhere, but 3 steps of Adam at
+        # 1e-3 move it little): compare to the classifier's own and to a fresh initialization.
+        model, _ = tasks.rebuild(restorer)
+        source, _ = tasks.rebuild(classifier)
+    for key in ("psnr_blurred", "psnr_restored", "ssim_restored"):
+        assert again[key] == pytest.approx(metrics[key], abs=1e-6)  # the same blur, the same weights
+    stem = next(layer.name for layer in source.layers if layer.weights)
+    copied, original = model.get_layer(stem).get_weights()[0], source.get_layer(stem).get_weights()[0]
+    assert np.abs(copied - original).max() < 0.01 < np.abs(original).max()
+
+
+def test_the_classifier_view_of_sharp_blurred_and_restored_images(runs):
+    classifier, restorer = runs
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(tasks.TASKS, "deblur", DEBLUR)
+        metrics = evaluate_with_classifier(restorer, classifier)
+        with pytest.raises(UserError, match="needs a deblurring run"):
+            evaluate_with_classifier(classifier, classifier)
+        with pytest.raises(UserError, match="needs a classification run"):
+            evaluate_with_classifier(restorer, restorer)
+    result = metrics["classifier"]
+    assert set(result) >= {"top1_sharp", "top1_blurred", "top1_restored", "recovered", "examples"}
+    assert result["examples"] == 32
+    assert json.loads((restorer.path / "classifier_metrics.json").read_text())["top1_sharp"] == result["top1_sharp"]
+    assert "classifier top-1 sharp" in DEBLUR.summary(metrics)
+
+
+def _test_pixels(restorer, count: int = 4) -> np.ndarray:
+    """The first blurred test images as 0-255 uint8 pixels (what a client would send)."""
+    from shared.config import from_dict
+    from shared.deblur.data import pixel_mapping
+
+    config = from_dict(restorer.config_dict())
+    blurred, _, _ = next(iter(DEBLUR.test_data(config, restorer).details.test))
+    to_pixels, _ = pixel_mapping(config)
+    return np.clip(np.round(to_pixels(blurred[:count]).numpy()), 0, 255).astype(np.uint8)
+
+
+def test_saved_model_and_tflite_match_the_keras_restorer(runs, tmp_path):
+    from shared.config import from_dict
+    from shared.deblur import export
+    from shared.deblur.data import pixel_mapping
+    from shared.tflite import load_interpreter, predict_tflite
+
+    _, restorer = runs
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(tasks.TASKS, "deblur", DEBLUR)
+        model, config = tasks.rebuild(restorer)
+        pixels = _test_pixels(restorer)
+        folder = export.export_saved_model(restorer, tmp_path / "exports")
+        tflite_path = export.convert_tflite(restorer)
+        tflite_metrics = export.evaluate_tflite(tflite_path, restorer)
+        with pytest.raises(UserError, match="use quantize none, float16 or dynamic"):
+            export.convert_tflite(restorer, quantize="int8")
+    to_pixels, from_pixels = pixel_mapping(from_dict(restorer.config_dict()))
+    normalized = from_pixels(tf.constant(pixels, tf.float32))
+    expected = np.clip(to_pixels(model(normalized)).numpy(), 0, 255)
+    loaded = tf.saved_model.load(str(folder))
+    encoded = tf.stack([tf.io.encode_png(image) for image in pixels])
+    from_bytes = loaded.signatures["serving_default"](image_bytes=encoded)["restored"].numpy()
+    from_images = loaded.signatures["predict_images"](images=tf.constant(pixels, tf.float32))["restored"].numpy()
+    np.testing.assert_allclose(from_bytes, expected, atol=1e-3)
+    np.testing.assert_allclose(from_images, expected, atol=1e-3)
+    assert json.loads((folder / "assets.extra" / "export.json").read_text())["task"] == "deblur"
+    from_tflite = predict_tflite(load_interpreter(tflite_path), normalized.numpy())
+    np.testing.assert_allclose(from_tflite, model(normalized).numpy(), atol=1e-4)
+    recorded = restorer.test_metrics()
+    assert tflite_metrics["psnr_restored"] == pytest.approx(recorded["psnr_restored"], abs=0.01)
