@@ -107,7 +107,8 @@ def test_bad_blur_entries_are_one_line_errors(entries, message):
 
 def test_psnr_and_ssim_against_hand_computed_values():
     sharp = tf.zeros([1, 16, 16, 1])
-    assert float(deblur_evaluate.psnr(sharp, sharp + 10.0)[0]) == pytest.approx(10 * math.log10(255 ** 2 / 100), abs=1e-3)
+    expected_psnr = 10 * math.log10(255 ** 2 / 100)  # MSE 100
+    assert float(deblur_evaluate.psnr(sharp, sharp + 10.0)[0]) == pytest.approx(expected_psnr, abs=1e-3)
     # Out-of-range restored pixels are clipped as a viewer shows them: 300 counts as 255.
     assert float(deblur_evaluate.psnr(sharp + 255.0, sharp + 300.0)[0]) == float("inf")
     a, b, c1 = 100.0, 120.0, (0.01 * 255) ** 2  # flat images: SSIM is the luminance term alone
