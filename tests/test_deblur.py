@@ -102,6 +102,20 @@ def test_bad_blur_entries_are_one_line_errors(entries, message):
         blur.build(entries)
 
 
+def test_a_kernel_wider_than_the_image_is_refused_when_the_config_is_checked(tmp_path):
+    from shared.tasks.deblur import DEBLUR
+
+    with pytest.raises(UserError, match="sigma 6 needs a 37 px kernel, too wide for 16 px images"):
+        DEBLUR.check(_tiny_config(tmp_path, blur=[{"gaussian": {"sigma": [1.0, 6.0]}}]))
+    with pytest.raises(UserError, match="motion .* length 40 needs a 41 px kernel"):
+        blur.build([{"motion": {"length": 40}}], image_size=16)
+    blur.build([{"gaussian": {"sigma": 5.0}}], image_size=16)  # 31 px: 15 px of padding fit in 16
+    config = _tiny_config(tmp_path)
+    config.data.batch_augment = ["MixUp"]
+    with pytest.raises(UserError, match="data.batch_augment .* remove it"):
+        DEBLUR.check(config)
+
+
 # ---------------------------------------------------------------- PSNR and SSIM
 
 

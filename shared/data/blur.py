@@ -104,13 +104,20 @@ def _odd_size(radius: float) -> int:
     return 2 * int(math.ceil(radius)) + 1
 
 
-def gaussian(sigma=(1.0, 2.0), seed: int = 0) -> BlurFn:
+def _check_fits(size: int, image_size: int, what: str) -> None:
+    """Reflect padding by half the kernel needs that many pixels inside the image."""
+    if image_size and size // 2 >= image_size:
+        raise ValueError(f"{what} needs a {size} px kernel, too wide for {image_size} px images; make it smaller")
+
+
+def gaussian(sigma=(1.0, 2.0), image_size: int = 0, seed: int = 0) -> BlurFn:
     """Gaussian blur of standard deviation uniform in `sigma` [low, high] px (or fixed), per image; the
     kernel covers 3 sigma of the largest."""
     low, high = _bounds(sigma)
     if low <= 0:
         raise ValueError(f"sigma must be > 0, got {sigma!r}")
     size = _odd_size(3 * high)
+    _check_fits(size, image_size, f"sigma {high:g}")
 
     def blur(images, index):
         sigmas = _uniform(seed, index, 0, tf.shape(images)[0], (low, high))
@@ -118,12 +125,13 @@ def gaussian(sigma=(1.0, 2.0), seed: int = 0) -> BlurFn:
     return blur
 
 
-def box(size=(3, 5), seed: int = 0) -> BlurFn:
+def box(size=(3, 5), image_size: int = 0, seed: int = 0) -> BlurFn:
     """Box (mean) blur of an odd side drawn uniformly from the odd numbers in `size` [low, high] (or
     fixed), per image."""
     low, high = (int(v) for v in _bounds(size))
     if low < 1 or low % 2 == 0 or high % 2 == 0:
         raise ValueError(f"size must be odd and >= 1, got {size!r}")
+    _check_fits(high, image_size, f"size {high}")
 
     def blur(images, index):
         halves = tf.random.stateless_uniform([tf.shape(images)[0]], _key(seed, index, 0), minval=low // 2,
@@ -132,7 +140,7 @@ def box(size=(3, 5), seed: int = 0) -> BlurFn:
     return blur
 
 
-def motion(length=(3.0, 9.0), angle=(0.0, 180.0), seed: int = 0) -> BlurFn:
+def motion(length=(3.0, 9.0), angle=(0.0, 180.0), image_size: int = 0, seed: int = 0) -> BlurFn:
     """Linear motion blur: a straight streak `length` px long [low, high] at `angle` degrees [low, high],
     both uniform per image."""
     low, high = _bounds(length)
@@ -140,6 +148,7 @@ def motion(length=(3.0, 9.0), angle=(0.0, 180.0), seed: int = 0) -> BlurFn:
         raise ValueError(f"length must be >= 1, got {length!r}")
     _bounds(angle)
     size = _odd_size(high / 2)
+    _check_fits(size, image_size, f"length {high:g}")
 
     def blur(images, index):
         count = tf.shape(images)[0]
@@ -149,7 +158,7 @@ def motion(length=(3.0, 9.0), angle=(0.0, 180.0), seed: int = 0) -> BlurFn:
     return blur
 
 
-def noise(stddev=(0.0, 5.0), seed: int = 0) -> BlurFn:
+def noise(stddev=(0.0, 5.0), image_size: int = 0, seed: int = 0) -> BlurFn:
     """Additive Gaussian noise of standard deviation uniform in `stddev` [low, high] (0-255 scale), per
     image, clipped to 0-255."""
     low, high = _bounds(stddev)
@@ -166,9 +175,10 @@ def noise(stddev=(0.0, 5.0), seed: int = 0) -> BlurFn:
 GENERATORS = {f.__name__: f for f in (gaussian, box, motion, noise)}
 
 
-def build(entries: list, seed: int = 0) -> Callable[[tf.Tensor, tf.Tensor], tf.Tensor]:
+def build(entries: list, image_size: int = 0, seed: int = 0) -> Callable[[tf.Tensor, tf.Tensor], tf.Tensor]:
     """The composed degradation of `deblur.blur` (applied in the listed order): a function (images
-    [B, H, W, C] on 0-255, batch index) -> degraded images, clipped to 0-255. Names are checked here (only
+    [B, H, W, C] on 0-255, batch index) -> degraded images, clipped to 0-255. `image_size` (when given):
+    kernels wider than the images allow are refused. Names are checked here (only
     the generators above: a crop or flip would no longer pair with the sharp image); arguments by the
     augmentation machinery."""
     if not entries:
@@ -180,7 +190,7 @@ def build(entries: list, seed: int = 0) -> Callable[[tf.Tensor, tf.Tensor], tf.T
             raise UserError(f"deblur.blur {name!r} is not a blur generator; choose from {', '.join(GENERATORS)}")
     this_module = ModuleType("blur_generators")
     vars(this_module).update(GENERATORS)
-    functions = [a.fn for a in augment.build(entries, 0, this_module, seed=seed, key="deblur.blur")]
+    functions = [a.fn for a in augment.build(entries, image_size, this_module, seed=seed, key="deblur.blur")]
 
     def degrade(images: tf.Tensor, index) -> tf.Tensor:
         for fn in functions:  # augment.build gave each its own seed (seed + position)

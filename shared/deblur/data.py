@@ -38,7 +38,7 @@ def pixel_mapping(config: Config) -> tuple:
 
 def degradation(config: Config):
     """A function (normalized images, batch index) -> normalized blurred images, clipped to the pixel range."""
-    degrade = blur.build(config.deblur.blur, seed=config.train.seed)
+    degrade = blur.build(config.deblur.blur, config.data.image_size, seed=config.train.seed)
     to_pixels, from_pixels = pixel_mapping(config)
     return lambda images, index: from_pixels(degrade(tf.clip_by_value(to_pixels(images), 0.0, 255.0), index))
 

@@ -37,7 +37,8 @@ class DeblurTask(Task):
         if config.data.batch_augment:
             raise UserError(f"data.batch_augment{_where(config)} mixes images of a batch; a deblurring run "
                             f"restores each image as it is: remove it")
-        blur.build(config.deblur.blur, seed=config.train.seed)  # names and arguments, before a folder exists
+        # names, arguments and kernel sizes, before a folder exists
+        blur.build(config.deblur.blur, config.data.image_size, seed=config.train.seed)
 
     def datasets(self, config, folder, replicas=1, start_epoch=0) -> TaskData:
         pairs = make_pairs(config, modelzoo.load_augment_module(folder), replicas=replicas, start_epoch=start_epoch)
