@@ -224,3 +224,12 @@ def test_a_classifier_of_other_images_or_classes_is_refused(tmp_path):
     other.task = "detection"
     with pytest.raises(UserError, match="needs a classification run"):
         deblur_evaluate.check_classifier(other, config, None, ["a"], "--classifier X")
+
+
+def test_the_deblur_section_is_validated_and_recorded(tmp_path):
+    config = _tiny_config(tmp_path, blur=[{"motion": {"length": [3, 5]}}, "noise"])
+    assert config.task == "deblur" and config.to_dict()["deblur"]["blur"][1] == "noise"  # the snapshot holds it
+    with pytest.raises(UserError, match="deblur.decoder_channels is 0; it must be >= 1"):
+        _tiny_config(tmp_path, decoder_channels=0)
+    with pytest.raises(UserError, match="deblur.loss is .l3.; choose one of l1, l2"):
+        _tiny_config(tmp_path, loss="l3")
