@@ -226,8 +226,8 @@ class Config:
     init: InitConfig = field(default_factory=InitConfig)
     distribute: DistributeConfig = field(default_factory=DistributeConfig)
     detection: DetectionConfig = field(default_factory=DetectionConfig)
-    distill: DistillConfig = field(default_factory=DistillConfig)
     deblur: DeblurConfig = field(default_factory=DeblurConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
     run: RunConfig = field(default_factory=RunConfig)
     source_file: str | None = field(default=None, metadata={"internal": True})  # the recipe it was read from
