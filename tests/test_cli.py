@@ -87,6 +87,7 @@ def test_real_process_prints_one_line_and_exit_code(tmp_path):
     assert "error: config file not found" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_train_then_test_from_the_command_line(tmp_path, capsys):
     path = write_config(tmp_path, tiny_tree(tmp_path / "runs", train={"epochs": 1}))
     code, out, err = run_cli(capsys, "--config", path, "--notes", "cli: smoke", "--set", "data.synthetic_train=64",
@@ -101,6 +102,7 @@ def test_train_then_test_from_the_command_line(tmp_path, capsys):
     assert code == 0 and out.strip() == recorded
 
 
+@pytest.mark.slow
 def test_corrupt_images_can_be_skipped_and_counted(tmp_path, capsys):
     root = make_folder_dataset(tmp_path / "imgs", per_class=3)
     (root / "train" / "dog" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated, not a real JPEG")

@@ -43,6 +43,7 @@ def together(*commands: list[str]) -> list[subprocess.CompletedProcess]:
     return results
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sampler, trials", [("random", 4), ("grid", 3)])
 def test_two_tune_workers_share_a_new_study(tmp_path, sampler, trials):
     (tmp_path / "tiny").mkdir()
@@ -84,6 +85,7 @@ def fake_version(folder: Path) -> None:
     (folder / "saved_model.pb").write_bytes(b"an earlier version")
 
 
+@pytest.mark.slow
 def test_three_exports_at_once_take_their_own_versions(trained_run, tmp_path):
     run, _ = trained_run
     export_dir = tmp_path / "exports"
@@ -122,6 +124,7 @@ with export_lock(export_dir):
 """
 
 
+@pytest.mark.slow
 def test_an_export_publishes_only_once_the_lock_is_free(trained_run, tmp_path):
     import threading
 
@@ -157,6 +160,7 @@ def test_an_export_publishes_only_once_the_lock_is_free(trained_run, tmp_path):
 # ---------------------------------------------------------------- shard writers into one folder
 
 
+@pytest.mark.slow
 def test_two_make_tfrecords_into_one_folder(tmp_path):
     from test_tfrecord import make_source
 

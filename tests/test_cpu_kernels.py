@@ -47,6 +47,7 @@ def test_wide_enough_inputs_keep_the_strided_convolution():
     assert model.get_layer("conv3_block1_0_conv").strides == (2, 2)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif("avx512f" not in cpu_flags(), reason="the oneDNN kernel fault needs a CPU with AVX-512 (avx512f)")
 def test_width_8_resnet_trains_with_onednn_on_an_avx512_cpu(tmp_path):
     env = {key: value for key, value in os.environ.items() if not key.startswith(("ONEDNN_", "DNNL_"))}

@@ -233,6 +233,7 @@ def random_batches(count: int, batch: int, num_classes: int, seed: int = 0):
 
 # ResNet trains in a traced train step (the real path); MobileNetV2 eagerly, as tracing its 150 layers'
 # gradient takes half a minute on a busy CPU
+@pytest.mark.slow
 @pytest.mark.parametrize("name, head, eager", [("resnet", "conv", False), ("mobilenet_v2", "depthwise", True)])
 def test_detector_outputs_names_and_training(name, head, eager):
     import keras

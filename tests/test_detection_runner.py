@@ -78,6 +78,7 @@ def trained(generated, source, tmp_path_factory) -> runs.Run:
     return runs.Run(run_dir)
 
 
+@pytest.mark.slow
 def test_training_through_the_runner_records_map_and_provenance(trained, source):
     from shared.detection.model import backbone_layer_names
     from shared.detection.train import load_detection_model
@@ -114,6 +115,7 @@ def test_training_through_the_runner_records_map_and_provenance(trained, source)
     assert all(same(name) for name in layers)  # batch-norm statistics included
 
 
+@pytest.mark.slow
 def test_test_command_reproduces_the_recorded_map(trained, capsys):
     from shared.detection.train import summary
 
@@ -121,6 +123,7 @@ def test_test_command_reproduces_the_recorded_map(trained, capsys):
     assert capsys.readouterr().out.strip() == summary(trained.test_metrics())
 
 
+@pytest.mark.slow
 def test_test_command_refuses_annotations_whose_categories_were_renamed(trained, generated, tmp_path, capsys):
     import shutil
 
@@ -141,6 +144,7 @@ def test_test_command_refuses_annotations_whose_categories_were_renamed(trained,
     assert f"first difference at index 1: 'renamed' vs {trained.class_names()[1]!r}" in err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["backbone_mismatch", "strides", "augment"])
 def test_bad_detection_inputs_are_one_line_errors_without_a_run_folder(case, generated, tmp_path, capsys):
     runs_dir = tmp_path / "runs"
@@ -166,6 +170,7 @@ def test_bad_detection_inputs_are_one_line_errors_without_a_run_folder(case, gen
     assert not (runs_dir / "resnet").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", ["checkpoint", "detections plot"])
 def test_a_full_disk_in_a_detection_run_is_one_line_and_keeps_the_last_good_checkpoint(where, generated, tmp_path,
                                                                                         monkeypatch, capsys):
@@ -214,6 +219,7 @@ def assert_same_detections(got: dict, want: dict, scale: float = 1.0) -> None:
     np.testing.assert_allclose(got["boxes"], want["boxes"] * scale, rtol=1e-4, atol=1e-3)
 
 
+@pytest.mark.slow
 def test_saved_model_on_bytes_equals_the_keras_pipeline(trained, generated, tmp_path, capsys):
     from shared.detection import datasets as detection_data
     from shared.detection.train import load_detection_model
@@ -254,6 +260,7 @@ def test_saved_model_on_bytes_equals_the_keras_pipeline(trained, generated, tmp_
     assert_same_detections({k: v.numpy() for k, v in by_pixels.items()}, want)
 
 
+@pytest.mark.slow
 def test_tflite_raw_outputs_and_numpy_decoding_match_keras(trained, capsys):
     from shared.detection import datasets as detection_data
     from shared.detection import export

@@ -86,6 +86,7 @@ def test_saturated_probabilities_stay_finite():
 # ---------------------------------------------------------------- the teacher
 
 
+@pytest.mark.slow
 def test_a_teacher_for_other_classes_or_images_is_refused(trained_run):
     run, _ = trained_run
     with pytest.raises(UserError, match=r"predicts 4 classes but the student's data has 7"):
@@ -140,6 +141,7 @@ def student_config(runs_dir):
     return config, module
 
 
+@pytest.mark.slow
 def test_a_distiller_trains_the_student_only_and_its_checkpoint_is_the_student(trained_run, tmp_path):
     teacher_run, _ = trained_run
     config, module = student_config(tmp_path / "runs")

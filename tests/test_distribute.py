@@ -17,6 +17,8 @@ from conftest import REPO, tiny_tree
 from shared.config import DistributeConfig
 from shared.errors import UserError
 
+pytestmark = pytest.mark.slow  # every test trains across devices or worker processes
+
 
 def test_mirrored_on_two_logical_cpus(tmp_path):
     tree = tiny_tree(tmp_path / "runs", train={"epochs": 1, "batch_size": 16, "verbose": 0, "lr": {"base": 0.05}})

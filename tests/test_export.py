@@ -68,6 +68,7 @@ def eval_pipeline_probabilities(run: Run, images: list[np.ndarray]) -> np.ndarra
                            for image in images])
 
 
+@pytest.mark.slow
 def test_served_model_equals_the_eval_pipeline(trained_run, saved_model, tmp_path):
     run, _ = trained_run
     from shared.data.sources import synthetic_arrays
@@ -114,6 +115,7 @@ def test_served_model_equals_the_eval_pipeline(trained_run, saved_model, tmp_pat
     assert "image_bytes" in curl and "localhost:8501/v1/models/resnet:predict" in curl
 
 
+@pytest.mark.slow
 def test_versions_increment_and_old_ones_are_pruned(trained_run, saved_model, tmp_path):
     run, _ = trained_run
     export_dir = tmp_path / "export"
@@ -170,6 +172,7 @@ def enospc() -> OSError:
     return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("error", [enospc(), tf.errors.ResourceExhaustedError(
     None, None, "variables/variables.data-00000-of-00001; No space left on device")])
 def test_a_full_disk_during_export_is_one_line_and_keeps_earlier_versions(trained_run, saved_model, tmp_path,
@@ -195,6 +198,7 @@ def test_a_full_disk_during_export_is_one_line_and_keeps_earlier_versions(traine
     assert (export_dir / export.CONFIG_FILE).read_text() == config
 
 
+@pytest.mark.slow
 def test_a_full_disk_writing_models_config_keeps_the_old_one(trained_run, saved_model, tmp_path, monkeypatch):
     run, _ = trained_run
     export_dir = tmp_path / "export"
@@ -251,6 +255,7 @@ def test_pruning_a_version_another_process_removed_is_no_error(tmp_path, monkeyp
     assert [p.name for p in model_dir.iterdir()] == ["3"]
 
 
+@pytest.mark.slow
 def test_an_explicit_version_overtaken_during_the_export_is_refused_not_pruned(trained_run, tmp_path, monkeypatch):
     run, _ = trained_run
     model_dir = tmp_path / "export" / "resnet"

@@ -11,6 +11,7 @@ from shared.train import train
 QUICK = Path(__file__).resolve().parent.parent / "models" / "resnet" / "quick.yaml"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(),
                     reason="Debian package dataset-fashion-mnist not installed")
 def test_quick_recipe_learns_fashion_mnist_briefly(tmp_path):

@@ -108,6 +108,7 @@ def partials(run_dir: Path) -> list[str]:
     return sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*") if ".partial" in p.name)
 
 
+@pytest.mark.slow
 def test_a_kill_at_each_commit_point_of_an_epoch_end_loses_nothing(tmp_path, capsys):
     """One run killed four times, at each commit point of an epoch's end (with EMA, so the checkpoint holds
     the averaged weights and the backup the raw ones), then resumed to its end: after every kill the
@@ -168,6 +169,7 @@ def test_a_metrics_row_cut_off_by_a_kill_is_dropped_when_resuming(tmp_path):
     assert metric_epochs(tmp_path) == list(range(12))
 
 
+@pytest.mark.slow
 def test_the_recorded_figure_is_the_one_test_gives_for_the_last_checkpoint(tmp_path):
     """Trained in bfloat16 with EMA, the run still records what `test --run` computes from its last checkpoint
     (rebuilt in float32): the figure is never the model in memory's own."""
@@ -297,6 +299,7 @@ def test_a_full_disk_is_one_line_and_keeps_the_last_good_checkpoint(tmp_path, mo
     assert partials(run_dir) == [] and not list(run_dir.rglob("*.tmp")), partials(run_dir)
 
 
+@pytest.mark.slow
 def test_a_real_full_disk_stops_the_run_in_one_line_and_it_resumes(tmp_path):
     """On a 4 MB tmpfs filled to the last byte after epoch 1: the run stops with the one-line DiskFull,
     keeps epoch 1's checkpoint and backup, leaves no temporary file, and resumes once there is room."""

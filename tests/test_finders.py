@@ -18,6 +18,7 @@ from shared.lr_finder import format_report as lr_report
 from conftest import tiny_tree
 
 
+@pytest.mark.slow
 def test_lr_range_test_sweeps_exponentially_and_plots(tmp_path):
     # Label smoothing: the labels must reach the loss one-hot, as training feeds them.
     config = load_config(tree=tiny_tree(tmp_path / "runs", train={"batch_size": 16, "label_smoothing": 0.1}))
@@ -151,6 +152,7 @@ def test_batch_search_lets_other_errors_through_and_checks_arguments():
         find_batch_size(None, steps=0, probe=FakeMemory(None))
 
 
+@pytest.mark.slow
 def test_default_probe_trains_the_config_model(tmp_path):
     config = load_config(tree=tiny_tree(tmp_path / "runs"))
     probe = TrainStepProbe(config, steps=2)
@@ -177,6 +179,7 @@ def build(num_classes=10, input_shape=(16, 16, 3)):
 '''
 
 
+@pytest.mark.slow
 def test_default_probe_gives_every_output_a_label_and_rebuilds_after_oom(tmp_path):
     folder = tmp_path / "auxnet"
     folder.mkdir()

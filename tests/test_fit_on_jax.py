@@ -64,6 +64,7 @@ def test_unsupported_augmentation_is_a_user_error():
         load_script().augmenter(["random_erasing"], np.random.default_rng(0))
 
 
+@pytest.mark.slow
 def test_trains_googlenet_with_aux_heads_and_label_smoothing(tmp_path, monkeypatch, capsys):
     data = fake_fashion_dir(tmp_path / "fm", train=32, test=20)
     monkeypatch.chdir(REPO)

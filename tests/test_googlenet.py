@@ -141,6 +141,7 @@ def test_rejects_kernel_sizes_other_than_3_and_5():
         googlenet.build(10, (32, 32, 3), small_input=True, kernel_5x5=7)
 
 
+@pytest.mark.slow
 def test_one_training_step_on_random_data():
     # Eager: one step of this ~150-layer graph is 3-4 s, tracing it for graph mode 15 s more.
     model = googlenet.build(10, (32, 32, 3), small_input=True, batch_norm=True, width=0.25)

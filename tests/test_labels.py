@@ -52,6 +52,7 @@ def test_tfrecord_label_outside_the_classes_names_the_shard(tmp_path):
     assert "set data.label_offset: 0" in str(embedded_user_error(error.value))
 
 
+@pytest.mark.slow
 def test_training_on_a_shard_with_a_bad_label_is_one_line_from_the_cli(tmp_path, capsys):
     from shared.train import train
 
@@ -109,6 +110,7 @@ def test_evaluation_refuses_labels_outside_the_classes():
             evaluate_model(model, dataset, 3)
 
 
+@pytest.mark.slow
 def test_test_run_refuses_data_whose_classes_were_renamed(tmp_path, capsys):
     from shared.train import train
 

@@ -86,6 +86,7 @@ def assert_close(ours, expected, tolerance: float = 1e-4):
         assert np.abs(a - b).max() < tolerance
 
 
+@pytest.mark.slow
 def test_keras_applications_weights_load_by_layer_order(tmp_path):
     app = keras.applications.MobileNetV2(weights=None, input_shape=(96, 96, 3), alpha=1.0)
     images = np.random.default_rng(1).uniform(-1.0, 1.0, (4, 96, 96, 3)).astype("float32")
@@ -109,6 +110,7 @@ def test_keras_applications_weights_load_by_layer_order(tmp_path):
     assert_close([predict(backbone, images)["stride_32"]], expected[:1])
 
 
+@pytest.mark.slow
 def test_one_training_step_on_random_data():
     keras.utils.set_random_seed(0)
     model = mobilenet_v2.build(10, (32, 32, 3), alpha=0.35, dropout=0.2, small_input=True)

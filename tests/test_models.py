@@ -12,6 +12,7 @@ def trainable(model) -> int:
     return int(sum(np.prod(w.shape) for w in model.trainable_weights))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("depth, torchvision_count", [(18, 11_689_512), (34, 21_797_672), (50, 25_557_032),
                                                      (101, 44_549_160), (152, 60_192_808)])
 def test_resnet_parameter_counts_match_torchvision(depth, torchvision_count):
@@ -46,6 +47,7 @@ def test_resnet50_with_conv_bias_has_keras_applications_count():
     assert resnet.build(1000, (224, 224, 3), depth=50, conv_bias=True).count_params() == 25_636_712
 
 
+@pytest.mark.slow
 def test_keras_applications_weight_files_load_with_identical_outputs(tmp_path, depth=50):
     """The ImageNet files Keras publishes are Keras 2 `.h5`; Keras 3 writes `.weights.h5`. Both load."""
     import h5py
@@ -64,6 +66,7 @@ def test_keras_applications_weight_files_load_with_identical_outputs(tmp_path, d
         assert np.abs(ours.predict(images, verbose=0) - expected).max() < 1e-4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("depth", [101, 152])
 def test_deeper_resnets_have_keras_applications_weight_layout(depth):
     """Loading by layer order needs the same weights in the same order with the same shapes."""
@@ -72,6 +75,7 @@ def test_deeper_resnets_have_keras_applications_weight_layout(depth):
     assert [tuple(w.shape) for w in ours.weights] == [tuple(w.shape) for w in reference.weights]
 
 
+@pytest.mark.slow
 def test_weight_file_that_does_not_fit_is_a_clear_error(tmp_path):
     reference = keras_applications_resnet(50, 32)
     path = tmp_path / "resnet50.weights.h5"

@@ -52,6 +52,7 @@ def the_run(runs: Path) -> Path:
     return run
 
 
+@pytest.mark.slow
 def test_unicode_notes_run_dir_and_model_path_survive_a_c_locale(unicode_setup):
     config, runs = unicode_setup
     result = python("-m", "shared.runner", "--config", config, "--notes", NOTES, env=C_LOCALE)

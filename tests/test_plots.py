@@ -167,6 +167,7 @@ def test_image_grid_shows_each_image_in_unit_range_and_gray_for_one_channel():
 
 # --- augmentation preview ------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_preview_of_augmented_training_images(tmp_path):
     config = load_config(tree=tiny_tree(tmp_path / "runs", data={"augment": ["horizontal_flip"]}))
     out = plots.preview(config, tmp_path / "preview" / "augment.png", count=8, seed=3)

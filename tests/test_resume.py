@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 
 from conftest import REPO, tiny_tree
@@ -57,6 +58,7 @@ def status(run_dir: Path) -> str:
     return json.loads((run_dir / "status.json").read_text())["status"]
 
 
+@pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume(tmp_path):
     process = start(tmp_path, slow_tree(tmp_path / "runs", ema_momentum=0.99))  # checkpoints hold the averages
     run_dir = wait_for_backup(tmp_path / "runs", process, epochs=1)
@@ -88,6 +90,7 @@ def test_sigkill_mid_epoch_then_resume(tmp_path):
     assert int(model.optimizer.iterations.numpy()) == EPOCHS * steps
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_marks_interrupted(tmp_path):
     process = start(tmp_path, slow_tree(tmp_path / "runs"))
     run_dir = wait_for_backup(tmp_path / "runs", process, epochs=1)
@@ -113,6 +116,7 @@ def test_resume_refuses_a_finished_run(trained_run, capsys):
     assert code == 2 and "already finished" in err
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_with_a_clear_message(tmp_path):
     tree = tiny_tree(tmp_path / "runs", train={"epochs": 2, "verbose": 0, "lr": {"base": 1.0e+30}})
     process = start(tmp_path, tree)

@@ -72,6 +72,7 @@ def snapshot(folder: Path) -> dict:
             for p in folder.rglob("*") if p.is_file() and p.name != runs.LOCK_FILE}
 
 
+@pytest.mark.slow
 def test_every_command_refuses_a_live_run_with_one_line(live_copy, tmp_path):
     config = str(REPO / "models" / "resnet" / "quick.yaml")
     elsewhere = f"run.dir={tmp_path / 'other_runs'}"
@@ -174,6 +175,7 @@ class ProbeThenInterrupt(keras.callbacks.Callback):
         raise KeyboardInterrupt
 
 
+@pytest.mark.slow
 def test_training_holds_the_lock_and_resume_trusts_the_backup_over_a_damaged_status(tmp_path, capsys):
     from shared.train import resume
 

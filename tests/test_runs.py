@@ -106,6 +106,7 @@ def test_diff_prints_a_unified_diff_without_a_terminal(tmp_path, capsys):
     assert "notes.md" not in out  # identical files add nothing
 
 
+@pytest.mark.slow
 def test_failed_run_is_marked_failed(tmp_path, model_copy):
     # A model that builds but breaks inside fit: the run folder must say failed, not look finished.
     text = (model_copy / "model.py").read_text()
@@ -123,6 +124,7 @@ def test_failed_run_is_marked_failed(tmp_path, model_copy):
     assert status["status"] == "failed" and status["error"]
 
 
+@pytest.mark.slow
 def test_training_with_mixup_uses_the_soft_label_loss(tmp_path):
     tree = tiny_tree(tmp_path / "runs", train={"epochs": 1})
     tree["data"]["batch_augment"] = [{"MixUp": {"alpha": 0.2}}]

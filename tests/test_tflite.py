@@ -15,6 +15,8 @@ from shared import tflite
 from shared.errors import UserError
 from shared.runs import Run
 
+pytestmark = pytest.mark.slow  # every test reads the module's conversions, seconds each
+
 FORMATS = ("keras", "saved_model", "tflite float32", "tflite float16", "tflite dynamic", "tflite int8")
 
 

@@ -178,6 +178,7 @@ def run_script(*args):
                           capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
 
 
+@pytest.mark.slow
 def test_script(tmp_path):
     src, out = make_source(tmp_path / "src"), tmp_path / "out"
     result = run_script(src, out, "--train-shards", 2, "--val-shards", 5, "--no-progress")

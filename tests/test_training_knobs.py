@@ -79,6 +79,7 @@ def tiny_run(tmp_path, **train):
     return run_training(load_config(tree=tree))
 
 
+@pytest.mark.slow
 def test_label_smoothing_and_ema_train_and_retest_the_same(tmp_path):
     from shared.evaluate import evaluate
 
@@ -89,6 +90,7 @@ def test_label_smoothing_and_ema_train_and_retest_the_same(tmp_path):
     assert (run.path / "curves.png").is_file() and (run.path / "confusion.png").is_file()
 
 
+@pytest.mark.slow
 def test_mixed_bfloat16_keeps_float32_probabilities(tmp_path):
     from shared.modelzoo import build_model, load_model_module, model_dir
 
@@ -104,6 +106,7 @@ def test_mixed_bfloat16_keeps_float32_probabilities(tmp_path):
     assert model(np.zeros((1, 16, 16, 3), "float32")).dtype == "float32"
 
 
+@pytest.mark.slow
 def test_freeze_by_pattern_keeps_those_weights(tmp_path):
     from shared.modelzoo import build_model, load_model_module, model_dir
 
@@ -118,6 +121,7 @@ def test_freeze_by_pattern_keeps_those_weights(tmp_path):
                               fresh.get_layer("conv3_block1_1_conv").kernel.numpy())
 
 
+@pytest.mark.slow
 def test_finetune_and_finetune_all_from_a_run(tmp_path, trained_run, capsys):
     source, _ = trained_run
     tree = tiny_tree(tmp_path / "runs", data={"num_classes": 3, "synthetic_train": 128},
@@ -161,6 +165,7 @@ def test_finetune_mismatch_is_one_line(tmp_path, trained_run, capsys):
     assert not (tmp_path / "runs" / "resnet").exists()
 
 
+@pytest.mark.slow
 def test_preview_lr_sweep_and_find_batch_commands(tmp_path, capsys):
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump(tiny_tree(tmp_path / "runs", data={"augment": ["horizontal_flip"]})))
@@ -173,6 +178,7 @@ def test_preview_lr_sweep_and_find_batch_commands(tmp_path, capsys):
     assert runner.main(["preview", "--config", str(config), "--count", "0"]) == 2
 
 
+@pytest.mark.slow
 def test_distill_command_trains_a_student_that_retests_alone(tmp_path, trained_run, capsys):
     teacher, _ = trained_run
     tree = tiny_tree(tmp_path / "runs", train={"epochs": 1, "verbose": 0, "lr": {"base": 0.05}})

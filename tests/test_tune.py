@@ -138,6 +138,7 @@ def test_pruning_callback_reports_and_prunes():
 # ---------------------------------------------------------------- studies
 
 
+@pytest.mark.slow
 def test_grid_study_runs_every_point_and_resumes(tmp_path, tiny_model, capsys):
     space = {"train.lr.base": {"choice": [0.01, 0.05, 0.2]}}
     config = study_config(tmp_path, tiny_model, study="grid", sampler="grid", trials=2, space=space)
@@ -171,6 +172,7 @@ def test_grid_study_runs_every_point_and_resumes(tmp_path, tiny_model, capsys):
     assert best.train.lr.base == study.best_trial.params["train.lr.base"] and best.tune.space == {}
 
 
+@pytest.mark.slow
 def test_nsga2_study_gives_a_pareto_front(tmp_path, tiny_model, capsys):
     bound = 100.0  # 3x3x3xw+w (conv) + wx4+4 (4 classes) = 32w+4: widths 1 (36) and 2 (68) fit, 4 (132) not
     config = study_config(
@@ -211,6 +213,7 @@ def test_nsga2_study_gives_a_pareto_front(tmp_path, tiny_model, capsys):
         assert str(best["run"]) in out
 
 
+@pytest.mark.slow
 def test_a_pruned_trial_marks_its_run(tmp_path, tiny_model, monkeypatch):
     # Any loss is above -1: the trial is pruned after its first epoch.
     monkeypatch.setattr(tune_module, "_make_pruner", lambda monitor: optuna.pruners.ThresholdPruner(upper=-1.0))
@@ -225,6 +228,7 @@ def test_a_pruned_trial_marks_its_run(tmp_path, tiny_model, monkeypatch):
     assert status["status"] == "pruned" and "pruned after epoch 1" in status["reason"]
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # study.ask, standing in for a dead worker
 def test_a_trial_left_running_by_a_killed_process_is_run_again(tmp_path, tiny_model, monkeypatch):
     monkeypatch.setattr(tune_module, "HEARTBEAT_S", 1)  # stale after 2 s instead of 2 minutes
@@ -257,6 +261,7 @@ def test_a_resumed_study_must_keep_its_objectives(tmp_path, tiny_model):
         tune_module._check_same_objectives(study, [tune_module.Objective("val_loss", "minimize")], url)
 
 
+@pytest.mark.slow
 def test_tflite_size_and_latency_objectives(tmp_path, tiny_model):
     config = study_config(tmp_path, tiny_model, study="lite", sampler="random", trials=1,
                           objectives=[{"metric": "tflite_int8_mb", "direction": "minimize"}],
@@ -271,6 +276,7 @@ def test_tflite_size_and_latency_objectives(tmp_path, tiny_model):
     assert result["best"][0]["values"] == {"tflite_int8_mb": metrics["tflite_int8_mb"]}
 
 
+@pytest.mark.slow
 def test_values_another_worker_is_training_are_waited_for_and_reused(tmp_path, tiny_model, monkeypatch):
     import threading
 
@@ -302,6 +308,7 @@ def test_values_another_worker_is_training_are_waited_for_and_reused(tmp_path, t
     assert not (tmp_path / "runs" / "tiny").exists()  # nothing trained twice
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # study.ask, standing in for a worker that dies
 def test_a_trial_waiting_for_a_worker_that_died_trains_the_values_itself(tmp_path, tiny_model, monkeypatch,
                                                                        capsys):
@@ -324,6 +331,7 @@ def test_a_trial_waiting_for_a_worker_that_died_trains_the_values_itself(tmp_pat
     assert result["trials"]["complete"] == 2 and len(all_runs(tmp_path / "runs", "tiny")) == 1
 
 
+@pytest.mark.slow
 def test_a_study_whose_trials_all_fail_stops(tmp_path, tiny_model, monkeypatch):
     def broken(run, wanted):
         raise tune_module.TrialFailed(f"run {run.path}: diverged")
