@@ -39,7 +39,7 @@ def measure(config_path: str, overrides: list[str], images: int, epochs: int) ->
     from shared import modelzoo
     from shared.config import load_config
     from shared.optim import compile_model
-    from shared.train import prepare
+    from shared.tasks.classification import prepare
 
     config = load_config(config_path, [*overrides, "data.source=synthetic", f"data.synthetic_train={images}",
                                        "data.synthetic_test=8", "data.augment=[]",

@@ -21,7 +21,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from shared.config import load_config  # noqa: E402
-from shared.train import train  # noqa: E402
+from shared.lifecycle import train  # noqa: E402
 
 STUDENT_DEFAULTS = ["model.width=4", "train.epochs=2", "train.verbose=0"]
 

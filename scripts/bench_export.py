@@ -36,7 +36,7 @@ GOALS = {"size": 0.28, "latency": 0.7, "acc_drop_points": 1.0}
 def train_small_run(runs_dir: Path) -> Run:
     """A quick Fashion-MNIST ResNet (the README's recipe, cut to one short epoch)."""
     from shared.config import load_config
-    from shared.train import train
+    from shared.lifecycle import train
 
     config = load_config(QUICK, ["train.epochs=1", "data.limit_train=12800", "train.jit_compile=false",
                                  "train.verbose=0", f"run.dir={runs_dir}"])

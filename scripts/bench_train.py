@@ -2,7 +2,7 @@
 
 Same model (built from the same config), same compile settings, same in-memory Fashion-MNIST images
 (no augmentation on either side: this measures the loop, not the data work). The runner's side is
-`shared.train.train` with everything it does around `fit` (metrics.csv, TensorBoard, per-epoch
+`shared.lifecycle.train` with everything it does around `fit` (metrics.csv, TensorBoard, per-epoch
 checkpoint, crash-safe backup, learning-rate logging). Throughput is images/second over whole epochs
 after the first (tracing and XLA compilation), measured from one epoch start to the next, so the
 work every callback does at the end of an epoch is counted. The two sides alternate, each measurement in
@@ -60,7 +60,7 @@ def bench_config(path: str, images: int, epochs: int, runs_dir: str):
 
 
 def runner_side(path: str, images: int, epochs: int, runs_dir: str) -> float:
-    from shared.train import train
+    from shared.lifecycle import train
 
     config = bench_config(path, images, epochs, runs_dir)
     timer = EpochTimer()
@@ -72,7 +72,7 @@ def bare_side(path: str, images: int, epochs: int, runs_dir: str) -> float:
     """The same model and compile settings, fed the runner's own preprocessed arrays by plain fit."""
     from shared import modelzoo
     from shared.optim import compile_model
-    from shared.train import prepare
+    from shared.tasks.classification import prepare
 
     config = bench_config(path, images, epochs, runs_dir)
     _, module, model, datasets = prepare(config)

@@ -49,12 +49,13 @@ def describe_device() -> str:
 
 
 class TrainStepProbe:
-    """The default probe: the config's model, built and compiled once as `shared.train` does, trained
+    """The default probe: the config's model, built and compiled once as `shared.lifecycle` does, trained
     for `steps` steps on random images and labels of the batch size asked for."""
 
     def __init__(self, config: Config, steps: int = 2):
         from shared import modelzoo
-        from shared.train import prepare, precision_policy
+        from shared.lifecycle import precision_policy
+        from shared.tasks.classification import prepare
 
         self.config = copy.deepcopy(config)  # prepare() resolves hparams and num_classes in place
         self.steps = steps
@@ -72,7 +73,7 @@ class TrainStepProbe:
 
     def _compile(self, model) -> None:
         from shared.optim import compile_model
-        from shared.train import precision_policy
+        from shared.lifecycle import precision_policy
 
         with precision_policy(self.config.train.precision):
             compile_model(model, self.config, self.steps_per_epoch, self.num_classes, self.aux_weights,
@@ -81,7 +82,7 @@ class TrainStepProbe:
 
     def _rebuild(self) -> None:
         from shared import modelzoo
-        from shared.train import precision_policy
+        from shared.lifecycle import precision_policy
 
         with precision_policy(self.config.train.precision):
             model = modelzoo.build_model(self.module, self.num_classes, self.input_shape, self.config.model.hparams)

@@ -17,7 +17,7 @@ How the train runner uses it:
     model.student                                    # what is saved, evaluated and exported
 
 `Distiller.save` writes the student alone, so a run's checkpoints load into the student's own model.py
-(`shared.evaluate.load_run_model`) like any other run's.
+(`shared.tasks.rebuild`) like any other run's.
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ from keras import ops
 from shared import config as config_module
 from shared.config import DataConfig
 from shared.errors import UserError
-from shared.evaluate import load_run_model
 from shared.modelzoo import MAIN_OUTPUT
 from shared.runs import Run, open_run
 
@@ -187,7 +186,9 @@ def load_teacher(path: str | Path | Run, num_classes: int, input_shape: tuple,
         raise UserError(f"teacher run {run.path} was trained on other classes: class {where} is {theirs!r} "
                         f"there and {mine!r} here; distill on the teacher's dataset and classes")
 
-    teacher, _ = load_run_model(run)
+    from shared.tasks import rebuild  # the tasks build on distill: imported when called
+
+    teacher, _ = rebuild(run)
     if teacher.output_shape[-1] != num_classes:  # the config may predate a resolved num_classes
         raise _class_count_error(run, teacher.output_shape[-1], num_classes)
     teacher.trainable = False

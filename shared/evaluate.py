@@ -1,16 +1,13 @@
-"""The test runner: top-1 / top-5 on the held-out split, for a model in hand or for a finished run
-rebuilt from its own snapshot (model.py, config.yaml, last checkpoint)."""
+"""Classification test figures (top-1 / top-5, confusion matrix) of a model in hand, the check that test data
+has a run's classes, and `evaluate(run)`: re-test any finished run from its own snapshot."""
 
 from __future__ import annotations
 
 import numpy as np
 import tensorflow as tf
 
-from shared import config as config_module
-from shared import data as data_module
-from shared import modelzoo
 from shared.errors import UserError
-from shared.runs import Run, open_run, require_idle
+from shared.runs import Run, open_run
 
 
 def evaluate_model(model, dataset: tf.data.Dataset, num_classes: int) -> dict:
@@ -38,39 +35,13 @@ def evaluate_model(model, dataset: tf.data.Dataset, num_classes: int) -> dict:
             "examples": count, "confusion": confusion.tolist()}
 
 
-def load_run_model(run: Run):
-    """Rebuild the run's model from its snapshotted model.py and config, with its last checkpoint;
-    returns the classifier alone (auxiliary heads, if any, are for training only)."""
-    require_idle(run)  # a live run's last checkpoint is about to change
-    config = config_module.from_dict(run.config_dict())
-    module = modelzoo.load_model_module(run.path)
-    checkpoint = run.last_checkpoint()
-    if checkpoint is None:
-        raise UserError(f"run {run.path} has no checkpoint in {run.checkpoint_dir} "
-                        f"(status: {run.status().get('status')}); train it first")
-    data = config.data
-    model = modelzoo.build_model(module, data.num_classes, (data.image_size, data.image_size, data.channels),
-                                 config.model.hparams)
-    modelzoo.load_weight_file(model, checkpoint, what=f"model built from {run.path / 'model.py'}")
-    return modelzoo.inference_model(model), config
-
-
 def evaluate(run: Run | str) -> dict:
-    """Re-test a finished run on its test split; the figures equal those recorded at training time.
-    Refuses (UserError) data whose class names are not the run's (labels.txt), in the same order.
-    Also draws the confusion matrix as the run's confusion.png."""
-    from shared import plots
+    """Re-test a finished run (any task) on its test split from its own snapshot; the figures equal those
+    recorded at training time. Refuses (UserError) data whose class names are not the run's (labels.txt),
+    in the same order. Redraws the task's figure (confusion.png, detections.png, ...)."""
+    from shared.lifecycle import test
 
-    run = run if isinstance(run, Run) else open_run(run)
-    config = config_module.from_dict(run.config_dict())
-    if config.data.source != "synthetic":  # synthetic data has as many classes as data.num_classes asks
-        config.data.num_classes = None  # the data's own classes, compared with the run's before the model loads
-    datasets = data_module.make_datasets(config, modelzoo.load_augment_module(run.path))
-    check_class_names(datasets.class_names, run)
-    model, _ = load_run_model(run)
-    metrics = evaluate_model(model, datasets.test, datasets.num_classes)
-    plots.plot_confusion(metrics["confusion"], datasets.class_names, run.path / "confusion.png")
-    return metrics
+    return test(run if isinstance(run, Run) else open_run(run))
 
 
 def class_difference(ours: list[str], theirs: list[str]) -> str | None:
@@ -84,7 +55,8 @@ def class_difference(ours: list[str], theirs: list[str]) -> str | None:
 
 
 def _shown(names: list[str], limit: int = 12) -> str:
-    return "[" + ", ".join(map(repr, names[:limit])) + (f", ... {len(names)} in all" if len(names) > limit else "") + "]"
+    more = f", ... {len(names)} in all" if len(names) > limit else ""
+    return "[" + ", ".join(map(repr, names[:limit])) + more + "]"
 
 
 def check_class_names(data_classes: list[str], run: Run) -> None:

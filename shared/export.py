@@ -261,14 +261,14 @@ def export_saved_model(run: Run | str | Path, export_dir: Path, model_name: str 
     the `classes` / `labels` / `scores` outputs hold (at most the class count).
     The version appears by renaming a finished hidden folder; then older versions are pruned and
     `<export_dir>/models.config` is rewritten."""
-    from shared.evaluate import load_run_model
+    from shared.tasks import rebuild
 
     run = run if isinstance(run, Run) else open_run(run)
     if top_k < 1:
         raise UserError(f"top_k must be at least 1 (got {top_k})")
     model_dir = target_folder(run, export_dir, model_name or run.model_name, version, keep)
 
-    model, config = load_run_model(run)
+    model, config = rebuild(run)
     names = run.class_names()
     num_classes = int(model.output_shape[-1])
     if not names or len(names) != num_classes:  # a run from before labels.txt: the index is the name

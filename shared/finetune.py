@@ -29,7 +29,7 @@ from shared import modelzoo
 from shared.config import InitConfig
 from shared.errors import UserError
 from shared.modelzoo import MAIN_OUTPUT
-from shared.runs import Run, open_run, require_idle
+from shared.runs import Run, open_run
 
 BACKBONE_PATTERN = "backbone"  # train.freeze: every layer but the classifier head
 MAX_LISTED = 5  # layers (or hyperparameters) named in one error message
@@ -80,22 +80,16 @@ class Source:
 
 
 def source_from_run(run: Run, checkpoint: Path | None = None) -> Source:
-    """The run's model rebuilt from its snapshotted model.py and config.yaml, auxiliary heads kept, with
-    `checkpoint` (default: its last one) loaded."""
-    require_idle(run)  # a live run's last checkpoint is about to change
+    """The run's model (any task) rebuilt from its snapshotted model.py and config.yaml, auxiliary heads
+    kept, with `checkpoint` (default: its last one) loaded."""
+    from shared.tasks import rebuild
+
+    model, config = rebuild(run, checkpoint, training_outputs=True)
     checkpoint = checkpoint or run.last_checkpoint()
-    if checkpoint is None:
-        raise UserError(f"run {run.path} has no checkpoint in {run.checkpoint_dir} "
-                        f"(status: {run.status().get('status')}); train it first or pick another run")
-    recorded = run.config_dict()
-    hparams = {name: value for name, value in recorded["model"].items() if name not in ("name", "path")}
-    data = recorded["data"]  # resolved at training time: num_classes is the data set's
-    input_shape = (data["image_size"], data["image_size"], data["channels"])
-    module = modelzoo.load_model_module(run.path)
-    model = modelzoo.build_model(module, data["num_classes"], input_shape, hparams)
-    modelzoo.load_weight_file(model, checkpoint, what=f"model built from {run.path / 'model.py'}")
+    data = config.data  # resolved at training time: num_classes is the data set's
     return Source(model, f"{run.path} ({checkpoint.relative_to(run.path)}, model built from its snapshotted "
-                         f"model.py)", hparams=hparams, input_shape=input_shape)
+                         f"model.py)", hparams=dict(config.model.hparams),
+                  input_shape=(data.image_size, data.image_size, data.channels))
 
 
 def source_from_file(path: Path, module: ModuleType, hparams: dict, input_shape: tuple) -> Source:
@@ -242,7 +236,7 @@ def copy_weights(source: keras.Model, model: keras.Model, names: list[str]) -> N
         model.get_layer(name).set_weights(source.get_layer(name).get_weights())
 
 
-def _fix(source: Source, hparams: dict, input_shape: tuple) -> str:
+def fix_suggestion(source: Source, hparams: dict, input_shape: tuple) -> str:
     """What to change so the two models agree: the differing hyperparameters, when the source's are known."""
     differences = []
     if source.hparams is not None:
@@ -268,7 +262,7 @@ def _class_count(model: keras.Model) -> int | None:
         return None
 
 
-def _listed(names: list[str], limit: int = MAX_LISTED) -> str:
+def listed(names: list[str], limit: int = MAX_LISTED) -> str:
     more = f" and {len(names) - limit} more" if len(names) > limit else ""
     return ", ".join(names[:limit]) + more
 
@@ -284,11 +278,11 @@ def describe(source: Source, model: keras.Model, matching: Matching) -> str:
             why = f" for {now} classes (was {was})"
         else:
             why = " (not in the source, or shaped differently)"
-        parts.append(f"head {_listed(matching.reinitialized)} re-initialized{why}")
+        parts.append(f"head {listed(matching.reinitialized)} re-initialized{why}")
     else:
         parts.append("head copied too (same shapes)")
     if matching.unused:
-        parts.append(f"source layers not in this model, ignored: {_listed(matching.unused, 3)}")
+        parts.append(f"source layers not in this model, ignored: {listed(matching.unused, 3)}")
     return "; ".join(parts)
 
 
@@ -306,7 +300,7 @@ def initialize_from(init: InitConfig, model: keras.Model, module: ModuleType, hp
     matching = match_layers(source.model, model, head_layer_names(module, model, hparams, input_shape))
     if matching.conflicts:
         raise UserError(f"{key}{where} does not fit this model outside its classifier head: "
-                        f"{_listed(matching.conflicts)}; {_fix(source, hparams, input_shape)}")
+                        f"{listed(matching.conflicts)}; {fix_suggestion(source, hparams, input_shape)}")
     copy_weights(source.model, model, matching.copied)
     return describe(source, model, matching)
 
@@ -331,7 +325,7 @@ def freeze_layers(model: keras.Model, patterns: list[str], head: set[str]) -> li
         frozen |= matched
     if not any(layer.trainable_weights for layer in layers if layer.name not in frozen):
         raise UserError(f"train.freeze {patterns} freezes every layer with weights, so nothing would train; "
-                        f"leave the classifier head ({_listed(sorted(head))}) out")
+                        f"leave the classifier head ({listed(sorted(head))}) out")
     for layer in layers:
         if layer.name in frozen:
             layer.trainable = False

@@ -102,7 +102,8 @@ def lr_range_test(config: Config, min_lr: float = 1e-6, max_lr: float = 1.0, ste
     "base_batch_size"}; with `out_png`, also writes the loss-vs-rate plot there and adds "plot"."""
     from shared import modelzoo
     from shared.optim import compile_model
-    from shared.train import prepare, precision_policy, training_labels
+    from shared.lifecycle import precision_policy
+    from shared.tasks.classification import prepare, training_labels
 
     _check_arguments(min_lr, max_lr, steps)
     if out_png is not None:

@@ -13,8 +13,9 @@
     python -m shared.runner export --run runs/resnet/v0003 --format saved_model|tflite [--quantize int8]
     python -m shared.runner size --run runs/resnet/v0003
 
-A recipe with `task: detection` trains, tests, resumes and exports a detector through the same commands
-(shared/detection/). A user mistake prints one line `error: ...` and exits with status 2, without a traceback.
+Every command goes through its config's or run's task (`shared.tasks.TASKS`: classification, detection, ...):
+a command the task does not support (`Task.commands`) is refused in one place, `_check_supported`, with one
+line. A user mistake prints one line `error: ...` and exits with status 2, without a traceback.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TF's C++ start-up chatter out of the way
 
-COMMANDS = ("train", "finetune", "finetune-all", "distill", "tune", "test", "preview", "lr-sweep", "find-batch", "export", "size")
 
 
 def _config_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
@@ -85,7 +85,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     size.add_argument("--run", required=True, help="a run folder, e.g. runs/resnet/v0003")
     test = sub.add_parser("test", help="re-test a finished run from its own snapshot")
     test.add_argument("--run", required=True, help="a run folder, e.g. runs/resnet/v0003")
-    if not argv or argv[0] not in (*COMMANDS, "-h", "--help"):
+    if not argv or argv[0] not in (*HANDLERS, "-h", "--help"):
         argv = ["train", *argv]
     args = parser.parse_args(argv)
     if args.command == "train" and bool(args.config) == bool(args.resume):
@@ -100,54 +100,68 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from shared.errors import run_cli  # after argparse, so --help answers before TF loads
 
-    actions = {"test": _test, "train": _train, "finetune": _train, "finetune-all": _train, "distill": _train,
-               "tune": _tune, "preview": _preview,
-               "lr-sweep": _lr_sweep, "find-batch": _find_batch, "export": _export, "size": _size}
-    return run_cli(lambda: actions[args.command](args, argv))
+    return run_cli(lambda: HANDLERS[args.command](args, argv))
+
+
+def _check_supported(command: str, task_name: str | None):
+    """The one place a command refuses a task it does not support; returns the task."""
+    from shared.errors import UserError
+    from shared.tasks import TASKS, task_for
+
+    task = task_for({"task": task_name})
+    if command not in task.commands:
+        able = [name for name, other in TASKS.items() if command in other.commands]
+        raise UserError(f"{command} supports task{'s' if len(able) > 1 else ''} {', '.join(able) or 'none'}, "
+                        f"not {task.name}")
+    return task
+
+
+def _run_task(run) -> str | None:
+    """The task a run's config.yaml names (read without loading TensorFlow)."""
+    try:
+        return (run.config_dict() or {}).get("task")
+    except (OSError, ValueError):
+        return None
+
+
+def _open_idle_run(path: str):
+    # Cheap checks first: a typo, or a run still training, answers before TensorFlow loads.
+    from shared.runs import open_run, require_idle
+
+    run = open_run(path)
+    require_idle(run)
+    return run
+
+
+def _config(args: argparse.Namespace, overrides: list[str] | None = None):
+    from shared.config import load_config
+
+    config = load_config(args.config, list(overrides if overrides is not None else args.set))
+    _check_supported(args.command, config.task)
+    return config
 
 
 def _test(args: argparse.Namespace, argv: list[str]) -> None:
-    # Cheap checks first: a typo should answer at once, before TensorFlow loads.
-    from shared.runs import open_run, require_idle
-
-    run = open_run(args.run)
-    require_idle(run)  # a run still training is refused before TensorFlow loads
-    if _is_detection(run):
-        from shared.detection.train import evaluate_detection_run, summary
-
-        print(summary(evaluate_detection_run(run)))
-        return
+    run = _open_idle_run(args.run)
+    task = _check_supported("test", _run_task(run))
     from shared.evaluate import evaluate
-    from shared.train import summary
 
-    print(summary(evaluate(run)))
-
-
-def _is_detection(run) -> bool:
-    """Whether a run's config.yaml says task: detection (read without loading TensorFlow)."""
-    try:
-        return (run.config_dict() or {}).get("task") == "detection"
-    except (OSError, ValueError):
-        return False
+    print(task.summary(evaluate(run)))
 
 
 def _preview(args: argparse.Namespace, argv: list[str]) -> None:
-    from shared.config import load_config
     from shared.errors import UserError
 
     if args.count < 1:
         raise UserError(f"--count is {args.count}; ask for at least one image")
-    config = load_config(args.config, list(args.set))
+    config = _config(args)
     from shared import plots
 
     print(f"wrote {plots.preview(config, args.out, count=args.count)}: {args.count} augmented training images")
 
 
 def _tune(args: argparse.Namespace, argv: list[str]) -> None:
-    from shared.config import load_config
-
-    overrides = list(args.set) + ([f"run.notes={_yaml_string(args.notes)}"] if args.notes else [])
-    config = load_config(args.config, overrides)
+    config = _config(args, list(args.set) + ([f"run.notes={_yaml_string(args.notes)}"] if args.notes else []))
     from shared import tune
 
     result = tune.tune(config, argv=["-m", "shared.runner", *argv])
@@ -157,18 +171,14 @@ def _tune(args: argparse.Namespace, argv: list[str]) -> None:
 
 
 def _lr_sweep(args: argparse.Namespace, argv: list[str]) -> None:
-    from shared.config import load_config
-
-    config = load_config(args.config, list(args.set))
+    config = _config(args)
     from shared import lr_finder
 
     print(lr_finder.format_report(lr_finder.lr_range_test(config, args.min_lr, args.max_lr, args.steps, args.out)))
 
 
 def _find_batch(args: argparse.Namespace, argv: list[str]) -> None:
-    from shared.config import load_config
-
-    config = load_config(args.config, list(args.set))
+    config = _config(args)
     from shared import batch_finder
 
     # A CPU rarely runs out of memory before the search becomes very slow: a lower default cap there.
@@ -177,53 +187,23 @@ def _find_batch(args: argparse.Namespace, argv: list[str]) -> None:
 
 
 def _export(args: argparse.Namespace, argv: list[str]) -> None:
-    from shared.runs import open_run, require_idle
-
-    run = open_run(args.run)
-    require_idle(run)
-    if _is_detection(run):
-        _export_detection(args, run)
-        return
-    if args.format == "saved_model":
-        from shared import export
-
-        path = export.export_saved_model(run, args.export_dir, model_name=args.name, keep=args.keep)
-        print(f"exported {path}\n{export.serving_command(args.export_dir, path.parent.name)}")
-        return
-    from shared import tflite
-
-    path = tflite.convert(run, quantize=args.quantize, io=args.io)
-    print(f"exported {path} ({path.stat().st_size / 1e6:.2f} MB)")
-    if args.evaluate:
-        metrics = tflite.evaluate_tflite(path, run)
-        print(f"LiteRT test top-1 {metrics['top1']:.4f}  top-5 {metrics['top5']:.4f}  ({metrics['examples']} images)")
-
-
-def _export_detection(args: argparse.Namespace, run) -> None:
-    from shared.detection import export as detection_export
-
+    run = _open_idle_run(args.run)
+    task = _check_supported("export", _run_task(run))
     if args.format == "saved_model":
         from shared.export import serving_command
 
-        path = detection_export.export_detection_saved_model(run, args.export_dir, model_name=args.name,
-                                                             keep=args.keep)
+        path = task.export_saved_model(run, args.export_dir, model_name=args.name, keep=args.keep)
         print(f"exported {path}\n{serving_command(args.export_dir, path.parent.name)}")
         return
-    path = detection_export.export_detection_tflite(run, quantize=args.quantize, io=args.io)
-    print(f"exported {path} ({path.stat().st_size / 1e6:.2f} MB) with {path.parent / detection_export.ANCHORS_FILE} "
-          f"and {path.parent / detection_export.INFO_FILE} beside it (decode outside: "
-          f"shared.detection.export.decode_tflite_outputs)")
+    path, beside = task.export_tflite(run, quantize=args.quantize, io=args.io)
+    print(f"exported {path} ({path.stat().st_size / 1e6:.2f} MB)" + (f" {beside}" if beside else ""))
     if args.evaluate:
-        from shared.detection.train import summary
-
-        print(f"LiteRT {summary(detection_export.evaluate_detection_tflite(path, run))}")
+        print(f"LiteRT {task.summary(task.evaluate_tflite(path, run))}")
 
 
 def _size(args: argparse.Namespace, argv: list[str]) -> None:
-    from shared.runs import open_run, require_idle
-
-    run = open_run(args.run)
-    require_idle(run)
+    run = _open_idle_run(args.run)
+    _check_supported("size", _run_task(run))
     from shared import size_report
 
     print(size_report.format_table(size_report.size_report(run)))
@@ -239,16 +219,13 @@ def finetune_overrides(args: argparse.Namespace) -> list[str]:
 
 
 def _train(args: argparse.Namespace, argv: list[str]) -> None:
-    from shared.config import load_config
     from shared.runs import lock_run, open_run, require_idle
 
     if getattr(args, "resume", None):
         run = open_run(args.resume)  # a typo, or a run another process trains, answers before TensorFlow loads
         lock_run(run, ["-m", "shared.runner", *argv])
-        if _is_detection(run):
-            from shared.detection.train import resume_detection as resume, summary
-        else:
-            from shared.train import resume, summary
+        task = _check_supported("resume", _run_task(run))
+        from shared.lifecycle import resume
 
         run = resume(run.path, argv=["-m", "shared.runner", *argv])
     else:
@@ -256,18 +233,18 @@ def _train(args: argparse.Namespace, argv: list[str]) -> None:
         if args.command == "distill":
             overrides.append(f"distill.teacher={args.teacher}")
         overrides += list(args.set) + ([f"run.notes={_yaml_string(args.notes)}"] if args.notes else [])
+        from shared.config import load_config
+
         config = load_config(args.config, overrides)
         for source in (config.init.from_run, config.distill.teacher):
             if source:
                 require_idle(open_run(source))  # a typo or a live run answers before TensorFlow loads
-        if config.task == "detection":
-            from shared.detection.train import summary, train_detection as train
-        else:
-            from shared.train import summary, train
+        task = _check_supported(args.command, config.task)
+        from shared.lifecycle import train
 
         run = train(config, argv=["-m", "shared.runner", *argv])
     metrics = run.test_metrics()
-    print(f"{run.path}: {summary(metrics)}" if metrics else "worker done; the chief worker keeps the run folder")
+    print(f"{run.path}: {task.summary(metrics)}" if metrics else "worker done; the chief worker keeps the run folder")
 
 
 def _yaml_string(text: str) -> str:
@@ -290,6 +267,12 @@ def _cli_text(text: str) -> str:
         return os.fsencode(text).decode("utf-8")
     except UnicodeError:
         return text
+
+
+# The CLI's commands and their handlers; which task supports which command is each Task's `commands`.
+HANDLERS = {"train": _train, "finetune": _train, "finetune-all": _train, "distill": _train, "tune": _tune,
+            "test": _test, "preview": _preview, "lr-sweep": _lr_sweep, "find-batch": _find_batch, "export": _export,
+            "size": _size}
 
 
 if __name__ == "__main__":

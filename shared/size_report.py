@@ -53,14 +53,14 @@ def size_report(run: Run | str | Path, formats: Sequence[str] = FORMATS, latency
     batch 1, median of `latency_runs` calls, for the Keras model (TensorFlow's thread pool) and for
     each TFLite variant (LiteRT, one thread, measured in interleaved rounds); the SavedModel has none."""
     from shared import sizing, tflite
-    from shared.evaluate import load_run_model
+    from shared.tasks import rebuild
 
     run = run if isinstance(run, Run) else open_run(run)
     unknown = [name for name in formats if name not in ("keras", "saved_model", *TFLITE_MODES)]
     if unknown:
         raise UserError(f"unknown size-report format(s) {', '.join(map(repr, unknown))}; "
                         f"choose from {', '.join(['keras', 'saved_model', *TFLITE_MODES])}")
-    model, config = load_run_model(run)
+    model, config = rebuild(run)
     data = config.data
     input_shape = (data.image_size, data.image_size, data.channels)
     entries: dict[str, dict] = {}

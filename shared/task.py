@@ -28,7 +28,7 @@ class Phase:
 @dataclasses.dataclass
 class TaskData:
     """A task's input pipelines and the facts the lifecycle reports and records about them."""
-    train: Any  # tf.data.Dataset of (inputs, targets) exactly as the compiled loss wants them (repeating)
+    train: Any  # tf.data.Dataset of (inputs, targets), repeating; fit_data() adapts the targets to the model
     val: Any | None  # likewise, or None when there is no validation split
     steps_per_epoch: int
     class_names: list[str]  # written to the run's labels.txt
@@ -41,7 +41,7 @@ class TaskData:
 
 class Task:
     """The interface every task implements. The lifecycle calls, in order: check -> plan_phases ->
-    datasets -> build -> initialize (when init.from_run / init.weights) -> trainer -> head_layer_names ->
+    datasets -> build -> initialize (when init.from_run / init.weights) -> trainer -> fit_data -> head_layer_names ->
     per phase: compile + fit -> evaluate (on the model rebuilt from the last checkpoint) -> summary."""
 
     name: str = ""
@@ -81,12 +81,17 @@ class Task:
         """The model fit() trains (a distillation wrapper around `model`, say); checkpoints see `model`."""
         return model
 
+    def fit_data(self, config, model, module, data: TaskData) -> tuple[Any, Any]:
+        """The (training, validation or None) pipelines fit() gets, with targets as the compiled loss wants
+        them for this model (anchor targets, one label per auxiliary head, ...)."""
+        return data.train, data.val
+
     def head_layer_names(self, module, model, config, input_shape: tuple[int, int, int]) -> set[str]:
         """The layers the task adds on the backbone: never frozen by train.freeze: [backbone]."""
         raise NotImplementedError
 
     # ---- per phase
-    def compile(self, trainer, model, config, data: TaskData, lr_scale: float, replicas: int) -> None:
+    def compile(self, trainer, model, module, config, data: TaskData, lr_scale: float, replicas: int) -> None:
         """Compile `trainer` with the task's losses and metrics and shared.optim's optimizer; `config.train`
         holds the phase's own epochs (a schedule spans the phase)."""
         raise NotImplementedError

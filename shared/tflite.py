@@ -135,10 +135,10 @@ def convert(run: Run | str | Path, quantize: str = "none", io: str = "float", ou
     check_mode(quantize, io)
     import tensorflow as tf
 
-    from shared.evaluate import load_run_model
+    from shared.tasks import rebuild
 
     run = _as_run(run)
-    model, config = load_run_model(run)
+    model, config = rebuild(run)
     data = config.data
     converter = _converter(model, (data.image_size, data.image_size, data.channels))
     if quantize == "float16":

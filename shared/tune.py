@@ -470,14 +470,10 @@ def measure(run, wanted: list[str]) -> dict[str, float]:
 
 
 def _architecture(run):
-    """The run's classifier rebuilt from its own model.py and config (no weights: sizes only)."""
-    from shared import modelzoo
+    """The run's classifier rebuilt from its own model.py and config (for its sizes)."""
+    from shared.tasks import rebuild
 
-    config = config_module.from_dict(run.config_dict())
-    data = config.data
-    model = modelzoo.build_model(modelzoo.load_model_module(run.path), data.num_classes,
-                                 (data.image_size, data.image_size, data.channels), config.model.hparams)
-    return modelzoo.inference_model(model)
+    return rebuild(run)[0]
 
 
 def find_run(config: Config, tag: str):
@@ -501,7 +497,7 @@ def make_objective(base_config: Config, study: str, space: dict[str, BaseDistrib
     def objective(trial: optuna.Trial) -> float | tuple[float, ...]:
         import keras
 
-        from shared.train import train
+        from shared.lifecycle import train
 
         values = {key: suggest(trial, key, distribution) for key, distribution in space.items()}
         earlier = same_values(trial, values)
@@ -524,7 +520,7 @@ def make_objective(base_config: Config, study: str, space: dict[str, BaseDistrib
         try:
             run = train(config, argv=argv, callbacks=callbacks)
         except optuna.TrialPruned as pruned:
-            # shared.train has marked the run failed and re-raised; say what really happened.
+            # shared.lifecycle has marked the run failed and re-raised; say what really happened.
             run = find_run(config, tag)
             if run is not None:
                 trial.set_user_attr("run", str(run.path))

@@ -41,7 +41,7 @@ def model_copy(tmp_path) -> Path:
 def trained_run(tmp_path_factory):
     """One finished tiny run (from a private copy of the model source), shared by read-only tests."""
     from shared.config import load_config
-    from shared.train import train
+    from shared.lifecycle import train
 
     base = tmp_path_factory.mktemp("trained")
     source = base / "resnet_src"

@@ -5,7 +5,7 @@ import json
 
 from shared.config import load_config
 from shared.evaluate import evaluate
-from shared.train import train
+from shared.lifecycle import train
 
 from conftest import tiny_tree
 

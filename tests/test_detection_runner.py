@@ -81,7 +81,7 @@ def trained(generated, source, tmp_path_factory) -> runs.Run:
 @pytest.mark.slow
 def test_training_through_the_runner_records_map_and_provenance(trained, source):
     from shared.detection.model import backbone_layer_names
-    from shared.detection.train import load_detection_model
+    from shared.tasks import rebuild
     from shared.finetune import source_from_run
 
     assert trained.status()["status"] == "finished"
@@ -102,7 +102,7 @@ def test_training_through_the_runner_records_map_and_provenance(trained, source)
     assert recorded["data"]["num_classes"] == 10
 
     # epoch 1 trained the heads on the frozen copied backbone; epoch 2 every layer
-    detector, _ = load_detection_model(trained)  # the last checkpoint: epoch 2
+    detector, _ = rebuild(trained)  # the last checkpoint: epoch 2
     classifier = source_from_run(source).model
     layers = [name for name in backbone_layer_names(detector) if detector.get_layer(name).weights]
 
@@ -117,7 +117,7 @@ def test_training_through_the_runner_records_map_and_provenance(trained, source)
 
 @pytest.mark.slow
 def test_test_command_reproduces_the_recorded_map(trained, capsys):
-    from shared.detection.train import summary
+    from shared.tasks.detection import summary
 
     assert runner.main(["test", "--run", str(trained.path)]) == 0
     assert capsys.readouterr().out.strip() == summary(trained.test_metrics())
@@ -222,7 +222,7 @@ def assert_same_detections(got: dict, want: dict, scale: float = 1.0) -> None:
 @pytest.mark.slow
 def test_saved_model_on_bytes_equals_the_keras_pipeline(trained, generated, tmp_path, capsys):
     from shared.detection import datasets as detection_data
-    from shared.detection.train import load_detection_model
+    from shared.tasks import rebuild
 
     export_dir = tmp_path / "exports"
     assert runner.main(["export", "--run", str(trained.path), "--format", "saved_model",
@@ -232,7 +232,7 @@ def test_saved_model_on_bytes_equals_the_keras_pipeline(trained, generated, tmp_
     info = json.loads((folder / "assets.extra" / "export.json").read_text())
     assert info["task"] == "detection" and info["image_size"] == SIZE
 
-    detector, config = load_detection_model(trained)
+    detector, config = rebuild(trained)
     _, test, class_names = detection_data.load_detection_data(config)
     images = np.concatenate([x.numpy() for x, _ in detection_data.make_dataset(test, config, training=False)])
     want = keras_detections(detector, config, images)
@@ -266,12 +266,12 @@ def test_tflite_raw_outputs_and_numpy_decoding_match_keras(trained, capsys):
     from shared.detection import export
     from shared.detection.model import model_anchors
     from shared.detection.postprocess import decode_detections
-    from shared.detection.train import load_detection_model
+    from shared.tasks import rebuild
 
     assert runner.main(["export", "--run", str(trained.path), "--format", "tflite"]) == 0
     path = trained.path / "export" / "detector_none.tflite"
     assert path.is_file() and str(path) in capsys.readouterr().out
-    detector, config = load_detection_model(trained)
+    detector, config = rebuild(trained)
     anchors = model_anchors(detector, config.detection).numpy()
     np.testing.assert_array_equal(np.load(path.parent / export.ANCHORS_FILE), anchors)
 

@@ -15,7 +15,7 @@ from shared.config import DataConfig, load_config
 from shared.distill import (Distiller, Renormalize, cross_entropy, data_normalization, distillation_loss,
                             load_teacher, student_of)
 from shared.errors import UserError
-from shared.evaluate import load_run_model
+from shared.tasks import rebuild
 from shared.finetune import unfreeze_all
 from shared.modelzoo import MODELS_DIR, load_model_module, resolve_hparams
 from shared.optim import compile_model
@@ -102,7 +102,7 @@ def test_a_teacher_for_other_classes_or_images_is_refused(trained_run):
 
 def test_the_teacher_sees_its_own_normalization(trained_run):
     run, _ = trained_run
-    reference, _ = load_run_model(run)
+    reference, _ = rebuild(run)
     pixels = np.random.default_rng(2).uniform(0, 255, size=(5, *SHAPE)).astype(np.float32)
     own = (pixels - np.float32(127.5)) / np.float32(36.0)
 
@@ -173,7 +173,7 @@ def test_a_distiller_trains_the_student_only_and_its_checkpoint_is_the_student(t
     assert any(not np.array_equal(b, a) for b, a in zip(student_before, student.get_weights(), strict=True))
 
     # The run's checkpoint is the student: the unchanged evaluation path rebuilds it from its model.py.
-    rebuilt, _ = load_run_model(run)
+    rebuilt, _ = rebuild(run)
     np.testing.assert_allclose(rebuilt(x, training=False), distiller(x, training=False), atol=1e-5)
     np.testing.assert_allclose(distiller.predict(x, verbose=0), student(x, training=False), atol=1e-5)
     student.save(tmp_path / "student.keras")

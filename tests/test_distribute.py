@@ -27,7 +27,7 @@ def test_mirrored_on_two_logical_cpus(tmp_path):
         from shared.distribute import split_cpu
         split_cpu(2)  # before TensorFlow sets up its devices
         from shared.config import load_config
-        from shared.train import train
+        from shared.lifecycle import train
         run = train(load_config(tree={tree!r}))
         print("RESULT", run.path)
     """)

@@ -60,9 +60,9 @@ def saved_model(trained_run, tmp_path_factory) -> Path:
 def eval_pipeline_probabilities(run: Run, images: list[np.ndarray]) -> np.ndarray:
     """The Keras model's probabilities on pixels preprocessed by the project's own eval map."""
     from shared.data import _image_fn, sources
-    from shared.evaluate import load_run_model
+    from shared.tasks import rebuild
 
-    model, config = load_run_model(run)
+    model, config = rebuild(run)
     eval_fn = _image_fn(config, sources.load(config.data), None)
     return np.concatenate([model(eval_fn(tf.constant(image), 0)[0][None], training=False).numpy()
                            for image in images])

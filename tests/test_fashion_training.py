@@ -6,7 +6,7 @@ import pytest
 
 from shared.config import load_config
 from shared.evaluate import evaluate
-from shared.train import train
+from shared.lifecycle import train
 
 QUICK = Path(__file__).resolve().parent.parent / "models" / "resnet" / "quick.yaml"
 

@@ -117,7 +117,7 @@ def test_a_kill_at_each_commit_point_of_an_epoch_end_loses_nothing(tmp_path, cap
     import keras
 
     from shared.evaluate import evaluate
-    from shared.train import resume
+    from shared.lifecycle import resume
 
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump(tiny_model_tree(tmp_path, ema_momentum=0.9)))
@@ -161,7 +161,7 @@ def test_a_kill_at_each_commit_point_of_an_epoch_end_loses_nothing(tmp_path, cap
 
 def test_a_metrics_row_cut_off_by_a_kill_is_dropped_when_resuming(tmp_path):
     """A kill while epoch 13's row was being written left "1" of "12,...": read as epoch 1, it would stay."""
-    from shared.train import _truncate_metrics
+    from shared.lifecycle import _truncate_metrics
 
     path = tmp_path / "metrics.csv"
     path.write_text("epoch,loss,lr\n" + "".join(f"{n},0.5,0.1\n" for n in range(12)) + "1")
@@ -175,7 +175,7 @@ def test_the_recorded_figure_is_the_one_test_gives_for_the_last_checkpoint(tmp_p
     (rebuilt in float32): the figure is never the model in memory's own."""
     from shared.config import load_config
     from shared.evaluate import evaluate
-    from shared.train import train
+    from shared.lifecycle import train
 
     run = train(load_config(tree=tiny_model_tree(tmp_path, epochs=1, ema_momentum=0.9, precision="mixed_bfloat16")))
     recorded, retest = run.test_metrics(), evaluate(run)
@@ -307,7 +307,7 @@ def test_a_real_full_disk_stops_the_run_in_one_line_and_it_resumes(tmp_path):
 
     from shared.config import load_config
     from shared.durable import DiskFull
-    from shared.train import resume, train
+    from shared.lifecycle import resume, train
 
     disk = tmp_path / "small_disk"
     disk.mkdir()

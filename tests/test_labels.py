@@ -54,7 +54,7 @@ def test_tfrecord_label_outside_the_classes_names_the_shard(tmp_path):
 
 @pytest.mark.slow
 def test_training_on_a_shard_with_a_bad_label_is_one_line_from_the_cli(tmp_path, capsys):
-    from shared.train import train
+    from shared.lifecycle import train
 
     root = write_tfrecord_dataset(tmp_path / "tfr", [0, 1, 2, 10] * 4)
     tree = tiny_tree(tmp_path / "runs", data={"source": "tfrecord", "path": str(root), "num_classes": None,
@@ -112,7 +112,7 @@ def test_evaluation_refuses_labels_outside_the_classes():
 
 @pytest.mark.slow
 def test_test_run_refuses_data_whose_classes_were_renamed(tmp_path, capsys):
-    from shared.train import train
+    from shared.lifecycle import train
 
     root = make_folder_dataset(tmp_path / "imgs", per_class=3)
     tree = tiny_tree(tmp_path / "runs", data={"source": "folder", "path": str(root), "test_split": "val",

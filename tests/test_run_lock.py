@@ -18,7 +18,7 @@ import pytest
 
 from shared import runs
 from shared.config import load_config
-from shared.train import train
+from shared.lifecycle import train
 
 from conftest import REPO, tiny_tree
 
@@ -93,7 +93,7 @@ def test_every_command_refuses_a_live_run_with_one_line(live_copy, tmp_path):
 def test_library_readers_refuse_a_live_run(live_copy, tmp_path):
     from shared import export, finetune, size_report, tflite
     from shared.evaluate import evaluate
-    from shared.train import resume
+    from shared.lifecycle import resume
 
     run = runs.Run(live_copy)
     with held(live_copy) as holder:
@@ -106,13 +106,14 @@ def test_library_readers_refuse_a_live_run(live_copy, tmp_path):
 
 
 def test_detection_run_readers_refuse_a_live_run(tmp_path):
-    from shared.detection.train import load_detection_model, resume_detection
+    from shared.lifecycle import resume as resume_detection
+    from shared.tasks import rebuild
 
     run_dir = tmp_path / "runs" / "resnet" / "v0001"
     (run_dir / "checkpoints").mkdir(parents=True)
     (run_dir / "config.yaml").write_text(load_config(REPO / "models" / "resnet" / "detect.yaml").dump())
     with held(run_dir) as holder:
-        for read in (lambda: load_detection_model(runs.Run(run_dir)), lambda: resume_detection(run_dir)):
+        for read in (lambda: rebuild(runs.Run(run_dir)), lambda: resume_detection(run_dir)):
             with pytest.raises(runs.RunInUse, match=in_use(holder.pid)):
                 read()
 
@@ -177,7 +178,7 @@ class ProbeThenInterrupt(keras.callbacks.Callback):
 
 @pytest.mark.slow
 def test_training_holds_the_lock_and_resume_trusts_the_backup_over_a_damaged_status(tmp_path, capsys):
-    from shared.train import resume
+    from shared.lifecycle import resume
 
     probe = ProbeThenInterrupt(tmp_path / "runs")
     with pytest.raises(KeyboardInterrupt):

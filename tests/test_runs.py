@@ -10,7 +10,7 @@ from shared import runs
 from shared.config import load_config
 from shared.errors import UserError
 from shared.evaluate import evaluate
-from shared.train import train
+from shared.lifecycle import train
 
 from conftest import tiny_tree
 
@@ -138,7 +138,7 @@ def test_training_with_mixup_uses_the_soft_label_loss(tmp_path):
 @pytest.mark.parametrize("damage", ["damaged", "missing"])
 def test_resume_never_retrains_from_epoch_0_over_a_runs_epochs(trained_run, tmp_path, damage):
     # A finished run has no backup left; with its status.json damaged or gone, nothing says it finished.
-    from shared.train import resume
+    from shared.lifecycle import resume
 
     run_dir = tmp_path / "resnet" / "v0001"
     shutil.copytree(trained_run[0].path, run_dir)

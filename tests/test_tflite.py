@@ -40,9 +40,9 @@ def report(run) -> dict:
 def keras_and_images(run):
     """The run's Keras model and 16 of its test images with labels."""
     from shared import data as data_module
-    from shared.evaluate import load_run_model
+    from shared.tasks import rebuild
 
-    model, config = load_run_model(run)
+    model, config = rebuild(run)
     images, labels = next(iter(data_module.make_datasets(config).test.unbatch().batch(16)))
     return model, images.numpy(), labels.numpy()
 
@@ -143,14 +143,14 @@ def test_op_without_int8_kernel_is_a_user_error(run, tmp_path, monkeypatch):
     import keras
 
     from shared import config as config_module
-    from shared import evaluate
+    from shared import tasks
 
     inputs = keras.Input((16, 16, 3))
     x = keras.layers.Conv2D(4, 3)(inputs)
     x = keras.layers.Lambda(keras.ops.sin)(x)
     outputs = keras.layers.Dense(4, activation="softmax")(keras.layers.GlobalAveragePooling2D()(x))
     model = keras.Model(inputs, outputs)
-    monkeypatch.setattr(evaluate, "load_run_model",
+    monkeypatch.setattr(tasks, "rebuild",
                         lambda _run: (model, config_module.from_dict(run.config_dict())))
     with pytest.raises(UserError, match=r"SIN.*quantize=dynamic"):
         tflite.convert(run, "int8", out_path=tmp_path / "sin.tflite", representative_images=8)

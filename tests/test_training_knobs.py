@@ -73,7 +73,7 @@ def test_bad_knobs(change, fragment):
 
 
 def tiny_run(tmp_path, **train):
-    from shared.train import train as run_training
+    from shared.lifecycle import train as run_training
 
     tree = tiny_tree(tmp_path / "runs", train={"epochs": 1, "verbose": 0, "lr": {"base": 0.05}, **train})
     return run_training(load_config(tree=tree))
@@ -98,7 +98,7 @@ def test_mixed_bfloat16_keeps_float32_probabilities(tmp_path):
     assert run.status()["status"] == "finished"
     assert keras.config.dtype_policy().name == "float32"  # the global policy is restored
     module = load_model_module(model_dir("resnet"))
-    from shared.train import precision_policy
+    from shared.lifecycle import precision_policy
 
     with precision_policy("mixed_bfloat16"):
         model = build_model(module, 4, (16, 16, 3), {"depth": 18, "width": 4, "small_input": True})

@@ -121,12 +121,12 @@ def export_detection_saved_model(run: Run | str | Path, export_dir: Path, model_
     model_name `<model>_detection`, version one past the highest) and return that path. The version
     appears by renaming a finished hidden folder; older versions beyond `keep` are pruned and
     `<export_dir>/models.config` is rewritten (see `shared.export`)."""
-    from shared.detection.train import load_detection_model
+    from shared.tasks import rebuild
 
     run = _as_run(run)
     model_name = model_name or default_model_name(run)
     model_dir = target_folder(run, export_dir, model_name, version, keep)
-    detector, config = load_detection_model(run)
+    detector, config = rebuild(run)
     names = run.class_names() or [str(i) for i in range(config.data.num_classes)]
 
     def write(staging: Path) -> dict:
@@ -170,7 +170,7 @@ def export_detection_tflite(run: Run | str | Path, quantize: str = "none", io: s
     with the raw outputs; write anchors.npy and detection.json beside it. Returns the .tflite path
     (default `<run>/export/detector_<quantize>.tflite`); every file is written atomically."""
     from shared.detection.model import model_anchors
-    from shared.detection.train import load_detection_model
+    from shared.tasks import rebuild
     from shared.durable import atomic_write
     from shared.tflite import EXPORT_DIR
 
@@ -180,7 +180,7 @@ def export_detection_tflite(run: Run | str | Path, quantize: str = "none", io: s
     if io != "float":
         raise UserError(f"--io {io}: a detector's TFLite file has float input and outputs; leave --io out")
     run = _as_run(run)
-    detector, config = load_detection_model(run)
+    detector, config = rebuild(run)
     data = config.data
     try:
         content = _convert(detector, (data.image_size, data.image_size, data.channels), quantize)
@@ -308,6 +308,16 @@ def decode_boxes(anchors: np.ndarray, deltas: np.ndarray) -> np.ndarray:
     return np.stack([x - w / 2.0, y - h / 2.0, x + w / 2.0, y + h / 2.0], axis=-1)
 
 
+def ground_truth(split, image_size: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Every annotated box of a DetectionSplit (not only the first detection.max_boxes), in the resized
+    image's pixels."""
+    truth = []
+    for record in split:
+        scale = np.array([image_size / record.width, image_size / record.height] * 2, np.float32)
+        truth.append((record.boxes * scale, record.classes))
+    return truth
+
+
 def box_iou(box: np.ndarray, others: np.ndarray) -> np.ndarray:
     """IoU of one xyxy box with each of `others` [K, 4], as TF's NMS kernels compute it (0 for empty boxes)."""
     x_min, y_min = np.maximum(box[0], others[:, 0]), np.maximum(box[1], others[:, 1])
@@ -371,7 +381,6 @@ def evaluate_detection_tflite(path: Path | str, run: Run | str | Path, limit: in
     from shared import config as config_module
     from shared.detection import datasets as detection_data
     from shared.detection.metrics import coco_map
-    from shared.detection.train import ground_truth
 
     run = _as_run(run)
     path = Path(path)

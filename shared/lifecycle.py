@@ -1,9 +1,11 @@
-"""The train runner: config -> datasets -> model -> `model.fit` -> run snapshot.
+"""One run lifecycle for every task: config -> task's datasets -> task's model -> phases of `model.fit` with
+the run's callbacks -> the task's test figures on the last checkpoint -> run snapshot.
 
 Everything that can be checked (config, model hyperparameters, data, starting weights) is checked
 before the run folder is created, so a bad input leaves nothing behind; once the folder exists, any
 failure marks it failed, and SIGTERM or Ctrl-C marks it interrupted. `resume(run)` continues an
-interrupted run from its last complete epoch, in the same folder.
+interrupted run from its last complete epoch, in the same folder. What differs between tasks
+(classification, detection, ...) is a `shared.task.Task` (`shared.tasks.TASKS`).
 """
 
 from __future__ import annotations
@@ -22,65 +24,13 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import keras
-import tensorflow as tf
 
-from shared import data as data_module
-from shared import distill, distribute, durable, finetune, modelzoo, optim, plots, runs
+from shared import distribute, durable, finetune, modelzoo, optim, plots, runs
 from shared.callbacks import (AtomicBackupAndRestore, DurableCSVLogger, EpochCheckpoint, LearningRateLogger,
                               NonFiniteLoss, StopOnNonFiniteLoss, StopOnSignal, backup_state)
 from shared.config import Config
 from shared.errors import UserError, embedded_user_error
-from shared.evaluate import evaluate_model, load_run_model
-from shared.modelzoo import MAIN_OUTPUT
-
-
-def _where(config: Config) -> str:
-    return f" (in {config.source_file})" if config.source_file else ""
-
-
-def prepare(config: Config, replicas: int = 1, model_folder: Path | None = None, start_epoch: int = 0):
-    """Resolve the model and its hyperparameters, and build the datasets; returns what `fit` needs.
-    `model_folder`: where model.py lives (a run folder when resuming), else the config's model;
-    `start_epoch`: epochs already trained (resuming), where the training stream starts."""
-    folder = model_folder or modelzoo.model_dir(config.model.name, config.model.path)
-    module = modelzoo.load_model_module(folder)
-    config.model.hparams = modelzoo.resolve_hparams(module, config.model.hparams, _where(config))
-    keras.utils.set_random_seed(config.train.seed)
-    datasets = data_module.make_datasets(config, modelzoo.load_augment_module(folder), replicas=replicas,
-                                         start_epoch=start_epoch)
-    config.data.num_classes = datasets.num_classes  # resolved: the snapshot says how many there were
-    model = modelzoo.build_model(module, datasets.num_classes, datasets.input_shape, config.model.hparams)
-    return folder, module, model, datasets
-
-
-def training_labels(dataset, outputs: list[str], one_hot_classes: int | None):
-    """Labels as the compiled loss wants them: one-hot for label smoothing, and the same label for
-    every auxiliary head."""
-    if dataset is None:
-        return None
-    if one_hot_classes:
-        dataset = dataset.map(lambda images, labels: (images, tf.one_hot(labels, one_hot_classes)))
-    if outputs:
-        dataset = dataset.map(lambda images, labels: (images, {name: labels for name in outputs}))
-    return dataset
-
-
-@dataclasses.dataclass
-class Phase:
-    """A stretch of epochs trained with one set of frozen layers and one optimizer."""
-    until_epoch: int
-    freeze: list[str]
-    lr_scale: float = 1.0
-
-
-def plan_phases(config: Config) -> list[Phase]:
-    """finetune_all with head_epochs: the new head alone first (backbone frozen), then every layer at
-    the lower rate; otherwise one phase."""
-    train, init = config.train, config.init
-    if init.mode != "finetune_all":
-        return [Phase(train.epochs, list(train.freeze))]
-    phases = [Phase(init.head_epochs, ["backbone"])] if init.head_epochs else []
-    return phases + [Phase(train.epochs, list(train.freeze), init.lr_scale)]
+from shared.task import Phase, Task
 
 
 @contextlib.contextmanager
@@ -113,9 +63,9 @@ def sigterm_as_interrupt():
 
 
 def train(config: Config, argv: list[str] | None = None, callbacks: list | tuple = ()) -> runs.Run:
-    """Train as the config says, test on the held-out split, and return the finished run.
-    `callbacks`: extra Keras callbacks, run after the runner's own (a tuner's pruning hook, a timer)."""
-    return _run_training(config, argv, resumed=None, extra_callbacks=list(callbacks))
+    """Train as the config says (its task's model and data), test on the held-out split, and return the
+    finished run. `callbacks`: extra Keras callbacks, run after the runner's own (a tuner's pruning hook)."""
+    return _run_training(_task(config), config, argv, resumed=None, extra_callbacks=list(callbacks))
 
 
 def resume(path: str | Path, argv: list[str] | None = None) -> runs.Run:
@@ -127,7 +77,30 @@ def resume(path: str | Path, argv: list[str] | None = None) -> runs.Run:
     from shared import config as config_module
 
     config = config_module.from_dict(run.config_dict())
-    return _run_training(config, argv, resumed=run)
+    return _run_training(_task(config), config, argv, resumed=run)
+
+
+def _task(config: Config) -> Task:
+    from shared.tasks import task_for  # the tasks build on this module's neighbours, not the other way
+
+    return task_for(config)
+
+
+def test(run: runs.Run | str | Path) -> dict:
+    """Re-test a finished run on its test split from its own snapshot (model.py, config.yaml, last
+    checkpoint): the figures equal those recorded at training time. Refuses (UserError) data whose class
+    names are not the run's (labels.txt), in the same order. Redraws the task's figure in the run folder."""
+    from shared import config as config_module
+    from shared.tasks import rebuild
+
+    run = run if isinstance(run, runs.Run) else runs.open_run(run)
+    config = config_module.from_dict(run.config_dict())
+    task = _task(config)
+    data = task.test_data(config, run)  # checked against the run's classes before the model loads
+    model, _ = rebuild(run)
+    metrics, draw = task.evaluate(model, data, config)
+    draw(run.path)
+    return metrics
 
 
 def check_resumable(run: runs.Run) -> None:
@@ -168,39 +141,43 @@ def _metric_rows(run: runs.Run) -> bool:
     return False
 
 
-def _run_training(config: Config, argv: list[str] | None, resumed: runs.Run | None,
+def _run_training(task: Task, config: Config, argv: list[str] | None, resumed: runs.Run | None,
                   extra_callbacks: list | None = None) -> runs.Run:
-    placement = distribute.make_placement(config.distribute)
-    phases = plan_phases(config)
+    # ---- everything checked before a run folder exists
+    task.check(config)
+    placement = distribute.make_placement(config.distribute) if task.distributes else _one_device()
+    phases = task.plan_phases(config)
     saved = [s for s in map(backup_state, _backup_dirs(resumed, phases)) if s] if resumed else []
     restoring, done = bool(saved), max((s["epoch"] for s in saved), default=0)
+    folder = resumed.path if resumed else modelzoo.model_dir(config.model.name, config.model.path)
+    module = modelzoo.load_model_module(folder)
+    config.model.hparams = modelzoo.resolve_hparams(module, config.model.hparams, _where(config))
+    keras.utils.set_random_seed(config.train.seed)
     with precision_policy(config.train.precision), placement.strategy.scope():
-        folder, module, model, datasets = prepare(config, placement.replicas,
-                                                  model_folder=resumed.path if resumed else None, start_epoch=done)
+        data = task.datasets(config, folder, placement.replicas, start_epoch=done)
+        model = task.build(module, config, data.input_shape)
         provenance = ""
         if (config.init.from_run or config.init.weights) and not restoring:
-            provenance = finetune.initialize_from(config.init, model, module, config.model.hparams,
-                                                  datasets.input_shape, _where(config))
-        trainer = _with_teacher(config, model, datasets)  # the model that fit() trains
+            provenance = task.initialize(config, model, module, data)
+        trainer = task.trainer(config, model, data)  # the model that fit() trains
     distribute.patch_multi_worker_build(trainer, placement)
-    aux_weights = modelzoo.auxiliary_loss_weights(module, model)
-    outputs = [MAIN_OUTPUT, *aux_weights] if aux_weights else []
-    head = finetune.head_layer_names(module, model, config.model.hparams, datasets.input_shape) \
+    train_data, val_data = task.fit_data(config, model, module, data)
+    head = task.head_layer_names(module, model, config, data.input_shape) \
         if any(phase.freeze for phase in phases) else set()
     for phase in phases:  # patterns are checked now, before a run folder exists
         _freeze(model, phase.freeze, head)
 
+    # ---- the run
     if resumed:
         run = resumed
         run.set_status("running", resumed=_now(), pid=os.getpid())
     elif placement.is_chief:
         run = runs.create(config, folder, argv, provenance=provenance)
-        durable.atomic_write(run.path / runs.LABELS_FILE, "".join(f"{name}\n" for name in datasets.class_names))
+        durable.atomic_write(run.path / runs.LABELS_FILE, "".join(f"{name}\n" for name in data.class_names))
     else:
         run = runs.scratch()
-    print(f"run {run.path}: {config.model.name} {config.model.hparams}, {datasets.num_train} training / "
-          f"{datasets.num_val} validation / {datasets.num_test} test images, {datasets.num_classes} classes, "
-          f"{datasets.steps_per_epoch} steps x {config.train.epochs} epochs; {placement.description}"
+    print(f"run {run.path}: {config.model.name} {task.name} {config.model.hparams}, {data.description}, "
+          f"{data.steps_per_epoch} steps x {config.train.epochs} epochs; {placement.description}"
           + (f"; {provenance}" if provenance else ""), flush=True)
     backups = _backup_dirs(run, phases)
     if resumed:
@@ -208,54 +185,49 @@ def _run_training(config: Config, argv: list[str] | None, resumed: runs.Run | No
         _remove_partials(run)
         print(f"resuming after epoch {done} of {config.train.epochs}", flush=True)
 
-    one_hot = datasets.num_classes if config.train.label_smoothing and not datasets.soft_labels else None
-    train_data = training_labels(datasets.train, outputs, one_hot)
-    val_data = training_labels(datasets.val, outputs, one_hot)
-
-    def undecodable(error: BaseException) -> list[str]:  # name the files instead of showing TF's op trace
-        return data_module.find_undecodable(datasets.source) \
-            if isinstance(error, tf.errors.InvalidArgumentError) and datasets.source.encoding == "path" else []
-
     started = time.time()
-    with failures_marked(run, model, undecodable):
+    with failures_marked(run, model, data.undecodable):
         with sigterm_as_interrupt() as stop_callbacks:
             start = 0
             for phase, backup in zip(phases, backups):
                 with precision_policy(config.train.precision), placement.strategy.scope():
                     _freeze(model, phase.freeze, head)
                     optim.apply_weight_decay(model, config.train)  # the student's, when distilling
-                    optim.compile_model(trainer, _phase_train_config(config, phase.until_epoch - start),
-                                  datasets.steps_per_epoch, datasets.num_classes, aux_weights,
-                                  soft_labels=datasets.soft_labels, replicas=placement.replicas,
-                                  lr_scale=phase.lr_scale)
+                    task.compile(trainer, model, module, _phase_train_config(config, phase.until_epoch - start),
+                                 data, lr_scale=phase.lr_scale, replicas=placement.replicas)
                 trainer.fit(train_data, epochs=phase.until_epoch, initial_epoch=start,
-                          steps_per_epoch=datasets.steps_per_epoch, validation_data=val_data,
-                          verbose=_verbosity(config.train.verbose), shuffle=False,
-                          callbacks=[*stop_callbacks,
-                                     *_callbacks(config, run, backup, validating=val_data is not None),
-                                     *(extra_callbacks or [])])
+                            steps_per_epoch=data.steps_per_epoch, validation_data=val_data,
+                            verbose=_verbosity(config.train.verbose), shuffle=False,
+                            callbacks=[*stop_callbacks,
+                                       *_callbacks(config, run, backup, validating=val_data is not None),
+                                       *(extra_callbacks or [])])
                 start = phase.until_epoch
         if not placement.is_chief:  # its figures would go with its scratch folder
             shutil.rmtree(run.path, ignore_errors=True)
             return run
-        metrics, last = _test_last_checkpoint(run, datasets)
+        metrics, draw, last = _test_last_checkpoint(task, run, data, config)
         with durable.disk_space_checked(run.path / "curves.png"):
             plots.plot_curves(run.path / "metrics.csv", run.path / "curves.png")
-        if datasets.skips is not None:  # data.on_corrupt: skip
-            metrics["skipped_train_images"] = datasets.skips.skipped
-            metrics["skipped_test_images"] = datasets.num_test - metrics["examples"]
-            print(f"skipped unreadable images: {metrics['skipped_train_images']} while training, "
-                  f"{metrics['skipped_test_images']} of the test split", flush=True)
         metrics["train_seconds"] = round(time.time() - started, 1)
         if config.train.ema_momentum is not None:
             metrics["weights"] = "ema"
         metrics["checkpoint"] = str(last.relative_to(run.path))
         run.write_json("test_metrics.json", metrics)
-        with durable.disk_space_checked(run.path / "confusion.png"):
-            plots.plot_confusion(metrics["confusion"], datasets.class_names, run.path / "confusion.png")
+        draw(run.path)
         run.set_status("finished", ended=_now())
     shutil.rmtree(run.path / "backup", ignore_errors=True)  # finished: nothing left to resume
     return run
+
+
+def _where(config: Config) -> str:
+    return f" (in {config.source_file})" if config.source_file else ""
+
+
+def _one_device() -> distribute.Placement:
+    """Where a task that does not spread over devices trains: TensorFlow's default placement."""
+    import tensorflow as tf
+
+    return distribute.Placement(tf.distribute.get_strategy(), 1, True, "default strategy, 1 replica")
 
 
 @contextlib.contextmanager
@@ -293,13 +265,15 @@ def failures_marked(run: runs.Run, model: keras.Model,
         raise
 
 
-def _test_last_checkpoint(run: runs.Run, datasets) -> tuple[dict, Path]:
+def _test_last_checkpoint(task: Task, run: runs.Run, data, config: Config) -> tuple[dict, Callable, Path]:
     """The test figures of the checkpoint the run records as its last, on the model `test --run` rebuilds
     from it (float32, from the run's model.py and config), so the two always agree; the model in memory
     can differ (it computes in bfloat16 under mixed precision, or holds a restored backup's weights)."""
+    from shared.tasks import rebuild
+
     last = run.last_checkpoint()
-    model, _ = load_run_model(run)  # the same file: nothing else writes checkpoints now
-    return evaluate_model(model, datasets.test, datasets.num_classes), last
+    model, _ = rebuild(run)  # the same file: nothing else writes checkpoints now
+    return (*task.evaluate(model, data, config), last)
 
 
 def _disk_full(error: BaseException) -> bool:
@@ -330,19 +304,6 @@ def _mark(run: runs.Run, status: str, **details) -> bool:
         run.set_status(status, **details)
         return True
     return False
-
-
-def _with_teacher(config: Config, model: keras.Model, datasets) -> keras.Model:
-    """With distill.teacher set: the student wrapped with its frozen teacher (Hinton et al. 2015);
-    checkpoints, evaluation and export see the student alone. Otherwise the model itself."""
-    if not config.distill.teacher:
-        return model
-    teacher_run = runs.open_run(config.distill.teacher)
-    config.distill.teacher = str(teacher_run.path.resolve())  # the snapshot finds it from anywhere
-    teacher = distill.load_teacher(teacher_run, datasets.num_classes, datasets.input_shape,
-                                   normalization=distill.data_normalization(config.data),
-                                   class_names=datasets.class_names)
-    return distill.Distiller(model, teacher, config.distill.temperature, config.distill.alpha)
 
 
 def _freeze(model: keras.Model, patterns: list[str], head: set[str]) -> None:
@@ -425,8 +386,3 @@ def _first_line(error: BaseException) -> str:
 def _verbosity(configured: int) -> int:
     """A progress bar on a terminal; one line per epoch in logs and CI, where a bar is noise."""
     return 2 if configured == 1 and not sys.stdout.isatty() else configured
-
-
-def summary(metrics: dict) -> str:
-    return (f"test top-1 {metrics['top1']:.4f}  top-5 {metrics['top5']:.4f}  loss {metrics['loss']:.4f}  "
-            f"({metrics['examples']} images)")

@@ -1,6 +1,5 @@
-"""The detection runner (`task: detection`): config -> detection data -> detector on the model's backbone ->
-`model.fit` -> COCO mAP on the test split -> run snapshot. The classification runner's twin
-(`shared.train`): the same run folder, callbacks, status handling and phases.
+"""`task: detection`: config -> detection data -> detector on the model's backbone -> COCO mAP on the test
+split, trained through the one run lifecycle (`shared.lifecycle`: run folder, callbacks, status, phases).
 
     python -m shared.runner --config models/resnet/detect.yaml
     python -m shared.runner --config models/resnet/detect.yaml --set init.from_run=runs/resnet/v0001
@@ -37,26 +36,24 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
-import time
 from pathlib import Path
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from shared import durable, finetune, modelzoo, optim, plots, runs
-from shared import train as classification
-from shared.callbacks import backup_state
+from shared import durable, finetune, optim, plots, runs
 from shared.config import Config
 from shared.detection import datasets as detection_data
 from shared.detection.anchors import training_targets
+from shared.detection.export import box_iou, ground_truth
 from shared.detection.losses import detection_losses
 from shared.detection.metrics import coco_map
 from shared.detection.model import HEAD_PREFIXES, OUTPUT_NAMES, build_detector, model_anchors
 from shared.detection.postprocess import decode_detections
 from shared.errors import UserError
 from shared.evaluate import check_class_names
+from shared.task import Phase, Task, TaskData
 
 GALLERY_FILE = "detections.png"
 GALLERY_IMAGES = 16  # test images drawn in detections.png
@@ -138,15 +135,6 @@ def absolute_paths(config: Config) -> None:
     config.init.weights = _absolute(config.init.weights)
 
 
-def plan_phases(config: Config) -> list[classification.Phase]:
-    """train.freeze with detection.unfreeze_epoch N: N epochs frozen, then every layer; otherwise the
-    classification runner's plan (one phase, or finetune_all's head-only warm start)."""
-    unfreeze = config.detection.unfreeze_epoch
-    if unfreeze is None:
-        return classification.plan_phases(config)
-    return [classification.Phase(unfreeze, list(config.train.freeze)), classification.Phase(config.train.epochs, [])]
-
-
 # ---------------------------------------------------------------- starting weights
 
 
@@ -154,14 +142,6 @@ def head_layer_names(detector: keras.Model) -> set[str]:
     """The layers the detector adds to the backbone: fpn_*, head_* and the two outputs."""
     return {layer.name for layer in detector.layers
             if layer.name.startswith(HEAD_PREFIXES) or layer.name in OUTPUT_NAMES}
-
-
-def _source_from_detection_run(run: runs.Run) -> finetune.Source:
-    detector, config = load_detection_model(run)
-    data = config.data
-    return finetune.Source(detector, f"{run.path} ({run.last_checkpoint().relative_to(run.path)}, detector built "
-                                     f"from its snapshotted model.py)", hparams=dict(config.model.hparams),
-                           input_shape=(data.image_size, data.image_size, data.channels))
 
 
 def _normalization_note(source_run: runs.Run | None, config: Config) -> str:
@@ -193,10 +173,7 @@ def initialize_backbone(config: Config, detector: keras.Model, module) -> str:
     try:
         if init.from_run:
             source_run = runs.open_run(init.from_run)
-            if source_run.config_dict().get("task") == "detection":
-                source = _source_from_detection_run(source_run)
-            else:
-                source = finetune.source_from_run(source_run)
+            source = finetune.source_from_run(source_run)  # a classification or a detection run
         else:
             source = finetune.source_from_file(Path(init.weights), module, hparams, input_shape)
     except UserError as error:
@@ -204,15 +181,15 @@ def initialize_backbone(config: Config, detector: keras.Model, module) -> str:
     head = head_layer_names(detector)
     matching = finetune.match_layers(source.model, detector, head)
     if matching.conflicts:
-        raise UserError(f"{key}{where} does not fit this detector's backbone: "
-                        f"{finetune._listed(matching.conflicts)}; {finetune._fix(source, hparams, input_shape)}")
+        raise UserError(f"{key}{where} does not fit this detector's backbone: {finetune.listed(matching.conflicts)}; "
+                        f"{finetune.fix_suggestion(source, hparams, input_shape)}")
     finetune.copy_weights(source.model, detector, matching.copied)
     backbone = [name for name in matching.copied if name not in head]
     copied_head = [name for name in matching.copied if name in head]
     line = f"backbone weights from {source.description}: {len(backbone)} layers copied by name; "
     if copied_head:
         line += (f"pyramid and heads: {len(copied_head)} layers copied, {len(matching.reinitialized)} freshly "
-                 f"initialized ({finetune._listed(matching.reinitialized, 3) or 'none'})")
+                 f"initialized ({finetune.listed(matching.reinitialized, 3) or 'none'})")
     else:
         line += f"pyramid and heads freshly initialized ({len(matching.reinitialized)} layers)"
     return line + _normalization_note(source_run, config)
@@ -228,15 +205,6 @@ def _unnormalize(images: np.ndarray, config: Config) -> np.ndarray:
         return np.clip(images * 255.0, 0, 255)
     mean, std = detection_data.detection_normalization(config)
     return np.clip(images * np.asarray(std, np.float32) + np.asarray(mean, np.float32), 0, 255)
-
-
-def ground_truth(split: detection_data.DetectionSplit, image_size: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Every annotated box (not only the first detection.max_boxes), in the resized image's pixels."""
-    truth = []
-    for record in split:
-        scale = np.array([image_size / record.width, image_size / record.height] * 2, np.float32)
-        truth.append((record.boxes * scale, record.classes))
-    return truth
 
 
 def evaluate_detector(detector: keras.Model, split: detection_data.DetectionSplit, config: Config,
@@ -270,8 +238,6 @@ def _shown(boxes: np.ndarray, scores: np.ndarray, min_score: float) -> list[int]
     """The predictions drawn: from `min_score` up, best first, at most GALLERY_MAX_BOXES, and none that
     overlaps a better drawn one by IoU > GALLERY_OVERLAP whatever its class (NMS is per class, so one object
     may carry several class hypotheses; the picture shows the best)."""
-    from shared.detection.export import box_iou
-
     kept: list[int] = []
     for i in np.argsort(-scores, kind="stable"):
         if scores[i] < min_score or len(kept) == GALLERY_MAX_BOXES:
@@ -338,139 +304,91 @@ def summary(metrics: dict) -> str:
             f"mAP@.75 {fmt(metrics.get('mAP75'))}  ({metrics.get('examples')} images, {metrics.get('boxes')} boxes)")
 
 
-# ---------------------------------------------------------------- runs
+# ---------------------------------------------------------------- the task
 
 
-def load_detection_model(run: runs.Run) -> tuple[keras.Model, Config]:
-    """The run's detector rebuilt from its snapshotted model.py and config.yaml, with its last checkpoint."""
-    from shared import config as config_module
+class DetectionTask(Task):
+    name = "detection"
+    commands = frozenset({"train", "resume", "test", "finetune", "finetune-all", "export"})
+    distributes = False  # one device: check() refuses the strategies that spread a run
 
-    config = config_module.from_dict(run.config_dict())
-    if config.task != "detection":
-        raise UserError(f"run {run.path} is a {config.task} run, not a detection run")
-    runs.require_idle(run)  # a live run's last checkpoint is about to change
-    checkpoint = run.last_checkpoint()
-    if checkpoint is None:
-        raise UserError(f"run {run.path} has no checkpoint in {run.checkpoint_dir} "
-                        f"(status: {run.status().get('status')}); train it first")
-    module = modelzoo.load_model_module(run.path)
-    data = config.data
-    detector = build_detector(module, config.model.hparams, data.num_classes, data.image_size, data.channels,
+    def check(self, config) -> None:
+        check_detection_config(config)
+        absolute_paths(config)
+
+    def plan_phases(self, config) -> list[Phase]:
+        """train.freeze with detection.unfreeze_epoch N: N epochs frozen, then every layer; otherwise the
+        common plan (one phase, or finetune_all's head-only warm start)."""
+        unfreeze = config.detection.unfreeze_epoch
+        if unfreeze is None:
+            return super().plan_phases(config)
+        return [Phase(unfreeze, list(config.train.freeze)), Phase(config.train.epochs, [])]
+
+    def datasets(self, config, folder, replicas=1, start_epoch=0) -> TaskData:
+        train_split, test_split, class_names = detection_data.load_detection_data(config)
+        if config.data.num_classes is not None and config.data.num_classes != len(class_names):
+            raise UserError(f"data.num_classes is {config.data.num_classes}{_where(config)} but the annotations "
+                            f"{train_split.source} have {len(class_names)} classes; remove data.num_classes")
+        config.data.num_classes = len(class_names)  # resolved: the snapshot says how many there were
+        data = config.data
+        train = detection_data.make_dataset(train_split, config, training=True,
+                                            augment=detection_augmentations(config), repeat=True)
+        return TaskData(train=train, val=None, steps_per_epoch=detection_data.steps_per_epoch(train_split, config),
+                        class_names=list(class_names), input_shape=(data.image_size, data.image_size, data.channels),
+                        description=f"{len(train_split)} training / {len(test_split)} test images, "
+                                    f"{len(class_names)} classes", details=test_split)
+
+    def build(self, module, config, input_shape):
+        return build_detector(module, config.model.hparams, config.data.num_classes, input_shape[0], input_shape[-1],
                               config.detection)
-    modelzoo.load_weight_file(detector, checkpoint, what=f"detector built from {run.path / 'model.py'}")
-    return detector, config
 
+    def initialize(self, config, model, module, data) -> str:
+        return initialize_backbone(config, model, module)
 
-def evaluate_detection_run(run: runs.Run | str | Path) -> dict:
-    """Re-test a detection run on its test split from its own snapshot (model.py, config.yaml, last
-    checkpoint): the figures equal those recorded at training time. Redraws detections.png."""
-    run = run if isinstance(run, runs.Run) else runs.open_run(run)
-    detector, config = load_detection_model(run)
-    _, test, class_names = detection_data.load_detection_data(config)
-    check_class_names(class_names, run)  # the annotations may have changed since
-    metrics, gallery = evaluate_detector(detector, test, config, class_names)
-    plot_detections(gallery, class_names, run.path / GALLERY_FILE)
-    return metrics
+    def fit_data(self, config, model, module, data):
+        anchors = model_anchors(model, config.detection)
+        return data.train.map(training_targets(anchors, config.detection), num_parallel_calls=tf.data.AUTOTUNE), None
 
+    def head_layer_names(self, module, model, config, input_shape):
+        return head_layer_names(model)
 
-def train_detection(config: Config, argv: list[str] | None = None, callbacks: list | tuple = ()) -> runs.Run:
-    """Train a detector as the config says (task: detection), test it on the test split, and return the
-    finished run. `callbacks`: extra Keras callbacks after the runner's own."""
-    return _run_training(config, argv, resumed=None, extra_callbacks=list(callbacks))
+    def compile(self, trainer, model, module, config, data, lr_scale, replicas):
+        trainer.compile(optimizer=optim.make_optimizer(config.train, data.steps_per_epoch, lr_scale=lr_scale),
+                        loss=detection_losses(config.detection), jit_compile=config.train.jit_compile)
 
+    def evaluate(self, model, data, config):
+        metrics, gallery = evaluate_detector(model, data.details, config, data.class_names)
 
-def resume_detection(path: str | Path, argv: list[str] | None = None) -> runs.Run:
-    """Continue an interrupted or failed detection run from its last complete epoch (its backup)."""
-    from shared import config as config_module
+        def draw(folder: Path) -> None:
+            with durable.disk_space_checked(folder / GALLERY_FILE):
+                plot_detections(gallery, data.class_names, folder / GALLERY_FILE)
 
-    run = runs.open_run(path)
-    runs.lock_run(run, argv)  # before anything is read or written: a live run is refused here
-    classification.check_resumable(run)
-    return _run_training(config_module.from_dict(run.config_dict()), argv, resumed=run)
+        return metrics, draw
 
+    def test_data(self, config, run) -> TaskData:
+        _, test, class_names = detection_data.load_detection_data(config)
+        check_class_names(class_names, run)  # the annotations may have changed since
+        data = config.data
+        return TaskData(train=None, val=None, steps_per_epoch=0, class_names=list(class_names),
+                        input_shape=(data.image_size, data.image_size, data.channels),
+                        description=f"{len(test)} test images", details=test)
 
-def _run_training(config: Config, argv: list[str] | None, resumed: runs.Run | None,
-                  extra_callbacks: list | None = None) -> runs.Run:
-    # ---- everything checked before a run folder exists
-    check_detection_config(config)
-    absolute_paths(config)
-    where = _where(config)
-    folder = resumed.path if resumed else modelzoo.model_dir(config.model.name, config.model.path)
-    module = modelzoo.load_model_module(folder)
-    config.model.hparams = modelzoo.resolve_hparams(module, config.model.hparams, where)
-    phases = plan_phases(config)
-    backups = classification._backup_dirs(resumed, phases) if resumed else []
-    restoring = any(backup_state(b) for b in backups)
-    train_split, test_split, class_names = detection_data.load_detection_data(config)
-    if config.data.num_classes is not None and config.data.num_classes != len(class_names):
-        raise UserError(f"data.num_classes is {config.data.num_classes}{where} but the annotations "
-                        f"{train_split.source} have {len(class_names)} classes; remove data.num_classes")
-    config.data.num_classes = len(class_names)  # resolved: the snapshot says how many there were
-    data = config.data
-    keras.utils.set_random_seed(config.train.seed)
-    with classification.precision_policy(config.train.precision):
-        detector = build_detector(module, config.model.hparams, len(class_names), data.image_size, data.channels,
-                                  config.detection)
-    provenance = ""
-    if (config.init.from_run or config.init.weights) and not restoring:
-        provenance = initialize_backbone(config, detector, module)
-    head = head_layer_names(detector)
-    for phase in phases:  # patterns are checked now, before a run folder exists
-        classification._freeze(detector, phase.freeze, head)
-    anchors = model_anchors(detector, config.detection)
-    steps = detection_data.steps_per_epoch(train_split, config)
-    train_data = detection_data.make_dataset(train_split, config, training=True,
-                                             augment=detection_augmentations(config), repeat=True)
-    train_data = train_data.map(training_targets(anchors, config.detection), num_parallel_calls=tf.data.AUTOTUNE)
+    def summary(self, metrics):
+        return summary(metrics)
 
-    # ---- the run
-    if resumed:
-        run = resumed
-        run.set_status("running", resumed=classification._now(), pid=os.getpid())
-    else:
-        run = runs.create(config, folder, argv, provenance=provenance)
-        durable.atomic_write(run.path / runs.LABELS_FILE, "".join(f"{name}\n" for name in class_names))
-        backups = classification._backup_dirs(run, phases)
-    print(f"run {run.path}: {config.model.name} detector {config.model.hparams}, {len(train_split)} training / "
-          f"{len(test_split)} test images, {len(class_names)} classes, {int(anchors.shape[0])} anchors, {steps} steps "
-          f"x {config.train.epochs} epochs" + (f"; {provenance}" if provenance else ""), flush=True)
-    if resumed:
-        done = max((s["epoch"] for s in map(backup_state, backups) if s), default=0)
-        classification._truncate_metrics(run.path / "metrics.csv", done)
-        print(f"resuming after epoch {done} of {config.train.epochs}", flush=True)
+    def export_saved_model(self, run, export_dir, model_name, keep):
+        from shared.detection import export
 
-    started = time.time()
-    with classification.failures_marked(run, detector):
-        with classification.sigterm_as_interrupt() as stop_callbacks:
-            start = 0
-            for phase, backup in zip(phases, backups):
-                with classification.precision_policy(config.train.precision):
-                    classification._freeze(detector, phase.freeze, head)
-                    optim.apply_weight_decay(detector, config.train)
-                    phase_config = classification._phase_train_config(config, phase.until_epoch - start)
-                    detector.compile(optimizer=optim.make_optimizer(phase_config.train, steps,
-                                                                    lr_scale=phase.lr_scale),
-                                     loss=detection_losses(config.detection), jit_compile=config.train.jit_compile)
-                detector.fit(train_data, epochs=phase.until_epoch, initial_epoch=start, steps_per_epoch=steps,
-                             verbose=classification._verbosity(config.train.verbose), shuffle=False,
-                             callbacks=[*stop_callbacks,
-                                        *classification._callbacks(config, run, backup, validating=False),
-                                        *(extra_callbacks or [])])
-                start = phase.until_epoch
-        train_seconds = round(time.time() - started, 1)
-        last = run.last_checkpoint()
-        if last is not None:  # what `test --run` rebuilds: the same weights, the same figures
-            modelzoo.load_weight_file(detector, last, what="detector")
-        metrics, gallery = evaluate_detector(detector, test_split, config, class_names)
-        with durable.disk_space_checked(run.path / "curves.png"):
-            plots.plot_curves(run.path / "metrics.csv", run.path / "curves.png")
-        metrics["train_seconds"] = train_seconds
-        metrics["checkpoint"] = str(last.relative_to(run.path)) if last else None
-        if config.train.ema_momentum is not None:
-            metrics["weights"] = "ema"
-        run.write_json("test_metrics.json", metrics)
-        with durable.disk_space_checked(run.path / GALLERY_FILE):
-            plot_detections(gallery, class_names, run.path / GALLERY_FILE)
-        run.set_status("finished", ended=classification._now())
-    shutil.rmtree(run.path / "backup", ignore_errors=True)  # finished: nothing left to resume
-    return run
+        return export.export_detection_saved_model(run, export_dir, model_name=model_name, keep=keep)
+
+    def export_tflite(self, run, quantize, io):
+        from shared.detection import export
+
+        path = export.export_detection_tflite(run, quantize=quantize, io=io)
+        return path, (f"with {path.parent / export.ANCHORS_FILE} and {path.parent / export.INFO_FILE} beside it "
+                      f"(decode outside: shared.detection.export.decode_tflite_outputs)")
+
+    def evaluate_tflite(self, path, run):
+        from shared.detection import export
+
+        return export.evaluate_detection_tflite(path, run)

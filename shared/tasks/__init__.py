@@ -1,0 +1,47 @@
+"""The tasks a run can have (`task:` in its config), and the one way to rebuild a run's model.
+
+A new task is one module here implementing `shared.task.Task` and one entry in TASKS.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from shared import config as config_module
+from shared import modelzoo
+from shared.errors import UserError
+from shared.runs import Run, require_idle
+from shared.task import Task
+from shared.tasks.classification import ClassificationTask
+from shared.tasks.detection import DetectionTask
+
+TASKS: dict[str, Task] = {"classification": ClassificationTask(), "detection": DetectionTask()}
+
+
+def task_for(config_or_run) -> Task:
+    """The task of a Config, a config dict or a Run (its snapshotted config.yaml)."""
+    if isinstance(config_or_run, Run):
+        config_or_run = config_or_run.config_dict() or {}
+    name = config_or_run.get("task", "classification") if isinstance(config_or_run, dict) else config_or_run.task
+    try:
+        return TASKS[name or "classification"]
+    except KeyError:
+        raise UserError(f"task {name!r} is not one of {', '.join(TASKS)}") from None
+
+
+def rebuild(run: Run, checkpoint: Path | None = None, training_outputs: bool = False):
+    """The run's model rebuilt from its own snapshot (model.py, config.yaml) with its last checkpoint (or
+    `checkpoint`), as its task evaluates and exports it (`training_outputs`: as it trained, auxiliary
+    heads kept); returns (model, config)."""
+    require_idle(run)  # a live run's last checkpoint is about to change
+    config = config_module.from_dict(run.config_dict())
+    checkpoint = checkpoint or run.last_checkpoint()
+    if checkpoint is None:
+        raise UserError(f"run {run.path} has no checkpoint in {run.checkpoint_dir} "
+                        f"(status: {run.status().get('status')}); train it first")
+    task = task_for(config)
+    module = modelzoo.load_model_module(run.path)
+    data = config.data
+    model = task.build(module, config, (data.image_size, data.image_size, data.channels))
+    modelzoo.load_weight_file(model, checkpoint, what=f"model built from {run.path / 'model.py'}")
+    return (model if training_outputs else task.inference_model(model)), config

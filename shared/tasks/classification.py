@@ -1,0 +1,159 @@
+"""`task: classification` (the default): a model module's build() -> class probabilities, trained with
+cross-entropy (auxiliary heads weighted, label smoothing, MixUp / CutMix, distillation), measured by
+top-1 / top-5 and a confusion matrix (confusion.png), exported as a SavedModel or a TFLite file."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import keras
+import tensorflow as tf
+
+from shared import data as data_module
+from shared import distill, durable, finetune, modelzoo, optim, plots, runs
+from shared.config import Config
+from shared.evaluate import check_class_names, evaluate_model
+from shared.modelzoo import MAIN_OUTPUT
+from shared.task import ALL_COMMANDS, Task, TaskData
+
+
+def _where(config: Config) -> str:
+    return f" (in {config.source_file})" if config.source_file else ""
+
+
+def prepare(config: Config, replicas: int = 1, model_folder: Path | None = None, start_epoch: int = 0):
+    """The model and its datasets as training builds them, for the tools that train a few steps outside a
+    run (lr-sweep, find-batch, benchmarks); returns (folder, module, model, datasets) and resolves
+    config.model.hparams and config.data.num_classes in place."""
+    folder = model_folder or modelzoo.model_dir(config.model.name, config.model.path)
+    module = modelzoo.load_model_module(folder)
+    config.model.hparams = modelzoo.resolve_hparams(module, config.model.hparams, _where(config))
+    keras.utils.set_random_seed(config.train.seed)
+    data = CLASSIFICATION.datasets(config, folder, replicas=replicas, start_epoch=start_epoch)
+    model = CLASSIFICATION.build(module, config, data.input_shape)
+    return folder, module, model, data.details
+
+
+def training_labels(dataset, outputs: list[str], one_hot_classes: int | None):
+    """Labels as the compiled loss wants them: one-hot for label smoothing, and the same label for
+    every auxiliary head."""
+    if dataset is None:
+        return None
+    if one_hot_classes:
+        dataset = dataset.map(lambda images, labels: (images, tf.one_hot(labels, one_hot_classes)))
+    if outputs:
+        dataset = dataset.map(lambda images, labels: (images, {name: labels for name in outputs}))
+    return dataset
+
+
+def summary(metrics: dict) -> str:
+    loss = f"  loss {metrics['loss']:.4f}" if "loss" in metrics else ""
+    return f"test top-1 {metrics['top1']:.4f}  top-5 {metrics['top5']:.4f}{loss}  ({metrics['examples']} images)"
+
+
+class ClassificationTask(Task):
+    name = "classification"
+    commands = ALL_COMMANDS
+    distributes = True
+
+    def datasets(self, config, folder, replicas=1, start_epoch=0) -> TaskData:
+        datasets = data_module.make_datasets(config, modelzoo.load_augment_module(folder), replicas=replicas,
+                                             start_epoch=start_epoch)
+        config.data.num_classes = datasets.num_classes  # resolved: the snapshot says how many there were
+
+        def undecodable(error: BaseException) -> list[str]:  # name the files instead of showing TF's op trace
+            return data_module.find_undecodable(datasets.source) \
+                if isinstance(error, tf.errors.InvalidArgumentError) and datasets.source.encoding == "path" else []
+
+        return TaskData(train=datasets.train, val=datasets.val, steps_per_epoch=datasets.steps_per_epoch,
+                        class_names=list(datasets.class_names), input_shape=tuple(datasets.input_shape),
+                        description=f"{datasets.num_train} training / {datasets.num_val} validation / "
+                                    f"{datasets.num_test} test images, {datasets.num_classes} classes",
+                        details=datasets, undecodable=undecodable)
+
+    def build(self, module, config, input_shape):
+        return modelzoo.build_model(module, config.data.num_classes, input_shape, config.model.hparams)
+
+    def inference_model(self, model):
+        return modelzoo.inference_model(model)  # auxiliary heads are for training only
+
+    def initialize(self, config, model, module, data) -> str:
+        return finetune.initialize_from(config.init, model, module, config.model.hparams, data.input_shape,
+                                        _where(config))
+
+    def trainer(self, config, model, data):
+        """With distill.teacher set: the student wrapped with its frozen teacher (Hinton et al. 2015);
+        checkpoints, evaluation and export see the student alone."""
+        if not config.distill.teacher:
+            return model
+        teacher_run = runs.open_run(config.distill.teacher)
+        config.distill.teacher = str(teacher_run.path.resolve())  # the snapshot finds it from anywhere
+        teacher = distill.load_teacher(teacher_run, data.details.num_classes, data.input_shape,
+                                       normalization=distill.data_normalization(config.data),
+                                       class_names=data.class_names)
+        return distill.Distiller(model, teacher, config.distill.temperature, config.distill.alpha)
+
+    def fit_data(self, config, model, module, data):
+        datasets = data.details
+        outputs = _outputs(module, model)
+        one_hot = datasets.num_classes if config.train.label_smoothing and not datasets.soft_labels else None
+        return training_labels(datasets.train, outputs, one_hot), training_labels(datasets.val, outputs, one_hot)
+
+    def head_layer_names(self, module, model, config, input_shape):
+        return finetune.head_layer_names(module, model, config.model.hparams, input_shape)
+
+    def compile(self, trainer, model, module, config, data, lr_scale, replicas):
+        datasets = data.details
+        optim.compile_model(trainer, config, datasets.steps_per_epoch, datasets.num_classes,
+                            modelzoo.auxiliary_loss_weights(module, model), soft_labels=datasets.soft_labels,
+                            replicas=replicas, lr_scale=lr_scale)
+
+    def evaluate(self, model, data, config):
+        datasets = data.details
+        metrics = evaluate_model(model, datasets.test, datasets.num_classes)
+        if datasets.skips is not None:  # data.on_corrupt: skip
+            metrics["skipped_train_images"] = datasets.skips.skipped
+            metrics["skipped_test_images"] = datasets.num_test - metrics["examples"]
+            print(f"skipped unreadable images: {metrics['skipped_train_images']} while training, "
+                  f"{metrics['skipped_test_images']} of the test split", flush=True)
+
+        def draw(folder: Path) -> None:
+            with durable.disk_space_checked(folder / "confusion.png"):
+                plots.plot_confusion(metrics["confusion"], data.class_names, folder / "confusion.png")
+
+        return metrics, draw
+
+    def test_data(self, config, run) -> TaskData:
+        config = copy.deepcopy(config)
+        if config.data.source != "synthetic":  # synthetic data has as many classes as data.num_classes asks
+            config.data.num_classes = None  # the data's own classes, compared with the run's before the model loads
+        data = self.datasets(config, run.path)
+        check_class_names(data.class_names, run)
+        return data
+
+    def summary(self, metrics):
+        return summary(metrics)
+
+    def export_saved_model(self, run, export_dir, model_name, keep):
+        from shared import export
+
+        return export.export_saved_model(run, export_dir, model_name=model_name, keep=keep)
+
+    def export_tflite(self, run, quantize, io):
+        from shared import tflite
+
+        return tflite.convert(run, quantize=quantize, io=io), ""
+
+    def evaluate_tflite(self, path, run):
+        from shared import tflite
+
+        return tflite.evaluate_tflite(path, run)
+
+
+def _outputs(module, model) -> list[str]:
+    aux_weights = modelzoo.auxiliary_loss_weights(module, model)
+    return [MAIN_OUTPUT, *aux_weights] if aux_weights else []
+
+
+CLASSIFICATION = ClassificationTask()
