@@ -84,7 +84,7 @@ def representative_dataset(run: Run, config, count: int = 200) -> Callable[[], I
     return generate
 
 
-def _converter(model, input_shape: tuple):
+def frozen_converter(model, input_shape: tuple):
     """A converter for `model(image, training=False)` on one image: static shapes (1, H, W, C)."""
     import tensorflow as tf
 
@@ -140,7 +140,7 @@ def convert(run: Run | str | Path, quantize: str = "none", io: str = "float", ou
     run = _as_run(run)
     model, config = rebuild(run)
     data = config.data
-    converter = _converter(model, (data.image_size, data.image_size, data.channels))
+    converter = frozen_converter(model, (data.image_size, data.image_size, data.channels))
     if quantize == "float16":
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
         converter.target_spec.supported_types = [tf.float16]

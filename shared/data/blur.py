@@ -184,13 +184,14 @@ def build(entries: list, image_size: int = 0, seed: int = 0) -> Callable[[tf.Ten
     if not entries:
         raise UserError(f"deblur.blur is empty; list at least one of {', '.join(GENERATORS)}, "
                         f"e.g. [{{gaussian: {{sigma: [1.0, 2.0]}}}}]")
-    for entry in entries:
-        name, _ = augment._entry(entry, key="deblur.blur")
-        if name not in GENERATORS:
-            raise UserError(f"deblur.blur {name!r} is not a blur generator; choose from {', '.join(GENERATORS)}")
     this_module = ModuleType("blur_generators")
     vars(this_module).update(GENERATORS)
-    functions = [a.fn for a in augment.build(entries, image_size, this_module, seed=seed, key="deblur.blur")]
+    built = augment.build(entries, image_size, this_module, seed=seed, key="deblur.blur")
+    for augmentation in built:  # the machinery also knows crops, flips and Keras layers
+        if augmentation.name not in GENERATORS:
+            raise UserError(f"deblur.blur {augmentation.name!r} is not a blur generator; choose from "
+                            f"{', '.join(GENERATORS)}")
+    functions = [augmentation.fn for augmentation in built]
 
     def degrade(images: tf.Tensor, index) -> tf.Tensor:
         for fn in functions:  # augment.build gave each its own seed (seed + position)

@@ -102,7 +102,7 @@ def convert_tflite(run: Run | str | Path, quantize: str = "none", io: str = "flo
     run = _as_run(run)
     model, config = _rebuild(run)
     data = config.data
-    converter = tflite._converter(model, (data.image_size, data.image_size, data.channels))
+    converter = tflite.frozen_converter(model, (data.image_size, data.image_size, data.channels))
     if quantize in ("float16", "dynamic"):
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
         if quantize == "float16":
