@@ -22,18 +22,15 @@ pytestmark = pytest.mark.slow  # two trainings and two exports: about a minute o
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """(classification run, deblurring run started from its backbone), both finished."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setitem(tasks.TASKS, "deblur", DEBLUR)  # harmless once shared.tasks lists it itself
-        base = tmp_path_factory.mktemp("deblur")
-        data = {"channels": 1, "synthetic_train": 64, "synthetic_test": 32}
-        classifier = lifecycle.train(load_config(tree=tiny_tree(base / "runs", data=data,
-                                                                train={"epochs": 1, "batch_size": 16})))
-        tree = tiny_tree(base / "runs", data=data, train={"epochs": 1, "batch_size": 16, "steps_per_epoch": 3,
-                                                          "optimizer": {"name": "adam"}, "lr": {"base": 1e-3}},
-                         deblur={"decoder_channels": 4, "gallery": 4}, init={"from_run": str(classifier.path)})
-        tree["task"] = "deblur"
-        restorer = lifecycle.train(load_config(tree=tree))
-        yield classifier, restorer
+    base = tmp_path_factory.mktemp("deblur")
+    data = {"channels": 1, "synthetic_train": 64, "synthetic_test": 32}
+    classifier = lifecycle.train(load_config(tree=tiny_tree(base / "runs", data=data,
+                                                            train={"epochs": 1, "batch_size": 16})))
+    tree = tiny_tree(base / "runs", data=data, train={"epochs": 1, "batch_size": 16, "steps_per_epoch": 3,
+                                                      "optimizer": {"name": "adam"}, "lr": {"base": 1e-3}},
+                     deblur={"decoder_channels": 4, "gallery": 4}, init={"from_run": str(classifier.path)})
+    tree["task"] = "deblur"
+    return classifier, lifecycle.train(load_config(tree=tree))
 
 
 def test_a_deblurring_run_trains_tests_and_starts_from_a_classifier_backbone(runs):
@@ -41,13 +38,11 @@ def test_a_deblurring_run_trains_tests_and_starts_from_a_classifier_backbone(run
     metrics = restorer.test_metrics()
     assert set(metrics) >= {"psnr_blurred", "psnr_restored", "ssim_blurred", "ssim_restored", "psnr_gain"}
     assert metrics["examples"] == 32 and (restorer.path / "deblur.png").stat().st_size > 0
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setitem(tasks.TASKS, "deblur", DEBLUR)
-        again = lifecycle.test(restorer)
-        # init.from_run copied the classifier's first convolution (frozen nowhere, but 3 steps of Adam at
-        # 1e-3 move it little): compare to the classifier's own and to a fresh initialization.
-        model, _ = tasks.rebuild(restorer)
-        source, _ = tasks.rebuild(classifier)
+    again = lifecycle.test(restorer)
+    # init.from_run copied the classifier's first convolution (frozen nowhere, but 3 steps of Adam at 1e-3
+    # move it little): compare to the classifier's own and to a fresh initialization.
+    model, _ = tasks.rebuild(restorer)
+    source, _ = tasks.rebuild(classifier)
     for key in ("psnr_blurred", "psnr_restored", "ssim_restored"):
         assert again[key] == pytest.approx(metrics[key], abs=1e-6)  # the same blur, the same weights
     stem = next(layer.name for layer in source.layers if layer.weights)
@@ -57,13 +52,11 @@ def test_a_deblurring_run_trains_tests_and_starts_from_a_classifier_backbone(run
 
 def test_the_classifier_view_of_sharp_blurred_and_restored_images(runs):
     classifier, restorer = runs
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setitem(tasks.TASKS, "deblur", DEBLUR)
-        metrics = evaluate_with_classifier(restorer, classifier)
-        with pytest.raises(UserError, match="needs a deblurring run"):
-            evaluate_with_classifier(classifier, classifier)
-        with pytest.raises(UserError, match="needs a classification run"):
-            evaluate_with_classifier(restorer, restorer)
+    metrics = evaluate_with_classifier(restorer, classifier)
+    with pytest.raises(UserError, match="needs a deblurring run"):
+        evaluate_with_classifier(classifier, classifier)
+    with pytest.raises(UserError, match="needs a classification run"):
+        evaluate_with_classifier(restorer, restorer)
     result = metrics["classifier"]
     assert set(result) >= {"top1_sharp", "top1_blurred", "top1_restored", "recovered", "examples"}
     assert result["examples"] == 32
@@ -89,15 +82,13 @@ def test_saved_model_and_tflite_match_the_keras_restorer(runs, tmp_path):
     from shared.tflite import load_interpreter, predict_tflite
 
     _, restorer = runs
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setitem(tasks.TASKS, "deblur", DEBLUR)
-        model, config = tasks.rebuild(restorer)
-        pixels = _test_pixels(restorer)
-        folder = export.export_saved_model(restorer, tmp_path / "exports")
-        tflite_path = export.convert_tflite(restorer)
-        tflite_metrics = export.evaluate_tflite(tflite_path, restorer)
-        with pytest.raises(UserError, match="use quantize none, float16 or dynamic"):
-            export.convert_tflite(restorer, quantize="int8")
+    model, config = tasks.rebuild(restorer)
+    pixels = _test_pixels(restorer)
+    folder = export.export_saved_model(restorer, tmp_path / "exports")
+    tflite_path = export.convert_tflite(restorer)
+    tflite_metrics = export.evaluate_tflite(tflite_path, restorer)
+    with pytest.raises(UserError, match="use quantize none, float16 or dynamic"):
+        export.convert_tflite(restorer, quantize="int8")
     to_pixels, from_pixels = pixel_mapping(from_dict(restorer.config_dict()))
     normalized = from_pixels(tf.constant(pixels, tf.float32))
     expected = np.clip(to_pixels(model(normalized)).numpy(), 0, 255)
@@ -112,3 +103,18 @@ def test_saved_model_and_tflite_match_the_keras_restorer(runs, tmp_path):
     np.testing.assert_allclose(from_tflite, model(normalized).numpy(), atol=1e-4)
     recorded = restorer.test_metrics()
     assert tflite_metrics["psnr_restored"] == pytest.approx(recorded["psnr_restored"], abs=0.01)
+
+
+def test_the_command_line_tests_with_a_classifier_and_exports(runs, tmp_path, capsys):
+    from shared import runner
+
+    classifier, restorer = runs
+    assert runner.main(["test", "--run", str(restorer.path), "--classifier", str(classifier.path)]) == 0
+    assert "classifier top-1 sharp" in capsys.readouterr().out
+    assert runner.main(["test", "--run", str(classifier.path), "--classifier", str(classifier.path)]) == 2
+    assert "--classifier applies to deblurring runs" in capsys.readouterr().err
+    assert runner.main(["export", "--run", str(restorer.path), "--format", "tflite", "--quantize", "int8"]) == 2
+    assert "use quantize none, float16 or dynamic" in capsys.readouterr().err
+    assert runner.main(["export", "--run", str(restorer.path), "--format", "saved_model",
+                        "--export-dir", str(tmp_path / "exports")]) == 0
+    assert (tmp_path / "exports" / restorer.model_name / "1" / "saved_model.pb").is_file()
