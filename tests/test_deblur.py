@@ -233,3 +233,16 @@ def test_the_deblur_section_is_validated_and_recorded(tmp_path):
         _tiny_config(tmp_path, decoder_channels=0)
     with pytest.raises(UserError, match="deblur.loss is .l3.; choose one of l1, l2"):
         _tiny_config(tmp_path, loss="l3")
+
+
+def test_a_resumed_run_blurs_its_batches_as_an_uninterrupted_one(tmp_path):
+    """make_pairs(start_epoch=1) continues the blur draws where epoch 1 left them, not from batch 0."""
+    config = _tiny_config(tmp_path)
+    config.data.deterministic = True
+    uninterrupted = make_pairs(config)
+    steps = uninterrupted.datasets.steps_per_epoch
+    expected = [b.numpy() for b, _ in uninterrupted.train.take(steps + 1)][steps]
+    config_again = _tiny_config(tmp_path)
+    config_again.data.deterministic = True
+    first = next(iter(make_pairs(config_again, start_epoch=1).train))[0].numpy()
+    np.testing.assert_allclose(first, expected, atol=1e-5)
