@@ -246,3 +246,33 @@ def test_a_resumed_run_blurs_its_batches_as_an_uninterrupted_one(tmp_path):
     config_again.data.deterministic = True
     first = next(iter(make_pairs(config_again, start_epoch=1).train))[0].numpy()
     np.testing.assert_allclose(first, expected, atol=1e-5)
+
+
+def test_a_full_disk_while_drawing_deblur_png_is_one_line_and_leaves_no_partial_file(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from shared.durable import DiskFull
+    from shared.task import TaskData
+    from shared.tasks.deblur import DEBLUR
+
+    config = _tiny_config(tmp_path)
+    data = TaskData(train=None, val=None, steps_per_epoch=0, class_names=[], input_shape=(16, 16, 1),
+                    description="", details=make_pairs(config))
+    module = modelzoo.load_model_module(modelzoo.model_dir("resnet", None))
+    model = DEBLUR.build(module, config, (16, 16, 1))
+    _, draw = DEBLUR.evaluate(model, data, config)
+    real_replace = os.replace
+
+    def full(source, target):  # the PNG is written, then the rename finds the disk full
+        if str(target).endswith("deblur.png"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_replace(source, target)
+
+    monkeypatch.setattr(os, "replace", full)
+    with pytest.raises(DiskFull, match="deblur.png"):
+        draw(tmp_path)
+    assert list(tmp_path.glob("*deblur.png*")) == []
+    monkeypatch.setattr(os, "replace", real_replace)
+    draw(tmp_path)
+    assert (tmp_path / "deblur.png").stat().st_size > 0
