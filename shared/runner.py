@@ -5,6 +5,7 @@
     python -m shared.runner finetune --config models/mobilenet_v2/quick.yaml --from runs/mobilenet_v2/v0002
     python -m shared.runner finetune-all --config ... (--from runs/mobilenet_v2/v0002 | --weights file.h5)
     python -m shared.runner test --run runs/resnet/v0003
+    python -m shared.runner test --run runs/resnet/v0005 --classifier runs/resnet/v0003   # a deblurring run
     python -m shared.runner distill --config models/mobilenet_v2/quick.yaml --teacher runs/resnet/v0004
     python -m shared.runner tune --config models/resnet/tune.yaml
     python -m shared.runner preview --config models/alexnet/quick.yaml --out preview.png
@@ -85,6 +86,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     size.add_argument("--run", required=True, help="a run folder, e.g. runs/resnet/v0003")
     test = sub.add_parser("test", help="re-test a finished run from its own snapshot")
     test.add_argument("--run", required=True, help="a run folder, e.g. runs/resnet/v0003")
+    test.add_argument("--classifier", metavar="RUN",
+                      help="deblurring runs: also a classification run's top-1 on sharp, blurred and restored images")
     if not argv or argv[0] not in (*HANDLERS, "-h", "--help"):
         argv = ["train", *argv]
     args = parser.parse_args(argv)
@@ -143,7 +146,19 @@ def _config(args: argparse.Namespace, overrides: list[str] | None = None):
 
 def _test(args: argparse.Namespace, argv: list[str]) -> None:
     run = _open_idle_run(args.run)
+    if args.classifier:
+        classifier = _open_idle_run(args.classifier)
+        if _run_task(run) != "deblur":
+            from shared.errors import UserError
+
+            raise UserError(f"--classifier applies to deblurring runs (task: deblur); run {run.path} is a "
+                            f"{_run_task(run) or 'classification'} run")
     task = _check_supported("test", _run_task(run))
+    if args.classifier:
+        from shared.tasks.deblur import evaluate_with_classifier
+
+        print(task.summary(evaluate_with_classifier(run, classifier)))
+        return
     from shared.evaluate import evaluate
 
     print(task.summary(evaluate(run)))

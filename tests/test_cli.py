@@ -159,7 +159,18 @@ def test_a_run_command_goes_by_the_runs_task(tmp_path, capsys, command):
     extra = ["--format", "saved_model", "--export-dir", tmp_path / "exports"] if command == "export" else []
     code, _, err = run_cli(capsys, command, "--run", run_dir, *extra)
     if command == "size":
-        assert_one_line_error(code, err, "size supports task classification, not detection")
+        assert_one_line_error(code, err, "size supports task", "classification", "not detection")
     else:  # supported: detection's own reading of the run's data or checkpoint is what stops it
         assert_one_line_error(code, err, "detection.train_annotations is empty" if command == "test" else
                               "has no checkpoint")
+
+
+def test_test_with_a_classifier_needs_a_deblurring_run(tmp_path, capsys):
+    folders = []
+    for version in ("v0001", "v0002"):
+        folder = tmp_path / "runs" / "resnet" / version
+        folder.mkdir(parents=True)
+        (folder / "config.yaml").write_text(yaml.safe_dump({"model": {"name": "resnet"}}))
+        folders.append(folder)
+    code, _, err = run_cli(capsys, "test", "--run", folders[0], "--classifier", folders[1])
+    assert_one_line_error(code, err, "--classifier applies to deblurring runs (task: deblur)", "classification run")

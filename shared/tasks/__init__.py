@@ -12,10 +12,11 @@ from shared import modelzoo
 from shared.errors import UserError
 from shared.runs import Run, require_idle
 from shared.task import Task
-from shared.tasks.classification import ClassificationTask
+from shared.tasks.classification import CLASSIFICATION
+from shared.tasks.deblur import DEBLUR
 from shared.tasks.detection import DetectionTask
 
-TASKS: dict[str, Task] = {"classification": ClassificationTask(), "detection": DetectionTask()}
+TASKS: dict[str, Task] = {"classification": CLASSIFICATION, "detection": DetectionTask(), "deblur": DEBLUR}
 
 
 def task_for(config_or_run) -> Task:
