@@ -45,7 +45,8 @@ def main(argv: list[str]) -> int:
     trained = time.time() - started
     metrics = evaluate_with_classifier(run_path, args.classifier)
     c = metrics["classifier"]
-    print(f"run {run_path} ({trained:.0f} s to train and test, {metrics['examples']} test images)")
+    took = "" if args.run else f"{trained:.0f} s to train and test, "
+    print(f"run {run_path} ({took}{metrics['examples']} test images)")
     print(f"PSNR blurred {metrics['psnr_blurred']:.2f} dB, restored {metrics['psnr_restored']:.2f} dB, "
           f"gain {metrics['psnr_gain']:+.2f} dB (target >= {PSNR_GAIN_TARGET:+.1f}): "
           f"{'met' if metrics['psnr_gain'] >= PSNR_GAIN_TARGET else 'NOT met'}")
