@@ -75,7 +75,8 @@ def bare_side(path: str, images: int, epochs: int, runs_dir: str) -> float:
     from shared.tasks.classification import prepare
 
     config = bench_config(path, images, epochs, runs_dir)
-    _, module, model, datasets = prepare(config)
+    module, model, data = prepare(config)
+    datasets = data.details
     xs, ys = [], []
     for batch_images, batch_labels in datasets.train.take(datasets.steps_per_epoch):
         xs.append(batch_images.numpy())

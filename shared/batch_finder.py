@@ -60,32 +60,31 @@ class TrainStepProbe:
         self.config = copy.deepcopy(config)  # prepare() resolves hparams and num_classes in place
         self.steps = steps
         with precision_policy(self.config.train.precision):  # half-precision activations halve the memory
-            _, self.module, model, datasets = prepare(self.config)
+            self.module, model, self.data = prepare(self.config)
+        datasets = self.data.details
         self.input_shape = tuple(datasets.input_shape)
         self.num_classes = datasets.num_classes
-        self.soft_labels = datasets.soft_labels  # MixUp / CutMix: one-hot targets and the dense loss
-        self.one_hot = self.soft_labels or bool(self.config.train.label_smoothing)  # as compile_model's loss wants
-        self.steps_per_epoch = datasets.steps_per_epoch
+        # MixUp / CutMix or label smoothing: one-hot targets, as the compiled loss wants
+        self.one_hot = datasets.soft_labels or bool(self.config.train.label_smoothing)
         self.aux_weights = modelzoo.auxiliary_loss_weights(self.module, model)
         self.steps_run = 0  # successful training steps, over every try
         self.model = None
         self._compile(model)
 
     def _compile(self, model) -> None:
-        from shared.optim import compile_model
         from shared.lifecycle import precision_policy
+        from shared.tasks.classification import CLASSIFICATION
 
-        with precision_policy(self.config.train.precision):
-            compile_model(model, self.config, self.steps_per_epoch, self.num_classes, self.aux_weights,
-                          soft_labels=self.soft_labels)
+        with precision_policy(self.config.train.precision):  # as training compiles it
+            CLASSIFICATION.compile(model, model, self.module, self.config, self.data, lr_scale=1.0, replicas=1)
         self.model = model
 
     def _rebuild(self) -> None:
-        from shared import modelzoo
         from shared.lifecycle import precision_policy
+        from shared.tasks.classification import CLASSIFICATION
 
         with precision_policy(self.config.train.precision):
-            model = modelzoo.build_model(self.module, self.num_classes, self.input_shape, self.config.model.hparams)
+            model = CLASSIFICATION.build(self.module, self.config, self.input_shape)
         self._compile(model)
 
     def release(self) -> None:

@@ -11,6 +11,7 @@ interrupted run from its last complete epoch, in the same folder. What differs b
 from __future__ import annotations
 
 import contextlib
+import copy
 import csv
 import dataclasses
 import os
@@ -64,7 +65,10 @@ def sigterm_as_interrupt():
 
 def train(config: Config, argv: list[str] | None = None, callbacks: list | tuple = ()) -> runs.Run:
     """Train as the config says (its task's model and data), test on the held-out split, and return the
-    finished run. `callbacks`: extra Keras callbacks, run after the runner's own (a tuner's pruning hook)."""
+    finished run. `callbacks`: extra Keras callbacks, run after the runner's own (a tuner's pruning hook).
+    `config` is not changed: the run resolves its own copy (hyperparameters, class count, absolute paths),
+    which its config.yaml records."""
+    config = copy.deepcopy(config)
     return _run_training(_task(config), config, argv, resumed=None, extra_callbacks=list(callbacks))
 
 

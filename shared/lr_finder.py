@@ -100,10 +100,8 @@ def lr_range_test(config: Config, min_lr: float = 1e-6, max_lr: float = 1.0, ste
     Returns {"lrs", "losses" (smoothed), "suggested_lr" (steepest descent), "min_loss_lr" (the
     minimum's rate / 10), "stopped" ("diverged", "nan" or None), "steps" (requested), "batch_size",
     "base_batch_size"}; with `out_png`, also writes the loss-vs-rate plot there and adds "plot"."""
-    from shared import modelzoo
-    from shared.optim import compile_model
     from shared.lifecycle import precision_policy
-    from shared.tasks.classification import prepare, training_labels
+    from shared.tasks.classification import CLASSIFICATION, prepare
 
     _check_arguments(min_lr, max_lr, steps)
     if out_png is not None:
@@ -116,17 +114,12 @@ def lr_range_test(config: Config, min_lr: float = 1e-6, max_lr: float = 1.0, ste
     # the callback can set (a schedule object would refuse it).
     lr.schedule, lr.warmup_epochs, lr.base_batch_size, lr.base = "constant", 0.0, None, float(min_lr)
     with precision_policy(config.train.precision):  # as training builds it: mixed precision changes the loss
-        _, module, model, datasets = prepare(config)
-        aux_weights = modelzoo.auxiliary_loss_weights(module, model)
-        compile_model(model, config, datasets.steps_per_epoch, datasets.num_classes, aux_weights,
-                      soft_labels=datasets.soft_labels)
-    # Label smoothing needs one-hot targets; MixUp / CutMix batches are one-hot already.
-    one_hot = datasets.num_classes if config.train.label_smoothing and not datasets.soft_labels else None
+        module, model, data = prepare(config)
+        CLASSIFICATION.compile(model, model, module, config, data, lr_scale=1.0, replicas=1)
+    train, _ = CLASSIFICATION.fit_data(config, model, module, data)  # the labels as training's loss wants them
     finder = LRRangeTest(min_lr, max_lr, steps)
     # The training set repeats forever, so one "epoch" of `steps` batches never runs short.
-    outputs = [modelzoo.MAIN_OUTPUT, *aux_weights] if aux_weights else []
-    model.fit(training_labels(datasets.train, outputs, one_hot), epochs=1, steps_per_epoch=steps,
-              callbacks=[finder], verbose=_verbosity(config), shuffle=False)
+    model.fit(train, epochs=1, steps_per_epoch=steps, callbacks=[finder], verbose=_verbosity(config), shuffle=False)
     if not finder.lrs:
         raise UserError(f"the loss was not finite from the first batch at learning rate {min_lr:g}; "
                         f"lower min_lr, or check the data and the model")

@@ -6,6 +6,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "shared"
 
@@ -95,3 +97,20 @@ def test_no_module_uses_another_modules_private_names():
                     and node.attr.startswith("_") and not node.attr.startswith("__"):
                 reaching.append(f"{name}: {aliases[node.value.id]}.{node.attr}")
     assert sorted(set(reaching) - KNOWN_PRIVATE_USES) == []
+
+
+@pytest.mark.slow
+def test_training_leaves_the_callers_config_unchanged(tmp_path):
+    import copy
+
+    from shared.config import load_config
+    from shared.lifecycle import train
+
+    from conftest import tiny_tree
+
+    config = load_config(tree=tiny_tree(tmp_path / "runs", train={"epochs": 1}, data={"synthetic_train": 64}))
+    before = copy.deepcopy(config)
+    run = train(config)
+    assert config == before
+    recorded = run.config_dict()["model"]  # the run's own copy has every hyperparameter resolved
+    assert set(recorded) - {"name", "path"} > set(config.model.hparams)
