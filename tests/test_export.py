@@ -138,11 +138,13 @@ def test_a_failed_export_leaves_no_version(trained_run, tmp_path, monkeypatch):
     model_dir = tmp_path / "export" / "resnet"
     model_dir.mkdir(parents=True)
 
-    def broken(*args, **kwargs):
-        Path(args[1], "saved_model.pb").write_bytes(b"half")  # as if it died mid-write
+    def broken(model, bytes_fn, images_fn, image_shape, target):
+        Path(target, "saved_model.pb").write_bytes(b"half")  # as if it died mid-write
         raise OSError("disk full")
 
-    monkeypatch.setattr(tf.saved_model, "save", broken)
+    # The project's one SavedModel writer (patching tf.saved_model.save, reached through a lazily loaded
+    # module, only took effect after an earlier test had exported)
+    monkeypatch.setattr(export, "write_archive", broken)
     with pytest.raises(OSError, match="disk full"):
         export.export_saved_model(run, tmp_path / "export")
     assert list(model_dir.iterdir()) == []
