@@ -39,12 +39,13 @@ def measure(config_path: str, overrides: list[str], images: int, epochs: int) ->
     from shared import modelzoo
     from shared.config import load_config
     from shared.optim import compile_model
-    from shared.tasks.classification import prepare
+    from shared.lifecycle import prepare
+    from shared.tasks.classification import CLASSIFICATION
 
     config = load_config(config_path, [*overrides, "data.source=synthetic", f"data.synthetic_train={images}",
                                        "data.synthetic_test=8", "data.augment=[]",
                                        "train.verbose=0"])
-    module, model, data = prepare(config)
+    _, module, model, data = prepare(CLASSIFICATION, config)
     datasets = data.details
     size, channels = datasets.input_shape[0], datasets.input_shape[-1]
     x = np.random.default_rng(0).normal(size=(images, size, size, channels)).astype("float32")

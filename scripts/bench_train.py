@@ -72,10 +72,11 @@ def bare_side(path: str, images: int, epochs: int, runs_dir: str) -> float:
     """The same model and compile settings, fed the runner's own preprocessed arrays by plain fit."""
     from shared import modelzoo
     from shared.optim import compile_model
-    from shared.tasks.classification import prepare
+    from shared.lifecycle import prepare
+    from shared.tasks.classification import CLASSIFICATION
 
     config = bench_config(path, images, epochs, runs_dir)
-    module, model, data = prepare(config)
+    _, module, model, data = prepare(CLASSIFICATION, config)
     datasets = data.details
     xs, ys = [], []
     for batch_images, batch_labels in datasets.train.take(datasets.steps_per_epoch):

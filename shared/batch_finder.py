@@ -54,13 +54,13 @@ class TrainStepProbe:
 
     def __init__(self, config: Config, steps: int = 2):
         from shared import modelzoo
-        from shared.lifecycle import precision_policy
-        from shared.tasks.classification import prepare
+        from shared.lifecycle import precision_policy, prepare
+        from shared.tasks.classification import CLASSIFICATION
 
         self.config = copy.deepcopy(config)  # prepare() resolves hparams and num_classes in place
         self.steps = steps
         with precision_policy(self.config.train.precision):  # half-precision activations halve the memory
-            self.module, model, self.data = prepare(self.config)
+            _, self.module, model, self.data = prepare(CLASSIFICATION, self.config)
         datasets = self.data.details
         self.input_shape = tuple(datasets.input_shape)
         self.num_classes = datasets.num_classes

@@ -153,13 +153,9 @@ def _run_training(task: Task, config: Config, argv: list[str] | None, resumed: r
     phases = task.plan_phases(config)
     saved = [s for s in map(backup_state, _backup_dirs(resumed, phases)) if s] if resumed else []
     restoring, done = bool(saved), max((s["epoch"] for s in saved), default=0)
-    folder = resumed.path if resumed else modelzoo.model_dir(config.model.name, config.model.path)
-    module = modelzoo.load_model_module(folder)
-    config.model.hparams = modelzoo.resolve_hparams(module, config.model.hparams, _where(config))
-    keras.utils.set_random_seed(config.train.seed)
     with precision_policy(config.train.precision), placement.strategy.scope():
-        data = task.datasets(config, folder, placement.replicas, start_epoch=done)
-        model = task.build(module, config, data.input_shape)
+        folder, module, model, data = prepare(task, config, resumed.path if resumed else None, placement.replicas,
+                                              start_epoch=done)
         provenance = ""
         if (config.init.from_run or config.init.weights) and not restoring:
             provenance = task.initialize(config, model, module, data)
@@ -221,6 +217,19 @@ def _run_training(task: Task, config: Config, argv: list[str] | None, resumed: r
         run.set_status("finished", ended=_now())
     shutil.rmtree(run.path / "backup", ignore_errors=True)  # finished: nothing left to resume
     return run
+
+
+def prepare(task: Task, config: Config, model_folder: Path | None = None, replicas: int = 1, start_epoch: int = 0):
+    """The task's model and data as a run builds them, also for the tools that train a few steps outside a
+    run (lr-sweep, find-batch, benchmarks): returns (folder, module, model, TaskData). `model_folder`: where
+    model.py lives (a run folder when resuming), else the config's model; `start_epoch`: epochs already
+    trained, where the training stream starts. Resolves config.model.hparams and config.data.num_classes."""
+    folder = model_folder or modelzoo.model_dir(config.model.name, config.model.path)
+    module = modelzoo.load_model_module(folder)
+    config.model.hparams = modelzoo.resolve_hparams(module, config.model.hparams, _where(config))
+    keras.utils.set_random_seed(config.train.seed)
+    data = task.datasets(config, folder, replicas, start_epoch=start_epoch)
+    return folder, module, task.build(module, config, data.input_shape), data
 
 
 def _where(config: Config) -> str:

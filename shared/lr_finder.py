@@ -100,8 +100,8 @@ def lr_range_test(config: Config, min_lr: float = 1e-6, max_lr: float = 1.0, ste
     Returns {"lrs", "losses" (smoothed), "suggested_lr" (steepest descent), "min_loss_lr" (the
     minimum's rate / 10), "stopped" ("diverged", "nan" or None), "steps" (requested), "batch_size",
     "base_batch_size"}; with `out_png`, also writes the loss-vs-rate plot there and adds "plot"."""
-    from shared.lifecycle import precision_policy
-    from shared.tasks.classification import CLASSIFICATION, prepare
+    from shared.lifecycle import precision_policy, prepare
+    from shared.tasks.classification import CLASSIFICATION
 
     _check_arguments(min_lr, max_lr, steps)
     if out_png is not None:
@@ -114,7 +114,7 @@ def lr_range_test(config: Config, min_lr: float = 1e-6, max_lr: float = 1.0, ste
     # the callback can set (a schedule object would refuse it).
     lr.schedule, lr.warmup_epochs, lr.base_batch_size, lr.base = "constant", 0.0, None, float(min_lr)
     with precision_policy(config.train.precision):  # as training builds it: mixed precision changes the loss
-        module, model, data = prepare(config)
+        _, module, model, data = prepare(CLASSIFICATION, config)
         CLASSIFICATION.compile(model, model, module, config, data, lr_scale=1.0, replicas=1)
     train, _ = CLASSIFICATION.fit_data(config, model, module, data)  # the labels as training's loss wants them
     finder = LRRangeTest(min_lr, max_lr, steps)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-import keras
 import tensorflow as tf
 
 from shared import data as data_module
@@ -20,19 +19,6 @@ from shared.task import ALL_COMMANDS, Task, TaskData
 
 def _where(config: Config) -> str:
     return f" (in {config.source_file})" if config.source_file else ""
-
-
-def prepare(config: Config, replicas: int = 1, model_folder: Path | None = None, start_epoch: int = 0):
-    """The model and its datasets as training builds them, for the tools that train a few steps outside a
-    run (lr-sweep, find-batch, benchmarks); returns (module, model, TaskData: `.details` holds the
-    datasets) and resolves config.model.hparams and config.data.num_classes in place."""
-    folder = model_folder or modelzoo.model_dir(config.model.name, config.model.path)
-    module = modelzoo.load_model_module(folder)
-    config.model.hparams = modelzoo.resolve_hparams(module, config.model.hparams, _where(config))
-    keras.utils.set_random_seed(config.train.seed)
-    data = CLASSIFICATION.datasets(config, folder, replicas=replicas, start_epoch=start_epoch)
-    model = CLASSIFICATION.build(module, config, data.input_shape)
-    return module, model, data
 
 
 def training_labels(dataset, outputs: list[str], one_hot_classes: int | None):
