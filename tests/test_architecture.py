@@ -74,9 +74,6 @@ def test_cycle_check_finds_a_cycle():
 
 
 # Existing uses, to go when the owners of tflite.py / augment.py give these a public name (issue 15).
-KNOWN_PRIVATE_USES = {"shared.deblur.export: shared.tflite._converter", "shared.data.blur: shared.data.augment._entry"}
-
-
 def test_no_module_uses_another_modules_private_names():
     modules = _modules()
     known = set(modules)
@@ -96,7 +93,7 @@ def test_no_module_uses_another_modules_private_names():
             if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases \
                     and node.attr.startswith("_") and not node.attr.startswith("__"):
                 reaching.append(f"{name}: {aliases[node.value.id]}.{node.attr}")
-    assert sorted(set(reaching) - KNOWN_PRIVATE_USES) == []
+    assert sorted(reaching) == []
 
 
 @pytest.mark.slow

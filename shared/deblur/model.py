@@ -11,7 +11,7 @@ light decoder with skip connections back to full resolution, and a residual outp
   zero, so an untrained restorer returns its input: training starts at the blurred image's quality.
 
 Every layer the restorer adds is named "decoder_*", plus the output "restored"; the backbone's layers keep
-their classification names, so `init.from_run` copies them by name (shared.detection.train.initialize_backbone).
+their classification names, so `init.from_run` copies them by name (shared.finetune.initialize_from).
 """
 
 from __future__ import annotations
