@@ -45,7 +45,7 @@ def measure(config_path: str, overrides: list[str], images: int, epochs: int) ->
     config = load_config(config_path, [*overrides, "data.source=synthetic", f"data.synthetic_train={images}",
                                        "data.synthetic_test=8", "data.augment=[]",
                                        "train.verbose=0"])
-    _, module, model, data = prepare(CLASSIFICATION, config)
+    _, module, model, data, config = prepare(CLASSIFICATION, config)
     datasets = data.details
     size, channels = datasets.input_shape[0], datasets.input_shape[-1]
     x = np.random.default_rng(0).normal(size=(images, size, size, channels)).astype("float32")

@@ -76,7 +76,7 @@ def bare_side(path: str, images: int, epochs: int, runs_dir: str) -> float:
     from shared.tasks.classification import CLASSIFICATION
 
     config = bench_config(path, images, epochs, runs_dir)
-    _, module, model, data = prepare(CLASSIFICATION, config)
+    _, module, model, data, config = prepare(CLASSIFICATION, config)
     datasets = data.details
     xs, ys = [], []
     for batch_images, batch_labels in datasets.train.take(datasets.steps_per_epoch):

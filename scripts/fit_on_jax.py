@@ -42,7 +42,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 from shared import modelzoo, optim  # noqa: E402  (these four modules are free of TensorFlow)
-from shared.config import load_config  # noqa: E402
+from shared.config import load_config, with_changes  # noqa: E402
 from shared.errors import UserError  # noqa: E402
 from shared.fashion_mnist import (FASHION_MNIST_CLASSES, FASHION_MNIST_FILES, FASHION_MNIST_MEAN,  # noqa: E402
                                   FASHION_MNIST_STD, read_split)
@@ -129,7 +129,9 @@ def fit(args) -> int:
     if train.steps_per_epoch:
         steps = min(steps, train.steps_per_epoch)
     if keras.backend.backend() == "jax":
-        train.jit_compile = True  # JAX without jit runs op by op, far too slow; other backends follow the config
+        # JAX without jit runs op by op, far too slow; other backends follow the config
+        config = with_changes(config, {"train.jit_compile": True})
+        train = config.train
     optim.compile_model(model, config, steps, num_classes, aux_loss_weights=aux)
     smoothing = train.label_smoothing
     outputs = [modelzoo.MAIN_OUTPUT, *aux]

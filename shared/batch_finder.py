@@ -10,7 +10,6 @@ long run, can lower it, hence the suggestion rounds down.
 
 from __future__ import annotations
 
-import copy
 import gc
 from typing import Callable
 
@@ -57,10 +56,9 @@ class TrainStepProbe:
         from shared.lifecycle import precision_policy, prepare
         from shared.tasks.classification import CLASSIFICATION
 
-        self.config = copy.deepcopy(config)  # prepare() resolves hparams and num_classes in place
         self.steps = steps
-        with precision_policy(self.config.train.precision):  # half-precision activations halve the memory
-            _, self.module, model, self.data = prepare(CLASSIFICATION, self.config)
+        with precision_policy(config.train.precision):  # half-precision activations halve the memory
+            _, self.module, model, self.data, self.config = prepare(CLASSIFICATION, config)
         datasets = self.data.details
         self.input_shape = tuple(datasets.input_shape)
         self.num_classes = datasets.num_classes

@@ -5,6 +5,10 @@ is an error naming the key, the file it came from and the closest valid key. Eve
 in the range `RANGES` gives its key, checked when the config loads, before any folder exists. `model` is open-ended:
 besides `name` and `path` it holds the model's own hyperparameters, which `shared.modelzoo` checks
 against the model's `build` signature.
+
+A loaded Config is frozen: the run lifecycle resolves it once (`shared.lifecycle.prepare`: hyperparameters,
+class count, normalization statistics, absolute paths) into a new value with `with_changes`, and nothing
+changes it afterwards (an assignment raises dataclasses.FrozenInstanceError).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import yaml
 
 from shared.errors import UserError
 from shared.names import check_plain_name
+from shared.source_facts import SOURCES
 
 SET_SOURCE = "--set"
 
@@ -50,17 +55,16 @@ def yaml_load(text: str):
     return yaml.load(text, Loader=_YamlLoader)
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelConfig:
     name: str = "resnet"  # a folder under models/
     path: str | None = None  # the model folder, when it is not models/<name>
     hparams: dict = field(default_factory=dict)  # everything else under `model:`
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataConfig:
-    source: str = field(default="fashion_mnist",
-                        metadata={"choices": ("fashion_mnist", "synthetic", "folder", "ilsvrc", "tfrecord", "tfds")})
+    source: str = field(default="fashion_mnist", metadata={"choices": tuple(SOURCES)})
     name: str | None = None  # TFDS dataset name (source: tfds)
     path: str | None = None  # IDX folder (fashion_mnist), or the root holding train/ and val/ (folder, ilsvrc)
     data_dir: str | None = None  # TFDS data_dir
@@ -87,7 +91,7 @@ class DataConfig:
     synthetic_test: int = 256
 
 
-@dataclass
+@dataclass(frozen=True)
 class OptimizerConfig:
     name: str = field(default="sgd", metadata={"choices": ("sgd", "adam", "adamw", "rmsprop")})
     momentum: float = 0.9  # sgd and rmsprop
@@ -98,7 +102,7 @@ class OptimizerConfig:
     clip_global_norm: float | None = None  # clip all gradients together to this global L2 norm
 
 
-@dataclass
+@dataclass(frozen=True)
 class LearningRateConfig:
     base: float = 0.1
     base_batch_size: int | None = None  # set: scale linearly, lr = base * batch_size / base_batch_size
@@ -114,7 +118,7 @@ class LearningRateConfig:
     end: float = 0.0  # polynomial: the final rate
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     epochs: int = 10
     batch_size: int = 128
@@ -135,7 +139,7 @@ class TrainConfig:
     verbose: int = field(default=1, metadata={"choices": (0, 1, 2)})  # Keras fit: 1 is a progress bar
 
 
-@dataclass
+@dataclass(frozen=True)
 class InitConfig:
     """Where the starting weights come from (finetune, finetune-all, detection)."""
     from_run: str | None = None  # a run folder: its weights, built from its own snapshotted model.py
@@ -146,14 +150,14 @@ class InitConfig:
     head_epochs: int = 0  # finetune_all: first train the head alone for this many epochs (warm start)
 
 
-@dataclass
+@dataclass(frozen=True)
 class DistributeConfig:
     strategy: str = field(default="auto", metadata={"choices": ("auto", "one_device", "mirrored", "multi_worker",
                                                                 "tpu")})  # auto: mirrored on several GPUs
     tpu: str = ""  # tpu: the TPU name or grpc:// address ("" on a TPU VM)
 
 
-@dataclass
+@dataclass(frozen=True)
 class DetectionConfig:
     """A single-shot detector on a classification backbone (task: detection)."""
     format: str = field(default="coco", metadata={"choices": ("coco", "voc", "tfrecord")})  # annotations
@@ -179,7 +183,7 @@ class DetectionConfig:
     unfreeze_epoch: int | None = None  # with init.from_run and train.freeze [backbone]: train all from here
 
 
-@dataclass
+@dataclass(frozen=True)
 class DeblurConfig:
     """Image restoration on a classification backbone (task: deblur; shared/deblur/)."""
     blur: list = field(default_factory=lambda: [{"gaussian": {"sigma": [1.0, 2.0]}}])  # see shared.data.blur
@@ -188,7 +192,7 @@ class DeblurConfig:
     gallery: int = 8  # test images drawn in deblur.png (blurred / restored / sharp rows)
 
 
-@dataclass
+@dataclass(frozen=True)
 class DistillConfig:
     """Knowledge distillation (Hinton et al. 2015): `distill --teacher RUN` or distill.teacher."""
     teacher: str | None = None  # a finished run; its model is rebuilt from its own snapshot and frozen
@@ -196,7 +200,7 @@ class DistillConfig:
     alpha: float = 0.9  # weight of the teacher's soft targets; 1 - alpha on the hard labels
 
 
-@dataclass
+@dataclass(frozen=True)
 class TuneConfig:
     """Hyperparameter search with Optuna: `python -m shared.runner tune --config models/<m>/tune.yaml`."""
     study: str | None = None  # None: <model>-<config file stem>
@@ -211,13 +215,13 @@ class TuneConfig:
     seed: int = 0
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunConfig:
     notes: str = ""
     dir: str = "runs"  # the runs root; each run lands in <dir>/<model>/<version>/
 
 
-@dataclass
+@dataclass(frozen=True)
 class Config:
     task: str = field(default="classification", metadata={"choices": ("classification", "detection", "deblur")})
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -254,6 +258,22 @@ def _section_to_dict(section) -> dict:
         value = getattr(section, f.name)
         out[f.name] = _section_to_dict(value) if dataclasses.is_dataclass(value) else value
     return out
+
+
+def with_changes(section, changes: dict[str, Any]):
+    """A copy of `section` (the Config or one of its sections) with the dotted keys in `changes` set, e.g.
+    `with_changes(config, {"data.num_classes": 10})`: the config is frozen once loaded, so every resolution
+    step makes a new one and nothing changes a config another part of the program holds."""
+    direct, nested = {}, {}
+    for dotted, value in changes.items():
+        head, _, rest = dotted.partition(".")
+        if rest:
+            nested.setdefault(head, {})[rest] = value
+        else:
+            direct[head] = value
+    for head, sub in nested.items():
+        direct[head] = with_changes(getattr(section, head), sub)
+    return dataclasses.replace(section, **direct)
 
 
 # ---------------------------------------------------------------- ranges
@@ -444,9 +464,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), tree:
     tree = dict(tree or {})
     tree, set_provenance = apply_overrides(tree, list(overrides))
     provenance.update(set_provenance)
-    config = from_dict(tree, provenance)
-    config.source_file = str(Path(path).resolve()) if path is not None else None
-    return config
+    return dataclasses.replace(from_dict(tree, provenance),
+                               source_file=str(Path(path).resolve()) if path is not None else None)
 
 
 # ---------------------------------------------------------------- validation
@@ -606,8 +625,8 @@ def from_dict(tree: dict, provenance: dict[str, str] | None = None) -> Config:
     _check_value("model", {"name": name, "path": path, **model_tree}, provenance)
     if config.tune.study is not None:
         check_plain_name("config key tune.study", config.tune.study, _where("tune.study", provenance))
-    config.model = ModelConfig(name=name, path=path, hparams=model_tree)
-    config.provenance = provenance
+    config = dataclasses.replace(config, model=ModelConfig(name=name, path=path, hparams=model_tree),
+                                 provenance=provenance)
     _check_consistency(config, provenance)
     return config
 
@@ -630,11 +649,9 @@ def _check_consistency(config: Config, provenance: dict) -> None:
             raise UserError(f"config key data.{key}{_where('data.' + key, provenance)} has {len(value)} values "
                             f"but data.channels is {data.channels}; give one per channel")
     _check_runs_root(config.run.dir, provenance)
-    if data.source == "tfds" and not data.name:
-        raise UserError("data.source is tfds but data.name is empty; set data.name (e.g. imagenet2012)")
-    if data.source in ("folder", "ilsvrc", "tfrecord") and not data.path:
-        raise UserError(f"data.source is {data.source} but data.path is empty; "
-                        f"set it to the folder holding train/ and val/")
+    facts = SOURCES[data.source]
+    if facts.required and not getattr(data, facts.required):
+        raise UserError(f"data.source is {data.source} but data.{facts.required} is empty; {facts.required_hint}")
     if train.optimizer.clip_norm and train.optimizer.clip_global_norm:
         raise UserError("train.optimizer.clip_norm and clip_global_norm are both set; keep one")
     if config.init.mode == "finetune_all" and not (config.init.from_run or config.init.weights):

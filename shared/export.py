@@ -29,6 +29,7 @@ from shared.durable import DiskFull, atomic_write, disk_space_checked, fsync_dir
 from shared.locks import FileLock
 from shared.names import check_plain_name
 from shared.runs import Run, open_run
+from shared.source_facts import SOURCES
 
 CONFIG_FILE = "models.config"
 LOCK_FILE = ".export.lock"  # in the export folder: exports there publish, prune and list one at a time
@@ -38,10 +39,6 @@ PREDICT_IMAGES = "predict_images"
 OUTPUT_KEYS = ("probabilities", "classes", "labels", "scores")
 VERSION_RE = re.compile(r"^\d+$")  # TF Serving's version folders: all digits
 MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-# The sources whose eval view is known from the config alone: decoded arrays of one square size are
-# resized; encoded images of any size are center-cropped (shared.data._image_fn).
-RESIZED_SOURCES = ("synthetic", "fashion_mnist")
-CROPPED_SOURCES = ("folder", "ilsvrc", "tfrecord")
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -153,18 +150,16 @@ def resizes_pixels(config) -> bool:
     decodes the central crop (encoded images of any size): shared.data._image_fn decides by the source,
     so we ask the source the same question, from the config where that suffices."""
     data = config.data
-    if data.source in RESIZED_SOURCES:
-        return True  # the TFDS fallback of fashion_mnist is fixed-size too
-    if data.source in CROPPED_SOURCES:
-        return False
-    if data.source == "tfds":
-        try:  # the dataset's metadata, without reading (or preparing) the images
-            import tensorflow_datasets as tfds
+    fixed = SOURCES[data.source].fixed_size  # the TFDS fallback of fashion_mnist is fixed-size too
+    if fixed is not None:
+        return fixed
+    try:  # images as stored (TFDS): the dataset's metadata says, without reading (or preparing) the images
+        import tensorflow_datasets as tfds
 
-            shape = tfds.builder(data.name, data_dir=data.data_dir).info.features["image"].shape
-            return shape[0] is not None and shape[0] == shape[1]
-        except Exception:  # not prepared here, no such dataset: the source itself says below
-            pass
+        shape = tfds.builder(data.name, data_dir=data.data_dir).info.features["image"].shape
+        return shape[0] is not None and shape[0] == shape[1]
+    except Exception:  # not prepared here, no such dataset: the source itself says below
+        pass
     from shared.data import sources
 
     return sources.load(data).fixed_size

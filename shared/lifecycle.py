@@ -11,7 +11,6 @@ interrupted run from its last complete epoch, in the same folder. What differs b
 from __future__ import annotations
 
 import contextlib
-import copy
 import csv
 import dataclasses
 import os
@@ -29,7 +28,7 @@ import keras
 from shared import distribute, durable, finetune, modelzoo, optim, plots, runs
 from shared.callbacks import (AtomicBackupAndRestore, DurableCSVLogger, EpochCheckpoint, LearningRateLogger,
                               NonFiniteLoss, StopOnNonFiniteLoss, StopOnSignal, backup_state)
-from shared.config import Config
+from shared.config import Config, with_changes
 from shared.errors import UserError, embedded_user_error
 from shared.task import Phase, Task
 
@@ -66,9 +65,8 @@ def sigterm_as_interrupt():
 def train(config: Config, argv: list[str] | None = None, callbacks: list | tuple = ()) -> runs.Run:
     """Train as the config says (its task's model and data), test on the held-out split, and return the
     finished run. `callbacks`: extra Keras callbacks, run after the runner's own (a tuner's pruning hook).
-    `config` is not changed: the run resolves its own copy (hyperparameters, class count, absolute paths),
-    which its config.yaml records."""
-    config = copy.deepcopy(config)
+    `config` is frozen: the run resolves a new one (hyperparameters, class count, absolute paths) in
+    `prepare`, which its config.yaml records."""
     return _run_training(_task(config), config, argv, resumed=None, extra_callbacks=list(callbacks))
 
 
@@ -154,8 +152,8 @@ def _run_training(task: Task, config: Config, argv: list[str] | None, resumed: r
     saved = [s for s in map(backup_state, _backup_dirs(resumed, phases)) if s] if resumed else []
     restoring, done = bool(saved), max((s["epoch"] for s in saved), default=0)
     with precision_policy(config.train.precision), placement.strategy.scope():
-        folder, module, model, data = prepare(task, config, resumed.path if resumed else None, placement.replicas,
-                                              start_epoch=done)
+        folder, module, model, data, config = prepare(task, config, resumed.path if resumed else None,
+                                                      placement.replicas, start_epoch=done)
         provenance = ""
         if (config.init.from_run or config.init.weights) and not restoring:
             provenance = task.initialize(config, model, module, data)
@@ -221,15 +219,23 @@ def _run_training(task: Task, config: Config, argv: list[str] | None, resumed: r
 
 def prepare(task: Task, config: Config, model_folder: Path | None = None, replicas: int = 1, start_epoch: int = 0):
     """The task's model and data as a run builds them, also for the tools that train a few steps outside a
-    run (lr-sweep, find-batch, benchmarks): returns (folder, module, model, TaskData). `model_folder`: where
-    model.py lives (a run folder when resuming), else the config's model; `start_epoch`: epochs already
-    trained, where the training stream starts. Resolves config.model.hparams and config.data.num_classes."""
+    run (lr-sweep, find-batch, benchmarks): returns (folder, module, model, TaskData, resolved config).
+    `model_folder`: where model.py lives (a run folder when resuming), else the config's model;
+    `start_epoch`: epochs already trained, where the training stream starts.
+
+    The one point where a run's config is resolved, before any folder exists: the model's hyperparameters
+    here, the paths it records in `task.resolve` (absolute), then what the task's data settles (class
+    count, normalization statistics) in `task.datasets`. The result is a new frozen Config, the one the
+    run records and everything after uses; `config` itself is never changed."""
     folder = model_folder or modelzoo.model_dir(config.model.name, config.model.path)
     module = modelzoo.load_model_module(folder)
-    config.model.hparams = modelzoo.resolve_hparams(module, config.model.hparams, _where(config))
+    config = with_changes(config, {"model.hparams": modelzoo.resolve_hparams(module, config.model.hparams,
+                                                                             _where(config))})
+    config = task.resolve(config)
     keras.utils.set_random_seed(config.train.seed)
     data = task.datasets(config, folder, replicas, start_epoch=start_epoch)
-    return folder, module, task.build(module, config, data.input_shape), data
+    config = data.config
+    return folder, module, task.build(module, config, data.input_shape), data, config
 
 
 def _where(config: Config) -> str:

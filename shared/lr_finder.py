@@ -10,7 +10,6 @@ falls fastest per decade of learning rate; the minimum's rate / 10 is the older 
 
 from __future__ import annotations
 
-import copy
 import math
 import os
 import sys
@@ -19,7 +18,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from shared.config import Config
+from shared.config import Config, with_changes
 from shared.errors import UserError
 
 BETA = 0.98  # smoothing of the per-batch loss
@@ -107,14 +106,13 @@ def lr_range_test(config: Config, min_lr: float = 1e-6, max_lr: float = 1.0, ste
     if out_png is not None:
         out_png = Path(out_png)
         out_png.parent.mkdir(parents=True, exist_ok=True)  # fail before training, not after
-    config = copy.deepcopy(config)  # prepare() resolves hparams and num_classes in place
-    lr = config.train.lr
-    base_batch_size = lr.base_batch_size
+    base_batch_size = config.train.lr.base_batch_size
     # A constant rate without warmup or batch scaling: the optimizer then holds a plain variable
     # the callback can set (a schedule object would refuse it).
-    lr.schedule, lr.warmup_epochs, lr.base_batch_size, lr.base = "constant", 0.0, None, float(min_lr)
+    config = with_changes(config, {"train.lr.schedule": "constant", "train.lr.warmup_epochs": 0.0,
+                                   "train.lr.base_batch_size": None, "train.lr.base": float(min_lr)})
     with precision_policy(config.train.precision):  # as training builds it: mixed precision changes the loss
-        _, module, model, data = prepare(CLASSIFICATION, config)
+        _, module, model, data, config = prepare(CLASSIFICATION, config)
         CLASSIFICATION.compile(model, model, module, config, data, lr_scale=1.0, replicas=1)
     train, _ = CLASSIFICATION.fit_data(config, model, module, data)  # the labels as training's loss wants them
     finder = LRRangeTest(min_lr, max_lr, steps)

@@ -37,10 +37,13 @@ class TaskData:
     details: Any = None  # the task's own (its datasets or splits), for evaluate()
     # names the files behind a pipeline error (undecodable images), or [] when it is not about files
     undecodable: Callable[[BaseException], list[str]] = lambda error: []
+    # the config as loading this data resolved it (class count, normalization statistics):
+    # a new frozen Config, the one the run records (see shared.lifecycle.prepare)
+    config: Any = None
 
 
 class Task:
-    """The interface every task implements. The lifecycle calls, in order: check -> plan_phases ->
+    """The interface every task implements. The lifecycle calls, in order: check -> plan_phases -> resolve ->
     datasets -> build -> initialize (when init.from_run / init.weights) -> trainer -> fit_data -> head_layer_names ->
     per phase: compile + fit -> evaluate (on the model rebuilt from the last checkpoint) -> summary."""
 
@@ -61,8 +64,14 @@ class Task:
         phases = [Phase(init.head_epochs, ["backbone"])] if init.head_epochs else []
         return phases + [Phase(train.epochs, list(train.freeze), init.lr_scale)]
 
+    def resolve(self, config) -> Any:
+        """The config with the paths the run records made absolute (and checked), so its config.yaml finds
+        them from any directory: a new Config (`config` is frozen). Called by `shared.lifecycle.prepare`."""
+        return config
+
     def datasets(self, config, folder: Path, replicas: int = 1, start_epoch: int = 0) -> TaskData:
-        """The training (and validation / test) pipelines; sets config.data.num_classes from the data."""
+        """The training (and validation / test) pipelines, and in TaskData.config the config resolved by them
+        (data.num_classes from the data, ...); `config` is frozen and stays as it is."""
         raise NotImplementedError
 
     def build(self, module, config, input_shape: tuple[int, int, int]) -> Any:

@@ -22,7 +22,6 @@ whole SavedModel (3-4x slower); it is the fallback should TF's freezing helper m
 
 from __future__ import annotations
 
-import copy
 import os
 import statistics
 import time
@@ -71,10 +70,9 @@ def representative_dataset(run: Run, config, count: int = 200) -> Callable[[], I
     not flipped, cropped or MixUp-blended ones. The shuffle (seeded) still mixes the classes."""
     from shared import data as data_module
     from shared import modelzoo
+    from shared.config import with_changes
 
-    config = copy.deepcopy(config)  # do not touch the caller's config
-    config.data.augment = []
-    config.data.batch_augment = []
+    config = with_changes(config, {"data.augment": [], "data.batch_augment": []})
     datasets = data_module.make_datasets(config, modelzoo.load_augment_module(run.path))
     count = max(1, min(count, datasets.num_train))
 

@@ -36,6 +36,7 @@ import math
 import re
 import time
 import warnings
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -380,9 +381,7 @@ def trial_config(base_config: Config, values: dict[str, Any], notes: str) -> Con
         set_dotted(tree, key, value)
     tree["run"]["notes"] = notes
     provenance = {**base_config.provenance, **{key: "tune" for key in values}}
-    config = config_module.from_dict(tree, provenance)
-    config.source_file = base_config.source_file
-    return config
+    return dataclasses.replace(config_module.from_dict(tree, provenance), source_file=base_config.source_file)
 
 
 def trial_tag(study: str, number: int) -> str:

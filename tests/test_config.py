@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from shared import modelzoo
-from shared.config import RANGES, load_config
+from shared.config import RANGES, load_config, with_changes
 from shared.errors import UserError
 
 
@@ -214,3 +214,39 @@ def test_a_recipe_that_is_not_utf8_is_one_line(tmp_path):
     path.write_bytes("run: {notes: café}\n".encode("latin-1"))
     with pytest.raises(UserError, match="is not UTF-8 text"):
         load_config(path)
+
+
+def test_a_loaded_config_is_frozen_and_resolving_makes_a_new_one():
+    config = load_config(tree={"train": {"epochs": 2}})
+    for section, key, value in ((config, "task", "deblur"), (config.train, "epochs", 3),
+                                (config.model, "hparams", {}), (config.data, "num_classes", 5)):
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(section, key, value)
+    resolved = with_changes(config, {"train.epochs": 3, "data.num_classes": 5, "train.lr.base": 0.5})
+    assert (resolved.train.epochs, resolved.data.num_classes, resolved.train.lr.base) == (3, 5, 0.5)
+    assert (config.train.epochs, config.data.num_classes, config.train.lr.base) == (2, None, 0.1)  # untouched
+    assert resolved.distill is config.distill  # sections without changes are shared, never copied
+    with pytest.raises(TypeError):
+        with_changes(config, {"train.epoch": 3})
+
+
+@pytest.mark.parametrize("source, key", [("folder", "path"), ("ilsvrc", "path"), ("tfrecord", "path"),
+                                         ("tfds", "name")])
+def test_a_source_without_the_key_its_row_requires_is_refused_when_the_config_loads(source, key):
+    with pytest.raises(UserError, match=f"data.source is {source} but data.{key} is empty; set "):
+        load_config(tree={"data": {"source": source}})
+    load_config(tree={"data": {"source": source, key: "somewhere"}})
+
+
+def test_every_source_is_one_row_of_the_table_that_the_config_and_the_export_read():
+    from shared.config import DataConfig
+    from shared.data import sources
+    from shared.export import resizes_pixels
+    from shared.source_facts import SOURCES
+
+    choices = next(f for f in dataclasses.fields(DataConfig) if f.name == "source").metadata["choices"]
+    assert choices == tuple(SOURCES) == ("fashion_mnist", "synthetic", "folder", "ilsvrc", "tfrecord", "tfds")
+    assert all(callable(getattr(sources, facts.loader)) for facts in SOURCES.values())
+    # the eval view from the row alone: no data is read (the folder does not exist)
+    assert resizes_pixels(load_config(tree={"data": {"source": "synthetic"}}))
+    assert not resizes_pixels(load_config(tree={"data": {"source": "folder", "path": "/no/such/folder"}}))

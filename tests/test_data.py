@@ -6,7 +6,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from shared.config import load_config
+from shared.config import load_config, with_changes
 from shared.data import augment, make_datasets, preprocess, sources
 from shared.errors import UserError
 
@@ -309,8 +309,8 @@ def test_importing_the_package_selects_the_bfc_host_allocator_unless_told_otherw
 def test_a_resumed_stream_starts_where_the_epochs_done_left_it(tmp_path):
     """start_epoch=2 (a run resumed after two epochs) yields the batches an uninterrupted stream yields
     from its third epoch on; 100 examples in batches of 32: an epoch is 4 batches, across pass ends."""
-    config = config_for(tmp_path, source="synthetic", num_classes=4, synthetic_train=100, synthetic_test=20)
-    config.train.batch_size = 32
+    config = with_changes(config_for(tmp_path, source="synthetic", num_classes=4, synthetic_train=100,
+                                     synthetic_test=20), {"train.batch_size": 32})
 
     def batches(start_epoch: int, count: int) -> list:
         stream = make_datasets(config, start_epoch=start_epoch).train

@@ -11,7 +11,7 @@ import pytest
 import tensorflow as tf
 
 from shared import modelzoo
-from shared.config import load_config
+from shared.config import load_config, with_changes
 from shared.data import blur
 from shared.deblur import evaluate as deblur_evaluate
 from shared.deblur.data import make_pairs, pixel_mapping
@@ -110,8 +110,7 @@ def test_a_kernel_wider_than_the_image_is_refused_when_the_config_is_checked(tmp
     with pytest.raises(UserError, match="motion .* length 40 needs a 41 px kernel"):
         blur.build([{"motion": {"length": 40}}], image_size=16)
     blur.build([{"gaussian": {"sigma": 5.0}}], image_size=16)  # 31 px: 15 px of padding fit in 16
-    config = _tiny_config(tmp_path)
-    config.data.batch_augment = ["MixUp"]
+    config = with_changes(_tiny_config(tmp_path), {"data.batch_augment": ["MixUp"]})
     with pytest.raises(UserError, match="data.batch_augment .* remove it"):
         DEBLUR.check(config)
 
@@ -213,15 +212,13 @@ def test_classifier_top1_of_an_identity_restorer_equals_blurred(tmp_path):
 
 def test_a_classifier_of_other_images_or_classes_is_refused(tmp_path):
     config = _tiny_config(tmp_path)
-    other = _tiny_config(tmp_path)
-    other.task = "classification"
-    other.data.image_size = 28
+    other = with_changes(_tiny_config(tmp_path), {"task": "classification", "data.image_size": 28})
     with pytest.raises(UserError, match="takes 28 px images of 1 channel"):
         deblur_evaluate.check_classifier(other, config, None, ["a"], "--classifier X")
-    other.data.image_size = 16
+    other = with_changes(other, {"data.image_size": 16})
     with pytest.raises(UserError, match="first difference at index 1"):
         deblur_evaluate.check_classifier(other, config, ["a", "b"], ["a", "c"], "--classifier X")
-    other.task = "detection"
+    other = with_changes(other, {"task": "detection"})
     with pytest.raises(UserError, match="needs a classification run"):
         deblur_evaluate.check_classifier(other, config, None, ["a"], "--classifier X")
 
@@ -237,13 +234,11 @@ def test_the_deblur_section_is_validated_and_recorded(tmp_path):
 
 def test_a_resumed_run_blurs_its_batches_as_an_uninterrupted_one(tmp_path):
     """make_pairs(start_epoch=1) continues the blur draws where epoch 1 left them, not from batch 0."""
-    config = _tiny_config(tmp_path)
-    config.data.deterministic = True
+    config = with_changes(_tiny_config(tmp_path), {"data.deterministic": True})
     uninterrupted = make_pairs(config)
     steps = uninterrupted.datasets.steps_per_epoch
     expected = [b.numpy() for b, _ in uninterrupted.train.take(steps + 1)][steps]
-    config_again = _tiny_config(tmp_path)
-    config_again.data.deterministic = True
+    config_again = with_changes(_tiny_config(tmp_path), {"data.deterministic": True})
     first = next(iter(make_pairs(config_again, start_epoch=1).train))[0].numpy()
     np.testing.assert_allclose(first, expected, atol=1e-5)
 

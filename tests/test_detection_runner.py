@@ -17,7 +17,7 @@ import tensorflow as tf
 from PIL import Image
 
 from shared import modelzoo, runner, runs
-from shared.config import from_dict
+from shared.config import from_dict, with_changes
 from shared.fashion_mnist import FASHION_MNIST_DIRS
 
 from test_detection_data import load_script
@@ -52,7 +52,7 @@ def classification_run(root: Path, width: int) -> runs.Run:
     config = from_dict({"model": {"name": "resnet", "depth": 18, "width": width, "small_input": True},
                         "data": {"source": "synthetic", "image_size": 28, "channels": 1, "num_classes": 10},
                         "run": {"dir": str(root)}})
-    config.model.hparams = modelzoo.resolve_hparams(module, config.model.hparams)
+    config = with_changes(config, {"model.hparams": modelzoo.resolve_hparams(module, config.model.hparams)})
     run = runs.create(config, folder)
     model = modelzoo.build_model(module, 10, (28, 28, 1), config.model.hparams)
     model.save(run.checkpoint_dir / "epoch-0001.keras")
@@ -293,7 +293,7 @@ def test_tflite_raw_outputs_and_numpy_decoding_match_keras(trained, capsys):
     rng = np.random.default_rng(0)
     deltas = rng.normal(0, 0.7, size=(2, *anchors.shape)).astype(np.float32)
     scores = rng.normal(-1.5, 2.0, size=(2, len(anchors), 10)).astype(np.float32)
-    config.detection.score_threshold, config.detection.max_detections = 0.3, 40
+    config = with_changes(config, {"detection.score_threshold": 0.3, "detection.max_detections": 40})
     want = decode_detections(anchors, {"boxes": deltas, "classes": scores}, config.detection, SIZE)
     got = export.decode_tflite_outputs(deltas, scores, anchors, SIZE, 0.3, config.detection.nms_iou, 40)
     assert_same_detections(got, {k: v.numpy() for k, v in want.items()})

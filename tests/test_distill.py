@@ -11,7 +11,7 @@ import tensorflow as tf
 
 from shared import optim, runs
 from shared.callbacks import EpochCheckpoint
-from shared.config import DataConfig, load_config
+from shared.config import DataConfig, load_config, with_changes
 from shared.distill import (Distiller, Renormalize, cross_entropy, data_normalization, distillation_loss,
                             load_teacher, student_of)
 from shared.errors import UserError
@@ -134,10 +134,10 @@ def test_the_teacher_sees_its_own_normalization(trained_run):
 def student_config(runs_dir):
     config = load_config(tree=tiny_tree(runs_dir, train={"batch_size": 8, "lr": {"base": 0.05},
                                                          "weight_decay": 1e-4}))
-    config.model.name = "mobilenet_v2"
     module = load_model_module(MODELS_DIR / "mobilenet_v2")
-    config.model.hparams = resolve_hparams(module, STUDENT)
-    config.data.mean, config.data.std = SYNTHETIC_MEAN, SYNTHETIC_STD  # as make_datasets resolves them
+    config = with_changes(config, {"model.name": "mobilenet_v2", "model.hparams": resolve_hparams(module, STUDENT),
+                                   # as make_datasets resolves them
+                                   "data.mean": SYNTHETIC_MEAN, "data.std": SYNTHETIC_STD})
     return config, module
 
 

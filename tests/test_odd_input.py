@@ -3,6 +3,7 @@ input is one line before any folder exists (names that would climb out of the ru
 that are not UTF-8)."""
 
 import ast
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -141,8 +142,8 @@ def test_export_and_study_names_are_checked_too(tmp_path):
     for bad in ("x\n", "../x", ".."):  # "x\n" passed the export regex: $ matches before a final newline
         with pytest.raises(UserError, match="export --name"):
             target_folder(Run(tmp_path / "run"), tmp_path / "exports", bad, None, 5)
-    config = load_config(tree={})
-    config.source_file = str(tmp_path / "x\n.yaml")  # the default study name ends in the file's stem
+    # the default study name ends in the file's stem
+    config = dataclasses.replace(load_config(tree={}), source_file=str(tmp_path / "x\n.yaml"))
     with pytest.raises(UserError, match="tune.study is 'resnet-x\\\\n'.*control character"):
         study_name(config)
     assert not (tmp_path / "exports").exists()

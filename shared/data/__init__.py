@@ -10,7 +10,7 @@ from types import ModuleType
 
 import tensorflow as tf
 
-from shared.config import Config
+from shared.config import Config, with_changes
 from shared.data import augment, preprocess, sources
 from shared.errors import UserError
 
@@ -50,6 +50,8 @@ class Datasets:
     source: sources.Source
     soft_labels: bool = False  # train and val labels are (mixed) one-hot vectors, not class indices
     skips: SkipCounter | None = None  # with data.on_corrupt: skip, how many training images were skipped
+    # the config as this data resolves it (data.mean / std, data.num_classes): a new frozen Config
+    config: Config | None = None
 
     @property
     def num_classes(self) -> int:
@@ -133,9 +135,11 @@ def make_datasets(config: Config, model_augment: ModuleType | None = None,
     if data.num_classes is not None and data.num_classes != source.num_classes:
         raise UserError(f"data.num_classes is {data.num_classes} but the {data.source} data has "
                         f"{source.num_classes} classes; remove data.num_classes or fix it")
-    # The normalization statistics, resolved into the config: the run's snapshot (and an export of it)
-    # then holds the exact values the model was trained with.
-    data.mean, data.std = normalization_statistics(data, source)
+    # The normalization statistics and class count, resolved into a new config (Datasets.config): the
+    # run's snapshot (and an export of it) then holds the exact values the model was trained with.
+    mean, std = normalization_statistics(data, source)
+    config = with_changes(config, {"data.mean": mean, "data.std": std, "data.num_classes": source.num_classes})
+    data = config.data
     augmentations = augment.build(data.augment, data.image_size, model_augment, seed=train_config.seed)
 
     train, num_train = source.train, source.num_train
@@ -208,5 +212,5 @@ def make_datasets(config: Config, model_augment: ModuleType | None = None,
         train=train, test=evaluation(test), val=evaluation(val, soft=bool(mixers)) if val is not None else None,
         steps_per_epoch=steps, num_train=num_train, num_val=num_val, num_test=num_test,
         class_names=source.class_names, input_shape=(data.image_size, data.image_size, data.channels),
-        source=source, soft_labels=bool(mixers), skips=skips,
+        source=source, soft_labels=bool(mixers), skips=skips, config=config,
     )

@@ -2,7 +2,8 @@
 split in a fixed, class-mixed order, plus what the pipeline needs to know about them.
 
 Images are decoded uint8 arrays (`encoding=None`), or file paths (`"path"`) or encoded bytes (`"bytes"`)
-decoded later inside the parallel map, fused with the crop.
+decoded later inside the parallel map, fused with the crop. What each source is (its loader here, the
+keys it requires, its kind of images) is its row of `shared.source_facts.SOURCES`.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from shared.data.listing import IMAGE_SUFFIXES, class_name, file_names, is_image
 from shared.errors import UserError
 from shared.fashion_mnist import (FASHION_MNIST_CLASSES, FASHION_MNIST_DIRS, FASHION_MNIST_FILES,
                                   FASHION_MNIST_MEAN, FASHION_MNIST_STD, read_split)
+from shared.source_facts import SOURCES
 
 IMAGENET_MEAN, IMAGENET_STD = [123.675, 116.28, 103.53], [58.395, 57.12, 57.375]
 
@@ -50,9 +52,7 @@ class Source:
 def load(config: DataConfig) -> Source:
     config = dataclasses.replace(config, **{key: os.path.expanduser(getattr(config, key))
                                             for key in ("path", "data_dir", "manual_dir") if getattr(config, key)})
-    loaders = {"fashion_mnist": fashion_mnist, "synthetic": synthetic, "folder": folder, "ilsvrc": ilsvrc_source,
-               "tfrecord": tfrecord_source, "tfds": tfds_source}
-    return loaders[config.source](config)
+    return globals()[SOURCES[config.source].loader](config)
 
 
 # ---------------------------------------------------------------- fashion_mnist

@@ -61,10 +61,10 @@ def pairs(dataset: tf.data.Dataset, config: Config, first_index: int = 0, keep_l
 
 def make_pairs(config: Config, model_augment: ModuleType | None = None, replicas: int = 1,
                start_epoch: int = 0) -> DeblurData:
-    """The run's pair pipelines. Sets config.data.mean / std (resolved by make_datasets) and
-    config.data.num_classes. `data.batch_augment` (MixUp, CutMix) mixes images and is refused by the task."""
+    """The run's pair pipelines, on the config as make_datasets resolves it (datasets.config: data.mean /
+    std, data.num_classes). `data.batch_augment` (MixUp, CutMix) mixes images and is refused by the task."""
     datasets = make_datasets(config, model_augment, replicas=replicas, start_epoch=start_epoch)
-    config.data.num_classes = datasets.num_classes
+    config = datasets.config
     train = pairs(datasets.train, config, first_index=start_epoch * datasets.steps_per_epoch)
     val = pairs(datasets.val, config, VAL_OFFSET) if datasets.val is not None else None
     test = pairs(datasets.test, config, TEST_OFFSET, keep_labels=True)

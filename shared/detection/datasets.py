@@ -17,8 +17,8 @@ Class indices, per format:
 The pipeline (`make_dataset`) yields batches `(images, {"boxes", "classes"})`:
   images  float32 [B, S, S, C]: resized to S x S (plain resize, no aspect-preserving letterbox), normalized
           (x - mean) / std on the 0-255 scale; mean = std = 127.5 per channel (pixels in [-1, 1]) unless
-          data.mean / data.std are set; data.normalize: false gives x / 255. The statistics used are written
-          into config.data.mean / std, as the classification pipeline does, so a run's snapshot records them.
+          data.mean / data.std are set; data.normalize: false gives x / 255. The detection task writes the
+          statistics used into the run's config (data.mean / std), as for classification.
   boxes   float32 [B, max_boxes, 4]: absolute xyxy in the resized S x S image, rows padded with -1.
   classes int32 [B, max_boxes]: 0-based, padded with -1; valid rows come first.
 Training augmentation uses Keras' box-aware layers (RandomFlip, RandomZoom, RandomTranslation with
@@ -969,7 +969,7 @@ def make_dataset(split: DetectionSplit, config: Config, training: bool, augment:
     seed gives the same batches. Images with more than M boxes keep their first M (a warning says how many).
     An image that does not decode (or not to its annotated size) stops the pipeline when it is reached, with
     one line naming it (an InvalidArgumentError whose message `run_cli` prints alone).
-    Resolves data.mean / data.std into the config when unset (see `detection_normalization`)."""
+    Normalizes with data.mean / data.std, or the defaults when unset (see `detection_normalization`)."""
     from shared.data import preprocess
 
     if not len(split):
@@ -977,8 +977,8 @@ def make_dataset(split: DetectionSplit, config: Config, training: bool, augment:
     data, train_config = config.data, config.train
     size, channels, max_boxes = data.image_size, data.channels, config.detection.max_boxes
     batch = batch_size or train_config.batch_size
-    data.mean, data.std = detection_normalization(config)  # recorded in the config, as for classification
-    normalize = preprocess.normalizer(data.mean, data.std, data.normalize, size)
+    mean, std = detection_normalization(config)  # the detection task records them in the run's config
+    normalize = preprocess.normalizer(mean, std, data.normalize, size)
     parallel = 1 if data.deterministic else AUTOTUNE
 
     boxes, classes, truncated = _padded_arrays(split, max_boxes)

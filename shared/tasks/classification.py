@@ -4,16 +4,16 @@ top-1 / top-5 and a confusion matrix (confusion.png), exported as a SavedModel o
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import tensorflow as tf
 
 from shared import data as data_module
 from shared import distill, durable, finetune, modelzoo, optim, plots, runs
-from shared.config import Config
+from shared.config import Config, with_changes
 from shared.evaluate import check_class_names, evaluate_model
 from shared.modelzoo import MAIN_OUTPUT
+from shared.source_facts import SOURCES
 from shared.task import ALL_COMMANDS, Task, TaskData
 
 
@@ -43,10 +43,15 @@ class ClassificationTask(Task):
     commands = ALL_COMMANDS
     distributes = True
 
+    def resolve(self, config):
+        if not config.distill.teacher:
+            return config
+        teacher = str(runs.open_run(config.distill.teacher).path.resolve())  # the snapshot finds it from anywhere
+        return with_changes(config, {"distill.teacher": teacher})
+
     def datasets(self, config, folder, replicas=1, start_epoch=0) -> TaskData:
         datasets = data_module.make_datasets(config, modelzoo.load_augment_module(folder), replicas=replicas,
                                              start_epoch=start_epoch)
-        config.data.num_classes = datasets.num_classes  # resolved: the snapshot says how many there were
 
         def undecodable(error: BaseException) -> list[str]:  # name the files instead of showing TF's op trace
             return data_module.find_undecodable(datasets.source) \
@@ -56,7 +61,8 @@ class ClassificationTask(Task):
                         class_names=list(datasets.class_names), input_shape=tuple(datasets.input_shape),
                         description=f"{datasets.num_train} training / {datasets.num_val} validation / "
                                     f"{datasets.num_test} test images, {datasets.num_classes} classes",
-                        details=datasets, undecodable=undecodable)
+                        details=datasets, undecodable=undecodable,
+                        config=datasets.config)  # class count and statistics: the snapshot says what they were
 
     def build(self, module, config, input_shape):
         return modelzoo.build_model(module, config.data.num_classes, input_shape, config.model.hparams)
@@ -74,7 +80,6 @@ class ClassificationTask(Task):
         if not config.distill.teacher:
             return model
         teacher_run = runs.open_run(config.distill.teacher)
-        config.distill.teacher = str(teacher_run.path.resolve())  # the snapshot finds it from anywhere
         teacher = distill.load_teacher(teacher_run, data.details.num_classes, data.input_shape,
                                        normalization=distill.data_normalization(config.data),
                                        class_names=data.class_names)
@@ -111,9 +116,9 @@ class ClassificationTask(Task):
         return metrics, draw
 
     def test_data(self, config, run) -> TaskData:
-        config = copy.deepcopy(config)
-        if config.data.source != "synthetic":  # synthetic data has as many classes as data.num_classes asks
-            config.data.num_classes = None  # the data's own classes, compared with the run's before the model loads
+        if not SOURCES[config.data.source].classes_from_config:  # synthetic: as many as data.num_classes asks
+            # the data's own classes, compared with the run's before the model loads
+            config = with_changes(config, {"data.num_classes": None})
         data = self.datasets(config, run.path)
         check_class_names(data.class_names, run)
         return data

@@ -52,7 +52,7 @@ class DeblurTask(Task):
                         class_names=list(datasets.class_names), input_shape=tuple(datasets.input_shape),
                         description=f"{datasets.num_train} training / {datasets.num_val} validation / "
                                     f"{datasets.num_test} test images, blur {config.deblur.blur}",
-                        details=pairs, undecodable=undecodable)
+                        details=pairs, undecodable=undecodable, config=pairs.datasets.config)
 
     def build(self, module, config, input_shape):
         return build_restorer(module, config.model.hparams, input_shape[0], input_shape[-1],

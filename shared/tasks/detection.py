@@ -43,7 +43,7 @@ import numpy as np
 import tensorflow as tf
 
 from shared import durable, finetune, optim, plots, runs
-from shared.config import Config
+from shared.config import Config, with_changes
 from shared.detection import datasets as detection_data
 from shared.detection.anchors import training_targets
 from shared.detection.export import box_iou, ground_truth
@@ -121,18 +121,18 @@ def _absolute(path: str | None) -> str | None:
     return os.path.abspath(os.path.expanduser(path)) if path else path
 
 
-def absolute_paths(config: Config) -> None:
-    """Data and source paths made absolute, so the run's config.yaml finds them from any directory."""
-    data, detection = config.data, config.detection
-    data.path = _absolute(data.path)
+def absolute_paths(config: Config) -> Config:
+    """The config with data and source paths made absolute, so the run's config.yaml finds them from any
+    directory."""
+    detection = config.detection
+    changes = {"data.path": _absolute(config.data.path), "detection.label_map": _absolute(detection.label_map),
+               "init.from_run": _absolute(config.init.from_run), "init.weights": _absolute(config.init.weights)}
     for key in ("train_annotations", "test_annotations"):
         value = getattr(detection, key)
         # VOC's are image-set names unless they are files
         if value and (detection.format != "voc" or os.path.exists(os.path.expanduser(value))):
-            setattr(detection, key, _absolute(value))
-    detection.label_map = _absolute(detection.label_map)
-    config.init.from_run = _absolute(config.init.from_run)
-    config.init.weights = _absolute(config.init.weights)
+            changes[f"detection.{key}"] = _absolute(value)
+    return with_changes(config, changes)
 
 
 # ---------------------------------------------------------------- starting weights
@@ -314,7 +314,9 @@ class DetectionTask(Task):
 
     def check(self, config) -> None:
         check_detection_config(config)
-        absolute_paths(config)
+
+    def resolve(self, config):
+        return absolute_paths(config)
 
     def plan_phases(self, config) -> list[Phase]:
         """train.freeze with detection.unfreeze_epoch N: N epochs frozen, then every layer; otherwise the
@@ -329,14 +331,16 @@ class DetectionTask(Task):
         if config.data.num_classes is not None and config.data.num_classes != len(class_names):
             raise UserError(f"data.num_classes is {config.data.num_classes}{_where(config)} but the annotations "
                             f"{train_split.source} have {len(class_names)} classes; remove data.num_classes")
-        config.data.num_classes = len(class_names)  # resolved: the snapshot says how many there were
+        mean, std = detection_data.detection_normalization(config)  # as for classification, recorded
+        config = with_changes(config, {"data.num_classes": len(class_names),  # the snapshot says how many
+                                       "data.mean": mean, "data.std": std})
         data = config.data
         train = detection_data.make_dataset(train_split, config, training=True,
                                             augment=detection_augmentations(config), repeat=True)
         return TaskData(train=train, val=None, steps_per_epoch=detection_data.steps_per_epoch(train_split, config),
                         class_names=list(class_names), input_shape=(data.image_size, data.image_size, data.channels),
                         description=f"{len(train_split)} training / {len(test_split)} test images, "
-                                    f"{len(class_names)} classes", details=test_split)
+                                    f"{len(class_names)} classes", details=test_split, config=config)
 
     def build(self, module, config, input_shape):
         return build_detector(module, config.model.hparams, config.data.num_classes, input_shape[0], input_shape[-1],
