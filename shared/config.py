@@ -237,6 +237,11 @@ class Config:
     source_file: str | None = field(default=None, metadata={"internal": True})  # the recipe it was read from
     provenance: dict = field(default_factory=dict, metadata={"internal": True})  # dotted key -> file or --set
 
+    @property
+    def where(self) -> str:
+        """` (in recipe.yaml)` for error messages, or nothing for a config built in code."""
+        return f" (in {self.source_file})" if self.source_file else ""
+
     def to_dict(self) -> dict:
         """The resolved config in schema order (stable, so run-to-run diffs show only changes)."""
         out = _section_to_dict(self)

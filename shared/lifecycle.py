@@ -230,16 +230,12 @@ def prepare(task: Task, config: Config, model_folder: Path | None = None, replic
     folder = model_folder or modelzoo.model_dir(config.model.name, config.model.path)
     module = modelzoo.load_model_module(folder)
     config = with_changes(config, {"model.hparams": modelzoo.resolve_hparams(module, config.model.hparams,
-                                                                             _where(config))})
+                                                                             config.where)})
     config = task.resolve(config)
     keras.utils.set_random_seed(config.train.seed)
     data = task.datasets(config, folder, replicas, start_epoch=start_epoch)
     config = data.config
     return folder, module, task.build(module, config, data.input_shape), data, config
-
-
-def _where(config: Config) -> str:
-    return f" (in {config.source_file})" if config.source_file else ""
 
 
 def _one_device() -> distribute.Placement:

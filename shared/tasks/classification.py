@@ -10,15 +10,11 @@ import tensorflow as tf
 
 from shared import data as data_module
 from shared import distill, durable, finetune, modelzoo, optim, plots, runs
-from shared.config import Config, with_changes
+from shared.config import with_changes
 from shared.evaluate import check_class_names, evaluate_model
 from shared.modelzoo import MAIN_OUTPUT
 from shared.source_facts import SOURCES
 from shared.task import ALL_COMMANDS, Task, TaskData
-
-
-def _where(config: Config) -> str:
-    return f" (in {config.source_file})" if config.source_file else ""
 
 
 def training_labels(dataset, outputs: list[str], one_hot_classes: int | None):
@@ -72,7 +68,7 @@ class ClassificationTask(Task):
 
     def initialize(self, config, model, module, data) -> str:
         return finetune.initialize_from(config.init, model, module, config.model.hparams, data.input_shape,
-                                        _where(config))
+                                        config.where)
 
     def trainer(self, config, model, data):
         """With distill.teacher set: the student wrapped with its frozen teacher (Hinton et al. 2015);

@@ -14,7 +14,6 @@ import tensorflow as tf
 from shared import config as config_module
 from shared import data as data_module
 from shared import durable, finetune, modelzoo, optim, runs
-from shared.config import Config
 from shared.data import blur
 from shared.deblur import evaluate as deblur_evaluate
 from shared.deblur.data import make_pairs
@@ -24,10 +23,6 @@ from shared.evaluate import check_class_names
 from shared.task import Task, TaskData
 
 
-def _where(config: Config) -> str:
-    return f" (in {config.source_file})" if config.source_file else ""
-
-
 class DeblurTask(Task):
     name = "deblur"
     commands = frozenset({"train", "resume", "test", "finetune", "finetune-all", "export", "size"})
@@ -35,7 +30,7 @@ class DeblurTask(Task):
 
     def check(self, config) -> None:
         if config.data.batch_augment:
-            raise UserError(f"data.batch_augment{_where(config)} mixes images of a batch; a deblurring run "
+            raise UserError(f"data.batch_augment{config.where} mixes images of a batch; a deblurring run "
                             f"restores each image as it is: remove it")
         # names, arguments and kernel sizes, before a folder exists
         blur.build(config.deblur.blur, config.data.image_size, seed=config.train.seed)
@@ -62,7 +57,7 @@ class DeblurTask(Task):
         # The classification rule fits: every backbone layer from the source, the decoder (the layers the
         # model's backbone() does not have) freshly initialized unless the source has them alike.
         return finetune.initialize_from(config.init, model, module, config.model.hparams, data.input_shape,
-                                        _where(config))
+                                        config.where)
 
     def head_layer_names(self, module, model, config, input_shape):
         return head_layer_names(model)

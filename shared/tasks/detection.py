@@ -67,13 +67,9 @@ UNSUPPORTED_STRATEGIES = ("mirrored", "multi_worker", "tpu")
 # ---------------------------------------------------------------- checks
 
 
-def _where(config: Config) -> str:
-    return f" (in {config.source_file})" if config.source_file else ""
-
-
 def check_detection_config(config: Config) -> None:
     """The rules of `task: detection` that involve several keys; the schema checks the rest."""
-    where = _where(config)
+    where = config.where
     if config.task != "detection":
         raise UserError(f"task is {config.task!r}{where}; the detection runner needs task: detection")
     if config.data.val_fraction:
@@ -110,7 +106,7 @@ def detection_augmentations(config: Config) -> tuple[str, ...]:
     names = []
     for entry in config.data.augment:
         if not isinstance(entry, str) or entry not in detection_data.AUGMENTATIONS:
-            raise UserError(f"data.augment entry {entry!r}{_where(config)} is no detection augmentation; for "
+            raise UserError(f"data.augment entry {entry!r}{config.where} is no detection augmentation; for "
                             f"task: detection choose from {', '.join(detection_data.AUGMENTATIONS)} (boxes "
                             f"follow them), or [] for none")
         names.append(entry)
@@ -165,7 +161,7 @@ def initialize_backbone(config: Config, detector: keras.Model, module) -> str:
     notes. Every backbone layer must be in the source with the same shapes (else a UserError naming them and
     the differing hyperparameters); pyramid and head layers are copied where the source has them shaped
     alike (a detection run), else they keep their fresh initialization."""
-    init, data, where = config.init, config.data, _where(config)
+    init, data, where = config.init, config.data, config.where
     input_shape = (data.image_size, data.image_size, data.channels)
     hparams = config.model.hparams
     key = f"init.from_run {init.from_run}" if init.from_run else f"init.weights {init.weights}"
@@ -329,7 +325,7 @@ class DetectionTask(Task):
     def datasets(self, config, folder, replicas=1, start_epoch=0) -> TaskData:
         train_split, test_split, class_names = detection_data.load_detection_data(config)
         if config.data.num_classes is not None and config.data.num_classes != len(class_names):
-            raise UserError(f"data.num_classes is {config.data.num_classes}{_where(config)} but the annotations "
+            raise UserError(f"data.num_classes is {config.data.num_classes}{config.where} but the annotations "
                             f"{train_split.source} have {len(class_names)} classes; remove data.num_classes")
         mean, std = detection_data.detection_normalization(config)  # as for classification, recorded
         config = with_changes(config, {"data.num_classes": len(class_names),  # the snapshot says how many
