@@ -109,6 +109,33 @@ def read_record(path: Path) -> dict:
     return {}
 
 
+def _written_by_live_holder(record: dict) -> bool:
+    """False for an empty record or one left by a dead process on this host (the new holder has taken the
+    lock but not yet replaced the record)."""
+    if not record:
+        return False
+    if record.get("host") != socket.gethostname():
+        return True  # another machine's process cannot be checked from here
+    try:
+        os.kill(int(record.get("pid", -1)), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, ValueError, OverflowError):
+        pass
+    return True
+
+
+def holder_record(path: Path, wait_seconds: float = 2.0) -> dict:
+    """The record of the process that holds the lock file `path`, waiting up to `wait_seconds` for it: a
+    process writes its record just after taking the lock, so one that has just won a race has not yet."""
+    deadline = time.monotonic() + wait_seconds
+    while True:
+        record = read_record(path)
+        if _written_by_live_holder(record) or time.monotonic() >= deadline:
+            return record
+        time.sleep(0.05)
+
+
 def holder(path: Path) -> dict | None:
     """The record of the live process holding the lock file `path` (this one included), or None when no
     process holds it (never taken, released, or its holder died: the kernel let it go)."""
@@ -122,7 +149,7 @@ def holder(path: Path) -> dict | None:
     try:
         fcntl.flock(descriptor, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:
-        return read_record(key)
+        return holder_record(key)
     finally:
         os.close(descriptor)  # releases the probe's shared lock at once
     return None
@@ -141,7 +168,7 @@ def folder_writer(folder: Path) -> Iterator[None]:
     and host of the one writing, instead of both writing the same files."""
     lock = FileLock(Path(folder) / WRITER_LOCK)
     if not lock.acquire(blocking=False):
-        raise UserError(f"{folder} is being written by {describe(read_record(lock.path))}; "
+        raise UserError(f"{folder} is being written by {describe(holder_record(lock.path))}; "
                         f"wait for it or choose another folder")
     try:
         yield

@@ -234,7 +234,7 @@ def lock_run(run: Run, argv: list[str] | None = None) -> None:
     if lock.held_here:
         return
     if not lock.acquire(blocking=False, wait_seconds=LOCK_WAIT_SECONDS, argv=argv):
-        raise RunInUse(in_use_message(run, locks.read_record(lock.path)))
+        raise RunInUse(in_use_message(run, locks.holder_record(lock.path)))
 
 
 def unlock_run(run: Run) -> None:

@@ -233,3 +233,36 @@ def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
     writer_lock.release()
     with lock, lock:  # re-entrant within a process
         pass
+
+
+LOCK_THEN_WRITE_RECORD_LATE = """
+import fcntl, json, os, socket, sys, time
+descriptor = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)
+fcntl.flock(descriptor, fcntl.LOCK_EX)
+print("locked", flush=True)
+time.sleep(0.5)  # the window between winning the lock and writing the record, widened
+os.ftruncate(descriptor, 0)
+os.pwrite(descriptor, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": "now"}).encode(), 0)
+sys.stdin.read()
+"""
+
+
+def test_a_refusal_names_the_holder_that_has_just_taken_the_lock(tmp_path):
+    """The race CI once lost: the loser read the lock file before the winner had written its record into it.
+    A stale record of a dead process is in the file beforehand, as a killed earlier writer leaves it."""
+    from shared.errors import UserError
+    from shared.locks import WRITER_LOCK, folder_writer
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / WRITER_LOCK).write_text('{"pid": 999999999, "host": "%s", "started": "long ago"}' % os.uname().nodename)
+    holder = subprocess.Popen([sys.executable, "-c", LOCK_THEN_WRITE_RECORD_LATE, str(out / WRITER_LOCK)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        with pytest.raises(UserError, match=rf"is being written by pid {holder.pid} on .* since now;"):
+            with folder_writer(out):
+                pass
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)
