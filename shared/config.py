@@ -82,6 +82,8 @@ class DataConfig:
     batch_augment: list = field(default_factory=list)  # MixUp / CutMix on whole batches (soft labels)
     crop_fraction: float = 0.875  # eval: resize to image_size / crop_fraction, center-crop image_size
     val_fraction: float = 0.0  # carve a validation split off train, evaluated every epoch
+    # folder source with only PATH/<class>/* (no split folders): the share of each class held out for testing
+    test_fraction: float = 0.0
     limit_train: int | None = None  # use only the first N training examples (smoke runs)
     limit_test: int | None = None
     shuffle_buffer: int = 10_000
@@ -119,6 +121,20 @@ class LearningRateConfig:
 
 
 @dataclass(frozen=True)
+class BestConfig:
+    monitor: str | None = None  # e.g. val_top1: keep checkpoints/best.keras, the best epoch so far; null: off
+    mode: str = field(default="auto", metadata={"choices": ("auto", "min", "max")})  # auto: max for accuracies
+
+
+@dataclass(frozen=True)
+class EarlyStoppingConfig:
+    monitor: str | None = None  # e.g. val_loss: stop when it has not improved for `patience` epochs; null: off
+    patience: int = 5
+    min_delta: float = 0.0  # a smaller change is no improvement
+    mode: str = field(default="auto", metadata={"choices": ("auto", "min", "max")})
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     epochs: int = 10
     batch_size: int = 128
@@ -137,6 +153,10 @@ class TrainConfig:
     jit_compile: bool = False  # XLA
     seed: int = 0
     verbose: int = field(default=1, metadata={"choices": (0, 1, 2)})  # Keras fit: 1 is a progress bar
+    keep_checkpoints: int | None = None  # keep only the newest N epoch checkpoints while training; null: all
+    best: BestConfig = field(default_factory=BestConfig)
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    class_weight: str | dict | None = None  # auto (inverse class frequency) or {class name: weight}; null: none
 
 
 @dataclass(frozen=True)
@@ -321,6 +341,7 @@ RANGES: dict[str, Range] = {
     "data.std": POSITIVE,
     "data.crop_fraction": Range(0, 1, low_open=True),
     "data.val_fraction": FRACTION,
+    "data.test_fraction": FRACTION,
     "data.limit_train": AT_LEAST_ONE,
     "data.limit_test": AT_LEAST_ONE,
     "data.shuffle_buffer": AT_LEAST_ONE,
@@ -347,6 +368,9 @@ RANGES: dict[str, Range] = {
     "train.label_smoothing": FRACTION,
     "train.ema_momentum": Range(0, 1, low_open=True, high_open=True),  # e.g. 0.9999; null: no EMA
     "train.seed": NON_NEGATIVE,
+    "train.keep_checkpoints": AT_LEAST_ONE,
+    "train.early_stopping.patience": NON_NEGATIVE,
+    "train.early_stopping.min_delta": NON_NEGATIVE,
     "init.lr_scale": POSITIVE,
     "init.head_epochs": NON_NEGATIVE,
     "detection.strides": AT_LEAST_ONE,
