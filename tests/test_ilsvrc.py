@@ -203,3 +203,17 @@ def test_ilsvrc_source_feeds_the_pipeline_with_keras_indices(tmp_path):
     assert images.shape == (6, 16, 16, 3) and set(labels.numpy()) <= {0, 1, 999}
     images, labels = next(iter(datasets.test))
     assert sorted(labels.numpy().tolist()) == [0, 0, 1, 1, 999, 999]
+
+
+def test_shipped_class_names_follow_keras_order_and_read_offline(tmp_path, monkeypatch):
+    """The 1000 names ship with the package: same order as imagenet_wnids(), unique, no Keras cache needed."""
+    from shared.class_names import imagenet_names, readable
+
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "empty"))
+    names = imagenet_names()
+    assert list(names) == ilsvrc.imagenet_wnids() and len(set(names.values())) == 1000
+    assert names["n01440764"] == "tench" and names["n15075141"] == "toilet tissue"
+    assert names["n02012849"] != names["n03126707"]  # the two cranes are told apart
+    assert readable(["n01440764", "n01443537", "T-shirt/top", "n99999999", "cat"]) == [
+        "tench", "goldfish", "T-shirt/top", "n99999999", "cat"]
+    assert readable([]) == []

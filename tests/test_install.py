@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import ast
 import re
+import shutil
 import subprocess
 import sys
 import types
+import zipfile
 from importlib.metadata import packages_distributions
 
 import pytest
@@ -135,3 +137,20 @@ def test_multi_worker_patch_applies_on_the_tested_keras(monkeypatch):
     distribute.patch_multi_worker_build(model, _multi_worker_placement())
     assert hasattr(model, "_maybe_symbolic_build")
     assert keras_tf_trainer._collective_all_reduce_multi_worker(None) is False
+
+
+@pytest.mark.slow
+def test_a_built_wheel_carries_the_imagenet_class_names(tmp_path):
+    """The names file is package data: a wheel built from the sources (what `pip install .` installs)
+    holds it byte for byte, so decode_predictions and the plots have names on a fresh install."""
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
+    shutil.copytree(REPO / "shared", source / "shared", ignore=shutil.ignore_patterns("__pycache__"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation",
+                    "--quiet", "--wheel-dir", str(tmp_path / "wheel")], check=True, capture_output=True)
+    (wheel,) = (tmp_path / "wheel").glob("*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        shipped = archive.read("shared/data/imagenet_class_names.tsv")
+    assert shipped == (REPO / "shared" / "data" / "imagenet_class_names.tsv").read_bytes()
