@@ -36,8 +36,9 @@ def _config_arguments(parser: argparse.ArgumentParser, required: bool = True) ->
     parser.add_argument("--notes", help="why this run exists; stored first in the run's notes.md")
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m shared.runner",
+def build_parser(prog: str = "python -m shared.runner") -> argparse.ArgumentParser:
+    """The runner's parser: one subcommand per HANDLERS key (shared.cli lists them, with their help, from here)."""
+    parser = argparse.ArgumentParser(prog=prog,
                                      description="Train and test the canonical ILSVRC classifiers.")
     sub = parser.add_subparsers(dest="command")
     train = sub.add_parser("train", help="train from a config, then test (the default command)")
@@ -88,6 +89,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     test.add_argument("--run", required=True, help="a run folder, e.g. runs/resnet/v0003")
     test.add_argument("--classifier", metavar="RUN",
                       help="deblurring runs: also a classification run's top-1 on sharp, blurred and restored images")
+    return parser
+
+
+def parse_args(argv: list[str], prog: str = "python -m shared.runner") -> argparse.Namespace:
+    parser = build_parser(prog)
     if not argv or argv[0] not in (*HANDLERS, "-h", "--help"):
         argv = ["train", *argv]
     args = parser.parse_args(argv)
@@ -98,9 +104,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m shared.runner") -> int:
+    """`prog`: the command name usage and errors show (`ilsvrc-canon` when shared.cli delegates here)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = parse_args(argv)
+    args = parse_args(argv, prog)
     from shared.errors import run_cli  # after argparse, so --help answers before TF loads
 
     return run_cli(lambda: HANDLERS[args.command](args, argv))
