@@ -157,23 +157,23 @@ def test_decode_handles_the_train_set_oddities(tmp_path):
 
 
 def test_human_labels_and_decode_predictions(tmp_path, monkeypatch):
-    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))  # no cached class index
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))  # an empty Keras home: no cached class index
     wnids = ilsvrc.imagenet_wnids()
-    assert ilsvrc.human_labels() is None
+    assert list(ilsvrc.human_labels()) == wnids and ilsvrc.human_labels()["n01440764"] == "tench"
     probabilities = np.zeros((2, 1000), np.float32)
     probabilities[0, [999, 0, 1]] = [0.5, 0.3, 0.2]
     probabilities[1, 7] = 1.0
-    top = ilsvrc.decode_predictions(probabilities, top=3)
-    assert [(w, label) for w, label, _ in top[0]] == [("n15075141", "n15075141"), ("n01440764", "n01440764"),
-                                                      ("n01443537", "n01443537")]
+    top = ilsvrc.decode_predictions(probabilities, top=3)  # the shipped names, offline
+    assert [(w, label) for w, label, _ in top[0]] == [("n15075141", "toilet tissue"), ("n01440764", "tench"),
+                                                      ("n01443537", "goldfish")]
+    assert not (tmp_path / "keras").exists()  # nothing downloaded or cached
 
     index = {str(i): [wnid, f"name {i}"] for i, wnid in enumerate(wnids)}
-    cached = tmp_path / "keras" / "models" / "imagenet_class_index.json"
-    cached.parent.mkdir(parents=True)
-    cached.write_text(json.dumps(index))
-    labels = ilsvrc.human_labels()
+    explicit = tmp_path / "imagenet_class_index.json"
+    explicit.write_text(json.dumps(index))
+    labels = ilsvrc.human_labels(explicit)
     assert len(labels) == 1000 and labels["n15075141"] == "name 999" and labels["n01440764"] == "name 0"
-    top = ilsvrc.decode_predictions(probabilities, top=3)
+    top = ilsvrc.decode_predictions(probabilities, top=3, class_index_path=explicit)
     assert top[0] == [("n15075141", "name 999", pytest.approx(0.5)), ("n01440764", "name 0", pytest.approx(0.3)),
                       ("n01443537", "name 1", pytest.approx(0.2))]
     assert top[1][0] == (wnids[7], "name 7", 1.0) and all(isinstance(s, float) for _, _, s in top[1])

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from shared.class_names import imagenet_names
 from shared.data.listing import IMAGE_SUFFIXES, is_image, mix_classes
 from shared.errors import UserError
 
@@ -72,19 +73,11 @@ def wnid_to_index() -> dict[str, int]:
     return {wnid: i for i, wnid in enumerate(_wnids())}
 
 
-def keras_class_index_path() -> Path:
-    """Where keras caches `imagenet_class_index.json` (`$KERAS_HOME/models`, default `~/.keras/models`)."""
-    home = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
-    return Path(home) / "models" / "imagenet_class_index.json"
-
-
-def human_labels(path: str | Path | None = None) -> dict[str, str] | None:
-    """wnid -> readable name from a class-index JSON in Keras' format ({"0": ["n01440764", "tench"], ...}),
-    from `path`, else from keras's cache when present; None when there is none."""
+def human_labels(path: str | Path | None = None) -> dict[str, str]:
+    """wnid -> readable name: the names shipped with the package (`shared.class_names`), or those of a
+    class-index JSON in Keras' format ({"0": ["n01440764", "tench"], ...}) at `path`."""
     if path is None:
-        path = keras_class_index_path()
-        if not path.is_file():
-            return None
+        return imagenet_names()
     path = Path(path).expanduser()
     try:
         index = json.loads(path.read_text(encoding="utf-8"))
@@ -106,13 +99,13 @@ def human_labels(path: str | Path | None = None) -> dict[str, str] | None:
 def decode_predictions(probabilities: np.ndarray, top: int = 5, class_index_path: str | Path | None = None
                        ) -> list[list[tuple[str, str, float]]]:
     """Top-`top` (wnid, label, score) per row of a (batch, 1000) array, best first, as
-    keras.applications.imagenet_utils.decode_predictions returns them; label is the wnid when no
-    class-index file is available. (Keras' own function cannot read a local file: it downloads.)"""
+    keras.applications.imagenet_utils.decode_predictions returns them; labels are the shipped names, or
+    those of `class_index_path`. (Keras' own function cannot read a local file: it downloads.)"""
     probabilities = np.asarray(probabilities)
     if probabilities.ndim != 2 or probabilities.shape[1] != NUM_CLASSES:
         raise ValueError(f"decode_predictions expects a (samples, {NUM_CLASSES}) array, got {probabilities.shape}")
     wnids = _wnids()
-    labels = human_labels(class_index_path) or {}
+    labels = human_labels(class_index_path)
     results = []
     for row in probabilities:
         best = row.argsort()[-top:][::-1]  # Keras' selection, then a stable sort by score
