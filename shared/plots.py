@@ -1,5 +1,5 @@
-"""Pictures of a run: training curves from metrics.csv, the test confusion matrix, image grids, and
-the augmentation preview (what the model really sees in training).
+"""Pictures of a run: training curves from metrics.csv, the test confusion matrix, the most confident
+mistakes, image grids, and the augmentation preview (what the model really sees in training).
 
 Figures are built as `matplotlib.figure.Figure` objects drawn by an explicit Agg canvas, never
 through pyplot: no global state (safe from threads and callbacks), no windows, and the caller's
@@ -214,6 +214,52 @@ def _shorten(title: str) -> str:
 def image_grid(images, titles: list[str] | None, out_png: Path, columns: int = 8) -> Path:
     """The image grid (see `grid_figure`) written to `out_png`."""
     return save_figure(grid_figure(images, titles, columns), out_png)
+
+
+# --- most confident mistakes -------------------------------------------------------------------
+
+def errors_figure(images, true_names: list[str], predicted_names: list[str], scores, mean: list[float] | None = None,
+                  std: list[float] | None = None, columns: int = 4) -> Figure:
+    """Wrongly classified images [N, H, W, C], each titled with its true and predicted class and the score of
+    the prediction. With the pipeline's `mean` and `std` (per channel, 0-255 scale) the images are shown as
+    they were before normalization; without, each is stretched to [0, 1] on its own. No images: a figure
+    that says there were no mistakes."""
+    images = np.asarray(images, dtype=np.float32)
+    if not (len(images) == len(true_names) == len(predicted_names) == len(scores)):
+        raise ValueError(f"{len(images)} images for {len(true_names)} true names, {len(predicted_names)} predicted "
+                         f"names and {len(scores)} scores")
+    if len(images) == 0:
+        figure = Figure(figsize=(4.0, 1.0), dpi=DPI, layout="constrained")
+        figure.suptitle("no mistakes on the test split")
+        return figure
+    columns = max(1, min(columns, len(images)))
+    rows = math.ceil(len(images) / columns)
+    figure = Figure(figsize=(GRID_CELL * columns, (GRID_CELL + 0.4) * rows + 0.3), dpi=DPI, layout="constrained")
+    figure.suptitle(f"the {len(images)} most confident mistakes (true / predicted score)", fontsize=9)
+    for index, axes in enumerate(figure.subplots(rows, columns, squeeze=False).flat):
+        axes.axis("off")
+        if index >= len(images):
+            continue
+        image = _unnormalized(images[index], mean, std) if mean is not None and std is not None \
+            else _unit_range(images[index])
+        if image.shape[-1] == 1:
+            axes.imshow(image[..., 0], cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+        else:
+            axes.imshow(image, interpolation="nearest")
+        axes.set_title(f"{_shorten(true_names[index])}\n{_shorten(predicted_names[index])} {scores[index]:.2f}",
+                       fontsize=7)
+    return figure
+
+
+def _unnormalized(image: np.ndarray, mean: list[float], std: list[float]) -> np.ndarray:
+    """A normalized image ((x - mean) / std on the 0-255 scale) back on [0, 1]."""
+    return np.clip((np.nan_to_num(image) * np.asarray(std) + np.asarray(mean)) / 255.0, 0.0, 1.0)
+
+
+def plot_errors(images, true_names: list[str], predicted_names: list[str], scores, out_png: Path,
+                mean: list[float] | None = None, std: list[float] | None = None) -> Path:
+    """The most confident mistakes (see `errors_figure`) written to `out_png`."""
+    return save_figure(errors_figure(images, true_names, predicted_names, scores, mean, std), out_png)
 
 
 # --- augmentation preview ----------------------------------------------------------------------

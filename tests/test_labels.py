@@ -153,3 +153,29 @@ def test_ilsvrc_ground_truth_outside_the_1000_classes_names_the_file(tmp_path):
     with pytest.raises(UserError, match=r"LOC_val_solution.csv gives ILSVRC2012_val_00000002.JPEG the class "
                                         r"'n99999999', none of the 1000 ILSVRC2012 wnids"):
         ilsvrc.list_ilsvrc_split(tmp_path, "val")
+
+
+@pytest.mark.slow
+def test_fashion_mnist_run_records_its_names_and_per_class_results(tmp_path, capsys):
+    """labels.txt holds Fashion-MNIST's ten names; test_metrics.json their per-class results; training and
+    `test --run` print the same worst classes and draw errors.png."""
+    from shared import runner
+    from shared.fashion_mnist import FASHION_MNIST_CLASSES
+    from shared.lifecycle import train
+    from shared.tasks.classification import summary
+
+    tree = tiny_tree(tmp_path / "runs", data={"source": "fashion_mnist", "path": str(fake_fashion_dir(tmp_path / "fm")),
+                                              "num_classes": None, "channels": 1, "image_size": 16},
+                     train={"epochs": 1, "batch_size": 20})
+    run = train(load_config(tree=tree), argv=["pytest"])
+    assert (run.path / "labels.txt").read_text().splitlines() == FASHION_MNIST_CLASSES == run.class_names()
+    recorded = run.test_metrics()
+    assert [entry["class"] for entry in recorded["per_class"]] == FASHION_MNIST_CLASSES
+    assert [entry["support"] for entry in recorded["per_class"]] == [2] * 10  # 20 test images, labels i % 10
+    assert (run.path / "errors.png").is_file()
+    (run.path / "errors.png").unlink()
+    capsys.readouterr()
+    assert runner.main(["test", "--run", str(run.path)]) == 0
+    out = capsys.readouterr().out
+    assert summary(recorded) in out and "worst 5 classes by F1" in out  # the figures recorded at training time
+    assert (run.path / "errors.png").is_file()  # redrawn by test --run

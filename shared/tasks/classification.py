@@ -1,6 +1,7 @@
 """`task: classification` (the default): a model module's build() -> class probabilities, trained with
 cross-entropy (auxiliary heads weighted, label smoothing, MixUp / CutMix, distillation), measured by
-top-1 / top-5 and a confusion matrix (confusion.png), exported as a SavedModel or a TFLite file."""
+top-1 / top-5, a confusion matrix (confusion.png), per-class F1 and the most confident mistakes (errors.png),
+exported as a SavedModel or a TFLite file."""
 
 from __future__ import annotations
 
@@ -11,10 +12,13 @@ import tensorflow as tf
 from shared import data as data_module
 from shared import distill, durable, finetune, modelzoo, optim, plots, runs
 from shared.config import with_changes
-from shared.evaluate import check_class_names, evaluate_model
+from shared.class_names import readable
+from shared.evaluate import ConfidentMistakes, check_class_names, evaluate_model, worst_classes
 from shared.modelzoo import MAIN_OUTPUT
 from shared.source_facts import SOURCES
 from shared.task import ALL_COMMANDS, Task, TaskData
+
+MISTAKES_SHOWN = 16  # images in errors.png
 
 
 def training_labels(dataset, outputs: list[str], one_hot_classes: int | None):
@@ -30,8 +34,29 @@ def training_labels(dataset, outputs: list[str], one_hot_classes: int | None):
 
 
 def summary(metrics: dict) -> str:
+    """The test figures in one line, then the worst classes by F1 (when the metrics have per-class results)."""
     loss = f"  loss {metrics['loss']:.4f}" if "loss" in metrics else ""
-    return f"test top-1 {metrics['top1']:.4f}  top-5 {metrics['top5']:.4f}{loss}  ({metrics['examples']} images)"
+    line = f"test top-1 {metrics['top1']:.4f}  top-5 {metrics['top5']:.4f}{loss}  ({metrics['examples']} images)"
+    worst = worst_classes(metrics.get("per_class", []))
+    if not worst:
+        return line
+    width = min(max(len(entry["name"]) for entry in worst), 30)
+    lines = [f"worst {len(worst)} classes by F1 (macro F1 {metrics['macro']['f1']:.4f} over "
+             f"{metrics['macro']['classes']} classes):"]
+    lines += [f"  {entry['name'][:width]:<{width}}  F1 {entry['f1']:.4f}  precision {entry['precision']:.4f}  "
+              f"recall {entry['recall']:.4f}  ({entry['support']} images)" for entry in worst]
+    return "\n".join([line, *lines])
+
+
+def _pixel_statistics(config) -> tuple[list[float] | None, list[float] | None]:
+    """The per-channel mean and std (0-255 scale) that undo the pipeline's normalization, for showing images;
+    (None, None) when unknown (each image is then stretched on its own)."""
+    data = config.data if config is not None else None
+    if data is None or (data.normalize and not (data.mean and data.std)):
+        return None, None
+    if not data.normalize:  # the pipeline divided by 255
+        return [0.0] * data.channels, [255.0] * data.channels
+    return list(data.mean), list(data.std)
 
 
 class ClassificationTask(Task):
@@ -98,7 +123,8 @@ class ClassificationTask(Task):
 
     def evaluate(self, model, data, config):
         datasets = data.details
-        metrics = evaluate_model(model, datasets.test, datasets.num_classes)
+        mistakes = ConfidentMistakes(MISTAKES_SHOWN)
+        metrics = evaluate_model(model, datasets.test, datasets.num_classes, data.class_names, mistakes)
         if datasets.skips is not None:  # data.on_corrupt: skip
             metrics["skipped_train_images"] = datasets.skips.skipped
             metrics["skipped_test_images"] = datasets.num_test - metrics["examples"]
@@ -106,8 +132,13 @@ class ClassificationTask(Task):
                   f"{metrics['skipped_test_images']} of the test split", flush=True)
 
         def draw(folder: Path) -> None:
+            names = readable(data.class_names)
             with durable.disk_space_checked(folder / "confusion.png"):
-                plots.plot_confusion(metrics["confusion"], data.class_names, folder / "confusion.png")
+                plots.plot_confusion(metrics["confusion"], names, folder / "confusion.png")
+            with durable.disk_space_checked(folder / "errors.png"):
+                plots.plot_errors(mistakes.images if mistakes.images is not None else [],
+                                  [names[i] for i in mistakes.labels], [names[i] for i in mistakes.predicted],
+                                  mistakes.scores, folder / "errors.png", *_pixel_statistics(datasets.config))
 
         return metrics, draw
 
