@@ -174,6 +174,11 @@ def _run_training(task: Task, config: Config, argv: list[str] | None, resumed: r
         durable.atomic_write(run.path / runs.LABELS_FILE, "".join(f"{name}\n" for name in data.class_names))
     else:
         run = runs.scratch()
+    # what the task's data asks a run to record (a folder's split); a resumed run's data read its record
+    # back and asks for none, unless a crash came before it was written
+    for name, content in (data.records.items() if placement.is_chief else ()):
+        (run.path / name).parent.mkdir(parents=True, exist_ok=True)
+        durable.atomic_write(run.path / name, content)
     print(f"run {run.path}: {config.model.name} {task.name} {config.model.hparams}, {data.description}, "
           f"{data.steps_per_epoch} steps x {config.train.epochs} epochs; {placement.description}"
           + (f"; {provenance}" if provenance else ""), flush=True)

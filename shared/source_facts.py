@@ -33,7 +33,9 @@ SOURCES: dict[str, SourceFacts] = {
     # the IDX files, else the Debian package's folder, else TFDS (fixed-size arrays either way)
     "fashion_mnist": SourceFacts("fashion_mnist", ARRAYS),
     "synthetic": SourceFacts("synthetic", ARRAYS, classes_from_config=True),
-    "folder": SourceFacts("folder", FILES, required="path", required_hint=_FOLDER_HINT),
+    "folder": SourceFacts("folder", FILES, required="path",
+                          required_hint="set it to a folder of class folders (PATH/<class>/<image>), or of "
+                                        "train/ and test/ folders of class folders"),
     "ilsvrc": SourceFacts("ilsvrc_source", FILES, required="path", required_hint=_FOLDER_HINT),
     "tfrecord": SourceFacts("tfrecord_source", ENCODED, required="path", required_hint=_FOLDER_HINT),
     "tfds": SourceFacts("tfds_source", AS_STORED, required="name", required_hint="set data.name (e.g. imagenet2012)"),

@@ -40,6 +40,9 @@ class TaskData:
     # the config as loading this data resolved it (class count, normalization statistics):
     # a new frozen Config, the one the run records (see shared.lifecycle.prepare)
     config: Any = None
+    # files a new run records beside labels.txt ({run-relative path: text or bytes}), e.g. the split of a
+    # folder that has none on disk, which test_data() reads back from the run
+    records: dict = dataclasses.field(default_factory=dict)
 
 
 class Task:

@@ -11,7 +11,7 @@ from types import ModuleType
 import tensorflow as tf
 
 from shared.config import Config, with_changes
-from shared.data import augment, preprocess, sources
+from shared.data import augment, class_weights, preprocess, sources, split
 from shared.errors import UserError
 
 AUTOTUNE = tf.data.AUTOTUNE
@@ -50,8 +50,9 @@ class Datasets:
     source: sources.Source
     soft_labels: bool = False  # train and val labels are (mixed) one-hot vectors, not class indices
     skips: SkipCounter | None = None  # with data.on_corrupt: skip, how many training images were skipped
-    # the config as this data resolves it (data.mean / std, data.num_classes): a new frozen Config
+    # the config as this data resolves it (data.mean / std, data.num_classes, train.class_weight): a new frozen Config
     config: Config | None = None
+    class_weights: list[float] | None = None  # train.class_weight resolved: one loss weight per class, or None
 
     @property
     def num_classes(self) -> int:
@@ -110,11 +111,11 @@ def _fit_channels(stats: list[float], channels: int) -> list[float]:
 
 def find_undecodable(source: sources.Source) -> list[str]:
     """Decode every file of an encoded source and return those that fail (run only after a failure)."""
-    from tqdm import tqdm
+    from shared.progress import progress_bar
 
     bad = []
     paths = [path for split in source.files.values() for path in split]
-    for path in tqdm(paths, desc="looking for the unreadable image", unit="file", leave=False):
+    for path in progress_bar(paths, desc="looking for the unreadable image", unit="file", leave=False):
         try:
             preprocess.decode(tf.io.read_file(os.fsencode(path)), 3)  # bytes: names need not be UTF-8
         except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError):
@@ -124,14 +125,15 @@ def find_undecodable(source: sources.Source) -> list[str]:
 
 def make_datasets(config: Config, model_augment: ModuleType | None = None,
                   input_context: tf.distribute.InputContext | None = None, replicas: int = 1,
-                  start_epoch: int = 0) -> Datasets:
+                  start_epoch: int = 0, recorded: split.RecordedSplit | None = None) -> Datasets:
     """The run's pipelines, batched at the global batch: train.batch_size per replica x `replicas`
     (Keras splits each batch over the replicas of a tf.distribute strategy). With an `input_context`
     (several input pipelines, one per worker) each pipeline reads its own shard of the training
     examples and batches per replica. `start_epoch` (a resumed run): the training stream starts where
-    that many epochs left it, so a resumed run sees the examples in the order an uninterrupted one would."""
+    that many epochs left it, so a resumed run sees the examples in the order an uninterrupted one would.
+    `recorded`: the split a run recorded (a split-less folder), read instead of splitting the folder again."""
     data, train_config = config.data, config.train
-    source = sources.load(data)
+    source = sources.load(data, recorded)
     if data.num_classes is not None and data.num_classes != source.num_classes:
         raise UserError(f"data.num_classes is {data.num_classes} but the {data.source} data has "
                         f"{source.num_classes} classes; remove data.num_classes or fix it")
@@ -142,12 +144,20 @@ def make_datasets(config: Config, model_augment: ModuleType | None = None,
     data = config.data
     augmentations = augment.build(data.augment, data.image_size, model_augment, seed=train_config.seed)
 
-    train, num_train = source.train, source.num_train
+    train, num_train, train_labels = source.train, source.num_train, source.train_labels
     if data.limit_train:
         train, num_train = train.take(data.limit_train), min(num_train, data.limit_train)
-    num_val = int(num_train * data.val_fraction)
-    val = train.take(num_val) if num_val else None
-    train, num_train = train.skip(num_val), num_train - num_val
+        train_labels = train_labels and train_labels[:num_train]
+    if source.val is not None:  # the source's own (stratified) validation split
+        val, num_val = source.val, source.num_val
+    else:  # carved off the head of train
+        num_val = int(num_train * data.val_fraction)
+        val = train.take(num_val) if num_val else None
+        train, num_train = train.skip(num_val), num_train - num_val
+        train_labels = train_labels and train_labels[num_val:]
+    weights = class_weights.resolve(train_config.class_weight, source.class_names, train_labels, data.source)
+    if weights is not None:  # config.yaml records the weights used, class by class
+        config = with_changes(config, {"train.class_weight": class_weights.as_config(weights, source.class_names)})
     test, num_test = source.test, source.num_test
     if data.limit_test:
         test, num_test = test.take(data.limit_test), min(num_test, data.limit_test)
@@ -212,5 +222,5 @@ def make_datasets(config: Config, model_augment: ModuleType | None = None,
         train=train, test=evaluation(test), val=evaluation(val, soft=bool(mixers)) if val is not None else None,
         steps_per_epoch=steps, num_train=num_train, num_val=num_val, num_test=num_test,
         class_names=source.class_names, input_shape=(data.image_size, data.image_size, data.channels),
-        source=source, soft_labels=bool(mixers), skips=skips, config=config,
+        source=source, soft_labels=bool(mixers), skips=skips, config=config, class_weights=weights,
     )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import socket
+import sys
 import threading
 import urllib.request
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ import numpy as np
 import tensorflow as tf
 
 from shared.config import DataConfig
-from shared.data import checks
+from shared.data import checks, split
 from shared.data.listing import IMAGE_SUFFIXES, class_name, file_names, is_image, mix_classes
 from shared.errors import UserError
 from shared.fashion_mnist import (FASHION_MNIST_CLASSES, FASHION_MNIST_DIRS, FASHION_MNIST_FILES,
@@ -43,16 +44,25 @@ class Source:
     encoding: str | None = None  # None: decoded arrays; "path": image files; "bytes": encoded images
     fixed_size: bool = True  # decoded arrays of one square size: resized, not center-cropped (encoded: False)
     files: dict = field(default_factory=dict)  # split -> list of file paths, for error reports
+    # a validation split of the source's own (split-less folders: stratified); None: make_datasets carves
+    # data.val_fraction off the head of train
+    val: tf.data.Dataset | None = None
+    num_val: int = 0
+    train_labels: list[int] | None = None  # the training labels in order, where known without reading images
+    record: dict = field(default_factory=dict)  # files the run records ({run-relative path: bytes}): the split
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
 
 
-def load(config: DataConfig) -> Source:
+def load(config: DataConfig, recorded: split.RecordedSplit | None = None) -> Source:
+    """The config's source; `recorded`: the split a run recorded (a split-less folder), read instead of
+    splitting the folder again."""
     config = dataclasses.replace(config, **{key: os.path.expanduser(getattr(config, key))
                                             for key in ("path", "data_dir", "manual_dir") if getattr(config, key)})
-    return globals()[SOURCES[config.source].loader](config)
+    loader = globals()[SOURCES[config.source].loader]
+    return loader(config, recorded) if recorded is not None and config.source == "folder" else loader(config)
 
 
 # ---------------------------------------------------------------- fashion_mnist
@@ -98,6 +108,7 @@ def fashion_mnist(config: DataConfig) -> Source:
         test=tf.data.Dataset.from_tensor_slices(arrays["test"]),
         num_train=len(arrays["train"][1]), num_test=len(arrays["test"][1]),
         class_names=FASHION_MNIST_CLASSES, mean=FASHION_MNIST_MEAN, std=FASHION_MNIST_STD,
+        train_labels=arrays["train"][1].tolist(),
     )
 
 
@@ -125,7 +136,7 @@ def synthetic(config: DataConfig) -> Source:
         train=tf.data.Dataset.from_tensor_slices(train), test=tf.data.Dataset.from_tensor_slices(test),
         num_train=config.synthetic_train, num_test=config.synthetic_test,
         class_names=[f"class_{i}" for i in range(num_classes)],
-        mean=[127.5] * channels, std=[36.0] * channels,
+        mean=[127.5] * channels, std=[36.0] * channels, train_labels=train[1].tolist(),
     )
 
 
@@ -160,10 +171,30 @@ def list_folder_split(root: Path, split: str, class_names: list[str] | None = No
     return files, labels, class_names
 
 
-def folder(config: DataConfig) -> Source:
+def layouts(config: DataConfig) -> str:
+    """The two layouts a folder dataset may have, for the error that finds neither."""
+    return (f"PATH/<class>/<image> (split by data.test_fraction and data.val_fraction) or "
+            f"PATH/{config.train_split}/<class>/<image> with PATH/{config.test_split}/<class>/<image>")
+
+
+def folder(config: DataConfig, recorded: split.RecordedSplit | None = None) -> Source:
+    """Class folders in split folders (`train/<class>`, `test/<class>`) as they are; class folders without
+    a test split folder (`PATH/<class>`, or `train/<class>` alone) split by class (`shared.data.split`),
+    or as a run recorded that split (`recorded`)."""
     root = Path(config.path)
     if not root.is_dir():
-        raise UserError(f"folder dataset not found: {root}; set data.path to a folder with train/<class>/ images")
+        raise UserError(f"folder dataset not found: {root}; set data.path to a folder laid out as {layouts(config)}")
+    if recorded is not None:
+        return _recorded_folder(root, recorded)
+    train_dir, test_dir = root / config.train_split, root / config.test_split
+    has_split_folders = train_dir.is_dir() and any(p.is_dir() for p in train_dir.iterdir())
+    if not has_split_folders:  # PATH/<class>/*: a class may be named like a split, holding images itself
+        return _split_folder(config, root, root)
+    if not test_dir.is_dir():
+        return _split_folder(config, root, train_dir)
+    if config.test_fraction:
+        raise UserError(f"data.test_fraction is {config.test_fraction:g} but {root} has its own test split "
+                        f"({test_dir}); set data.test_fraction to 0 to test on it")
     train_files, train_labels, class_names = list_folder_split(root, config.train_split)
     test_files, test_labels, _ = list_folder_split(root, config.test_split, class_names)
 
@@ -171,7 +202,76 @@ def folder(config: DataConfig) -> Source:
         train=_paths_dataset(train_files, train_labels), test=_paths_dataset(test_files, test_labels),
         num_train=len(train_files), num_test=len(test_files), class_names=class_names,
         mean=IMAGENET_MEAN, std=IMAGENET_STD, encoding="path", fixed_size=False,
-        files={"train": train_files, "test": test_files},
+        files={"train": train_files, "test": test_files}, train_labels=train_labels,
+    )
+
+
+def list_class_folders(class_root: Path) -> dict[str, list[str]]:
+    """{class: image paths} of `class_root/<class>/*`, classes sorted by name. Hidden folders are not
+    classes; a class folder without images is left out with a one-line warning (a class the model never
+    sees cannot be learned or tested)."""
+    by_class = {}
+    for class_dir in sorted((p for p in class_root.iterdir() if p.is_dir() and not p.name.startswith(".")),
+                            key=class_name):
+        files = [str(path) for path in class_dir.iterdir() if is_image(path.name) and path.is_file()]
+        if not files:
+            print(f"warning: class folder {class_dir} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}); "
+                  f"it is left out of the classes", file=sys.stderr, flush=True)
+            continue
+        for path in files:
+            split.check_recordable(path)
+        by_class[class_name(class_dir)] = files
+    return by_class
+
+
+def _split_folder(config: DataConfig, root: Path, class_root: Path) -> Source:
+    """Class folders without a test split folder, split by class as data.test_fraction and data.val_fraction
+    ask (`shared.data.split.stratified`); the run records the split."""
+    by_class = list_class_folders(class_root)
+    if not by_class:
+        raise UserError(f"folder dataset {root} holds no images in class folders; lay it out as {layouts(config)}")
+    if not config.test_fraction:
+        raise UserError(f"folder dataset {class_root} has class folders but no {config.test_split}/ folder to test on; "
+                        f"set data.test_fraction (e.g. 0.2) to hold out that share of each class for testing")
+    parts = split.stratified(by_class, config.val_fraction, config.test_fraction)
+    class_names = list(by_class)
+    files = {name: [path for label in class_names for path in parts[name][label]] for name in split.SPLITS}
+    labels = {name: [index for index, label in enumerate(class_names) for _ in parts[name][label]]
+              for name in split.SPLITS}
+    return _listed_folder(files, labels, class_names, record=split.record(files, root))
+
+
+def _recorded_folder(root: Path, recorded: split.RecordedSplit) -> Source:
+    """The images of the split a run recorded, whatever the folder holds now; their classes are their
+    folders' names, indexed as the run's labels.txt orders them."""
+    index = {name: i for i, name in enumerate(recorded.class_names)}
+    files, labels = {}, {}
+    for name in split.SPLITS:
+        relative = recorded.files.get(name, [])
+        unknown = [path for path in relative if Path(path).parent.name not in index]
+        if unknown:
+            raise UserError(f"the run's split/{name}.txt names {unknown[0]!r}, whose folder is not one of the "
+                            f"run's classes (labels.txt); the split record was edited: restore it")
+        files[name] = [str(root / path) for path in relative]
+        labels[name] = [index[Path(path).parent.name] for path in relative]
+    missing = [path for name in split.SPLITS for path in files[name] if not os.path.isfile(path)]
+    if missing:
+        raise UserError(f"{len(missing)} image(s) of the split this run recorded are gone from {root} "
+                        f"(first: {missing[0]}); put them back to test or resume the run on its own data")
+    return _listed_folder(files, labels, recorded.class_names, record={})
+
+
+def _listed_folder(files: dict[str, list[str]], labels: dict[str, list[int]], class_names: list[str],
+                   record: dict) -> Source:
+    """A folder source of split file lists in class order: each split is mixed once with a fixed seed."""
+    mixed = {name: mix_classes(files[name], labels[name]) for name in split.SPLITS}
+    datasets = {name: _paths_dataset(*mixed[name]) for name in split.SPLITS}
+    return Source(
+        train=datasets["train"], test=datasets["test"], num_train=len(files["train"]), num_test=len(files["test"]),
+        class_names=class_names, mean=IMAGENET_MEAN, std=IMAGENET_STD, encoding="path", fixed_size=False,
+        files={name: mixed[name][0] for name in split.SPLITS},
+        val=datasets["val"] if files["val"] else None, num_val=len(files["val"]),
+        train_labels=mixed["train"][1], record=record,
     )
 
 
@@ -195,7 +295,7 @@ def ilsvrc_source(config: DataConfig) -> Source:
     return Source(train=_paths_dataset(train_files, train_labels), test=_paths_dataset(test_files, test_labels),
                   num_train=len(train_files), num_test=len(test_files), class_names=ilsvrc.imagenet_wnids(),
                   mean=IMAGENET_MEAN, std=IMAGENET_STD, encoding="path", fixed_size=False,
-                  files={"train": train_files, "test": test_files})
+                  files={"train": train_files, "test": test_files}, train_labels=list(train_labels))
 
 
 # ---------------------------------------------------------------- tfrecord

@@ -23,13 +23,15 @@ MISTAKES_SHOWN = 16  # images in errors.png
 
 def training_labels(dataset, outputs: list[str], one_hot_classes: int | None):
     """Labels as the compiled loss wants them: one-hot for label smoothing, and the same label for
-    every auxiliary head."""
+    every auxiliary head (sample weights, when the examples carry them, pass through)."""
     if dataset is None:
         return None
     if one_hot_classes:
-        dataset = dataset.map(lambda images, labels: (images, tf.one_hot(labels, one_hot_classes)))
+        dataset = dataset.map(lambda images, labels, *weights: (images, tf.one_hot(labels, one_hot_classes),
+                                                                *weights))
     if outputs:
-        dataset = dataset.map(lambda images, labels: (images, {name: labels for name in outputs}))
+        dataset = dataset.map(lambda images, labels, *weights: (images, {name: labels for name in outputs},
+                                                                *weights))
     return dataset
 
 
@@ -71,8 +73,10 @@ class ClassificationTask(Task):
         return with_changes(config, {"distill.teacher": teacher})
 
     def datasets(self, config, folder, replicas=1, start_epoch=0) -> TaskData:
+        # a run folder (test --run, resume) holds the split it recorded of a split-less image folder
+        recorded = data_module.split.read(folder)
         datasets = data_module.make_datasets(config, modelzoo.load_augment_module(folder), replicas=replicas,
-                                             start_epoch=start_epoch)
+                                             start_epoch=start_epoch, recorded=recorded)
 
         def undecodable(error: BaseException) -> list[str]:  # name the files instead of showing TF's op trace
             return data_module.find_undecodable(datasets.source) \
@@ -82,7 +86,7 @@ class ClassificationTask(Task):
                         class_names=list(datasets.class_names), input_shape=tuple(datasets.input_shape),
                         description=f"{datasets.num_train} training / {datasets.num_val} validation / "
                                     f"{datasets.num_test} test images, {datasets.num_classes} classes",
-                        details=datasets, undecodable=undecodable,
+                        details=datasets, undecodable=undecodable, records=datasets.source.record,
                         config=datasets.config)  # class count and statistics: the snapshot says what they were
 
     def build(self, module, config, input_shape):
@@ -110,7 +114,11 @@ class ClassificationTask(Task):
         datasets = data.details
         outputs = _outputs(module, model)
         one_hot = datasets.num_classes if config.train.label_smoothing and not datasets.soft_labels else None
-        return training_labels(datasets.train, outputs, one_hot), training_labels(datasets.val, outputs, one_hot)
+        train = datasets.train
+        if datasets.class_weights is not None:  # training only: validation and test stay unweighted
+            train = data_module.class_weights.with_sample_weights(train, datasets.class_weights,
+                                                                  datasets.soft_labels)
+        return training_labels(train, outputs, one_hot), training_labels(datasets.val, outputs, one_hot)
 
     def head_layer_names(self, module, model, config, input_shape):
         return finetune.head_layer_names(module, model, config.model.hparams, input_shape)

@@ -1,0 +1,228 @@
+"""Your own images: a folder of class folders without split folders, split by class and recorded in the
+run (`shared.data.split`), and `train.class_weight` against class imbalance (`shared.data.class_weights`)."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import yaml
+from PIL import Image
+
+from shared.config import load_config
+from shared.data import class_weights, make_datasets, sources, split
+from shared.errors import UserError
+
+from conftest import tiny_tree
+
+COUNTS = {"cat": 10, "dog": 5, "猫 ü": 2, "solo": 1}  # a Unicode class and a class of one image
+
+
+def make_class_folders(root: Path, counts: dict[str, int] = COUNTS, size: int = 12, seed: int = 0) -> Path:
+    """PATH/<class>/<image>.png: each class a flat colour of its own plus noise (learnable in a few steps)."""
+    rng = np.random.default_rng(seed)
+    for index, (name, count) in enumerate(counts.items()):
+        folder = root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            base = np.full((size, size, 3), 40 + 60 * (index % 4), np.uint8)
+            pixels = np.clip(base + rng.integers(0, 30, base.shape), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(folder / f"{name}-{seed}-{i}.png")
+    return root
+
+
+def data_config(tmp_path, root: Path, **data):
+    tree = tiny_tree(tmp_path / "runs")
+    tree["data"] = {"source": "folder", "path": str(root), "image_size": 12, "channels": 3,
+                    "test_fraction": 0.2, **data}
+    return load_config(tree=tree)
+
+
+def class_of(path: str) -> str:
+    return Path(path).parent.name
+
+
+def per_class(files: list[str]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for path in files:
+        counts[class_of(path)] = counts.get(class_of(path), 0) + 1
+    return counts
+
+
+# ---------------------------------------------------------------- the split
+
+
+def test_held_out_takes_the_rounded_share_at_least_one_and_leaves_training_one():
+    assert [split.held_out(n, 0.2, n - 1) for n in (1, 2, 5, 10, 13)] == [0, 1, 1, 2, 3]
+    assert split.held_out(10, 0.0, 9) == 0  # no fraction: nothing held out
+    assert split.held_out(3, 0.9, 2) == 2  # never the last training image
+
+
+def test_split_is_stratified_and_every_class_of_two_or_more_is_tested(tmp_path):
+    root = make_class_folders(tmp_path / "imgs")
+    source = sources.load(data_config(tmp_path, root, val_fraction=0.2).data)
+    assert source.class_names == sorted(COUNTS)
+    files = source.files
+    assert per_class(files["test"]) == {"cat": 2, "dog": 1, "猫 ü": 1}
+    assert per_class(files["val"]) == {"cat": 2, "dog": 1}
+    assert per_class(files["train"]) == {"cat": 6, "dog": 3, "猫 ü": 1, "solo": 1}
+    assert source.num_val == 3 and source.val is not None
+    every = [path for name in split.SPLITS for path in files[name]]
+    assert len(every) == len(set(every)) == sum(COUNTS.values())  # disjoint, nothing lost
+    # the labels the pipeline reads are the files' folders
+    for name, dataset in (("train", source.train), ("test", source.test), ("val", source.val)):
+        read = [(Path(path.decode()).parent.name, source.class_names[int(label)])
+                for path, label in dataset.as_numpy_iterator()]
+        assert [a for a, _ in read] == [b for _, b in read] and len(read) == len(files[name])
+
+
+def test_split_is_the_same_whatever_order_the_file_system_lists(tmp_path, monkeypatch):
+    root = make_class_folders(tmp_path / "imgs")
+    config = data_config(tmp_path, root, val_fraction=0.2).data
+    first = sources.load(config).record
+    listing = Path.iterdir
+
+    def shuffled(self):
+        entries = list(listing(self))
+        random.Random(len(entries)).shuffle(entries)
+        return iter(entries[::-1])
+
+    monkeypatch.setattr(Path, "iterdir", shuffled)
+    assert sources.load(config).record == first
+    # the split lists are relative to data.path, UTF-8, one per line, sorted
+    test_lines = first["split/test.txt"].decode("utf-8").splitlines()
+    assert "猫 ü/" in "".join(test_lines) and test_lines == sorted(test_lines, key=str.encode)
+    assert all(not line.startswith("/") for line in test_lines)
+
+
+def test_a_class_split_depends_only_on_its_own_images(tmp_path):
+    one = split.stratified({"a": [f"a/{i}.png" for i in range(20)]}, 0.1, 0.2)
+    two = split.stratified({"a": [f"a/{i}.png" for i in range(20)][::-1], "b": ["b/0.png", "b/1.png"]}, 0.1, 0.2)
+    assert all(one[name]["a"] == two[name]["a"] for name in split.SPLITS)
+
+
+def test_empty_class_folder_is_left_out_with_one_warning(tmp_path, capsys):
+    root = make_class_folders(tmp_path / "imgs", {"cat": 3, "dog": 3})
+    (root / "empty").mkdir()
+    (root / "empty" / "notes.txt").write_text("not an image")
+    (root / ".thumbnails").mkdir()  # hidden: never a class
+    source = sources.load(data_config(tmp_path, root).data)
+    assert source.class_names == ["cat", "dog"]
+    warning = capsys.readouterr().err.strip().splitlines()
+    assert len(warning) == 1 and "empty holds no images" in warning[0] and "left out" in warning[0]
+
+
+def test_a_folder_without_images_is_one_line_naming_both_layouts(tmp_path):
+    root = tmp_path / "imgs"
+    (root / "cat").mkdir(parents=True)
+    (root / "cat" / "readme.txt").write_text("no pictures here")
+    with pytest.raises(UserError, match=r"holds no images in class folders; lay it out as PATH/<class>/<image> "
+                                        r".* or PATH/train/<class>/<image> with PATH/test/<class>/<image>$"):
+        sources.load(data_config(tmp_path, root).data)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(UserError, match="holds no images in class folders"):
+        sources.load(data_config(tmp_path, empty).data)
+
+
+def test_no_test_fraction_without_a_test_folder_asks_for_it(tmp_path):
+    root = make_class_folders(tmp_path / "imgs", {"cat": 3, "dog": 3})
+    with pytest.raises(UserError, match=r"has class folders but no test/ folder to test on; set data.test_fraction"):
+        sources.load(data_config(tmp_path, root, test_fraction=0.0).data)
+
+
+def test_split_folders_keep_working_as_they_are(tmp_path):
+    root = tmp_path / "imgs"
+    make_class_folders(root / "train", {"cat": 4, "dog": 4})
+    make_class_folders(root / "test", {"cat": 2, "dog": 2}, seed=1)
+    config = data_config(tmp_path, root, test_fraction=0.0, val_fraction=0.25)
+    datasets = make_datasets(config)
+    assert (datasets.num_train, datasets.num_val, datasets.num_test) == (6, 2, 4)  # val: off the head of train
+    assert datasets.source.record == {} and datasets.source.val is None
+    with pytest.raises(UserError, match=r"data.test_fraction is 0.2 but .* has its own test split"):
+        sources.load(data_config(tmp_path, root).data)
+
+
+def test_a_train_folder_alone_is_split_by_test_fraction(tmp_path):
+    root = tmp_path / "imgs"
+    make_class_folders(root / "train", {"cat": 5, "dog": 5})
+    source = sources.load(data_config(tmp_path, root).data)
+    assert per_class(source.files["test"]) == {"cat": 1, "dog": 1}
+    assert source.record["split/test.txt"].decode().startswith("train/cat/")
+
+
+def test_a_class_named_like_a_split_folder_is_a_class(tmp_path):
+    root = make_class_folders(tmp_path / "imgs", {"test": 3, "train": 3})
+    source = sources.load(data_config(tmp_path, root).data)
+    assert source.class_names == ["test", "train"] and source.num_test == 2
+
+
+def test_recorded_split_is_read_back_after_images_were_added(tmp_path):
+    root = make_class_folders(tmp_path / "imgs", {"cat": 6, "dog": 6})
+    config = data_config(tmp_path, root, val_fraction=0.2)
+    run = tmp_path / "run"
+    (run / "split").mkdir(parents=True)
+    for name, content in make_datasets(config).source.record.items():
+        (run / name).write_bytes(content)
+    (run / "labels.txt").write_text("cat\ndog\n", encoding="utf-8")
+    make_class_folders(root, {"cat": 30, "dog": 30, "eel": 5}, seed=7)  # more images, and a new class
+    recorded = split.read(run)
+    again = make_datasets(config, recorded=recorded)
+    assert sorted(again.source.files["test"]) == sorted(str(root / line) for line in recorded.files["test"])
+    assert (again.num_train, again.num_val, again.num_test) == (8, 2, 2) and again.class_names == ["cat", "dog"]
+    assert make_datasets(config).num_test > 2  # the folder itself would now split otherwise
+    (root / recorded.files["test"][0]).unlink()
+    with pytest.raises(UserError, match=r"1 image\(s\) of the split this run recorded are gone"):
+        make_datasets(config, recorded=recorded)
+
+
+def test_an_image_name_with_a_line_break_is_one_line(tmp_path):
+    root = make_class_folders(tmp_path / "imgs", {"cat": 2, "dog": 2})
+    Image.new("RGB", (4, 4)).save(root / "cat" / "two\nlines.png")
+    with pytest.raises(UserError, match=r"has a line break in its name"):
+        sources.load(data_config(tmp_path, root).data)
+
+
+# ---------------------------------------------------------------- class weights
+
+
+def test_auto_weights_are_inverse_class_frequency():
+    # n / (k * count): 8 / (3 * 6), 8 / (3 * 2) to six digits; a class without training images: 1.0
+    assert class_weights.resolve("auto", ["a", "b", "c"], [0] * 6 + [1] * 2, "folder") == [0.444444, 1.33333, 1.0]
+
+
+def test_named_weights_default_to_one_and_are_checked():
+    assert class_weights.resolve({"b": 3, 0: 2.5}, ["0", "b", "c"], None, "tfrecord") == [2.5, 3.0, 1.0]
+    with pytest.raises(UserError, match=r"names 'eel', which is not a class of this data; the classes are a, b"):
+        class_weights.resolve({"eel": 2.0}, ["a", "b"], [0, 1], "folder")
+    for bad in (-1.0, 0, float("nan"), float("inf"), True, "2"):
+        with pytest.raises(UserError, match=r"train.class_weight.a is .*; a class weight must be a positive number"):
+            class_weights.resolve({"a": bad}, ["a", "b"], [0, 1], "folder")
+    with pytest.raises(UserError, match=r"train.class_weight is 'balanced'; set it to auto or"):
+        class_weights.resolve("balanced", ["a"], [0], "folder")
+    with pytest.raises(UserError, match=r"auto needs the training split's class counts, which the tfrecord"):
+        class_weights.resolve("auto", ["a"], None, "tfrecord")
+
+
+def test_sample_weights_follow_hard_and_mixed_labels():
+    weights = [1.0, 3.0]
+    hard = tf.data.Dataset.from_tensor_slices((tf.zeros((3, 2)), tf.constant([0, 1, 1])))
+    assert [float(w) for _, _, w in class_weights.with_sample_weights(hard, weights, False)] == [1.0, 3.0, 3.0]
+    soft = tf.data.Dataset.from_tensor_slices((tf.zeros((2, 2)), tf.constant([[0.75, 0.25], [0.0, 1.0]])))
+    assert [float(w) for _, _, w in class_weights.with_sample_weights(soft, weights, True)] == [1.5, 3.0]
+
+
+def test_resolved_weights_are_recorded_in_the_config_and_load_again(tmp_path):
+    root = make_class_folders(tmp_path / "imgs", {"cat": 10, "dog": 5})
+    tree = tiny_tree(tmp_path / "runs", train={"class_weight": "auto"})
+    tree["data"] = {"source": "folder", "path": str(root), "image_size": 12, "test_fraction": 0.2}
+    datasets = make_datasets(load_config(tree=tree))
+    # training split: 8 cat, 4 dog -> 12 / (2 * 8), 12 / (2 * 4)
+    assert datasets.class_weights == [0.75, 1.5]
+    assert datasets.config.train.class_weight == {"cat": 0.75, "dog": 1.5}
+    reloaded = load_config(tree=yaml.safe_load(datasets.config.dump()))
+    assert reloaded.train.class_weight == {"cat": 0.75, "dog": 1.5}
+    assert make_datasets(reloaded).class_weights == [0.75, 1.5]  # a resume or test reads the same weights
