@@ -199,6 +199,7 @@ def test_ilsvrc_source_feeds_the_pipeline_with_keras_indices(tmp_path):
                                "train": {"batch_size": 6}})
     datasets = make_datasets(config)
     assert datasets.num_classes == 1000 and (datasets.num_train, datasets.num_test) == (6, 6)
+    assert datasets.class_names == ilsvrc.imagenet_wnids()  # a run's labels.txt: wnids; plots show readable()
     images, labels = next(iter(datasets.train))
     assert images.shape == (6, 16, 16, 3) and set(labels.numpy()) <= {0, 1, 999}
     images, labels = next(iter(datasets.test))
