@@ -149,3 +149,17 @@ def test_no_mistakes_draws_a_titled_empty_errors_png(tmp_path, monkeypatch):
     assert figures["errors.png"].get_suptitle() == "no mistakes on the test split"
     assert not any(axes.images for axes in figures["errors.png"].axes)
     assert (tmp_path / "errors.png").read_bytes().startswith(b"\x89PNG")  # the stale one replaced
+
+
+def test_a_full_disk_while_drawing_errors_png_names_it_and_leaves_no_partial(tmp_path, monkeypatch):
+    from test_faults import fail_figure
+
+    from shared.durable import DiskFull
+
+    config = load_config(tree=tiny_tree(tmp_path / "runs", data={"channels": 1}))
+    data = classification_data([0, 1, 2], [0.9, 0.8, 0.7], ["a", "b", "c"], config)
+    _, draw = CLASSIFICATION.evaluate(off_by_one_model(3), data, config)
+    fail_figure(monkeypatch, "errors.png")
+    with pytest.raises(DiskFull, match=f"disk full while writing {tmp_path / 'errors.png'} "):
+        draw(tmp_path)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["confusion.png"]  # no half errors.png
