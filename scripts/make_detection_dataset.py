@@ -128,10 +128,10 @@ def compose(rng: np.random.Generator, items: np.ndarray, labels: np.ndarray, arg
 def make_split(split: str, count: int, items: np.ndarray, labels: np.ndarray, args: argparse.Namespace):
     """Generate and save the images of one split; returns its DetectionSplit (records point at the PNGs)."""
     from PIL import Image
-    from tqdm import tqdm
 
     from shared.fashion_mnist import FASHION_MNIST_CLASSES
     from shared.detection.datasets import DetectionRecord, DetectionSplit
+    from shared.progress import progress_bar
 
     folder = args.out / "images" / split
     folder.mkdir(parents=True, exist_ok=True)
@@ -139,7 +139,7 @@ def make_split(split: str, count: int, items: np.ndarray, labels: np.ndarray, ar
         stale.unlink()
     rng = np.random.default_rng([args.seed, SPLITS[split]])
     records = []
-    for i in tqdm(range(count), desc=f"{split} images", unit="img", disable=args.no_progress):
+    for i in progress_bar(range(count), desc=f"{split} images", unit="img", disable=args.no_progress):
         image, boxes, classes = compose(rng, items, labels, args)
         path = folder / f"{split}_{i:06d}.png"
         Image.fromarray(image).save(path)

@@ -17,7 +17,6 @@ import os
 import re
 import shutil
 import signal
-import sys
 import threading
 import time
 from pathlib import Path
@@ -30,6 +29,7 @@ from shared.callbacks import (AtomicBackupAndRestore, DurableCSVLogger, EpochChe
                               NonFiniteLoss, StopOnNonFiniteLoss, StopOnSignal, backup_state)
 from shared.config import Config, with_changes
 from shared.errors import UserError, embedded_user_error
+from shared.progress import keras_verbosity
 from shared.task import Phase, Task
 
 
@@ -200,7 +200,7 @@ def _run_training(task: Task, config: Config, argv: list[str] | None, resumed: r
                                  data, lr_scale=phase.lr_scale, replicas=placement.replicas)
                 trainer.fit(train_data, epochs=phase.until_epoch, initial_epoch=start,
                             steps_per_epoch=data.steps_per_epoch, validation_data=val_data,
-                            verbose=_verbosity(config.train.verbose), shuffle=False,
+                            verbose=keras_verbosity(config.train.verbose), shuffle=False,
                             callbacks=[*stop_callbacks,
                                        *_callbacks(config, run, backup, validating=val_data is not None),
                                        *(extra_callbacks or [])])
@@ -401,8 +401,3 @@ def _first_line(error: BaseException) -> str:
         return str(embedded)
     text = str(error).strip()
     return f"{type(error).__name__}: {text.splitlines()[0][:500] if text else ''}"
-
-
-def _verbosity(configured: int) -> int:
-    """A progress bar on a terminal; one line per epoch in logs and CI, where a bar is noise."""
-    return 2 if configured == 1 and not sys.stdout.isatty() else configured

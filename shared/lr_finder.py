@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 from pathlib import Path
 
 import keras
@@ -20,6 +19,7 @@ import numpy as np
 
 from shared.config import Config, with_changes
 from shared.errors import UserError
+from shared.progress import keras_verbosity
 
 BETA = 0.98  # smoothing of the per-batch loss
 DIVERGENCE = 4.0  # stop once the smoothed loss exceeds this multiple of its minimum
@@ -88,7 +88,7 @@ def _check_arguments(min_lr: float, max_lr: float, steps: int) -> None:
 
 def _verbosity(config: Config) -> int:
     # One epoch: a progress bar on a terminal is useful, a one-line summary in a log is not.
-    return 1 if config.train.verbose and sys.stdout.isatty() else 0
+    return keras_verbosity(1 if config.train.verbose else 0, instead=0)
 
 
 def lr_range_test(config: Config, min_lr: float = 1e-6, max_lr: float = 1.0, steps: int = 100,

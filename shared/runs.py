@@ -340,8 +340,8 @@ def diff(a: Run, b: Run, interactive: bool | None = None) -> str | None:
     return unified_diff(a, b)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m shared.runs", description="Read the run store.")
+def main(argv: list[str] | None = None, prog: str = "python -m shared.runs") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description="Read the run store.")
     sub = parser.add_subparsers(dest="command", required=True)
     listing = sub.add_parser("list", help="a table of runs")
     listing.add_argument("model", nargs="?")

@@ -177,7 +177,7 @@ def write_shards(files: list[str], labels: list[int], synsets: list[str] | None,
 
 def _write_shards(files: list[str], labels: list[int], synsets: list[str] | None, output_dir: Path,
                   prefix: str, num_shards: int, progress: bool, skip_corrupt: bool) -> Shards:
-    from tqdm import tqdm
+    from shared.progress import progress_bar
 
     _check_resume(output_dir, prefix, num_shards, _plan_digest(files, labels, synsets, num_shards))
     _remove_partial_shards(output_dir, prefix)
@@ -191,8 +191,8 @@ def _write_shards(files: list[str], labels: list[int], synsets: list[str] | None
               f"({reused[0].name}{' ...' if len(reused) > 1 else ''}); delete them to rewrite them", flush=True)
     corrupt: list[str] = []
     done_images = len(files) - sum(bounds[i + 1] - bounds[i] for i in todo)
-    with tqdm(total=len(files), initial=done_images, desc=f"{prefix} shards", unit="img",
-              disable=not progress, smoothing=0.05) as bar:
+    with progress_bar(total=len(files), initial=done_images, desc=f"{prefix} shards", unit="img",
+                      disable=not progress, smoothing=0.05) as bar:
         for i in todo:
             with partial_path(paths[i]) as temporary, tf.io.TFRecordWriter(str(temporary)) as writer:
                 for j in range(bounds[i], bounds[i + 1]):
