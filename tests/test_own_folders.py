@@ -226,3 +226,91 @@ def test_resolved_weights_are_recorded_in_the_config_and_load_again(tmp_path):
     reloaded = load_config(tree=yaml.safe_load(datasets.config.dump()))
     assert reloaded.train.class_weight == {"cat": 0.75, "dog": 1.5}
     assert make_datasets(reloaded).class_weights == [0.75, 1.5]  # a resume or test reads the same weights
+
+
+# ---------------------------------------------------------------- training on a folder
+
+
+def train_tree(tmp_path, root: Path, **train) -> dict:
+    tree = tiny_tree(tmp_path / "runs", train={"epochs": 1, "batch_size": 8, **train})
+    tree["data"] = {"source": "folder", "path": str(root), "image_size": 12, "channels": 3,
+                    "test_fraction": 0.25, "val_fraction": 0.2}
+    return tree
+
+
+@pytest.mark.slow
+def test_a_run_records_its_split_and_weights_and_test_reads_them_back(tmp_path):
+    from shared import lifecycle
+
+    root = make_class_folders(tmp_path / "imgs", {"cat": 12, "dog": 6, "猫": 4})
+    run = lifecycle.train(load_config(tree=train_tree(tmp_path, root, class_weight="auto")), argv=["pytest"])
+    lines = {name: (run.path / "split" / f"{name}.txt").read_text(encoding="utf-8").splitlines()
+             for name in split.SPLITS}
+    assert {name: len(found) for name, found in lines.items()} == {"train": 12, "val": 4, "test": 6}
+    assert all((root / line).is_file() for found in lines.values() for line in found)
+    # auto: 12 training images over 3 classes (7 cat, 3 dog, 2 猫): n / (k * count)
+    recorded = yaml.safe_load((run.path / "config.yaml").read_text(encoding="utf-8"))["train"]["class_weight"]
+    assert recorded == {"cat": 0.571429, "dog": 1.33333, "猫": 2.0}
+    trained = run.test_metrics()
+    assert trained["examples"] == 6
+    make_class_folders(root, {"cat": 20, "dog": 20, "eel": 3}, seed=5)  # new images, and a new class
+    again = lifecycle.test(run)
+    assert again["examples"] == 6 and again["top1"] == trained["top1"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("on_corrupt", ["error", "skip"])
+def test_a_damaged_image_among_many(tmp_path, on_corrupt):
+    from shared import lifecycle
+
+    root = make_class_folders(tmp_path / "imgs", {"cat": 12, "dog": 12})
+    for name in ("cat", "dog"):
+        (root / name / f"broken-{name}.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a PNG")
+    tree = train_tree(tmp_path, root)
+    tree["data"]["on_corrupt"] = on_corrupt
+    if on_corrupt == "error":
+        with pytest.raises(UserError, match=r"corrupt or unreadable image\(s\): .*broken-.*\.png.*marked failed"):
+            lifecycle.train(load_config(tree=tree), argv=["pytest"])
+        return
+    run = lifecycle.train(load_config(tree=tree), argv=["pytest"])
+    recorded = {name: (run.path / "split" / f"{name}.txt").read_text(encoding="utf-8") for name in split.SPLITS}
+    metrics = run.test_metrics()
+    assert metrics["skipped_test_images"] == recorded["test"].count("broken-")
+    assert (metrics["skipped_train_images"] >= 1) == ("broken-" in recorded["train"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model, batch_augment", [
+    ({"name": "resnet", "depth": 18, "width": 4, "small_input": True}, []),
+    ({"name": "googlenet", "width": 0.05, "small_input": True, "aux_heads": True}, []),
+    ({"name": "resnet", "depth": 18, "width": 4, "small_input": True}, [{"MixUp": {"alpha": 0.4}}]),
+], ids=["plain", "aux-heads", "mixup"])
+def test_class_weights_reach_every_output_loss(tmp_path, model, batch_augment):
+    """fit() gets (images, targets, weights): each example weighs as its (mixed) class says, and one weight
+    tensor scales the loss of every output, auxiliary heads included."""
+    from shared.lifecycle import prepare
+    from shared.tasks import CLASSIFICATION
+
+    root = make_class_folders(tmp_path / "imgs", {"cat": 8, "dog": 8})
+    tree = train_tree(tmp_path, root, class_weight={"cat": 3.0})
+    tree["model"] = model
+    tree["data"]["batch_augment"] = batch_augment
+    _, module, net, data, config = prepare(CLASSIFICATION, load_config(tree=tree))
+    CLASSIFICATION.compile(net, net, module, config, data, lr_scale=1.0, replicas=1)
+    train, val = CLASSIFICATION.fit_data(config, net, module, data)
+    images, targets, weights = next(iter(train))
+    labels = next(iter(targets.values())) if isinstance(targets, dict) else targets
+    if batch_augment:  # mixed one-hot labels: the mixture of the class weights
+        expected = labels.numpy() @ np.array([3.0, 1.0])
+    else:
+        expected = np.where(labels.numpy() == 0, 3.0, 1.0)
+    np.testing.assert_allclose(weights.numpy(), expected, rtol=1e-6)
+    assert isinstance(targets, dict) == (model["name"] == "googlenet")
+    assert len(next(iter(val))) == 2  # validation stays unweighted
+    # one weight tensor for all outputs: doubling it doubles the whole loss (main and auxiliary terms)
+    plain = net.evaluate(tf.data.Dataset.from_tensors((images, targets)), verbose=0, return_dict=True)["loss"]
+    doubled = net.evaluate(tf.data.Dataset.from_tensors((images, targets, 2 * tf.ones_like(weights))), verbose=0,
+                           return_dict=True)["loss"]
+    assert doubled == pytest.approx(2 * plain, rel=1e-4)
+    history = net.fit(train, steps_per_epoch=2, epochs=1, verbose=0)
+    assert np.isfinite(history.history["loss"][0])
