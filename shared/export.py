@@ -8,7 +8,8 @@ it serves the highest and hot-swaps when a higher one appears, so exporting afte
     predict_images   images: [N, S, S, C] float32, 0-255 pixels already at the run's image size
 
 both preprocessing inside the graph exactly as the run's eval pipeline does, and both returning
-`probabilities` [N, classes], `classes` [N, k] int32 top-k ids, `labels` [N, k] class names and
+`probabilities` [N, classes], `classes` [N, k] int32 top-k ids, `labels` [N, k] class names (ImageNet
+wnids as words, shared.class_names.readable) and
 `scores` [N, k]. A version appears by a rename of a finished folder, so a watching server never
 sees half a model; `<export_dir>/models.config` lists every model for a multi-model server.
 """
@@ -25,11 +26,11 @@ import time
 from pathlib import Path
 
 from shared.errors import UserError
+from shared.eval_view import EvalView, resizes_pixels  # noqa: F401 (resizes_pixels: shared.deblur.export)
 from shared.durable import DiskFull, atomic_write, disk_space_checked, fsync_dir, fsync_tree
 from shared.locks import FileLock
 from shared.names import check_plain_name
 from shared.runs import Run, open_run
-from shared.source_facts import SOURCES
 
 CONFIG_FILE = "models.config"
 LOCK_FILE = ".export.lock"  # in the export folder: exports there publish, prune and list one at a time
@@ -142,61 +143,16 @@ def serving_command(export_dir: str | Path, model_name: str) -> str:
     return f"{docker}\n{curl}"
 
 
-# ---------------------------------------------------------------- the preprocessing
+# ---------------------------------------------------------------- the serving functions
 
 
-def resizes_pixels(config) -> bool:
-    """Whether the run's eval view resizes the whole image (sources of fixed-size decoded arrays) or
-    decodes the central crop (encoded images of any size): shared.data._image_fn decides by the source,
-    so we ask the source the same question, from the config where that suffices."""
-    data = config.data
-    fixed = SOURCES[data.source].fixed_size  # the TFDS fallback of fashion_mnist is fixed-size too
-    if fixed is not None:
-        return fixed
-    try:  # images as stored (TFDS): the dataset's metadata says, without reading (or preparing) the images
-        import tensorflow_datasets as tfds
-
-        shape = tfds.builder(data.name, data_dir=data.data_dir).info.features["image"].shape
-        return shape[0] is not None and shape[0] == shape[1]
-    except Exception:  # not prepared here, no such dataset: the source itself says below
-        pass
-    from shared.data import sources
-
-    return sources.load(data).fixed_size
-
-
-def _statistics(config) -> tuple[list[float], list[float]]:
-    """The normalization constants: resolved into config.yaml at training time; older runs get the
-    source's, fitted to the channels exactly as training did."""
-    data = config.data
-    if not data.normalize:
-        return data.mean, data.std
-    from shared.data import normalization_statistics
-
-    return normalization_statistics(data)
-
-
-def _serving_functions(model, config, class_names: list[str], top_k: int, resize: bool,
-                       mean: list[float], std: list[float]):
-    """(bytes_fn, images_fn): the two endpoints as plain functions of batched tensors."""
+def _serving_functions(model, view: EvalView, class_names: list[str], top_k: int):
+    """(bytes_fn, images_fn): the two endpoints as plain functions of batched tensors, preprocessing with
+    the run's eval view (`view.pixels`: shared.data.preprocess.eval_view, as the eval pipeline does)."""
     import tensorflow as tf
 
-    from shared.data import preprocess
-
-    data = config.data
-    size, channels = data.image_size, data.channels
-    normalize = preprocess.normalizer(mean, std, data.normalize, size)
-
-    def decode_one(encoded):
-        # The eval pipeline's view of one encoded image (shared.data._image_fn, no augmentation).
-        if not resize:
-            return preprocess.decode_center_crop(encoded, size, data.crop_fraction, channels)
-        image = tf.cast(preprocess.decode(encoded, channels), tf.float32)
-        shape = tf.shape(image)
-        # preprocess.resize skips images already at the size; decoded shapes are dynamic here.
-        image = tf.cond(tf.logical_and(tf.equal(shape[0], size), tf.equal(shape[1], size)),
-                        lambda: image, lambda: tf.image.resize(image, [size, size]))
-        return tf.ensure_shape(image, (size, size, channels))
+    size, channels = view.image_size, view.channels
+    normalize = view.normalizer()
 
     def classify(pixels):
         probabilities = tf.cast(model(normalize(pixels), training=False), tf.float32)
@@ -205,7 +161,7 @@ def _serving_functions(model, config, class_names: list[str], top_k: int, resize
                 "labels": tf.gather(tf.constant(class_names, tf.string), classes), "scores": scores}
 
     def bytes_fn(image_bytes):
-        pixels = tf.map_fn(decode_one, image_bytes,
+        pixels = tf.map_fn(view.pixels, image_bytes,
                            fn_output_signature=tf.TensorSpec((size, size, channels), tf.float32))
         return classify(pixels)
 
@@ -237,14 +193,10 @@ def write_archive(model, bytes_fn, images_fn, image_shape: tuple[int, int, int],
 def _write_saved_model(model, config, class_names: list[str], top_k: int, target: Path) -> dict:
     """Write the SavedModel into `target` (an empty folder) with Keras' ExportArchive, which tracks the
     model's variables for tf.saved_model.save; returns the preprocessing it built in."""
-    size, channels = config.data.image_size, config.data.channels
-    resize = resizes_pixels(config)
-    mean, std = _statistics(config)
-    bytes_fn, images_fn = _serving_functions(model, config, class_names, top_k, resize, mean, std)
-    write_archive(model, bytes_fn, images_fn, (size, size, channels), target)
-    return {"image_size": size, "channels": channels, "preprocessing": "resize" if resize else "center_crop",
-            "crop_fraction": config.data.crop_fraction, "normalize": config.data.normalize,
-            "mean": mean, "std": std}
+    view = EvalView.from_config(config)
+    bytes_fn, images_fn = _serving_functions(model, view, class_names, top_k)
+    write_archive(model, bytes_fn, images_fn, view.shape, target)
+    return view.record()
 
 
 def export_saved_model(run: Run | str | Path, export_dir: Path, model_name: str | None = None,
@@ -256,6 +208,7 @@ def export_saved_model(run: Run | str | Path, export_dir: Path, model_name: str 
     the `classes` / `labels` / `scores` outputs hold (at most the class count).
     The version appears by renaming a finished hidden folder; then older versions are pruned and
     `<export_dir>/models.config` is rewritten."""
+    from shared.class_names import readable
     from shared.tasks import rebuild
 
     run = run if isinstance(run, Run) else open_run(run)
@@ -269,9 +222,11 @@ def export_saved_model(run: Run | str | Path, export_dir: Path, model_name: str 
     if not names or len(names) != num_classes:  # a run from before labels.txt: the index is the name
         names = [str(i) for i in range(num_classes)]
 
+    labels = readable(names)  # what the `labels` output says: ImageNet wnids as words
+
     def write(staging: Path) -> dict:
-        preprocessing = _write_saved_model(model, config, names, top_k, staging)
-        return {**preprocessing, "top_k": min(top_k, len(names)), "labels": names}
+        preprocessing = _write_saved_model(model, config, labels, top_k, staging)
+        return {**preprocessing, "top_k": min(top_k, len(names)), "labels": labels, "class_names": names}
 
     return publish(run, export_dir, model_dir, version, keep, write)
 

@@ -2,9 +2,10 @@
 
     python -m shared.runner --config models/resnet/quick.yaml [--set train.epochs=3] [--notes "why"]
     python -m shared.runner --resume runs/resnet/v0003
+    python -m shared.runner --resume runs/resnet/v0003 --set train.epochs=20   # a finished run, in a new folder
     python -m shared.runner finetune --config models/mobilenet_v2/quick.yaml --from runs/mobilenet_v2/v0002
     python -m shared.runner finetune-all --config ... (--from runs/mobilenet_v2/v0002 | --weights file.h5)
-    python -m shared.runner test --run runs/resnet/v0003
+    python -m shared.runner test --run runs/resnet/v0003 [--checkpoint last|best|FILE]
     python -m shared.runner test --run runs/resnet/v0005 --classifier runs/resnet/v0003   # a deblurring run
     python -m shared.runner distill --config models/mobilenet_v2/quick.yaml --teacher runs/resnet/v0004
     python -m shared.runner tune --config models/resnet/tune.yaml
@@ -43,7 +44,8 @@ def build_parser(prog: str = "python -m shared.runner") -> argparse.ArgumentPars
     sub = parser.add_subparsers(dest="command")
     train = sub.add_parser("train", help="train from a config, then test (the default command)")
     _config_arguments(train, required=False)
-    train.add_argument("--resume", metavar="RUN", help="continue an interrupted run from its last complete epoch")
+    train.add_argument("--resume", metavar="RUN", help="continue an interrupted run from its last complete epoch "
+                       "(a finished one, with --set train.epochs=N: for more epochs, in a new run folder)")
     for name, what in (("finetune", "train a new head on the frozen backbone of a finished run"),
                        ("finetune-all", "train every layer, starting from a finished run, at a lower rate")):
         command = sub.add_parser(name, help=what)
@@ -85,8 +87,20 @@ def build_parser(prog: str = "python -m shared.runner") -> argparse.ArgumentPars
     export.add_argument("--evaluate", action="store_true", help="tflite: test the file with LiteRT on the test split")
     size = sub.add_parser("size", help="parameters, multiply-adds, size on disk and CPU latency of a run's artifacts")
     size.add_argument("--run", required=True, help="a run folder, e.g. runs/resnet/v0003")
+    predict = sub.add_parser("predict", help="top-k classes of image files, folders or globs, by a run or its export")
+    predict.add_argument("--saved-model", metavar="DIR", help="a SavedModel version folder written by export")
+    predict.add_argument("--tflite", metavar="FILE", help="a .tflite file written by export (--run: the run it is of)")
+    predict.add_argument("--run", help="a finished run folder, e.g. runs/resnet/v0003")
+    predict.add_argument("--checkpoint", help="--run: last (default), best or a checkpoint file")
+    predict.add_argument("paths", nargs="*", metavar="PATH", help="image files, folders (recursively) or globs")
+    predict.add_argument("--top-k", type=int, default=5, help="classes shown per image (default 5)")
+    predict.add_argument("--out", help="also write one row per image to FILE.csv or FILE.jsonl")
+    predict.add_argument("--strict", action="store_true", help="stop at the first unreadable file (default: skip it)")
+    predict.add_argument("--batch-size", type=int, default=64, help="images per model call (default 64)")
     test = sub.add_parser("test", help="re-test a finished run from its own snapshot")
     test.add_argument("--run", required=True, help="a run folder, e.g. runs/resnet/v0003")
+    test.add_argument("--checkpoint", help="last (default), best (checkpoints/best.keras, see train.best) or a "
+                                           "checkpoint file")
     test.add_argument("--classifier", metavar="RUN",
                       help="deblurring runs: also a classification run's top-1 on sharp, blurred and restored images")
     return parser
@@ -99,8 +113,8 @@ def parse_args(argv: list[str], prog: str = "python -m shared.runner") -> argpar
     args = parser.parse_args(argv)
     if args.command == "train" and bool(args.config) == bool(args.resume):
         parser.error("give --config to start a run or --resume RUN to continue one (not both)")
-    if args.command == "train" and args.resume and (args.set or args.notes):
-        parser.error("--resume continues a run with its own config; --set and --notes do not apply")
+    if args.command == "train" and args.resume and args.notes:
+        parser.error("--resume continues a run with its own config and notes; --notes does not apply")
     return args
 
 
@@ -168,7 +182,11 @@ def _test(args: argparse.Namespace, argv: list[str]) -> None:
         return
     from shared.evaluate import evaluate
 
-    print(task.summary(evaluate(run)))
+    if args.checkpoint is None:
+        print(task.summary(evaluate(run)))
+        return
+    checkpoint = run.checkpoint(args.checkpoint)  # a run without best.keras answers before TensorFlow loads
+    print(f"{checkpoint}: {task.summary(evaluate(run, checkpoint))}")
 
 
 def _preview(args: argparse.Namespace, argv: list[str]) -> None:
@@ -231,6 +249,29 @@ def _size(args: argparse.Namespace, argv: list[str]) -> None:
     print(size_report.format_table(size_report.size_report(run)))
 
 
+def _predict(args: argparse.Namespace, argv: list[str]) -> None:
+    from shared.errors import UserError
+
+    if [bool(args.run and not args.tflite), bool(args.saved_model), bool(args.tflite)].count(True) != 1:
+        raise UserError("predict with one of --run RUN, --saved-model DIR or --tflite FILE [--run RUN]")
+    if args.checkpoint and (args.saved_model or args.tflite):
+        raise UserError("--checkpoint chooses a run's checkpoint: use it with --run RUN alone")
+    run = _open_idle_run(args.run) if args.run else None
+    if run is not None:
+        _check_supported("predict", _run_task(run))
+    from shared import predict
+
+    def predictor():
+        if args.saved_model:
+            return predict.Predictor.from_saved_model(args.saved_model)
+        if args.tflite:
+            return predict.Predictor.from_tflite(args.tflite, run)
+        return predict.Predictor.from_run(run, args.checkpoint)
+
+    predict.command(predictor, args.paths, top_k=args.top_k, out=args.out, strict=args.strict,
+                    batch_size=args.batch_size)
+
+
 def finetune_overrides(args: argparse.Namespace) -> list[str]:
     """What `finetune` / `finetune-all` mean, as config keys (so the run's config.yaml records them);
     the user's own --set values come after and win."""
@@ -243,7 +284,15 @@ def finetune_overrides(args: argparse.Namespace) -> list[str]:
 def _train(args: argparse.Namespace, argv: list[str]) -> None:
     from shared.runs import lock_run, open_run, require_idle
 
-    if getattr(args, "resume", None):
+    if getattr(args, "resume", None) and args.set:
+        epochs = _continued_epochs(args.set)
+        run = open_run(args.resume)
+        require_idle(run)  # a typo or a live run answers before TensorFlow loads
+        task = _check_supported("resume", _run_task(run))
+        from shared.lifecycle import continue_run
+
+        run = continue_run(run.path, epochs, argv=["-m", "shared.runner", *argv])
+    elif getattr(args, "resume", None):
         run = open_run(args.resume)  # a typo, or a run another process trains, answers before TensorFlow loads
         lock_run(run, ["-m", "shared.runner", *argv])
         task = _check_supported("resume", _run_task(run))
@@ -267,6 +316,21 @@ def _train(args: argparse.Namespace, argv: list[str]) -> None:
         run = train(config, argv=["-m", "shared.runner", *argv])
     metrics = run.test_metrics()
     print(f"{run.path}: {task.summary(metrics)}" if metrics else "worker done; the chief worker keeps the run folder")
+
+
+def _continued_epochs(overrides: list[str]) -> int:
+    """N of `--resume RUN --set train.epochs=N`, the one key that continuing a finished run takes."""
+    from shared.config import parse_override
+    from shared.errors import UserError
+
+    epochs = None
+    for text in overrides:
+        keys, value = parse_override(text)
+        if keys != ["train", "epochs"] or isinstance(value, bool) or not isinstance(value, int):
+            raise UserError(f"--resume RUN --set takes only train.epochs=N (a whole number: continue a finished run "
+                            f"for more epochs, in a new run folder), not {text!r}; other changes need a new run")
+        epochs = value
+    return epochs
 
 
 def _yaml_string(text: str) -> str:
@@ -294,7 +358,7 @@ def _cli_text(text: str) -> str:
 # The CLI's commands and their handlers; which task supports which command is each Task's `commands`.
 HANDLERS = {"train": _train, "finetune": _train, "finetune-all": _train, "distill": _train, "tune": _tune,
             "test": _test, "preview": _preview, "lr-sweep": _lr_sweep, "find-batch": _find_batch, "export": _export,
-            "size": _size}
+            "size": _size, "predict": _predict}
 
 
 if __name__ == "__main__":

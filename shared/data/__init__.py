@@ -73,15 +73,13 @@ def _image_fn(config: Config, source: sources.Source, augmentations: list[augmen
             encoded = tf.io.read_file(encoded)
         if crop is not None:
             return crop.from_encoded(encoded, data.channels)
-        return preprocess.decode_center_crop(encoded, data.image_size, data.crop_fraction, data.channels)
+        return preprocess.eval_view(encoded, data.image_size, data.crop_fraction, data.channels, whole=False)
 
     def from_pixels(image):
-        image = tf.cast(preprocess.match_channels(image, data.channels), tf.float32)
-        if crop is not None:
-            return crop(image)
-        if source.fixed_size:
-            return preprocess.resize(image, data.image_size)
-        return preprocess.center_crop(image, data.image_size, data.crop_fraction)
+        if crop is None:
+            return preprocess.eval_view(image, data.image_size, data.crop_fraction, data.channels,
+                                        whole=source.fixed_size)
+        return crop(tf.cast(preprocess.match_channels(image, data.channels), tf.float32))
 
     def fn(image, label):
         image = from_encoded(image) if source.encoding else from_pixels(image)

@@ -68,10 +68,15 @@ def match_channels(image: tf.Tensor, channels: int) -> tf.Tensor:
 
 
 def resize(image: tf.Tensor, image_size: int) -> tf.Tensor:
-    """Plain resize of a square image, skipped when it already has the size."""
+    """Plain resize of a square image, skipped when it already has the size (also when the size is only
+    known at run time, as for a decoded file)."""
     if image.shape[0] == image_size and image.shape[1] == image_size:
         return image
-    return tf.image.resize(image, [image_size, image_size])
+    if image.shape[0] is not None and image.shape[1] is not None:
+        return tf.image.resize(image, [image_size, image_size])
+    shape = tf.shape(image)
+    return tf.cond(tf.logical_and(tf.equal(shape[0], image_size), tf.equal(shape[1], image_size)),
+                   lambda: image, lambda: tf.image.resize(image, [image_size, image_size]))
 
 
 def center_crop(image: tf.Tensor, image_size: int, crop_fraction: float) -> tf.Tensor:
@@ -79,6 +84,22 @@ def center_crop(image: tf.Tensor, image_size: int, crop_fraction: float) -> tf.T
     top, left, height, width = center_crop_window(tf.shape(image), crop_fraction)
     cropped = tf.slice(image, tf.stack([top, left, 0]), tf.stack([height, width, -1]))
     return tf.image.resize(cropped, [image_size, image_size])
+
+
+def eval_view(image: tf.Tensor, image_size: int, crop_fraction: float, channels: int, whole: bool) -> tf.Tensor:
+    """The eval view of one image, as float32 0-255 pixels of (image_size, image_size, channels), not yet
+    normalized. `image`: encoded bytes (a tf.string scalar: JPEG, PNG, ...) or decoded pixels (H, W, C).
+    `whole`: resize the whole image (sources of fixed-size arrays, seen whole in training) instead of taking
+    the central `crop_fraction` square. The one definition of eval preprocessing: the eval pipeline
+    (shared.data._image_fn), the SavedModel's serving signature and shared.predict all call it."""
+    if image.dtype == tf.string:
+        if not whole:  # decode only the central crop (a JPEG skips the blocks outside it)
+            return tf.ensure_shape(decode_center_crop(image, image_size, crop_fraction, channels),
+                                   (image_size, image_size, channels))
+        image = decode(image, channels)
+    image = tf.cast(match_channels(image, channels), tf.float32)
+    image = resize(image, image_size) if whole else center_crop(image, image_size, crop_fraction)
+    return tf.ensure_shape(image, (image_size, image_size, channels))
 
 
 def normalizer(mean: list[float], std: list[float], enabled: bool, image_size: int):

@@ -1,0 +1,87 @@
+"""What a trained classifier expects of an image: the run's eval view (size, channels, resize or central
+crop) and normalization, as one record. Made from a run's config, or read back from the provenance an
+export wrote (`assets.extra/export.json`), and applied with `shared.data.preprocess.eval_view`, the one
+definition the eval pipeline, the SavedModel's serving signature and `shared.predict` share.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from shared.source_facts import SOURCES
+
+RESIZE, CENTER_CROP = "resize", "center_crop"  # the names export.json records
+
+
+def resizes_pixels(config) -> bool:
+    """Whether the run's eval view resizes the whole image (sources of fixed-size decoded arrays) or
+    decodes the central crop (encoded images of any size): shared.data._image_fn decides by the source,
+    so we ask the source the same question, from the config where that suffices."""
+    data = config.data
+    fixed = SOURCES[data.source].fixed_size  # the TFDS fallback of fashion_mnist is fixed-size too
+    if fixed is not None:
+        return fixed
+    try:  # images as stored (TFDS): the dataset's metadata says, without reading (or preparing) the images
+        import tensorflow_datasets as tfds
+
+        shape = tfds.builder(data.name, data_dir=data.data_dir).info.features["image"].shape
+        return shape[0] is not None and shape[0] == shape[1]
+    except Exception:  # not prepared here, no such dataset: the source itself says below
+        pass
+    from shared.data import sources
+
+    return sources.load(data).fixed_size
+
+
+@dataclass(frozen=True)
+class EvalView:
+    image_size: int
+    channels: int
+    whole: bool  # resize the whole image (True) or take the central crop_fraction square (False)
+    crop_fraction: float
+    normalize: bool
+    mean: tuple[float, ...] | None
+    std: tuple[float, ...] | None
+
+    @classmethod
+    def from_config(cls, config) -> "EvalView":
+        """The view of a run's (resolved) config. Normalization constants are resolved into config.yaml at
+        training time; older runs get the source's, fitted to the channels exactly as training did."""
+        data = config.data
+        mean, std = data.mean, data.std
+        if data.normalize:
+            from shared.data import normalization_statistics
+
+            mean, std = normalization_statistics(data)
+        return cls(data.image_size, data.channels, resizes_pixels(config), data.crop_fraction, data.normalize,
+                   tuple(mean) if mean else None, tuple(std) if std else None)
+
+    @classmethod
+    def from_record(cls, record: dict) -> "EvalView":
+        """The view an export recorded (`record()`'s keys, as in assets.extra/export.json)."""
+        mean, std = record.get("mean"), record.get("std")
+        return cls(int(record["image_size"]), int(record["channels"]), record["preprocessing"] == RESIZE,
+                   float(record["crop_fraction"]), bool(record["normalize"]),
+                   tuple(mean) if mean else None, tuple(std) if std else None)
+
+    def record(self) -> dict:
+        return {"image_size": self.image_size, "channels": self.channels,
+                "preprocessing": RESIZE if self.whole else CENTER_CROP, "crop_fraction": self.crop_fraction,
+                "normalize": self.normalize, "mean": list(self.mean) if self.mean else None,
+                "std": list(self.std) if self.std else None}
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self.image_size, self.image_size, self.channels
+
+    def pixels(self, image):
+        """One image (encoded bytes, or decoded H x W x C pixels) -> float32 0-255 pixels of `shape`."""
+        from shared.data import preprocess
+
+        return preprocess.eval_view(image, self.image_size, self.crop_fraction, self.channels, self.whole)
+
+    def normalizer(self):
+        """pixels -> what the model takes ((pixel - mean) / std, or pixel / 255 when normalization is off)."""
+        from shared.data import preprocess
+
+        return preprocess.normalizer(list(self.mean or ()), list(self.std or ()), self.normalize, self.image_size)

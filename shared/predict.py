@@ -1,0 +1,579 @@
+"""Classify images with what a run trained: the run itself (its snapshot and a checkpoint), its SavedModel
+export or its .tflite file, each with the run's own eval preprocessing (`shared.eval_view`).
+
+    from shared.predict import Predictor
+    Predictor.from_run("runs/resnet/v0001").predict(["a.jpg"], top_k=5)
+
+Inputs are image paths and / or numpy arrays (H x W [x C], uint8 or float 0-255). Files are read and
+decoded in a tf.data pipeline (in parallel, in order) and classified in batches; a file that cannot be read
+or decoded becomes a `Prediction` with `error` set instead of stopping the rest. `python -m shared.runner
+predict` is the command line (`command` below).
+"""
+
+from __future__ import annotations
+
+import collections
+import csv
+import glob
+import io
+import itertools
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
+
+from shared.errors import UserError
+from shared.eval_view import EvalView
+from shared.runs import Run, open_run
+
+DEFAULT_BATCH = 64
+PROGRESS_FROM = 64  # inputs: fewer finish before a progress bar would help
+OUT_FORMATS = (".csv", ".jsonl")
+GLOB_CHARS = frozenset("*?[")
+
+
+@dataclass
+class Prediction:
+    """One input's top-k classes, best first; `error` (and empty lists) when it was skipped."""
+    input: str | int  # the path, or the array's position among the inputs
+    ids: list[int]
+    names: list[str]
+    scores: list[float]
+    error: str | None = None
+    probabilities: np.ndarray | None = field(default=None, repr=False)  # every class's, for a closer look
+
+    def row(self) -> dict:
+        return {"path": self.input, "ids": self.ids, "names": self.names, "scores": self.scores}
+
+
+def _first_line(error: BaseException) -> str:
+    text = getattr(error, "message", None) or str(error) or type(error).__name__
+    return " ".join(text.strip().splitlines()[0].split()) if text.strip() else type(error).__name__
+
+
+# ---------------------------------------------------------------- the three sources
+
+
+class _Keras:
+    """A run's model rebuilt from its snapshot: batches of eval-view pixels -> probabilities."""
+
+    def __init__(self, model, view: EvalView):
+        import tensorflow as tf
+
+        normalize = view.normalizer()
+        spec = tf.TensorSpec((None, *view.shape), tf.float32)
+        self.forward = tf.function(lambda pixels: tf.cast(model(normalize(pixels), training=False), tf.float32),
+                                   input_signature=[spec])
+        self.view, self.decodes = view, False
+
+    def classify_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        return self.forward(pixels).numpy()
+
+
+class _TFLite:
+    """A .tflite file (batch-1, normalized float input): one invoke per image."""
+
+    def __init__(self, interpreter, view: EvalView):
+        import tensorflow as tf
+
+        self.interpreter, self.view, self.decodes = interpreter, view, False
+        self.normalize = tf.function(view.normalizer())
+
+    def classify_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        from shared.tflite import predict_tflite
+
+        return predict_tflite(self.interpreter, self.normalize(pixels).numpy())
+
+
+class _SavedModel:
+    """An export's signatures: `serving_default` on encoded bytes (it decodes and preprocesses in its graph),
+    `predict_images` on eval-view pixels (for arrays, with the view its export.json records)."""
+
+    def __init__(self, loaded, view: EvalView | None, folder: Path):
+        self.loaded, self.view, self.folder, self.decodes = loaded, view, folder, True
+        self.serve = loaded.signatures["serving_default"]
+        self.names_seen: dict[int, str] | None = None  # id -> label from the outputs, when export.json has none
+
+    def _probabilities(self, outputs) -> np.ndarray:
+        if self.names_seen is not None and "classes" in outputs and "labels" in outputs:
+            for ids, labels in zip(outputs["classes"].numpy(), outputs["labels"].numpy()):
+                self.names_seen.update({int(i): label.decode("utf-8", "replace") for i, label in zip(ids, labels)})
+        return outputs["probabilities"].numpy()
+
+    def classify_encoded(self, encoded: list[bytes]) -> np.ndarray:
+        import tensorflow as tf
+
+        return self._probabilities(self.serve(image_bytes=tf.constant(encoded, tf.string)))
+
+    def classify_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        import tensorflow as tf
+
+        return self._probabilities(self.loaded.signatures["predict_images"](images=tf.constant(pixels)))
+
+
+class Predictor:
+    """Top-k classes of images, from a run, a SavedModel export or a .tflite file (`from_*`)."""
+
+    def __init__(self, backend, class_names: list[str], source: str):
+        from shared.class_names import readable
+
+        self._backend = backend
+        self.class_names = readable(list(class_names))  # ImageNet wnids as words, other names as they are
+        self.source = source  # what it predicts with, for messages
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    # ---- construction
+    @classmethod
+    def from_run(cls, run: Run | str | Path, checkpoint: str | Path | None = None) -> "Predictor":
+        """The run's model rebuilt from its own snapshot with its last checkpoint (`checkpoint` None or
+        "last"), its best ("best": checkpoints/best.keras, kept with train.best) or a checkpoint file."""
+        from shared.tasks import rebuild
+
+        run = _classification_run(run)
+        file = checkpoint_file(run, checkpoint)
+        model, config = rebuild(run, file)
+        names = _run_class_names(run, int(model.output_shape[-1]))
+        return cls(_Keras(model, EvalView.from_config(config)), names, f"run {run.path}")
+
+    @classmethod
+    def from_saved_model(cls, folder: str | Path) -> "Predictor":
+        """A version folder written by `export --format saved_model` (a model folder: its highest version)."""
+        import tensorflow as tf
+
+        folder = _saved_model_folder(Path(folder).expanduser())
+        try:
+            loaded = tf.saved_model.load(str(folder))
+        except Exception as error:  # a damaged export: TF's own error types vary
+            raise UserError(f"cannot load the SavedModel at {folder}: {_first_line(error)}") from error
+        serve = loaded.signatures.get("serving_default")
+        if serve is None or "image_bytes" not in serve.structured_input_signature[1] \
+                or "probabilities" not in serve.structured_outputs:
+            raise UserError(f"the SavedModel at {folder} does not classify encoded images (its serving_default "
+                            f"takes image_bytes and returns probabilities in classification exports)")
+        record = _export_record(folder)
+        view = EvalView.from_record(record) if "image_size" in record else None
+        num_classes = int(serve.structured_outputs["probabilities"].shape[-1])
+        backend = _SavedModel(loaded, view, folder)
+        names = record.get("class_names") or record.get("labels")
+        if not names or len(names) != num_classes:  # a foreign export: names from its outputs as they come
+            names = [str(i) for i in range(num_classes)]
+            backend.names_seen = {}
+        return cls(backend, names, f"SavedModel {folder}")
+
+    @classmethod
+    def from_tflite(cls, file: str | Path, run: Run | str | Path | None = None) -> "Predictor":
+        """A .tflite file written by `export --format tflite`. It holds the model only: its preprocessing
+        and class names are the run's, found from its place (<run>/export/*.tflite) or given as `run`."""
+        from shared import config as config_module
+        from shared.tflite import load_interpreter
+
+        file = Path(file).expanduser()
+        interpreter = load_interpreter(file, num_threads=os.cpu_count())
+        run = _classification_run(run if run is not None else _owning_run(file))
+        config = config_module.from_dict(run.config_dict())
+        view = EvalView.from_config(config)
+        detail = interpreter.get_input_details()[0]
+        if tuple(detail["shape"][1:]) != view.shape:
+            raise UserError(f"{file} takes images of {tuple(detail['shape'][1:])} but run {run.path} has "
+                            f"{view.shape}: it was not exported from that run; give its own with --run")
+        num_classes = int(interpreter.get_output_details()[0]["shape"][-1])
+        return cls(_TFLite(interpreter, view), _run_class_names(run, num_classes), f"TFLite {file}")
+
+    # ---- prediction
+    def predict(self, inputs: Iterable[Any], top_k: int = 5, batch_size: int = DEFAULT_BATCH) -> list[Prediction]:
+        """One Prediction per input, in order: image paths (str / Path) and / or numpy arrays (H x W [x C],
+        uint8 or float 0-255). top_k: at least 1; more than the class count gives every class."""
+        return list(self.iter_predict(inputs, top_k, batch_size))
+
+    def iter_predict(self, inputs: Iterable[Any], top_k: int = 5,
+                     batch_size: int = DEFAULT_BATCH) -> Iterator[Prediction]:
+        """`predict`, one Prediction at a time as the batches finish (inputs are read as they come: a
+        generator of many paths is never held whole)."""
+        if top_k < 1:
+            raise UserError(f"--top-k must be at least 1 (got {top_k})")
+        if batch_size < 1:
+            raise UserError(f"--batch-size must be at least 1 (got {batch_size})")
+        k = min(top_k, self.num_classes)
+        for kind, items in itertools.groupby(enumerate(inputs), key=lambda item: _kind(*item)):
+            run = self._arrays if kind == "array" else self._files  # each group is used up before the next
+            for _, label, result in run(items, batch_size):
+                yield self._prediction(label, result, k)
+
+    def _prediction(self, label, result, k: int) -> Prediction:
+        if isinstance(result, str):
+            return Prediction(label, [], [], [], error=result)
+        ids = np.argsort(-result, kind="stable")[:k]
+        names = self._names(ids)
+        return Prediction(label, [int(i) for i in ids], names, [float(result[i]) for i in ids],
+                          probabilities=result)
+
+    def _names(self, ids) -> list[str]:
+        seen = getattr(self._backend, "names_seen", None)
+        if seen:  # a foreign SavedModel: the labels its outputs gave
+            from shared.class_names import readable
+
+            return readable([seen.get(int(i), str(int(i))) for i in ids])
+        return [self.class_names[int(i)] for i in ids]
+
+    # arrays: preprocessed here with the view, classified as pixels
+    def _arrays(self, items, batch_size: int) -> Iterator[tuple[int, int, np.ndarray | str]]:
+        view = self._backend.view
+        if view is None:
+            raise UserError(f"{self.source} has no assets.extra/export.json saying its preprocessing; "
+                            f"give it image files, or predict on arrays with the run (--run)")
+        for chunk in _chunks(items, batch_size):
+            good, results = [], {}
+            for index, array in chunk:
+                try:
+                    good.append((index, view.pixels(_as_image(array)).numpy()))
+                except (ValueError, UserError) as error:
+                    results[index] = f"not an image array ({_first_line(error)})"
+            if good:
+                probabilities = self._backend.classify_pixels(np.stack([p for _, p in good]))
+                results.update({index: row for (index, _), row in zip(good, probabilities)})
+            for index, _ in chunk:
+                yield index, index, results[index]
+
+    # files: read (and, but for a SavedModel, decoded and preprocessed) in a tf.data pipeline
+    def _files(self, items, batch_size: int) -> Iterator[tuple[int, str, np.ndarray | str]]:
+        import tensorflow as tf
+
+        backend = self._backend
+        pending: collections.deque = collections.deque()  # (index, path) handed to the pipeline, not yet out
+        failures: list[BaseException] = []
+
+        def paths():
+            try:
+                for index, path in items:
+                    path = os.fspath(path)
+                    pending.append((index, path))
+                    yield index, os.fsencode(path)  # bytes: a name need not be UTF-8
+            except Exception as error:  # raised here, TF would wrap it (and ignore_errors drop it): kept for below
+                failures.append(error)
+
+        def load(index, path):
+            encoded = tf.io.read_file(path)
+            return index, (encoded if backend.decodes else backend.view.pixels(encoded))
+
+        dataset = (tf.data.Dataset.from_generator(paths, output_signature=(tf.TensorSpec((), tf.int64),
+                                                                           tf.TensorSpec((), tf.string)))
+                   .map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+                   .ignore_errors()  # an unreadable file leaves a gap in the indexes: named below
+                   .batch(batch_size)
+                   .prefetch(2))
+        for indexes, batch in dataset:
+            indexes = indexes.numpy()
+            arrived = {}
+            if backend.decodes:
+                arrived = self._classify_encoded(indexes, list(batch.numpy()))
+            else:
+                arrived = dict(zip(indexes.tolist(), backend.classify_pixels(batch.numpy())))
+            yield from self._in_order(pending, arrived, until=int(indexes[-1]))
+        yield from self._in_order(pending, {}, until=None)
+        if failures:
+            raise failures[0]
+
+    def _classify_encoded(self, indexes, encoded: list[bytes]) -> dict:
+        """The SavedModel on a batch of encoded images; when its graph fails to decode one, each again
+        alone, so only the damaged ones are skipped."""
+        import tensorflow as tf
+
+        try:
+            return dict(zip(indexes.tolist(), self._backend.classify_encoded(encoded)))
+        except tf.errors.InvalidArgumentError:
+            if len(encoded) == 1:
+                return {int(indexes[0]): _why_undecodable(encoded[0], self._backend.view)}
+        results = {}
+        for index, one in zip(indexes.tolist(), encoded):
+            results.update(self._classify_encoded(np.array([index]), [one]))
+        return results
+
+    def _in_order(self, pending: collections.deque, arrived: dict, until: int | None):
+        """Results in input order; an index the pipeline dropped is a file it could not read or decode."""
+        while pending and (until is None or pending[0][0] <= until):
+            index, path = pending.popleft()
+            result = arrived.get(index)
+            if result is None:
+                result = _why_unreadable(path, self._backend.view)
+            yield index, path, result
+
+
+def _chunks(items, size: int):
+    iterator = iter(items)
+    while chunk := list(itertools.islice(iterator, size)):
+        yield chunk
+
+
+def _kind(index: int, item) -> str:
+    if isinstance(item, np.ndarray):
+        return "array"
+    if isinstance(item, (str, os.PathLike)):
+        return "path"
+    raise UserError(f"input {index} is a {type(item).__name__}; give image paths (str, Path) or numpy arrays")
+
+
+def _as_image(array: np.ndarray):
+    """An array as the eval view takes it: H x W x C, uint8 kept (as the eval pipeline's pixels), else float."""
+    import tensorflow as tf
+
+    if array.ndim == 2:
+        array = array[:, :, None]  # grayscale without a channel axis
+    if array.ndim != 3 or array.shape[0] < 1 or array.shape[1] < 1:
+        raise ValueError(f"shape {array.shape} is not H x W x C")
+    if not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
+        raise ValueError(f"dtype {array.dtype} is not numeric")
+    return tf.constant(array if array.dtype == np.uint8 else array.astype(np.float32))
+
+
+def _why_unreadable(path: str, view: EvalView | None) -> str:
+    if os.path.isdir(path):  # a folder _walk could not list
+        try:
+            os.listdir(path)
+        except OSError as error:
+            return f"cannot list the folder ({error.strerror})"
+        return "a folder"
+    try:
+        with open(path, "rb") as file:
+            encoded = file.read()
+    except OSError as error:
+        return error.strerror or _first_line(error)
+    return _why_undecodable(encoded, view)
+
+
+def _why_undecodable(encoded: bytes, view: EvalView | None) -> str:
+    import tensorflow as tf
+
+    from shared.data import preprocess
+
+    if not encoded:
+        return "empty file"
+    try:
+        if view is not None:
+            view.pixels(tf.constant(encoded))
+        else:
+            preprocess.decode(tf.constant(encoded), 3)
+    except tf.errors.OpError as error:
+        return f"not a decodable image ({_first_line(error)})"
+    return "the model failed on it"
+
+
+# ---------------------------------------------------------------- what the sources need
+
+
+def checkpoint_file(run: Run, checkpoint: str | Path | None) -> Path | None:
+    """None (the last checkpoint) for None / "last"; checkpoints/best.keras for "best"; else a file."""
+    if checkpoint is None or str(checkpoint) == "last":
+        return None
+    if str(checkpoint) == "best":
+        best = run.checkpoint_dir / "best.keras"
+        if not best.is_file():
+            raise UserError(f"run {run.path} has no {best.relative_to(run.path)} (it kept no best checkpoint: "
+                            f"train.best was not set); use --checkpoint last or a checkpoint file")
+        return best
+    file = Path(checkpoint).expanduser()
+    if not file.is_file():
+        raise UserError(f"no checkpoint file {file}; use --checkpoint last, best or the path of a .keras file")
+    return file
+
+
+def _classification_run(run: Run | str | Path) -> Run:
+    from shared.runs import require_idle
+    from shared.tasks import task_for
+
+    run = run if isinstance(run, Run) else open_run(run)
+    require_idle(run)  # a live run's checkpoints are still being written
+    task = task_for(run)
+    if "predict" not in task.commands:
+        raise UserError(f"predict supports classification runs, not {task.name} (run {run.path})")
+    return run
+
+
+def _run_class_names(run: Run, num_classes: int) -> list[str]:
+    names = run.class_names()
+    if not names or len(names) != num_classes:  # a run from before labels.txt: the index is the name
+        return [str(i) for i in range(num_classes)]
+    return names
+
+
+def _owning_run(file: Path) -> Run:
+    folder = file.resolve().parent
+    if folder.name == "export" and (folder.parent / "config.yaml").is_file():
+        return Run(folder.parent)
+    raise UserError(f"{file} holds only the model, not its preprocessing or class names, and is not in a run's "
+                    f"export/ folder; name the run it was exported from with --run RUN")
+
+
+def _saved_model_folder(folder: Path) -> Path:
+    from shared.export import versions
+
+    if (folder / "saved_model.pb").is_file():
+        return folder
+    found = versions(folder)
+    if found and (found[max(found)] / "saved_model.pb").is_file():
+        return found[max(found)]  # a model folder: the version TF Serving would serve
+    raise UserError(f"no SavedModel at {folder} (a version folder with saved_model.pb, written by "
+                    f"`export --format saved_model`)")
+
+
+def _export_record(folder: Path) -> dict:
+    try:
+        return json.loads((folder / "assets.extra" / "export.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+# ---------------------------------------------------------------- paths for the command line
+
+
+def is_image(name: str) -> bool:
+    from shared.data.listing import is_image as listed
+
+    return listed(name)
+
+
+def _walk(folder: str) -> Iterator[str]:
+    """Image files under `folder`, recursively, in name order, one folder listing at a time (a folder
+    of a million files is listed once, never held twice). Linked folders are not followed (no loops)."""
+    try:
+        with os.scandir(folder) as listing:
+            entries = sorted(listing, key=lambda entry: entry.name)
+    except OSError:
+        yield folder  # reported as skipped with the reason, as an unreadable file is
+        return
+    for entry in entries:
+        if entry.is_dir(follow_symlinks=False):
+            yield from _walk(entry.path)
+        elif is_image(entry.name) and entry.is_file():
+            yield entry.path
+
+
+def _matches(pattern: str) -> list[str]:
+    return sorted(glob.glob(pattern, recursive=True))
+
+
+def check_paths(arguments: list[str]) -> None:
+    """Refuse, before any work, what cannot give an image: no arguments, a missing path, a glob matching
+    nothing, a folder without images."""
+    if not arguments:
+        raise UserError("give the images to classify: files, folders (searched recursively) or globs")
+    for argument in arguments:
+        if os.path.lexists(argument):
+            if os.path.isdir(argument) and next(_walk(argument), None) is None:
+                raise UserError(f"no images in {argument} (looked for {', '.join(sorted(_suffixes()))} "
+                                f"files, recursively)")
+        elif GLOB_CHARS & set(argument):
+            if not _matches(argument):
+                raise UserError(f"no file matches {argument}")
+        else:
+            raise UserError(f"no such file or folder: {argument}")
+
+
+def _suffixes() -> set[str]:
+    from shared.data.listing import IMAGE_SUFFIXES
+
+    return IMAGE_SUFFIXES
+
+
+def expand_paths(arguments: list[str]) -> Iterator[str]:
+    """Files as given (any name: a file named explicitly is tried whatever its extension), folders as
+    their image files (recursively, in name order) and globs as their sorted matches, lazily."""
+    for argument in arguments:
+        if not os.path.lexists(argument) and GLOB_CHARS & set(argument):
+            for match in _matches(argument):
+                yield from _walk(match) if os.path.isdir(match) else [match]
+        elif os.path.isdir(argument):
+            yield from _walk(argument)
+        else:
+            yield argument
+
+
+# ---------------------------------------------------------------- the command
+
+
+def _out_format(out: str | None) -> str | None:
+    if out is None:
+        return None
+    suffix = Path(out).suffix.lower()
+    if suffix not in OUT_FORMATS:
+        raise UserError(f"--out {out}: the format is chosen by the extension; use .csv or .jsonl")
+    return suffix
+
+
+def format_line(prediction: Prediction) -> str:
+    shown = "  ".join(f"{name} {score:.4f}" for name, score in zip(prediction.names, prediction.scores))
+    return f"{prediction.input}  {shown}"
+
+
+def csv_text(predictions: list[Prediction], top_k: int) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["path", *(f"{what}_{rank}" for rank in range(1, top_k + 1) for what in ("id", "name", "score"))])
+    for p in predictions:
+        ranked = zip(p.ids, p.names, p.scores)
+        writer.writerow([p.input, *(value for i, n, s in ranked for value in (i, n, f"{s:.6g}"))])
+    return buffer.getvalue()
+
+
+def jsonl_text(predictions: list[Prediction]) -> str:
+    return "".join(json.dumps(p.row(), ensure_ascii=False) + "\n" for p in predictions)
+
+
+def command(predictor_factory: Callable[[], Predictor], arguments: list[str], top_k: int = 5,
+            out: str | None = None, strict: bool = False, batch_size: int = DEFAULT_BATCH) -> None:
+    """`python -m shared.runner predict`: print each image's top-k (and write them to `out`); a file that
+    cannot be read is one line on stderr and skipped, or with `strict` the end of the command (a UserError)."""
+    from shared.durable import atomic_write
+    from shared.progress import progress_bar
+
+    fmt = _out_format(out)
+    if top_k < 1:
+        raise UserError(f"--top-k must be at least 1 (got {top_k})")
+    check_paths(arguments)
+    predictor = predictor_factory()
+    paths = expand_paths(arguments)
+    head = list(itertools.islice(paths, PROGRESS_FROM))
+    # a bar (terminals only, shared.progress) once there are many; its total stays open: a folder is walked as
+    # it is classified, not counted first
+    bar = progress_bar(unit="image", leave=False, dynamic_ncols=True) if len(head) == PROGRESS_FROM else None
+    rows: list[Prediction] = []
+    skipped = 0
+    try:
+        for prediction in predictor.iter_predict(itertools.chain(head, paths), top_k, batch_size):
+            if bar is not None:
+                bar.update()
+            if prediction.error is not None:
+                if strict:
+                    raise UserError(f"cannot classify {prediction.input}: {prediction.error} "
+                                    f"(--strict stops at the first; leave it out to skip such files)")
+                skipped += 1
+                _say(bar, f"skipped {prediction.input}: {prediction.error}", sys.stderr)
+                continue
+            rows.append(prediction)
+            _say(bar, format_line(prediction), sys.stdout)
+    finally:
+        if bar is not None:
+            bar.close()
+    if not rows and skipped:
+        raise UserError(f"none of the {skipped} files could be read as an image")
+    if fmt is not None:
+        shown = min(top_k, predictor.num_classes)
+        text = csv_text(rows, shown) if fmt == ".csv" else jsonl_text(rows)
+        atomic_write(Path(out), text.encode("utf-8", "surrogateescape"))  # names need not be UTF-8
+        print(f"wrote {len(rows)} predictions to {out}")
+    if skipped:
+        print(f"skipped {skipped} file{'s' if skipped > 1 else ''} that could not be read as images",
+              file=sys.stderr)
+
+
+def _say(bar, line: str, stream) -> None:
+    if bar is not None and not bar.disable:
+        bar.write(line, file=stream)
+    else:
+        print(line, file=stream, flush=stream is sys.stderr)

@@ -1,0 +1,228 @@
+"""predict: a run, its SavedModel and its .tflite say the same as the run's eval pipeline; paths, damaged files
+and user mistakes on the command line."""
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from shared import runner
+from shared.predict import Predictor, expand_paths
+
+from conftest import REPO, tiny_tree
+from test_data import make_folder_dataset
+
+DAMAGED = b"\xff\xd8\xff\xe0 truncated, not a real JPEG"
+CLASSES = ("cat", "fox", "n01440764", "n01443537")  # two ImageNet wnids: shown as "tench" and "goldfish"
+NAMES = ["cat", "fox", "tench", "goldfish"]
+
+
+def run_cli(capsys, *argv):
+    code = runner.main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def assert_one_line_error(code, err, *fragments):
+    assert code == 2, err
+    lines = [line for line in err.strip().splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, err
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    assert "Traceback" not in err
+
+
+@pytest.fixture(scope="module")
+def folder_run(tmp_path_factory):
+    """One tiny run on a folder of JPEG / PNG files of 40 x 30 px (center-cropped to 16 px: the view a
+    SavedModel must rebuild from encoded bytes), trained for one epoch."""
+    from shared.config import load_config
+    from shared.lifecycle import train
+
+    base = tmp_path_factory.mktemp("predict")
+    root = make_folder_dataset(base / "images", classes=CLASSES, per_class=4)
+    tree = tiny_tree(base / "runs", train={"epochs": 1, "batch_size": 8})
+    tree["data"] = {"source": "folder", "path": str(root), "test_split": "val", "image_size": 16}
+    return train(load_config(tree=tree), argv=["pytest"]), root
+
+
+def eval_pipeline_probabilities(run, files: list[Path]) -> np.ndarray:
+    """The Keras model on the tensors the run's own eval map (what `test --run` uses) makes of the files."""
+    import tensorflow as tf
+
+    from shared.data import _image_fn, sources
+    from shared.tasks import rebuild
+
+    model, config = rebuild(run)
+    source = sources.load(config.data)
+    assert source.encoding == "path" and not source.fixed_size  # the center-crop view
+    eval_fn = _image_fn(config, source, None)
+    images = tf.stack([eval_fn(tf.constant(str(f)), 0)[0] for f in files])
+    return model(images, training=False).numpy()
+
+
+@pytest.mark.slow
+def test_run_saved_model_and_tflite_predict_what_the_eval_pipeline_sees(folder_run, tmp_path):
+    from shared import export, tflite
+
+    run, root = folder_run
+    files = sorted((root / "val").rglob("*.*"))
+    expected = eval_pipeline_probabilities(run, files)
+
+    from_run = Predictor.from_run(run).predict(files, top_k=10, batch_size=5)  # batches of 5, 5, 2
+    assert [p.input for p in from_run] == [str(f) for f in files]
+    got = np.stack([p.probabilities for p in from_run])
+    assert np.abs(got - expected).max() < 1e-5
+    assert all(len(p.ids) == 4 for p in from_run)  # top_k 10 of 4 classes: every class, best first
+    assert [p.ids[0] for p in from_run] == expected.argmax(axis=1).tolist()
+    assert run.class_names() == list(CLASSES)
+    assert from_run[0].names == [NAMES[i] for i in from_run[0].ids]
+    assert np.allclose(from_run[0].scores, np.sort(expected[0])[::-1])
+
+    folder = export.export_saved_model(run, tmp_path / "exports")
+    served = Predictor.from_saved_model(folder).predict(files, top_k=2, batch_size=4)
+    assert np.abs(np.stack([p.probabilities for p in served]) - expected).max() < 1e-5
+    assert [p.names for p in served] == [p.names[:2] for p in from_run]
+    record = json.loads((folder / "assets.extra" / "export.json").read_text())
+    assert record["labels"] == NAMES and record["class_names"] == list(CLASSES)
+    import tensorflow as tf
+
+    serve = tf.saved_model.load(str(folder)).signatures["serving_default"]
+    labels = serve(image_bytes=tf.constant([files[0].read_bytes()]))["labels"].numpy()[0]
+    assert [label.decode() for label in labels] == from_run[0].names  # the served labels are words too
+
+    # decoded arrays (uint8, H x W x C) get the same view as their files, by the run and by the export
+    pngs = [f for f in files if f.suffix == ".png"]
+    arrays = [np.asarray(Image.open(f)) for f in pngs]
+    want = expected[[files.index(f) for f in pngs]]
+    for predictor in (Predictor.from_run(run), Predictor.from_saved_model(folder.parent)):  # model folder: newest
+        result = predictor.predict(arrays)
+        assert [p.input for p in result] == list(range(len(arrays)))
+        assert np.abs(np.stack([p.probabilities for p in result]) - want).max() < 1e-5
+
+    lite = tflite.convert(run)  # <run>/export/model_none.tflite: the run's preprocessing is found from there
+    from_lite = Predictor.from_tflite(lite).predict(files)
+    assert np.abs(np.stack([p.probabilities for p in from_lite]) - expected).max() < 1e-4
+    alone = shutil.copy(lite, tmp_path / "model.tflite")
+    with pytest.raises(Exception, match="name the run it was exported from with --run RUN"):
+        Predictor.from_tflite(alone)
+    assert Predictor.from_tflite(alone, run).predict(files[:1])[0].ids == from_lite[0].ids
+
+
+@pytest.mark.slow
+def test_the_command_skips_damaged_files_lists_them_and_writes_csv_and_jsonl(folder_run, tmp_path, capsys):
+    run, root = folder_run
+    images = tmp_path / "to classify"
+    shutil.copytree(root / "val", images)
+    (images / "fox" / "déjà vu 猫.png").write_bytes((root / "val" / "cat" / "2.png").read_bytes())
+    damaged = images / "cat" / "broken.jpg"
+    damaged.write_bytes(DAMAGED)
+    (images / "notes.txt").write_text("not an image: a folder's other files are left out")
+    good = sorted(str(p) for p in images.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png") and p != damaged)
+
+    out = tmp_path / "predictions.csv"
+    code, printed, err = run_cli(capsys, "predict", "--run", run.path, images, "--out", out, "--top-k", "3")
+    assert code == 0, err
+    assert f"skipped {damaged}: not a decodable image" in err and "skipped 1 file " in err
+    assert "Traceback" not in err
+    rows = list(csv.reader(out.open(encoding="utf-8")))
+    assert rows[0] == ["path", "id_1", "name_1", "score_1", "id_2", "name_2", "score_2", "id_3", "name_3", "score_3"]
+    assert [row[0] for row in rows[1:]] == sorted(good, key=lambda p: Path(p).relative_to(images).parts)
+    assert all(row[2] in NAMES for row in rows[1:])
+    assert printed.splitlines()[0].startswith(rows[1][0] + "  " + rows[1][2])
+
+    jsonl = tmp_path / "predictions.jsonl"
+    code, _, err = run_cli(capsys, "predict", "--run", run.path, "--checkpoint", run.last_checkpoint(),
+                           f"{images}/**/*.png", "--out", jsonl)
+    assert code == 0, err
+    records = [json.loads(line) for line in jsonl.read_text(encoding="utf-8").splitlines()]
+    assert [r["path"] for r in records] == sorted(p for p in good if p.endswith(".png"))
+    assert any("déjà vu 猫" in r["path"] for r in records)
+    assert all(len(r["ids"]) == len(r["names"]) == len(r["scores"]) == 4 for r in records)  # top 5 of 4 classes
+
+    code, _, err = run_cli(capsys, "predict", "--run", run.path, images, "--out", tmp_path / "strict.csv", "--strict")
+    assert_one_line_error(code, err, f"cannot classify {damaged}", "--strict")
+    assert not (tmp_path / "strict.csv").exists()
+
+    code, _, err = run_cli(capsys, "predict", "--run", run.path, "--checkpoint", "best", images)
+    assert_one_line_error(code, err, "no checkpoints/best.keras", "--checkpoint last")
+
+
+def fake_run(folder: Path, **config) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "config.yaml").write_text(yaml.safe_dump(config or {"task": "classification"}))
+    return folder
+
+
+@pytest.mark.parametrize("task", ["detection", "deblur"])
+def test_other_tasks_are_refused_in_one_line(tmp_path, capsys, task):
+    run = fake_run(tmp_path / "runs" / "x" / "v0001", task=task)
+    code, _, err = run_cli(capsys, "predict", "--run", run, tmp_path)
+    assert_one_line_error(code, err, "predict supports task classification", f"not {task}")
+
+
+def test_bad_input_is_one_line_before_any_model_loads(tmp_path, capsys):
+    run = fake_run(tmp_path / "runs" / "resnet" / "v0001")  # no checkpoint: loading it would fail differently
+    empty = tmp_path / "empty"
+    (empty / "sub").mkdir(parents=True)
+    (empty / "sub" / "readme.txt").write_text("no images here")
+    image = tmp_path / "a.png"
+    Image.new("RGB", (8, 8)).save(image)
+    cases = [
+        ([], ["give the images to classify"]),
+        ([tmp_path / "missing.jpg"], ["no such file or folder", "missing.jpg"]),
+        ([tmp_path / "*.jpeg"], ["no file matches"]),
+        ([empty], ["no images in", str(empty)]),
+        ([image, "--out", tmp_path / "out.xlsx"], ["--out", "use .csv or .jsonl"]),
+        ([image, "--top-k", "0"], ["--top-k must be at least 1"]),
+        ([image, "--saved-model", tmp_path], ["one of --run RUN, --saved-model DIR or --tflite FILE"]),
+    ]
+    for extra, fragments in cases:
+        code, _, err = run_cli(capsys, "predict", "--run", run, *extra)
+        assert_one_line_error(code, err, *fragments)
+    code, _, err = run_cli(capsys, "predict", "--saved-model", tmp_path, image)
+    assert_one_line_error(code, err, "no SavedModel at")
+    code, _, err = run_cli(capsys, "predict", "--tflite", tmp_path / "model.tflite", image)
+    assert_one_line_error(code, err, "no TFLite model at")
+
+
+LOCK_AND_WAIT = """
+import pathlib, sys, time
+from shared.runs import Run, lock_run
+lock_run(Run(pathlib.Path(sys.argv[1])))
+print("locked", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_run_still_training_is_refused(tmp_path, capsys):
+    """A real second process holds the run's training lock."""
+    run = fake_run(tmp_path / "runs" / "resnet" / "v0001")
+    holder = subprocess.Popen([sys.executable, "-c", LOCK_AND_WAIT, str(run)], cwd=REPO, stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        code, _, err = run_cli(capsys, "predict", "--run", run, tmp_path)
+        assert_one_line_error(code, err, str(run))
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_paths_expand_to_sorted_images_recursively_and_lazily(tmp_path):
+    (tmp_path / "b" / "inner").mkdir(parents=True)
+    for name in ("b/2.jpg", "b/10.PNG", "b/inner/z.gif", "a.jpeg", "b/.hidden.jpg", "b/notes.md", "c.bin"):
+        (tmp_path / name).write_bytes(b"x")
+    found = list(expand_paths([str(tmp_path / "b"), str(tmp_path / "*.jpeg"), str(tmp_path / "c.bin")]))
+    assert found == [str(tmp_path / p) for p in ("b/10.PNG", "b/2.jpg", "b/inner/z.gif", "a.jpeg", "c.bin")]
+    walk = expand_paths([str(tmp_path)])
+    assert next(walk) == str(tmp_path / "a.jpeg")  # a generator: nothing listed beyond what was asked for
+    assert os.fspath(tmp_path / "b" / "10.PNG") == next(walk)
