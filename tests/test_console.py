@@ -145,22 +145,25 @@ def test_the_wheel_installs_the_command_and_the_prune_script(tmp_path):
 # ---------------------------------------------------------------- progress output
 
 
-def test_no_bars_or_escape_codes_off_a_terminal(tmp_path, capfd):
+def test_no_bar_off_a_terminal_even_when_asked_for(capfd):
+    for _ in progress_bar(range(5), desc="counting", disable=False, mininterval=0):
+        pass
+    assert capfd.readouterr().err == ""
+    assert keras_verbosity(1) == 2 and keras_verbosity(0) == 0  # captured stdout is no terminal
+
+
+def test_writing_tfrecords_draws_no_bar_into_a_log(tmp_path, capfd):
     from PIL import Image
 
     from shared.data.tfrecord import write_shards
 
-    for _ in progress_bar(range(5), desc="counting", disable=False, mininterval=0):
-        pass
     files = []
     for i in range(2):
         files.append(str(tmp_path / f"{i}.png"))
         Image.new("RGB", (4, 4), (i * 100, 0, 0)).save(files[-1])
     write_shards(files, [0, 1], None, tmp_path / "shards", "train", 1, progress=True)  # asks for a bar
     out, err = capfd.readouterr()
-    assert "counting" not in err and "train shards" not in err and "\r" not in err + out
-    assert not COLOUR.search((out + err).encode())
-    assert keras_verbosity(1) == 2 and keras_verbosity(0) == 0  # captured stdout is no terminal
+    assert "train shards" not in err and "\r" not in err + out and not COLOUR.search((out + err).encode())
 
 
 def test_no_color_is_set_only_by_a_non_empty_value(monkeypatch):
