@@ -1,6 +1,7 @@
-"""Keras callbacks the runner adds to `model.fit`: durable per-epoch checkpoints and metrics rows, the
-crash-safe backup that `--resume` restores, a stop on a non-finite loss, and the learning rate in the
-epoch logs (so metrics.csv and TensorBoard show it)."""
+"""Keras callbacks the runner adds to `model.fit`: durable per-epoch checkpoints (the newest N kept) and
+metrics rows, the best epoch's checkpoint, the crash-safe backup that `--resume` restores, early stopping
+and a plateau schedule whose counters survive it, a stop on a non-finite loss, and the learning rate in
+the epoch logs (so metrics.csv and TensorBoard show it)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,13 @@ import contextlib
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 
 import keras
 
 from shared import durable
+from shared.runs import BEST_CHECKPOINT
 
 BACKUP_STATE = "training_metadata.json"
 
@@ -24,11 +27,15 @@ class EpochCheckpoint(keras.callbacks.Callback):
     weights, swapped in for the save and out again after it, so training (and the backup after this
     callback) goes on with the raw weights."""
 
-    def __init__(self, directory: Path, epoch_offset: int = 0, ema: bool = False):
+    def __init__(self, directory: Path, epoch_offset: int = 0, ema: bool = False, keep: int | None = None):
+        """`keep`: only the newest `keep` epoch checkpoints stay; older ones are deleted once the new one
+        is durable (best.keras and interrupted.keras are other names, never deleted here)."""
         super().__init__()
         self.directory = Path(directory)
         self.epoch_offset = epoch_offset  # epochs trained before this fit (a head-only warm start)
         self.ema = keras.callbacks.SwapEMAWeights() if ema else None
+        self.keep = keep
+        self.last_saved: Path | None = None
 
     def set_model(self, model):
         super().set_model(model)
@@ -39,16 +46,113 @@ class EpochCheckpoint(keras.callbacks.Callback):
         final = self.directory / f"epoch-{epoch + 1 + self.epoch_offset:04d}.keras"
         if self.ema is None:
             self._save(final)
-            return
-        self.ema.on_test_begin()  # Keras' own swap, as around validation: the averages into the model
-        try:
-            self._save(final)
-        finally:
-            self.ema.on_test_end()
+        else:
+            self.ema.on_test_begin()  # Keras' own swap, as around validation: the averages into the model
+            try:
+                self._save(final)
+            finally:
+                self.ema.on_test_end()
+        self.last_saved = final
+        if self.keep is not None:
+            for old in sorted(self.directory.glob("epoch-*.keras"))[:-self.keep]:
+                durable.remove(old)
 
     def _save(self, final: Path) -> None:
         with durable.partial_path(final) as partial:
             self.model.save(partial)
+
+
+MAXIMIZED = ("top1", "top5", "acc", "psnr")  # metric names where higher is better
+
+
+def monitor_mode(monitor: str, mode: str = "auto") -> str:
+    """min or max: `mode` itself unless auto, then max for accuracies (and PSNR), min for losses."""
+    if mode != "auto":
+        return mode
+    return "max" if any(word in monitor for word in MAXIMIZED) else "min"
+
+
+def logged_metrics(trainer: keras.Model, train_data, validating: bool) -> set[str] | None:
+    """The keys of the epoch logs that `trainer.fit(train_data)` will write (compiled metrics, their val_
+    copies when validating, and LearningRateLogger's lr), found by building the compiled trainer on the
+    data's element spec, without a batch; None when that cannot be known beforehand (a trainer whose
+    metrics only exist after a real step)."""
+    try:
+        trainer._symbolic_build(data_batch=train_data.element_spec)  # Keras' own build before fit
+        names = set(trainer.get_metrics_result())
+    except Exception:  # a custom train_step: the callbacks check the logs at the first epoch's end instead
+        return None
+    return names | {f"val_{name}" for name in names if validating} | {"lr"}
+
+
+def monitored_value(monitor: str, logs: dict | None, what: str) -> float:
+    """The monitored value of an epoch's logs; a UserError naming the logged keys if it is not there."""
+    from shared.errors import UserError
+
+    logs = logs or {}
+    if monitor not in logs:
+        raise UserError(f"{what} is {monitor!r}, which this run does not log; it logs: "
+                        f"{', '.join(sorted(logs))}")
+    return float(logs[monitor])
+
+
+class BestCheckpoint(keras.callbacks.Callback):
+    """Keep checkpoints/best.keras: a durable copy of the epoch checkpoint (the same weights, EMA included,
+    and optimizer state) whose monitored value is the best so far. Place after the EpochCheckpoint it
+    copies from; its state (best value and epoch) is committed with the backup, so `--resume` keeps
+    comparing against the run's best, and it is not reset between the phases of one run."""
+
+    def __init__(self, source: EpochCheckpoint, monitor: str, mode: str = "auto"):
+        super().__init__()
+        self.source = source
+        self.monitor = monitor
+        self.mode = monitor_mode(monitor, mode)
+        self.best: float | None = None
+        self.best_epoch: int | None = None  # 1-based, as the checkpoint names count
+
+    def on_epoch_end(self, epoch, logs=None):
+        current = monitored_value(self.monitor, logs, "train.best.monitor")
+        if not math.isfinite(current) or not self._improves(current):
+            return
+        with durable.partial_path(self.source.directory / BEST_CHECKPOINT) as partial:
+            shutil.copyfile(self.source.last_saved, partial)
+        self.best, self.best_epoch = current, epoch + 1
+
+    def _improves(self, current: float) -> bool:
+        if self.best is None:
+            return True
+        return current > self.best if self.mode == "max" else current < self.best
+
+    def record(self) -> dict | None:
+        """What test_metrics.json and status.json say about the best epoch (None before one)."""
+        if self.best_epoch is None:
+            return None
+        return {"monitor": self.monitor, "mode": self.mode, "value": self.best, "epoch": self.best_epoch,
+                "checkpoint": f"checkpoints/{BEST_CHECKPOINT}"}
+
+    def get_state(self) -> dict:
+        return {"best": self.best, "best_epoch": self.best_epoch}
+
+    def set_state(self, state: dict) -> None:
+        self.best, self.best_epoch = state["best"], state["best_epoch"]
+
+
+class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
+    """Keras' EarlyStopping whose patience count and best value are committed with the backup, so
+    `--resume` stops at the epoch an uninterrupted run would; `stopped_epoch` too, so a run killed after
+    it stopped (while testing) is not trained further on resume. A monitor missing from the logs is a
+    UserError (Keras' own only warns, and never stops)."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        monitored_value(self.monitor, logs, "train.early_stopping.monitor")
+        super().on_epoch_end(epoch, logs)
+
+    def get_state(self) -> dict:
+        best = None if self.best is None else float(self.best)
+        return {"wait": int(self.wait), "best": best, "stopped_epoch": int(self.stopped_epoch)}
+
+    def set_state(self, state: dict) -> None:
+        self.wait, self.best, self.stopped_epoch = state["wait"], state["best"], state["stopped_epoch"]
 
 
 class DurableCSVLogger(keras.callbacks.CSVLogger):
@@ -88,12 +192,17 @@ class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
         self.stateful = {type(callback).__name__: callback for callback in stateful}
 
     def _save_model(self):
-        weights = f"epoch-{self._current_epoch:04d}.weights.h5"
+        self.commit(self._current_epoch)
+
+    def commit(self, epoch: int) -> None:
+        """Back up the model's state (set_model first) as the state after `epoch` complete epochs: what each
+        epoch's end does, and where a continued run starts (`fit` then restores it)."""
+        weights = f"epoch-{epoch:04d}.weights.h5"
         with durable.partial_path(self.directory / weights) as partial:
             self.model.save_weights(str(partial), overwrite=True)
         callbacks = {name: callback.get_state() for name, callback in self.stateful.items()}
         durable.atomic_write(self.directory / BACKUP_STATE,  # the commit point
-                             json.dumps({"epoch": self._current_epoch, "weights": weights, "callbacks": callbacks}))
+                             json.dumps({"epoch": epoch, "weights": weights, "callbacks": callbacks}))
         for old in self.directory.glob("epoch-*.weights.h5"):
             if old.name != weights:
                 old.unlink()

@@ -25,8 +25,9 @@ from typing import Callable, Iterator
 import keras
 
 from shared import distribute, durable, finetune, modelzoo, optim, plots, runs
-from shared.callbacks import (AtomicBackupAndRestore, DurableCSVLogger, EpochCheckpoint, LearningRateLogger,
-                              NonFiniteLoss, StopOnNonFiniteLoss, StopOnSignal, backup_state)
+from shared.callbacks import (AtomicBackupAndRestore, BestCheckpoint, DurableCSVLogger, EpochCheckpoint,
+                              LearningRateLogger, NonFiniteLoss, ResumableEarlyStopping, StopOnNonFiniteLoss,
+                              StopOnSignal, backup_state, logged_metrics, monitor_mode)
 from shared.config import Config, with_changes
 from shared.errors import UserError, embedded_user_error
 from shared.progress import keras_verbosity
@@ -82,24 +83,73 @@ def resume(path: str | Path, argv: list[str] | None = None) -> runs.Run:
     return _run_training(_task(config), config, argv, resumed=run)
 
 
+@dataclasses.dataclass(frozen=True)
+class Continuation:
+    """A finished run trained further in a new run folder: from its last checkpoint (weights, optimizer
+    state, and so the schedule's position), after the epochs that checkpoint holds."""
+    source: runs.Run
+    checkpoint: Path
+    epoch: int
+
+    def describe(self) -> str:
+        return (f"continued from {self.source.path} after epoch {self.epoch} "
+                f"({self.checkpoint.relative_to(self.source.path)}, weights and optimizer state)")
+
+
+def continue_run(path: str | Path, epochs: int, argv: list[str] | None = None) -> runs.Run:
+    """Train a finished run further, to `epochs` in all, in a new version folder of its model that records
+    where it came from (notes.md, and `continued_from` in status.json): from its last checkpoint's weights,
+    optimizer state and epoch counter (the schedule goes on from that epoch, over the new total), with its own
+    config and model.py otherwise. Its metrics.csv starts with the source's rows up to that epoch, so the
+    curves show the whole training; the source run is not changed."""
+    from shared import config as config_module
+
+    source = runs.open_run(path)
+    runs.require_idle(source)
+    continuation = continuation_of(source, epochs)
+    tree = source.config_dict()
+    config = config_module.from_dict({**tree, "train": {**tree.get("train", {}), "epochs": epochs}})
+    return _run_training(_task(config), config, argv, resumed=None, continued=continuation)
+
+
+def continuation_of(source: runs.Run, epochs: int) -> Continuation:
+    """Where continuing `source` to `epochs` in all starts; UserError unless it finished and `epochs` is more
+    than its last checkpoint holds."""
+    state = source.status().get("status", "unknown")
+    if state != "finished":
+        raise UserError(f"run {source.path} is {state}, not finished; --set train.epochs continues a finished run "
+                        f"in a new folder: resume this one without --set (python -m shared.runner --resume "
+                        f"{source.path})")
+    last = source.last_checkpoint()
+    if last is None:
+        raise UserError(f"run {source.path} has no epoch checkpoint in {source.checkpoint_dir} to continue from")
+    trained = int(re.fullmatch(r"epoch-(\d+)", last.stem).group(1))
+    if epochs <= trained:
+        raise UserError(f"run {source.path} has trained {trained} epochs; train.epochs={epochs} must be more to "
+                        f"continue it (e.g. --set train.epochs={trained + max(trained, 1)})")
+    return Continuation(source, last, trained)
+
+
 def _task(config: Config) -> Task:
     from shared.tasks import task_for  # the tasks build on this module's neighbours, not the other way
 
     return task_for(config)
 
 
-def test(run: runs.Run | str | Path) -> dict:
+def test(run: runs.Run | str | Path, checkpoint: str | Path | None = None) -> dict:
     """Re-test a finished run on its test split from its own snapshot (model.py, config.yaml, last
-    checkpoint): the figures equal those recorded at training time. Refuses (UserError) data whose class
-    names are not the run's (labels.txt), in the same order. Redraws the task's figure in the run folder."""
+    checkpoint): the figures equal those recorded at training time. `checkpoint`: last (default), best, or a
+    checkpoint file (`runs.Run.checkpoint`). Refuses (UserError) data whose class names are not the run's
+    (labels.txt), in the same order. Redraws the task's figure in the run folder."""
     from shared import config as config_module
     from shared.tasks import rebuild
 
     run = run if isinstance(run, runs.Run) else runs.open_run(run)
+    weights = run.checkpoint(checkpoint) if checkpoint is not None else None  # a missing file answers first
     config = config_module.from_dict(run.config_dict())
     task = _task(config)
     data = task.test_data(config, run)  # checked against the run's classes before the model loads
-    model, _ = rebuild(run)
+    model, _ = rebuild(run, weights)
     metrics, draw = task.evaluate(model, data, config)
     draw(run.path)
     return metrics
@@ -144,18 +194,19 @@ def _metric_rows(run: runs.Run) -> bool:
 
 
 def _run_training(task: Task, config: Config, argv: list[str] | None, resumed: runs.Run | None,
-                  extra_callbacks: list | None = None) -> runs.Run:
+                  extra_callbacks: list | None = None, continued: Continuation | None = None) -> runs.Run:
     # ---- everything checked before a run folder exists
     task.check(config)
     placement = distribute.make_placement(config.distribute) if task.distributes else _one_device()
     phases = task.plan_phases(config)
     saved = [s for s in map(backup_state, _backup_dirs(resumed, phases)) if s] if resumed else []
     restoring, done = bool(saved), max((s["epoch"] for s in saved), default=0)
+    done = continued.epoch if continued else done
+    snapshot = resumed.path if resumed else continued.source.path if continued else None
     with precision_policy(config.train.precision), placement.strategy.scope():
-        folder, module, model, data, config = prepare(task, config, resumed.path if resumed else None,
-                                                      placement.replicas, start_epoch=done)
-        provenance = ""
-        if (config.init.from_run or config.init.weights) and not restoring:
+        folder, module, model, data, config = prepare(task, config, snapshot, placement.replicas, start_epoch=done)
+        provenance = continued.describe() if continued else ""
+        if (config.init.from_run or config.init.weights) and not restoring and not continued:
             provenance = task.initialize(config, model, module, data)
         trainer = task.trainer(config, model, data)  # the model that fit() trains
     distribute.patch_multi_worker_build(trainer, placement)
@@ -164,6 +215,12 @@ def _run_training(task: Task, config: Config, argv: list[str] | None, resumed: r
         if any(phase.freeze for phase in phases) else set()
     for phase in phases:  # patterns are checked now, before a run folder exists
         _freeze(model, phase.freeze, head)
+    if config.train.best.monitor or config.train.early_stopping.monitor:
+        with precision_policy(config.train.precision), placement.strategy.scope():
+            _freeze(model, phases[0].freeze, head)
+            task.compile(trainer, model, module, _phase_train_config(config, phases[0].until_epoch), data,
+                         lr_scale=phases[0].lr_scale, replicas=placement.replicas)
+            _check_monitors(config, logged_metrics(trainer, train_data, validating=val_data is not None))
 
     # ---- the run
     if resumed:
@@ -172,6 +229,8 @@ def _run_training(task: Task, config: Config, argv: list[str] | None, resumed: r
     elif placement.is_chief:
         run = runs.create(config, folder, argv, provenance=provenance)
         durable.atomic_write(run.path / runs.LABELS_FILE, "".join(f"{name}\n" for name in data.class_names))
+        if continued:
+            _record_continuation(run, continued)
     else:
         run = runs.scratch()
     # what the task's data asks a run to record (a folder's split); a resumed run's data read its record
@@ -188,23 +247,39 @@ def _run_training(task: Task, config: Config, argv: list[str] | None, resumed: r
         _remove_partials(run)
         print(f"resuming after epoch {done} of {config.train.epochs}", flush=True)
 
+    checkpoint = EpochCheckpoint(run.checkpoint_dir, ema=config.train.ema_momentum is not None,
+                                 keep=config.train.keep_checkpoints)
+    best, stopper = _best_checkpoint(config, checkpoint), _early_stopping(config)
+    run_callbacks = [c for c in (best, stopper) if c is not None]  # one state for the whole run, all phases
+    stopped = _restore_early_stop(saved, run_callbacks)  # stopped before a kill: no more training
     started = time.time()
     with failures_marked(run, model, data.undecodable):
         with sigterm_as_interrupt() as stop_callbacks:
             start = 0
-            for phase, backup in zip(phases, backups):
+            for index, (phase, backup) in enumerate(zip(phases, backups)):
+                if stopped:
+                    break
+                if phase.until_epoch <= done and (continued or any(map(backup_state, backups[index + 1:]))):
+                    start = phase.until_epoch  # trained, and a later phase's backup holds its weights
+                    continue
                 with precision_policy(config.train.precision), placement.strategy.scope():
                     _freeze(model, phase.freeze, head)
                     optim.apply_weight_decay(model, config.train)  # the student's, when distilling
                     task.compile(trainer, model, module, _phase_train_config(config, phase.until_epoch - start),
                                  data, lr_scale=phase.lr_scale, replicas=placement.replicas)
+                phase_callbacks = _callbacks(config, run, backup, val_data is not None, checkpoint, run_callbacks)
+                if continued and start <= continued.epoch < phase.until_epoch:
+                    _start_from(trainer, continued.checkpoint, config, phase_callbacks[-1], continued.epoch)
                 trainer.fit(train_data, epochs=phase.until_epoch, initial_epoch=start,
                             steps_per_epoch=data.steps_per_epoch, validation_data=val_data,
                             verbose=keras_verbosity(config.train.verbose), shuffle=False,
-                            callbacks=[*stop_callbacks,
-                                       *_callbacks(config, run, backup, validating=val_data is not None),
-                                       *(extra_callbacks or [])])
+                            callbacks=[*stop_callbacks, *phase_callbacks, *(extra_callbacks or [])])
                 start = phase.until_epoch
+                stopped = stopper is not None and stopper.stopped_epoch > 0
+            if stopped:
+                print(f"stopped early after epoch {stopper.stopped_epoch + 1} of {config.train.epochs}: "
+                      f"{stopper.monitor} did not improve by more than {abs(stopper.min_delta)} for "
+                      f"{stopper.patience} epochs", flush=True)
         if not placement.is_chief:  # its figures would go with its scratch folder
             shutil.rmtree(run.path, ignore_errors=True)
             return run
@@ -215,9 +290,11 @@ def _run_training(task: Task, config: Config, argv: list[str] | None, resumed: r
         if config.train.ema_momentum is not None:
             metrics["weights"] = "ema"
         metrics["checkpoint"] = str(last.relative_to(run.path))
+        outcome = _checkpoint_outcome(best, stopper if stopped else None, config)
+        metrics.update(outcome)
         run.write_json("test_metrics.json", metrics)
         draw(run.path)
-        run.set_status("finished", ended=_now())
+        run.set_status("finished", ended=_now(), **outcome)
     shutil.rmtree(run.path / "backup", ignore_errors=True)  # finished: nothing left to resume
     return run
 
@@ -342,13 +419,17 @@ def _phase_train_config(config: Config, epochs: int):
     return dataclasses.replace(config, train=dataclasses.replace(config.train, epochs=max(epochs, 1)))
 
 
-def _callbacks(config: Config, run: runs.Run, backup: Path, validating: bool) -> list:
-    """Order matters at the end of an epoch: the metrics row and the checkpoint are on disk (fsynced)
-    before the backup commits, so a crash anywhere between makes resume redo that epoch, never skip it,
-    and no kill loses a checkpoint. With EMA, validation and the checkpoint see the averaged weights,
-    the backup the raw ones with the optimizer state."""
+def _callbacks(config: Config, run: runs.Run, backup: Path, validating: bool, checkpoint: EpochCheckpoint,
+               run_callbacks: list) -> list:
+    """Order matters at the end of an epoch: the metrics row and the checkpoint (then best.keras) are on
+    disk (fsynced) before the backup commits, so a crash anywhere between makes resume redo that epoch,
+    never skip it, and no kill loses a checkpoint. With EMA, validation and the checkpoint see the averaged
+    weights, the backup the raw ones with the optimizer state. `run_callbacks` (best checkpoint, early
+    stopping) keep one state over the run's phases; theirs and the schedule's are committed with the
+    backup. The backup comes last."""
     schedule = optim.schedule_callbacks(config.train, validating=validating)
     ema = config.train.ema_momentum is not None
+    stateful = [*schedule, *run_callbacks]
     return [
         StopOnNonFiniteLoss(),
         LearningRateLogger(),
@@ -356,9 +437,86 @@ def _callbacks(config: Config, run: runs.Run, backup: Path, validating: bool) ->
         *([keras.callbacks.SwapEMAWeights()] if ema else []),  # for validation only
         keras.callbacks.TensorBoard(log_dir=str(run.path / "logs"), write_graph=False),
         DurableCSVLogger(str(run.path / "metrics.csv"), append=True),
-        EpochCheckpoint(run.checkpoint_dir, ema=ema),
-        AtomicBackupAndRestore(backup, stateful=[c for c in schedule if hasattr(c, "get_state")]),
+        checkpoint,
+        *run_callbacks,
+        AtomicBackupAndRestore(backup, stateful=[c for c in stateful if hasattr(c, "get_state")]),
     ]
+
+
+def _check_monitors(config: Config, logged: set[str] | None) -> None:
+    """Refuse a best or early-stopping monitor the run will not log (a typo, val_* without validation), before
+    the run folder exists. `logged` None (not known beforehand): the callbacks check at the first epoch."""
+    if logged is None:
+        return
+    for key, monitor in (("train.best.monitor", config.train.best.monitor),
+                         ("train.early_stopping.monitor", config.train.early_stopping.monitor)):
+        if monitor and monitor not in logged:
+            hint = "; val_* metrics need data.val_fraction" if monitor.startswith("val_") and not any(
+                name.startswith("val_") for name in logged) else ""
+            raise UserError(f"{key} is {monitor!r}, which this run will not log{config.where}; it logs: "
+                            f"{', '.join(sorted(logged))}{hint}")
+
+
+def _best_checkpoint(config: Config, checkpoint: EpochCheckpoint) -> BestCheckpoint | None:
+    best = config.train.best
+    return BestCheckpoint(checkpoint, best.monitor, best.mode) if best.monitor else None
+
+
+def _early_stopping(config: Config) -> ResumableEarlyStopping | None:
+    stop = config.train.early_stopping
+    if not stop.monitor:
+        return None
+    return ResumableEarlyStopping(monitor=stop.monitor, patience=stop.patience, min_delta=stop.min_delta,
+                                  mode=monitor_mode(stop.monitor, stop.mode))
+
+
+def _restore_early_stop(saved: list[dict], run_callbacks: list) -> bool:
+    """True when the newest committed backup says early stopping had stopped the run (a kill came while it
+    tested): the run is not trained further, and its run-wide callbacks get their committed state back."""
+    states = saved[-1].get("callbacks", {}) if saved else {}
+    if not states.get(ResumableEarlyStopping.__name__, {}).get("stopped_epoch"):
+        return False
+    for callback in run_callbacks:
+        if type(callback).__name__ in states:
+            callback.set_state(states[type(callback).__name__])
+    return True
+
+
+def _checkpoint_outcome(best: BestCheckpoint | None, stopper: ResumableEarlyStopping | None,
+                        config: Config) -> dict:
+    """What test_metrics.json and status.json record of the best epoch and of an early stop."""
+    outcome = {}
+    if best is not None and best.record():
+        outcome["best"] = best.record()
+    if stopper is not None:
+        outcome["stopped_early"] = {"epoch": stopper.stopped_epoch + 1, "of": config.train.epochs,
+                                    "monitor": stopper.monitor, "patience": stopper.patience}
+    return outcome
+
+
+def _start_from(trainer: keras.Model, checkpoint: Path, config: Config, backup: AtomicBackupAndRestore,
+                epoch: int) -> None:
+    """A continued run's start: the checkpoint's weights and optimizer state in the compiled trainer,
+    committed as the backup after `epoch` epochs, which `fit` restores (and `--resume` finds)."""
+    if not trainer.optimizer.built:
+        trainer.optimizer.build(trainer.trainable_variables)  # its slots must exist to be loaded
+    modelzoo.load_weight_file(trainer, checkpoint, what=f"model of {checkpoint}")
+    if config.train.ema_momentum is not None:
+        swap = keras.callbacks.SwapEMAWeights()  # the checkpoint holds the averages as the weights:
+        swap.set_model(trainer)
+        swap.on_test_begin()  # swap back, raw weights into the model, the averages into the optimizer
+    backup.set_model(trainer)
+    backup.commit(epoch)
+
+
+def _record_continuation(run: runs.Run, continued: Continuation) -> None:
+    """Where a continued run came from (status.json), and the source's metrics rows of the epochs it holds."""
+    run.set_status("running", continued_from={"run": str(continued.source.path), "epoch": continued.epoch,
+                                              "checkpoint": str(continued.checkpoint)})
+    rows = continued.source.path / "metrics.csv"
+    if rows.is_file():
+        durable.atomic_write(run.path / "metrics.csv", rows.read_bytes())
+        _truncate_metrics(run.path / "metrics.csv", continued.epoch)
 
 
 def _truncate_metrics(path: Path, epochs_done: int) -> None:

@@ -11,6 +11,7 @@ know, rebuild and re-test it:
     metrics.csv              one row per epoch (Keras CSVLogger)
     test_metrics.json        the held-out evaluation after training
     checkpoints/             epoch-NNNN.keras (model + optimizer state); the newest is the run's last
+                             best.keras: the best epoch's (train.best), `Run.checkpoint("best")`
     logs/                    TensorBoard
 
 Versions are v0001, v0002, ... (zero-padded so `ls` sorts them), allocated with an atomic mkdir so
@@ -54,6 +55,7 @@ VERSION_RE = re.compile(r"^v(\d+)$")
 VERSION_DIGITS = 4
 SNAPSHOT_SOURCES = ("model.py", "augment.py")
 LABELS_FILE = "labels.txt"
+BEST_CHECKPOINT = "best.keras"  # in checkpoints/: the best epoch's checkpoint (train.best)
 DIFF_FILES = ("model.py", "augment.py", "config.yaml", "notes.md")
 PACKAGES = ("tensorflow", "keras", "numpy", "pillow", "pyyaml", "tensorflow-datasets", "tqdm")
 
@@ -81,6 +83,28 @@ class Run:
     def last_checkpoint(self) -> Path | None:
         found = self.checkpoints()
         return found[-1] if found else None
+
+    def checkpoint(self, which: str | Path = "last") -> Path:
+        """The checkpoint a command asks for: `last` (the newest epoch checkpoint), `best` (checkpoints/best.keras,
+        kept by train.best) or a file (a path as given, else relative to the run folder); UserError in one
+        line when it is not there."""
+        if str(which) == "last":
+            last = self.last_checkpoint()
+            if last is None:
+                raise UserError(f"run {self.path} has no checkpoint in {self.checkpoint_dir} "
+                                f"(status: {self.status().get('status')}); train it first")
+            return last
+        if str(which) == "best":
+            best = self.checkpoint_dir / BEST_CHECKPOINT
+            if not best.is_file():
+                raise UserError(f"run {self.path} has no checkpoints/{BEST_CHECKPOINT}; set train.best.monitor "
+                                f"(e.g. val_top1, with data.val_fraction) when training to keep one, or use "
+                                f"--checkpoint last")
+            return best
+        for path in (Path(which).expanduser(), self.path / which):
+            if path.is_file():
+                return path
+        raise UserError(f"checkpoint {which} not found (nor in {self.path}); give last, best or a .keras file")
 
     def status(self) -> dict:
         try:

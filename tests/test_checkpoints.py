@@ -1,0 +1,314 @@
+"""Checkpoints a user wants: only the newest N epoch checkpoints kept, checkpoints/best.keras by a monitored
+metric (and `test --checkpoint best`), early stopping whose patience survives `--resume`, and a finished run
+continued for more epochs in a new run folder. Toy Keras fits check the callbacks; tiny runs the lifecycle."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from conftest import REPO, tiny_tree
+
+TINY_MODEL = '''
+import keras
+
+
+def build(num_classes: int = 10, input_shape: tuple = (16, 16, 3), width: int = 4):
+    inputs = keras.Input(input_shape)
+    x = keras.layers.Rescaling(1 / 255.0)(inputs)
+    x = keras.layers.Conv2D(width, 3, activation="relu", name="conv")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    outputs = keras.layers.Dense(num_classes, activation="softmax", dtype="float32", name="predictions")(x)
+    return keras.Model(inputs, outputs, name="tiny")
+'''
+STEPS = 2  # 64 training images (of 80, 0.2 validation) in batches of 32
+
+
+def tiny_run_tree(tmp_path: Path, validation: bool = True, **train) -> dict:
+    model = tmp_path / "tiny_model"
+    model.mkdir(parents=True, exist_ok=True)
+    (model / "model.py").write_text(TINY_MODEL)
+    data = {"synthetic_train": 80, "synthetic_test": 32, **({"val_fraction": 0.2} if validation else {})}
+    tree = tiny_tree(tmp_path / "runs", data=data,
+                     train={"epochs": 3, "batch_size": 32, "verbose": 0, "lr": {"base": 0.05}, **train})
+    tree["model"] = {"name": "tiny", "path": str(model)}
+    return tree
+
+
+def train_tree(tree: dict, **kwargs):
+    from shared.config import load_config
+    from shared.lifecycle import train
+
+    return train(load_config(tree=tree), argv=["pytest"], **kwargs)
+
+
+def rows(run_dir: Path) -> list[dict]:
+    with open(run_dir / "metrics.csv", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def runner(*args: str) -> int:
+    from shared import runner as runner_module
+
+    return runner_module.main(list(args))
+
+
+def run_folders(runs_dir: Path) -> list[str]:
+    return sorted(p.name for p in runs_dir.glob("*/v*"))
+
+
+# ---------------------------------------------------------------- the callbacks on a toy fit
+
+
+def toy_model():
+    import keras
+
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.compile(keras.optimizers.SGD(0.05), "mse")
+    return model
+
+
+def toy_data():
+    generator = np.random.default_rng(0)
+    x = generator.normal(size=(32, 2))
+    return x, x @ np.array([1.0, -2.0]) + generator.normal(scale=0.5, size=32)
+
+
+def test_keep_checkpoints_deletes_only_older_epoch_checkpoints(tmp_path):
+    import keras
+
+    from shared.callbacks import EpochCheckpoint
+
+    (tmp_path / "best.keras").write_bytes(b"best")
+    (tmp_path / "interrupted.keras").write_bytes(b"interrupted")
+    kept = []
+
+    class Probe(keras.callbacks.Callback):  # what is on disk after each epoch
+        def on_epoch_end(self, epoch, logs=None):
+            kept.append(sorted(p.name for p in tmp_path.glob("epoch-*.keras")))
+
+    x, y = toy_data()
+    toy_model().fit(x, y, epochs=4, verbose=0, callbacks=[EpochCheckpoint(tmp_path, keep=2), Probe()])
+    assert kept == [["epoch-0001.keras"], ["epoch-0001.keras", "epoch-0002.keras"],
+                    ["epoch-0002.keras", "epoch-0003.keras"], ["epoch-0003.keras", "epoch-0004.keras"]]
+    assert (tmp_path / "best.keras").read_bytes() == b"best"  # other names are never pruned
+    assert (tmp_path / "interrupted.keras").read_bytes() == b"interrupted"
+
+
+def test_best_checkpoint_is_the_best_epochs_checkpoint(tmp_path):
+    from shared.callbacks import BestCheckpoint, EpochCheckpoint
+
+    x, y = toy_data()
+    checkpoint = EpochCheckpoint(tmp_path)
+    best = BestCheckpoint(checkpoint, "val_loss")
+    history = toy_model().fit(x, y, epochs=5, verbose=0, validation_split=0.25, callbacks=[checkpoint, best])
+    losses = history.history["val_loss"]
+    epoch = int(np.argmin(losses)) + 1
+    assert best.record() == {"monitor": "val_loss", "mode": "min", "value": pytest.approx(min(losses)),
+                             "epoch": epoch, "checkpoint": "checkpoints/best.keras"}
+    assert (tmp_path / "best.keras").read_bytes() == (tmp_path / f"epoch-{epoch:04d}.keras").read_bytes()
+    assert not list(tmp_path.glob(".partial-*"))
+
+
+def test_monitor_mode_auto_maximizes_accuracies_and_minimizes_losses():
+    from shared.callbacks import monitor_mode
+
+    assert [monitor_mode(name) for name in ("val_top1", "top5", "val_accuracy", "val_psnr", "val_loss", "loss")] \
+        == ["max", "max", "max", "max", "min", "min"]
+    assert monitor_mode("val_top1", "min") == "min"
+
+
+def test_early_stopping_patience_survives_a_resume(tmp_path):
+    """A flat loss: Keras' EarlyStopping would count from 0 again after a restart and stop two epochs late."""
+    import keras
+
+    from shared.callbacks import AtomicBackupAndRestore, ResumableEarlyStopping
+
+    x, y = toy_data()
+
+    def fit(epochs: int, backup: Path) -> int:
+        model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+        model.compile(keras.optimizers.SGD(0.0), "mse")  # rate 0: the loss never improves
+        stopper = ResumableEarlyStopping(monitor="loss", patience=3, mode="min")
+        history = model.fit(x, y, batch_size=8, epochs=epochs, verbose=0, shuffle=False,
+                            callbacks=[stopper, AtomicBackupAndRestore(backup, stateful=[stopper])])
+        return stopper.stopped_epoch, len(history.epoch)
+
+    assert fit(10, tmp_path / "straight") == (3, 4)
+    assert fit(2, tmp_path / "cut") == (0, 2)  # cut after epoch 2, its count at 1
+    assert fit(10, tmp_path / "cut") == (3, 2)  # the same stop: epochs 3 and 4 only
+
+
+# ---------------------------------------------------------------- runs
+
+
+@pytest.mark.slow
+def test_keep_checkpoints_and_best_in_a_run(tmp_path, capsys):
+    tree = tiny_run_tree(tmp_path, epochs=3, keep_checkpoints=1, best={"monitor": "val_loss"})
+    run = train_tree(tree)
+    assert sorted(p.name for p in run.checkpoint_dir.iterdir()) == ["best.keras", "epoch-0003.keras"]
+    losses = [float(row["val_loss"]) for row in rows(run.path)]
+    metrics = run.test_metrics()
+    assert metrics["checkpoint"] == "checkpoints/epoch-0003.keras"  # the final test is of the last one
+    assert metrics["best"] == {"monitor": "val_loss", "mode": "min", "value": pytest.approx(min(losses), rel=1e-5),
+                               "epoch": int(np.argmin(losses)) + 1, "checkpoint": "checkpoints/best.keras"}
+    assert run.status()["best"] == metrics["best"] and run.status()["status"] == "finished"
+    assert run.checkpoint("last") == run.checkpoint_dir / "epoch-0003.keras"
+    assert run.checkpoint("best") == run.checkpoint_dir / "best.keras"
+
+    capsys.readouterr()
+    assert runner("test", "--run", str(run.path), "--checkpoint", "best") == 0
+    shown = capsys.readouterr().out
+    from shared.evaluate import evaluate
+
+    best = evaluate(run, "best")
+    assert f"best.keras: test top-1 {best['top1']:.4f}" in shown
+    assert evaluate(run, "checkpoints/epoch-0003.keras")["top1"] == metrics["top1"]  # a path, in the run
+
+
+@pytest.mark.slow
+def test_early_stop_ends_a_run_normally_and_survives_a_resume(tmp_path, capsys):
+    """`lr` is constant, so with patience 2 a run stops after epoch 3 of 6 and best.keras (lr, max) stays epoch
+    1's; a run interrupted before epoch 3 resumes counting and stops at the same epoch, with the same best."""
+    import keras
+
+    from shared.lifecycle import resume
+
+    settings = {"epochs": 6, "early_stopping": {"monitor": "lr", "patience": 2, "mode": "max"},
+                "best": {"monitor": "lr", "mode": "max"}}
+    straight = train_tree(tiny_run_tree(tmp_path / "straight", **settings))
+    assert "stopped early after epoch 3 of 6: lr did not improve" in capsys.readouterr().out
+    metrics = straight.test_metrics()
+    assert metrics["stopped_early"] == {"epoch": 3, "of": 6, "monitor": "lr", "patience": 2}
+    assert metrics["checkpoint"] == "checkpoints/epoch-0003.keras" and len(rows(straight.path)) == 3
+    assert straight.status()["status"] == "finished" and straight.status()["stopped_early"]["epoch"] == 3
+    assert metrics["best"]["epoch"] == 1
+
+    class StopAtEpoch3(keras.callbacks.Callback):  # Ctrl-C as epoch 3 starts: 2 epochs committed
+        def on_epoch_begin(self, epoch, logs=None):
+            if epoch == 2:
+                raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_tree(tiny_run_tree(tmp_path / "cut", **settings), callbacks=[StopAtEpoch3()])
+    (cut,) = (tmp_path / "cut" / "runs" / "tiny").iterdir()
+    assert json.loads((cut / "status.json").read_text())["status"] == "interrupted"
+    run = resume(cut)
+    again = run.test_metrics()
+    assert again["stopped_early"] == metrics["stopped_early"] and again["best"]["epoch"] == 1
+    assert [int(row["epoch"]) for row in rows(run.path)] == [0, 1, 2]
+
+
+@pytest.mark.slow
+def test_early_stop_ends_every_phase_of_a_finetune_all_run(tmp_path, capsys):
+    source = train_tree(tiny_run_tree(tmp_path / "source", epochs=1))
+    tree = tiny_run_tree(tmp_path, epochs=6, early_stopping={"monitor": "lr", "patience": 1, "mode": "max"})
+    tree["init"] = {"from_run": str(source.path), "mode": "finetune_all", "head_epochs": 3}
+    run = train_tree(tree)
+    assert run.test_metrics()["stopped_early"]["epoch"] == 2  # in the head phase: the second never starts
+    assert len(rows(run.path)) == 2 and run.last_checkpoint().name == "epoch-0002.keras"
+
+
+@pytest.mark.slow
+def test_continue_a_finished_run_in_a_new_folder(tmp_path, capsys):
+    """The schedule goes on from the source's epoch (a step at epoch 2 divides the rate by 10 in epoch 3),
+    and so does the optimizer's step count; the source run is not changed."""
+    import keras
+
+    from shared.lifecycle import continue_run
+
+    tree = tiny_run_tree(tmp_path, epochs=2, lr={"base": 0.05, "schedule": "step", "milestones": [2]})
+    source = train_tree(tree)
+    before = sorted(p.name for p in source.path.rglob("*"))
+    run = continue_run(source.path, 3, argv=["pytest"])
+    assert run.path.name == "v0002" and run.path.parent == source.path.parent
+    assert sorted(p.name for p in source.path.rglob("*")) == before and source.status()["status"] == "finished"
+    assert run.status()["continued_from"] == {"run": str(source.path), "epoch": 2,
+                                              "checkpoint": str(source.checkpoint_dir / "epoch-0002.keras")}
+    assert f"continued from {source.path} after epoch 2" in (run.path / "notes.md").read_text()
+    assert run.config_dict()["train"]["epochs"] == 3
+    history = rows(run.path)  # the source's rows, then the new epoch's
+    assert [row["epoch"] for row in history] == ["0", "1", "2"]
+    assert history[:2] == rows(source.path)
+    assert float(history[2]["lr"]) == pytest.approx(0.005)  # from 0, the step schedule would give 0.05
+    assert [p.name for p in run.checkpoints()] == ["epoch-0003.keras"]
+    model = keras.saving.load_model(run.last_checkpoint(), compile=True)
+    assert int(model.optimizer.iterations.numpy()) == 3 * STEPS
+    assert run.test_metrics()["checkpoint"] == "checkpoints/epoch-0003.keras"
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def test_a_monitor_the_run_will_not_log_is_refused_before_a_folder_exists(tmp_path, capsys):
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(tiny_run_tree(tmp_path, best={"monitor": "val_top2"})))
+    assert runner("--config", str(config)) == 2
+    err = capsys.readouterr().err
+    assert "train.best.monitor is 'val_top2', which this run will not log (in " in err
+    assert "; it logs: loss, lr, top1, top5, val_loss, val_top1, val_top5" in err
+    assert len(err.strip().splitlines()) == 1
+    assert run_folders(tmp_path / "runs") == []
+
+    config.write_text(yaml.safe_dump(tiny_run_tree(tmp_path, validation=False,
+                                                   early_stopping={"monitor": "val_top1"})))
+    assert runner("--config", str(config)) == 2
+    err = capsys.readouterr().err
+    assert "train.early_stopping.monitor is 'val_top1', which this run will not log" in err
+    assert "loss, lr, top1, top5; val_* metrics need data.val_fraction" in err
+    assert run_folders(tmp_path / "runs") == []
+
+
+def test_checkpoint_best_of_a_run_without_one_is_refused(trained_run, capsys):
+    run, _ = trained_run
+    assert runner("test", "--run", str(run.path), "--checkpoint", "best") == 2
+    err = capsys.readouterr().err
+    assert f"run {run.path} has no checkpoints/best.keras; set train.best.monitor" in err
+    assert runner("test", "--run", str(run.path), "--checkpoint", "nowhere.keras") == 2
+    assert "checkpoint nowhere.keras not found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("train.lr.base=0.1", "--resume RUN --set takes only train.epochs=N"),
+    ("train.epochs=many", "--resume RUN --set takes only train.epochs=N"),
+    ("train.epochs=2", "has trained 2 epochs; train.epochs=2 must be more"),
+    ("train.epochs=1", "has trained 2 epochs; train.epochs=1 must be more"),
+])
+def test_continuing_a_finished_run_takes_only_more_epochs(trained_run, capsys, setting, message):
+    run, _ = trained_run
+    before = run_folders(run.path.parents[1])
+    assert runner("--resume", str(run.path), "--set", setting) == 2
+    assert message in capsys.readouterr().err
+    assert run_folders(run.path.parents[1]) == before
+
+
+def test_continuing_an_unfinished_run_is_refused(trained_run, tmp_path, capsys):
+    run, _ = trained_run
+    copy = tmp_path / "runs" / "resnet" / "v0001"
+    shutil.copytree(run.path, copy)
+    status = json.loads((copy / "status.json").read_text())
+    (copy / "status.json").write_text(json.dumps({**status, "status": "interrupted"}))
+    assert runner("--resume", str(copy), "--set", "train.epochs=5") == 2
+    err = capsys.readouterr().err
+    assert f"run {copy} is interrupted, not finished" in err and "resume this one without --set" in err
+    assert run_folders(tmp_path / "runs") == ["v0001"]
+
+
+def test_prune_script_never_deletes_best_or_interrupted(tmp_path):
+    root = tmp_path / "runs"
+    folder = root / "tiny" / "v0001" / "checkpoints"
+    folder.mkdir(parents=True)
+    (root / ".runs_root").touch()
+    for name in ("epoch-0001.keras", "epoch-0002.keras", "epoch-0003.keras", "best.keras", "interrupted.keras"):
+        (folder / name).write_bytes(b"x")
+    result = subprocess.run(["bash", str(REPO / "scripts" / "prune_checkpoints.sh"), str(root)],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in folder.iterdir()) == ["best.keras", "epoch-0003.keras", "interrupted.keras"]
