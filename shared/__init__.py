@@ -1,16 +1,21 @@
 """Keras-native training of the canonical ILSVRC classifiers, with every run snapshotted.
 
 The flow is one way: config -> data -> model -> fit -> run snapshot. Each concept has one module:
-`config`, `data`, `modelzoo`, `optim`, `train`, `evaluate`, `runs`, and the CLI in `runner`.
+`config`, `data`, `modelzoo`, `optim`, `lifecycle`, `evaluate`, `runs`, and the CLI in `runner` (installed as
+the `ilsvrc-canon` command by `shared.cli`).
 """
 
 import os
+from importlib import metadata
 
-__version__ = "0.1.0"
+try:  # one version, pyproject.toml's, as `ilsvrc-canon --version` reports it
+    __version__ = metadata.version("ilsvrc-canon")
+except metadata.PackageNotFoundError:  # sources used without installing them
+    __version__ = "0+unknown"
 
 # Host memory through TF's BFC allocator, not malloc: the input pipeline makes a fresh ~600 KB float image
-# per example, and from malloc each one is new pages (mmap, page faults, zeroing); that cost a third of the
-# ImageNet train pipeline's throughput here (scripts/bench_input.py, 2-core CPU: 1101 -> 1412 images/s).
+# per example, and from malloc each one is new pages (mmap, page faults, zeroing); scripts/bench_input.py
+# measures the difference (README, "Training that survives", input pipeline).
 # TF reads it when it starts, so it is set here, before any module of the package imports TensorFlow;
 # a value already in the environment wins.
 os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")
