@@ -233,8 +233,8 @@ def _run_training(task: Task, config: Config, argv: list[str] | None, resumed: r
             _record_continuation(run, continued)
     else:
         run = runs.scratch()
-    # what the task's data asks a run to record (a folder's split); a resumed run's data read its record
-    # back and asks for none, unless a crash came before it was written
+    # what the task's data asks a run to record (a folder's split); a resumed or continued run's data read
+    # its source's record back and records the same again
     for name, content in (data.records.items() if placement.is_chief else ()):
         (run.path / name).parent.mkdir(parents=True, exist_ok=True)
         durable.atomic_write(run.path / name, content)

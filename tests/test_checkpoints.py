@@ -244,6 +244,35 @@ def test_continue_a_finished_run_in_a_new_folder(tmp_path, capsys):
     assert run.test_metrics()["checkpoint"] == "checkpoints/epoch-0003.keras"
 
 
+@pytest.mark.slow
+def test_a_continued_folder_run_keeps_the_recorded_split(tmp_path):
+    """A split-less image folder: the continued run records the source's split (not a new one of the folder as
+    it is now), so its re-test uses the same images."""
+    from PIL import Image
+
+    from shared.lifecycle import continue_run
+
+    rng = np.random.default_rng(0)
+    for index, name in enumerate(("cat", "dog")):
+        (tmp_path / "images" / name).mkdir(parents=True)
+        for i in range(6):
+            pixels = np.clip(60 + 100 * index + rng.integers(0, 30, (16, 16, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "images" / name / f"{i}.png")
+    tree = tiny_run_tree(tmp_path, validation=False, epochs=1, batch_size=4)
+    tree["data"] = {"source": "folder", "path": str(tmp_path / "images"), "image_size": 16, "channels": 3,
+                    "test_fraction": 0.3}
+    source = train_tree(tree)
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "images" / "cat" / "added-later.png")
+    run = continue_run(source.path, 2, argv=["pytest"])
+    recorded = sorted(p.relative_to(source.path) for p in (source.path / "split").iterdir())
+    assert recorded and sorted(p.relative_to(run.path) for p in (run.path / "split").iterdir()) == recorded
+    for path in recorded:
+        assert (run.path / path).read_bytes() == (source.path / path).read_bytes()
+    from shared.evaluate import evaluate
+
+    assert evaluate(run)["examples"] == source.test_metrics()["examples"]  # the re-test reads the run's split
+
+
 # ---------------------------------------------------------------- bad input
 
 

@@ -258,7 +258,8 @@ def _recorded_folder(root: Path, recorded: split.RecordedSplit) -> Source:
     if missing:
         raise UserError(f"{len(missing)} image(s) of the split this run recorded are gone from {root} "
                         f"(first: {missing[0]}); put them back to test or resume the run on its own data")
-    return _listed_folder(files, labels, recorded.class_names, record={})
+    # recorded again: a run continued from this one (a new folder) keeps the same split
+    return _listed_folder(files, labels, recorded.class_names, record=split.record(files, root))
 
 
 def _listed_folder(files: dict[str, list[str]], labels: dict[str, list[int]], class_names: list[str],
