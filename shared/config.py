@@ -236,6 +236,18 @@ class TuneConfig:
 
 
 @dataclass(frozen=True)
+class LoopConfig:
+    """Training in the loop (`python -m shared.runner loop`): rounds of new annotations -> finetune -> export."""
+    dir: str | None = None  # the loop's folder (data, state, rounds.csv); None: <run.dir>/loops/<model>-<recipe stem>
+    steps: int = 100  # training steps per round, over all examples so far (rounded up to whole equal epochs)
+    eval: str | None = None  # the held-out annotations (JSONL); None: the recipe's own test split
+    tolerance: float | None = 0.01  # export unless the metric fell by more than this; null: always export
+    keep: int = 3  # newest data shard sets, export versions and round runs kept (older data sets are merged)
+    min_new: int = 50  # --watch: new accepted annotations that start a round
+    poll_seconds: float = 10.0  # --watch: how often the annotations file is read
+
+
+@dataclass(frozen=True)
 class RunConfig:
     notes: str = ""
     dir: str = "runs"  # the runs root; each run lands in <dir>/<model>/<version>/
@@ -253,6 +265,7 @@ class Config:
     deblur: DeblurConfig = field(default_factory=DeblurConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
+    loop: LoopConfig = field(default_factory=LoopConfig)
     run: RunConfig = field(default_factory=RunConfig)
     source_file: str | None = field(default=None, metadata={"internal": True})  # the recipe it was read from
     provenance: dict = field(default_factory=dict, metadata={"internal": True})  # dotted key -> file or --set
@@ -395,6 +408,11 @@ RANGES: dict[str, Range] = {
     "distill.alpha": UNIT,
     "tune.trials": AT_LEAST_ONE,
     "tune.seed": NON_NEGATIVE,
+    "loop.steps": AT_LEAST_ONE,
+    "loop.tolerance": NON_NEGATIVE,
+    "loop.keep": AT_LEAST_ONE,
+    "loop.min_new": AT_LEAST_ONE,
+    "loop.poll_seconds": POSITIVE,
 }
 
 

@@ -14,6 +14,8 @@
     python -m shared.runner find-batch --config models/resnet/run.yaml [--max-batch 1024]
     python -m shared.runner export --run runs/resnet/v0003 --format saved_model|tflite [--quantize int8]
     python -m shared.runner size --run runs/resnet/v0003
+    python -m shared.runner loop --config models/resnet/quick.yaml --annotations tasks.jsonl --from runs/resnet/v0003
+    python -m shared.runner predict --run runs/resnet/v0003 photos/ a.jpg '*.png' [--top-k 5 --out preds.csv]
 
 Every command goes through its config's or run's task (`shared.tasks.TASKS`: classification, detection, ...):
 a command the task does not support (`Task.commands`) is refused in one place, `_check_supported`, with one
@@ -97,6 +99,16 @@ def build_parser(prog: str = "python -m shared.runner") -> argparse.ArgumentPars
     predict.add_argument("--out", help="also write one row per image to FILE.csv or FILE.jsonl")
     predict.add_argument("--strict", action="store_true", help="stop at the first unreadable file (default: skip it)")
     predict.add_argument("--batch-size", type=int, default=64, help="images per model call (default 64)")
+    loop = sub.add_parser("loop", help="train in the loop: new annotations -> finetune -> a new served version")
+    _config_arguments(loop)
+    loop.add_argument("--annotations", required=True, metavar="FILE.jsonl",
+                      help="the annotation tool's append-only JSONL export")
+    loop.add_argument("--from", dest="from_run", required=True, metavar="RUN", help="the run the first round starts from")
+    loop.add_argument("--export-dir", default="exports", help="the TF Serving model base folder (default exports)")
+    when = loop.add_mutually_exclusive_group()
+    when.add_argument("--once", action="store_true", help="one round with what is new, then exit (the default)")
+    when.add_argument("--watch", action="store_true",
+                      help="poll every loop.poll_seconds; a round when loop.min_new new accepted tasks are there")
     test = sub.add_parser("test", help="re-test a finished run from its own snapshot")
     test.add_argument("--run", required=True, help="a run folder, e.g. runs/resnet/v0003")
     test.add_argument("--checkpoint", help="last (default), best (checkpoints/best.keras, see train.best) or a "
@@ -272,6 +284,24 @@ def _predict(args: argparse.Namespace, argv: list[str]) -> None:
                     batch_size=args.batch_size)
 
 
+def _loop(args: argparse.Namespace, argv: list[str]) -> None:
+    config = _config(args, list(args.set) + ([f"run.notes={_yaml_string(args.notes)}"] if args.notes else []))
+    from shared import loop
+
+    session = loop.open_loop(config, args.annotations, args.from_run, args.export_dir, ["-m", "shared.runner", *argv])
+    try:
+        if args.watch:
+            print(f"loop {session.dir}: watching {session.annotations} every {config.loop.poll_seconds:g} s "
+                  f"(a round at {config.loop.min_new} new accepted tasks); Ctrl-C stops", flush=True)
+            loop.run_rounds(session, watch=True)
+            return
+        with loop.sigterm_stops():
+            print(loop.run_round(session).describe())
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(f"interrupted; nothing is half-way: rerun the same command to continue the loop "
+                                f"in {session.dir}") from None
+
+
 def finetune_overrides(args: argparse.Namespace) -> list[str]:
     """What `finetune` / `finetune-all` mean, as config keys (so the run's config.yaml records them);
     the user's own --set values come after and win."""
@@ -358,7 +388,7 @@ def _cli_text(text: str) -> str:
 # The CLI's commands and their handlers; which task supports which command is each Task's `commands`.
 HANDLERS = {"train": _train, "finetune": _train, "finetune-all": _train, "distill": _train, "tune": _tune,
             "test": _test, "preview": _preview, "lr-sweep": _lr_sweep, "find-batch": _find_batch, "export": _export,
-            "size": _size, "predict": _predict}
+            "size": _size, "predict": _predict, "loop": _loop}
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 # The CLI commands a task may support (shared.runner's command table lists which task supports which).
 ALL_COMMANDS = frozenset({"train", "resume", "test", "finetune", "finetune-all", "distill", "tune", "preview",
-                          "lr-sweep", "find-batch", "export", "size", "predict"})
+                          "lr-sweep", "find-batch", "export", "size", "predict", "loop"})
 
 
 @dataclasses.dataclass

@@ -101,6 +101,12 @@ def example_from_file(path: str, label: int, synset: str | None) -> tf.train.Exa
     """One Model Garden record from an image file: its raw bytes (no re-encoding), the format read from the
     content (a PNG named .JPEG gets `png`), height, width, label and, when given, the synset."""
     data, image_format, height, width = read_image_file(path)
+    return image_example(data, image_format, height, width, label, synset)
+
+
+def image_example(data: bytes, image_format: str, height: int, width: int, label: int,
+                  synset: str | None) -> tf.train.Example:
+    """One Model Garden record from an encoded image (`image_format` as TF names it: jpeg, png, ...)."""
     feature = {
         "image/encoded": _bytes(data),
         "image/format": _bytes(image_format.encode()),

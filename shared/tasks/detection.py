@@ -305,7 +305,7 @@ def summary(metrics: dict) -> str:
 
 class DetectionTask(Task):
     name = "detection"
-    commands = frozenset({"train", "resume", "test", "finetune", "finetune-all", "export"})
+    commands = frozenset({"train", "resume", "test", "finetune", "finetune-all", "export", "loop"})
     distributes = False  # one device: check() refuses the strategies that spread a run
 
     def check(self, config) -> None:
