@@ -22,7 +22,8 @@ import numpy as np
 import tensorflow as tf
 
 from shared.config import DataConfig
-from shared.data import checks, split
+from shared.data import checks
+from shared.data import split as folder_split
 from shared.data.listing import IMAGE_SUFFIXES, class_name, file_names, is_image, mix_classes
 from shared.errors import UserError
 from shared.fashion_mnist import (FASHION_MNIST_CLASSES, FASHION_MNIST_DIRS, FASHION_MNIST_FILES,
@@ -56,7 +57,7 @@ class Source:
         return len(self.class_names)
 
 
-def load(config: DataConfig, recorded: split.RecordedSplit | None = None) -> Source:
+def load(config: DataConfig, recorded: folder_split.RecordedSplit | None = None) -> Source:
     """The config's source; `recorded`: the split a run recorded (a split-less folder), read instead of
     splitting the folder again."""
     config = dataclasses.replace(config, **{key: os.path.expanduser(getattr(config, key))
@@ -177,7 +178,7 @@ def layouts(config: DataConfig) -> str:
             f"PATH/{config.train_split}/<class>/<image> with PATH/{config.test_split}/<class>/<image>")
 
 
-def folder(config: DataConfig, recorded: split.RecordedSplit | None = None) -> Source:
+def folder(config: DataConfig, recorded: folder_split.RecordedSplit | None = None) -> Source:
     """Class folders in split folders (`train/<class>`, `test/<class>`) as they are; class folders without
     a test split folder (`PATH/<class>`, or `train/<class>` alone) split by class (`shared.data.split`),
     or as a run recorded that split (`recorded`)."""
@@ -219,7 +220,7 @@ def list_class_folders(class_root: Path) -> dict[str, list[str]]:
                   f"it is left out of the classes", file=sys.stderr, flush=True)
             continue
         for path in files:
-            split.check_recordable(path)
+            folder_split.check_recordable(path)
         by_class[class_name(class_dir)] = files
     return by_class
 
@@ -233,20 +234,20 @@ def _split_folder(config: DataConfig, root: Path, class_root: Path) -> Source:
     if not config.test_fraction:
         raise UserError(f"folder dataset {class_root} has class folders but no {config.test_split}/ folder to test on; "
                         f"set data.test_fraction (e.g. 0.2) to hold out that share of each class for testing")
-    parts = split.stratified(by_class, config.val_fraction, config.test_fraction)
+    parts = folder_split.stratified(by_class, config.val_fraction, config.test_fraction)
     class_names = list(by_class)
-    files = {name: [path for label in class_names for path in parts[name][label]] for name in split.SPLITS}
+    files = {name: [path for label in class_names for path in parts[name][label]] for name in folder_split.SPLITS}
     labels = {name: [index for index, label in enumerate(class_names) for _ in parts[name][label]]
-              for name in split.SPLITS}
-    return _listed_folder(files, labels, class_names, record=split.record(files, root))
+              for name in folder_split.SPLITS}
+    return _listed_folder(files, labels, class_names, record=folder_split.record(files, root))
 
 
-def _recorded_folder(root: Path, recorded: split.RecordedSplit) -> Source:
+def _recorded_folder(root: Path, recorded: folder_split.RecordedSplit) -> Source:
     """The images of the split a run recorded, whatever the folder holds now; their classes are their
     folders' names, indexed as the run's labels.txt orders them."""
     index = {name: i for i, name in enumerate(recorded.class_names)}
     files, labels = {}, {}
-    for name in split.SPLITS:
+    for name in folder_split.SPLITS:
         relative = recorded.files.get(name, [])
         unknown = [path for path in relative if Path(path).parent.name not in index]
         if unknown:
@@ -254,23 +255,23 @@ def _recorded_folder(root: Path, recorded: split.RecordedSplit) -> Source:
                             f"run's classes (labels.txt); the split record was edited: restore it")
         files[name] = [str(root / path) for path in relative]
         labels[name] = [index[Path(path).parent.name] for path in relative]
-    missing = [path for name in split.SPLITS for path in files[name] if not os.path.isfile(path)]
+    missing = [path for name in folder_split.SPLITS for path in files[name] if not os.path.isfile(path)]
     if missing:
         raise UserError(f"{len(missing)} image(s) of the split this run recorded are gone from {root} "
                         f"(first: {missing[0]}); put them back to test or resume the run on its own data")
     # recorded again: a run continued from this one (a new folder) keeps the same split
-    return _listed_folder(files, labels, recorded.class_names, record=split.record(files, root))
+    return _listed_folder(files, labels, recorded.class_names, record=folder_split.record(files, root))
 
 
 def _listed_folder(files: dict[str, list[str]], labels: dict[str, list[int]], class_names: list[str],
                    record: dict) -> Source:
     """A folder source of split file lists in class order: each split is mixed once with a fixed seed."""
-    mixed = {name: mix_classes(files[name], labels[name]) for name in split.SPLITS}
-    datasets = {name: _paths_dataset(*mixed[name]) for name in split.SPLITS}
+    mixed = {name: mix_classes(files[name], labels[name]) for name in folder_split.SPLITS}
+    datasets = {name: _paths_dataset(*mixed[name]) for name in folder_split.SPLITS}
     return Source(
         train=datasets["train"], test=datasets["test"], num_train=len(files["train"]), num_test=len(files["test"]),
         class_names=class_names, mean=IMAGENET_MEAN, std=IMAGENET_STD, encoding="path", fixed_size=False,
-        files={name: mixed[name][0] for name in split.SPLITS},
+        files={name: mixed[name][0] for name in folder_split.SPLITS},
         val=datasets["val"] if files["val"] else None, num_val=len(files["val"]),
         train_labels=mixed["train"][1], record=record,
     )
