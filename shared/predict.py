@@ -573,7 +573,10 @@ def command(predictor_factory: Callable[[], Predictor], arguments: list[str], to
 
 
 def _say(bar, line: str, stream) -> None:
-    if bar is not None and not bar.disable:
-        bar.write(line, file=stream)
-    else:
-        print(line, file=stream, flush=stream is sys.stderr)
+    try:
+        if bar is not None and not bar.disable:
+            bar.write(line, file=stream)
+        else:
+            print(line, file=stream, flush=True)  # a line at a time: a reader that stops is noticed here
+    except BrokenPipeError:  # `predict ... | head`: the reader has gone; classify on (for --out) in silence
+        os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())

@@ -108,6 +108,25 @@ def test_run_saved_model_and_tflite_predict_what_the_eval_pipeline_sees(folder_r
         assert [p.input for p in result] == list(range(len(arrays)))
         assert np.abs(np.stack([p.probabilities for p in result]) - want).max() < 1e-5
 
+    # a damaged file, a missing one and a bad array are skipped with a reason; the rest are still classified
+    damaged = tmp_path / "damaged.png"
+    damaged.write_bytes(DAMAGED)
+    mixed = [files[0], damaged, tmp_path / "gone.jpg", files[1], np.zeros((2, 2, 2, 2), np.uint8), arrays[0]]
+    for predictor in (Predictor.from_run(run), Predictor.from_saved_model(folder)):
+        result = predictor.predict(mixed, batch_size=3)  # the SavedModel retries its failed batch one by one
+        assert [p.error is None for p in result] == [True, False, False, True, False, True]
+        assert result[1].error.startswith("not a decodable image") and result[2].error == "No such file or directory"
+        assert result[4].error.startswith("not an image array") and result[4].input == 4
+        assert np.abs(np.stack([result[0].probabilities, result[3].probabilities]) - expected[:2]).max() < 1e-5
+
+    # an export without its export.json: names from the served labels; arrays need the recorded preprocessing
+    foreign = Path(shutil.copytree(folder, tmp_path / "foreign" / "1"))
+    shutil.rmtree(foreign / "assets.extra")
+    bare = Predictor.from_saved_model(foreign)
+    assert [p.names for p in bare.predict(files)] == [p.names for p in from_run]
+    with pytest.raises(Exception, match="has no assets.extra/export.json"):
+        bare.predict(arrays)
+
     lite = tflite.convert(run)  # <run>/export/model_none.tflite: the run's preprocessing is found from there
     from_lite = Predictor.from_tflite(lite).predict(files)
     assert np.abs(np.stack([p.probabilities for p in from_lite]) - expected).max() < 1e-4
@@ -147,6 +166,15 @@ def test_the_command_skips_damaged_files_lists_them_and_writes_csv_and_jsonl(fol
     assert [r["path"] for r in records] == sorted(p for p in good if p.endswith(".png"))
     assert any("déjà vu 猫" in r["path"] for r in records)
     assert all(len(r["ids"]) == len(r["names"]) == len(r["scores"]) == 4 for r in records)  # top 5 of 4 classes
+
+    # a reader that has gone (`| head -1`; here closed before the first line): no traceback, --out gets every image
+    piped = tmp_path / "piped.jsonl"
+    process = subprocess.Popen([sys.executable, "-m", "shared.runner", "predict", "--run", str(run.path), str(images),
+                                "--out", str(piped)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process.stdout.close()
+    stderr = process.stderr.read().decode()
+    assert process.wait(timeout=120) == 0 and "Traceback" not in stderr and "BrokenPipe" not in stderr
+    assert len(piped.read_text(encoding="utf-8").splitlines()) == len(good)
 
     code, _, err = run_cli(capsys, "predict", "--run", run.path, images, "--out", tmp_path / "strict.csv", "--strict")
     assert_one_line_error(code, err, f"cannot classify {damaged}", "--strict")
