@@ -73,7 +73,8 @@ def representative_dataset(run: Run, config, count: int = 200) -> Callable[[], I
     from shared.config import with_changes
 
     config = with_changes(config, {"data.augment": [], "data.batch_augment": []})
-    datasets = data_module.make_datasets(config, modelzoo.load_augment_module(run.path))
+    datasets = data_module.make_datasets(config, modelzoo.load_augment_module(run.path),
+                                         recorded=data_module.split.read(run.path))  # a folder's recorded split
     count = max(1, min(count, datasets.num_train))
 
     def generate():
@@ -227,7 +228,8 @@ def evaluate_tflite(path: Path | str, run: Run | str | Path, limit: int | None =
 
     run = _as_run(run)
     config = config_module.from_dict(run.config_dict())
-    datasets = data_module.make_datasets(config, modelzoo.load_augment_module(run.path))
+    datasets = data_module.make_datasets(config, modelzoo.load_augment_module(run.path),
+                                         recorded=data_module.split.read(run.path))  # a folder's recorded split
     test = datasets.test.unbatch()
     if limit is not None:
         test = test.take(limit)
