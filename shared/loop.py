@@ -149,14 +149,14 @@ def run_round(loop: Loop, min_new: int = 1) -> RoundResult:
             return _finish(loop, state, started, None)
         batch = annotations.read_new(loop.annotations, state["offset"], state["lines"], loop.task,
                                      _class_names(loop.dir))
-        if batch.lines or batch.waiting:
-            print(f"{loop.annotations}: {batch.describe()}", flush=True)
         if batch.accepted == 0 and batch.lines:  # nothing to train on: consume and count them
+            print(f"{loop.annotations}: {batch.describe()}", flush=True)
             _add_counts(state, batch)
             state.update(offset=batch.end_offset, lines=state["lines"] + batch.lines)
             _commit(loop.dir, state)
-        if batch.accepted == 0 or batch.accepted < min_new:
+        if batch.accepted == 0 or batch.accepted < min_new:  # left for later (the caller may report them)
             return RoundResult(None, batch, state["examples"], seconds=time.monotonic() - started)
+        print(f"{loop.annotations}: {batch.describe()}", flush=True)
         number = state["round"] + 1
         folder = loop.dir / DATA / f"round-{number:04d}"
         _write_set(folder, batch.examples, loop.task, _class_names(loop.dir))
@@ -172,21 +172,31 @@ def run_round(loop: Loop, min_new: int = 1) -> RoundResult:
 
 
 def run_rounds(loop: Loop, watch: bool = True, rounds: int | None = None,
-               stop: Callable[[], bool] = lambda: False, report: Callable[[RoundResult], None] = print) -> list:
+               stop: Callable[[], bool] = lambda: False, report: Callable[[str], None] = print) -> list[RoundResult]:
     """Rounds until stopped: with `watch`, poll the annotations every loop.poll_seconds and run a round when
     at least loop.min_new new accepted tasks are there; without, until nothing new is left. `rounds`: stop
-    after that many rounds; `stop()`: asked between rounds and polls. Ctrl-C or SIGTERM stops at once; the
-    state on disk is consistent at every moment, and the same call continues. Returns the rounds run."""
+    after that many rounds; `stop()`: asked between rounds and polls; `report`: gets a line per round or
+    change. Ctrl-C or SIGTERM stops at once; the state on disk is consistent at every moment, and the same
+    call continues. Returns the rounds run."""
     done: list[RoundResult] = []
+    min_new = loop.config.loop.min_new if watch else 1
+    waiting = None
     with folder_writer_held(loop), sigterm_stops():
+        if watch:
+            report(f"loop {loop.dir}: watching {loop.annotations} every {loop.config.loop.poll_seconds:g} s (a round "
+                   f"at {min_new} new accepted tasks); Ctrl-C or SIGTERM stops")
         while not stop() and (rounds is None or len(done) < rounds):
-            result = run_round(loop, min_new=loop.config.loop.min_new if watch else 1)
+            result = run_round(loop, min_new=min_new)
             if result.round is not None:
                 done.append(result)
                 report(result.describe())
                 continue
             if not watch:
                 break
+            pending = result.batch.accepted if result.batch else 0
+            if pending and pending != waiting:
+                report(f"waiting: {pending} of {min_new} new accepted tasks")
+            waiting = pending
             _sleep(loop.config.loop.poll_seconds, stop)
     return done
 

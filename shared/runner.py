@@ -291,9 +291,7 @@ def _loop(args: argparse.Namespace, argv: list[str]) -> None:
     session = loop.open_loop(config, args.annotations, args.from_run, args.export_dir, ["-m", "shared.runner", *argv])
     try:
         if args.watch:
-            print(f"loop {session.dir}: watching {session.annotations} every {config.loop.poll_seconds:g} s "
-                  f"(a round at {config.loop.min_new} new accepted tasks); Ctrl-C stops", flush=True)
-            loop.run_rounds(session, watch=True)
+            loop.run_rounds(session, watch=True, report=lambda line: print(line, flush=True))
             return
         with loop.sigterm_stops():
             print(loop.run_round(session).describe())
