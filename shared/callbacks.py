@@ -97,10 +97,13 @@ def monitored_value(monitor: str, logs: dict | None, what: str) -> float:
 
 
 class BestCheckpoint(keras.callbacks.Callback):
-    """Keep checkpoints/best.keras: a durable copy of the epoch checkpoint (the same weights, EMA included,
-    and optimizer state) whose monitored value is the best so far. Place after the EpochCheckpoint it
-    copies from; its state (best value and epoch) is committed with the backup, so `--resume` keeps
-    comparing against the run's best, and it is not reset between the phases of one run."""
+    """Keep checkpoints/best.keras: a copy of the epoch checkpoint (the same weights, EMA included, and
+    optimizer state) whose monitored value is the best so far, and only ever of an epoch the backup has
+    committed. An improving epoch's copy is written durably beside (`.best-epoch-NNNN.keras`) and renamed to
+    best.keras once its backup is committed (at the next epoch's start, at the end of training, or by the
+    `--resume` that restores that commit); after a kill before the commit, best.keras is the previous best and
+    the resume removes the copy. Place after the EpochCheckpoint it copies from; its state (best value and
+    epoch) is committed with the backup, and it is not reset between the phases of one run."""
 
     def __init__(self, source: EpochCheckpoint, monitor: str, mode: str = "auto"):
         super().__init__()
@@ -109,14 +112,29 @@ class BestCheckpoint(keras.callbacks.Callback):
         self.mode = monitor_mode(monitor, mode)
         self.best: float | None = None
         self.best_epoch: int | None = None  # 1-based, as the checkpoint names count
+        self.pending = False  # the best epoch's copy is staged, not yet best.keras
 
     def on_epoch_end(self, epoch, logs=None):
         current = monitored_value(self.monitor, logs, "train.best.monitor")
         if not math.isfinite(current) or not self._improves(current):
             return
-        with durable.partial_path(self.source.directory / BEST_CHECKPOINT) as partial:
+        with durable.partial_path(self._staged(epoch + 1)) as partial:
             shutil.copyfile(self.source.last_saved, partial)
-        self.best, self.best_epoch = current, epoch + 1
+        self.best, self.best_epoch, self.pending = current, epoch + 1, True
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._publish()  # the previous epoch's backup is committed by now
+
+    def on_train_end(self, logs=None):
+        self._publish()
+
+    def _staged(self, epoch: int) -> Path:
+        return self.source.directory / f".best-epoch-{epoch:04d}.keras"
+
+    def _publish(self) -> None:
+        if self.pending and self._staged(self.best_epoch).is_file():
+            durable.publish(self._staged(self.best_epoch), self.source.directory / BEST_CHECKPOINT)
+        self.pending = False
 
     def _improves(self, current: float) -> bool:
         if self.best is None:
@@ -131,10 +149,14 @@ class BestCheckpoint(keras.callbacks.Callback):
                 "checkpoint": f"checkpoints/{BEST_CHECKPOINT}"}
 
     def get_state(self) -> dict:
-        return {"best": self.best, "best_epoch": self.best_epoch}
+        return {"best": self.best, "best_epoch": self.best_epoch, "pending": self.pending}
 
     def set_state(self, state: dict) -> None:
-        self.best, self.best_epoch = state["best"], state["best_epoch"]
+        """The committed state, with its staged copy made best.keras; copies of uncommitted epochs go."""
+        self.best, self.best_epoch, self.pending = state["best"], state["best_epoch"], state["pending"]
+        self._publish()
+        for stale in self.source.directory.glob(".best-epoch-*.keras"):
+            durable.remove(stale)
 
 
 class ResumableEarlyStopping(keras.callbacks.EarlyStopping):

@@ -96,12 +96,14 @@ class Continuation:
                 f"({self.checkpoint.relative_to(self.source.path)}, weights and optimizer state)")
 
 
-def continue_run(path: str | Path, epochs: int, argv: list[str] | None = None) -> runs.Run:
+def continue_run(path: str | Path, epochs: int, argv: list[str] | None = None,
+                 callbacks: list | tuple = ()) -> runs.Run:
     """Train a finished run further, to `epochs` in all, in a new version folder of its model that records
     where it came from (notes.md, and `continued_from` in status.json): from its last checkpoint's weights,
     optimizer state and epoch counter (the schedule goes on from that epoch, over the new total), with its own
     config and model.py otherwise. Its metrics.csv starts with the source's rows up to that epoch, so the
-    curves show the whole training; the source run is not changed."""
+    curves show the whole training; the source run is not changed. `callbacks`: as `train`'s. Interrupted, the
+    new run resumes in place like any other."""
     from shared import config as config_module
 
     source = runs.open_run(path)
@@ -109,7 +111,8 @@ def continue_run(path: str | Path, epochs: int, argv: list[str] | None = None) -
     continuation = continuation_of(source, epochs)
     tree = source.config_dict()
     config = config_module.from_dict({**tree, "train": {**tree.get("train", {}), "epochs": epochs}})
-    return _run_training(_task(config), config, argv, resumed=None, continued=continuation)
+    return _run_training(_task(config), config, argv, resumed=None, extra_callbacks=list(callbacks),
+                         continued=continuation)
 
 
 def continuation_of(source: runs.Run, epochs: int) -> Continuation:

@@ -31,6 +31,32 @@ def build(num_classes: int = 10, input_shape: tuple = (16, 16, 3), width: int = 
 STEPS = 2  # 64 training images (of 80, 0.2 validation) in batches of 32
 
 
+# The runner with os.replace wrapped: SIGKILL right after the n-th rename onto the file named in KILL_AT
+# ("name:n"), as tests/test_faults.py does at each commit point.
+KILLING_RUNNER = '''
+import os, signal, sys
+from pathlib import Path
+
+name, nth = os.environ["KILL_AT"].split(":")
+seen = 0
+rename = os.replace
+
+
+def replace(source, target, **kwargs):
+    global seen
+    rename(source, target, **kwargs)
+    if Path(target).name == name:
+        seen += 1
+        if seen == int(nth):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+os.replace = replace
+from shared import runner
+sys.exit(runner.main(sys.argv[1:]))
+'''
+
+
 def tiny_run_tree(tmp_path: Path, validation: bool = True, **train) -> dict:
     model = tmp_path / "tiny_model"
     model.mkdir(parents=True, exist_ok=True)
@@ -245,6 +271,33 @@ def test_continue_a_finished_run_in_a_new_folder(tmp_path, capsys):
 
 
 @pytest.mark.slow
+def test_an_interrupted_continuation_resumes_in_its_own_folder(tmp_path):
+    """Ctrl-C in the first continued epoch: the new run's backup already holds the source's state (epoch 2),
+    so --resume goes on from there, not from epoch 0 and not from the source."""
+    import keras
+
+    from shared.lifecycle import continue_run, resume
+
+    source = train_tree(tiny_run_tree(tmp_path, epochs=2, lr={"base": 0.05, "schedule": "step", "milestones": [2]}))
+
+    class CtrlC(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        continue_run(source.path, 4, argv=["pytest"], callbacks=[CtrlC()])
+    continued = source.path.parent / "v0002"
+    assert json.loads((continued / "status.json").read_text())["status"] == "interrupted"
+    run = resume(continued)
+    assert run.status()["status"] == "finished" and run.status()["continued_from"]["epoch"] == 2
+    assert [row["epoch"] for row in rows(run.path)] == ["0", "1", "2", "3"]
+    assert [float(row["lr"]) for row in rows(run.path)][2:] == pytest.approx([0.005, 0.005])
+    model = keras.saving.load_model(run.last_checkpoint(), compile=True)
+    assert int(model.optimizer.iterations.numpy()) == 4 * STEPS
+    assert sorted(p.name for p in source.path.parent.iterdir()) == ["v0001", "v0002"]
+
+
+@pytest.mark.slow
 def test_a_continued_folder_run_keeps_the_recorded_split(tmp_path):
     """A split-less image folder: the continued run records the source's split (not a new one of the folder as
     it is now), so its re-test uses the same images."""
@@ -271,6 +324,40 @@ def test_a_continued_folder_run_keeps_the_recorded_split(tmp_path):
     from shared.evaluate import evaluate
 
     assert evaluate(run)["examples"] == source.test_metrics()["examples"]  # the re-test reads the run's split
+
+
+@pytest.mark.slow
+def test_best_keras_only_ever_holds_a_committed_epoch(tmp_path):
+    """Every epoch's rate is lower, so each is the best so far. Killed after epoch 2's copy is written but
+    before its backup commits, best.keras is still epoch 1's (the resume redoes epoch 2); the resume then
+    ends with the last epoch's and no staged copy left."""
+    import os
+    import signal
+    import sys
+
+    from shared.callbacks import backup_state
+
+    tree = tiny_run_tree(tmp_path, epochs=3, lr={"base": 0.05, "schedule": "exponential", "gamma": 0.5},
+                         best={"monitor": "lr", "mode": "min"})
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(tree))
+    killed = subprocess.run([sys.executable, "-c", KILLING_RUNNER, "--config", str(config)], cwd=REPO,
+                            capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "KILL_AT": ".best-epoch-0002.keras:1"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    (run_dir,) = (tmp_path / "runs" / "tiny").iterdir()
+    checkpoints = run_dir / "checkpoints"
+    assert backup_state(run_dir / "backup" / "phase-1")["epoch"] == 1
+    assert (checkpoints / ".best-epoch-0002.keras").is_file()
+    assert (checkpoints / "best.keras").read_bytes() == (checkpoints / "epoch-0001.keras").read_bytes()
+
+    resumed = subprocess.run([sys.executable, "-m", "shared.runner", "--resume", str(run_dir)], cwd=REPO,
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["best.keras", "epoch-0001.keras", "epoch-0002.keras",
+                                                             "epoch-0003.keras"]
+    assert (checkpoints / "best.keras").read_bytes() == (checkpoints / "epoch-0003.keras").read_bytes()
+    assert json.loads((run_dir / "test_metrics.json").read_text())["best"]["epoch"] == 3
 
 
 # ---------------------------------------------------------------- bad input
