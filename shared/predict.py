@@ -19,6 +19,7 @@ import io
 import itertools
 import json
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,8 +52,10 @@ class Prediction:
 
 
 def _first_line(error: BaseException) -> str:
-    text = getattr(error, "message", None) or str(error) or type(error).__name__
-    return " ".join(text.strip().splitlines()[0].split()) if text.strip() else type(error).__name__
+    """The first line of an error, without TensorFlow's op decorations ({{function_node ...}}, [Op:...])."""
+    text = getattr(error, "message", None) or str(error)
+    text = re.sub(r"\{\{[^}]*\}\}|\[Op:.*", "", text.strip().splitlines()[0] if text.strip() else "")
+    return " ".join(text.split()) or type(error).__name__
 
 
 # ---------------------------------------------------------------- the three sources
@@ -522,7 +525,18 @@ def csv_text(predictions: list[Prediction], top_k: int) -> str:
 
 
 def jsonl_text(predictions: list[Prediction]) -> str:
-    return "".join(json.dumps(p.row(), ensure_ascii=False) + "\n" for p in predictions)
+    return "".join(_json_line(p.row()) for p in predictions)
+
+
+def _json_line(row: dict) -> str:
+    """Unicode as it is; a file name that is not UTF-8 as \\udcXX escapes (os.fsencode gets its bytes back), so
+    the file stays valid UTF-8 JSON."""
+    line = json.dumps(row, ensure_ascii=False)
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError:
+        line = json.dumps(row)
+    return line + "\n"
 
 
 def command(predictor_factory: Callable[[], Predictor], arguments: list[str], top_k: int = 5,

@@ -144,6 +144,9 @@ def test_the_command_skips_damaged_files_lists_them_and_writes_csv_and_jsonl(fol
     (images / "fox" / "déjà vu 猫.png").write_bytes((root / "val" / "cat" / "2.png").read_bytes())
     damaged = images / "cat" / "broken.jpg"
     damaged.write_bytes(DAMAGED)
+    not_utf8 = images / "owl" / os.fsdecode(b"caf\xe9.png")  # a name the file system holds as bytes
+    not_utf8.parent.mkdir()
+    not_utf8.write_bytes((root / "val" / "cat" / "2.png").read_bytes())
     (images / "notes.txt").write_text("not an image: a folder's other files are left out")
     good = sorted(str(p) for p in images.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png") and p != damaged)
 
@@ -152,7 +155,7 @@ def test_the_command_skips_damaged_files_lists_them_and_writes_csv_and_jsonl(fol
     assert code == 0, err
     assert f"skipped {damaged}: not a decodable image" in err and "skipped 1 file " in err
     assert "Traceback" not in err
-    rows = list(csv.reader(out.open(encoding="utf-8")))
+    rows = list(csv.reader(out.open(encoding="utf-8", errors="surrogateescape")))  # the name's own bytes
     assert rows[0] == ["path", "id_1", "name_1", "score_1", "id_2", "name_2", "score_2", "id_3", "name_3", "score_3"]
     assert [row[0] for row in rows[1:]] == sorted(good, key=lambda p: Path(p).relative_to(images).parts)
     assert all(row[2] in NAMES for row in rows[1:])
@@ -174,11 +177,19 @@ def test_the_command_skips_damaged_files_lists_them_and_writes_csv_and_jsonl(fol
     process.stdout.close()
     stderr = process.stderr.read().decode()
     assert process.wait(timeout=120) == 0 and "Traceback" not in stderr and "BrokenPipe" not in stderr
-    assert len(piped.read_text(encoding="utf-8").splitlines()) == len(good)
+    piped_rows = [json.loads(line) for line in piped.read_text(encoding="utf-8").splitlines()]  # valid UTF-8 JSON
+    assert [row["path"] for row in piped_rows] == [row[0] for row in rows[1:]]  # not-UTF-8 name as \udcXX
 
     code, _, err = run_cli(capsys, "predict", "--run", run.path, images, "--out", tmp_path / "strict.csv", "--strict")
     assert_one_line_error(code, err, f"cannot classify {damaged}", "--strict")
     assert not (tmp_path / "strict.csv").exists()
+
+    many = tmp_path / "many"  # enough files for a progress bar, which a non-terminal (here: captured) never gets
+    many.mkdir()
+    for i in range(70):
+        shutil.copy(good[0], many / f"{i:02d}.png")
+    code, printed, err = run_cli(capsys, "predict", "--run", run.path, many, "--batch-size", "16")
+    assert code == 0 and len(printed.splitlines()) == 70 and "\r" not in err and "image/s" not in err
 
     code, _, err = run_cli(capsys, "predict", "--run", run.path, "--checkpoint", "best", images)
     assert_one_line_error(code, err, "no checkpoints/best.keras", "--checkpoint last")
