@@ -316,3 +316,16 @@ def test_class_weights_reach_every_output_loss(tmp_path, model, batch_augment):
     assert doubled == pytest.approx(2 * plain, rel=1e-4)
     history = net.fit(train, steps_per_epoch=2, epochs=1, verbose=0)
     assert np.isfinite(history.history["loss"][0])
+
+
+@pytest.mark.parametrize("weights, problem", [
+    ({"eel": 2.0}, r"names 'eel', which is not a class of this data; the classes are cat, dog$"),
+    ({"cat": -1.0}, r"train.class_weight.cat is -1.0; a class weight must be a positive number$"),
+], ids=["unknown-class", "negative"])
+def test_bad_class_weights_stop_before_a_run_folder(tmp_path, weights, problem):
+    from shared import lifecycle
+
+    root = make_class_folders(tmp_path / "imgs", {"cat": 3, "dog": 3})
+    with pytest.raises(UserError, match=problem):
+        lifecycle.train(load_config(tree=train_tree(tmp_path, root, class_weight=weights)), argv=["pytest"])
+    assert not (tmp_path / "runs" / "resnet").exists()
