@@ -135,13 +135,12 @@ class Predictor:
     # ---- construction
     @classmethod
     def from_run(cls, run: Run | str | Path, checkpoint: str | Path | None = None) -> "Predictor":
-        """The run's model rebuilt from its own snapshot with its last checkpoint (`checkpoint` None or
-        "last"), its best ("best": checkpoints/best.keras, kept with train.best) or a checkpoint file."""
+        """The run's model rebuilt from its own snapshot with a checkpoint (`Run.checkpoint`: None or "last",
+        "best" for checkpoints/best.keras kept with train.best, or a file)."""
         from shared.tasks import rebuild
 
         run = _classification_run(run)
-        file = checkpoint_file(run, checkpoint)
-        model, config = rebuild(run, file)
+        model, config = rebuild(run, run.checkpoint(checkpoint or "last"))
         names = _run_class_names(run, int(model.output_shape[-1]))
         return cls(_Keras(model, EvalView.from_config(config)), names, f"run {run.path}")
 
@@ -368,22 +367,6 @@ def _why_undecodable(encoded: bytes, view: EvalView | None) -> str:
 
 
 # ---------------------------------------------------------------- what the sources need
-
-
-def checkpoint_file(run: Run, checkpoint: str | Path | None) -> Path | None:
-    """None (the last checkpoint) for None / "last"; checkpoints/best.keras for "best"; else a file."""
-    if checkpoint is None or str(checkpoint) == "last":
-        return None
-    if str(checkpoint) == "best":
-        best = run.checkpoint_dir / "best.keras"
-        if not best.is_file():
-            raise UserError(f"run {run.path} has no {best.relative_to(run.path)} (it kept no best checkpoint: "
-                            f"train.best was not set); use --checkpoint last or a checkpoint file")
-        return best
-    file = Path(checkpoint).expanduser()
-    if not file.is_file():
-        raise UserError(f"no checkpoint file {file}; use --checkpoint last, best or the path of a .keras file")
-    return file
 
 
 def _classification_run(run: Run | str | Path) -> Run:

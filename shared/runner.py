@@ -271,6 +271,8 @@ def _predict(args: argparse.Namespace, argv: list[str]) -> None:
     run = _open_idle_run(args.run) if args.run else None
     if run is not None:
         _check_supported("predict", _run_task(run))
+        if args.checkpoint:
+            run.checkpoint(args.checkpoint)  # a run without best.keras answers before TensorFlow loads
     from shared import predict
 
     def predictor():

@@ -191,8 +191,6 @@ def test_the_command_skips_damaged_files_lists_them_and_writes_csv_and_jsonl(fol
     code, printed, err = run_cli(capsys, "predict", "--run", run.path, many, "--batch-size", "16")
     assert code == 0 and len(printed.splitlines()) == 70 and "\r" not in err and "image/s" not in err
 
-    code, _, err = run_cli(capsys, "predict", "--run", run.path, "--checkpoint", "best", images)
-    assert_one_line_error(code, err, "no checkpoints/best.keras", "--checkpoint last")
 
 
 def fake_run(folder: Path, **config) -> Path:
@@ -223,6 +221,8 @@ def test_bad_input_is_one_line_before_any_model_loads(tmp_path, capsys):
         ([image, "--out", tmp_path / "out.xlsx"], ["--out", "use .csv or .jsonl"]),
         ([image, "--top-k", "0"], ["--top-k must be at least 1"]),
         ([image, "--saved-model", tmp_path], ["one of --run RUN, --saved-model DIR or --tflite FILE"]),
+        ([image, "--checkpoint", "best"], ["no checkpoints/best.keras", "--checkpoint last"]),
+        ([image, "--checkpoint", tmp_path / "epoch-0009.keras"], ["checkpoint", "epoch-0009.keras not found"]),
     ]
     for extra, fragments in cases:
         code, _, err = run_cli(capsys, "predict", "--run", run, *extra)
