@@ -9,12 +9,28 @@ picks a config's or a run's. In the spirit of TF Model Garden's `base_task.Task`
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 from typing import Any, Callable
 
 # The CLI commands a task may support (shared.runner's command table lists which task supports which).
 ALL_COMMANDS = frozenset({"train", "resume", "test", "finetune", "finetune-all", "distill", "tune", "preview",
                           "lr-sweep", "find-batch", "export", "size", "predict", "loop"})
+
+
+# The config keys every task records as paths (made absolute by Task.resolve).
+PATH_KEYS = ("data.path", "data.data_dir", "data.manual_dir", "init.from_run", "init.weights")
+
+
+def absolute(path: str | None) -> str | None:
+    """`path` absolute, `~` expanded; None and "" as they are."""
+    return os.path.abspath(os.path.expanduser(path)) if path else path
+
+
+def _get(config, dotted: str):
+    for key in dotted.split("."):
+        config = getattr(config, key)
+    return config
 
 
 @dataclasses.dataclass
@@ -69,8 +85,11 @@ class Task:
 
     def resolve(self, config) -> Any:
         """The config with the paths the run records made absolute (and checked), so its config.yaml finds
-        them from any directory: a new Config (`config` is frozen). Called by `shared.lifecycle.prepare`."""
-        return config
+        them from any directory (`test --run`, `--resume` elsewhere): a new Config (`config` is frozen).
+        Called by `shared.lifecycle.prepare`; a task adds its own keys to these."""
+        from shared.config import with_changes
+
+        return with_changes(config, {key: absolute(_get(config, key)) for key in PATH_KEYS})
 
     def datasets(self, config, folder: Path, replicas: int = 1, start_epoch: int = 0) -> TaskData:
         """The training (and validation / test) pipelines, and in TaskData.config the config resolved by them

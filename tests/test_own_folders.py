@@ -3,6 +3,7 @@ run (`shared.data.split`), and `train.class_weight` against class imbalance (`sh
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 
@@ -329,3 +330,19 @@ def test_bad_class_weights_stop_before_a_run_folder(tmp_path, weights, problem):
     with pytest.raises(UserError, match=problem):
         lifecycle.train(load_config(tree=train_tree(tmp_path, root, class_weight=weights)), argv=["pytest"])
     assert not (tmp_path / "runs" / "resnet").exists()
+
+
+@pytest.mark.parametrize("task", ["classification", "deblur", "detection"])
+def test_every_task_records_data_and_source_paths_absolute(tmp_path, monkeypatch, task):
+    """A run's config.yaml must find its folder from any directory (`test --run` elsewhere, `--resume`)."""
+    from shared.config import load_config
+    from shared.tasks import TASKS
+
+    monkeypatch.chdir(tmp_path)
+    config = load_config(tree={"task": task, "data": {"source": "folder", "path": "my_images", "data_dir": "~/tfds"},
+                               "init": {"weights": "w.h5"}})
+    resolved = TASKS[task].resolve(config)
+    assert resolved.data.path == str(tmp_path / "my_images")
+    assert resolved.data.data_dir == os.path.expanduser("~/tfds")
+    assert resolved.init.weights == str(tmp_path / "w.h5") and resolved.init.from_run is None
+    assert config.data.path == "my_images"  # the loaded config stays as it was (frozen)

@@ -67,6 +67,7 @@ class ClassificationTask(Task):
     distributes = True
 
     def resolve(self, config):
+        config = super().resolve(config)
         if not config.distill.teacher:
             return config
         teacher = str(runs.open_run(config.distill.teacher).path.resolve())  # the snapshot finds it from anywhere

@@ -53,7 +53,7 @@ from shared.detection.model import HEAD_PREFIXES, OUTPUT_NAMES, build_detector, 
 from shared.detection.postprocess import decode_detections
 from shared.errors import UserError
 from shared.evaluate import check_class_names
-from shared.task import Phase, Task, TaskData
+from shared.task import Phase, Task, TaskData, absolute
 
 GALLERY_FILE = "detections.png"
 GALLERY_IMAGES = 16  # test images drawn in detections.png
@@ -113,21 +113,15 @@ def detection_augmentations(config: Config) -> tuple[str, ...]:
     return tuple(names)
 
 
-def _absolute(path: str | None) -> str | None:
-    return os.path.abspath(os.path.expanduser(path)) if path else path
-
-
 def absolute_paths(config: Config) -> Config:
-    """The config with data and source paths made absolute, so the run's config.yaml finds them from any
-    directory."""
+    """The detection keys that name files, made absolute (Task.resolve does the common ones)."""
     detection = config.detection
-    changes = {"data.path": _absolute(config.data.path), "detection.label_map": _absolute(detection.label_map),
-               "init.from_run": _absolute(config.init.from_run), "init.weights": _absolute(config.init.weights)}
+    changes = {"detection.label_map": absolute(detection.label_map)}
     for key in ("train_annotations", "test_annotations"):
         value = getattr(detection, key)
         # VOC's are image-set names unless they are files
         if value and (detection.format != "voc" or os.path.exists(os.path.expanduser(value))):
-            changes[f"detection.{key}"] = _absolute(value)
+            changes[f"detection.{key}"] = absolute(value)
     return with_changes(config, changes)
 
 
@@ -312,7 +306,7 @@ class DetectionTask(Task):
         check_detection_config(config)
 
     def resolve(self, config):
-        return absolute_paths(config)
+        return absolute_paths(super().resolve(config))
 
     def plan_phases(self, config) -> list[Phase]:
         """train.freeze with detection.unfreeze_epoch N: N epochs frozen, then every layer; otherwise the
