@@ -123,6 +123,10 @@ def continuation_of(source: runs.Run, epochs: int) -> Continuation:
         raise UserError(f"run {source.path} is {state}, not finished; --set train.epochs continues a finished run "
                         f"in a new folder: resume this one without --set (python -m shared.runner --resume "
                         f"{source.path})")
+    if (source.config_dict().get("distill") or {}).get("teacher"):
+        raise UserError(f"run {source.path} is a distillation run, whose checkpoints hold the student without the "
+                        f"optimizer state a continuation needs; start a new run (distill, or finetune-all --from "
+                        f"{source.path})")
     last = source.last_checkpoint()
     if last is None:
         raise UserError(f"run {source.path} has no epoch checkpoint in {source.checkpoint_dir} to continue from")

@@ -417,6 +417,18 @@ def test_continuing_an_unfinished_run_is_refused(trained_run, tmp_path, capsys):
     assert run_folders(tmp_path / "runs") == ["v0001"]
 
 
+def test_continuing_a_distillation_run_is_refused(trained_run, tmp_path, capsys):
+    run, _ = trained_run
+    copy = tmp_path / "runs" / "resnet" / "v0001"
+    shutil.copytree(run.path, copy)
+    config = yaml.safe_load((copy / "config.yaml").read_text())
+    config.setdefault("distill", {})["teacher"] = str(run.path)
+    (copy / "config.yaml").write_text(yaml.safe_dump(config))
+    assert runner("--resume", str(copy), "--set", "train.epochs=5") == 2
+    assert f"run {copy} is a distillation run" in capsys.readouterr().err
+    assert run_folders(tmp_path / "runs") == ["v0001"]
+
+
 def test_prune_script_never_deletes_best_or_interrupted(tmp_path):
     root = tmp_path / "runs"
     folder = root / "tiny" / "v0001" / "checkpoints"
