@@ -248,13 +248,15 @@ def test_continue_a_finished_run_in_a_new_folder(tmp_path, capsys):
     and so does the optimizer's step count; the source run is not changed."""
     import keras
 
-    from shared.lifecycle import continue_run
+    from shared.runs import open_run
 
     tree = tiny_run_tree(tmp_path, epochs=2, lr={"base": 0.05, "schedule": "step", "milestones": [2]})
     source = train_tree(tree)
     before = sorted(p.name for p in source.path.rglob("*"))
-    run = continue_run(source.path, 3, argv=["pytest"])
-    assert run.path.name == "v0002" and run.path.parent == source.path.parent
+    capsys.readouterr()
+    assert runner("--resume", str(source.path), "--set", "train.epochs=3") == 0
+    run = open_run(source.path.parent / "v0002")
+    assert f"{run.path}: test top-1 {run.test_metrics()['top1']:.4f}  top-5" in capsys.readouterr().out
     assert sorted(p.name for p in source.path.rglob("*")) == before and source.status()["status"] == "finished"
     assert run.status()["continued_from"] == {"run": str(source.path), "epoch": 2,
                                               "checkpoint": str(source.checkpoint_dir / "epoch-0002.keras")}
