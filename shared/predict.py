@@ -418,66 +418,72 @@ def _export_record(folder: Path) -> dict:
 # ---------------------------------------------------------------- paths for the command line
 
 
-def is_image(name: str) -> bool:
-    from shared.data.listing import is_image as listed
+class Paths:
+    """The command line's paths: `check()` refuses, before any work, what cannot give an image (no arguments,
+    a missing path, a glob matching nothing, a folder without images); iterating yields files as given (a file
+    named explicitly is tried whatever its extension), folders as their image files (recursively, in name order,
+    one folder listing at a time) and globs as their sorted matches, lazily. What the check listed is reused,
+    so no folder (of a million files, say) is listed twice. Linked folders are not followed (no loops)."""
 
-    return listed(name)
+    def __init__(self, arguments: list[str]):
+        self.arguments = [os.fspath(argument) for argument in arguments]
+        self._listed: dict[str, list] = {}  # folder -> its sorted entries, listed by check()
+        self._globbed: dict[str, list[str]] = {}
 
+    def check(self) -> "Paths":
+        from shared.data.listing import IMAGE_SUFFIXES  # shared.data loads TensorFlow: not before it is needed
 
-def _walk(folder: str) -> Iterator[str]:
-    """Image files under `folder`, recursively, in name order, one folder listing at a time (a folder
-    of a million files is listed once, never held twice). Linked folders are not followed (no loops)."""
-    try:
-        with os.scandir(folder) as listing:
-            entries = sorted(listing, key=lambda entry: entry.name)
-    except OSError:
-        yield folder  # reported as skipped with the reason, as an unreadable file is
-        return
-    for entry in entries:
-        if entry.is_dir(follow_symlinks=False):
-            yield from _walk(entry.path)
-        elif is_image(entry.name) and entry.is_file():
-            yield entry.path
+        if not self.arguments:
+            raise UserError("give the images to classify: files, folders (searched recursively) or globs")
+        for argument in self.arguments:
+            if os.path.lexists(argument):
+                if os.path.isdir(argument) and next(self._walk(argument, keep=True), None) is None:
+                    raise UserError(f"no images in {argument} (looked for {', '.join(sorted(IMAGE_SUFFIXES))} "
+                                    f"files, recursively)")
+            elif GLOB_CHARS & set(argument):
+                if not self._matches(argument):
+                    raise UserError(f"no file matches {argument}")
+            else:
+                raise UserError(f"no such file or folder: {argument}")
+        return self
 
+    def __iter__(self) -> Iterator[str]:
+        for argument in self.arguments:
+            if not os.path.lexists(argument) and GLOB_CHARS & set(argument):
+                for match in self._globbed.pop(argument, None) or self._matches(argument):
+                    yield from self._walk(match) if os.path.isdir(match) else [match]
+            elif os.path.isdir(argument):
+                yield from self._walk(argument)
+            else:
+                yield argument
 
-def _matches(pattern: str) -> list[str]:
-    return sorted(glob.glob(pattern, recursive=True))
+    def _matches(self, pattern: str) -> list[str]:
+        self._globbed[pattern] = sorted(glob.glob(pattern, recursive=True))
+        return self._globbed[pattern]
 
+    def _walk(self, folder: str, keep: bool = False) -> Iterator[str]:
+        from shared.data.listing import is_image
 
-def check_paths(arguments: list[str]) -> None:
-    """Refuse, before any work, what cannot give an image: no arguments, a missing path, a glob matching
-    nothing, a folder without images."""
-    if not arguments:
-        raise UserError("give the images to classify: files, folders (searched recursively) or globs")
-    for argument in arguments:
-        if os.path.lexists(argument):
-            if os.path.isdir(argument) and next(_walk(argument), None) is None:
-                raise UserError(f"no images in {argument} (looked for {', '.join(sorted(_suffixes()))} "
-                                f"files, recursively)")
-        elif GLOB_CHARS & set(argument):
-            if not _matches(argument):
-                raise UserError(f"no file matches {argument}")
-        else:
-            raise UserError(f"no such file or folder: {argument}")
-
-
-def _suffixes() -> set[str]:
-    from shared.data.listing import IMAGE_SUFFIXES
-
-    return IMAGE_SUFFIXES
+        entries = self._listed.pop(folder, None)
+        if entries is None:
+            try:
+                with os.scandir(folder) as listing:
+                    entries = sorted(listing, key=lambda entry: entry.name)
+            except OSError:
+                yield folder  # reported as skipped with the reason, as an unreadable file is
+                return
+        if keep:
+            self._listed[folder] = entries
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                yield from self._walk(entry.path, keep)
+            elif is_image(entry.name) and entry.is_file():
+                yield entry.path
 
 
 def expand_paths(arguments: list[str]) -> Iterator[str]:
-    """Files as given (any name: a file named explicitly is tried whatever its extension), folders as
-    their image files (recursively, in name order) and globs as their sorted matches, lazily."""
-    for argument in arguments:
-        if not os.path.lexists(argument) and GLOB_CHARS & set(argument):
-            for match in _matches(argument):
-                yield from _walk(match) if os.path.isdir(match) else [match]
-        elif os.path.isdir(argument):
-            yield from _walk(argument)
-        else:
-            yield argument
+    """The image files the command line's paths name (`Paths`), checked first."""
+    return iter(Paths(arguments).check())
 
 
 # ---------------------------------------------------------------- the command
@@ -532,9 +538,8 @@ def command(predictor_factory: Callable[[], Predictor], arguments: list[str], to
     fmt = _out_format(out)
     if top_k < 1:
         raise UserError(f"--top-k must be at least 1 (got {top_k})")
-    check_paths(arguments)
+    paths = iter(Paths(arguments).check())
     predictor = predictor_factory()
-    paths = expand_paths(arguments)
     head = list(itertools.islice(paths, PROGRESS_FROM))
     # a bar (terminals only, shared.progress) once there are many; its total stays open: a folder is walked as
     # it is classified, not counted first

@@ -15,7 +15,7 @@ import yaml
 from PIL import Image
 
 from shared import runner
-from shared.predict import Predictor, expand_paths
+from shared.predict import Paths, Predictor, expand_paths
 
 from conftest import REPO, tiny_tree
 from test_data import make_folder_dataset
@@ -265,3 +265,16 @@ def test_paths_expand_to_sorted_images_recursively_and_lazily(tmp_path):
     walk = expand_paths([str(tmp_path)])
     assert next(walk) == str(tmp_path / "a.jpeg")  # a generator: nothing listed beyond what was asked for
     assert os.fspath(tmp_path / "b" / "10.PNG") == next(walk)
+
+
+def test_the_check_and_the_walk_list_each_folder_once(tmp_path, monkeypatch):
+    for name in ("x/1.png", "x/y/2.png", "z/3.png"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    listed = []
+    real = os.scandir
+    monkeypatch.setattr(os, "scandir", lambda folder: listed.append(str(folder)) or real(folder))
+    paths = Paths([str(tmp_path / "x"), str(tmp_path / "z")]).check()  # the check lists x and z ...
+    assert sorted(listed) == [str(tmp_path / "x"), str(tmp_path / "z")]
+    assert list(paths) == [str(tmp_path / p) for p in ("x/1.png", "x/y/2.png", "z/3.png")]
+    assert sorted(listed) == [str(tmp_path / p) for p in ("x", "x/y", "z")]  # ... and the walk does not again
