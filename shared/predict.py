@@ -272,7 +272,6 @@ class Predictor:
                    .prefetch(2))
         for indexes, batch in dataset:
             indexes = indexes.numpy()
-            arrived = {}
             if backend.decodes:
                 arrived = self._classify_encoded(indexes, list(batch.numpy()))
             else:
