@@ -258,7 +258,7 @@ def _run_training(task: Task, config: Config, argv: list[str] | None, resumed: r
                                  keep=config.train.keep_checkpoints)
     best, stopper = _best_checkpoint(config, checkpoint), _early_stopping(config)
     run_callbacks = [c for c in (best, stopper) if c is not None]  # one state for the whole run, all phases
-    stopped = _restore_early_stop(saved, run_callbacks)  # stopped before a kill: no more training
+    stopped = _restore_early_stop(saved, run_callbacks, config)  # stopped before a kill: no more training
     started = time.time()
     with failures_marked(run, model, data.undecodable):
         with sigterm_as_interrupt() as stop_callbacks:
@@ -282,7 +282,7 @@ def _run_training(task: Task, config: Config, argv: list[str] | None, resumed: r
                             verbose=keras_verbosity(config.train.verbose), shuffle=False,
                             callbacks=[*stop_callbacks, *phase_callbacks, *(extra_callbacks or [])])
                 start = phase.until_epoch
-                stopped = stopper is not None and stopper.stopped_epoch > 0
+                stopped = _stopped_early(stopper, config)
             if stopped:
                 print(f"stopped early after epoch {stopper.stopped_epoch + 1} of {config.train.epochs}: "
                       f"{stopper.monitor} did not improve by more than {abs(stopper.min_delta)} for "
@@ -477,16 +477,22 @@ def _early_stopping(config: Config) -> ResumableEarlyStopping | None:
                                   mode=monitor_mode(stop.monitor, stop.mode))
 
 
-def _restore_early_stop(saved: list[dict], run_callbacks: list) -> bool:
+def _stopped_early(stopper: ResumableEarlyStopping | None, config: Config) -> bool:
+    """Early stopping ended the run before its last epoch (a stop at the last epoch is no early one)."""
+    return stopper is not None and 0 < stopper.stopped_epoch < config.train.epochs - 1
+
+
+def _restore_early_stop(saved: list[dict], run_callbacks: list, config: Config) -> bool:
     """True when the newest committed backup says early stopping had stopped the run (a kill came while it
     tested): the run is not trained further, and its run-wide callbacks get their committed state back."""
     states = saved[-1].get("callbacks", {}) if saved else {}
-    if not states.get(ResumableEarlyStopping.__name__, {}).get("stopped_epoch"):
+    stopper = next((c for c in run_callbacks if isinstance(c, ResumableEarlyStopping)), None)
+    if stopper is None or not states.get(ResumableEarlyStopping.__name__, {}).get("stopped_epoch"):
         return False
     for callback in run_callbacks:
         if type(callback).__name__ in states:
             callback.set_state(states[type(callback).__name__])
-    return True
+    return _stopped_early(stopper, config)
 
 
 def _checkpoint_outcome(best: BestCheckpoint | None, stopper: ResumableEarlyStopping | None,

@@ -362,6 +362,31 @@ def test_best_keras_only_ever_holds_a_committed_epoch(tmp_path):
     assert json.loads((run_dir / "test_metrics.json").read_text())["best"]["epoch"] == 3
 
 
+@pytest.mark.slow
+def test_a_run_killed_after_its_early_stop_is_not_trained_further(tmp_path):
+    """Killed once the stopping epoch's backup is committed (while it tests): the resume trains nothing more,
+    tests and records the stop at that epoch."""
+    import os
+    import signal
+    import sys
+
+    tree = tiny_run_tree(tmp_path, epochs=6, early_stopping={"monitor": "lr", "patience": 2, "mode": "max"})
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(tree))
+    killed = subprocess.run([sys.executable, "-c", KILLING_RUNNER, "--config", str(config)], cwd=REPO,
+                            capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "KILL_AT": "training_metadata.json:3"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    (run_dir,) = (tmp_path / "runs" / "tiny").iterdir()
+    resumed = subprocess.run([sys.executable, "-m", "shared.runner", "--resume", str(run_dir)], cwd=REPO,
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "stopped early after epoch 3 of 6" in resumed.stdout
+    assert len(rows(run_dir)) == 3 and sorted(p.name for p in (run_dir / "checkpoints").iterdir())[-1] == \
+        "epoch-0003.keras"
+    assert json.loads((run_dir / "test_metrics.json").read_text())["stopped_early"]["epoch"] == 3
+
+
 # ---------------------------------------------------------------- bad input
 
 
