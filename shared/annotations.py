@@ -134,7 +134,7 @@ def parse_line(raw: bytes, number: int, base: Path, task: str, index: dict[str, 
     if not isinstance(image, str) or not image:
         raise Malformed("no image (a path or a data: URI)")
     data, name = _image_bytes(image, number, base)
-    image_format, width, height = _image_facts(data, name)
+    image_format, width, height = image_facts(data, name)
     example = Example(number, data, image_format, width, height, name)
     if task == "classification":
         example.label = _class_index(item.get("label"), index, "label")
@@ -175,7 +175,7 @@ def _image_bytes(image: str, number: int, base: Path) -> tuple[bytes, str]:
         raise Malformed(f"cannot read image {path} ({error.strerror or error})") from None
 
 
-def _image_facts(data: bytes, name: str) -> tuple[str, int, int]:
+def image_facts(data: bytes, name: str) -> tuple[str, int, int]:
     """(format as TensorFlow names it, width, height) of an encoded image that decodes, else Malformed."""
     from PIL import Image
 

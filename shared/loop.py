@@ -474,7 +474,7 @@ def _write_recipe_test_split(loop: Loop, names: list[str], folder: Path) -> None
                     encoded, fmt, height, width = read_image_file(image.decode())
                 elif source.encoding == "bytes":
                     encoded = bytes(image)
-                    fmt, width, height = annotations._image_facts(encoded, "a test image")
+                    fmt, width, height = annotations.image_facts(encoded, "a test image")
                 else:
                     pixels = image if image.ndim == 3 else image[..., None]
                     encoded, fmt, (height, width) = tf.io.encode_png(pixels).numpy(), "png", pixels.shape[:2]

@@ -87,7 +87,7 @@ def test_dump_is_stable_and_in_schema_order():
     second = load_config(tree={"model": {"depth": 18}, "train": {"epochs": 3}}).dump()
     assert first == second
     assert list(yaml.safe_load(first)) == ["task", "model", "data", "train", "init", "distribute", "detection",
-                                           "deblur", "distill", "tune", "run"]
+                                           "deblur", "distill", "tune", "loop", "run"]
 
 
 def test_model_hparams_are_checked_against_build_signature():
