@@ -4,6 +4,7 @@
      "label": "cat"}                                                         classification
      "spans": [{"x": 10, "y": 4, "width": 30, "height": 20, "label": "cat"}]  detection (pixels)
 
+`task_line(...)` / `spans_of(...)` write that format (a simulated annotator, pre-annotations).
 `read_new(path, offset, lines_before, task, class_names)` reads the complete lines after byte `offset`: a last
 line without its newline is still being written and is left for the next read. Accepted tasks become
 `Example`s (the image's own bytes, checked to decode); rejected and ignored ones are only counted. A line that
@@ -75,6 +76,29 @@ class Batch:
             more = f"; and {len(self.malformed) - SHOWN_PROBLEMS} more" if len(self.malformed) > SHOWN_PROBLEMS else ""
             text += f"; skipped {shown}{more}"
         return text
+
+
+def task_line(image: str, answer: str | None = None, label: str | None = None, spans: list[dict] | None = None,
+              **extra) -> str:
+    """One task as a JSONL line (newline included), in the format `read_new` reads: for a simulated annotator
+    (answer set) or pre-annotations (no answer yet: the tool adds it; `extra` such as a score rides along)."""
+    if answer is not None and answer not in ANSWERS:
+        raise ValueError(f"answer {answer!r} is not one of {ANSWERS}")
+    item = {"image": image, **({"answer": answer} if answer is not None else {}),
+            **({"label": label} if label is not None else {}), **({"spans": spans} if spans is not None else {}),
+            **extra}
+    return json.dumps(item, ensure_ascii=False) + "\n"
+
+
+def spans_of(boxes, labels: Sequence[str], scores=None) -> list[dict]:
+    """Pixel xyxy boxes and their class names (and scores) as task spans {x, y, width, height, label[, score]}."""
+    out = []
+    for i, (x_min, y_min, x_max, y_max) in enumerate(np.asarray(boxes, np.float64).reshape(-1, 4).tolist()):
+        span = {"x": x_min, "y": y_min, "width": x_max - x_min, "height": y_max - y_min, "label": labels[i]}
+        if scores is not None:
+            span["score"] = float(scores[i])
+        out.append(span)
+    return out
 
 
 def read_new(path: str | os.PathLike, offset: int = 0, lines_before: int = 0, task: str = "classification",

@@ -455,3 +455,49 @@ def test_sigterm_while_watching_stops_with_nothing_half_way(tmp_path, source):
     assert "rerun the same command" in err
     state = state_of(loop_dir)
     assert (state["round"], state["offset"], state["stage"]) == (0, 0, "done")  # the 2 lines wait, unconsumed
+
+
+@pytest.mark.slow
+def test_the_recipes_test_split_is_the_held_out_set_when_loop_eval_is_null(tmp_path, source):
+    import shutil
+
+    import tensorflow as tf
+
+    from shared import loop as loop_module
+    from shared.config import load_config
+    from shared.errors import UserError
+
+    source_run, tree = source
+    recipe = classification_recipe(tmp_path, tree, eval=None)
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text("")
+    loop = loop_module.open_loop(load_config(str(recipe)), tasks, source_run.path, tmp_path / "exports")
+    result = loop_module.run_round(loop)
+    assert result.round is None and result.describe() == "no new accepted annotations"
+    shards = sorted((loop.dir / "eval").glob("validation-*"))
+    assert count_records(loop.dir / "eval", "validation-*") == 32  # the synthetic test split, as PNGs
+    from shared.data.tfrecord import FEATURES
+
+    record = next(iter(tf.data.TFRecordDataset([str(p) for p in shards])))
+    example = tf.io.parse_single_example(record, FEATURES)
+    assert tf.io.decode_png(example["image/encoded"]).shape == (16, 16, 3)
+    assert 0 <= int(example["image/class/label"]) < 4
+    written = shards[0].stat().st_mtime_ns
+    loop_module.run_round(loop)
+    assert shards[0].stat().st_mtime_ns == written  # ingested once
+
+    other = tmp_path / "other_runs" / "tiny" / "v0001"
+    shutil.copytree(source_run.path, other)
+    with pytest.raises(UserError, match="--from .* to continue it"):
+        loop_module.run_round(loop_module.open_loop(load_config(str(recipe)), tasks, other, tmp_path / "exports"))
+
+
+def test_task_lines_written_for_an_annotator_read_back_as_the_same_examples(tmp_path):
+    png(tmp_path / "a.png", 0, size=40)
+    path = tmp_path / "tasks.jsonl"
+    path.write_text(annotations.task_line("a.png", "accept", spans=annotations.spans_of(
+        [[2, 3, 12, 23]], ["bar"], scores=[0.9])) + annotations.task_line("a.png", score=0.5, label="square"))
+    batch = annotations.read_new(path, 0, 0, "detection", ["square", "bar"])
+    assert batch.accepted == 1 and batch.malformed == ["line 2: answer is null, not one of accept, reject, ignore"]
+    np.testing.assert_allclose(batch.examples[0].boxes, [[2, 3, 12, 23]])
+    assert batch.examples[0].classes.tolist() == [1]
