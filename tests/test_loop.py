@@ -501,3 +501,57 @@ def test_task_lines_written_for_an_annotator_read_back_as_the_same_examples(tmp_
     assert batch.accepted == 1 and batch.malformed == ["line 2: answer is null, not one of accept, reject, ignore"]
     np.testing.assert_allclose(batch.examples[0].boxes, [[2, 3, 12, 23]])
     assert batch.examples[0].classes.tolist() == [1]
+
+
+def test_a_second_process_on_the_same_loop_folder_is_refused(tmp_path):
+    from shared import loop as loop_module
+    from shared.config import load_config
+    from shared.errors import UserError
+
+    loop_dir = tmp_path / "loop"
+    loop_dir.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom shared.locks import folder_writer\n"
+                               f"with folder_writer({str(loop_dir)!r}):\n    print('held', flush=True)\n"
+                               "    time.sleep(60)"], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        loop = loop_module.Loop(load_config(tree=tiny_tree(tmp_path / "runs")), tmp_path / "tasks.jsonl",
+                                tmp_path / "run", tmp_path / "exports", loop_dir, "loop")
+        with pytest.raises(UserError, match=f"is being written by pid {holder.pid}"):
+            loop_module.run_round(loop)
+        assert not (loop_dir / "state.json").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+@pytest.mark.slow
+def test_a_full_disk_while_publishing_a_round_leaves_its_lines_unconsumed(tmp_path, source, monkeypatch):
+    import errno
+
+    from shared import durable
+    from shared import loop as loop_module
+    from shared.config import load_config
+
+    source_run, tree = source
+    recipe = classification_recipe(tmp_path, tree)
+    tasks = tmp_path / "tasks.jsonl"
+    append(tasks, classification_lines(tmp_path, 0, 4))
+    loop = loop_module.open_loop(load_config(str(recipe)), tasks, source_run.path, tmp_path / "exports")
+    fsync_tree = durable.fsync_tree
+
+    def full(path):
+        if "round-0001" in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        fsync_tree(path)
+
+    monkeypatch.setattr(durable, "fsync_tree", full)
+    with pytest.raises(durable.DiskFull, match="disk full while writing .*round-0001"):
+        loop_module.run_round(loop)
+    state = state_of(loop.dir)
+    assert (state["round"], state["offset"], state["lines"]) == (0, 0, 0)
+    assert not (loop.dir / "data" / "round-0001").exists() and not list(loop.dir.rglob(".partial-*"))
+    monkeypatch.setattr(durable, "fsync_tree", fsync_tree)
+    result = loop_module.run_round(loop)  # room again: the same lines make round 1
+    assert (result.round, result.examples) == (1, 4)
+    assert count_records(loop.dir / "data", "*/train-*") == 4
