@@ -118,7 +118,8 @@ def read_new(path: str | os.PathLike, offset: int = 0, lines_before: int = 0, ta
             handle.seek(offset)
             data = handle.read()
     except OSError as error:
-        raise UserError(f"cannot read annotations file {path} ({error.strerror or error}); check --annotations")
+        raise UserError(f"cannot read annotations file {path} ({error.strerror or error}); "
+                        f"check --annotations") from None
     end = data.rfind(b"\n") + 1  # 0: no complete line yet
     batch = Batch(examples=[], end_offset=offset + end, lines=0, waiting=bool(data[end:].strip()))
     index = {name: i for i, name in enumerate(class_names)}

@@ -16,6 +16,7 @@
     python -m shared.runner size --run runs/resnet/v0003
     python -m shared.runner loop --config models/resnet/quick.yaml --annotations tasks.jsonl --from runs/resnet/v0003
     python -m shared.runner predict --run runs/resnet/v0003 photos/ a.jpg '*.png' [--top-k 5 --out preds.csv]
+    python -m shared.runner predict --saved-model exports/resnet photos/ --format tasks --out photos/tasks.jsonl
 
 Every command goes through its config's or run's task (`shared.tasks.TASKS`: classification, detection, ...):
 a command the task does not support (`Task.commands`) is refused in one place, `_check_supported`, with one
@@ -89,7 +90,8 @@ def build_parser(prog: str = "python -m shared.runner") -> argparse.ArgumentPars
     export.add_argument("--evaluate", action="store_true", help="tflite: test the file with LiteRT on the test split")
     size = sub.add_parser("size", help="parameters, multiply-adds, size on disk and CPU latency of a run's artifacts")
     size.add_argument("--run", required=True, help="a run folder, e.g. runs/resnet/v0003")
-    predict = sub.add_parser("predict", help="top-k classes of image files, folders or globs, by a run or its export")
+    predict = sub.add_parser("predict", help="top-k classes (or boxes) of image files, folders or globs, by a run or "
+                                             "its export")
     predict.add_argument("--saved-model", metavar="DIR", help="a SavedModel version folder written by export")
     predict.add_argument("--tflite", metavar="FILE", help="a .tflite file written by export (--run: the run it is of)")
     predict.add_argument("--run", help="a finished run folder, e.g. runs/resnet/v0003")
@@ -97,13 +99,19 @@ def build_parser(prog: str = "python -m shared.runner") -> argparse.ArgumentPars
     predict.add_argument("paths", nargs="*", metavar="PATH", help="image files, folders (recursively) or globs")
     predict.add_argument("--top-k", type=int, default=5, help="classes shown per image (default 5)")
     predict.add_argument("--out", help="also write one row per image to FILE.csv or FILE.jsonl")
+    predict.add_argument("--format", choices=("csv", "jsonl", "tasks"),
+                         help="what --out holds (default: by its extension); tasks: one annotation task per image "
+                              "with the prediction as its suggestion (FILE.jsonl)")
+    predict.add_argument("--min-score", type=float,
+                         help="detection: boxes from this score up (default the run's detection.score_threshold)")
     predict.add_argument("--strict", action="store_true", help="stop at the first unreadable file (default: skip it)")
     predict.add_argument("--batch-size", type=int, default=64, help="images per model call (default 64)")
     loop = sub.add_parser("loop", help="train in the loop: new annotations -> finetune -> a new served version")
     _config_arguments(loop)
     loop.add_argument("--annotations", required=True, metavar="FILE.jsonl",
                       help="the annotation tool's append-only JSONL export")
-    loop.add_argument("--from", dest="from_run", required=True, metavar="RUN", help="the run the first round starts from")
+    loop.add_argument("--from", dest="from_run", required=True, metavar="RUN",
+                      help="the run the first round starts from")
     loop.add_argument("--export-dir", default="exports", help="the TF Serving model base folder (default exports)")
     when = loop.add_mutually_exclusive_group()
     when.add_argument("--once", action="store_true", help="one round with what is new, then exit (the default)")
@@ -275,15 +283,11 @@ def _predict(args: argparse.Namespace, argv: list[str]) -> None:
             run.checkpoint(args.checkpoint)  # a run without best.keras answers before TensorFlow loads
     from shared import predict
 
-    def predictor():
-        if args.saved_model:
-            return predict.Predictor.from_saved_model(args.saved_model)
-        if args.tflite:
-            return predict.Predictor.from_tflite(args.tflite, run)
-        return predict.Predictor.from_run(run, args.checkpoint)
+    def predictor():  # a classifier or a detector, by the source's task
+        return predict.open_predictor(run, args.saved_model, args.tflite, args.checkpoint, args.min_score)
 
     predict.command(predictor, args.paths, top_k=args.top_k, out=args.out, strict=args.strict,
-                    batch_size=args.batch_size)
+                    batch_size=args.batch_size, fmt=args.format)
 
 
 def _loop(args: argparse.Namespace, argv: list[str]) -> None:
