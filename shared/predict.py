@@ -7,7 +7,9 @@ export or its .tflite file, each with the run's own eval preprocessing (`shared.
 Inputs are image paths and / or numpy arrays (H x W [x C], uint8 or float 0-255). Files are read and
 decoded in a tf.data pipeline (in parallel, in order) and classified in batches; a file that cannot be read
 or decoded becomes a `Prediction` with `error` set instead of stopping the rest. `python -m shared.runner
-predict` is the command line (`command` below).
+predict` is the command line (`command` below); for a detection run or export it finds boxes instead
+(`open_predictor` picks `shared.detection.predict.Detector`). `--format tasks` writes the predictions as an
+annotation tool's tasks (`shared.annotations`' format, without an answer): suggestions to accept or correct.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from shared.runs import Run, open_run
 
 DEFAULT_BATCH = 64
 PROGRESS_FROM = 64  # inputs: fewer finish before a progress bar would help
-OUT_FORMATS = (".csv", ".jsonl")
+OUT_FORMATS = {"csv": ".csv", "jsonl": ".jsonl", "tasks": ".jsonl"}  # --format -> the --out extension it writes
 GLOB_CHARS = frozenset("*?[")
 
 
@@ -46,9 +48,21 @@ class Prediction:
     scores: list[float]
     error: str | None = None
     probabilities: np.ndarray | None = field(default=None, repr=False)  # every class's, for a closer look
+    labels: list[str] = field(default_factory=list)  # the top-k as labels.txt records them (wnids stay wnids)
 
     def row(self) -> dict:
         return {"path": self.input, "ids": self.ids, "names": self.names, "scores": self.scores}
+
+    def task(self) -> dict:
+        """The annotation task's suggestion (without "image" and "answer": no one has answered yet): the top
+        class as the annotation reader expects it, its score, and the top-k as choices."""
+        return {"label": self.labels[0], "score": round(self.scores[0], 4),
+                "options": [{"id": label, "text": name, "score": round(score, 4)}
+                            for label, name, score in zip(self.labels, self.names, self.scores)],
+                "meta": {"score": round(self.scores[0], 4)}}
+
+    def line(self) -> str:
+        return format_line(self)
 
 
 def _first_line(error: BaseException) -> str:
@@ -126,6 +140,7 @@ class Predictor:
 
         self._backend = backend
         self.class_names = readable(list(class_names))  # ImageNet wnids as words, other names as they are
+        self.label_names = list(class_names)  # as labels.txt records them: what an annotation file names
         self.source = source  # what it predicts with, for messages
 
     @property
@@ -212,17 +227,26 @@ class Predictor:
         if isinstance(result, str):
             return Prediction(label, [], [], [], error=result)
         ids = np.argsort(-result, kind="stable")[:k]
-        names = self._names(ids)
-        return Prediction(label, [int(i) for i in ids], names, [float(result[i]) for i in ids],
-                          probabilities=result)
+        labels = self._labels(ids)
+        return Prediction(label, [int(i) for i in ids], self._names(ids, labels), [float(result[i]) for i in ids],
+                          probabilities=result, labels=labels)
 
-    def _names(self, ids) -> list[str]:
+    def _labels(self, ids) -> list[str]:
         seen = getattr(self._backend, "names_seen", None)
         if seen:  # a foreign SavedModel: the labels its outputs gave
+            return [seen.get(int(i), str(int(i))) for i in ids]
+        return [self.label_names[int(i)] for i in ids]
+
+    def _names(self, ids, labels: list[str]) -> list[str]:
+        if getattr(self._backend, "names_seen", None):
             from shared.class_names import readable
 
-            return readable([seen.get(int(i), str(int(i))) for i in ids])
+            return readable(labels)
         return [self.class_names[int(i)] for i in ids]
+
+    def csv_text(self, rows: list[Prediction], top_k: int) -> str:
+        """The --out CSV of `rows`: the top-k ids, names and scores in columns."""
+        return csv_text(rows, min(top_k, self.num_classes))
 
     # arrays: preprocessed here with the view, classified as pixels
     def _arrays(self, items, batch_size: int) -> Iterator[tuple[int, int, np.ndarray | str]]:
@@ -365,6 +389,44 @@ def _why_undecodable(encoded: bytes, view: EvalView | None) -> str:
     return "the model failed on it"
 
 
+# ---------------------------------------------------------------- the command line's source
+
+
+def source_task(run: Run | None = None, saved_model: str | Path | None = None) -> str:
+    """The task of what predict runs, read without TensorFlow: the export's export.json (a model folder: its
+    newest version) or the run's config.yaml; classification where neither names one."""
+    if saved_model is not None:
+        return _export_record(_saved_model_folder(Path(saved_model).expanduser())).get("task") or "classification"
+    return ((run.config_dict() or {}).get("task") if run is not None else None) or "classification"
+
+
+def open_predictor(run: Run | None = None, saved_model: str | Path | None = None, tflite: str | Path | None = None,
+                   checkpoint: str | Path | None = None, min_score: float | None = None) -> Predictor:
+    """The predictor for one source, by its task: a `Predictor` (classes) or a
+    `shared.detection.predict.Detector` (boxes, from `min_score` up); `min_score` only applies to detection."""
+    if min_score is not None and not 0.0 <= min_score <= 1.0:
+        raise UserError(f"--min-score is {min_score:g}; give a score between 0 and 1")
+    if tflite is not None and run is None and Path(tflite).expanduser().is_file():
+        run = _owning_run(Path(tflite).expanduser())  # the file holds no preprocessing: its run's is used
+    task = source_task(run, saved_model)
+    if task == "detection":
+        from shared.detection.predict import Detector
+
+        if tflite is not None:
+            return Detector.from_tflite(tflite, run)
+        if saved_model is not None:
+            return Detector.from_saved_model(saved_model, min_score)
+        return Detector.from_run(run, checkpoint, min_score)
+    if min_score is not None:
+        raise UserError("--min-score applies to detection (a score a box needs); a classifier's predictions are "
+                        "ranked by --top-k")
+    if saved_model is not None:
+        return Predictor.from_saved_model(saved_model)
+    if tflite is not None:
+        return Predictor.from_tflite(tflite, run)
+    return Predictor.from_run(run, checkpoint)
+
+
 # ---------------------------------------------------------------- what the sources need
 
 
@@ -375,8 +437,9 @@ def _classification_run(run: Run | str | Path) -> Run:
     run = run if isinstance(run, Run) else open_run(run)
     require_idle(run)  # a live run's checkpoints are still being written
     task = task_for(run)
-    if "predict" not in task.commands:
-        raise UserError(f"predict supports classification runs, not {task.name} (run {run.path})")
+    if task.name != "classification":
+        hint = "; find its boxes with shared.detection.predict.Detector" if task.name == "detection" else ""
+        raise UserError(f"Predictor classifies; run {run.path} is a {task.name} run{hint}")
     return run
 
 
@@ -488,13 +551,25 @@ def expand_paths(arguments: list[str]) -> Iterator[str]:
 # ---------------------------------------------------------------- the command
 
 
-def _out_format(out: str | None) -> str | None:
+def out_format(out: str | None, fmt: str | None = None) -> str | None:
+    """What --out holds (csv, jsonl or tasks): `fmt` when given (its extension must match), else by the
+    extension (.csv, .jsonl: prediction rows); None without --out."""
+    if fmt is not None and fmt not in OUT_FORMATS:
+        raise UserError(f"--format {fmt}: choose one of {', '.join(OUT_FORMATS)}")
     if out is None:
+        if fmt is not None:
+            raise UserError(f"--format {fmt} says what --out holds; give --out FILE{OUT_FORMATS[fmt]}")
         return None
     suffix = Path(out).suffix.lower()
-    if suffix not in OUT_FORMATS:
-        raise UserError(f"--out {out}: the format is chosen by the extension; use .csv or .jsonl")
-    return suffix
+    if fmt is None:
+        if suffix not in (".csv", ".jsonl"):
+            raise UserError(f"--out {out}: the format is chosen by the extension; use .csv or .jsonl "
+                            f"(or --format tasks with FILE.jsonl)")
+        return suffix[1:]
+    if suffix != OUT_FORMATS[fmt]:
+        raise UserError(f"--format {fmt} writes {OUT_FORMATS[fmt]} files, not --out {out}; name it "
+                        f"{Path(out).with_suffix(OUT_FORMATS[fmt]).name}")
+    return fmt
 
 
 def format_line(prediction: Prediction) -> str:
@@ -516,6 +591,22 @@ def jsonl_text(predictions: list[Prediction]) -> str:
     return "".join(_json_line(p.row()) for p in predictions)
 
 
+def tasks_text(results: list, tasks_file: Path) -> str:
+    """One annotation task per image (`shared.annotations`' format, no "answer"): the image as the
+    annotation reader finds it from `tasks_file`'s folder, then the result's suggestion (`task()`)."""
+    folder = os.path.abspath(Path(tasks_file).parent)
+    return "".join(_json_line({"image": task_image(result.input, folder), **result.task()}) for result in results)
+
+
+def task_image(path: str, folder: str) -> str:
+    """An image's path in a tasks file in `folder`: relative to it when the image lies under it (the tasks
+    file moves with its images), else absolute (the reader resolves relative paths against that folder,
+    not against where predict ran)."""
+    absolute = os.path.abspath(path)
+    relative = os.path.relpath(absolute, folder)
+    return absolute if relative.split(os.sep)[0] == os.pardir else relative
+
+
 def _json_line(row: dict) -> str:
     """Unicode as it is; a file name that is not UTF-8 as \\udcXX escapes (os.fsencode gets its bytes back), so
     the file stays valid UTF-8 JSON."""
@@ -528,13 +619,15 @@ def _json_line(row: dict) -> str:
 
 
 def command(predictor_factory: Callable[[], Predictor], arguments: list[str], top_k: int = 5,
-            out: str | None = None, strict: bool = False, batch_size: int = DEFAULT_BATCH) -> None:
-    """`python -m shared.runner predict`: print each image's top-k (and write them to `out`); a file that
-    cannot be read is one line on stderr and skipped, or with `strict` the end of the command (a UserError)."""
+            out: str | None = None, strict: bool = False, batch_size: int = DEFAULT_BATCH,
+            fmt: str | None = None) -> None:
+    """`python -m shared.runner predict`: print each image's top-k, or boxes (and write them to `out` as
+    `fmt` says, `out_format`); a file that cannot be read is one line on stderr and skipped, or with `strict`
+    the end of the command (a UserError)."""
     from shared.durable import atomic_write
     from shared.progress import progress_bar
 
-    fmt = _out_format(out)
+    fmt = out_format(out, fmt)
     if top_k < 1:
         raise UserError(f"--top-k must be at least 1 (got {top_k})")
     paths = iter(Paths(arguments).check())
@@ -557,17 +650,17 @@ def command(predictor_factory: Callable[[], Predictor], arguments: list[str], to
                 _say(bar, f"skipped {prediction.input}: {prediction.error}", sys.stderr)
                 continue
             rows.append(prediction)
-            _say(bar, format_line(prediction), sys.stdout)
+            _say(bar, prediction.line(), sys.stdout)
     finally:
         if bar is not None:
             bar.close()
     if not rows and skipped:
         raise UserError(f"none of the {skipped} files could be read as an image")
     if fmt is not None:
-        shown = min(top_k, predictor.num_classes)
-        text = csv_text(rows, shown) if fmt == ".csv" else jsonl_text(rows)
-        atomic_write(Path(out), text.encode("utf-8", "surrogateescape"))  # names need not be UTF-8
-        print(f"wrote {len(rows)} predictions to {out}")
+        texts = {"csv": lambda: predictor.csv_text(rows, top_k), "jsonl": lambda: jsonl_text(rows),
+                 "tasks": lambda: tasks_text(rows, Path(out))}
+        atomic_write(Path(out), texts[fmt]().encode("utf-8", "surrogateescape"))  # names need not be UTF-8
+        print(f"wrote {len(rows)} {'tasks' if fmt == 'tasks' else 'predictions'} to {out}")
     if skipped:
         print(f"skipped {skipped} file{'s' if skipped > 1 else ''} that could not be read as images",
               file=sys.stderr)

@@ -199,11 +199,11 @@ def fake_run(folder: Path, **config) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("task", ["detection", "deblur"])
+@pytest.mark.parametrize("task", ["deblur"])  # detection: tests/test_preannotate.py
 def test_other_tasks_are_refused_in_one_line(tmp_path, capsys, task):
     run = fake_run(tmp_path / "runs" / "x" / "v0001", task=task)
     code, _, err = run_cli(capsys, "predict", "--run", run, tmp_path)
-    assert_one_line_error(code, err, "predict supports task classification", f"not {task}")
+    assert_one_line_error(code, err, "predict supports tasks classification, detection", f"not {task}")
 
 
 def test_bad_input_is_one_line_before_any_model_loads(tmp_path, capsys):

@@ -299,7 +299,7 @@ def summary(metrics: dict) -> str:
 
 class DetectionTask(Task):
     name = "detection"
-    commands = frozenset({"train", "resume", "test", "finetune", "finetune-all", "export", "loop"})
+    commands = frozenset({"train", "resume", "test", "finetune", "finetune-all", "export", "loop", "predict"})
     distributes = False  # one device: check() refuses the strategies that spread a run
 
     def check(self, config) -> None:

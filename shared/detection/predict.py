@@ -1,0 +1,185 @@
+"""Boxes in image files, from a detection run (its snapshot and a checkpoint) or its SavedModel export: the
+detection side of `shared.predict`.
+
+    from shared.detection.predict import Detector
+    Detector.from_run("runs/resnet/v0002", min_score=0.3).predict(["a.jpg"])   # [Detections, ...]
+
+Both sources run the same function on encoded bytes (`shared.detection.export.detection_serving_functions`:
+decode, resize, normalize, detect, per-class NMS) and return boxes in the pixels of each image as read.
+`Detector` reuses `Predictor`'s reading of files (a tf.data pipeline, input order, a damaged file skipped with
+its reason); only what a result is differs.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from shared.errors import UserError
+from shared.predict import Predictor, _export_record, _first_line, _saved_model_folder
+from shared.runs import Run, open_run
+
+SHOWN_BOXES = 3  # boxes named in an image's printed line, best first
+
+
+@dataclass
+class Detections:
+    """One image's boxes, best score first: `spans` as an annotation tool takes them (x, y, width, height in
+    the image's pixels, label as labels.txt records it, score); `error` (and no spans) when it was skipped."""
+    input: str | int
+    spans: list[dict] = field(default_factory=list)
+    error: str | None = None
+
+    def row(self) -> dict:
+        return {"path": self.input, "spans": self.spans}
+
+    def task(self) -> dict:
+        """The annotation task's suggestion (without "image" and "answer": no one has answered yet)."""
+        return {"spans": self.spans, "meta": {"boxes": len(self.spans)}}
+
+    def line(self, shown: int = SHOWN_BOXES) -> str:
+        best = "  ".join(f"{s['label']} {s['score']:.4f} @{s['x']:g},{s['y']:g} {s['width']:g}x{s['height']:g}"
+                         for s in self.spans[:shown])
+        count = f"{len(self.spans)} box{'es' if len(self.spans) != 1 else ''}"
+        return f"{self.input}  {count}" + (f"  {best}" if best else "")
+
+
+class _Boxes:
+    """A detect function on a batch of encoded images -> per image (boxes xyxy, classes, scores) above
+    `min_score`. It decodes in its graph (`decodes`); a file it cannot decode is named without a view."""
+
+    decodes = True
+    view = None
+
+    def __init__(self, detect, min_score: float):
+        self.detect, self.min_score = detect, float(min_score)
+
+    def classify_encoded(self, encoded: list[bytes]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        import tensorflow as tf
+
+        found = {key: value.numpy() for key, value in self.detect(image_bytes=tf.constant(encoded, tf.string)).items()}
+        results = []
+        for i, count in enumerate(found["num_detections"]):
+            scores = found["scores"][i, :count]
+            keep = scores >= self.min_score
+            results.append((found["boxes"][i, :count][keep], found["classes"][i, :count][keep], scores[keep]))
+        return results
+
+    def classify_pixels(self, pixels):  # arrays are refused before this (Detector._arrays)
+        raise NotImplementedError
+
+
+class Detector(Predictor):
+    """Boxes in image files, from a detection run or its SavedModel export (`from_*`); `predict` and
+    `iter_predict` as Predictor's (top_k does not apply), each result a `Detections`."""
+
+    # ---- construction
+    @classmethod
+    def from_run(cls, run: Run | str | Path, checkpoint: str | Path | None = None,
+                 min_score: float | None = None) -> "Detector":
+        """The run's detector rebuilt from its own snapshot with a checkpoint (`Run.checkpoint`), the export's
+        decoding; `min_score` (default the run's detection.score_threshold) is also its NMS threshold, so it
+        may be lower than the run's."""
+        import tensorflow as tf
+
+        from shared.config import with_changes
+        from shared.detection.export import detection_serving_functions
+        from shared.tasks import rebuild
+
+        run = _detection_run(run)
+        detector, config = rebuild(run, run.checkpoint(checkpoint or "last"))
+        min_score = _min_score(min_score, config.detection.score_threshold)
+        config = with_changes(config, {"detection.score_threshold": min_score})
+        names = run.class_names() or [str(i) for i in range(config.data.num_classes)]
+        bytes_fn, _ = detection_serving_functions(detector, config, names)
+        detect = tf.function(bytes_fn, input_signature=[tf.TensorSpec([None], tf.string)])
+        return cls(_Boxes(detect, min_score), names, f"run {run.path}")
+
+    @classmethod
+    def from_saved_model(cls, folder: str | Path, min_score: float | None = None) -> "Detector":
+        """A version folder written by `export` from a detection run (a model folder: its highest version).
+        Its graph already dropped boxes under the threshold its export.json records: `min_score` may only
+        be higher."""
+        import tensorflow as tf
+
+        folder = _saved_model_folder(Path(folder).expanduser())
+        record = _export_record(folder)
+        built_in = float(record.get("score_threshold", 0.0))
+        min_score = _min_score(min_score, built_in)
+        if min_score < built_in:
+            raise UserError(f"--min-score {min_score:g} is below the {built_in:g} the SavedModel at {folder} "
+                            f"applies inside; predict with --run RUN for lower scores, or raise --min-score")
+        try:
+            loaded = tf.saved_model.load(str(folder))
+        except Exception as error:  # a damaged export: TF's own error types vary
+            raise UserError(f"cannot load the SavedModel at {folder}: {_first_line(error)}") from error
+        serve = loaded.signatures.get("serving_default")
+        if serve is None or "num_detections" not in serve.structured_outputs:
+            raise UserError(f"the SavedModel at {folder} does not detect (its serving_default returns no "
+                            f"num_detections, as detection exports do)")
+        names = record.get("labels")
+        if not names:
+            raise UserError(f"the SavedModel at {folder} has no class names in assets.extra/export.json; "
+                            f"export the detection run again")
+        detector = cls(_Boxes(serve, min_score), names, f"SavedModel {folder}")
+        detector._loaded = loaded  # the signature's variables live as long as the loaded object
+        return detector
+
+    @classmethod
+    def from_tflite(cls, file, run=None):
+        raise UserError("predict does not read a detector's .tflite file (its NMS runs outside it); use --run RUN "
+                        "or --saved-model DIR")
+
+    # ---- results
+    def _prediction(self, label, result, k: int) -> Detections:
+        if isinstance(result, str):
+            return Detections(label, error=result)
+        boxes, classes, scores = result
+        spans = []
+        for (x1, y1, x2, y2), cls, score in zip(boxes.tolist(), classes.tolist(), scores.tolist()):
+            x, y, width, height = round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)
+            if width > 0 and height > 0:  # a box clipped to nothing at the image's edge is no suggestion
+                spans.append({"x": x, "y": y, "width": width, "height": height,
+                              "label": self._label(int(cls)), "score": round(float(score), 4)})
+        return Detections(label, spans)
+
+    def _label(self, index: int) -> str:
+        return self.label_names[index] if 0 <= index < len(self.label_names) else str(index)
+
+    def _arrays(self, items, batch_size: int):
+        raise UserError(f"{self.source} detects in image files; give paths, not arrays")
+
+    def csv_text(self, rows: list[Detections], top_k: int) -> str:
+        """One row per image: its path, its box count and its spans as JSON."""
+        import csv
+        import io
+
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(["path", "boxes", "spans"])
+        for row in rows:
+            writer.writerow([row.input, len(row.spans), json.dumps(row.spans, ensure_ascii=False)])
+        return buffer.getvalue()
+
+
+def _detection_run(run: Run | str | Path) -> Run:
+    from shared.runs import require_idle
+
+    run = run if isinstance(run, Run) else open_run(run)
+    require_idle(run)
+    task = (run.config_dict() or {}).get("task") or "classification"
+    if task != "detection":
+        raise UserError(f"Detector finds boxes; run {run.path} is a {task} run"
+                        + ("; classify with shared.predict.Predictor" if task == "classification" else ""))
+    return run
+
+
+def _min_score(min_score: float | None, default: float) -> float:
+    if min_score is None:
+        return float(default)
+    if not 0.0 <= min_score <= 1.0:
+        raise UserError(f"--min-score is {min_score:g}; give a score between 0 and 1")
+    return float(min_score)
