@@ -4,6 +4,7 @@ an annotator accepts them; detection runs and their SavedModels predict boxes in
 
 import csv
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -42,6 +43,8 @@ def test_classification_tasks_round_trip_through_the_annotation_reader(folder_ru
 
     run, root = folder_run
     shutil.copytree(root / "val", tmp_path / "photos")
+    not_utf8 = tmp_path / "photos" / "cat" / os.fsdecode(b"caf\xe9 1.png")  # a name the file system holds as bytes
+    shutil.copy(next((tmp_path / "photos" / "cat").glob("*.png")), not_utf8)
     monkeypatch.chdir(tmp_path)  # paths on the command line are relative to here, not to the tasks file
     files = sorted(str(p.relative_to(tmp_path)) for p in (tmp_path / "photos").rglob("*.*"))
     want = Predictor.from_run(run).predict(files)
@@ -63,6 +66,7 @@ def test_classification_tasks_round_trip_through_the_annotation_reader(folder_ru
     assert batch.malformed == [] and batch.accepted == len(files)
     assert [run.class_names()[e.label] for e in batch.examples] == [line["label"] for line in lines]
     assert [e.name for e in batch.examples] == [str(tmp_path / f) for f in files]
+    assert str(not_utf8) in [e.name for e in batch.examples]
 
     # elsewhere (and from the newest export in a model folder): absolute paths, the same labels
     folder = export.export_saved_model(run, tmp_path / "exports")
