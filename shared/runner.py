@@ -203,10 +203,10 @@ def _test(args: argparse.Namespace, argv: list[str]) -> None:
     from shared.evaluate import evaluate
 
     if args.checkpoint is None:
-        print(task.summary(evaluate(run)))
+        print(_results(task, evaluate(run)))
         return
     checkpoint = run.checkpoint(args.checkpoint)  # a run without best.keras answers before TensorFlow loads
-    print(f"{checkpoint}: {task.summary(evaluate(run, checkpoint))}")
+    print(_results(task, evaluate(run, checkpoint), f"{checkpoint}: "))
 
 
 def _preview(args: argparse.Namespace, argv: list[str]) -> None:
@@ -349,7 +349,13 @@ def _train(args: argparse.Namespace, argv: list[str]) -> None:
 
         run = train(config, argv=["-m", "shared.runner", *argv])
     metrics = run.test_metrics()
-    print(f"{run.path}: {task.summary(metrics)}" if metrics else "worker done; the chief worker keeps the run folder")
+    print(_results(task, metrics, f"{run.path}: ") if metrics else "worker done; the chief worker keeps the run folder")
+
+
+def _results(task, metrics: dict, prefix: str = "") -> str:
+    """The task's one summary line (after `prefix`), then its details (the worst classes, ...) if any."""
+    details = task.details(metrics)
+    return prefix + task.summary(metrics) + (f"\n{details}" if details else "")
 
 
 def _continued_epochs(overrides: list[str]) -> int:

@@ -141,6 +141,10 @@ class Task:
         """One line of a run's test figures, printed by train / test / resume."""
         raise NotImplementedError
 
+    def details(self, metrics: dict) -> str:
+        """What train / test print after the summary line (the worst classes, ...); '' for nothing."""
+        return ""
+
     # ---- export (commands "export"; run is a finished run)
     def export_saved_model(self, run, export_dir: Path, model_name: str | None, keep: int) -> Path:
         raise NotImplementedError

@@ -97,7 +97,8 @@ def test_train_then_test_from_the_command_line(tmp_path, capsys):
     (run_dir,) = (tmp_path / "runs" / "resnet").iterdir()
     assert "cli: smoke" in (run_dir / "notes.md").read_text()
     assert "val_top1" in (run_dir / "metrics.csv").read_text().splitlines()[0]  # validated every epoch
-    recorded = out.strip().splitlines()[-1].split(": ", 1)[1]
+    recorded = out.rsplit(f"{run_dir}: ", 1)[1].strip()  # the summary line, then the worst classes
+    assert recorded.splitlines()[0].startswith("test top-1 ") and "worst 4 classes by F1" in recorded
     code, out, err = run_cli(capsys, "test", "--run", run_dir)
     assert code == 0 and out.strip() == recorded
 

@@ -71,17 +71,22 @@ def test_all_zero_confusion_gives_zeros_not_nan():
     assert worst_classes(per_class) == []
 
 
-def test_summary_prints_the_worst_classes_after_the_summary_line():
+def test_the_worst_classes_are_printed_after_the_one_summary_line():
+    from shared.runner import _results
+
     model, dataset, _ = known_predictions()
-    lines = summary(evaluate_model(model, dataset, len(NAMES), NAMES)).splitlines()
-    assert lines[0].startswith("test top-1 0.3750  top-5 1.0000  loss ")
+    metrics = evaluate_model(model, dataset, len(NAMES), NAMES)
+    assert summary(metrics).startswith("test top-1 0.3750  top-5 1.0000  loss ") and "\n" not in summary(metrics)
+    lines = _results(CLASSIFICATION, metrics, "runs/x/v0001: ").splitlines()
+    assert lines[0] == "runs/x/v0001: " + summary(metrics)
     assert lines[1] == "worst 3 classes by F1 (macro F1 0.2429 over 4 classes):"
     # lowest F1 first; only classes the test split holds (dog, emu have no images)
     assert [line.split()[0] for line in lines[2:]] == ["cat", "goldfish", "tench"]
     assert lines[2].split() == ["cat", "F1", "0.0000", "precision", "0.0000", "recall", "0.0000", "(3", "images)"]
     assert lines[4].split()[:3] == ["tench", "F1", "0.5714"]
     # metrics without per-class results (an older run, LiteRT) keep the one line
-    assert summary({"top1": 0.5, "top5": 1.0, "examples": 4}) == "test top-1 0.5000  top-5 1.0000  (4 images)"
+    assert _results(CLASSIFICATION, {"top1": 0.5, "top5": 1.0, "examples": 4}) == \
+        "test top-1 0.5000  top-5 1.0000  (4 images)"
 
 
 def off_by_one_model(num_classes: int, shift: int = 1):

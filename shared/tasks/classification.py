@@ -36,18 +36,22 @@ def training_labels(dataset, outputs: list[str], one_hot_classes: int | None):
 
 
 def summary(metrics: dict) -> str:
-    """The test figures in one line, then the worst classes by F1 (when the metrics have per-class results)."""
+    """The test figures in one line."""
     loss = f"  loss {metrics['loss']:.4f}" if "loss" in metrics else ""
-    line = f"test top-1 {metrics['top1']:.4f}  top-5 {metrics['top5']:.4f}{loss}  ({metrics['examples']} images)"
+    return f"test top-1 {metrics['top1']:.4f}  top-5 {metrics['top5']:.4f}{loss}  ({metrics['examples']} images)"
+
+
+def worst_classes_table(metrics: dict) -> str:
+    """The worst classes by F1, a few lines ('' when the metrics have no per-class results)."""
     worst = worst_classes(metrics.get("per_class", []))
     if not worst:
-        return line
+        return ""
     width = min(max(len(entry["name"]) for entry in worst), 30)
     lines = [f"worst {len(worst)} classes by F1 (macro F1 {metrics['macro']['f1']:.4f} over "
              f"{metrics['macro']['classes']} classes):"]
     lines += [f"  {entry['name'][:width]:<{width}}  F1 {entry['f1']:.4f}  precision {entry['precision']:.4f}  "
               f"recall {entry['recall']:.4f}  ({entry['support']} images)" for entry in worst]
-    return "\n".join([line, *lines])
+    return "\n".join(lines)
 
 
 def _pixel_statistics(config) -> tuple[list[float] | None, list[float] | None]:
@@ -161,6 +165,9 @@ class ClassificationTask(Task):
 
     def summary(self, metrics):
         return summary(metrics)
+
+    def details(self, metrics):
+        return worst_classes_table(metrics)
 
     def export_saved_model(self, run, export_dir, model_name, keep):
         from shared import export
