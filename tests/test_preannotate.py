@@ -165,6 +165,15 @@ def test_detection_tasks_spans_from_the_run_and_its_saved_model(detection_run, t
     kept = json.loads(row["spans"])
     assert int(row["boxes"]) == len(kept) == sum(s >= cut for s in scores) and min(s["score"] for s in kept) >= cut
 
+    # in Python: a Detector takes files, not arrays; a Predictor refuses a detection run and names the Detector
+    from shared.detection.predict import Detector
+    from shared.errors import UserError
+
+    with pytest.raises(UserError, match="detects in image files; give paths, not arrays"):
+        Detector.from_run(run).predict([np.zeros((48, 48), np.uint8)])
+    with pytest.raises(UserError, match="is a detection run; find its boxes with shared.detection.predict.Detector"):
+        Predictor.from_run(run)
+
     # a SavedModel drops boxes under its built-in threshold: a lower --min-score is refused in one line
     strict = shutil.copytree(model_folder / "1", tmp_path / "strict" / "1")
     record = json.loads((strict / "assets.extra" / "export.json").read_text())
