@@ -29,6 +29,49 @@ def tiny_tree(runs_dir: Path, **sections) -> dict:
     return tree
 
 
+# A tiny classifier module (model.path) for tests that train real runs in seconds.
+TINY_MODEL = '''
+import keras
+
+
+def build(num_classes: int = 10, input_shape: tuple = (16, 16, 3), width: int = 4):
+    inputs = keras.Input(input_shape)
+    x = keras.layers.Rescaling(1 / 255.0)(inputs)
+    x = keras.layers.Conv2D(width, 3, activation="relu", name="conv")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    outputs = keras.layers.Dense(num_classes, activation="softmax", dtype="float32", name="predictions")(x)
+    return keras.Model(inputs, outputs, name="tiny")
+'''
+
+# Runs the runner with os.replace and os.rename (every durable rename, every publish) wrapped: SIGKILL this
+# process before or after the n-th rename onto a path named as KILL_AT says ("name:before|after:n").
+KILLING_RUNNER = '''
+import os, signal, sys
+from pathlib import Path
+
+name, when, nth = os.environ["KILL_AT"].split(":")
+seen = 0
+
+
+def killing(rename):
+    def wrapped(source, target, **kwargs):
+        global seen
+        hit = Path(target).name == name
+        seen += hit
+        if hit and seen == int(nth) and when == "before":
+            os.kill(os.getpid(), signal.SIGKILL)
+        rename(source, target, **kwargs)
+        if hit and seen == int(nth) and when == "after":
+            os.kill(os.getpid(), signal.SIGKILL)
+    return wrapped
+
+
+os.replace, os.rename = killing(os.replace), killing(os.rename)
+from shared import runner
+sys.exit(runner.main(sys.argv[1:]))
+'''
+
+
 @pytest.fixture
 def model_copy(tmp_path) -> Path:
     """A private copy of models/resnet, free to edit."""

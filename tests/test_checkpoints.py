@@ -14,47 +14,9 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import REPO, tiny_tree
+from conftest import KILLING_RUNNER, REPO, TINY_MODEL, tiny_tree
 
-TINY_MODEL = '''
-import keras
-
-
-def build(num_classes: int = 10, input_shape: tuple = (16, 16, 3), width: int = 4):
-    inputs = keras.Input(input_shape)
-    x = keras.layers.Rescaling(1 / 255.0)(inputs)
-    x = keras.layers.Conv2D(width, 3, activation="relu", name="conv")(x)
-    x = keras.layers.GlobalAveragePooling2D()(x)
-    outputs = keras.layers.Dense(num_classes, activation="softmax", dtype="float32", name="predictions")(x)
-    return keras.Model(inputs, outputs, name="tiny")
-'''
 STEPS = 2  # 64 training images (of 80, 0.2 validation) in batches of 32
-
-
-# The runner with os.replace wrapped: SIGKILL right after the n-th rename onto the file named in KILL_AT
-# ("name:n"), as tests/test_faults.py does at each commit point.
-KILLING_RUNNER = '''
-import os, signal, sys
-from pathlib import Path
-
-name, nth = os.environ["KILL_AT"].split(":")
-seen = 0
-rename = os.replace
-
-
-def replace(source, target, **kwargs):
-    global seen
-    rename(source, target, **kwargs)
-    if Path(target).name == name:
-        seen += 1
-        if seen == int(nth):
-            os.kill(os.getpid(), signal.SIGKILL)
-
-
-os.replace = replace
-from shared import runner
-sys.exit(runner.main(sys.argv[1:]))
-'''
 
 
 def tiny_run_tree(tmp_path: Path, validation: bool = True, **train) -> dict:
@@ -345,7 +307,7 @@ def test_best_keras_only_ever_holds_a_committed_epoch(tmp_path):
     config.write_text(yaml.safe_dump(tree))
     killed = subprocess.run([sys.executable, "-c", KILLING_RUNNER, "--config", str(config)], cwd=REPO,
                             capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "KILL_AT": ".best-epoch-0002.keras:1"})
+                            env={**os.environ, "KILL_AT": ".best-epoch-0002.keras:after:1"})
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     (run_dir,) = (tmp_path / "runs" / "tiny").iterdir()
     checkpoints = run_dir / "checkpoints"
@@ -375,7 +337,7 @@ def test_a_run_killed_after_its_early_stop_is_not_trained_further(tmp_path):
     config.write_text(yaml.safe_dump(tree))
     killed = subprocess.run([sys.executable, "-c", KILLING_RUNNER, "--config", str(config)], cwd=REPO,
                             capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "KILL_AT": "training_metadata.json:3"})
+                            env={**os.environ, "KILL_AT": "training_metadata.json:after:3"})
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     (run_dir,) = (tmp_path / "runs" / "tiny").iterdir()
     resumed = subprocess.run([sys.executable, "-m", "shared.runner", "--resume", str(run_dir)], cwd=REPO,

@@ -19,51 +19,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, tiny_tree
+from conftest import KILLING_RUNNER, REPO, TINY_MODEL, tiny_tree
 
 EPOCHS = 3
 STEPS = 2  # 64 training images of 32
-
-TINY_MODEL = '''
-import keras
-
-
-def build(num_classes: int = 10, input_shape: tuple = (16, 16, 3), width: int = 4):
-    inputs = keras.Input(input_shape)
-    x = keras.layers.Rescaling(1 / 255.0)(inputs)
-    x = keras.layers.Conv2D(width, 3, activation="relu", name="conv")(x)
-    x = keras.layers.GlobalAveragePooling2D()(x)
-    outputs = keras.layers.Dense(num_classes, activation="softmax", dtype="float32", name="predictions")(x)
-    return keras.Model(inputs, outputs, name="tiny")
-'''
-
-# Runs the runner with os.replace (every durable rename) wrapped: SIGKILL this process before or after the
-# n-th rename onto the file named in KILL_AT ("name:before|after:n").
-KILLING_RUNNER = '''
-import os, signal, sys
-from pathlib import Path
-
-name, when, nth = os.environ["KILL_AT"].split(":")
-seen = 0
-rename = os.replace
-
-
-def replace(source, target, **kwargs):
-    global seen
-    hit = Path(target).name == name and when in ("before", "after")
-    if hit:
-        seen += 1
-    if hit and seen == int(nth) and when == "before":
-        os.kill(os.getpid(), signal.SIGKILL)
-    rename(source, target, **kwargs)
-    if hit and seen == int(nth) and when == "after":
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-os.replace = replace
-from shared import runner
-sys.exit(runner.main(sys.argv[1:]))
-'''
 
 
 def tiny_model_tree(tmp_path: Path, **train) -> dict:

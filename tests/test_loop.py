@@ -21,38 +21,11 @@ import pytest
 import yaml
 from PIL import Image
 
-from conftest import REPO, tiny_tree
-from test_faults import TINY_MODEL
+from conftest import KILLING_RUNNER, REPO, TINY_MODEL, tiny_tree
 
 from shared import annotations, runs
 
 CLASSES = ["class_0", "class_1", "class_2", "class_3"]  # the synthetic source's names, so the source run's
-
-# Runs the runner with os.replace and os.rename wrapped: SIGKILL this process right after the n-th rename
-# onto a path named as KILL_AT says ("name:n").
-KILLING_RUNNER = '''
-import os, signal, sys
-from pathlib import Path
-
-name, nth = os.environ["KILL_AT"].split(":")
-seen = 0
-
-
-def killing(rename):
-    def wrapped(source, target, **kwargs):
-        global seen
-        rename(source, target, **kwargs)
-        if Path(target).name == name:
-            seen += 1
-            if seen == int(nth):
-                os.kill(os.getpid(), signal.SIGKILL)
-    return wrapped
-
-
-os.replace, os.rename = killing(os.replace), killing(os.rename)
-from shared import runner
-sys.exit(runner.main(sys.argv[1:]))
-'''
 
 
 # ---------------------------------------------------------------- helpers
@@ -389,13 +362,13 @@ def test_kills_at_each_commit_point_of_a_round_lose_nothing_and_duplicate_nothin
     loop_dir = tmp_path / "runs" / "loops" / "tiny-recipe"
 
     # 1. after the round's shards are published, before the state consumes their lines
-    killed_at("round-0001:1", command)
+    killed_at("round-0001:after:1", command)
     assert state_of(loop_dir)["round"] == 0 and state_of(loop_dir)["offset"] == 0
     assert count_records(loop_dir / "data" / "round-0001", "train-*") == 10
     append(tasks, classification_lines(tmp_path, 20, 2))  # arrives meanwhile: the redone round takes it too
 
     # 2. during the finetune (its first epoch checkpoint written)
-    killed_at("epoch-0001.keras:1", command)
+    killed_at("epoch-0001.keras:after:1", command)
     state = state_of(loop_dir)
     assert (state["round"], state["stage"], state["examples"]) == (1, "ingested", 12)
     assert count_records(loop_dir / "data", "*/train-*") == 12
@@ -403,7 +376,7 @@ def test_kills_at_each_commit_point_of_a_round_lose_nothing_and_duplicate_nothin
     assert runs.Run(dead_attempt).status()["status"] == "running"
 
     # 3. after the export is published, before the state says so
-    killed_at("1:1", command)
+    killed_at("1:after:1", command)
     state = state_of(loop_dir)
     assert state["stage"] == "trained" and exported_versions(exports, "tiny-recipe") == [1]
 
@@ -422,7 +395,7 @@ def test_kills_at_each_commit_point_of_a_round_lose_nothing_and_duplicate_nothin
 
     # the next round after a kill between its publish and its commit: the same folder, replaced
     append(tasks, classification_lines(tmp_path, 60, 3))
-    killed_at("round-0002:1", command)
+    killed_at("round-0002:after:1", command)
     assert runner.main(command) == 0
     state = state_of(loop_dir)
     assert (state["round"], state["examples"]) == (2, 15)
