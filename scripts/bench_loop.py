@@ -1,0 +1,341 @@
+"""Training in the loop, measured: a simulated annotator streams labels into `shared.loop` round after round,
+and the last round is compared with ONE training run on all the same labels for the same total steps.
+
+    python scripts/bench_loop.py [--task classification|detection|both] [--rounds N] [--per-round N]
+        [--steps N] [--holdout N] [--from RUN] [--out-dir DIR]
+
+Classification (models/resnet/quick.yaml): Fashion-MNIST training images, written as PNG files, each round
+`--per-round` accepted tasks (default 6 rounds of 500, 100 steps a round) plus a few rejected and ignored
+tasks and one malformed line, which the loop counts and skips; the held-out set is the first `--holdout`
+(2000) test images (the recipe's test split, `data.limit_test`). Detection (models/resnet/detect.yaml): the
+generated canvas set (scripts/make_detection_dataset.py, 96 px), default 4 rounds of 150 canvases, 50 steps a
+round, 200 held-out canvases. Both start from one source run: quick.yaml for 1 epoch on the first 1000
+Fashion-MNIST training images (not among the annotated ones; for detection its backbone), unless --from names
+a run. The reference is a second loop folder following the same annotations file from the same source run:
+its one round ingests everything and trains for the rounds' total steps, judged on the same held-out set.
+
+Prints a table per task (round, examples so far, held-out top-1 or mAP@[.5:.95], exported version, seconds a
+round), the CPU, and `last round X vs one run Y`; draws DIR/<task>/bench_loop.png (the loop's metric per
+round and the one-run reference).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without `pip install -e .`
+
+import numpy as np  # noqa: E402
+
+from shared import annotations  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+RECIPES = {"classification": REPO / "models" / "resnet" / "quick.yaml",
+           "detection": REPO / "models" / "resnet" / "detect.yaml"}
+DEFAULTS = {  # rounds, per_round, steps, holdout: detection is smaller to fit ~10 minutes of a 2-core CPU
+    "classification": {"rounds": 6, "per_round": 500, "steps": 100, "holdout": 2000},
+    "detection": {"rounds": 4, "per_round": 150, "steps": 50, "holdout": 200},
+}
+SOURCE_EXAMPLES = 1000  # the source run's labelled training images: the first ones, never annotated again
+METRIC_NAME = {"classification": "held-out top-1", "detection": "held-out mAP@[.5:.95]"}
+QUIET = ["train.verbose=0"]
+
+
+# ---------------------------------------------------------------- the simulated annotator
+
+
+class Annotator:
+    """Appends a round of task lines to an annotations file, as an annotation tool's export grows: the
+    accepted tasks, then `rejected` rejected and `ignored` ignored ones (of the same images) and one line
+    that is no task, which the loop must count and skip."""
+
+    def __init__(self, path: Path, rejected: int = 2, ignored: int = 1):
+        self.path, self.rejected, self.ignored = path, rejected, ignored
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.touch()
+
+    def add_round(self, accepted: list[dict]) -> dict:
+        """`accepted`: task fields (image, and label or spans); returns the counts of the lines written."""
+        lines = [annotations.task_line(answer="accept", **task) for task in accepted]
+        lines += [annotations.task_line(answer="reject", **task) for task in accepted[:self.rejected]]
+        lines += [annotations.task_line(task["image"], answer="ignore") for task in accepted[:self.ignored]]
+        lines.append('{"image": "half a line the tool never finished\n')
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.writelines(lines)
+        return {"accepted": len(accepted), "rejected": min(self.rejected, len(accepted)),
+                "ignored": min(self.ignored, len(accepted)), "malformed": 1}
+
+
+def classification_tasks(images: np.ndarray, labels: np.ndarray, first: int, count: int, folder: Path,
+                         class_names: list[str]) -> list[dict]:
+    """Training images first .. first+count-1 as PNG files in `folder`, with their true labels."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tasks = []
+    for index in range(first, first + count):
+        path = folder / f"train_{index:05d}.png"
+        Image.fromarray(images[index]).save(path)
+        tasks.append({"image": str(path), "label": class_names[int(labels[index])]})
+    return tasks
+
+
+def detection_tasks(split, first: int, count: int) -> list[dict]:
+    """Canvases first .. first+count-1 of a DetectionSplit (files written by make_detection_dataset.py)."""
+    return [{"image": str(record.image),
+             "spans": annotations.spans_of(record.boxes, [split.class_names[c] for c in record.classes])}
+            for record in split.records[first:first + count]]
+
+
+# ---------------------------------------------------------------- steps
+
+
+def round_steps(steps: int, per_round: int, rounds: int, batch_size: int) -> list[int]:
+    """The steps each round trains (loop.steps rounded up to whole equal epochs over the examples so far)."""
+    from shared.loop import steps_schedule
+
+    out = []
+    for number in range(1, rounds + 1):
+        per_epoch, epochs = steps_schedule(steps, number * per_round, batch_size)
+        out.append(per_epoch * epochs)
+    return out
+
+
+# ---------------------------------------------------------------- the bench
+
+
+def cpu_line() -> str:
+    model, avx512 = "unknown CPU", False
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        model = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")),
+                     model)
+        avx512 = "avx512f" in text.split()
+    except OSError:
+        pass
+    load = ", ".join(f"{value:.2f}" for value in os.getloadavg())
+    return (f"{model}, {os.cpu_count()} cores, avx512f {'yes' if avx512 else 'no'}, load average at the end "
+            f"{load}")
+
+
+def train_source(out: Path, holdout: int):
+    from shared.config import load_config
+    from shared.lifecycle import train
+
+    print(f"source run: {RECIPES['classification'].name}, 1 epoch on the first {SOURCE_EXAMPLES} Fashion-MNIST "
+          f"training images", flush=True)
+    config = load_config(str(RECIPES["classification"]),
+                         ["train.epochs=1", f"data.limit_train={SOURCE_EXAMPLES}", f"data.limit_test={holdout}",
+                          f"run.dir={out / 'runs'}", "run.notes=bench_loop: the loops' source run", *QUIET])
+    return train(config, argv=["bench_loop.py", "source"]).path
+
+
+def recipe_config(task: str, out: Path, data_root: Path | None, holdout: int, steps: int, loop_dir: Path,
+                  tolerance: str = "0.01"):
+    from shared.config import load_config
+
+    overrides = [f"run.dir={out / 'runs'}", f"loop.dir={loop_dir}", f"loop.steps={steps}",
+                 f"loop.tolerance={tolerance}", *QUIET]
+    if task == "classification":
+        overrides.append(f"data.limit_test={holdout}")  # loop.eval null: the first `holdout` test images
+    else:
+        overrides += [f"data.path={data_root / 'images'}",
+                      f"detection.train_annotations={data_root / 'annotations' / 'train.json'}",
+                      f"detection.test_annotations={data_root / 'annotations' / 'test.json'}"]
+    return load_config(str(RECIPES[task]), overrides)
+
+
+def bench(task: str, rounds: int, per_round: int, steps: int, holdout: int, source: Path | None,
+          out: Path) -> dict:
+    from shared import loop as loop_module
+
+    out.mkdir(parents=True, exist_ok=True)
+    folder = out / task
+    tasks_file = folder / "tasks.jsonl"
+    if tasks_file.exists():
+        raise SystemExit(f"error: {folder} holds an earlier bench; give another --out-dir")
+    data_root = None
+    if task == "classification":
+        from shared.fashion_mnist import FASHION_MNIST_CLASSES, FASHION_MNIST_DIRS, read_split
+
+        images, labels = read_split(Path(FASHION_MNIST_DIRS[0]), "train")
+        if SOURCE_EXAMPLES + rounds * per_round > len(images):
+            raise SystemExit(f"error: {rounds} x {per_round} labels exceed the {len(images) - SOURCE_EXAMPLES} "
+                             f"training images the source run did not see")
+
+        def new_tasks(number: int) -> list[dict]:
+            first = SOURCE_EXAMPLES + (number - 1) * per_round
+            return classification_tasks(images, labels, first, per_round, folder / "images", FASHION_MNIST_CLASSES)
+    else:
+        from shared.detection.datasets import read_coco
+
+        data_root = folder / "canvases"
+        make = _load_make_detection_dataset()
+        if make.main([str(data_root), "--train", str(rounds * per_round), "--test", str(holdout), "--no-progress"]):
+            raise SystemExit("error: generating the canvas set failed")
+        canvases = read_coco(data_root / "annotations" / "train.json", data_root / "images")
+
+        def new_tasks(number: int) -> list[dict]:
+            return detection_tasks(canvases, (number - 1) * per_round, per_round)
+
+    source_metric = None  # the source run's top-1 on the same held-out images, when trained here
+    if source is None:
+        source = train_source(out, holdout if task == "classification" else DEFAULTS["classification"]["holdout"])
+        if task == "classification":
+            from shared import runs
+
+            source_metric = (runs.open_run(source).test_metrics() or {}).get("top1")
+    annotator = Annotator(tasks_file)
+    served_name = f"resnet-{RECIPES[task].stem}"  # the loop folder's name: the export's model name
+    config = recipe_config(task, out, data_root, holdout, steps, folder / served_name)
+    loop = loop_module.open_loop(config, tasks_file, source, export_dir=folder / "exports",
+                                 argv=["bench_loop.py", task])
+    written = {"accepted": 0, "rejected": 0, "ignored": 0, "malformed": 0}
+    rows = []
+    for number in range(1, rounds + 1):
+        for key, count in annotator.add_round(new_tasks(number)).items():
+            written[key] += count
+        result = loop_module.run_round(loop)
+        if result.round is None:
+            raise SystemExit(f"error: round {number} found nothing new to train on ({result.describe()})")
+        print(result.describe(), flush=True)
+        rows.append({"round": result.round, "examples": result.examples, "metric": result.metric,
+                     "exported": result.exported.name if result.exported else "-", "seconds": result.seconds})
+    totals = json.loads((loop.dir / loop_module.STATE_FILE).read_text())["totals"]
+    if totals != written:
+        raise SystemExit(f"error: the annotator wrote {written} but the loop counted {totals}")
+
+    batch_size = config.train.batch_size
+    planned = round_steps(steps, per_round, rounds, batch_size)
+    total = sum(planned)
+    print(f"reference: one run over all {rounds * per_round} labels for {total} steps from {source}", flush=True)
+    reference_config = recipe_config(task, out, data_root, holdout, total, folder / "reference" / served_name, "null")
+    reference_loop = loop_module.open_loop(reference_config, tasks_file, source,
+                                           export_dir=folder / "reference" / "exports",
+                                           argv=["bench_loop.py", task, "reference"])
+    started = time.monotonic()
+    reference = loop_module.run_round(reference_loop)
+    reference_seconds = time.monotonic() - started
+    per_epoch, epochs = loop_module.steps_schedule(total, reference.examples, batch_size)
+    summary = {"task": task, "rows": rows, "source_metric": source_metric, "steps": planned, "totals": totals,
+               "source": str(source),
+               "reference": {"metric": reference.metric, "steps": per_epoch * epochs, "seconds": reference_seconds,
+                             "examples": reference.examples},
+               "settings": {"rounds": rounds, "per_round": per_round, "steps": steps, "holdout": holdout,
+                            "batch_size": batch_size, "recipe": str(RECIPES[task].relative_to(REPO))},
+               "loop": str(loop.dir)}
+    (folder / "bench_loop.json").write_text(json.dumps(summary, indent=1) + "\n")
+    plot(summary, folder / "bench_loop.png")
+    return summary
+
+
+def _load_make_detection_dataset():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_detection_dataset",
+                                                  REPO / "scripts" / "make_detection_dataset.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def table(summary: dict) -> str:
+    """The rounds as a Markdown table, then the comparison line."""
+    metric = METRIC_NAME[summary["task"]]
+    lines = [f"| round | examples so far | steps | {metric} | exported version | seconds |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    if summary.get("source_metric") is not None:
+        lines.append(f"| 0 (the source run, {SOURCE_EXAMPLES} other labels) | 0 | - | "
+                     f"{_value(summary['source_metric'])} | - | - |")
+    for row, steps in zip(summary["rows"], summary["steps"]):
+        value = "n/a" if row["metric"] is None else f"{row['metric']:.4f}"
+        lines.append(f"| {row['round']} | {row['examples']} | {steps} | {value} | {row['exported']} | "
+                     f"{row['seconds']:.1f} |")
+    reference, last = summary["reference"], summary["rows"][-1]
+    lines.append(f"| one run | {reference['examples']} | {reference['steps']} | "
+                 f"{_value(reference['metric'])} | - | {reference['seconds']:.1f} |")
+    lines.append("")
+    lines.append(f"{summary['task']}: last round {_value(last['metric'])} ({sum(summary['steps'])} steps over "
+                 f"{len(summary['rows'])} rounds, {sum(r['seconds'] for r in summary['rows']):.0f} s) vs one run "
+                 f"{_value(reference['metric'])} ({reference['steps']} steps, {reference['seconds']:.0f} s); "
+                 f"annotation lines counted {summary['totals']}")
+    return "\n".join(lines)
+
+
+def _value(metric: float | None) -> str:
+    return "n/a" if metric is None else f"{metric:.4f}"
+
+
+def plot(summary: dict, out_png: Path) -> Path:
+    """The loop's held-out metric per round, and the one run on all labels as a marker at the last round."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    from shared import plots
+
+    figure = Figure(figsize=(5.0, 3.2), dpi=plots.DPI, layout="constrained")
+    axes = figure.subplots()
+    numbers = [row["round"] for row in summary["rows"]]
+    metrics = [np.nan if row["metric"] is None else row["metric"] for row in summary["rows"]]
+    axes.plot(numbers, metrics, marker="o", color="tab:blue", label="loop, round by round")
+    reference = summary["reference"]["metric"]
+    if reference is not None:
+        axes.plot([numbers[-1]], [reference], linestyle="none", marker="*", markersize=12, color="tab:orange",
+                  label=f"one run, all labels, {summary['reference']['steps']} steps")
+    axes.set_xlabel("round")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.set_ylabel(METRIC_NAME[summary["task"]])
+    axes.set_title(f"{summary['task']}: {summary['settings']['per_round']} new labels a round", fontsize=9)
+    axes.legend(loc="lower right", fontsize=7)
+    return plots.save_figure(figure, out_png)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", choices=("classification", "detection", "both"), default="both")
+    parser.add_argument("--rounds", type=int, help="rounds (default 6 classification, 4 detection)")
+    parser.add_argument("--per-round", type=int, help="new accepted labels a round (default 500 / 150)")
+    parser.add_argument("--steps", type=int, help="loop.steps, training steps a round (default 100 / 50)")
+    parser.add_argument("--holdout", type=int, help="held-out images (default 2000 / 200)")
+    parser.add_argument("--from", dest="source", type=Path,
+                        help="the run the loops start from (default: train one, quick.yaml 1 epoch on 1000 images)")
+    parser.add_argument("--out-dir", type=Path, help="where everything goes (default: a new temporary folder)")
+    args = parser.parse_args(argv)
+    for name in ("rounds", "per_round", "steps", "holdout"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    out = (args.out_dir or Path(tempfile.mkdtemp(prefix="bench-loop-"))).resolve()
+    tasks = ["classification", "detection"] if args.task == "both" else [args.task]
+    source = args.source.resolve() if args.source else None
+    summaries = []
+    for task in tasks:
+        sizes = {name: getattr(args, name) or default for name, default in DEFAULTS[task].items()}
+        summary = bench(task, source=source, out=out, **sizes)
+        source = Path(summary["source"])  # both tasks start from the same run
+        summaries.append(summary)
+        print(table(summary), flush=True)
+    print(f"\nCPU: {cpu_line()}")
+    for summary in summaries:
+        settings = summary["settings"]
+        print(f"\n{summary['task']}: {settings['recipe']}, {settings['rounds']} rounds of {settings['per_round']} "
+              f"labels, loop.steps {settings['steps']} (batch {settings['batch_size']}), {settings['holdout']} "
+              f"held-out images, source {summary['source']}; plot {out / summary['task'] / 'bench_loop.png'}")
+        print(table(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

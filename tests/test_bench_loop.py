@@ -1,0 +1,67 @@
+"""scripts/bench_loop.py's pieces: the simulated annotator's rounds read back by the loop's reader with the
+counts it wrote (accepted tasks as the same pixels and labels, rejected / ignored counted, the malformed line
+named), and the steps the rounds train, which the one-run reference adds up."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+
+from conftest import REPO
+
+from shared import annotations
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("bench_loop", REPO / "scripts" / "bench_loop.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_annotators_rounds_read_back_with_the_counts_it_wrote(tmp_path):
+    from PIL import Image
+
+    bench = load_script()
+    rng = np.random.default_rng(0)
+    images, labels = rng.integers(0, 256, (12, 28, 28), dtype=np.uint8), np.arange(12) % 3
+    names = ["a", "b", "c"]
+    annotator = bench.Annotator(tmp_path / "tasks.jsonl", rejected=2, ignored=1)
+    first = annotator.add_round(bench.classification_tasks(images, labels, 0, 5, tmp_path / "img", names))
+    batch = annotations.read_new(tmp_path / "tasks.jsonl", 0, 0, "classification", names)
+    assert first == {"accepted": 5, "rejected": 2, "ignored": 1, "malformed": 1}
+    assert (batch.accepted, batch.rejected, batch.ignored, len(batch.malformed)) == (5, 2, 1, 1)
+    assert batch.malformed[0].startswith("line 9: not JSON")
+    assert [example.label for example in batch.examples] == [0, 1, 2, 0, 1]
+    np.testing.assert_array_equal(np.asarray(Image.open(batch.examples[3].name)), images[3])
+
+    annotator.add_round(bench.classification_tasks(images, labels, 5, 4, tmp_path / "img", names))
+    second = annotations.read_new(tmp_path / "tasks.jsonl", batch.end_offset, batch.lines, "classification", names)
+    assert (second.accepted, second.rejected, second.ignored) == (4, 2, 1)
+    assert [example.label for example in second.examples] == [2, 0, 1, 2]
+    assert second.malformed[0].startswith("line 17:")
+
+
+def test_detection_tasks_carry_the_canvas_boxes_as_spans(tmp_path):
+    from PIL import Image
+
+    from shared.detection.datasets import DetectionRecord, DetectionSplit
+
+    bench = load_script()
+    Image.fromarray(np.zeros((40, 40), np.uint8)).save(tmp_path / "c.png")
+    split = DetectionSplit([DetectionRecord(str(tmp_path / "c.png"), 40, 40, [[2, 3, 12, 23], [20, 20, 39, 30]],
+                                            [1, 0])], ["shirt", "bag"])
+    annotator = bench.Annotator(tmp_path / "tasks.jsonl", rejected=0, ignored=0)
+    annotator.add_round(bench.detection_tasks(split, 0, 1))
+    batch = annotations.read_new(tmp_path / "tasks.jsonl", 0, 0, "detection", ["shirt", "bag"])
+    assert batch.accepted == 1 and len(batch.malformed) == 1
+    np.testing.assert_allclose(batch.examples[0].boxes, [[2, 3, 12, 23], [20, 20, 39, 30]])
+    assert batch.examples[0].classes.tolist() == [1, 0]
+
+
+def test_round_steps_are_the_loops_whole_epochs_over_the_examples_so_far():
+    bench = load_script()
+    # batch 128: 500 examples are 4 batches (25 epochs of 4), 1000 are 8 (13 epochs of 8 = 104), ...
+    assert bench.round_steps(100, 500, 6, 128) == [100, 104, 108, 105, 100, 100]
+    assert bench.round_steps(50, 150, 4, 16) == [50, 51, 50, 50]
