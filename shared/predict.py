@@ -65,7 +65,7 @@ class Prediction:
         return format_line(self)
 
 
-def _first_line(error: BaseException) -> str:
+def first_line(error: BaseException) -> str:
     """The first line of an error, without TensorFlow's op decorations ({{function_node ...}}, [Op:...])."""
     text = getattr(error, "message", None) or str(error)
     text = re.sub(r"\{\{[^}]*\}\}|\[Op:.*", "", text.strip().splitlines()[0] if text.strip() else "")
@@ -164,17 +164,17 @@ class Predictor:
         """A version folder written by `export --format saved_model` (a model folder: its highest version)."""
         import tensorflow as tf
 
-        folder = _saved_model_folder(Path(folder).expanduser())
+        folder = saved_model_folder(Path(folder).expanduser())
         try:
             loaded = tf.saved_model.load(str(folder))
         except Exception as error:  # a damaged export: TF's own error types vary
-            raise UserError(f"cannot load the SavedModel at {folder}: {_first_line(error)}") from error
+            raise UserError(f"cannot load the SavedModel at {folder}: {first_line(error)}") from error
         serve = loaded.signatures.get("serving_default")
         if serve is None or "image_bytes" not in serve.structured_input_signature[1] \
                 or "probabilities" not in serve.structured_outputs:
             raise UserError(f"the SavedModel at {folder} does not classify encoded images (its serving_default "
                             f"takes image_bytes and returns probabilities in classification exports)")
-        record = _export_record(folder)
+        record = export_record(folder)
         view = EvalView.from_record(record) if "image_size" in record else None
         num_classes = int(serve.structured_outputs["probabilities"].shape[-1])
         backend = _SavedModel(loaded, view, folder)
@@ -260,7 +260,7 @@ class Predictor:
                 try:
                     good.append((index, view.pixels(_as_image(array)).numpy()))
                 except (ValueError, UserError) as error:
-                    results[index] = f"not an image array ({_first_line(error)})"
+                    results[index] = f"not an image array ({first_line(error)})"
             if good:
                 probabilities = self._backend.classify_pixels(np.stack([p for _, p in good]))
                 results.update({index: row for (index, _), row in zip(good, probabilities)})
@@ -368,7 +368,7 @@ def _why_unreadable(path: str, view: EvalView | None) -> str:
         with open(path, "rb") as file:
             encoded = file.read()
     except OSError as error:
-        return error.strerror or _first_line(error)
+        return error.strerror or first_line(error)
     return _why_undecodable(encoded, view)
 
 
@@ -385,7 +385,7 @@ def _why_undecodable(encoded: bytes, view: EvalView | None) -> str:
         else:
             preprocess.decode(tf.constant(encoded), 3)
     except tf.errors.OpError as error:
-        return f"not a decodable image ({_first_line(error)})"
+        return f"not a decodable image ({first_line(error)})"
     return "the model failed on it"
 
 
@@ -396,7 +396,7 @@ def source_task(run: Run | None = None, saved_model: str | Path | None = None) -
     """The task of what predict runs, read without TensorFlow: the export's export.json (a model folder: its
     newest version) or the run's config.yaml; classification where neither names one."""
     if saved_model is not None:
-        return _export_record(_saved_model_folder(Path(saved_model).expanduser())).get("task") or "classification"
+        return export_record(saved_model_folder(Path(saved_model).expanduser())).get("task") or "classification"
     return ((run.config_dict() or {}).get("task") if run is not None else None) or "classification"
 
 
@@ -458,7 +458,8 @@ def _owning_run(file: Path) -> Run:
                     f"export/ folder; name the run it was exported from with --run RUN")
 
 
-def _saved_model_folder(folder: Path) -> Path:
+def saved_model_folder(folder: Path) -> Path:
+    """The SavedModel version folder `folder` names: itself, or a model folder's highest version."""
     from shared.export import versions
 
     if (folder / "saved_model.pb").is_file():
@@ -470,7 +471,8 @@ def _saved_model_folder(folder: Path) -> Path:
                     f"`export --format saved_model`)")
 
 
-def _export_record(folder: Path) -> dict:
+def export_record(folder: Path) -> dict:
+    """What an export recorded beside its model (assets.extra/export.json); {} for a foreign export."""
     try:
         return json.loads((folder / "assets.extra" / "export.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):

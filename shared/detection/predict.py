@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from shared.errors import UserError
-from shared.predict import Predictor, _export_record, _first_line, _saved_model_folder
+from shared.predict import Predictor, export_record, first_line, saved_model_folder
 from shared.runs import Run, open_run
 
 SHOWN_BOXES = 3  # boxes named in an image's printed line, best first
@@ -105,8 +105,8 @@ class Detector(Predictor):
         be higher."""
         import tensorflow as tf
 
-        folder = _saved_model_folder(Path(folder).expanduser())
-        record = _export_record(folder)
+        folder = saved_model_folder(Path(folder).expanduser())
+        record = export_record(folder)
         built_in = float(record.get("score_threshold", 0.0))
         min_score = _min_score(min_score, built_in)
         if min_score < built_in:
@@ -115,7 +115,7 @@ class Detector(Predictor):
         try:
             loaded = tf.saved_model.load(str(folder))
         except Exception as error:  # a damaged export: TF's own error types vary
-            raise UserError(f"cannot load the SavedModel at {folder}: {_first_line(error)}") from error
+            raise UserError(f"cannot load the SavedModel at {folder}: {first_line(error)}") from error
         serve = loaded.signatures.get("serving_default")
         if serve is None or "num_detections" not in serve.structured_outputs:
             raise UserError(f"the SavedModel at {folder} does not detect (its serving_default returns no "
