@@ -21,7 +21,7 @@ import hashlib
 import io
 import os
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import tensorflow as tf
 
@@ -170,50 +170,67 @@ def write_shards(files: list[str], labels: list[int], synsets: list[str] | None,
     """
     if len(files) != len(labels) or (synsets is not None and len(synsets) != len(files)):
         raise ValueError("files, labels and synsets must have the same length")
+    corrupt: list[str] = []
+
+    def example_at(j: int) -> tf.train.Example | None:
+        try:
+            return example_from_file(files[j], labels[j], synsets[j] if synsets else None)
+        except UserError:
+            if not skip_corrupt:
+                raise
+            corrupt.append(files[j])
+            return None
+
+    shards = write_example_shards(len(files), example_at, _plan_digest(files, labels, synsets, num_shards),
+                                  output_dir, prefix, num_shards, progress)
+    if corrupt:
+        print(f"{prefix}: skipped {len(corrupt)} unreadable image file(s), first {corrupt[0]}", flush=True)
+    shards.corrupt = corrupt
+    return shards
+
+
+def write_example_shards(count: int, example_at: Callable[[int], tf.train.Example | None], plan_digest: str,
+                         output_dir: Path, prefix: str, num_shards: int, progress: bool = True) -> Shards:
+    """The resumable shard writer behind `write_shards`, for any record kind: items 0..count-1, in order, as
+    `num_shards` contiguous chunks; `example_at(j)` makes item j's record (None: leave it out). `plan_digest`
+    names what goes where (a rerun with another digest is refused); complete shards are kept, half-written ones
+    of a killed writer removed, one process writes the folder at a time."""
     if num_shards < 1:
         raise UserError(f"the number of {prefix} shards must be at least 1, not {num_shards}")
-    if num_shards > len(files):
-        raise UserError(f"{num_shards} {prefix} shards for {len(files)} images would leave shards empty; "
-                        f"ask for at most {len(files)} shards")
+    if num_shards > count:
+        raise UserError(f"{num_shards} {prefix} shards for {count} images would leave shards empty; "
+                        f"ask for at most {count} shards")
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     with folder_writer(output_dir):
-        return _write_shards(files, labels, synsets, output_dir, prefix, num_shards, progress, skip_corrupt)
+        return _write_example_shards(count, example_at, plan_digest, output_dir, prefix, num_shards, progress)
 
 
-def _write_shards(files: list[str], labels: list[int], synsets: list[str] | None, output_dir: Path,
-                  prefix: str, num_shards: int, progress: bool, skip_corrupt: bool) -> Shards:
+def _write_example_shards(count: int, example_at: Callable[[int], tf.train.Example | None], plan_digest: str,
+                          output_dir: Path, prefix: str, num_shards: int, progress: bool) -> Shards:
     from shared.progress import progress_bar
 
-    _check_resume(output_dir, prefix, num_shards, _plan_digest(files, labels, synsets, num_shards))
+    _check_resume(output_dir, prefix, num_shards, plan_digest)
     _remove_partial_shards(output_dir, prefix)
 
-    bounds = [len(files) * i // num_shards for i in range(num_shards + 1)]
+    bounds = [count * i // num_shards for i in range(num_shards + 1)]
     paths = [output_dir / shard_name(prefix, i, num_shards) for i in range(num_shards)]
     todo = [i for i in range(num_shards) if not paths[i].exists()]
     reused = [paths[i] for i in range(num_shards) if paths[i].exists()]
     if reused:
         print(f"{prefix}: skipped {len(reused)} of {num_shards} shards already complete in {output_dir} "
               f"({reused[0].name}{' ...' if len(reused) > 1 else ''}); delete them to rewrite them", flush=True)
-    corrupt: list[str] = []
-    done_images = len(files) - sum(bounds[i + 1] - bounds[i] for i in todo)
-    with progress_bar(total=len(files), initial=done_images, desc=f"{prefix} shards", unit="img",
+    done_images = count - sum(bounds[i + 1] - bounds[i] for i in todo)
+    with progress_bar(total=count, initial=done_images, desc=f"{prefix} shards", unit="img",
                       disable=not progress, smoothing=0.05) as bar:
         for i in todo:
             with partial_path(paths[i]) as temporary, tf.io.TFRecordWriter(str(temporary)) as writer:
                 for j in range(bounds[i], bounds[i + 1]):
-                    try:
-                        example = example_from_file(files[j], labels[j], synsets[j] if synsets else None)
-                    except UserError:
-                        if not skip_corrupt:
-                            raise
-                        corrupt.append(files[j])
-                    else:
+                    example = example_at(j)
+                    if example is not None:
                         writer.write(example.SerializeToString())
                     bar.update(1)
-    if corrupt:
-        print(f"{prefix}: skipped {len(corrupt)} unreadable image file(s), first {corrupt[0]}", flush=True)
-    return Shards(paths, corrupt=corrupt, reused=reused)
+    return Shards(paths, reused=reused)
 
 
 # ---------------------------------------------------------------- reading
