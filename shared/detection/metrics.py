@@ -1,4 +1,5 @@
-"""COCO mean average precision with pycocotools' COCOeval, on in-memory ground truth and detections.
+"""Detection mean average precision on in-memory ground truth and detections: COCO with pycocotools'
+COCOeval, Pascal VOC (`voc_map`, the VOC2010+ devkit's rule) with numpy.
 
 The COCO protocol (101-point interpolated precision, IoU thresholds .50:.05:.95, up to 100 detections per
 image) is the one RetinaNet (Lin et al. 2017, "Focal Loss for Dense Object Detection") reports; SSD (Liu
@@ -96,3 +97,109 @@ def coco_map(ground_truth: Sequence[tuple], detections: Sequence[tuple], class_n
         per_class[str(name)] = {"AP": average(precision[:, :, k]), "AP50": average(precision[at["50"], :, k])}
     return {"mAP": average(precision), "mAP50": average(precision[at["50"]]),
             "mAP75": average(precision[at["75"]]), "per_class": per_class}
+
+
+# ---------------------------------------------------------------- Pascal VOC
+
+VOC_IOU = 0.5  # a detection is a true positive above this IoU (the devkit's `ovmax > 0.5`)
+
+
+def _iou(box: np.ndarray, others: np.ndarray) -> np.ndarray:
+    """IoU of one xyxy box with each of `others` [K, 4]; continuous coordinates (the pipeline's boxes end one
+    past the last pixel), so without the devkit's +1 on widths."""
+    x_min, y_min = np.maximum(box[0], others[:, 0]), np.maximum(box[1], others[:, 1])
+    x_max, y_max = np.minimum(box[2], others[:, 2]), np.minimum(box[3], others[:, 3])
+    inter = np.clip(x_max - x_min, 0, None) * np.clip(y_max - y_min, 0, None)
+    areas = (others[:, 2] - others[:, 0]) * (others[:, 3] - others[:, 1])
+    union = (box[2] - box[0]) * (box[3] - box[1]) + areas - inter
+    return np.where(union > 0, inter / np.where(union > 0, union, 1.0), 0.0)
+
+
+def voc_average_precision(recall: np.ndarray, precision: np.ndarray) -> float:
+    """VOC2010+'s all-point interpolated AP: the area under the precision envelope (precision at recall r is
+    the best precision at any recall >= r), summed where recall changes."""
+    recall = np.concatenate([[0.0], np.asarray(recall, np.float64), [1.0]])
+    precision = np.concatenate([[0.0], np.asarray(precision, np.float64), [0.0]])
+    precision = np.maximum.accumulate(precision[::-1])[::-1]
+    steps = np.flatnonzero(recall[1:] != recall[:-1])
+    return float(np.sum((recall[steps + 1] - recall[steps]) * precision[steps + 1]))
+
+
+def voc_class_outcomes(ground_truth: Sequence[tuple], detections: Sequence[tuple], class_index: int,
+                       iou_threshold: float = VOC_IOU) -> tuple[np.ndarray, np.ndarray, int]:
+    """The devkit's matching for one class: (scores, outcome per detection best first: 1 true positive,
+    0 false positive, -1 ignored, count of non-difficult ground-truth boxes). Each detection goes to the
+    box of its image and class it overlaps most; above the threshold it is ignored when that box is
+    difficult, a true positive when the box is not yet taken, else a false positive (a duplicate)."""
+    found = []  # (score, image, box)
+    truth, positives = [], 0
+    for image, (gt, det) in enumerate(zip(ground_truth, detections)):
+        gt_boxes, gt_classes, _ = _rows(gt[0], gt[1])
+        difficult = np.zeros(len(np.asarray(gt[1]).reshape(-1)), bool) if len(gt) < 3 or gt[2] is None \
+            else np.asarray(gt[2], bool).reshape(-1)
+        difficult = difficult[np.asarray(gt[1], np.int64).reshape(-1) >= 0]
+        mine = gt_classes == class_index
+        truth.append((gt_boxes[mine], difficult[mine], np.zeros(int(mine.sum()), bool)))
+        positives += int((~difficult[mine]).sum())
+        boxes, classes, scores = _rows(*det)
+        found.extend((score, image, box) for box, cls, score in zip(boxes, classes, scores) if cls == class_index)
+    found.sort(key=lambda item: -item[0])  # stable: equal scores keep their order
+    outcomes = np.zeros(len(found), np.int64)
+    for k, (_, image, box) in enumerate(found):
+        gt_boxes, difficult, taken = truth[image]
+        if not len(gt_boxes):
+            continue
+        overlaps = _iou(box, gt_boxes)
+        best = int(np.argmax(overlaps))
+        if overlaps[best] > iou_threshold:
+            if difficult[best]:
+                outcomes[k] = -1
+            elif not taken[best]:
+                outcomes[k], taken[best] = 1, True
+    return np.array([score for score, _, _ in found], np.float64), outcomes, positives
+
+
+def voc_map(ground_truth: Sequence[tuple], detections: Sequence[tuple], class_names: Sequence[str],
+            iou_threshold: float = VOC_IOU) -> dict:
+    """Pascal VOC mAP (VOC2010+ devkit): per class the all-point interpolated AP at IoU > `iou_threshold`
+    with `difficult` boxes ignored (a detection on one is neither a true nor a false positive, and a missed
+    one is no miss), the mean over the classes with a non-difficult box.
+
+    ground_truth: [(boxes [N, 4] absolute xyxy, classes [N], difficult [N] bool or None)] per image (two-item
+    entries: nothing difficult); detections as `coco_map` takes them. Returns {"mAP": mean AP, "mAP50": the
+    same, "per_class": {name: {"AP50": AP or None (no non-difficult box)}}}."""
+    if len(ground_truth) != len(detections):
+        raise ValueError(f"voc_map: {len(ground_truth)} ground-truth images but {len(detections)} "
+                         f"detection entries; give one per image")
+    per_class, values = {}, []
+    for k, name in enumerate(class_names):
+        _, outcomes, positives = voc_class_outcomes(ground_truth, detections, k, iou_threshold)
+        if not positives:
+            per_class[str(name)] = {"AP50": None}
+            continue
+        counted = outcomes[outcomes >= 0]
+        true_positives = np.cumsum(counted == 1)
+        false_positives = np.cumsum(counted == 0)
+        recall = true_positives / positives
+        precision = true_positives / np.maximum(true_positives + false_positives, np.finfo(np.float64).eps)
+        ap = voc_average_precision(recall, precision)
+        per_class[str(name)] = {"AP50": ap}
+        values.append(ap)
+    mean = float(np.mean(values)) if values else None
+    return {"mAP": mean, "mAP50": mean, "per_class": per_class}
+
+
+PROTOCOLS = {"coco": "COCO AP@[.5:.95] (pycocotools)", "voc": "Pascal VOC AP@.5, difficult boxes ignored"}
+
+
+def detection_map(protocol: str, ground_truth: Sequence[tuple], detections: Sequence[tuple],
+                  class_names: Sequence[str], max_detections: int = 100) -> dict:
+    """mAP by `protocol` (coco or voc), with "protocol" in the result. COCO counts difficult boxes as any
+    other (it has no such flag); a third item in a ground-truth entry is then ignored."""
+    if protocol == "voc":
+        metrics = voc_map(ground_truth, detections, class_names)
+    elif protocol == "coco":
+        metrics = coco_map([entry[:2] for entry in ground_truth], detections, class_names, max_detections)
+    else:
+        raise ValueError(f"unknown detection protocol {protocol!r}; choose {' or '.join(PROTOCOLS)}")
+    return {"protocol": protocol, **metrics}
