@@ -30,9 +30,30 @@ from shared.detection.anchors import IGNORE
 
 
 def _normalizer(positive, batch_size):
-    """Per-image scale: mean over the batch of (per-image sum * B / positives) = total sum / positives."""
-    positives = ops.maximum(ops.sum(ops.cast(positive, "float32")), 1.0)
-    return ops.cast(batch_size, "float32") / positives
+    """Per-image scale: mean over the batch of (per-image sum * B / positives) = total sum / positives.
+
+    Under a tf.distribute strategy each replica sees B of the global batch and Keras averages the
+    replicas' losses (it scales each by 1 / replicas and sums the gradients); the positives are then
+    summed over every replica and the scale is B * replicas / global positives, so the loss is the global
+    batch's sum / its positives, as on one device, not a mean of per-replica ratios."""
+    positives = ops.sum(ops.cast(positive, "float32"))
+    replicas = 1
+    context = _replica_context()
+    if context is not None and context.num_replicas_in_sync > 1:
+        import tensorflow as tf
+
+        positives = context.all_reduce(tf.distribute.ReduceOp.SUM, positives)
+        replicas = context.num_replicas_in_sync
+    return ops.cast(batch_size, "float32") * replicas / ops.maximum(positives, 1.0)
+
+
+def _replica_context():
+    """The tf.distribute replica context the loss runs in (None outside one, or on another backend)."""
+    if keras.backend.backend() != "tensorflow":
+        return None
+    import tensorflow as tf
+
+    return tf.distribute.get_replica_context()
 
 
 def focal_loss_terms(labels, logits, alpha: float = 0.25, gamma: float = 2.0):

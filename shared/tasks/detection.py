@@ -61,7 +61,7 @@ GALLERY_COLUMNS = 4
 GALLERY_MIN_SCORE = 0.3  # predictions drawn from this score up (all of them count in the mAP)
 GALLERY_MAX_BOXES = 10  # predictions drawn per image, best first
 GALLERY_OVERLAP = 0.5  # a prediction overlapping a better drawn one more than this (any class) is not drawn
-UNSUPPORTED_STRATEGIES = ("mirrored", "multi_worker", "tpu")
+UNSUPPORTED_STRATEGIES = ("tpu",)  # TPUs need static batch shapes; the last detection batch may be partial
 
 
 # ---------------------------------------------------------------- checks
@@ -80,7 +80,7 @@ def check_detection_config(config: Config) -> None:
                         f"detection")
     if config.distribute.strategy in UNSUPPORTED_STRATEGIES:
         raise UserError(f"distribute.strategy {config.distribute.strategy}{where} is not supported for task: "
-                        f"detection yet; use auto or one_device (one device)")
+                        f"detection yet; use auto, one_device, mirrored or multi_worker")
     if config.data.batch_augment:
         raise UserError(f"data.batch_augment{where} (MixUp / CutMix) is for classification; remove it for "
                         f"task: detection")
@@ -300,7 +300,7 @@ def summary(metrics: dict) -> str:
 class DetectionTask(Task):
     name = "detection"
     commands = frozenset({"train", "resume", "test", "finetune", "finetune-all", "export", "loop", "predict"})
-    distributes = False  # one device: check() refuses the strategies that spread a run
+    distributes = True  # mirrored and multi-worker; check() refuses tpu
 
     def check(self, config) -> None:
         check_detection_config(config)
@@ -325,9 +325,13 @@ class DetectionTask(Task):
         config = with_changes(config, {"data.num_classes": len(class_names),  # the snapshot says how many
                                        "data.mean": mean, "data.std": std})
         data = config.data
+        # train.batch_size is per replica: the pipeline yields the global batch, Keras splits it
+        global_batch = config.train.batch_size * replicas
         train = detection_data.make_dataset(train_split, config, training=True,
-                                            augment=detection_augmentations(config), repeat=True)
-        return TaskData(train=train, val=None, steps_per_epoch=detection_data.steps_per_epoch(train_split, config),
+                                            augment=detection_augmentations(config), repeat=True,
+                                            batch_size=global_batch)
+        steps = detection_data.steps_per_epoch(train_split, with_changes(config, {"train.batch_size": global_batch}))
+        return TaskData(train=train, val=None, steps_per_epoch=steps,
                         class_names=list(class_names), input_shape=(data.image_size, data.image_size, data.channels),
                         description=f"{len(train_split)} training / {len(test_split)} test images, "
                                     f"{len(class_names)} classes", details=test_split, config=config)
@@ -347,7 +351,8 @@ class DetectionTask(Task):
         return head_layer_names(model)
 
     def compile(self, trainer, model, module, config, data, lr_scale, replicas):
-        trainer.compile(optimizer=optim.make_optimizer(config.train, data.steps_per_epoch, lr_scale=lr_scale),
+        trainer.compile(optimizer=optim.make_optimizer(config.train, data.steps_per_epoch, replicas=replicas,
+                                                       lr_scale=lr_scale),
                         loss=detection_losses(config.detection), jit_compile=config.train.jit_compile)
 
     def evaluate(self, model, data, config):
