@@ -227,8 +227,8 @@ def _write_example_shards(count: int, example_at: Callable[[int], tf.train.Examp
             with partial_path(paths[i]) as temporary, tf.io.TFRecordWriter(str(temporary)) as writer:
                 for j in range(bounds[i], bounds[i + 1]):
                     example = example_at(j)
-                    if example is not None:
-                        writer.write(example.SerializeToString())
+                    if example is not None:  # map keys sorted: a rerun writes the same bytes
+                        writer.write(example.SerializeToString(deterministic=True))
                     bar.update(1)
     return Shards(paths, reused=reused)
 

@@ -170,6 +170,12 @@ def _check_box(box: Sequence[float], width: int, height: int, where: str, fix: s
             min(max(x_max, 0.0), width), min(max(y_max, 0.0), height)]
 
 
+def check_box(box: Sequence[float], width: int, height: int, where: str, fix: str) -> list[float]:
+    """An absolute xyxy box checked against its `width` x `height` image and clipped (within BOX_TOLERANCE), as
+    every reader here checks its boxes; raises a UserError starting with `where` and ending with `fix`."""
+    return _check_box(box, width, height, where, fix)
+
+
 def _fmt(box: Sequence[float]) -> str:
     return "[" + ", ".join(f"{float(v):g}" for v in box) + "]"
 
@@ -550,15 +556,23 @@ def _parse_voc_xml(path: Path, images_dir: Path) -> tuple[str, int, int, list, l
 
 
 def read_voc(root: str | os.PathLike, image_set: str | None = None, class_names: Sequence[str] | None = None,
-             skip_difficult: bool = False, check_files: bool = True) -> DetectionSplit:
+             skip_difficult: bool = False, check_files: bool = True,
+             skipped: list[str] | None = None) -> DetectionSplit:
     """A Pascal VOC folder: root/Annotations/<id>.xml and root/JPEGImages/<filename>, the images of
     `image_set` (a name under ImageSets/Main/, or a path to a list of ids; None: every XML). Class indices
     follow `class_names` (a label list) or, without one, the sorted names found. `difficult` objects are kept
-    and flagged (`DetectionRecord.difficult`), or left out with `skip_difficult`."""
+    and flagged (`DetectionRecord.difficult`), or left out with `skip_difficult`. With a `skipped` list, an XML
+    that does not parse or check is left out and its one-line message appended, instead of raised."""
     root = Path(root).expanduser()
     ids, listed_in = _voc_image_ids(root, image_set)
-    parsed = [(image_id, _parse_voc_xml(root / "Annotations" / f"{image_id}.xml", root / "JPEGImages"))
-              for image_id in ids]
+    parsed = []
+    for image_id in ids:
+        try:
+            parsed.append((image_id, _parse_voc_xml(root / "Annotations" / f"{image_id}.xml", root / "JPEGImages")))
+        except UserError as error:
+            if skipped is None:
+                raise
+            skipped.append(str(error))  # the converter's skip mode: this XML is left out, named once
     if class_names is None:
         class_names = sorted({name for _, entry in parsed for name in entry[4]})
         if not class_names:
