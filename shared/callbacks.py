@@ -62,7 +62,7 @@ class EpochCheckpoint(keras.callbacks.Callback):
             self.model.save(partial)
 
 
-MAXIMIZED = ("top1", "top5", "acc", "psnr")  # metric names where higher is better
+MAXIMIZED = ("top1", "top5", "acc", "psnr", "map")  # metric names where higher is better (map: detection mAP)
 
 
 def monitor_mode(monitor: str, mode: str = "auto") -> str:

@@ -201,6 +201,8 @@ class DetectionConfig:
     nms_iou: float = 0.5
     max_detections: int = 100
     unfreeze_epoch: int | None = None  # with init.from_run and train.freeze [backbone]: train all from here
+    eval_every: int | None = None  # validation mAP (val_map, val_map50) every N epochs while training
+    eval_protocol: str = field(default="coco", metadata={"choices": ("coco", "voc")})  # voc: AP@.5, difficult ignored
 
 
 @dataclass(frozen=True)
@@ -402,6 +404,7 @@ RANGES: dict[str, Range] = {
     "detection.nms_iou": Range(0, 1, low_open=True),
     "detection.max_detections": AT_LEAST_ONE,
     "detection.unfreeze_epoch": AT_LEAST_ONE,
+    "detection.eval_every": AT_LEAST_ONE,
     "deblur.decoder_channels": AT_LEAST_ONE,
     "deblur.gallery": AT_LEAST_ONE,
     "distill.temperature": POSITIVE,

@@ -222,12 +222,15 @@ def _run_training(task: Task, config: Config, argv: list[str] | None, resumed: r
         if any(phase.freeze for phase in phases) else set()
     for phase in phases:  # patterns are checked now, before a run folder exists
         _freeze(model, phase.freeze, head)
+    task_callbacks = task.callbacks(config, model, data)  # one set for the run's phases
     if config.train.best.monitor or config.train.early_stopping.monitor:
         with precision_policy(config.train.precision), placement.strategy.scope():
             _freeze(model, phases[0].freeze, head)
             task.compile(trainer, model, module, _phase_train_config(config, phases[0].until_epoch), data,
                          lr_scale=phases[0].lr_scale, replicas=placement.replicas)
-            _check_monitors(config, logged_metrics(trainer, train_data, validating=val_data is not None))
+            logged = logged_metrics(trainer, train_data, validating=val_data is not None)
+            _check_monitors(config, None if logged is None else logged.union(
+                *(getattr(callback, "logged", ()) for callback in task_callbacks)))
 
     # ---- the run
     if resumed:
@@ -274,7 +277,8 @@ def _run_training(task: Task, config: Config, argv: list[str] | None, resumed: r
                     optim.apply_weight_decay(model, config.train)  # the student's, when distilling
                     task.compile(trainer, model, module, _phase_train_config(config, phase.until_epoch - start),
                                  data, lr_scale=phase.lr_scale, replicas=placement.replicas)
-                phase_callbacks = _callbacks(config, run, backup, val_data is not None, checkpoint, run_callbacks)
+                phase_callbacks = _callbacks(config, run, backup, val_data is not None, checkpoint, run_callbacks,
+                                             task_callbacks)
                 if continued and start <= continued.epoch < phase.until_epoch:
                     _start_from(trainer, continued.checkpoint, config, phase_callbacks[-1], continued.epoch)
                 trainer.fit(train_data, epochs=phase.until_epoch, initial_epoch=start,
@@ -427,19 +431,21 @@ def _phase_train_config(config: Config, epochs: int):
 
 
 def _callbacks(config: Config, run: runs.Run, backup: Path, validating: bool, checkpoint: EpochCheckpoint,
-               run_callbacks: list) -> list:
+               run_callbacks: list, task_callbacks: list = ()) -> list:
     """Order matters at the end of an epoch: the metrics row and the checkpoint (then best.keras) are on
     disk (fsynced) before the backup commits, so a crash anywhere between makes resume redo that epoch,
     never skip it, and no kill loses a checkpoint. With EMA, validation and the checkpoint see the averaged
     weights, the backup the raw ones with the optimizer state. `run_callbacks` (best checkpoint, early
     stopping) keep one state over the run's phases; theirs and the schedule's are committed with the
-    backup. The backup comes last."""
+    backup. The task's callbacks (`Task.callbacks`) come before the schedule and the loggers, so what they
+    log is recorded and monitored. The backup comes last."""
     schedule = optim.schedule_callbacks(config.train, validating=validating)
     ema = config.train.ema_momentum is not None
     stateful = [*schedule, *run_callbacks]
     return [
         StopOnNonFiniteLoss(),
         LearningRateLogger(),
+        *task_callbacks,
         *schedule,
         *([keras.callbacks.SwapEMAWeights()] if ema else []),  # for validation only
         keras.callbacks.TensorBoard(log_dir=str(run.path / "logs"), write_graph=False),

@@ -117,6 +117,12 @@ class Task:
         them for this model (anchor targets, one label per auxiliary head, ...)."""
         return data.train, data.val
 
+    def callbacks(self, config, model, data: TaskData) -> list:
+        """The task's Keras callbacks for training (e.g. a periodic evaluation); the lifecycle runs them before
+        its loggers and checkpoints, so what they add to an epoch's logs is recorded and can be monitored. A
+        callback that adds log keys names them in its `logged` set (the monitor check reads it)."""
+        return []
+
     def head_layer_names(self, module, model, config, input_shape: tuple[int, int, int]) -> set[str]:
         """The layers the task adds on the backbone: never frozen by train.freeze: [backbone]."""
         raise NotImplementedError

@@ -1,8 +1,13 @@
 """Pascal VOC mAP (difficult boxes ignored, all-point AP) on hand-computed cases, and detection.eval_every's
 validation mAP logged during training."""
 
+import re
+from pathlib import Path
+
 import numpy as np
 import pytest
+
+from shared.fashion_mnist import FASHION_MNIST_DIRS
 
 from shared.detection.metrics import detection_map, voc_average_precision, voc_class_outcomes, voc_map
 
@@ -62,3 +67,89 @@ def test_mean_over_classes_with_ground_truth_and_protocol_named():
     assert result["per_class"] == {"a": {"AP50": 1.0}, "b": {"AP50": None}, "c": {"AP50": None}}
     coco = detection_map("coco", gt, detections, ["a", "b", "c"])
     assert coco["protocol"] == "coco" and coco["mAP50"] == pytest.approx(0.5)  # b's difficult box counts
+
+
+# ---------------------------------------------------------------- detection.eval_every
+
+
+def test_validation_map_evaluates_first_every_nth_and_last_epoch_and_carries_between():
+    from shared.detection.validation import ValidationMAP
+
+    calls = []
+
+    def evaluate():
+        calls.append(len(calls))
+        return {"mAP": 0.1 * len(calls), "mAP50": 0.2 * len(calls)}
+
+    callback = ValidationMAP(evaluate, every=3, epochs=7, protocol="voc")
+    callback.on_train_begin()
+    logged = []
+    for epoch in range(7):
+        logs = {"loss": 1.0}
+        callback.on_epoch_end(epoch, logs)
+        logged.append(logs["val_map"])
+    # evaluated after epochs 1 (nothing measured yet), 3, 6 and 7 (the last); carried in between
+    assert len(calls) == 4
+    assert logged == pytest.approx([0.1, 0.1, 0.2, 0.2, 0.2, 0.3, 0.4])
+    callback.on_train_begin()  # a new fit (a resume): measured again at its first epoch
+    callback.on_epoch_end(3, logs := {})
+    assert len(calls) == 5 and set(logs) == {"val_map", "val_map50"}
+
+
+def tiny_run(generated, runs_dir, *extra):
+    from test_detection_runner import REPO, TINY, data_overrides
+    from shared import runner
+
+    overrides = [*TINY, *data_overrides(generated), f"run.dir={runs_dir}", "data.augment=[]", *extra]
+    return runner.main(["--config", str(REPO / "models" / "resnet" / "detect.yaml"),
+                        *[arg for item in overrides for arg in ("--set", item)]])
+
+
+needs_fashion_mnist = pytest.mark.skipif(
+    not (Path(FASHION_MNIST_DIRS[0]) / "train-images-idx3-ubyte.gz").is_file(), reason="Fashion-MNIST not installed")
+
+
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory):
+    from test_detection_runner import SIZE
+    from test_detection_data import load_script
+
+    out = tmp_path_factory.mktemp("canvases")
+    assert load_script().main([str(out), "--train", "16", "--test", "8", "--size", str(SIZE), "--min-scale", "12",
+                               "--max-scale", "28", "--seed", "3", "--no-progress"]) == 0
+    return out
+
+
+@needs_fashion_mnist
+def test_eval_every_logs_validation_map_for_best_and_early_stopping(generated, tmp_path):
+    import csv
+    import json
+
+    code = tiny_run(generated, tmp_path, "train.epochs=3", "detection.eval_every=2", "data.val_fraction=0.25",
+                    "detection.eval_protocol=voc", "train.best.monitor=val_map",
+                    "train.early_stopping.monitor=val_map50", "train.early_stopping.patience=5")
+    assert code == 0
+    (run,) = (tmp_path / "resnet").iterdir()
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    assert len(rows) == 3 and all(0.0 <= float(row["val_map"]) <= 1.0 for row in rows)
+    assert all(row["val_map"] == row["val_map50"] for row in rows)  # VOC's mAP is AP@.5
+    # TensorBoard writes val_* into logs/validation as epoch_*
+    events = b"".join(path.read_bytes() for path in (run / "logs" / "validation").rglob("events.out.tfevents*"))
+    assert b"epoch_map50" in events and re.search(rb"epoch_map[^57]", events)  # val_map50 and val_map
+    metrics = json.loads((run / "test_metrics.json").read_text())
+    assert metrics["protocol"] == "voc" and metrics["best"]["monitor"] == "val_map"
+    assert metrics["best"]["mode"] == "max"  # mAP: higher is better
+    assert set(metrics["per_class"]["T-shirt/top"]) == {"AP50"}
+
+
+@needs_fashion_mnist
+@pytest.mark.parametrize("extra, message", [
+    (["train.best.monitor=val_map"], "detection.eval_every"),
+    (["detection.eval_every=1", "detection.eval_protocol=voc", "train.early_stopping.monitor=val_map75"],
+     "val_map75"),
+    (["data.val_fraction=0.25"], "detection.eval_every"),
+])
+def test_validation_map_monitors_need_eval_every(generated, tmp_path, capsys, extra, message):
+    assert tiny_run(generated, tmp_path, *extra) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "resnet").exists()  # refused before a run folder exists

@@ -48,7 +48,8 @@ from shared.detection import datasets as detection_data
 from shared.detection.anchors import training_targets
 from shared.detection.export import box_iou, ground_truth
 from shared.detection.losses import detection_losses
-from shared.detection.metrics import coco_map
+from shared.detection import validation
+from shared.detection.metrics import detection_map
 from shared.detection.model import HEAD_PREFIXES, OUTPUT_NAMES, build_detector, model_anchors
 from shared.detection.postprocess import decode_detections
 from shared.errors import UserError
@@ -72,9 +73,16 @@ def check_detection_config(config: Config) -> None:
     where = config.where
     if config.task != "detection":
         raise UserError(f"task is {config.task!r}{where}; the detection runner needs task: detection")
-    if config.data.val_fraction:
-        raise UserError(f"data.val_fraction{where} is not supported for task: detection (the test split is "
-                        f"evaluated after training); set it to 0")
+    if config.data.val_fraction and not config.detection.eval_every:
+        raise UserError(f"data.val_fraction{where} holds images out for detection.eval_every's validation mAP, "
+                        f"which is not set; set detection.eval_every (e.g. 1) or data.val_fraction 0")
+    logged = validation.logged_keys(config.detection.eval_protocol) if config.detection.eval_every else set()
+    for key, monitor in (("train.best.monitor", config.train.best.monitor),
+                         ("train.early_stopping.monitor", config.train.early_stopping.monitor)):
+        if monitor and monitor.startswith("val_map") and monitor not in logged:
+            raise UserError(f"{key} is {monitor!r}{where}, which this run will not log; validation mAP needs "
+                            f"detection.eval_every, and logs {', '.join(sorted(validation.logged_keys('coco')))} "
+                            f"(coco) or {', '.join(sorted(validation.logged_keys('voc')))} (voc)")
     if config.distill.teacher:
         raise UserError(f"distill.teacher{where}: distillation is for classification; remove it for task: "
                         f"detection")
@@ -123,6 +131,28 @@ def absolute_paths(config: Config) -> Config:
         if value and (detection.format != "voc" or os.path.exists(os.path.expanduser(value))):
             changes[f"detection.{key}"] = absolute(value)
     return with_changes(config, changes)
+
+
+def validation_split(train: detection_data.DetectionSplit, config: Config,
+                     test: detection_data.DetectionSplit | None
+                     ) -> tuple[detection_data.DetectionSplit, detection_data.DetectionSplit | None]:
+    """(training split, the split detection.eval_every evaluates): data.val_fraction of the training images
+    held out (drawn with train.seed, the same on every resume), else the test split itself (then the
+    validation mAP, and a best checkpoint picked by it, have seen the test images). None without eval_every."""
+    fraction = config.data.val_fraction
+    if not config.detection.eval_every:
+        return train, None
+    if not fraction:
+        return train, test
+    count = max(1, round(len(train) * fraction))
+    if count >= len(train):
+        raise UserError(f"data.val_fraction {fraction}{config.where} leaves no training image of {len(train)}; "
+                        f"lower it")
+    held = set(np.random.default_rng(config.train.seed).permutation(len(train))[:count].tolist())
+    kept = [record for i, record in enumerate(train) if i not in held]
+    chosen = [record for i, record in enumerate(train) if i in held]
+    return (detection_data.DetectionSplit(kept, train.class_names, train.source),
+            detection_data.DetectionSplit(chosen, train.class_names, f"{train.source} (validation)"))
 
 
 # ---------------------------------------------------------------- starting weights
@@ -217,7 +247,9 @@ def evaluate_detector(detector: keras.Model, split: detection_data.DetectionSpli
         if sum(map(len, shown)) < gallery:
             shown.append(_unnormalize(images.numpy(), config))
     truth = ground_truth(split, size)
-    metrics = coco_map(truth, detections, class_names, config.detection.max_detections)
+    flagged = [(boxes, classes, record.difficult) for (boxes, classes), record in zip(truth, split)]
+    metrics = detection_map(config.detection.eval_protocol, flagged, detections, class_names,
+                            config.detection.max_detections)
     metrics.update(examples=len(split), boxes=split.num_boxes,
                    detections=int(sum(len(classes) for _, classes, _ in detections)))
     images = np.concatenate(shown)[:gallery] if shown else np.zeros((0, size, size, config.data.channels))
@@ -290,8 +322,11 @@ def summary(metrics: dict) -> str:
     def fmt(value):
         return f"{value:.4f}" if isinstance(value, float) else "n/a"
 
-    return (f"test mAP@[.5:.95] {fmt(metrics.get('mAP'))}  mAP@.5 {fmt(metrics.get('mAP50'))}  "
-            f"mAP@.75 {fmt(metrics.get('mAP75'))}  ({metrics.get('examples')} images, {metrics.get('boxes')} boxes)")
+    counts = f"({metrics.get('examples')} images, {metrics.get('boxes')} boxes)"
+    if metrics.get("protocol") == "voc":
+        return f"test VOC mAP@.5 {fmt(metrics.get('mAP50'))}, difficult boxes ignored  {counts}"
+    return (f"test COCO mAP@[.5:.95] {fmt(metrics.get('mAP'))}  mAP@.5 {fmt(metrics.get('mAP50'))}  "
+            f"mAP@.75 {fmt(metrics.get('mAP75'))}  {counts}")
 
 
 # ---------------------------------------------------------------- the task
@@ -318,6 +353,7 @@ class DetectionTask(Task):
 
     def datasets(self, config, folder, replicas=1, start_epoch=0) -> TaskData:
         train_split, test_split, class_names = detection_data.load_detection_data(config)
+        train_split, val_split = validation_split(train_split, config, test_split)
         if config.data.num_classes is not None and config.data.num_classes != len(class_names):
             raise UserError(f"data.num_classes is {config.data.num_classes}{config.where} but the annotations "
                             f"{train_split.source} have {len(class_names)} classes; remove data.num_classes")
@@ -331,10 +367,23 @@ class DetectionTask(Task):
                                             augment=detection_augmentations(config), repeat=True,
                                             batch_size=global_batch)
         steps = detection_data.steps_per_epoch(train_split, with_changes(config, {"train.batch_size": global_batch}))
-        return TaskData(train=train, val=None, steps_per_epoch=steps,
+        held_out = f"{len(val_split)} validation / " if val_split is not None and val_split is not test_split else ""
+        # val: the DetectionSplit detection.eval_every evaluates (`callbacks`), not a pipeline fit() validates on
+        return TaskData(train=train, val=val_split, steps_per_epoch=steps,
                         class_names=list(class_names), input_shape=(data.image_size, data.image_size, data.channels),
-                        description=f"{len(train_split)} training / {len(test_split)} test images, "
+                        description=f"{len(train_split)} training / {held_out}{len(test_split)} test images, "
                                     f"{len(class_names)} classes", details=test_split, config=config)
+
+    def callbacks(self, config, model, data):
+        """detection.eval_every: the validation mAP callback (`shared.detection.validation`)."""
+        every = config.detection.eval_every
+        if not every or data.val is None:
+            return []
+
+        def evaluate() -> dict:
+            return evaluate_detector(model, data.val, config, data.class_names, gallery=0)[0]
+
+        return [validation.ValidationMAP(evaluate, every, config.train.epochs, config.detection.eval_protocol)]
 
     def build(self, module, config, input_shape):
         return build_detector(module, config.model.hparams, config.data.num_classes, input_shape[0], input_shape[-1],
