@@ -96,7 +96,7 @@ class Augmentation:
     crops_raw_image: bool = False
 
 
-def _entry(entry, key: str = "data.augment") -> tuple[str, dict]:
+def parse_entry(entry, key: str = "data.augment") -> tuple[str, dict]:
     if isinstance(entry, str):
         return entry, {}
     if isinstance(entry, dict) and len(entry) == 1:
@@ -108,7 +108,7 @@ def _entry(entry, key: str = "data.augment") -> tuple[str, dict]:
     raise UserError(f"{key} entry {entry!r} must be a name or {{name: {{argument: value}}}}")
 
 
-def _call_with_checked_args(name: str, factory, kwargs: dict, image_size: int, seed: int,
+def call_with_checked_args(name: str, factory, kwargs: dict, image_size: int, seed: int,
                             config_key: str = "data.augment"):
     parameters = inspect.signature(factory).parameters
     accepts_any = any(p.kind is p.VAR_KEYWORD for p in parameters.values())
@@ -135,7 +135,7 @@ def build(entries: list, image_size: int, model_augment: ModuleType | None = Non
     config key the list came from, for the error messages (deblur.blur builds its generators here too)."""
     augmentations = []
     for position, entry in enumerate(entries):
-        name, kwargs = _entry(entry, key)
+        name, kwargs = parse_entry(entry, key)
         factory = getattr(model_augment, name, None) if model_augment else None
         if not callable(factory):
             factory = GENERATORS.get(name) or (getattr(keras.layers, name) if name in KERAS_LAYERS else None)
@@ -147,7 +147,7 @@ def build(entries: list, image_size: int, model_augment: ModuleType | None = Non
             hint = f"did you mean {match[0]}?" if match else f"known: {', '.join(own + list(GENERATORS))}, " \
                                                             f"or a keras.layers.Random* layer"
             raise UserError(f"unknown augmentation {name!r} in data.augment; {hint}")
-        fn = _call_with_checked_args(name, factory, kwargs, image_size, seed + position, key)
+        fn = call_with_checked_args(name, factory, kwargs, image_size, seed + position, key)
         crops = bool(getattr(factory, "crops_raw_image", False))
         if crops and position != 0:
             raise UserError(f"data.augment {name} crops the decoded image and must be the first entry")
@@ -163,13 +163,13 @@ def build_batch(entries: list, seed: int = 0) -> list[Callable]:
     (images, mixed labels)."""
     functions = []
     for position, entry in enumerate(entries):
-        name, kwargs = _entry(entry)
+        name, kwargs = parse_entry(entry)
         if name not in BATCH_LAYERS:
             match = difflib.get_close_matches(name, BATCH_LAYERS, n=1)
             hint = f"did you mean {match[0]}?" if match else f"choose from {', '.join(BATCH_LAYERS)}"
             raise UserError(f"unknown batch augmentation {name!r} in data.batch_augment; {hint} "
                             f"(per-image augmentations go in data.augment)")
-        layer = _call_with_checked_args(name, getattr(keras.layers, name), kwargs, 0, seed + 100 + position)
+        layer = call_with_checked_args(name, getattr(keras.layers, name), kwargs, 0, seed + 100 + position)
 
         def mix(images, labels, layer=layer):
             mixed = layer({"images": images, "labels": labels}, training=True)

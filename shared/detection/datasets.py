@@ -21,8 +21,9 @@ The pipeline (`make_dataset`) yields batches `(images, {"boxes", "classes"})`:
           statistics used into the run's config (data.mean / std), as for classification.
   boxes   float32 [B, max_boxes, 4]: absolute xyxy in the resized S x S image, rows padded with -1.
   classes int32 [B, max_boxes]: 0-based, padded with -1; valid rows come first.
-Training augmentation uses Keras' box-aware layers (RandomFlip, RandomZoom, RandomTranslation with
-`bounding_box_format="xyxy"`) on whole batches; boxes that leave the image or shrink below `MIN_BOX_SIDE`
+Training augmentation is `shared.detection.augment`: SSD's crop and zoom out per image, Keras' box-aware
+layers (RandomFlip, RandomZoom, RandomTranslation with `bounding_box_format="xyxy"`, RandomColorJitter) on
+whole batches; boxes that leave the image or shrink below `MIN_BOX_SIDE`
 pixels are dropped (set to padding). Keras 3.15's RandomCrop is NOT used: it shifts boxes by the vertical
 offset horizontally and vice versa (its transform_bounding_boxes subtracts h_start from x), so its boxes do not
 match its crops, and on a batch it crops every image at the same place.
@@ -47,6 +48,7 @@ import tensorflow as tf
 
 from shared.config import Config
 from shared.data import checks
+from shared.detection import augment as detection_augment
 from shared.errors import UserError
 
 AUTOTUNE = tf.data.AUTOTUNE
@@ -55,10 +57,7 @@ DEFAULT_MEAN = 127.5  # per channel, on the 0-255 scale: (x - 127.5) / 127.5 put
 DEFAULT_STD = 127.5
 BOX_TOLERANCE = 1.0  # pixels a box may stick out of its image (rounding in annotation tools); it is clipped
 MIN_BOX_SIDE = 2.0  # pixels: boxes narrower or lower than this after augmentation are dropped
-AUGMENTATIONS = ("flip", "zoom", "translate")  # the names `make_dataset(augment=...)` accepts
 DEFAULT_AUGMENT = ("flip", "zoom", "translate")
-ZOOM_FACTOR = 0.2  # RandomZoom: up to 20 % in or out (the same factor on both axes keeps the aspect)
-TRANSLATE_FACTOR = 0.1  # RandomTranslation: up to 10 % of the side in each direction
 CACHE_BYTES = 1 << 30  # decoded, resized splits up to this size stay in memory across epochs
 
 
@@ -914,38 +913,6 @@ def drop_invalid_boxes(boxes: tf.Tensor, classes: tf.Tensor, image_size: int,
             tf.gather(classes, order, axis=-1, batch_dims=batch_dims))
 
 
-def _augmenter(names: Sequence[str], seed: int):
-    """Keras box-aware augmentation layers (built once, so their random state advances across batches) and
-    a function applying them to a batch (images on the 0-255 scale, absolute xyxy boxes)."""
-    import keras
-
-    unknown = [name for name in names if name not in AUGMENTATIONS]
-    if unknown:
-        raise UserError(f"detection augmentation {unknown[0]!r} is unknown; choose from {', '.join(AUGMENTATIONS)}")
-    layers = []
-    for offset, name in enumerate(names):
-        if name == "flip":
-            layers.append(keras.layers.RandomFlip("horizontal", bounding_box_format="xyxy", seed=seed + offset))
-        elif name == "zoom":
-            # constant black fill: the default reflection would mirror objects in without boxes
-            layers.append(keras.layers.RandomZoom((-ZOOM_FACTOR, ZOOM_FACTOR), fill_mode="constant",
-                                                  fill_value=0.0, bounding_box_format="xyxy", seed=seed + offset))
-        elif name == "translate":
-            layers.append(keras.layers.RandomTranslation(TRANSLATE_FACTOR, TRANSLATE_FACTOR, fill_mode="constant",
-                                                         fill_value=0.0, bounding_box_format="xyxy",
-                                                         seed=seed + offset))
-
-    def apply(images, boxes, classes):
-        data = {"images": images, "bounding_boxes": {"boxes": boxes, "labels": classes}}
-        for layer in layers:
-            data = layer(data, training=True)
-        # Keras returns labels as float and may already mark boxes clipped to nothing with -1
-        labels = tf.cast(tf.round(data["bounding_boxes"]["labels"]), tf.int32)
-        return data["images"], data["bounding_boxes"]["boxes"], tf.where(labels >= 0, classes, -1)
-
-    return layers, apply
-
-
 def _name_failed_images(loaded: tf.data.Dataset, names: list[str], image_shape: tuple, max_boxes: int
                         ) -> tf.data.Dataset:
     """`loaded` yields (index, pixels, boxes, classes) in index order; an image whose loading fails (a corrupt
@@ -971,14 +938,15 @@ def _name_failed_images(loaded: tf.data.Dataset, names: list[str], image_shape: 
             .map(lambda index, *rest: tuple(rest)))
 
 
-def make_dataset(split: DetectionSplit, config: Config, training: bool, augment: Sequence[str] | None = None,
+def make_dataset(split: DetectionSplit, config: Config, training: bool, augment: Sequence | None = None,
                  repeat: bool = False, batch_size: int | None = None) -> tf.data.Dataset:
     """Batches `(images float32 [B, S, S, C], {"boxes": float32 [B, M, 4], "classes": int32 [B, M]})` with
     S = data.image_size, C = data.channels, M = detection.max_boxes, B = train.batch_size (or `batch_size`;
     the last batch may be smaller). Boxes are absolute xyxy in the resized S x S image; padding is -1.
 
     training: shuffle (buffer data.shuffle_buffer, seed train.seed, a new order each pass) and augment with
-    `augment` (names from AUGMENTATIONS; None: DEFAULT_AUGMENT; () none); evaluation keeps the file order.
+    `augment` (data.augment entries of shared.detection.augment; None: DEFAULT_AUGMENT; () none);
+    evaluation keeps the file order.
     One pass is one epoch unless `repeat`. data.deterministic: one thread for the random maps, so the same
     seed gives the same batches. Images with more than M boxes keep their first M (a warning says how many).
     An image that does not decode (or not to its annotated size) stops the pipeline when it is reached, with
@@ -1029,13 +997,17 @@ def make_dataset(split: DetectionSplit, config: Config, training: bool, augment:
                                   reshuffle_each_iteration=True)
     if repeat:
         dataset = dataset.repeat()
+    entries = list(DEFAULT_AUGMENT if augment is None else augment) if training else []
+    augmenter = detection_augment.build(entries, channels, mean, train_config.seed)
+    if augmenter.per_image:  # stateless draws from a seed per image: the same train.seed, the same crops
+        dataset = tf.data.Dataset.zip(dataset, detection_augment.seeds(train_config.seed)).map(
+            lambda example, seed: augmenter.apply_per_image(*example, seed), num_parallel_calls=parallel,
+            deterministic=True)
     dataset = dataset.batch(batch, drop_remainder=False)  # every example already padded to M boxes
-    names = tuple(DEFAULT_AUGMENT if augment is None else augment) if training else ()
-    _, apply_augment = _augmenter(names, train_config.seed) if names else (None, None)
 
     def finish(images, boxes, classes):
-        if apply_augment is not None:
-            images, boxes, classes = apply_augment(images, boxes, classes)
+        if augmenter.per_batch:
+            images, boxes, classes = augmenter.apply_per_batch(images, boxes, classes)
         # Training drops slivers an augmentation left at the border; evaluation keeps every non-empty box.
         boxes, classes = drop_invalid_boxes(boxes, classes, size, MIN_BOX_SIDE if training else 0.0)
         images = tf.ensure_shape(normalize(images), (None, size, size, channels))
@@ -1043,7 +1015,7 @@ def make_dataset(split: DetectionSplit, config: Config, training: bool, augment:
                         "classes": tf.ensure_shape(classes, (None, max_boxes))}
 
     # Whole batches through the Keras layers: one vectorized call per batch, per-image random draws.
-    dataset = dataset.map(finish, num_parallel_calls=parallel if names else AUTOTUNE, deterministic=True)
+    dataset = dataset.map(finish, num_parallel_calls=parallel if entries else AUTOTUNE, deterministic=True)
     return dataset.prefetch(AUTOTUNE)
 
 

@@ -109,16 +109,14 @@ def check_detection_config(config: Config) -> None:
                             f"epochs; use one (init.head_epochs with finetune_all)")
 
 
-def detection_augmentations(config: Config) -> tuple[str, ...]:
-    """data.augment as the names `make_dataset` takes (flip, zoom, translate)."""
-    names = []
-    for entry in config.data.augment:
-        if not isinstance(entry, str) or entry not in detection_data.AUGMENTATIONS:
-            raise UserError(f"data.augment entry {entry!r}{config.where} is no detection augmentation; for "
-                            f"task: detection choose from {', '.join(detection_data.AUGMENTATIONS)} (boxes "
-                            f"follow them), or [] for none")
-        names.append(entry)
-    return tuple(names)
+def detection_augmentations(config: Config) -> list:
+    """data.augment as the entries `make_dataset` takes, each name and argument checked
+    (`shared.detection.augment`)."""
+    from shared.detection import augment as detection_augment
+
+    entries = list(config.data.augment)
+    detection_augment.build(entries, config.data.channels, [0.0] * config.data.channels, where=config.where)
+    return entries
 
 
 def absolute_paths(config: Config) -> Config:
