@@ -67,11 +67,14 @@ def as_split(images: Path, labels: dict = LABELS) -> D.DetectionSplit:
     return D.DetectionSplit(records, names)
 
 
+def tfrecord_config(out: Path, split: str = "train"):
+    return from_dict({"task": "detection", "data": {"image_size": 32, "channels": 3},
+                      "detection": {"format": "tfrecord", "train_annotations": f"{out}/{split}-*", "max_boxes": 4}})
+
+
 def read_back(out: Path, split: str = "train") -> dict:
     """The shards as `detection.format: tfrecord` loads them: name -> (size, [(class, box)])."""
-    config = from_dict({"task": "detection", "data": {"image_size": 32},
-                        "detection": {"format": "tfrecord", "train_annotations": f"{out}/{split}-*"}})
-    train, _, names = D.load_detection_data(config)
+    train, _, names = D.load_detection_data(tfrecord_config(out, split))
     return {record.name: ((record.width, record.height),
                           sorted((names[c], tuple(np.round(box, 3))) for c, box in zip(record.classes, record.boxes)))
             for record in train}
@@ -90,6 +93,10 @@ def test_csv_round_trips_through_the_tfrecord_reader(images, tmp_path):
         "label_map.pbtxt", "train-00000-of-00002", "train-00001-of-00002"]
     assert D.read_class_list(out / "label_map.pbtxt") == ["bird", "cat", "dog"]  # sorted, ids 1..3
     assert read_back(out) == expected()
+    config = tfrecord_config(out)
+    images, targets = next(iter(D.make_dataset(D.load_detection_data(config)[0], config, training=False,
+                                               batch_size=8)))  # the detector's input pipeline decodes them
+    assert images.shape == (4, 32, 32, 3) and int(tf.reduce_sum(tf.cast(targets["classes"] >= 0, tf.int32))) == 6
     example = tf.train.Example.FromString(next(iter(tf.data.TFRecordDataset(str(out / "train-00000-of-00002")))).numpy())
     keys = set(example.features.feature)
     assert {"image/encoded", "image/format", "image/height", "image/width", "image/filename", "image/source_id",
@@ -116,7 +123,7 @@ def test_coco_and_voc_round_trip(images, tmp_path):
         np.testing.assert_allclose([b for _, b in back[name][1]], [b for _, b in wanted[name][1]], atol=1.0)
 
 
-def test_classes_file_fixes_the_label_order_and_a_second_split_reuses_it(images, tmp_path):
+def test_classes_file_fixes_the_label_order_and_a_second_split_reuses_it(images, tmp_path, capsys):
     out = tmp_path / "out"
     (tmp_path / "classes.txt").write_text("dog\ncat\nbird\n")
     csv_path = write_csv(tmp_path / "labels.csv")
@@ -134,6 +141,18 @@ def test_classes_file_fixes_the_label_order_and_a_second_split_reuses_it(images,
                     "--split", "validation", "--no-progress"]) == 0
     assert D.read_class_list(out / "label_map.pbtxt") == ["dog", "cat", "bird"]
     assert read_back(out, "validation") == expected({"b.png": LABELS["b.png"]})
+    # another order into the same shards: refused, not mixed in
+    assert convert(["--format", "csv", str(csv_path), "--images", str(images), "--out", str(out), "--seed", "1",
+                    "--no-progress"]) == 2
+    assert "were written from another image list" in capsys.readouterr().err
+    # a class the list lacks: its image is named and left out
+    (tmp_path / "two.txt").write_text("dog\ncat\n")
+    assert convert(["--format", "csv", str(csv_path), "--images", str(images), "--out", str(tmp_path / "two"),
+                    "--classes", str(tmp_path / "two.txt"), "--no-progress"]) == 0
+    skipped = [line for line in capsys.readouterr().out.splitlines() if line.startswith("skipped: ")]
+    assert skipped == [f"skipped: {csv_path} line 5: class 'bird' is not in the class list (2 classes); add it to "
+                       f"--classes or fix the label"]
+    assert sorted(read_back(tmp_path / "two")) == ["a.png", "b.png", "d.png"]
 
 
 BAD_ROWS = ("e.png,40,30,cat,1,2,abc,9\n"      # line 9: a bad number
