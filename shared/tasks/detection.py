@@ -23,8 +23,8 @@ epoch N + 1 on (a second `fit` with a recompiled optimizer; epochs, checkpoints 
 counted through). `init.mode: finetune_all` (`finetune-all --from RUN`) works as in classification:
 `init.head_epochs` with the backbone frozen, then every layer at `init.lr_scale` times the rate.
 
-Data augmentation: `data.augment` lists the box-aware augmentations of `shared.detection.datasets`
-(flip, zoom, translate); an empty list trains on the images as they are.
+Data augmentation: `data.augment` lists the box-aware augmentations of `shared.detection.augment`
+(ssd_crop, expand, flip, zoom, translate, color_jitter); an empty list trains on the images as they are.
 
 After training the last checkpoint is evaluated on the test split: `test_metrics.json` holds COCO mAP
 (AP@[.5:.95]), mAP50, mAP75 and per-class APs (`metrics.coco_map`, on boxes in the resized image: IoU does
