@@ -240,19 +240,17 @@ def plan_digest(usable: list[tuple], class_names: list[str], num_shards: int) ->
 
 def write_label_map_once(path: Path, class_names: list[str]) -> None:
     """label_map.pbtxt, refusing to change the classes of shards written before."""
-    import tempfile
-
-    from shared.detection.datasets import write_label_map
-    from shared.durable import atomic_write
+    from shared.detection.datasets import read_class_list, write_label_map
+    from shared.durable import partial_path
     from shared.errors import UserError
 
-    with tempfile.TemporaryDirectory() as scratch:
-        write_label_map(Path(scratch) / LABEL_MAP, class_names)
-        text = (Path(scratch) / LABEL_MAP).read_text(encoding="utf-8")
-    if path.is_file() and path.read_text(encoding="utf-8") != text:
-        raise UserError(f"{path} lists other classes than the {len(class_names)} given now; the shards there "
-                        f"have other labels: delete that folder's contents or write to another one")
-    atomic_write(path, text)
+    if path.is_file():
+        if read_class_list(path) != class_names:
+            raise UserError(f"{path} lists other classes than the {len(class_names)} given now; the shards there "
+                            f"have other labels: delete that folder's contents or write to another one")
+        return
+    with partial_path(path) as partial:
+        write_label_map(partial, class_names)
 
 
 def run(args: argparse.Namespace) -> None:

@@ -145,6 +145,12 @@ def test_classes_file_fixes_the_label_order_and_a_second_split_reuses_it(images,
     assert convert(["--format", "csv", str(csv_path), "--images", str(images), "--out", str(out), "--seed", "1",
                     "--no-progress"]) == 2
     assert "were written from another image list" in capsys.readouterr().err
+    # other classes for shards written before: refused, the label map kept
+    (tmp_path / "sorted.txt").write_text("bird\ncat\ndog\n")
+    assert convert(["--format", "csv", str(csv_path), "--images", str(images), "--out", str(out),
+                    "--classes", str(tmp_path / "sorted.txt"), "--no-progress"]) == 2
+    assert f"{out / 'label_map.pbtxt'} lists other classes" in capsys.readouterr().err
+    assert D.read_class_list(out / "label_map.pbtxt") == ["dog", "cat", "bird"]
     # a class the list lacks: its image is named and left out
     (tmp_path / "two.txt").write_text("dog\ncat\n")
     assert convert(["--format", "csv", str(csv_path), "--images", str(images), "--out", str(tmp_path / "two"),
