@@ -38,8 +38,9 @@ def padded(boxes: list, classes: list, rows: int = 4) -> tuple[tf.Tensor, tf.Ten
 
 
 def test_crop_window_clips_a_box_half_outside_and_drops_one_whose_centre_leaves():
-    # window x 6..26, y 8..28 (20 x 20, resized x2); OBJECT's centre (9, 20) is inside, the corner box's (35, 4) not
-    boxes, classes = padded([OBJECT, [30.0, 0.0, 40.0, 8.0]], [1, 2])
+    # window x 6..26, y 8..28 (20 x 20, resized x2); OBJECT's centre (9, 20) is inside; the second box overlaps
+    # the window (x 20..26) but its centre (27, 23) is outside it
+    boxes, classes = padded([OBJECT, [20.0, 20.0, 34.0, 26.0]], [1, 2])
     image, boxes, classes = A.crop_to_window(tf.constant(object_image()), boxes, classes, (8, 6, 20, 20))
     # OBJECT - (6, 8, 6, 8) = (-2, 2, 8, 22), clipped to (0, 2, 8, 20), times 2
     assert boxes.numpy().tolist() == [[0.0, 4.0, 16.0, 40.0]] + [[-1.0] * 4] * 3
