@@ -1,5 +1,7 @@
 """What a trained run costs to ship: parameters, multiply-adds, size on disk of each artifact format and
-batch-1 CPU latency, saved in the run folder as size.json and size.md (`python -m shared.runner size`)."""
+batch-1 CPU latency, saved in the run folder as size.json and size.md (`python -m shared.runner size`).
+Any task that exports TFLite: a classification or a detection run (its TFLite file as the task exports it,
+`Task.export_tflite`: for a detector the default form, post-processing included where the export has it)."""
 
 from __future__ import annotations
 
@@ -53,7 +55,7 @@ def size_report(run: Run | str | Path, formats: Sequence[str] = FORMATS, latency
     batch 1, median of `latency_runs` calls, for the Keras model (TensorFlow's thread pool) and for
     each TFLite variant (LiteRT, one thread, measured in interleaved rounds); the SavedModel has none."""
     from shared import sizing, tflite
-    from shared.tasks import rebuild
+    from shared.tasks import rebuild, task_for
 
     run = run if isinstance(run, Run) else open_run(run)
     unknown = [name for name in formats if name not in ("keras", "saved_model", *TFLITE_MODES)]
@@ -61,6 +63,7 @@ def size_report(run: Run | str | Path, formats: Sequence[str] = FORMATS, latency
         raise UserError(f"unknown size-report format(s) {', '.join(map(repr, unknown))}; "
                         f"choose from {', '.join(['keras', 'saved_model', *TFLITE_MODES])}")
     model, config = rebuild(run)
+    task = task_for(run)
     data = config.data
     input_shape = (data.image_size, data.image_size, data.channels)
     entries: dict[str, dict] = {}
@@ -77,12 +80,14 @@ def size_report(run: Run | str | Path, formats: Sequence[str] = FORMATS, latency
         else:
             quantize, io = TFLITE_MODES[name]
             try:
-                path = tflite.convert(run, quantize, io)
+                path, beside = task.export_tflite(run, quantize, io)
             except UserError as error:  # e.g. ops without int8 kernels: report it, measure the rest
                 entries[name] = {"path": None, "bytes": None, "latency_ms": None, "error": str(error)}
                 continue
             tflite_paths[name] = path
             entries[name] = {"path": str(path.relative_to(run.path)), "bytes": _bytes(path), "latency_ms": None}
+            if beside:
+                entries[name]["note"] = beside
     if tflite_paths:
         rounds = 3
         medians = tflite.interleaved_latency_ms(list(tflite_paths.values()), rounds=rounds,
@@ -93,7 +98,7 @@ def size_report(run: Run | str | Path, formats: Sequence[str] = FORMATS, latency
         entry["size_mb"] = None if entry["bytes"] is None else entry["bytes"] / MB
 
     report = {
-        "run": str(run.path), "model": config.model.name, "hparams": config.model.hparams,
+        "run": str(run.path), "task": task.name, "model": config.model.name, "hparams": config.model.hparams,
         "input_shape": list(input_shape),
         "trainable_parameters": sizing.trainable_parameters(model),
         "non_trainable_parameters": int(sum(int(w.numpy().size) for w in model.non_trainable_weights)),

@@ -297,13 +297,13 @@ def keras_latency_ms(model, input_shape: Sequence[int], runs: int = 50, warmup: 
 
     shape = tuple(input_shape)
     shape = shape if len(shape) == 4 else (1, *shape)
-    forward = tf.function(lambda x: model(x, training=False))
+    forward = tf.function(lambda x: tf.nest.flatten(model(x, training=False)))  # a detector has two outputs
     x = tf.random.normal(shape, seed=0)
     for _ in range(max(1, warmup)):  # the first call traces
-        forward(x).numpy()
+        [output.numpy() for output in forward(x)]
     times = []
     for _ in range(max(1, runs)):
         start = time.perf_counter()
-        forward(x).numpy()
+        [output.numpy() for output in forward(x)]
         times.append((time.perf_counter() - start) * 1000.0)
     return statistics.median(times)

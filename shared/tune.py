@@ -58,6 +58,9 @@ METRICS: dict[str, str] = {
     "top5": "maximize",  # test split
     "loss": "minimize",  # test split, cross-entropy without the weight penalty
     "val_loss": "minimize",  # the last epoch's; needs data.val_fraction > 0
+    "map": "maximize",  # detection, test split: mAP@[.5:.95]
+    "map50": "maximize",  # detection, test split: mAP@.5
+    "map75": "maximize",  # detection, test split: mAP@.75
     "params": "minimize",  # trainable parameters
     "macs": "minimize",  # multiply-adds of one image's forward pass
     "tflite_int8_mb": "minimize",  # size of the int8 TFLite file, 10^6 bytes
@@ -66,6 +69,9 @@ METRICS: dict[str, str] = {
 DIRECTIONS = ("minimize", "maximize")
 TFLITE_METRICS = ("tflite_int8_mb", "latency_ms")
 SIZE_METRICS = ("params", "macs")
+# metric -> its key in test_metrics.json, for each task; the size and latency figures fit every task
+TEST_METRICS = {"classification": {"top1": "top1", "top5": "top5", "loss": "loss", "val_loss": None},
+                "detection": {"map": "mAP", "map50": "mAP50", "map75": "mAP75"}}
 SPEC_KINDS = ("choice", "int", "float")
 SPEC_OPTIONS = {"choice": (), "int": ("step", "log"), "float": ("step", "log")}
 STUDY_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # it names files too
@@ -300,6 +306,12 @@ def _check_metric_needs(config: Config, metrics: set[str], space: dict[str, Base
         if min(fractions) <= 0:
             raise UserError("metric val_loss needs a validation split, but data.val_fraction is 0; set "
                             "data.val_fraction (e.g. 0.1) or use loss (the test split)")
+    task = config.task or "classification"
+    own = TEST_METRICS.get(task, {})
+    foreign = sorted(m for m in metrics if m not in own and m not in (*SIZE_METRICS, *TFLITE_METRICS))
+    if foreign:
+        raise UserError(f"metric {foreign[0]} is not measured for task: {task}; choose from "
+                        f"{', '.join([*own, *SIZE_METRICS, *TFLITE_METRICS])}")
     wanted = sorted(metrics & set(TFLITE_METRICS))
     if wanted and importlib.util.find_spec("shared.tflite") is None:
         raise UserError(f"metric {wanted[0]} needs shared/tflite.py (LiteRT export), which this checkout lacks")
@@ -442,9 +454,11 @@ def measure(run, wanted: list[str]) -> dict[str, float]:
     metrics = set(wanted)
     values: dict[str, float] = {}
     tested = run.test_metrics() or {}
-    for name in ("top1", "top5", "loss"):
-        if name in metrics:
-            values[name] = float(tested[name])
+    keys = {name: key for table in TEST_METRICS.values() for name, key in table.items() if key}
+    for name in sorted(metrics & set(keys)):
+        if not isinstance(tested.get(keys[name]), (int, float)):
+            raise TrialFailed(f"run {run.path} recorded no test {keys[name]}")
+        values[name] = float(tested[keys[name]])
     if "val_loss" in metrics:
         from shared import plots
 
@@ -460,8 +474,10 @@ def measure(run, wanted: list[str]) -> dict[str, float]:
         values["macs"] = float(multiply_adds(model))
     if metrics & set(TFLITE_METRICS):
         from shared import tflite  # written alongside; imported only when a study asks for it
+        from shared.tasks import task_for
 
-        path = Path(tflite.convert(run, quantize="int8"))
+        path, _ = task_for(run).export_tflite(run, "int8", "float")  # a detector: its default TFLite form
+        path = Path(path)
         values["tflite_int8_mb"] = path.stat().st_size / 1e6
         if "latency_ms" in metrics:
             values["latency_ms"] = float(tflite.latency_ms(path))
@@ -469,7 +485,7 @@ def measure(run, wanted: list[str]) -> dict[str, float]:
 
 
 def _architecture(run):
-    """The run's classifier rebuilt from its own model.py and config (for its sizes)."""
+    """The run's model (classifier or detector) rebuilt from its own model.py and config (for its sizes)."""
     from shared.tasks import rebuild
 
     return rebuild(run)[0]

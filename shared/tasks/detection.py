@@ -332,7 +332,8 @@ def summary(metrics: dict) -> str:
 
 class DetectionTask(Task):
     name = "detection"
-    commands = frozenset({"train", "resume", "test", "finetune", "finetune-all", "export", "loop", "predict"})
+    commands = frozenset({"train", "resume", "test", "finetune", "finetune-all", "export", "loop", "predict", "size",
+                          "tune"})
     distributes = True  # mirrored and multi-worker; check() refuses tpu
 
     def check(self, config) -> None:

@@ -1,0 +1,94 @@
+"""`size` and `tune` on detection runs: the size report of a tiny detector (parameters, multiply-adds, the
+TFLite file the detection export writes and its LiteRT latency), and a two-trial study with mAP@.5 and
+LiteRT latency as objectives."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import optuna
+import pytest
+
+from shared import runner, runs
+from shared import tune as tune_module
+from shared.config import load_config
+from shared.errors import UserError
+from shared.fashion_mnist import FASHION_MNIST_DIRS
+from test_detection_data import load_script
+
+REPO = Path(__file__).resolve().parent.parent
+SIZE = 48
+TINY = ["model.width=4", "detection.fpn_channels=8", "detection.head_depth=1", "train.batch_size=8",
+        "train.epochs=1", f"data.image_size={SIZE}", "detection.score_threshold=0.0", "train.verbose=0"]
+
+pytestmark = pytest.mark.skipif(not (Path(FASHION_MNIST_DIRS[0]) / "train-images-idx3-ubyte.gz").is_file(),
+                                reason="Fashion-MNIST IDX files not installed")
+
+
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("canvases")
+    assert load_script().main([str(out), "--train", "16", "--test", "8", "--size", str(SIZE), "--min-scale", "12",
+                               "--max-scale", "28", "--seed", "3", "--no-progress"]) == 0
+    return out
+
+
+def overrides(generated: Path, runs_dir: Path) -> list[str]:
+    return [*TINY, f"run.dir={runs_dir}", f"data.path={generated / 'images'}",
+            f"detection.train_annotations={generated / 'annotations' / 'train.json'}",
+            f"detection.test_annotations={generated / 'annotations' / 'test.json'}"]
+
+
+def detection_config(generated: Path, runs_dir: Path, **tune):
+    """The tiny detection recipe with `tune` keys given as --set overrides (YAML values)."""
+    return load_config(REPO / "models" / "resnet" / "detect.yaml",
+                       [*overrides(generated, runs_dir), *(f"tune.{key}={value}" for key, value in tune.items())])
+
+
+@pytest.mark.slow
+def test_size_of_a_detection_run(generated, tmp_path, capsys):
+    args = [arg for item in overrides(generated, tmp_path / "runs") for arg in ("--set", item)]
+    assert runner.main(["--config", str(REPO / "models" / "resnet" / "detect.yaml"), *args]) == 0
+    (run_dir,) = (tmp_path / "runs" / "resnet").iterdir()
+    capsys.readouterr()
+    assert runner.main(["size", "--run", str(run_dir)]) == 0
+    assert "| tflite float32 |" in capsys.readouterr().out
+    report = json.loads((run_dir / "size.json").read_text())
+    assert report["task"] == "detection" and report["input_shape"] == [SIZE, SIZE, 1]
+    assert report["multiply_adds"] > report["trainable_parameters"] > 0
+    assert report["formats"]["keras"]["latency_ms"] > 0
+    for name in ("tflite float32", "tflite float16", "tflite dynamic"):
+        entry = report["formats"][name]
+        path = run_dir / entry["path"]
+        assert path.name.startswith("detector_") and entry["bytes"] == path.stat().st_size > 0, name
+        assert entry["latency_ms"] > 0, name
+    assert report["formats"]["tflite float16"]["bytes"] < report["formats"]["tflite float32"]["bytes"]
+    # int8 with int8 input and output is not a detector export: an error entry, the rest measured
+    assert (run_dir / "size.md").read_text().startswith("# Size of resnet")
+
+
+def test_classification_metrics_are_refused_for_detection_before_training(generated, tmp_path):
+    config = detection_config(generated, tmp_path / "runs", objectives="[{metric: top1, direction: maximize}]",
+                              space="{model.width: {choice: [2, 4]}}")
+    with pytest.raises(UserError, match="metric top1 is not measured for task: detection; choose from map, map50"):
+        tune_module.tune(config)
+    assert not (tmp_path / "runs" / "resnet").exists()
+
+
+@pytest.mark.slow
+def test_a_detection_study_with_map50_and_latency(generated, tmp_path):
+    config = detection_config(generated, tmp_path / "runs", study="det", sampler="grid", trials=2,
+                              objectives="[{metric: map50, direction: maximize}, {metric: latency_ms}]",
+                              constraints="{latency_ms: 1000.0}", space="{model.width: {choice: [2, 4]}}")
+    result = tune_module.tune(config)
+    study = optuna.load_study(study_name="det", storage=tune_module.storage_url(config))
+    complete = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    assert len(complete) == 2 and {t.params["model.width"] for t in complete} == {2, 4}
+    for trial in complete:
+        run = runs.Run(Path(trial.user_attrs["run"]))
+        metrics = trial.user_attrs["metrics"]
+        assert metrics["map50"] == run.test_metrics()["mAP50"]
+        assert 0 < metrics["latency_ms"] < 1000
+        assert trial.values == [metrics["map50"], metrics["latency_ms"]]
+    assert result["best"] and {b["trial"] for b in result["best"]} == {t.number for t in study.best_trials}
