@@ -88,6 +88,9 @@ def build_parser(prog: str = "python -m shared.runner") -> argparse.ArgumentPars
     export.add_argument("--io", default="float", choices=("float", "int8"),
                         help="tflite int8: the input/output type (default float)")
     export.add_argument("--evaluate", action="store_true", help="tflite: test the file with LiteRT on the test split")
+    export.add_argument("--raw-outputs", action="store_true",
+                        help="tflite, detection: the raw box deltas and class logits, builtin ops only (default: "
+                             "ending in TFLite_Detection_PostProcess)")
     size = sub.add_parser("size", help="parameters, multiply-adds, size on disk and CPU latency of a run's artifacts")
     size.add_argument("--run", required=True, help="a run folder, e.g. runs/resnet/v0003")
     predict = sub.add_parser("predict", help="top-k classes (or boxes) of image files, folders or globs, by a run or "
@@ -255,7 +258,12 @@ def _export(args: argparse.Namespace, argv: list[str]) -> None:
         path = task.export_saved_model(run, args.export_dir, model_name=args.name, keep=args.keep)
         print(f"exported {path}\n{serving_command(args.export_dir, path.parent.name)}")
         return
-    path, beside = task.export_tflite(run, quantize=args.quantize, io=args.io)
+    if args.raw_outputs and task.name != "detection":
+        from shared.errors import UserError
+
+        raise UserError("--raw-outputs is for detection runs (their TFLite post-processing); leave it out")
+    raw = {"raw_outputs": True} if args.raw_outputs else {}
+    path, beside = task.export_tflite(run, quantize=args.quantize, io=args.io, **raw)
     print(f"exported {path} ({path.stat().st_size / 1e6:.2f} MB)" + (f" {beside}" if beside else ""))
     if args.evaluate:
         print(f"LiteRT {task.summary(task.evaluate_tflite(path, run))}")

@@ -268,8 +268,8 @@ def test_tflite_raw_outputs_and_numpy_decoding_match_keras(trained, capsys):
     from shared.detection.postprocess import decode_detections
     from shared.tasks import rebuild
 
-    assert runner.main(["export", "--run", str(trained.path), "--format", "tflite"]) == 0
-    path = trained.path / "export" / "detector_none.tflite"
+    assert runner.main(["export", "--run", str(trained.path), "--format", "tflite", "--raw-outputs"]) == 0
+    path = trained.path / "export" / "detector_none_raw.tflite"
     assert path.is_file() and str(path) in capsys.readouterr().out
     detector, config = rebuild(trained)
     anchors = model_anchors(detector, config.detection).numpy()

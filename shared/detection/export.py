@@ -42,7 +42,12 @@ from shared.runs import Run, open_run
 OUTPUT_KEYS = ("boxes", "classes", "labels", "scores", "num_detections")
 ANCHORS_FILE = "anchors.npy"
 INFO_FILE = "detection.json"
-TFLITE_QUANTIZE = ("none", "float16", "dynamic")  # int8 needs calibrated detection heads: not offered yet
+TFLITE_QUANTIZE = ("none", "float16", "dynamic")  # both forms; int8 only with the post-processing op
+POSTPROCESS_OP = "TFLite_Detection_PostProcess"
+POSTPROCESS_OUTPUTS = ("boxes", "classes", "scores", "count")  # the op's order, what detection apps read
+LABELS_FILE = "labels.txt"
+CALIBRATION_IMAGES = 200  # training images an int8 file is calibrated on
+SIGNATURE_OUTPUTS = ("detection_boxes", "detection_classes", "detection_scores", "num_detections")
 
 
 def _as_run(run: Run | str | Path) -> Run:
@@ -156,34 +161,190 @@ def _convert(detector, input_shape: tuple, quantize: str) -> bytes:
     frozen = convert_variables_to_constants_v2(tf.function(forward, input_signature=[spec]).get_concrete_function())
     converter = tf.lite.TFLiteConverter.from_concrete_functions([frozen], tf.Module())
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]  # no Flex ops
+    _quantization(converter, quantize)
+    return converter.convert()
+
+
+def center_size_anchors(anchors: np.ndarray, image_size: int) -> np.ndarray:
+    """Absolute xyxy anchors [A, 4] -> the post-processing op's form: (y centre, x centre, height, width),
+    normalized by the image size (the op's boxes come out normalized, as detection apps expect)."""
+    anchors = np.asarray(anchors, np.float64) / float(image_size)
+    width, height = anchors[:, 2] - anchors[:, 0], anchors[:, 3] - anchors[:, 1]
+    return np.stack([anchors[:, 1] + height / 2, anchors[:, 0] + width / 2, height, width], -1).astype(np.float32)
+
+
+def postprocess_signature(detection, num_classes: int) -> str:
+    """The `experimental_implements` attributes that the converter turns into TFLite_Detection_PostProcess
+    (as the Object Detection API's TF2 TFLite export writes them). The scales undo our variances: the op
+    decodes (ty, tx, th, tw) / (y_scale, x_scale, h_scale, w_scale), we encode deltas * (1 / variance).
+    Regular (per-class) NMS, as decode_detections does, so the file finds what the SavedModel finds."""
+    vx, vy, vw, vh = VARIANCES
+    attributes = [f'name: "{POSTPROCESS_OP}"',
+                  f'attr {{ key: "max_detections" value {{ i: {int(detection.max_detections)} }} }}',
+                  'attr { key: "max_classes_per_detection" value { i: 1 } }',
+                  f'attr {{ key: "detections_per_class" value {{ i: {int(detection.max_detections)} }} }}',
+                  'attr { key: "use_regular_nms" value { b: true } }',
+                  f'attr {{ key: "nms_score_threshold" value {{ f: {float(detection.score_threshold):f} }} }}',
+                  f'attr {{ key: "nms_iou_threshold" value {{ f: {float(detection.nms_iou):f} }} }}',
+                  f'attr {{ key: "y_scale" value {{ f: {1 / vy:f} }} }}',
+                  f'attr {{ key: "x_scale" value {{ f: {1 / vx:f} }} }}',
+                  f'attr {{ key: "h_scale" value {{ f: {1 / vh:f} }} }}',
+                  f'attr {{ key: "w_scale" value {{ f: {1 / vw:f} }} }}',
+                  f'attr {{ key: "num_classes" value {{ i: {int(num_classes)} }} }}']
+    return " ".join(attributes)
+
+
+def clipped_encodings(box_deltas, anchors: np.ndarray, min_size: float = 1e-6):
+    """Our deltas [..., A, 4] (dx, dy, log dw, log dh) / variances -> the op's (ty, tx, th, tw) of the same
+    boxes clipped to the image: decoded on the center-size `anchors`, clipped to 0-1, encoded again. The op
+    neither clips nor can be told to, and decode_detections clips before its NMS: without this, a box
+    reaching past the edge would suppress (or survive) differently in the file than in the SavedModel."""
+    import tensorflow as tf
+
+    yx_variance = tf.constant([VARIANCES[1], VARIANCES[0]])
+    hw_variance = tf.constant([VARIANCES[3], VARIANCES[2]])
+    centre, size = tf.constant(anchors[:, :2]), tf.constant(anchors[:, 2:])
+    deltas = tf.gather(box_deltas, [1, 0, 3, 2], axis=-1)  # (dy, dx, dh, dw)
+    box_centre = deltas[..., :2] * yx_variance * size + centre
+    box_size = tf.exp(deltas[..., 2:] * hw_variance) * size
+    low = tf.clip_by_value(box_centre - box_size / 2, 0.0, 1.0)
+    high = tf.clip_by_value(box_centre + box_size / 2, 0.0, 1.0)
+    box_centre, box_size = (low + high) / 2, tf.maximum(high - low, min_size)
+    return tf.concat([(box_centre - centre) / size / yx_variance,
+                      tf.math.log(box_size / size) / hw_variance], axis=-1)
+
+
+def _postprocess_function(detector, config, num_classes: int, spec):
+    """The detector on one image followed by the post-processing op: a tf.function whose composite
+    `experimental_implements` stand-in the converter replaces by the op, fed the deltas of the boxes
+    clipped to the image (`clipped_encodings`), sigmoid scores behind a background column of zeros (the op skips class 0), and
+    the anchors as a constant."""
+    import tensorflow as tf
+    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
+
+    from shared.detection.model import model_anchors
+
+    anchors = center_size_anchors(model_anchors(detector, config.detection).numpy(), config.data.image_size)
+
+    @tf.function(experimental_implements=postprocess_signature(config.detection, num_classes))
+    def postprocess(box_encodings, class_predictions, anchors):  # noqa: ARG001 (the op reads them)
+        return (tf.constant(0.0, name="boxes"), tf.constant(0.0, name="classes"),
+                tf.constant(0.0, name="scores"), tf.constant(0.0, name="num_detections"))
+
+    def raw(image):
+        outputs = detector(image, training=False)
+        return outputs["boxes"], outputs["classes"]
+
+    frozen = convert_variables_to_constants_v2(tf.function(raw, input_signature=[spec]).get_concrete_function())
+
+    def forward(image):
+        box_deltas, class_logits = frozen(image)
+        deltas = clipped_encodings(tf.cast(box_deltas, tf.float32), anchors)
+        scores = tf.sigmoid(tf.cast(class_logits, tf.float32))
+        scores = tf.concat([tf.zeros_like(scores[..., :1]), scores], axis=-1)
+        boxes, classes, scores, count = postprocess(deltas, scores, tf.constant(anchors))
+        return dict(zip(SIGNATURE_OUTPUTS, (boxes, classes, scores, count)))
+
+    return tf.function(forward, input_signature=[spec])
+
+
+def _convert_postprocess(detector, config, num_classes: int, quantize: str, calibration=None) -> bytes:
+    """The detector ending in TFLite_Detection_PostProcess, a custom op that LiteRT and the TFLite
+    runtimes have built in (hence allow_custom_ops); every other op a builtin. int8: weights and
+    activations, calibrated on `calibration` (a callable yielding [image] lists), float input and the
+    op's float outputs."""
+    import tensorflow as tf
+
+    data = config.data
+    spec = tf.TensorSpec((1, data.image_size, data.image_size, data.channels), tf.float32, name="image")
+    function = _postprocess_function(detector, config, num_classes, spec)
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([function.get_concrete_function()], tf.Module())
+    converter.allow_custom_ops = True
+    if quantize == "int8":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.representative_dataset = calibration
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    else:
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+        _quantization(converter, quantize)
+    return _outputs_in_op_order(converter.convert())
+
+
+def _outputs_in_op_order(content: bytes) -> bytes:
+    """The file with its outputs listed (and named) boxes, classes, scores, count: the converter lists them
+    in no fixed order, and detection apps read them by position."""
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    model = flatbuffer_utils.convert_bytearray_to_object(bytearray(content))
+    (signature,) = model.signatureDefs
+    by_name = {entry.name.decode(): entry.tensorIndex for entry in signature.outputs}
+    order = [by_name[name] for name in SIGNATURE_OUTPUTS]
+    graph = model.subgraphs[signature.subgraphIndex]
+    graph.outputs = np.asarray(order, np.int32)
+    for name, index in zip(SIGNATURE_OUTPUTS, order):
+        graph.tensors[index].name = name.encode()
+    return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
+
+
+def _quantization(converter, quantize: str) -> None:
+    import tensorflow as tf
+
     if quantize == "float16":
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
         converter.target_spec.supported_types = [tf.float16]
     elif quantize == "dynamic":
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    return converter.convert()
+
+
+def calibration_images(run: Run, config, count: int = CALIBRATION_IMAGES):
+    """A representative_dataset for int8: the run's first `count` training images, normalized as the
+    evaluation pipeline feeds them (no augmentation), one [1, S, S, C] image at a time."""
+    from shared.detection import datasets as detection_data
+
+    train, _, _ = detection_data.load_detection_data(config)
+    train = train.limit(count)
+
+    def images():
+        for batch, _ in detection_data.make_dataset(train, config, training=False):
+            for image in batch.numpy():
+                yield [image[None].astype(np.float32)]
+
+    return images
 
 
 def export_detection_tflite(run: Run | str | Path, quantize: str = "none", io: str = "float",
-                            out_path: Path | None = None) -> Path:
-    """Convert the detection run's detector (its snapshot and last checkpoint) to a builtin-ops TFLite file
-    with the raw outputs; write anchors.npy and detection.json beside it. Returns the .tflite path
-    (default `<run>/export/detector_<quantize>.tflite`); every file is written atomically."""
+                            out_path: Path | None = None, raw_outputs: bool = False) -> Path:
+    """Convert the detection run's detector (its snapshot and last checkpoint) to a TFLite file; returns its
+    path, every file written atomically.
+
+    Default: the file ends in TFLite_Detection_PostProcess (`<run>/export/detector_<quantize>.tflite`,
+    quantize none / float16 / dynamic / int8, int8 calibrated on training images), with labels.txt beside it.
+    raw_outputs: builtin ops only, the raw deltas and logits (`detector_<quantize>_raw.tflite`, no int8),
+    anchors.npy beside it for `decode_tflite_outputs`. detection.json (beside both) describes each file."""
     from shared.detection.model import model_anchors
     from shared.tasks import rebuild
     from shared.durable import atomic_write
     from shared.tflite import EXPORT_DIR
 
-    if quantize not in TFLITE_QUANTIZE:
-        raise UserError(f"quantize={quantize} is not offered for detectors; choose one of "
-                        f"{', '.join(TFLITE_QUANTIZE)}")
+    offered = TFLITE_QUANTIZE if raw_outputs else (*TFLITE_QUANTIZE, "int8")
+    if quantize not in offered:
+        form = "the raw-output form" if raw_outputs else "detectors"
+        raise UserError(f"quantize={quantize} is not offered for {form}; choose one of {', '.join(offered)}")
     if io != "float":
         raise UserError(f"--io {io}: a detector's TFLite file has float input and outputs; leave --io out")
     run = _as_run(run)
     detector, config = rebuild(run)
     data = config.data
+    names = run.class_names() or [str(i) for i in range(data.num_classes)]
+    shape = (data.image_size, data.image_size, data.channels)
     try:
-        content = _convert(detector, (data.image_size, data.image_size, data.channels), quantize)
+        if raw_outputs:
+            content = _convert(detector, shape, quantize)
+        else:
+            calibration = calibration_images(run, config) if quantize == "int8" else None
+            content = _convert_postprocess(detector, config, len(names), quantize, calibration)
+    except UserError:
+        raise
     except Exception as error:  # the converter's errors are not public types
         reason = " ".join(str(error).split())[:400]
         raise UserError(f"TFLite conversion (quantize={quantize}) of {run.path} failed: {reason}") from error
@@ -191,28 +352,36 @@ def export_detection_tflite(run: Run | str | Path, quantize: str = "none", io: s
 
     interpreter = Interpreter(model_content=content)
     interpreter.allocate_tensors()
-    tensors = identify_outputs(interpreter, detector, (data.image_size, data.image_size, data.channels))
-    out = Path(out_path) if out_path is not None else run.path / EXPORT_DIR / f"detector_{quantize}.tflite"
+    suffix = "_raw" if raw_outputs else ""
+    out = Path(out_path) if out_path is not None else run.path / EXPORT_DIR / f"detector_{quantize}{suffix}.tflite"
     anchors = model_anchors(detector, config.detection).numpy()
-    buffer = io_module.BytesIO()
-    np.save(buffer, anchors.astype(np.float32))
-    names = run.class_names() or [str(i) for i in range(data.num_classes)]
     detection = config.detection
+    if raw_outputs:
+        file_info = {"quantize": quantize, "form": "raw",
+                     "output_tensors": identify_outputs(interpreter, detector, shape)}
+    else:
+        file_info = {"quantize": quantize, "form": "postprocess", "outputs": list(POSTPROCESS_OUTPUTS)}
     info = {"run": str(run.path.resolve()), "checkpoint": run.last_checkpoint().name, "model": out.name,
             **_preprocessing(config), "input": "one normalized image (1, S, S, C): (pixels - mean) / std",
             "outputs": {"boxes": "[1, A, 4] deltas (dx, dy, log dw, log dh) / variances",
                         "classes": "[1, A, C] logits (sigmoid per class)"},
+            "postprocess_outputs": {
+                "boxes": "[1, D, 4] float32 (ymin, xmin, ymax, xmax) normalized to 0-1",
+                "classes": "[1, D] float32 class index (labels.txt line)", "scores": "[1, D] float32",
+                "count": "[1] float32 detections filled in"},
             "anchors": ANCHORS_FILE, "num_anchors": int(len(anchors)), "variances": list(VARIANCES),
-            "encoding": "center_xywh", "box_format": "xyxy", "labels": names,
+            "encoding": "center_xywh", "box_format": "xyxy", "labels": names, "labels_file": LABELS_FILE,
             "score_threshold": detection.score_threshold, "nms_iou": detection.nms_iou,
             "max_detections": detection.max_detections,
-            # every file exported here, with its own output tensor names (the anchors are the run's)
-            "models": {**_exported_models(out.parent), out.name: {"quantize": quantize, "output_tensors": tensors}}}
+            # every file exported here: its form and, for the raw form, its own output tensor names
+            "models": {**_exported_models(out.parent), out.name: file_info}}
+    buffer = io_module.BytesIO()
+    np.save(buffer, anchors.astype(np.float32))
     atomic_write(out.parent / ANCHORS_FILE, buffer.getvalue())
+    atomic_write(out.parent / LABELS_FILE, "".join(f"{name}\n" for name in names).encode())
     atomic_write(out.parent / INFO_FILE, (json.dumps(info, indent=2) + "\n").encode())
     atomic_write(out, content)
     return out
-
 
 
 def tflite_interpreter(path: Path | str, num_threads: int | None = None):
@@ -375,26 +544,55 @@ def decode_tflite_outputs(box_deltas: np.ndarray, class_logits: np.ndarray, anch
     return out if batched else {key: value[0] for key, value in out.items()}
 
 
+def is_postprocess_file(interpreter) -> bool:
+    """Whether a detection .tflite ends in TFLite_Detection_PostProcess (four outputs) or has the raw ones."""
+    return len(interpreter.get_output_details()) == len(POSTPROCESS_OUTPUTS)
+
+
+def predict_tflite_postprocess(interpreter, images: np.ndarray, image_size: int) -> list[tuple]:
+    """Detections of a post-processing-op file for normalized images [N, S, S, C], one invoke per image:
+    per image (boxes [D, 4] absolute xyxy in the S x S image, classes [D] int, scores [D]), the op's
+    `count` first rows of its outputs (boxes, classes, scores, count, in that order)."""
+    source = interpreter.get_input_details()[0]
+    outputs = interpreter.get_output_details()
+    found = []
+    for image in np.asarray(images, np.float32):
+        interpreter.set_tensor(source["index"], image[None])
+        interpreter.invoke()
+        boxes, classes, scores, count = (interpreter.get_tensor(d["index"])[0] for d in outputs)
+        count = int(count)
+        # (ymin, xmin, ymax, xmax) normalized -> xyxy pixels, clipped to the image as decode_detections does
+        yx = np.clip(boxes[:count], 0.0, 1.0) * float(image_size)
+        found.append((yx[:, [1, 0, 3, 2]].astype(np.float32), classes[:count].astype(np.int32),
+                      scores[:count].astype(np.float32)))
+    return found
+
+
 def evaluate_detection_tflite(path: Path | str, run: Run | str | Path, limit: int | None = None) -> dict:
-    """COCO mAP of the .tflite file on the run's test split (its first `limit` images), decoded in numpy
-    with anchors.npy beside the file and the run's thresholds: to compare with the run's test_metrics."""
+    """COCO mAP of the .tflite file on the run's test split (its first `limit` images), to compare with the
+    run's test_metrics: the post-processing op's detections as they are, or the raw outputs decoded in
+    numpy with anchors.npy beside the file and the run's thresholds."""
     from shared import config as config_module
     from shared.detection import datasets as detection_data
     from shared.detection.metrics import coco_map
 
     run = _as_run(run)
     path = Path(path)
-    anchors_path = path.parent / ANCHORS_FILE
-    if not anchors_path.is_file():
-        raise UserError(f"no {ANCHORS_FILE} beside {path}; export the detector again")
-    anchors = np.load(anchors_path)
     config = config_module.from_dict(run.config_dict())
+    interpreter = tflite_interpreter(path, num_threads=os.cpu_count())
+    postprocess = is_postprocess_file(interpreter)
+    anchors_path = path.parent / ANCHORS_FILE
+    if not postprocess and not anchors_path.is_file():
+        raise UserError(f"no {ANCHORS_FILE} beside {path}; export the detector again")
     _, test, class_names = detection_data.load_detection_data(config)
     test = test.limit(limit)
-    interpreter = tflite_interpreter(path, num_threads=os.cpu_count())
     detection, size = config.detection, config.data.image_size
+    anchors = None if postprocess else np.load(anchors_path)
     found = []
     for images, _ in detection_data.make_dataset(test, config, training=False):
+        if postprocess:
+            found.extend(predict_tflite_postprocess(interpreter, images.numpy(), size))
+            continue
         decoded = decode_tflite_outputs(*predict_tflite_raw(interpreter, images.numpy(), output_names(path)),
                                         anchors, size, detection.score_threshold, detection.nms_iou,
                                         detection.max_detections)

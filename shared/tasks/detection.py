@@ -244,14 +244,21 @@ def evaluate_detector(detector: keras.Model, split: detection_data.DetectionSpli
             detections.append((found["boxes"][i, :count], found["classes"][i, :count], found["scores"][i, :count]))
         if sum(map(len, shown)) < gallery:
             shown.append(_unnormalize(images.numpy(), config))
-    truth = ground_truth(split, size)
-    flagged = [(boxes, classes, record.difficult) for (boxes, classes), record in zip(truth, split)]
-    metrics = detection_map(config.detection.eval_protocol, flagged, detections, class_names,
+    truth = evaluation_truth(split, size)
+    metrics = detection_map(config.detection.eval_protocol, truth, detections, class_names,
                             config.detection.max_detections)
     metrics.update(examples=len(split), boxes=split.num_boxes,
                    detections=int(sum(len(classes) for _, classes, _ in detections)))
     images = np.concatenate(shown)[:gallery] if shown else np.zeros((0, size, size, config.data.channels))
-    return metrics, {"images": images, "detections": detections[:len(images)], "truth": truth[:len(images)]}
+    return metrics, {"images": images, "detections": detections[:len(images)],
+                     "truth": [entry[:2] for entry in truth[:len(images)]]}
+
+
+def evaluation_truth(split: detection_data.DetectionSplit, image_size: int) -> list[tuple]:
+    """(boxes in the resized image's pixels, classes, VOC difficult flags) per image: the ground truth the
+    protocols score against (the voc protocol ignores the difficult boxes, coco counts them)."""
+    return [(boxes, classes, record.difficult) for (boxes, classes), record in zip(ground_truth(split, image_size),
+                                                                                     split)]
 
 
 def _shown(boxes: np.ndarray, scores: np.ndarray, min_score: float) -> list[int]:
@@ -428,12 +435,15 @@ class DetectionTask(Task):
 
         return export.export_detection_saved_model(run, export_dir, model_name=model_name, keep=keep)
 
-    def export_tflite(self, run, quantize, io):
+    def export_tflite(self, run, quantize, io, raw_outputs=False):
         from shared.detection import export
 
-        path = export.export_detection_tflite(run, quantize=quantize, io=io)
-        return path, (f"with {path.parent / export.ANCHORS_FILE} and {path.parent / export.INFO_FILE} beside it "
-                      f"(decode outside: shared.detection.export.decode_tflite_outputs)")
+        path = export.export_detection_tflite(run, quantize=quantize, io=io, raw_outputs=raw_outputs)
+        if raw_outputs:
+            return path, (f"with {path.parent / export.ANCHORS_FILE} and {path.parent / export.INFO_FILE} beside "
+                          f"it (decode outside: shared.detection.export.decode_tflite_outputs)")
+        return path, (f"ending in {export.POSTPROCESS_OP} (outputs boxes, classes, scores, count), "
+                      f"with {path.parent / export.LABELS_FILE} beside it")
 
     def evaluate_tflite(self, path, run):
         from shared.detection import export
