@@ -153,3 +153,23 @@ def test_validation_map_monitors_need_eval_every(generated, tmp_path, capsys, ex
     assert tiny_run(generated, tmp_path, *extra) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "resnet").exists()  # refused before a run folder exists
+
+
+def test_voc_difficult_flags_reach_the_evaluation(tmp_path):
+    from shared.detection import datasets as D
+    from shared.tasks.detection import evaluation_truth
+
+    from PIL import Image
+
+    image = tmp_path / "a.png"
+    Image.new("RGB", (100, 80)).save(image)
+    record = D.DetectionRecord(str(image), 100, 80, np.array([BOX, FAR], np.float32), np.array([0, 0]),
+                               difficult=np.array([False, True]))
+    D.write_voc(D.DetectionSplit([record], ["cat"]), tmp_path / "voc", "test")
+    split = D.read_voc(tmp_path / "voc", "test", ["cat"])
+    truth = evaluation_truth(split, 200)  # resized to 200 x 200: x times 2, y times 2.5
+    assert truth[0][2].tolist() == [False, True]
+    np.testing.assert_allclose(truth[0][0][0], [0, 0, 20, 25])
+    only_the_easy_box = [found([[0, 0, 20, 25]], [0.9])]
+    assert detection_map("voc", truth, only_the_easy_box, ["cat"])["mAP50"] == pytest.approx(1.0)
+    assert detection_map("coco", truth, only_the_easy_box, ["cat"])["mAP50"] == pytest.approx(0.5, abs=0.01)
