@@ -120,3 +120,31 @@ def test_raw_outputs_option_and_int8_with_float_io(trained, capsys):
         export.export_detection_tflite(trained)
     assert path.stat().st_size < 0.6 * float_path.stat().st_size  # tiny model: the float anchors weigh a lot
     print(f"int8 {path.stat().st_size} B vs float32 {float_path.stat().st_size} B; {out.strip().splitlines()[-1]}")
+
+
+def test_clipped_encodings_decode_to_the_clipped_boxes_the_op_scales_expect():
+    """What the op decodes from clipped_encodings, with the scales postprocess_signature gives it, is our own
+    decoding of the raw deltas clipped to the image (normalized, y first): hand-checked on one anchor too."""
+    import re
+
+    from shared.detection import export
+    from shared.detection.anchors import decode
+
+    size = 40
+    anchors = np.array([[0, 0, 20, 10], [30, 30, 40, 40], [10, 5, 30, 25]], np.float32)  # xyxy pixels
+    deltas = np.array([[[-3.0, 0.0, 0.0, 0.0], [4.0, 4.0, 2.0, 1.0], [0.5, -0.5, -1.0, 1.0]]], np.float32)
+    attributes = dict(re.findall(r'key: "(\w)_scale" value \{ f: ([\d.]+)', export.postprocess_signature(
+        type("Detection", (), {"max_detections": 5, "score_threshold": 0.1, "nms_iou": 0.5})(), 3)))
+    scale = {key: float(value) for key, value in attributes.items()}
+    centre_size = export.center_size_anchors(anchors, size)
+    encoded = export.clipped_encodings(deltas, centre_size).numpy()[0]
+    # the op's decoding (TFLite's detection_postprocess.cc DecodeCenterSizeBoxes)
+    ty, tx, th, tw = encoded.T
+    ya, xa, ha, wa = centre_size.T
+    yc, xc = ty / scale["y"] * ha + ya, tx / scale["x"] * wa + xa
+    h, w = np.exp(th / scale["h"]) * ha, np.exp(tw / scale["w"]) * wa
+    op_boxes = np.stack([yc - h / 2, xc - w / 2, yc + h / 2, xc + w / 2], -1)
+    ours = np.clip(decode(anchors, deltas).numpy()[0], 0, size) / size  # xyxy
+    np.testing.assert_allclose(op_boxes, ours[:, [1, 0, 3, 2]], atol=1e-5)
+    assert op_boxes[0, 1] == pytest.approx(0.0, abs=1e-6)  # anchor 0 shifted left of the image: clipped at 0
+    assert (op_boxes[1, 2:] <= 1.0 + 1e-6).all() and op_boxes[1, 2] == pytest.approx(1.0, abs=1e-5)
