@@ -173,3 +173,22 @@ def test_voc_difficult_flags_reach_the_evaluation(tmp_path):
     only_the_easy_box = [found([[0, 0, 20, 25]], [0.9])]
     assert detection_map("voc", truth, only_the_easy_box, ["cat"])["mAP50"] == pytest.approx(1.0)
     assert detection_map("coco", truth, only_the_easy_box, ["cat"])["mAP50"] == pytest.approx(0.5, abs=0.01)
+
+
+def test_validation_map_evaluates_the_ema_weights():
+    import keras
+
+    from shared.detection.validation import ValidationMAP
+
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1, use_bias=False)])
+    model.compile(optimizer=keras.optimizers.SGD(0.5, use_ema=True, ema_momentum=0.9), loss="mse")
+    model.fit(np.ones((4, 2)), np.full((4, 1), 10.0), epochs=1, verbose=0)
+    raw = model.get_weights()[0].copy()
+    average = np.array([[1.0], [-1.0]], np.float32)  # averages unlike the weights (fit's end made them equal)
+    model.optimizer._model_variables_moving_average[0].assign(average)
+    seen = []
+    callback = ValidationMAP(lambda: seen.append(model.get_weights()[0].copy()) or {"mAP": 0.5}, 1, 1, "voc")
+    callback.set_model(model)
+    callback.on_epoch_end(0, {})
+    np.testing.assert_allclose(seen[0], average)  # evaluated on the averages
+    np.testing.assert_allclose(model.get_weights()[0], raw)  # and training goes on with its own weights
