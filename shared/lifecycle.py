@@ -203,8 +203,10 @@ def _metric_rows(run: runs.Run) -> bool:
 def _run_training(task: Task, config: Config, argv: list[str] | None, resumed: runs.Run | None,
                   extra_callbacks: list | None = None, continued: Continuation | None = None) -> runs.Run:
     # ---- everything checked before a run folder exists
-    task.check(config)
+    # The strategy first: the multi-worker runtime must be set up before any TensorFlow work, and a
+    # task's checks may build layers (the detection augmentations do).
     placement = distribute.make_placement(config.distribute) if task.distributes else _one_device()
+    task.check(config)
     phases = task.plan_phases(config)
     saved = [s for s in map(backup_state, _backup_dirs(resumed, phases)) if s] if resumed else []
     restoring, done = bool(saved), max((s["epoch"] for s in saved), default=0)

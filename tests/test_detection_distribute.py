@@ -1,9 +1,12 @@
 """Detection under tf.distribute: the losses normalize by the global batch's positives across replicas, and a
-tiny detection run trains mirrored over two logical CPU devices at the global batch."""
+tiny detection run trains at the global batch mirrored over two logical CPU devices and multi-worker with two
+local processes (TF_CONFIG on 127.0.0.1)."""
 
 from __future__ import annotations
 
 import json
+import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -87,3 +90,44 @@ def test_mirrored_detection_run_on_two_logical_cpus(tmp_path):
     assert "loss" in header
     metrics = json.loads((run_dir / "test_metrics.json").read_text())
     assert 0.0 <= metrics["mAP50"] <= 1.0
+
+
+def free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (Path(FASHION_MNIST_DIRS[0]) / "train-images-idx3-ubyte.gz").is_file(),
+                    reason="Fashion-MNIST IDX files not installed")
+def test_multi_worker_detection_run_with_two_local_processes(tmp_path):
+    data = tmp_path / "canvases"
+    assert load_script().main([str(data), "--train", "16", "--test", "8", "--size", str(SIZE), "--min-scale", "12",
+                               "--max-scale", "28", "--seed", "3", "--no-progress"]) == 0
+    overrides = [*TINY, "train.batch_size=4", "train.epochs=2", "distribute.strategy=multi_worker",
+                 f"run.dir={tmp_path / 'runs'}", f"data.path={data / 'images'}",
+                 f"detection.train_annotations={data / 'annotations' / 'train.json'}",
+                 f"detection.test_annotations={data / 'annotations' / 'test.json'}"]
+    args = ["--config", str(REPO / "models" / "resnet" / "detect.yaml"),
+            *[arg for item in overrides for arg in ("--set", item)]]
+    workers = [f"127.0.0.1:{port}" for port in free_ports(2)]
+    processes = []
+    for index in range(2):
+        env = {**os.environ, "TF_CONFIG": json.dumps({"cluster": {"worker": workers},
+                                                      "task": {"type": "worker", "index": index}})}
+        processes.append(subprocess.Popen([sys.executable, "-m", "shared.runner", *args], cwd=REPO, env=env,
+                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outputs = [p.communicate(timeout=600) for p in processes]
+    for process, (_, err) in zip(processes, outputs):
+        assert process.returncode == 0, err[-3000:]
+    assert "MultiWorkerMirroredStrategy, 2 replicas, 2 workers" in outputs[0][0]
+    assert "2 steps x 2 epochs" in outputs[0][0], outputs[0][0][-2000:]  # 16 images, global batch 4 x 2
+    (run_dir,) = (tmp_path / "runs" / "resnet").iterdir()  # only the chief keeps a run folder
+    assert json.loads((run_dir / "status.json").read_text())["status"] == "finished"
+    assert (run_dir / "checkpoints" / "epoch-0002.keras").is_file()
+    assert 0.0 <= json.loads((run_dir / "test_metrics.json").read_text())["mAP50"] <= 1.0
