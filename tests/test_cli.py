@@ -142,7 +142,7 @@ def test_a_runs_root_that_is_a_file_is_one_line_before_tensorflow(tmp_path, caps
     assert blocker.read_text(encoding="utf-8") == "not a folder"
 
 
-@pytest.mark.parametrize("command", ["lr-sweep", "find-batch", "preview", "tune", "distill"])
+@pytest.mark.parametrize("command", ["lr-sweep", "find-batch", "preview", "distill"])
 def test_a_command_refuses_a_task_it_does_not_support_in_one_line(tmp_path, capsys, command):
     teacher = tmp_path / "runs" / "resnet" / "v0001"
     teacher.mkdir(parents=True)
@@ -159,11 +159,9 @@ def test_a_run_command_goes_by_the_runs_task(tmp_path, capsys, command):
     (run_dir / "config.yaml").write_text(yaml.safe_dump({"task": "detection", "model": {"name": "resnet"}}))
     extra = ["--format", "saved_model", "--export-dir", tmp_path / "exports"] if command == "export" else []
     code, _, err = run_cli(capsys, command, "--run", run_dir, *extra)
-    if command == "size":
-        assert_one_line_error(code, err, "size supports task", "classification", "not detection")
-    else:  # supported: detection's own reading of the run's data or checkpoint is what stops it
-        assert_one_line_error(code, err, "detection.train_annotations is empty" if command == "test" else
-                              "has no checkpoint")
+    # supported: detection's own reading of the run's data or checkpoint is what stops it
+    assert_one_line_error(code, err, "detection.train_annotations is empty" if command == "test" else
+                          "has no checkpoint")
 
 
 def test_test_with_a_classifier_needs_a_deblurring_run(tmp_path, capsys):
