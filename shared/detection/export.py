@@ -581,6 +581,8 @@ def evaluate_detection_tflite(path: Path | str, run: Run | str | Path, limit: in
     config = config_module.from_dict(run.config_dict())
     interpreter = tflite_interpreter(path, num_threads=os.cpu_count())
     postprocess = is_postprocess_file(interpreter)
+    if postprocess:  # with several threads LiteRT's op was seen to drop detections the SavedModel keeps
+        interpreter = tflite_interpreter(path, num_threads=1)
     anchors_path = path.parent / ANCHORS_FILE
     if not postprocess and not anchors_path.is_file():
         raise UserError(f"no {ANCHORS_FILE} beside {path}; export the detector again")
