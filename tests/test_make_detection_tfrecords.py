@@ -97,7 +97,8 @@ def test_csv_round_trips_through_the_tfrecord_reader(images, tmp_path):
     images, targets = next(iter(D.make_dataset(D.load_detection_data(config)[0], config, training=False,
                                                batch_size=8)))  # the detector's input pipeline decodes them
     assert images.shape == (4, 32, 32, 3) and int(tf.reduce_sum(tf.cast(targets["classes"] >= 0, tf.int32))) == 6
-    example = tf.train.Example.FromString(next(iter(tf.data.TFRecordDataset(str(out / "train-00000-of-00002")))).numpy())
+    first_record = next(iter(tf.data.TFRecordDataset(str(out / "train-00000-of-00002"))))
+    example = tf.train.Example.FromString(first_record.numpy())
     keys = set(example.features.feature)
     assert {"image/encoded", "image/format", "image/height", "image/width", "image/filename", "image/source_id",
             "image/object/bbox/xmin", "image/object/bbox/ymax", "image/object/class/label",

@@ -217,8 +217,8 @@ def clipped_encodings(box_deltas, anchors: np.ndarray, min_size: float = 1e-6):
 def _postprocess_function(detector, config, num_classes: int, spec):
     """The detector on one image followed by the post-processing op: a tf.function whose composite
     `experimental_implements` stand-in the converter replaces by the op, fed the deltas of the boxes
-    clipped to the image (`clipped_encodings`), sigmoid scores behind a background column of zeros (the op skips class 0), and
-    the anchors as a constant."""
+    clipped to the image (`clipped_encodings`), sigmoid scores behind a background column of zeros (the op
+    skips class 0), and the anchors as a constant."""
     import tensorflow as tf
     from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 

@@ -130,7 +130,7 @@ class Detector(Predictor):
 
     @classmethod
     def from_tflite(cls, file, run=None):
-        raise UserError("predict does not read a detector's .tflite file (its NMS runs outside it); use --run RUN "
+        raise UserError("predict does not read a detector's .tflite file; use --run RUN "
                         "or --saved-model DIR")
 
     # ---- results
