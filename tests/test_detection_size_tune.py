@@ -15,23 +15,16 @@ from shared import tune as tune_module
 from shared.config import load_config
 from shared.errors import UserError
 from shared.fashion_mnist import FASHION_MNIST_DIRS
-from test_detection_data import load_script
+import test_detection_runner
+from test_detection_runner import SIZE
 
 REPO = Path(__file__).resolve().parent.parent
-SIZE = 48
+generated = test_detection_runner.generated  # the tiny canvas set fixture, shared with the runner tests
 TINY = ["model.width=4", "detection.fpn_channels=8", "detection.head_depth=1", "train.batch_size=8",
         "train.epochs=1", f"data.image_size={SIZE}", "detection.score_threshold=0.0", "train.verbose=0"]
 
 pytestmark = pytest.mark.skipif(not (Path(FASHION_MNIST_DIRS[0]) / "train-images-idx3-ubyte.gz").is_file(),
                                 reason="Fashion-MNIST IDX files not installed")
-
-
-@pytest.fixture(scope="module")
-def generated(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("canvases")
-    assert load_script().main([str(out), "--train", "16", "--test", "8", "--size", str(SIZE), "--min-scale", "12",
-                               "--max-scale", "28", "--seed", "3", "--no-progress"]) == 0
-    return out
 
 
 def overrides(generated: Path, runs_dir: Path) -> list[str]:
