@@ -186,7 +186,8 @@ class DetectionConfig:
     label_map: str | None = None  # tfrecord: the TF Object Detection API label_map.pbtxt (1-based ids)
     strides: list[int] = field(default_factory=lambda: [8, 16, 32])  # backbone feature maps used
     fpn_channels: int = 64
-    head: str = field(default="conv", metadata={"choices": ("conv", "depthwise")})  # depthwise: SSDLite
+    head: str = field(default="conv", metadata={"choices": ("conv", "ssdlite", "depthwise")})  # ssdlite: SSDLite;
+    # depthwise: the earlier SSDLite without BatchNorm, kept so its runs load (learns slowly)
     head_depth: int = 2  # shared head convolutions before the box / class outputs
     anchor_size: float = 4.0  # anchor side = anchor_size x stride, times each scale
     anchor_scales: list[float] = field(default_factory=lambda: [1.0, 1.26, 1.59])

@@ -9,8 +9,16 @@ pyramid, and box / class heads shared across levels.
   bias starts at -log((1 - pi) / pi), pi = 0.01, so that every anchor begins as "background with
   probability 0.99" and the focal loss is not swamped by the easy negatives in the first steps. One set of
   head weights serves every level, as in RetinaNet.
-* `head: depthwise` is SSDLite (Sandler et al. 2018, "MobileNetV2", Sec. 6.2; SSD: Liu et al. 2016): every
-  3x3 convolution of the pyramid and heads becomes depthwise-separable, with ReLU6.
+* `head: ssdlite` is SSDLite (Sandler et al. 2018, "MobileNetV2", Sec. 6.2; SSD: Liu et al. 2016) as the
+  TF Object Detection API builds it: every 3x3 convolution of the pyramid and heads becomes a depthwise 3x3
+  with BatchNorm + ReLU6, then a 1x1; in the smoothing and tower convolutions the 1x1 has BatchNorm too
+  (+ ReLU6 in the towers), the outputs' 1x1 is a plain convolution with a bias (the prior's, for classes).
+  Convolutions are shared across levels, each level has its own BatchNorm (the API's weight-shared
+  predictor does the same), as levels differ in statistics. The normalization is what lets it train: without
+  it a depthwise 3x3 at Keras' default initialization shrinks the signal about fourfold per layer, so the
+  class logits barely move from the prior in the first hundreds of steps.
+* `head: depthwise` is the earlier form, kept so its runs rebuild and load: every 3x3 convolution a
+  `SeparableConv2D` (no normalization), ReLU6 in the towers. It learns slowly; prefer `ssdlite`.
 
 The backbone's layers are used as they are (the detector is one flat functional model over the backbone's
 graph, not a nested model), so they keep the classification model's layer names and weights copy by name
@@ -40,6 +48,9 @@ HEAD_PREFIXES = ("fpn_", "head_")  # names of the layers the detector adds to th
 OUTPUT_NAMES = ("boxes", "classes")
 PRIOR_PROBABILITY = 0.01  # RetinaNet's pi: the initial foreground probability of every anchor
 MAX_STRIDE_OCTAVES = 0.75  # a map serves a requested stride if its measured stride is within 2^0.75 (1.68x)
+# ssdlite BatchNorm: MobileNetV2's epsilon; momentum 0.9 so the moving statistics settle in a few hundred steps
+BN_EPSILON = 1e-3
+BN_MOMENTUM = 0.9
 
 
 # ---------------------------------------------------------------- the backbone and its feature maps
@@ -131,6 +142,34 @@ def _conv3x3(filters: int, depthwise: bool, name: str, activation=None, **initia
                          kernel_initializer=initializers.pop("kernel_initializer", "he_normal"), **initializers)
 
 
+class SSDLiteConv:
+    """SSDLite's depthwise-separable 3x3: depthwise 3x3 (no bias) -> BatchNorm -> ReLU6 -> 1x1, then
+    BatchNorm (`pointwise_bn`) and `activation`. The two convolutions are made once and shared by every
+    level it is called on; the BatchNorm and activation layers are made per call (`key`, the level, ends
+    their names when given). Names: <name>_depthwise, <name> (the 1x1), <name>_depthwise_bn[_<key>],
+    <name>_bn[_<key>], ..."""
+
+    def __init__(self, filters: int, name: str, pointwise_bn: bool, activation: str | None = None,
+                 **pointwise_initializers):
+        self.name, self.pointwise_bn, self.activation = name, pointwise_bn, activation
+        self.depthwise = layers.DepthwiseConv2D(3, padding="same", use_bias=False, name=f"{name}_depthwise")
+        pointwise_initializers.setdefault("kernel_initializer", "he_normal")
+        self.pointwise = layers.Conv2D(filters, 1, use_bias=not pointwise_bn, name=name, **pointwise_initializers)
+
+    def __call__(self, x, key: str | None = None):
+        suffix = f"_{key}" if key else ""
+        x = self.depthwise(x)
+        x = layers.BatchNormalization(epsilon=BN_EPSILON, momentum=BN_MOMENTUM,
+                                      name=f"{self.name}_depthwise_bn{suffix}")(x)
+        x = layers.ReLU(6.0, name=f"{self.name}_depthwise_relu6{suffix}")(x)
+        x = self.pointwise(x)
+        if self.pointwise_bn:
+            x = layers.BatchNormalization(epsilon=BN_EPSILON, momentum=BN_MOMENTUM, name=f"{self.name}_bn{suffix}")(x)
+        if self.activation:
+            x = layers.Activation(self.activation, name=f"{self.name}_{self.activation}{suffix}")(x)
+        return x
+
+
 def _upsample_to(x, target_shape: tuple[int, int], name: str):
     """Nearest-neighbour upsampling to the finer level's size: an exact integer factor as UpSampling2D,
     otherwise (untidy AlexNet-style maps, 3x3 -> 7x7) a resize to the exact shape."""
@@ -151,12 +190,18 @@ def feature_pyramid(features: dict, config) -> dict:
         up = _upsample_to(merged[coarser], laterals[finer].shape[1:3], name=f"fpn_upsample_{coarser}")
         merged[finer] = layers.Add(name=f"fpn_add_{finer}")([laterals[finer], up])
     # Smoothing removes the aliasing of the upsampling (FPN Sec. 3); the coarsest gets it too, for symmetry.
+    if config.head == "ssdlite":
+        return {k: SSDLiteConv(config.fpn_channels, f"fpn_smooth_{k}", pointwise_bn=True)(merged[k])
+                for k in keys}
     return {k: _conv3x3(config.fpn_channels, depthwise, name=f"fpn_smooth_{k}")(merged[k]) for k in keys}
 
 
 def _tower(prefix: str, config):
     """head_depth convolutions shared by every level. He initialization keeps narrow heads (64 channels)
     from shrinking the signal; only the output convolutions use RetinaNet's N(0, 0.01)."""
+    if config.head == "ssdlite":
+        return [SSDLiteConv(config.fpn_channels, f"{prefix}_conv{i}", pointwise_bn=True, activation="relu6")
+                for i in range(config.head_depth)]
     depthwise = config.head == "depthwise"
     activation = "relu6" if depthwise else "relu"  # MobileNetV2 / SSDLite use ReLU6
     return [_conv3x3(config.fpn_channels, depthwise, name=f"{prefix}_conv{i}", activation=activation)
@@ -177,20 +222,31 @@ def detection_heads(pyramid: dict, num_classes: int, config) -> dict:
     small = keras.initializers.RandomNormal(stddev=0.01)
     prior_bias = -math.log((1.0 - PRIOR_PROBABILITY) / PRIOR_PROBABILITY)
     box_tower, class_tower = _tower("head_box", config), _tower("head_class", config)
-    box_output = _conv3x3(k * 4, depthwise, name="head_box_output", kernel_initializer=small)
-    class_output = _conv3x3(k * num_classes, depthwise, name="head_class_output", kernel_initializer=small,
-                            bias_initializer=keras.initializers.Constant(prior_bias))
+    prior = keras.initializers.Constant(prior_bias)
+    if config.head == "ssdlite":
+        box_output = SSDLiteConv(k * 4, "head_box_output", pointwise_bn=False, kernel_initializer=small)
+        class_output = SSDLiteConv(k * num_classes, "head_class_output", pointwise_bn=False,
+                                   kernel_initializer=small, bias_initializer=prior)
+    else:
+        box_output = _conv3x3(k * 4, depthwise, name="head_box_output", kernel_initializer=small)
+        class_output = _conv3x3(k * num_classes, depthwise, name="head_class_output", kernel_initializer=small,
+                                bias_initializer=prior)
+
+    def apply(layer, x, key: str):
+        return layer(x, key) if isinstance(layer, SSDLiteConv) else layer(x)
+
     boxes, classes = [], []
     for key, x in pyramid.items():
         h, w = x.shape[1], x.shape[2]
         b, c = x, x
         for layer in box_tower:
-            b = layer(b)
+            b = apply(layer, b, key)
         for layer in class_tower:
-            c = layer(c)
+            c = apply(layer, c, key)
         # [B, h, w, K*4] -> [B, h*w*K, 4]: row-major, so the order is y, x, anchor, as anchor_grid's.
-        boxes.append(layers.Reshape((h * w * k, 4), name=f"head_box_reshape_{key}")(box_output(b)))
-        classes.append(layers.Reshape((h * w * k, num_classes), name=f"head_class_reshape_{key}")(class_output(c)))
+        boxes.append(layers.Reshape((h * w * k, 4), name=f"head_box_reshape_{key}")(apply(box_output, b, key)))
+        classes.append(layers.Reshape((h * w * k, num_classes),
+                                      name=f"head_class_reshape_{key}")(apply(class_output, c, key)))
     return {"boxes": _concatenate(boxes, "boxes"), "classes": _concatenate(classes, "classes")}
 
 
