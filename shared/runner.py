@@ -91,6 +91,9 @@ def build_parser(prog: str = "python -m shared.runner") -> argparse.ArgumentPars
     export.add_argument("--raw-outputs", action="store_true",
                         help="tflite, detection: the raw box deltas and class logits, builtin ops only (default: "
                              "ending in TFLite_Detection_PostProcess)")
+    export.add_argument("--nms", default="regular", choices=("regular", "fast"),
+                        help="tflite, detection: the post-processing op's NMS, per class (default) or class-agnostic "
+                             "(fast: right on any number of LiteRT threads; see README Detection)")
     size = sub.add_parser("size", help="parameters, multiply-adds, size on disk and CPU latency of a run's artifacts")
     size.add_argument("--run", required=True, help="a run folder, e.g. runs/resnet/v0003")
     predict = sub.add_parser("predict", help="top-k classes (or boxes) of image files, folders or globs, by a run or "
@@ -258,12 +261,15 @@ def _export(args: argparse.Namespace, argv: list[str]) -> None:
         path = task.export_saved_model(run, args.export_dir, model_name=args.name, keep=args.keep)
         print(f"exported {path}\n{serving_command(args.export_dir, path.parent.name)}")
         return
-    if args.raw_outputs and task.name != "detection":
+    # the detection-only options, where not at their defaults
+    options = {key: value for key, value in (("raw_outputs", args.raw_outputs), ("nms", args.nms))
+               if value not in (False, "regular")}
+    if options and task.name != "detection":
         from shared.errors import UserError
 
-        raise UserError("--raw-outputs is for detection runs (their TFLite post-processing); leave it out")
-    raw = {"raw_outputs": True} if args.raw_outputs else {}
-    path, beside = task.export_tflite(run, quantize=args.quantize, io=args.io, **raw)
+        flag = "--" + next(iter(options)).replace("_", "-")
+        raise UserError(f"{flag} is for detection runs (their TFLite post-processing); leave it out")
+    path, beside = task.export_tflite(run, quantize=args.quantize, io=args.io, **options)
     print(f"exported {path} ({path.stat().st_size / 1e6:.2f} MB)" + (f" {beside}" if beside else ""))
     if args.evaluate:
         print(f"LiteRT {task.summary(task.evaluate_tflite(path, run))}")

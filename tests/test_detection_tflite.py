@@ -118,8 +118,54 @@ def test_raw_outputs_option_and_int8_with_float_io(trained, capsys):
     float_path = trained.path / "export" / "detector_none.tflite"
     if not float_path.is_file():
         export.export_detection_tflite(trained)
-    assert path.stat().st_size < 0.6 * float_path.stat().st_size  # tiny model: the float anchors weigh a lot
     print(f"int8 {path.stat().st_size} B vs float32 {float_path.stat().st_size} B; {out.strip().splitlines()[-1]}")
+    assert path.stat().st_size < 0.4 * float_path.stat().st_size
+
+    # the op's anchors: no float32 copy in the file, an int8 constant dequantized to within half a step
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    from shared.detection.model import model_anchors
+    from shared.tasks import rebuild
+
+    model = flatbuffer_utils.read_model(str(path))
+    graph = model.subgraphs[0]
+    producers = {int(o): op for op in graph.operators for o in op.outputs}
+    (op,) = [op for op in graph.operators if model.operatorCodes[op.opcodeIndex].customCode]
+    source = graph.tensors[producers[int(op.inputs[2])].inputs[0]]
+    assert source.type == 9 and model.buffers[source.buffer].data is not None  # INT8, a constant
+    assert model.buffers[graph.tensors[op.inputs[2]].buffer].data is None
+    detector, config = rebuild(trained)
+    want = export.center_size_anchors(model_anchors(detector, config.detection).numpy(), config.data.image_size)
+    scale, zero_point = source.quantization.scale[0], source.quantization.zeroPoint[0]
+    stored = np.frombuffer(bytes(model.buffers[source.buffer].data), np.int8).reshape(want.shape)
+    np.testing.assert_allclose((stored.astype(np.float32) - zero_point) * scale, want, atol=scale / 2 + 1e-6)
+    assert scale == pytest.approx(max(1.0, want.max()) / 255)  # one step: 1/255 of the range from 0
+
+
+@pytest.mark.slow
+def test_fast_nms_option_writes_its_own_file(trained, capsys):
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    from shared.detection import export
+
+    def op_options(path: Path) -> bytes:
+        model = flatbuffer_utils.read_model(str(path))
+        (op,) = [op for op in model.subgraphs[0].operators if model.operatorCodes[op.opcodeIndex].customCode]
+        return bytes(op.customOptions)
+
+    assert runner.main(["export", "--run", str(trained.path), "--format", "tflite", "--raw-outputs",
+                        "--nms", "fast"]) == 2
+    assert "--nms" in capsys.readouterr().err
+    assert runner.main(["export", "--run", str(trained.path), "--format", "tflite", "--nms", "fast"]) == 0
+    fast = trained.path / "export" / "detector_none_fast_nms.tflite"
+    assert str(fast) in capsys.readouterr().out
+    info = json.loads((fast.parent / export.INFO_FILE).read_text())["models"]
+    assert info[fast.name]["nms"] == "fast"
+    regular = trained.path / "export" / "detector_none.tflite"
+    if not regular.is_file():
+        export.export_detection_tflite(trained)
+    assert op_options(fast) != op_options(regular)  # use_regular_nms false: the only attribute that differs
+    assert len(op_options(fast)) == len(op_options(regular))
 
 
 def test_clipped_encodings_decode_to_the_clipped_boxes_the_op_scales_expect():
@@ -148,3 +194,62 @@ def test_clipped_encodings_decode_to_the_clipped_boxes_the_op_scales_expect():
     np.testing.assert_allclose(op_boxes, ours[:, [1, 0, 3, 2]], atol=1e-5)
     assert op_boxes[0, 1] == pytest.approx(0.0, abs=1e-6)  # anchor 0 shifted left of the image: clipped at 0
     assert (op_boxes[1, 2:] <= 1.0 + 1e-6).all() and op_boxes[1, 2] == pytest.approx(1.0, abs=1e-5)
+
+
+def postprocess_only_file(tmp_path: Path, nms: str, num_classes: int, boxes: int) -> Path:
+    """A TFLite file of the post-processing op alone as the export writes it (postprocess_signature), its
+    box encodings and scores as inputs, unit anchors on a row."""
+    import tensorflow as tf
+
+    from shared.detection import export
+
+    detection = type("Detection", (), {"max_detections": 20, "score_threshold": 0.05, "nms_iou": 0.5})()
+    anchors = np.array([[0.5, (i + 0.5) / boxes, 0.9, 0.9 / boxes] for i in range(boxes)], np.float32)
+
+    @tf.function(experimental_implements=export.postprocess_signature(detection, num_classes, nms))
+    def postprocess(box_encodings, class_predictions, anchors):  # noqa: ARG001 (the op reads them)
+        return (tf.constant(0.0), tf.constant(0.0), tf.constant(0.0), tf.constant(0.0))
+
+    @tf.function(input_signature=[tf.TensorSpec((1, boxes, 4), tf.float32),
+                                  tf.TensorSpec((1, boxes, num_classes), tf.float32)])
+    def forward(encodings, scores):
+        return postprocess(encodings, scores, tf.constant(anchors))
+
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([forward.get_concrete_function()], tf.Module())
+    converter.allow_custom_ops = True
+    path = tmp_path / f"{nms}.tflite"
+    path.write_bytes(converter.convert())
+    return path
+
+
+def op_classes(path: Path, threads: int, scores: np.ndarray) -> list[int]:
+    """The classes the file's op finds for `scores` [boxes, classes] on `threads` LiteRT threads, sorted."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    from shared.detection import export
+
+    interpreter = Interpreter(model_path=str(path), num_threads=threads)
+    interpreter.allocate_tensors()
+    encodings, predictions = sorted(interpreter.get_input_details(), key=lambda d: d["shape"][-1] != 4)
+    interpreter.set_tensor(encodings["index"], np.zeros((1, scores.shape[0], 4), np.float32))
+    interpreter.set_tensor(predictions["index"], scores[None])
+    interpreter.invoke()
+    (op,) = [op for op in interpreter._get_ops_details() if op["op_name"] == export.POSTPROCESS_OP]
+    _, classes, _, count = (interpreter.get_tensor(index)[0] for index in op["outputs"])
+    return sorted(int(c) for c in classes[:int(count)])
+
+
+def test_litert_regular_nms_on_n_threads_skips_class_n_and_fast_nms_does_not(tmp_path):
+    """Why `evaluate_detection_tflite` runs the op on one thread and `--nms fast` exists: in the LiteRT this
+    project pins, the op's per-class NMS on N threads (1 < N < classes) never visits class N. One box a
+    class, apart from each other, each scored 0.9 for its own class only: all 5 must come out. If this
+    starts failing after an upgrade, the runtime is fixed: drop the one-thread rule and the README note."""
+    classes, boxes = 5, 5
+    scores = np.eye(boxes, classes, dtype=np.float32) * 0.9
+    regular = postprocess_only_file(tmp_path, "regular", classes, boxes)
+    assert op_classes(regular, 1, scores) == list(range(classes))
+    for threads in (2, 3):
+        assert op_classes(regular, threads, scores) == [c for c in range(classes) if c != threads]
+    fast = postprocess_only_file(tmp_path, "fast", classes, boxes)
+    for threads in (1, 2, 3):
+        assert op_classes(fast, threads, scores) == list(range(classes))

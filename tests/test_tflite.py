@@ -164,3 +164,14 @@ def test_latency_functions_return_positive_milliseconds(run, report, keras_and_i
     assert len(both) == 2 and all(value > 0 for value in both)
     model, _, _ = keras_and_images
     assert tflite.keras_latency_ms(model, (16, 16, 3), runs=3, warmup=1) > 0
+
+
+@pytest.mark.parametrize("flags, named", [(["--raw-outputs"], "--raw-outputs"), (["--nms", "fast"], "--nms")])
+def test_detection_only_flags_on_a_classifier_are_one_line_errors(run, capsys, flags, named):
+    from shared import runner
+
+    before = sorted((run.path / "export").glob("*")) if (run.path / "export").is_dir() else []
+    assert runner.main(["export", "--run", str(run.path), "--format", "tflite", *flags]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {named} is for detection runs" in err and len(err.strip().splitlines()) == 1
+    assert (sorted((run.path / "export").glob("*")) if (run.path / "export").is_dir() else []) == before

@@ -15,14 +15,15 @@ return `boxes` [N, D, 4] float32 absolute xyxy, in the pixels of the image as se
 back from S x S to each image's own size), `classes` [N, D] int32 (-1 for padding), `labels` [N, D] class
 names ("" for padding), `scores` [N, D] float32 and `num_detections` [N] int32.
 
-TFLite (`export_detection_tflite`): `<run>/export/detector_<quantize>.tflite` with builtin ops only
-(combined_non_max_suppression has no TFLite builtin), input one *normalized* image (1, S, S, C) as the run's
-config.yaml says (data.mean / data.std), outputs the raw `boxes` deltas [1, A, 4] and `classes` logits
-[1, A, C]. Beside it: `anchors.npy` ([A, 4] float32 absolute xyxy in the S x S image, the order of the
-outputs) and `detection.json` (image size, normalization, class names, thresholds, box encoding).
-`decode_tflite_outputs` turns the raw outputs into detections with numpy alone: the same box decoding
-(center_xywh deltas times the variances 0.1, 0.1, 0.2, 0.2), sigmoid scores and per-class greedy NMS as
-`decode_detections`.
+TFLite (`export_detection_tflite`): `<run>/export/detector_<quantize>.tflite`, input one *normalized* image
+(1, S, S, C) as the run's config.yaml says (data.mean / data.std). By default the file ends in TFLite's
+TFLite_Detection_PostProcess op, as the Object Detection API's TF2 export writes it: outputs boxes, classes,
+scores, count, the form detection apps read; labels.txt beside it. `raw_outputs`: builtin ops only, the raw
+`boxes` deltas [1, A, 4] and `classes` logits [1, A, C], with `anchors.npy` beside it ([A, 4] float32
+absolute xyxy in the S x S image, the order of the outputs); `decode_tflite_outputs` turns them into
+detections with numpy alone: the same box decoding (center_xywh deltas times the variances 0.1, 0.1, 0.2,
+0.2), sigmoid scores and per-class greedy NMS as `decode_detections`. `detection.json` (image size,
+normalization, class names, thresholds, box encoding) describes every file of the folder.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ POSTPROCESS_OP = "TFLite_Detection_PostProcess"
 POSTPROCESS_OUTPUTS = ("boxes", "classes", "scores", "count")  # the op's order, what detection apps read
 LABELS_FILE = "labels.txt"
 CALIBRATION_IMAGES = 200  # training images an int8 file is calibrated on
+NMS_CHOICES = ("regular", "fast")  # the op's per-class NMS, or its class-agnostic one (see postprocess_signature)
 SIGNATURE_OUTPUTS = ("detection_boxes", "detection_classes", "detection_scores", "num_detections")
 
 
@@ -173,17 +175,22 @@ def center_size_anchors(anchors: np.ndarray, image_size: int) -> np.ndarray:
     return np.stack([anchors[:, 1] + height / 2, anchors[:, 0] + width / 2, height, width], -1).astype(np.float32)
 
 
-def postprocess_signature(detection, num_classes: int) -> str:
+def postprocess_signature(detection, num_classes: int, nms: str = "regular") -> str:
     """The `experimental_implements` attributes that the converter turns into TFLite_Detection_PostProcess
     (as the Object Detection API's TF2 TFLite export writes them). The scales undo our variances: the op
     decodes (ty, tx, th, tw) / (y_scale, x_scale, h_scale, w_scale), we encode deltas * (1 / variance).
-    Regular (per-class) NMS, as decode_detections does, so the file finds what the SavedModel finds."""
+    nms "regular": per-class NMS, as decode_detections does, so the file finds what the SavedModel finds;
+    but TFLite's kernel runs it on the interpreter's threads and with N of them (1 < N < classes) never
+    visits class N (its shared class counter starts at N and is pre-incremented). "fast": the op's
+    class-agnostic NMS over each anchor's best class (the Object Detection API export's default), one
+    thread whatever the interpreter has."""
     vx, vy, vw, vh = VARIANCES
+    regular = "true" if nms == "regular" else "false"
     attributes = [f'name: "{POSTPROCESS_OP}"',
                   f'attr {{ key: "max_detections" value {{ i: {int(detection.max_detections)} }} }}',
                   'attr { key: "max_classes_per_detection" value { i: 1 } }',
                   f'attr {{ key: "detections_per_class" value {{ i: {int(detection.max_detections)} }} }}',
-                  'attr { key: "use_regular_nms" value { b: true } }',
+                  f'attr {{ key: "use_regular_nms" value {{ b: {regular} }} }}',
                   f'attr {{ key: "nms_score_threshold" value {{ f: {float(detection.score_threshold):f} }} }}',
                   f'attr {{ key: "nms_iou_threshold" value {{ f: {float(detection.nms_iou):f} }} }}',
                   f'attr {{ key: "y_scale" value {{ f: {1 / vy:f} }} }}',
@@ -214,11 +221,11 @@ def clipped_encodings(box_deltas, anchors: np.ndarray, min_size: float = 1e-6):
                       tf.math.log(box_size / size) / hw_variance], axis=-1)
 
 
-def _postprocess_function(detector, config, num_classes: int, spec):
+def _postprocess_function(detector, config, num_classes: int, spec, nms: str = "regular"):
     """The detector on one image followed by the post-processing op: a tf.function whose composite
     `experimental_implements` stand-in the converter replaces by the op, fed the deltas of the boxes
-    clipped to the image (`clipped_encodings`), sigmoid scores behind a background column of zeros (the op
-    skips class 0), and the anchors as a constant."""
+    clipped to the image (`clipped_encodings`), the sigmoid scores (one column a class: no background
+    column, which the op takes as optional) and the anchors as a constant."""
     import tensorflow as tf
     from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
@@ -226,7 +233,7 @@ def _postprocess_function(detector, config, num_classes: int, spec):
 
     anchors = center_size_anchors(model_anchors(detector, config.detection).numpy(), config.data.image_size)
 
-    @tf.function(experimental_implements=postprocess_signature(config.detection, num_classes))
+    @tf.function(experimental_implements=postprocess_signature(config.detection, num_classes, nms))
     def postprocess(box_encodings, class_predictions, anchors):  # noqa: ARG001 (the op reads them)
         return (tf.constant(0.0, name="boxes"), tf.constant(0.0, name="classes"),
                 tf.constant(0.0, name="scores"), tf.constant(0.0, name="num_detections"))
@@ -241,23 +248,23 @@ def _postprocess_function(detector, config, num_classes: int, spec):
         box_deltas, class_logits = frozen(image)
         deltas = clipped_encodings(tf.cast(box_deltas, tf.float32), anchors)
         scores = tf.sigmoid(tf.cast(class_logits, tf.float32))
-        scores = tf.concat([tf.zeros_like(scores[..., :1]), scores], axis=-1)
         boxes, classes, scores, count = postprocess(deltas, scores, tf.constant(anchors))
         return dict(zip(SIGNATURE_OUTPUTS, (boxes, classes, scores, count)))
 
     return tf.function(forward, input_signature=[spec])
 
 
-def _convert_postprocess(detector, config, num_classes: int, quantize: str, calibration=None) -> bytes:
+def _convert_postprocess(detector, config, num_classes: int, quantize: str, calibration=None,
+                         nms: str = "regular") -> bytes:
     """The detector ending in TFLite_Detection_PostProcess, a custom op that LiteRT and the TFLite
     runtimes have built in (hence allow_custom_ops); every other op a builtin. int8: weights and
     activations, calibrated on `calibration` (a callable yielding [image] lists), float input and the
-    op's float outputs."""
+    op's float outputs, and the op's anchors stored in int8 (`_anchors_in_int8`)."""
     import tensorflow as tf
 
     data = config.data
     spec = tf.TensorSpec((1, data.image_size, data.image_size, data.channels), tf.float32, name="image")
-    function = _postprocess_function(detector, config, num_classes, spec)
+    function = _postprocess_function(detector, config, num_classes, spec, nms)
     converter = tf.lite.TFLiteConverter.from_concrete_functions([function.get_concrete_function()], tf.Module())
     converter.allow_custom_ops = True
     if quantize == "int8":
@@ -267,7 +274,63 @@ def _convert_postprocess(detector, config, num_classes: int, quantize: str, cali
     else:
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
         _quantization(converter, quantize)
-    return _outputs_in_op_order(converter.convert())
+    content = _outputs_in_op_order(converter.convert())
+    return _anchors_in_int8(content) if quantize == "int8" else content
+
+
+def _anchors_in_int8(content: bytes) -> bytes:
+    """The file with the post-processing op's anchors stored as int8 and turned back into the float32 the
+    op reads by a DEQUANTIZE op at run time. The converter leaves a custom op's constant inputs in float32,
+    and the anchors ([A, 4] float32) are the largest constant of a small detector's int8 file. One scale
+    over 0 to their largest value (at least 1: the image side) puts each within half a step (1/510 of the
+    image side, or of that value) of its float32 value, as the int8 anchor constants in the graph before
+    the op (`clipped_encodings`) are; the op's own quantized (uint8) form stores its anchors so too."""
+    from tensorflow.lite.python import schema_py_generated as schema
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    model = flatbuffer_utils.convert_bytearray_to_object(bytearray(content))
+    graph = model.subgraphs[0]
+    (position, op), = [(i, op) for i, op in enumerate(graph.operators)
+                       if model.operatorCodes[op.opcodeIndex].customCode == POSTPROCESS_OP.encode()]
+    anchors = graph.tensors[op.inputs[2]]
+    values = np.frombuffer(bytes(model.buffers[anchors.buffer].data), np.float32)
+    low, high = min(0.0, float(values.min())), max(1.0, float(values.max()))
+    scale = (high - low) / 255.0
+    zero_point = int(round(-128 - low / scale))
+    stored = np.clip(np.round(values / scale) + zero_point, -128, 127).astype(np.int8)
+
+    buffer = schema.BufferT()
+    buffer.data = np.frombuffer(stored.tobytes(), np.uint8)
+    model.buffers[anchors.buffer].data = None  # the float32 copy goes; its tensor is computed from now on
+    anchors.buffer = 0  # the empty buffer: filled by the DEQUANTIZE below
+    model.buffers.append(buffer)
+    quantization = schema.QuantizationParametersT()
+    quantization.scale, quantization.zeroPoint = [scale], [zero_point]
+    source = schema.TensorT()
+    source.name, source.shape, source.type = b"anchors_int8", anchors.shape, schema.TensorType.INT8
+    source.buffer, source.quantization = len(model.buffers) - 1, quantization
+    graph.tensors.append(source)
+
+    dequantize = schema.OperatorT()
+    dequantize.opcodeIndex = _opcode(model, schema.BuiltinOperator.DEQUANTIZE, version=2)  # v2: int8 in
+    dequantize.inputs = np.asarray([len(graph.tensors) - 1], np.int32)
+    dequantize.outputs = np.asarray([op.inputs[2]], np.int32)
+    graph.operators.insert(position, dequantize)
+    return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
+
+
+def _opcode(model, builtin: int, version: int) -> int:
+    """The index of `builtin`'s operator code in the model, added if the model has none."""
+    from tensorflow.lite.python import schema_py_generated as schema
+
+    for index, code in enumerate(model.operatorCodes):
+        if max(code.builtinCode, code.deprecatedBuiltinCode) == builtin and not code.customCode:
+            code.version = max(code.version, version)
+            return index
+    code = schema.OperatorCodeT()
+    code.builtinCode, code.deprecatedBuiltinCode, code.version = builtin, min(builtin, 127), version
+    model.operatorCodes.append(code)
+    return len(model.operatorCodes) - 1
 
 
 def _outputs_in_op_order(content: bytes) -> bytes:
@@ -313,12 +376,13 @@ def calibration_images(run: Run, config, count: int = CALIBRATION_IMAGES):
 
 
 def export_detection_tflite(run: Run | str | Path, quantize: str = "none", io: str = "float",
-                            out_path: Path | None = None, raw_outputs: bool = False) -> Path:
+                            out_path: Path | None = None, raw_outputs: bool = False, nms: str = "regular") -> Path:
     """Convert the detection run's detector (its snapshot and last checkpoint) to a TFLite file; returns its
     path, every file written atomically.
 
     Default: the file ends in TFLite_Detection_PostProcess (`<run>/export/detector_<quantize>.tflite`,
-    quantize none / float16 / dynamic / int8, int8 calibrated on training images), with labels.txt beside it.
+    quantize none / float16 / dynamic / int8, int8 calibrated on training images), with labels.txt beside it;
+    nms "fast" (`postprocess_signature`) writes `detector_<quantize>_fast_nms.tflite`.
     raw_outputs: builtin ops only, the raw deltas and logits (`detector_<quantize>_raw.tflite`, no int8),
     anchors.npy beside it for `decode_tflite_outputs`. detection.json (beside both) describes each file."""
     from shared.detection.model import model_anchors
@@ -330,6 +394,10 @@ def export_detection_tflite(run: Run | str | Path, quantize: str = "none", io: s
     if quantize not in offered:
         form = "the raw-output form" if raw_outputs else "detectors"
         raise UserError(f"quantize={quantize} is not offered for {form}; choose one of {', '.join(offered)}")
+    if nms not in NMS_CHOICES:
+        raise UserError(f"--nms {nms}: choose one of {', '.join(NMS_CHOICES)}")
+    if raw_outputs and nms != "regular":
+        raise UserError("--nms chooses the post-processing op's NMS; the raw-output form has none: leave it out")
     if io != "float":
         raise UserError(f"--io {io}: a detector's TFLite file has float input and outputs; leave --io out")
     run = _as_run(run)
@@ -342,7 +410,7 @@ def export_detection_tflite(run: Run | str | Path, quantize: str = "none", io: s
             content = _convert(detector, shape, quantize)
         else:
             calibration = calibration_images(run, config) if quantize == "int8" else None
-            content = _convert_postprocess(detector, config, len(names), quantize, calibration)
+            content = _convert_postprocess(detector, config, len(names), quantize, calibration, nms)
     except UserError:
         raise
     except Exception as error:  # the converter's errors are not public types
@@ -352,7 +420,7 @@ def export_detection_tflite(run: Run | str | Path, quantize: str = "none", io: s
 
     interpreter = Interpreter(model_content=content)
     interpreter.allocate_tensors()
-    suffix = "_raw" if raw_outputs else ""
+    suffix = "_raw" if raw_outputs else ("_fast_nms" if nms == "fast" else "")
     out = Path(out_path) if out_path is not None else run.path / EXPORT_DIR / f"detector_{quantize}{suffix}.tflite"
     anchors = model_anchors(detector, config.detection).numpy()
     detection = config.detection
@@ -360,7 +428,7 @@ def export_detection_tflite(run: Run | str | Path, quantize: str = "none", io: s
         file_info = {"quantize": quantize, "form": "raw",
                      "output_tensors": identify_outputs(interpreter, detector, shape)}
     else:
-        file_info = {"quantize": quantize, "form": "postprocess", "outputs": list(POSTPROCESS_OUTPUTS)}
+        file_info = {"quantize": quantize, "form": "postprocess", "nms": nms, "outputs": list(POSTPROCESS_OUTPUTS)}
     info = {"run": str(run.path.resolve()), "checkpoint": run.last_checkpoint().name, "model": out.name,
             **_preprocessing(config), "input": "one normalized image (1, S, S, C): (pixels - mean) / std",
             "outputs": {"boxes": "[1, A, 4] deltas (dx, dy, log dw, log dh) / variances",
@@ -581,7 +649,7 @@ def evaluate_detection_tflite(path: Path | str, run: Run | str | Path, limit: in
     config = config_module.from_dict(run.config_dict())
     interpreter = tflite_interpreter(path, num_threads=os.cpu_count())
     postprocess = is_postprocess_file(interpreter)
-    if postprocess:  # with several threads LiteRT's op was seen to drop detections the SavedModel keeps
+    if postprocess:  # the op's regular NMS on N threads skips class N (postprocess_signature)
         interpreter = tflite_interpreter(path, num_threads=1)
     anchors_path = path.parent / ANCHORS_FILE
     if not postprocess and not anchors_path.is_file():

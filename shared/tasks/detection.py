@@ -435,10 +435,10 @@ class DetectionTask(Task):
 
         return export.export_detection_saved_model(run, export_dir, model_name=model_name, keep=keep)
 
-    def export_tflite(self, run, quantize, io, raw_outputs=False):
+    def export_tflite(self, run, quantize, io, raw_outputs=False, nms="regular"):
         from shared.detection import export
 
-        path = export.export_detection_tflite(run, quantize=quantize, io=io, raw_outputs=raw_outputs)
+        path = export.export_detection_tflite(run, quantize=quantize, io=io, raw_outputs=raw_outputs, nms=nms)
         if raw_outputs:
             return path, (f"with {path.parent / export.ANCHORS_FILE} and {path.parent / export.INFO_FILE} beside "
                           f"it (decode outside: shared.detection.export.decode_tflite_outputs)")
