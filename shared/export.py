@@ -28,12 +28,15 @@ from pathlib import Path
 from shared.errors import UserError
 from shared.eval_view import EvalView, resizes_pixels  # noqa: F401 (resizes_pixels: shared.deblur.export)
 from shared.durable import DiskFull, atomic_write, disk_space_checked, fsync_dir, fsync_tree
-from shared.locks import FileLock
+from shared.locks import FileLock, holder
 from shared.names import check_plain_name
 from shared.runs import Run, open_run
 
 CONFIG_FILE = "models.config"
 LOCK_FILE = ".export.lock"  # in the export folder: exports there publish, prune and list one at a time
+STAGING_PREFIX = ".export-"  # a version being written, hidden from TF Serving until it is renamed
+STAGING_LOCK = ".writing.lock"  # held inside a staging folder by the export writing it
+DELETING_PREFIX = ".deleting-"  # a pruned version on its way out
 SERVING_PATH = "/models"  # where the tensorflow/serving image looks for models
 SERVING_DEFAULT = "serving_default"
 PREDICT_IMAGES = "predict_images"
@@ -83,12 +86,26 @@ def export_lock(export_dir: str | Path) -> FileLock:
 def _remove(path: Path) -> None:
     """Delete a version folder: first rename it to a hidden name (one atomic step, after which TF Serving
     no longer sees it), then remove the files."""
-    hidden = path.parent / f".deleting-{path.name}-{os.getpid()}-{time.monotonic_ns()}"
+    hidden = path.parent / f"{DELETING_PREFIX}{path.name}-{os.getpid()}-{time.monotonic_ns()}"
     try:
         os.rename(path, hidden)
     except FileNotFoundError:  # removed already, by an export that did not take the lock
         return
     shutil.rmtree(hidden, ignore_errors=True)
+
+
+def remove_abandoned(model_dir: Path) -> list[Path]:
+    """Remove what killed exports left in a model folder: staging folders whose writer's lock is free (the
+    kernel frees it when the writer dies) and versions half deleted by a prune. Run under `export_lock`;
+    a staging folder whose lock file is not there yet is one being set up, and is left alone."""
+    removed = []
+    for entry in sorted(Path(model_dir).iterdir()) if Path(model_dir).is_dir() else []:
+        abandoned = entry.name.startswith(STAGING_PREFIX) and (entry / STAGING_LOCK).is_file() \
+            and holder(entry / STAGING_LOCK) is None
+        if entry.is_dir() and (abandoned or entry.name.startswith(DELETING_PREFIX)):
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+    return removed
 
 
 def prune(model_dir: Path, keep: int) -> list[int]:
@@ -269,10 +286,13 @@ def publish(run: Run, export_dir: str | Path, model_dir: Path, version: int | No
     """Write a version atomically: `write(staging)` saves the SavedModel into a hidden folder (TF Serving
     ignores it) and returns provenance for assets.extra/export.json; the folder is then renamed to its
     version number, older versions pruned and models.config rewritten. A failure leaves nothing (a full
-    disk: a DiskFull naming the model folder); the writing runs beside other exports, the numbering,
-    pruning and models.config one export at a time (`export_lock`)."""
+    disk: a DiskFull naming the model folder), and what a killed export left is removed by the next one
+    (`remove_abandoned`); the writing runs beside other exports, the numbering, pruning and models.config
+    one export at a time (`export_lock`)."""
     model_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".export-", dir=model_dir))
+    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=model_dir))
+    writing = FileLock(staging / STAGING_LOCK)
+    writing.acquire()
     try:
         with disk_space_checked(model_dir):
             os.chmod(staging, 0o777 & ~_UMASK)  # mkdtemp makes 0700 folders; a server may run as another user
@@ -285,9 +305,13 @@ def publish(run: Run, export_dir: str | Path, model_dir: Path, version: int | No
             }, indent=2) + "\n", encoding="utf-8")
             fsync_tree(staging)  # complete on disk before its version number appears
     except BaseException:
+        writing.release()
         shutil.rmtree(staging, ignore_errors=True)
         raise
     with export_lock(export_dir):
+        remove_abandoned(model_dir)
+        writing.release()  # no cleaner runs while we hold export_lock, and the file must not be published
+        (staging / STAGING_LOCK).unlink()
         try:
             _check_version(model_dir, version, keep)  # newer versions may have appeared meanwhile
             target = _publish(staging, model_dir, version)

@@ -157,6 +157,55 @@ def test_an_export_publishes_only_once_the_lock_is_free(trained_run, tmp_path):
     assert sorted(p.name for p in staging.iterdir()) == ["2"]
 
 
+HOLD_STAGING_LOCK = """
+import sys
+from pathlib import Path
+from shared.export import STAGING_LOCK
+from shared.locks import FileLock
+with FileLock(Path(sys.argv[1]) / STAGING_LOCK):
+    print("writing", flush=True)
+    sys.stdin.read()  # until the test closes our stdin
+"""
+
+
+@pytest.mark.slow
+def test_what_a_killed_export_left_goes_with_the_next_export_and_a_live_one_stays(trained_run, tmp_path):
+    """SIGKILL an export while it writes its version: the next export into the folder removes the staging
+    folder it left (and a half-pruned version), but not the staging folder of an export still writing."""
+    import signal
+
+    from shared import export
+
+    run, _ = trained_run
+    export_dir = tmp_path / "exports"
+    killed = subprocess.Popen([sys.executable, "-m", "shared.runner", "export", "--run", str(run.path), "--format",
+                               "saved_model", "--export-dir", str(export_dir), "--name", "tiny"], cwd=REPO, env=ENV,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not list((export_dir / "tiny").glob(f"{export.STAGING_PREFIX}*/saved_model.pb")):
+        assert killed.poll() is None and time.monotonic() < deadline, "the export ended before it was killed"
+        time.sleep(0.01)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait(timeout=60)
+    (left,) = (export_dir / "tiny").glob(f"{export.STAGING_PREFIX}*")
+    half_pruned = export_dir / "tiny" / f"{export.DELETING_PREFIX}1-123-456"
+    (half_pruned / "variables").mkdir(parents=True)
+    live = export_dir / "tiny" / f"{export.STAGING_PREFIX}live"
+    live.mkdir()
+    writer = subprocess.Popen([sys.executable, "-c", HOLD_STAGING_LOCK, str(live)], cwd=REPO, env=ENV,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout.readline() == "writing\n"
+        published = export.export_saved_model(run, export_dir, model_name="tiny")
+        assert published == export_dir / "tiny" / "1"
+        assert sorted(p.name for p in (export_dir / "tiny").iterdir()) == sorted(["1", live.name])
+        assert not left.exists() and not half_pruned.exists()
+        assert not (published / export.STAGING_LOCK).exists()  # the writer's lock is not published
+    finally:
+        writer.stdin.close()
+        writer.wait(timeout=60)
+
+
 # ---------------------------------------------------------------- shard writers into one folder
 
 
