@@ -413,7 +413,7 @@ def open_predictor(run: Run | None = None, saved_model: str | Path | None = None
         from shared.detection.predict import Detector
 
         if tflite is not None:
-            return Detector.from_tflite(tflite, run)
+            return Detector.from_tflite(tflite, run, min_score)
         if saved_model is not None:
             return Detector.from_saved_model(saved_model, min_score)
         return Detector.from_run(run, checkpoint, min_score)

@@ -154,6 +154,24 @@ def test_detection_tasks_spans_from_the_run_and_its_saved_model(detection_run, t
     np.testing.assert_allclose([[s["x"], s["y"], s["x"] + s["width"], s["y"] + s["height"]] for s in spans["big.png"]],
                                raw["boxes"][0, :count].numpy(), atol=0.02)
 
+    # the TFLite file (found to be the run's from its place) finds the run's boxes, in each image's pixels,
+    # through its own post-processing op; the raw-output form is refused in one line
+    assert run_cli(capsys, "export", "--run", run.path, "--format", "tflite")[0] == 0
+    lite_tasks = tmp_path / "lite.jsonl"
+    code, _, err = run_cli(capsys, "predict", "--tflite", run.path / "export" / "detector_none.tflite", images,
+                           "--format", "tasks", "--out", lite_tasks)
+    assert code == 0, err
+    lite = {Path(line["image"]).name: line["spans"] for line in task_lines(lite_tasks)}
+    for name, found in spans.items():
+        top = 10  # past the best boxes, near-equal scores of a barely trained detector may swap places
+        assert [s["label"] for s in lite[name][:top]] == [s["label"] for s in found[:top]]
+        for a, b in zip(lite[name][:top], found[:top]):
+            assert all(abs(a[key] - b[key]) < 0.05 for key in ("x", "y", "width", "height", "score")), (a, b)
+    assert max(s["x"] + s["width"] for s in lite["big.png"]) > 48  # scaled back to its 72 px
+    assert run_cli(capsys, "export", "--run", run.path, "--format", "tflite", "--raw-outputs")[0] == 0
+    code, _, err = run_cli(capsys, "predict", "--tflite", run.path / "export" / "detector_none_raw.tflite", big)
+    assert_one_line_error(code, err, "has the raw outputs", "export it without --raw-outputs")
+
     # --min-score keeps the better boxes only; csv: one row per image with its spans as JSON
     scores = sorted(s["score"] for s in spans["big.png"])
     distinct = sorted(set(scores))
@@ -194,7 +212,7 @@ def test_bad_format_and_score_arguments_are_one_line_before_any_model_loads(tmp_
         (run, ["--out", tmp_path / "x.txt"], ["use .csv or .jsonl", "--format tasks"]),
         (run, ["--min-score", "0.5"], ["--min-score applies to detection"]),
         (detector, ["--min-score", "1.5"], ["--min-score is 1.5", "between 0 and 1"]),
-        (detector, ["--tflite", tmp_path / "detector.tflite"], ["does not read a detector's .tflite"]),
+        (detector, ["--tflite", tmp_path / "detector.tflite"], ["no TFLite model at", "export one first"]),
     ]
     for source, extra, fragments in cases:
         code, _, err = run_cli(capsys, "predict", "--run", source, image, *extra)

@@ -60,7 +60,8 @@ def default_model_name(run: Run) -> str:
     return f"{run.model_name}_detection"
 
 
-def _preprocessing(config) -> dict:
+def preprocessing(config) -> dict:
+    """How the exports take an image: its size, channels and normalization (detection.json, export.json)."""
     from shared.detection.datasets import detection_normalization
 
     mean, std = detection_normalization(config)
@@ -82,7 +83,7 @@ def detection_serving_functions(detector, config, class_names: list[str]):
 
     data = config.data
     size, channels = data.image_size, data.channels
-    prep = _preprocessing(config)
+    prep = preprocessing(config)
     normalize = preprocess.normalizer(prep["mean"], prep["std"], data.normalize, size)
     anchors = model_anchors(detector, config.detection)
     names = tf.constant([*class_names, ""], tf.string)  # index -1 (padding) picks ""
@@ -97,16 +98,10 @@ def detection_serving_functions(detector, config, class_names: list[str]):
                 "labels": tf.gather(names, tf.where(classes >= 0, classes, len(class_names))),
                 "scores": found["scores"], "num_detections": found["num_detections"]}
 
-    def decode_one(encoded):
-        # make_dataset's evaluation view: decode, resize to S x S (always; the same bilinear kernel)
-        image = tf.cast(preprocess.decode(encoded, channels), tf.float32)
-        shape = tf.shape(image)[:2]
-        image = tf.ensure_shape(tf.image.resize(image, [size, size]), (size, size, channels))
-        return image, shape
-
     def bytes_fn(image_bytes):
-        pixels, shapes = tf.map_fn(decode_one, image_bytes, fn_output_signature=(
-            tf.TensorSpec((size, size, channels), tf.float32), tf.TensorSpec((2,), tf.int32)))
+        pixels, shapes = tf.map_fn(lambda encoded: eval_pixels(encoded, size, channels), image_bytes,
+                                   fn_output_signature=(tf.TensorSpec((size, size, channels), tf.float32),
+                                                        tf.TensorSpec((2,), tf.int32)))
         return detect(pixels, shapes)
 
     def images_fn(images):
@@ -114,6 +109,18 @@ def detection_serving_functions(detector, config, class_names: list[str]):
         return detect(images, shapes)
 
     return bytes_fn, images_fn
+
+
+def eval_pixels(encoded, size: int, channels: int):
+    """One encoded image as make_dataset's evaluation view has it: decoded, resized to S x S (always; the
+    same bilinear kernel), float 0-255; and its own (height, width), which boxes are scaled back to."""
+    import tensorflow as tf
+
+    from shared.data import preprocess
+
+    image = tf.cast(preprocess.decode(encoded, channels), tf.float32)
+    shape = tf.shape(image)[:2]
+    return tf.ensure_shape(tf.image.resize(image, [size, size]), (size, size, channels)), shape
 
 
 def _write_saved_model(detector, config, class_names: list[str], target: Path) -> None:
@@ -138,7 +145,7 @@ def export_detection_saved_model(run: Run | str | Path, export_dir: Path, model_
 
     def write(staging: Path) -> dict:
         _write_saved_model(detector, config, names, staging)
-        return {"task": "detection", **_preprocessing(config), "labels": names, "outputs": list(OUTPUT_KEYS),
+        return {"task": "detection", **preprocessing(config), "labels": names, "outputs": list(OUTPUT_KEYS),
                 "boxes": "absolute xyxy pixels of the image as sent",
                 "score_threshold": config.detection.score_threshold, "nms_iou": config.detection.nms_iou,
                 "max_detections": config.detection.max_detections}
@@ -430,7 +437,7 @@ def export_detection_tflite(run: Run | str | Path, quantize: str = "none", io: s
     else:
         file_info = {"quantize": quantize, "form": "postprocess", "nms": nms, "outputs": list(POSTPROCESS_OUTPUTS)}
     info = {"run": str(run.path.resolve()), "checkpoint": run.last_checkpoint().name, "model": out.name,
-            **_preprocessing(config), "input": "one normalized image (1, S, S, C): (pixels - mean) / std",
+            **preprocessing(config), "input": "one normalized image (1, S, S, C): (pixels - mean) / std",
             "outputs": {"boxes": "[1, A, 4] deltas (dx, dy, log dw, log dh) / variances",
                         "classes": "[1, A, C] logits (sigmoid per class)"},
             "postprocess_outputs": {

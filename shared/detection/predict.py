@@ -1,11 +1,13 @@
-"""Boxes in image files, from a detection run (its snapshot and a checkpoint) or its SavedModel export: the
-detection side of `shared.predict`.
+"""Boxes in image files, from a detection run (its snapshot and a checkpoint), its SavedModel export or its
+TFLite file: the detection side of `shared.predict`.
 
     from shared.detection.predict import Detector
     Detector.from_run("runs/resnet/v0002", min_score=0.3).predict(["a.jpg"])   # [Detections, ...]
 
-Both sources run the same function on encoded bytes (`shared.detection.export.detection_serving_functions`:
-decode, resize, normalize, detect, per-class NMS) and return boxes in the pixels of each image as read.
+A run and a SavedModel run the same function on encoded bytes (`shared.detection.export.
+detection_serving_functions`: decode, resize, normalize, detect, per-class NMS); a TFLite file gets the same
+decoding, resizing and normalization and runs its own post-processing op. Boxes come in the pixels of each
+image as read.
 `Detector` reuses `Predictor`'s reading of files (a tf.data pipeline, input order, a damaged file skipped with
 its reason); only what a result is differs.
 """
@@ -72,9 +74,50 @@ class _Boxes:
         raise NotImplementedError
 
 
+class _TFLiteBoxes(_Boxes):
+    """A detection .tflite ending in the post-processing op, one invoke per image: decoded and resized as
+    the evaluation pipeline does, normalized as the run's detection.json says, boxes scaled back to each
+    image's pixels. One LiteRT thread unless the file's NMS is the class-agnostic one: the op's per-class
+    NMS on N threads skips class N (`export.postprocess_signature`)."""
+
+    def __init__(self, path: Path, config, nms: str, min_score: float):
+        import tensorflow as tf
+
+        from shared.data import preprocess
+        from shared.detection import export
+
+        data = config.data
+        self.size = data.image_size
+        prep = export.preprocessing(config)
+        normalize = preprocess.normalizer(prep["mean"], prep["std"], data.normalize, self.size)
+        self.interpreter = export.tflite_interpreter(path, num_threads=None if nms == "fast" else 1)
+        if not export.is_postprocess_file(self.interpreter):
+            raise UserError(f"{path} has the raw outputs (--raw-outputs); predict reads the default form, "
+                            f"ending in {export.POSTPROCESS_OP}: export it without --raw-outputs")
+
+        def prepare(encoded):
+            pixels, shape = export.eval_pixels(encoded, self.size, data.channels)
+            return normalize(pixels[None]), shape
+
+        self.prepare = tf.function(prepare, input_signature=[tf.TensorSpec([], tf.string)])
+        self.min_score = float(min_score)
+
+    def classify_encoded(self, encoded: list[bytes]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        from shared.detection.export import predict_tflite_postprocess
+
+        results = []
+        for one in encoded:
+            image, (height, width) = (value.numpy() for value in self.prepare(one))
+            (boxes, classes, scores), = predict_tflite_postprocess(self.interpreter, image, self.size)
+            keep = scores >= self.min_score
+            scale = np.array([width, height, width, height], np.float32) / self.size
+            results.append((boxes[keep] * scale, classes[keep], scores[keep]))
+        return results
+
+
 class Detector(Predictor):
-    """Boxes in image files, from a detection run or its SavedModel export (`from_*`); `predict` and
-    `iter_predict` as Predictor's (top_k does not apply), each result a `Detections`."""
+    """Boxes in image files, from a detection run, its SavedModel export or its TFLite file (`from_*`);
+    `predict` and `iter_predict` as Predictor's (top_k does not apply), each result a `Detections`."""
 
     # ---- construction
     @classmethod
@@ -129,9 +172,29 @@ class Detector(Predictor):
         return detector
 
     @classmethod
-    def from_tflite(cls, file, run=None):
-        raise UserError("predict does not read a detector's .tflite file; use --run RUN "
-                        "or --saved-model DIR")
+    def from_tflite(cls, file: str | Path, run: Run | str | Path, min_score: float | None = None) -> "Detector":
+        """A detection .tflite file written by `export --format tflite` (its default form) of `run`, whose
+        evaluation preprocessing and labels it takes. Its op already dropped boxes under the run's
+        score_threshold: `min_score` may only be higher."""
+        from shared import config as config_module
+        from shared.detection.export import INFO_FILE
+
+        file = Path(file).expanduser()
+        if not file.is_file():
+            raise UserError(f"no TFLite model at {file}; export one first")
+        run = _detection_run(run)
+        config = config_module.from_dict(run.config_dict())
+        built_in = float(config.detection.score_threshold)
+        min_score = _min_score(min_score, built_in)
+        if min_score < built_in:
+            raise UserError(f"--min-score {min_score:g} is below the {built_in:g} the file's post-processing "
+                            f"applies inside; predict with --run RUN for lower scores, or raise --min-score")
+        info = {}
+        if (file.parent / INFO_FILE).is_file():
+            info = json.loads((file.parent / INFO_FILE).read_text(encoding="utf-8")).get("models", {})
+        nms = info.get(file.name, {}).get("nms", "regular")
+        names = run.class_names() or [str(i) for i in range(config.data.num_classes)]
+        return cls(_TFLiteBoxes(file, config, nms, min_score), names, f"TFLite {file}")
 
     # ---- results
     def _prediction(self, label, result, k: int) -> Detections:
