@@ -190,7 +190,7 @@ def load_interpreter(path: Path | str, num_threads: int | None = None):
     return interpreter
 
 
-def _quantize(x: np.ndarray, detail: dict) -> np.ndarray:
+def quantized(x: np.ndarray, detail: dict) -> np.ndarray:
     """Float -> the tensor's integer type with its scale / zero point (float tensors pass through)."""
     dtype = np.dtype(detail["dtype"])
     if not np.issubdtype(dtype, np.integer):
@@ -213,7 +213,7 @@ def predict_tflite(interpreter, images: np.ndarray) -> np.ndarray:
     source, target = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
     outputs = []
     for image in images:
-        interpreter.set_tensor(source["index"], _quantize(image[None], source))
+        interpreter.set_tensor(source["index"], quantized(image[None], source))
         interpreter.invoke()
         outputs.append(_dequantize(interpreter.get_tensor(target["index"]), target)[0])
     return np.stack(outputs)
@@ -256,7 +256,7 @@ class _Timed:
         detail = self.interpreter.get_input_details()[0]
         rng = np.random.default_rng(0)
         self.interpreter.set_tensor(detail["index"],
-                                    _quantize(rng.standard_normal(detail["shape"]).astype(np.float32), detail))
+                                    quantized(rng.standard_normal(detail["shape"]).astype(np.float32), detail))
 
     def sample(self, runs: int) -> list[float]:
         times = []

@@ -57,7 +57,6 @@ def test_size_of_a_detection_run(generated, tmp_path, capsys):
         assert path.name.startswith("detector_") and entry["bytes"] == path.stat().st_size > 0, name
         assert entry["latency_ms"] > 0, name
     assert report["formats"]["tflite float16"]["bytes"] < report["formats"]["tflite float32"]["bytes"]
-    # int8 with int8 input and output is not a detector export: an error entry, the rest measured
     assert (run_dir / "size.md").read_text().startswith("# Size of resnet")
 
 

@@ -143,6 +143,42 @@ def test_raw_outputs_option_and_int8_with_float_io(trained, capsys):
 
 
 @pytest.mark.slow
+def test_int8_input_for_edge_accelerators_finds_what_float_input_finds(trained, capsys):
+    """--io int8: the input tensor int8 too (the op's outputs stay float: it has no other kind); on the same
+    images it finds the float-input int8 file's detections, and --evaluate and predict quantize for it."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    from shared.detection import export
+
+    assert runner.main(["export", "--run", str(trained.path), "--format", "tflite", "--quantize", "int8",
+                        "--io", "int8", "--evaluate"]) == 0
+    out = capsys.readouterr().out
+    path = trained.path / "export" / "detector_int8_int8io.tflite"
+    assert str(path) in out and "LiteRT" in out and "mAP" in out, out
+    interpreter = Interpreter(model_path=str(path))
+    interpreter.allocate_tensors()
+    assert interpreter.get_input_details()[0]["dtype"] == np.int8
+    assert [d["dtype"] for d in interpreter.get_output_details()] == [np.float32] * 4
+    assert json.loads((path.parent / export.INFO_FILE).read_text())["models"][path.name]["io"] == "int8"
+    float_input = trained.path / "export" / "detector_int8.tflite"
+    if not float_input.is_file():
+        export.export_detection_tflite(trained, quantize="int8")
+    images, _, config = split_images(trained)
+    size = config.data.image_size
+    ours = export.predict_tflite_postprocess(export.tflite_interpreter(path, 1), images, size)
+    theirs = export.predict_tflite_postprocess(export.tflite_interpreter(float_input, 1), images, size)
+    for (boxes, classes, scores), (want_boxes, want_classes, want_scores) in zip(ours, theirs):
+        top = min(3, len(scores), len(want_scores))
+        assert top > 0
+        np.testing.assert_array_equal(classes[:top], want_classes[:top])
+        np.testing.assert_allclose(scores[:top], want_scores[:top], atol=0.02)  # one input rounding apart
+        np.testing.assert_allclose(boxes[:top], want_boxes[:top], atol=0.5)
+    assert runner.main(["export", "--run", str(trained.path), "--format", "tflite", "--quantize", "dynamic",
+                        "--io", "int8"]) == 2  # int8 input needs the calibrated int8 file
+    assert "quantize=int8" in capsys.readouterr().err
+
+
+@pytest.mark.slow
 def test_fast_nms_option_writes_its_own_file(trained, capsys):
     from tensorflow.lite.tools import flatbuffer_utils
 

@@ -262,11 +262,12 @@ def _postprocess_function(detector, config, num_classes: int, spec, nms: str = "
 
 
 def _convert_postprocess(detector, config, num_classes: int, quantize: str, calibration=None,
-                         nms: str = "regular") -> bytes:
+                         nms: str = "regular", io: str = "float") -> bytes:
     """The detector ending in TFLite_Detection_PostProcess, a custom op that LiteRT and the TFLite
     runtimes have built in (hence allow_custom_ops); every other op a builtin. int8: weights and
-    activations, calibrated on `calibration` (a callable yielding [image] lists), float input and the
-    op's float outputs, and the op's anchors stored in int8 (`_anchors_in_int8`)."""
+    activations, calibrated on `calibration` (a callable yielding [image] lists), float input (io "int8":
+    int8, as edge accelerators take it) and the op's float outputs (it has no other kind), and the op's
+    anchors stored in int8 (`_anchors_in_int8`)."""
     import tensorflow as tf
 
     data = config.data
@@ -278,6 +279,8 @@ def _convert_postprocess(detector, config, num_classes: int, quantize: str, cali
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
         converter.representative_dataset = calibration
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        if io == "int8":
+            converter.inference_input_type = tf.int8
     else:
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
         _quantization(converter, quantize)
@@ -389,13 +392,14 @@ def export_detection_tflite(run: Run | str | Path, quantize: str = "none", io: s
 
     Default: the file ends in TFLite_Detection_PostProcess (`<run>/export/detector_<quantize>.tflite`,
     quantize none / float16 / dynamic / int8, int8 calibrated on training images), with labels.txt beside it;
-    nms "fast" (`postprocess_signature`) writes `detector_<quantize>_fast_nms.tflite`.
+    io "int8" (with int8): an int8 input tensor, `detector_int8_int8io.tflite`; nms "fast"
+    (`postprocess_signature`) adds `_fast_nms` to the name.
     raw_outputs: builtin ops only, the raw deltas and logits (`detector_<quantize>_raw.tflite`, no int8),
     anchors.npy beside it for `decode_tflite_outputs`. detection.json (beside both) describes each file."""
     from shared.detection.model import model_anchors
     from shared.tasks import rebuild
     from shared.durable import atomic_write
-    from shared.tflite import EXPORT_DIR
+    from shared.tflite import EXPORT_DIR, check_mode
 
     offered = TFLITE_QUANTIZE if raw_outputs else (*TFLITE_QUANTIZE, "int8")
     if quantize not in offered:
@@ -405,8 +409,7 @@ def export_detection_tflite(run: Run | str | Path, quantize: str = "none", io: s
         raise UserError(f"--nms {nms}: choose one of {', '.join(NMS_CHOICES)}")
     if raw_outputs and nms != "regular":
         raise UserError("--nms chooses the post-processing op's NMS; the raw-output form has none: leave it out")
-    if io != "float":
-        raise UserError(f"--io {io}: a detector's TFLite file has float input and outputs; leave --io out")
+    check_mode(quantize, io)  # --io int8 goes with --quantize int8 only (the raw form offers neither)
     run = _as_run(run)
     detector, config = rebuild(run)
     data = config.data
@@ -417,7 +420,7 @@ def export_detection_tflite(run: Run | str | Path, quantize: str = "none", io: s
             content = _convert(detector, shape, quantize)
         else:
             calibration = calibration_images(run, config) if quantize == "int8" else None
-            content = _convert_postprocess(detector, config, len(names), quantize, calibration, nms)
+            content = _convert_postprocess(detector, config, len(names), quantize, calibration, nms, io)
     except UserError:
         raise
     except Exception as error:  # the converter's errors are not public types
@@ -427,7 +430,7 @@ def export_detection_tflite(run: Run | str | Path, quantize: str = "none", io: s
 
     interpreter = Interpreter(model_content=content)
     interpreter.allocate_tensors()
-    suffix = "_raw" if raw_outputs else ("_fast_nms" if nms == "fast" else "")
+    suffix = "_raw" if raw_outputs else ("_int8io" if io == "int8" else "") + ("_fast_nms" if nms == "fast" else "")
     out = Path(out_path) if out_path is not None else run.path / EXPORT_DIR / f"detector_{quantize}{suffix}.tflite"
     anchors = model_anchors(detector, config.detection).numpy()
     detection = config.detection
@@ -435,7 +438,8 @@ def export_detection_tflite(run: Run | str | Path, quantize: str = "none", io: s
         file_info = {"quantize": quantize, "form": "raw",
                      "output_tensors": identify_outputs(interpreter, detector, shape)}
     else:
-        file_info = {"quantize": quantize, "form": "postprocess", "nms": nms, "outputs": list(POSTPROCESS_OUTPUTS)}
+        file_info = {"quantize": quantize, "io": io, "form": "postprocess", "nms": nms,
+                     "outputs": list(POSTPROCESS_OUTPUTS)}
     info = {"run": str(run.path.resolve()), "checkpoint": run.last_checkpoint().name, "model": out.name,
             **preprocessing(config), "input": "one normalized image (1, S, S, C): (pixels - mean) / std",
             "outputs": {"boxes": "[1, A, 4] deltas (dx, dy, log dw, log dh) / variances",
@@ -628,11 +632,13 @@ def predict_tflite_postprocess(interpreter, images: np.ndarray, image_size: int)
     """Detections of a post-processing-op file for normalized images [N, S, S, C], one invoke per image:
     per image (boxes [D, 4] absolute xyxy in the S x S image, classes [D] int, scores [D]), the op's
     `count` first rows of its outputs (boxes, classes, scores, count, in that order)."""
+    from shared.tflite import quantized
+
     source = interpreter.get_input_details()[0]
     outputs = interpreter.get_output_details()
     found = []
     for image in np.asarray(images, np.float32):
-        interpreter.set_tensor(source["index"], image[None])
+        interpreter.set_tensor(source["index"], quantized(image[None], source))  # an int8 input: quantized
         interpreter.invoke()
         boxes, classes, scores, count = (interpreter.get_tensor(d["index"])[0] for d in outputs)
         count = int(count)
