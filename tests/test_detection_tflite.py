@@ -289,3 +289,15 @@ def test_litert_regular_nms_on_n_threads_skips_class_n_and_fast_nms_does_not(tmp
     fast = postprocess_only_file(tmp_path, "fast", classes, boxes)
     for threads in (1, 2, 3):
         assert op_classes(fast, threads, scores) == list(range(classes))
+
+
+@pytest.mark.slow
+def test_predict_refuses_a_tflite_file_of_another_shape(trained, tmp_path, capsys):
+    from PIL import Image
+
+    image = tmp_path / "a.png"
+    Image.new("L", (20, 20)).save(image)
+    foreign = postprocess_only_file(tmp_path, "regular", 3, 5)  # the op alone: its inputs are no image
+    assert runner.main(["predict", "--tflite", str(foreign), "--run", str(trained.path), str(image)]) == 2
+    err = capsys.readouterr().err
+    assert "takes images of" in err and "was not exported from that run" in err and len(err.strip().splitlines()) == 1

@@ -94,6 +94,10 @@ class _TFLiteBoxes(_Boxes):
         if not export.is_postprocess_file(self.interpreter):
             raise UserError(f"{path} has the raw outputs (--raw-outputs); predict reads the default form, "
                             f"ending in {export.POSTPROCESS_OP}: export it without --raw-outputs")
+        shape = tuple(int(n) for n in self.interpreter.get_input_details()[0]["shape"][1:])
+        if shape != (self.size, self.size, data.channels):
+            raise UserError(f"{path} takes images of {shape} but its run has {(self.size, self.size, data.channels)}: "
+                            f"it was not exported from that run; give its own with --run")
 
         def prepare(encoded):
             pixels, shape = export.eval_pixels(encoded, self.size, data.channels)
