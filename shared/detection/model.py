@@ -14,9 +14,10 @@ pyramid, and box / class heads shared across levels.
   with BatchNorm + ReLU6, then a 1x1; in the smoothing and tower convolutions the 1x1 has BatchNorm too
   (+ ReLU6 in the towers), the outputs' 1x1 is a plain convolution with a bias (the prior's, for classes).
   Convolutions are shared across levels, each level has its own BatchNorm (the API's weight-shared
-  predictor does the same), as levels differ in statistics. The normalization keeps the signal's scale whatever the
-  initialization: without it a depthwise 3x3 at Keras' default initialization (fan-in taken as 9 x channels, not 9) shrinks the signal
-  at every layer, so the class logits barely move from the prior in the first hundreds of steps.
+  predictor does the same), as levels differ in statistics. The normalization keeps the signal's scale
+  whatever the initialization: without it a depthwise 3x3 at Keras' default initialization (fan-in taken
+  as 9 x channels, not 9) shrinks the signal at every layer, so the class logits barely move from the prior
+  in the first hundreds of steps.
 * `head: depthwise` is the earlier form, kept so its runs rebuild and load: every 3x3 convolution a
   `SeparableConv2D` (no normalization), ReLU6 in the towers. It learns slowly; prefer `ssdlite`.
 
