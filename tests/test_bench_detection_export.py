@@ -3,21 +3,13 @@ points come from the two rows, and every row is printed with its bytes."""
 
 from __future__ import annotations
 
-import importlib.util
 
-from conftest import REPO
+from conftest import load_script
 
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("bench_detection_export",
-                                                  REPO / "scripts" / "bench_detection_export.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_the_table_states_int8_over_float32_ratios_and_the_map50_drop():
-    bench = load_script()
+    bench = load_script("bench_detection_export")
     rows = {"float32": {"bytes": 1_000_000, "latency_ms": 8.0, "map50": 0.5000, "map": 0.3000},
             "int8": {"bytes": 350_000, "latency_ms": 2.0, "map50": 0.4850, "map": 0.2900}}
     lines = bench.table(rows, threads=2, repeats=50)

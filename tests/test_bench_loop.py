@@ -4,26 +4,19 @@ named), and the steps the rounds train, which the one-run reference adds up."""
 
 from __future__ import annotations
 
-import importlib.util
 
 import numpy as np
 
-from conftest import REPO
+from conftest import load_script
 
 from shared import annotations
 
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("bench_loop", REPO / "scripts" / "bench_loop.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_the_annotators_rounds_read_back_with_the_counts_it_wrote(tmp_path):
     from PIL import Image
 
-    bench = load_script()
+    bench = load_script("bench_loop")
     rng = np.random.default_rng(0)
     images, labels = rng.integers(0, 256, (12, 28, 28), dtype=np.uint8), np.arange(12) % 3
     names = ["a", "b", "c"]
@@ -48,7 +41,7 @@ def test_detection_tasks_carry_the_canvas_boxes_as_spans(tmp_path):
 
     from shared.detection.datasets import DetectionRecord, DetectionSplit
 
-    bench = load_script()
+    bench = load_script("bench_loop")
     Image.fromarray(np.zeros((40, 40), np.uint8)).save(tmp_path / "c.png")
     split = DetectionSplit([DetectionRecord(str(tmp_path / "c.png"), 40, 40, [[2, 3, 12, 23], [20, 20, 39, 30]],
                                             [1, 0])], ["shirt", "bag"])
@@ -61,7 +54,7 @@ def test_detection_tasks_carry_the_canvas_boxes_as_spans(tmp_path):
 
 
 def test_round_steps_are_the_loops_whole_epochs_over_the_examples_so_far():
-    bench = load_script()
+    bench = load_script("bench_loop")
     # batch 128: 500 examples are 4 batches (25 epochs of 4), 1000 are 8 (13 epochs of 8 = 104), ...
     assert bench.round_steps(100, 500, 6, 128) == [100, 104, 108, 105, 100, 100]
     assert bench.round_steps(50, 150, 4, 16) == [50, 51, 50, 50]

@@ -15,7 +15,7 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
-from conftest import REPO, tiny_tree
+from conftest import REPO, load_script, tiny_tree
 
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "2"}
 
@@ -242,13 +242,9 @@ with folder_writer(sys.argv[1]):
 
 
 def test_make_detection_dataset_refuses_a_folder_being_written(tmp_path, capsys):
-    import importlib.util
     import socket
 
-    spec = importlib.util.spec_from_file_location("make_detection_dataset",
-                                                  REPO / "scripts" / "make_detection_dataset.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("make_detection_dataset")
     out = tmp_path / "out"
     holder = subprocess.Popen([sys.executable, "-c", HOLD_FOLDER, str(out)], cwd=REPO, env=ENV,
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)

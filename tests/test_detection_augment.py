@@ -142,11 +142,9 @@ def test_make_dataset_with_all_three_is_seeded_and_boxes_stay_on_the_object(tmp_
 
 @pytest.mark.slow
 def test_a_tiny_detection_run_trains_with_ssd_crop_expand_and_color_jitter(tmp_path):
-    from test_detection_runner import REPO, TINY, data_overrides, load_script
+    from test_detection_runner import REPO, TINY, data_overrides, tiny_canvases
 
-    generated = tmp_path / "canvases"
-    assert load_script().main([str(generated), "--train", "16", "--test", "8", "--size", "48", "--min-scale", "12",
-                               "--max-scale", "28", "--seed", "3", "--no-progress"]) == 0
+    generated = tiny_canvases(tmp_path / "canvases")
     runs_dir = tmp_path / "runs"
     augment = "[{ssd_crop: {min_object_covered: [0.3, 0.7]}}, {expand: {max_ratio: 2}}, flip, color_jitter]"
     overrides = [*TINY, *data_overrides(generated), f"run.dir={runs_dir}", "train.epochs=1",

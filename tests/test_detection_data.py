@@ -4,7 +4,6 @@ box-aware Keras augmentation, determinism). Tiny sizes: the whole file runs in w
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import math
@@ -20,6 +19,8 @@ from shared.fashion_mnist import FASHION_MNIST_CLASSES, FASHION_MNIST_DIRS
 from shared.detection import datasets as D
 from shared.errors import UserError
 
+from conftest import load_script
+
 REPO = Path(__file__).resolve().parent.parent
 FASHION = Path(FASHION_MNIST_DIRS[0])
 SIZE = 64  # the generated canvases
@@ -28,17 +29,10 @@ pytestmark = pytest.mark.skipif(not (FASHION / "train-images-idx3-ubyte.gz").is_
                                 reason="Fashion-MNIST IDX files not installed")
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("make_detection_dataset",
-                                                  REPO / "scripts" / "make_detection_dataset.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 @pytest.fixture(scope="module")
 def script():
-    return load_script()
+    return load_script("make_detection_dataset")
 
 
 @pytest.fixture(scope="module")

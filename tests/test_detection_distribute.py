@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -15,10 +14,10 @@ from pathlib import Path
 import pytest
 
 from shared.fashion_mnist import FASHION_MNIST_DIRS
-from test_detection_data import load_script
+from conftest import free_ports
+from test_detection_runner import SIZE, data_overrides, tiny_canvases
 
 REPO = Path(__file__).resolve().parent.parent
-SIZE = 48
 TINY = ["model.width=4", "detection.fpn_channels=8", "detection.head_depth=1", "train.epochs=1",
         f"data.image_size={SIZE}", "detection.score_threshold=0.0", "train.verbose=0"]
 
@@ -62,12 +61,9 @@ def test_losses_under_a_mirrored_strategy_equal_one_device_on_the_global_batch()
 @pytest.mark.skipif(not (Path(FASHION_MNIST_DIRS[0]) / "train-images-idx3-ubyte.gz").is_file(),
                     reason="Fashion-MNIST IDX files not installed")
 def test_mirrored_detection_run_on_two_logical_cpus(tmp_path):
-    data = tmp_path / "canvases"
-    assert load_script().main([str(data), "--train", "16", "--test", "8", "--size", str(SIZE), "--min-scale", "12",
-                               "--max-scale", "28", "--seed", "3", "--no-progress"]) == 0
+    data = tiny_canvases(tmp_path / "canvases")
     overrides = [*TINY, "train.batch_size=4", "distribute.strategy=mirrored", f"run.dir={tmp_path / 'runs'}",
-                 f"data.path={data / 'images'}", f"detection.train_annotations={data / 'annotations' / 'train.json'}",
-                 f"detection.test_annotations={data / 'annotations' / 'test.json'}"]
+                 *data_overrides(data)]
     args = ["--config", str(REPO / "models" / "resnet" / "detect.yaml"),
             *[arg for item in overrides for arg in ("--set", item)]]
     result = python(f"""
@@ -92,27 +88,13 @@ def test_mirrored_detection_run_on_two_logical_cpus(tmp_path):
     assert 0.0 <= metrics["mAP50"] <= 1.0
 
 
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(not (Path(FASHION_MNIST_DIRS[0]) / "train-images-idx3-ubyte.gz").is_file(),
                     reason="Fashion-MNIST IDX files not installed")
 def test_multi_worker_detection_run_with_two_local_processes(tmp_path):
-    data = tmp_path / "canvases"
-    assert load_script().main([str(data), "--train", "16", "--test", "8", "--size", str(SIZE), "--min-scale", "12",
-                               "--max-scale", "28", "--seed", "3", "--no-progress"]) == 0
+    data = tiny_canvases(tmp_path / "canvases")
     overrides = [*TINY, "train.batch_size=4", "train.epochs=2", "distribute.strategy=multi_worker",
-                 f"run.dir={tmp_path / 'runs'}", f"data.path={data / 'images'}",
-                 f"detection.train_annotations={data / 'annotations' / 'train.json'}",
-                 f"detection.test_annotations={data / 'annotations' / 'test.json'}"]
+                 f"run.dir={tmp_path / 'runs'}", *data_overrides(data)]
     args = ["--config", str(REPO / "models" / "resnet" / "detect.yaml"),
             *[arg for item in overrides for arg in ("--set", item)]]
     workers = [f"127.0.0.1:{port}" for port in free_ports(2)]

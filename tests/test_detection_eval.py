@@ -111,13 +111,9 @@ needs_fashion_mnist = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def generated(tmp_path_factory):
-    from test_detection_runner import SIZE
-    from test_detection_data import load_script
+    from test_detection_runner import tiny_canvases
 
-    out = tmp_path_factory.mktemp("canvases")
-    assert load_script().main([str(out), "--train", "16", "--test", "8", "--size", str(SIZE), "--min-scale", "12",
-                               "--max-scale", "28", "--seed", "3", "--no-progress"]) == 0
-    return out
+    return tiny_canvases(tmp_path_factory.mktemp("canvases"))
 
 
 @needs_fashion_mnist

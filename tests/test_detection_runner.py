@@ -20,7 +20,7 @@ from shared import modelzoo, runner, runs
 from shared.config import from_dict, with_changes
 from shared.fashion_mnist import FASHION_MNIST_DIRS
 
-from test_detection_data import load_script
+from conftest import load_script
 
 REPO = Path(__file__).resolve().parent.parent
 SIZE = 48
@@ -31,12 +31,17 @@ pytestmark = pytest.mark.skipif(not (Path(FASHION_MNIST_DIRS[0]) / "train-images
                                 reason="Fashion-MNIST IDX files not installed")
 
 
+def tiny_canvases(out: Path) -> Path:
+    """The canvas set the detection tests train on: 16 train / 8 test images of SIZE px, items of 12-28 px."""
+    assert load_script("make_detection_dataset").main([str(out), "--train", "16", "--test", "8", "--size", str(SIZE),
+                                                       "--min-scale", "12", "--max-scale", "28", "--seed", "3",
+                                                       "--no-progress"]) == 0
+    return out
+
+
 @pytest.fixture(scope="module")
 def generated(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("canvases")
-    assert load_script().main([str(out), "--train", "16", "--test", "8", "--size", str(SIZE), "--min-scale", "12",
-                               "--max-scale", "28", "--seed", "3", "--no-progress"]) == 0
-    return out
+    return tiny_canvases(tmp_path_factory.mktemp("canvases"))
 
 
 def data_overrides(root: Path) -> list[str]:

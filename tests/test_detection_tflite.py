@@ -24,12 +24,10 @@ pytestmark = pytest.mark.skipif(not (Path(FASHION_MNIST_DIRS[0]) / "train-images
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> runs.Run:
-    from test_detection_data import load_script
-    from test_detection_runner import SIZE, TINY, data_overrides
+    from test_detection_runner import TINY, data_overrides, tiny_canvases
 
     base = tmp_path_factory.mktemp("detection_tflite")
-    assert load_script().main([str(base / "data"), "--train", "16", "--test", "8", "--size", str(SIZE),
-                               "--min-scale", "12", "--max-scale", "28", "--seed", "3", "--no-progress"]) == 0
+    tiny_canvases(base / "data")
     overrides = [*TINY, *data_overrides(base / "data"), f"run.dir={base / 'runs'}"]
     assert runner.main(["--config", str(REPO / "models" / "resnet" / "detect.yaml"),
                         *[arg for item in overrides for arg in ("--set", item)]]) == 0

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -13,7 +12,7 @@ import textwrap
 import pytest
 import yaml
 
-from conftest import REPO, tiny_tree
+from conftest import REPO, free_ports, tiny_tree
 from shared.config import DistributeConfig
 from shared.errors import UserError
 
@@ -38,16 +37,6 @@ def test_mirrored_on_two_logical_cpus(tmp_path):
     assert "8 steps x 1 epochs" in result.stdout
     run_dir = result.stdout.split("RESULT ")[1].strip()
     assert json.loads(open(f"{run_dir}/status.json").read())["status"] == "finished"
-
-
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 def test_multi_worker_with_two_local_processes(tmp_path):

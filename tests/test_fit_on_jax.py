@@ -1,7 +1,6 @@
 """scripts/fit_on_jax.py: the Fashion-MNIST recipes on any Keras backend (JAX on a GPU machine without
 TensorFlow). Here its main() runs in the test process, on the TensorFlow backend, the only one installed."""
 
-import importlib.util
 import json
 import os
 
@@ -10,33 +9,27 @@ import pytest
 
 from shared.errors import UserError
 
-from conftest import REPO
+from conftest import REPO, load_script
 from test_data import fake_fashion_dir
 
 SCRIPT = REPO / "scripts" / "fit_on_jax.py"
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("fit_on_jax", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 def run_script(*args, capsys=None) -> tuple[int, str]:
     """main() in this process (TensorFlow backend, already imported): the exit code and stderr."""
-    code = load_script().main([str(arg) for arg in args])
+    code = load_script("fit_on_jax").main([str(arg) for arg in args])
     return code, capsys.readouterr().err if capsys else ""
 
 
 def test_importing_the_script_leaves_the_backend_alone():
     before = os.environ.get("KERAS_BACKEND")
-    load_script()
+    load_script("fit_on_jax")
     assert os.environ.get("KERAS_BACKEND") == before
 
 
 def test_random_crop_picks_a_place_per_image():
-    script = load_script()
+    script = load_script("fit_on_jax")
     images = np.random.default_rng(0).integers(1, 256, (64, 28, 28, 1)).astype(np.uint8)
     cropped = script.augmenter([{"random_crop": {"padding": 2}}], np.random.default_rng(1))(images)
     assert cropped.shape == images.shape
@@ -50,7 +43,7 @@ def test_random_crop_picks_a_place_per_image():
 
 
 def test_horizontal_flip_flips_about_half():
-    script = load_script()
+    script = load_script("fit_on_jax")
     images = np.random.default_rng(0).integers(0, 256, (200, 28, 28, 1)).astype(np.uint8)
     out = script.augmenter(["horizontal_flip"], np.random.default_rng(2))(images)
     flipped = np.array([np.array_equal(o, i[:, ::-1]) for o, i in zip(out, images)])
@@ -61,7 +54,7 @@ def test_horizontal_flip_flips_about_half():
 
 def test_unsupported_augmentation_is_a_user_error():
     with pytest.raises(UserError, match="'random_erasing' is not supported here"):
-        load_script().augmenter(["random_erasing"], np.random.default_rng(0))
+        load_script("fit_on_jax").augmenter(["random_erasing"], np.random.default_rng(0))
 
 
 @pytest.mark.slow

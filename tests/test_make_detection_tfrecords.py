@@ -1,7 +1,6 @@
 """scripts/make_detection_tfrecords.py: COCO, VOC and CSV labels -> TF Object Detection API shards that
 `detection.format: tfrecord` reads back with the same boxes; resumable after a SIGKILL; bad rows named by line."""
 
-import importlib.util
 import os
 import signal
 import subprocess
@@ -17,6 +16,8 @@ from PIL import Image
 from shared.config import from_dict
 from shared.detection import datasets as D
 
+from conftest import load_script
+
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "scripts" / "make_detection_tfrecords.py"
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
@@ -30,14 +31,8 @@ LABELS = {
 }
 
 
-def _script():
-    spec = importlib.util.spec_from_file_location("make_detection_tfrecords", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
-
-convert = _script().main
+convert = load_script("make_detection_tfrecords").main
 
 
 @pytest.fixture

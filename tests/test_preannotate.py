@@ -86,12 +86,10 @@ def test_classification_tasks_round_trip_through_the_annotation_reader(folder_ru
 def detection_run(tmp_path_factory) -> runs.Run:
     """One epoch of a tiny detector on 16 generated Fashion-MNIST canvases (48 px), from scratch."""
     from shared import runner
-    from test_detection_data import load_script
-    from test_detection_runner import TINY, data_overrides
+    from test_detection_runner import TINY, data_overrides, tiny_canvases
 
     base = tmp_path_factory.mktemp("preannotate_detection")
-    assert load_script().main([str(base / "data"), "--train", "16", "--test", "8", "--size", "48", "--min-scale",
-                               "12", "--max-scale", "28", "--seed", "3", "--no-progress"]) == 0
+    tiny_canvases(base / "data")
     overrides = [*TINY, *data_overrides(base / "data"), "train.epochs=1", f"run.dir={base / 'runs'}"]
     assert runner.main(["--config", str(REPO / "models" / "resnet" / "detect.yaml"),
                         *[arg for item in overrides for arg in ("--set", item)]]) == 0

@@ -18,6 +18,8 @@ from shared.data.tfrecord import (FEATURES, count_records, example_from_file, re
 from shared.durable import DiskFull
 from shared.errors import UserError
 
+from conftest import load_script
+
 REPO = Path(__file__).resolve().parent.parent
 CLASSES = ("n01440764", "n01443537", "n01484850")
 
@@ -293,11 +295,7 @@ def test_a_full_disk_while_writing_a_shard_is_one_line_and_keeps_finished_shards
 
 
 def test_a_full_disk_writing_counts_is_one_line(tmp_path, monkeypatch, capsys):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("make_tfrecords", REPO / "scripts" / "make_tfrecords.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("make_tfrecords")
     src, out = make_source(tmp_path / "src"), tmp_path / "out"
     fsync = os.fsync
 
