@@ -37,6 +37,22 @@ def train_tree(tree: dict, **kwargs):
     return train(load_config(tree=tree), argv=["pytest"], **kwargs)
 
 
+def killed_at(point: str, tmp_path: Path, tree: dict) -> Path:
+    """Train `tree` in a subprocess SIGKILLed at `point` (conftest's KILLING_RUNNER: FILE:before|after:N);
+    returns the run folder it left."""
+    import os
+    import signal
+    import sys
+
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(tree))
+    killed = subprocess.run([sys.executable, "-c", KILLING_RUNNER, "--config", str(config)], cwd=REPO,
+                            capture_output=True, text=True, timeout=300, env={**os.environ, "KILL_AT": point})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    (run_dir,) = (tmp_path / "runs" / "tiny").iterdir()
+    return run_dir
+
+
 def rows(run_dir: Path) -> list[dict]:
     with open(run_dir / "metrics.csv", newline="") as handle:
         return list(csv.DictReader(handle))
@@ -295,21 +311,13 @@ def test_best_keras_only_ever_holds_a_committed_epoch(tmp_path):
     """Every epoch's rate is lower, so each is the best so far. Killed after epoch 2's copy is written but
     before its backup commits, best.keras is still epoch 1's (the resume redoes epoch 2); the resume then
     ends with the last epoch's and no staged copy left."""
-    import os
-    import signal
     import sys
 
     from shared.callbacks import backup_state
 
-    tree = tiny_run_tree(tmp_path, epochs=3, lr={"base": 0.05, "schedule": "exponential", "gamma": 0.5},
-                         best={"monitor": "lr", "mode": "min"})
-    config = tmp_path / "config.yaml"
-    config.write_text(yaml.safe_dump(tree))
-    killed = subprocess.run([sys.executable, "-c", KILLING_RUNNER, "--config", str(config)], cwd=REPO,
-                            capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "KILL_AT": ".best-epoch-0002.keras:after:1"})
-    assert killed.returncode == -signal.SIGKILL, killed.stderr
-    (run_dir,) = (tmp_path / "runs" / "tiny").iterdir()
+    run_dir = killed_at(".best-epoch-0002.keras:after:1", tmp_path, tiny_run_tree(
+        tmp_path, epochs=3, lr={"base": 0.05, "schedule": "exponential", "gamma": 0.5},
+        best={"monitor": "lr", "mode": "min"}))
     checkpoints = run_dir / "checkpoints"
     assert backup_state(run_dir / "backup" / "phase-1")["epoch"] == 1
     assert (checkpoints / ".best-epoch-0002.keras").is_file()
@@ -328,18 +336,10 @@ def test_best_keras_only_ever_holds_a_committed_epoch(tmp_path):
 def test_a_run_killed_after_its_early_stop_is_not_trained_further(tmp_path):
     """Killed once the stopping epoch's backup is committed (while it tests): the resume trains nothing more,
     tests and records the stop at that epoch."""
-    import os
-    import signal
     import sys
 
-    tree = tiny_run_tree(tmp_path, epochs=6, early_stopping={"monitor": "lr", "patience": 2, "mode": "max"})
-    config = tmp_path / "config.yaml"
-    config.write_text(yaml.safe_dump(tree))
-    killed = subprocess.run([sys.executable, "-c", KILLING_RUNNER, "--config", str(config)], cwd=REPO,
-                            capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "KILL_AT": "training_metadata.json:after:3"})
-    assert killed.returncode == -signal.SIGKILL, killed.stderr
-    (run_dir,) = (tmp_path / "runs" / "tiny").iterdir()
+    run_dir = killed_at("training_metadata.json:after:3", tmp_path, tiny_run_tree(
+        tmp_path, epochs=6, early_stopping={"monitor": "lr", "patience": 2, "mode": "max"}))
     resumed = subprocess.run([sys.executable, "-m", "shared.runner", "--resume", str(run_dir)], cwd=REPO,
                              capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
