@@ -53,17 +53,25 @@ def test_tfrecord_label_outside_the_classes_names_the_shard(tmp_path):
 
 
 @pytest.mark.slow
-def test_training_on_a_shard_with_a_bad_label_is_one_line_from_the_cli(tmp_path, capsys):
+@pytest.mark.parametrize("on_corrupt", ["error", "skip"])
+def test_training_on_a_shard_with_a_bad_label_is_one_line_from_the_cli(tmp_path, capsys, on_corrupt):
+    """Also with data.on_corrupt: skip, which drops undecodable images: a wrong label is no damaged image (before
+    the fix it was dropped as one; with every label wrong the run "finished" having trained on nothing)."""
     from shared.lifecycle import train
 
     root = write_tfrecord_dataset(tmp_path / "tfr", [0, 1, 2, 10] * 4)
     tree = tiny_tree(tmp_path / "runs", data={"source": "tfrecord", "path": str(root), "num_classes": None,
-                                              "test_split": "validation", "image_size": 8},
+                                              "test_split": "validation", "image_size": 8,
+                                              "on_corrupt": on_corrupt},
                      train={"epochs": 1, "batch_size": 8})
     assert run_cli(lambda: train(load_config(tree=tree), argv=["pytest"])) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: TFRecord shard ") and "\n" not in err
-    assert f"{root / 'train-00000-of-00001'} holds image/class/label 10, outside 0-9 for 10 classes" in err
+    assert "\n" not in err
+    if on_corrupt == "error":
+        assert err.startswith("error: TFRecord shard ")
+        assert f"{root / 'train-00000-of-00001'} holds image/class/label 10, outside 0-9 for 10 classes" in err
+    else:  # checked after the skipping, where the shard is no longer known
+        assert err.startswith("error: a TFRecord example holds image/class/label 10, outside 0-9 for 10 classes")
     (run_dir,) = (tmp_path / "runs" / "resnet").iterdir()
     status = runs.Run(run_dir).status()
     assert status["status"] == "failed" and status["error"] == err.removeprefix("error: ")
@@ -179,3 +187,28 @@ def test_fashion_mnist_run_records_its_names_and_per_class_results(tmp_path, cap
     out = capsys.readouterr().out
     assert summary(recorded) in out and "worst 5 classes by F1" in out  # the figures recorded at training time
     assert (run.path / "errors.png").is_file()  # redrawn by test --run
+
+
+def test_tfds_labels_are_checked_after_on_corrupt_skip_drops_undecodable_images(tmp_path, monkeypatch):
+    """An encoded TFDS dataset (variable image size) under data.on_corrupt: skip: the damaged image is dropped
+    (its decoding error is not what stops the reading), the label outside the classes still stops it in one
+    line, naming the dataset."""
+    import tensorflow_datasets as tfds
+
+    from shared.data import make_datasets
+
+    monkeypatch.setattr(sources, "unreachable", lambda url: None, raising=False)  # the mock downloads nothing
+
+    def as_dataset(self, *args, **kwargs):
+        good = tf.io.encode_jpeg(np.zeros((10, 12, 3), np.uint8))
+        return tf.data.Dataset.from_tensor_slices({"image": tf.stack([good, tf.constant(b"not an image"), good]),
+                                                   "label": np.array([1, 2, 12], np.int64)})
+
+    with tfds.testing.mock_data(as_dataset_fn=as_dataset):
+        config = config_for(tmp_path, source="tfds", name="tf_flowers", channels=3, on_corrupt="skip",
+                            shuffle_buffer=1, deterministic=True)
+        datasets = make_datasets(config)
+        with pytest.raises(tf.errors.InvalidArgumentError) as error:
+            list(datasets.test)
+    assert str(embedded_user_error(error.value)).startswith(
+        "TFDS dataset 'tf_flowers' holds label 12, outside 0-4 for its 5 classes;")

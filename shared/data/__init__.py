@@ -121,6 +121,15 @@ def find_undecodable(source: sources.Source) -> list[str]:
     return bad
 
 
+def _labels_checked(dataset: tf.data.Dataset, source: sources.Source) -> tf.data.Dataset:
+    """(image, label) pairs whose labels the source's `label_check` checks: after `ignore_errors`, which would
+    otherwise drop an example with a wrong label as if its image were damaged (with every label wrong, the
+    training data would simply run out)."""
+    if source.label_check is None:
+        return dataset
+    return dataset.map(lambda image, label: (image, source.label_check(label)))
+
+
 def make_datasets(config: Config, model_augment: ModuleType | None = None,
                   input_context: tf.distribute.InputContext | None = None, replicas: int = 1,
                   start_epoch: int = 0, recorded: split.RecordedSplit | None = None) -> Datasets:
@@ -195,6 +204,7 @@ def make_datasets(config: Config, model_augment: ModuleType | None = None,
                  .map(lambda index, example: (index, *train_fn(*example)), num_parallel_calls=parallel)
                  .ignore_errors()
                  .map(skips.record))
+        train = _labels_checked(train, source)
     elif not preprocess_once:
         train = train.map(train_fn, num_parallel_calls=parallel, deterministic=True)
     train = train.batch(batch, drop_remainder=False)
@@ -212,7 +222,7 @@ def make_datasets(config: Config, model_augment: ModuleType | None = None,
     def evaluation(dataset, soft: bool = False):
         dataset = dataset.map(eval_fn, num_parallel_calls=AUTOTUNE)
         if skipping:
-            dataset = dataset.ignore_errors()  # the evaluated count then falls short by the skipped images
+            dataset = _labels_checked(dataset.ignore_errors(), source)  # the count falls short by the skipped
         dataset = dataset.batch(batch)
         return (dataset.map(one_hot) if soft else dataset).prefetch(AUTOTUNE)
 

@@ -14,6 +14,7 @@ import socket
 import sys
 import threading
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
@@ -51,6 +52,9 @@ class Source:
     num_val: int = 0
     train_labels: list[int] | None = None  # the training labels in order, where known without reading images
     record: dict = field(default_factory=dict)  # files the run records ({run-relative path: bytes}): the split
+    # labels -> the same labels failing in one line outside the classes, for make_datasets to apply after it
+    # drops undecodable images (data.on_corrupt: skip); None: the datasets check their labels themselves
+    label_check: Callable | None = None
 
     @property
     def num_classes(self) -> int:
@@ -320,6 +324,7 @@ def tfrecord_source(config: DataConfig) -> Source:
     counts_file = root / "counts.json"
     counts = json.loads(counts_file.read_text(encoding="utf-8")) if counts_file.is_file() else {}
     splits = {}
+    skipping = config.on_corrupt == "skip"  # labels checked after the undecodable images are dropped
     for role, split in (("train", config.train_split), ("test", config.test_split)):
         prefix = TFRECORD_PREFIXES.get(split, split)
         files = tfrecord.resolve_files(str(root / f"{prefix}-*-of-*"))
@@ -327,11 +332,12 @@ def tfrecord_source(config: DataConfig) -> Source:
         # A fixed file order when a validation split is carved off train; else shuffle shards each epoch.
         shuffle = role == "train" and config.val_fraction == 0
         dataset = tfrecord.read_dataset(files, label_offset=config.label_offset, shuffle_files=shuffle, seed=0,
-                                        num_classes=len(class_names))
+                                        num_classes=len(class_names), check_labels=not skipping)
         splits[role] = (dataset, count, files)
+    checked = tfrecord.label_check(config.label_offset, len(class_names)) if skipping else None
     return Source(train=splits["train"][0], test=splits["test"][0], num_train=splits["train"][1],
                   num_test=splits["test"][1], class_names=class_names, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                  encoding="bytes", fixed_size=False)
+                  encoding="bytes", fixed_size=False, label_check=checked)
 
 
 # ---------------------------------------------------------------- tfds
@@ -412,12 +418,15 @@ def tfds_source(config: DataConfig, name: str | None = None, builder=None,
         except (KeyError, ValueError) as error:
             raise UserError(f"TFDS dataset {name!r} has no split {split_name!r} ({error}); "
                             f"available: {', '.join(info.splits.keys())}") from None
+        if deferred:  # make_datasets checks them after dropping undecodable images (label_check below)
+            return dataset.map(lambda image, label: (image, tf.cast(label, tf.int32))), count
         return dataset.map(lambda image, label: (image, checked_label(label, split_name))), count
 
-    def checked_label(label, split_name: str):
+    def checked_label(label, split_name: str | None = None):
         # TFDS' ClassLabel encodes only valid indices; a hand-made or altered dataset may not hold to it
-        check = checks.check((label >= 0) & (label < label_feature.num_classes), f"TFDS dataset {name!r} split ",
-                             f"{split_name!r} holds label ", label, f", outside 0-{label_feature.num_classes - 1} "
+        where = f" split {split_name!r}" if split_name else ""
+        check = checks.check((label >= 0) & (label < label_feature.num_classes), f"TFDS dataset {name!r}{where} ",
+                             "holds label ", label, f", outside 0-{label_feature.num_classes - 1} "
                              f"for its {label_feature.num_classes} classes; prepare it again (delete its folder "
                              f"in data.data_dir)")
         with tf.control_dependencies([check]):
@@ -426,9 +435,11 @@ def tfds_source(config: DataConfig, name: str | None = None, builder=None,
     shape = info.features["image"].shape
     fixed = shape[0] is not None and shape[0] == shape[1]
     channels = shape[-1] or 3
+    deferred = config.on_corrupt == "skip" and not fixed  # encoded images: undecodable ones are skipped
     train, num_train = split(config.train_split)
     test, num_test = split(config.test_split)
     return Source(train=train, test=test, num_train=num_train, num_test=num_test,
                   class_names=list(label_feature.names), fixed_size=fixed, encoding=None if fixed else "bytes",
                   mean=mean or (IMAGENET_MEAN if channels == 3 else [127.5]),
-                  std=std or (IMAGENET_STD if channels == 3 else [64.0]))
+                  std=std or (IMAGENET_STD if channels == 3 else [64.0]),
+                  label_check=checked_label if deferred else None)

@@ -258,7 +258,8 @@ def resolve_files(pattern_or_files: str | os.PathLike | Iterable[str | os.PathLi
 
 def read_dataset(pattern_or_files: str | os.PathLike | Iterable[str | os.PathLike], label_offset: int = 0,
                  shuffle_files: bool = False, seed: int | None = None, cycle_length: int = 8,
-                 deterministic: bool = True, num_classes: int | None = None) -> tf.data.Dataset:
+                 deterministic: bool = True, num_classes: int | None = None,
+                 check_labels: bool = True) -> tf.data.Dataset:
     """`(encoded image bytes: tf.string scalar, label: tf.int32 scalar)` from Model Garden shards.
 
     Reads `cycle_length` shards at once, interleaved one record each (in parallel; with `deterministic` the
@@ -267,7 +268,8 @@ def read_dataset(pattern_or_files: str | os.PathLike | Iterable[str | os.PathLik
     `label_offset` is added to every label: -1 reads 1-based shards (1001 classes, 0 = background) as 0-based.
     A label outside [0, `num_classes`) (below 0 when `num_classes` is None) fails the read when it is reached,
     with a one-line message naming the shard and the label (`shared.data.checks`): the shards are only seen
-    while streaming, and a first pass over them all would cost as much as an epoch's reading. Decode with
+    while streaming, and a first pass over them all would cost as much as an epoch's reading
+    (`check_labels=False`: unchecked, for a pipeline that applies `label_check` itself). Decode with
     `tf.io.decode_image`, which reads JPEG, PNG, GIF and BMP whatever the file was named.
     """
     files = resolve_files(pattern_or_files)
@@ -280,6 +282,21 @@ def read_dataset(pattern_or_files: str | os.PathLike | Iterable[str | os.PathLik
 
     dataset = dataset.interleave(records_of, cycle_length=max(1, min(cycle_length, len(files))),
                                  block_length=1, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
+    checked = label_check(label_offset, num_classes)
+
+    def parse(record, shard):
+        example = tf.io.parse_single_example(record, READ_FEATURES)
+        label = tf.cast(example["image/class/label"] + label_offset, tf.int32)
+        return example["image/encoded"], (checked(label, shard) if check_labels else label)
+
+    return dataset.map(parse, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
+
+
+def label_check(label_offset: int = 0, num_classes: int | None = None):
+    """`checked(label, shard=None)`: the label (after `label_offset`), with an op that fails in one line, naming
+    the shard when given, if it falls outside the classes. read_dataset applies it per record; with
+    `check_labels=False` a pipeline applies it later (data.on_corrupt: skip checks labels after dropping the
+    images that fail to decode, so that a wrong label is never taken for a damaged image)."""
     after = f" after label_offset={label_offset}" if label_offset else ""
     allowed = "below 0" if num_classes is None else f"outside 0-{num_classes - 1} for {num_classes} classes"
     rewrite = "rewrite the shards (or labels.txt) with scripts/make_tfrecords.py"
@@ -288,17 +305,15 @@ def read_dataset(pattern_or_files: str | os.PathLike | Iterable[str | os.PathLik
     above = (f"shards numbered from 1 (0 = background) need data.label_offset: -1, else {rewrite}"
              if label_offset == 0 else rewrite)
 
-    def parse(record, shard):
-        example = tf.io.parse_single_example(record, READ_FEATURES)
-        stored = example["image/class/label"]
-        label = stored + label_offset
+    def checked(label: tf.Tensor, shard: tf.Tensor | None = None) -> tf.Tensor:
         valid = (label >= 0) if num_classes is None else (label >= 0) & (label < num_classes)
-        check = checks.check(valid, "TFRecord shard ", shard, " holds image/class/label ", stored,
+        where = ("TFRecord shard ", shard, " holds") if shard is not None else ("a TFRecord example holds",)
+        check = checks.check(valid, *where, " image/class/label ", label - label_offset,
                              f"{after}, {allowed}; ", tf.where(label < 0, below, above))
         with tf.control_dependencies([check]):
-            return example["image/encoded"], tf.cast(label, tf.int32)
+            return tf.identity(label)
 
-    return dataset.map(parse, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
+    return checked
 
 
 def read_labels(path: str | os.PathLike) -> list[str]:
