@@ -17,7 +17,7 @@ from shared.config import load_config
 from shared.data import class_weights, make_datasets, sources, split
 from shared.errors import UserError
 
-from conftest import tiny_tree
+from conftest import REPO, tiny_tree
 
 COUNTS = {"cat": 10, "dog": 5, "猫 ü": 2, "solo": 1}  # a Unicode class and a class of one image
 
@@ -280,6 +280,30 @@ def test_a_damaged_image_among_many(tmp_path, on_corrupt):
     metrics = run.test_metrics()
     assert metrics["skipped_test_images"] == recorded["test"].count("broken-")
     assert (metrics["skipped_train_images"] >= 1) == ("broken-" in recorded["train"])
+
+
+@pytest.mark.slow
+def test_skip_with_not_one_readable_image_is_one_line_before_a_run_folder(tmp_path):
+    """data.on_corrupt: skip over a folder of damaged files: one line, no run folder (it spun forever over the
+    endless training stream, dropping every image: run in a subprocess with a timeout, so a hang fails)."""
+    import subprocess
+    import sys
+
+    root = tmp_path / "imgs"
+    for name in ("cat", "dog"):
+        (root / name).mkdir(parents=True)
+        for i in range(6):
+            (root / name / f"broken-{i}.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a PNG")
+    tree = train_tree(tmp_path, root)
+    tree["data"]["on_corrupt"] = "skip"
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(tree))
+    result = subprocess.run([sys.executable, "-m", "shared.runner", "--config", str(config)], cwd=REPO,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    (line,) = result.stderr.strip().splitlines()[-1:]
+    assert line.startswith("error: not one of the ") and "training images of " in line and "decodes" in line
+    assert not list((tmp_path / "runs").rglob("status.json"))
 
 
 @pytest.mark.slow

@@ -121,6 +121,21 @@ def find_undecodable(source: sources.Source) -> list[str]:
     return bad
 
 
+PROBED_IMAGES = 1000  # data.on_corrupt: skip refuses a training set whose first this many images all fail
+
+
+def _check_one_decodes(train: tf.data.Dataset, decode, num_train: int, where: str) -> None:
+    """Under data.on_corrupt: skip, a training image that decodes, looked for among the first PROBED_IMAGES
+    (the first one, for healthy data): with none, skipping would spin over the endless training stream
+    without ever yielding a batch. A one-line UserError before any run folder exists."""
+    probed = min(num_train, PROBED_IMAGES)
+    if list(train.take(probed).map(decode).ignore_errors().take(1)):
+        return
+    raise UserError(f"not one of the {'first ' if probed < num_train else ''}{probed} training images of {where} "
+                    f"decodes (data.on_corrupt: skip would leave every one out and train on nothing); check "
+                    f"that the data are images")
+
+
 def _labels_checked(dataset: tf.data.Dataset, source: sources.Source) -> tf.data.Dataset:
     """(image, label) pairs whose labels the source's `label_check` checks: after `ignore_errors`, which would
     otherwise drop an example with a wrong label as if its image were damaged (with every label wrong, the
@@ -198,6 +213,8 @@ def make_datasets(config: Config, model_augment: ModuleType | None = None,
     if start_epoch:  # skipped before decoding and augmenting: only the shuffle runs over them
         train = train.skip(start_epoch * steps * batch)
     skipping = data.on_corrupt == "skip" and source.encoding is not None
+    if skipping:
+        _check_one_decodes(train, eval_fn, num_train, data.path or data.source)
     skips = SkipCounter() if skipping else None
     if skipping:  # number the examples, drop those that fail to decode, count the gaps
         train = (train.enumerate()
