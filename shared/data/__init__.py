@@ -197,6 +197,9 @@ def make_datasets(config: Config, model_augment: ModuleType | None = None,
         batch = input_context.get_per_replica_batch_size(batch)
     # Deterministic: one map thread, so the stateful random ops draw in a fixed order.
     parallel = 1 if data.deterministic else AUTOTUNE
+    skipping = data.on_corrupt == "skip" and source.encoding is not None
+    if skipping:  # in reading order, before the shuffle fills its buffer and a resume skips its epochs
+        _check_one_decodes(train, eval_fn, num_train, data.path or data.source)
     # Decoded arrays without random augmentation: preprocess once and keep the result in memory, so an
     # epoch is only shuffle and batch (as a bare fit on arrays); with augmentation, cache the raw arrays.
     float_bytes = num_train * data.image_size ** 2 * data.channels * 4
@@ -212,9 +215,6 @@ def make_datasets(config: Config, model_augment: ModuleType | None = None,
                           reshuffle_each_iteration=True).repeat()
     if start_epoch:  # skipped before decoding and augmenting: only the shuffle runs over them
         train = train.skip(start_epoch * steps * batch)
-    skipping = data.on_corrupt == "skip" and source.encoding is not None
-    if skipping:
-        _check_one_decodes(train, eval_fn, num_train, data.path or data.source)
     skips = SkipCounter() if skipping else None
     if skipping:  # number the examples, drop those that fail to decode, count the gaps
         train = (train.enumerate()

@@ -154,11 +154,7 @@ class Detector(Predictor):
 
         folder = saved_model_folder(Path(folder).expanduser())
         record = export_record(folder)
-        built_in = float(record.get("score_threshold", 0.0))
-        min_score = _min_score(min_score, built_in)
-        if min_score < built_in:
-            raise UserError(f"--min-score {min_score:g} is below the {built_in:g} the SavedModel at {folder} "
-                            f"applies inside; predict with --run RUN for lower scores, or raise --min-score")
+        min_score = _not_below(min_score, float(record.get("score_threshold", 0.0)), f"the SavedModel at {folder}")
         try:
             loaded = tf.saved_model.load(str(folder))
         except Exception as error:  # a damaged export: TF's own error types vary
@@ -188,11 +184,7 @@ class Detector(Predictor):
             raise UserError(f"no TFLite model at {file}; export one first")
         run = _detection_run(run)
         config = config_module.from_dict(run.config_dict())
-        built_in = float(config.detection.score_threshold)
-        min_score = _min_score(min_score, built_in)
-        if min_score < built_in:
-            raise UserError(f"--min-score {min_score:g} is below the {built_in:g} the file's post-processing "
-                            f"applies inside; predict with --run RUN for lower scores, or raise --min-score")
+        min_score = _not_below(min_score, float(config.detection.score_threshold), f"{file}'s post-processing")
         info = {}
         if (file.parent / INFO_FILE).is_file():
             info = json.loads((file.parent / INFO_FILE).read_text(encoding="utf-8")).get("models", {})
@@ -250,3 +242,13 @@ def _min_score(min_score: float | None, default: float) -> float:
     if not 0.0 <= min_score <= 1.0:
         raise UserError(f"--min-score is {min_score:g}; give a score between 0 and 1")
     return float(min_score)
+
+
+def _not_below(min_score: float | None, built_in: float, applier: str) -> float:
+    """`min_score` (default `built_in`) for an export that already dropped the boxes under `built_in`: a lower
+    one is refused, as it could not be honoured."""
+    min_score = _min_score(min_score, built_in)
+    if min_score < built_in:
+        raise UserError(f"--min-score {min_score:g} is below the {built_in:g} {applier} applies inside; predict "
+                        f"with --run RUN for lower scores, or raise --min-score")
+    return min_score
