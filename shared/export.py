@@ -28,7 +28,7 @@ from pathlib import Path
 from shared.errors import UserError
 from shared.eval_view import EvalView, resizes_pixels  # noqa: F401 (resizes_pixels: shared.deblur.export)
 from shared.durable import DiskFull, atomic_write, disk_space_checked, fsync_dir, fsync_tree
-from shared.locks import FileLock, holder
+from shared.locks import FileLock, holder, read_record
 from shared.names import check_plain_name
 from shared.runs import Run, open_run
 
@@ -36,6 +36,7 @@ CONFIG_FILE = "models.config"
 LOCK_FILE = ".export.lock"  # in the export folder: exports there publish, prune and list one at a time
 STAGING_PREFIX = ".export-"  # a version being written, hidden from TF Serving until it is renamed
 STAGING_LOCK = ".writing.lock"  # held inside a staging folder by the export writing it
+SETUP_PREFIX = ".new-export-"  # a staging folder until its lock is held: the clean-up leaves it alone
 DELETING_PREFIX = ".deleting-"  # a pruned version on its way out
 SERVING_PATH = "/models"  # where the tensorflow/serving image looks for models
 SERVING_DEFAULT = "serving_default"
@@ -96,13 +97,16 @@ def _remove(path: Path) -> None:
 
 def remove_abandoned(model_dir: Path) -> list[Path]:
     """Remove what killed exports left in a model folder: staging folders whose writer's lock is free (the
-    kernel frees it when the writer dies) and versions half deleted by a prune. Run under `export_lock`;
-    a staging folder whose lock file is not there yet is one being set up, and is left alone."""
+    kernel frees it when the writer dies) and versions half deleted by a prune. Run under `export_lock`.
+    A staging folder only ever carries its `.export-` name with its lock held (`_locked_staging`), so a free
+    lock there is a dead writer's. A folder still being set up is removed only once its lock file holds a
+    writer's record (written after the lock was taken) and the lock is free again: that writer died."""
     removed = []
     for entry in sorted(Path(model_dir).iterdir()) if Path(model_dir).is_dir() else []:
-        abandoned = entry.name.startswith(STAGING_PREFIX) and (entry / STAGING_LOCK).is_file() \
-            and holder(entry / STAGING_LOCK) is None
-        if entry.is_dir() and (abandoned or entry.name.startswith(DELETING_PREFIX)):
+        lock = entry / STAGING_LOCK
+        abandoned = entry.name.startswith(STAGING_PREFIX) and lock.is_file() and holder(lock) is None
+        died_setting_up = entry.name.startswith(SETUP_PREFIX) and bool(read_record(lock)) and holder(lock) is None
+        if entry.is_dir() and (abandoned or died_setting_up or entry.name.startswith(DELETING_PREFIX)):
             shutil.rmtree(entry, ignore_errors=True)
             removed.append(entry)
     return removed
@@ -290,9 +294,7 @@ def publish(run: Run, export_dir: str | Path, model_dir: Path, version: int | No
     (`remove_abandoned`); the writing runs beside other exports, the numbering, pruning and models.config
     one export at a time (`export_lock`)."""
     model_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=model_dir))
-    writing = FileLock(staging / STAGING_LOCK)
-    writing.acquire()
+    staging, writing = _locked_staging(model_dir)
     try:
         with disk_space_checked(model_dir):
             os.chmod(staging, 0o777 & ~_UMASK)  # mkdtemp makes 0700 folders; a server may run as another user
@@ -324,6 +326,25 @@ def publish(run: Run, export_dir: str | Path, model_dir: Path, version: int | No
         except DiskFull as error:  # the version is served all the same: say so
             raise DiskFull(f"exported {target}, but {error}") from None
     return target
+
+
+def _locked_staging(model_dir: Path) -> tuple[Path, FileLock]:
+    """A new, empty staging folder in `model_dir` and its writer's lock, held. The folder is made under a name
+    the clean-up of other exports leaves alone (SETUP_PREFIX), locked, and only then renamed to its
+    `.export-` name: between making a lock file and locking it, that clean-up would take it for a dead
+    writer's and delete the folder under us."""
+    setting_up = Path(tempfile.mkdtemp(prefix=SETUP_PREFIX, dir=model_dir))
+    writing = FileLock(setting_up / STAGING_LOCK)
+    try:
+        writing.acquire()
+        staging = model_dir / (STAGING_PREFIX + setting_up.name[len(SETUP_PREFIX):])
+        os.rename(setting_up, staging)  # the lock travels with the open file, not the name
+    except BaseException:
+        if writing.held_here:
+            writing.release()
+        shutil.rmtree(setting_up, ignore_errors=True)
+        raise
+    return staging, writing
 
 
 def _publish(staging: Path, model_dir: Path, version: int | None) -> Path:

@@ -275,3 +275,59 @@ def test_an_explicit_version_overtaken_during_the_export_is_refused_not_pruned(t
     with pytest.raises(UserError, match="version 2 would be pruned at once"):
         export.export_saved_model(run, tmp_path / "export", version=2, keep=1)
     assert sorted(p.name for p in model_dir.iterdir()) == ["1", "3"]  # nothing published, nothing pruned
+
+
+def run_with_a_checkpoint(folder: Path) -> Run:
+    """What `publish` reads of a run (its path and last checkpoint's name), without training one."""
+    (folder / "checkpoints").mkdir(parents=True)
+    (folder / "checkpoints" / "epoch-0001.keras").write_bytes(b"weights")
+    return Run(folder)
+
+
+def write_a_version(staging: Path) -> dict:
+    (staging / "saved_model.pb").write_bytes(b"a model")
+    return {}
+
+
+def test_another_exports_clean_up_never_removes_a_staging_folder_being_set_up(tmp_path, monkeypatch):
+    """Another export's clean-up runs at the worst moment of ours: our staging folder's lock file is made but
+    not yet locked. It must not take the folder for a dead export's (it did: the folder was deleted under
+    the writer)."""
+    import fcntl
+
+    from shared import locks
+
+    export_dir, run = tmp_path / "exports", run_with_a_checkpoint(tmp_path / "run")
+    model_dir = export_dir / "tiny"
+    interleaved = []
+
+    class CleanUpBeforeLocking:  # shared.locks' fcntl, with another export's clean-up before our lock
+        def __getattr__(self, name):
+            return getattr(fcntl, name)
+
+        def flock(self, descriptor, operation):
+            opened = Path(os.readlink(f"/proc/self/fd/{descriptor}"))
+            if opened.name == export.STAGING_LOCK and operation & fcntl.LOCK_EX and not interleaved:
+                interleaved.append(sorted(p.name for p in model_dir.iterdir()))
+                with export.export_lock(export_dir):
+                    export.remove_abandoned(model_dir)
+            return fcntl.flock(descriptor, operation)
+
+    monkeypatch.setattr(locks, "fcntl", CleanUpBeforeLocking())
+    published = export.publish(run, export_dir, model_dir, None, 2, write_a_version)
+    assert interleaved and published == model_dir / "1"
+    assert (published / "saved_model.pb").read_bytes() == b"a model"
+    assert sorted(p.name for p in model_dir.iterdir()) == ["1"]
+
+
+def test_the_clean_up_removes_a_staging_folder_whose_writer_died_setting_it_up(tmp_path):
+    """A kill after the lock was taken, before the rename: its record is there and the lock free. A folder
+    whose lock file has no record yet may be a live export's, between making the file and locking it."""
+    model_dir = tmp_path / "tiny"
+    died, starting = model_dir / f"{export.SETUP_PREFIX}dead", model_dir / f"{export.SETUP_PREFIX}live"
+    for folder in (died, starting):
+        folder.mkdir(parents=True)
+    (died / export.STAGING_LOCK).write_text(json.dumps({"pid": 999999999, "host": "here", "command": "x"}))
+    (starting / export.STAGING_LOCK).write_bytes(b"")
+    assert export.remove_abandoned(model_dir) == [died]
+    assert sorted(p.name for p in model_dir.iterdir()) == [starting.name]
