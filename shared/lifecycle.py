@@ -166,7 +166,8 @@ def check_resumable(run: runs.Run) -> None:
     """Refuse (and let go of the run's lock) unless resuming continues the run: a finished run, or one whose
     trained epochs (checkpoints, metrics rows, test metrics) have no committed backup to continue from, is
     never retrained in place from epoch 0. The backup, not status.json (which may be missing or damaged),
-    says how far training got; a run with nothing trained yet simply starts again."""
+    says how far training got; a run with nothing trained yet simply starts again. A run tested to the end whose
+    status still says running (killed between removing its backup and writing "finished") is marked finished."""
     try:
         _check_resumable(run)
     except BaseException:
@@ -186,12 +187,28 @@ def _check_resumable(run: runs.Run) -> None:
             raise UserError(f"the backup of run {run.path} is damaged ({backup}: {_first_line(error)}); it cannot "
                             f"be resumed: start a new run (finetune --from {run.path} starts from its last "
                             f"checkpoint)") from None
+    tested = None
+    with contextlib.suppress(OSError, ValueError):  # a damaged file: the run is not known to be tested
+        tested = run.test_metrics()
+    if state == "running" and isinstance(tested, dict):  # stopped between removing its backup and "finished"
+        _mark_finished_after_kill(run, tested)
+        raise UserError(f"run {run.path} had finished (trained and tested: test_metrics.json) but was stopped "
+                        f"before its status said so; it is now marked finished: start a new run to train more "
+                        f"(--resume {run.path} --set train.epochs=N)")
     trained = [what for what, there in (("checkpoints", run.checkpoints()), ("metrics rows", _metric_rows(run)),
                                         ("test metrics", (run.path / "test_metrics.json").is_file())) if there]
     if trained:
         raise UserError(f"run {run.path} has {', '.join(trained)} but no committed backup to resume from "
                         f"(status: {state}); resuming would retrain it from epoch 0 over them: start a new run "
                         f"(finetune --from {run.path} starts from its last checkpoint)")
+
+
+def _mark_finished_after_kill(run: runs.Run, tested: dict) -> None:
+    """What training's last step did not write: status finished, with the outcome its test figures record and
+    the time they were written."""
+    ended = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime((run.path / "test_metrics.json").stat().st_mtime))
+    outcome = {key: tested[key] for key in ("best", "stopped_early") if key in tested}
+    run.set_status("finished", ended=ended, **outcome)
 
 
 def _metric_rows(run: runs.Run) -> bool:
@@ -265,7 +282,7 @@ def _run_training(task: Task, config: Config, argv: list[str] | None, resumed: r
     run_callbacks = [c for c in (best, stopper) if c is not None]  # one state for the whole run, all phases
     stopped = _restore_early_stop(saved, run_callbacks, config)  # stopped before a kill: no more training
     started = time.time()
-    with failures_marked(run, model, data.undecodable):
+    with _scratch_removed(run, placement.is_chief), failures_marked(run, model, data.undecodable):
         with sigterm_as_interrupt() as stop_callbacks:
             start = 0
             for index, (phase, backup) in enumerate(zip(phases, backups)):
@@ -294,7 +311,6 @@ def _run_training(task: Task, config: Config, argv: list[str] | None, resumed: r
                       f"{stopper.monitor} did not improve by more than {abs(stopper.min_delta)} for "
                       f"{stopper.patience} epochs", flush=True)
         if not placement.is_chief:  # its figures would go with its scratch folder
-            shutil.rmtree(run.path, ignore_errors=True)
             return run
         metrics, draw, last = _test_last_checkpoint(task, run, data, config)
         with durable.disk_space_checked(run.path / "curves.png"):
@@ -307,8 +323,10 @@ def _run_training(task: Task, config: Config, argv: list[str] | None, resumed: r
         metrics.update(outcome)
         run.write_json("test_metrics.json", metrics)
         draw(run.path)
+        # Before "finished": a kill after it would leave the backup for good, as no command resumes a finished
+        # run. A kill before it leaves a tested run without a backup, which --resume marks finished.
+        shutil.rmtree(run.path / "backup", ignore_errors=True)
         run.set_status("finished", ended=_now(), **outcome)
-    shutil.rmtree(run.path / "backup", ignore_errors=True)  # finished: nothing left to resume
     return run
 
 
@@ -338,6 +356,17 @@ def _one_device() -> distribute.Placement:
     import tensorflow as tf
 
     return distribute.Placement(tf.distribute.get_strategy(), 1, True, "default strategy, 1 replica")
+
+
+@contextlib.contextmanager
+def _scratch_removed(run: runs.Run, is_chief: bool) -> Iterator[None]:
+    """A non-chief worker's run is a scratch folder under the temporary folder (runs.scratch): removed when
+    its training ends, however it ends."""
+    try:
+        yield
+    finally:
+        if not is_chief:
+            shutil.rmtree(run.path, ignore_errors=True)
 
 
 @contextlib.contextmanager

@@ -12,7 +12,7 @@ import textwrap
 import pytest
 import yaml
 
-from conftest import REPO, free_ports, tiny_tree
+from conftest import REPO, TINY_MODEL, free_ports, tiny_tree
 from shared.config import DistributeConfig
 from shared.errors import UserError
 
@@ -78,3 +78,43 @@ def test_auto_is_the_default_strategy_on_one_device(monkeypatch):
     monkeypatch.delenv("TF_CONFIG", raising=False)
     placement = make_placement(DistributeConfig())
     assert placement.replicas == 1 and placement.is_chief
+
+
+@pytest.mark.parametrize("ending", ["finishes", "fails"])
+def test_a_non_chief_workers_scratch_run_is_removed_however_training_ends(tmp_path, monkeypatch, ending):
+    """A non-chief worker trains into a scratch run under the temporary folder; it goes when training ends,
+    also when training fails (it was left behind then)."""
+    import tempfile
+
+    import keras
+    import tensorflow as tf
+
+    from shared import distribute
+    from shared.config import load_config
+    from shared.lifecycle import train
+
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temporary))
+    monkeypatch.setattr(distribute, "make_placement", lambda settings: distribute.Placement(
+        tf.distribute.get_strategy(), 1, False, "a non-chief worker"))
+    (tmp_path / "tiny").mkdir()
+    (tmp_path / "tiny" / "model.py").write_text(TINY_MODEL)
+    tree = tiny_tree(tmp_path / "runs", data={"synthetic_train": 32, "synthetic_test": 16},
+                     train={"epochs": 1, "batch_size": 16, "verbose": 0, "lr": {"base": 0.05}})
+    tree["model"] = {"name": "tiny", "path": str(tmp_path / "tiny")}
+    scratch = []
+
+    class WorkerLost(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            scratch.extend(temporary.glob("worker-run-*"))
+            if ending == "fails":
+                raise RuntimeError("worker lost")
+
+    if ending == "fails":
+        with pytest.raises(RuntimeError, match="worker lost"):
+            train(load_config(tree=tree), callbacks=[WorkerLost()])
+    else:
+        train(load_config(tree=tree), callbacks=[WorkerLost()])
+    assert len(scratch) == 1  # it did train in a scratch run
+    assert list(temporary.glob("worker-run-*")) == [] and not (tmp_path / "runs").exists()

@@ -143,6 +143,64 @@ def test_the_recorded_figure_is_the_one_test_gives_for_the_last_checkpoint(tmp_p
         (recorded["top1"], recorded["loss"], recorded["confusion"])
 
 
+# Runs the runner with Run.set_status wrapped: SIGKILL this process just before or just after status.json
+# says "finished" (KILL_AT_FINISHED=before|after).
+KILLED_AT_FINISHED = """
+import os, signal, sys
+from shared import runner, runs
+
+when, set_status = os.environ["KILL_AT_FINISHED"], runs.Run.set_status
+
+
+def killing(run, status, **details):
+    if status == "finished" and when == "before":
+        os.kill(os.getpid(), signal.SIGKILL)
+    set_status(run, status, **details)
+    if status == "finished" and when == "after":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+runs.Run.set_status = killing
+sys.exit(runner.main(sys.argv[1:]))
+"""
+
+
+def killed_at_finished(tmp_path: Path, when: str) -> Path:
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(tiny_model_tree(tmp_path, epochs=1)))
+    result = subprocess.run([sys.executable, "-c", KILLED_AT_FINISHED, "--config", str(config)], cwd=REPO,
+                            capture_output=True, text=True, timeout=300, env={**os.environ, "KILL_AT_FINISHED": when})
+    assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
+    (run_dir,) = (tmp_path / "runs" / "tiny").iterdir()
+    assert (run_dir / "test_metrics.json").is_file()  # it was killed after testing
+    return run_dir
+
+
+@pytest.mark.slow
+def test_a_kill_just_after_finished_leaves_no_backup(tmp_path):
+    """The backup is removed before the status says finished: nothing resumes a finished run, so a backup
+    left then would stay for good."""
+    run_dir = killed_at_finished(tmp_path, "after")
+    assert json.loads((run_dir / "status.json").read_text())["status"] == "finished"
+    assert not (run_dir / "backup").exists()
+
+
+@pytest.mark.slow
+def test_a_run_killed_just_before_finished_is_marked_finished_by_resume(tmp_path):
+    """Killed between removing its backup and writing "finished": trained and tested, nothing to resume;
+    --resume says so in one line and writes the status training did not."""
+    from shared.errors import UserError
+    from shared.lifecycle import resume
+    from shared.runs import Run, lock_holder
+
+    run_dir = killed_at_finished(tmp_path, "before")
+    assert not (run_dir / "backup").exists() and Run(run_dir).status()["status"] == "running"
+    with pytest.raises(UserError, match="had finished .* it is now marked finished"):
+        resume(run_dir, argv=["pytest"])
+    status = Run(run_dir).status()
+    assert status["status"] == "finished" and status["ended"] and lock_holder(Run(run_dir)) is None
+
+
 # ---------------------------------------------------------------- a full disk
 
 
