@@ -1,13 +1,18 @@
 """The train / validation / test split of a folder of class folders that has no split folders on disk
 (`data.source: folder`, `PATH/<class>/<image>`): stratified by class, the same on every machine and run,
 and recorded in the run (`split/<name>.txt`), so a re-test or a resume reads exactly the files it had
-even after the folder has changed."""
+even after the folder has changed.
+
+Each file's split is decided by a hash of its name within its class (as TensorFlow's image-retraining example
+did), not by its place in a shuffled list: adding or removing images never moves another image between
+splits, so a model finetuned on the grown folder is not tested on images it trained on before."""
 
 from __future__ import annotations
 
-import math
+import hashlib
 import os
-import random
+import re
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +20,8 @@ from shared.errors import UserError
 
 SPLIT_DIR = "split"  # in a run folder: one file list per split
 SPLITS = ("train", "val", "test")
-SEED = "folder-split-0"  # fixed, and not train.seed: runs with other seeds are tested on the same images
+# Files whose names differ only after this mark share one split (several photos of one object stay together).
+NO_HASH = re.compile(r"_nohash_.*$", re.DOTALL)
 
 
 @dataclass
@@ -25,31 +31,48 @@ class RecordedSplit:
     class_names: list[str]
 
 
-def held_out(count: int, fraction: float, spare: int) -> int:
-    """How many of a class's `count` images a held-out split of `fraction` takes: its rounded share, at
-    least one when the fraction is set, and never more than the `spare` images training can give up."""
-    if fraction <= 0 or spare <= 0:
-        return 0
-    return min(max(1, math.floor(count * fraction + 0.5)), spare)
+def hash_name(path: str) -> str:
+    """What decides a file's split: its name within its class folder, up to a `_nohash_` mark, in Unicode's
+    composed form (a folder copied from macOS, which stores names decomposed, keeps its split)."""
+    return unicodedata.normalize("NFC", NO_HASH.sub("", Path(path).name))
+
+
+def position(name: str) -> float:
+    """A fixed point in [0, 1) for a hash name (SHA-1 of its bytes): the same on every machine and run, and
+    independent of every other file."""
+    digest = hashlib.sha1(name.encode("utf-8", "surrogateescape")).digest()
+    return int.from_bytes(digest[:8], "big") / 2 ** 64
+
+
+def assign(names: list[str], val_fraction: float, test_fraction: float) -> dict[str, str]:
+    """{hash name: split} for one class: test below `test_fraction`, validation up to `test_fraction +
+    val_fraction`, training above. Two rules need a fallback, and only in small classes does it act: a class
+    of two or more names gives its lowest name to the test split when none falls there, and the highest goes
+    to training when none falls there (training keeps one of each class)."""
+    ordered = sorted(set(names), key=lambda name: (position(name), name.encode("utf-8", "surrogateescape")))
+    chosen = {}
+    for name in ordered:
+        point = position(name)
+        chosen[name] = "test" if point < test_fraction else "val" if point < test_fraction + val_fraction else "train"
+    if ordered and "train" not in chosen.values():
+        chosen[ordered[-1]] = "train"
+    if test_fraction > 0 and len(ordered) > 1 and "test" not in chosen.values():
+        chosen[ordered[0]] = "test"
+    return chosen
 
 
 def stratified(by_class: dict[str, list[str]], val_fraction: float,
                test_fraction: float) -> dict[str, dict[str, list[str]]]:
-    """Each class's files divided into train / val / test by the fractions: the files are sorted by their
-    bytes (not the file system's listing order) and shuffled with a seed of their class's own, so a class's
-    split depends only on its own files. Every class with two or more images gives one to the test split,
-    and training keeps at least one image of each class. Returns {split: {class: sorted files}}."""
+    """Each class's files divided into train / val / test by the fractions (`assign`): each file by its own
+    name's hash, so the shares are the fractions on average, not exactly, and a class's split depends only
+    on its own files, never on the file system's listing order or on files added or removed. Returns
+    {split: {class: sorted files}}."""
     result: dict[str, dict[str, list[str]]] = {split: {} for split in SPLITS}
-    for name, files in by_class.items():
-        order = sorted(files, key=os.fsencode)
-        random.Random(f"{SEED}/{name}").shuffle(order)
-        count = len(order)
-        num_test = held_out(count, test_fraction, count - 1)
-        num_val = held_out(count, val_fraction, count - num_test - 1)
-        parts = {"test": order[:num_test], "val": order[num_test:num_test + num_val],
-                 "train": order[num_test + num_val:]}
-        for split, chosen in parts.items():
-            result[split][name] = sorted(chosen, key=os.fsencode)
+    for label, files in by_class.items():
+        chosen = assign([hash_name(path) for path in files], val_fraction, test_fraction)
+        for split in SPLITS:
+            result[split][label] = sorted((path for path in files if chosen[hash_name(path)] == split),
+                                          key=os.fsencode)
     return result
 
 
