@@ -15,7 +15,7 @@ from pathlib import Path
 import keras
 
 from shared import durable
-from shared.runs import BEST_CHECKPOINT
+from shared.runs import BEST_CHECKPOINT, epoch_checkpoints
 
 BACKUP_STATE = "training_metadata.json"
 
@@ -54,7 +54,7 @@ class EpochCheckpoint(keras.callbacks.Callback):
                 self.ema.on_test_end()
         self.last_saved = final
         if self.keep is not None:
-            for old in sorted(self.directory.glob("epoch-*.keras"))[:-self.keep]:
+            for old in epoch_checkpoints(self.directory)[:-self.keep]:
                 durable.remove(old)
 
     def _save(self, final: Path) -> None:

@@ -7,9 +7,10 @@
 # This file ships inside the package (shared/, as package data) so the installed console command runs it;
 # scripts/prune_checkpoints.sh only calls it. PRUNE_PROG is the command name usage messages show.
 #
-# Checkpoints are RUNS_DIR/<model>/<version>/checkpoints/epoch-NNNN.keras; the newest is the run's last
-# and is never removed. The script refuses any folder that is not a runs root (one the run store made,
-# marked by .runs_root), never follows links, and prints every file it removes and the bytes freed.
+# Checkpoints are RUNS_DIR/<model>/<version>/checkpoints/epoch-NNNN.keras; the newest by epoch number (epoch-10000
+# is newer than epoch-9999) is the run's last and is never removed. The script refuses any folder that is not a
+# runs root (one the run store made, marked by .runs_root), never follows links, and prints every file it
+# removes and the bytes freed.
 # A run that a live process trains (its run.lock is held, see shared/runs.py) is skipped with one line;
 # the run's lock is held shared while its files are removed, so a resume cannot start in the middle.
 # Any error (a find, stat or rm that fails) stops the script with a non-zero status.
@@ -67,6 +68,21 @@ list_sorted() {
   mapfile -d '' into <"$listing"
 }
 
+# The epoch checkpoints of the checkpoints/ folder $2, oldest first, into the array named by $1: sorted by epoch
+# number (epoch-10000 after epoch-9999), not as text; files not named epoch-N.keras are not checkpoints.
+list_checkpoints() {
+  local -n found="$1"
+  local name
+  found=()
+  find "$2" -maxdepth 1 -type f -name 'epoch-*.keras' -printf '%f\0' >"$listing" || die "could not list $2 (find failed)"
+  sort -z -t- -k2,2n -o "$listing" "$listing" || die "could not sort the listing of $2"
+  while IFS= read -r -d '' name; do
+    if [[ "$name" =~ ^epoch-[0-9]+\.keras$ ]]; then
+      found+=("$2/$name")
+    fi
+  done <"$listing"
+}
+
 # A live run's lock record in one line: "pid N on HOST since T" (from run.lock's JSON).
 holder() {
   local record pid host since
@@ -101,7 +117,7 @@ for checkpoint_dir in "${checkpoint_dirs[@]}"; do
     [ "$status" -eq 0 ] || die "cannot lock $run_dir/run.lock (flock exit status $status)"
   fi
   files=()
-  list_sorted files "$checkpoint_dir" -maxdepth 1 -type f -name 'epoch-*.keras'
+  list_checkpoints files "$checkpoint_dir"
   count=${#files[@]}
   for ((i = 0; i < count - keep; i++)); do
     file="${files[$i]}"

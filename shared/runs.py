@@ -52,6 +52,7 @@ ROOT_MARKER = ".runs_root"  # marks a runs root; scripts/prune_checkpoints.sh re
 LOCK_FILE = "run.lock"
 LOCK_WAIT_SECONDS = 2.0  # a reader's probe or a prune holds the lock briefly; a trainer waits that out
 VERSION_RE = re.compile(r"^v(\d+)$")
+CHECKPOINT_RE = re.compile(r"^epoch-(\d+)\.keras$")  # checkpoints/epoch-NNNN.keras: N is the epoch
 VERSION_DIGITS = 4
 SNAPSHOT_SOURCES = ("model.py", "augment.py")
 LABELS_FILE = "labels.txt"
@@ -78,7 +79,7 @@ class Run:
 
     def checkpoints(self) -> list[Path]:
         """Complete checkpoints, oldest first (temporary files of an interrupted save are skipped)."""
-        return sorted(self.checkpoint_dir.glob("epoch-*.keras"))
+        return epoch_checkpoints(self.checkpoint_dir)
 
     def last_checkpoint(self) -> Path | None:
         found = self.checkpoints()
@@ -135,6 +136,14 @@ class Run:
 
     def write_json(self, name: str, payload: dict) -> None:
         atomic_write(self.path / name, json.dumps(payload, indent=2, sort_keys=True) + "\n")
+
+
+def epoch_checkpoints(folder: Path) -> list[Path]:
+    """The epoch checkpoints in `folder` (`epoch-N.keras`), oldest first: by epoch number, not as text, so
+    epoch-10000 comes after epoch-9999 when the four padded digits run out."""
+    found = [(int(match.group(1)), path) for path in Path(folder).glob("epoch-*.keras")
+             if (match := CHECKPOINT_RE.match(path.name))]
+    return [path for _, path in sorted(found)]
 
 
 # ---------------------------------------------------------------- creating runs
@@ -237,7 +246,13 @@ def all_runs(root: Path, model: str | None = None) -> list[Run]:
     root = Path(root)
     models = [root / model] if model else sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
     return [Run(p) for m in models if m.is_dir()
-            for p in sorted(m.iterdir(), key=lambda p: p.name) if VERSION_RE.match(p.name) and p.is_dir()]
+            for p in sorted(m.iterdir(), key=_version_number) if VERSION_RE.match(p.name) and p.is_dir()]
+
+
+def _version_number(path: Path) -> int:
+    """v0003 -> 3 (v10000 after v9999); -1 for names that are not versions."""
+    match = VERSION_RE.match(path.name)
+    return int(match.group(1)) if match else -1
 
 
 # ---------------------------------------------------------------- the training lock

@@ -106,6 +106,15 @@ def test_keep_checkpoints_deletes_only_older_epoch_checkpoints(tmp_path):
     assert (tmp_path / "interrupted.keras").read_bytes() == b"interrupted"
 
 
+def test_keep_checkpoints_counts_epochs_past_four_digits_by_number(tmp_path):
+    """epoch-10000.keras sorts before epoch-9999.keras as text: keeping the newest must not delete it."""
+    from shared.callbacks import EpochCheckpoint
+
+    x, y = toy_data()
+    toy_model().fit(x, y, epochs=3, verbose=0, callbacks=[EpochCheckpoint(tmp_path, epoch_offset=9998, keep=2)])
+    assert sorted(p.name for p in tmp_path.glob("epoch-*.keras")) == ["epoch-10000.keras", "epoch-10001.keras"]
+
+
 def test_best_checkpoint_is_the_best_epochs_checkpoint(tmp_path):
     from shared.callbacks import BestCheckpoint, EpochCheckpoint
 

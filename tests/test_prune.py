@@ -122,3 +122,16 @@ def test_a_failing_rm_or_stat_is_an_error(tmp_path, command, error):
     result = subprocess.run(["bash", str(SCRIPT), str(root)], capture_output=True, text=True, env=env)
     assert result.returncode != 0 and error in result.stderr
     assert "freed" not in result.stdout and "removed" not in result.stdout
+
+
+def test_checkpoints_sort_by_epoch_number_not_as_text(tmp_path):
+    """Four padded digits run out at epoch 9999: epoch-10000.keras is the newest, though it sorts first as text.
+    A name that is not epoch-N.keras is no checkpoint and stays."""
+    root = make_runs(tmp_path / "runs", epochs=0)
+    folder = root / "resnet" / "v0001" / "checkpoints"
+    for name in ("epoch-9998.keras", "epoch-9999.keras", "epoch-10000.keras", "epoch-best.keras"):
+        (folder / name).write_bytes(b"x")
+    result = prune(root)
+    assert result.returncode == 0, result.stderr
+    assert remaining(root)["v0001"] == ["epoch-10000.keras", "epoch-best.keras"]
+    assert "freed 2 bytes from 2 checkpoint(s)" in result.stdout

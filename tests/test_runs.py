@@ -78,6 +78,20 @@ def test_open_run_accepts_short_versions_and_rejects_missing(trained_run):
         runs.open_run(run.path.parent / "v9")
 
 
+def test_checkpoints_and_versions_sort_by_number_not_as_text(tmp_path):
+    """Four padded digits run out at 9999: the last checkpoint is epoch-10000, the last run v10000."""
+    run = runs.Run(tmp_path / "resnet" / "v0001")
+    run.checkpoint_dir.mkdir(parents=True)
+    for name in ("epoch-0002.keras", "epoch-9999.keras", "epoch-10000.keras", "epoch-x.keras",
+                 ".partial-0a1b2c3d4e5f-epoch-10001.keras"):
+        (run.checkpoint_dir / name).write_bytes(b"x")
+    assert [p.name for p in run.checkpoints()] == ["epoch-0002.keras", "epoch-9999.keras", "epoch-10000.keras"]
+    assert run.last_checkpoint().name == "epoch-10000.keras" and run.checkpoint("last").name == "epoch-10000.keras"
+    for version in ("v9999", "v10000", "v0002"):
+        (tmp_path / "resnet" / version).mkdir()
+    assert [r.version for r in runs.all_runs(tmp_path)] == ["v0001", "v0002", "v9999", "v10000"]
+
+
 def test_list_shows_only_differing_keys(tmp_path):
     root = tmp_path / "runs"
     for epochs in (1, 2):
