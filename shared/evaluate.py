@@ -114,7 +114,9 @@ def evaluate(run: Run | str, checkpoint: str | Path | None = None) -> dict:
     figure (confusion.png, detections.png, ...)."""
     from shared.lifecycle import test
 
-    return test(run if isinstance(run, Run) else open_run(run), checkpoint)
+    run = run if isinstance(run, Run) else open_run(run)
+    # before the data: a run that never saved a checkpoint says so, not that its images are missing
+    return test(run, run.checkpoint("last" if checkpoint is None else checkpoint))
 
 
 def class_difference(ours: list[str], theirs: list[str]) -> str | None:

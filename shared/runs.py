@@ -92,8 +92,7 @@ class Run:
         if str(which) == "last":
             last = self.last_checkpoint()
             if last is None:
-                raise UserError(f"run {self.path} has no checkpoint in {self.checkpoint_dir} "
-                                f"(status: {self.status().get('status')}); train it first")
+                raise UserError(self._no_checkpoint())
             return last
         if str(which) == "best":
             best = self.checkpoint_dir / BEST_CHECKPOINT
@@ -106,6 +105,17 @@ class Run:
             if path.is_file():
                 return path
         raise UserError(f"checkpoint {which} not found (nor in {self.path}); give last, best or a .keras file")
+
+    def _no_checkpoint(self) -> str:
+        """Why there is no last checkpoint, and what to do: a run that stopped before its first epoch ended
+        says so, with its error."""
+        state = shown_status(self)
+        if state in ("failed", "interrupted", "crashed"):
+            error = (str(self.status().get("error") or "").splitlines() or [""])[0][:200]
+            return (f"run {self.path} has no checkpoint: it {state} before its first epoch ended"
+                    f"{f' ({error})' if error else ''}; {'fix that, then ' if error else ''}resume it "
+                    f"(python -m shared.runner --resume {self.path}) or train a new run")
+        return f"run {self.path} has no checkpoint in {self.checkpoint_dir} (status: {state}); train it first"
 
     def status(self) -> dict:
         try:
@@ -123,7 +133,22 @@ class Run:
             unlock_run(self)  # training has ended: readers may have the run
 
     def config_dict(self) -> dict:
-        return yaml.safe_load((self.path / "config.yaml").read_text(encoding="utf-8"))
+        """The run's config.yaml as read; a damaged one is a UserError naming the file and the line."""
+        path = self.path / "config.yaml"
+        try:
+            tree = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as error:
+            raise UserError(f"{path} is damaged: not UTF-8 text ({error.reason} at byte {error.start}); "
+                            f"restore the run's config.yaml from a copy") from None
+        except yaml.YAMLError as error:
+            mark = getattr(error, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark else ""
+            raise UserError(f"{path} is damaged{where}: {getattr(error, 'problem', None) or error}; fix that line "
+                            f"or restore the file from a copy") from None
+        if not isinstance(tree, dict):
+            raise UserError(f"{path} is damaged: it holds {type(tree).__name__}, not the run's config sections; "
+                            f"restore the run's config.yaml from a copy")
+        return tree
 
     def class_names(self) -> list[str] | None:
         """The class names in index order (runs from before labels.txt existed: None)."""
@@ -330,7 +355,7 @@ def table(runs: list[Run]) -> str:
     for run in runs:
         try:
             configs.append(_flatten(run.config_dict()))
-        except (OSError, yaml.YAMLError):
+        except (OSError, UserError):
             configs.append({})
     keys = sorted({k for c in configs for k in c})
     differing = [k for k in keys if k != "run.notes" and len({json.dumps(c.get(k)) for c in configs}) > 1]

@@ -181,3 +181,46 @@ def test_list_shows_a_running_run_without_a_live_process_as_crashed(tmp_path):
         assert runs.table([run]).splitlines()[1].split()[:2] == ["resnet/v0001", "running"]
     finally:
         runs.unlock_run(run)
+
+
+def assert_one_line_error(code: int, err: str, *fragments: str) -> str:
+    lines = [line for line in err.strip().splitlines() if line.startswith("error:")]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+def test_a_damaged_config_yaml_is_one_line_naming_the_file_and_line(tmp_path, capsys):
+    from shared import runner
+
+    run = runs.Run(runs.allocate(tmp_path / "runs", "resnet"))
+    lines = load_config(tree=tiny_tree(tmp_path / "runs")).dump().splitlines()
+    lines[4] = "  depth: [18"  # an unclosed flow sequence: PyYAML's parser error
+    (run.path / "config.yaml").write_text("\n".join(lines) + "\n")
+    code = runner.main(["test", "--run", str(run.path)])
+    line = assert_one_line_error(code, capsys.readouterr().err, f"{run.path / 'config.yaml'} is damaged at line ")
+    assert "fix that line or restore the file from a copy" in line
+    (run.path / "config.yaml").write_bytes(b"model: \xff\n")
+    assert_one_line_error(runner.main(["test", "--run", str(run.path)]), capsys.readouterr().err,
+                          "config.yaml is damaged: not UTF-8 text")
+    (run.path / "config.yaml").write_text("just text\n")
+    assert_one_line_error(runner.main(["test", "--run", str(run.path)]), capsys.readouterr().err,
+                          "config.yaml is damaged: it holds str, not the run's config sections")
+    assert runs.table([run]).splitlines()[1].split()[0] == "resnet/v0001"  # listed all the same
+
+
+def test_test_of_a_run_that_failed_before_a_checkpoint_says_so_first(tmp_path, capsys):
+    """Its images are gone as well: the missing checkpoint is what `test --run` names, not the images."""
+    from shared import runner
+
+    tree = tiny_tree(tmp_path / "runs")
+    tree["data"] = {"source": "folder", "path": str(tmp_path / "gone"), "test_fraction": 0.2}
+    run = runs.Run(runs.allocate(tmp_path / "runs", "resnet"))
+    run.checkpoint_dir.mkdir()
+    (run.path / "config.yaml").write_text(load_config(tree=tree).dump())
+    run.set_status("failed", error="corrupt or unreadable image(s): cat/1.png\nmore")
+    code = runner.main(["test", "--run", str(run.path)])
+    assert_one_line_error(code, capsys.readouterr().err, "has no checkpoint: it failed before its first epoch "
+                          "ended (corrupt or unreadable image(s): cat/1.png); fix that, then resume it "
+                          f"(python -m shared.runner --resume {run.path})")
