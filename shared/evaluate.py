@@ -26,9 +26,12 @@ class ConfidentMistakes:
         self.labels = np.zeros(0, np.int64)
         self.predicted = np.zeros(0, np.int64)
         self.scores = np.zeros(0, np.float64)
+        self.positions = np.zeros(0, np.int64)  # each one's place in the pass, from 0
+        self.seen = 0
 
     def update(self, images, labels: np.ndarray, predicted: np.ndarray, scores: np.ndarray) -> None:
         """One batch: `images` (a tensor or array), true `labels`, `predicted` classes and their `scores`."""
+        start, self.seen = self.seen, self.seen + len(labels)
         wrong = np.flatnonzero(predicted != labels)
         if not len(wrong) or not self.limit:
             return
@@ -40,7 +43,15 @@ class ConfidentMistakes:
         self.images = np.concatenate([held, batch_images])[keep]
         self.labels = np.concatenate([self.labels, labels[wrong]])[keep]
         self.predicted = np.concatenate([self.predicted, predicted[wrong]])[keep]
+        self.positions = np.concatenate([self.positions, start + wrong])[keep]
         self.scores = scores_now[keep]
+
+    def sources(self, files: list[str] | None = None) -> list[str]:
+        """What each mistake is: its file's base name, given the `files` the pass read in its order; else
+        (decoded arrays, or files not known in order) its place in the pass, `test #N`."""
+        if files:
+            return [Path(files[position]).name for position in self.positions]
+        return [f"test #{position}" for position in self.positions]
 
 
 def _ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:

@@ -219,23 +219,28 @@ def image_grid(images, titles: list[str] | None, out_png: Path, columns: int = 8
 # --- most confident mistakes -------------------------------------------------------------------
 
 def errors_figure(images, true_names: list[str], predicted_names: list[str], scores, mean: list[float] | None = None,
-                  std: list[float] | None = None, columns: int = 4) -> Figure:
+                  std: list[float] | None = None, columns: int = 4, sources: list[str] | None = None) -> Figure:
     """Wrongly classified images [N, H, W, C], each titled with its true and predicted class and the score of
-    the prediction. With the pipeline's `mean` and `std` (per channel, 0-255 scale) the images are shown as
-    they were before normalization; without, each is stretched to [0, 1] on its own. No images: a figure
-    that says there were no mistakes."""
+    the prediction, and with `sources` what each image is (its file's name, cut in the middle to fit, or its
+    place in the test split). With the pipeline's `mean` and `std` (per channel, 0-255 scale) the images are
+    shown as they were before normalization; without, each is stretched to [0, 1] on its own. No images: a
+    figure that says there were no mistakes."""
     images = np.asarray(images, dtype=np.float32)
-    if not (len(images) == len(true_names) == len(predicted_names) == len(scores)):
+    if not (len(images) == len(true_names) == len(predicted_names) == len(scores)) \
+            or (sources is not None and len(sources) != len(images)):
         raise ValueError(f"{len(images)} images for {len(true_names)} true names, {len(predicted_names)} predicted "
-                         f"names and {len(scores)} scores")
+                         f"names, {len(scores)} scores and {'no' if sources is None else len(sources)} sources")
     if len(images) == 0:
         figure = Figure(figsize=(4.0, 1.0), dpi=DPI, layout="constrained")
         figure.suptitle("no mistakes on the test split")
         return figure
     columns = max(1, min(columns, len(images)))
     rows = math.ceil(len(images) / columns)
-    figure = Figure(figsize=(GRID_CELL * columns, (GRID_CELL + 0.4) * rows + 0.3), dpi=DPI, layout="constrained")
-    figure.suptitle(f"the {len(images)} most confident mistakes (true / predicted score)", fontsize=9)
+    title_inches = 0.4 if sources is None else 0.55  # two title lines per image, or three
+    figure = Figure(figsize=(GRID_CELL * columns, (GRID_CELL + title_inches) * rows + 0.3), dpi=DPI,
+                    layout="constrained")
+    figure.suptitle(f"the {len(images)} most confident mistakes (true / predicted score"
+                    f"{'' if sources is None else ' / image'})", fontsize=9)
     for index, axes in enumerate(figure.subplots(rows, columns, squeeze=False).flat):
         axes.axis("off")
         if index >= len(images):
@@ -246,9 +251,19 @@ def errors_figure(images, true_names: list[str], predicted_names: list[str], sco
             axes.imshow(image[..., 0], cmap="gray", vmin=0, vmax=1, interpolation="nearest")
         else:
             axes.imshow(image, interpolation="nearest")
-        axes.set_title(f"{_shorten(true_names[index])}\n{_shorten(predicted_names[index])} {scores[index]:.2f}",
-                       fontsize=7)
+        source = "" if sources is None else f"\n{_shorten_middle(sources[index])}"
+        axes.set_title(f"{_shorten(true_names[index])}\n{_shorten(predicted_names[index])} {scores[index]:.2f}"
+                       f"{source}", fontsize=7)
     return figure
+
+
+def _shorten_middle(name: str) -> str:
+    """A file name cut in the middle to fit a title: its start, and more of its end, where names differ (the
+    number, the extension)."""
+    if len(name) <= TITLE_CHARS:
+        return name
+    head = TITLE_CHARS // 3
+    return f"{name[:head]}…{name[-(TITLE_CHARS - 1 - head):]}"
 
 
 def _unnormalized(image: np.ndarray, mean: list[float], std: list[float]) -> np.ndarray:
@@ -257,9 +272,11 @@ def _unnormalized(image: np.ndarray, mean: list[float], std: list[float]) -> np.
 
 
 def plot_errors(images, true_names: list[str], predicted_names: list[str], scores, out_png: Path,
-                mean: list[float] | None = None, std: list[float] | None = None) -> Path:
+                mean: list[float] | None = None, std: list[float] | None = None,
+                sources: list[str] | None = None) -> Path:
     """The most confident mistakes (see `errors_figure`) written to `out_png`."""
-    return save_figure(errors_figure(images, true_names, predicted_names, scores, mean, std), out_png)
+    return save_figure(errors_figure(images, true_names, predicted_names, scores, mean, std, sources=sources),
+                       out_png)
 
 
 # --- augmentation preview ----------------------------------------------------------------------

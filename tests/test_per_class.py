@@ -134,9 +134,10 @@ def test_errors_png_shows_the_most_confident_mistakes_with_names(tmp_path, monke
     assert (tmp_path / "errors.png").is_file() and (tmp_path / "confusion.png").is_file()
     panels = [axes for axes in figures["errors.png"].axes if axes.images]
     scores = [f"{c + (1 - c) / 3:.2f}" for c in (0.9, 0.8, 0.7, 0.6, 0.5)]  # most confident first
-    assert [axes.get_title() for axes in panels] == [
-        f"goldfish\ncat {scores[0]}", f"tench\ngoldfish {scores[1]}", f"goldfish\ncat {scores[2]}",
-        f"cat\ntench {scores[3]}", f"tench\ngoldfish {scores[4]}"]
+    assert [axes.get_title() for axes in panels] == [  # arrays: each image by its place in the test split
+        f"goldfish\ncat {scores[0]}\ntest #1", f"tench\ngoldfish {scores[1]}\ntest #3",
+        f"goldfish\ncat {scores[2]}\ntest #4", f"cat\ntench {scores[3]}\ntest #2",
+        f"tench\ngoldfish {scores[4]}\ntest #0"]
     # shown as before normalization: (0.25 * 50 + 100) / 255, not stretched per image
     assert panels[0].images[0].get_array()[3, 3] == pytest.approx((0.25 * 50 + 100) / 255)
     confusion_labels = [label.get_text() for label in figures["confusion.png"].axes[0].get_yticklabels()]

@@ -194,3 +194,68 @@ def test_preview_with_mixup_spans_batches_and_titles_the_mixed_labels(tmp_path, 
     names, weights = zip(*(title.rsplit(" ", 1) for title in titles_seen))
     assert set(names) <= {"class_0", "class_1", "class_2", "class_3"}
     assert all(0.5 <= float(weight) <= 1.0 for weight in weights)  # the strongest of a two-way mix
+
+
+# --- the most confident mistakes -----------------------------------------------------------------
+
+def test_each_mistake_is_titled_with_its_image_cut_in_the_middle_to_fit():
+    images = np.zeros((3, 4, 4, 3), np.float32)
+    sources = ["cat-1.png", "ILSVRC2012_val_00012345.JPEG", "test #7"]
+    figure = plots.errors_figure(images, ["cat"] * 3, ["dog"] * 3, [0.9, 0.8, 0.7], sources=sources)
+    titles = [axes.get_title().splitlines() for axes in figure.axes if axes.get_title()]
+    assert [lines[2] for lines in titles] == ["cat-1.png", "ILSVRC…012345.JPEG", "test #7"]
+    assert all(len(lines[2]) <= plots.TITLE_CHARS for lines in titles)
+    unnamed = plots.errors_figure(images, ["cat"] * 3, ["dog"] * 3, [0.9, 0.8, 0.7])
+    assert [len(axes.get_title().splitlines()) for axes in unnamed.axes] == [2, 2, 2]
+    with pytest.raises(ValueError, match="2 sources"):
+        plots.errors_figure(images, ["cat"] * 3, ["dog"] * 3, [0.9, 0.8, 0.7], sources=sources[:2])
+
+
+def test_the_confident_mistakes_know_their_places_in_the_pass():
+    from shared.evaluate import ConfidentMistakes
+
+    mistakes = ConfidentMistakes(limit=3)
+    images = np.zeros((4, 2, 2, 1), np.float32)
+    mistakes.update(images, np.array([0, 1, 1, 0]), np.array([1, 1, 0, 0]), np.array([0.6, 0.9, 0.7, 0.9]))
+    mistakes.update(images, np.array([0, 0, 0, 0]), np.array([0, 1, 0, 1]), np.array([0.9, 0.95, 0.9, 0.5]))
+    assert mistakes.positions.tolist() == [5, 2, 0]  # by score: 0.95, 0.7, 0.6
+    files = [f"/data/cls/img{i}.png" for i in range(8)]
+    assert mistakes.sources(files) == ["img5.png", "img2.png", "img0.png"]
+    assert mistakes.sources(None) == ["test #5", "test #2", "test #0"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("source", ["folder", "fashion_mnist"])
+def test_errors_png_names_each_images_file_or_its_index(tmp_path, monkeypatch, source):
+    """Training draws errors.png with each mistake's file (folder, ilsvrc) or, for arrays, its index in the
+    test split; both are checked against the true class the tile shows."""
+    from shared.lifecycle import train
+
+    from test_data import fake_fashion_dir
+    from test_own_folders import make_class_folders
+
+    drawn = {}
+    plot_errors = plots.plot_errors
+
+    def recorded(images, true_names, predicted_names, scores, out_png, *args, **kwargs):
+        drawn.update(true=true_names, sources=kwargs.get("sources"))
+        return plot_errors(images, true_names, predicted_names, scores, out_png, *args, **kwargs)
+
+    monkeypatch.setattr(plots, "plot_errors", recorded)
+    if source == "folder":
+        data = {"source": "folder", "path": str(make_class_folders(tmp_path / "photos", {"cat": 8, "dog": 8})),
+                "image_size": 12, "channels": 3, "test_fraction": 0.5, "num_classes": None}
+    else:
+        data = {"source": "fashion_mnist", "path": str(fake_fashion_dir(tmp_path / "fm")), "num_classes": None,
+                "channels": 1, "image_size": 16}
+    tree = tiny_tree(tmp_path / "runs", data=data, train={"epochs": 1, "batch_size": 8})
+    tree["model"]["width"] = 2
+    train(load_config(tree=tree), argv=["pytest"])
+    assert drawn["sources"]  # there were mistakes to show
+    for true, shown in zip(drawn["true"], drawn["sources"]):
+        if source == "folder":  # make_class_folders names each file <class>-<seed>-<i>.png
+            assert shown.endswith(".png") and shown.split("-")[0] == true
+        else:  # fake_fashion_dir labels test image i as class i % 10
+            from shared.fashion_mnist import FASHION_MNIST_CLASSES
+
+            assert FASHION_MNIST_CLASSES[int(shown.removeprefix("test #")) % 10] == true

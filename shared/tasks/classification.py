@@ -65,6 +65,13 @@ def _pixel_statistics(config) -> tuple[list[float] | None, list[float] | None]:
     return list(data.mean), list(data.std)
 
 
+def _test_files(datasets, examples: int) -> list[str] | None:
+    """The files the test pass read, in its order, where the source has files and the pass read all of them
+    (data.limit_test cuts the list; an image skipped under data.on_corrupt: skip would shift the rest)."""
+    files = datasets.source.files.get("test") if datasets.source is not None else None
+    return files[:examples] if files and examples == datasets.num_test else None
+
+
 class ClassificationTask(Task):
     name = "classification"
     commands = ALL_COMMANDS
@@ -151,7 +158,8 @@ class ClassificationTask(Task):
             with durable.disk_space_checked(folder / "errors.png"):
                 plots.plot_errors(mistakes.images if mistakes.images is not None else [],
                                   [names[i] for i in mistakes.labels], [names[i] for i in mistakes.predicted],
-                                  mistakes.scores, folder / "errors.png", *_pixel_statistics(datasets.config))
+                                  mistakes.scores, folder / "errors.png", *_pixel_statistics(datasets.config),
+                                  sources=mistakes.sources(_test_files(datasets, metrics["examples"])))
 
         return metrics, draw
 
