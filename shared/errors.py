@@ -40,6 +40,8 @@ def run_cli(action, interrupted: str = "interrupted") -> int:
     try:
         action()
     except UserError as error:
+        while hasattr(error, "ag_error_metadata") and isinstance(error.__context__, UserError):
+            error = error.__context__  # raised while TensorFlow traced a function: autograph added its source lines
         print(f"error: {error}", file=sys.stderr)
         return 2
     except Exception as error:

@@ -8,6 +8,7 @@ import tensorflow as tf
 from shared import modelzoo
 from shared.config import load_config
 from shared.data import augment as shared_augment
+from shared.errors import UserError
 from shared.modelzoo import MODELS_DIR, load_model_module
 
 alexnet = load_model_module(MODELS_DIR / "alexnet")
@@ -75,8 +76,57 @@ def test_pca_lighting_draws_alpha_along_the_scaled_eigenvectors():
     eigvec, eigval = np.array(alexnet_augment.IMAGENET_EIGVEC), np.array(alexnet_augment.IMAGENET_EIGVAL) * 255
     alphas = np.linalg.solve(eigvec, shifts.T).T / eigval  # shift = eigvec @ (alpha * eigval * 255)
     assert np.all(np.abs(alphas.std(axis=0) - 0.1) < 0.02)
-    with pytest.raises(ValueError, match="RGB"):
+    with pytest.raises(UserError, match="pca_lighting needs RGB images, and data.channels is 1"):
         lighting(tf.zeros((4, 4, 1)))
+
+
+def test_pca_lighting_takes_images_whose_channel_count_the_graph_does_not_know():
+    """A decoder may leave the channel count to run time (shape [h, w, None]): RGB images go through."""
+    lighting = tf.function(alexnet_augment.pca_lighting(std=0.1),
+                           input_signature=[tf.TensorSpec([None, None, None], tf.float32)])
+    out = lighting(tf.fill((5, 4, 3), 100.0))
+    assert out.shape == (5, 4, 3) and np.ptp(out.numpy().reshape(-1, 3), axis=0).max() < 1e-3
+    assert lighting.get_concrete_function().structured_outputs.shape.as_list() == [None, None, 3]
+    with pytest.raises(tf.errors.InvalidArgumentError):
+        lighting(tf.zeros((4, 4, 1)))
+
+
+def alexnet_on_a_folder(tmp_path, channels: int) -> list[str]:
+    """models/alexnet/run.yaml (random_resized_crop, flip, pca_lighting) on a folder of tiny PNGs, grayscale
+    and RGB mixed, at a small width."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for label in ("cat", "dog"):
+        (tmp_path / "imgs" / label).mkdir(parents=True)
+        for i in range(4):
+            mode = "L" if i % 2 else "RGB"
+            shape = (12, 10) if mode == "L" else (12, 10, 3)
+            Image.fromarray(rng.integers(0, 255, shape, np.uint8), mode).save(tmp_path / "imgs" / label / f"{i}.png")
+    return ["data.source=folder", f"data.path={tmp_path / 'imgs'}", "data.name=null", "data.manual_dir=null",
+            "data.test_split=test", "data.test_fraction=0.25", "data.image_size=16", f"data.channels={channels}",
+            "model.width=0.05", "model.small_input=true", "train.epochs=1", "train.batch_size=4", "train.verbose=0",
+            f"run.dir={tmp_path / 'runs'}"]
+
+
+def test_run_yaml_trains_on_a_folder_of_tiny_images(tmp_path):
+    from shared.data import make_datasets
+
+    config = load_config(MODELS_DIR / "alexnet" / "run.yaml", alexnet_on_a_folder(tmp_path, 3))
+    images, labels = next(iter(make_datasets(config, alexnet_augment).train))
+    assert images.shape == (4, 16, 16, 3) and np.isfinite(images.numpy()).all()
+
+
+def test_pca_lighting_on_grayscale_is_one_line_before_a_run_folder(tmp_path, capsys):
+    from shared import runner
+
+    overrides = alexnet_on_a_folder(tmp_path, 1)
+    code = runner.main(["--config", str(MODELS_DIR / "alexnet" / "run.yaml"), *(f"--set={o}" for o in overrides)])
+    err = capsys.readouterr().err
+    lines = [line for line in err.strip().splitlines() if line.startswith("error:")]
+    assert code == 2 and lines == ["error: data.augment pca_lighting needs RGB images, and data.channels is 1; set "
+                                   "data.channels: 3 or leave pca_lighting out"], err
+    assert "Traceback" not in err and "in user code" not in err and not (tmp_path / "runs" / "alexnet").exists()
 
 
 def test_pca_lighting_is_found_by_name_from_the_model_folder():
