@@ -18,8 +18,9 @@ ALL_COMMANDS = frozenset({"train", "resume", "test", "finetune", "finetune-all",
                           "lr-sweep", "find-batch", "export", "size", "predict", "loop"})
 
 
-# The config keys every task records as paths (made absolute by Task.resolve).
-PATH_KEYS = ("data.path", "data.data_dir", "data.manual_dir", "init.from_run", "init.weights")
+# The config keys every task records as paths (made absolute by Task.resolve): read against the current folder.
+PATH_KEYS = ("model.path", "data.path", "data.data_dir", "data.manual_dir", "init.from_run", "init.weights",
+             "loop.dir", "loop.eval", "run.dir")
 
 
 def absolute(path: str | None) -> str | None:

@@ -418,9 +418,14 @@ def test_every_task_records_data_and_source_paths_absolute(tmp_path, monkeypatch
 
     monkeypatch.chdir(tmp_path)
     config = load_config(tree={"task": task, "data": {"source": "folder", "path": "my_images", "data_dir": "~/tfds"},
-                               "init": {"weights": "w.h5"}})
+                               "init": {"weights": "w.h5"}, "model": {"name": "resnet", "path": "my_model"},
+                               "loop": {"dir": "loops/mine", "eval": "held.jsonl"}, "run": {"dir": "my_runs"}})
     resolved = TASKS[task].resolve(config)
     assert resolved.data.path == str(tmp_path / "my_images")
     assert resolved.data.data_dir == os.path.expanduser("~/tfds")
     assert resolved.init.weights == str(tmp_path / "w.h5") and resolved.init.from_run is None
+    assert (resolved.model.path, resolved.run.dir) == (str(tmp_path / "my_model"), str(tmp_path / "my_runs"))
+    assert (resolved.loop.dir, resolved.loop.eval) == (str(tmp_path / "loops/mine"), str(tmp_path / "held.jsonl"))
+    recorded = yaml.safe_load(resolved.dump())
+    assert (recorded["model"]["path"], recorded["run"]["dir"]) == (resolved.model.path, resolved.run.dir)
     assert config.data.path == "my_images"  # the loaded config stays as it was (frozen)
