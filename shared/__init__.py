@@ -19,3 +19,9 @@ except metadata.PackageNotFoundError:  # sources used without installing them
 # TF reads it when it starts, so it is set here, before any module of the package imports TensorFlow;
 # a value already in the environment wins.
 os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")
+
+# TensorFlow's C++ log (its start-up lines, "failed call to cuInit" on a CPU machine) off unless the environment
+# sets TF_CPP_MIN_LOG_LEVEL (0 brings it back), also while TensorFlow loads: before it is imported, like the above.
+from shared import tf_log  # noqa: E402
+
+tf_log.quiet_by_default()

@@ -26,11 +26,7 @@ line. A user mistake prints one line `error: ...` and exits with status 2, witho
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TF's C++ start-up chatter out of the way
-
 
 
 def _config_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
@@ -148,6 +144,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m shared.runner") -
     """`prog`: the command name usage and errors show (`ilsvrc-canon` when shared.cli delegates here)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv, prog)
+    args.prog = prog  # the closing line's commands are written as the user called this one
     from shared.errors import run_cli  # after argparse, so --help answers before TF loads
 
     return run_cli(lambda: HANDLERS[args.command](args, argv))
@@ -363,7 +360,31 @@ def _train(args: argparse.Namespace, argv: list[str]) -> None:
 
         run = train(config, argv=["-m", "shared.runner", *argv])
     metrics = run.test_metrics()
-    print(_results(task, metrics, f"{run.path}: ") if metrics else "worker done; the chief worker keeps the run folder")
+    if not metrics:
+        print("worker done; the chief worker keeps the run folder")
+        return
+    print(_results(task, metrics, f"{run.path}: "))
+    print(closing_line(run, task, getattr(args, "prog", "python -m shared.runner")))
+
+
+# What `closing_line` offers next, by command: its arguments after the run
+NEXT_COMMANDS = {"test": "", "predict": " IMAGES", "export": " --format saved_model"}
+
+
+def closing_line(run, task, prog: str = "python -m shared.runner") -> str:
+    """After training, one line: what the run folder holds to look at (its figures, the split it recorded)
+    and the commands that go on from it (those the run's task supports)."""
+    import shlex
+
+    from shared.data.split import SPLIT_DIR
+
+    held = sorted((path.name for path in run.path.glob("*.png")), key=lambda name: (name != "curves.png", name))
+    held += [f"{SPLIT_DIR}/ (the split's file lists)"] if (run.path / SPLIT_DIR).is_dir() else []
+    where = shlex.quote(str(run.path))
+    commands = [f"`{prog} {name} --run {where}{rest}`" for name, rest in NEXT_COMMANDS.items()
+                if name in task.commands]
+    return (f"run folder {where}: {', '.join(held) or 'no figures'}"
+            + (f"; next: {', '.join(commands)}" if commands else ""))
 
 
 def _results(task, metrics: dict, prefix: str = "") -> str:

@@ -253,3 +253,51 @@ def test_training_in_a_terminal_has_no_colour_under_no_color(tmp_path):
     assert COLOUR.search(plain)  # Keras' bar on a terminal is coloured
     assert re.search(rb"2/2 - \d+s", no_color), no_color  # the one line per epoch of verbose=2
     assert not COLOUR.search(no_color), no_color
+
+
+# ---------------------------------------------------------------- what a training command prints
+
+
+def test_the_closing_line_lists_what_the_run_folder_holds_and_the_next_commands(tmp_path):
+    from shared.tasks import TASKS
+
+    run = runs.Run(tmp_path / "my runs" / "v0001")
+    (run.path / "split").mkdir(parents=True)
+    for name in ("errors.png", "confusion.png", "curves.png"):
+        (run.path / name).write_bytes(b"png")
+    quoted = f"'{run.path}'"  # a path with a space, ready to paste
+    assert runner.closing_line(run, TASKS["classification"]) == (
+        f"run folder {quoted}: curves.png, confusion.png, errors.png, split/ (the split's file lists); next: "
+        f"`python -m shared.runner test --run {quoted}`, `python -m shared.runner predict --run {quoted} IMAGES`, "
+        f"`python -m shared.runner export --run {quoted} --format saved_model`")
+    bare = runs.Run(tmp_path / "bare")
+    bare.path.mkdir()
+    assert runner.closing_line(bare, TASKS["deblur"], "ilsvrc-canon") == (  # deblur runs do not predict
+        f"run folder {bare.path}: no figures; next: `ilsvrc-canon test --run {bare.path}`, "
+        f"`ilsvrc-canon export --run {bare.path} --format saved_model`")
+
+
+@pytest.mark.slow
+def test_training_prints_no_tensorflow_start_up_lines_and_closes_with_the_run_folder(tmp_path):
+    """As a user runs it, with no TF_CPP_MIN_LOG_LEVEL of their own: stderr holds none of TensorFlow's C++ lines
+    (no "failed call to cuInit" on a CPU machine), and the last line says what to look at and do next."""
+    from conftest import TINY_MODEL
+    from test_own_folders import make_class_folders
+
+    (tmp_path / "tiny").mkdir()
+    (tmp_path / "tiny" / "model.py").write_text(TINY_MODEL)
+    tree = {"model": {"name": "tiny", "path": str(tmp_path / "tiny")},
+            "data": {"source": "folder", "path": str(make_class_folders(tmp_path / "photos", {"cat": 6, "dog": 6})),
+                     "image_size": 12, "channels": 3, "test_fraction": 0.5},
+            "train": {"epochs": 1, "batch_size": 8, "verbose": 0}, "run": {"dir": str(tmp_path / "runs")}}
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(tree))
+    environment = {key: value for key, value in os.environ.items() if key != "TF_CPP_MIN_LOG_LEVEL"}  # conftest's
+    result = console("--config", tmp_path / "recipe.yaml", env=environment)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "cuInit" not in result.stderr and "CUDA" not in result.stderr and "absl" not in result.stderr
+    assert not re.search(r"^[IWEF]\d{4} \S+ +\d+ \S+:\d+\]", result.stderr, re.M), result.stderr
+    (run_dir,) = (tmp_path / "runs" / "tiny").iterdir()
+    assert result.stdout.splitlines()[-1] == (
+        f"run folder {run_dir}: curves.png, confusion.png, errors.png, split/ (the split's file lists); next: "
+        f"`ilsvrc-canon test --run {run_dir}`, `ilsvrc-canon predict --run {run_dir} IMAGES`, "
+        f"`ilsvrc-canon export --run {run_dir} --format saved_model`")
