@@ -347,8 +347,19 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
     return out
 
 
-def table(runs: list[Run]) -> str:
-    """Version, status, the config keys whose values differ between these runs, and test top-1."""
+LIST_COLUMNS = ("run", "status", "top1", "notes")  # besides config keys (dotted), what --columns may name
+SECTION_ORDER = ("model", "train", "data", "init", "distill", "detection", "deblur", "loop", "tune", "distribute",
+                 "run")  # differing keys shown first to last, as far as the width allows
+CELL_WIDTH = 24  # a config value's cell at most (longer values end in ...)
+NOTES_MIN_WIDTH = 12  # narrower than this, the notes are left out rather than cut to nothing
+
+
+def table(runs: list[Run], width: int | None = None, columns: list[str] | None = None) -> str:
+    """Version, status, test top-1, the config keys whose values differ between these runs, and the run's notes
+    (its first line), fitted to `width` characters (None: no limit): notes are cut to the width left, and the
+    differing keys that do not fit are named on a last line instead of shown. `columns` chooses the columns
+    instead (LIST_COLUMNS or dotted config keys), in that order; only the notes are then cut to fit. A config
+    value longer than CELL_WIDTH ends in ..."""
     if not runs:
         return "no runs"
     configs = []
@@ -356,24 +367,85 @@ def table(runs: list[Run]) -> str:
         try:
             configs.append(_flatten(run.config_dict()))
         except (OSError, UserError):
-            configs.append({})
-    keys = sorted({k for c in configs for k in c})
-    differing = [k for k in keys if k != "run.notes" and len({json.dumps(c.get(k)) for c in configs}) > 1]
-    header = ["run", "status", *differing, "top1"]
-    rows = []
-    for run, config in zip(runs, configs):
-        metrics = run.test_metrics() or {}
-        top1 = metrics.get("top1")
-        rows.append([f"{run.model_name}/{run.version}", shown_status(run),
-                     *(_short(config.get(k)) for k in differing),
-                     f"{top1:.4f}" if isinstance(top1, float) else "-"])
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    return "\n".join("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *rows])
+            configs.append(None)  # a damaged config.yaml: listed, but it takes no part in what differs
+    readable = [config for config in configs if config is not None]
+    keys = sorted({k for c in readable for k in c}, key=_key_order)
+    differing = [k for k in keys if k != "run.notes" and len({json.dumps(c.get(k)) for c in readable}) > 1]
+    if columns is not None:
+        unknown = [name for name in columns if name not in LIST_COLUMNS and name not in keys]
+        if unknown:
+            raise UserError(f"--columns names {unknown[0]!r}, which is neither a column ({', '.join(LIST_COLUMNS)}) "
+                            f"nor a config key of these runs (e.g. {', '.join(differing[:3] or keys[:3])})")
+    cells = [_row(run, config) for run, config in zip(runs, configs)]
+    chosen = list(columns) if columns is not None else ["run", "status", "top1"]
+    left_out: list[str] = []
+    if columns is None:
+        notes_width = min(NOTES_MIN_WIDTH, max(len(row["notes"]) for row in cells)) if any(
+            row["notes"] for row in cells) else 0
+        for key in differing:
+            if width is None or _width([*chosen, key], cells) + (notes_width + 2 if notes_width else 0) <= width:
+                chosen.append(key)
+            else:
+                left_out.append(key)
+        if notes_width:
+            chosen.append("notes")
+    lines = _lines(chosen, cells, width)
+    if left_out:
+        lines.append(_cut(f"{len(left_out)} more differing key(s), not shown: {', '.join(left_out)} "
+                          f"(--columns chooses the columns)", width))
+    return "\n".join(lines)
+
+
+def _key_order(key: str) -> tuple:
+    section = key.split(".")[0]
+    return (SECTION_ORDER.index(section) if section in SECTION_ORDER else len(SECTION_ORDER), key)
+
+
+def _row(run: Run, config: dict | None) -> dict[str, str]:
+    """A run's cells by column name (config keys dotted)."""
+    metrics = run.test_metrics() or {}
+    top1 = metrics.get("top1")
+    row = {"run": f"{run.model_name}/{run.version}", "status": shown_status(run),
+           "top1": f"{top1:.4f}" if isinstance(top1, float) else "-"}
+    if config is None:
+        return {**row, "notes": "(config.yaml damaged)", "config": None}
+    notes = str(config.get("run.notes") or "").strip()
+    return {**row, "notes": notes.splitlines()[0] if notes else "", "config": config}
+
+
+def _cell(row: dict, column: str) -> str:
+    if column in LIST_COLUMNS:
+        return row[column]
+    return "?" if row["config"] is None else _cut(_short(row["config"].get(column)), CELL_WIDTH)
+
+
+def _width(columns: list[str], cells: list[dict]) -> int:
+    """The width of a table of these columns, two spaces between them."""
+    return sum(max(len(column), *(len(_cell(row, column)) for row in cells)) for column in columns) \
+        + 2 * (len(columns) - 1)
+
+
+def _lines(columns: list[str], cells: list[dict], width: int | None) -> list[str]:
+    """The header and one line per run; the notes (last, or wherever --columns puts them) cut to `width`."""
+    rows = [columns, *([_cell(row, column) for column in columns] for row in cells)]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(columns))]
+    if "notes" in columns and width is not None:
+        index = columns.index("notes")
+        others = sum(w for i, w in enumerate(widths) if i != index) + 2 * (len(columns) - 1)
+        widths[index] = max(len("notes"), min(widths[index], width - others))
+        rows = [[_cut(cell, widths[index]) if i == index else cell for i, cell in enumerate(row)] for row in rows]
+    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+
+
+def _cut(text: str, width: int | None) -> str:
+    """`text` within `width` characters: cut, ending in ... when it was longer."""
+    if width is None or len(text) <= width:
+        return text
+    return text[:max(width - 3, 0)] + "..." if width > 3 else text[:width]
 
 
 def _short(value) -> str:
-    text = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
-    return text if len(text) <= 30 else text[:27] + "..."
+    return json.dumps(value) if isinstance(value, (list, dict)) else str(value)
 
 
 # ---------------------------------------------------------------- diff
@@ -407,9 +479,12 @@ def diff(a: Run, b: Run, interactive: bool | None = None) -> str | None:
 def main(argv: list[str] | None = None, prog: str = "python -m shared.runs") -> int:
     parser = argparse.ArgumentParser(prog=prog, description="Read the run store.")
     sub = parser.add_subparsers(dest="command", required=True)
-    listing = sub.add_parser("list", help="a table of runs")
+    listing = sub.add_parser("list", help="a table of runs: status, test top-1, the config keys that differ, notes")
     listing.add_argument("model", nargs="?")
     listing.add_argument("--dir", default="runs", help="the runs root (default: runs)")
+    listing.add_argument("--columns", type=lambda text: [name.strip() for name in text.split(",") if name.strip()],
+                         help=f"the columns, comma-separated: {', '.join(LIST_COLUMNS)} or config keys "
+                              f"(e.g. run,top1,train.lr.base,notes); default: the keys that differ, as many as fit")
     differ = sub.add_parser("diff", help="vimdiff (or $DIFFTOOL) two runs' model source, config and notes")
     differ.add_argument("a")
     differ.add_argument("b")
@@ -419,7 +494,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m shared.runs") -> 
         if args.command == "list":
             if args.model and not (Path(args.dir) / args.model).is_dir():
                 raise UserError(f"no runs of model {args.model!r} in {args.dir}")
-            print(table(all_runs(Path(args.dir), args.model)))
+            # a terminal's width; piped or redirected, the whole table
+            width = shutil.get_terminal_size().columns if sys.stdout.isatty() else None
+            print(table(all_runs(Path(args.dir), args.model), width, args.columns))
         else:
             text = diff(open_run(args.a), open_run(args.b))
             if text is not None:

@@ -102,9 +102,52 @@ def test_list_shows_only_differing_keys(tmp_path):
         runs.Run(path).write_json("test_metrics.json", {"top1": 0.5 * epochs})
     text = runs.table(runs.all_runs(root))
     header, first, second = text.splitlines()
-    assert header.split() == ["run", "status", "train.epochs", "top1"]
-    assert first.split() == ["resnet/v0001", "finished", "1", "0.5000"]
-    assert second.split() == ["resnet/v0002", "finished", "2", "1.0000"]
+    assert header.split() == ["run", "status", "top1", "train.epochs", "notes"]
+    assert first.split() == ["resnet/v0001", "finished", "0.5000", "1", "a", "tiny", "test", "run"]
+    assert second.split() == ["resnet/v0002", "finished", "1.0000", "2", "a", "tiny", "test", "run"]
+
+
+def list_root(tmp_path):
+    """Three runs that differ in five keys, with notes of their own (one long, one of two lines, one none)."""
+    root = tmp_path / "runs"
+    notes = ["baseline", "deeper and longer, to see whether depth 34 pays off on this data at all",
+             "line one\nline two"]
+    for i, note in enumerate(notes):
+        path = runs.allocate(root, "resnet")
+        tree = tiny_tree(root, train={"epochs": i + 1, "lr": {"base": 0.1 / (i + 1)}}, run={"notes": note})
+        tree["model"]["depth"] = (18, 34, 18)[i]
+        tree["data"].update(image_size=16 + i, synthetic_train=256 + i)
+        (path / "config.yaml").write_text(load_config(tree=tree).dump())
+        runs.Run(path).set_status("finished")
+    return root
+
+
+def test_list_fits_the_width_names_the_keys_left_out_and_shows_notes(tmp_path):
+    found = runs.all_runs(list_root(tmp_path))
+    whole = runs.table(found).splitlines()
+    assert whole[0].split() == ["run", "status", "top1", "model.depth", "train.epochs", "train.lr.base",
+                                "data.image_size", "data.synthetic_train", "notes"]
+    assert whole[2].endswith("whether depth 34 pays off on this data at all") and whole[3].endswith("line one")
+    narrow = runs.table(found, width=80).splitlines()
+    assert all(len(line) <= 80 for line in narrow) and len(narrow) == 5
+    assert narrow[0].split()[:4] == ["run", "status", "top1", "model.depth"] and narrow[0].split()[-1] == "notes"
+    assert narrow[1].endswith("baseline") and narrow[2].endswith("...") and "deeper and" in narrow[2]
+    shown = set(narrow[0].split())
+    left_out = [key for key in whole[0].split() if key not in shown]
+    assert left_out and narrow[4].startswith(f"{len(left_out)} more differing key(s), not shown: {left_out[0]}")
+
+
+def test_list_columns_chooses_the_columns(tmp_path, capsys):
+    root = list_root(tmp_path)
+    assert runs.main(["list", "--dir", str(root), "--columns", "run,train.lr.base,data.source,notes"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["run", "train.lr.base", "data.source", "notes"]
+    assert lines[1].split() == ["resnet/v0001", "0.1", "synthetic", "baseline"] and len(lines) == 4
+    assert runs.main(["list", "--dir", str(root), "--columns", "run,train.lr.bsae"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --columns names 'train.lr.bsae', which is neither a column (run, status, "
+                          "top1, notes)")
+    assert "\n" not in err
 
 
 def test_diff_prints_a_unified_diff_without_a_terminal(tmp_path, capsys):
