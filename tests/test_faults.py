@@ -283,8 +283,9 @@ FULL_DISK = {
     "metrics row": (lambda mp: fail_fsync(mp, "metrics.csv", 2), "metrics.csv", "failed", 1, 1, 1),  # row cut off
     "tensorboard": (fail_tensorboard, "logs/train/events.out.tfevents.1.v2", "failed", 1, 1, 1),
     "curves plot": (lambda mp: fail_figure(mp, "curves.png"), "curves.png", "failed", 2, 2, 2),
-    # the finished status and then the failed one cannot be written: the old status stays
-    "status": (lambda mp: fail_fsync(mp, "status.json", 2, times=2), "status.json", "running", 2, 2, 2),
+    # the finished status and then the failed one cannot be written: the old status stays; the backup is gone
+    # (removed just before), and --resume marks the tested run finished
+    "status": (lambda mp: fail_fsync(mp, "status.json", 2, times=2), "status.json", "running", 2, 0, 2),
 }
 
 
@@ -311,9 +312,14 @@ def test_a_full_disk_is_one_line_and_keeps_the_last_good_checkpoint(tmp_path, mo
     assert ("is marked failed" in err) == (status == "failed")
     assert checkpoint_names(run_dir) == [f"epoch-{n:04d}.keras" for n in range(1, checkpoints + 1)]
     keras.saving.load_model(run_dir / "checkpoints" / f"epoch-{checkpoints:04d}.keras")  # the last good one loads
-    assert backup_state(run_dir / "backup" / "phase-1")["epoch"] == backup  # what --resume goes on from
+    backed_up = backup_state(run_dir / "backup" / "phase-1")  # what --resume goes on from
+    assert (backed_up["epoch"] if backed_up else 0) == backup
     assert metric_epochs(run_dir) == list(range(rows))  # each row whole, every backed-up epoch's there
     assert partials(run_dir) == [] and not list(run_dir.rglob("*.tmp")), partials(run_dir)
+    if where == "status":  # trained and tested: the resume the line offers writes the status that was missing
+        assert runner.main(["--resume", str(run_dir)]) == 2
+        assert "it is now marked finished" in capsys.readouterr().err
+        assert json.loads((run_dir / "status.json").read_text())["status"] == "finished"
 
 
 @pytest.mark.slow
