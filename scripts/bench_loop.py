@@ -54,18 +54,27 @@ QUIET = ["train.verbose=0"]
 
 class Annotator:
     """Appends a round of task lines to an annotations file, as an annotation tool's export grows: the
-    accepted tasks, then `rejected` rejected and `ignored` ignored ones (of the same images) and one line
-    that is no task, which the loop must count and skip."""
+    accepted tasks, then `rejected` rejected and `ignored` ignored ones (other questions of the same images:
+    a wrong label of `class_names`, or no boxes, rejected; no suggestion, ignored) and one line that is no
+    task, which the loop must count and skip. The loop's latest-answer rule keeps the accepted examples: a
+    reject of the same question would withdraw one."""
 
-    def __init__(self, path: Path, rejected: int = 2, ignored: int = 1):
-        self.path, self.rejected, self.ignored = path, rejected, ignored
+    def __init__(self, path: Path, rejected: int = 2, ignored: int = 1, class_names: list[str] | None = None):
+        self.path, self.rejected, self.ignored, self.class_names = path, rejected, ignored, class_names
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.touch()
+
+    def wrong(self, task: dict) -> dict:
+        """Another question of the task's image: the next class name, or no boxes."""
+        if "spans" in task:
+            return {**task, "spans": []}
+        names = self.class_names or [task["label"], f"not {task['label']}"]
+        return {**task, "label": names[(names.index(task["label"]) + 1) % len(names)]}
 
     def add_round(self, accepted: list[dict]) -> dict:
         """`accepted`: task fields (image, and label or spans); returns the counts of the lines written."""
         lines = [annotations.task_line(answer="accept", **task) for task in accepted]
-        lines += [annotations.task_line(answer="reject", **task) for task in accepted[:self.rejected]]
+        lines += [annotations.task_line(answer="reject", **self.wrong(task)) for task in accepted[:self.rejected]]
         lines += [annotations.task_line(task["image"], answer="ignore") for task in accepted[:self.ignored]]
         lines.append('{"image": "half a line the tool never finished\n')
         with open(self.path, "a", encoding="utf-8") as handle:
@@ -163,7 +172,7 @@ def bench(task: str, rounds: int, per_round: int, steps: int, holdout: int, sour
     tasks_file = folder / "tasks.jsonl"
     if tasks_file.exists():
         raise SystemExit(f"error: {folder} holds an earlier bench; give another --out-dir")
-    data_root = None
+    data_root, class_names = None, None
     if task == "classification":
         from shared.fashion_mnist import FASHION_MNIST_CLASSES, FASHION_MNIST_DIRS, read_split
 
@@ -175,6 +184,8 @@ def bench(task: str, rounds: int, per_round: int, steps: int, holdout: int, sour
         def new_tasks(number: int) -> list[dict]:
             first = SOURCE_EXAMPLES + (number - 1) * per_round
             return classification_tasks(images, labels, first, per_round, folder / "images", FASHION_MNIST_CLASSES)
+
+        class_names = list(FASHION_MNIST_CLASSES)
     else:
         from shared.detection.datasets import read_coco
 
@@ -187,14 +198,9 @@ def bench(task: str, rounds: int, per_round: int, steps: int, holdout: int, sour
         def new_tasks(number: int) -> list[dict]:
             return detection_tasks(canvases, (number - 1) * per_round, per_round)
 
-    source_metric = None  # the source run's top-1 on the same held-out images, when trained here
     if source is None:
         source = train_source(out, holdout if task == "classification" else DEFAULTS["classification"]["holdout"])
-        if task == "classification":
-            from shared import runs
-
-            source_metric = (runs.open_run(source).test_metrics() or {}).get("top1")
-    annotator = Annotator(tasks_file)
+    annotator = Annotator(tasks_file, class_names=class_names)
     served_name = f"resnet-{RECIPES[task].stem}"  # the loop folder's name: the export's model name
     config = recipe_config(task, out, data_root, holdout, steps, folder / served_name, changes=changes)
     loop = loop_module.open_loop(config, tasks_file, source, export_dir=folder / "exports",
@@ -210,9 +216,11 @@ def bench(task: str, rounds: int, per_round: int, steps: int, holdout: int, sour
         print(result.describe(), flush=True)
         rows.append({"round": result.round, "examples": result.examples, "metric": result.metric,
                      "exported": result.exported.name if result.exported else "-", "seconds": result.seconds})
-    totals = json.loads((loop.dir / loop_module.STATE_FILE).read_text())["totals"]
-    if totals != written:
-        raise SystemExit(f"error: the annotator wrote {written} but the loop counted {totals}")
+    state = json.loads((loop.dir / loop_module.STATE_FILE).read_text())
+    totals = {key: state["totals"][key] for key in written}
+    if totals != written or state["examples"] != written["accepted"]:
+        raise SystemExit(f"error: the annotator wrote {written} but the loop counted {totals} and holds "
+                         f"{state['examples']} examples")
 
     batch_size = config.train.batch_size
     planned = round_steps(steps, per_round, rounds, batch_size)
@@ -227,6 +235,7 @@ def bench(task: str, rounds: int, per_round: int, steps: int, holdout: int, sour
     reference = loop_module.run_round(reference_loop)
     reference_seconds = time.monotonic() - started
     per_epoch, epochs = loop_module.steps_schedule(total, reference.examples, batch_size)
+    source_metric = (state.get("baseline") or {}).get("metric")  # round 0: the source run on the held-out set
     summary = {"task": task, "rows": rows, "source_metric": source_metric, "steps": planned, "totals": totals,
                "source": str(source),
                "reference": {"metric": reference.metric, "steps": per_epoch * epochs, "seconds": reference_seconds,
@@ -256,8 +265,7 @@ def table(summary: dict) -> str:
     lines = [f"| round | examples so far | steps | {metric} | exported version | seconds |",
              "| --- | --- | --- | --- | --- | --- |"]
     if summary.get("source_metric") is not None:
-        lines.append(f"| 0 (the source run, {SOURCE_EXAMPLES} other labels) | 0 | - | "
-                     f"{_value(summary['source_metric'])} | - | - |")
+        lines.append(f"| 0 (the --from run) | 0 | - | {_value(summary['source_metric'])} | - | - |")
     for row, steps in zip(summary["rows"], summary["steps"]):
         value = "n/a" if row["metric"] is None else f"{row['metric']:.4f}"
         lines.append(f"| {row['round']} | {row['examples']} | {steps} | {value} | {row['exported']} | "

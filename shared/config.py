@@ -251,6 +251,7 @@ class LoopConfig:
     keep: int = 3  # newest data shard sets, export versions and round runs kept (older data sets are merged)
     min_new: int = 50  # --watch: new accepted annotations that start a round
     poll_seconds: float = 10.0  # --watch: how often the annotations file is read
+    attempt: str | None = None  # set by the loop on the runs it trains (state.json lists them): leave it null
 
 
 @dataclass(frozen=True)

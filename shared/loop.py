@@ -3,24 +3,36 @@
     python -m shared.runner loop --config RECIPE --annotations FILE.jsonl --from RUN [--export-dir exports]
                                  [--once | --watch]
 
-A round: the accepted tasks appended to the annotations file since the last round (`shared.annotations`) ->
-one TFRecord shard set `<loop>/data/round-NNNN/` -> a finetune of the previous round's run (the first round:
-of `--from`) over ALL the loop's shard sets, through the normal run lifecycle -> its test figure on the fixed
-held-out set `<loop>/eval/` -> a new SavedModel version unless the metric fell by more than `loop.tolerance`
-below the last exported round's -> garbage collection -> a row of `rounds.csv` and `rounds.png`.
+Ingestion (`shared.annotations`): the lines added to the annotations file since the last read, in chunks of
+at most CHUNK_BYTES of images, each chunk committed on its own: its new accepted examples as one TFRecord shard
+set `<loop>/data/set-NNNNNN/` (with `ids.txt`, the example number of each record), its answers appended to
+`<loop>/answers.jsonl` (the ledger: fingerprint, input, question, answer, example number of every answer
+taken). The ledger replayed is the `AnswerTable`: which example each input has now (the latest answer wins).
+When an answer replaces or withdraws an example of an older set, that set is rewritten without it (records
+copied, not re-encoded) in the same commit, so the shard sets always hold exactly the current examples, each
+input at most once. A file that no longer starts with the bytes consumed (an export that rewrote it) is said in
+one line and read again from its start: the answers taken before are recognized by fingerprint and skipped.
 
-Exactly once, across kills: `<loop>/state.json` is the commit point, replaced atomically after each stage of a
-round (ingested -> trained -> exported -> done). A round's shard set is published (atomic rename) BEFORE the
-state that consumes its lines is committed, so a kill between the two redoes the same lines as the same round
-number into the same folder (replaced); a kill while training trains the round again in a new run folder (the
-dead one is collected later); an export is found again by its run (`assets.extra/export.json`) rather than
-made twice. One process drives a loop folder at a time (`shared.locks.folder_writer`).
+A round, once new accepted examples are in: round 0 (the `--from` run's figure on the held-out set, once) ->
+a finetune of the previous round's run (the first round: of `--from`) over ALL the shard sets, through the
+normal run lifecycle -> its test figure on the fixed held-out set `<loop>/eval/` -> a new SavedModel version
+unless the figure fell by more than `loop.tolerance` below the served round's or round 0's -> garbage
+collection -> a row of `rounds.csv` and `rounds.png`. The rounds see what the `--from` run saw (image size,
+channels, normalization, eval crop, classes), whatever the recipe says, and say where they differ.
 
-Garbage collection keeps every annotation (training uses all examples so far): beyond `loop.keep` shard sets,
-the oldest are merged into one `merged-NNNN` set (records copied, not re-encoded; the newest merged set
-supersedes the sets it holds, so a kill mid-merge never counts an example twice); export versions beyond the
-newest `loop.keep` are pruned by the export itself; round runs beyond the newest `loop.keep`, and runs of
-rounds that were killed and trained again, are removed. The newest run and the served (newest) version stay.
+Exactly once, across kills: `<loop>/state.json` is the commit point, replaced atomically after each chunk and
+each stage of a round (ingested -> trained -> exported -> done). It lists the live shard sets and the ledger's
+committed length: whatever a kill left beyond them (a published set, ledger lines, a set a rewrite replaced) is
+removed when the loop next starts (`_reconcile`), so a chunk cut short is read again. A kill while training
+trains the round again in a new run folder (the dead one is collected later); an export is found again by its
+run (`assets.extra/export.json`) rather than made twice. One process drives a loop folder at a time
+(`shared.locks.folder_writer`).
+
+Garbage collection keeps every current example (training uses all examples so far): beyond `loop.keep` shard
+sets the oldest are merged into one (records copied); export versions beyond the newest `loop.keep` are pruned
+by the export itself; of the runs this loop trained (each records the attempt id state.json lists in its
+`loop.attempt`), those beyond the newest `loop.keep` rounds and those of killed attempts are removed. The
+`--from` run and any run the loop did not train are never removed.
 
     loop = open_loop(config, "tasks.jsonl", "runs/resnet/v0001", export_dir="exports")
     result = run_round(loop)                 # one round (min_new=1), or RoundResult(round=None): nothing new
@@ -32,36 +44,41 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import hashlib
 import io
 import json
 import math
 import os
-import re
 import shutil
 import signal
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Callable, Iterator
 
 from shared import annotations, durable, runs
-from shared.annotations import Batch, Example
+from shared.annotations import AnswerTable, Batch, Example
 from shared.config import Config, with_changes
 from shared.errors import UserError
 from shared.locks import folder_writer
 
 STATE_FILE = "state.json"
+STATE_VERSION = 2  # 2: shard sets listed in the state, the answers ledger
+LEDGER_FILE = "answers.jsonl"
+IDS_FILE = "ids.txt"  # in a shard set: the example number of each record, in record order
 ROUNDS_CSV = "rounds.csv"
 ROUNDS_PNG = "rounds.png"
 LABELS_FILE = "labels.txt"
 LABEL_MAP_FILE = "label_map.pbtxt"
 DATA, EVAL = "data", "eval"
-ROUND_RE = re.compile(r"^round-(\d{4,})$")
-MERGED_RE = re.compile(r"^merged-(\d{4,})$")
 TRAIN_PREFIX, EVAL_PREFIX = "train", "validation"
+CHUNK_BYTES = 64 << 20  # images held in memory at once while ingesting: a chunk is committed at this size
 METRIC = {"classification": "top1", "detection": "mAP"}  # the held-out figure a round is judged by
 STAGES = ("ingested", "trained", "exported", "done")
 CSV_COLUMNS = ("round", "new", "examples", "metric", "exported_version", "seconds", "run")
+FOLLOWED = ("image_size", "channels", "normalize", "mean", "std", "crop_fraction")  # data keys: what a model sees
+TOTALS = ("accepted", "rejected", "ignored", "malformed", "duplicates", "replaced", "withdrawn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,11 +102,12 @@ class RoundResult:
     """What one call of `run_round` did: round None when there was nothing new to train on."""
     round: int | None
     batch: Batch | None  # what was read this time (None when a round cut short was finished)
-    examples: int  # accepted examples ingested so far, all rounds
+    examples: int  # current examples, all rounds (each input once)
     run: Path | None = None
     metric: float | None = None
     exported: Path | None = None  # the version folder, None when the metric fell too far
     seconds: float = 0.0
+    pending: int = 0  # round None: accepted answers ingested that no round has trained on yet
 
     def describe(self) -> str:
         if self.round is None:
@@ -135,39 +153,30 @@ def open_loop(config: Config, annotations_file: str | os.PathLike, from_run: str
 
 def run_round(loop: Loop, min_new: int = 1) -> RoundResult:
     """One round: finish a round a kill cut short, else ingest the new lines and, when at least `min_new`
-    of them are accepted, train, evaluate, export and collect. Lines without an accepted task (rejected,
-    ignored, malformed) are consumed and counted without a round; fewer than `min_new` accepted ones are left
-    for later (RoundResult(round=None))."""
+    accepted answers wait (this read's and earlier ones'), train, evaluate, export and collect. Lines without
+    an accepted task (rejected, ignored, malformed, already ingested) are consumed and counted without a round;
+    fewer than `min_new` accepted ones are ingested and wait for later (RoundResult(round=None, pending=N))."""
     started = time.monotonic()
     loop.dir.mkdir(parents=True, exist_ok=True)
     with folder_writer(loop.dir):
         state = _read_state(loop.dir) or _start(loop)
         _check_same_loop(loop, state)
-        _reconcile_data(loop.dir, state)
+        _reconcile(loop.dir, state)
         if state["stage"] != "done":
             print(f"loop {loop.dir}: finishing round {state['round']} (stopped after '{state['stage']}')", flush=True)
             return _finish(loop, state, started, None)
-        batch = annotations.read_new(loop.annotations, state["offset"], state["lines"], loop.task,
-                                     _class_names(loop.dir))
-        if batch.accepted == 0 and batch.lines:  # nothing to train on: consume and count them
+        batch = ingest(loop, state)
+        if batch.lines:
             print(f"{loop.annotations}: {batch.describe()}", flush=True)
-            _add_counts(state, batch)
-            state.update(offset=batch.end_offset, lines=state["lines"] + batch.lines)
-            _commit(loop.dir, state)
-        if batch.accepted == 0 or batch.accepted < min_new:  # left for later (the caller may report them)
-            return RoundResult(None, batch, state["examples"], seconds=time.monotonic() - started)
-        print(f"{loop.annotations}: {batch.describe()}", flush=True)
+        pending = state["pending"]
+        if pending == 0 or pending < min_new or state["examples"] == 0:  # wait for more (the caller may say so)
+            return RoundResult(None, batch, state["examples"], seconds=time.monotonic() - started, pending=pending)
+        _round_zero(loop, state)
         number = state["round"] + 1
-        folder = loop.dir / DATA / f"round-{number:04d}"
-        _write_set(folder, batch.examples, loop.task, _class_names(loop.dir))
-        _add_counts(state, batch)
-        state.update(round=number, stage="ingested", offset=batch.end_offset, lines=state["lines"] + batch.lines,
-                     examples=state["examples"] + batch.accepted,
-                     current={"round": number, "new": batch.accepted, "examples": state["examples"] + batch.accepted,
-                              "annotation_lines": state["lines"] + batch.lines,
-                              "seconds": round(time.monotonic() - started, 1)})
+        state.update(round=number, stage="ingested", pending=0,
+                     current={"round": number, "new": pending, "examples": state["examples"],
+                              "annotation_lines": state["lines"], "seconds": round(time.monotonic() - started, 1)})
         _commit(loop.dir, state)
-        print(f"round {number}: {batch.accepted} new examples in {folder} ({state['examples']} in all)", flush=True)
         return _finish(loop, state, time.monotonic(), batch)
 
 
@@ -193,10 +202,9 @@ def run_rounds(loop: Loop, watch: bool = True, rounds: int | None = None,
                 continue
             if not watch:
                 break
-            pending = result.batch.accepted if result.batch else 0
-            if pending and pending != waiting:
-                report(f"waiting: {pending} of {min_new} new accepted tasks")
-            waiting = pending
+            if result.pending and result.pending != waiting:
+                report(f"waiting: {result.pending} of {min_new} new accepted tasks")
+            waiting = result.pending
             _sleep(loop.config.loop.poll_seconds, stop)
     return done
 
@@ -247,13 +255,20 @@ def _finish(loop: Loop, state: dict, started: float, batch: Batch | None) -> Rou
         _commit(loop.dir, state)
 
     if state["stage"] == "ingested":
+        # the attempt's id, committed before its run folder exists: what garbage collection may remove
+        current["attempt"] = uuid.uuid4().hex
+        state.setdefault("attempts", []).append(current["attempt"])
+        _commit(loop.dir, state)
         run = _train(loop, state)
-        metric = (run.test_metrics() or {}).get(METRIC[loop.task])
-        commit("trained", run=str(run.path.resolve()), metric=_number(metric))
+        metric = _number((run.test_metrics() or {}).get(METRIC[loop.task]))
+        print(f"round {current['round']}: held-out {METRIC[loop.task]} {_shown(metric)} (round 0, the --from run: "
+              f"{_shown((state.get('baseline') or {}).get('metric'))})", flush=True)
+        commit("trained", run=str(run.path.resolve()), metric=metric)
     if state["stage"] == "trained":
         version = _export(loop, state)
         if version is not None:
             state["served"] = {"round": current["round"], "version": int(version.name), "metric": current["metric"]}
+            print(f"round {current['round']}: exported version {version.name} to {version}", flush=True)
         commit("exported", exported_version=int(version.name) if version is not None else None)
     if state["stage"] == "exported":
         timed()  # the round's time as rounds.csv records it: garbage collection aside
@@ -273,6 +288,135 @@ def _number(value) -> float | None:
     return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
 
 
+def _shown(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+# ---------------------------------------------------------------- ingestion
+
+
+def ingest(loop: Loop, state: dict) -> Batch:
+    """Read the annotations file's new lines in chunks, each committed (`_commit_chunk`); returns the counts
+    of this read. Unchanged since the last read (size and modification time): nothing is read. A file that no
+    longer starts with the bytes consumed is said in one line and read again from its start, its answers
+    taken before skipped by fingerprint."""
+    path = loop.annotations
+    try:
+        facts = os.stat(path)
+    except OSError as error:
+        raise UserError(f"cannot read annotations file {path} ({error.strerror or error}); check --annotations") \
+            from None
+    stamp = [facts.st_size, facts.st_mtime_ns]
+    offset, lines = state["offset"], state["lines"]
+    summary = Batch(examples=[], end_offset=offset, lines=0)
+    if stamp == state.get("stamp"):
+        return summary
+    digest = annotations.prefix_digest(path, offset)
+    if digest is None or digest.hexdigest() != state["consumed_sha256"]:
+        print(f"{path} no longer starts with the {lines} line(s) ({offset} bytes) read before (an export that "
+              f"rewrote it?): reading it again from its start; answers taken before are recognized and skipped",
+              flush=True)
+        offset, lines, digest = 0, 0, hashlib.sha256()
+        summary.end_offset = 0
+    table, where = _replay(loop.dir, state)
+    names = _class_names(loop.dir)
+    while True:
+        batch = annotations.read_new(path, offset, lines, loop.task, names, known=table.seen,
+                                     max_image_bytes=loop.config.data.max_image_bytes, chunk_bytes=CHUNK_BYTES,
+                                     digest=digest)
+        offset, lines = batch.end_offset, lines + batch.lines
+        _commit_chunk(loop, state, table, where, batch, lines, digest.hexdigest(), None if batch.more else stamp)
+        summary.add(batch)
+        if not batch.more:
+            return summary
+
+
+def _commit_chunk(loop: Loop, state: dict, table: AnswerTable, where: dict[int, str], batch: Batch, lines: int,
+                  consumed_sha256: str, stamp: list[int] | None) -> None:
+    """One chunk's answers into the table; its current examples published as a new shard set, any older set
+    holding an example they replaced or withdrew rewritten without it; the ledger lines appended; then the
+    state that lists it all committed, and the replaced sets removed."""
+    next_id, dead, new, entries = state["next_id"], set(), {}, []
+    for answer in batch.answers:
+        number = label = None
+        if answer.answer == "accept":
+            number, label, next_id = next_id, answer.example.label, next_id + 1
+            new[number] = answer.example
+        _, gone = table.take(answer.fingerprint, answer.input, answer.task, answer.answer, number, label)
+        if gone is not None:
+            dead.add(gone)
+            if answer.answer == "accept":
+                batch.replaced += 1
+            else:
+                batch.withdrawn += 1
+        entries.append({"fingerprint": answer.fingerprint, "input": answer.input, "task": answer.task,
+                        "answer": answer.answer, "id": number, "label": label})
+    sets, counter, replaced = list(state["sets"]), state["next_set"], []
+    names = _class_names(loop.dir)
+    kept = [(number, example) for number, example in new.items() if number not in dead]
+    if kept:
+        name, counter = f"set-{counter:06d}", counter + 1
+        with durable.partial_path(loop.dir / DATA / name) as partial:
+            partial.mkdir()
+            _write_records(partial, [example for _, example in kept], [number for number, _ in kept], loop.task,
+                           names)
+        sets.append(name)
+        where.update((number, name) for number, _ in kept)
+    hit = {where[number] for number in dead if number in where}
+    for name in [name for name in sets if name in hit]:
+        position = sets.index(name)
+        rewritten, counter = f"set-{counter:06d}", counter + 1
+        if _copy_set([loop.dir / DATA / name], loop.dir / DATA / rewritten, dead):
+            sets[position] = rewritten
+            where.update((number, rewritten) for number in _ids(loop.dir / DATA / rewritten))
+        else:
+            del sets[position]
+        replaced.append(name)
+    for number in dead:
+        where.pop(number, None)
+    ledger_bytes = _append_ledger(loop.dir, state["ledger_bytes"], entries)
+    _add_counts(state, batch)
+    state.update(offset=batch.end_offset, lines=lines, consumed_sha256=consumed_sha256, ledger_bytes=ledger_bytes,
+                 sets=sets, next_set=counter, next_id=next_id, examples=len(table.live),
+                 pending=state["pending"] + batch.accepted, stamp=stamp)
+    if loop.task == "classification":
+        state["class_counts"] = table.class_counts(len(names))
+    _commit(loop.dir, state)
+    for name in replaced:
+        durable.remove(loop.dir / DATA / name)
+
+
+def _replay(folder: Path, state: dict) -> tuple[AnswerTable, dict[int, str]]:
+    """The committed ledger replayed into an AnswerTable, and which shard set holds each current example."""
+    table = AnswerTable()
+    ledger = folder / LEDGER_FILE
+    if state["ledger_bytes"]:
+        with open(ledger, "rb") as handle:
+            for raw in handle.read(state["ledger_bytes"]).splitlines():
+                table.take(**json.loads(raw))
+    where = {number: name for name in state["sets"] for number in _ids(folder / DATA / name)}
+    return table, where
+
+
+def _append_ledger(folder: Path, committed: int, entries: list[dict]) -> int:
+    """The entries appended to the ledger (durably, before the state that counts them); its new length."""
+    ledger = folder / LEDGER_FILE
+    if not entries:
+        return committed
+    created = not ledger.exists()
+    with open(ledger, "ab") as handle:
+        if handle.tell() != committed:  # _reconcile truncates to the committed length first
+            raise UserError(f"{ledger} is {handle.tell()} bytes, not the {committed} that {folder / STATE_FILE} "
+                            f"counts; restore both, or start a new loop (another loop.dir)")
+        handle.write("".join(json.dumps(entry, ensure_ascii=False) + "\n" for entry in entries).encode("utf-8"))
+        handle.flush()
+        os.fsync(handle.fileno())
+        length = handle.tell()
+    if created:
+        durable.fsync_dir(folder)
+    return length
+
+
 # ---------------------------------------------------------------- state
 
 
@@ -281,9 +425,14 @@ def _read_state(folder: Path) -> dict | None:
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        state = json.loads(path.read_text(encoding="utf-8"))
     except ValueError as error:  # atomic writes never leave half a file: someone edited it
         raise UserError(f"{path} is damaged ({error}); restore it, or start a new loop (another loop.dir)") from None
+    if state.get("version") != STATE_VERSION:
+        newest = state.get("previous_run") or state.get("from_run")
+        raise UserError(f"loop {folder} was started by an earlier version of the loop (no answers ledger); start a "
+                        f"new loop from its newest run: --from {newest} with another loop.dir")
+    return state
 
 
 def _commit(folder: Path, state: dict) -> None:
@@ -300,8 +449,8 @@ def _check_same_loop(loop: Loop, state: dict) -> None:
 
 def _add_counts(state: dict, batch: Batch) -> None:
     totals = state["totals"]
-    for key, count in (("accepted", batch.accepted), ("rejected", batch.rejected), ("ignored", batch.ignored),
-                       ("malformed", len(batch.malformed))):
+    for key in TOTALS:
+        count = len(batch.malformed) if key == "malformed" else getattr(batch, key)
         totals[key] = totals.get(key, 0) + count
 
 
@@ -316,12 +465,41 @@ def _start(loop: Loop) -> dict:
         with durable.partial_path(loop.dir / LABEL_MAP_FILE) as partial:
             write_label_map(partial, names)
     _write_eval(loop, names)
-    state = {"annotations": str(loop.annotations), "from_run": str(loop.from_run), "task": loop.task,
-             "offset": 0, "lines": 0, "round": 0, "stage": "done", "examples": 0,
-             "totals": {"accepted": 0, "rejected": 0, "ignored": 0, "malformed": 0},
+    durable.remove(loop.dir / LEDGER_FILE)  # a kill before the first state left nothing it counts
+    state = {"version": STATE_VERSION, "annotations": str(loop.annotations), "from_run": str(loop.from_run),
+             "task": loop.task, "offset": 0, "lines": 0, "consumed_sha256": hashlib.sha256().hexdigest(),
+             "stamp": None, "ledger_bytes": 0, "sets": [], "next_set": 1, "next_id": 1, "examples": 0,
+             "pending": 0, "class_counts": [0] * len(names) if loop.task == "classification" else None,
+             "round": 0, "stage": "done", "totals": {key: 0 for key in TOTALS}, "baseline": None, "attempts": [],
              "previous_run": None, "served": None, "current": None, "history": []}
     _commit(loop.dir, state)
     return state
+
+
+def _reconcile(folder: Path, state: dict) -> None:
+    """The loop folder as the state says: no temporary folders, no shard set the state does not list (a kill
+    between publishing and committing it, or between a commit and removing what it replaced), the ledger at
+    its committed length."""
+    for root in (folder / DATA, folder / EVAL, folder):
+        for partial in root.glob(".partial-*") if root.is_dir() else ():
+            durable.remove(partial)
+    listed = set(state["sets"])
+    for entry in sorted((folder / DATA).iterdir()) if (folder / DATA).is_dir() else ():
+        if entry.name not in listed:
+            durable.remove(entry)
+    missing = [name for name in state["sets"] if not (folder / DATA / name / IDS_FILE).is_file()]
+    if missing:
+        raise UserError(f"loop {folder}: shard set {folder / DATA / missing[0]} that {folder / STATE_FILE} lists is "
+                        f"gone; restore it, or start a new loop (another loop.dir)")
+    ledger = folder / LEDGER_FILE
+    size = ledger.stat().st_size if ledger.is_file() else 0
+    if size < state["ledger_bytes"]:
+        raise UserError(f"{ledger} is {size} bytes, shorter than the {state['ledger_bytes']} that "
+                        f"{folder / STATE_FILE} counts; restore it, or start a new loop (another loop.dir)")
+    if size > state["ledger_bytes"]:
+        with open(ledger, "r+b") as handle:
+            handle.truncate(state["ledger_bytes"])
+            os.fsync(handle.fileno())
 
 
 def _class_names(folder: Path) -> list[str]:
@@ -348,92 +526,80 @@ def _initial_class_names(loop: Loop) -> list[str]:
 # ---------------------------------------------------------------- shard sets
 
 
-def _write_set(folder: Path, examples: list[Example], task: str, class_names: list[str],
-               prefix: str = TRAIN_PREFIX) -> None:
-    """The examples as one TFRecord shard in a new folder, published whole (an earlier, uncommitted attempt of
-    the same folder is replaced): classification in TF Model Garden's layout (shared.data.tfrecord),
-    detection as TF Object Detection API records (shared.detection.datasets)."""
+def _write_records(folder: Path, examples: list[Example], ids: list[int], task: str, class_names: list[str],
+                   prefix: str = TRAIN_PREFIX) -> None:
+    """The examples as one TFRecord shard in `folder` (an unpublished one), with ids.txt: classification in
+    TF Model Garden's layout (shared.data.tfrecord), detection as TF Object Detection API records
+    (shared.detection.datasets)."""
     import tensorflow as tf
 
     from shared.data.tfrecord import image_example, shard_name
 
-    durable.remove(folder)
-    with durable.partial_path(folder) as partial:
-        partial.mkdir()
-        if task == "classification":
-            with tf.io.TFRecordWriter(str(partial / shard_name(prefix, 0, 1))) as writer:
-                for example in examples:
-                    writer.write(image_example(example.image, example.image_format, example.height, example.width,
-                                               example.label, class_names[example.label]).SerializeToString())
-        else:
-            from shared.detection.datasets import DetectionRecord, DetectionSplit, write_tfod_records
+    if task == "classification":
+        with tf.io.TFRecordWriter(str(folder / shard_name(prefix, 0, 1))) as writer:
+            for example in examples:
+                writer.write(image_example(example.image, example.image_format, example.height, example.width,
+                                           example.label, class_names[example.label]).SerializeToString())
+    else:
+        from shared.detection.datasets import DetectionRecord, DetectionSplit, write_tfod_records
 
-            split = DetectionSplit([DetectionRecord(example.image, example.width, example.height, example.boxes,
-                                                    example.classes, name=example.name) for example in examples],
-                                   class_names)
-            write_tfod_records(split, partial / f"{shard_name(prefix, 0, 1)}.tfrecord", class_names)
+        split = DetectionSplit([DetectionRecord(example.image, example.width, example.height, example.boxes,
+                                                example.classes, name=example.name) for example in examples],
+                               class_names)
+        write_tfod_records(split, folder / f"{shard_name(prefix, 0, 1)}.tfrecord", class_names)
+    (folder / IDS_FILE).write_text("".join(f"{number}\n" for number in ids), encoding="utf-8")
 
 
-def _sets(folder: Path) -> list[tuple[int, Path]]:
-    """(last round held, folder) of the data sets, oldest first: merged-K holds rounds up to K."""
-    found = []
-    for entry in (folder / DATA).iterdir() if (folder / DATA).is_dir() else ():
-        match = ROUND_RE.match(entry.name) or MERGED_RE.match(entry.name)
-        if match and entry.is_dir():
-            found.append((int(match.group(1)), entry))
-    return sorted(found, key=lambda item: (item[0], item[1].name.startswith("round-")))
+def _ids(folder: Path) -> list[int]:
+    return [int(word) for word in (folder / IDS_FILE).read_text(encoding="utf-8").split()]
 
 
-def _reconcile_data(folder: Path, state: dict) -> None:
-    """The data folder as the state says: no temporary folders, no set that a newer merged set holds (a kill
-    between publishing a merge and removing what it merged), no round set beyond the committed rounds (a
-    kill between publishing it and committing its state: that round is redone)."""
-    for root in (folder / DATA, folder / EVAL, folder):
-        for partial in root.glob(".partial-*") if root.is_dir() else ():
-            durable.remove(partial)
-    merged = [number for number, path in _sets(folder) if path.name.startswith("merged-")]
-    newest = max(merged, default=0)
-    for number, path in _sets(folder):
-        superseded = number <= newest and path.name != f"merged-{newest:04d}"
-        uncommitted = path.name.startswith("round-") and number > state["round"]
-        if superseded or uncommitted:
-            durable.remove(path)
-
-
-def _merge_old_sets(folder: Path, keep: int) -> None:
-    """Beyond `keep` sets, the oldest become one merged-K set (K: the newest round it holds); published
-    before the sets it replaces are removed, which `_reconcile_data` completes after a kill."""
+def _copy_set(sources: list[Path], target: Path, drop: set[int], prefix: str = TRAIN_PREFIX) -> int:
+    """The records of the shard sets `sources` but those whose example number is in `drop`, copied (not
+    re-encoded) into one new set `target`, published whole; returns how many (0: nothing published)."""
     import tensorflow as tf
 
-    sets = _sets(folder)
-    if len(sets) <= keep:
-        return
-    oldest = sets[:len(sets) - keep + 1]
-    files = [str(path) for _, folder_path in oldest for path in sorted(folder_path.glob(f"{TRAIN_PREFIX}-*"))]
-    suffix = Path(files[0]).suffix if files else ""
-    target = folder / DATA / f"merged-{oldest[-1][0]:04d}"
+    from shared.data.tfrecord import shard_name
+
+    ids = [number for source in sources for number in _ids(source)]
+    kept = [number for number in ids if number not in drop]
+    if not kept:
+        return 0
+    files = [str(path) for source in sources for path in sorted(source.glob("*-of-*"))]
+    suffix = Path(files[0]).suffix
     with durable.partial_path(target) as partial:
         partial.mkdir()
-        with tf.io.TFRecordWriter(str(partial / f"{TRAIN_PREFIX}-00000-of-00001{suffix}")) as writer:
-            for record in tf.data.TFRecordDataset(files):
-                writer.write(record.numpy())
-    for _, path in oldest:
-        if path != target:
-            durable.remove(path)
+        with tf.io.TFRecordWriter(str(partial / f"{shard_name(prefix, 0, 1)}{suffix}")) as writer:
+            for number, record in zip(ids, tf.data.TFRecordDataset(files)):
+                if number not in drop:
+                    writer.write(record.numpy())
+        (partial / IDS_FILE).write_text("".join(f"{number}\n" for number in kept), encoding="utf-8")
+    return len(kept)
+
+
+def _merge_old_sets(folder: Path, state: dict, keep: int) -> int:
+    """Beyond `keep` sets, the oldest become one (committed in the state, then removed); how many merged."""
+    sets = state["sets"]
+    if len(sets) <= keep:
+        return 0
+    oldest = sets[:len(sets) - keep + 1]
+    name = f"set-{state['next_set']:06d}"
+    _copy_set([folder / DATA / old for old in oldest], folder / DATA / name, set())
+    state.update(sets=[name, *sets[len(oldest):]], next_set=state["next_set"] + 1)
+    _commit(folder, state)
+    for old in oldest:
+        durable.remove(folder / DATA / old)
+    return len(oldest)
 
 
 def _write_eval(loop: Loop, names: list[str]) -> None:
-    """The fixed held-out set, once: loop.eval's accepted tasks, else the recipe's test split."""
+    """The fixed held-out set, once: loop.eval's current accepted examples (the latest answer per input, as
+    for training, read in chunks), else the recipe's test split."""
     folder = loop.dir / EVAL
     if folder.is_dir():
         return
     if loop.config.loop.eval:
-        path = Path(loop.config.loop.eval).expanduser()
-        batch = annotations.read_new(path, 0, 0, loop.task, names)
-        print(f"held-out set {path}: {batch.describe()}", flush=True)
-        if not batch.examples:
-            raise UserError(f"loop.eval {path} holds no accepted task; the loop needs a held-out set to judge rounds")
-        _write_set(folder, batch.examples, loop.task, names, EVAL_PREFIX)
+        _write_eval_file(loop, Path(loop.config.loop.eval).expanduser(), names, folder)
     elif loop.task == "classification":
         _write_recipe_test_split(loop, names, folder)
     else:
@@ -447,6 +613,40 @@ def _write_eval(loop: Loop, names: list[str]) -> None:
             partial.mkdir()
             write_tfod_records(test, partial / f"{EVAL_PREFIX}-00000-of-00001.tfrecord", names)
     print(f"held-out set: {folder}", flush=True)
+
+
+def _write_eval_file(loop: Loop, path: Path, names: list[str], folder: Path) -> None:
+    table, summary, parts, number = AnswerTable(), Batch(examples=[], end_offset=0, lines=0), [], 0
+    dead: set[int] = set()
+    with durable.partial_path(folder) as partial:
+        partial.mkdir()
+        while True:
+            batch = annotations.read_new(path, summary.end_offset, summary.lines, loop.task, names, known=table.seen,
+                                         max_image_bytes=loop.config.data.max_image_bytes, chunk_bytes=CHUNK_BYTES)
+            ids = []
+            for answer in batch.answers:
+                if answer.answer == "accept":
+                    ids.append(number)
+                    number += 1
+                _, gone = table.take(answer.fingerprint, answer.input, answer.task, answer.answer,
+                                     ids[-1] if answer.answer == "accept" else None)
+                if gone is not None:
+                    dead.add(gone)
+            if batch.examples:
+                parts.append(partial / f"part-{len(parts):05d}")
+                parts[-1].mkdir()
+                _write_records(parts[-1], batch.examples, ids, loop.task, names, EVAL_PREFIX)
+            summary.add(batch)
+            if not batch.more:
+                break
+        print(f"held-out set {path}: {summary.describe()}", flush=True)
+        if not table.live:
+            raise UserError(f"loop.eval {path} holds no accepted task; the loop needs a held-out set to judge rounds")
+        _copy_set(parts, partial / "all", dead, EVAL_PREFIX)
+        for shard in (partial / "all").iterdir():
+            os.replace(shard, partial / shard.name)
+        for part in [*parts, partial / "all"]:
+            shutil.rmtree(part)
 
 
 def _write_recipe_test_split(loop: Loop, names: list[str], folder: Path) -> None:
@@ -481,40 +681,73 @@ def _write_recipe_test_split(loop: Loop, names: list[str], folder: Path) -> None
                 writer.write(image_example(encoded, fmt, height, width, position[name], name).SerializeToString())
 
 
-# ---------------------------------------------------------------- training, export
+# ---------------------------------------------------------------- training, round 0, export
 
 
 def round_config(loop: Loop, state: dict) -> Config:
     """The recipe as this round trains it: from the previous round's run (the first: --from), over every
     shard set of the loop, tested on its held-out set, for about loop.steps steps (whole epochs of equal
-    length: the pipeline repeats, so steps may exceed the examples), with the starting run's normalization."""
+    length: the pipeline repeats, so steps may exceed the examples), seeing what the starting run saw
+    (`follow_run`), quiet (one line a phase), `train.class_weight: auto` counted from the loop's examples."""
+    from shared.data import class_weights
+
     config, current = loop.config, state["current"]
     start = state["previous_run"] or state["from_run"]
     per_epoch, epochs = steps_schedule(config.loop.steps, current["examples"], config.train.batch_size)
-    recorded = runs.open_run(start).config_dict().get("data", {})
     notes = (f"loop {loop.dir}, round {current['round']}: {current['examples']} annotated examples "
              f"({current['new']} new, annotation lines 1-{current['annotation_lines']} of {loop.annotations}); "
              f"started from {start}")
     changes = {"init.from_run": start, "init.weights": None, "train.epochs": epochs,
                "train.steps_per_epoch": per_epoch, "train.keep_checkpoints": config.train.keep_checkpoints or 1,
-               "loop.dir": str(loop.dir), "data.limit_train": None, "data.limit_test": None,
-               "data.num_classes": None,
-               "run.notes": notes + (f"\n\n{config.run.notes.strip()}" if config.run.notes.strip() else "")}
-    if recorded.get("mean") and recorded.get("std") and len(recorded["mean"]) == config.data.channels:
-        changes.update({"data.normalize": recorded.get("normalize", True), "data.mean": recorded["mean"],
-                        "data.std": recorded["std"]})
-    if loop.task == "classification":
-        changes.update({"data.source": "tfrecord", "data.path": str(loop.dir), "data.label_offset": 0,
-                        "data.train_split": f"{DATA}/*/{TRAIN_PREFIX}", "data.test_split": f"{EVAL}/{EVAL_PREFIX}",
-                        "data.val_fraction": 0.0, "data.test_fraction": 0.0})
-    else:
-        changes.update({"detection.format": "tfrecord",
-                        "detection.train_annotations": str(loop.dir / DATA / "*" / f"{TRAIN_PREFIX}-*.tfrecord"),
-                        "detection.test_annotations": str(loop.dir / EVAL / f"{EVAL_PREFIX}-*.tfrecord"),
-                        "detection.label_map": str(loop.dir / LABEL_MAP_FILE)})
-        if config.detection.unfreeze_epoch is not None and config.detection.unfreeze_epoch >= epochs:
-            changes["detection.unfreeze_epoch"] = None  # the round is shorter than its frozen stretch
+               "train.verbose": 0, "loop.dir": str(loop.dir), "loop.attempt": current.get("attempt"),
+               "data.limit_train": None, "data.limit_test": None, "data.num_classes": None,
+               "run.notes": notes + (f"\n\n{config.run.notes.strip()}" if config.run.notes.strip() else ""),
+               **follow_run(config, runs.open_run(start))[0], **_data_changes(loop, f"{DATA}/*/{TRAIN_PREFIX}")}
+    if loop.task == "classification" and config.train.class_weight == class_weights.AUTO:
+        names = _class_names(loop.dir)  # the tfrecord source lists no labels: the loop counted them
+        changes["train.class_weight"] = class_weights.as_config(class_weights.auto(state["class_counts"]), names)
+    if loop.task == "detection" and config.detection.unfreeze_epoch is not None \
+            and config.detection.unfreeze_epoch >= epochs:
+        changes["detection.unfreeze_epoch"] = None  # the round is shorter than its frozen stretch
     return with_changes(config, changes)
+
+
+def _data_changes(loop: Loop, train: str) -> dict:
+    """The config keys that point a run's data at the loop's shard sets (`train`: a glob under the loop
+    folder) and its held-out set."""
+    if loop.task == "classification":
+        return {"data.source": "tfrecord", "data.path": str(loop.dir), "data.label_offset": 0,
+                "data.train_split": train, "data.test_split": f"{EVAL}/{EVAL_PREFIX}", "data.val_fraction": 0.0,
+                "data.test_fraction": 0.0}
+    return {"detection.format": "tfrecord",
+            "detection.train_annotations": str(loop.dir / f"{train}-*.tfrecord"),
+            "detection.test_annotations": str(loop.dir / EVAL / f"{EVAL_PREFIX}-*.tfrecord"),
+            "detection.label_map": str(loop.dir / LABEL_MAP_FILE)}
+
+
+def follow_run(config: Config, run: runs.Run) -> tuple[dict, list[str]]:
+    """(config changes, where the recipe differed) that make the loop's rounds see what `run` saw: its image
+    size, channels, normalization and eval crop, when it has the recipe's task (its classes are the loop's
+    already); a classification backbone for a detector lends only its normalization."""
+    recorded = run.config_dict() or {}
+    data = recorded.get("data") or {}
+    if recorded.get("task", "classification") != config.task:
+        if data.get("mean") and data.get("std") and len(data["mean"]) == config.data.channels:
+            return {"data.normalize": data.get("normalize", True), "data.mean": data["mean"],
+                    "data.std": data["std"]}, []
+        return {}, []
+    changes, differences = {}, []
+    for key in FOLLOWED:
+        value, recipe = data.get(key), getattr(config.data, key)
+        if value is None or value == recipe:
+            continue
+        changes[f"data.{key}"] = value
+        if recipe is not None:  # the recipe left the statistics to the data: nothing it said differs
+            differences.append(f"data.{key} {value} (the recipe: {recipe})")
+    classes = len(run.class_names() or [])
+    if config.data.num_classes is not None and classes and config.data.num_classes != classes:
+        differences.append(f"its {classes} classes (the recipe: data.num_classes {config.data.num_classes})")
+    return changes, differences
 
 
 def steps_schedule(steps: int, examples: int, batch_size: int) -> tuple[int, int]:
@@ -528,14 +761,59 @@ def steps_schedule(steps: int, examples: int, batch_size: int) -> tuple[int, int
 def _train(loop: Loop, state: dict) -> runs.Run:
     from shared.lifecycle import train
 
-    runs.require_idle(runs.open_run(state["previous_run"] or state["from_run"]))
-    return train(round_config(loop, state), argv=list(loop.argv) or None)
+    start = runs.open_run(state["previous_run"] or state["from_run"])
+    runs.require_idle(start)
+    config, current = round_config(loop, state), state["current"]
+    differences = follow_run(loop.config, start)[1]
+    if differences:
+        print(f"round {current['round']}: follows --from {state['from_run']} in what the model sees, not the "
+              f"recipe: {'; '.join(differences)}", flush=True)
+    print(f"round {current['round']}: training from {start.path} on {current['examples']} examples "
+          f"({current['new']} new) for {config.train.steps_per_epoch * config.train.epochs} steps "
+          f"({config.train.epochs} epochs of {config.train.steps_per_epoch})", flush=True)
+    return train(config, argv=list(loop.argv) or None)
+
+
+def _round_zero(loop: Loop, state: dict) -> None:
+    """Round 0, once: the --from run's figure on the loop's held-out set (n/a for a classification backbone
+    of a detector), the floor no exported round falls below by more than loop.tolerance."""
+    if state.get("baseline") is not None:
+        return
+    started = time.monotonic()
+    metric = evaluate_run(loop, runs.open_run(state["from_run"]))
+    seconds = round(time.monotonic() - started, 1)
+    print(f"round 0: --from {state['from_run']} on the held-out set: {METRIC[loop.task]} {_shown(metric)}"
+          + ("" if metric is not None else " (a classification backbone: no detector yet)"), flush=True)
+    state["baseline"] = {"metric": metric, "seconds": seconds}
+    state["history"] = [{"round": 0, "new": 0, "examples": 0, "metric": metric, "exported_version": None,
+                         "seconds": seconds, "run": state["from_run"]},
+                        *[entry for entry in state["history"] if entry["round"] != 0]]
+    _commit(loop.dir, state)
+
+
+def evaluate_run(loop: Loop, run: runs.Run) -> float | None:
+    """A run's METRIC on the loop's held-out set, with the run's own config (what it sees); None when the run
+    is not of the loop's task. Nothing is written into the run."""
+    from shared import config as config_module
+    from shared.tasks import rebuild, task_for
+
+    recorded = run.config_dict() or {}
+    if recorded.get("task", "classification") != loop.task:
+        return None
+    config = with_changes(config_module.from_dict(recorded),
+                          {**_data_changes(loop, f"{EVAL}/{EVAL_PREFIX}"), "data.limit_train": None,
+                           "data.limit_test": None, "data.num_classes": None})
+    task = task_for(config)
+    data = task.test_data(config, run)
+    model, _ = rebuild(run)
+    metrics, _ = task.evaluate(model, data, config)
+    return _number(metrics.get(METRIC[loop.task]))
 
 
 def _export(loop: Loop, state: dict) -> Path | None:
     """The round's run as the next SavedModel version, unless its metric fell by more than loop.tolerance
-    below the served round's; a version already exported from this run (a kill before the state said so)
-    is the round's export, never a second one."""
+    below the served round's or round 0's (the --from run's); a version already exported from this run (a
+    kill before the state said so) is the round's export, never a second one."""
     from shared.tasks import task_for
 
     current, served, tolerance = state["current"], state.get("served"), loop.config.loop.tolerance
@@ -543,11 +821,16 @@ def _export(loop: Loop, state: dict) -> Path | None:
     already = exported_version(model_dir, Path(current["run"]))
     if already is not None:
         return already
-    metric, best = current.get("metric"), (served or {}).get("metric")
-    if tolerance is not None and metric is not None and best is not None and metric < best - tolerance:
-        print(f"round {current['round']}: held-out {metric:.4f} fell more than {tolerance} below round "
-              f"{served['round']}'s {best:.4f}; version {served['version']} stays served", flush=True)
-        return None
+    metric = current.get("metric")
+    floors = [(served.get("metric"), f"round {served['round']}'s (version {served['version']}, served)")
+              if served else (None, ""),
+              ((state.get("baseline") or {}).get("metric"), "round 0's (the --from run)")]
+    for best, whose in floors:
+        if tolerance is not None and metric is not None and best is not None and metric < best - tolerance:
+            stays = f"version {served['version']} stays served" if served else "nothing is exported"
+            print(f"round {current['round']}: held-out {metric:.4f} fell more than {tolerance} below {whose} "
+                  f"{best:.4f}; {stays}", flush=True)
+            return None
     run = runs.open_run(current["run"])
     return task_for(run).export_saved_model(run, loop.export_dir, model_name=loop.export_name,
                                             keep=loop.config.loop.keep)
@@ -569,48 +852,59 @@ def exported_version(model_dir: Path, run_path: Path) -> Path | None:
 
 
 def _collect_garbage(loop: Loop, state: dict) -> None:
-    """Merge old shard sets; remove round runs beyond the newest loop.keep and runs of attempts a kill cut
-    short (runs of this loop no process holds and no round names). Export versions are pruned by the export
-    (keep: loop.keep). The current round's run, the next round's start, is never removed."""
+    """Merge old shard sets; remove the runs this loop trained (their loop.attempt among the state's
+    attempts) beyond the newest loop.keep rounds, and those of attempts a kill cut short. Never the --from
+    run, the current round's run (the next round's start), or a run the loop did not train. Export
+    versions are pruned by the export (keep: loop.keep)."""
     keep = loop.config.loop.keep
-    _merge_old_sets(loop.dir, keep)
-    rounds = [entry["run"] for entry in state["history"] if entry.get("run")]
-    for path in rounds[:-keep]:
-        _remove_run(Path(path))
+    merged = _merge_old_sets(loop.dir, state, keep)
+    rounds = [entry["run"] for entry in state["history"] if entry["round"] > 0 and entry.get("run")]
+    kept = {*rounds[-keep:], state["from_run"], state["current"]["run"]}
+    attempts = set(state.get("attempts", []))
     model_folder = Path(rounds[-1]).parent  # <run.dir>/<model>: where this loop's runs are
+    removed = []
     for run in runs.all_runs(model_folder.parent, model_folder.name):
-        if str(run.path.resolve()) in rounds:
+        if str(run.path.resolve()) in kept:
             continue
         with contextlib.suppress(OSError, ValueError, AttributeError):
-            if (run.config_dict().get("loop") or {}).get("dir") == str(loop.dir):
-                _remove_run(run.path)
+            if (run.config_dict().get("loop") or {}).get("attempt") in attempts and _remove_run(run.path):
+                removed.append(run.path.name)
+    if merged or removed:
+        print(f"round {state['current']['round']}: garbage collected: "
+              + ", ".join(what for what in (f"{merged} shard sets merged into one" if merged else "",
+                                            f"runs {', '.join(removed)} removed" if removed else "") if what),
+              flush=True)
 
 
-def _remove_run(path: Path) -> None:
+def _remove_run(path: Path) -> bool:
     """A run folder gone in one step (renamed hidden, then deleted), unless a process holds it."""
     if not path.is_dir() or runs.lock_holder(runs.Run(path)) is not None:
-        return
+        return False
     hidden = path.parent / f".deleting-{path.name}-{os.getpid()}"
-    with contextlib.suppress(FileNotFoundError):
+    try:
         os.rename(path, hidden)
-        shutil.rmtree(hidden, ignore_errors=True)
+    except FileNotFoundError:
+        return False
+    shutil.rmtree(hidden, ignore_errors=True)
+    return True
 
 
 def _write_rounds(folder: Path, history: list[dict], metric: str) -> None:
-    """rounds.csv (one row a round, rewritten atomically from the committed state) and rounds.png."""
+    """rounds.csv (one row a round, round 0 the --from run, rewritten atomically from the committed state)
+    and rounds.png."""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(CSV_COLUMNS)
     for entry in history:
-        writer.writerow(["" if entry.get(key) is None else entry.get(key) for key in
-                         ("round", "new", "examples", "metric", "exported_version", "seconds", "run")])
+        writer.writerow(["" if entry.get(key) is None else entry.get(key) for key in CSV_COLUMNS])
     durable.atomic_write(folder / ROUNDS_CSV, out.getvalue())
     with durable.disk_space_checked(folder / ROUNDS_PNG):
         plot_rounds(history, folder / ROUNDS_PNG, metric)
 
 
 def plot_rounds(history: list[dict], out_png: Path, metric: str = "metric") -> Path:
-    """The held-out metric per round (exported rounds filled), with the examples so far on a second axis."""
+    """The held-out metric per round (round 0: the --from run, a dashed floor; exported rounds filled), with
+    the examples so far on a second axis."""
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
@@ -624,6 +918,9 @@ def plot_rounds(history: list[dict], out_png: Path, metric: str = "metric") -> P
     exported = [(n, m) for n, m, entry in zip(numbers, metrics, history) if entry.get("exported_version")]
     if exported:
         axes.plot(*zip(*exported), linestyle="none", marker="o", color="tab:blue", label="exported")
+    zero = [entry.get("metric") for entry in history if entry["round"] == 0 and entry.get("metric") is not None]
+    if zero:
+        axes.axhline(zero[0], color="tab:gray", linestyle="--", linewidth=0.8, label="round 0 (--from)")
     axes.set_xlabel("round")
     axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.set_ylabel(f"held-out {metric}")

@@ -8,6 +8,7 @@ two-layer classifier, a width-4 ResNet detector at 48 px) keep each training run
 from __future__ import annotations
 
 import base64
+import contextlib
 import csv
 import json
 import os
@@ -232,22 +233,30 @@ def test_classification_rounds_ingest_train_export_and_collect_garbage(tmp_path,
     assert loop_module.run_round(loop).round is None  # nothing new
 
     state = state_of(loop.dir)
-    assert state["totals"] == {"accepted": 24, "rejected": 2, "ignored": 1, "malformed": 1}
+    assert state["totals"] == {"accepted": 24, "rejected": 2, "ignored": 1, "malformed": 1, "duplicates": 0,
+                               "replaced": 0, "withdrawn": 0}
     assert (state["round"], state["stage"], state["lines"]) == (3, "done", 28)
     # every accepted example in the data exactly once; keep 2 sets: rounds 1-2 merged
-    assert sorted(p.name for p in (loop.dir / "data").iterdir()) == ["merged-0002", "round-0003"]
+    assert len(state["sets"]) == 2 and sorted(p.name for p in (loop.dir / "data").iterdir()) == sorted(state["sets"])
     assert count_records(loop.dir / "data", "*/train-*") == 24
     assert count_records(loop.dir / "eval", "validation-*") == 8
     # round runs: the newest 2 kept (and the source); versions: the newest 2, the newest served
-    round_runs = [entry["run"] for entry in state["history"]]
+    round_runs = [entry["run"] for entry in state["history"] if entry["round"] > 0]
     assert [Path(p).exists() for p in round_runs] == [False, True, True] and source_run.path.exists()
     assert exported_versions(exports, "tiny-recipe") == [2, 3]
     assert results[-1].exported == exports / "tiny-recipe" / "3"
     with open(loop.dir / "rounds.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert [(r["round"], r["new"], r["examples"], r["exported_version"]) for r in rows] == [
-        ("1", "12", "12", "1"), ("2", "6", "18", "2"), ("3", "6", "24", "3")]
+        ("0", "0", "0", ""), ("1", "12", "12", "1"), ("2", "6", "18", "2"), ("3", "6", "24", "3")]
     assert all(float(r["seconds"]) > 0 and 0 <= float(r["metric"]) <= 1 for r in rows)
+    # round 0: the --from run's top-1 on the held-out images, as predicting them one by one gives it
+    from shared.predict import Predictor
+
+    held_out = [(tmp_path / "heldout" / "img" / f"{i}.png", CLASSES[i % 4]) for i in range(1000, 1008)]
+    predictions = Predictor.from_run(source_run).predict([str(path) for path, _ in held_out])
+    top1 = np.mean([p.labels[0] == label for p, (_, label) in zip(predictions, held_out)])
+    assert rows[0]["run"] == str(source_run.path) and float(rows[0]["metric"]) == pytest.approx(top1)
     assert (loop.dir / "rounds.png").stat().st_size > 0
     # each round is a normal run: notes name the loop, round and annotation count; it trained over all sets
     newest = runs.open_run(round_runs[-1])
@@ -329,13 +338,15 @@ def test_a_detection_round_end_to_end(tmp_path):
     train = read_tfod_records(str(loop_dir / "data" / "*" / "train-*.tfrecord"), loop_dir / "label_map.pbtxt")
     assert train.class_names == ["square", "bar"] and len(train) == 8 and train.num_boxes == 8
     assert train[0].width == SIZE and train[1].classes.tolist() == [1]
-    run = runs.open_run(state["history"][0]["run"])
+    run = runs.open_run(state["history"][1]["run"])
     metrics = run.test_metrics()
     assert run.config_dict()["task"] == "detection" and metrics["examples"] == 4 and "mAP" in metrics
-    assert state["history"][0]["metric"] == pytest.approx(metrics["mAP"])
+    assert state["history"][1]["metric"] == pytest.approx(metrics["mAP"])
     assert exported_versions(tmp_path / "exports", "resnet-detect") == [1]
     assert (tmp_path / "exports" / "resnet-detect" / "1" / "saved_model.pb").is_file()
-    assert (loop_dir / "rounds.csv").read_text().splitlines()[1].startswith("1,8,8,")  # round, new, examples
+    rows = (loop_dir / "rounds.csv").read_text().splitlines()
+    assert rows[1] == f"0,0,0,,,{state['history'][0]['seconds']},{backbone.path}"  # a backbone: no round-0 mAP
+    assert rows[2].startswith("1,8,8,")  # round, new, examples
 
 
 # ---------------------------------------------------------------- kills
@@ -362,9 +373,9 @@ def test_kills_at_each_commit_point_of_a_round_lose_nothing_and_duplicate_nothin
     loop_dir = tmp_path / "runs" / "loops" / "tiny-recipe"
 
     # 1. after the round's shards are published, before the state consumes their lines
-    killed_at("round-0001:after:1", command)
+    killed_at("set-000001:after:1", command)
     assert state_of(loop_dir)["round"] == 0 and state_of(loop_dir)["offset"] == 0
-    assert count_records(loop_dir / "data" / "round-0001", "train-*") == 10
+    assert count_records(loop_dir / "data" / "set-000001", "train-*") == 10
     append(tasks, classification_lines(tmp_path, 20, 2))  # arrives meanwhile: the redone round takes it too
 
     # 2. during the finetune (its first epoch checkpoint written)
@@ -386,22 +397,22 @@ def test_kills_at_each_commit_point_of_a_round_lose_nothing_and_duplicate_nothin
     state = state_of(loop_dir)
     assert (state["round"], state["stage"], state["examples"], state["lines"]) == (1, "done", 12, 14)
     assert state["totals"]["accepted"] == 12 and state["totals"]["rejected"] == 2
-    assert [entry["round"] for entry in state["history"]] == [1]
+    assert [entry["round"] for entry in state["history"]] == [0, 1]
     assert exported_versions(exports, "tiny-recipe") == [1]
     assert count_records(loop_dir / "data", "*/train-*") == 12
     assert not list(loop_dir.rglob(".partial-*"))
     # garbage: the killed attempt's run went; the round's run (the newest) and the source stay
-    assert not dead_attempt.exists() and Path(state["history"][0]["run"]).is_dir() and source_run.path.is_dir()
+    assert not dead_attempt.exists() and Path(state["history"][1]["run"]).is_dir() and source_run.path.is_dir()
 
-    # the next round after a kill between its publish and its commit: the same folder, replaced
+    # the next round after a kill between its publish and its commit: the lines read again
     append(tasks, classification_lines(tmp_path, 60, 3))
-    killed_at("round-0002:after:1", command)
+    killed_at("set-000002:after:1", command)
     assert runner.main(command) == 0
     state = state_of(loop_dir)
     assert (state["round"], state["examples"]) == (2, 15)
     assert count_records(loop_dir / "data", "*/train-*") == 15
     assert exported_versions(exports, "tiny-recipe") == [2]  # keep 1: the served one
-    assert [Path(entry["run"]).is_dir() for entry in state["history"]] == [False, True]
+    assert [Path(entry["run"]).is_dir() for entry in state["history"]] == [True, False, True]  # round 0: --from
     assert runner.main(command) == 0 and "no new accepted annotations" in capsys.readouterr().out
 
 
@@ -424,7 +435,8 @@ def test_sigterm_while_watching_stops_with_nothing_half_way(tmp_path, source):
     assert process.returncode == 130, err[-2000:]
     assert "rerun the same command" in err
     state = state_of(loop_dir)
-    assert (state["round"], state["offset"], state["stage"]) == (0, 0, "done")  # the 2 lines wait, unconsumed
+    assert (state["round"], state["pending"], state["stage"]) == (0, 2, "done")  # ingested, waiting for a round
+    assert state["offset"] == tasks.stat().st_size
 
 
 @pytest.mark.slow
@@ -511,17 +523,316 @@ def test_a_full_disk_while_publishing_a_round_leaves_its_lines_unconsumed(tmp_pa
     fsync_tree = durable.fsync_tree
 
     def full(path):
-        if "round-0001" in str(path):
+        if "set-000001" in str(path):
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
         fsync_tree(path)
 
     monkeypatch.setattr(durable, "fsync_tree", full)
-    with pytest.raises(durable.DiskFull, match="disk full while writing .*round-0001"):
+    with pytest.raises(durable.DiskFull, match="disk full while writing .*set-000001"):
         loop_module.run_round(loop)
     state = state_of(loop.dir)
     assert (state["round"], state["offset"], state["lines"]) == (0, 0, 0)
-    assert not (loop.dir / "data" / "round-0001").exists() and not list(loop.dir.rglob(".partial-*"))
+    assert not (loop.dir / "data" / "set-000001").exists() and not list(loop.dir.rglob(".partial-*"))
     monkeypatch.setattr(durable, "fsync_tree", fsync_tree)
     result = loop_module.run_round(loop)  # room again: the same lines make round 1
     assert (result.round, result.examples) == (1, 4)
     assert count_records(loop.dir / "data", "*/train-*") == 4
+
+
+# ---------------------------------------------------------------- identity, chunks, odd paths (issue 22)
+
+
+def record_labels(folder: Path, pattern: str = "*/train-*") -> list[int]:
+    import tensorflow as tf
+
+    from shared.data.tfrecord import FEATURES
+
+    files = sorted(str(p) for p in folder.glob(pattern))
+    return sorted(int(tf.io.parse_single_example(record, FEATURES)["image/class/label"])
+                  for record in tf.data.TFRecordDataset(files))
+
+
+def fake_loop(tmp_path: Path, **loop):
+    """A loop from a --from run that is only its labels and config (enough to ingest; no round trains), with a
+    held-out file whose first image is answered twice (the later label wins there too)."""
+    from shared import loop as loop_module
+    from shared.config import load_config
+
+    source = tmp_path / "source_runs" / "tiny" / "v0001"
+    source.mkdir(parents=True)
+    (source / "config.yaml").write_text(yaml.safe_dump({"task": "classification"}))
+    (source / "labels.txt").write_text("".join(f"{name}\n" for name in CLASSES))
+    held_out = classification_lines(tmp_path / "heldout", 900, 3)
+    held_out.append(json.dumps({"image": "img/900.png", "answer": "accept", "label": "class_3"}))
+    (tmp_path / "heldout" / "eval.jsonl").write_text("\n".join(held_out) + "\n")
+    tree = tiny_tree(tmp_path / "runs", loop={"eval": str(tmp_path / "heldout" / "eval.jsonl"), **loop})
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.touch()
+    return loop_module.open_loop(load_config(tree=tree), tasks, source, tmp_path / "exports")
+
+
+def ingest_only(loop):
+    """A run_round that ingests and never trains (a round needs more new answers than there are)."""
+    from shared import loop as loop_module
+
+    result = loop_module.run_round(loop, min_new=10**9)
+    assert result.round is None
+    return result
+
+
+def hashed(i: int, label: str, answer: str = "accept", input_hash: int | None = None, task_hash: int | None = None):
+    item = {"image": f"img/{i}.png", "answer": answer, "label": label}
+    return {**item, "_input_hash": i if input_hash is None else input_hash,
+            "_task_hash": 100 + i if task_hash is None else task_hash}
+
+
+def test_the_answer_table_keeps_the_latest_answer_per_input():
+    table = annotations.AnswerTable()
+    assert table.take("f1", "img:a", "a|cat", "accept", 1, 0) == (True, None)
+    assert table.take("f1", "img:a", "a|cat", "accept", 9, 0) == (False, None)  # the same answer again: skipped
+    assert table.take("f2", "img:a", "a|dog", "accept", 2, 1) == (True, 1)  # a new label for the input replaces
+    assert table.take("f3", "img:a", "a|cat", "reject", None) == (True, None)  # another question: it stays
+    assert table.take("f4", "img:b", "b|cat", "accept", 3, 0) == (True, None)
+    assert table.take("f5", "img:b", "b|cat", "ignore", None) == (True, 3)  # the same question: withdrawn
+    assert table.take("f6", None, "|x", "reject", None) == (True, None)  # no image: only counted
+    assert table.ids() == {2} and table.class_counts(2) == [0, 1]
+
+
+@pytest.mark.slow
+def test_a_re_exported_file_ingests_only_new_answers_and_the_latest_answer_per_input_wins(tmp_path, capsys):
+    loop = fake_loop(tmp_path)
+    tasks = loop.annotations
+    for i in range(6):
+        png(tmp_path / "img" / f"{i}.png", i, i % 4)
+    first = [hashed(0, "class_0"), hashed(1, "class_1"), hashed(2, "class_2", "reject")]
+    tasks.write_text("".join(json.dumps(item) + "\n" for item in first))
+    result = ingest_only(loop)
+    state = state_of(loop.dir)
+    assert (result.pending, state["examples"], record_labels(loop.dir / "data")) == (2, 2, [0, 1])
+    assert count_records(loop.dir / "eval", "validation-*") == 3  # 4 held-out answers, one image twice
+    assert "held-out set" in capsys.readouterr().out
+
+    # the tool exports again: the same answers in its own key order and spacing, then new ones, among them a
+    # corrected label for image 0 (the same _input_hash, another _task_hash)
+    second = first + [hashed(3, "class_3"), hashed(0, "class_3", task_hash=200)]
+    tasks.write_text("".join(json.dumps(item, sort_keys=True, separators=(", ", " : ")) + "\n" for item in second))
+    batch = ingest_only(loop).batch
+    assert "no longer starts with the 3 line(s)" in capsys.readouterr().out
+    assert (batch.duplicates, batch.accepted, batch.rejected, batch.replaced) == (3, 2, 0, 1)
+    state = state_of(loop.dir)
+    assert (state["examples"], state["pending"]) == (3, 4)
+    assert record_labels(loop.dir / "data") == [1, 3, 3]  # image 0 once, as class_3
+    assert sorted(p.name for p in (loop.dir / "data").iterdir()) == sorted(state["sets"])
+
+    # an edit in place that keeps the size: image 1 relabelled; read from its start again, not mid-line
+    text = tasks.read_text()
+    tasks.write_text(text.replace('"class_1"', '"class_2"'))
+    assert tasks.stat().st_size == len(text.encode())
+    batch = ingest_only(loop).batch
+    assert "no longer starts with" in capsys.readouterr().out
+    assert (batch.duplicates, batch.accepted, batch.replaced, len(batch.malformed)) == (4, 1, 1, 0)
+    assert record_labels(loop.dir / "data") == [2, 3, 3]
+
+    # the whole history appended again: nothing new
+    with open(tasks, "a") as handle:
+        handle.write(tasks.read_text())
+    batch = ingest_only(loop).batch
+    assert (batch.duplicates, batch.accepted) == (5, 0) and state_of(loop.dir)["examples"] == 3
+
+    # without hashes a task is its image and its answer: a new label replaces, a reject of it withdraws it
+    append(tasks, [json.dumps({"image": "img/5.png", "answer": "accept", "label": "class_0"}),
+                   json.dumps({"image": "img/5.png", "answer": "accept", "label": "class_1"})])
+    batch = ingest_only(loop).batch
+    assert (batch.accepted, batch.replaced) == (2, 1) and record_labels(loop.dir / "data") == [1, 2, 3, 3]
+    append(tasks, [json.dumps({"image": "img/5.png", "answer": "reject", "label": "class_0"}),  # another question
+                   json.dumps({"image": "img/5.png", "answer": "reject", "label": "class_1"})])
+    batch = ingest_only(loop).batch
+    assert (batch.rejected, batch.withdrawn) == (2, 1) and record_labels(loop.dir / "data") == [2, 3, 3]
+    state = state_of(loop.dir)
+    assert state["examples"] == 3 == count_records(loop.dir / "data", "*/train-*")
+    assert state["class_counts"] == [0, 0, 1, 2]
+
+
+@pytest.mark.slow
+def test_ingestion_holds_and_commits_one_bounded_chunk_at_a_time(tmp_path, monkeypatch):
+    from shared import loop as loop_module
+
+    loop = fake_loop(tmp_path)
+    ingest_only(loop)  # the loop started: its held-out set written
+    append(loop.annotations, classification_lines(tmp_path, 0, 5) + classification_lines(tmp_path, 10, 1, "reject"))
+    monkeypatch.setattr(loop_module, "CHUNK_BYTES", 1)  # one image a chunk
+    held, read_new = [], annotations.read_new
+
+    def reading(*args, **kwargs):
+        batch = read_new(*args, **kwargs)
+        held.append(len(batch.examples))
+        return batch
+
+    commits, commit = [], loop_module._commit
+    monkeypatch.setattr(annotations, "read_new", reading)
+    monkeypatch.setattr(loop_module, "_commit", lambda folder, state: commits.append(state["offset"]) or
+                        commit(folder, state))
+    result = ingest_only(loop)
+    assert held == [1, 1, 1, 1, 1, 0] and result.pending == 5  # the last read: the rejected line
+    assert len(commits) == 6 and commits == sorted(set(commits))  # each chunk committed, further each time
+    state = state_of(loop.dir)
+    assert len(state["sets"]) == 5 and count_records(loop.dir / "data", "*/train-*") == 5
+
+
+def test_image_fields_name_only_regular_files_within_data_max_image_bytes(tmp_path):
+    import threading
+
+    png(tmp_path / "small.png", 0, size=8)
+    png(tmp_path / "big.png", 1, size=64)
+    os.mkfifo(tmp_path / "fifo.png")
+    (tmp_path / "folder.png").mkdir()
+    limit = (tmp_path / "small.png").stat().st_size + 10
+    inline = base64.b64encode((tmp_path / "big.png").read_bytes()).decode()
+    images = ["small.png", "fifo.png", "/dev/zero", "folder.png", "big.png", f"data:image/png;base64,{inline}"]
+    (tmp_path / "tasks.jsonl").write_text("".join(
+        json.dumps({"image": image, "answer": "accept", "label": "class_0"}) + "\n" for image in images))
+    done = []
+    reader = threading.Thread(target=lambda: done.append(annotations.read_new(
+        tmp_path / "tasks.jsonl", task="classification", class_names=CLASSES, max_image_bytes=limit)), daemon=True)
+    reader.start()
+    reader.join(timeout=30)
+    try:
+        assert done, "reading the annotations blocked (on the FIFO?)"
+    finally:
+        with contextlib.suppress(OSError):  # a reader blocked on the FIFO gets its end of file
+            os.close(os.open(tmp_path / "fifo.png", os.O_WRONLY | os.O_NONBLOCK))
+    batch = done[0]
+    assert batch.accepted == 1 and [p.split(":")[0] for p in batch.malformed] == [f"line {n}" for n in (2, 3, 4, 5, 6)]
+    assert "fifo.png is a FIFO, not a regular file" in batch.malformed[0]
+    assert "/dev/zero is a device, not a regular file" in batch.malformed[1]
+    assert "folder.png is a folder" in batch.malformed[2]
+    assert f"above data.max_image_bytes {limit}" in batch.malformed[3]
+    assert "data: URI of about" in batch.malformed[4] and f"above data.max_image_bytes {limit}" in batch.malformed[4]
+
+
+CHUNKED_RUNNER = "import shared.loop\nshared.loop.CHUNK_BYTES = 1\n" + KILLING_RUNNER  # a chunk an image
+
+
+@pytest.mark.slow
+def test_kills_between_chunks_and_in_a_rewrite_lose_nothing_and_duplicate_nothing(tmp_path, source, monkeypatch):
+    from shared import loop as loop_module
+    from shared import runner
+
+    source_run, tree = source
+    recipe = classification_recipe(tmp_path, tree)
+    tasks = tmp_path / "tasks.jsonl"
+    append(tasks, classification_lines(tmp_path, 0, 6))
+    command = ["loop", "--config", str(recipe), "--annotations", str(tasks), "--from", str(source_run.path),
+               "--export-dir", str(tmp_path / "exports"), "--once"]
+    loop_dir = tmp_path / "runs" / "loops" / "tiny-recipe"
+
+    def killed(kill_at: str) -> None:
+        result = subprocess.run([sys.executable, "-c", CHUNKED_RUNNER, *command], cwd=REPO, capture_output=True,
+                                text=True, timeout=300, env={**os.environ, "KILL_AT": kill_at})
+        assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
+
+    killed("state.json:after:3")  # the loop's first state, then two chunks committed
+    state = state_of(loop_dir)
+    assert (state["pending"], len(state["sets"]), state["lines"]) == (2, 2, 2)
+    killed("set-000004:after:1")  # the third chunk committed, the fourth published but not
+    state = state_of(loop_dir)
+    assert (state["pending"], state["sets"]) == (3, ["set-000001", "set-000002", "set-000003"])
+    assert (loop_dir / "data" / "set-000004").is_dir()
+    # a corrected label for image 0 (in set-000001): its chunk publishes a new set and set-000001 rewritten
+    append(tasks, [json.dumps({"image": "img/0.png", "answer": "accept", "label": "class_2"})])
+    killed("state.json:before:4")  # chunks 4-6 committed; the correction's sets published, not committed
+    state = state_of(loop_dir)
+    assert state["pending"] == 6 and "set-000001" in state["sets"] and len(list((loop_dir / "data").iterdir())) > 6
+
+    monkeypatch.setattr(loop_module, "CHUNK_BYTES", 1)
+    assert runner.main(command) == 0
+    state = state_of(loop_dir)
+    assert (state["round"], state["examples"], state["totals"]["accepted"], state["totals"]["replaced"]) == (1, 6, 7, 1)
+    assert state["history"][-1]["new"] == 7
+    assert record_labels(loop_dir / "data") == [0, 1, 1, 2, 2, 3]  # labels i % 4; image 0: class_2 only
+    assert len((loop_dir / "answers.jsonl").read_text().splitlines()) == 7
+    assert sorted(p.name for p in (loop_dir / "data").iterdir()) == sorted(state["sets"])
+
+
+@pytest.mark.slow
+def test_no_round_is_exported_below_round_zero_beyond_the_tolerance(tmp_path, source, monkeypatch, capsys):
+    from shared import loop as loop_module
+    from shared.config import load_config
+
+    source_run, tree = source
+    recipe = classification_recipe(tmp_path, tree, tolerance=0.0)
+    tasks = tmp_path / "tasks.jsonl"
+    append(tasks, classification_lines(tmp_path, 0, 4))
+    loop = loop_module.open_loop(load_config(str(recipe)), tasks, source_run.path, tmp_path / "exports")
+    monkeypatch.setattr(loop_module, "evaluate_run", lambda loop, run: 2.0)  # above any top-1 a round can reach
+    result = loop_module.run_round(loop)
+    assert result.round == 1 and result.exported is None
+    assert "fell more than 0.0 below round 0's (the --from run) 2.0000; nothing is exported" in capsys.readouterr().out
+    assert exported_versions(tmp_path / "exports", loop.export_name) == []
+    with open(loop.dir / "rounds.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [(r["round"], r["metric"], r["exported_version"], r["run"]) for r in rows][0] == (
+        "0", "2.0", "", str(source_run.path))
+    assert rows[1]["exported_version"] == "" and state_of(loop.dir)["served"] is None
+
+
+@pytest.mark.slow
+def test_rounds_see_what_the_from_run_saw_count_class_weights_and_print_a_line_a_phase(tmp_path, source, capsys):
+    import copy
+
+    from shared import runner
+
+    source_run, tree = source
+    tree = copy.deepcopy(tree)
+    tree["data"]["image_size"] = 12  # the source run saw 16
+    tree["train"].update(class_weight="auto", verbose=2)  # Keras would print two lines an epoch
+    recipe = classification_recipe(tmp_path, tree, steps=6)
+    tasks = tmp_path / "tasks.jsonl"
+    labels = [0, 0, 0, 1, 1, 2]
+    for i, label in enumerate(labels):
+        png(tmp_path / "img" / f"{i}.png", i, label)
+    append(tasks, [json.dumps({"image": f"img/{i}.png", "answer": "accept", "label": CLASSES[label]})
+                   for i, label in enumerate(labels)])
+    assert runner.main(["loop", "--config", str(recipe), "--annotations", str(tasks), "--from", str(source_run.path),
+                        "--export-dir", str(tmp_path / "exports")]) == 0
+    out = capsys.readouterr().out
+    state = state_of(tmp_path / "runs" / "loops" / "tiny-recipe")
+    recorded = runs.open_run(state["history"][-1]["run"]).config_dict()
+    assert recorded["data"]["image_size"] == 16
+    assert (recorded["train"]["epochs"], recorded["train"]["steps_per_epoch"]) == (6, 1)
+    assert "follows --from" in out and "data.image_size 16 (the recipe: 12)" in out
+    # auto: n / (k x count) over the loop's examples, 1.0 for a class without any
+    assert recorded["train"]["class_weight"] == {"class_0": 0.5, "class_1": 0.75, "class_2": 1.5, "class_3": 1.0}
+    assert "Epoch" not in out and len(out.splitlines()) <= 10, out
+
+
+@pytest.mark.slow
+def test_garbage_collection_removes_only_the_runs_the_loop_trained(tmp_path, source):
+    import shutil
+
+    from shared import loop as loop_module
+    from shared.config import load_config
+
+    source_run, tree = source
+    loop_dir = tmp_path / "my-loop"
+    recipe = classification_recipe(tmp_path, tree, keep=1, dir=str(loop_dir))
+
+    def copied(version: str, **loop) -> Path:  # a run trained with the recipe: its config records loop.dir
+        path = tmp_path / "runs" / "tiny" / version
+        shutil.copytree(source_run.path, path)
+        config = yaml.safe_load((path / "config.yaml").read_text())
+        config["loop"] = {**config.get("loop", {}), "dir": str(loop_dir), **loop}
+        (path / "config.yaml").write_text(yaml.safe_dump(config))
+        return path
+
+    start, other, foreign = copied("v0001"), copied("v0002"), copied("v0003", attempt="0123456789abcdef")
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.touch()
+    loop = loop_module.open_loop(load_config(str(recipe)), tasks, start, tmp_path / "exports")
+    results = []
+    for first in (0, 10):
+        append(tasks, classification_lines(tmp_path, first, 4))
+        results.append(loop_module.run_round(loop))
+    assert [r.round for r in results] == [1, 2]
+    assert start.is_dir() and other.is_dir() and foreign.is_dir()
+    assert not results[0].run.exists() and results[1].run.is_dir()  # keep 1: the loop's older round run goes

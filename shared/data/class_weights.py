@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from typing import Sequence
 
 from shared.errors import UserError
 
@@ -27,8 +28,7 @@ def resolve(setting, class_names: list[str], train_labels: list[int] | None, sou
                             f"{source} source does not list without reading every image; give the weights as "
                             f"{{class name: weight}}")
         counts = Counter(train_labels)
-        total, k = len(train_labels), len(class_names)
-        return [round_weight(total / (k * counts[i])) if counts[i] else 1.0 for i in range(k)]
+        return auto([counts[i] for i in range(len(class_names))])
     known = {name: i for i, name in enumerate(class_names)}
     weights = [1.0] * len(class_names)
     for key, value in setting.items():
@@ -41,6 +41,13 @@ def resolve(setting, class_names: list[str], train_labels: list[int] | None, sou
             raise UserError(f"train.class_weight.{name} is {value!r}; a class weight must be a positive number")
         weights[known[name]] = float(value)
     return weights
+
+
+def auto(counts: Sequence[int]) -> list[float]:
+    """`auto` from the examples of each class (index order): n / (k * count_c), 1.0 for a class without any.
+    For a source that does not list its labels but whose writer counted them (the loop's shard sets)."""
+    total, k = sum(counts), len(counts)
+    return [round_weight(total / (k * count)) if count else 1.0 for count in counts]
 
 
 def round_weight(weight: float) -> float:
