@@ -42,6 +42,7 @@ class EvalView:
     normalize: bool
     mean: tuple[float, ...] | None
     std: tuple[float, ...] | None
+    max_pixels: int | None = None  # encoded images above this many pixels are refused (data.max_pixels)
 
     @classmethod
     def from_config(cls, config) -> "EvalView":
@@ -54,7 +55,7 @@ class EvalView:
 
             mean, std = normalization_statistics(data)
         return cls(data.image_size, data.channels, resizes_pixels(config), data.crop_fraction, data.normalize,
-                   tuple(mean) if mean else None, tuple(std) if std else None)
+                   tuple(mean) if mean else None, tuple(std) if std else None, data.max_pixels)
 
     @classmethod
     def from_record(cls, record: dict) -> "EvalView":
@@ -62,23 +63,25 @@ class EvalView:
         mean, std = record.get("mean"), record.get("std")
         return cls(int(record["image_size"]), int(record["channels"]), record["preprocessing"] == RESIZE,
                    float(record["crop_fraction"]), bool(record["normalize"]),
-                   tuple(mean) if mean else None, tuple(std) if std else None)
+                   tuple(mean) if mean else None, tuple(std) if std else None, record.get("max_pixels"))
 
     def record(self) -> dict:
         return {"image_size": self.image_size, "channels": self.channels,
                 "preprocessing": RESIZE if self.whole else CENTER_CROP, "crop_fraction": self.crop_fraction,
                 "normalize": self.normalize, "mean": list(self.mean) if self.mean else None,
-                "std": list(self.std) if self.std else None}
+                "std": list(self.std) if self.std else None, "max_pixels": self.max_pixels}
 
     @property
     def shape(self) -> tuple[int, int, int]:
         return self.image_size, self.image_size, self.channels
 
-    def pixels(self, image):
-        """One image (encoded bytes, or decoded H x W x C pixels) -> float32 0-255 pixels of `shape`."""
+    def pixels(self, image, name="an input image"):
+        """One image (encoded bytes, or decoded H x W x C pixels) -> float32 0-255 pixels of `shape`; an
+        encoded one the formats table refuses fails in one line naming it (`name`)."""
         from shared.data import preprocess
 
-        return preprocess.eval_view(image, self.image_size, self.crop_fraction, self.channels, self.whole)
+        return preprocess.eval_view(image, self.image_size, self.crop_fraction, self.channels, self.whole,
+                                    self.max_pixels, name)
 
     def normalizer(self):
         """pixels -> what the model takes ((pixel - mean) / std, or pixel / 255 when normalization is off)."""

@@ -19,6 +19,7 @@ import shutil
 import signal
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -300,10 +301,11 @@ def _run_training(task: Task, config: Config, argv: list[str] | None, resumed: r
                                              task_callbacks)
                 if continued and start <= continued.epoch < phase.until_epoch:
                     _start_from(trainer, continued.checkpoint, config, phase_callbacks[-1], continued.epoch)
-                trainer.fit(train_data, epochs=phase.until_epoch, initial_epoch=start,
-                            steps_per_epoch=data.steps_per_epoch, validation_data=val_data,
-                            verbose=keras_verbosity(config.train.verbose), shuffle=False,
-                            callbacks=[*stop_callbacks, *phase_callbacks, *(extra_callbacks or [])])
+                with _unknown_validation_length_allowed(val_data):
+                    trainer.fit(train_data, epochs=phase.until_epoch, initial_epoch=start,
+                                steps_per_epoch=data.steps_per_epoch, validation_data=val_data,
+                                verbose=keras_verbosity(config.train.verbose), shuffle=False,
+                                callbacks=[*stop_callbacks, *phase_callbacks, *(extra_callbacks or [])])
                 start = phase.until_epoch
                 stopped = _stopped_early(stopper, config)
             if stopped:
@@ -397,11 +399,31 @@ def failures_marked(run: runs.Run, model: keras.Model,
             raise durable.DiskFull(f"{full} (run {run.path} {'is' if marked else 'could not be'} marked failed; "
                                    f"once there is room: python -m shared.runner --resume {run.path})") from None
         bad = undecodable(error)
-        _mark(run, "failed", ended=_now(), error=f"undecodable images: {bad}" if bad else _first_line(error))
+        embedded = embedded_user_error(error)  # a check in the input pipeline that names its problem
+        _mark(run, "failed", ended=_now(), error=f"undecodable images: {bad}" if bad else
+              str(embedded) if embedded is not None else _first_line(error))
         if bad:
             raise UserError(f"corrupt or unreadable image(s): {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}; "
                             f"delete or replace them (run {run.path} is marked failed)") from None
+        if embedded is not None:
+            raise UserError(f"{embedded} (run {run.path} is marked failed)") from None
         raise
+
+
+@contextlib.contextmanager
+def _unknown_validation_length_allowed(val_data) -> Iterator[None]:
+    """Keras warns that the input "ran out of data" whenever it reaches the end of a dataset of unknown length,
+    as a validation split is when data.on_corrupt: skip drops the images that do not decode: there the end of
+    each pass is expected. The training stream repeats forever, so during fit the warning can only be about
+    such a split, and is left out while one is validated."""
+    import tensorflow as tf
+
+    if not isinstance(val_data, tf.data.Dataset) or int(val_data.cardinality()) != tf.data.UNKNOWN_CARDINALITY:
+        yield
+        return
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Your input ran out of data")
+        yield
 
 
 def _test_last_checkpoint(task: Task, run: runs.Run, data, config: Config) -> tuple[dict, Callable, Path]:

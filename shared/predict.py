@@ -15,9 +15,9 @@ annotation tool's tasks (`shared.annotations`' format, without an answer): sugge
 from __future__ import annotations
 
 import collections
+import contextlib
 import csv
 import glob
-import io
 import itertools
 import json
 import os
@@ -51,7 +51,7 @@ class Prediction:
     labels: list[str] = field(default_factory=list)  # the top-k as labels.txt records them (wnids stay wnids)
 
     def row(self) -> dict:
-        return {"path": self.input, "ids": self.ids, "names": self.names, "scores": self.scores}
+        return {"path": self.input, "ids": self.ids, "names": self.names, "scores": self.scores, "error": self.error}
 
     def task(self) -> dict:
         """The annotation task's suggestion (without "image" and "answer": no one has answered yet): the top
@@ -244,9 +244,17 @@ class Predictor:
             return readable(labels)
         return [self.class_names[int(i)] for i in ids]
 
-    def csv_text(self, rows: list[Prediction], top_k: int) -> str:
-        """The --out CSV of `rows`: the top-k ids, names and scores in columns."""
-        return csv_text(rows, min(top_k, self.num_classes))
+    def csv_header(self, top_k: int) -> list[str]:
+        """The --out CSV's columns: the path, the top-k ids, names and scores, and why an input was skipped."""
+        ranks = range(1, min(top_k, self.num_classes) + 1)
+        return ["path", *(f"{what}_{rank}" for rank in ranks for what in ("id", "name", "score")), "error"]
+
+    def csv_row(self, prediction: Prediction, top_k: int) -> list:
+        """One input's CSV row (a skipped one: empty ranks and its error)."""
+        k = min(top_k, self.num_classes)
+        ranked = [value for i, n, s in zip(prediction.ids, prediction.names, prediction.scores)
+                  for value in (i, n, f"{s:.6g}")]
+        return [prediction.input, *ranked, *[""] * (3 * k - len(ranked)), prediction.error or ""]
 
     # arrays: preprocessed here with the view, classified as pixels
     def _arrays(self, items, batch_size: int) -> Iterator[tuple[int, int, np.ndarray | str]]:
@@ -286,7 +294,7 @@ class Predictor:
 
         def load(index, path):
             encoded = tf.io.read_file(path)
-            return index, (encoded if backend.decodes else backend.view.pixels(encoded))
+            return index, (encoded if backend.decodes else backend.view.pixels(encoded, path))
 
         dataset = (tf.data.Dataset.from_generator(paths, output_signature=(tf.TensorSpec((), tf.int64),
                                                                            tf.TensorSpec((), tf.string)))
@@ -373,19 +381,26 @@ def _why_unreadable(path: str, view: EvalView | None) -> str:
 
 
 def _why_undecodable(encoded: bytes, view: EvalView | None) -> str:
+    """Why an image was not classified: what the formats table refuses it for (its header), else the decoder's
+    own complaint."""
     import tensorflow as tf
 
-    from shared.data import preprocess
+    from shared.data import formats, preprocess
+    from shared.errors import embedded_user_error
 
     if not encoded:
         return "empty file"
     try:
+        formats.facts(encoded, view.max_pixels if view is not None else None)
         if view is not None:
             view.pixels(tf.constant(encoded))
         else:
             preprocess.decode(tf.constant(encoded), 3)
+    except formats.Refused as why:
+        return str(why)
     except tf.errors.OpError as error:
-        return f"not a decodable image ({first_line(error)})"
+        embedded = embedded_user_error(error)
+        return str(embedded) if embedded is not None else f"does not decode ({first_line(error)})"
     return "the model failed on it"
 
 
@@ -526,7 +541,7 @@ class Paths:
         return self._globbed[pattern]
 
     def _walk(self, folder: str, keep: bool = False) -> Iterator[str]:
-        from shared.data.listing import is_image
+        from shared.data.listing import is_image_file
 
         entries = self._listed.pop(folder, None)
         if entries is None:
@@ -541,7 +556,7 @@ class Paths:
         for entry in entries:
             if entry.is_dir(follow_symlinks=False):
                 yield from self._walk(entry.path, keep)
-            elif is_image(entry.name) and entry.is_file():
+            elif entry.is_file() and is_image_file(entry.path):
                 yield entry.path
 
 
@@ -579,27 +594,6 @@ def format_line(prediction: Prediction) -> str:
     return f"{prediction.input}  {shown}"
 
 
-def csv_text(predictions: list[Prediction], top_k: int) -> str:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["path", *(f"{what}_{rank}" for rank in range(1, top_k + 1) for what in ("id", "name", "score"))])
-    for p in predictions:
-        ranked = zip(p.ids, p.names, p.scores)
-        writer.writerow([p.input, *(value for i, n, s in ranked for value in (i, n, f"{s:.6g}"))])
-    return buffer.getvalue()
-
-
-def jsonl_text(predictions: list[Prediction]) -> str:
-    return "".join(_json_line(p.row()) for p in predictions)
-
-
-def tasks_text(results: list, tasks_file: Path) -> str:
-    """One annotation task per image (`shared.annotations`' format, no "answer"): the image as the
-    annotation reader finds it from `tasks_file`'s folder, then the result's suggestion (`task()`)."""
-    folder = os.path.abspath(Path(tasks_file).parent)
-    return "".join(_json_line({"image": task_image(result.input, folder), **result.task()}) for result in results)
-
-
 def task_image(path: str, folder: str) -> str:
     """An image's path in a tasks file in `folder`: relative to it when the image lies under it (the tasks
     file moves with its images), else absolute (the reader resolves relative paths against that folder,
@@ -623,10 +617,11 @@ def _json_line(row: dict) -> str:
 def command(predictor_factory: Callable[[], Predictor], arguments: list[str], top_k: int = 5,
             out: str | None = None, strict: bool = False, batch_size: int = DEFAULT_BATCH,
             fmt: str | None = None) -> None:
-    """`python -m shared.runner predict`: print each image's top-k, or boxes (and write them to `out` as
-    `fmt` says, `out_format`); a file that cannot be read is one line on stderr and skipped, or with `strict`
-    the end of the command (a UserError)."""
-    from shared.durable import atomic_write
+    """`python -m shared.runner predict`: print each image's top-k, or boxes, and write each to `out` as `fmt`
+    says (`out_format`) as it comes, nothing held in memory; a file that cannot be read is one line on stderr
+    and a row with its `error` (csv, jsonl), or with `strict` the end of the command (a UserError). `out`
+    appears whole when every input was read: a stopped command leaves no half file."""
+    from shared.durable import partial_path
     from shared.progress import progress_bar
 
     fmt = out_format(out, fmt)
@@ -638,9 +633,15 @@ def command(predictor_factory: Callable[[], Predictor], arguments: list[str], to
     # a bar (terminals only, shared.progress) once there are many; its total stays open: a folder is walked as
     # it is classified, not counted first
     bar = progress_bar(unit="image", leave=False, dynamic_ncols=True) if len(head) == PROGRESS_FROM else None
-    rows: list[Prediction] = []
-    skipped = 0
-    try:
+    read = skipped = 0
+    with contextlib.ExitStack() as stack:
+        write = None
+        if fmt is not None:  # closed, then published (or removed, when the command stops) in that order
+            partial = stack.enter_context(partial_path(Path(out)))
+            handle = stack.enter_context(open(partial, "w", encoding="utf-8", errors="surrogateescape", newline=""))
+            write = _row_writer(fmt, predictor, top_k, handle, Path(out))
+        if bar is not None:
+            stack.callback(bar.close)
         for prediction in predictor.iter_predict(itertools.chain(head, paths), top_k, batch_size):
             if bar is not None:
                 bar.update()
@@ -650,22 +651,37 @@ def command(predictor_factory: Callable[[], Predictor], arguments: list[str], to
                                     f"(--strict stops at the first; leave it out to skip such files)")
                 skipped += 1
                 _say(bar, f"skipped {prediction.input}: {prediction.error}", sys.stderr)
-                continue
-            rows.append(prediction)
-            _say(bar, prediction.line(), sys.stdout)
-    finally:
-        if bar is not None:
-            bar.close()
-    if not rows and skipped:
-        raise UserError(f"none of the {skipped} files could be read as an image")
+            else:
+                read += 1
+                _say(bar, prediction.line(), sys.stdout)
+            if write is not None:
+                write(prediction)
     if fmt is not None:
-        texts = {"csv": lambda: predictor.csv_text(rows, top_k), "jsonl": lambda: jsonl_text(rows),
-                 "tasks": lambda: tasks_text(rows, Path(out))}
-        atomic_write(Path(out), texts[fmt]().encode("utf-8", "surrogateescape"))  # names need not be UTF-8
-        print(f"wrote {len(rows)} {'tasks' if fmt == 'tasks' else 'predictions'} to {out}")
+        kept = "" if fmt == "tasks" or not skipped else f" (and {skipped} skipped, each with its error)"
+        print(f"wrote {read} {'tasks' if fmt == 'tasks' else 'predictions'}{kept} to {out}")
     if skipped:
         print(f"skipped {skipped} file{'s' if skipped > 1 else ''} that could not be read as images",
               file=sys.stderr)
+    if not read and skipped:
+        raise UserError(f"none of the {skipped} files could be read as an image")
+
+
+def _row_writer(fmt: str, predictor: Predictor, top_k: int, handle, out: Path) -> Callable[[Any], None]:
+    """Writes one result to the open --out file: a CSV row (header first), a JSON line, or an annotation task
+    (`shared.annotations`' format, no "answer"; a skipped image is no task) with its image as the annotation
+    reader finds it from `out`'s folder."""
+    if fmt == "csv":
+        writer = csv.writer(handle, lineterminator="\n")
+        writer.writerow(predictor.csv_header(top_k))
+        return lambda result: writer.writerow(predictor.csv_row(result, top_k))
+    if fmt == "jsonl":
+        return lambda result: handle.write(_json_line(result.row()))
+    folder = os.path.abspath(out.parent)
+
+    def task(result) -> None:
+        if result.error is None:
+            handle.write(_json_line({"image": task_image(result.input, folder), **result.task()}))
+    return task
 
 
 def _say(bar, line: str, stream) -> None:

@@ -97,26 +97,40 @@ def test_train_then_test_from_the_command_line(tmp_path, capsys):
     (run_dir,) = (tmp_path / "runs" / "resnet").iterdir()
     assert "cli: smoke" in (run_dir / "notes.md").read_text()
     assert "val_top1" in (run_dir / "metrics.csv").read_text().splitlines()[0]  # validated every epoch
-    recorded = out.rsplit(f"{run_dir}: ", 1)[1].strip()  # the summary line, then the worst classes
+    # the summary line, then the worst classes, then the closing line (what the folder holds, what comes next)
+    recorded, closing = out.rsplit(f"\n{run_dir}: ", 1)[1].strip().rsplit("\n", 1)
     assert recorded.splitlines()[0].startswith("test top-1 ") and "worst 4 classes by F1" in recorded
+    assert closing.startswith(f"run folder {run_dir}: curves.png") and f"test --run {run_dir}" in closing
     code, out, err = run_cli(capsys, "test", "--run", run_dir)
     assert code == 0 and out.strip() == recorded
 
 
 @pytest.mark.slow
-def test_corrupt_images_can_be_skipped_and_counted(tmp_path, capsys):
+def test_corrupt_images_are_skipped_named_once_and_counted_once(tmp_path, capsys):
     root = make_folder_dataset(tmp_path / "imgs", per_class=3)
     (root / "train" / "dog" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated, not a real JPEG")
+    (root / "train" / "cat" / "text.png").write_text("not an image\n")
     (root / "val" / "cat" / "empty.png").write_bytes(b"")
-    tree = tiny_tree(tmp_path / "runs", train={"epochs": 1, "batch_size": 4})
+    tree = tiny_tree(tmp_path / "runs", train={"epochs": 4, "batch_size": 4})
     tree["data"] = {"source": "folder", "path": str(root), "test_split": "val", "image_size": 16,
                     "on_corrupt": "skip"}
     code, out, err = run_cli(capsys, "--config", write_config(tmp_path, tree))
     assert code == 0, err
     (run_dir,) = (tmp_path / "runs" / "resnet").iterdir()
     metrics = yaml.safe_load((run_dir / "test_metrics.json").read_text())
-    assert metrics["skipped_train_images"] >= 1 and metrics["skipped_test_images"] == 1
-    assert metrics["examples"] == 9 and "skipped unreadable images" in out
+    # read in each of 4 epochs, each counted and named once
+    assert metrics["skipped_train_images"] == 2 and metrics["skipped_test_images"] == 1
+    assert metrics["examples"] == 9
+    train_line = next(line for line in out.splitlines() if line.startswith("skipped 2 unreadable training images"))
+    assert "broken.jpg" in train_line and "text.png" in train_line and "skipped.txt" in train_line
+    assert any(line.startswith("skipped 1 unreadable test image") and "empty.png" in line for line in out.splitlines())
+    recorded = sorted((run_dir / "skipped.txt").read_text().splitlines())
+    assert recorded == sorted([f"train\t{root / 'train' / 'dog' / 'broken.jpg'}",
+                               f"train\t{root / 'train' / 'cat' / 'text.png'}", f"test\t{root / 'val' / 'cat' / 'empty.png'}"])
+    code, out, err = run_cli(capsys, "test", "--run", str(run_dir))  # a re-test reads no training images
+    assert code == 0, err
+    assert "training image" not in out and "skipped 1 unreadable test image" in out
+    assert sorted((run_dir / "skipped.txt").read_text().splitlines()) == recorded  # kept as training wrote it
 
 
 @pytest.mark.parametrize("extra, fragments", [

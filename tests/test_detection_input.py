@@ -129,7 +129,7 @@ def test_an_image_that_is_no_image_is_named_before_training(tmp_path):
     (tmp_path / "images").mkdir()
     (tmp_path / "images" / "a.png").write_bytes(b"this is not a PNG" * 10)
     (tmp_path / "a.json").write_text(json.dumps(coco_tree()))
-    with pytest.raises(UserError, match=r"image .*images/a\.png is not a readable image \(cannot identify"):
+    with pytest.raises(UserError, match=r"image .*images/a\.png is not an image format that is read; convert it"):
         D.read_coco(tmp_path / "a.json", tmp_path / "images")
 
 

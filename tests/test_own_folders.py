@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import random
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -326,14 +327,18 @@ def test_a_damaged_image_among_many(tmp_path, on_corrupt):
     tree = train_tree(tmp_path, root)
     tree["data"]["on_corrupt"] = on_corrupt
     if on_corrupt == "error":
-        with pytest.raises(UserError, match=r"corrupt or unreadable image\(s\): .*broken-.*\.png.*marked failed"):
+        with pytest.raises(UserError, match=r"image \S*broken-\w+\.png has a damaged PNG header; .*marked failed"):
             lifecycle.train(load_config(tree=tree), argv=["pytest"])
         return
-    run = lifecycle.train(load_config(tree=tree), argv=["pytest"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run = lifecycle.train(load_config(tree=tree), argv=["pytest"])
+    # the validation split's unknown length (images left out) is expected, not Keras' "ran out of data"
+    assert not [w for w in caught if "ran out of data" in str(w.message)]
     recorded = {name: (run.path / "split" / f"{name}.txt").read_text(encoding="utf-8") for name in split.SPLITS}
     metrics = run.test_metrics()
-    assert metrics["skipped_test_images"] == recorded["test"].count("broken-")
-    assert (metrics["skipped_train_images"] >= 1) == ("broken-" in recorded["train"])
+    for part in split.SPLITS:  # each broken image skipped is counted once, in the split it was in
+        assert metrics.get(f"skipped_{part}_images", 0) == recorded[part].count("broken-")
 
 
 @pytest.mark.slow

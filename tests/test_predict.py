@@ -115,7 +115,7 @@ def test_run_saved_model_and_tflite_predict_what_the_eval_pipeline_sees(folder_r
     for predictor in (Predictor.from_run(run), Predictor.from_saved_model(folder)):
         result = predictor.predict(mixed, batch_size=3)  # the SavedModel retries its failed batch one by one
         assert [p.error is None for p in result] == [True, False, False, True, False, True]
-        assert result[1].error.startswith("not a decodable image") and result[2].error == "No such file or directory"
+        assert result[1].error.startswith("does not decode") and result[2].error == "No such file or directory"
         assert result[4].error.startswith("not an image array") and result[4].input == 4
         assert np.abs(np.stack([result[0].probabilities, result[3].probabilities]) - expected[:2]).max() < 1e-5
 
@@ -153,11 +153,18 @@ def test_the_command_skips_damaged_files_lists_them_and_writes_csv_and_jsonl(fol
     out = tmp_path / "predictions.csv"
     code, printed, err = run_cli(capsys, "predict", "--run", run.path, images, "--out", out, "--top-k", "3")
     assert code == 0, err
-    assert f"skipped {damaged}: not a decodable image" in err and "skipped 1 file " in err
+    assert f"skipped {damaged}: does not decode" in err and "skipped 1 file " in err
     assert "Traceback" not in err
-    rows = list(csv.reader(out.open(encoding="utf-8", errors="surrogateescape")))  # the name's own bytes
-    assert rows[0] == ["path", "id_1", "name_1", "score_1", "id_2", "name_2", "score_2", "id_3", "name_3", "score_3"]
-    assert [row[0] for row in rows[1:]] == sorted(good, key=lambda p: Path(p).relative_to(images).parts)
+    assert f"wrote {len(good)} predictions (and 1 skipped, each with its error) to {out}" in printed
+    every = list(csv.reader(out.open(encoding="utf-8", errors="surrogateescape")))  # the name's own bytes
+    assert every[0] == ["path", "id_1", "name_1", "score_1", "id_2", "name_2", "score_2", "id_3", "name_3",
+                        "score_3", "error"]
+    # the file alone says what failed: the skipped image's row, in its place, with its error and no ranks
+    assert [row[0] for row in every[1:]] == sorted([*good, str(damaged)],
+                                                   key=lambda p: Path(p).relative_to(images).parts)
+    (failed,) = [row for row in every[1:] if row[-1]]
+    assert failed[0] == str(damaged) and failed[1:-1] == [""] * 9 and failed[-1].startswith("does not decode")
+    rows = [every[0][:-1]] + [row[:-1] for row in every[1:] if not row[-1]]
     assert all(row[2] in NAMES for row in rows[1:])
     assert printed.splitlines()[0].startswith(rows[1][0] + "  " + rows[1][2])
 
@@ -169,6 +176,7 @@ def test_the_command_skips_damaged_files_lists_them_and_writes_csv_and_jsonl(fol
     assert [r["path"] for r in records] == sorted(p for p in good if p.endswith(".png"))
     assert any("déjà vu 猫" in r["path"] for r in records)
     assert all(len(r["ids"]) == len(r["names"]) == len(r["scores"]) == 4 for r in records)  # top 5 of 4 classes
+    assert all(r["error"] is None for r in records)
 
     # a reader that has gone (`| head -1`; here closed before the first line): no traceback, --out gets every image
     piped = tmp_path / "piped.jsonl"
@@ -178,7 +186,8 @@ def test_the_command_skips_damaged_files_lists_them_and_writes_csv_and_jsonl(fol
     stderr = process.stderr.read().decode()
     assert process.wait(timeout=120) == 0 and "Traceback" not in stderr and "BrokenPipe" not in stderr
     piped_rows = [json.loads(line) for line in piped.read_text(encoding="utf-8").splitlines()]  # valid UTF-8 JSON
-    assert [row["path"] for row in piped_rows] == [row[0] for row in rows[1:]]  # not-UTF-8 name as \udcXX
+    assert [row["path"] for row in piped_rows] == [row[0] for row in every[1:]]  # not-UTF-8 name as \udcXX
+    assert [row["error"] is not None for row in piped_rows] == [bool(row[-1]) for row in every[1:]]
 
     code, _, err = run_cli(capsys, "predict", "--run", run.path, images, "--out", tmp_path / "strict.csv", "--strict")
     assert_one_line_error(code, err, f"cannot classify {damaged}", "--strict")

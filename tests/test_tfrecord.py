@@ -138,7 +138,7 @@ def test_corrupt_file(source, tmp_path, capsys):
 def test_not_an_image(source, tmp_path):
     _, files, labels, _ = source
     Path(files[0]).write_text("not an image")
-    with pytest.raises(UserError, match=f"{files[0]} does not decode"):
+    with pytest.raises(UserError, match=f"{files[0]} is not an image format that is read; convert it"):
         example_from_file(files[0], 0, None)
 
 

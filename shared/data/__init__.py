@@ -18,22 +18,75 @@ AUTOTUNE = tf.data.AUTOTUNE
 CACHE_BYTES = 2 * 1024**3  # preprocessed training images kept in memory up to this size
 
 
-class SkipCounter:
-    """Counts the encoded images the training pipeline could not decode and skipped
-    (`data.on_corrupt: skip`): examples are numbered before decoding, so the gaps after
-    `ignore_errors` are the skipped ones."""
+class SkipLog:
+    """Which images a pipeline left out under `data.on_corrupt: skip`, each named (or counted) once however
+    often it was read. Examples carry an identity (their index in the source's file list, or for encoded records
+    a fingerprint of their bytes) and, after the shuffle, their position in the stream; `ignore_errors` keeps
+    the order, so a position that never arrives before a later one arrives is an image that failed."""
 
-    def __init__(self):
-        self.passed = tf.Variable(0, dtype=tf.int64, trainable=False)
-        self.last = tf.Variable(-1, dtype=tf.int64, trainable=False)
+    def __init__(self, names: list[str] | None):
+        self.names = names  # identity -> file name; None: identities are fingerprints of the encoded bytes
+        self._in_flight = tf.lookup.experimental.MutableHashTable(tf.int64, tf.int64, default_value=-1)
+        self._failed = tf.lookup.experimental.MutableHashTable(tf.int64, tf.int32, default_value=0)
+        self._last = tf.Variable(-1, dtype=tf.int64, trainable=False)
+        self._arrived = tf.Variable(0, dtype=tf.int64, trainable=False)
 
-    def record(self, index, image, label):
-        with tf.control_dependencies([self.passed.assign_add(1), self.last.assign(tf.maximum(self.last, index))]):
-            return tf.identity(image), label
+    def attempt(self, position: tf.Tensor, identity: tf.Tensor) -> tf.Operation:
+        """Before decoding: the position's identity, for when it does not arrive."""
+        return self._in_flight.insert(tf.reshape(position, [1]), tf.reshape(identity, [1]))
+
+    def arrived(self, position: tf.Tensor) -> tf.Operation:
+        """After `ignore_errors`, in stream order: the positions skipped since the last arrival failed. A
+        position at or below the last one starts a new pass (a new epoch's iterator, an evaluation again)."""
+        start = tf.where(position <= self._last, tf.constant(0, tf.int64), self._last + 1)
+        gap = tf.range(start, position)
+        failed = tf.reshape(self._in_flight.lookup(gap), [-1])
+        known = tf.boolean_mask(failed, failed >= 0)
+        with tf.control_dependencies([self._failed.insert(known, tf.ones_like(known, tf.int32))]):
+            done = tf.range(start, position + 1)
+            with tf.control_dependencies([self._in_flight.remove(done)]):
+                return tf.group(self._last.assign(position), self._arrived.assign_add(1))
 
     @property
-    def skipped(self) -> int:
-        return int(self.last.numpy()) + 1 - int(self.passed.numpy())
+    def seen(self) -> bool:
+        """Whether the pipeline was read at all (a run re-tested never reads its training split)."""
+        return int(self._arrived.numpy()) > 0
+
+    def skipped(self) -> list[str]:
+        """The images left out, each once: file names in the source's order, or for encoded records without
+        names 'record <fingerprint>'."""
+        identities = sorted(int(i) for i in self._failed.export()[0].numpy())
+        if self.names is not None:
+            return [self.names[i] for i in identities]
+        return [f"record {i & 0xFFFFFFFFFFFFFFFF:016x}" for i in identities]
+
+
+def _identified(dataset: tf.data.Dataset, source: sources.Source, split: str) -> tf.data.Dataset:
+    """(identity, image, label): the index in the source's file list of `split`, else a fingerprint of the
+    encoded bytes (a record's order may change between epochs)."""
+    if source.files.get(split):
+        return dataset.enumerate().map(lambda index, example: (index, *example))
+
+    def fingerprint(image, label):
+        print_ = tf.bitcast(tf.fingerprint(tf.reshape(image, [1]))[0], tf.int64)
+        return print_, image, label
+    return dataset.map(fingerprint)
+
+
+def _skipping(dataset: tf.data.Dataset, fn, log: SkipLog, parallel, identified: bool = True) -> tf.data.Dataset:
+    """`fn` over (image, label) pairs of `dataset`, leaving out the images it fails on, logged in `log`.
+    `identified`: the elements carry their identity first (else their position is their identity)."""
+    def attempt(position, example):
+        identity = example[0] if identified else position
+        image, label = example[1:] if identified else example
+        with tf.control_dependencies([log.attempt(position, identity)]):
+            return (position, *fn(tf.identity(image), label))
+
+    def arrived(position, image, label):
+        with tf.control_dependencies([log.arrived(position)]):
+            return tf.identity(image), label
+    return (dataset.enumerate().map(attempt, num_parallel_calls=parallel, deterministic=True)
+            .ignore_errors().map(arrived))
 
 
 @dataclass
@@ -49,7 +102,8 @@ class Datasets:
     input_shape: tuple[int, int, int]
     source: sources.Source
     soft_labels: bool = False  # train and val labels are (mixed) one-hot vectors, not class indices
-    skips: SkipCounter | None = None  # with data.on_corrupt: skip, how many training images were skipped
+    # with data.on_corrupt: skip, the images each split left out ({"train", "val", "test"} -> SkipLog)
+    skips: dict[str, SkipLog] | None = None
     # the config as this data resolves it (data.mean / std, data.num_classes, train.class_weight): a new frozen Config
     config: Config | None = None
     class_weights: list[float] | None = None  # train.class_weight resolved: one loss weight per class, or None
@@ -68,12 +122,16 @@ def _image_fn(config: Config, source: sources.Source, augmentations: list[augmen
     rest = augmentations[1:] if crop else augmentations
     normalize = preprocess.normalizer(data.mean, data.std, data.normalize, data.image_size)
 
+    records = f"a record of the {data.source} data {data.path or data.name or ''}".rstrip()
+
     def from_encoded(encoded):
+        name = encoded if source.encoding == "path" else records  # what a refusal names
         if source.encoding == "path":
             encoded = tf.io.read_file(encoded)
         if crop is not None:
-            return crop.from_encoded(encoded, data.channels)
-        return preprocess.eval_view(encoded, data.image_size, data.crop_fraction, data.channels, whole=False)
+            return crop.from_encoded(encoded, data.channels, data.max_pixels, name)
+        return preprocess.eval_view(encoded, data.image_size, data.crop_fraction, data.channels, whole=False,
+                                    max_pixels=data.max_pixels, name=name)
 
     def from_pixels(image):
         if crop is None:
@@ -107,7 +165,7 @@ def _fit_channels(stats: list[float], channels: int) -> list[float]:
     return [sum(stats) / len(stats)] * channels
 
 
-def find_undecodable(source: sources.Source) -> list[str]:
+def find_undecodable(source: sources.Source, max_pixels: int | None = None) -> list[str]:
     """Decode every file of an encoded source and return those that fail (run only after a failure)."""
     from shared.progress import progress_bar
 
@@ -115,10 +173,50 @@ def find_undecodable(source: sources.Source) -> list[str]:
     paths = [path for split in source.files.values() for path in split]
     for path in progress_bar(paths, desc="looking for the unreadable image", unit="file", leave=False):
         try:
-            preprocess.decode(tf.io.read_file(os.fsencode(path)), 3)  # bytes: names need not be UTF-8
+            preprocess.decode(tf.io.read_file(os.fsencode(path)), 3, max_pixels)  # bytes: names need not be UTF-8
         except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError):
             bad.append(path)
     return bad
+
+
+SKIPPED_FILE = "skipped.txt"  # in a run folder trained with data.on_corrupt: skip: split<TAB>image per line
+SHOWN_SKIPPED = 5  # names printed on screen; the file lists every one
+SPLIT_WORDS = {"train": "training", "val": "validation", "test": "test"}
+
+
+def skipped_images(skips: dict[str, SkipLog]) -> dict[str, list[str]]:
+    """{split: the images it left out, each once} for the splits that were read (a re-tested run never reads
+    its training split), printed once: the count and the first few names."""
+    found = {part: log.skipped() for part, log in skips.items() if part == "test" or log.seen}
+    for part, names in found.items():
+        if names:
+            more = f" and {len(names) - SHOWN_SKIPPED} more" if len(names) > SHOWN_SKIPPED else ""
+            listed = f" (all in the run's {SKIPPED_FILE})" if part == "train" else ""
+            print(f"skipped {len(names)} unreadable {SPLIT_WORDS[part]} image{'s' if len(names) > 1 else ''}"
+                  f"{listed}: {', '.join(names[:SHOWN_SKIPPED])}{more}", flush=True)
+    return found
+
+
+def write_skipped(folder, skipped: dict[str, list[str]]) -> None:
+    """The run's skipped.txt: one `split<TAB>image` line per image left out (none: no file)."""
+    from pathlib import Path
+
+    from shared.durable import atomic_write
+
+    lines = [f"{part}\t{name}\n" for part, names in skipped.items() for name in names]
+    if lines:  # a name need not be UTF-8: its own bytes back
+        atomic_write(Path(folder) / SKIPPED_FILE, "".join(lines).encode("utf-8", "surrogateescape"))
+
+
+def undecodable_files(error: BaseException, source: sources.Source, max_pixels: int | None = None) -> list[str]:
+    """The files behind a pipeline's decoding error, found by decoding each again; [] when the error is not
+    about files, or already names its image in one line (a refusal of `shared.data.formats`)."""
+    from shared.errors import embedded_user_error
+
+    if not isinstance(error, tf.errors.InvalidArgumentError) or source.encoding != "path" \
+            or embedded_user_error(error) is not None:
+        return []
+    return find_undecodable(source, max_pixels)
 
 
 PROBED_IMAGES = 1000  # data.on_corrupt: skip refuses a training set whose first this many images all fail
@@ -166,7 +264,10 @@ def make_datasets(config: Config, model_augment: ModuleType | None = None,
     data = config.data
     augmentations = augment.build(data.augment, data.image_size, model_augment, seed=train_config.seed)
 
+    skipping = data.on_corrupt == "skip" and source.encoding is not None
     train, num_train, train_labels = source.train, source.num_train, source.train_labels
+    if skipping:  # (identity, image, label): what a skipped image is named by (SkipLog)
+        train = _identified(train, source, "train")
     if data.limit_train:
         train, num_train = train.take(data.limit_train), min(num_train, data.limit_train)
         train_labels = train_labels and train_labels[:num_train]
@@ -197,9 +298,9 @@ def make_datasets(config: Config, model_augment: ModuleType | None = None,
         batch = input_context.get_per_replica_batch_size(batch)
     # Deterministic: one map thread, so the stateful random ops draw in a fixed order.
     parallel = 1 if data.deterministic else AUTOTUNE
-    skipping = data.on_corrupt == "skip" and source.encoding is not None
     if skipping:  # in reading order, before the shuffle fills its buffer and a resume skips its epochs
-        _check_one_decodes(train, eval_fn, num_train, data.path or data.source)
+        _check_one_decodes(train.map(lambda identity, image, label: (image, label)), eval_fn, num_train,
+                           data.path or data.source)
     # Decoded arrays without random augmentation: preprocess once and keep the result in memory, so an
     # epoch is only shuffle and batch (as a bare fit on arrays); with augmentation, cache the raw arrays.
     float_bytes = num_train * data.image_size ** 2 * data.channels * 4
@@ -215,13 +316,11 @@ def make_datasets(config: Config, model_augment: ModuleType | None = None,
                           reshuffle_each_iteration=True).repeat()
     if start_epoch:  # skipped before decoding and augmenting: only the shuffle runs over them
         train = train.skip(start_epoch * steps * batch)
-    skips = SkipCounter() if skipping else None
-    if skipping:  # number the examples, drop those that fail to decode, count the gaps
-        train = (train.enumerate()
-                 .map(lambda index, example: (index, *train_fn(*example)), num_parallel_calls=parallel)
-                 .ignore_errors()
-                 .map(skips.record))
-        train = _labels_checked(train, source)
+    names = {split: source.files.get(split) for split in ("train", "val", "test")}
+    skips = {"train": SkipLog(names["train"]), "test": SkipLog(names["test"]),
+             "val": SkipLog(names["val"] if source.val is not None else names["train"])} if skipping else None
+    if skipping:  # drop the images that fail to decode, each named once in skips["train"]
+        train = _labels_checked(_skipping(train, train_fn, skips["train"], parallel), source)
     elif not preprocess_once:
         train = train.map(train_fn, num_parallel_calls=parallel, deterministic=True)
     train = train.batch(batch, drop_remainder=False)
@@ -236,15 +335,18 @@ def make_datasets(config: Config, model_augment: ModuleType | None = None,
             train = train.map(mix, num_parallel_calls=parallel, deterministic=True)
     train = train.prefetch(AUTOTUNE)
 
-    def evaluation(dataset, soft: bool = False):
-        dataset = dataset.map(eval_fn, num_parallel_calls=AUTOTUNE)
-        if skipping:
-            dataset = _labels_checked(dataset.ignore_errors(), source)  # the count falls short by the skipped
+    def evaluation(dataset, split: str, soft: bool = False):
+        if skipping:  # in order: an image's position is its identity, but for validation carved off train
+            identified = split == "val" and source.val is None
+            dataset = _labels_checked(_skipping(dataset, eval_fn, skips[split], AUTOTUNE, identified), source)
+        else:
+            dataset = dataset.map(eval_fn, num_parallel_calls=AUTOTUNE)
         dataset = dataset.batch(batch)
         return (dataset.map(one_hot) if soft else dataset).prefetch(AUTOTUNE)
 
     return Datasets(
-        train=train, test=evaluation(test), val=evaluation(val, soft=bool(mixers)) if val is not None else None,
+        train=train, test=evaluation(test, "test"),
+        val=evaluation(val, "val", soft=bool(mixers)) if val is not None else None,
         steps_per_epoch=steps, num_train=num_train, num_val=num_val, num_test=num_test,
         class_names=source.class_names, input_shape=(data.image_size, data.image_size, data.channels),
         source=source, soft_labels=bool(mixers), skips=skips, config=config, class_weights=weights,

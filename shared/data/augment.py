@@ -26,7 +26,7 @@ from typing import Callable
 import keras
 import tensorflow as tf
 
-from shared.data import preprocess
+from shared.data import formats, preprocess
 from shared.errors import UserError
 
 AugmentFn = Callable[[tf.Tensor], tf.Tensor]
@@ -64,9 +64,13 @@ class RandomResizedCrop:
         cropped = tf.slice(image, tf.stack([top, left, 0]), tf.stack([height, width, -1]))
         return tf.image.resize(cropped, [self.image_size, self.image_size])
 
-    def from_encoded(self, data: tf.Tensor, channels: int) -> tf.Tensor:
-        window = self.window(preprocess.encoded_shape(data))
-        return tf.image.resize(preprocess.decode_and_crop(data, window, channels), [self.image_size] * 2)
+    def from_encoded(self, data: tf.Tensor, channels: int, max_pixels: int | None = None,
+                     name: tf.Tensor | str = "") -> tf.Tensor:
+        """The box sampled on the image as shown (its EXIF orientation applied), decoded alone."""
+        header = formats.inspect(data, max_pixels)
+        window = self.window(tf.cast(header.shown_shape, tf.int32))
+        cropped = preprocess.decode_and_crop(data, window, channels, max_pixels, name, header)
+        return tf.image.resize(cropped, [self.image_size] * 2)
 
 
 def random_resized_crop(image_size: int, scale: tuple = (0.08, 1.0), ratio: tuple = (3 / 4, 4 / 3),

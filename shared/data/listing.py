@@ -10,11 +10,41 @@ from pathlib import Path
 
 from shared.errors import UserError
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif"}
+# The formats that are read (shared.data.formats.FORMATS); a file's content, not its name, decides how it decodes.
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".bmp", ".dib", ".webp"}
+# Images in formats that are not read: listed like the others, so each is refused in one line naming it
+# (data.on_corrupt: error) or skipped and named (skip), never left out without a word.
+REFUSED_SUFFIXES = {".tif", ".tiff", ".heic", ".heif", ".avif", ".jxl", ".ico", ".svg", ".psd", ".dng", ".cr2",
+                    ".nef", ".arw", ".raw"}
+# The first bytes of the formats that are read, for files whose name has no extension at all.
+SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM", b"RIFF")
 
 
 def is_image(name: str) -> bool:
-    return os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES and not os.path.basename(name).startswith(".")
+    """Whether a file's name says it is an image (read or refused): not hidden, an image extension."""
+    suffix = os.path.splitext(name)[1].lower()
+    return (suffix in IMAGE_SUFFIXES or suffix in REFUSED_SUFFIXES) and not os.path.basename(name).startswith(".")
+
+
+def is_image_file(path: str | os.PathLike) -> bool:
+    """`is_image` by name; a name without any extension by its first bytes (a read format's signature)."""
+    name = os.path.basename(os.fspath(path))
+    if is_image(name):
+        return True
+    if name.startswith(".") or os.path.splitext(name)[1]:
+        return False
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(16)
+    except OSError:
+        return False
+    return any(head.startswith(signature) for signature in SIGNATURES) and (not head.startswith(b"RIFF")
+                                                                            or head[8:12] == b"WEBP")
+
+
+def refused_by_name(files: list[str]) -> list[str]:
+    """The files whose extension names a format that is not read (HEIC, TIFF, ...)."""
+    return [path for path in files if os.path.splitext(path)[1].lower() in REFUSED_SUFFIXES]
 
 
 def mix_classes(files: list[str], labels: list[int]) -> tuple[list[str], list[int]]:

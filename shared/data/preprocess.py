@@ -9,50 +9,43 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-
-def decode(data: tf.Tensor, channels: int) -> tf.Tensor:
-    """Decode one encoded image (JPEG, PNG, GIF, BMP; a PNG named .JPEG too) to uint8 with `channels`."""
-    image = tf.io.decode_image(data, channels=channels, expand_animations=False)
-    image.set_shape([None, None, channels])
-    return image
+from shared.data import formats
 
 
-def decode_and_crop(data: tf.Tensor, window: tuple, channels: int) -> tf.Tensor:
-    """Decode only the crop window [top, left, height, width]: for a JPEG, `decode_and_crop_jpeg` skips
-    the blocks outside it (the main saving of the ImageNet input pipeline); other formats decode whole,
-    then crop."""
-    def jpeg():
-        return tf.image.decode_and_crop_jpeg(data, tf.stack(window), channels=channels)
+def decode(data: tf.Tensor, channels: int, max_pixels: int | None = None, name: tf.Tensor | str = "") -> tf.Tensor:
+    """Decode one encoded image to uint8 with `channels`, as shown (`shared.data.formats`: the one decoder, its
+    table of formats; a refused image fails in one line naming `name`)."""
+    return formats.decode(data, channels, max_pixels, name)
 
-    def other():
-        top, left, height, width = window
-        return tf.slice(decode(data, channels), tf.stack([top, left, 0]), tf.stack([height, width, -1]))
 
-    image = tf.cond(tf.io.is_jpeg(data), jpeg, other)
-    image.set_shape([None, None, channels])
-    return image
+def decode_and_crop(data: tf.Tensor, window: tuple, channels: int, max_pixels: int | None = None,
+                    name: tf.Tensor | str = "", header: formats.Header | None = None) -> tf.Tensor:
+    """Decode only the crop window [top, left, height, width] of the shown image: for a JPEG,
+    `decode_and_crop_jpeg` skips the blocks outside it (the main saving of the ImageNet input pipeline); other
+    formats decode whole, then crop."""
+    return formats.decode_window(data, window, channels, max_pixels, name, header)
 
 
 def encoded_shape(data: tf.Tensor) -> tf.Tensor:
-    """[height, width] of an encoded image, read from the JPEG header without decoding where possible."""
-    return tf.cond(tf.io.is_jpeg(data),
-                   lambda: tf.image.extract_jpeg_shape(data)[:2],
-                   lambda: tf.shape(decode(data, 1))[:2])
+    """[height, width] of an encoded image as shown, read from its header without decoding it."""
+    return tf.cast(formats.inspect(data).shown_shape, tf.int32)
 
 
 def center_crop_window(shape: tf.Tensor, crop_fraction: float) -> tuple:
     """The central square covering `crop_fraction` of the short side: cropping it and resizing to S is
     the standard eval view (resize the short side to S / crop_fraction, take the central S x S)."""
-    height, width = shape[0], shape[1]
+    height, width = tf.cast(shape[0], tf.int32), tf.cast(shape[1], tf.int32)
     side = tf.cast(tf.cast(tf.minimum(height, width), tf.float32) * crop_fraction, tf.int32)
     side = tf.maximum(side, 1)
     return (height - side) // 2, (width - side) // 2, side, side
 
 
-def decode_center_crop(data: tf.Tensor, image_size: int, crop_fraction: float, channels: int) -> tf.Tensor:
+def decode_center_crop(data: tf.Tensor, image_size: int, crop_fraction: float, channels: int,
+                       max_pixels: int | None = None, name: tf.Tensor | str = "") -> tf.Tensor:
     """Eval preprocessing of an encoded image: decode only the central crop, resize to image_size."""
-    window = center_crop_window(encoded_shape(data), crop_fraction)
-    return tf.image.resize(decode_and_crop(data, window, channels), [image_size, image_size])
+    header = formats.inspect(data, max_pixels)
+    window = center_crop_window(header.shown_shape, crop_fraction)
+    return tf.image.resize(decode_and_crop(data, window, channels, max_pixels, name, header), [image_size, image_size])
 
 
 def match_channels(image: tf.Tensor, channels: int) -> tf.Tensor:
@@ -86,17 +79,19 @@ def center_crop(image: tf.Tensor, image_size: int, crop_fraction: float) -> tf.T
     return tf.image.resize(cropped, [image_size, image_size])
 
 
-def eval_view(image: tf.Tensor, image_size: int, crop_fraction: float, channels: int, whole: bool) -> tf.Tensor:
+def eval_view(image: tf.Tensor, image_size: int, crop_fraction: float, channels: int, whole: bool,
+              max_pixels: int | None = None, name: tf.Tensor | str = "") -> tf.Tensor:
     """The eval view of one image, as float32 0-255 pixels of (image_size, image_size, channels), not yet
     normalized. `image`: encoded bytes (a tf.string scalar: JPEG, PNG, ...) or decoded pixels (H, W, C).
     `whole`: resize the whole image (sources of fixed-size arrays, seen whole in training) instead of taking
-    the central `crop_fraction` square. The one definition of eval preprocessing: the eval pipeline
+    the central `crop_fraction` square. Encoded images above `max_pixels` (from the header) are refused in one
+    line naming `name`. The one definition of eval preprocessing: the eval pipeline
     (shared.data._image_fn), the SavedModel's serving signature and shared.predict all call it."""
     if image.dtype == tf.string:
         if not whole:  # decode only the central crop (a JPEG skips the blocks outside it)
-            return tf.ensure_shape(decode_center_crop(image, image_size, crop_fraction, channels),
+            return tf.ensure_shape(decode_center_crop(image, image_size, crop_fraction, channels, max_pixels, name),
                                    (image_size, image_size, channels))
-        image = decode(image, channels)
+        image = decode(image, channels, max_pixels, name)
     image = tf.cast(match_channels(image, channels), tf.float32)
     image = resize(image, image_size) if whole else center_crop(image, image_size, crop_fraction)
     return tf.ensure_shape(image, (image_size, image_size, channels))

@@ -25,7 +25,7 @@ import tensorflow as tf
 from shared.config import DataConfig
 from shared.data import checks
 from shared.data import split as folder_split
-from shared.data.listing import IMAGE_SUFFIXES, class_name, file_names, is_image, mix_classes
+from shared.data.listing import IMAGE_SUFFIXES, class_name, file_names, is_image_file, mix_classes, refused_by_name
 from shared.errors import UserError
 from shared.fashion_mnist import (FASHION_MNIST_CLASSES, FASHION_MNIST_DIRS, FASHION_MNIST_FILES,
                                   FASHION_MNIST_MEAN, FASHION_MNIST_STD, read_split)
@@ -167,7 +167,7 @@ def list_folder_split(root: Path, split: str, class_names: list[str] | None = No
             raise UserError(f"{class_dir} is a class that the train split does not have; "
                             f"remove it or add it to train/")
         for path in sorted(class_dir.iterdir()):
-            if is_image(path.name):
+            if is_image_file(path) and path.is_file():
                 files.append(str(path))  # may hold surrogate escapes: read through file_names()
                 labels.append(index[class_name(class_dir)])
     if not files:
@@ -202,6 +202,7 @@ def folder(config: DataConfig, recorded: folder_split.RecordedSplit | None = Non
                         f"({test_dir}); set data.test_fraction to 0 to test on it")
     train_files, train_labels, class_names = list_folder_split(root, config.train_split)
     test_files, test_labels, _ = list_folder_split(root, config.test_split, class_names)
+    refuse_unread_formats(train_files + test_files, config)
 
     return Source(
         train=_paths_dataset(train_files, train_labels), test=_paths_dataset(test_files, test_labels),
@@ -218,7 +219,7 @@ def list_class_folders(class_root: Path) -> dict[str, list[str]]:
     by_class = {}
     for class_dir in sorted((p for p in class_root.iterdir() if p.is_dir() and not p.name.startswith(".")),
                             key=class_name):
-        files = [str(path) for path in class_dir.iterdir() if is_image(path.name) and path.is_file()]
+        files = [str(path) for path in class_dir.iterdir() if is_image_file(path) and path.is_file()]
         if not files:
             print(f"warning: class folder {class_dir} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}); "
                   f"it is left out of the classes", file=sys.stderr, flush=True)
@@ -227,6 +228,16 @@ def list_class_folders(class_root: Path) -> dict[str, list[str]]:
             folder_split.check_recordable(path)
         by_class[class_name(class_dir)] = files
     return by_class
+
+
+def refuse_unread_formats(files: list[str], config: DataConfig) -> None:
+    """Images whose extension names a format that is not read (HEIC, TIFF, ...) stop a run before it starts,
+    in one line naming them, unless data.on_corrupt: skip leaves them out (each named as it is skipped)."""
+    refused = refused_by_name(files)
+    if refused and config.on_corrupt != "skip":
+        shown = ", ".join(refused[:5]) + (f" and {len(refused) - 5} more" if len(refused) > 5 else "")
+        raise UserError(f"{len(refused)} image(s) in formats that are not read: {shown}; convert them to JPEG or "
+                        f"PNG, or set data.on_corrupt: skip to leave them out")
 
 
 def _split_folder(config: DataConfig, root: Path, class_root: Path) -> Source:
@@ -238,6 +249,7 @@ def _split_folder(config: DataConfig, root: Path, class_root: Path) -> Source:
     if not config.test_fraction:
         raise UserError(f"folder dataset {class_root} has class folders but no {config.test_split}/ folder to test on; "
                         f"set data.test_fraction (e.g. 0.2) to hold out that share of each class for testing")
+    refuse_unread_formats([path for files in by_class.values() for path in files], config)
     parts = folder_split.stratified(by_class, config.val_fraction, config.test_fraction)
     class_names = list(by_class)
     files = {name: [path for label in class_names for path in parts[name][label]] for name in folder_split.SPLITS}

@@ -12,19 +12,19 @@ Model Garden users have come from TF's older converters (the TPU `tools/datasets
 applied to 0-based shards, it stops the read at the first class-0 record (a label below 0), naming the shard.
 
     shards = write_shards(files, labels, synsets, Path("out"), "train", num_shards=1024)
-    dataset = read_dataset("out/train-*")      # (encoded bytes, int32 label), decode with tf.io.decode_image
+    dataset = read_dataset("out/train-*")      # (encoded bytes, int32 label), decode with formats.decode
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 from pathlib import Path
 from typing import Callable, Iterable
 
 import tensorflow as tf
 
+from shared.config import DataConfig
 from shared.data import checks
 from shared.durable import atomic_write, partial_path
 from shared.errors import UserError
@@ -44,9 +44,6 @@ FEATURES = {
 # What the reader parses: only what training needs.
 READ_FEATURES = {key: FEATURES[key] for key in ("image/encoded", "image/class/label")}
 
-# PIL's format name -> the `image/format` value; only formats `tf.io.decode_image` decodes. MPO is a JPEG with
-# extra pictures appended (some cameras write it); TF decodes its first picture.
-TF_FORMATS = {"JPEG": "jpeg", "MPO": "jpeg", "PNG": "png", "GIF": "gif", "BMP": "bmp"}
 SKIP_HINT = "fix or remove it, or skip such files with skip_corrupt=True (--skip-corrupt)"
 
 
@@ -71,11 +68,11 @@ def _int64(value: int) -> tf.train.Feature:
     return tf.train.Feature(int64_list=tf.train.Int64List(value=[value]))
 
 
-def read_image_file(path: str) -> tuple[bytes, str, int, int]:
-    """The file's bytes, its format as TF names it, its height and width. Raises UserError when the file
-    cannot be read, is not an image TF decodes, or does not decode (a truncated JPEG, say): the check
-    decodes JPEGs at 1/8 scale, which reads every byte but costs a fraction of a full decode."""
-    from PIL import Image
+def read_image_file(path: str, max_pixels: int | None = DataConfig.max_pixels) -> tuple[bytes, str, int, int]:
+    """The file's bytes, its format (`image/format`), its height and width as shown. Raises UserError naming the
+    file when it cannot be read, is refused by the formats table (`shared.data.formats`: the decoder training
+    uses) or does not decode (a truncated JPEG, say): JPEGs decode at 1/8 scale, which reads every byte."""
+    from shared.data import formats
 
     try:
         with open(path, "rb") as handle:
@@ -83,18 +80,11 @@ def read_image_file(path: str) -> tuple[bytes, str, int, int]:
     except OSError as error:
         raise UserError(f"cannot read image file {path} ({error.strerror or error}); {SKIP_HINT}") from None
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            pil_format, (width, height) = image.format, image.size
-            if pil_format in ("JPEG", "MPO"):
-                image.draft(image.mode, (1, 1))  # DCT scaling: the decoder still reads the whole stream
-            image.load()
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise UserError(f"image file {path} does not decode ({reason}); {SKIP_HINT}") from None
-    if pil_format not in TF_FORMATS:
-        raise UserError(f"image file {path} is a {pil_format} image, which TensorFlow does not decode; "
-                        f"convert it to JPEG or PNG, or skip such files with skip_corrupt=True (--skip-corrupt)")
-    return data, TF_FORMATS[pil_format], height, width
+        found = formats.verify(data, max_pixels)
+    except formats.Refused as why:
+        raise UserError(f"image file {path} {why}; or skip such files with skip_corrupt=True (--skip-corrupt)") \
+            from None
+    return data, found.format, found.height, found.width
 
 
 def example_from_file(path: str, label: int, synset: str | None) -> tf.train.Example:
@@ -270,7 +260,7 @@ def read_dataset(pattern_or_files: str | os.PathLike | Iterable[str | os.PathLik
     with a one-line message naming the shard and the label (`shared.data.checks`): the shards are only seen
     while streaming, and a first pass over them all would cost as much as an epoch's reading
     (`check_labels=False`: unchecked, for a pipeline that applies `label_check` itself). Decode with
-    `tf.io.decode_image`, which reads JPEG, PNG, GIF and BMP whatever the file was named.
+    `shared.data.formats.decode`, which reads the formats of its table whatever the file was named.
     """
     files = resolve_files(pattern_or_files)
     dataset = tf.data.Dataset.from_tensor_slices(files)

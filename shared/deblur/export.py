@@ -47,8 +47,10 @@ def serving_functions(model, config, resize: bool):
 
     def decode_one(encoded):
         if not resize:
-            return preprocess.decode_center_crop(encoded, size, data.crop_fraction, channels)
-        image = tf.image.resize(tf.cast(preprocess.decode(encoded, channels), tf.float32), [size, size])
+            return preprocess.decode_center_crop(encoded, size, data.crop_fraction, channels, data.max_pixels,
+                                                 "an input image")
+        image = tf.image.resize(tf.cast(preprocess.decode(encoded, channels, data.max_pixels, "an input image"),
+                                        tf.float32), [size, size])
         return tf.ensure_shape(image, (size, size, channels))
 
     def restore(pixels):

@@ -31,7 +31,6 @@ match its crops, and on a batch it crops every image at the same place.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
@@ -127,18 +126,24 @@ def require_image_files(records: list, where: str, fix: str) -> None:
 def image_size_problem(image: str | bytes, width: int, height: int, stated: str = "its annotation states"
                        ) -> str | None:
     """Why an image file (or encoded image) does not match the `width` x `height` its annotation (`stated`)
-    gives, or cannot be an image at all; None when its header agrees. Reads only the header (PIL opens lazily): a
-    cheap check of every image before training, not a decode (a corrupt body is caught in `make_dataset`)."""
-    from PIL import Image, UnidentifiedImageError
+    gives, or cannot be an image at all; None when its header agrees. The size is the image's as shown (EXIF
+    orientation applied, as annotation tools show it and training decodes it: `shared.data.formats`). Reads only
+    the header: a cheap check of every image before training, not a decode (a corrupt body is caught in
+    `make_dataset`)."""
+    from shared.data import formats
 
     try:
-        with Image.open(image if isinstance(image, str) else io.BytesIO(image)) as opened:
-            actual = opened.size
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
-        return f"is not a readable image ({reason})"
-    if actual != (width, height):
-        return f"is {actual[0]}x{actual[1]} pixels but {stated} {width}x{height}"
+        if isinstance(image, str):
+            with open(image, "rb") as handle:
+                image = handle.read()
+        found = formats.facts(image)
+    except OSError as error:
+        return f"is not a readable image ({error.strerror or error})"
+    except formats.Refused as why:
+        return str(why)
+    if (found.width, found.height) != (width, height):
+        turned = " as shown (its EXIF orientation turns it)" if found.orientation >= 5 else ""
+        return f"is {found.width}x{found.height} pixels{turned} but {stated} {width}x{height}"
     return None
 
 
@@ -665,11 +670,14 @@ def _feature_values(example: tf.train.Example, key: str) -> list:
 
 
 def _image_size(data: bytes) -> tuple[int, int]:
-    """(width, height) read from an encoded image's header."""
-    from PIL import Image
+    """(width, height) as shown, read from an encoded image's header (`shared.data.formats`)."""
+    from shared.data import formats
 
-    with Image.open(io.BytesIO(data)) as image:
-        return image.size
+    try:
+        found = formats.facts(data)
+    except formats.Refused as why:
+        raise UserError(f"an image of the records {why}") from None
+    return found.width, found.height
 
 
 def read_tfod_records(pattern: str | os.PathLike | Sequence[str | os.PathLike],
@@ -766,17 +774,17 @@ def read_tfod_records(pattern: str | os.PathLike | Sequence[str | os.PathLike],
 def tfod_example(record: DetectionRecord, labels: Sequence[int], texts: Sequence[str]) -> tf.train.Example:
     """One TF Object Detection API example: the image's own bytes (no re-encoding), its size and format,
     normalized boxes, 1-based `labels` and class `texts`."""
-    from PIL import Image
-
-    from shared.data.tfrecord import TF_FORMATS
+    from shared.data import formats
 
     if isinstance(record.image, str):
         with open(record.image, "rb") as handle:
             data = handle.read()
     else:
         data = record.image
-    with Image.open(io.BytesIO(data)) as image:
-        image_format = TF_FORMATS.get(image.format, (image.format or "").lower())
+    try:
+        image_format = formats.facts(data).format
+    except formats.Refused as why:
+        raise UserError(f"image {record.name} {why}") from None
 
     def floats(values):
         return tf.train.Feature(float_list=tf.train.FloatList(value=list(values)))
@@ -977,7 +985,7 @@ def make_dataset(split: DetectionSplit, config: Config, training: bool, augment:
 
     def load(image, hw, boxes, classes):
         encoded = tf.io.read_file(image) if by_path else image
-        pixels = preprocess.decode(encoded, channels)
+        pixels = preprocess.decode(encoded, channels, data.max_pixels, image if by_path else "an image of the records")
         same_size = tf.debugging.assert_equal(tf.shape(pixels)[:2], hw)  # the readers checked the header
         with tf.control_dependencies([same_size]):
             pixels = tf.image.resize(tf.cast(pixels, tf.float32), [size, size])

@@ -99,7 +99,7 @@ def detection_serving_functions(detector, config, class_names: list[str]):
                 "scores": found["scores"], "num_detections": found["num_detections"]}
 
     def bytes_fn(image_bytes):
-        pixels, shapes = tf.map_fn(lambda encoded: eval_pixels(encoded, size, channels), image_bytes,
+        pixels, shapes = tf.map_fn(lambda encoded: eval_pixels(encoded, size, channels, data.max_pixels), image_bytes,
                                    fn_output_signature=(tf.TensorSpec((size, size, channels), tf.float32),
                                                         tf.TensorSpec((2,), tf.int32)))
         return detect(pixels, shapes)
@@ -111,14 +111,15 @@ def detection_serving_functions(detector, config, class_names: list[str]):
     return bytes_fn, images_fn
 
 
-def eval_pixels(encoded, size: int, channels: int):
-    """One encoded image as make_dataset's evaluation view has it: decoded, resized to S x S (always; the
-    same bilinear kernel), float 0-255; and its own (height, width), which boxes are scaled back to."""
+def eval_pixels(encoded, size: int, channels: int, max_pixels: int | None = None, name="an input image"):
+    """One encoded image as make_dataset's evaluation view has it: decoded as shown, resized to S x S (always;
+    the same bilinear kernel), float 0-255; and its own (height, width) as shown, which boxes are scaled back
+    to. Refused in one line naming it (`name`) as the formats table says (`shared.data.formats`)."""
     import tensorflow as tf
 
     from shared.data import preprocess
 
-    image = tf.cast(preprocess.decode(encoded, channels), tf.float32)
+    image = tf.cast(preprocess.decode(encoded, channels, max_pixels, name), tf.float32)
     shape = tf.shape(image)[:2]
     return tf.ensure_shape(tf.image.resize(image, [size, size]), (size, size, channels)), shape
 

@@ -36,7 +36,7 @@ class Detections:
     error: str | None = None
 
     def row(self) -> dict:
-        return {"path": self.input, "spans": self.spans}
+        return {"path": self.input, "spans": self.spans, "error": self.error}
 
     def task(self) -> dict:
         """The annotation task's suggestion (without "image" and "answer": no one has answered yet)."""
@@ -100,7 +100,7 @@ class _TFLiteBoxes(_Boxes):
                             f"it was not exported from that run; give its own with --run")
 
         def prepare(encoded):
-            pixels, shape = export.eval_pixels(encoded, self.size, data.channels)
+            pixels, shape = export.eval_pixels(encoded, self.size, data.channels, data.max_pixels)
             return normalize(pixels[None]), shape
 
         self.prepare = tf.function(prepare, input_signature=[tf.TensorSpec([], tf.string)])
@@ -211,17 +211,13 @@ class Detector(Predictor):
     def _arrays(self, items, batch_size: int):
         raise UserError(f"{self.source} detects in image files; give paths, not arrays")
 
-    def csv_text(self, rows: list[Detections], top_k: int) -> str:
-        """One row per image: its path, its box count and its spans as JSON."""
-        import csv
-        import io
+    def csv_header(self, top_k: int) -> list[str]:
+        """The --out CSV's columns: the path, its box count, its spans as JSON, why it was skipped."""
+        return ["path", "boxes", "spans", "error"]
 
-        buffer = io.StringIO()
-        writer = csv.writer(buffer, lineterminator="\n")
-        writer.writerow(["path", "boxes", "spans"])
-        for row in rows:
-            writer.writerow([row.input, len(row.spans), json.dumps(row.spans, ensure_ascii=False)])
-        return buffer.getvalue()
+    def csv_row(self, result: Detections, top_k: int) -> list:
+        return [result.input, len(result.spans) if result.error is None else "",
+                json.dumps(result.spans, ensure_ascii=False) if result.error is None else "", result.error or ""]
 
 
 def _detection_run(run: Run | str | Path) -> Run:

@@ -91,8 +91,7 @@ class ClassificationTask(Task):
                                              start_epoch=start_epoch, recorded=recorded)
 
         def undecodable(error: BaseException) -> list[str]:  # name the files instead of showing TF's op trace
-            return data_module.find_undecodable(datasets.source) \
-                if isinstance(error, tf.errors.InvalidArgumentError) and datasets.source.encoding == "path" else []
+            return data_module.undecodable_files(error, datasets.source, config.data.max_pixels)
 
         return TaskData(train=datasets.train, val=datasets.val, steps_per_epoch=datasets.steps_per_epoch,
                         class_names=list(datasets.class_names), input_shape=tuple(datasets.input_shape),
@@ -145,13 +144,12 @@ class ClassificationTask(Task):
         datasets = data.details
         mistakes = ConfidentMistakes(MISTAKES_SHOWN)
         metrics = evaluate_model(model, datasets.test, datasets.num_classes, data.class_names, mistakes)
-        if datasets.skips is not None:  # data.on_corrupt: skip
-            metrics["skipped_train_images"] = datasets.skips.skipped
-            metrics["skipped_test_images"] = datasets.num_test - metrics["examples"]
-            print(f"skipped unreadable images: {metrics['skipped_train_images']} while training, "
-                  f"{metrics['skipped_test_images']} of the test split", flush=True)
+        skipped = data_module.skipped_images(datasets.skips) if datasets.skips is not None else {}
+        metrics.update({f"skipped_{split}_images": len(names) for split, names in skipped.items()})
 
         def draw(folder: Path) -> None:
+            if "train" in skipped:  # after training: the run records what it left out
+                data_module.write_skipped(folder, skipped)
             names = readable(data.class_names)
             with durable.disk_space_checked(folder / "confusion.png"):
                 plots.plot_confusion(metrics["confusion"], names, folder / "confusion.png")

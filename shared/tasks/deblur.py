@@ -9,7 +9,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import keras
-import tensorflow as tf
 
 from shared import config as config_module
 from shared import data as data_module
@@ -40,8 +39,7 @@ class DeblurTask(Task):
         datasets = pairs.datasets
 
         def undecodable(error: BaseException) -> list[str]:
-            return data_module.find_undecodable(datasets.source) \
-                if isinstance(error, tf.errors.InvalidArgumentError) and datasets.source.encoding == "path" else []
+            return data_module.undecodable_files(error, datasets.source, config.data.max_pixels)
 
         return TaskData(train=pairs.train, val=pairs.val, steps_per_epoch=datasets.steps_per_epoch,
                         class_names=list(datasets.class_names), input_shape=tuple(datasets.input_shape),
