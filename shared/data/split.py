@@ -46,9 +46,9 @@ def position(name: str) -> float:
 
 def assign(names: list[str], val_fraction: float, test_fraction: float) -> dict[str, str]:
     """{hash name: split} for one class: test below `test_fraction`, validation up to `test_fraction +
-    val_fraction`, training above. Two rules need a fallback, and only in small classes does it act: a class
-    of two or more names gives its lowest name to the test split when none falls there, and the highest goes
-    to training when none falls there (training keeps one of each class)."""
+    val_fraction`, training above. Two rules need a fallback, which acts only in small classes: a class of two
+    or more names gives its lowest-placed name to the test split when none falls there, and its highest-placed
+    goes to training when none falls there (training keeps one of each class)."""
     ordered = sorted(set(names), key=lambda name: (position(name), name.encode("utf-8", "surrogateescape")))
     chosen = {}
     for name in ordered:
