@@ -408,7 +408,8 @@ def _append_ledger(folder: Path, committed: int, entries: list[dict]) -> int:
         if handle.tell() != committed:  # _reconcile truncates to the committed length first
             raise UserError(f"{ledger} is {handle.tell()} bytes, not the {committed} that {folder / STATE_FILE} "
                             f"counts; restore both, or start a new loop (another loop.dir)")
-        handle.write("".join(json.dumps(entry, ensure_ascii=False) + "\n" for entry in entries).encode("utf-8"))
+        # ASCII JSON: a path the file system holds as bytes (surrogate escapes) round-trips as \\udcXX
+        handle.write("".join(json.dumps(entry) + "\n" for entry in entries).encode("ascii"))
         handle.flush()
         os.fsync(handle.fileno())
         length = handle.tell()
@@ -651,7 +652,8 @@ def _write_eval_file(loop: Loop, path: Path, names: list[str], folder: Path) -> 
 
 def _write_recipe_test_split(loop: Loop, names: list[str], folder: Path) -> None:
     """The recipe's classification test split as shards (decoded arrays encoded as PNG; files and encoded
-    images as they are), its classes matched to the loop's by name."""
+    images as they are), its classes matched to the loop's by name. An image that does not decode is one line
+    naming it, or (data.on_corrupt: skip) left out and named."""
     import tensorflow as tf
 
     from shared.data import sources
@@ -665,20 +667,33 @@ def _write_recipe_test_split(loop: Loop, names: list[str], folder: Path) -> None
         raise UserError(f"the recipe's test split has class {missing[0]!r}, which the loop's model (--from) does "
                         f"not know; set loop.eval to a held-out annotations file")
     test = source.test.take(data.limit_test) if data.limit_test else source.test
+    skipped = []
     with durable.partial_path(folder) as partial:
         partial.mkdir()
         with tf.io.TFRecordWriter(str(partial / shard_name(EVAL_PREFIX, 0, 1))) as writer:
-            for image, label in test.as_numpy_iterator():
+            for number, (image, label) in enumerate(test.as_numpy_iterator(), start=1):
                 name = source.class_names[int(label)]
-                if source.encoding == "path":
-                    encoded, fmt, height, width = read_image_file(image.decode())
-                elif source.encoding == "bytes":
-                    encoded = bytes(image)
-                    fmt, width, height = annotations.image_facts(encoded, "a test image")
-                else:
-                    pixels = image if image.ndim == 3 else image[..., None]
-                    encoded, fmt, (height, width) = tf.io.encode_png(pixels).numpy(), "png", pixels.shape[:2]
+                shown = os.fsdecode(image) if source.encoding == "path" else f"test image {number}"
+                try:
+                    if source.encoding == "path":
+                        encoded, fmt, height, width = read_image_file(shown)
+                    elif source.encoding == "bytes":
+                        encoded = bytes(image)
+                        fmt, width, height = annotations.image_facts(encoded, shown)
+                    else:
+                        pixels = image if image.ndim == 3 else image[..., None]
+                        encoded, fmt, (height, width) = tf.io.encode_png(pixels).numpy(), "png", pixels.shape[:2]
+                except (UserError, annotations.Malformed) as why:
+                    if data.on_corrupt != "skip":
+                        raise UserError(f"the loop's held-out set (the recipe's test split): {why}; or set "
+                                        f"data.on_corrupt: skip") from None
+                    skipped.append(shown)
+                    continue
                 writer.write(image_example(encoded, fmt, height, width, position[name], name).SerializeToString())
+    if skipped:
+        more = " ..." if len(skipped) > annotations.SHOWN_PROBLEMS else ""
+        print(f"held-out set: left out {len(skipped)} test image(s) that do not decode (data.on_corrupt: skip): "
+              f"{', '.join(skipped[:annotations.SHOWN_PROBLEMS])}{more}", flush=True)
 
 
 # ---------------------------------------------------------------- training, round 0, export

@@ -552,20 +552,21 @@ def record_labels(folder: Path, pattern: str = "*/train-*") -> list[int]:
                   for record in tf.data.TFRecordDataset(files))
 
 
-def fake_loop(tmp_path: Path, **loop):
+def fake_loop(tmp_path: Path, data: dict | None = None, **loop):
     """A loop from a --from run that is only its labels and config (enough to ingest; no round trains), with a
     held-out file whose first image is answered twice (the later label wins there too)."""
     from shared import loop as loop_module
     from shared.config import load_config
 
     source = tmp_path / "source_runs" / "tiny" / "v0001"
-    source.mkdir(parents=True)
+    source.mkdir(parents=True, exist_ok=True)
     (source / "config.yaml").write_text(yaml.safe_dump({"task": "classification"}))
     (source / "labels.txt").write_text("".join(f"{name}\n" for name in CLASSES))
     held_out = classification_lines(tmp_path / "heldout", 900, 3)
     held_out.append(json.dumps({"image": "img/900.png", "answer": "accept", "label": "class_3"}))
     (tmp_path / "heldout" / "eval.jsonl").write_text("\n".join(held_out) + "\n")
-    tree = tiny_tree(tmp_path / "runs", loop={"eval": str(tmp_path / "heldout" / "eval.jsonl"), **loop})
+    tree = tiny_tree(tmp_path / "runs", loop={"eval": str(tmp_path / "heldout" / "eval.jsonl"), **loop},
+                     data=data or {})
     tasks = tmp_path / "tasks.jsonl"
     tasks.touch()
     return loop_module.open_loop(load_config(tree=tree), tasks, source, tmp_path / "exports")
@@ -836,3 +837,35 @@ def test_garbage_collection_removes_only_the_runs_the_loop_trained(tmp_path, sou
     assert [r.round for r in results] == [1, 2]
     assert start.is_dir() and other.is_dir() and foreign.is_dir()
     assert not results[0].run.exists() and results[1].run.is_dir()  # keep 1: the loop's older round run goes
+
+
+@pytest.mark.slow
+def test_the_recipes_test_split_as_held_out_set_names_damaged_images_or_skips_them(tmp_path, capsys):
+    from shared.errors import UserError
+
+    root = tmp_path / "photos"
+    for split in ("train", "test"):
+        for cls in (0, 1):
+            png(root / split / CLASSES[cls] / "a.png", cls, cls)
+    png(root / "test" / "class_0" / os.fsdecode(b"caf\xe9.png"), 5, 0)  # a name the file system holds as bytes
+    (root / "test" / "class_1" / "truncated.png").write_bytes((root / "test" / "class_1" / "a.png").read_bytes()[:60])
+    data = {"source": "folder", "path": str(root), "test_fraction": 0.0}
+    with pytest.raises(UserError, match="truncated.png.*or set data.on_corrupt: skip"):
+        ingest_only(fake_loop(tmp_path, data=data, eval=None))
+    loop = fake_loop(tmp_path, data={**data, "on_corrupt": "skip"}, eval=None)
+    assert not (loop.dir / "eval").exists() and not (loop.dir / "state.json").exists()
+    ingest_only(loop)
+    assert count_records(loop.dir / "eval", "validation-*") == 3
+    assert "left out 1 test image(s)" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_an_image_name_that_is_not_utf8_is_ingested_and_recognized_again(tmp_path):
+    loop = fake_loop(tmp_path)
+    name = os.fsdecode(b"img/caf\xe9.png")  # JSON holds it as \udce9, the file system as the byte
+    png(tmp_path / name, 0, 1)
+    line = json.dumps({"image": name, "answer": "accept", "label": "class_1"})
+    append(loop.annotations, [line])
+    assert (ingest_only(loop).pending, state_of(loop.dir)["examples"]) == (1, 1)
+    append(loop.annotations, [line])  # the same answer again: the ledger knows it
+    assert ingest_only(loop).batch.duplicates == 1 and record_labels(loop.dir / "data") == [1]
