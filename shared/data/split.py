@@ -46,9 +46,10 @@ def position(name: str) -> float:
 
 def assign(names: list[str], val_fraction: float, test_fraction: float) -> dict[str, str]:
     """{hash name: split} for one class: test below `test_fraction`, validation up to `test_fraction +
-    val_fraction`, training above. Two rules need a fallback, which acts only in small classes: a class of two
-    or more names gives its lowest-placed name to the test split when none falls there, and its highest-placed
-    goes to training when none falls there (training keeps one of each class)."""
+    val_fraction`, training above. Three rules need a fallback, which acts only in small classes (or by
+    rare chance): training keeps one name of each class (the highest-placed, when none falls there); a class
+    of two or more gives one to the test split (its lowest-placed, when none falls there); and with a
+    `val_fraction`, one to validation while training keeps another (its lowest-placed training name)."""
     ordered = sorted(set(names), key=lambda name: (position(name), name.encode("utf-8", "surrogateescape")))
     chosen = {}
     for name in ordered:
@@ -58,6 +59,9 @@ def assign(names: list[str], val_fraction: float, test_fraction: float) -> dict[
         chosen[ordered[-1]] = "train"
     if test_fraction > 0 and len(ordered) > 1 and "test" not in chosen.values():
         chosen[ordered[0]] = "test"
+    training = [name for name in ordered if chosen[name] == "train"]
+    if val_fraction > 0 and len(training) > 1 and "val" not in chosen.values():
+        chosen[training[0]] = "val"
     return chosen
 
 
