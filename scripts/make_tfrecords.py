@@ -39,6 +39,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="split folders under SRC (default: train val); val is written as validation-*")
     parser.add_argument("--skip-corrupt", action="store_true",
                         help="leave out (and count) image files that do not decode, instead of stopping")
+    parser.add_argument("--max-pixels", type=int, default=100_000_000,
+                        help="refuse images above this many pixels, as training's data.max_pixels does "
+                             "(default 100000000)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser.parse_args(argv)
 
@@ -105,7 +108,8 @@ def write_all(args: argparse.Namespace, class_names: list[str], prefixes: list[s
             print(f"{prefix}: {len(files)} images, fewer than {num_shards} shards: writing {len(files)} shards")
             num_shards = len(files)
         shards = write_shards(files, labels, [class_names[label] for label in labels], args.out, prefix,
-                              num_shards, progress=not args.no_progress, skip_corrupt=args.skip_corrupt)
+                              num_shards, progress=not args.no_progress, skip_corrupt=args.skip_corrupt,
+                              max_pixels=args.max_pixels)
         written = len(shards) - len(shards.reused)
         print(f"{prefix}: {len(files) - len(shards.corrupt)} images of {args.src / split} in {num_shards} shards "
               f"{args.out}/{prefix}-*-of-{num_shards:05d} (wrote {written}, kept {len(shards.reused)} complete"

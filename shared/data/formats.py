@@ -27,9 +27,10 @@ from shared.data import checks
 
 # (format, what is read, what is refused): the README's table of formats.
 FORMATS = (
-    ("JPEG", "baseline and progressive; grayscale, RGB and CMYK; EXIF orientation applied", "arithmetic coding, "
-     "12-bit, lossless JPEG (TensorFlow's libjpeg-turbo build cannot)"),
-    ("PNG", "1, 2, 4, 8 and 16 bits; grayscale, RGB, palette; alpha dropped; 16 bits scaled to 8", "-"),
+    ("JPEG", "baseline and progressive; grayscale, RGB and CMYK; EXIF orientation applied", "a variant "
+     "TensorFlow's decoder cannot read, as a damaged file: 'does not decode (its reason)'"),
+    ("PNG", "1, 2, 4, 8 and 16 bits; grayscale, RGB, palette; alpha dropped; 16 bits scaled to 8 (the high "
+     "byte)", "-"),
     ("GIF", "the first frame", "-"),
     ("BMP", "24- and 32-bit; 8-bit grayscale", "1-, 4- and 16-bit, and 8-bit with a colour palette (TensorFlow "
      "reads the palette's indices as gray levels); convert them to PNG"),

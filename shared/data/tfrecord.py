@@ -87,10 +87,11 @@ def read_image_file(path: str, max_pixels: int | None = DataConfig.max_pixels) -
     return data, found.format, found.height, found.width
 
 
-def example_from_file(path: str, label: int, synset: str | None) -> tf.train.Example:
+def example_from_file(path: str, label: int, synset: str | None,
+                      max_pixels: int | None = DataConfig.max_pixels) -> tf.train.Example:
     """One Model Garden record from an image file: its raw bytes (no re-encoding), the format read from the
-    content (a PNG named .JPEG gets `png`), height, width, label and, when given, the synset."""
-    data, image_format, height, width = read_image_file(path)
+    content (a PNG named .JPEG gets `png`), height, width (as shown), label and, when given, the synset."""
+    data, image_format, height, width = read_image_file(path, max_pixels)
     return image_example(data, image_format, height, width, label, synset)
 
 
@@ -146,7 +147,8 @@ def _remove_partial_shards(output_dir: Path, prefix: str) -> None:
 
 
 def write_shards(files: list[str], labels: list[int], synsets: list[str] | None, output_dir: Path,
-                 prefix: str, num_shards: int, progress: bool = True, skip_corrupt: bool = False) -> Shards:
+                 prefix: str, num_shards: int, progress: bool = True, skip_corrupt: bool = False,
+                 max_pixels: int | None = DataConfig.max_pixels) -> Shards:
     """Write `files` (in the caller's order: shuffle first) as `num_shards` contiguous chunks named
     `{prefix}-{i:05d}-of-{num_shards:05d}` in `output_dir`, and return their paths (a `Shards` list, whose
     `.corrupt` names the unreadable files skipped and `.reused` the shards kept from an earlier run).
@@ -154,7 +156,8 @@ def write_shards(files: list[str], labels: list[int], synsets: list[str] | None,
     Resumable: each shard is written under a temporary name and renamed when complete, and a shard whose final
     name exists is kept, not rewritten. A rerun must list the same files in the same order (checked against a
     digest in `output_dir/.{prefix}.plan`). An unreadable image raises UserError naming it, unless
-    `skip_corrupt`, which leaves it out, counts it and prints the count. One process writes a folder at a
+    `skip_corrupt`, which leaves it out, counts it and prints the count; an image above `max_pixels` (read from
+    its header) is refused the same way, as training would refuse it. One process writes a folder at a
     time (`shared.locks.folder_writer`: another gets a UserError naming it); a full disk is a DiskFull naming
     the shard, which is not left behind.
     """
@@ -164,7 +167,7 @@ def write_shards(files: list[str], labels: list[int], synsets: list[str] | None,
 
     def example_at(j: int) -> tf.train.Example | None:
         try:
-            return example_from_file(files[j], labels[j], synsets[j] if synsets else None)
+            return example_from_file(files[j], labels[j], synsets[j] if synsets else None, max_pixels)
         except UserError:
             if not skip_corrupt:
                 raise
