@@ -124,9 +124,12 @@ def test_corrupt_images_are_skipped_named_once_and_counted_once(tmp_path, capsys
     train_line = next(line for line in out.splitlines() if line.startswith("skipped 2 unreadable training images"))
     assert "broken.jpg" in train_line and "text.png" in train_line and "skipped.txt" in train_line
     assert any(line.startswith("skipped 1 unreadable test image") and "empty.png" in line for line in out.splitlines())
-    recorded = sorted((run_dir / "skipped.txt").read_text().splitlines())
-    assert recorded == sorted([f"train\t{root / 'train' / 'dog' / 'broken.jpg'}",
-                               f"train\t{root / 'train' / 'cat' / 'text.png'}", f"test\t{root / 'val' / 'cat' / 'empty.png'}"])
+    recorded = sorted((run_dir / "skipped.txt").read_text().splitlines())  # split, file, why
+    convert = "convert it to PNG or JPEG"
+    assert recorded == sorted([
+        f"train\t{root / 'train' / 'dog' / 'broken.jpg'}\tdoes not decode (Invalid JPEG data, size 31)",
+        f"train\t{root / 'train' / 'cat' / 'text.png'}\tis not an image format that is read; {convert}",
+        f"test\t{root / 'val' / 'cat' / 'empty.png'}\tis empty (0 bytes); remove it or {convert}"])
     code, out, err = run_cli(capsys, "test", "--run", str(run_dir))  # a re-test reads no training images
     assert code == 0, err
     assert "training image" not in out and "skipped 1 unreadable test image" in out

@@ -197,15 +197,31 @@ def skipped_images(skips: dict[str, SkipLog]) -> dict[str, list[str]]:
     return found
 
 
-def write_skipped(folder, skipped: dict[str, list[str]]) -> None:
-    """The run's skipped.txt: one `split<TAB>image` line per image left out (none: no file)."""
+def write_skipped(folder, skipped: dict[str, list[str]], max_pixels: int | None = None) -> None:
+    """The run's skipped.txt: one `split<TAB>image<TAB>why` line per image left out (none: no file); why is
+    what the formats table or the decoder says of the file now (records without a file: empty)."""
     from pathlib import Path
 
     from shared.durable import atomic_write
 
-    lines = [f"{part}\t{name}\n" for part, names in skipped.items() for name in names]
+    lines = [f"{part}\t{name}\t{_why_skipped(name, max_pixels)}\n" for part, names in skipped.items() for name in names]
     if lines:  # a name need not be UTF-8: its own bytes back
         atomic_write(Path(folder) / SKIPPED_FILE, "".join(lines).encode("utf-8", "surrogateescape"))
+
+
+def _why_skipped(name: str, max_pixels: int | None) -> str:
+    from shared.data import formats
+
+    if not os.path.isfile(name):
+        return "" if name.startswith("record ") else "no longer there"
+    try:
+        with open(name, "rb") as handle:
+            formats.verify(handle.read(), max_pixels)
+    except OSError as error:
+        return f"cannot be read ({error.strerror or error})"
+    except formats.Refused as why:
+        return str(why).replace("\t", " ")
+    return "decodes now (changed since it was skipped?)"
 
 
 def undecodable_files(error: BaseException, source: sources.Source, max_pixels: int | None = None) -> list[str]:

@@ -149,7 +149,7 @@ class ClassificationTask(Task):
 
         def draw(folder: Path) -> None:
             if "train" in skipped:  # after training: the run records what it left out
-                data_module.write_skipped(folder, skipped)
+                data_module.write_skipped(folder, skipped, config.data.max_pixels)
             names = readable(data.class_names)
             with durable.disk_space_checked(folder / "confusion.png"):
                 plots.plot_confusion(metrics["confusion"], names, folder / "confusion.png")
