@@ -259,3 +259,17 @@ def test_errors_png_names_each_images_file_or_its_index(tmp_path, monkeypatch, s
             from shared.fashion_mnist import FASHION_MNIST_CLASSES
 
             assert FASHION_MNIST_CLASSES[int(shown.removeprefix("test #")) % 10] == true
+
+
+def test_errors_png_names_the_files_read_when_some_were_skipped():
+    """With data.on_corrupt: skip the test pass reads the split less the images it left out: the mistakes are
+    named from that list (a count that does not add up falls back to places, `test #N`)."""
+    from types import SimpleNamespace
+
+    from shared.tasks.classification import _test_files
+
+    datasets = SimpleNamespace(source=SimpleNamespace(files={"test": ["a.png", "b.png", "c.png", "d.png"]}),
+                               num_test=4)
+    assert _test_files(datasets, 4) == ["a.png", "b.png", "c.png", "d.png"]
+    assert _test_files(datasets, 3, ["b.png"]) == ["a.png", "c.png", "d.png"]
+    assert _test_files(datasets, 2, ["b.png"]) is None

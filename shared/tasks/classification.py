@@ -65,11 +65,13 @@ def _pixel_statistics(config) -> tuple[list[float] | None, list[float] | None]:
     return list(data.mean), list(data.std)
 
 
-def _test_files(datasets, examples: int) -> list[str] | None:
-    """The files the test pass read, in its order, where the source has files and the pass read all of them
-    (data.limit_test cuts the list; an image skipped under data.on_corrupt: skip would shift the rest)."""
+def _test_files(datasets, examples: int, skipped: list[str] = ()) -> list[str] | None:
+    """The files the test pass read, in its order, where the source has files: the test split's (data.limit_test
+    cuts it) less the images data.on_corrupt: skip left out; None where that does not account for every example."""
     files = datasets.source.files.get("test") if datasets.source is not None else None
-    return files[:examples] if files and examples == datasets.num_test else None
+    left_out = set(skipped)
+    read = [path for path in files[:datasets.num_test] if path not in left_out] if files else []
+    return read if files and len(read) == examples else None
 
 
 class ClassificationTask(Task):
@@ -157,7 +159,8 @@ class ClassificationTask(Task):
                 plots.plot_errors(mistakes.images if mistakes.images is not None else [],
                                   [names[i] for i in mistakes.labels], [names[i] for i in mistakes.predicted],
                                   mistakes.scores, folder / "errors.png", *_pixel_statistics(datasets.config),
-                                  sources=mistakes.sources(_test_files(datasets, metrics["examples"])))
+                                  sources=mistakes.sources(_test_files(datasets, metrics["examples"],
+                                                                       skipped.get("test", ()))))
 
         return metrics, draw
 
