@@ -303,3 +303,30 @@ def test_every_refused_file_is_refused_by_every_path_in_one_line(trained, tmp_pa
     assert batch.examples == [] and len(batch.malformed) == len(paths)
     for number, (path, problem) in enumerate(zip(paths, batch.malformed), start=1):
         assert problem.startswith(f"line {number}: ") and REFUSED[path.name][1] in problem, problem
+
+
+def test_a_turned_photo_is_annotated_and_detected_as_shown(tmp_path):
+    """A phone photo stored 40 wide x 30 tall whose EXIF orientation shows it 30 wide x 40 tall: the loop's
+    ingestion takes a box drawn on the shown image, detection decodes and scales boxes to the shown image,
+    and an annotation giving the stored size is refused in one line (its tool did not turn it)."""
+    from shared import annotations
+    from shared.detection.datasets import image_size_problem
+    from shared.detection.export import eval_pixels
+
+    data = READ["jpeg-turned.jpg"]
+    pixels, shape = eval_pixels(tf.constant(data), 16, 3)
+    assert shape.numpy().tolist() == [40, 30]  # predicted boxes are scaled back to these pixels
+    shown = tf.image.resize(formats.decode(tf.constant(data), 3).numpy().astype(np.float32), [16, 16])
+    assert np.abs(pixels.numpy() - shown.numpy()).max() < 1e-4
+
+    (tmp_path / "turned.jpg").write_bytes(data)
+    span = {"x": 2, "y": 31, "width": 20, "height": 8, "label": "cat"}  # rows 31-39: only in the shown image
+    (tmp_path / "tasks.jsonl").write_text(json.dumps({"image": "turned.jpg", "answer": "accept", "spans": [span]})
+                                          + "\n")
+    batch = annotations.read_new(tmp_path / "tasks.jsonl", task="detection", class_names=["cat"])
+    assert batch.malformed == [] and batch.examples[0].boxes.tolist() == [[2, 31, 22, 39]]
+    assert (batch.examples[0].width, batch.examples[0].height) == (30, 40)
+
+    assert image_size_problem(str(tmp_path / "turned.jpg"), 30, 40) is None
+    assert image_size_problem(str(tmp_path / "turned.jpg"), 40, 30) == \
+        "is 30x40 pixels as shown (its EXIF orientation turns it) but its annotation states 40x30"
