@@ -322,3 +322,30 @@ def test_a_resumed_stream_starts_where_the_epochs_done_left_it(tmp_path):
         np.testing.assert_array_equal(labels, want_labels)
         np.testing.assert_allclose(images, want_images)
     assert not np.array_equal(resumed[0][1], uninterrupted[0][1])  # not the first epoch again
+
+
+def test_skip_log_names_each_failed_image_once_first_and_last_included():
+    """data.on_corrupt: skip: the images a pipeline drops are named once however many passes read them, the
+    first and the last of a split too (a pass's end shows its tail); a stream that never ends (training)
+    counts nothing still in flight."""
+    from shared.data import SkipLog, _skipping
+
+    @tf.autograph.experimental.do_not_convert
+    def fails_on_0_4_9(image, label):
+        bad = tf.reduce_any(tf.equal(image, [0, 4, 9]))
+        with tf.control_dependencies([tf.debugging.Assert(tf.logical_not(bad), [image])]):
+            return tf.cast(image, tf.float32), label
+
+    names = [f"image-{i}.png" for i in range(10)]
+    pairs = tf.data.Dataset.from_tensor_slices((tf.range(10), tf.range(10)))
+    evaluation = SkipLog(names, finite=True)
+    dataset = _skipping(pairs, fails_on_0_4_9, evaluation, tf.data.AUTOTUNE, identified=False)
+    for _ in range(3):  # three epochs of validation
+        assert [int(image) for image, _ in dataset] == [1, 2, 3, 5, 6, 7, 8]
+    assert evaluation.skipped() == ["image-0.png", "image-4.png", "image-9.png"] and evaluation.seen
+
+    training = SkipLog(names)
+    stream = _skipping(pairs.enumerate().map(lambda i, pair: (i, *pair)).repeat(), fails_on_0_4_9, training, 1)
+    assert len(list(stream.take(15))) == 15  # two passes and a bit: 0, 4 and 9 left out each time
+    assert training.skipped() == ["image-0.png", "image-4.png", "image-9.png"]
+    assert not SkipLog(names).seen  # never read: a re-test reports no training images

@@ -24,12 +24,14 @@ class SkipLog:
     a fingerprint of their bytes) and, after the shuffle, their position in the stream; `ignore_errors` keeps
     the order, so a position that never arrives before a later one arrives is an image that failed."""
 
-    def __init__(self, names: list[str] | None):
+    def __init__(self, names: list[str] | None, finite: bool = False):
         self.names = names  # identity -> file name; None: identities are fingerprints of the encoded bytes
+        # a split read in whole passes (validation, test): what has not arrived when a pass ends failed too
         self._in_flight = tf.lookup.experimental.MutableHashTable(tf.int64, tf.int64, default_value=-1)
         self._failed = tf.lookup.experimental.MutableHashTable(tf.int64, tf.int32, default_value=0)
         self._last = tf.Variable(-1, dtype=tf.int64, trainable=False)
         self._arrived = tf.Variable(0, dtype=tf.int64, trainable=False)
+        self.finite = finite
 
     def attempt(self, position: tf.Tensor, identity: tf.Tensor) -> tf.Operation:
         """Before decoding: the position's identity, for when it does not arrive."""
@@ -55,7 +57,10 @@ class SkipLog:
     def skipped(self) -> list[str]:
         """The images left out, each once: file names in the source's order, or for encoded records without
         names 'record <fingerprint>'."""
-        identities = sorted(int(i) for i in self._failed.export()[0].numpy())
+        identities = {int(i) for i in self._failed.export()[0].numpy()}
+        if self.finite:  # the last images of a pass: no later arrival shows the gap
+            identities |= {int(i) for i in self._in_flight.export()[1].numpy()}
+        identities = sorted(identities)
         if self.names is not None:
             return [self.names[i] for i in identities]
         return [f"record {i & 0xFFFFFFFFFFFFFFFF:016x}" for i in identities]
@@ -333,8 +338,9 @@ def make_datasets(config: Config, model_augment: ModuleType | None = None,
     if start_epoch:  # skipped before decoding and augmenting: only the shuffle runs over them
         train = train.skip(start_epoch * steps * batch)
     names = {split: source.files.get(split) for split in ("train", "val", "test")}
-    skips = {"train": SkipLog(names["train"]), "test": SkipLog(names["test"]),
-             "val": SkipLog(names["val"] if source.val is not None else names["train"])} if skipping else None
+    skips = {"train": SkipLog(names["train"]), "test": SkipLog(names["test"], finite=True),
+             "val": SkipLog(names["val"] if source.val is not None else names["train"], finite=True)} \
+        if skipping else None
     if skipping:  # drop the images that fail to decode, each named once in skips["train"]
         train = _labels_checked(_skipping(train, train_fn, skips["train"], parallel), source)
     elif not preprocess_once:
