@@ -27,7 +27,6 @@ import base64
 import binascii
 import dataclasses
 import hashlib
-import io
 import json
 import math
 import os
@@ -44,6 +43,7 @@ TASKS = ("classification", "detection")
 BOX_TOLERANCE = 1.0  # pixels a span may stick out of its image (annotation tools round); it is clipped
 SHOWN_PROBLEMS = 10  # malformed lines named one by one in a report; the rest are counted
 MAX_IMAGE_BYTES = 100_000_000  # data.max_image_bytes' default: an image file or data: URI above it is refused
+MAX_PIXELS = 100_000_000  # data.max_pixels' default: an image above it (from its header) is refused
 LINE_SLACK = 1 << 20  # bytes a line may hold besides its image (base64 makes the image 4/3 as long)
 
 
@@ -190,11 +190,13 @@ def spans_of(boxes, labels: Sequence[str], scores=None) -> list[dict]:
 
 def read_new(path: str | os.PathLike, offset: int = 0, lines_before: int = 0, task: str = "classification",
              class_names: Sequence[str] = (), *, known: Container[str] = frozenset(),
-             max_image_bytes: int = MAX_IMAGE_BYTES, chunk_bytes: int | None = None, digest=None) -> Batch:
+             max_image_bytes: int = MAX_IMAGE_BYTES, max_pixels: int | None = MAX_PIXELS,
+             chunk_bytes: int | None = None, digest=None) -> Batch:
     """The complete lines of the JSONL file `path` from byte `offset` on (`lines_before` lines precede it, for
     the line numbers), parsed as `task` tasks whose labels must be among `class_names`. Lines whose answer's
     fingerprint is in `known`, or was met earlier in this read, are counted as duplicates, their images not
-    read. `chunk_bytes`: stop after the line that brings the accepted images read to that many bytes
+    read. `max_image_bytes`, `max_pixels`: data.max_image_bytes, data.max_pixels (an image above either is a
+    malformed line). `chunk_bytes`: stop after the line that brings the accepted images read to that many bytes
     (Batch.more); None reads to the end. `digest`: a hashlib object updated with every byte consumed. UserError
     when the file is missing or shorter than `offset`."""
     if task not in TASKS:
@@ -229,7 +231,8 @@ def read_new(path: str | os.PathLike, offset: int = 0, lines_before: int = 0, ta
                 if not raw.strip():
                     continue
                 try:
-                    answer = parse_line(raw, number, path.parent, task, index, known, taken, max_image_bytes)
+                    answer = parse_line(raw, number, path.parent, task, index, known, taken, max_image_bytes,
+                                        max_pixels)
                 except Malformed as why:
                     batch.malformed.append(f"line {number}: {why}")
                     continue
@@ -303,7 +306,7 @@ def prefix_digest(path: str | os.PathLike, length: int):
 
 def parse_line(raw: bytes, number: int, base: Path, task: str, index: dict[str, int],
                known: Container[str] = frozenset(), taken: Container[str] = frozenset(),
-               max_image_bytes: int = MAX_IMAGE_BYTES) -> Answer | None:
+               max_image_bytes: int = MAX_IMAGE_BYTES, max_pixels: int | None = MAX_PIXELS) -> Answer | None:
     """The line's Answer (with its Example when accepted), None when its fingerprint is in `known` or
     `taken` (the same answer again); Malformed says why the line is no task."""
     try:
@@ -325,7 +328,7 @@ def parse_line(raw: bytes, number: int, base: Path, task: str, index: dict[str, 
     if answer != "accept":
         return parsed  # counted only: what it says is never trained on
     data, name = _image_bytes(image, number, base, max_image_bytes)
-    image_format, width, height = image_facts(data, name)
+    image_format, width, height = image_facts(data, name, max_pixels)
     example = Example(number, data, image_format, width, height, name)
     if task == "classification":
         example.label = _class_index(item.get("label"), index, "label")
@@ -411,22 +414,16 @@ def _image_bytes(image: str, number: int, base: Path, max_bytes: int = MAX_IMAGE
     return data, str(path)
 
 
-def image_facts(data: bytes, name: str) -> tuple[str, int, int]:
-    """(format as TensorFlow names it, width, height) of an encoded image that decodes, else Malformed."""
-    from PIL import Image
-
-    from shared.data.tfrecord import TF_FORMATS
+def image_facts(data: bytes, name: str, max_pixels: int | None = 100_000_000) -> tuple[str, int, int]:
+    """(format as `image/format` names it, width, height as shown) of an encoded image that the training decoder
+    reads (`shared.data.formats`: its table of formats, EXIF orientation applied), else Malformed saying why."""
+    from shared.data import formats
 
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            pil_format, (width, height) = image.format, image.size
-            image.load()
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:80]
-        raise Malformed(f"image {name} does not decode ({reason})") from None
-    if pil_format not in TF_FORMATS:
-        raise Malformed(f"image {name} is a {pil_format} image, which TensorFlow does not decode")
-    return TF_FORMATS[pil_format], width, height
+        found = formats.verify(data, max_pixels)
+    except formats.Refused as why:
+        raise Malformed(f"image {name} {why}") from None
+    return found.format, found.width, found.height
 
 
 def _spans(spans, width: int, height: int, index: dict[str, int]) -> tuple[np.ndarray, np.ndarray]:

@@ -171,11 +171,12 @@ def run_round(loop: Loop, min_new: int = 1) -> RoundResult:
         pending = state["pending"]
         if pending == 0 or pending < min_new or state["examples"] == 0:  # wait for more (the caller may say so)
             return RoundResult(None, batch, state["examples"], seconds=time.monotonic() - started, pending=pending)
+        seconds = time.monotonic() - started  # the round's ingestion; round 0 is timed on its own
         _round_zero(loop, state)
         number = state["round"] + 1
         state.update(round=number, stage="ingested", pending=0,
                      current={"round": number, "new": pending, "examples": state["examples"],
-                              "annotation_lines": state["lines"], "seconds": round(time.monotonic() - started, 1)})
+                              "annotation_lines": state["lines"], "seconds": round(seconds, 1)})
         _commit(loop.dir, state)
         return _finish(loop, state, time.monotonic(), batch)
 
@@ -322,8 +323,8 @@ def ingest(loop: Loop, state: dict) -> Batch:
     names = _class_names(loop.dir)
     while True:
         batch = annotations.read_new(path, offset, lines, loop.task, names, known=table.seen,
-                                     max_image_bytes=loop.config.data.max_image_bytes, chunk_bytes=CHUNK_BYTES,
-                                     digest=digest)
+                                     max_image_bytes=loop.config.data.max_image_bytes,
+                                     max_pixels=loop.config.data.max_pixels, chunk_bytes=CHUNK_BYTES, digest=digest)
         offset, lines = batch.end_offset, lines + batch.lines
         _commit_chunk(loop, state, table, where, batch, lines, digest.hexdigest(), None if batch.more else stamp)
         summary.add(batch)
@@ -623,7 +624,8 @@ def _write_eval_file(loop: Loop, path: Path, names: list[str], folder: Path) -> 
         partial.mkdir()
         while True:
             batch = annotations.read_new(path, summary.end_offset, summary.lines, loop.task, names, known=table.seen,
-                                         max_image_bytes=loop.config.data.max_image_bytes, chunk_bytes=CHUNK_BYTES)
+                                         max_image_bytes=loop.config.data.max_image_bytes,
+                                         max_pixels=loop.config.data.max_pixels, chunk_bytes=CHUNK_BYTES)
             ids = []
             for answer in batch.answers:
                 if answer.answer == "accept":
@@ -676,10 +678,10 @@ def _write_recipe_test_split(loop: Loop, names: list[str], folder: Path) -> None
                 shown = os.fsdecode(image) if source.encoding == "path" else f"test image {number}"
                 try:
                     if source.encoding == "path":
-                        encoded, fmt, height, width = read_image_file(shown)
+                        encoded, fmt, height, width = read_image_file(shown, data.max_pixels)
                     elif source.encoding == "bytes":
                         encoded = bytes(image)
-                        fmt, width, height = annotations.image_facts(encoded, shown)
+                        fmt, width, height = annotations.image_facts(encoded, shown, data.max_pixels)
                     else:
                         pixels = image if image.ndim == 3 else image[..., None]
                         encoded, fmt, (height, width) = tf.io.encode_png(pixels).numpy(), "png", pixels.shape[:2]

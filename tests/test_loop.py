@@ -128,7 +128,7 @@ def test_malformed_lines_are_named_by_number_and_skipped_rejected_and_ignored_co
     batch = annotations.read_new(path, 0, 0, "classification", CLASSES)
     assert (batch.lines, batch.accepted, batch.rejected, batch.ignored) == (12, 2, 1, 1)
     assert [problem.split(":")[0] for problem in batch.malformed] == [f"line {n}" for n in (2, 3, 4, 5, 6, 7, 12)]
-    assert "'zebra' is not a class" in batch.malformed[2] and "does not decode" in batch.malformed[3]
+    assert "'zebra' is not a class" in batch.malformed[2] and "img/broken.png" in batch.malformed[3]
     assert [(e.line, e.label, e.image_format, e.width) for e in batch.examples] == [(1, 0, "png", 16),
                                                                                    (11, 3, "png", 16)]
     assert batch.examples[0].name == str(tmp_path / "img" / "0.png")  # relative to the annotations file
