@@ -493,13 +493,12 @@ def _architecture(run):
 
 def find_run(config: Config, tag: str):
     """The run folder a trial created, found by its notes (training raised, so no Run came back)."""
-    from shared.runs import Run
+    from shared.runs import all_runs
 
-    folder = Path(config.run.dir) / config.model.name
-    for path in sorted(folder.glob("v*"), reverse=True):  # zero-padded versions: newest first
-        notes = path / "notes.md"
+    for run in reversed(all_runs(Path(config.run.dir), config.model.name)):  # by version number: newest first
+        notes = run.path / "notes.md"
         if notes.is_file() and f"{tag}:" in notes.read_text(encoding="utf-8"):
-            return Run(path)
+            return run
     return None
 
 

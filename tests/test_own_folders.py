@@ -124,6 +124,21 @@ def test_no_file_changes_split_when_images_are_added_or_removed():
                                                               split.stratified(by_class, 0.1, 0.2)["test"]["cat"]]
 
 
+def test_split_folders_carve_validation_by_hash_too(tmp_path):
+    """train/ and test/ on disk with data.val_fraction: validation is each training file's own hash within its
+    class as well (it was the head of a shuffled list, which one added image reshuffled)."""
+    root = tmp_path / "imgs"
+    make_class_folders(root / "train", {"cat": 30, "dog": 30})
+    make_class_folders(root / "test", {"cat": 2, "dog": 2})
+    config = data_config(tmp_path, root, val_fraction=0.2, test_fraction=0.0).data
+    before = sources.load(config)
+    assert 4 <= before.num_val <= 20 and before.num_val + before.num_train == 60 and before.num_test == 4
+    make_class_folders(root / "train", {"cat": 1}, seed=7)  # one more cat
+    after = sources.load(config)
+    assert set(before.files["val"]) <= set(after.files["val"]) and len(after.files["val"]) - before.num_val <= 1
+    assert set(before.files["train"]) <= set(after.files["train"])
+
+
 def test_names_up_to_nohash_share_a_split_and_composed_names_split_alike():
     files = [f"/d/a/object{i}_nohash_{view}.jpg" for i in range(30) for view in range(3)]
     chosen = splits_of(split.stratified({"a": files}, 0.1, 0.3))
@@ -193,8 +208,8 @@ def test_split_folders_keep_working_as_they_are(tmp_path):
     make_class_folders(root / "test", {"cat": 2, "dog": 2}, seed=1)
     config = data_config(tmp_path, root, test_fraction=0.0, val_fraction=0.25)
     datasets = make_datasets(config)
-    assert (datasets.num_train, datasets.num_val, datasets.num_test) == (6, 2, 4)  # val: off the head of train
-    assert datasets.source.record == {} and datasets.source.val is None
+    assert (datasets.num_train, datasets.num_val, datasets.num_test) == (6, 2, 4)  # val: one of each class's 4
+    assert datasets.source.record == {} and per_class(datasets.source.files["val"]) == {"cat": 1, "dog": 1}
     with pytest.raises(UserError, match=r"data.test_fraction is 0.2 but .* has its own test split"):
         sources.load(data_config(tmp_path, root).data)
 

@@ -203,6 +203,16 @@ def folder(config: DataConfig, recorded: folder_split.RecordedSplit | None = Non
     train_files, train_labels, class_names = list_folder_split(root, config.train_split)
     test_files, test_labels, _ = list_folder_split(root, config.test_split, class_names)
     refuse_unread_formats(train_files + test_files, config)
+    if config.val_fraction:  # validation by each file's own hash within its class, as for a split-less folder
+        by_class: dict[int, list[str]] = {}
+        for path, label in zip(train_files, train_labels):
+            by_class.setdefault(label, []).append(path)
+        parts = folder_split.stratified(by_class, config.val_fraction, 0.0)
+        files = {part: [path for label in sorted(by_class) for path in parts[part][label]] for part in ("train", "val")}
+        labels = {part: [label for label in sorted(by_class) for _ in parts[part][label]] for part in ("train", "val")}
+        by_test = sorted(zip(test_labels, test_files))
+        files["test"], labels["test"] = [path for _, path in by_test], [label for label, _ in by_test]
+        return _listed_folder(files, labels, class_names, record={})
 
     return Source(
         train=_paths_dataset(train_files, train_labels), test=_paths_dataset(test_files, test_labels),
