@@ -388,8 +388,6 @@ def _why_undecodable(encoded: bytes, view: EvalView | None) -> str:
     from shared.data import formats, preprocess
     from shared.errors import embedded_user_error
 
-    if not encoded:
-        return "empty file"
     try:
         formats.facts(encoded, view.max_pixels if view is not None else None)
         if view is not None:

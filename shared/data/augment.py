@@ -26,7 +26,7 @@ from typing import Callable
 import keras
 import tensorflow as tf
 
-from shared.data import formats, preprocess
+from shared.data import formats
 from shared.errors import UserError
 
 AugmentFn = Callable[[tf.Tensor], tf.Tensor]
@@ -67,9 +67,7 @@ class RandomResizedCrop:
     def from_encoded(self, data: tf.Tensor, channels: int, max_pixels: int | None = None,
                      name: tf.Tensor | str = "") -> tf.Tensor:
         """The box sampled on the image as shown (its EXIF orientation applied), decoded alone."""
-        header = formats.inspect(data, max_pixels)
-        window = self.window(tf.cast(header.shown_shape, tf.int32))
-        cropped = preprocess.decode_and_crop(data, window, channels, max_pixels, name, header)
+        cropped = formats.decode_crop(data, channels, lambda shown: tf.stack(self.window(shown)), max_pixels, name)
         return tf.image.resize(cropped, [self.image_size] * 2)
 
 

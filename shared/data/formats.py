@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Callable
 
 import tensorflow as tf
 
@@ -32,26 +33,117 @@ FORMATS = (
     ("PNG", "1, 2, 4, 8 and 16 bits; grayscale, RGB, palette; alpha dropped; 16 bits scaled to 8 (the high "
      "byte)", "-"),
     ("GIF", "the first frame", "-"),
-    ("BMP", "24- and 32-bit; 8-bit grayscale", "1-, 4- and 16-bit, and 8-bit with a colour palette (TensorFlow "
-     "reads the palette's indices as gray levels); convert them to PNG"),
+    ("BMP", "24- and 32-bit", "1-, 4-, 8- and 16-bit (TensorFlow reads an 8-bit BMP's palette indices as gray "
+     "levels, and none of the others); convert them to PNG"),
     ("WebP", "lossy and lossless still images; alpha dropped", "animated WebP (TensorFlow's decoder crashes the "
      "process on it)"),
     ("others", "-", "TIFF, HEIC/HEIF, AVIF, ICO, SVG, PDF, RAW: one line naming the file; convert them to JPEG or PNG"),
 )
 
 KINDS = ("unknown", "jpeg", "png", "gif", "bmp", "webp")  # `Header.kind` indexes this; `image/format` values
-HEADER_BYTES = 64
-EXIF_SCAN_BYTES = 65_536  # the EXIF segment sits among the first segments of a JPEG, before the image data
-EXIF_MARK = "Exif\x00\x00"
-MAX_IFD_ENTRIES = 64
-ORIENTATION_TAG = 0x0112
 CONVERT = "convert it to PNG or JPEG"
+
+# Every image takes one of three routes, each a branch of one functional Case (`routed`): a JPEG without EXIF,
+# the common case, reads its size with TensorFlow's own header reader and decodes straight away; a JPEG with EXIF
+# reads its orientation too and is turned; any other file has its header read against the table below. In a
+# tf.data function each op costs about a microsecond whether it runs or not unless it sits in a branch not taken
+# (scripts/bench_input.py measures the pipeline), so the common route holds as few as it can.
+PLAIN_JPEG, EXIF_JPEG, OTHER = range(3)
+EXIF_SCAN = 1024  # bytes of a JPEG searched for its EXIF segment (cameras and phones write it first or second)
+EXIF_PATTERN = r"(?s)\C*?Exif\x00\x00\C*"  # \C: any byte, whatever UTF-8 says
+EXIF_MARK = "Exif\x00\x00"
+IFD_ENTRIES = 16  # IFD0's entries are sorted by tag: the orientation (0x0112) comes among the first
+ORIENTATION_TAG = 0x0112
+
+HEAD = 32  # bytes of any other file's header compared and read
+
+
+def _signature(*parts: tuple[int, bytes]) -> list[int]:
+    row = [-1] * HEAD  # -1: any byte
+    for offset, expected in parts:
+        row[offset:offset + len(expected)] = list(expected)
+    return row
+
+
+# (name, what its first bytes hold)
+SIGNATURES = (
+    ("png", ((0, b"\x89PNG\r\n\x1a\n"),)), ("ihdr", ((12, b"IHDR"),)),
+    ("gif87", ((0, b"GIF87a"),)), ("gif89", ((0, b"GIF89a"),)), ("bmp", ((0, b"BM"),)),
+    ("webp", ((0, b"RIFF"), (8, b"WEBP"))), ("vp8", ((12, b"VP8 "), (23, b"\x9d\x01\x2a"))),
+    ("vp8l", ((12, b"VP8L"), (20, b"\x2f"))), ("vp8x", ((12, b"VP8X"),)),
+    ("tiff-ii", ((0, b"II*\x00"),)), ("tiff-mm", ((0, b"MM\x00*"),)),
+    *((f"heic-{brand}", ((4, b"ftyp" + brand.encode()),)) for brand in ("heic", "heix", "mif1", "hevc")),
+    *((f"avif-{brand}", ((4, b"ftyp" + brand.encode()),)) for brand in ("avif", "avis")),
+    ("ico", ((0, b"\x00\x00\x01\x00"),)), ("pdf", ((0, b"%PDF"),)), ("text", ((0, b"<"),)),
+)
+SIGNATURE_INDEX = {name: i for i, (name, _) in enumerate(SIGNATURES)}
+
+# (name, offset, bytes, big-endian, divisor, modulus, added): the numbers a header may hold, read all at once
+FIELDS = (
+    ("png-width", 16, 4, True, 1, 0, 0), ("png-height", 20, 4, True, 1, 0, 0),
+    ("gif-width", 6, 2, False, 1, 0, 0), ("gif-height", 8, 2, False, 1, 0, 0),
+    ("bmp-header", 14, 4, False, 1, 0, 0),  # the DIB header's size: 12 for OS/2's core header, 40-124 the others
+    ("bmp-width", 18, 4, False, 1, 0, 0), ("bmp-height", 22, 4, False, 1, 0, 0),  # negative: rows top-down
+    ("bmp-bits", 28, 2, False, 1, 0, 0),
+    ("core-width", 18, 2, False, 1, 0, 0), ("core-height", 20, 2, False, 1, 0, 0), ("core-bits", 24, 2, False, 1, 0, 0),
+    ("vp8-width", 26, 2, False, 1, 16384, 0), ("vp8-height", 28, 2, False, 1, 16384, 0),
+    ("vp8l-width", 21, 4, False, 1, 16384, 1), ("vp8l-height", 21, 4, False, 16384, 16384, 1),
+    ("vp8x-width", 24, 3, False, 1, 0, 1), ("vp8x-height", 27, 3, False, 1, 0, 1),
+    ("vp8x-flags", 20, 1, False, 1, 0, 0),  # 2: animated
+    ("zero", 0, 0, False, 1, 0, 0),
+)
+FIELD_INDEX = {name: i for i, (name, *_) in enumerate(FIELDS)}
+DAMAGED = "has a damaged {} header; " + CONVERT
+# (signatures required, BMP header kind, format, height field, width field, bits field, refused as): the first
+# variant whose signatures all match is the file's; "zero" for what a variant has not
+VARIANTS = (
+    (("png", "ihdr"), None, "png", "png-height", "png-width", "zero", ""),
+    (("png",), None, "png", "zero", "zero", "zero", DAMAGED.format("PNG")),
+    (("gif87",), None, "gif", "gif-height", "gif-width", "zero", ""),
+    (("gif89",), None, "gif", "gif-height", "gif-width", "zero", ""),
+    (("bmp",), "core", "bmp", "core-height", "core-width", "core-bits", ""),
+    (("bmp",), "info", "bmp", "bmp-height", "bmp-width", "bmp-bits", ""),
+    (("bmp",), None, "bmp", "zero", "zero", "zero", DAMAGED.format("BMP")),
+    (("webp", "vp8"), None, "webp", "vp8-height", "vp8-width", "zero", ""),
+    (("webp", "vp8l"), None, "webp", "vp8l-height", "vp8l-width", "zero", ""),
+    (("webp", "vp8x"), None, "webp", "vp8x-height", "vp8x-width", "zero", ""),
+    (("webp",), None, "webp", "zero", "zero", "zero", DAMAGED.format("WebP")),
+    *(((name,), None, "unknown", "zero", "zero", "zero", f"is {what}; {CONVERT}") for name, what in (
+        ("tiff-ii", "a TIFF image"), ("tiff-mm", "a TIFF image"),
+        *((f"heic-{brand}", "a HEIC/HEIF image") for brand in ("heic", "heix", "mif1", "hevc")),
+        ("avif-avif", "an AVIF image"), ("avif-avis", "an AVIF image"), ("ico", "an ICO icon"),
+        ("pdf", "a PDF document"), ("text", "text or SVG, not an image"))),
+    ((), None, "unknown", "zero", "zero", "zero", f"is not an image format that is read; {CONVERT}"),
+)
+BMP_BITS = ("is a ", "-bit BMP, which TensorFlow does not decode; " + CONVERT)
+BMP_PALETTE = ("is an 8-bit BMP, whose palette TensorFlow does not apply (it reads the indices as gray levels); "
+               + CONVERT)
+ANIMATED = f"is an animated WebP, which TensorFlow's decoder cannot read; {CONVERT}"
+EMPTY = f"is empty (0 bytes); remove it or {CONVERT}"
+NO_PIXELS = f"has no pixels in its header (a damaged file); {CONVERT}"
+
+# Orientation o (1-8) shows the stored pixels transposed (5-8), then reversed along these axes
+TRANSPOSES = [[0, 1, 2]] * 4 + [[1, 0, 2]] * 4
+REVERSED = [[False, False], [False, True], [True, True], [True, False], [False, False], [False, True],
+            [True, True], [True, False]]
+# ... and a window [top, left, height, width] of the shown image is this product with [top, left, height, width,
+# stored rows, stored columns] of the stored pixels
+WINDOWS = [
+    [[1, 0, 0, 0, 0, 0], [0, 1, 0, 0, 0, 0], [0, 0, 1, 0, 0, 0], [0, 0, 0, 1, 0, 0]],
+    [[1, 0, 0, 0, 0, 0], [0, -1, 0, -1, 0, 1], [0, 0, 1, 0, 0, 0], [0, 0, 0, 1, 0, 0]],
+    [[-1, 0, -1, 0, 1, 0], [0, -1, 0, -1, 0, 1], [0, 0, 1, 0, 0, 0], [0, 0, 0, 1, 0, 0]],
+    [[-1, 0, -1, 0, 1, 0], [0, 1, 0, 0, 0, 0], [0, 0, 1, 0, 0, 0], [0, 0, 0, 1, 0, 0]],
+    [[0, 1, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0], [0, 0, 0, 1, 0, 0], [0, 0, 1, 0, 0, 0]],
+    [[0, -1, 0, -1, 1, 0], [1, 0, 0, 0, 0, 0], [0, 0, 0, 1, 0, 0], [0, 0, 1, 0, 0, 0]],
+    [[0, -1, 0, -1, 1, 0], [-1, 0, -1, 0, 0, 1], [0, 0, 0, 1, 0, 0], [0, 0, 1, 0, 0, 0]],
+    [[0, 1, 0, 0, 0, 0], [-1, 0, -1, 0, 0, 1], [0, 0, 0, 1, 0, 0], [0, 0, 1, 0, 0, 0]],
+]
 
 
 @dataclasses.dataclass
 class Header:
     """What the first bytes of an encoded image say (tensors): its KINDS index, stored height and width,
-    EXIF orientation (1-8; 1 where there is none) and why it is refused ("" when it is read)."""
+    EXIF orientation (1-8; 1 where there is none), and why it is refused ("" when it is read)."""
     kind: tf.Tensor
     height: tf.Tensor
     width: tf.Tensor
@@ -59,175 +151,159 @@ class Header:
     problem: tf.Tensor
 
     @property
-    def turned(self) -> tf.Tensor:
-        """Orientations 5-8 show the stored image transposed: its height is the shown width."""
-        return self.orientation >= 5
-
-    @property
     def shown_shape(self) -> tf.Tensor:
-        """[height, width] as shown, after the EXIF orientation."""
-        return tf.where(self.turned, tf.stack([self.width, self.height]), tf.stack([self.height, self.width]))
+        """[height, width] as shown: orientations 5-8 show the stored image transposed."""
+        return tf.where(self.orientation >= 5, tf.stack([self.width, self.height]),
+                        tf.stack([self.height, self.width]))
 
 
-# ---------------------------------------------------------------- bytes
+# ---------------------------------------------------------------- routes
 
 
-def _bytes_at(data: tf.Tensor, offset, length: int) -> tf.Tensor:
+def routed(route: tf.Tensor, branches: list[Callable]):
+    """tf.switch_case that runs only the branch taken. In a tf.data function TensorFlow lowers a switch to
+    Switch/Merge nodes, and there every op of every branch is still scheduled for every image. Kept a functional
+    Case (its `_lower_using_switch_merge` attribute off: TensorFlow's own switch for this), only the taken branch
+    runs."""
+    from tensorflow.core.framework import attr_value_pb2
+
+    outputs = tf.switch_case(route, branches)
+    if tf.executing_eagerly():
+        return outputs
+    op = tf.nest.flatten(outputs)[0].op
+    while op.type not in ("Case", "StatelessCase", "If", "StatelessIf"):
+        op = op.inputs[0].op
+    op._set_attr("_lower_using_switch_merge", attr_value_pb2.AttrValue(b=False))
+    return outputs
+
+
+def route_of(data: tf.Tensor) -> tf.Tensor:
+    """PLAIN_JPEG, EXIF_JPEG or OTHER for an encoded image."""
+    head = tf.strings.substr(data, 0, tf.minimum(EXIF_SCAN, tf.strings.length(data)))
+    exif = tf.strings.regex_full_match(head, EXIF_PATTERN)
+    return tf.where(tf.io.is_jpeg(data), tf.where(exif, EXIF_JPEG, PLAIN_JPEG), OTHER)
+
+
+def _bytes(data: tf.Tensor, offset, length: int) -> tf.Tensor:
     """`length` bytes of `data` from `offset` as int64 values, zeros past the end."""
-    size = tf.strings.length(data)
-    offset = tf.clip_by_value(tf.cast(offset, tf.int32), 0, size)
-    raw = tf.io.decode_raw(tf.strings.substr(data, offset, length), tf.uint8)
-    return tf.ensure_shape(tf.cast(tf.pad(raw, [[0, length - tf.size(raw)]]), tf.int64), [length])
+    raw = tf.strings.substr(data, tf.minimum(offset, tf.strings.length(data)), length)
+    return tf.cast(tf.io.decode_raw(raw, tf.uint8, fixed_length=length), tf.int64)  # zero-padded
 
 
-def _number(values: tf.Tensor, big_endian) -> tf.Tensor:
-    """An unsigned integer from its bytes (int64 values), in either byte order."""
-    count = values.shape[0]
-    little = tf.reduce_sum(values * tf.constant([256 ** i for i in range(count)], tf.int64))
-    big = tf.reduce_sum(values * tf.constant([256 ** (count - 1 - i) for i in range(count)], tf.int64))
-    return tf.where(big_endian, big, little)
+def _jpeg_size(data: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """(height, width) of a JPEG, from TensorFlow's own header reader (which fails on a file that is no JPEG
+    past its first marker)."""
+    shape = tf.cast(tf.image.extract_jpeg_shape(data), tf.int64)
+    return shape[0], shape[1]
 
 
-def _le(head: tf.Tensor, start: int, count: int) -> tf.Tensor:
-    return _number(head[start:start + count], False)
-
-
-def _be(head: tf.Tensor, start: int, count: int) -> tf.Tensor:
-    return _number(head[start:start + count], True)
-
-
-def _starts(head: tf.Tensor, prefix: bytes, at: int = 0) -> tf.Tensor:
-    return tf.reduce_all(tf.equal(head[at:at + len(prefix)], tf.constant(list(prefix), tf.int64)))
-
-
-# ---------------------------------------------------------------- the header
-
-
-def _jpeg_orientation(data: tf.Tensor) -> tf.Tensor:
-    """The EXIF orientation tag of a JPEG (1 where it has none): the first "Exif\\0\\0" APP1 segment among its
-    first bytes, its TIFF header's byte order, then IFD0's entries for tag 0x0112."""
-    head = tf.strings.substr(data, 0, tf.minimum(EXIF_SCAN_BYTES, tf.strings.length(data)))
-    parts = tf.strings.split(head, sep=EXIF_MARK, maxsplit=1)
-    mark = tf.strings.length(parts[0])
-    tiff = mark + len(EXIF_MARK)
-    before, order = _bytes_at(data, mark - 4, 2), _bytes_at(data, tiff, 8)
-    is_app1 = tf.logical_and(tf.equal(before[0], 0xFF), tf.equal(before[1], 0xE1))
-    motorola = _starts(order, b"MM\x00*")
-    intel = _starts(order, b"II*\x00")
-    ifd = tiff + tf.cast(_number(order[4:8], motorola), tf.int32)
-    count = tf.minimum(_number(_bytes_at(data, ifd, 2), motorola), MAX_IFD_ENTRIES)
-    entries = tf.reshape(_bytes_at(data, ifd + 2, 12 * MAX_IFD_ENTRIES), [MAX_IFD_ENTRIES, 12])
-    weights_le = tf.constant([1, 256], tf.int64)
-    weights = tf.where(motorola, tf.reverse(weights_le, [0]), weights_le)
-    tags = tf.reduce_sum(entries[:, 0:2] * weights, axis=1)
-    types = tf.reduce_sum(entries[:, 2:4] * weights, axis=1)
-    values = tf.reduce_sum(entries[:, 8:10] * weights, axis=1)
-    wanted = (tf.equal(tags, ORIENTATION_TAG) & tf.equal(types, 3)  # SHORT
-              & (tf.range(MAX_IFD_ENTRIES, dtype=tf.int64) < count))
+def _exif_orientation(data: tf.Tensor) -> tf.Tensor:
+    """Tag 0x0112 among the first IFD_ENTRIES entries of IFD0 of the TIFF structure after a JPEG's first
+    "Exif\0\0" (1 when absent or not 1-8), in the structure's byte order."""
+    head = tf.strings.substr(data, 0, tf.minimum(EXIF_SCAN, tf.strings.length(data)))
+    tiff = tf.strings.length(tf.strings.split(head, sep=EXIF_MARK, maxsplit=1)[0]) + len(EXIF_MARK)
+    header = _bytes(data, tiff, 8)
+    motorola = tf.reduce_all(tf.equal(header[:4], tf.constant(list(b"MM\x00*"), tf.int64)))
+    intel = tf.reduce_all(tf.equal(header[:4], tf.constant(list(b"II*\x00"), tf.int64)))
+    four = tf.where(motorola, tf.constant([256 ** 3, 256 ** 2, 256, 1], tf.int64),
+                    tf.constant([1, 256, 256 ** 2, 256 ** 3], tf.int64))
+    two = tf.where(motorola, tf.constant([256, 1], tf.int64), tf.constant([1, 256], tf.int64))
+    table = _bytes(data, tiff + tf.cast(tf.reduce_sum(header[4:8] * four), tf.int32), 2 + 12 * IFD_ENTRIES)
+    entries = tf.reshape(table[2:], [IFD_ENTRIES, 12])
+    tags, kinds, values = (tf.linalg.matvec(entries[:, start:start + 2], two) for start in (0, 2, 8))
+    wanted = tf.equal(tags, ORIENTATION_TAG) & tf.equal(kinds, 3) \
+        & (tf.range(IFD_ENTRIES, dtype=tf.int64) < tf.reduce_sum(table[:2] * two))  # SHORT, within the count
     value = tf.reduce_max(tf.where(wanted, values, tf.zeros_like(values)))  # one entry per tag
-    found = (tf.size(parts) > 1) & is_app1 & (motorola | intel) & (value >= 1) & (value <= 8)
-    return tf.where(found, value, tf.constant(1, tf.int64))
+    return tf.where((motorola | intel) & (value >= 1) & (value <= 8), value, tf.constant(1, tf.int64))
 
 
-def _other_format(head: tf.Tensor) -> tf.Tensor:
-    """What an unread file seems to be, for the message."""
-    known = [(_starts(head, b"II*\x00") | _starts(head, b"MM\x00*"), "a TIFF image"),
-             (_starts(head, b"ftyp", 4) & (_starts(head, b"heic", 8) | _starts(head, b"heix", 8)
-                                           | _starts(head, b"mif1", 8) | _starts(head, b"hevc", 8)),
-              "a HEIC/HEIF image"),
-             (_starts(head, b"ftyp", 4) & (_starts(head, b"avif", 8) | _starts(head, b"avis", 8)), "an AVIF image"),
-             (_starts(head, b"\x00\x00\x01\x00"), "an ICO icon"),
-             (_starts(head, b"%PDF"), "a PDF document"),
-             (_starts(head, b"<"), "text or SVG, not an image")]
-    names = tf.constant([name for _, name in known] + ["not an image format that is read"])
-    index = tf.argmax(tf.cast(tf.stack([condition for condition, _ in known] + [tf.constant(True)]), tf.int32))
-    return names[index]
+@functools.cache
+def _tables() -> dict:
+    """The constant tables the other formats' header is multiplied, compared and gathered with."""
+    weights = [[0] * HEAD for _ in FIELDS]
+    for row, (_, offset, count, big, *_) in zip(weights, FIELDS):
+        for i in range(count):
+            row[offset + i] = 256 ** (count - 1 - i if big else i)
+    conditions = len(SIGNATURES) + 2  # the signatures, then "a core BMP header", "another BMP header"
+    required = [[False] * conditions for _ in VARIANTS]
+    for row, (names, bmp_header, *_) in zip(required, VARIANTS):
+        for name in names:
+            row[SIGNATURE_INDEX[name]] = True
+        if bmp_header:
+            row[len(SIGNATURES) + (0 if bmp_header == "core" else 1)] = True
+    signatures = [_signature(*parts) for _, parts in SIGNATURES]
+    return {
+        "weights": weights, "divisor": [f[4] for f in FIELDS], "modulus": [f[5] or 2 ** 40 for f in FIELDS],
+        "added": [f[6] for f in FIELDS], "signed": [name == "bmp-height" for name, *_ in FIELDS],
+        "signatures": signatures, "any_byte": [[b < 0 for b in row] for row in signatures],
+        "not_required": [[not b for b in row] for row in required],
+        "kind": [KINDS.index(v[2]) for v in VARIANTS],
+        "fields": [[FIELD_INDEX[v[3]], FIELD_INDEX[v[4]], FIELD_INDEX[v[5]]] for v in VARIANTS],
+        "refused": [v[6] for v in VARIANTS],
+    }
+
+
+def _other_header(data: tf.Tensor) -> Header:
+    """The header of anything but a JPEG, from its first HEAD bytes: every signature compared at once, every
+    number read at once, the first variant (VARIANTS) that matches."""
+    tables = {key: tf.constant(value, tf.int64 if key in ("weights", "divisor", "modulus", "added", "signatures")
+                               else None) for key, value in _tables().items()}
+    head = _bytes(data, 0, HEAD)
+    numbers = tf.linalg.matvec(tables["weights"], head) // tables["divisor"] % tables["modulus"] + tables["added"]
+    numbers = tf.where(tables["signed"] & (numbers >= 2 ** 31), 2 ** 32 - numbers, numbers)
+    matched = tf.reduce_all(tf.equal(tables["signatures"], head) | tables["any_byte"], axis=1)
+    bmp_header = numbers[FIELD_INDEX["bmp-header"]]
+    conditions = tf.concat([matched, [tf.equal(bmp_header, 12), (bmp_header >= 40) & (bmp_header <= 124)]], 0)
+    variant = tf.argmax(tf.reduce_all(conditions | tables["not_required"], axis=1), output_type=tf.int32)
+    height, width, bits = tf.unstack(tf.gather(numbers, tables["fields"][variant]))
+    kind = tables["kind"][variant]
+    animated = tf.equal(kind, KINDS.index("webp")) & matched[SIGNATURE_INDEX["vp8x"]] \
+        & tf.equal(numbers[FIELD_INDEX["vp8x-flags"]] // 2 % 2, 1)
+    bad_bits = tf.equal(kind, KINDS.index("bmp")) & tf.logical_not(tf.equal(bits, 24) | tf.equal(bits, 32))
+    problems = tf.stack([tf.equal(tf.strings.length(data), 0), tf.not_equal(tables["refused"][variant], ""),
+                         bad_bits, animated, (height < 1) | (width < 1), tf.constant(True)])
+    bits_message = tf.where(tf.equal(bits, 8), BMP_PALETTE,
+                            tf.strings.join([BMP_BITS[0], tf.strings.as_string(bits), BMP_BITS[1]]))
+    messages = tf.stack([EMPTY, tables["refused"][variant], bits_message, ANIMATED, NO_PIXELS, ""])
+    return Header(kind, height, width, tf.constant(1, tf.int64), messages[tf.argmax(tf.cast(problems, tf.int32))])
+
+
+def _refused_if_too_big(header: Header, max_pixels: int | None) -> tf.Tensor:
+    """The header's problem, or that it has more than `max_pixels` pixels."""
+    if max_pixels is None:
+        return header.problem
+    pixels = header.height * header.width
+    too_big = tf.strings.join(
+        ["has ", tf.strings.as_string(header.width), "x", tf.strings.as_string(header.height), " = ",
+         tf.strings.as_string(pixels), f" pixels, above data.max_pixels ({max_pixels}); downscale it, or raise "
+         f"data.max_pixels if the memory it takes to decode is there"])
+    return tf.where(tf.equal(header.problem, "") & (pixels > max_pixels), too_big, header.problem)
+
+
+def _header(data: tf.Tensor, route: int) -> Header:
+    """The header of an image known to take `route`."""
+    if route == OTHER:
+        return _other_header(data)
+    height, width = _jpeg_size(data)
+    orientation = _exif_orientation(data) if route == EXIF_JPEG else tf.constant(1, tf.int64)
+    return Header(tf.constant(KINDS.index("jpeg")), height, width, orientation, tf.constant(""))
 
 
 def inspect(data: tf.Tensor, max_pixels: int | None = None) -> Header:
-    """The header of one encoded image (a tf.string scalar), read from its first bytes without decoding it.
+    """The header of one encoded image (a tf.string scalar), read from its first bytes without decoding it;
     `problem` says why it is refused: an empty or unknown file, a variant TensorFlow decodes wrongly or not at
     all, or more than `max_pixels` pixels (None: no limit)."""
-    size = tf.strings.length(data)
-    head = _bytes_at(data, 0, HEADER_BYTES)
-    is_jpeg = tf.io.is_jpeg(data)
-    is_png = _starts(head, b"\x89PNG\r\n\x1a\n")
-    is_gif = _starts(head, b"GIF87a") | _starts(head, b"GIF89a")
-    is_bmp = _starts(head, b"BM")
-    is_webp = _starts(head, b"RIFF") & _starts(head, b"WEBP", 8)
-    kind = tf.argmax(tf.cast(tf.stack([tf.constant(False), is_jpeg, is_png, is_gif, is_bmp, is_webp]), tf.int32),
-                     output_type=tf.int32)
-
-    # JPEG: TensorFlow's own header reader (it fails on a file that is no JPEG past its first marker)
-    jpeg_shape = tf.cond(is_jpeg, lambda: tf.cast(tf.image.extract_jpeg_shape(data)[:2], tf.int64),
-                         lambda: tf.zeros([2], tf.int64))
-    # BMP: the DIB header's size says its layout (12: OS/2 core header, else BITMAPINFOHEADER and later)
-    core = tf.equal(_le(head, 14, 4), 12)
-    bmp_width = tf.where(core, _le(head, 18, 2), _le(head, 18, 4))
-    bmp_height = tf.where(core, _le(head, 20, 2), _le(head, 22, 4))
-    bmp_height = tf.where(bmp_height >= 2 ** 31, 2 ** 32 - bmp_height, bmp_height)  # negative: top-down rows
-    bmp_bits = tf.where(core, _le(head, 24, 2), _le(head, 28, 2))
-    # WebP: the first chunk says lossy (VP8), lossless (VP8L) or extended (VP8X: canvas size, animation flag)
-    vp8l_bits = _le(head, 21, 4)
-    extended = _starts(head, b"VP8X", 12)
-    webp_width = tf.where(_starts(head, b"VP8 ", 12), _le(head, 26, 2) % 16384,
-                          tf.where(extended, _le(head, 24, 3) + 1, vp8l_bits % 16384 + 1))
-    webp_height = tf.where(_starts(head, b"VP8 ", 12), _le(head, 28, 2) % 16384,
-                           tf.where(extended, _le(head, 27, 3) + 1, (vp8l_bits // 16384) % 16384 + 1))
-    animated = extended & tf.not_equal(tf.bitwise.bitwise_and(head[20], 2), 0)
-    # what each format's header must hold where its size is read: garbage after a right signature is no size
-    whole = [tf.logical_not(is_png) | _starts(head, b"IHDR", 12),
-             tf.logical_not(is_webp) | extended | (_starts(head, b"VP8 ", 12) & _starts(head, b"\x9d\x01\x2a", 23))
-             | (_starts(head, b"VP8L", 12) & tf.equal(head[20], 0x2F)),
-             tf.logical_not(is_bmp) | (_le(head, 14, 4) >= 12) & (_le(head, 14, 4) <= 124) & (size >= 26)]
-
-    shapes = tf.stack([tf.zeros([2], tf.int64), jpeg_shape, tf.stack([_be(head, 20, 4), _be(head, 16, 4)]),
-                       tf.stack([_le(head, 8, 2), _le(head, 6, 2)]), tf.stack([bmp_height, bmp_width]),
-                       tf.stack([webp_height, webp_width])])
-    height, width = shapes[kind][0], shapes[kind][1]
-    orientation = tf.cond(is_jpeg, lambda: _jpeg_orientation(data), lambda: tf.constant(1, tf.int64))
-
-    bits = tf.strings.as_string(bmp_bits)
-    gray_palette = tf.cond(is_bmp & tf.equal(bmp_bits, 8), lambda: _gray_palette(data, head), lambda: tf.constant(True))
-    pixels = height * width
-    problems = [
-        (tf.equal(size, 0), tf.constant(f"is empty (0 bytes); remove it or {CONVERT}")),
-        (tf.equal(kind, 0), tf.strings.join(["is ", _other_format(head), f"; {CONVERT}"])),
-        (tf.logical_not(tf.reduce_all(tf.stack(whole))),
-         tf.strings.join(["has a damaged ", tf.constant([k.upper() for k in KINDS])[kind], " header; ", CONVERT])),
-        (is_bmp & tf.logical_not(tf.equal(bmp_bits, 24) | tf.equal(bmp_bits, 32) | tf.equal(bmp_bits, 8)),
-         tf.strings.join(["is a ", bits, f"-bit BMP, which TensorFlow does not decode; {CONVERT}"])),
-        (is_bmp & tf.equal(bmp_bits, 8) & tf.logical_not(gray_palette),
-         tf.constant("is an 8-bit BMP with a colour palette, which TensorFlow decodes as gray levels; " + CONVERT)),
-        (is_webp & animated, tf.constant(f"is an animated WebP, which TensorFlow's decoder cannot read; {CONVERT}")),
-        ((height < 1) | (width < 1), tf.constant(f"has no pixels in its header (a damaged file); {CONVERT}")),
-    ]
-    if max_pixels is not None:
-        problems.append((pixels > max_pixels, tf.strings.join(
-            ["has ", tf.strings.as_string(width), "x", tf.strings.as_string(height), " = ",
-             tf.strings.as_string(pixels), f" pixels, above data.max_pixels ({max_pixels}); downscale it, or raise "
-             f"data.max_pixels if the memory it takes to decode is there"])))
-    conditions = tf.stack([condition for condition, _ in problems] + [tf.constant(True)])
-    messages = tf.stack([message for _, message in problems] + [tf.constant("")])
-    problem = messages[tf.argmax(tf.cast(conditions, tf.int32))]
-    return Header(kind, height, width, orientation, problem)
+    def read(route):
+        header = _header(data, route)
+        return header.kind, header.height, header.width, header.orientation, _refused_if_too_big(header,
+                                                                                                   max_pixels)
+    return Header(*routed(route_of(data), [lambda route=route: read(route) for route in range(3)]))
 
 
-def _gray_palette(data: tf.Tensor, head: tf.Tensor) -> tf.Tensor:
-    """Whether an 8-bit BMP's colour table is the gray ramp (entry i = (i, i, i)), which TensorFlow's decoder
-    assumes: it returns the palette indices as gray levels."""
-    table = 14 + _le(head, 14, 4)
-    used = _le(head, 46, 4)
-    used = tf.where((used == 0) | (used > 256), tf.constant(256, tf.int64), used)
-    entries = tf.reshape(_bytes_at(data, table, 4 * 256), [256, 4])[:, :3]
-    ramp = tf.range(256, dtype=tf.int64)[:, None]
-    matches = tf.reduce_all(tf.equal(entries, ramp), axis=1)
-    return tf.reduce_all(matches | (tf.range(256, dtype=tf.int64) >= used))
-
-
-def require_readable(header: Header, name: tf.Tensor | str) -> tf.Operation:
-    """An op that fails, in one line naming the image, when its header says it is refused."""
-    return checks.check(tf.equal(header.problem, ""), "image ", name, " ", header.problem)
+def _required(header: Header, name: tf.Tensor | str, max_pixels: int | None) -> tf.Operation:
+    """An op that fails, in one line naming the image, when the header (or its size) refuses it."""
+    problem = _refused_if_too_big(header, max_pixels)
+    return checks.check(tf.equal(problem, ""), "image ", name, " ", problem)
 
 
 # ---------------------------------------------------------------- decoding
@@ -252,69 +328,61 @@ def to_channels(image: tf.Tensor, channels: int) -> tf.Tensor:
 
 def orient(image: tf.Tensor, orientation: tf.Tensor) -> tf.Tensor:
     """Stored pixels turned as EXIF orientation 1-8 says they are shown (PIL's ImageOps.exif_transpose)."""
-    branches = [
-        lambda: image,
-        lambda: tf.reverse(image, [1]),  # 2: mirrored
-        lambda: tf.reverse(image, [0, 1]),  # 3: upside down
-        lambda: tf.reverse(image, [0]),  # 4: mirrored upside down
-        lambda: tf.transpose(image, [1, 0, 2]),  # 5: transposed
-        lambda: tf.reverse(tf.transpose(image, [1, 0, 2]), [1]),  # 6: turned 90 degrees clockwise
-        lambda: tf.reverse(tf.transpose(image, [1, 0, 2]), [0, 1]),  # 7: transverse
-        lambda: tf.reverse(tf.transpose(image, [1, 0, 2]), [0]),  # 8: turned 90 degrees counter-clockwise
-    ]
-    turned = tf.switch_case(tf.cast(orientation - 1, tf.int32), branches)
+    index = tf.cast(orientation - 1, tf.int32)
+    turned = tf.transpose(image, tf.gather(tf.constant(TRANSPOSES), index))
+    turned = tf.reverse(turned, tf.boolean_mask(tf.constant([0, 1]), tf.gather(tf.constant(REVERSED), index)))
     turned.set_shape([None, None, image.shape[-1]])
     return turned
 
 
-def stored_window(window: tuple, orientation: tf.Tensor, stored_shape: tf.Tensor) -> tf.Tensor:
+def stored_window(window, orientation: tf.Tensor, stored_shape: tf.Tensor) -> tf.Tensor:
     """A window [top, left, height, width] of the shown image as the window of the stored pixels that shows it."""
-    top, left, height, width = (tf.cast(value, tf.int32) for value in window)
-    rows, cols = tf.cast(stored_shape[0], tf.int32), tf.cast(stored_shape[1], tf.int32)
-    candidates = tf.stack([
-        [top, left, height, width],
-        [top, cols - left - width, height, width],
-        [rows - top - height, cols - left - width, height, width],
-        [rows - top - height, left, height, width],
-        [left, top, width, height],
-        [rows - left - width, top, width, height],
-        [rows - left - width, cols - top - height, width, height],
-        [left, cols - top - height, width, height],
-    ])
-    return candidates[tf.cast(orientation - 1, tf.int32)]
+    values = tf.concat([tf.cast(window, tf.int32), tf.cast(stored_shape, tf.int32)], 0)
+    return tf.linalg.matvec(tf.gather(tf.constant(WINDOWS, tf.int32), tf.cast(orientation - 1, tf.int32)), values)
+
+
+def _jpeg_pixels(data: tf.Tensor, channels: int, window: tf.Tensor | None = None) -> tf.Tensor:
+    """A JPEG (its stored `window` only, when given: `decode_and_crop_jpeg` skips the blocks outside it, the
+    main saving of the ImageNet input pipeline) straight to 3 channels by libjpeg, which converts gray and CMYK;
+    for 1 channel as stored, then `to_channels` (libjpeg cannot take CMYK to gray)."""
+    def decoded(wanted):
+        if window is None:
+            return tf.io.decode_jpeg(data, channels=wanted)
+        return tf.image.decode_and_crop_jpeg(data, window, channels=wanted)
+    return decoded(3) if channels == 3 else to_channels(decoded(0), channels)
+
+
+Window = Callable[[tf.Tensor], tf.Tensor]  # the shown [height, width] (int32) -> [top, left, height, width]
+
+
+def decode_crop(data: tf.Tensor, channels: int, window: Window | None = None, max_pixels: int | None = None,
+                name: tf.Tensor | str = "") -> tf.Tensor:
+    """One encoded image as uint8 pixels as it is shown (the first frame, its EXIF orientation applied) of
+    `channels`; only the window that `window` picks from its shown size, when given (None: all of it). Refused
+    in one line naming it (`name`) when its header says so, before it is decoded."""
+    def read(route):
+        header = _header(data, route)
+        with tf.control_dependencies([_required(header, name, max_pixels)]):
+            shown = tf.cast(header.shown_shape, tf.int32)
+            box = tf.cast(window(shown), tf.int32) if window is not None else None
+            if route == PLAIN_JPEG:
+                return _jpeg_pixels(data, channels, box)
+            if route == EXIF_JPEG:
+                stored = stored_window(box, header.orientation, tf.stack([header.height, header.width])) \
+                    if box is not None else None
+                return orient(_jpeg_pixels(data, channels, stored), header.orientation)
+            image = to_channels(tf.io.decode_image(data, channels=channels if channels == 3 else 0,
+                                                   expand_animations=False), channels)
+            return image if box is None else tf.slice(image, tf.stack([box[0], box[1], 0]),
+                                                      tf.stack([box[2], box[3], -1]))
+    image = routed(route_of(data), [lambda route=route: read(route) for route in range(3)])
+    image.set_shape([None, None, channels])
+    return image
 
 
 def decode(data: tf.Tensor, channels: int, max_pixels: int | None = None, name: tf.Tensor | str = "") -> tf.Tensor:
-    """One encoded image as uint8 pixels (height, width, channels) as it is shown: the first frame, its EXIF
-    orientation applied; refused in one line naming it (`name`) when its header says so."""
-    header = inspect(data, max_pixels)
-    with tf.control_dependencies([require_readable(header, name)]):
-        image = tf.io.decode_image(data, channels=0, expand_animations=False)
-    image = orient(to_channels(image, channels), header.orientation)
-    image.set_shape([None, None, channels])
-    return image
-
-
-def decode_window(data: tf.Tensor, window: tuple, channels: int, max_pixels: int | None = None,
-                  name: tf.Tensor | str = "", header: Header | None = None) -> tf.Tensor:
-    """Only the window [top, left, height, width] of the shown image: a JPEG decodes just the stored blocks
-    that hold it (`decode_and_crop_jpeg`, the main saving of the ImageNet input pipeline); other formats decode
-    whole, then crop. `header`: the image's, when the caller has read it already."""
-    header = header if header is not None else inspect(data, max_pixels)
-    stored = stored_window(window, header.orientation, tf.stack([header.height, header.width]))
-
-    def jpeg():
-        return tf.image.decode_and_crop_jpeg(data, stored, channels=0)
-
-    def other():
-        image = tf.io.decode_image(data, channels=0, expand_animations=False)
-        return tf.slice(image, tf.stack([stored[0], stored[1], 0]), tf.stack([stored[2], stored[3], -1]))
-
-    with tf.control_dependencies([require_readable(header, name)]):
-        image = tf.cond(tf.equal(header.kind, KINDS.index("jpeg")), jpeg, other)
-    image = orient(to_channels(image, channels), header.orientation)
-    image.set_shape([None, None, channels])
-    return image
+    """One encoded image as uint8 pixels (height, width, channels) as it is shown (`decode_crop`, whole)."""
+    return decode_crop(data, channels, None, max_pixels, name)
 
 
 # ---------------------------------------------------------------- for Python callers

@@ -19,11 +19,11 @@ def decode(data: tf.Tensor, channels: int, max_pixels: int | None = None, name: 
 
 
 def decode_and_crop(data: tf.Tensor, window: tuple, channels: int, max_pixels: int | None = None,
-                    name: tf.Tensor | str = "", header: formats.Header | None = None) -> tf.Tensor:
+                    name: tf.Tensor | str = "") -> tf.Tensor:
     """Decode only the crop window [top, left, height, width] of the shown image: for a JPEG,
     `decode_and_crop_jpeg` skips the blocks outside it (the main saving of the ImageNet input pipeline); other
     formats decode whole, then crop."""
-    return formats.decode_window(data, window, channels, max_pixels, name, header)
+    return formats.decode_crop(data, channels, lambda shown: tf.stack(window), max_pixels, name)
 
 
 def encoded_shape(data: tf.Tensor) -> tf.Tensor:
@@ -42,10 +42,11 @@ def center_crop_window(shape: tf.Tensor, crop_fraction: float) -> tuple:
 
 def decode_center_crop(data: tf.Tensor, image_size: int, crop_fraction: float, channels: int,
                        max_pixels: int | None = None, name: tf.Tensor | str = "") -> tf.Tensor:
-    """Eval preprocessing of an encoded image: decode only the central crop, resize to image_size."""
-    header = formats.inspect(data, max_pixels)
-    window = center_crop_window(header.shown_shape, crop_fraction)
-    return tf.image.resize(decode_and_crop(data, window, channels, max_pixels, name, header), [image_size, image_size])
+    """Eval preprocessing of an encoded image: decode only the central crop of the shown image, resize to
+    image_size."""
+    cropped = formats.decode_crop(data, channels, lambda shown: tf.stack(center_crop_window(shown, crop_fraction)),
+                                  max_pixels, name)
+    return tf.image.resize(cropped, [image_size, image_size])
 
 
 def match_channels(image: tf.Tensor, channels: int) -> tf.Tensor:
