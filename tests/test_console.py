@@ -94,8 +94,8 @@ def test_runs_list_and_diff_on_a_runs_root(tmp_path):
     result = console("runs", "list", "--dir", root)
     assert result.returncode == 0, result.stderr
     assert [line.split() for line in result.stdout.splitlines()] == [
-        ["run", "status", "train.epochs", "top1"],
-        ["resnet/v0001", "finished", "1", "0.2500"], ["resnet/v0002", "finished", "2", "0.5000"]]
+        ["run", "status", "top1", "train.epochs"],
+        ["resnet/v0001", "finished", "0.2500", "1"], ["resnet/v0002", "finished", "0.5000", "2"]]
     result = console("runs", "diff", root / "resnet" / "v1", root / "resnet" / "v2")
     assert result.returncode == 0 and "-  epochs: 1" in result.stdout and "+  epochs: 2" in result.stdout
 

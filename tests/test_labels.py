@@ -74,7 +74,8 @@ def test_training_on_a_shard_with_a_bad_label_is_one_line_from_the_cli(tmp_path,
         assert err.startswith("error: a TFRecord example holds image/class/label 10, outside 0-9 for 10 classes")
     (run_dir,) = (tmp_path / "runs" / "resnet").iterdir()
     status = runs.Run(run_dir).status()
-    assert status["status"] == "failed" and status["error"] == err.removeprefix("error: ")
+    # the line names the run it marked failed; status.json holds the reason
+    assert status["status"] == "failed" and err == f"error: {status['error']} (run {run_dir} is marked failed)"
 
 
 def write_labels_idx(path, labels):
