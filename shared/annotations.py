@@ -30,20 +30,21 @@ import hashlib
 import json
 import math
 import os
-import stat
 from pathlib import Path
 from typing import Container, Sequence
 
 import numpy as np
 
+from shared.config import DataConfig
+from shared.data.listing import UnreadableFile, read_image_bytes
 from shared.errors import UserError
 
 ANSWERS = ("accept", "reject", "ignore")
 TASKS = ("classification", "detection")
 BOX_TOLERANCE = 1.0  # pixels a span may stick out of its image (annotation tools round); it is clipped
 SHOWN_PROBLEMS = 10  # malformed lines named one by one in a report; the rest are counted
-MAX_IMAGE_BYTES = 100_000_000  # data.max_image_bytes' default: an image file or data: URI above it is refused
-MAX_PIXELS = 100_000_000  # data.max_pixels' default: an image above it (from its header) is refused
+MAX_IMAGE_BYTES = DataConfig.max_image_bytes  # the default: an image file or data: URI above it is refused
+MAX_PIXELS = DataConfig.max_pixels  # the default: an image above it (from its header) is refused
 LINE_SLACK = 1 << 20  # bytes a line may hold besides its image (base64 makes the image 4/3 as long)
 
 
@@ -391,30 +392,14 @@ def _image_bytes(image: str, number: int, base: Path, max_bytes: int = MAX_IMAGE
             raise Malformed("image is a data: URI whose base64 does not decode") from None
     path = Path(image).expanduser()
     path = path if path.is_absolute() else base / path
-    try:  # non-blocking: opening a FIFO waits for a writer otherwise
-        handle = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-    except OSError as error:
-        raise Malformed(f"cannot read image {path} ({error.strerror or error})") from None
     try:
-        facts = os.fstat(handle)
-        if not stat.S_ISREG(facts.st_mode):
-            kind = "a folder" if stat.S_ISDIR(facts.st_mode) else "a FIFO" if stat.S_ISFIFO(facts.st_mode) \
-                else "a device" if stat.S_ISCHR(facts.st_mode) or stat.S_ISBLK(facts.st_mode) else "a socket"
-            raise Malformed(f"image {path} is {kind}, not a regular file")
-        if facts.st_size > max_bytes:
-            raise Malformed(f"image {path} is {facts.st_size} bytes, above data.max_image_bytes {max_bytes}")
-        with os.fdopen(os.dup(handle), "rb") as stream:
-            data = stream.read(max_bytes + 1)  # a file that grew since: still no more than the limit
-    except OSError as error:
-        raise Malformed(f"cannot read image {path} ({error.strerror or error})") from None
-    finally:
-        os.close(handle)
-    if len(data) > max_bytes:
-        raise Malformed(f"image {path} is above data.max_image_bytes {max_bytes} bytes")
+        data = read_image_bytes(path, max_bytes)
+    except UnreadableFile as why:
+        raise Malformed(f"image {path} {why}") from None
     return data, str(path)
 
 
-def image_facts(data: bytes, name: str, max_pixels: int | None = 100_000_000) -> tuple[str, int, int]:
+def image_facts(data: bytes, name: str, max_pixels: int | None = MAX_PIXELS) -> tuple[str, int, int]:
     """(format as `image/format` names it, width, height as shown) of an encoded image that the training decoder
     reads (`shared.data.formats`: its table of formats, EXIF orientation applied), else Malformed saying why."""
     from shared.data import formats

@@ -55,6 +55,27 @@ def yaml_load(text: str):
     return yaml.load(text, Loader=_YamlLoader)
 
 
+class UnreadableYaml(ValueError):
+    """Why a YAML file cannot be read: `where` (" at line N", or "") and `problem`, for its reader's one line."""
+
+    def __init__(self, where: str, problem: str):
+        super().__init__(f"{problem}{where}")
+        self.where, self.problem = where, problem
+
+
+def read_yaml_file(path: Path):
+    """A YAML file's content (`yaml_load`); UnreadableYaml when it is not UTF-8 text or not YAML (with the line
+    PyYAML reports)."""
+    try:
+        return yaml_load(Path(path).read_text(encoding="utf-8"))
+    except UnicodeDecodeError as error:
+        raise UnreadableYaml("", f"not UTF-8 text ({error.reason} at byte {error.start})") from None
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        raise UnreadableYaml(f" at line {mark.line + 1}" if mark else "",
+                             str(getattr(error, "problem", None) or error)) from None
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     name: str = "resnet"  # a folder under models/
@@ -461,15 +482,11 @@ def read_yaml(path: Path, chain: tuple = ()) -> tuple[dict, dict[str, str]]:
         hint = f" (extended by {chain[-1]})" if chain else ""
         raise UserError(f"config file not found: {path}{hint}; check the path")
     try:
-        tree = yaml_load(path.read_text(encoding="utf-8")) or {}
-    except UnicodeDecodeError as error:
-        raise UserError(f"config {path} is not UTF-8 text ({error.reason} at byte {error.start}); "
-                        f"save it as UTF-8") from None
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise UserError(f"config {path}{where} is not valid YAML: {getattr(error, 'problem', error)}; "
-                        f"fix the syntax") from None
+        tree = read_yaml_file(path) or {}
+    except UnreadableYaml as why:
+        if not why.where and why.problem.startswith("not UTF-8"):
+            raise UserError(f"config {path} is {why.problem}; save it as UTF-8") from None
+        raise UserError(f"config {path}{why.where} is not valid YAML: {why.problem}; fix the syntax") from None
     if not isinstance(tree, dict):
         raise UserError(f"config {path} must be a mapping of sections (model:, data:, train:, run:)")
     parents = tree.pop("extends", None) or []

@@ -41,8 +41,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-import yaml
-
+from shared.config import UnreadableYaml, read_yaml_file
 from shared.durable import atomic_write
 from shared import locks
 from shared.errors import UserError, run_cli
@@ -136,15 +135,11 @@ class Run:
         """The run's config.yaml as read; a damaged one is a UserError naming the file and the line."""
         path = self.path / "config.yaml"
         try:
-            tree = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except UnicodeDecodeError as error:
-            raise UserError(f"{path} is damaged: not UTF-8 text ({error.reason} at byte {error.start}); "
-                            f"restore the run's config.yaml from a copy") from None
-        except yaml.YAMLError as error:
-            mark = getattr(error, "problem_mark", None)
-            where = f" at line {mark.line + 1}" if mark else ""
-            raise UserError(f"{path} is damaged{where}: {getattr(error, 'problem', None) or error}; fix that line "
-                            f"or restore the file from a copy") from None
+            tree = read_yaml_file(path)
+        except UnreadableYaml as why:
+            fix = "fix that line or restore the file from a copy" if why.where else \
+                "restore the run's config.yaml from a copy"
+            raise UserError(f"{path} is damaged{why.where}: {why.problem}; {fix}") from None
         if not isinstance(tree, dict):
             raise UserError(f"{path} is damaged: it holds {type(tree).__name__}, not the run's config sections; "
                             f"restore the run's config.yaml from a copy")

@@ -11,7 +11,7 @@ from types import ModuleType
 import tensorflow as tf
 
 from shared.config import Config, with_changes
-from shared.data import augment, class_weights, preprocess, sources, split
+from shared.data import augment, class_weights, formats, preprocess, sources, split
 from shared.errors import UserError
 
 AUTOTUNE = tf.data.AUTOTUNE
@@ -73,8 +73,8 @@ def _identified(dataset: tf.data.Dataset, source: sources.Source, split: str) ->
         return dataset.enumerate().map(lambda index, example: (index, *example))
 
     def fingerprint(image, label):
-        print_ = tf.bitcast(tf.fingerprint(tf.reshape(image, [1]))[0], tf.int64)
-        return print_, image, label
+        identity = tf.bitcast(tf.fingerprint(tf.reshape(image, [1]))[0], tf.int64)
+        return identity, image, label
     return dataset.map(fingerprint)
 
 
@@ -142,7 +142,7 @@ def _image_fn(config: Config, source: sources.Source, augmentations: list[augmen
         if crop is None:
             return preprocess.eval_view(image, data.image_size, data.crop_fraction, data.channels,
                                         whole=source.fixed_size)
-        return crop(tf.cast(preprocess.match_channels(image, data.channels), tf.float32))
+        return crop(tf.cast(formats.to_channels(image, data.channels), tf.float32))
 
     def fn(image, label):
         image = from_encoded(image) if source.encoding else from_pixels(image)

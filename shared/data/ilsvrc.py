@@ -18,9 +18,9 @@ exist. The devkit's IDs are NOT the sorted-wnid order but that of its `meta.mat`
 file, line i = the wnid of ILSVRC2012_ID i) or keep `meta.mat` next to the txt (or in `data/` there), which
 needs scipy to read.
 
-Decoding: `tf.io.decode_image(data, channels=3, expand_animations=False)` (what `preprocess.decode` does)
-already handles the train set's oddities (grayscale and CMYK JPEGs, the PNG saved as n02105855_2933.JPEG),
-so there is no special decoder here.
+Decoding: the one decoder of `shared.data.formats` (the content decides, not the name) already handles the train
+set's oddities (grayscale and CMYK JPEGs, the PNG saved as n02105855_2933.JPEG), so there is no special decoder
+here.
 """
 
 from __future__ import annotations

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import random
+import stat
 import unicodedata
 from pathlib import Path
 
@@ -72,3 +73,33 @@ def class_name(folder: Path) -> str:
 def file_names(files: list[str]) -> list[bytes]:
     """Paths as the bytes the file system holds, so a name that is not valid UTF-8 is read too."""
     return [os.fsencode(path) for path in files]
+
+
+class UnreadableFile(ValueError):
+    """Why an image file is not read, worded to follow its name ("is a FIFO, not a regular file")."""
+
+
+def read_image_bytes(path: str | os.PathLike, max_bytes: int) -> bytes:
+    """An image file's bytes: only a regular file (a FIFO would block the reader, a device never end) of at
+    most `max_bytes` (data.max_image_bytes); UnreadableFile says why not."""
+    try:  # non-blocking: opening a FIFO waits for a writer otherwise
+        handle = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as error:
+        raise UnreadableFile(f"cannot be read ({error.strerror or error})") from None
+    try:
+        facts = os.fstat(handle)
+        if not stat.S_ISREG(facts.st_mode):
+            kind = "a folder" if stat.S_ISDIR(facts.st_mode) else "a FIFO" if stat.S_ISFIFO(facts.st_mode) \
+                else "a device" if stat.S_ISCHR(facts.st_mode) or stat.S_ISBLK(facts.st_mode) else "a socket"
+            raise UnreadableFile(f"is {kind}, not a regular file")
+        if facts.st_size > max_bytes:
+            raise UnreadableFile(f"is {facts.st_size} bytes, above data.max_image_bytes {max_bytes}")
+        with os.fdopen(os.dup(handle), "rb") as stream:
+            data = stream.read(max_bytes + 1)  # a file that grew since: still no more than the limit
+    except OSError as error:
+        raise UnreadableFile(f"cannot be read ({error.strerror or error})") from None
+    finally:
+        os.close(handle)
+    if len(data) > max_bytes:
+        raise UnreadableFile(f"is above data.max_image_bytes {max_bytes} bytes")
+    return data

@@ -1,4 +1,4 @@
-"""The shared preprocessors: decode, match channels, resize / crop, normalize.
+"""The shared preprocessors: decode (`shared.data.formats`), resize / crop, normalize.
 
 All the canonical models share this (the original plan: "all of the models subtract the mean and take
 a random 224x224 crop"); the normalization can be toggled off (`data.normalize: false` leaves pixels in
@@ -49,18 +49,6 @@ def decode_center_crop(data: tf.Tensor, image_size: int, crop_fraction: float, c
     return tf.image.resize(cropped, [image_size, image_size])
 
 
-def match_channels(image: tf.Tensor, channels: int) -> tf.Tensor:
-    """Grayscale to RGB (or back) so every image has what the model takes."""
-    have = image.shape[-1]
-    if have == channels:
-        return image
-    if have == 1 and channels == 3:
-        return tf.image.grayscale_to_rgb(image)
-    if have == 3 and channels == 1:
-        return tf.image.rgb_to_grayscale(image)
-    raise ValueError(f"cannot convert {have}-channel images to {channels} channels")
-
-
 def resize(image: tf.Tensor, image_size: int) -> tf.Tensor:
     """Plain resize of a square image, skipped when it already has the size (also when the size is only
     known at run time, as for a decoded file)."""
@@ -93,7 +81,7 @@ def eval_view(image: tf.Tensor, image_size: int, crop_fraction: float, channels:
             return tf.ensure_shape(decode_center_crop(image, image_size, crop_fraction, channels, max_pixels, name),
                                    (image_size, image_size, channels))
         image = decode(image, channels, max_pixels, name)
-    image = tf.cast(match_channels(image, channels), tf.float32)
+    image = tf.cast(formats.to_channels(image, channels), tf.float32)
     image = resize(image, image_size) if whole else center_crop(image, image_size, crop_fraction)
     return tf.ensure_shape(image, (image_size, image_size, channels))
 

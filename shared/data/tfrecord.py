@@ -68,22 +68,21 @@ def _int64(value: int) -> tf.train.Feature:
     return tf.train.Feature(int64_list=tf.train.Int64List(value=[value]))
 
 
-def read_image_file(path: str, max_pixels: int | None = DataConfig.max_pixels) -> tuple[bytes, str, int, int]:
+def read_image_file(path: str, max_pixels: int | None = DataConfig.max_pixels,
+                    max_bytes: int = DataConfig.max_image_bytes) -> tuple[bytes, str, int, int]:
     """The file's bytes, its format (`image/format`), its height and width as shown. Raises UserError naming the
-    file when it cannot be read, is refused by the formats table (`shared.data.formats`: the decoder training
-    uses) or does not decode (a truncated JPEG, say): JPEGs decode at 1/8 scale, which reads every byte."""
+    file when it cannot be read (only a regular file of at most `max_bytes`: `listing.read_image_bytes`), is
+    refused by the formats table (`shared.data.formats`: the decoder training uses) or does not decode (a
+    truncated JPEG, say): JPEGs decode at 1/8 scale, which reads every byte. The error says no fix: its
+    caller's way to skip such files differs."""
     from shared.data import formats
+    from shared.data.listing import UnreadableFile, read_image_bytes
 
     try:
-        with open(path, "rb") as handle:
-            data = handle.read()
-    except OSError as error:
-        raise UserError(f"cannot read image file {path} ({error.strerror or error}); {SKIP_HINT}") from None
-    try:
+        data = read_image_bytes(path, max_bytes)
         found = formats.verify(data, max_pixels)
-    except formats.Refused as why:
-        raise UserError(f"image file {path} {why}; or skip such files with skip_corrupt=True (--skip-corrupt)") \
-            from None
+    except (UnreadableFile, formats.Refused) as why:
+        raise UserError(f"image file {path} {why}") from None
     return data, found.format, found.height, found.width
 
 
@@ -168,9 +167,9 @@ def write_shards(files: list[str], labels: list[int], synsets: list[str] | None,
     def example_at(j: int) -> tf.train.Example | None:
         try:
             return example_from_file(files[j], labels[j], synsets[j] if synsets else None, max_pixels)
-        except UserError:
+        except UserError as why:
             if not skip_corrupt:
-                raise
+                raise UserError(f"{why}; {SKIP_HINT}") from None
             corrupt.append(files[j])
             return None
 
