@@ -11,13 +11,11 @@ Prints each seed's test top-1 for both, the means, and as its last line
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import tempfile
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from shared.config import load_config  # noqa: E402

@@ -23,7 +23,6 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import shared  # noqa: E402,F401  (first: it sets the host allocator before TensorFlow starts)
 import keras  # noqa: E402

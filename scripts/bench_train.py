@@ -16,7 +16,6 @@ The last line printed is exactly `ratio runner/bare_fit=X.XX`.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import subprocess
 import sys
@@ -24,7 +23,6 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import shared  # noqa: E402,F401  (first: it sets the host allocator before TensorFlow starts)

@@ -6,9 +6,7 @@ figures its paper and the reference implementations give.
 
 from __future__ import annotations
 
-import os
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from shared.modelzoo import MODELS_DIR, load_model_module, inference_model  # noqa: E402
 from shared.sizing import multiply_adds, trainable_parameters  # noqa: E402

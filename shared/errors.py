@@ -10,6 +10,9 @@ EMBED_START, EMBED_END = "<user-error>", "</user-error>"
 class UserError(Exception):
     """A problem the user can fix (bad config, missing data, unknown run); the message says how."""
 
+    # raised while TensorFlow traces a function: autograph re-raises it as it is, without its source listing
+    ag_pass_through = True
+
 
 def embedded_user_error(error: BaseException) -> UserError | None:
     """The UserError a graph check embedded in `error`'s message (see EMBED_START), else None."""
@@ -40,8 +43,6 @@ def run_cli(action, interrupted: str = "interrupted") -> int:
     try:
         action()
     except UserError as error:
-        while hasattr(error, "ag_error_metadata") and isinstance(error.__context__, UserError):
-            error = error.__context__  # raised while TensorFlow traced a function: autograph added its source lines
         print(f"error: {error}", file=sys.stderr)
         return 2
     except Exception as error:

@@ -125,9 +125,7 @@ def evaluate(run: Run | str, checkpoint: str | Path | None = None) -> dict:
     figure (confusion.png, detections.png, ...)."""
     from shared.lifecycle import test
 
-    run = run if isinstance(run, Run) else open_run(run)
-    # before the data: a run that never saved a checkpoint says so, not that its images are missing
-    return test(run, run.checkpoint("last" if checkpoint is None else checkpoint))
+    return test(run if isinstance(run, Run) else open_run(run), checkpoint)
 
 
 def class_difference(ours: list[str], theirs: list[str]) -> str | None:

@@ -263,9 +263,7 @@ def target_folder(run: Run, export_dir: str | Path, model_name: str, version: in
         raise UserError(f"--keep must be at least 1 (got {keep}): TF Serving needs a version to serve")
     if version is not None and version < 0:
         raise UserError(f"--version must be a non-negative integer (got {version})")
-    if run.last_checkpoint() is None:
-        raise UserError(f"run {run.path} has no checkpoint in {run.checkpoint_dir} "
-                        f"(status: {run.status().get('status')}); train it first")
+    run.checkpoint("last")  # a run without one says why (and what to do) before any work
     model_dir = Path(export_dir).expanduser() / model_name
     with export_lock(export_dir):  # another export may be publishing or pruning there
         _check_model_dir(model_dir)

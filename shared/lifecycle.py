@@ -131,7 +131,7 @@ def continuation_of(source: runs.Run, epochs: int) -> Continuation:
     last = source.last_checkpoint()
     if last is None:
         raise UserError(f"run {source.path} has no epoch checkpoint in {source.checkpoint_dir} to continue from")
-    trained = int(re.fullmatch(r"epoch-(\d+)", last.stem).group(1))
+    trained = int(runs.CHECKPOINT_RE.match(last.name).group(1))
     if epochs <= trained:
         raise UserError(f"run {source.path} has trained {trained} epochs; train.epochs={epochs} must be more to "
                         f"continue it (e.g. --set train.epochs={trained + max(trained, 1)})")
@@ -153,7 +153,7 @@ def test(run: runs.Run | str | Path, checkpoint: str | Path | None = None) -> di
     from shared.tasks import rebuild
 
     run = run if isinstance(run, runs.Run) else runs.open_run(run)
-    weights = run.checkpoint(checkpoint) if checkpoint is not None else None  # a missing file answers first
+    weights = run.checkpoint(checkpoint or "last")  # before the data: a run without a checkpoint says so first
     config = config_module.from_dict(run.config_dict())
     task = _task(config)
     data = task.test_data(config, run)  # checked against the run's classes before the model loads
@@ -399,12 +399,11 @@ def failures_marked(run: runs.Run, model: keras.Model,
             raise durable.DiskFull(f"{full} (run {run.path} {'is' if marked else 'could not be'} marked failed; "
                                    f"once there is room: python -m shared.runner --resume {run.path})") from None
         bad = undecodable(error)
-        embedded = embedded_user_error(error)  # a check in the input pipeline that names its problem
-        _mark(run, "failed", ended=_now(), error=f"undecodable images: {bad}" if bad else
-              str(embedded) if embedded is not None else _first_line(error))
+        _mark(run, "failed", ended=_now(), error=f"undecodable images: {bad}" if bad else _first_line(error))
         if bad:
             raise UserError(f"corrupt or unreadable image(s): {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}; "
                             f"delete or replace them (run {run.path} is marked failed)") from None
+        embedded = embedded_user_error(error)  # a check in the input pipeline that names its problem
         if embedded is not None:
             raise UserError(f"{embedded} (run {run.path} is marked failed)") from None
         raise

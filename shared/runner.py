@@ -364,7 +364,7 @@ def _train(args: argparse.Namespace, argv: list[str]) -> None:
         print("worker done; the chief worker keeps the run folder")
         return
     print(_results(task, metrics, f"{run.path}: "))
-    print(closing_line(run, task, getattr(args, "prog", "python -m shared.runner")))
+    print(closing_line(run, task, args.prog))
 
 
 # What `closing_line` offers next, by command: its arguments after the run

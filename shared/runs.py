@@ -265,14 +265,9 @@ def open_run(path: str | Path) -> Run:
 def all_runs(root: Path, model: str | None = None) -> list[Run]:
     root = Path(root)
     models = [root / model] if model else sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
-    return [Run(p) for m in models if m.is_dir()
-            for p in sorted(m.iterdir(), key=_version_number) if VERSION_RE.match(p.name) and p.is_dir()]
-
-
-def _version_number(path: Path) -> int:
-    """v0003 -> 3 (v10000 after v9999); -1 for names that are not versions."""
-    match = VERSION_RE.match(path.name)
-    return int(match.group(1)) if match else -1
+    return [Run(p) for m in models if m.is_dir()  # by version number: v10000 after v9999
+            for p in sorted((p for p in m.iterdir() if VERSION_RE.match(p.name) and p.is_dir()),
+                            key=lambda p: int(VERSION_RE.match(p.name).group(1)))]
 
 
 # ---------------------------------------------------------------- the training lock

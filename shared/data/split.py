@@ -50,11 +50,10 @@ def assign(names: list[str], val_fraction: float, test_fraction: float) -> dict[
     rare chance): training keeps one name of each class (the highest-placed, when none falls there); a class
     of two or more gives one to the test split (its lowest-placed, when none falls there); and with a
     `val_fraction`, one to validation while training keeps another (its lowest-placed training name)."""
-    ordered = sorted(set(names), key=lambda name: (position(name), name.encode("utf-8", "surrogateescape")))
-    chosen = {}
-    for name in ordered:
-        point = position(name)
-        chosen[name] = "test" if point < test_fraction else "val" if point < test_fraction + val_fraction else "train"
+    points = {name: position(name) for name in set(names)}
+    ordered = sorted(points, key=lambda name: (points[name], name.encode("utf-8", "surrogateescape")))
+    chosen = {name: "test" if points[name] < test_fraction else "val" if points[name] < test_fraction + val_fraction
+              else "train" for name in ordered}
     if ordered and "train" not in chosen.values():
         chosen[ordered[-1]] = "train"
     if test_fraction > 0 and len(ordered) > 1 and "test" not in chosen.values():
@@ -73,10 +72,10 @@ def stratified(by_class: dict[str, list[str]], val_fraction: float,
     {split: {class: sorted files}}."""
     result: dict[str, dict[str, list[str]]] = {split: {} for split in SPLITS}
     for label, files in by_class.items():
-        chosen = assign([hash_name(path) for path in files], val_fraction, test_fraction)
+        names = {path: hash_name(path) for path in files}
+        chosen = assign(list(names.values()), val_fraction, test_fraction)
         for split in SPLITS:
-            result[split][label] = sorted((path for path in files if chosen[hash_name(path)] == split),
-                                          key=os.fsencode)
+            result[split][label] = sorted((path for path in files if chosen[names[path]] == split), key=os.fsencode)
     return result
 
 

@@ -36,10 +36,7 @@ def rebuild(run: Run, checkpoint: Path | None = None, training_outputs: bool = F
     heads kept); returns (model, config)."""
     require_idle(run)  # a live run's last checkpoint is about to change
     config = config_module.from_dict(run.config_dict())
-    checkpoint = checkpoint or run.last_checkpoint()
-    if checkpoint is None:
-        raise UserError(f"run {run.path} has no checkpoint in {run.checkpoint_dir} "
-                        f"(status: {run.status().get('status')}); train it first")
+    checkpoint = checkpoint or run.checkpoint("last")
     task = task_for(config)
     module = modelzoo.load_model_module(run.path)
     data = config.data
