@@ -8,8 +8,8 @@ brings every line back.
 
 TensorFlow does not apply that level to the lines its libraries write while they load, before its logging
 is set up (tensorflow/tensorflow#100442). So the first `import tensorflow` after `import shared` runs with
-the process's stderr (the file descriptor, where C++ writes) sent to a temporary file, and what it wrote
-is passed on without the C++ log lines below the level. Every other line passes, in order.
+the process's stderr (the file descriptor, where C++ writes) sent through a small filter process, which passes
+every line as it comes but the C++ log lines below the level, in order, even when the import crashes.
 """
 
 from __future__ import annotations
@@ -53,11 +53,22 @@ def kept_lines(written: bytes, level: int) -> bytes:
     return b"".join(kept)
 
 
+def forward(level: int) -> None:
+    """The filter process: standard input to standard output, a line at a time, less the C++ log lines below
+    `level` (`filtered_stderr`)."""
+    source, target = sys.stdin.buffer, sys.stdout.buffer
+    for line in source:
+        target.write(kept_lines(line, level))
+        target.flush()
+
+
 @contextlib.contextmanager
 def filtered_stderr(level: int) -> Iterator[None]:
-    """Inside: file descriptor 2 goes to a temporary file. After: what was written there, less the C++ log
-    lines below `level`, goes to the real stderr (also when the inside raises)."""
-    import tempfile
+    """Inside: file descriptor 2 goes through a filter process (`forward`) to the real stderr, which drops the
+    C++ log lines below `level` and passes every other line as it comes. A process of its own: when the inside
+    crashes the whole process (TensorFlow aborts on a CPU it was not built for, after a fatal line saying so),
+    the filter still reads and passes what was written before."""
+    import subprocess
 
     with contextlib.suppress(Exception):
         sys.stderr.flush()
@@ -66,19 +77,27 @@ def filtered_stderr(level: int) -> Iterator[None]:
     except OSError:  # no stderr to redirect
         yield
         return
-    with tempfile.TemporaryFile() as capture:
-        os.dup2(capture.fileno(), 2)
-        try:
-            yield
-        finally:
-            with contextlib.suppress(Exception):
-                sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-            capture.seek(0)
-            rest = memoryview(kept_lines(capture.read(), level))
-            while rest:
-                rest = rest[os.write(2, rest):]
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root,
+                                                                            os.environ.get("PYTHONPATH")]))}
+    try:
+        process = subprocess.Popen([sys.executable, "-c", "import sys; from shared.tf_log import forward; "
+                                                          "forward(int(sys.argv[1]))", str(level)],
+                                   stdin=subprocess.PIPE, stdout=saved, stderr=saved, env=environment)
+    except OSError:  # no process to filter with: nothing is filtered
+        os.close(saved)
+        yield
+        return
+    os.dup2(process.stdin.fileno(), 2)
+    process.stdin.close()
+    try:
+        yield
+    finally:
+        with contextlib.suppress(Exception):
+            sys.stderr.flush()
+        os.dup2(saved, 2)  # the pipe's last writer closes: the filter passes what is left and ends
+        os.close(saved)
+        process.wait()
 
 
 class _FilteredLoader(importlib.abc.Loader):

@@ -61,3 +61,15 @@ def test_tensorflow_starts_without_a_line_on_stderr_unless_asked():
     assert "UserWarning: a Python warning still shows" in quiet.stderr
     loud = run_python(code, TF_CPP_MIN_LOG_LEVEL="0")  # the variable brings TensorFlow's start-up lines back
     assert CPP_LINE.search(loud.stderr), loud.stderr
+
+
+def test_a_crash_while_filtered_still_shows_what_was_written_before_it():
+    """TensorFlow aborts the process on a CPU it was not built for, after a fatal line saying so: the line (and
+    any other) still reaches stderr, as the filter is a process of its own."""
+    code = ("import os\nfrom shared import tf_log\nwith tf_log.filtered_stderr(3):\n"
+            "    os.write(2, b'I0000 00:00:1796496000.900435    4764 port.cc:153] an info line\\n')\n"
+            "    os.write(2, b'F0000 00:00:1796496001.328687    4969 cpu_feature_guard.cc:1] built for AVX\\n')\n"
+            "    os.abort()\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, timeout=60)
+    assert result.returncode != 0
+    assert b"built for AVX" in result.stderr and b"an info line" not in result.stderr
