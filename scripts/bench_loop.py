@@ -234,7 +234,7 @@ def bench(task: str, rounds: int, per_round: int, steps: int, holdout: int, sour
     reference = loop_module.run_round(reference_loop)
     reference_seconds = time.monotonic() - started
     per_epoch, epochs = loop_module.steps_schedule(total, reference.examples, batch_size)
-    source_metric = (state.get("baseline") or {}).get("metric")  # round 0: the source run on the held-out set
+    source_metric = loop_module.round_zero_metric(state)  # round 0: the source run on the held-out set
     summary = {"task": task, "rows": rows, "source_metric": source_metric, "steps": planned, "totals": totals,
                "source": str(source),
                "reference": {"metric": reference.metric, "steps": per_epoch * epochs, "seconds": reference_seconds,

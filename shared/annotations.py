@@ -293,15 +293,19 @@ def _update_digest(digest, handle, start: int, length: int, raw: bytes | None) -
 
 
 def prefix_digest(path: str | os.PathLike, length: int):
-    """A sha256 hashlib object over the first `length` bytes of the file, or None when it is shorter."""
+    """A sha256 hashlib object over the first `length` bytes of the file, or None when it is shorter (or gone:
+    its reader then says so in one line)."""
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while length:
-            block = handle.read(min(length, 1 << 20))
-            if not block:
-                return None
-            digest.update(block)
-            length -= len(block)
+    try:
+        with open(path, "rb") as handle:
+            while length:
+                block = handle.read(min(length, 1 << 20))
+                if not block:
+                    return None
+                digest.update(block)
+                length -= len(block)
+    except OSError:
+        return None
     return digest
 
 

@@ -144,22 +144,25 @@ def _task(config: Config) -> Task:
     return task_for(config)
 
 
-def test(run: runs.Run | str | Path, checkpoint: str | Path | None = None) -> dict:
+def test(run: runs.Run | str | Path, checkpoint: str | Path | None = None, changes: dict | None = None,
+         draw: bool = True) -> dict:
     """Re-test a finished run on its test split from its own snapshot (model.py, config.yaml, last
     checkpoint): the figures equal those recorded at training time. `checkpoint`: last (default), best, or a
     checkpoint file (`runs.Run.checkpoint`). Refuses (UserError) data whose class names are not the run's
-    (labels.txt), in the same order. Redraws the task's figure in the run folder."""
+    (labels.txt), in the same order. Redraws the task's figure in the run folder unless not `draw`.
+    `changes`: config keys to test it with instead of its own (the loop tests a run on its held-out set)."""
     from shared import config as config_module
     from shared.tasks import rebuild
 
     run = run if isinstance(run, runs.Run) else runs.open_run(run)
     weights = run.checkpoint(checkpoint or "last")  # before the data: a run without a checkpoint says so first
-    config = config_module.from_dict(run.config_dict())
+    config = with_changes(config_module.from_dict(run.config_dict()), changes or {})
     task = _task(config)
     data = task.test_data(config, run)  # checked against the run's classes before the model loads
     model, _ = rebuild(run, weights)
-    metrics, draw = task.evaluate(model, data, config)
-    draw(run.path)
+    metrics, redraw = task.evaluate(model, data, config)
+    if draw:
+        redraw(run.path)
     return metrics
 
 

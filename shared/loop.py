@@ -263,7 +263,7 @@ def _finish(loop: Loop, state: dict, started: float, batch: Batch | None) -> Rou
         run = _train(loop, state)
         metric = _number((run.test_metrics() or {}).get(METRIC[loop.task]))
         print(f"round {current['round']}: held-out {METRIC[loop.task]} {_shown(metric)} (round 0, the --from run: "
-              f"{_shown((state.get('baseline') or {}).get('metric'))})", flush=True)
+              f"{_shown(round_zero_metric(state))})", flush=True)
         commit("trained", run=str(run.path.resolve()), metric=metric)
     if state["stage"] == "trained":
         version = _export(loop, state)
@@ -472,7 +472,7 @@ def _start(loop: Loop) -> dict:
              "task": loop.task, "offset": 0, "lines": 0, "consumed_sha256": hashlib.sha256().hexdigest(),
              "stamp": None, "ledger_bytes": 0, "sets": [], "next_set": 1, "next_id": 1, "examples": 0,
              "pending": 0, "class_counts": [0] * len(names) if loop.task == "classification" else None,
-             "round": 0, "stage": "done", "totals": {key: 0 for key in TOTALS}, "baseline": None, "attempts": [],
+             "round": 0, "stage": "done", "totals": {key: 0 for key in TOTALS}, "attempts": [],
              "previous_run": None, "served": None, "current": None, "history": []}
     _commit(loop.dir, state)
     return state
@@ -794,36 +794,33 @@ def _train(loop: Loop, state: dict) -> runs.Run:
 def _round_zero(loop: Loop, state: dict) -> None:
     """Round 0, once: the --from run's figure on the loop's held-out set (n/a for a classification backbone
     of a detector), the floor no exported round falls below by more than loop.tolerance."""
-    if state.get("baseline") is not None:
+    if any(entry["round"] == 0 for entry in state["history"]):
         return
     started = time.monotonic()
     metric = evaluate_run(loop, runs.open_run(state["from_run"]))
     seconds = round(time.monotonic() - started, 1)
     print(f"round 0: --from {state['from_run']} on the held-out set: {METRIC[loop.task]} {_shown(metric)}"
           + ("" if metric is not None else " (a classification backbone: no detector yet)"), flush=True)
-    state["baseline"] = {"metric": metric, "seconds": seconds}
     state["history"] = [{"round": 0, "new": 0, "examples": 0, "metric": metric, "exported_version": None,
                          "seconds": seconds, "run": state["from_run"]},
                         *[entry for entry in state["history"] if entry["round"] != 0]]
     _commit(loop.dir, state)
 
 
+def round_zero_metric(state: dict) -> float | None:
+    """Round 0's figure: the --from run on the held-out set (None before it is measured, or for a backbone)."""
+    return next((entry["metric"] for entry in state["history"] if entry["round"] == 0), None)
+
+
 def evaluate_run(loop: Loop, run: runs.Run) -> float | None:
     """A run's METRIC on the loop's held-out set, with the run's own config (what it sees); None when the run
     is not of the loop's task. Nothing is written into the run."""
-    from shared import config as config_module
-    from shared.tasks import rebuild, task_for
+    from shared import lifecycle
 
-    recorded = run.config_dict() or {}
-    if recorded.get("task", "classification") != loop.task:
+    if (run.config_dict() or {}).get("task", "classification") != loop.task:
         return None
-    config = with_changes(config_module.from_dict(recorded),
-                          {**_data_changes(loop, f"{EVAL}/{EVAL_PREFIX}"), "data.limit_train": None,
-                           "data.limit_test": None, "data.num_classes": None})
-    task = task_for(config)
-    data = task.test_data(config, run)
-    model, _ = rebuild(run)
-    metrics, _ = task.evaluate(model, data, config)
+    metrics = lifecycle.test(run, changes={**_data_changes(loop, f"{EVAL}/{EVAL_PREFIX}"), "data.limit_train": None,
+                                           "data.limit_test": None, "data.num_classes": None}, draw=False)
     return _number(metrics.get(METRIC[loop.task]))
 
 
@@ -841,7 +838,7 @@ def _export(loop: Loop, state: dict) -> Path | None:
     metric = current.get("metric")
     floors = [(served.get("metric"), f"round {served['round']}'s (version {served['version']}, served)")
               if served else (None, ""),
-              ((state.get("baseline") or {}).get("metric"), "round 0's (the --from run)")]
+              (round_zero_metric(state), "round 0's (the --from run)")]
     for best, whose in floors:
         if tolerance is not None and metric is not None and best is not None and metric < best - tolerance:
             stays = f"version {served['version']} stays served" if served else "nothing is exported"
