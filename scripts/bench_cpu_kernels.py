@@ -40,7 +40,7 @@ def measure(config_path: str, overrides: list[str], images: int, epochs: int) ->
     from shared.config import load_config
     from shared.optim import compile_model
     from shared.lifecycle import prepare
-    from shared.tasks.classification import CLASSIFICATION
+    from shared.classification.task import CLASSIFICATION
 
     config = load_config(config_path, [*overrides, "data.source=synthetic", f"data.synthetic_train={images}",
                                        "data.synthetic_test=8", "data.augment=[]",

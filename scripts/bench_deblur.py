@@ -1,6 +1,6 @@
 """Benchmark: the deblurring figures of issue 15 on one recipe. Trains a deblurring run (default
 models/resnet/deblur.yaml: Fashion-MNIST, Gaussian blur sigma 1-2) through the run lifecycle, then tests it
-with a classification run (`test --run RUN --classifier CLASSIFIER`, shared.tasks.deblur.evaluate_with_classifier)
+with a classification run (`test --run RUN --classifier CLASSIFIER`, shared.deblur.task.evaluate_with_classifier)
 and prints the figures and whether the targets hold: restored PSNR at least 3 dB above the blurred input,
 and at least half of the classifier's top-1 lost to blur recovered.
 
@@ -35,7 +35,7 @@ def main(argv: list[str]) -> int:
     import shared  # noqa: F401  (first: it sets the host allocator before TensorFlow starts)
     from shared import lifecycle
     from shared.config import load_config
-    from shared.tasks.deblur import evaluate_with_classifier
+    from shared.deblur.task import evaluate_with_classifier
 
     started = time.time()
     if args.run:

@@ -71,7 +71,7 @@ def bare_side(path: str, images: int, epochs: int, runs_dir: str) -> float:
     from shared import modelzoo
     from shared.optim import compile_model
     from shared.lifecycle import prepare
-    from shared.tasks.classification import CLASSIFICATION
+    from shared.classification.task import CLASSIFICATION
 
     config = bench_config(path, images, epochs, runs_dir)
     _, module, model, data, config = prepare(CLASSIFICATION, config)

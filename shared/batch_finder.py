@@ -54,7 +54,7 @@ class TrainStepProbe:
     def __init__(self, config: Config, steps: int = 2):
         from shared import modelzoo
         from shared.lifecycle import precision_policy, prepare
-        from shared.tasks.classification import CLASSIFICATION
+        from shared.classification.task import CLASSIFICATION
 
         self.steps = steps
         with precision_policy(config.train.precision):  # half-precision activations halve the memory
@@ -71,7 +71,7 @@ class TrainStepProbe:
 
     def _compile(self, model) -> None:
         from shared.lifecycle import precision_policy
-        from shared.tasks.classification import CLASSIFICATION
+        from shared.classification.task import CLASSIFICATION
 
         with precision_policy(self.config.train.precision):  # as training compiles it
             CLASSIFICATION.compile(model, model, self.module, self.config, self.data, lr_scale=1.0, replicas=1)
@@ -79,7 +79,7 @@ class TrainStepProbe:
 
     def _rebuild(self) -> None:
         from shared.lifecycle import precision_policy
-        from shared.tasks.classification import CLASSIFICATION
+        from shared.classification.task import CLASSIFICATION
 
         with precision_policy(self.config.train.precision):
             model = CLASSIFICATION.build(self.module, self.config, self.input_shape)

@@ -100,7 +100,7 @@ def lr_range_test(config: Config, min_lr: float = 1e-6, max_lr: float = 1.0, ste
     minimum's rate / 10), "stopped" ("diverged", "nan" or None), "steps" (requested), "batch_size",
     "base_batch_size"}; with `out_png`, also writes the loss-vs-rate plot there and adds "plot"."""
     from shared.lifecycle import precision_policy, prepare
-    from shared.tasks.classification import CLASSIFICATION
+    from shared.classification.task import CLASSIFICATION
 
     _check_arguments(min_lr, max_lr, steps)
     if out_png is not None:

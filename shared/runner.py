@@ -199,7 +199,7 @@ def _test(args: argparse.Namespace, argv: list[str]) -> None:
                             f"{_run_task(run) or 'classification'} run")
     task = _check_supported("test", _run_task(run))
     if args.classifier:
-        from shared.tasks.deblur import evaluate_with_classifier
+        from shared.deblur.task import evaluate_with_classifier
 
         print(task.summary(evaluate_with_classifier(run, classifier)))
         return

@@ -103,7 +103,7 @@ def test_bad_blur_entries_are_one_line_errors(entries, message):
 
 
 def test_a_kernel_wider_than_the_image_is_refused_when_the_config_is_checked(tmp_path):
-    from shared.tasks.deblur import DEBLUR
+    from shared.deblur.task import DEBLUR
 
     with pytest.raises(UserError, match="sigma 6 needs a 37 px kernel, too wide for 16 px images"):
         DEBLUR.check(_tiny_config(tmp_path, blur=[{"gaussian": {"sigma": [1.0, 6.0]}}]))
@@ -249,7 +249,7 @@ def test_a_full_disk_while_drawing_deblur_png_is_one_line_and_leaves_no_partial_
 
     from shared.durable import DiskFull
     from shared.task import TaskData
-    from shared.tasks.deblur import DEBLUR
+    from shared.deblur.task import DEBLUR
 
     config = _tiny_config(tmp_path)
     data = TaskData(train=None, val=None, steps_per_epoch=0, class_names=[], input_shape=(16, 16, 1),

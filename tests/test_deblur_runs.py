@@ -13,7 +13,7 @@ import tensorflow as tf
 from shared import lifecycle, tasks
 from shared.config import load_config
 from shared.errors import UserError
-from shared.tasks.deblur import DEBLUR, evaluate_with_classifier
+from shared.deblur.task import DEBLUR, evaluate_with_classifier
 from tests.conftest import tiny_tree
 
 pytestmark = pytest.mark.slow  # two trainings and two exports: about a minute on 2 cores

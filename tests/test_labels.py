@@ -171,7 +171,7 @@ def test_fashion_mnist_run_records_its_names_and_per_class_results(tmp_path, cap
     from shared import runner
     from shared.fashion_mnist import FASHION_MNIST_CLASSES
     from shared.lifecycle import train
-    from shared.tasks.classification import summary
+    from shared.classification.task import summary
 
     tree = tiny_tree(tmp_path / "runs", data={"source": "fashion_mnist", "path": str(fake_fashion_dir(tmp_path / "fm")),
                                               "num_classes": None, "channels": 1, "image_size": 16},

@@ -15,7 +15,7 @@ from shared.config import load_config
 from shared.data import Datasets
 from shared.evaluate import ConfidentMistakes, evaluate_model, per_class_results, worst_classes
 from shared.task import TaskData
-from shared.tasks.classification import CLASSIFICATION, summary
+from shared.classification.task import CLASSIFICATION, summary
 
 from conftest import tiny_tree
 

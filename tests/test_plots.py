@@ -266,7 +266,7 @@ def test_errors_png_names_the_files_read_when_some_were_skipped():
     named from that list (a count that does not add up falls back to places, `test #N`)."""
     from types import SimpleNamespace
 
-    from shared.tasks.classification import _test_files
+    from shared.classification.task import _test_files
 
     datasets = SimpleNamespace(source=SimpleNamespace(files={"test": ["a.png", "b.png", "c.png", "d.png"]}),
                                num_test=4)

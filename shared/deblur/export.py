@@ -126,7 +126,7 @@ def evaluate_tflite(path: Path | str, run: Run | str | Path, limit: int | None =
     from shared import config as config_module
     from shared import tflite
     from shared.deblur.evaluate import evaluate_restorer
-    from shared.tasks.deblur import DEBLUR
+    from shared.deblur.task import DEBLUR
 
     run = _as_run(run)
     config = config_module.from_dict(run.config_dict())

@@ -1,6 +1,6 @@
 """The tasks a run can have (`task:` in its config), and the one way to rebuild a run's model.
 
-A new task is one module here implementing `shared.task.Task` and one entry in TASKS.
+A new task is one package implementing `shared.task.Task` (its `task.py`) and one entry in TASKS.
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from shared import modelzoo
 from shared.errors import UserError
 from shared.runs import Run, require_idle
 from shared.task import Task
-from shared.tasks.classification import CLASSIFICATION
-from shared.tasks.deblur import DEBLUR
-from shared.tasks.detection import DetectionTask
+from shared.classification.task import CLASSIFICATION
+from shared.deblur.task import DEBLUR
+from shared.detection.task import DetectionTask
 
 TASKS: dict[str, Task] = {"classification": CLASSIFICATION, "detection": DetectionTask(), "deblur": DEBLUR}
 
