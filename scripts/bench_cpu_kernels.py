@@ -38,20 +38,21 @@ def measure(config_path: str, overrides: list[str], images: int, epochs: int) ->
 
     from shared import modelzoo
     from shared.config import load_config
-    from shared.optim import compile_model
+    from shared.classification.objective import compile_classifier
     from shared.lifecycle import prepare
-    from shared.classification.task import CLASSIFICATION
+    from shared.tasks import task_for
 
     config = load_config(config_path, [*overrides, "data.source=synthetic", f"data.synthetic_train={images}",
                                        "data.synthetic_test=8", "data.augment=[]",
                                        "train.verbose=0"])
-    _, module, model, data, config = prepare(CLASSIFICATION, config)
+    _, module, model, data, task = prepare(task_for(config))
+    config = task.config
     datasets = data.details
     size, channels = datasets.input_shape[0], datasets.input_shape[-1]
     x = np.random.default_rng(0).normal(size=(images, size, size, channels)).astype("float32")
     y = np.arange(images) % datasets.num_classes
-    compile_model(model, config, images // config.train.batch_size, datasets.num_classes,
-                  modelzoo.auxiliary_loss_weights(module, model))
+    compile_classifier(model, config, images // config.train.batch_size, datasets.num_classes,
+                       modelzoo.auxiliary_loss_weights(module, model))
     starts: list[float] = []
     timer = keras.callbacks.LambdaCallback(on_epoch_begin=lambda epoch, logs: starts.append(time.perf_counter()))
     model.fit(x, y, batch_size=config.train.batch_size, epochs=epochs, verbose=0, callbacks=[timer])

@@ -69,20 +69,21 @@ def runner_side(path: str, images: int, epochs: int, runs_dir: str) -> float:
 def bare_side(path: str, images: int, epochs: int, runs_dir: str) -> float:
     """The same model and compile settings, fed the runner's own preprocessed arrays by plain fit."""
     from shared import modelzoo
-    from shared.optim import compile_model
+    from shared.classification.objective import compile_classifier
     from shared.lifecycle import prepare
-    from shared.classification.task import CLASSIFICATION
+    from shared.tasks import task_for
 
     config = bench_config(path, images, epochs, runs_dir)
-    _, module, model, data, config = prepare(CLASSIFICATION, config)
+    _, module, model, data, task = prepare(task_for(config))
+    config = task.config
     datasets = data.details
     xs, ys = [], []
     for batch_images, batch_labels in datasets.train.take(datasets.steps_per_epoch):
         xs.append(batch_images.numpy())
         ys.append(batch_labels.numpy())
     x, y = np.concatenate(xs)[:images], np.concatenate(ys)[:images]
-    compile_model(model, config, datasets.steps_per_epoch, datasets.num_classes,
-                  modelzoo.auxiliary_loss_weights(module, model))
+    compile_classifier(model, config, datasets.steps_per_epoch, datasets.num_classes,
+                       modelzoo.auxiliary_loss_weights(module, model))
     timer = EpochTimer()
     model.fit(x, y, batch_size=config.train.batch_size, epochs=epochs, shuffle=True, verbose=0, callbacks=[timer])
     return images / statistics.median(timer.seconds_per_epoch())

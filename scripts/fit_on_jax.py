@@ -6,7 +6,8 @@ TensorFlow, and as a check that the model files are pure Keras 3. Any Keras back
         --data /usr/share/datasets/fashion-mnist --out /tmp/mobilenet_v2
 
 It takes from the config what `python -m shared.runner` takes: the model file and its hyperparameters,
-batch size, epochs and seed, and compiles with the runner's own `shared.optim.compile_model` (optimizer,
+batch size, epochs and seed, and compiles with the runner's own
+`shared.classification.objective.compile_classifier` (optimizer,
 schedule, weight decay, label smoothing, losses, metrics). It reads the IDX files with
 `shared.fashion_mnist`, as the runner's source does; those modules need no TensorFlow. The input pipeline
 is the runner's for Fashion-MNIST, rebuilt in NumPy: normalize with the source's statistics, and for
@@ -41,7 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
-from shared import modelzoo, optim  # noqa: E402  (these four modules are free of TensorFlow)
+from shared import modelzoo  # noqa: E402  (these modules are free of TensorFlow)
+from shared.classification.objective import compile_classifier  # noqa: E402
 from shared.config import load_config, with_changes  # noqa: E402
 from shared.errors import UserError  # noqa: E402
 from shared.fashion_mnist import (FASHION_MNIST_CLASSES, FASHION_MNIST_FILES, FASHION_MNIST_MEAN,  # noqa: E402
@@ -132,7 +134,7 @@ def fit(args) -> int:
         # JAX without jit runs op by op, far too slow; other backends follow the config
         config = with_changes(config, {"train.jit_compile": True})
         train = config.train
-    optim.compile_model(model, config, steps, num_classes, aux_loss_weights=aux)
+    compile_classifier(model, config, steps, num_classes, aux_loss_weights=aux)
     smoothing = train.label_smoothing
     outputs = [modelzoo.MAIN_OUTPUT, *aux]
     classifier = modelzoo.inference_model(model)

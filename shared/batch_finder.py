@@ -54,11 +54,12 @@ class TrainStepProbe:
     def __init__(self, config: Config, steps: int = 2):
         from shared import modelzoo
         from shared.lifecycle import precision_policy, prepare
-        from shared.classification.task import CLASSIFICATION
+        from shared.tasks import task_for
 
         self.steps = steps
         with precision_policy(config.train.precision):  # half-precision activations halve the memory
-            _, self.module, model, self.data, self.config = prepare(CLASSIFICATION, config)
+            _, self.module, model, self.data, self.task = prepare(task_for(config))
+        self.config = self.task.config
         datasets = self.data.details
         self.input_shape = tuple(datasets.input_shape)
         self.num_classes = datasets.num_classes
@@ -70,19 +71,19 @@ class TrainStepProbe:
         self._compile(model)
 
     def _compile(self, model) -> None:
-        from shared.lifecycle import precision_policy
-        from shared.classification.task import CLASSIFICATION
+        from shared import optim
+        from shared.lifecycle import compile_phase, precision_policy
 
         with precision_policy(self.config.train.precision):  # as training compiles it
-            CLASSIFICATION.compile(model, model, self.module, self.config, self.data, lr_scale=1.0, replicas=1)
+            optim.apply_weight_decay(model, self.config.train)
+            compile_phase(self.task, model, model, self.module, self.data, self.config.train.epochs, 1.0, 1)
         self.model = model
 
     def _rebuild(self) -> None:
         from shared.lifecycle import precision_policy
-        from shared.classification.task import CLASSIFICATION
 
         with precision_policy(self.config.train.precision):
-            model = CLASSIFICATION.build(self.module, self.config, self.input_shape)
+            model = self.task.build(self.module, self.input_shape)
         self._compile(model)
 
     def release(self) -> None:

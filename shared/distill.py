@@ -13,7 +13,7 @@ How the train runner uses it:
     teacher = load_teacher(config.distill.teacher, datasets.num_classes, datasets.input_shape,
                            normalization=data_normalization(config.data), class_names=datasets.class_names)
     model = Distiller(student, teacher, config.distill.temperature, config.distill.alpha)
-    compile_model(model, ...); model.fit(...)       # the usual compiled losses and top1/top5 metrics
+    compile_classifier(model, ...); model.fit(...)       # the usual compiled losses and top1/top5 metrics
     model.student                                    # what is saved, evaluated and exported
 
 `Distiller.save` writes the student alone, so a run's checkpoints load into the student's own model.py
@@ -216,10 +216,10 @@ class Distiller(keras.Model):
     """A student trained against a frozen teacher. It behaves as the student: `call` returns the
     student's output (a dict for models with auxiliary heads), so compiled metrics, `evaluate` and
     `predict` score the student; only the student's weights train. `compile` takes the losses the runner
-    would give the student alone (`shared.optim.compile_model` works unchanged); in training, the main
-    output's loss becomes `distillation_loss` around it, auxiliary heads keep their hard-label losses and
-    weights, and weight-decay terms are added unchanged. Evaluation (validation) reports the student's
-    plain loss, comparable with runs trained without a teacher, and does not run the teacher.
+    would give the student alone (`shared.classification.objective.compile_classifier` works unchanged); in
+    training, the main output's loss becomes `distillation_loss` around it, auxiliary heads keep their
+    hard-label losses and weights, and weight-decay terms are added unchanged. Evaluation (validation)
+    reports the student's plain loss, comparable with runs trained without a teacher, and does not run the teacher.
 
     `save(path)` saves the student alone: the checkpoint a run keeps is the student, loadable by the
     student's model.py. `save_weights` (the runner's crash backup) keeps both models."""

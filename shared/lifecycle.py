@@ -158,9 +158,9 @@ def test(run: runs.Run | str | Path, checkpoint: str | Path | None = None, chang
     weights = run.checkpoint(checkpoint or "last")  # before the data: a run without a checkpoint says so first
     config = with_changes(config_module.from_dict(run.config_dict()), changes or {})
     task = _task(config)
-    data = task.test_data(config, run)  # checked against the run's classes before the model loads
+    data = task.test_data(run)  # checked against the run's classes before the model loads
     model, _ = rebuild(run, weights)
-    metrics, redraw = task.evaluate(model, data, config)
+    metrics, redraw = task.evaluate(model, data)
     if draw:
         redraw(run.path)
     return metrics
@@ -227,30 +227,30 @@ def _run_training(task: Task, config: Config, argv: list[str] | None, resumed: r
     # The strategy first: the multi-worker runtime must be set up before any TensorFlow work, and a
     # task's checks may build layers (the detection augmentations do).
     placement = distribute.make_placement(config.distribute) if task.distributes else _one_device()
-    task.check(config)
-    phases = task.plan_phases(config)
+    task.check()
+    phases = task.plan_phases()
     saved = [s for s in map(backup_state, _backup_dirs(resumed, phases)) if s] if resumed else []
     restoring, done = bool(saved), max((s["epoch"] for s in saved), default=0)
     done = continued.epoch if continued else done
     snapshot = resumed.path if resumed else continued.source.path if continued else None
     with precision_policy(config.train.precision), placement.strategy.scope():
-        folder, module, model, data, config = prepare(task, config, snapshot, placement.replicas, start_epoch=done)
+        folder, module, model, data, task = prepare(task, snapshot, placement.replicas, start_epoch=done)
+        config = task.config  # resolved: the one the run records
         provenance = continued.describe() if continued else ""
         if (config.init.from_run or config.init.weights) and not restoring and not continued:
-            provenance = task.initialize(config, model, module, data)
-        trainer = task.trainer(config, model, data)  # the model that fit() trains
+            provenance = task.initialize(model, module, data)
+        trainer = task.trainer(model, data)  # the model that fit() trains
     distribute.patch_multi_worker_build(trainer, placement)
-    train_data, val_data = task.fit_data(config, model, module, data)
-    head = task.head_layer_names(module, model, config, data.input_shape) \
-        if any(phase.freeze for phase in phases) else set()
+    train_data, val_data = task.fit_data(model, module, data)
+    head = task.head_layer_names(module, model, data.input_shape) if any(phase.freeze for phase in phases) else set()
     for phase in phases:  # patterns are checked now, before a run folder exists
         _freeze(model, phase.freeze, head)
-    task_callbacks = task.callbacks(config, model, data)  # one set for the run's phases
+    task_callbacks = task.callbacks(model, data)  # one set for the run's phases
     if config.train.best.monitor or config.train.early_stopping.monitor:
         with precision_policy(config.train.precision), placement.strategy.scope():
             _freeze(model, phases[0].freeze, head)
-            task.compile(trainer, model, module, _phase_train_config(config, phases[0].until_epoch), data,
-                         lr_scale=phases[0].lr_scale, replicas=placement.replicas)
+            compile_phase(task, trainer, model, module, data, phases[0].until_epoch, phases[0].lr_scale,
+                     placement.replicas)
             logged = logged_metrics(trainer, train_data, validating=val_data is not None)
             _check_monitors(config, None if logged is None else logged.union(
                 *(getattr(callback, "logged", ()) for callback in task_callbacks)))
@@ -298,8 +298,8 @@ def _run_training(task: Task, config: Config, argv: list[str] | None, resumed: r
                 with precision_policy(config.train.precision), placement.strategy.scope():
                     _freeze(model, phase.freeze, head)
                     optim.apply_weight_decay(model, config.train)  # the student's, when distilling
-                    task.compile(trainer, model, module, _phase_train_config(config, phase.until_epoch - start),
-                                 data, lr_scale=phase.lr_scale, replicas=placement.replicas)
+                    compile_phase(task, trainer, model, module, data, phase.until_epoch - start, phase.lr_scale,
+                             placement.replicas)
                 phase_callbacks = _callbacks(config, run, backup, val_data is not None, checkpoint, run_callbacks,
                                              task_callbacks)
                 if continued and start <= continued.epoch < phase.until_epoch:
@@ -317,7 +317,7 @@ def _run_training(task: Task, config: Config, argv: list[str] | None, resumed: r
                       f"{stopper.patience} epochs", flush=True)
         if not placement.is_chief:  # its figures would go with its scratch folder
             return run
-        metrics, draw, last = _test_last_checkpoint(task, run, data, config)
+        metrics, draw, last = _test_last_checkpoint(task, run, data)
         with durable.disk_space_checked(run.path / "curves.png"):
             plots.plot_curves(run.path / "metrics.csv", run.path / "curves.png")
         metrics["train_seconds"] = round(time.time() - started, 1)
@@ -335,25 +335,35 @@ def _run_training(task: Task, config: Config, argv: list[str] | None, resumed: r
     return run
 
 
-def prepare(task: Task, config: Config, model_folder: Path | None = None, replicas: int = 1, start_epoch: int = 0):
+def prepare(task: Task, model_folder: Path | None = None, replicas: int = 1, start_epoch: int = 0):
     """The task's model and data as a run builds them, also for the tools that train a few steps outside a
-    run (lr-sweep, find-batch, benchmarks): returns (folder, module, model, TaskData, resolved config).
+    run (lr-sweep, find-batch, benchmarks): returns (folder, module, model, TaskData, the task bound to the
+    resolved config).
     `model_folder`: where model.py lives (a run folder when resuming), else the config's model;
     `start_epoch`: epochs already trained, where the training stream starts.
 
     The one point where a run's config is resolved, before any folder exists: the model's hyperparameters
     here, the paths it records in `task.resolve` (absolute), then what the task's data settles (class
     count, normalization statistics) in `task.datasets`. The result is a new frozen Config, the one the
-    run records and everything after uses; `config` itself is never changed."""
+    run records and everything after uses (the returned task's); `task.config` itself is never changed."""
+    config = task.config
     folder = model_folder or modelzoo.model_dir(config.model.name, config.model.path)
     module = modelzoo.load_model_module(folder)
-    config = with_changes(config, {"model.hparams": modelzoo.resolve_hparams(module, config.model.hparams,
-                                                                             config.where)})
-    config = task.resolve(config)
-    keras.utils.set_random_seed(config.train.seed)
-    data = task.datasets(config, folder, replicas, start_epoch=start_epoch)
-    config = data.config
-    return folder, module, task.build(module, config, data.input_shape), data, config
+    task = task.bound(with_changes(config, {"model.hparams": modelzoo.resolve_hparams(
+        module, config.model.hparams, config.where)}))
+    task = task.bound(task.resolve())
+    keras.utils.set_random_seed(task.config.train.seed)
+    data = task.datasets(folder, replicas, start_epoch=start_epoch)
+    task = task.bound(data.config)
+    return folder, module, task.build(module, data.input_shape), data, task
+
+
+def compile_phase(task: Task, trainer: keras.Model, model: keras.Model, module, data, epochs: int, lr_scale: float,
+             replicas: int) -> None:
+    """The phase's trainer compiled with the task's objective and the optimizer of the phase's own schedule
+    (a schedule spans the phase, not the whole run)."""
+    optim.compile_trainer(trainer, task.objective(model, module, data), _phase_train_config(task.config, epochs).train,
+                          data.steps_per_epoch, replicas, lr_scale)
 
 
 def _one_device() -> distribute.Placement:
@@ -428,7 +438,7 @@ def _unknown_validation_length_allowed(val_data) -> Iterator[None]:
         yield
 
 
-def _test_last_checkpoint(task: Task, run: runs.Run, data, config: Config) -> tuple[dict, Callable, Path]:
+def _test_last_checkpoint(task: Task, run: runs.Run, data) -> tuple[dict, Callable, Path]:
     """The test figures of the checkpoint the run records as its last, on the model `test --run` rebuilds
     from it (float32, from the run's model.py and config), so the two always agree; the model in memory
     can differ (it computes in bfloat16 under mixed precision, or holds a restored backup's weights)."""
@@ -436,7 +446,7 @@ def _test_last_checkpoint(task: Task, run: runs.Run, data, config: Config) -> tu
 
     last = run.last_checkpoint()
     model, _ = rebuild(run)  # the same file: nothing else writes checkpoints now
-    return (*task.evaluate(model, data, config), last)
+    return (*task.evaluate(model, data), last)
 
 
 def _disk_full(error: BaseException) -> bool:

@@ -99,8 +99,9 @@ def lr_range_test(config: Config, min_lr: float = 1e-6, max_lr: float = 1.0, ste
     Returns {"lrs", "losses" (smoothed), "suggested_lr" (steepest descent), "min_loss_lr" (the
     minimum's rate / 10), "stopped" ("diverged", "nan" or None), "steps" (requested), "batch_size",
     "base_batch_size"}; with `out_png`, also writes the loss-vs-rate plot there and adds "plot"."""
-    from shared.lifecycle import precision_policy, prepare
-    from shared.classification.task import CLASSIFICATION
+    from shared import optim
+    from shared.lifecycle import compile_phase, precision_policy, prepare
+    from shared.tasks import task_for
 
     _check_arguments(min_lr, max_lr, steps)
     if out_png is not None:
@@ -112,9 +113,11 @@ def lr_range_test(config: Config, min_lr: float = 1e-6, max_lr: float = 1.0, ste
     config = with_changes(config, {"train.lr.schedule": "constant", "train.lr.warmup_epochs": 0.0,
                                    "train.lr.base_batch_size": None, "train.lr.base": float(min_lr)})
     with precision_policy(config.train.precision):  # as training builds it: mixed precision changes the loss
-        _, module, model, data, config = prepare(CLASSIFICATION, config)
-        CLASSIFICATION.compile(model, model, module, config, data, lr_scale=1.0, replicas=1)
-    train, _ = CLASSIFICATION.fit_data(config, model, module, data)  # the labels as training's loss wants them
+        _, module, model, data, task = prepare(task_for(config))
+        config = task.config
+        optim.apply_weight_decay(model, config.train)
+        compile_phase(task, model, model, module, data, config.train.epochs, 1.0, 1)
+    train, _ = task.fit_data(model, module, data)  # the labels as training's loss wants them
     finder = LRRangeTest(min_lr, max_lr, steps)
     # The training set repeats forever, so one "epoch" of `steps` batches never runs short.
     model.fit(train, epochs=1, steps_per_epoch=steps, callbacks=[finder], verbose=_verbosity(config), shuffle=False)

@@ -1,13 +1,12 @@
-"""Optimizers, learning-rate schedules and weight decay, from `train:` in the config, and `compile_model`,
-which puts them together with the losses and metrics. Free of TensorFlow (Keras alone)."""
+"""Optimizers, learning-rate schedules and weight decay, from `train:` in the config, and `compile_trainer`,
+which puts the optimizer together with a task's losses and metrics. Free of TensorFlow (Keras alone)."""
 
 from __future__ import annotations
 
 import keras
 
 from shared.callbacks import ResumableReduceLROnPlateau
-from shared.config import Config, TrainConfig
-from shared.modelzoo import MAIN_OUTPUT
+from shared.config import TrainConfig
 
 
 @keras.saving.register_keras_serializable(package="shared")
@@ -138,29 +137,9 @@ def apply_weight_decay(model: keras.Model, train: TrainConfig) -> None:
                 variable.regularizer = regularizer
 
 
-def compile_model(model: keras.Model, config: Config, steps_per_epoch: int, num_classes: int,
-                  aux_loss_weights: dict[str, float] | None = None, soft_labels: bool = False,
-                  replicas: int = 1, lr_scale: float = 1.0) -> None:
-    """Cross-entropy on the classifier, plus each auxiliary head's cross-entropy times its weight.
-    Class-index labels use the sparse losses and metrics; one-hot labels (MixUp, CutMix, label
-    smoothing) the dense ones."""
-    train = config.train
-    apply_weight_decay(model, train)
-    k = min(5, num_classes)
-    if soft_labels or train.label_smoothing:
-        def make_loss():
-            return keras.losses.CategoricalCrossentropy(label_smoothing=train.label_smoothing)
-        metrics = [keras.metrics.CategoricalAccuracy(name="top1"),
-                   keras.metrics.TopKCategoricalAccuracy(k=k, name="top5")]
-    else:
-        make_loss = keras.losses.SparseCategoricalCrossentropy
-        metrics = [keras.metrics.SparseCategoricalAccuracy(name="top1"),
-                   keras.metrics.SparseTopKCategoricalAccuracy(k=k, name="top5")]
-    loss = make_loss()
-    loss_weights = None
-    if aux_loss_weights:
-        loss = {name: make_loss() for name in (MAIN_OUTPUT, *aux_loss_weights)}
-        loss_weights = {MAIN_OUTPUT: 1.0, **aux_loss_weights}
-        metrics = {MAIN_OUTPUT: metrics}
-    model.compile(optimizer=make_optimizer(train, steps_per_epoch, replicas, lr_scale), loss=loss,
-                  loss_weights=loss_weights, metrics=metrics, jit_compile=train.jit_compile)
+def compile_trainer(trainer: keras.Model, objective, train: TrainConfig, steps_per_epoch: int, replicas: int = 1,
+                    lr_scale: float = 1.0) -> None:
+    """Compile `trainer` with a task's objective (`shared.task.Objective`: losses, their weights, metrics) and
+    the optimizer `train:` describes, its schedule spanning `train.epochs` of `steps_per_epoch`."""
+    trainer.compile(optimizer=make_optimizer(train, steps_per_epoch, replicas, lr_scale), loss=objective.loss,
+                    loss_weights=objective.loss_weights, metrics=objective.metrics, jit_compile=train.jit_compile)

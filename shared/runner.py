@@ -150,12 +150,23 @@ def main(argv: list[str] | None = None, prog: str = "python -m shared.runner") -
     return run_cli(lambda: HANDLERS[args.command](args, argv))
 
 
+def _check_option(task, option: str, declared: str, verb: str, what: str, detail: str = "") -> None:
+    """Refuse an option the task does not declare (its `declared` set: Task.tflite_options, Task.test_options),
+    naming the tasks that take it."""
+    from shared.errors import UserError
+    from shared.tasks import TASKS
+
+    if option not in getattr(task, declared):
+        able = [name for name, other in TASKS.items() if option in getattr(other, declared)]
+        raise UserError(f"--{option.replace('_', '-')} {verb} {' or '.join(able) or 'no'} {what}{detail}")
+
+
 def _check_supported(command: str, task_name: str | None):
     """The one place a command refuses a task it does not support; returns the task."""
     from shared.errors import UserError
-    from shared.tasks import TASKS, task_for
+    from shared.tasks import TASKS, task_class
 
-    task = task_for({"task": task_name})
+    task = task_class(task_name)
     if command not in task.commands:
         able = [name for name, other in TASKS.items() if command in other.commands]
         raise UserError(f"{command} supports task{'s' if len(able) > 1 else ''} {', '.join(able) or 'none'}, "
@@ -190,18 +201,14 @@ def _config(args: argparse.Namespace, overrides: list[str] | None = None):
 
 def _test(args: argparse.Namespace, argv: list[str]) -> None:
     run = _open_idle_run(args.run)
-    if args.classifier:
-        classifier = _open_idle_run(args.classifier)
-        if _run_task(run) != "deblur":
-            from shared.errors import UserError
-
-            raise UserError(f"--classifier applies to deblurring runs (task: deblur); run {run.path} is a "
-                            f"{_run_task(run) or 'classification'} run")
     task = _check_supported("test", _run_task(run))
     if args.classifier:
-        from shared.deblur.task import evaluate_with_classifier
+        classifier = _open_idle_run(args.classifier)
+        _check_option(task, "classifier", "test_options", "applies to", "runs", f"; run {run.path} is a "
+                      f"{task.name} run")
+        from shared.tasks import task_for
 
-        print(task.summary(evaluate_with_classifier(run, classifier)))
+        print(task.summary(task_for(run).test_with_classifier(run, classifier)))
         return
     from shared.evaluate import evaluate
 
@@ -255,21 +262,23 @@ def _export(args: argparse.Namespace, argv: list[str]) -> None:
     if args.format == "saved_model":
         from shared.export import serving_command
 
-        path = task.export_saved_model(run, args.export_dir, model_name=args.name, keep=args.keep)
+        from shared.tasks import task_for
+
+        path = task_for(run).export_saved_model(run, args.export_dir, model_name=args.name, keep=args.keep)
         print(f"exported {path}\n{serving_command(args.export_dir, path.parent.name)}")
         return
-    # the detection-only options, where not at their defaults
-    options = {key: value for key, value in (("raw_outputs", args.raw_outputs), ("nms", args.nms))
-               if value not in (False, "regular")}
-    if options and task.name != "detection":
-        from shared.errors import UserError
+    # a task's own TFLite options (Task.tflite_options), where not at their defaults
+    from shared.tasks import TASKS, task_for
 
-        flag = "--" + next(iter(options)).replace("_", "-")
-        raise UserError(f"{flag} is for detection runs (their TFLite post-processing); leave it out")
-    path, beside = task.export_tflite(run, quantize=args.quantize, io=args.io, **options)
+    defaults = {key: value for other in TASKS.values() for key, value in other.tflite_options.items()}
+    options = {key: getattr(args, key) for key, default in defaults.items() if getattr(args, key) != default}
+    for key in options:
+        _check_option(task, key, "tflite_options", "is for", "runs (their TFLite post-processing); leave it out")
+
+    path, beside = task_for(run).export_tflite(run, quantize=args.quantize, io=args.io, **options)
     print(f"exported {path} ({path.stat().st_size / 1e6:.2f} MB)" + (f" {beside}" if beside else ""))
     if args.evaluate:
-        print(f"LiteRT {task.summary(task.evaluate_tflite(path, run))}")
+        print(f"LiteRT {task.summary(task_for(run).evaluate_tflite(path, run))}")
 
 
 def _size(args: argparse.Namespace, argv: list[str]) -> None:

@@ -1,17 +1,24 @@
 """What a task is: the part of a run that differs between classification, detection and deblurring.
 
 A run's lifecycle (`shared.lifecycle`: lock, run folder, phases, callbacks, signals, resume, status) is the
-same for every task; a `Task` says what it builds, feeds, compiles, measures and exports. The tasks are
-listed in `shared.tasks.TASKS` (a plain dict: name -> instance), and `shared.tasks.task_for(config or run)`
-picks a config's or a run's. In the spirit of TF Model Garden's `base_task.Task`, without its registries.
+same for every task; a `Task` says what it builds, feeds, measures and exports. Each task is a package
+(`shared/classification/`, `shared/detection/`, `shared/deblur/`: its `task.py` holds its Task), listed in
+`shared.tasks.TASKS` (name -> class); `shared.tasks.task_for(config or run)` gives the Task bound to a config.
+In the manner of TF Model Garden's `base_task.Task(params)`, without its registries: a Task is created bound to
+one config (`Task(config)`, the config `self.config`), so its hooks take only what differs between calls.
+`Task` is abstract: a task class that lacks a hook cannot be instantiated (TypeError at construction, not
+mid-run).
 """
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar, Mapping
+
+from shared.config import with_changes
 
 # The CLI commands a task may support (shared.runner's command table lists which task supports which).
 ALL_COMMANDS = frozenset({"train", "resume", "test", "finetune", "finetune-all", "distill", "tune", "preview",
@@ -42,6 +49,21 @@ class Phase:
     lr_scale: float = 1.0
 
 
+@dataclasses.dataclass(frozen=True)
+class Measure:
+    """A test figure a study optimizes or a loop judges rounds by: its key in test_metrics.json and its sense."""
+    key: str | None  # None: not in test_metrics.json (read from the history, e.g. the last val_loss)
+    higher_is_better: bool
+
+
+@dataclasses.dataclass
+class Objective:
+    """What a task compiles its trainer with, beside the optimizer the lifecycle builds (`keras.Model.compile`)."""
+    loss: Any
+    loss_weights: Any = None
+    metrics: Any = None
+
+
 @dataclasses.dataclass
 class TaskData:
     """A task's input pipelines and the facts the lifecycle reports and records about them."""
@@ -62,103 +84,139 @@ class TaskData:
     records: dict = dataclasses.field(default_factory=dict)
 
 
-class Task:
-    """The interface every task implements. The lifecycle calls, in order: check -> plan_phases -> resolve ->
-    datasets -> build -> initialize (when init.from_run / init.weights) -> trainer -> fit_data -> head_layer_names ->
-    per phase: compile + fit -> evaluate (on the model rebuilt from the last checkpoint) -> summary."""
+class Task(abc.ABC):
+    """The interface every task implements, bound to one config (`self.config`). The lifecycle calls, in
+    order: check -> plan_phases -> resolve -> datasets -> (bound to the config the data resolved) build ->
+    initialize (when init.from_run / init.weights) -> trainer -> fit_data -> head_layer_names -> per phase:
+    objective, compiled with the lifecycle's optimizer, and fit -> evaluate (on the model rebuilt from the last
+    checkpoint) -> summary."""
 
-    name: str = ""
-    commands: frozenset[str] = frozenset()  # the CLI commands it supports (subset of ALL_COMMANDS)
-    distributes: bool = False  # whether distribute.strategy may spread it over devices or workers
+    name: ClassVar[str]
+    commands: ClassVar[frozenset[str]]  # the CLI commands it supports (subset of ALL_COMMANDS)
+    distributes: ClassVar[bool] = False  # whether distribute.strategy may spread it over devices or workers
+    # the test figures a study may optimize (`tune.metric`), by name; the first is what a loop round is judged by
+    measures: ClassVar[Mapping[str, Measure]] = {}
+    # options its `export --format tflite` takes beyond --quantize and --io: option -> its default
+    tflite_options: ClassVar[Mapping[str, Any]] = {}
+    # options its `test --run` takes (test_with_*)
+    test_options: ClassVar[frozenset[str]] = frozenset()
+
+    def __init__(self, config) -> None:
+        self.config = config
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if not getattr(cls, "__abstractmethods__", None):
+            missing = [name for name in ("name", "commands") if not hasattr(cls, name)]
+            if missing:
+                raise TypeError(f"task class {cls.__name__} does not set {', '.join(missing)}")
+
+    def bound(self, config) -> "Task":
+        """This task bound to another config (the same task: the config resolved further, a run's own)."""
+        return type(self)(config)
+
+    @property
+    def judged_by(self) -> tuple[str, Measure]:
+        """The measure a loop round is judged by (and a study's default): the first of `measures`."""
+        if not self.measures:
+            raise NotImplementedError(f"task {self.name} declares no measures")
+        return next(iter(self.measures.items()))
 
     # ---- before a run folder exists (every user mistake is raised here as a UserError)
-    def check(self, config) -> None:
-        """Rules of this task that involve several config keys; may make paths absolute."""
+    def check(self) -> None:  # noqa: B027 (a hook with nothing to check by default, not an abstract one)
+        """Rules of this task that involve several config keys."""
 
-    def plan_phases(self, config) -> list[Phase]:
+    def plan_phases(self) -> list[Phase]:
         """finetune_all with head_epochs: the head alone first (backbone frozen), then every layer at the
         lower rate; otherwise one phase."""
-        train, init = config.train, config.init
+        train, init = self.config.train, self.config.init
         if init.mode != "finetune_all":
             return [Phase(train.epochs, list(train.freeze))]
         phases = [Phase(init.head_epochs, ["backbone"])] if init.head_epochs else []
         return phases + [Phase(train.epochs, list(train.freeze), init.lr_scale)]
 
-    def resolve(self, config) -> Any:
+    def resolve(self) -> Any:
         """The config with the paths the run records made absolute (and checked), so its config.yaml finds
-        them from any directory (`test --run`, `--resume` elsewhere): a new Config (`config` is frozen).
+        them from any directory (`test --run`, `--resume` elsewhere): a new Config (configs are frozen).
         Called by `shared.lifecycle.prepare`; a task adds its own keys to these."""
-        from shared.config import with_changes
+        return with_changes(self.config, {key: absolute(_get(self.config, key)) for key in PATH_KEYS})
 
-        return with_changes(config, {key: absolute(_get(config, key)) for key in PATH_KEYS})
-
-    def datasets(self, config, folder: Path, replicas: int = 1, start_epoch: int = 0) -> TaskData:
+    @abc.abstractmethod
+    def datasets(self, folder: Path, replicas: int = 1, start_epoch: int = 0) -> TaskData:
         """The training (and validation / test) pipelines, and in TaskData.config the config resolved by them
-        (data.num_classes from the data, ...); `config` is frozen and stays as it is."""
-        raise NotImplementedError
+        (data.num_classes from the data, ...)."""
 
-    def build(self, module, config, input_shape: tuple[int, int, int]) -> Any:
-        """The trainable keras.Model from the model module (its build() or backbone()) and a resolved config."""
-        raise NotImplementedError
+    @abc.abstractmethod
+    def build(self, module, input_shape: tuple[int, int, int]) -> Any:
+        """The trainable keras.Model from the model module (its build() or backbone())."""
 
     def inference_model(self, model) -> Any:
         """The model evaluation and export see (e.g. without training-only auxiliary heads)."""
         return model
 
-    def initialize(self, config, model, module, data: TaskData) -> str:
+    @abc.abstractmethod
+    def initialize(self, model, module, data: TaskData) -> str:
         """Copy init.from_run's / init.weights' layers into `model`; returns the line for the run's notes."""
-        raise NotImplementedError
 
-    def trainer(self, config, model, data: TaskData) -> Any:
+    def trainer(self, model, data: TaskData) -> Any:
         """The model fit() trains (a distillation wrapper around `model`, say); checkpoints see `model`."""
         return model
 
-    def fit_data(self, config, model, module, data: TaskData) -> tuple[Any, Any]:
-        """The (training, validation or None) pipelines fit() gets, with targets as the compiled loss wants
+    def fit_data(self, model, module, data: TaskData) -> tuple[Any, Any]:
+        """The (training, validation or None) pipelines fit() gets, with targets as the task's loss wants
         them for this model (anchor targets, one label per auxiliary head, ...)."""
         return data.train, data.val
 
-    def callbacks(self, config, model, data: TaskData) -> list:
+    def callbacks(self, model, data: TaskData) -> list:
         """The task's Keras callbacks for training (e.g. a periodic evaluation); the lifecycle runs them before
         its loggers and checkpoints, so what they add to an epoch's logs is recorded and can be monitored. A
         callback that adds log keys names them in its `logged` set (the monitor check reads it)."""
         return []
 
-    def head_layer_names(self, module, model, config, input_shape: tuple[int, int, int]) -> set[str]:
+    @abc.abstractmethod
+    def head_layer_names(self, module, model, input_shape: tuple[int, int, int]) -> set[str]:
         """The layers the task adds on the backbone: never frozen by train.freeze: [backbone]."""
-        raise NotImplementedError
 
     # ---- per phase
-    def compile(self, trainer, model, module, config, data: TaskData, lr_scale: float, replicas: int) -> None:
-        """Compile `trainer` with the task's losses and metrics and shared.optim's optimizer; `config.train`
-        holds the phase's own epochs (a schedule spans the phase)."""
-        raise NotImplementedError
+    @abc.abstractmethod
+    def objective(self, model, module, data: TaskData) -> Objective:
+        """The losses (and their weights) and metrics the trainer is compiled with; the optimizer is the
+        lifecycle's (`shared.optim.compile_trainer`)."""
 
     # ---- after training, and `test --run`
-    def evaluate(self, model, data: TaskData, config) -> tuple[dict, Callable[[Path], Any]]:
+    @abc.abstractmethod
+    def evaluate(self, model, data: TaskData) -> tuple[dict, Callable[[Path], Any]]:
         """The test metrics of `model` (JSON-able dict) and a function that draws the task's figure(s) into
         a run folder (confusion.png, detections.png, ...)."""
-        raise NotImplementedError
 
-    def test_data(self, config, run) -> TaskData:
+    @abc.abstractmethod
+    def test_data(self, run) -> TaskData:
         """The data `test --run` evaluates on, refused (UserError) when its classes are not the run's."""
-        raise NotImplementedError
 
-    def summary(self, metrics: dict) -> str:
+    @classmethod
+    @abc.abstractmethod
+    def summary(cls, metrics: dict) -> str:
         """One line of a run's test figures, printed by train / test / resume."""
-        raise NotImplementedError
 
-    def details(self, metrics: dict) -> str:
+    @classmethod
+    def details(cls, metrics: dict) -> str:
         """What train / test print after the summary line (the worst classes, ...); '' for nothing."""
         return ""
 
     # ---- export (commands "export"; run is a finished run)
+    @abc.abstractmethod
     def export_saved_model(self, run, export_dir: Path, model_name: str | None, keep: int) -> Path:
-        raise NotImplementedError
+        """The SavedModel version written under `export_dir` (shared.export's versioning and publishing)."""
 
-    def export_tflite(self, run, quantize: str, io: str) -> tuple[Path, str]:
-        """The .tflite file and a line saying what was written beside it ('' when nothing)."""
-        raise NotImplementedError
+    @abc.abstractmethod
+    def export_tflite(self, run, quantize: str, io: str, **options) -> tuple[Path, str]:
+        """The .tflite file and a line saying what was written beside it ('' when nothing); `options`: the
+        task's own `tflite_options`."""
 
+    @abc.abstractmethod
     def evaluate_tflite(self, path: Path, run) -> dict:
-        raise NotImplementedError
+        """The test figures of a .tflite file on the run's test split."""
+
+    def test_with_classifier(self, run, classifier) -> dict:
+        """`test --run RUN --classifier CLASSIFIER` (for tasks with "classifier" in test_options)."""
+        raise NotImplementedError(f"task {self.name} does not test with a classifier")

@@ -11,23 +11,30 @@ from shared import config as config_module
 from shared import modelzoo
 from shared.errors import UserError
 from shared.runs import Run, require_idle
-from shared.task import Task
-from shared.classification.task import CLASSIFICATION
-from shared.deblur.task import DEBLUR
+from shared.classification.task import ClassificationTask
+from shared.deblur.task import DeblurTask
 from shared.detection.task import DetectionTask
+from shared.task import Task
 
-TASKS: dict[str, Task] = {"classification": CLASSIFICATION, "detection": DetectionTask(), "deblur": DEBLUR}
+TASKS: dict[str, type[Task]] = {"classification": ClassificationTask, "detection": DetectionTask,
+                                "deblur": DeblurTask}
+DEFAULT_TASK = "classification"  # a config without `task:`
+
+
+def task_class(name: str | None) -> type[Task]:
+    """The Task class of a task name (None: the default); its class facts (commands, measures) need no config."""
+    try:
+        return TASKS[name or DEFAULT_TASK]
+    except KeyError:
+        raise UserError(f"task {name!r} is not one of {', '.join(TASKS)}") from None
 
 
 def task_for(config_or_run) -> Task:
-    """The task of a Config, a config dict or a Run (its snapshotted config.yaml)."""
+    """The Task of a Config or a Run (its snapshotted config.yaml), bound to that config."""
+    config = config_or_run
     if isinstance(config_or_run, Run):
-        config_or_run = config_or_run.config_dict() or {}
-    name = config_or_run.get("task", "classification") if isinstance(config_or_run, dict) else config_or_run.task
-    try:
-        return TASKS[name or "classification"]
-    except KeyError:
-        raise UserError(f"task {name!r} is not one of {', '.join(TASKS)}") from None
+        config = config_module.from_dict(config_or_run.config_dict() or {})
+    return task_class(config.task)(config)
 
 
 def rebuild(run: Run, checkpoint: Path | None = None, training_outputs: bool = False):
@@ -40,6 +47,6 @@ def rebuild(run: Run, checkpoint: Path | None = None, training_outputs: bool = F
     task = task_for(config)
     module = modelzoo.load_model_module(run.path)
     data = config.data
-    model = task.build(module, config, (data.image_size, data.image_size, data.channels))
+    model = task.build(module, (data.image_size, data.image_size, data.channels))
     modelzoo.load_weight_file(model, checkpoint, what=f"model built from {run.path / 'model.py'}")
     return (model if training_outputs else task.inference_model(model)), config

@@ -188,4 +188,4 @@ def test_test_with_a_classifier_needs_a_deblurring_run(tmp_path, capsys):
         (folder / "config.yaml").write_text(yaml.safe_dump({"model": {"name": "resnet"}}))
         folders.append(folder)
     code, _, err = run_cli(capsys, "test", "--run", folders[0], "--classifier", folders[1])
-    assert_one_line_error(code, err, "--classifier applies to deblurring runs (task: deblur)", "classification run")
+    assert_one_line_error(code, err, "--classifier applies to deblur runs", "is a classification run")

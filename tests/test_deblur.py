@@ -103,16 +103,16 @@ def test_bad_blur_entries_are_one_line_errors(entries, message):
 
 
 def test_a_kernel_wider_than_the_image_is_refused_when_the_config_is_checked(tmp_path):
-    from shared.deblur.task import DEBLUR
+    from shared.deblur.task import DeblurTask
 
     with pytest.raises(UserError, match="sigma 6 needs a 37 px kernel, too wide for 16 px images"):
-        DEBLUR.check(_tiny_config(tmp_path, blur=[{"gaussian": {"sigma": [1.0, 6.0]}}]))
+        DeblurTask(_tiny_config(tmp_path, blur=[{"gaussian": {"sigma": [1.0, 6.0]}}])).check()
     with pytest.raises(UserError, match="motion .* length 40 needs a 41 px kernel"):
         blur.build([{"motion": {"length": 40}}], image_size=16)
     blur.build([{"gaussian": {"sigma": 5.0}}], image_size=16)  # 31 px: 15 px of padding fit in 16
     config = with_changes(_tiny_config(tmp_path), {"data.batch_augment": ["MixUp"]})
     with pytest.raises(UserError, match="data.batch_augment .* remove it"):
-        DEBLUR.check(config)
+        DeblurTask(config).check()
 
 
 # ---------------------------------------------------------------- PSNR and SSIM
@@ -249,14 +249,14 @@ def test_a_full_disk_while_drawing_deblur_png_is_one_line_and_leaves_no_partial_
 
     from shared.durable import DiskFull
     from shared.task import TaskData
-    from shared.deblur.task import DEBLUR
+    from shared.deblur.task import DeblurTask
 
     config = _tiny_config(tmp_path)
     data = TaskData(train=None, val=None, steps_per_epoch=0, class_names=[], input_shape=(16, 16, 1),
                     description="", details=make_pairs(config))
     module = modelzoo.load_model_module(modelzoo.model_dir("resnet", None))
-    model = DEBLUR.build(module, config, (16, 16, 1))
-    _, draw = DEBLUR.evaluate(model, data, config)
+    model = DeblurTask(config).build(module, (16, 16, 1))
+    _, draw = DeblurTask(config).evaluate(model, data)
     real_replace = os.replace
 
     def full(source, target):  # the PNG is written, then the rename finds the disk full

@@ -13,7 +13,7 @@ import tensorflow as tf
 from shared import lifecycle, tasks
 from shared.config import load_config
 from shared.errors import UserError
-from shared.deblur.task import DEBLUR, evaluate_with_classifier
+from shared.deblur.task import DeblurTask, evaluate_with_classifier
 from tests.conftest import tiny_tree
 
 pytestmark = pytest.mark.slow  # two trainings and two exports: about a minute on 2 cores
@@ -61,7 +61,7 @@ def test_the_classifier_view_of_sharp_blurred_and_restored_images(runs):
     assert set(result) >= {"top1_sharp", "top1_blurred", "top1_restored", "recovered", "examples"}
     assert result["examples"] == 32
     assert json.loads((restorer.path / "classifier_metrics.json").read_text())["top1_sharp"] == result["top1_sharp"]
-    assert "classifier top-1 sharp" in DEBLUR.summary(metrics)
+    assert "classifier top-1 sharp" in DeblurTask.summary(metrics)
 
 
 def _test_pixels(restorer, count: int = 4) -> np.ndarray:
@@ -70,7 +70,7 @@ def _test_pixels(restorer, count: int = 4) -> np.ndarray:
     from shared.deblur.data import pixel_mapping
 
     config = from_dict(restorer.config_dict())
-    blurred, _, _ = next(iter(DEBLUR.test_data(config, restorer).details.test))
+    blurred, _, _ = next(iter(DeblurTask(config).test_data(restorer).details.test))
     to_pixels, _ = pixel_mapping(config)
     return np.clip(np.round(to_pixels(blurred[:count]).numpy()), 0, 255).astype(np.uint8)
 
@@ -112,7 +112,7 @@ def test_the_command_line_tests_with_a_classifier_and_exports(runs, tmp_path, ca
     assert runner.main(["test", "--run", str(restorer.path), "--classifier", str(classifier.path)]) == 0
     assert "classifier top-1 sharp" in capsys.readouterr().out
     assert runner.main(["test", "--run", str(classifier.path), "--classifier", str(classifier.path)]) == 2
-    assert "--classifier applies to deblurring runs" in capsys.readouterr().err
+    assert "--classifier applies to deblur runs" in capsys.readouterr().err
     assert runner.main(["export", "--run", str(restorer.path), "--format", "tflite", "--quantize", "int8"]) == 2
     assert "use quantize none, float16 or dynamic" in capsys.readouterr().err
     assert runner.main(["export", "--run", str(restorer.path), "--format", "saved_model",

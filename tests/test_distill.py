@@ -18,7 +18,7 @@ from shared.errors import UserError
 from shared.tasks import rebuild
 from shared.finetune import unfreeze_all
 from shared.modelzoo import MODELS_DIR, load_model_module, resolve_hparams
-from shared.optim import compile_model
+from shared.classification.objective import compile_classifier
 
 from conftest import tiny_tree
 
@@ -155,7 +155,7 @@ def test_a_distiller_trains_the_student_only_and_its_checkpoint_is_the_student(t
     assert student_of(distiller) is student and student_of(student) is student
 
     optim.apply_weight_decay(student, config.train)  # on the student: the distiller's layers are sub-models
-    compile_model(distiller, config, steps_per_epoch=2, num_classes=CLASSES)
+    compile_classifier(distiller, config, steps_per_epoch=2, num_classes=CLASSES)
     distiller.run_eagerly = True  # 2 steps: eager beats tracing two networks (graph mode: the next test)
     run = runs.create(config, MODELS_DIR / "mobilenet_v2", argv=["pytest"])
     rng = np.random.default_rng(3)

@@ -392,15 +392,18 @@ def test_class_weights_reach_every_output_loss(tmp_path, model, batch_augment):
     """fit() gets (images, targets, weights): each example weighs as its (mixed) class says, and one weight
     tensor scales the loss of every output, auxiliary heads included."""
     from shared.lifecycle import prepare
-    from shared.tasks import CLASSIFICATION
+    from shared import optim
+    from shared.lifecycle import compile_phase
+    from shared.tasks import task_for
 
     root = make_class_folders(tmp_path / "imgs", {"cat": 8, "dog": 8})
     tree = train_tree(tmp_path, root, class_weight={"cat": 3.0})
     tree["model"] = model
     tree["data"]["batch_augment"] = batch_augment
-    _, module, net, data, config = prepare(CLASSIFICATION, load_config(tree=tree))
-    CLASSIFICATION.compile(net, net, module, config, data, lr_scale=1.0, replicas=1)
-    train, val = CLASSIFICATION.fit_data(config, net, module, data)
+    _, module, net, data, task = prepare(task_for(load_config(tree=tree)))
+    optim.apply_weight_decay(net, task.config.train)
+    compile_phase(task, net, net, module, data, task.config.train.epochs, 1.0, 1)
+    train, val = task.fit_data(net, module, data)
     images, targets, weights = next(iter(train))
     labels = next(iter(targets.values())) if isinstance(targets, dict) else targets
     if batch_augment:  # mixed one-hot labels: the mixture of the class weights
@@ -442,7 +445,7 @@ def test_every_task_records_data_and_source_paths_absolute(tmp_path, monkeypatch
     config = load_config(tree={"task": task, "data": {"source": "folder", "path": "my_images", "data_dir": "~/tfds"},
                                "init": {"weights": "w.h5"}, "model": {"name": "resnet", "path": "my_model"},
                                "loop": {"dir": "loops/mine", "eval": "held.jsonl"}, "run": {"dir": "my_runs"}})
-    resolved = TASKS[task].resolve(config)
+    resolved = TASKS[task](config).resolve()
     assert resolved.data.path == str(tmp_path / "my_images")
     assert resolved.data.data_dir == os.path.expanduser("~/tfds")
     assert resolved.init.weights == str(tmp_path / "w.h5") and resolved.init.from_run is None

@@ -15,7 +15,7 @@ from shared.config import load_config
 from shared.data import Datasets
 from shared.evaluate import ConfidentMistakes, evaluate_model, per_class_results, worst_classes
 from shared.task import TaskData
-from shared.classification.task import CLASSIFICATION, summary
+from shared.classification.task import ClassificationTask, summary
 
 from conftest import tiny_tree
 
@@ -77,7 +77,7 @@ def test_the_worst_classes_are_printed_after_the_one_summary_line():
     model, dataset, _ = known_predictions()
     metrics = evaluate_model(model, dataset, len(NAMES), NAMES)
     assert summary(metrics).startswith("test top-1 0.3750  top-5 1.0000  loss ") and "\n" not in summary(metrics)
-    lines = _results(CLASSIFICATION, metrics, "runs/x/v0001: ").splitlines()
+    lines = _results(ClassificationTask, metrics, "runs/x/v0001: ").splitlines()
     assert lines[0] == "runs/x/v0001: " + summary(metrics)
     assert lines[1] == "worst 3 classes by F1 (macro F1 0.2429 over 4 classes):"
     # lowest F1 first; only classes the test split holds (dog, emu have no images)
@@ -85,7 +85,7 @@ def test_the_worst_classes_are_printed_after_the_one_summary_line():
     assert lines[2].split() == ["cat", "F1", "0.0000", "precision", "0.0000", "recall", "0.0000", "(3", "images)"]
     assert lines[4].split()[:3] == ["tench", "F1", "0.5714"]
     # metrics without per-class results (an older run, LiteRT) keep the one line
-    assert _results(CLASSIFICATION, {"top1": 0.5, "top5": 1.0, "examples": 4}) == \
+    assert _results(ClassificationTask, {"top1": 0.5, "top5": 1.0, "examples": 4}) == \
         "test top-1 0.5000  top-5 1.0000  (4 images)"
 
 
@@ -128,7 +128,7 @@ def test_errors_png_shows_the_most_confident_mistakes_with_names(tmp_path, monke
     names = ["n01440764", "n01443537", "cat"]
     data = classification_data([0, 1, 2, 0, 1], [0.5, 0.9, 0.6, 0.8, 0.7], names, config)
     figures = drawn_figures(monkeypatch)
-    metrics, draw = CLASSIFICATION.evaluate(off_by_one_model(3), data, config)
+    metrics, draw = ClassificationTask(config).evaluate(off_by_one_model(3), data)
     assert metrics["top1"] == 0.0
     draw(tmp_path)
     assert (tmp_path / "errors.png").is_file() and (tmp_path / "confusion.png").is_file()
@@ -148,7 +148,7 @@ def test_no_mistakes_draws_a_titled_empty_errors_png(tmp_path, monkeypatch):
     config = load_config(tree=tiny_tree(tmp_path / "runs", data={"channels": 1}))
     data = classification_data([0, 1, 2], [0.9, 0.9, 0.9], ["a", "b", "c"], config)
     figures = drawn_figures(monkeypatch)
-    metrics, draw = CLASSIFICATION.evaluate(off_by_one_model(3, shift=0), data, config)
+    metrics, draw = ClassificationTask(config).evaluate(off_by_one_model(3, shift=0), data)
     assert metrics["top1"] == 1.0
     (tmp_path / "errors.png").write_bytes(b"a stale figure of an earlier test")
     draw(tmp_path)
@@ -164,7 +164,7 @@ def test_a_full_disk_while_drawing_errors_png_names_it_and_leaves_no_partial(tmp
 
     config = load_config(tree=tiny_tree(tmp_path / "runs", data={"channels": 1}))
     data = classification_data([0, 1, 2], [0.9, 0.8, 0.7], ["a", "b", "c"], config)
-    _, draw = CLASSIFICATION.evaluate(off_by_one_model(3), data, config)
+    _, draw = ClassificationTask(config).evaluate(off_by_one_model(3), data)
     fail_figure(monkeypatch, "errors.png")
     with pytest.raises(DiskFull, match=f"disk full while writing {tmp_path / 'errors.png'} "):
         draw(tmp_path)

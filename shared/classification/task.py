@@ -10,13 +10,14 @@ from pathlib import Path
 import tensorflow as tf
 
 from shared import data as data_module
-from shared import distill, durable, finetune, modelzoo, optim, plots, runs
+from shared import distill, durable, finetune, modelzoo, plots, runs
+from shared.classification.objective import objective
 from shared.config import with_changes
 from shared.class_names import readable
 from shared.evaluate import ConfidentMistakes, check_class_names, evaluate_model, worst_classes
 from shared.modelzoo import MAIN_OUTPUT
 from shared.source_facts import SOURCES
-from shared.task import ALL_COMMANDS, Task, TaskData
+from shared.task import ALL_COMMANDS, Measure, Task, TaskData
 
 MISTAKES_SHOWN = 16  # images in errors.png
 
@@ -78,15 +79,18 @@ class ClassificationTask(Task):
     name = "classification"
     commands = ALL_COMMANDS
     distributes = True
+    measures = {"top1": Measure("top1", True), "top5": Measure("top5", True), "loss": Measure("loss", False),
+                "val_loss": Measure(None, False)}
 
-    def resolve(self, config):
-        config = super().resolve(config)
+    def resolve(self):
+        config = super().resolve()
         if not config.distill.teacher:
             return config
         teacher = str(runs.open_run(config.distill.teacher).path.resolve())  # the snapshot finds it from anywhere
         return with_changes(config, {"distill.teacher": teacher})
 
-    def datasets(self, config, folder, replicas=1, start_epoch=0) -> TaskData:
+    def datasets(self, folder, replicas=1, start_epoch=0) -> TaskData:
+        config = self.config
         # a run folder (test --run, resume) holds the split it recorded of a split-less image folder
         recorded = data_module.split.read(folder)
         datasets = data_module.make_datasets(config, modelzoo.load_augment_module(folder), replicas=replicas,
@@ -102,19 +106,21 @@ class ClassificationTask(Task):
                         details=datasets, undecodable=undecodable, records=datasets.source.record,
                         config=datasets.config)  # class count and statistics: the snapshot says what they were
 
-    def build(self, module, config, input_shape):
-        return modelzoo.build_model(module, config.data.num_classes, input_shape, config.model.hparams)
+    def build(self, module, input_shape):
+        return modelzoo.build_model(module, self.config.data.num_classes, input_shape, self.config.model.hparams)
 
     def inference_model(self, model):
         return modelzoo.inference_model(model)  # auxiliary heads are for training only
 
-    def initialize(self, config, model, module, data) -> str:
+    def initialize(self, model, module, data) -> str:
+        config = self.config
         return finetune.initialize_from(config.init, model, module, config.model.hparams, data.input_shape,
                                         config.where)
 
-    def trainer(self, config, model, data):
+    def trainer(self, model, data):
         """With distill.teacher set: the student wrapped with its frozen teacher (Hinton et al. 2015);
         checkpoints, evaluation and export see the student alone."""
+        config = self.config
         if not config.distill.teacher:
             return model
         teacher_run = runs.open_run(config.distill.teacher)
@@ -123,8 +129,9 @@ class ClassificationTask(Task):
                                        class_names=data.class_names)
         return distill.Distiller(model, teacher, config.distill.temperature, config.distill.alpha)
 
-    def fit_data(self, config, model, module, data):
+    def fit_data(self, model, module, data):
         datasets = data.details
+        config = self.config
         outputs = _outputs(module, model)
         one_hot = datasets.num_classes if config.train.label_smoothing and not datasets.soft_labels else None
         train = datasets.train
@@ -133,16 +140,16 @@ class ClassificationTask(Task):
                                                                   datasets.soft_labels)
         return training_labels(train, outputs, one_hot), training_labels(datasets.val, outputs, one_hot)
 
-    def head_layer_names(self, module, model, config, input_shape):
-        return finetune.head_layer_names(module, model, config.model.hparams, input_shape)
+    def head_layer_names(self, module, model, input_shape):
+        return finetune.head_layer_names(module, model, self.config.model.hparams, input_shape)
 
-    def compile(self, trainer, model, module, config, data, lr_scale, replicas):
+    def objective(self, model, module, data):
         datasets = data.details
-        optim.compile_model(trainer, config, datasets.steps_per_epoch, datasets.num_classes,
-                            modelzoo.auxiliary_loss_weights(module, model), soft_labels=datasets.soft_labels,
-                            replicas=replicas, lr_scale=lr_scale)
+        return objective(self.config.train, datasets.num_classes, modelzoo.auxiliary_loss_weights(module, model),
+                         soft_labels=datasets.soft_labels)
 
-    def evaluate(self, model, data, config):
+    def evaluate(self, model, data):
+        config = self.config
         datasets = data.details
         mistakes = ConfidentMistakes(MISTAKES_SHOWN)
         metrics = evaluate_model(model, datasets.test, datasets.num_classes, data.class_names, mistakes)
@@ -164,18 +171,21 @@ class ClassificationTask(Task):
 
         return metrics, draw
 
-    def test_data(self, config, run) -> TaskData:
+    def test_data(self, run) -> TaskData:
+        config = self.config
         if not SOURCES[config.data.source].classes_from_config:  # synthetic: as many as data.num_classes asks
             # the data's own classes, compared with the run's before the model loads
             config = with_changes(config, {"data.num_classes": None})
-        data = self.datasets(config, run.path)
+        data = self.bound(config).datasets(run.path)
         check_class_names(data.class_names, run)
         return data
 
-    def summary(self, metrics):
+    @classmethod
+    def summary(cls, metrics):
         return summary(metrics)
 
-    def details(self, metrics):
+    @classmethod
+    def details(cls, metrics):
         return worst_classes_table(metrics)
 
     def export_saved_model(self, run, export_dir, model_name, keep):
@@ -183,7 +193,7 @@ class ClassificationTask(Task):
 
         return export.export_saved_model(run, export_dir, model_name=model_name, keep=keep)
 
-    def export_tflite(self, run, quantize, io):
+    def export_tflite(self, run, quantize, io, **options):
         from shared import tflite
 
         return tflite.convert(run, quantize=quantize, io=io), ""
@@ -199,4 +209,3 @@ def _outputs(module, model) -> list[str]:
     return [MAIN_OUTPUT, *aux_weights] if aux_weights else []
 
 
-CLASSIFICATION = ClassificationTask()

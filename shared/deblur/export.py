@@ -126,11 +126,11 @@ def evaluate_tflite(path: Path | str, run: Run | str | Path, limit: int | None =
     from shared import config as config_module
     from shared import tflite
     from shared.deblur.evaluate import evaluate_restorer
-    from shared.deblur.task import DEBLUR
+    from shared.deblur.task import DeblurTask
 
     run = _as_run(run)
     config = config_module.from_dict(run.config_dict())
-    test = DEBLUR.test_data(config, run).details.test
+    test = DeblurTask(config).test_data(run).details.test
     if limit is not None:
         test = test.unbatch().take(limit).batch(config.train.batch_size)
     interpreter = tflite.load_interpreter(path, num_threads=os.cpu_count())

@@ -12,29 +12,32 @@ import keras
 
 from shared import config as config_module
 from shared import data as data_module
-from shared import durable, finetune, modelzoo, optim, runs
+from shared import durable, finetune, modelzoo, runs
 from shared.data import blur
 from shared.deblur import evaluate as deblur_evaluate
 from shared.deblur.data import make_pairs
 from shared.deblur.model import build_restorer, head_layer_names
 from shared.errors import UserError
 from shared.evaluate import check_class_names
-from shared.task import Task, TaskData
+from shared.task import Objective, Task, TaskData
 
 
 class DeblurTask(Task):
     name = "deblur"
     commands = frozenset({"train", "resume", "test", "finetune", "finetune-all", "export", "size"})
     distributes = False
+    test_options = frozenset({"classifier"})
 
-    def check(self, config) -> None:
+    def check(self) -> None:
+        config = self.config
         if config.data.batch_augment:
             raise UserError(f"data.batch_augment{config.where} mixes images of a batch; a deblurring run "
                             f"restores each image as it is: remove it")
         # names, arguments and kernel sizes, before a folder exists
         blur.build(config.deblur.blur, config.data.image_size, seed=config.train.seed)
 
-    def datasets(self, config, folder, replicas=1, start_epoch=0) -> TaskData:
+    def datasets(self, folder, replicas=1, start_epoch=0) -> TaskData:
+        config = self.config
         pairs = make_pairs(config, modelzoo.load_augment_module(folder), replicas=replicas, start_epoch=start_epoch)
         datasets = pairs.datasets
 
@@ -47,27 +50,27 @@ class DeblurTask(Task):
                                     f"{datasets.num_test} test images, blur {config.deblur.blur}",
                         details=pairs, undecodable=undecodable, config=pairs.datasets.config)
 
-    def build(self, module, config, input_shape):
-        return build_restorer(module, config.model.hparams, input_shape[0], input_shape[-1],
-                              config.deblur.decoder_channels)
+    def build(self, module, input_shape):
+        return build_restorer(module, self.config.model.hparams, input_shape[0], input_shape[-1],
+                              self.config.deblur.decoder_channels)
 
-    def initialize(self, config, model, module, data) -> str:
+    def initialize(self, model, module, data) -> str:
+        config = self.config
         # The classification rule fits: every backbone layer from the source, the decoder (the layers the
         # model's backbone() does not have) freshly initialized unless the source has them alike.
         return finetune.initialize_from(config.init, model, module, config.model.hparams, data.input_shape,
                                         config.where)
 
-    def head_layer_names(self, module, model, config, input_shape):
+    def head_layer_names(self, module, model, input_shape):
         return head_layer_names(model)
 
-    def compile(self, trainer, model, module, config, data, lr_scale, replicas):
+    def objective(self, model, module, data):
+        config = self.config
         loss = keras.losses.MeanAbsoluteError() if config.deblur.loss == "l1" else keras.losses.MeanSquaredError()
-        trainer.compile(optimizer=optim.make_optimizer(config.train, data.steps_per_epoch, replicas, lr_scale),
-                        loss=loss, metrics=[deblur_evaluate.psnr_metric(config)],
-                        jit_compile=config.train.jit_compile)
+        return Objective(loss, metrics=[deblur_evaluate.psnr_metric(config)])
 
-    def evaluate(self, model, data, config):
-        metrics, gallery = deblur_evaluate.evaluate_restorer(model, data.details.test, config)
+    def evaluate(self, model, data):
+        metrics, gallery = deblur_evaluate.evaluate_restorer(model, data.details.test, self.config)
 
         def draw(folder: Path) -> None:
             with durable.disk_space_checked(folder / deblur_evaluate.FIGURE_FILE):
@@ -75,12 +78,13 @@ class DeblurTask(Task):
 
         return metrics, draw
 
-    def test_data(self, config, run) -> TaskData:
-        data = self.datasets(config, run.path)
+    def test_data(self, run) -> TaskData:
+        data = self.datasets(run.path)
         check_class_names(data.class_names, run)
         return data
 
-    def summary(self, metrics):
+    @classmethod
+    def summary(cls, metrics):
         return deblur_evaluate.summary(metrics)
 
     def export_saved_model(self, run, export_dir, model_name, keep):
@@ -88,7 +92,7 @@ class DeblurTask(Task):
 
         return export.export_saved_model(run, export_dir, model_name=model_name, keep=keep)
 
-    def export_tflite(self, run, quantize, io):
+    def export_tflite(self, run, quantize, io, **options):
         from shared.deblur import export
 
         return export.convert_tflite(run, quantize=quantize, io=io), ""
@@ -98,8 +102,8 @@ class DeblurTask(Task):
 
         return export.evaluate_tflite(path, run)
 
-
-DEBLUR = DeblurTask()
+    def test_with_classifier(self, run, classifier):
+        return evaluate_with_classifier(run, classifier)
 
 
 def evaluate_with_classifier(run: runs.Run | str | Path, classifier: runs.Run | str | Path) -> dict:
@@ -115,12 +119,13 @@ def evaluate_with_classifier(run: runs.Run | str | Path, classifier: runs.Run | 
     if config.task != "deblur":
         raise UserError(f"run {run.path} is a {config.task} run; --classifier needs a deblurring run (task: deblur)")
     classifier_config = config_module.from_dict(classifier_run.config_dict())
-    data = DEBLUR.test_data(config, run)
+    task = DeblurTask(config)
+    data = task.test_data(run)
     deblur_evaluate.check_classifier(classifier_config, config, classifier_run.class_names(), data.class_names,
                                      f"--classifier {classifier_run.path}")
     restorer, _ = rebuild(run)
     classifier_model, classifier_config = rebuild(classifier_run)
-    metrics, draw = DEBLUR.evaluate(restorer, data, config)
+    metrics, draw = task.evaluate(restorer, data)
     draw(run.path)
     metrics["classifier"] = {"run": str(classifier_run.path.resolve()),
                              **deblur_evaluate.classifier_top1(classifier_model, classifier_config, restorer,

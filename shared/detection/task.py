@@ -42,7 +42,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from shared import durable, finetune, optim, plots, runs
+from shared import durable, finetune, plots, runs
 from shared.config import Config, with_changes
 from shared.detection import datasets as detection_data
 from shared.detection.anchors import training_targets
@@ -54,7 +54,7 @@ from shared.detection.model import HEAD_PREFIXES, OUTPUT_NAMES, build_detector, 
 from shared.detection.postprocess import decode_detections
 from shared.errors import UserError
 from shared.evaluate import check_class_names
-from shared.task import Phase, Task, TaskData, absolute
+from shared.task import Measure, Objective, Phase, Task, TaskData, absolute
 
 GALLERY_FILE = "detections.png"
 GALLERY_IMAGES = 16  # test images drawn in detections.png
@@ -342,22 +342,26 @@ class DetectionTask(Task):
     commands = frozenset({"train", "resume", "test", "finetune", "finetune-all", "export", "loop", "predict", "size",
                           "tune"})
     distributes = True  # mirrored and multi-worker; check() refuses tpu
+    measures = {"map": Measure("mAP", True), "map50": Measure("mAP50", True), "map75": Measure("mAP75", True)}
+    tflite_options = {"raw_outputs": False, "nms": "regular"}
 
-    def check(self, config) -> None:
-        check_detection_config(config)
+    def check(self) -> None:
+        check_detection_config(self.config)
 
-    def resolve(self, config):
-        return absolute_paths(super().resolve(config))
+    def resolve(self):
+        return absolute_paths(super().resolve())
 
-    def plan_phases(self, config) -> list[Phase]:
+    def plan_phases(self) -> list[Phase]:
         """train.freeze with detection.unfreeze_epoch N: N epochs frozen, then every layer; otherwise the
         common plan (one phase, or finetune_all's head-only warm start)."""
+        config = self.config
         unfreeze = config.detection.unfreeze_epoch
         if unfreeze is None:
-            return super().plan_phases(config)
+            return super().plan_phases()
         return [Phase(unfreeze, list(config.train.freeze)), Phase(config.train.epochs, [])]
 
-    def datasets(self, config, folder, replicas=1, start_epoch=0) -> TaskData:
+    def datasets(self, folder, replicas=1, start_epoch=0) -> TaskData:
+        config = self.config
         train_split, test_split, class_names = detection_data.load_detection_data(config)
         train_split, val_split = validation_split(train_split, config, test_split)
         if config.data.num_classes is not None and config.data.num_classes != len(class_names):
@@ -380,8 +384,9 @@ class DetectionTask(Task):
                         description=f"{len(train_split)} training / {held_out}{len(test_split)} test images, "
                                     f"{len(class_names)} classes", details=test_split, config=config)
 
-    def callbacks(self, config, model, data):
+    def callbacks(self, model, data):
         """detection.eval_every: the validation mAP callback (`shared.detection.validation`)."""
+        config = self.config
         every = config.detection.eval_every
         if not every or data.val is None:
             return []
@@ -391,27 +396,27 @@ class DetectionTask(Task):
 
         return [validation.ValidationMAP(evaluate, every, config.train.epochs, config.detection.eval_protocol)]
 
-    def build(self, module, config, input_shape):
+    def build(self, module, input_shape):
+        config = self.config
         return build_detector(module, config.model.hparams, config.data.num_classes, input_shape[0], input_shape[-1],
                               config.detection)
 
-    def initialize(self, config, model, module, data) -> str:
-        return initialize_backbone(config, model, module)
+    def initialize(self, model, module, data) -> str:
+        return initialize_backbone(self.config, model, module)
 
-    def fit_data(self, config, model, module, data):
-        anchors = model_anchors(model, config.detection)
-        return data.train.map(training_targets(anchors, config.detection), num_parallel_calls=tf.data.AUTOTUNE), None
+    def fit_data(self, model, module, data):
+        detection = self.config.detection
+        anchors = model_anchors(model, detection)
+        return data.train.map(training_targets(anchors, detection), num_parallel_calls=tf.data.AUTOTUNE), None
 
-    def head_layer_names(self, module, model, config, input_shape):
+    def head_layer_names(self, module, model, input_shape):
         return head_layer_names(model)
 
-    def compile(self, trainer, model, module, config, data, lr_scale, replicas):
-        trainer.compile(optimizer=optim.make_optimizer(config.train, data.steps_per_epoch, replicas=replicas,
-                                                       lr_scale=lr_scale),
-                        loss=detection_losses(config.detection), jit_compile=config.train.jit_compile)
+    def objective(self, model, module, data):
+        return Objective(detection_losses(self.config.detection))
 
-    def evaluate(self, model, data, config):
-        metrics, gallery = evaluate_detector(model, data.details, config, data.class_names)
+    def evaluate(self, model, data):
+        metrics, gallery = evaluate_detector(model, data.details, self.config, data.class_names)
 
         def draw(folder: Path) -> None:
             with durable.disk_space_checked(folder / GALLERY_FILE):
@@ -419,7 +424,8 @@ class DetectionTask(Task):
 
         return metrics, draw
 
-    def test_data(self, config, run) -> TaskData:
+    def test_data(self, run) -> TaskData:
+        config = self.config
         _, test, class_names = detection_data.load_detection_data(config)
         check_class_names(class_names, run)  # the annotations may have changed since
         data = config.data
@@ -427,7 +433,8 @@ class DetectionTask(Task):
                         input_shape=(data.image_size, data.image_size, data.channels),
                         description=f"{len(test)} test images", details=test)
 
-    def summary(self, metrics):
+    @classmethod
+    def summary(cls, metrics):
         return summary(metrics)
 
     def export_saved_model(self, run, export_dir, model_name, keep):
