@@ -24,6 +24,16 @@ def embedded_user_error(error: BaseException) -> UserError | None:
     return UserError(raw.decode("utf-8", "replace"))
 
 
+def first_line(error: BaseException) -> str:
+    """An error in one line for a status file or a message: an embedded check's own line, else the type and the
+    first line of the message."""
+    embedded = embedded_user_error(error)  # a data check inside the pipeline: its own one line
+    if embedded is not None:
+        return str(embedded)
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0][:500] if text else ''}"
+
+
 def _unescape(match: re.Match) -> bytes:
     code = match.group(1)
     if len(code) == 1:

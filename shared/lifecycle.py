@@ -11,7 +11,6 @@ interrupted run from its last complete epoch, in the same folder. What differs b
 from __future__ import annotations
 
 import contextlib
-import csv
 import dataclasses
 import os
 import re
@@ -26,13 +25,15 @@ from typing import Callable, Iterator
 import keras
 
 from shared import distribute, durable, finetune, modelzoo, optim, plots, runs
-from shared.callbacks import (AtomicBackupAndRestore, BestCheckpoint, DurableCSVLogger, EpochCheckpoint,
-                              LearningRateLogger, NonFiniteLoss, ResumableEarlyStopping, StopOnNonFiniteLoss,
-                              StopOnSignal, backup_state, logged_metrics, monitor_mode)
+from shared.callbacks import (DurableCSVLogger, LearningRateLogger, NonFiniteLoss, StopOnNonFiniteLoss, StopOnSignal,
+                              logged_metrics)
+from shared.checkpoints import (CheckpointPolicy, Continuation, Start, backup_state, check_resumable,
+                                continuation_of, decide_start, record_continuation, remove_partials, start_from,
+                                truncate_metrics)
 from shared.config import Config, with_changes
-from shared.errors import UserError, embedded_user_error
+from shared.errors import UserError, embedded_user_error, first_line
 from shared.progress import keras_verbosity
-from shared.task import Phase, Task
+from shared.task import Task
 
 
 @contextlib.contextmanager
@@ -69,7 +70,7 @@ def train(config: Config, argv: list[str] | None = None, callbacks: list | tuple
     finished run. `callbacks`: extra Keras callbacks, run after the runner's own (a tuner's pruning hook).
     `config` is frozen: the run resolves a new one (hyperparameters, class count, absolute paths) in
     `prepare`, which its config.yaml records."""
-    return _run_training(_task(config), config, argv, resumed=None, extra_callbacks=list(callbacks))
+    return _run_training(_task(config), argv, extra_callbacks=callbacks)
 
 
 def resume(path: str | Path, argv: list[str] | None = None) -> runs.Run:
@@ -81,20 +82,7 @@ def resume(path: str | Path, argv: list[str] | None = None) -> runs.Run:
     from shared import config as config_module
 
     config = config_module.from_dict(run.config_dict())
-    return _run_training(_task(config), config, argv, resumed=run)
-
-
-@dataclasses.dataclass(frozen=True)
-class Continuation:
-    """A finished run trained further in a new run folder: from its last checkpoint (weights, optimizer
-    state, and so the schedule's position), after the epochs that checkpoint holds."""
-    source: runs.Run
-    checkpoint: Path
-    epoch: int
-
-    def describe(self) -> str:
-        return (f"continued from {self.source.path} after epoch {self.epoch} "
-                f"({self.checkpoint.relative_to(self.source.path)}, weights and optimizer state)")
+    return _run_training(_task(config), argv, resumed=run)
 
 
 def continue_run(path: str | Path, epochs: int, argv: list[str] | None = None,
@@ -112,30 +100,7 @@ def continue_run(path: str | Path, epochs: int, argv: list[str] | None = None,
     continuation = continuation_of(source, epochs)
     tree = source.config_dict()
     config = config_module.from_dict({**tree, "train": {**tree.get("train", {}), "epochs": epochs}})
-    return _run_training(_task(config), config, argv, resumed=None, extra_callbacks=list(callbacks),
-                         continued=continuation)
-
-
-def continuation_of(source: runs.Run, epochs: int) -> Continuation:
-    """Where continuing `source` to `epochs` in all starts; UserError unless it finished and `epochs` is more
-    than its last checkpoint holds."""
-    state = source.status().get("status", "unknown")
-    if state != "finished":
-        raise UserError(f"run {source.path} is {state}, not finished; --set train.epochs continues a finished run "
-                        f"in a new folder: resume this one without --set (python -m shared.runner --resume "
-                        f"{source.path})")
-    if (source.config_dict().get("distill") or {}).get("teacher"):
-        raise UserError(f"run {source.path} is a distillation run, whose checkpoints hold the student without the "
-                        f"optimizer state a continuation needs; start a new run (distill, or finetune-all --from "
-                        f"{source.path})")
-    last = source.last_checkpoint()
-    if last is None:
-        raise UserError(f"run {source.path} has no epoch checkpoint in {source.checkpoint_dir} to continue from")
-    trained = int(runs.CHECKPOINT_RE.match(last.name).group(1))
-    if epochs <= trained:
-        raise UserError(f"run {source.path} has trained {trained} epochs; train.epochs={epochs} must be more to "
-                        f"continue it (e.g. --set train.epochs={trained + max(trained, 1)})")
-    return Continuation(source, last, trained)
+    return _run_training(_task(config), argv, continuation=continuation, extra_callbacks=callbacks)
 
 
 def _task(config: Config) -> Task:
@@ -166,78 +131,20 @@ def test(run: runs.Run | str | Path, checkpoint: str | Path | None = None, chang
     return metrics
 
 
-def check_resumable(run: runs.Run) -> None:
-    """Refuse (and let go of the run's lock) unless resuming continues the run: a finished run, or one whose
-    trained epochs (checkpoints, metrics rows, test metrics) have no committed backup to continue from, is
-    never retrained in place from epoch 0. The backup, not status.json (which may be missing or damaged),
-    says how far training got; a run with nothing trained yet simply starts again. A run tested to the end whose
-    status still says running (killed between removing its backup and writing "finished") is marked finished."""
-    try:
-        _check_resumable(run)
-    except BaseException:
-        runs.unlock_run(run)
-        raise
-
-
-def _check_resumable(run: runs.Run) -> None:
-    state = run.status().get("status", "unknown")
-    if state == "finished":
-        raise UserError(f"run {run.path} already finished; start a new run instead")
-    for backup in sorted((run.path / "backup").glob("phase-*")):
-        try:
-            if backup_state(backup):
-                return
-        except (OSError, ValueError) as error:
-            raise UserError(f"the backup of run {run.path} is damaged ({backup}: {_first_line(error)}); it cannot "
-                            f"be resumed: start a new run (finetune --from {run.path} starts from its last "
-                            f"checkpoint)") from None
-    tested = None
-    with contextlib.suppress(OSError, ValueError):  # a damaged file: the run is not known to be tested
-        tested = run.test_metrics()
-    if state == "running" and isinstance(tested, dict):  # stopped between removing its backup and "finished"
-        _mark_finished_after_kill(run, tested)
-        raise UserError(f"run {run.path} had finished (trained and tested: test_metrics.json) but was stopped "
-                        f"before its status said so; it is now marked finished: start a new run to train more "
-                        f"(--resume {run.path} --set train.epochs=N)")
-    trained = [what for what, there in (("checkpoints", run.checkpoints()), ("metrics rows", _metric_rows(run)),
-                                        ("test metrics", (run.path / "test_metrics.json").is_file())) if there]
-    if trained:
-        raise UserError(f"run {run.path} has {', '.join(trained)} but no committed backup to resume from "
-                        f"(status: {state}); resuming would retrain it from epoch 0 over them: start a new run "
-                        f"(finetune --from {run.path} starts from its last checkpoint)")
-
-
-def _mark_finished_after_kill(run: runs.Run, tested: dict) -> None:
-    """What training's last step did not write: status finished, with the outcome its test figures record and
-    the time they were written."""
-    ended = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime((run.path / "test_metrics.json").stat().st_mtime))
-    outcome = {key: tested[key] for key in ("best", "stopped_early") if key in tested}
-    run.set_status("finished", ended=ended, **outcome)
-
-
-def _metric_rows(run: runs.Run) -> bool:
-    with contextlib.suppress(OSError):
-        return len((run.path / "metrics.csv").read_text(encoding="utf-8").strip().splitlines()) > 1
-    return False
-
-
-def _run_training(task: Task, config: Config, argv: list[str] | None, resumed: runs.Run | None,
-                  extra_callbacks: list | None = None, continued: Continuation | None = None) -> runs.Run:
+def _run_training(task: Task, argv: list[str] | None, resumed: runs.Run | None = None,
+                  continuation: Continuation | None = None, extra_callbacks: list | tuple = ()) -> runs.Run:
     # ---- everything checked before a run folder exists
     # The strategy first: the multi-worker runtime must be set up before any TensorFlow work, and a
     # task's checks may build layers (the detection augmentations do).
-    placement = distribute.make_placement(config.distribute) if task.distributes else _one_device()
+    placement = distribute.make_placement(task.config.distribute) if task.distributes else _one_device()
     task.check()
     phases = task.plan_phases()
-    saved = [s for s in map(backup_state, _backup_dirs(resumed, phases)) if s] if resumed else []
-    restoring, done = bool(saved), max((s["epoch"] for s in saved), default=0)
-    done = continued.epoch if continued else done
-    snapshot = resumed.path if resumed else continued.source.path if continued else None
-    with precision_policy(config.train.precision), placement.strategy.scope():
-        folder, module, model, data, task = prepare(task, snapshot, placement.replicas, start_epoch=done)
+    start = decide_start(task.config, phases, resumed, continuation)  # once: fresh, init, resume or continue
+    with precision_policy(task.config.train.precision), placement.strategy.scope():
+        folder, module, model, data, task = prepare(task, start.snapshot, placement.replicas, start_epoch=start.epoch)
         config = task.config  # resolved: the one the run records
-        provenance = continued.describe() if continued else ""
-        if (config.init.from_run or config.init.weights) and not restoring and not continued:
+        provenance = start.continuation.describe() if start.continuation else ""
+        if start.kind == "init":
             provenance = task.initialize(model, module, data)
         trainer = task.trainer(model, data)  # the model that fit() trains
     distribute.patch_multi_worker_build(trainer, placement)
@@ -250,68 +157,51 @@ def _run_training(task: Task, config: Config, argv: list[str] | None, resumed: r
         with precision_policy(config.train.precision), placement.strategy.scope():
             _freeze(model, phases[0].freeze, head)
             compile_phase(task, trainer, model, module, data, phases[0].until_epoch, phases[0].lr_scale,
-                     placement.replicas)
+                          placement.replicas)
             logged = logged_metrics(trainer, train_data, validating=val_data is not None)
             _check_monitors(config, None if logged is None else logged.union(
                 *(getattr(callback, "logged", ()) for callback in task_callbacks)))
 
     # ---- the run
-    if resumed:
-        run = resumed
-        run.set_status("running", resumed=_now(), pid=os.getpid())
-    elif placement.is_chief:
-        run = runs.create(config, folder, argv, provenance=provenance)
-        durable.atomic_write(run.path / runs.LABELS_FILE, "".join(f"{name}\n" for name in data.class_names))
-        if continued:
-            _record_continuation(run, continued)
-    else:
-        run = runs.scratch()
-    # what the task's data asks a run to record (a folder's split); a resumed or continued run's data read
-    # its source's record back and records the same again
-    for name, content in (data.records.items() if placement.is_chief else ()):
-        (run.path / name).parent.mkdir(parents=True, exist_ok=True)
-        durable.atomic_write(run.path / name, content)
+    run = _open_run(start, config, folder, argv, provenance, data, placement.is_chief)
     print(f"run {run.path}: {config.model.name} {task.name} {config.model.hparams}, {data.description}, "
           f"{data.steps_per_epoch} steps x {config.train.epochs} epochs; {placement.description}"
           + (f"; {provenance}" if provenance else ""), flush=True)
-    backups = _backup_dirs(run, phases)
-    if resumed:
-        _truncate_metrics(run.path / "metrics.csv", done)
-        _remove_partials(run)
-        print(f"resuming after epoch {done} of {config.train.epochs}", flush=True)
+    if start.run is not None:
+        truncate_metrics(run.path / "metrics.csv", start.epoch)
+        remove_partials(run)
+        print(f"resuming after epoch {start.epoch} of {config.train.epochs}", flush=True)
 
-    checkpoint = EpochCheckpoint(run.checkpoint_dir, ema=config.train.ema_momentum is not None,
-                                 keep=config.train.keep_checkpoints)
-    best, stopper = _best_checkpoint(config, checkpoint), _early_stopping(config)
-    run_callbacks = [c for c in (best, stopper) if c is not None]  # one state for the whole run, all phases
-    stopped = _restore_early_stop(saved, run_callbacks, config)  # stopped before a kill: no more training
+    policy = CheckpointPolicy(run, config, phases)
+    stopped = policy.restore_stop(list(start.saved))  # stopped before a kill: no more training
     started = time.time()
     with _scratch_removed(run, placement.is_chief), failures_marked(run, model, data.undecodable):
         with sigterm_as_interrupt() as stop_callbacks:
-            start = 0
-            for index, (phase, backup) in enumerate(zip(phases, backups)):
+            epoch = 0
+            for index, phase in enumerate(phases):
                 if stopped:
                     break
-                if phase.until_epoch <= done and (continued or any(map(backup_state, backups[index + 1:]))):
-                    start = phase.until_epoch  # trained, and a later phase's backup holds its weights
+                if phase.until_epoch <= start.epoch and (start.kind == "continue" or
+                                                         any(map(backup_state, policy.backups[index + 1:]))):
+                    epoch = phase.until_epoch  # trained, and a later phase's backup holds its weights
                     continue
                 with precision_policy(config.train.precision), placement.strategy.scope():
                     _freeze(model, phase.freeze, head)
                     optim.apply_weight_decay(model, config.train)  # the student's, when distilling
-                    compile_phase(task, trainer, model, module, data, phase.until_epoch - start, phase.lr_scale,
-                             placement.replicas)
-                phase_callbacks = _callbacks(config, run, backup, val_data is not None, checkpoint, run_callbacks,
-                                             task_callbacks)
-                if continued and start <= continued.epoch < phase.until_epoch:
-                    _start_from(trainer, continued.checkpoint, config, phase_callbacks[-1], continued.epoch)
+                    compile_phase(task, trainer, model, module, data, phase.until_epoch - epoch, phase.lr_scale,
+                                  placement.replicas)
+                phase_callbacks = _callbacks(config, run, index, val_data is not None, policy, task_callbacks)
+                if start.kind == "continue" and epoch <= start.epoch < phase.until_epoch:
+                    start_from(trainer, start.continuation.checkpoint, config, phase_callbacks[-1], start.epoch)
                 with _unknown_validation_length_allowed(val_data):
-                    trainer.fit(train_data, epochs=phase.until_epoch, initial_epoch=start,
+                    trainer.fit(train_data, epochs=phase.until_epoch, initial_epoch=epoch,
                                 steps_per_epoch=data.steps_per_epoch, validation_data=val_data,
                                 verbose=keras_verbosity(config.train.verbose), shuffle=False,
-                                callbacks=[*stop_callbacks, *phase_callbacks, *(extra_callbacks or [])])
-                start = phase.until_epoch
-                stopped = _stopped_early(stopper, config)
+                                callbacks=[*stop_callbacks, *phase_callbacks, *extra_callbacks])
+                epoch = phase.until_epoch
+                stopped = policy.stopped_early()
             if stopped:
+                stopper = policy.stopper
                 print(f"stopped early after epoch {stopper.stopped_epoch + 1} of {config.train.epochs}: "
                       f"{stopper.monitor} did not improve by more than {abs(stopper.min_delta)} for "
                       f"{stopper.patience} epochs", flush=True)
@@ -324,7 +214,7 @@ def _run_training(task: Task, config: Config, argv: list[str] | None, resumed: r
         if config.train.ema_momentum is not None:
             metrics["weights"] = "ema"
         metrics["checkpoint"] = str(last.relative_to(run.path))
-        outcome = _checkpoint_outcome(best, stopper if stopped else None, config)
+        outcome = policy.outcome()
         metrics.update(outcome)
         run.write_json("test_metrics.json", metrics)
         draw(run.path)
@@ -332,6 +222,27 @@ def _run_training(task: Task, config: Config, argv: list[str] | None, resumed: r
         # run. A kill before it leaves a tested run without a backup, which --resume marks finished.
         shutil.rmtree(run.path / "backup", ignore_errors=True)
         run.set_status("finished", ended=_now(), **outcome)
+    return run
+
+
+def _open_run(start: Start, config: Config, folder: Path, argv: list[str] | None, provenance: str, data,
+              is_chief: bool) -> runs.Run:
+    """The run folder training writes to: the resumed one, a new version (labels.txt and, continuing, where it
+    came from), or a non-chief worker's scratch folder; with the files the task's data asks a run to record
+    (a folder's split; a resumed or continued run's data read its source's record back and records it again)."""
+    if start.run is not None:
+        run = start.run
+        run.set_status("running", resumed=_now(), pid=os.getpid())
+    elif is_chief:
+        run = runs.create(config, folder, argv, provenance=provenance)
+        durable.atomic_write(run.path / runs.LABELS_FILE, "".join(f"{name}\n" for name in data.class_names))
+        if start.continuation:
+            record_continuation(run, start.continuation)
+    else:
+        return runs.scratch()
+    for name, content in data.records.items():
+        (run.path / name).parent.mkdir(parents=True, exist_ok=True)
+        durable.atomic_write(run.path / name, content)
     return run
 
 
@@ -412,7 +323,7 @@ def failures_marked(run: runs.Run, model: keras.Model,
             raise durable.DiskFull(f"{full} (run {run.path} {'is' if marked else 'could not be'} marked failed; "
                                    f"once there is room: python -m shared.runner --resume {run.path})") from None
         bad = undecodable(error)
-        _mark(run, "failed", ended=_now(), error=f"undecodable images: {bad}" if bad else _first_line(error))
+        _mark(run, "failed", ended=_now(), error=f"undecodable images: {bad}" if bad else first_line(error))
         if bad:
             raise UserError(f"corrupt or unreadable image(s): {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}; "
                             f"delete or replace them (run {run.path} is marked failed)") from None
@@ -486,27 +397,22 @@ def _freeze(model: keras.Model, patterns: list[str], head: set[str]) -> None:
         finetune.freeze_layers(model, patterns, head)
 
 
-def _backup_dirs(run: runs.Run, phases: list[Phase]) -> list[Path]:
-    return [run.path / "backup" / f"phase-{i + 1}" for i in range(len(phases))]
-
-
 def _phase_train_config(config: Config, epochs: int):
     """The phase's own schedule length: a schedule spans the phase, not the whole run."""
     return dataclasses.replace(config, train=dataclasses.replace(config.train, epochs=max(epochs, 1)))
 
 
-def _callbacks(config: Config, run: runs.Run, backup: Path, validating: bool, checkpoint: EpochCheckpoint,
-               run_callbacks: list, task_callbacks: list = ()) -> list:
+def _callbacks(config: Config, run: runs.Run, phase: int, validating: bool, policy: CheckpointPolicy,
+               task_callbacks: list = ()) -> list:
     """Order matters at the end of an epoch: the metrics row and the checkpoint (then best.keras) are on
     disk (fsynced) before the backup commits, so a crash anywhere between makes resume redo that epoch,
     never skip it, and no kill loses a checkpoint. With EMA, validation and the checkpoint see the averaged
-    weights, the backup the raw ones with the optimizer state. `run_callbacks` (best checkpoint, early
-    stopping) keep one state over the run's phases; theirs and the schedule's are committed with the
-    backup. The task's callbacks (`Task.callbacks`) come before the schedule and the loggers, so what they
-    log is recorded and monitored. The backup comes last."""
+    weights, the backup the raw ones with the optimizer state. The policy's run-wide callbacks (best
+    checkpoint, early stopping) keep one state over the run's phases; theirs and the schedule's are committed
+    with the backup. The task's callbacks (`Task.callbacks`) come before the schedule and the loggers, so what
+    they log is recorded and monitored. The backup comes last."""
     schedule = optim.schedule_callbacks(config.train, validating=validating)
     ema = config.train.ema_momentum is not None
-    stateful = [*schedule, *run_callbacks]
     return [
         StopOnNonFiniteLoss(),
         LearningRateLogger(),
@@ -515,9 +421,7 @@ def _callbacks(config: Config, run: runs.Run, backup: Path, validating: bool, ch
         *([keras.callbacks.SwapEMAWeights()] if ema else []),  # for validation only
         keras.callbacks.TensorBoard(log_dir=str(run.path / "logs"), write_graph=False),
         DurableCSVLogger(str(run.path / "metrics.csv"), append=True),
-        checkpoint,
-        *run_callbacks,
-        AtomicBackupAndRestore(backup, stateful=[c for c in stateful if hasattr(c, "get_state")]),
+        *policy.callbacks(phase, schedule),
     ]
 
 
@@ -535,88 +439,6 @@ def _check_monitors(config: Config, logged: set[str] | None) -> None:
                             f"{', '.join(sorted(logged))}{hint}")
 
 
-def _best_checkpoint(config: Config, checkpoint: EpochCheckpoint) -> BestCheckpoint | None:
-    best = config.train.best
-    return BestCheckpoint(checkpoint, best.monitor, best.mode) if best.monitor else None
-
-
-def _early_stopping(config: Config) -> ResumableEarlyStopping | None:
-    stop = config.train.early_stopping
-    if not stop.monitor:
-        return None
-    return ResumableEarlyStopping(monitor=stop.monitor, patience=stop.patience, min_delta=stop.min_delta,
-                                  mode=monitor_mode(stop.monitor, stop.mode))
-
-
-def _stopped_early(stopper: ResumableEarlyStopping | None, config: Config) -> bool:
-    """Early stopping ended the run before its last epoch (a stop at the last epoch is no early one)."""
-    return stopper is not None and 0 < stopper.stopped_epoch < config.train.epochs - 1
-
-
-def _restore_early_stop(saved: list[dict], run_callbacks: list, config: Config) -> bool:
-    """True when the newest committed backup says early stopping had stopped the run (a kill came while it
-    tested): the run is not trained further, and its run-wide callbacks get their committed state back."""
-    states = saved[-1].get("callbacks", {}) if saved else {}
-    stopper = next((c for c in run_callbacks if isinstance(c, ResumableEarlyStopping)), None)
-    if stopper is None or not states.get(ResumableEarlyStopping.__name__, {}).get("stopped_epoch"):
-        return False
-    for callback in run_callbacks:
-        if type(callback).__name__ in states:
-            callback.set_state(states[type(callback).__name__])
-    return _stopped_early(stopper, config)
-
-
-def _checkpoint_outcome(best: BestCheckpoint | None, stopper: ResumableEarlyStopping | None,
-                        config: Config) -> dict:
-    """What test_metrics.json and status.json record of the best epoch and of an early stop."""
-    outcome = {}
-    if best is not None and best.record():
-        outcome["best"] = best.record()
-    if stopper is not None:
-        outcome["stopped_early"] = {"epoch": stopper.stopped_epoch + 1, "of": config.train.epochs,
-                                    "monitor": stopper.monitor, "patience": stopper.patience}
-    return outcome
-
-
-def _start_from(trainer: keras.Model, checkpoint: Path, config: Config, backup: AtomicBackupAndRestore,
-                epoch: int) -> None:
-    """A continued run's start: the checkpoint's weights and optimizer state in the compiled trainer,
-    committed as the backup after `epoch` epochs, which `fit` restores (and `--resume` finds)."""
-    if not trainer.optimizer.built:
-        trainer.optimizer.build(trainer.trainable_variables)  # its slots must exist to be loaded
-    modelzoo.load_weight_file(trainer, checkpoint, what=f"model of {checkpoint}")
-    if config.train.ema_momentum is not None:
-        swap = keras.callbacks.SwapEMAWeights()  # the checkpoint holds the averages as the weights:
-        swap.set_model(trainer)
-        swap.on_test_begin()  # swap back, raw weights into the model, the averages into the optimizer
-    backup.set_model(trainer)
-    backup.commit(epoch)
-
-
-def _record_continuation(run: runs.Run, continued: Continuation) -> None:
-    """Where a continued run came from (status.json), and the source's metrics rows of the epochs it holds."""
-    run.set_status("running", continued_from={"run": str(continued.source.path), "epoch": continued.epoch,
-                                              "checkpoint": str(continued.checkpoint)})
-    rows = continued.source.path / "metrics.csv"
-    if rows.is_file():
-        durable.atomic_write(run.path / "metrics.csv", rows.read_bytes())
-        _truncate_metrics(run.path / "metrics.csv", continued.epoch)
-
-
-def _truncate_metrics(path: Path, epochs_done: int) -> None:
-    """Keep the metrics rows of the epochs the backup holds: an epoch cut short and redone must not
-    appear twice, and a row cut off by a kill (fewer fields than the header) goes too."""
-    if not path.is_file():
-        return
-    with open(path, newline="", encoding="utf-8") as handle:
-        rows = list(csv.reader(handle))
-    if not rows:
-        return
-    kept = [rows[0]] + [row for row in rows[1:] if len(row) == len(rows[0]) and int(float(row[0])) < epochs_done]
-    text = "".join(",".join(row) + "\n" for row in kept)
-    durable.atomic_write(path, text)
-
-
 def _save_interrupted(model: keras.Model, run: runs.Run) -> None:
     """The weights at the moment of the stop, as checkpoints/interrupted.keras (resume continues from
     the last complete epoch's backup; this file keeps the partial epoch's progress at hand)."""
@@ -624,22 +446,5 @@ def _save_interrupted(model: keras.Model, run: runs.Run) -> None:
         model.save(partial)
 
 
-def _remove_partials(run: runs.Run) -> None:
-    """Temporary files a killed run left beside its checkpoints, backup and small files (never read:
-    readers see only the renamed ones), which would otherwise hold disk space for good."""
-    for folder, pattern in ((run.checkpoint_dir, ".partial-*"), (run.path / "backup", "**/.partial-*"),
-                            (run.path, ".partial-*")):
-        for partial in folder.glob(pattern):
-            durable.remove(partial)
-
-
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S")
-
-
-def _first_line(error: BaseException) -> str:
-    embedded = embedded_user_error(error)  # a data check inside the pipeline: its own one line
-    if embedded is not None:
-        return str(embedded)
-    text = str(error).strip()
-    return f"{type(error).__name__}: {text.splitlines()[0][:500] if text else ''}"

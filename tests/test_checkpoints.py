@@ -88,7 +88,7 @@ def toy_data():
 def test_keep_checkpoints_deletes_only_older_epoch_checkpoints(tmp_path):
     import keras
 
-    from shared.callbacks import EpochCheckpoint
+    from shared.checkpoints import EpochCheckpoint
 
     (tmp_path / "best.keras").write_bytes(b"best")
     (tmp_path / "interrupted.keras").write_bytes(b"interrupted")
@@ -108,7 +108,7 @@ def test_keep_checkpoints_deletes_only_older_epoch_checkpoints(tmp_path):
 
 def test_keep_checkpoints_counts_epochs_past_four_digits_by_number(tmp_path):
     """epoch-10000.keras sorts before epoch-9999.keras as text: keeping the newest must not delete it."""
-    from shared.callbacks import EpochCheckpoint
+    from shared.checkpoints import EpochCheckpoint
 
     x, y = toy_data()
     toy_model().fit(x, y, epochs=3, verbose=0, callbacks=[EpochCheckpoint(tmp_path, epoch_offset=9998, keep=2)])
@@ -116,7 +116,7 @@ def test_keep_checkpoints_counts_epochs_past_four_digits_by_number(tmp_path):
 
 
 def test_best_checkpoint_is_the_best_epochs_checkpoint(tmp_path):
-    from shared.callbacks import BestCheckpoint, EpochCheckpoint
+    from shared.checkpoints import BestCheckpoint, EpochCheckpoint
 
     x, y = toy_data()
     checkpoint = EpochCheckpoint(tmp_path)
@@ -131,7 +131,7 @@ def test_best_checkpoint_is_the_best_epochs_checkpoint(tmp_path):
 
 
 def test_monitor_mode_auto_maximizes_accuracies_and_minimizes_losses():
-    from shared.callbacks import monitor_mode
+    from shared.checkpoints import monitor_mode
 
     assert [monitor_mode(name) for name in ("val_top1", "top5", "val_accuracy", "val_psnr", "val_loss", "loss")] \
         == ["max", "max", "max", "max", "min", "min"]
@@ -142,7 +142,7 @@ def test_early_stopping_patience_survives_a_resume(tmp_path):
     """A flat loss: Keras' EarlyStopping would count from 0 again after a restart and stop two epochs late."""
     import keras
 
-    from shared.callbacks import AtomicBackupAndRestore, ResumableEarlyStopping
+    from shared.checkpoints import AtomicBackupAndRestore, ResumableEarlyStopping
 
     x, y = toy_data()
 
@@ -322,7 +322,7 @@ def test_best_keras_only_ever_holds_a_committed_epoch(tmp_path):
     ends with the last epoch's and no staged copy left."""
     import sys
 
-    from shared.callbacks import backup_state
+    from shared.checkpoints import backup_state
 
     run_dir = killed_at(".best-epoch-0002.keras:after:1", tmp_path, tiny_run_tree(
         tmp_path, epochs=3, lr={"base": 0.05, "schedule": "exponential", "gamma": 0.5},

@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 
 from shared import optim, runs
-from shared.callbacks import EpochCheckpoint
+from shared.checkpoints import EpochCheckpoint
 from shared.config import DataConfig, load_config, with_changes
 from shared.distill import (Distiller, Renormalize, cross_entropy, data_normalization, distillation_loss,
                             load_teacher, student_of)

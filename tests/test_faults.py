@@ -53,7 +53,7 @@ def checkpoint_names(run_dir: Path) -> list[str]:
 
 
 def backup_epoch(run_dir: Path) -> int:
-    from shared.callbacks import backup_state
+    from shared.checkpoints import backup_state
 
     return backup_state(run_dir / "backup" / "phase-1")["epoch"]
 
@@ -120,11 +120,11 @@ def test_a_kill_at_each_commit_point_of_an_epoch_end_loses_nothing(tmp_path, cap
 
 def test_a_metrics_row_cut_off_by_a_kill_is_dropped_when_resuming(tmp_path):
     """A kill while epoch 13's row was being written left "1" of "12,...": read as epoch 1, it would stay."""
-    from shared.lifecycle import _truncate_metrics
+    from shared.checkpoints import truncate_metrics
 
     path = tmp_path / "metrics.csv"
     path.write_text("epoch,loss,lr\n" + "".join(f"{n},0.5,0.1\n" for n in range(12)) + "1")
-    _truncate_metrics(path, epochs_done=12)
+    truncate_metrics(path, epochs_done=12)
     assert metric_epochs(tmp_path) == list(range(12))
 
 
@@ -294,7 +294,7 @@ def test_a_full_disk_is_one_line_and_keeps_the_last_good_checkpoint(tmp_path, mo
     import keras
 
     from shared import runner
-    from shared.callbacks import backup_state
+    from shared.checkpoints import backup_state
 
     fault, named, status, checkpoints, backup, rows = FULL_DISK[where]
     config = tmp_path / "config.yaml"

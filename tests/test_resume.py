@@ -161,7 +161,8 @@ def test_plateau_patience_survives_a_resume(tmp_path):
     import keras
     import numpy as np
 
-    from shared.callbacks import AtomicBackupAndRestore, ResumableReduceLROnPlateau, backup_state
+    from shared.callbacks import ResumableReduceLROnPlateau
+    from shared.checkpoints import AtomicBackupAndRestore, backup_state
 
     x, y = np.random.default_rng(0).normal(size=(32, 2)), np.zeros(32)
     seen = []
