@@ -13,11 +13,6 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
-# The CLI commands a task may support (shared.runner's command table lists which task supports which).
-ALL_COMMANDS = frozenset({"train", "resume", "test", "finetune", "finetune-all", "distill", "tune", "preview",
-                          "lr-sweep", "find-batch", "export", "size", "predict", "loop"})
-
-
 # The config keys every task records as paths (made absolute by Task.resolve): read against the current folder.
 PATH_KEYS = ("model.path", "data.path", "data.data_dir", "data.manual_dir", "init.from_run", "init.weights",
              "loop.dir", "loop.eval", "run.dir")
@@ -68,7 +63,7 @@ class Task:
     per phase: compile + fit -> evaluate (on the model rebuilt from the last checkpoint) -> summary."""
 
     name: str = ""
-    commands: frozenset[str] = frozenset()  # the CLI commands it supports (subset of ALL_COMMANDS)
+    commands: frozenset[str] = frozenset()  # the CLI commands it supports (of shared.commands.ALL_COMMANDS)
     distributes: bool = False  # whether distribute.strategy may spread it over devices or workers
 
     # ---- before a run folder exists (every user mistake is raised here as a UserError)
