@@ -6,9 +6,9 @@
     ilsvrc-canon prune [--keep N] [--dry-run] [runs]      # scripts/prune_checkpoints.sh
     ilsvrc-canon --version
 
-No parser of its own for the commands: the runner's are read from `shared.runner.build_parser` (so a command
-added there appears here), and each command line goes whole to `shared.runner.main`, `shared.runs.main` or the
-prune script, which parse it. `python -m shared.runner` remains the documented entry point.
+No parser of its own for the commands: they and their help come from the command table (`shared.commands`, so a
+command added there appears here), and each command line goes whole to `shared.runner.main`, `shared.runs.main` or
+the prune script, which parse it. `python -m shared.runner` remains the documented entry point.
 """
 
 from __future__ import annotations
@@ -19,23 +19,18 @@ import subprocess
 import sys
 from importlib import metadata, resources
 
+from shared import runner
+from shared.commands import COMMANDS
+
 PROG = "ilsvrc-canon"
 PRUNE_SCRIPT = "prune_checkpoints.sh"  # package data of `shared` (pyproject.toml [tool.setuptools.package-data])
-OWN_COMMANDS = {
-    "runs": "list the runs (runs list [MODEL]) or diff two (runs diff RUN RUN), as python -m shared.runs",
-    "prune": "free disk: keep the newest N checkpoints of each run, skip live runs (scripts/prune_checkpoints.sh)",
-}
+# The console's own commands (the table's rows the runner does not have), with their one-line help
+OWN_COMMANDS = {command.name: command.help for command in COMMANDS if not command.runner}
 
 
 def runner_commands() -> dict[str, str]:
-    """The runner's subcommands (the keys of shared.runner.HANDLERS), each with its one-line help."""
-    from shared import runner
-
-    # argparse has no public way to list a parser's subcommands; _choices_actions holds each add_parser(help=...).
-    subcommands = next(action for action in runner.build_parser()._actions
-                       if isinstance(action, argparse._SubParsersAction))
-    helps = {choice.dest: choice.help or "" for choice in subcommands._choices_actions}
-    return {name: helps.get(name, "") for name in runner.HANDLERS}
+    """The runner's subcommands, each with its one-line help, in the table's order."""
+    return {command.name: command.help for command in COMMANDS if command.runner}
 
 
 def version() -> str:
@@ -52,8 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
                f"(`{PROG} --config models/resnet/quick.yaml`), as with `python -m shared.runner`.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name, summary in {**runner_commands(), **OWN_COMMANDS}.items():
-        commands.add_parser(name, help=summary, add_help=False)  # the command's own parser answers its -h
+    for command in COMMANDS:
+        commands.add_parser(command.name, help=command.help, add_help=False)  # the command's own parser answers -h
     return parser
 
 
@@ -67,21 +62,24 @@ def prune(argv: list[str]) -> int:
             return 130
 
 
+def _runs(argv: list[str]) -> int:
+    # Imported here, not above: shared.runs needs PyYAML, and prune and -h need nothing but this package.
+    from shared import runs
+
+    return runs.main(argv, prog=f"{PROG} runs")
+
+
+# How the console runs its own commands (OWN_COMMANDS); every other command line goes whole to the runner.
+OWN_HANDLERS = {"runs": _runs, "prune": prune}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version"):
-        from shared import runner
-
         return runner.main(argv, prog=PROG)  # the runner's default command, train
     command = build_parser().parse_args(argv[:1]).command  # -h, --version, a missing or unknown command: argparse
-    if command == "runs":
-        from shared import runs
-
-        return runs.main(argv[1:], prog=f"{PROG} runs")
-    if command == "prune":
-        return prune(argv[1:])
-    from shared import runner
-
+    if command in OWN_HANDLERS:
+        return OWN_HANDLERS[command](argv[1:])
     return runner.main(argv, prog=PROG)
 
 

@@ -28,109 +28,22 @@ from __future__ import annotations
 import argparse
 import sys
 
-
-def _config_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
-    parser.add_argument("--config", required=required, help="a recipe, e.g. models/resnet/quick.yaml")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key in dot notation, e.g. --set train.batch_size=64")
-    parser.add_argument("--notes", help="why this run exists; stored first in the run's notes.md")
+from shared.commands import RUNNER_COMMANDS
 
 
 def build_parser(prog: str = "python -m shared.runner") -> argparse.ArgumentParser:
-    """The runner's parser: one subcommand per HANDLERS key (shared.cli lists them, with their help, from here)."""
+    """The runner's parser: one subcommand per row of the command table (shared.commands)."""
     parser = argparse.ArgumentParser(prog=prog,
                                      description="Train and test the canonical ILSVRC classifiers.")
     sub = parser.add_subparsers(dest="command")
-    train = sub.add_parser("train", help="train from a config, then test (the default command)")
-    _config_arguments(train, required=False)
-    train.add_argument("--resume", metavar="RUN", help="continue an interrupted run from its last complete epoch "
-                       "(a finished one, with --set train.epochs=N: for more epochs, in a new run folder)")
-    for name, what in (("finetune", "train a new head on the frozen backbone of a finished run"),
-                       ("finetune-all", "train every layer, starting from a finished run, at a lower rate")):
-        command = sub.add_parser(name, help=what)
-        _config_arguments(command)
-        source = command.add_mutually_exclusive_group(required=True)
-        source.add_argument("--from", dest="from_run", metavar="RUN", help="the run whose weights to start from")
-        source.add_argument("--weights", help="a weight file, e.g. a Keras Applications .h5 for ResNet/MobileNetV2")
-    student = sub.add_parser("distill", help="train the config's model as a student of a finished run")
-    _config_arguments(student)
-    student.add_argument("--teacher", required=True, metavar="RUN", help="the teacher run, e.g. runs/resnet/v0004")
-    tune = sub.add_parser("tune", help="hyperparameter search with Optuna over the config's tune: section")
-    _config_arguments(tune)
-    preview = sub.add_parser("preview", help="write a grid of augmented training images as a PNG")
-    _config_arguments(preview)
-    preview.add_argument("--count", type=int, default=32, help="how many images (default 32)")
-    preview.add_argument("--out", default="preview.png", help="the PNG to write (default preview.png)")
-    sweep = sub.add_parser("lr-sweep", help="learning-rate range test: loss against a rising rate, and a suggestion")
-    _config_arguments(sweep)
-    sweep.add_argument("--min-lr", type=float, default=1e-6)
-    sweep.add_argument("--max-lr", type=float, default=1.0)
-    sweep.add_argument("--steps", type=int, default=100, help="training batches, one per rate (default 100)")
-    sweep.add_argument("--out", default="lr_sweep.png", help="the plot to write (default lr_sweep.png)")
-    finder = sub.add_parser("find-batch", help="the largest batch size that fits in device memory")
-    _config_arguments(finder)
-    finder.add_argument("--start", type=int, default=8, help="the first batch size tried (default 8)")
-    finder.add_argument("--max-batch", type=int, default=None,
-                        help="stop searching here (default 4096 on a GPU, 512 on a CPU)")
-    export = sub.add_parser("export", help="a finished run as a TF Serving SavedModel or a TFLite file")
-    export.add_argument("--run", required=True, help="a run folder, e.g. runs/resnet/v0003")
-    export.add_argument("--format", required=True, choices=("saved_model", "tflite"))
-    export.add_argument("--export-dir", default="exports",
-                        help="saved_model: the TF Serving model base folder (default exports)")
-    export.add_argument("--name", help="saved_model: the served model's name (default: the run's model)")
-    export.add_argument("--keep", type=int, default=5, help="saved_model: versions kept (default 5)")
-    export.add_argument("--quantize", default="none", choices=("none", "float16", "dynamic", "int8"),
-                        help="tflite: post-training quantization (default none: float32)")
-    export.add_argument("--io", default="float", choices=("float", "int8"),
-                        help="tflite int8: the input/output type (default float)")
-    export.add_argument("--evaluate", action="store_true", help="tflite: test the file with LiteRT on the test split")
-    export.add_argument("--raw-outputs", action="store_true",
-                        help="tflite, detection: the raw box deltas and class logits, builtin ops only (default: "
-                             "ending in TFLite_Detection_PostProcess)")
-    export.add_argument("--nms", default="regular", choices=("regular", "fast"),
-                        help="tflite, detection: the post-processing op's NMS, per class (default) or class-agnostic "
-                             "(fast: right on any number of LiteRT threads; see README Detection)")
-    size = sub.add_parser("size", help="parameters, multiply-adds, size on disk and CPU latency of a run's artifacts")
-    size.add_argument("--run", required=True, help="a run folder, e.g. runs/resnet/v0003")
-    predict = sub.add_parser("predict", help="top-k classes (or boxes) of image files, folders or globs, by a run or "
-                                             "its export")
-    predict.add_argument("--saved-model", metavar="DIR", help="a SavedModel version folder written by export")
-    predict.add_argument("--tflite", metavar="FILE", help="a .tflite file written by export (--run: the run it is of)")
-    predict.add_argument("--run", help="a finished run folder, e.g. runs/resnet/v0003")
-    predict.add_argument("--checkpoint", help="--run: last (default), best or a checkpoint file")
-    predict.add_argument("paths", nargs="*", metavar="PATH", help="image files, folders (recursively) or globs")
-    predict.add_argument("--top-k", type=int, default=5, help="classes shown per image (default 5)")
-    predict.add_argument("--out", help="also write one row per image to FILE.csv or FILE.jsonl")
-    predict.add_argument("--format", choices=("csv", "jsonl", "tasks"),
-                         help="what --out holds (default: by its extension); tasks: one annotation task per image "
-                              "with the prediction as its suggestion (FILE.jsonl)")
-    predict.add_argument("--min-score", type=float,
-                         help="detection: boxes from this score up (default the run's detection.score_threshold)")
-    predict.add_argument("--strict", action="store_true", help="stop at the first unreadable file (default: skip it)")
-    predict.add_argument("--batch-size", type=int, default=64, help="images per model call (default 64)")
-    loop = sub.add_parser("loop", help="train in the loop: new annotations -> finetune -> a new served version")
-    _config_arguments(loop)
-    loop.add_argument("--annotations", required=True, metavar="FILE.jsonl",
-                      help="the annotation tool's append-only JSONL export")
-    loop.add_argument("--from", dest="from_run", required=True, metavar="RUN",
-                      help="the run the first round starts from")
-    loop.add_argument("--export-dir", default="exports", help="the TF Serving model base folder (default exports)")
-    when = loop.add_mutually_exclusive_group()
-    when.add_argument("--once", action="store_true", help="one round with what is new, then exit (the default)")
-    when.add_argument("--watch", action="store_true",
-                      help="poll every loop.poll_seconds; a round when loop.min_new new accepted tasks are there")
-    test = sub.add_parser("test", help="re-test a finished run from its own snapshot")
-    test.add_argument("--run", required=True, help="a run folder, e.g. runs/resnet/v0003")
-    test.add_argument("--checkpoint", help="last (default), best (checkpoints/best.keras, see train.best) or a "
-                                           "checkpoint file")
-    test.add_argument("--classifier", metavar="RUN",
-                      help="deblurring runs: also a classification run's top-1 on sharp, blurred and restored images")
+    for command in RUNNER_COMMANDS:
+        command.arguments(sub.add_parser(command.name, help=command.help))
     return parser
 
 
 def parse_args(argv: list[str], prog: str = "python -m shared.runner") -> argparse.Namespace:
     parser = build_parser(prog)
-    if not argv or argv[0] not in (*HANDLERS, "-h", "--help"):
+    if not argv or argv[0] not in (*(command.name for command in RUNNER_COMMANDS), "-h", "--help"):
         argv = ["train", *argv]
     args = parser.parse_args(argv)
     if args.command == "train" and bool(args.config) == bool(args.resume):
@@ -439,10 +352,11 @@ def _cli_text(text: str) -> str:
         return text
 
 
-# The CLI's commands and their handlers; which task supports which command is each Task's `commands`.
+# Each command's handler (the table, shared.commands, says which commands there are, in order); which task
+# supports which command is each Task's `commands`.
 HANDLERS = {"train": _train, "finetune": _train, "finetune-all": _train, "distill": _train, "tune": _tune,
-            "test": _test, "preview": _preview, "lr-sweep": _lr_sweep, "find-batch": _find_batch, "export": _export,
-            "size": _size, "predict": _predict, "loop": _loop}
+            "preview": _preview, "lr-sweep": _lr_sweep, "find-batch": _find_batch, "export": _export, "size": _size,
+            "predict": _predict, "loop": _loop, "test": _test}
 
 
 if __name__ == "__main__":

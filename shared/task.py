@@ -20,11 +20,6 @@ from typing import Any, Callable, ClassVar, Mapping
 
 from shared.config import with_changes
 
-# The CLI commands a task may support (shared.runner's command table lists which task supports which).
-ALL_COMMANDS = frozenset({"train", "resume", "test", "finetune", "finetune-all", "distill", "tune", "preview",
-                          "lr-sweep", "find-batch", "export", "size", "predict", "loop"})
-
-
 # The config keys every task records as paths (made absolute by Task.resolve): read against the current folder.
 PATH_KEYS = ("model.path", "data.path", "data.data_dir", "data.manual_dir", "init.from_run", "init.weights",
              "loop.dir", "loop.eval", "run.dir")
@@ -92,7 +87,7 @@ class Task(abc.ABC):
     checkpoint) -> summary."""
 
     name: ClassVar[str]
-    commands: ClassVar[frozenset[str]]  # the CLI commands it supports (subset of ALL_COMMANDS)
+    commands: ClassVar[frozenset[str]]  # the CLI commands it supports (of shared.commands.ALL_COMMANDS)
     distributes: ClassVar[bool] = False  # whether distribute.strategy may spread it over devices or workers
     # the test figures a study may optimize (`tune.metric`), by name; the first is what a loop round is judged by
     measures: ClassVar[Mapping[str, Measure]] = {}

@@ -14,10 +14,11 @@ from shared import distill, durable, finetune, modelzoo, plots, runs
 from shared.classification.objective import objective
 from shared.config import with_changes
 from shared.class_names import readable
+from shared.commands import ALL_COMMANDS
 from shared.evaluate import ConfidentMistakes, check_class_names, evaluate_model, worst_classes
 from shared.modelzoo import MAIN_OUTPUT
 from shared.source_facts import SOURCES
-from shared.task import ALL_COMMANDS, Measure, Task, TaskData
+from shared.task import Measure, Task, TaskData
 
 MISTAKES_SHOWN = 16  # images in errors.png
 
