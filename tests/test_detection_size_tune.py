@@ -12,6 +12,7 @@ import pytest
 
 from shared import runner, runs
 from shared import tune as tune_module
+from shared.tuning.storage import storage_url
 from shared.config import load_config
 from shared.errors import UserError
 from shared.fashion_mnist import FASHION_MNIST_DIRS
@@ -74,7 +75,7 @@ def test_a_detection_study_with_map50_and_latency(generated, tmp_path):
                               objectives="[{metric: map50, direction: maximize}, {metric: latency_ms}]",
                               constraints="{latency_ms: 1000.0}", space="{model.width: {choice: [2, 4]}}")
     result = tune_module.tune(config)
-    study = optuna.load_study(study_name="det", storage=tune_module.storage_url(config))
+    study = optuna.load_study(study_name="det", storage=storage_url(config))
     complete = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
     assert len(complete) == 2 and {t.params["model.width"] for t in complete} == {2, 4}
     for trial in complete:

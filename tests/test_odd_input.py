@@ -137,7 +137,7 @@ def test_plain_names_with_any_letters_are_fine(value):
 def test_export_and_study_names_are_checked_too(tmp_path):
     from shared.export import target_folder
     from shared.runs import Run
-    from shared.tune import study_name
+    from shared.tuning.storage import study_name
 
     for bad in ("x\n", "../x", ".."):  # "x\n" passed the export regex: $ matches before a final newline
         with pytest.raises(UserError, match="export --name"):

@@ -12,9 +12,16 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from optuna.trial import TrialState
 
 from shared import tune as tune_module
+from shared.classification.task import ClassificationTask
+from shared.tuning import storage as tune_storage
+from shared.tuning import trial as tune_trial
+from shared.tuning.metrics import Objective, TrialFailed, monitored_names, parse_objectives
+from shared.tuning.space import grid_values, parse_space
+from shared.tuning.storage import open_storage, storage_url, study_name
 from shared.config import load_config
 from shared.errors import UserError
 from shared.runs import Run, all_runs
+from shared.task import Measure
 
 from conftest import REPO, tiny_tree
 
@@ -49,7 +56,7 @@ def study_config(tmp_path: Path, tiny_model: Path, **tune):
 
 
 def stored_study(config, name: str) -> optuna.Study:
-    return optuna.load_study(study_name=name, storage=tune_module.storage_url(config))
+    return optuna.load_study(study_name=name, storage=storage_url(config))
 
 
 # ---------------------------------------------------------------- parsing
@@ -57,7 +64,7 @@ def stored_study(config, name: str) -> optuna.Study:
 
 def test_space_entries_become_distributions(tmp_path, tiny_model):
     config = study_config(tmp_path, tiny_model)
-    space = tune_module.parse_space({
+    space = parse_space({
         "model.width": {"choice": [2, 4, 8]},
         "train.batch_size": {"int": [16, 64], "step": 16},
         "train.lr.base": {"float": [1e-3, 0.3], "log": True},
@@ -67,16 +74,16 @@ def test_space_entries_become_distributions(tmp_path, tiny_model):
     assert space["model.width"] == CategoricalDistribution([2, 4, 8])
     assert space["train.batch_size"] == IntDistribution(16, 64, step=16)
     assert space["train.lr.base"] == FloatDistribution(1e-3, 0.3, log=True)
-    assert tune_module.grid_values(space["train.batch_size"]) == [16, 32, 48, 64]
-    assert tune_module.grid_values(space["train.lr.base"]) is None
+    assert grid_values(space["train.batch_size"]) == [16, 32, 48, 64]
+    assert grid_values(space["train.lr.base"]) is None
 
 
 def test_the_example_search_space_parses():
     config = load_config(REPO / "models" / "resnet" / "tune.yaml")
-    space = tune_module.parse_space(config.tune.space, config)
+    space = parse_space(config.tune.space, config)
     assert {"train.lr.base", "model.width", "train.weight_decay"} <= set(space)
-    assert [o.metric for o in tune_module.parse_objectives(config)] == ["top1", "params"]
-    assert config.tune.sampler == "nsga2" and tune_module.study_name(config) == "resnet-tune"
+    assert [o.metric for o in parse_objectives(config)] == ["top1", "params"]
+    assert config.tune.sampler == "nsga2" and study_name(config) == "resnet-tune"
 
 
 @pytest.mark.parametrize("space, message", [
@@ -97,7 +104,7 @@ def test_the_example_search_space_parses():
 def test_bad_spaces_are_one_line_user_errors(tmp_path, tiny_model, space, message):
     config = study_config(tmp_path, tiny_model)
     with pytest.raises(UserError, match=message.replace("?", r"\?").replace("(", r"\(")) as caught:
-        tune_module.parse_space(space, config)
+        parse_space(space, config)
     assert "\n" not in str(caught.value)
 
 
@@ -115,6 +122,27 @@ def test_bad_studies_fail_before_anything_runs(tmp_path, tiny_model, tune, messa
     assert not (tmp_path / "runs").exists()  # no database, no run folder
 
 
+def test_a_study_optimizes_what_its_task_measures_in_the_measures_sense(tmp_path, tiny_model, monkeypatch):
+    config = study_config(tmp_path, tiny_model, objectives=["top1", "loss", "params"])
+    assert [o.direction for o in parse_objectives(config)] == ["maximize", "minimize", "minimize"]
+    # the direction and the metrics on offer come from the task's declared measures, not a table of their own
+    measures = {"top1": Measure("top1", False), "loss": Measure("loss", False)}
+    monkeypatch.setattr(ClassificationTask, "measures", measures)
+    assert parse_objectives(config)[0] == Objective("top1", "minimize")
+    config = study_config(tmp_path, tiny_model, objectives=["map"], space={"train.lr.base": {"choice": [0.01, 0.1]}})
+    with pytest.raises(UserError, match="metric map is not measured for task: classification; choose from top1, loss, "
+                                        "params"):
+        tune_module.tune(config)
+
+
+def test_a_measure_is_pruned_on_under_its_own_name():
+    measures = {"map": Measure("mAP", True), "val_loss": Measure(None, False)}
+    assert monitored_names("map", measures, validating=True) == ("val_map", "val_predictions_map")
+    assert monitored_names("map", measures, validating=False) == ("map", "predictions_map")
+    assert monitored_names("val_loss", measures, validating=False) == ("val_loss", "val_predictions_loss")
+    assert monitored_names("latency_ms", measures, validating=True) is None
+
+
 def test_pruning_callback_reports_and_prunes():
     class FakeTrial:
         def __init__(self):
@@ -127,12 +155,12 @@ def test_pruning_callback_reports_and_prunes():
             return len(self.reported) == 2
 
     trial = FakeTrial()
-    callback = tune_module.pruning_callback(trial, tune_module.monitored_names("top1", validating=True))
+    callback = tune_trial.pruning_callback(trial, monitored_names("top1", ClassificationTask.measures, validating=True))
     callback.on_epoch_end(0, {"loss": 1.0, "val_predictions_top1": 0.5})  # a model with auxiliary heads
     with pytest.raises(optuna.TrialPruned, match="after epoch 2"):
         callback.on_epoch_end(1, {"val_top1": 0.25})
     assert trial.reported == [(0, 0.5), (1, 0.25)]
-    assert tune_module.monitored_names("params", validating=True) is None  # no per-epoch value
+    assert monitored_names("params", ClassificationTask.measures, validating=True) is None  # no per-epoch value
 
 
 # ---------------------------------------------------------------- studies
@@ -231,11 +259,11 @@ def test_a_pruned_trial_marks_its_run(tmp_path, tiny_model, monkeypatch):
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # study.ask, standing in for a dead worker
 def test_a_trial_left_running_by_a_killed_process_is_run_again(tmp_path, tiny_model, monkeypatch):
-    monkeypatch.setattr(tune_module, "HEARTBEAT_S", 1)  # stale after 2 s instead of 2 minutes
+    monkeypatch.setattr(tune_storage, "HEARTBEAT_S", 1)  # stale after 2 s instead of 2 minutes
     config = study_config(tmp_path, tiny_model, study="killed", sampler="random", trials=1,
                           space={"train.lr.base": {"choice": [0.01, 0.05]}})
     # What a process killed mid-trial leaves behind: a RUNNING trial whose heartbeat stopped.
-    storage = tune_module.open_storage(tune_module.storage_url(config))
+    storage = open_storage(storage_url(config))
     study = optuna.create_study(storage=storage, study_name="killed", direction="maximize")
     dead = study.ask({"train.lr.base": CategoricalDistribution([0.01, 0.05])})
     storage.record_heartbeat(dead._trial_id)
@@ -250,15 +278,15 @@ def test_a_trial_left_running_by_a_killed_process_is_run_again(tmp_path, tiny_mo
 
 def test_a_resumed_study_must_keep_its_objectives(tmp_path, tiny_model):
     config = study_config(tmp_path, tiny_model, study="mixed", space={"train.lr.base": {"choice": [0.01, 0.1]}})
-    url = tune_module.storage_url(config)
-    study = optuna.create_study(storage=tune_module.open_storage(url), study_name="mixed", direction="minimize")
+    url = storage_url(config)
+    study = optuna.create_study(storage=open_storage(url), study_name="mixed", direction="minimize")
     with pytest.raises(UserError, match=r"optimizes minimize, not top1 \(max\); set tune.study"):
         tune_module.tune(config)
     assert not (tmp_path / "runs" / "tiny").exists()
     # Same direction, another metric: the study remembers what it was created for.
-    tune_module._check_same_objectives(study, [tune_module.Objective("loss", "minimize")], url)
+    tune_module._check_same_objectives(study, [Objective("loss", "minimize")], url)
     with pytest.raises(UserError, match=r"optimizes loss \(min\), not val_loss \(min\)"):
-        tune_module._check_same_objectives(study, [tune_module.Objective("val_loss", "minimize")], url)
+        tune_module._check_same_objectives(study, [Objective("val_loss", "minimize")], url)
 
 
 @pytest.mark.slow
@@ -280,15 +308,15 @@ def test_tflite_size_and_latency_objectives(tmp_path, tiny_model):
 def test_values_another_worker_is_training_are_waited_for_and_reused(tmp_path, tiny_model, monkeypatch):
     import threading
 
-    monkeypatch.setattr(tune_module, "WAIT_S", 0.1)
+    monkeypatch.setattr(tune_trial, "WAIT_S", 0.1)
     config = study_config(tmp_path, tiny_model, study="twins", sampler="random", trials=2,
                           space={"train.lr.base": {"choice": [0.05]}})
     # Another worker's trial, training the only point there is: RUNNING, its values claimed.
-    storage = tune_module.open_storage(tune_module.storage_url(config))
+    storage = open_storage(storage_url(config))
     study = optuna.create_study(storage=storage, study_name="twins", direction="maximize")
-    tune_module._check_same_objectives(study, tune_module.parse_objectives(config), tune_module.storage_url(config))
+    tune_module._check_same_objectives(study, parse_objectives(config), storage_url(config))
     other = study.ask({"train.lr.base": CategoricalDistribution([0.05])})
-    other.set_user_attr(tune_module.CLAIM, True)
+    other.set_user_attr(tune_trial.CLAIM, True)
     storage.record_heartbeat(other._trial_id)
 
     def other_worker_finishes():
@@ -312,14 +340,14 @@ def test_values_another_worker_is_training_are_waited_for_and_reused(tmp_path, t
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # study.ask, standing in for a worker that dies
 def test_a_trial_waiting_for_a_worker_that_died_trains_the_values_itself(tmp_path, tiny_model, monkeypatch,
                                                                        capsys):
-    monkeypatch.setattr(tune_module, "HEARTBEAT_S", 3)  # stale after 6 s instead of 2 minutes
-    monkeypatch.setattr(tune_module, "WAIT_S", 0.2)
+    monkeypatch.setattr(tune_storage, "HEARTBEAT_S", 3)  # stale after 6 s instead of 2 minutes
+    monkeypatch.setattr(tune_trial, "WAIT_S", 0.2)
     config = study_config(tmp_path, tiny_model, study="orphan", sampler="random", trials=2,
                           space={"train.lr.base": {"choice": [0.05]}})
-    storage = tune_module.open_storage(tune_module.storage_url(config))
+    storage = open_storage(storage_url(config))
     study = optuna.create_study(storage=storage, study_name="orphan", direction="maximize")
     dead = study.ask({"train.lr.base": CategoricalDistribution([0.05])})
-    dead.set_user_attr(tune_module.CLAIM, True)
+    dead.set_user_attr(tune_trial.CLAIM, True)
     storage.record_heartbeat(dead._trial_id)  # its last beat: the worker dies now, mid-training
 
     result = tune_module.tune(config)
@@ -334,9 +362,9 @@ def test_a_trial_waiting_for_a_worker_that_died_trains_the_values_itself(tmp_pat
 @pytest.mark.slow
 def test_a_study_whose_trials_all_fail_stops(tmp_path, tiny_model, monkeypatch):
     def broken(run, wanted):
-        raise tune_module.TrialFailed(f"run {run.path}: diverged")
+        raise TrialFailed(f"run {run.path}: diverged")
 
-    monkeypatch.setattr(tune_module, "measure", broken)
+    monkeypatch.setattr(tune_trial, "measure", broken)
     config = study_config(tmp_path, tiny_model, study="failing", sampler="random", trials=2,
                           space={"train.lr.base": {"choice": [0.01, 0.05]}})
     result = tune_module.tune(config)  # failed trials do not count towards tune.trials, nor run forever
