@@ -1,5 +1,7 @@
-"""The layout rules of issue 15, checked on the source (no TensorFlow): no import cycles between the
-project's modules, and no module reaching into another one's private (underscore) names."""
+"""The layout rules, checked on the source (no TensorFlow): no import cycles between the project's modules, not
+even through imports inside functions; no module reaching into another one's private (underscore) names; a
+generic module never names a task (what is particular to a task lives in its package); no module over 600 lines;
+and the Task interface is abstract."""
 
 from __future__ import annotations
 
@@ -42,6 +44,11 @@ def _top_level_imports(tree: ast.Module, known: set[str]) -> set[str]:
     return modules
 
 
+def _all_imports(tree: ast.Module, known: set[str]) -> set[str]:
+    """Modules imported anywhere in the module, inside functions too (imported on call)."""
+    return {module for node in ast.walk(tree) for module, _ in _imported(node, known)}
+
+
 def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     found, state = [], {}
 
@@ -65,6 +72,16 @@ def test_no_import_cycles_between_modules():
     known = set(modules)
     # a package's __init__ importing its own submodules is how a package exposes them, not a cycle
     graph = {name: {m for m in _top_level_imports(tree, known) if not name.startswith(m + ".")}
+             for name, tree in modules.items()}
+    assert _cycles(graph) == []
+
+
+def test_no_import_cycles_counting_imports_inside_functions():
+    """An import inside a function must not hide a cycle: lower modules take what they need (a built model,
+    a config) from their callers instead of importing the modules above them."""
+    modules = _modules()
+    known = set(modules)
+    graph = {name: {m for m in _all_imports(tree, known) if m != name and not name.startswith(m + ".")}
              for name, tree in modules.items()}
     assert _cycles(graph) == []
 
@@ -94,6 +111,81 @@ def test_no_module_uses_another_modules_private_names():
                     and node.attr.startswith("_") and not node.attr.startswith("__"):
                 reaching.append(f"{name}: {aliases[node.value.id]}.{node.attr}")
     assert sorted(reaching) == []
+
+
+TASK_NAMES = ("classification", "detection", "deblur")
+TASK_PACKAGES = tuple(f"shared.{name}" for name in TASK_NAMES)
+# The registry lists the tasks by name; the config schema declares the YAML keys users write (`task:` and its
+# choices, the `detection:` and `deblur:` sections).
+NAMING_TASKS = {"shared.tasks", "shared.config"}
+
+
+def _task_mentions(name: str, tree: ast.Module) -> list[str]:
+    """Where a module names a task: a string that is a task's name (not a docstring), an attribute named after
+    one (`config.detection`), an import of a task package."""
+    docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                  if isinstance(node, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+                  and node.body and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and node.value in TASK_NAMES and id(node) not in docstrings:
+            found.append(f"{name}:{node.lineno} {node.value!r}")
+        elif isinstance(node, ast.Attribute) and node.attr in TASK_NAMES:
+            found.append(f"{name}:{node.lineno} .{node.attr}")
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            imported = [alias.name for alias in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+            found += [f"{name}:{node.lineno} import {module}" for module in imported
+                      if module.startswith(TASK_PACKAGES)]
+    return sorted(found)
+
+
+def test_generic_modules_never_name_a_task():
+    """What is particular to a task (what a prediction is, what the loop ingests, which metric judges a round)
+    is the task's (its package, its Task class); the generic layer asks the Task, never which task it has."""
+    mentions = [mention for name, tree in _modules().items()
+                if not name.startswith(TASK_PACKAGES) and name not in NAMING_TASKS
+                for mention in _task_mentions(name, tree)]
+    assert mentions == []
+
+
+def test_task_mention_check_finds_each_kind():
+    tree = ast.parse('"""A detection docstring."""\nfrom shared.detection import boxes\n'
+                     'if task == "deblur" or config.classification:\n    pass\n')
+    assert _task_mentions("m", tree) == ["m:2 import shared.detection", "m:3 'deblur'", "m:3 .classification"]
+
+
+MAX_MODULE_LINES = 600
+
+
+def test_no_module_is_over_600_lines():
+    """A module that grows past this does several jobs: split it along its own sections."""
+    sizes = {path.relative_to(ROOT).as_posix(): len(path.read_text(encoding="utf-8").splitlines())
+             for path in PACKAGE.rglob("*.py")}
+    assert {path: lines for path, lines in sizes.items() if lines > MAX_MODULE_LINES} == {}
+
+
+def test_task_is_abstract_and_a_task_missing_a_hook_fails_at_construction():
+    from shared.config import load_config
+    from shared.task import Task
+    from shared.tasks import TASKS
+
+    config = load_config(tree={})
+    with pytest.raises(TypeError):
+        Task(config)
+
+    class Partial(Task):  # evaluate, export and the rest missing
+        name = "partial"
+        commands = frozenset({"train"})
+
+        def datasets(self, folder, replicas=1, start_epoch=0):
+            raise AssertionError
+
+    with pytest.raises(TypeError, match="abstract"):
+        Partial(config)
+    for name, task_class in TASKS.items():
+        task = task_class(config)
+        assert task.name == name and task.config is config and task.commands
+        assert task.bound(config).config is config and type(task.bound(config)) is task_class
 
 
 @pytest.mark.slow
