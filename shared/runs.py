@@ -37,11 +37,12 @@ import subprocess
 import sys
 import tempfile
 import time
+import dataclasses
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-from shared.config import UnreadableYaml, read_yaml_file
+from shared.config import Config, UnreadableYaml, read_yaml_file
 from shared.durable import atomic_write
 from shared import locks
 from shared.errors import UserError, run_cli
@@ -338,8 +339,11 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 
 
 LIST_COLUMNS = ("run", "status", "top1", "notes")  # besides config keys (dotted), what --columns may name
-SECTION_ORDER = ("model", "train", "data", "init", "distill", "detection", "deblur", "loop", "tune", "distribute",
-                 "run")  # differing keys shown first to last, as far as the width allows
+# differing keys shown first to last, as far as the width allows: the tasks' own sections between these
+FIRST_SECTIONS, LAST_SECTIONS = ("model", "train", "data", "init", "distill"), ("loop", "tune", "distribute", "run")
+SECTION_ORDER = (*FIRST_SECTIONS, *(field.name for field in dataclasses.fields(Config)
+                                    if dataclasses.is_dataclass(field.default_factory)
+                                    and field.name not in FIRST_SECTIONS + LAST_SECTIONS), *LAST_SECTIONS)
 CELL_WIDTH = 24  # a config value's cell at most (longer values end in ...)
 NOTES_MIN_WIDTH = 12  # narrower than this, the notes are left out rather than cut to nothing
 
