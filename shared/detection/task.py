@@ -52,6 +52,7 @@ from shared.detection import validation
 from shared.detection.metrics import detection_map
 from shared.detection.model import HEAD_PREFIXES, OUTPUT_NAMES, build_detector, model_anchors
 from shared.detection.postprocess import decode_detections
+from shared.detection.records import DetectionSplit
 from shared.errors import UserError
 from shared.evaluate import check_class_names
 from shared.task import Phase, Task, TaskData, absolute
@@ -131,9 +132,9 @@ def absolute_paths(config: Config) -> Config:
     return with_changes(config, changes)
 
 
-def validation_split(train: detection_data.DetectionSplit, config: Config,
-                     test: detection_data.DetectionSplit | None
-                     ) -> tuple[detection_data.DetectionSplit, detection_data.DetectionSplit | None]:
+def validation_split(train: DetectionSplit, config: Config,
+                     test: DetectionSplit | None
+                     ) -> tuple[DetectionSplit, DetectionSplit | None]:
     """(training split, the split detection.eval_every evaluates): data.val_fraction of the training images
     held out (drawn with train.seed, the same on every resume), else the test split itself (then the
     validation mAP, and a best checkpoint picked by it, have seen the test images). None without eval_every."""
@@ -149,8 +150,8 @@ def validation_split(train: detection_data.DetectionSplit, config: Config,
     held = set(np.random.default_rng(config.train.seed).permutation(len(train))[:count].tolist())
     kept = [record for i, record in enumerate(train) if i not in held]
     chosen = [record for i, record in enumerate(train) if i in held]
-    return (detection_data.DetectionSplit(kept, train.class_names, train.source),
-            detection_data.DetectionSplit(chosen, train.class_names, f"{train.source} (validation)"))
+    return (DetectionSplit(kept, train.class_names, train.source),
+            DetectionSplit(chosen, train.class_names, f"{train.source} (validation)"))
 
 
 # ---------------------------------------------------------------- starting weights
@@ -225,7 +226,7 @@ def _unnormalize(images: np.ndarray, config: Config) -> np.ndarray:
     return np.clip(images * np.asarray(std, np.float32) + np.asarray(mean, np.float32), 0, 255)
 
 
-def evaluate_detector(detector: keras.Model, split: detection_data.DetectionSplit, config: Config,
+def evaluate_detector(detector: keras.Model, split: DetectionSplit, config: Config,
                       class_names: list[str], gallery: int = GALLERY_IMAGES) -> tuple[dict, dict]:
     """COCO mAP of `detector` on `split` through the evaluation pipeline and decode_detections (NMS with
     config.detection's thresholds). Returns (metrics, gallery data: the first `gallery` images as 0-255
@@ -254,7 +255,7 @@ def evaluate_detector(detector: keras.Model, split: detection_data.DetectionSpli
                      "truth": [entry[:2] for entry in truth[:len(images)]]}
 
 
-def evaluation_truth(split: detection_data.DetectionSplit, image_size: int) -> list[tuple]:
+def evaluation_truth(split: DetectionSplit, image_size: int) -> list[tuple]:
     """(boxes in the resized image's pixels, classes, VOC difficult flags) per image: the ground truth the
     protocols score against (the voc protocol ignores the difficult boxes, coco counts them)."""
     return [(boxes, classes, record.difficult) for (boxes, classes), record in zip(ground_truth(split, image_size),
