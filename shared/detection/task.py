@@ -46,7 +46,7 @@ from shared import durable, finetune, optim, plots, runs
 from shared.config import Config, with_changes
 from shared.detection import datasets as detection_data
 from shared.detection.anchors import training_targets
-from shared.detection.export import box_iou, ground_truth
+from shared.detection.boxes import box_iou, ground_truth
 from shared.detection.losses import detection_losses
 from shared.detection import validation
 from shared.detection.metrics import detection_map
