@@ -154,7 +154,7 @@ def test_validation_map_monitors_need_eval_every(generated, tmp_path, capsys, ex
 def test_voc_difficult_flags_reach_the_evaluation(tmp_path):
     from shared.detection.records import DetectionRecord, DetectionSplit
     from shared.detection.voc import read_voc, write_voc
-    from shared.detection.task import evaluation_truth
+    from shared.detection.evaluate import evaluation_truth
 
     from PIL import Image
 

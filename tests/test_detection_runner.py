@@ -122,7 +122,7 @@ def test_training_through_the_runner_records_map_and_provenance(trained, source)
 
 @pytest.mark.slow
 def test_test_command_reproduces_the_recorded_map(trained, capsys):
-    from shared.detection.task import summary
+    from shared.detection.evaluate import summary
 
     assert runner.main(["test", "--run", str(trained.path)]) == 0
     assert capsys.readouterr().out.strip() == summary(trained.test_metrics())
