@@ -62,7 +62,7 @@ def table(rows: dict[str, dict], threads: int, repeats: int) -> list[str]:
 
 def interleaved_latency_ms(paths: list[Path], image, threads: int, repeats: int) -> list[float]:
     """Median batch-1 invoke time of each file on `image`, in alternating rounds (A, B, A, B...)."""
-    from shared.detection.export import tflite_interpreter
+    from shared.detection.tflite_inference import tflite_interpreter
 
     interpreters = [tflite_interpreter(path, num_threads=threads) for path in paths]
     for interpreter in interpreters:

@@ -186,7 +186,7 @@ def bench(task: str, rounds: int, per_round: int, steps: int, holdout: int, sour
 
         class_names = list(FASHION_MNIST_CLASSES)
     else:
-        from shared.detection.datasets import read_coco
+        from shared.detection.coco import read_coco
 
         data_root = folder / "canvases"
         make = _load_make_detection_dataset()

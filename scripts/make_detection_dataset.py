@@ -128,7 +128,7 @@ def make_split(split: str, count: int, items: np.ndarray, labels: np.ndarray, ar
     from PIL import Image
 
     from shared.fashion_mnist import FASHION_MNIST_CLASSES
-    from shared.detection.datasets import DetectionRecord, DetectionSplit
+    from shared.detection.records import DetectionRecord, DetectionSplit
     from shared.progress import progress_bar
 
     folder = args.out / "images" / split
@@ -157,7 +157,7 @@ def run(args: argparse.Namespace) -> None:
 
 def write_dataset(args: argparse.Namespace) -> None:
     from shared.fashion_mnist import FASHION_MNIST_CLASSES, FASHION_MNIST_FILES, read_idx
-    from shared.detection import datasets
+    from shared.detection import coco, label_map, tfod, voc
     from shared.errors import UserError
 
     wanted = {"train": args.train, "test": args.test}
@@ -169,14 +169,14 @@ def write_dataset(args: argparse.Namespace) -> None:
                             f"`apt-get install dataset-fashion-mnist` or pass --fashion-dir")
         items, labels = read_idx(args.fashion_dir / images_file), read_idx(args.fashion_dir / labels_file)
         splits[split] = make_split(split, count, items, labels, args)
-        datasets.write_coco(splits[split], args.out / "annotations" / f"{split}.json", args.out / "images")
+        coco.write_coco(splits[split], args.out / "annotations" / f"{split}.json", args.out / "images")
         if args.tfrecord:
-            datasets.write_tfod_records(splits[split], args.out / "tfrecord" / f"{split}.tfrecord",
-                                        FASHION_MNIST_CLASSES)
+            tfod.write_tfod_records(splits[split], args.out / "tfrecord" / f"{split}.tfrecord",
+                                    FASHION_MNIST_CLASSES)
         if args.voc:
-            datasets.write_voc(splits[split], args.out / "voc", split)
+            voc.write_voc(splits[split], args.out / "voc", split)
     if args.tfrecord:
-        datasets.write_label_map(args.out / "tfrecord" / "label_map.pbtxt", FASHION_MNIST_CLASSES)
+        label_map.write_label_map(args.out / "tfrecord" / "label_map.pbtxt", FASHION_MNIST_CLASSES)
     if args.voc:
         (args.out / "voc" / "labels.txt").write_text("".join(f"{name}\n" for name in FASHION_MNIST_CLASSES))
     boxes = {split: data.num_boxes for split, data in splits.items()}

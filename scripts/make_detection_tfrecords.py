@@ -82,7 +82,7 @@ def read_csv_labels(path: Path, images: Path, problems: Problems):
     is (`path line N`, by filename); a bad row leaves its image out."""
     import numpy as np
 
-    from shared.detection.datasets import DetectionRecord, DetectionSplit, check_box
+    from shared.detection.records import DetectionRecord, DetectionSplit, check_box
     from shared.errors import UserError
 
     try:
@@ -160,7 +160,8 @@ def _csv_row(row: dict, where: str, entry: dict, check_box) -> dict:
 def read_source(args: argparse.Namespace, problems: Problems):
     """The annotations of SOURCE as a DetectionSplit, and where each record came from (by name) when that is
     finer than SOURCE (a CSV line); image files are checked later, per image."""
-    from shared.detection.datasets import read_coco, read_voc
+    from shared.detection.coco import read_coco
+    from shared.detection.voc import read_voc
     from shared.errors import UserError
 
     source = args.source.expanduser()
@@ -190,7 +191,7 @@ def read_source(args: argparse.Namespace, problems: Problems):
 
 def class_list(args: argparse.Namespace, found: list[str]) -> list[str]:
     """--classes, else the label map a first split left in OUT, else the sorted names found."""
-    from shared.detection.datasets import read_class_list
+    from shared.detection.label_map import read_class_list
 
     if args.classes:
         return read_class_list(args.classes)
@@ -203,7 +204,7 @@ def checked_records(split, class_names: list[str], problems: Problems, source: s
                     ) -> list[tuple]:
     """(record, 1-based labels, class texts) of each usable image: its file there with the stated size, its
     classes in the list."""
-    from shared.detection.datasets import image_size_problem
+    from shared.detection.records import image_size_problem
 
     position = {name: i for i, name in enumerate(class_names)}
     usable = []
@@ -239,7 +240,7 @@ def plan_digest(usable: list[tuple], class_names: list[str], num_shards: int) ->
 
 def write_label_map_once(path: Path, class_names: list[str]) -> None:
     """label_map.pbtxt, refusing to change the classes of shards written before."""
-    from shared.detection.datasets import read_class_list, write_label_map
+    from shared.detection.label_map import read_class_list, write_label_map
     from shared.durable import partial_path
     from shared.errors import UserError
 
@@ -254,7 +255,7 @@ def write_label_map_once(path: Path, class_names: list[str]) -> None:
 
 def run(args: argparse.Namespace) -> None:
     from shared.data.tfrecord import write_example_shards
-    from shared.detection.datasets import tfod_example
+    from shared.detection.tfod import tfod_example
     from shared.errors import UserError
     from shared.locks import folder_writer
 

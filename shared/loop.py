@@ -462,7 +462,7 @@ def _start(loop: Loop) -> dict:
     names = _initial_class_names(loop)
     durable.atomic_write(loop.dir / LABELS_FILE, "".join(f"{name}\n" for name in names))
     if loop.task == "detection":
-        from shared.detection.datasets import write_label_map
+        from shared.detection.label_map import write_label_map
 
         with durable.partial_path(loop.dir / LABEL_MAP_FILE) as partial:
             write_label_map(partial, names)
@@ -518,10 +518,10 @@ def _initial_class_names(loop: Loop) -> list[str]:
     if loop.task == "classification":
         raise UserError(f"--from {loop.from_run} is not a classification run with labels.txt; start the loop from "
                         f"a classification run of the classes to annotate")
-    from shared.detection import datasets as detection_data
+    from shared.detection import datasets as detection_data, label_map
 
     if loop.config.detection.label_map:
-        return detection_data.read_class_list(loop.config.detection.label_map)
+        return label_map.read_class_list(loop.config.detection.label_map)
     return detection_data.load_detection_data(loop.config)[2]
 
 
@@ -532,7 +532,7 @@ def _write_records(folder: Path, examples: list[Example], ids: list[int], task: 
                    prefix: str = TRAIN_PREFIX) -> None:
     """The examples as one TFRecord shard in `folder` (an unpublished one), with ids.txt: classification in
     TF Model Garden's layout (shared.data.tfrecord), detection as TF Object Detection API records
-    (shared.detection.datasets)."""
+    (shared.detection.tfod)."""
     import tensorflow as tf
 
     from shared.data.tfrecord import image_example, shard_name
@@ -543,7 +543,8 @@ def _write_records(folder: Path, examples: list[Example], ids: list[int], task: 
                 writer.write(image_example(example.image, example.image_format, example.height, example.width,
                                            example.label, class_names[example.label]).SerializeToString())
     else:
-        from shared.detection.datasets import DetectionRecord, DetectionSplit, write_tfod_records
+        from shared.detection.records import DetectionRecord, DetectionSplit
+        from shared.detection.tfod import write_tfod_records
 
         split = DetectionSplit([DetectionRecord(example.image, example.width, example.height, example.boxes,
                                                 example.classes, name=example.name) for example in examples],
@@ -605,7 +606,8 @@ def _write_eval(loop: Loop, names: list[str]) -> None:
     elif loop.task == "classification":
         _write_recipe_test_split(loop, names, folder)
     else:
-        from shared.detection.datasets import load_detection_data, write_tfod_records
+        from shared.detection.datasets import load_detection_data
+        from shared.detection.tfod import write_tfod_records
 
         _, test, _ = load_detection_data(loop.config)
         if test is None:

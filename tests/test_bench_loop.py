@@ -43,7 +43,7 @@ def test_the_annotators_rounds_read_back_with_the_counts_it_wrote(tmp_path):
 def test_detection_tasks_carry_the_canvas_boxes_as_spans(tmp_path):
     from PIL import Image
 
-    from shared.detection.datasets import DetectionRecord, DetectionSplit
+    from shared.detection.records import DetectionRecord, DetectionSplit
 
     bench = load_script("bench_loop")
     Image.fromarray(np.zeros((40, 40), np.uint8)).save(tmp_path / "c.png")

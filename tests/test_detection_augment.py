@@ -14,7 +14,8 @@ from PIL import Image
 from shared import runner
 from shared.config import from_dict
 from shared.detection import augment as A
-from shared.detection import datasets as D
+from shared.detection.datasets import MIN_BOX_SIDE, make_dataset
+from shared.detection.records import DetectionRecord, DetectionSplit
 from shared.errors import UserError
 
 SIZE = 40
@@ -120,12 +121,12 @@ def test_bad_entries_are_one_line_user_errors(entries, fragment):
 def test_make_dataset_with_all_three_is_seeded_and_boxes_stay_on_the_object(tmp_path):
     path = tmp_path / "object.png"
     Image.fromarray(object_image()[..., 0].astype(np.uint8)).save(path)
-    split = D.DetectionSplit([D.DetectionRecord(str(path), SIZE, SIZE, [OBJECT], [1], name="object")] * 8, ["a", "b"])
+    split = DetectionSplit([DetectionRecord(str(path), SIZE, SIZE, [OBJECT], [1], name="object")] * 8, ["a", "b"])
     config = from_dict({"task": "detection", "data": {"image_size": SIZE, "channels": 1, "deterministic": True},
                         "train": {"batch_size": 8, "seed": 3}, "detection": {"max_boxes": 2}})
     augment = [{"ssd_crop": {"min_object_covered": [0.5, 0.9]}}, {"expand": {"max_ratio": 2}},
                {"color_jitter": {"brightness": 0.05, "contrast": 0.0}}]
-    first, again = (next(iter(D.make_dataset(split, config, training=True, augment=augment))) for _ in range(2))
+    first, again = (next(iter(make_dataset(split, config, training=True, augment=augment))) for _ in range(2))
     np.testing.assert_array_equal(first[0].numpy(), again[0].numpy())
     np.testing.assert_array_equal(first[1]["boxes"].numpy(), again[1]["boxes"].numpy())
     boxes, classes = first[1]["boxes"].numpy(), first[1]["classes"].numpy()
@@ -135,7 +136,7 @@ def test_make_dataset_with_all_three_is_seeded_and_boxes_stay_on_the_object(tmp_
             continue
         assert labels.tolist() == [1, -1]
         width, height = row[0, 2] - row[0, 0], row[0, 3] - row[0, 1]
-        assert 0 <= row[0, 0] and row[0, 2] <= SIZE and min(width, height) >= D.MIN_BOX_SIDE
+        assert 0 <= row[0, 0] and row[0, 2] <= SIZE and min(width, height) >= MIN_BOX_SIDE
         # pixels normalized to [-1, 1] (the expand fill is the mean 127.5 -> 0): the lit object is in the box
         np.testing.assert_allclose(lit_box(image, 0.3), row[0], atol=1.5)
 

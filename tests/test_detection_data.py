@@ -16,7 +16,13 @@ from PIL import Image
 
 from shared.config import from_dict
 from shared.fashion_mnist import FASHION_MNIST_CLASSES, FASHION_MNIST_DIRS
-from shared.detection import datasets as D
+from shared.detection.coco import read_coco
+from shared.detection.datasets import (MIN_BOX_SIDE, detection_normalization, drop_invalid_boxes, load_detection_data,
+                                       make_dataset, steps_per_epoch)
+from shared.detection.label_map import label_map_names, parse_label_map, read_class_list, write_label_map
+from shared.detection.records import DetectionRecord, DetectionSplit
+from shared.detection.tfod import read_tfod_records, write_tfod_records
+from shared.detection.voc import read_voc
 from shared.errors import UserError
 
 from conftest import load_script
@@ -55,7 +61,7 @@ def detection_config(root: Path, **sections) -> object:
     return from_dict(tree)
 
 
-def by_stem(split: D.DetectionSplit) -> dict:
+def by_stem(split: DetectionSplit) -> dict:
     return {Path(record.name).stem: record for record in split}
 
 
@@ -68,14 +74,14 @@ def test_generator_writes_every_format_with_tight_boxes(generated, script, tmp_p
         assert (generated / "tfrecord" / f"{split}.tfrecord").is_file()
         assert len((generated / "voc" / "ImageSets" / "Main" / f"{split}.txt").read_text().split()) == count
     assert len(list((generated / "voc" / "Annotations").glob("*.xml"))) == 28
-    assert D.read_class_list(generated / "tfrecord" / "label_map.pbtxt") == FASHION_MNIST_CLASSES
+    assert read_class_list(generated / "tfrecord" / "label_map.pbtxt") == FASHION_MNIST_CLASSES
 
     from pycocotools.coco import COCO  # the JSON is what COCO's own tools read
     coco = COCO(str(generated / "annotations" / "train.json"))
     assert len(coco.getImgIds()) == 20 and [c["name"] for c in coco.loadCats(coco.getCatIds())] == FASHION_MNIST_CLASSES
     capsys.readouterr()
 
-    split = D.read_coco(generated / "annotations" / "train.json", generated / "images")
+    split = read_coco(generated / "annotations" / "train.json", generated / "images")
     counts = [len(record.classes) for record in split]
     assert min(counts) >= 1 and max(counts) <= 4 and len(set(counts)) > 1
     for record in split:
@@ -122,10 +128,10 @@ def test_generator_rgb(script, tmp_path):
 def test_coco_tfrecord_and_voc_readers_agree(generated):
     root = generated
     for split in ("train", "test"):
-        coco = D.read_coco(root / "annotations" / f"{split}.json", root / "images")
-        tfod = D.read_tfod_records(root / "tfrecord" / f"{split}.tfrecord")  # label_map.pbtxt beside it
-        voc = D.read_voc(root / "voc", split, D.read_class_list(root / "voc" / "labels.txt"))
-        voc_sorted = D.read_voc(root / "voc", split)  # no label list: the sorted names present
+        coco = read_coco(root / "annotations" / f"{split}.json", root / "images")
+        tfod = read_tfod_records(root / "tfrecord" / f"{split}.tfrecord")  # label_map.pbtxt beside it
+        voc = read_voc(root / "voc", split, read_class_list(root / "voc" / "labels.txt"))
+        voc_sorted = read_voc(root / "voc", split)  # no label list: the sorted names present
         assert coco.class_names == tfod.class_names == voc.class_names == FASHION_MNIST_CLASSES
         sorted_names = voc_sorted.class_names
         assert sorted_names == sorted(sorted_names) and set(sorted_names) <= set(FASHION_MNIST_CLASSES)
@@ -158,7 +164,7 @@ def test_load_detection_data_each_format_with_limits(generated):
     for fmt, detection in configs.items():
         data = {"limit_train": 5, "limit_test": 3, **({"path": str(root / "voc")} if fmt == "voc" else {})}
         config = detection_config(root, detection={"format": fmt, **detection}, data=data)
-        train, test, names = D.load_detection_data(config)
+        train, test, names = load_detection_data(config)
         assert (len(train), len(test), names) == (5, 3, FASHION_MNIST_CLASSES)
         results[fmt] = [np.concatenate([r.boxes.ravel() for r in split]) for split in (train, test)]
     for fmt in ("tfrecord", "voc"):
@@ -167,7 +173,7 @@ def test_load_detection_data_each_format_with_limits(generated):
     # VOC without a label list: classes of both image sets, sorted; no test set: None
     config = detection_config(root, detection={"format": "voc", "train_annotations": None, "test_annotations": None},
                               data={"path": str(root / "voc")})
-    train, test, names = D.load_detection_data(config)
+    train, test, names = load_detection_data(config)
     assert len(train) == 28 and test is None and names == sorted(names)
 
 
@@ -189,7 +195,7 @@ def coco_case(tmp_path: Path, change) -> callable:
     path = tmp_path / "a.json"
     if text is not MISSING:
         path.write_text(text if isinstance(text, str) else json.dumps(tree))
-    return lambda: D.read_coco(path, tmp_path / "images")
+    return lambda: read_coco(path, tmp_path / "images")
 
 
 def voc_case(tmp_path: Path, xml: str | None = None, image_set: str | None = None, labels=None) -> callable:
@@ -200,18 +206,18 @@ def voc_case(tmp_path: Path, xml: str | None = None, image_set: str | None = Non
         "</object></annotation>")
     (tmp_path / "voc" / "Annotations").mkdir(parents=True, exist_ok=True)
     (tmp_path / "voc" / "Annotations" / "a.xml").write_text(body)
-    return lambda: D.read_voc(tmp_path / "voc", image_set, labels)
+    return lambda: read_voc(tmp_path / "voc", image_set, labels)
 
 
 def tfod_case(tmp_path: Path, boxes=((10, 10, 30, 30),), names=("cat",), label_map=("cat",)) -> callable:
     image = io.BytesIO()
     Image.fromarray(np.zeros((SIZE, SIZE), np.uint8)).save(image, format="PNG")
-    split = D.DetectionSplit([D.DetectionRecord(image.getvalue(), SIZE, SIZE, np.array(boxes, np.float32),
+    split = DetectionSplit([DetectionRecord(image.getvalue(), SIZE, SIZE, np.array(boxes, np.float32),
                                                 np.arange(len(boxes), dtype=np.int32), name="a")], list(names))
-    D.write_tfod_records(split, tmp_path / "a.tfrecord", list(names))
+    write_tfod_records(split, tmp_path / "a.tfrecord", list(names))
     if label_map is not None:
-        D.write_label_map(tmp_path / "label_map.pbtxt", list(label_map))
-    return lambda: D.read_tfod_records(str(tmp_path / "*.tfrecord"))
+        write_label_map(tmp_path / "label_map.pbtxt", list(label_map))
+    return lambda: read_tfod_records(str(tmp_path / "*.tfrecord"))
 
 
 XML_NO_SIZE = ("<annotation><filename>a.png</filename><object><name>cat</name><bndbox><xmin>1</xmin><ymin>1</ymin>"
@@ -240,13 +246,13 @@ MALFORMED = {
     "voc missing set": (lambda p: voc_case(p, image_set="val"), r"VOC image set 'val' not found"),
     "voc missing image file": (lambda p: voc_case(p, XML_OUTSIDE.replace("a.png", "b.png").replace("90", "9")),
                                r"image file .*JPEGImages/b\.png \(from its VOC annotation\) not found; put the images"),
-    "voc no annotations": (lambda p: lambda: D.read_voc(p), r"has no Annotations/ folder"),
+    "voc no annotations": (lambda p: lambda: read_voc(p), r"has no Annotations/ folder"),
     "tfod missing label id": (lambda p: tfod_case(p, boxes=((1, 1, 9, 9), (2, 2, 9, 9)), names=("cat", "dog")),
                               r"class label 2 is not an id in .*label_map\.pbtxt \(ids 1\.\.1\); add an item"),
     "tfod not normalized": (lambda p: tfod_case(p, boxes=((10, 10, 80, 30),)), r"is not normalized to \[0, 1\]"),
     "tfod empty box": (lambda p: tfod_case(p, boxes=((30, 10, 10, 30),)), r"is empty"),
     "tfod no label map": (lambda p: tfod_case(p, label_map=None), r"label map not found: .*label_map\.pbtxt"),
-    "tfod no files": (lambda p: lambda: D.read_tfod_records(str(p / "none-*.tfrecord")), r"no TFRecord files match"),
+    "tfod no files": (lambda p: lambda: read_tfod_records(str(p / "none-*.tfrecord")), r"no TFRecord files match"),
 }
 
 
@@ -261,9 +267,9 @@ def test_malformed_input_raises_one_line_user_error(tmp_path, case):
 
 def test_unreadable_tfrecord_file(tmp_path):
     (tmp_path / "x.tfrecord").write_bytes(b"not a tfrecord at all" * 4)
-    D.write_label_map(tmp_path / "label_map.pbtxt", ["cat"])
+    write_label_map(tmp_path / "label_map.pbtxt", ["cat"])
     with pytest.raises(UserError, match=r"x\.tfrecord is not a readable TFRecord file"):
-        D.read_tfod_records(tmp_path / "x.tfrecord")
+        read_tfod_records(tmp_path / "x.tfrecord")
 
 
 LABEL_MAP = """
@@ -279,17 +285,17 @@ item: { id: 1 name: 'it\\'s' }
 
 
 def test_label_map_parser_and_writer(tmp_path):
-    items = D.parse_label_map(LABEL_MAP, "test")
+    items = parse_label_map(LABEL_MAP, "test")
     assert [(i.id, i.name, i.display_name) for i in items] == [(3, "/m/01", "Person # one"), (1, "it's", None)]
-    assert D.label_map_names(items) == ["it's", "Person # one"]  # sorted by id, display_name preferred
+    assert label_map_names(items) == ["it's", "Person # one"]  # sorted by id, display_name preferred
     names = ["a'b", "c\\d", "T-shirt/top"]
-    D.write_label_map(tmp_path / "m.pbtxt", names)
-    assert D.read_class_list(tmp_path / "m.pbtxt") == names
+    write_label_map(tmp_path / "m.pbtxt", names)
+    assert read_class_list(tmp_path / "m.pbtxt") == names
     for text, pattern in (("", r"has no `item"), ("item { id: 0 name: 'x' }", r"ids start at 1"),
                           ("item { id: 1 name: 'x' } item { id: 1 name: 'y' }", r"id 1 appears twice"),
                           ("item { name: 'x' }", r"has no whole-number id"), ("label { id: 1 }", r"expected `item")):
         with pytest.raises(UserError, match=pattern):
-            D.parse_label_map(text, "m.pbtxt")
+            parse_label_map(text, "m.pbtxt")
 
 
 # ---------------------------------------------------------------- the pipeline
@@ -297,14 +303,14 @@ def test_label_map_parser_and_writer(tmp_path):
 
 def test_make_dataset_shapes_padding_and_scaling(generated):
     config = detection_config(generated, detection={"max_boxes": 2})
-    _, test, _ = D.load_detection_data(config)
+    _, test, _ = load_detection_data(config)
     assert max(len(record.classes) for record in test) > 2 > min(len(record.classes) for record in test)
     with pytest.warns(UserWarning, match=r"more than detection\.max_boxes=2"):
-        dataset = D.make_dataset(test, config, training=False)
+        dataset = make_dataset(test, config, training=False)
     # the defaults it normalized with; the detection task records them in the run's config
-    assert D.detection_normalization(config) == ([127.5], [127.5]) and config.data.mean is None
+    assert detection_normalization(config) == ([127.5], [127.5]) and config.data.mean is None
     batches = list(dataset)
-    assert len(batches) == math.ceil(len(test) / 4) == D.steps_per_epoch(test, config)
+    assert len(batches) == math.ceil(len(test) / 4) == steps_per_epoch(test, config)
     images, targets = batches[0]
     assert images.dtype == tf.float32 and images.shape == (4, 32, 32, 1)
     assert targets["boxes"].dtype == tf.float32 and targets["boxes"].shape == (4, 2, 4)
@@ -319,18 +325,18 @@ def test_make_dataset_shapes_padding_and_scaling(generated):
         assert (row_boxes[count:] == -1).all() and (row_classes[count:] == -1).all()
 
     rgb = detection_config(generated, data={"channels": 3, "mean": [0.0, 0.0, 0.0], "std": [255.0, 255.0, 255.0]})
-    images, _ = next(iter(D.make_dataset(test, rgb, training=True, augment=(), batch_size=2)))
+    images, _ = next(iter(make_dataset(test, rgb, training=True, augment=(), batch_size=2)))
     assert images.shape == (2, 32, 32, 3) and float(tf.reduce_min(images)) == 0.0  # the given mean / std
 
 
-def object_record(tmp_path: Path, size: int = 40) -> tuple[D.DetectionRecord, list]:
+def object_record(tmp_path: Path, size: int = 40) -> tuple[DetectionRecord, list]:
     """One image with one bright rectangle left of centre: pixel columns 4..13, rows 10..29."""
     pixels = np.zeros((size, size), np.uint8)
     pixels[10:30, 4:14] = 255
     path = tmp_path / "object.png"
     Image.fromarray(pixels).save(path)
     box = [4.0, 10.0, 14.0, 30.0]
-    return D.DetectionRecord(str(path), size, size, [box], [1], name="object"), box
+    return DetectionRecord(str(path), size, size, [box], [1], name="object"), box
 
 
 def lit_box(image: np.ndarray) -> list | None:
@@ -341,9 +347,9 @@ def lit_box(image: np.ndarray) -> list | None:
 
 def test_horizontal_flip_moves_box_to_the_mirrored_object(tmp_path):
     record, (x_min, y_min, x_max, y_max) = object_record(tmp_path)
-    split = D.DetectionSplit([record] * 16, ["a", "b"])
+    split = DetectionSplit([record] * 16, ["a", "b"])
     config = detection_config(tmp_path, data={"image_size": 40, "path": None}, train={"batch_size": 16})
-    images, targets = next(iter(D.make_dataset(split, config, training=True, augment=("flip",))))
+    images, targets = next(iter(make_dataset(split, config, training=True, augment=("flip",))))
     mirrored = [40 - x_max, y_min, 40 - x_min, y_max]
     flipped = 0
     for image, boxes, classes in zip(images.numpy(), targets["boxes"].numpy(), targets["classes"].numpy()):
@@ -356,14 +362,14 @@ def test_horizontal_flip_moves_box_to_the_mirrored_object(tmp_path):
 
 def test_zoom_and_translate_boxes_follow_the_object(tmp_path):
     record, _ = object_record(tmp_path)
-    split = D.DetectionSplit([record] * 32, ["a", "b"])
+    split = DetectionSplit([record] * 32, ["a", "b"])
     config = detection_config(tmp_path, data={"image_size": 40, "path": None}, train={"batch_size": 32, "seed": 3})
-    images, targets = next(iter(D.make_dataset(split, config, training=True)))  # flip, zoom and translate
+    images, targets = next(iter(make_dataset(split, config, training=True)))  # flip, zoom and translate
     moved = 0
     for image, boxes, classes in zip(images.numpy(), targets["boxes"].numpy(), targets["classes"].numpy()):
         lit = lit_box(image)
         if classes[0] < 0:  # dropped: the object left the image, or only a sliver of it is left
-            assert lit is None or min(lit[2] - lit[0], lit[3] - lit[1]) <= D.MIN_BOX_SIDE + 1
+            assert lit is None or min(lit[2] - lit[0], lit[3] - lit[1]) <= MIN_BOX_SIDE + 1
             continue
         np.testing.assert_allclose(boxes[0], lit, atol=1.5)
         moved += not np.allclose(boxes[0], [4, 10, 14, 30]) and not np.allclose(boxes[0], [26, 10, 36, 30])
@@ -374,7 +380,7 @@ def test_drop_invalid_boxes_pads_and_compacts():
     boxes = tf.constant([[[-1, -1, -1, -1], [5, 5, 5, 9], [38, 2, 50, 9], [1, 1, 9, 9], [30, 30, 31, 40],
                           [45, 0, 60, 9]]], tf.float32)
     classes = tf.constant([[-1, 2, 3, 4, 5, 6]], tf.int32)
-    out_boxes, out_classes = D.drop_invalid_boxes(boxes, classes, 40)
+    out_boxes, out_classes = drop_invalid_boxes(boxes, classes, 40)
     # kept, in order: [38, 2, 40, 9] (clipped), [1, 1, 9, 9]; empty, 1 px wide and outside ones are padding
     assert out_classes.numpy().tolist() == [[3, 4, -1, -1, -1, -1]]
     assert out_boxes.numpy()[0, :2].tolist() == [[38, 2, 40, 9], [1, 1, 9, 9]]
@@ -384,9 +390,9 @@ def test_drop_invalid_boxes_pads_and_compacts():
 def test_deterministic_batches_under_a_seed(generated):
     def batches(seed: int):
         config = detection_config(generated, train={"batch_size": 4, "seed": seed})
-        train, _, _ = D.load_detection_data(config)
+        train, _, _ = load_detection_data(config)
         return [(x.numpy(), y["boxes"].numpy(), y["classes"].numpy())
-                for x, y in D.make_dataset(train, config, training=True).take(2)]
+                for x, y in make_dataset(train, config, training=True).take(2)]
 
     first, again, other = batches(5), batches(5), batches(6)
     for a, b in zip(first, again):

@@ -152,17 +152,18 @@ def test_validation_map_monitors_need_eval_every(generated, tmp_path, capsys, ex
 
 
 def test_voc_difficult_flags_reach_the_evaluation(tmp_path):
-    from shared.detection import datasets as D
-    from shared.detection.task import evaluation_truth
+    from shared.detection.records import DetectionRecord, DetectionSplit
+    from shared.detection.voc import read_voc, write_voc
+    from shared.detection.evaluate import evaluation_truth
 
     from PIL import Image
 
     image = tmp_path / "a.png"
     Image.new("RGB", (100, 80)).save(image)
-    record = D.DetectionRecord(str(image), 100, 80, np.array([BOX, FAR], np.float32), np.array([0, 0]),
+    record = DetectionRecord(str(image), 100, 80, np.array([BOX, FAR], np.float32), np.array([0, 0]),
                                difficult=np.array([False, True]))
-    D.write_voc(D.DetectionSplit([record], ["cat"]), tmp_path / "voc", "test")
-    split = D.read_voc(tmp_path / "voc", "test", ["cat"])
+    write_voc(DetectionSplit([record], ["cat"]), tmp_path / "voc", "test")
+    split = read_voc(tmp_path / "voc", "test", ["cat"])
     truth = evaluation_truth(split, 200)  # resized to 200 x 200: x times 2, y times 2.5
     assert truth[0][2].tolist() == [False, True]
     np.testing.assert_allclose(truth[0][0][0], [0, 0, 20, 25])

@@ -14,7 +14,12 @@ import tensorflow as tf
 from PIL import Image
 
 from shared.config import from_dict
-from shared.detection import datasets as D
+from shared.detection.coco import read_coco
+from shared.detection.datasets import make_dataset
+from shared.detection.label_map import write_label_map
+from shared.detection.records import DetectionRecord, DetectionSplit, image_size_problem
+from shared.detection.tfod import read_tfod_records, write_tfod_records
+from shared.detection.voc import read_voc
 from shared.errors import UserError, embedded_user_error, run_cli
 
 SIZE = 32
@@ -37,7 +42,7 @@ def read_coco_text(tmp_path: Path, text: str | bytes):
     write_png(tmp_path / "images" / "a.png")
     path = tmp_path / "a.json"
     path.write_bytes(text.encode() if isinstance(text, str) else text)
-    return D.read_coco(path, tmp_path / "images")
+    return read_coco(path, tmp_path / "images")
 
 
 def changed(change) -> str:
@@ -101,28 +106,28 @@ def test_images_of_another_size_than_annotated_are_named(tmp_path):
     write_png(tmp_path / "images" / "a.png", 40, SIZE)  # the JSON says 32x32
     (tmp_path / "a.json").write_text(json.dumps(coco_tree()))
     with pytest.raises(UserError, match=r"image .*images/a\.png is 40x32 pixels but .*a\.json states 32x32; fix"):
-        D.read_coco(tmp_path / "a.json", tmp_path / "images")
+        read_coco(tmp_path / "a.json", tmp_path / "images")
     voc = tmp_path / "voc"
     write_png(voc / "JPEGImages" / "a.png", SIZE, 20)
     (voc / "Annotations").mkdir(parents=True)
     (voc / "Annotations" / "a.xml").write_text(voc_xml())
     with pytest.raises(UserError, match=r"JPEGImages/a\.png is 32x20 pixels but its VOC annotation's <size> "
                                         r"states 32x32; fix <size>"):
-        D.read_voc(voc)
+        read_voc(voc)
 
 
 def test_an_encoded_image_of_another_size_than_its_record_says(tmp_path):
     image = io.BytesIO()
     Image.fromarray(np.zeros((SIZE, SIZE), np.uint8)).save(image, format="PNG")
-    record = D.DetectionRecord(image.getvalue(), SIZE, SIZE, [[1, 1, 9, 9]], [0], name="a")
-    D.write_tfod_records(D.DetectionSplit([record], ["cat"]), tmp_path / "a.tfrecord", ["cat"])
-    D.write_label_map(tmp_path / "label_map.pbtxt", ["cat"])
-    assert len(D.read_tfod_records(tmp_path / "a.tfrecord")) == 1
+    record = DetectionRecord(image.getvalue(), SIZE, SIZE, [[1, 1, 9, 9]], [0], name="a")
+    write_tfod_records(DetectionSplit([record], ["cat"]), tmp_path / "a.tfrecord", ["cat"])
+    write_label_map(tmp_path / "label_map.pbtxt", ["cat"])
+    assert len(read_tfod_records(tmp_path / "a.tfrecord")) == 1
     record.width = 48  # stored as image/width; the boxes still fit
-    D.write_tfod_records(D.DetectionSplit([record], ["cat"]), tmp_path / "a.tfrecord", ["cat"])
+    write_tfod_records(DetectionSplit([record], ["cat"]), tmp_path / "a.tfrecord", ["cat"])
     with pytest.raises(UserError, match=r"a\.tfrecord record 0: image/encoded is 32x32 pixels but "
                                         r"image/width and image/height state 48x32; rewrite the record"):
-        D.read_tfod_records(tmp_path / "a.tfrecord")
+        read_tfod_records(tmp_path / "a.tfrecord")
 
 
 def test_an_image_that_is_no_image_is_named_before_training(tmp_path):
@@ -130,7 +135,7 @@ def test_an_image_that_is_no_image_is_named_before_training(tmp_path):
     (tmp_path / "images" / "a.png").write_bytes(b"this is not a PNG" * 10)
     (tmp_path / "a.json").write_text(json.dumps(coco_tree()))
     with pytest.raises(UserError, match=r"image .*images/a\.png is not an image format that is read; convert it"):
-        D.read_coco(tmp_path / "a.json", tmp_path / "images")
+        read_coco(tmp_path / "a.json", tmp_path / "images")
 
 
 def detection_config() -> object:
@@ -142,20 +147,20 @@ def test_a_corrupt_image_is_named_when_the_pipeline_reaches_it(tmp_path, capsys)
     records = []
     for i in range(5):
         path = write_png(tmp_path / f"{i}.png")
-        records.append(D.DetectionRecord(str(path), SIZE, SIZE, [[1, 1, 9, 9]], [0], name=str(i)))
-    split = D.DetectionSplit(records, ["cat"], "test")
-    assert sum(len(images) for images, _ in D.make_dataset(split, detection_config(), training=False)) == 5
+        records.append(DetectionRecord(str(path), SIZE, SIZE, [[1, 1, 9, 9]], [0], name=str(i)))
+    split = DetectionSplit(records, ["cat"], "test")
+    assert sum(len(images) for images, _ in make_dataset(split, detection_config(), training=False)) == 5
     for bad in (2, 4):  # in the middle, and the last one (no image after it to show the gap)
         data = Path(records[bad].image).read_bytes()
         Path(records[bad].image).write_bytes(data[:len(data) // 2])  # the header still reads: only decoding fails
-        assert D.image_size_problem(records[bad].image, SIZE, SIZE) is None
+        assert image_size_problem(records[bad].image, SIZE, SIZE) is None
         with pytest.raises(tf.errors.InvalidArgumentError) as error:
-            list(D.make_dataset(split, detection_config(), training=False))
+            list(make_dataset(split, detection_config(), training=False))
         assert str(embedded_user_error(error.value)).startswith(
             f"detection image {records[bad].image} cannot be read or decoded")
         Path(records[bad].image).write_bytes(data)
     Path(records[2].image).write_bytes(b"")
-    assert run_cli(lambda: list(D.make_dataset(split, detection_config(), training=True))) == 2
+    assert run_cli(lambda: list(make_dataset(split, detection_config(), training=True))) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: detection image {records[2].image} cannot be read") and err.count("\n") == 1
 
@@ -189,10 +194,10 @@ def test_voc_xml_that_cannot_be_parsed_is_one_line(tmp_path, case):
     (root / "Annotations").mkdir(parents=True)
     (root / "Annotations" / "a.xml").write_bytes(text.encode() if isinstance(text, str) else text)
     if pattern is None:
-        assert len(D.read_voc(root)) == 1
+        assert len(read_voc(root)) == 1
         return
     with pytest.raises(UserError, match=pattern) as error:
-        D.read_voc(root)
+        read_voc(root)
     assert "\n" not in str(error.value)
 
 
@@ -202,4 +207,4 @@ def test_a_voc_image_set_that_is_not_text_is_one_line(tmp_path):
     (root / "ImageSets" / "Main").mkdir(parents=True)
     (root / "ImageSets" / "Main" / "train.txt").write_bytes(b"\xff\xfe\x00a")
     with pytest.raises(UserError, match=r"cannot read VOC image set .*train\.txt \('utf-8' codec"):
-        D.read_voc(root, "train")
+        read_voc(root, "train")

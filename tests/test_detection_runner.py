@@ -122,7 +122,7 @@ def test_training_through_the_runner_records_map_and_provenance(trained, source)
 
 @pytest.mark.slow
 def test_test_command_reproduces_the_recorded_map(trained, capsys):
-    from shared.detection.task import summary
+    from shared.detection.evaluate import summary
 
     assert runner.main(["test", "--run", str(trained.path)]) == 0
     assert capsys.readouterr().out.strip() == summary(trained.test_metrics())
@@ -268,7 +268,7 @@ def test_saved_model_on_bytes_equals_the_keras_pipeline(trained, generated, tmp_
 @pytest.mark.slow
 def test_tflite_raw_outputs_and_numpy_decoding_match_keras(trained, capsys):
     from shared.detection import datasets as detection_data
-    from shared.detection import export
+    from shared.detection import export, tflite_inference as inference
     from shared.detection.model import model_anchors
     from shared.detection.postprocess import decode_detections
     from shared.tasks import rebuild
@@ -289,7 +289,8 @@ def test_tflite_raw_outputs_and_numpy_decoding_match_keras(trained, capsys):
         name.startswith("Flex") or name == "CUSTOM" or "NON_MAX" in name for name in operations), operations
     _, test, _ = detection_data.load_detection_data(config)
     images = np.concatenate([x.numpy() for x, _ in detection_data.make_dataset(test, config, training=False)])
-    boxes, logits = export.predict_tflite_raw(export.tflite_interpreter(path), images, export.output_names(path))
+    interpreter = inference.tflite_interpreter(path)
+    boxes, logits = inference.predict_tflite_raw(interpreter, images, inference.output_names(path))
     want = detector(images, training=False)
     np.testing.assert_allclose(boxes, want["boxes"].numpy(), rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(logits, want["classes"].numpy(), rtol=1e-4, atol=1e-4)

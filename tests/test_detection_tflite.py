@@ -53,14 +53,14 @@ def test_default_tflite_ends_in_the_postprocess_op_and_finds_what_the_saved_mode
     import tensorflow as tf
     from ai_edge_litert.interpreter import Interpreter
 
-    from shared.detection import export
+    from shared.detection import export, tflite_inference as inference
 
     assert runner.main(["export", "--run", str(trained.path), "--format", "tflite", "--evaluate"]) == 0
     out = capsys.readouterr().out
     path = trained.path / "export" / "detector_none.tflite"
     assert str(path) in out and export.POSTPROCESS_OP in out and "LiteRT" in out and "mAP" in out, out
     assert (path.parent / export.LABELS_FILE).read_text().splitlines() == trained.class_names()
-    assert json.loads((path.parent / export.INFO_FILE).read_text())["models"][path.name]["form"] == "postprocess"
+    assert json.loads((path.parent / inference.INFO_FILE).read_text())["models"][path.name]["form"] == "postprocess"
 
     interpreter = Interpreter(model_path=str(path))
     interpreter.allocate_tensors()
@@ -146,7 +146,7 @@ def test_int8_input_for_edge_accelerators_finds_what_float_input_finds(trained, 
     images it finds the float-input int8 file's detections, and --evaluate and predict quantize for it."""
     from ai_edge_litert.interpreter import Interpreter
 
-    from shared.detection import export
+    from shared.detection import export, tflite_inference as inference
 
     assert runner.main(["export", "--run", str(trained.path), "--format", "tflite", "--quantize", "int8",
                         "--io", "int8", "--evaluate"]) == 0
@@ -157,14 +157,14 @@ def test_int8_input_for_edge_accelerators_finds_what_float_input_finds(trained, 
     interpreter.allocate_tensors()
     assert interpreter.get_input_details()[0]["dtype"] == np.int8
     assert [d["dtype"] for d in interpreter.get_output_details()] == [np.float32] * 4
-    assert json.loads((path.parent / export.INFO_FILE).read_text())["models"][path.name]["io"] == "int8"
+    assert json.loads((path.parent / inference.INFO_FILE).read_text())["models"][path.name]["io"] == "int8"
     float_input = trained.path / "export" / "detector_int8.tflite"
     if not float_input.is_file():
         export.export_detection_tflite(trained, quantize="int8")
     images, _, config = split_images(trained)
     size = config.data.image_size
-    ours = export.predict_tflite_postprocess(export.tflite_interpreter(path, 1), images, size)
-    theirs = export.predict_tflite_postprocess(export.tflite_interpreter(float_input, 1), images, size)
+    ours = inference.predict_tflite_postprocess(inference.tflite_interpreter(path, 1), images, size)
+    theirs = inference.predict_tflite_postprocess(inference.tflite_interpreter(float_input, 1), images, size)
     for (boxes, classes, scores), (want_boxes, want_classes, want_scores) in zip(ours, theirs):
         top = min(3, len(scores), len(want_scores))
         assert top > 0
@@ -180,7 +180,7 @@ def test_int8_input_for_edge_accelerators_finds_what_float_input_finds(trained, 
 def test_fast_nms_option_writes_its_own_file(trained, capsys):
     from tensorflow.lite.tools import flatbuffer_utils
 
-    from shared.detection import export
+    from shared.detection import export, tflite_inference as inference
 
     def op_options(path: Path) -> bytes:
         model = flatbuffer_utils.read_model(str(path))
@@ -193,7 +193,7 @@ def test_fast_nms_option_writes_its_own_file(trained, capsys):
     assert runner.main(["export", "--run", str(trained.path), "--format", "tflite", "--nms", "fast"]) == 0
     fast = trained.path / "export" / "detector_none_fast_nms.tflite"
     assert str(fast) in capsys.readouterr().out
-    info = json.loads((fast.parent / export.INFO_FILE).read_text())["models"]
+    info = json.loads((fast.parent / inference.INFO_FILE).read_text())["models"]
     assert info[fast.name]["nms"] == "fast"
     regular = trained.path / "export" / "detector_none.tflite"
     if not regular.is_file():

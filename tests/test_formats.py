@@ -310,8 +310,8 @@ def test_a_turned_photo_is_annotated_and_detected_as_shown(tmp_path):
     ingestion takes a box drawn on the shown image, detection decodes and scales boxes to the shown image,
     and an annotation giving the stored size is refused in one line (its tool did not turn it)."""
     from shared import annotations
-    from shared.detection.datasets import image_size_problem
-    from shared.detection.export import eval_pixels
+    from shared.detection.records import image_size_problem
+    from shared.detection.serving import eval_pixels
 
     data = READ["jpeg-turned.jpg"]
     pixels, shape = eval_pixels(tf.constant(data), 16, 3)

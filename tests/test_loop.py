@@ -318,7 +318,7 @@ def test_a_detection_round_end_to_end(tmp_path):
     from test_detection_runner import SIZE, TINY, classification_run
 
     from shared import runner
-    from shared.detection.datasets import read_tfod_records
+    from shared.detection.tfod import read_tfod_records
 
     backbone = classification_run(tmp_path / "backbone_runs", width=4)
     (tmp_path / "classes.txt").write_text("square\nbar\n")

@@ -14,7 +14,11 @@ import tensorflow as tf
 from PIL import Image
 
 from shared.config import from_dict
-from shared.detection import datasets as D
+from shared.detection.coco import write_coco
+from shared.detection.datasets import load_detection_data, make_dataset
+from shared.detection.label_map import read_class_list
+from shared.detection.records import DetectionRecord, DetectionSplit
+from shared.detection.voc import write_voc
 
 from conftest import load_script
 
@@ -54,12 +58,12 @@ def write_csv(path: Path, labels: dict = LABELS, extra_rows: str = "") -> Path:
     return path
 
 
-def as_split(images: Path, labels: dict = LABELS) -> D.DetectionSplit:
+def as_split(images: Path, labels: dict = LABELS) -> DetectionSplit:
     names = sorted({box[0] for _, _, boxes in labels.values() for box in boxes})
-    records = [D.DetectionRecord(str(images / name), width, height, np.array([b[1:] for b in boxes], np.float32),
+    records = [DetectionRecord(str(images / name), width, height, np.array([b[1:] for b in boxes], np.float32),
                                  np.array([names.index(b[0]) for b in boxes], np.int32), name=name)
                for name, (width, height, boxes) in labels.items()]
-    return D.DetectionSplit(records, names)
+    return DetectionSplit(records, names)
 
 
 def tfrecord_config(out: Path, split: str = "train"):
@@ -69,7 +73,7 @@ def tfrecord_config(out: Path, split: str = "train"):
 
 def read_back(out: Path, split: str = "train") -> dict:
     """The shards as `detection.format: tfrecord` loads them: name -> (size, [(class, box)])."""
-    train, _, names = D.load_detection_data(tfrecord_config(out, split))
+    train, _, names = load_detection_data(tfrecord_config(out, split))
     return {record.name: ((record.width, record.height),
                           sorted((names[c], tuple(np.round(box, 3))) for c, box in zip(record.classes, record.boxes)))
             for record in train}
@@ -86,10 +90,10 @@ def test_csv_round_trips_through_the_tfrecord_reader(images, tmp_path):
                     "--out", str(out), "--train-shards", "2", "--no-progress"]) == 0
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == [
         "label_map.pbtxt", "train-00000-of-00002", "train-00001-of-00002"]
-    assert D.read_class_list(out / "label_map.pbtxt") == ["bird", "cat", "dog"]  # sorted, ids 1..3
+    assert read_class_list(out / "label_map.pbtxt") == ["bird", "cat", "dog"]  # sorted, ids 1..3
     assert read_back(out) == expected()
     config = tfrecord_config(out)
-    images, targets = next(iter(D.make_dataset(D.load_detection_data(config)[0], config, training=False,
+    images, targets = next(iter(make_dataset(load_detection_data(config)[0], config, training=False,
                                                batch_size=8)))  # the detector's input pipeline decodes them
     assert images.shape == (4, 32, 32, 3) and int(tf.reduce_sum(tf.cast(targets["classes"] >= 0, tf.int32))) == 6
     first_record = next(iter(tf.data.TFRecordDataset(str(out / "train-00000-of-00002"))))
@@ -102,12 +106,12 @@ def test_csv_round_trips_through_the_tfrecord_reader(images, tmp_path):
 
 def test_coco_and_voc_round_trip(images, tmp_path):
     split = as_split(images)
-    D.write_coco(split, tmp_path / "coco.json", images)
+    write_coco(split, tmp_path / "coco.json", images)
     assert convert(["--format", "coco", str(tmp_path / "coco.json"), "--images", str(images),
                     "--out", str(tmp_path / "coco"), "--no-progress"]) == 0
     assert read_back(tmp_path / "coco") == expected()
 
-    D.write_voc(split, tmp_path / "voc", "trainval")
+    write_voc(split, tmp_path / "voc", "trainval")
     assert convert(["--format", "voc", str(tmp_path / "voc"), "--split", "trainval", "--out", str(tmp_path / "voc-out"),
                     "--no-progress"]) == 0
     # VOC stores 1-based integer pixels: b.png's xmin 5.5 comes back within a pixel
@@ -125,7 +129,7 @@ def test_classes_file_fixes_the_label_order_and_a_second_split_reuses_it(images,
     csv_path = write_csv(tmp_path / "labels.csv")
     assert convert(["--format", "csv", str(csv_path), "--images", str(images), "--out", str(out),
                     "--classes", str(tmp_path / "classes.txt"), "--no-progress"]) == 0
-    assert D.read_class_list(out / "label_map.pbtxt") == ["dog", "cat", "bird"]
+    assert read_class_list(out / "label_map.pbtxt") == ["dog", "cat", "bird"]
     record = next(iter(tf.data.TFRecordDataset(str(next(out.glob("train-*")))))).numpy()
     example = tf.train.Example.FromString(record)
     texts = [t.decode() for t in example.features.feature["image/object/class/text"].bytes_list.value]
@@ -135,7 +139,7 @@ def test_classes_file_fixes_the_label_order_and_a_second_split_reuses_it(images,
     write_csv(tmp_path / "val.csv", {"b.png": LABELS["b.png"]})
     assert convert(["--format", "csv", str(tmp_path / "val.csv"), "--images", str(images), "--out", str(out),
                     "--split", "validation", "--no-progress"]) == 0
-    assert D.read_class_list(out / "label_map.pbtxt") == ["dog", "cat", "bird"]
+    assert read_class_list(out / "label_map.pbtxt") == ["dog", "cat", "bird"]
     assert read_back(out, "validation") == expected({"b.png": LABELS["b.png"]})
     # another order into the same shards: refused, not mixed in
     assert convert(["--format", "csv", str(csv_path), "--images", str(images), "--out", str(out), "--seed", "1",
@@ -146,7 +150,7 @@ def test_classes_file_fixes_the_label_order_and_a_second_split_reuses_it(images,
     assert convert(["--format", "csv", str(csv_path), "--images", str(images), "--out", str(out),
                     "--classes", str(tmp_path / "sorted.txt"), "--no-progress"]) == 2
     assert f"{out / 'label_map.pbtxt'} lists other classes" in capsys.readouterr().err
-    assert D.read_class_list(out / "label_map.pbtxt") == ["dog", "cat", "bird"]
+    assert read_class_list(out / "label_map.pbtxt") == ["dog", "cat", "bird"]
     # a class the list lacks: its image is named and left out
     (tmp_path / "two.txt").write_text("dog\ncat\n")
     assert convert(["--format", "csv", str(csv_path), "--images", str(images), "--out", str(tmp_path / "two"),
@@ -187,7 +191,7 @@ def test_missing_column_and_bad_xml(images, tmp_path, capsys):
         f"error: {tmp_path / 'labels.csv'} line 1: the header has no column ymax (it has filename,width,height,"
         f"class,xmin,ymin,xmax); name the columns filename,width,height,class,xmin,ymin,xmax,ymax")
 
-    D.write_voc(as_split(images), tmp_path / "voc", "trainval")
+    write_voc(as_split(images), tmp_path / "voc", "trainval")
     (tmp_path / "voc" / "Annotations" / "a.xml").write_text("<annotation><size>")
     assert convert(["--format", "voc", str(tmp_path / "voc"), "--out", str(tmp_path / "voc-out"),
                     "--no-progress"]) == 0
@@ -199,7 +203,7 @@ def test_missing_column_and_bad_xml(images, tmp_path, capsys):
 # Slows the real record writer down, so that the test can SIGKILL it between shards.
 SLOW_WRITER = """
 import runpy, sys, time
-import shared.detection.datasets as D
+import shared.detection.tfod as D
 real = D.tfod_example
 def slow(*args):
     time.sleep(0.3)

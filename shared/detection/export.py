@@ -13,7 +13,8 @@ both decode, resize to S x S and normalize as the run's evaluation pipeline does
 NMS (`postprocess.decode_detections`, the run's detection.score_threshold / nms_iou / max_detections), and
 return `boxes` [N, D, 4] float32 absolute xyxy, in the pixels of the image as sent (serving_default: scaled
 back from S x S to each image's own size), `classes` [N, D] int32 (-1 for padding), `labels` [N, D] class
-names ("" for padding), `scores` [N, D] float32 and `num_detections` [N] int32.
+names ("" for padding), `scores` [N, D] float32 and `num_detections` [N] int32. The signatures'
+functions are `shared.detection.serving`'s.
 
 TFLite (`export_detection_tflite`): `<run>/export/detector_<quantize>.tflite`, input one *normalized* image
 (1, S, S, C) as the run's config.yaml says (data.mean / data.std). By default the file ends in TFLite's
@@ -23,7 +24,9 @@ scores, count, the form detection apps read; labels.txt beside it. `raw_outputs`
 absolute xyxy in the S x S image, the order of the outputs); `decode_tflite_outputs` turns them into
 detections with numpy alone: the same box decoding (center_xywh deltas times the variances 0.1, 0.1, 0.2,
 0.2), sigmoid scores and per-class greedy NMS as `decode_detections`. `detection.json` (image size,
-normalization, class names, thresholds, box encoding) describes every file of the folder.
+normalization, class names, thresholds, box encoding) describes every file of the folder. The conversion is
+here; the edits of the converted flatbuffer are `shared.detection.tflite_flatbuffer`'s, running a file
+`shared.detection.tflite_inference`'s.
 """
 
 from __future__ import annotations
@@ -36,16 +39,20 @@ from pathlib import Path
 import numpy as np
 
 from shared.detection.anchors import VARIANCES
+from shared.detection.boxes import decode_boxes, ground_truth, non_max_suppression
+from shared.detection.serving import detection_serving_functions, preprocessing
+from shared.detection.tflite_flatbuffer import anchors_in_int8, outputs_in_op_order
+from shared.detection.tflite_inference import (INFO_FILE, POSTPROCESS_OUTPUTS, exported_models, identify_outputs,
+                                               is_postprocess_file, output_names, predict_tflite_postprocess,
+                                               predict_tflite_raw, tflite_interpreter)
 from shared.errors import UserError
 from shared.export import publish, target_folder, write_archive
 from shared.runs import Run, open_run
 
 OUTPUT_KEYS = ("boxes", "classes", "labels", "scores", "num_detections")
 ANCHORS_FILE = "anchors.npy"
-INFO_FILE = "detection.json"
 TFLITE_QUANTIZE = ("none", "float16", "dynamic")  # both forms; int8 only with the post-processing op
 POSTPROCESS_OP = "TFLite_Detection_PostProcess"
-POSTPROCESS_OUTPUTS = ("boxes", "classes", "scores", "count")  # the op's order, what detection apps read
 LABELS_FILE = "labels.txt"
 CALIBRATION_IMAGES = 200  # training images an int8 file is calibrated on
 NMS_CHOICES = ("regular", "fast")  # the op's per-class NMS, or its class-agnostic one (see postprocess_signature)
@@ -60,68 +67,7 @@ def default_model_name(run: Run) -> str:
     return f"{run.model_name}_detection"
 
 
-def preprocessing(config) -> dict:
-    """How the exports take an image: its size, channels and normalization (detection.json, export.json)."""
-    from shared.detection.datasets import detection_normalization
-
-    mean, std = detection_normalization(config)
-    data = config.data
-    return {"image_size": data.image_size, "channels": data.channels, "preprocessing": "resize",
-            "normalize": data.normalize, "mean": mean, "std": std}
-
-
 # ---------------------------------------------------------------- SavedModel
-
-
-def detection_serving_functions(detector, config, class_names: list[str]):
-    """(bytes_fn, images_fn): the two endpoints as plain functions of batched tensors."""
-    import tensorflow as tf
-
-    from shared.data import preprocess
-    from shared.detection.model import model_anchors
-    from shared.detection.postprocess import decode_detections
-
-    data = config.data
-    size, channels = data.image_size, data.channels
-    prep = preprocessing(config)
-    normalize = preprocess.normalizer(prep["mean"], prep["std"], data.normalize, size)
-    anchors = model_anchors(detector, config.detection)
-    names = tf.constant([*class_names, ""], tf.string)  # index -1 (padding) picks ""
-
-    def detect(pixels, image_shapes):
-        """pixels [N, S, S, C] 0-255; image_shapes [N, 2] (height, width) the boxes are scaled to."""
-        found = decode_detections(anchors, detector(normalize(pixels), training=False), config.detection, size)
-        shapes = tf.cast(image_shapes, tf.float32)
-        scale = tf.stack([shapes[:, 1], shapes[:, 0], shapes[:, 1], shapes[:, 0]], axis=-1) / float(size)
-        classes = found["classes"]
-        return {"boxes": found["boxes"] * scale[:, None, :], "classes": classes,
-                "labels": tf.gather(names, tf.where(classes >= 0, classes, len(class_names))),
-                "scores": found["scores"], "num_detections": found["num_detections"]}
-
-    def bytes_fn(image_bytes):
-        pixels, shapes = tf.map_fn(lambda encoded: eval_pixels(encoded, size, channels, data.max_pixels), image_bytes,
-                                   fn_output_signature=(tf.TensorSpec((size, size, channels), tf.float32),
-                                                        tf.TensorSpec((2,), tf.int32)))
-        return detect(pixels, shapes)
-
-    def images_fn(images):
-        shapes = tf.fill([tf.shape(images)[0], 2], size)
-        return detect(images, shapes)
-
-    return bytes_fn, images_fn
-
-
-def eval_pixels(encoded, size: int, channels: int, max_pixels: int | None = None, name="an input image"):
-    """One encoded image as make_dataset's evaluation view has it: decoded as shown, resized to S x S (always;
-    the same bilinear kernel), float 0-255; and its own (height, width) as shown, which boxes are scaled back
-    to. Refused in one line naming it (`name`) as the formats table says (`shared.data.formats`)."""
-    import tensorflow as tf
-
-    from shared.data import preprocess
-
-    image = tf.cast(preprocess.decode(encoded, channels, max_pixels, name), tf.float32)
-    shape = tf.shape(image)[:2]
-    return tf.ensure_shape(tf.image.resize(image, [size, size]), (size, size, channels)), shape
 
 
 def _write_saved_model(detector, config, class_names: list[str], target: Path) -> None:
@@ -268,7 +214,7 @@ def _convert_postprocess(detector, config, num_classes: int, quantize: str, cali
     runtimes have built in (hence allow_custom_ops); every other op a builtin. int8: weights and
     activations, calibrated on `calibration` (a callable yielding [image] lists), float input (io "int8":
     int8, as edge accelerators take it) and the op's float outputs (it has no other kind), and the op's
-    anchors stored in int8 (`_anchors_in_int8`)."""
+    anchors stored in int8 (`tflite_flatbuffer.anchors_in_int8`)."""
     import tensorflow as tf
 
     data = config.data
@@ -285,79 +231,8 @@ def _convert_postprocess(detector, config, num_classes: int, quantize: str, cali
     else:
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
         _quantization(converter, quantize)
-    content = _outputs_in_op_order(converter.convert())
-    return _anchors_in_int8(content) if quantize == "int8" else content
-
-
-def _anchors_in_int8(content: bytes) -> bytes:
-    """The file with the post-processing op's anchors stored as int8 and turned back into the float32 the
-    op reads by a DEQUANTIZE op at run time. The converter leaves a custom op's constant inputs in float32,
-    and the anchors ([A, 4] float32) are the largest constant of a small detector's int8 file. One scale
-    over 0 to their largest value (at least 1: the image side) puts each within half a step (1/510 of the
-    image side, or of that value) of its float32 value, as the int8 anchor constants in the graph before
-    the op (`clipped_encodings`) are; the op's own quantized (uint8) form stores its anchors so too."""
-    from tensorflow.lite.python import schema_py_generated as schema
-    from tensorflow.lite.tools import flatbuffer_utils
-
-    model = flatbuffer_utils.convert_bytearray_to_object(bytearray(content))
-    graph = model.subgraphs[0]
-    (position, op), = [(i, op) for i, op in enumerate(graph.operators)
-                       if model.operatorCodes[op.opcodeIndex].customCode == POSTPROCESS_OP.encode()]
-    anchors = graph.tensors[op.inputs[2]]
-    values = np.frombuffer(bytes(model.buffers[anchors.buffer].data), np.float32)
-    low, high = min(0.0, float(values.min())), max(1.0, float(values.max()))
-    scale = (high - low) / 255.0
-    zero_point = int(round(-128 - low / scale))
-    stored = np.clip(np.round(values / scale) + zero_point, -128, 127).astype(np.int8)
-
-    buffer = schema.BufferT()
-    buffer.data = np.frombuffer(stored.tobytes(), np.uint8)
-    model.buffers[anchors.buffer].data = None  # the float32 copy goes; its tensor is computed from now on
-    anchors.buffer = 0  # the empty buffer: filled by the DEQUANTIZE below
-    model.buffers.append(buffer)
-    quantization = schema.QuantizationParametersT()
-    quantization.scale, quantization.zeroPoint = [scale], [zero_point]
-    source = schema.TensorT()
-    source.name, source.shape, source.type = b"anchors_int8", anchors.shape, schema.TensorType.INT8
-    source.buffer, source.quantization = len(model.buffers) - 1, quantization
-    graph.tensors.append(source)
-
-    dequantize = schema.OperatorT()
-    dequantize.opcodeIndex = _opcode(model, schema.BuiltinOperator.DEQUANTIZE, version=2)  # v2: int8 in
-    dequantize.inputs = np.asarray([len(graph.tensors) - 1], np.int32)
-    dequantize.outputs = np.asarray([op.inputs[2]], np.int32)
-    graph.operators.insert(position, dequantize)
-    return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
-
-
-def _opcode(model, builtin: int, version: int) -> int:
-    """The index of `builtin`'s operator code in the model, added if the model has none."""
-    from tensorflow.lite.python import schema_py_generated as schema
-
-    for index, code in enumerate(model.operatorCodes):
-        if max(code.builtinCode, code.deprecatedBuiltinCode) == builtin and not code.customCode:
-            code.version = max(code.version, version)
-            return index
-    code = schema.OperatorCodeT()
-    code.builtinCode, code.deprecatedBuiltinCode, code.version = builtin, min(builtin, 127), version
-    model.operatorCodes.append(code)
-    return len(model.operatorCodes) - 1
-
-
-def _outputs_in_op_order(content: bytes) -> bytes:
-    """The file with its outputs listed (and named) boxes, classes, scores, count: the converter lists them
-    in no fixed order, and detection apps read them by position."""
-    from tensorflow.lite.tools import flatbuffer_utils
-
-    model = flatbuffer_utils.convert_bytearray_to_object(bytearray(content))
-    (signature,) = model.signatureDefs
-    by_name = {entry.name.decode(): entry.tensorIndex for entry in signature.outputs}
-    order = [by_name[name] for name in SIGNATURE_OUTPUTS]
-    graph = model.subgraphs[signature.subgraphIndex]
-    graph.outputs = np.asarray(order, np.int32)
-    for name, index in zip(SIGNATURE_OUTPUTS, order):
-        graph.tensors[index].name = name.encode()
-    return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
+    content = outputs_in_op_order(converter.convert(), SIGNATURE_OUTPUTS)
+    return anchors_in_int8(content, POSTPROCESS_OP) if quantize == "int8" else content
 
 
 def _quantization(converter, quantize: str) -> None:
@@ -454,7 +329,7 @@ def export_detection_tflite(run: Run | str | Path, quantize: str = "none", io: s
             "score_threshold": detection.score_threshold, "nms_iou": detection.nms_iou,
             "max_detections": detection.max_detections,
             # every file exported here: its form and, for the raw form, its own output tensor names
-            "models": {**_exported_models(out.parent), out.name: file_info}}
+            "models": {**exported_models(out.parent), out.name: file_info}}
     buffer = io_module.BytesIO()
     np.save(buffer, anchors.astype(np.float32))
     atomic_write(out.parent / ANCHORS_FILE, buffer.getvalue())
@@ -464,134 +339,7 @@ def export_detection_tflite(run: Run | str | Path, quantize: str = "none", io: s
     return out
 
 
-def tflite_interpreter(path: Path | str, num_threads: int | None = None):
-    """The LiteRT interpreter for a detection .tflite (shared.tflite's loader)."""
-    from shared.tflite import load_interpreter
-
-    return load_interpreter(path, num_threads=num_threads)
-
-
-def identify_outputs(interpreter, detector, input_shape: tuple, seed: int = 0) -> dict[str, str]:
-    """{"boxes": tensor name, "classes": tensor name} of the converted file's two outputs, found by running
-    it and the Keras detector on one random image: the converter names them after its graph (e.g.
-    "PartitionedCall:0"), not after the model's outputs, and a shape check alone cannot tell them apart
-    when there are 4 classes. Also a check of the conversion: a UserError if no output matches."""
-    image = np.random.default_rng(seed).normal(size=(1, *input_shape)).astype(np.float32)
-    expected = {key: np.asarray(value) for key, value in detector(image, training=False).items()
-                if key in ("boxes", "classes")}
-    interpreter.set_tensor(interpreter.get_input_details()[0]["index"], image)
-    interpreter.invoke()
-    got = {d["name"]: interpreter.get_tensor(d["index"]) for d in interpreter.get_output_details()}
-    names = {}
-    for key, want in expected.items():
-        errors = {name: float(np.abs(value - want).max()) for name, value in got.items()
-                  if value.shape == want.shape and name not in names.values()}
-        if not errors:
-            raise UserError(f"the converted detector has no output shaped like its {key} {want.shape}")
-        names[key] = min(errors, key=errors.get)
-        scale = max(1.0, float(np.abs(want).max()))
-        if errors[names[key]] > 0.05 * scale:  # float16 / dynamic quantization stay far below this
-            raise UserError(f"the converted detector's {key} differ from the Keras model's by up to "
-                            f"{errors[names[key]]:.3g}; the TFLite conversion is wrong, do not use the file")
-    return names
-
-
-def _exported_models(folder: Path) -> dict:
-    """detection.json's record of the .tflite files in `folder` that still exist."""
-    try:
-        models = json.loads((folder / INFO_FILE).read_text(encoding="utf-8")).get("models", {})
-    except (OSError, ValueError, AttributeError):
-        return {}
-    return {name: entry for name, entry in models.items() if (folder / name).is_file()}
-
-
-def output_names(path: Path | str) -> dict[str, str] | None:
-    """The output tensor names recorded for a .tflite file in detection.json beside it (None if none)."""
-    path = Path(path)
-    return _exported_models(path.parent).get(path.name, {}).get("output_tensors")
-
-
-def _output_details(interpreter, names: dict[str, str] | None = None) -> tuple[dict, dict]:
-    """(boxes, classes) output details: by the recorded tensor names, else by shape (the box output's last
-    axis is 4; with 4 classes the first listed output counts as boxes)."""
-    outputs = interpreter.get_output_details()
-    if len(outputs) != 2:
-        raise UserError(f"a detector's TFLite file has two outputs (boxes, classes), this one {len(outputs)}")
-    if names:
-        by_name = {d["name"]: d for d in outputs}
-        if names.get("boxes") in by_name and names.get("classes") in by_name:
-            return by_name[names["boxes"]], by_name[names["classes"]]
-    ordered = sorted(outputs, key=lambda d: (int(d["shape"][-1]) != 4, d["index"]))
-    return ordered[0], ordered[1]
-
-
-def predict_tflite_raw(interpreter, images: np.ndarray, names: dict[str, str] | None = None
-                       ) -> tuple[np.ndarray, np.ndarray]:
-    """Raw outputs (box deltas [N, A, 4], class logits [N, A, C]) for normalized images [N, S, S, C],
-    one invoke per image (the file is batch 1). `names`: `output_names(path)`."""
-    source = interpreter.get_input_details()[0]
-    boxes_detail, classes_detail = _output_details(interpreter, names)
-    boxes, classes = [], []
-    for image in np.asarray(images, np.float32):
-        interpreter.set_tensor(source["index"], image[None])
-        interpreter.invoke()
-        boxes.append(interpreter.get_tensor(boxes_detail["index"])[0].copy())
-        classes.append(interpreter.get_tensor(classes_detail["index"])[0].copy())
-    return np.stack(boxes), np.stack(classes)
-
-
-# ---------------------------------------------------------------- decoding in numpy
-
-
-def decode_boxes(anchors: np.ndarray, deltas: np.ndarray) -> np.ndarray:
-    """Deltas [..., A, 4] -> absolute xyxy boxes: the inverse of `anchors.assign_targets`' encoding, as
-    keras.utils.bounding_boxes.decode_deltas_to_boxes computes it (center_xywh, SSD's variances)."""
-    anchors = np.asarray(anchors, np.float32)
-    deltas = np.asarray(deltas, np.float32) * np.asarray(VARIANCES, np.float32)
-    width, height = anchors[:, 2] - anchors[:, 0], anchors[:, 3] - anchors[:, 1]
-    cx, cy = anchors[:, 0] + width / 2.0, anchors[:, 1] + height / 2.0
-    x = deltas[..., 0] * width + cx
-    y = deltas[..., 1] * height + cy
-    w = np.exp(deltas[..., 2]) * width
-    h = np.exp(deltas[..., 3]) * height
-    return np.stack([x - w / 2.0, y - h / 2.0, x + w / 2.0, y + h / 2.0], axis=-1)
-
-
-def ground_truth(split, image_size: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Every annotated box of a DetectionSplit (not only the first detection.max_boxes), in the resized
-    image's pixels."""
-    truth = []
-    for record in split:
-        scale = np.array([image_size / record.width, image_size / record.height] * 2, np.float32)
-        truth.append((record.boxes * scale, record.classes))
-    return truth
-
-
-def box_iou(box: np.ndarray, others: np.ndarray) -> np.ndarray:
-    """IoU of one xyxy box with each of `others` [K, 4], as TF's NMS kernels compute it (0 for empty boxes)."""
-    x_min, y_min = np.maximum(box[0], others[:, 0]), np.maximum(box[1], others[:, 1])
-    x_max, y_max = np.minimum(box[2], others[:, 2]), np.minimum(box[3], others[:, 3])
-    inter = np.clip(x_max - x_min, 0, None) * np.clip(y_max - y_min, 0, None)
-    area = (box[2] - box[0]) * (box[3] - box[1])
-    areas = (others[:, 2] - others[:, 0]) * (others[:, 3] - others[:, 1])
-    union = area + areas - inter
-    valid = (area > 0) & (areas > 0) & (union > 0)
-    return np.where(valid, inter / np.where(union > 0, union, 1.0), 0.0)
-
-
-def non_max_suppression(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float, score_threshold: float,
-                        max_output: int) -> np.ndarray:
-    """Greedy NMS of one class: indices of the kept boxes, best first. Candidates score above
-    `score_threshold`; a box is dropped when its IoU with a kept one exceeds `iou_threshold`."""
-    candidates = np.flatnonzero(scores > score_threshold)
-    order = candidates[np.argsort(-scores[candidates], kind="stable")]
-    kept: list[int] = []
-    for index in order:
-        if len(kept) >= max_output:
-            break
-        if not kept or not (box_iou(boxes[index], boxes[kept]) > iou_threshold).any():
-            kept.append(int(index))
-    return np.asarray(kept, np.int64)
+# ---------------------------------------------------------------- decoding in numpy, and a file evaluated
 
 
 def decode_tflite_outputs(box_deltas: np.ndarray, class_logits: np.ndarray, anchors: np.ndarray,
@@ -623,31 +371,6 @@ def decode_tflite_outputs(box_deltas: np.ndarray, class_logits: np.ndarray, anch
         out["num_detections"][n] = len(found)
     return out if batched else {key: value[0] for key, value in out.items()}
 
-
-def is_postprocess_file(interpreter) -> bool:
-    """Whether a detection .tflite ends in TFLite_Detection_PostProcess (four outputs) or has the raw ones."""
-    return len(interpreter.get_output_details()) == len(POSTPROCESS_OUTPUTS)
-
-
-def predict_tflite_postprocess(interpreter, images: np.ndarray, image_size: int) -> list[tuple]:
-    """Detections of a post-processing-op file for normalized images [N, S, S, C], one invoke per image:
-    per image (boxes [D, 4] absolute xyxy in the S x S image, classes [D] int, scores [D]), the op's
-    `count` first rows of its outputs (boxes, classes, scores, count, in that order)."""
-    from shared.tflite import quantized
-
-    source = interpreter.get_input_details()[0]
-    outputs = interpreter.get_output_details()
-    found = []
-    for image in np.asarray(images, np.float32):
-        interpreter.set_tensor(source["index"], quantized(image[None], source))  # an int8 input: quantized
-        interpreter.invoke()
-        boxes, classes, scores, count = (interpreter.get_tensor(d["index"])[0] for d in outputs)
-        count = int(count)
-        # (ymin, xmin, ymax, xmax) normalized -> xyxy pixels, clipped to the image as decode_detections does
-        yx = np.clip(boxes[:count], 0.0, 1.0) * float(image_size)
-        found.append((yx[:, [1, 0, 3, 2]].astype(np.float32), classes[:count].astype(np.int32),
-                      scores[:count].astype(np.float32)))
-    return found
 
 
 def evaluate_detection_tflite(path: Path | str, run: Run | str | Path, limit: int | None = None) -> dict:

@@ -17,6 +17,8 @@ from keras.utils import bounding_boxes
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from shared.detection.boxes import box_iou
+
 
 def _rows(boxes, classes, scores=None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Drop padding (class < 0, e.g. the pipeline's -1 rows or decode_detections' unused slots)."""
@@ -104,17 +106,6 @@ def coco_map(ground_truth: Sequence[tuple], detections: Sequence[tuple], class_n
 VOC_IOU = 0.5  # a detection is a true positive above this IoU (the devkit's `ovmax > 0.5`)
 
 
-def _iou(box: np.ndarray, others: np.ndarray) -> np.ndarray:
-    """IoU of one xyxy box with each of `others` [K, 4]; continuous coordinates (the pipeline's boxes end one
-    past the last pixel), so without the devkit's +1 on widths."""
-    x_min, y_min = np.maximum(box[0], others[:, 0]), np.maximum(box[1], others[:, 1])
-    x_max, y_max = np.minimum(box[2], others[:, 2]), np.minimum(box[3], others[:, 3])
-    inter = np.clip(x_max - x_min, 0, None) * np.clip(y_max - y_min, 0, None)
-    areas = (others[:, 2] - others[:, 0]) * (others[:, 3] - others[:, 1])
-    union = (box[2] - box[0]) * (box[3] - box[1]) + areas - inter
-    return np.where(union > 0, inter / np.where(union > 0, union, 1.0), 0.0)
-
-
 def voc_average_precision(recall: np.ndarray, precision: np.ndarray) -> float:
     """VOC2010+'s all-point interpolated AP: the area under the precision envelope (precision at recall r is
     the best precision at any recall >= r), summed where recall changes."""
@@ -149,7 +140,8 @@ def voc_class_outcomes(ground_truth: Sequence[tuple], detections: Sequence[tuple
         gt_boxes, difficult, taken = truth[image]
         if not len(gt_boxes):
             continue
-        overlaps = _iou(box, gt_boxes)
+        # continuous coordinates (the pipeline's boxes end one past the last pixel): no devkit +1 on widths
+        overlaps = box_iou(box, gt_boxes)
         best = int(np.argmax(overlaps))
         if overlaps[best] > iou_threshold:
             if difficult[best]:

@@ -300,3 +300,9 @@ def backbone_layer_names(model: keras.Model) -> list[str]:
     """The detector's layers that come from the backbone (everything but fpn_*, head_* and the outputs)."""
     return [layer.name for layer in model.layers
             if not layer.name.startswith(HEAD_PREFIXES) and layer.name not in OUTPUT_NAMES]
+
+
+def head_layer_names(detector: keras.Model) -> set[str]:
+    """The layers the detector adds to the backbone: fpn_*, head_* and the two outputs."""
+    return {layer.name for layer in detector.layers
+            if layer.name.startswith(HEAD_PREFIXES) or layer.name in OUTPUT_NAMES}

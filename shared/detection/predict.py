@@ -4,7 +4,7 @@ TFLite file: the detection side of `shared.predict`.
     from shared.detection.predict import Detector
     Detector.from_run("runs/resnet/v0002", min_score=0.3).predict(["a.jpg"])   # [Detections, ...]
 
-A run and a SavedModel run the same function on encoded bytes (`shared.detection.export.
+A run and a SavedModel run the same function on encoded bytes (`shared.detection.serving.
 detection_serving_functions`: decode, resize, normalize, detect, per-class NMS); a TFLite file gets the same
 decoding, resizing and normalization and runs its own post-processing op. Boxes come in the pixels of each
 image as read.
@@ -84,14 +84,14 @@ class _TFLiteBoxes(_Boxes):
         import tensorflow as tf
 
         from shared.data import preprocess
-        from shared.detection import export
+        from shared.detection import export, serving, tflite_inference
 
         data = config.data
         self.size = data.image_size
-        prep = export.preprocessing(config)
+        prep = serving.preprocessing(config)
         normalize = preprocess.normalizer(prep["mean"], prep["std"], data.normalize, self.size)
-        self.interpreter = export.tflite_interpreter(path, num_threads=None if nms == "fast" else 1)
-        if not export.is_postprocess_file(self.interpreter):
+        self.interpreter = tflite_inference.tflite_interpreter(path, num_threads=None if nms == "fast" else 1)
+        if not tflite_inference.is_postprocess_file(self.interpreter):
             raise UserError(f"{path} has the raw outputs (--raw-outputs); predict reads the default form, "
                             f"ending in {export.POSTPROCESS_OP}: export it without --raw-outputs")
         shape = tuple(int(n) for n in self.interpreter.get_input_details()[0]["shape"][1:])
@@ -100,14 +100,14 @@ class _TFLiteBoxes(_Boxes):
                             f"it was not exported from that run; give its own with --run")
 
         def prepare(encoded):
-            pixels, shape = export.eval_pixels(encoded, self.size, data.channels, data.max_pixels)
+            pixels, shape = serving.eval_pixels(encoded, self.size, data.channels, data.max_pixels)
             return normalize(pixels[None]), shape
 
         self.prepare = tf.function(prepare, input_signature=[tf.TensorSpec([], tf.string)])
         self.min_score = float(min_score)
 
     def classify_encoded(self, encoded: list[bytes]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        from shared.detection.export import predict_tflite_postprocess
+        from shared.detection.tflite_inference import predict_tflite_postprocess
 
         results = []
         for one in encoded:
@@ -133,7 +133,7 @@ class Detector(Predictor):
         import tensorflow as tf
 
         from shared.config import with_changes
-        from shared.detection.export import detection_serving_functions
+        from shared.detection.serving import detection_serving_functions
         from shared.tasks import rebuild
 
         run = _detection_run(run)
@@ -177,7 +177,7 @@ class Detector(Predictor):
         evaluation preprocessing and labels it takes. Its op already dropped boxes under the run's
         score_threshold: `min_score` may only be higher."""
         from shared import config as config_module
-        from shared.detection.export import INFO_FILE
+        from shared.detection.tflite_inference import INFO_FILE
 
         file = Path(file).expanduser()
         if not file.is_file():

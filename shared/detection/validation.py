@@ -6,6 +6,9 @@ The logs of every epoch carry the keys (Keras' CSV logger fixes its columns at t
 is evaluated at the first epoch of each `fit` (nothing measured yet, also after a resume), every Nth epoch
 and the last one; the epochs between carry the last measured value, so early stopping's patience counts
 epochs, not evaluations (give it at least N).
+
+The split evaluated (`validation_split`): data.val_fraction of the training images held out, else the test
+split.
 """
 
 from __future__ import annotations
@@ -14,6 +17,11 @@ import contextlib
 from typing import Callable
 
 import keras
+import numpy as np
+
+from shared.config import Config
+from shared.detection.records import DetectionSplit
+from shared.errors import UserError
 
 LOGGED = {"coco": {"val_map": "mAP", "val_map50": "mAP50", "val_map75": "mAP75"},
           "voc": {"val_map": "mAP", "val_map50": "mAP50"}}  # VOC's mAP is AP@.5
@@ -22,6 +30,27 @@ LOGGED = {"coco": {"val_map": "mAP", "val_map50": "mAP50", "val_map75": "mAP75"}
 def logged_keys(protocol: str) -> set[str]:
     """The epoch-log keys `ValidationMAP` writes for `protocol`."""
     return set(LOGGED[protocol])
+
+
+def validation_split(train: DetectionSplit, config: Config, test: DetectionSplit | None
+                     ) -> tuple[DetectionSplit, DetectionSplit | None]:
+    """(training split, the split detection.eval_every evaluates): data.val_fraction of the training images
+    held out (drawn with train.seed, the same on every resume), else the test split itself (then the
+    validation mAP, and a best checkpoint picked by it, have seen the test images). None without eval_every."""
+    fraction = config.data.val_fraction
+    if not config.detection.eval_every:
+        return train, None
+    if not fraction:
+        return train, test
+    count = max(1, round(len(train) * fraction))
+    if count >= len(train):
+        raise UserError(f"data.val_fraction {fraction}{config.where} leaves no training image of {len(train)}; "
+                        f"lower it")
+    held = set(np.random.default_rng(config.train.seed).permutation(len(train))[:count].tolist())
+    kept = [record for i, record in enumerate(train) if i not in held]
+    chosen = [record for i, record in enumerate(train) if i in held]
+    return (DetectionSplit(kept, train.class_names, train.source),
+            DetectionSplit(chosen, train.class_names, f"{train.source} (validation)"))
 
 
 class ValidationMAP(keras.callbacks.Callback):
