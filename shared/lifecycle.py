@@ -29,7 +29,7 @@ from shared import distribute, durable, finetune, modelzoo, optim, plots, runs
 from shared.callbacks import (AtomicBackupAndRestore, BestCheckpoint, DurableCSVLogger, EpochCheckpoint,
                               LearningRateLogger, NonFiniteLoss, ResumableEarlyStopping, StopOnNonFiniteLoss,
                               StopOnSignal, backup_state, logged_metrics, monitor_mode)
-from shared.config import Config, with_changes
+from shared.config_schema import Config, with_changes
 from shared.errors import UserError, embedded_user_error
 from shared.progress import keras_verbosity
 from shared.task import Phase, Task

@@ -59,7 +59,7 @@ from typing import Callable, Iterator
 
 from shared import annotations, durable, runs
 from shared.annotations import AnswerTable, Batch, Example
-from shared.config import Config, with_changes
+from shared.config_schema import Config, with_changes
 from shared.errors import UserError
 from shared.locks import folder_writer
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import keras
 
 from shared.callbacks import ResumableReduceLROnPlateau
-from shared.config import Config, TrainConfig
+from shared.config_schema import Config, TrainConfig
 from shared.modelzoo import MAIN_OUTPUT
 
 

@@ -88,7 +88,7 @@ class Task:
         """The config with the paths the run records made absolute (and checked), so its config.yaml finds
         them from any directory (`test --run`, `--resume` elsewhere): a new Config (`config` is frozen).
         Called by `shared.lifecycle.prepare`; a task adds its own keys to these."""
-        from shared.config import with_changes
+        from shared.config_schema import with_changes
 
         return with_changes(config, {key: absolute(_get(config, key)) for key in PATH_KEYS})
 

@@ -47,7 +47,7 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution, Floa
 from optuna.trial import FrozenTrial, TrialState
 
 from shared import config as config_module
-from shared.config import Config
+from shared.config_schema import Config
 from shared.errors import UserError
 from shared.locks import FileLock
 from shared.names import check_plain_name

@@ -43,7 +43,7 @@ import numpy as np
 import tensorflow as tf
 
 from shared import durable, finetune, optim, plots, runs
-from shared.config import Config, with_changes
+from shared.config_schema import Config, with_changes
 from shared.detection import datasets as detection_data
 from shared.detection.anchors import training_targets
 from shared.detection.export import box_iou, ground_truth
