@@ -49,6 +49,7 @@ from optuna.trial import FrozenTrial, TrialState
 from shared import config as config_module
 from shared.config_schema import Config
 from shared.errors import UserError
+from shared.frozen import thaw
 from shared.locks import FileLock
 from shared.names import check_plain_name
 
@@ -103,7 +104,7 @@ class TrialFailed(Exception):
 def parse_objectives(config: Config) -> list[Objective]:
     """`tune.objectives` as Objective records: each a {metric, direction} mapping or a metric name
     (its natural direction); unknown metrics or directions are UserErrors with the closest name."""
-    entries = config.tune.objectives
+    entries = thaw(config.tune.objectives)  # YAML's lists and dicts, as the checks and messages read them
     if not entries:
         raise UserError("tune.objectives is empty; give at least one, e.g. [{metric: top1, direction: maximize}]")
     objectives = []
@@ -154,7 +155,7 @@ def parse_space(space: dict, base_config: Config) -> dict[str, BaseDistribution]
     key is checked by applying each choice (or both ends of the range) to the base config and
     validating it the way a recipe is, so a typo gets the config's own did-you-mean message; model
     hyperparameters are checked against the model's build() signature."""
-    flat = _flatten_space(space or {})
+    flat = _flatten_space(thaw(space or {}))  # a config's frozen space as YAML's lists and dicts
     if not flat:
         raise UserError("tune.space is empty; give at least one key to search, e.g. "
                         "train.lr.base: {float: [0.01, 0.3], log: true}")
@@ -387,7 +388,7 @@ def _quiet_experimental():
 def trial_config(base_config: Config, values: dict[str, Any], notes: str) -> Config:
     """The base config with the trial's values applied, the tune section dropped (the run's
     config.yaml then trains as it is) and `notes` as run.notes."""
-    tree = copy.deepcopy(base_config.to_dict())
+    tree = base_config.to_dict()
     tree.pop("tune", None)
     for key, value in values.items():
         set_dotted(tree, key, value)
