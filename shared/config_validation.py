@@ -11,14 +11,10 @@ import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from shared.config_schema import resolve_type
+from shared.config_schema import Config, resolve_type
 from shared.errors import UserError
 from shared.source_facts import SOURCES
-
-if TYPE_CHECKING:
-    from shared.config_schema import Config
 
 
 # ---------------------------------------------------------------- ranges
