@@ -44,7 +44,8 @@ import numpy as np  # noqa: E402
 
 from shared import modelzoo  # noqa: E402  (these modules are free of TensorFlow)
 from shared.classification.objective import compile_classifier  # noqa: E402
-from shared.config import load_config, with_changes  # noqa: E402
+from shared.config import load_config  # noqa: E402
+from shared.config_schema import with_changes  # noqa: E402
 from shared.errors import UserError  # noqa: E402
 from shared.fashion_mnist import (FASHION_MNIST_CLASSES, FASHION_MNIST_FILES, FASHION_MNIST_MEAN,  # noqa: E402
                                   FASHION_MNIST_STD, read_split)

@@ -35,7 +35,7 @@ from typing import Container, Sequence
 
 import numpy as np
 
-from shared.config import DataConfig
+from shared.config_schema import DataConfig
 from shared.data.listing import UnreadableFile, read_image_bytes
 from shared.errors import UserError
 

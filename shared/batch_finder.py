@@ -15,7 +15,7 @@ from typing import Callable
 
 import tensorflow as tf
 
-from shared.config import Config
+from shared.config_schema import Config
 from shared.errors import UserError
 
 Probe = Callable[[int], None]  # runs training at a batch size; raises when memory runs out

@@ -25,7 +25,7 @@ from pathlib import Path
 import keras
 
 from shared import durable, modelzoo, runs
-from shared.config import Config
+from shared.config_schema import Config
 from shared.errors import UserError, first_line
 from shared.runs import BEST_CHECKPOINT, epoch_checkpoints
 from shared.task import Phase

@@ -30,7 +30,7 @@ import numpy as np
 from keras import ops
 
 from shared import config as config_module
-from shared.config import DataConfig
+from shared.config_schema import DataConfig
 from shared.errors import UserError
 from shared.modelzoo import MAIN_OUTPUT
 from shared.runs import Run, open_run

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import tensorflow as tf
 
-from shared.config import DistributeConfig
+from shared.config_schema import DistributeConfig
 from shared.errors import UserError
 
 

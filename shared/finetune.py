@@ -26,7 +26,7 @@ import h5py
 import keras
 
 from shared import modelzoo
-from shared.config import InitConfig
+from shared.config_schema import InitConfig
 from shared.errors import UserError
 from shared.modelzoo import MAIN_OUTPUT
 from shared.runs import Run, open_run

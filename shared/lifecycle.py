@@ -30,7 +30,7 @@ from shared.callbacks import (DurableCSVLogger, LearningRateLogger, NonFiniteLos
 from shared.checkpoints import (CheckpointPolicy, Continuation, Start, backup_state, check_resumable,
                                 continuation_of, decide_start, record_continuation, remove_partials, start_from,
                                 truncate_metrics)
-from shared.config import Config, with_changes
+from shared.config_schema import Config, with_changes
 from shared.errors import UserError, embedded_user_error, first_line
 from shared.progress import keras_verbosity
 from shared.task import Task

@@ -59,8 +59,9 @@ from typing import Callable, Iterator
 
 from shared import annotations, durable, runs
 from shared.annotations import AnswerTable, Batch, Example
-from shared.config import Config, with_changes
+from shared.config_schema import Config, with_changes
 from shared.errors import UserError
+from shared.frozen import thaw
 from shared.locks import folder_writer
 
 STATE_FILE = "state.json"
@@ -757,7 +758,7 @@ def follow_run(config: Config, run: runs.Run) -> tuple[dict, list[str]]:
         return {}, []
     changes, differences = {}, []
     for key in FOLLOWED:
-        value, recipe = data.get(key), getattr(config.data, key)
+        value, recipe = data.get(key), thaw(getattr(config.data, key))  # as the run's config.yaml holds it
         if value is None or value == recipe:
             continue
         changes[f"data.{key}"] = value

@@ -17,7 +17,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from shared.config import Config, with_changes
+from shared.config_schema import Config, with_changes
 from shared.errors import UserError
 from shared.progress import keras_verbosity
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import keras
 
 from shared.callbacks import ResumableReduceLROnPlateau
-from shared.config import TrainConfig
+from shared.config_schema import TrainConfig
 
 
 @keras.saving.register_keras_serializable(package="shared")

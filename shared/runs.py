@@ -42,7 +42,8 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-from shared.config import Config, UnreadableYaml, read_yaml_file
+from shared.config_schema import Config
+from shared.config_yaml import UnreadableYaml, read_yaml_file
 from shared.durable import atomic_write
 from shared import locks
 from shared.errors import UserError, run_cli

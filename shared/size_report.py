@@ -15,6 +15,7 @@ from typing import Sequence
 
 from shared.errors import UserError
 from shared.durable import atomic_write
+from shared.frozen import thaw
 from shared.runs import Run, open_run
 
 FORMATS = ("keras", "saved_model", "tflite float32", "tflite float16", "tflite dynamic", "tflite int8")
@@ -98,7 +99,7 @@ def size_report(run: Run | str | Path, formats: Sequence[str] = FORMATS, latency
         entry["size_mb"] = None if entry["bytes"] is None else entry["bytes"] / MB
 
     report = {
-        "run": str(run.path), "task": task.name, "model": config.model.name, "hparams": config.model.hparams,
+        "run": str(run.path), "task": task.name, "model": config.model.name, "hparams": thaw(config.model.hparams),
         "input_shape": list(input_shape),
         "trainable_parameters": sizing.trainable_parameters(model),
         "non_trainable_parameters": int(sum(int(w.numpy().size) for w in model.non_trainable_weights)),

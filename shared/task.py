@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Mapping
 
-from shared.config import with_changes
+from shared.config_schema import with_changes
 
 # The config keys every task records as paths (made absolute by Task.resolve): read against the current folder.
 PATH_KEYS = ("model.path", "data.path", "data.data_dir", "data.manual_dir", "init.from_run", "init.weights",

@@ -70,7 +70,7 @@ def representative_dataset(run: Run, config, count: int = 200) -> Callable[[], I
     not flipped, cropped or MixUp-blended ones. The shuffle (seeded) still mixes the classes."""
     from shared import data as data_module
     from shared import modelzoo
-    from shared.config import with_changes
+    from shared.config_schema import with_changes
 
     config = with_changes(config, {"data.augment": [], "data.batch_augment": []})
     datasets = data_module.make_datasets(config, modelzoo.load_augment_module(run.path),

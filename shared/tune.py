@@ -37,7 +37,7 @@ import math
 import optuna
 from optuna.trial import TrialState
 
-from shared.config import Config
+from shared.config_schema import Config
 from shared.errors import UserError
 from shared.locks import FileLock
 from shared.tuning.metrics import (Objective, TrialFailed, check_metric_needs, monitored_names, parse_constraints,

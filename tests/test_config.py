@@ -1,12 +1,18 @@
+import copy
 import dataclasses
+import json
+import pickle
 import re
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
 import yaml
 
 from shared import modelzoo
-from shared.config import RANGES, load_config, with_changes
+from shared.config import from_dict, load_config
+from shared.config_schema import DataConfig, with_changes
+from shared.config_validation import RANGES
 from shared.errors import UserError
 
 
@@ -31,7 +37,7 @@ def test_set_overrides_parse_values_as_yaml(tmp_path):
     config = load_config(path, ["train.epochs=7", "train.lr.milestones=[2, 4]", "data.normalize=false",
                                 "model.depth=34", "run.notes=hello: world"])
     assert config.train.epochs == 7
-    assert config.train.lr.milestones == [2, 4]
+    assert config.train.lr.milestones == (2, 4)
     assert config.data.normalize is False
     assert config.model.hparams == {"depth": 34}
     assert config.run.notes == "hello: world"
@@ -118,16 +124,16 @@ def test_repository_recipes_load():
 
 def _numeric_fields(section=None, prefix=""):
     """Dotted names of every number (or list of numbers) in the schema, keys with choices aside."""
-    from shared.config import Config, _dataclass_type, _resolve
+    from shared.config_schema import Config, resolve_type, section_type
 
     out = []
     for f in dataclasses.fields(section or Config):
         if f.metadata.get("internal") or f.name == "hparams":
             continue
-        sub = _dataclass_type(f.type)
+        sub = section_type(f.type)
         if sub:
             out += _numeric_fields(sub, f"{prefix}{f.name}.")
-        elif not f.metadata.get("choices") and re.search(r"\b(int|float)\b", str(_resolve(f.type))):
+        elif not f.metadata.get("choices") and re.search(r"\b(int|float)\b", str(resolve_type(f.type))):
             out.append(f"{prefix}{f.name}")
     return out
 
@@ -140,7 +146,7 @@ def test_every_number_of_the_schema_has_a_range_and_its_default_is_in_it():
         value = defaults
         for part in key.split("."):
             value = getattr(value, part)
-        assert all(v in allowed for v in (value if isinstance(value, list) else [value]) if v is not None), key
+        assert all(v in allowed for v in (value if isinstance(value, tuple) else [value]) if v is not None), key
 
 
 def _nested_yaml(dotted: str, value: str) -> str:
@@ -230,6 +236,67 @@ def test_a_loaded_config_is_frozen_and_resolving_makes_a_new_one():
         with_changes(config, {"train.epoch": 3})
 
 
+DEEP_TREE = {"model": {"depth": 18, "blocks": [1, {"kind": "basic", "widths": [8, 16]}]},
+             "data": {"augment": [{"random_crop": {"padding": 2}}, "horizontal_flip"], "mean": [1, 2, 3]},
+             "train": {"freeze": ["backbone"], "class_weight": {"cat": 2.0}, "lr": {"milestones": [2, 4]}},
+             "tune": {"space": {"train.lr.base": {"float": [0.01, 0.3], "log": True}}}}
+
+
+def _mutations(config):
+    """Every way to change a value inside the config, at every depth of its lists and mappings."""
+    return [lambda: config.model.hparams.__setitem__("depth", 50),
+            lambda: config.model.hparams.pop("depth"),
+            lambda: config.model.hparams["blocks"].append(2),
+            lambda: config.model.hparams["blocks"][1].update(kind="bottleneck"),
+            lambda: config.model.hparams["blocks"][1]["widths"].__setitem__(0, 4),
+            lambda: config.data.augment.append("vertical_flip"),
+            lambda: config.data.augment[0]["random_crop"].__setitem__("padding", 3),
+            lambda: config.data.mean.__setitem__(0, 0.0),
+            lambda: config.train.freeze.clear(),
+            lambda: config.train.class_weight.__setitem__("dog", 1.0),
+            lambda: config.train.lr.milestones.append(6),
+            lambda: config.tune.space["train.lr.base"]["float"].append(1.0),
+            lambda: config.tune.objectives[0].__setitem__("metric", "loss"),
+            lambda: config.provenance.__setitem__("data", "elsewhere"),
+            lambda: setattr(config.model.hparams, "_items", {})]
+
+
+def test_a_config_is_frozen_at_every_depth_however_it_is_made():
+    loaded = load_config(tree=DEEP_TREE)
+    changed = with_changes(loaded, {"data.augment": [{"random_crop": {"padding": 2}}, "horizontal_flip"],
+                                    "model.hparams": {"depth": 18, "blocks": [1, {"kind": "basic", "widths": [8]}]}})
+    replaced = dataclasses.replace(loaded, data=DataConfig(augment=[{"random_crop": {"padding": 2}}], mean=[1, 2, 3]))
+    for config in (loaded, from_dict(DEEP_TREE, {"data": "a.yaml"}), changed, replaced):
+        for mutate in _mutations(config):
+            with pytest.raises((TypeError, AttributeError)):
+                mutate()
+    assert load_config(tree=DEEP_TREE) == loaded  # and nothing above changed it
+
+
+def test_a_frozen_config_copies_pickles_and_compares_and_writes_plain_lists_and_mappings():
+    config = load_config(tree=DEEP_TREE)
+    assert copy.deepcopy(config) == config and pickle.loads(pickle.dumps(config)) == config
+    assert pickle.loads(pickle.dumps(config)).model.hparams["blocks"][1]["widths"] == (8, 16)
+    assert config != with_changes(config, {"data.mean": [1.0, 2.0, 4.0]})
+    assert config.data.augment[0] == {"random_crop": {"padding": 2}}  # a read-only mapping equals its dict
+    tree = config.to_dict()
+
+    def plain(value):
+        if isinstance(value, dict):
+            return all(type(v) is not tuple and plain(v) for v in value.values()) and type(value) is dict
+        if isinstance(value, list):
+            return all(plain(v) for v in value)
+        return not isinstance(value, (tuple, Mapping))
+
+    assert plain(tree)
+    assert tree["model"]["blocks"] == [1, {"kind": "basic", "widths": [8, 16]}]
+    assert tree["data"]["augment"] == [{"random_crop": {"padding": 2}}, "horizontal_flip"]
+    assert json.loads(json.dumps(tree)) == tree and yaml.safe_load(config.dump()) == tree
+    tree["data"]["augment"].append("vertical_flip")  # to_dict is the caller's copy
+    assert config.data.augment == ({"random_crop": {"padding": 2}}, "horizontal_flip")
+    assert from_dict(config.to_dict()) == dataclasses.replace(config, provenance={})
+
+
 @pytest.mark.parametrize("source, key", [("folder", "path"), ("ilsvrc", "path"), ("tfrecord", "path"),
                                          ("tfds", "name")])
 def test_a_source_without_the_key_its_row_requires_is_refused_when_the_config_loads(source, key):
@@ -239,7 +306,7 @@ def test_a_source_without_the_key_its_row_requires_is_refused_when_the_config_lo
 
 
 def test_every_source_is_one_row_of_the_table_that_the_config_and_the_export_read():
-    from shared.config import DataConfig
+    from shared.config_schema import DataConfig
     from shared.data import sources
     from shared.export import resizes_pixels
     from shared.source_facts import SOURCES

@@ -6,7 +6,8 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from shared.config import load_config, with_changes
+from shared.config import load_config
+from shared.config_schema import with_changes
 from shared.data import augment, make_datasets, preprocess, sources
 from shared.errors import UserError
 

@@ -11,7 +11,8 @@ import pytest
 import tensorflow as tf
 
 from shared import modelzoo
-from shared.config import load_config, with_changes
+from shared.config import load_config
+from shared.config_schema import with_changes
 from shared.data import blur
 from shared.deblur import evaluate as deblur_evaluate
 from shared.deblur.data import make_pairs, pixel_mapping

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from shared.config import DetectionConfig
+from shared.config_schema import DetectionConfig
 from shared.detection import anchors as anchors_lib
 from shared.detection import losses, metrics, model, postprocess
 from shared.errors import UserError

@@ -17,7 +17,8 @@ import tensorflow as tf
 from PIL import Image
 
 from shared import modelzoo, runner, runs
-from shared.config import from_dict, with_changes
+from shared.config import from_dict
+from shared.config_schema import with_changes
 from shared.fashion_mnist import FASHION_MNIST_DIRS
 
 from conftest import load_script

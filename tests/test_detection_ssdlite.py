@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from shared.config import DetectionConfig, load_config
+from shared.config import load_config
+from shared.config_schema import DetectionConfig
 from shared.detection import anchors as anchors_lib
 from shared.detection import losses, model
 from shared.errors import UserError

@@ -11,7 +11,8 @@ import tensorflow as tf
 
 from shared import optim, runs
 from shared.checkpoints import EpochCheckpoint
-from shared.config import DataConfig, load_config, with_changes
+from shared.config import load_config
+from shared.config_schema import DataConfig, with_changes
 from shared.distill import (Distiller, Renormalize, cross_entropy, data_normalization, distillation_loss,
                             load_teacher, student_of)
 from shared.errors import UserError

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from conftest import REPO, TINY_MODEL, free_ports, tiny_tree
-from shared.config import DistributeConfig
+from shared.config_schema import DistributeConfig
 from shared.errors import UserError
 
 pytestmark = pytest.mark.slow  # every test trains across devices or worker processes

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from keras.src.legacy.saving import legacy_h5_format
 
-from shared.config import InitConfig
+from shared.config_schema import InitConfig
 from shared.errors import UserError
 from shared.finetune import freeze_layers, head_layer_names, initialize_from, unfreeze_all
 from shared.modelzoo import MODELS_DIR, load_model_module, load_weight_file, resolve_hparams

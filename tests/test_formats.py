@@ -190,7 +190,7 @@ def trained(tmp_path_factory):
 def pipeline_probabilities(run, config_changes: dict | None = None) -> tuple[list[str], np.ndarray]:
     """The run's model on its test split as the training pipeline reads it (`make_datasets`, the eval view),
     with the source changed by `config_changes`; the files in the pipeline's order, where it has files."""
-    from shared.config import with_changes
+    from shared.config_schema import with_changes
     from shared.data import make_datasets
     from shared.tasks import rebuild
 
@@ -246,7 +246,7 @@ def test_every_read_format_gives_the_same_pixels_on_every_path(trained, tmp_path
 @pytest.mark.slow
 def test_every_refused_file_is_refused_by_every_path_in_one_line(trained, tmp_path):
     from shared import annotations
-    from shared.config import with_changes
+    from shared.config_schema import with_changes
     from shared.data import make_datasets, skipped_images, tfrecord
     from shared.errors import UserError, embedded_user_error
     from shared.predict import Predictor

@@ -189,6 +189,20 @@ def test_steps_schedule_gives_about_the_steps_in_equal_epochs_of_at_most_one_pas
     assert (per_epoch, epochs) == (3, 4) and per_epoch <= 3
 
 
+def test_a_from_run_with_the_recipes_statistics_differs_in_nothing(tmp_path):
+    """The run's config.yaml holds lists, the recipe's frozen config tuples: the same numbers are no difference."""
+    from shared.config import load_config
+    from shared.loop import follow_run
+
+    tree = tiny_tree(tmp_path / "runs", data={"mean": [120.0, 110.0, 100.0], "std": [60.0, 61.0, 62.0]})
+    config = load_config(tree=tree)
+    folder = tmp_path / "runs" / "resnet" / "v0001"
+    folder.mkdir(parents=True)
+    (folder / "config.yaml").write_text(config.dump())
+    changes, differences = follow_run(config, runs.open_run(folder))
+    assert differences == [] and "data.mean" not in changes
+
+
 def test_the_loop_command_refuses_deblurring_recipes_and_missing_files(tmp_path, capsys):
     from shared import runner
 

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from shared.config import DataConfig
+from shared.config_schema import DataConfig
 from shared.data import sources
 from shared.errors import UserError
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import keras
 
 from shared import optim
-from shared.config import Config, TrainConfig
+from shared.config_schema import Config, TrainConfig
 from shared.modelzoo import MAIN_OUTPUT
 from shared.task import Objective
 

@@ -12,7 +12,7 @@ import tensorflow as tf
 from shared import data as data_module
 from shared import distill, durable, finetune, modelzoo, plots, runs
 from shared.classification.objective import objective
-from shared.config import with_changes
+from shared.config_schema import with_changes
 from shared.class_names import readable
 from shared.commands import ALL_COMMANDS
 from shared.evaluate import ConfidentMistakes, check_class_names, evaluate_model, worst_classes

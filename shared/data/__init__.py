@@ -10,7 +10,7 @@ from types import ModuleType
 
 import tensorflow as tf
 
-from shared.config import Config, with_changes
+from shared.config_schema import Config, with_changes
 from shared.data import augment, class_weights, formats, preprocess, sources, split
 from shared.errors import UserError
 

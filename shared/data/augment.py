@@ -28,6 +28,7 @@ import tensorflow as tf
 
 from shared.data import formats
 from shared.errors import UserError
+from shared.frozen import thaw
 
 AugmentFn = Callable[[tf.Tensor], tf.Tensor]
 
@@ -99,6 +100,7 @@ class Augmentation:
 
 
 def parse_entry(entry, key: str = "data.augment") -> tuple[str, dict]:
+    entry = thaw(entry)  # a frozen config's entry: factories (a model's augment.py too) take YAML's lists and dicts
     if isinstance(entry, str):
         return entry, {}
     if isinstance(entry, dict) and len(entry) == 1:

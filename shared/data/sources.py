@@ -22,7 +22,7 @@ from urllib.parse import urlparse
 import numpy as np
 import tensorflow as tf
 
-from shared.config import DataConfig
+from shared.config_schema import DataConfig
 from shared.data import checks
 from shared.data import split as folder_split
 from shared.data.listing import IMAGE_SUFFIXES, class_name, file_names, is_image_file, mix_classes, refused_by_name

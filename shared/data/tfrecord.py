@@ -24,7 +24,7 @@ from typing import Callable, Iterable
 
 import tensorflow as tf
 
-from shared.config import DataConfig
+from shared.config_schema import DataConfig
 from shared.data import checks
 from shared.durable import atomic_write, partial_path
 from shared.errors import UserError

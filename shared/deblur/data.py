@@ -9,7 +9,7 @@ from types import ModuleType
 
 import tensorflow as tf
 
-from shared.config import Config
+from shared.config_schema import Config
 from shared.data import Datasets, blur, make_datasets, normalization_statistics
 
 # Batch numbers the stateless blur draws are keyed by: training batches count from 0 (on from where a

@@ -13,7 +13,7 @@ import numpy as np
 import tensorflow as tf
 from matplotlib.figure import Figure
 
-from shared.config import Config
+from shared.config_schema import Config
 from shared.deblur.data import pixel_mapping
 from shared.errors import UserError
 from shared.plots import save_figure

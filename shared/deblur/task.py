@@ -19,6 +19,7 @@ from shared.deblur.data import make_pairs
 from shared.deblur.model import build_restorer, head_layer_names
 from shared.errors import UserError
 from shared.evaluate import check_class_names
+from shared.frozen import thaw
 from shared.task import Objective, Task, TaskData
 
 
@@ -47,7 +48,7 @@ class DeblurTask(Task):
         return TaskData(train=pairs.train, val=pairs.val, steps_per_epoch=datasets.steps_per_epoch,
                         class_names=list(datasets.class_names), input_shape=tuple(datasets.input_shape),
                         description=f"{datasets.num_train} training / {datasets.num_val} validation / "
-                                    f"{datasets.num_test} test images, blur {config.deblur.blur}",
+                                    f"{datasets.num_test} test images, blur {thaw(config.deblur.blur)}",
                         details=pairs, undecodable=undecodable, config=pairs.datasets.config)
 
     def build(self, module, input_shape):

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 
-from shared.config import Config, with_changes
+from shared.config_schema import Config, with_changes
 from shared.detection import augment as detection_augment
 from shared.detection import validation
 from shared.errors import UserError

@@ -26,7 +26,7 @@ from typing import Sequence
 import numpy as np
 import tensorflow as tf
 
-from shared.config import Config
+from shared.config_schema import Config
 from shared.data import checks
 from shared.detection import augment as detection_augment
 from shared.detection.coco import read_coco

@@ -9,7 +9,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from shared.config import Config
+from shared.config_schema import Config
 from shared.detection.boxes import ground_truth
 from shared.detection.datasets import detection_normalization, make_dataset
 from shared.detection.gallery import GALLERY_IMAGES

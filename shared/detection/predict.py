@@ -132,7 +132,7 @@ class Detector(Predictor):
         may be lower than the run's."""
         import tensorflow as tf
 
-        from shared.config import with_changes
+        from shared.config_schema import with_changes
         from shared.detection.serving import detection_serving_functions
         from shared.tasks import rebuild
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import keras
 
 from shared import finetune, runs
-from shared.config import Config
+from shared.config_schema import Config
 from shared.detection.datasets import detection_normalization
 from shared.detection.model import head_layer_names
 from shared.errors import UserError

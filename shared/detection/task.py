@@ -39,7 +39,7 @@ from pathlib import Path
 import tensorflow as tf
 
 from shared import durable
-from shared.config import with_changes
+from shared.config_schema import with_changes
 from shared.detection import datasets as detection_data
 from shared.detection.anchors import training_targets
 from shared.detection.config import absolute_paths, check_detection_config, detection_augmentations

@@ -19,7 +19,7 @@ from typing import Callable
 import keras
 import numpy as np
 
-from shared.config import Config
+from shared.config_schema import Config
 from shared.detection.records import DetectionSplit
 from shared.errors import UserError
 

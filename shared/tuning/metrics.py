@@ -13,7 +13,8 @@ from typing import Any, Iterable, Mapping
 from optuna.distributions import BaseDistribution
 
 from shared import plots, tflite
-from shared.config import Config
+from shared.config_schema import Config
+from shared.frozen import thaw
 from shared.errors import UserError
 from shared.sizing import multiply_adds, trainable_parameters
 from shared.task import Measure
@@ -68,7 +69,7 @@ def parse_objectives(config: Config) -> list[Objective]:
     """`tune.objectives` as Objective records: each a {metric, direction} mapping or a metric name
     (its natural direction, from the measure's higher_is_better); unknown metrics or directions are
     UserErrors with the closest name."""
-    entries = config.tune.objectives
+    entries = thaw(config.tune.objectives)  # YAML's lists and dicts, as the checks and messages read them
     measures = task_measures(config)
     if not entries:
         name, higher = next(((n, m.higher_is_better) for n, m in measures.items()), ("params", False))

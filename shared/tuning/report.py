@@ -12,7 +12,7 @@ from matplotlib.ticker import MaxNLocator
 from optuna.trial import FrozenTrial, TrialState
 
 from shared import plots
-from shared.config import Config
+from shared.config_schema import Config
 from shared.durable import atomic_write
 from shared.tuning.metrics import Objective
 from shared.tuning.space import describe_values, format_value, trial_config

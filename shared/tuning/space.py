@@ -16,7 +16,8 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution, Floa
 
 from shared import config as config_module
 from shared import modelzoo
-from shared.config import Config
+from shared.config_schema import Config
+from shared.frozen import thaw
 from shared.errors import UserError
 
 SPEC_KINDS = ("choice", "int", "float")
@@ -30,7 +31,7 @@ def parse_space(space: dict, base_config: Config) -> dict[str, BaseDistribution]
     key is checked by applying each choice (or both ends of the range) to the base config and
     validating it the way a recipe is, so a typo gets the config's own did-you-mean message; model
     hyperparameters are checked against the model's build() signature."""
-    flat = _flatten_space(space or {})
+    flat = _flatten_space(thaw(space or {}))  # a config's frozen space as YAML's lists and dicts
     if not flat:
         raise UserError("tune.space is empty; give at least one key to search, e.g. "
                         "train.lr.base: {float: [0.01, 0.3], log: true}")
@@ -175,7 +176,7 @@ def set_dotted(tree: dict, key: str, value: Any) -> None:
 def trial_config(base_config: Config, values: dict[str, Any], notes: str) -> Config:
     """The base config with the trial's values applied, the tune section dropped (the run's
     config.yaml then trains as it is) and `notes` as run.notes."""
-    tree = copy.deepcopy(base_config.to_dict())
+    tree = base_config.to_dict()  # a fresh plain tree
     tree.pop("tune", None)
     for key, value in values.items():
         set_dotted(tree, key, value)

@@ -11,7 +11,7 @@ from pathlib import Path
 import optuna
 from sqlalchemy.engine import make_url
 
-from shared.config import Config
+from shared.config_schema import Config
 from shared.errors import UserError
 from shared.locks import FileLock
 from shared.names import check_plain_name

@@ -12,7 +12,7 @@ import optuna
 from optuna.distributions import BaseDistribution
 from optuna.trial import FrozenTrial, TrialState
 
-from shared.config import Config
+from shared.config_schema import Config
 from shared.errors import UserError
 from shared.lifecycle import train
 from shared.locks import FileLock
