@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from shared.detection.records import (DetectionRecord, DetectionSplit, brief, check_box, positive_int, read_text,
-                                      require_image_files, require_image_sizes)
+from shared.detection.records import (DetectionRecord, DetectionSplit, brief, check_box, positive_int,
+                                      read_annotation_text, require_image_files, require_image_sizes)
 from shared.errors import UserError
 
 
@@ -25,7 +25,8 @@ def read_coco(annotation_file: str | os.PathLike, images_root: str | os.PathLike
     its header gives the size the file states. Whatever the file holds, a problem is one UserError line."""
     path = Path(annotation_file).expanduser()
     fix = f"fix {path} or regenerate it"
-    text = read_text(path, "COCO annotation file", "set detection.train_annotations / test_annotations to the JSON")
+    text = read_annotation_text(path, "COCO annotation file",
+                                "set detection.train_annotations / test_annotations to the JSON")
     try:
         tree = json.loads(text)
     except json.JSONDecodeError as error:

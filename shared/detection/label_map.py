@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from shared.detection.records import read_text
+from shared.detection.records import read_annotation_text
 from shared.errors import UserError
 
 
@@ -103,7 +103,7 @@ def parse_label_map(text: str, source: str = "label map") -> list[LabelMapItem]:
 def read_label_map(path: str | os.PathLike) -> list[LabelMapItem]:
     """`parse_label_map` of a file."""
     path = Path(path).expanduser()
-    return parse_label_map(read_text(path, "label map", "set detection.label_map to the label_map.pbtxt"),
+    return parse_label_map(read_annotation_text(path, "label map", "set detection.label_map to the label_map.pbtxt"),
                            str(path))
 
 
@@ -128,7 +128,7 @@ def read_class_list(path: str | os.PathLike) -> list[str]:
     """Class names in index order from a label list: a label_map.pbtxt (by id), or plain text with one name
     a line."""
     path = Path(path).expanduser()
-    text = read_text(path, "label list", "set detection.label_map to a file with one class name a line")
+    text = read_annotation_text(path, "label list", "set detection.label_map to a file with one class name a line")
     if re.search(r"^\s*item\s*:?\s*\{", _strip_comments(text), re.MULTILINE):
         return label_map_names(parse_label_map(text, str(path)))
     names = [line.strip() for line in text.splitlines() if line.strip()]

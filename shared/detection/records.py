@@ -140,7 +140,7 @@ def format_box(box: Sequence[float]) -> str:
     return "[" + ", ".join(f"{float(v):g}" for v in box) + "]"
 
 
-def read_text(path: Path, what: str, fix: str) -> str:
+def read_annotation_text(path: Path, what: str, fix: str) -> str:
     """A UTF-8 annotation file's text; a missing or unreadable file is one UserError naming `what` and `fix`."""
     if not path.is_file():
         raise UserError(f"{what} not found: {path}; {fix}")

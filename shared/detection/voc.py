@@ -16,7 +16,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from shared.detection.records import (DetectionRecord, DetectionSplit, check_box, positive_int, read_text,
+from shared.detection.records import (DetectionRecord, DetectionSplit, check_box, positive_int, read_annotation_text,
                                       require_image_files, require_image_sizes)
 from shared.errors import UserError
 
@@ -39,7 +39,7 @@ def _voc_image_ids(root: Path, image_set: str | None) -> tuple[list[str], str]:
     if list_file is None:
         raise UserError(f"VOC image set {image_set!r} not found (looked for {', '.join(map(str, candidates))}); "
                         f"set detection.train_annotations / test_annotations to a set name such as trainval")
-    text = read_text(list_file, "VOC image set", "list one image id a line")
+    text = read_annotation_text(list_file, "VOC image set", "list one image id a line")
     ids = [line.split()[0] for line in text.splitlines() if line.strip()]
     if not ids:
         raise UserError(f"VOC image set {list_file} lists no images; list one image id a line")
