@@ -253,9 +253,6 @@ def check_consistency(config: Config, provenance: dict) -> None:
                         "name the run or weight file to start from")
     if config.init.head_epochs >= train.epochs and config.init.mode == "finetune_all":
         raise UserError(f"init.head_epochs is {config.init.head_epochs}; it must be in [0, train.epochs)")
-    if config.detection.negative_iou > config.detection.positive_iou:
-        raise UserError(f"detection.negative_iou {config.detection.negative_iou} is above detection.positive_iou "
-                        f"{config.detection.positive_iou}; keep negative_iou <= positive_iou")
     if config.init.from_run and config.init.weights:
         raise UserError("init.from_run and init.weights are both set; start from one of them")
     if train.lr.schedule == "plateau" and train.lr.warmup_epochs:

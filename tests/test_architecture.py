@@ -117,7 +117,7 @@ TASK_NAMES = ("classification", "detection", "deblur")
 TASK_PACKAGES = tuple(f"shared.{name}" for name in TASK_NAMES)
 # The registry lists the tasks by name; the config schema declares the YAML keys users write (`task:` and its
 # choices, the `detection:` and `deblur:` sections).
-NAMING_TASKS = {"shared.tasks", "shared.config"}
+NAMING_TASKS = {"shared.tasks", "shared.config_schema"}
 
 
 def _task_mentions(name: str, tree: ast.Module) -> list[str]:

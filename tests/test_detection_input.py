@@ -208,3 +208,15 @@ def test_a_voc_image_set_that_is_not_text_is_one_line(tmp_path):
     (root / "ImageSets" / "Main" / "train.txt").write_bytes(b"\xff\xfe\x00a")
     with pytest.raises(UserError, match=r"cannot read VOC image set .*train\.txt \('utf-8' codec"):
         read_voc(root, "train")
+
+
+def test_anchor_thresholds_out_of_order_are_the_detection_tasks_refusal():
+    """negative_iou above positive_iou is a detection rule: the detection task refuses it before a run, and a
+    classification recipe that inherits the section is not refused for it."""
+    from shared.config import load_config
+    from shared.detection.task import DetectionTask
+
+    section = {"positive_iou": 0.4, "negative_iou": 0.5}
+    load_config(tree={"detection": section})  # a classification recipe: no detection rule applies
+    with pytest.raises(UserError, match="detection.negative_iou 0.5 is above detection.positive_iou 0.4"):
+        DetectionTask(load_config(tree={"task": "detection", "detection": section})).check()

@@ -21,6 +21,9 @@ def check_detection_config(config: Config) -> None:
     where = config.where
     if config.task != "detection":
         raise UserError(f"task is {config.task!r}{where}; the detection runner needs task: detection")
+    if config.detection.negative_iou > config.detection.positive_iou:
+        raise UserError(f"detection.negative_iou {config.detection.negative_iou} is above detection.positive_iou "
+                        f"{config.detection.positive_iou}{where}; keep negative_iou <= positive_iou")
     if config.data.val_fraction and not config.detection.eval_every:
         raise UserError(f"data.val_fraction{where} holds images out for detection.eval_every's validation mAP, "
                         f"which is not set; set detection.eval_every (e.g. 1) or data.val_fraction 0")
