@@ -15,7 +15,7 @@ except metadata.PackageNotFoundError:  # sources used without installing them
 
 # Host memory through TF's BFC allocator, not malloc: the input pipeline makes a fresh ~600 KB float image
 # per example, and from malloc each one is new pages (mmap, page faults, zeroing); scripts/bench_input.py
-# measures the difference (README, "Data sources").
+# measures the difference (docs/configs-and-data.md, "Data sources").
 # TF reads it when it starts, so it is set here, before any module of the package imports TensorFlow;
 # a value already in the environment wins.
 os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")

@@ -88,7 +88,7 @@ def export_arguments(parser: argparse.ArgumentParser) -> None:
                              "ending in TFLite_Detection_PostProcess)")
     parser.add_argument("--nms", default="regular", choices=("regular", "fast"),
                         help="tflite, detection: the post-processing op's NMS, per class (default) or class-agnostic "
-                             "(fast: right on any number of LiteRT threads; see README Detection)")
+                             "(fast: right on any number of LiteRT threads; see docs/detection.md)")
 
 
 def size_arguments(parser: argparse.ArgumentParser) -> None:

@@ -74,7 +74,7 @@ def make_placement(settings: DistributeConfig) -> Placement:
     if name == "multi_worker":
         if _workers(spec) < 2:
             raise UserError("distribute.strategy is multi_worker but TF_CONFIG names fewer than two workers; "
-                            "set TF_CONFIG on every worker (see README, Distributed training)")
+                            "set TF_CONFIG on every worker (see docs/runs.md, Distributed training)")
         strategy = tf.distribute.MultiWorkerMirroredStrategy()
     elif name == "tpu":
         strategy = _tpu_strategy(settings.tpu)

@@ -277,7 +277,8 @@ def test_litert_regular_nms_on_n_threads_skips_class_n_and_fast_nms_does_not(tmp
     """Why `evaluate_detection_tflite` runs the op on one thread and `--nms fast` exists: in the LiteRT this
     project pins, the op's per-class NMS on N threads (1 < N < classes) never visits class N. One box a
     class, apart from each other, each scored 0.9 for its own class only: all 5 must come out. If this
-    starts failing after an upgrade, the runtime is fixed: drop the one-thread rule and the README note."""
+    starts failing after an upgrade, the runtime is fixed: drop the one-thread rule and the note in
+    docs/detection.md."""
     classes, boxes = 5, 5
     scores = np.eye(boxes, classes, dtype=np.float32) * 0.9
     regular = postprocess_only_file(tmp_path, "regular", classes, boxes)

@@ -12,8 +12,8 @@ graph); this module adds what they lack:
 - EXIF orientation: a JPEG's stored pixels are turned the way its EXIF orientation tag says, as photo viewers and
   annotation tools show it, so a box drawn on the shown image lands on the same pixels here.
 
-`FORMATS` is the table the README prints. `facts(data)` runs the same graph code eagerly for Python callers
-(writers, the loop's ingestion), and `verify` decodes once to prove the file decodes.
+`FORMATS` is the table docs/configs-and-data.md prints. `facts(data)` runs the same graph code eagerly for Python
+callers (writers, the loop's ingestion), and `verify` decodes once to prove the file decodes.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import tensorflow as tf
 
 from shared.data import checks
 
-# (format, what is read, what is refused): the README's table of formats.
+# (format, what is read, what is refused): the table of formats in docs/configs-and-data.md.
 FORMATS = (
     ("JPEG", "baseline and progressive; grayscale, RGB and CMYK; EXIF orientation applied", "a variant "
      "TensorFlow's decoder cannot read, as a damaged file: 'does not decode (its reason)'"),
