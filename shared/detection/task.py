@@ -47,6 +47,7 @@ from shared.config import Config, with_changes
 from shared.detection import datasets as detection_data
 from shared.detection.anchors import training_targets
 from shared.detection.export import box_iou, ground_truth
+from shared.detection.loop import DetectionLoop
 from shared.detection.losses import detection_losses
 from shared.detection import validation
 from shared.detection.metrics import detection_map
@@ -456,3 +457,6 @@ class DetectionTask(Task):
         from shared.detection import export
 
         return export.evaluate_detection_tflite(path, run)
+
+    def loop_support(self):
+        return DetectionLoop()
