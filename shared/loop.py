@@ -404,7 +404,7 @@ def _export(loop: Loop, state: dict) -> Path | None:
     for best, whose in floors:
         if tolerance is None or metric is None or best is None:
             continue
-        if (best - metric if higher else metric - best) > tolerance:
+        if worse_by(metric, best, higher) > tolerance:
             stays = f"version {served['version']} stays served" if served else "nothing is exported"
             moved = "fell more than {} below" if higher else "rose more than {} above"
             print(f"round {current['round']}: held-out {metric:.4f} {moved.format(tolerance)} {whose} "
@@ -413,6 +413,11 @@ def _export(loop: Loop, state: dict) -> Path | None:
     run = runs.open_run(current["run"])
     task = loop.task.bound(config_module.from_dict(run.config_dict()))
     return task.export_saved_model(run, loop.export_dir, model_name=loop.export_name, keep=loop.config.loop.keep)
+
+
+def worse_by(metric: float, best: float, higher_is_better: bool) -> float:
+    """How much worse `metric` is than `best` in the sense of its measure (negative: better)."""
+    return best - metric if higher_is_better else metric - best
 
 
 def exported_version(model_dir: Path, run_path: Path) -> Path | None:

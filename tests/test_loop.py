@@ -193,6 +193,14 @@ def test_steps_schedule_gives_about_the_steps_in_equal_epochs_of_at_most_one_pas
     assert (per_epoch, epochs) == (3, 4) and per_epoch <= 3
 
 
+def test_a_round_is_judged_worse_in_the_sense_of_its_tasks_measure():
+    from shared.loop import worse_by
+
+    assert worse_by(0.5, 0.7, higher_is_better=True) == pytest.approx(0.2)  # top-1 fell
+    assert worse_by(0.7, 0.5, higher_is_better=False) == pytest.approx(0.2)  # a loss rose
+    assert worse_by(0.5, 0.7, higher_is_better=False) == pytest.approx(-0.2)  # a loss fell: better
+
+
 def test_the_loop_command_refuses_deblurring_recipes_and_missing_files(tmp_path, capsys):
     from shared import runner
 
