@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 import numpy as np  # noqa: E402
 
 from shared import annotations  # noqa: E402
+from shared.detection.loop import spans_of  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPES = {"classification": REPO / "models" / "resnet" / "quick.yaml",
@@ -99,7 +100,7 @@ def classification_tasks(images: np.ndarray, labels: np.ndarray, first: int, cou
 def detection_tasks(split, first: int, count: int) -> list[dict]:
     """Canvases first .. first+count-1 of a DetectionSplit (files written by make_detection_dataset.py)."""
     return [{"image": str(record.image),
-             "spans": annotations.spans_of(record.boxes, [split.class_names[c] for c in record.classes])}
+             "spans": spans_of(record.boxes, [split.class_names[c] for c in record.classes])}
             for record in split.records[first:first + count]]
 
 
@@ -165,6 +166,8 @@ def recipe_config(task: str, out: Path, data_root: Path | None, holdout: int, st
 def bench(task: str, rounds: int, per_round: int, steps: int, holdout: int, source: Path | None,
           out: Path, changes: tuple[str, ...] = ()) -> dict:
     from shared import loop as loop_module
+    from shared.loop_folder import STATE_FILE
+    from shared.tasks import task_for
 
     out.mkdir(parents=True, exist_ok=True)
     folder = out / task
@@ -202,7 +205,7 @@ def bench(task: str, rounds: int, per_round: int, steps: int, holdout: int, sour
     annotator = Annotator(tasks_file, class_names=class_names)
     served_name = f"resnet-{RECIPES[task].stem}"  # the loop folder's name: the export's model name
     config = recipe_config(task, out, data_root, holdout, steps, folder / served_name, changes=changes)
-    loop = loop_module.open_loop(config, tasks_file, source, export_dir=folder / "exports",
+    loop = loop_module.open_loop(task_for(config), tasks_file, source, export_dir=folder / "exports",
                                  argv=["bench_loop.py", task])
     written = {"accepted": 0, "rejected": 0, "ignored": 0, "malformed": 0}
     rows = []
@@ -215,7 +218,7 @@ def bench(task: str, rounds: int, per_round: int, steps: int, holdout: int, sour
         print(result.describe(), flush=True)
         rows.append({"round": result.round, "examples": result.examples, "metric": result.metric,
                      "exported": result.exported.name if result.exported else "-", "seconds": result.seconds})
-    state = json.loads((loop.dir / loop_module.STATE_FILE).read_text())
+    state = json.loads((loop.dir / STATE_FILE).read_text())
     totals = {key: state["totals"][key] for key in written}
     if totals != written or state["examples"] != written["accepted"]:
         raise SystemExit(f"error: the annotator wrote {written} but the loop counted {totals} and holds "
@@ -227,7 +230,7 @@ def bench(task: str, rounds: int, per_round: int, steps: int, holdout: int, sour
     print(f"reference: one run over all {rounds * per_round} labels for {total} steps from {source}", flush=True)
     reference_config = recipe_config(task, out, data_root, holdout, total, folder / "reference" / served_name, "null",
                                      changes)
-    reference_loop = loop_module.open_loop(reference_config, tasks_file, source,
+    reference_loop = loop_module.open_loop(task_for(reference_config), tasks_file, source,
                                            export_dir=folder / "reference" / "exports",
                                            argv=["bench_loop.py", task, "reference"])
     started = time.monotonic()

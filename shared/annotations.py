@@ -1,17 +1,17 @@
 """An annotation tool's JSONL export, read in increments: one task a line,
 
     {"image": "photos/1.jpg" | "data:image/png;base64,...", "answer": "accept" | "reject" | "ignore",
-     "label": "cat"}                                                         classification
-     "spans": [{"x": 10, "y": 4, "width": 30, "height": 20, "label": "cat"}]  detection (pixels)
-     "_input_hash": 11, "_task_hash": 21                                     optional (Prodigy writes them)
+     "label": ..., "spans": [...],               what the answer says: its task's `AnswerSchema` reads it
+     "_input_hash": 11, "_task_hash": 21}        optional (Prodigy writes them)
 
-`task_line(...)` / `spans_of(...)` write that format (a simulated annotator, pre-annotations).
-`read_new(path, offset, lines_before, task, class_names)` reads the complete lines after byte `offset`, up to
-`chunk_bytes` of accepted images at a time: a last line without its newline is still being written and is left
-for the next read. Accepted tasks become `Example`s (the image's own bytes, checked to decode); rejected and
-ignored ones are only counted. A line that cannot be a task (bad JSON, no image, an unknown label, an image
-that is missing, not a regular file, too large or does not decode, a span outside the image) is reported by
-its line number and skipped, never fatal. Relative image paths are relative to the annotations file's folder.
+`task_line(...)` writes that format (a simulated annotator, pre-annotations).
+`read_new(path, offset, lines_before, schema, class_names)` reads the complete lines after byte `offset`, up
+to `chunk_bytes` of accepted images at a time: a last line without its newline is still being written and is
+left for the next read. Accepted tasks become `Example`s (the image's own bytes, checked to decode, and what
+the task's schema reads from the line); rejected and ignored ones are only counted. A line that cannot be a
+task (bad JSON, no image, an image that is missing, not a regular file, too large or does not decode, what
+the schema refuses) is reported by its line number and skipped, never fatal. Relative image paths are
+relative to the annotations file's folder.
 
 Identity, as annotation tools have it: a task's input is its `_input_hash` (else its image: the path, or the
 data URI's content), the question asked of it its `_task_hash` (else the input with its label or spans). Each
@@ -23,25 +23,24 @@ reject or ignore of the same question withdraws it).
 
 from __future__ import annotations
 
+import abc
 import base64
 import binascii
 import dataclasses
 import hashlib
 import json
-import math
 import os
 from pathlib import Path
-from typing import Container, Sequence
-
-import numpy as np
+from typing import ClassVar, Container, Sequence
 
 from shared.config_schema import DataConfig
+from shared.data import formats
 from shared.data.listing import UnreadableFile, read_image_bytes
 from shared.errors import UserError
 
 ANSWERS = ("accept", "reject", "ignore")
-TASKS = ("classification", "detection")
-BOX_TOLERANCE = 1.0  # pixels a span may stick out of its image (annotation tools round); it is clipped
+# the format's keys in which an answer says what its image shows (Prodigy's): part of each answer's fingerprint
+SAID = ("label", "spans")
 SHOWN_PROBLEMS = 10  # malformed lines named one by one in a report; the rest are counted
 MAX_IMAGE_BYTES = DataConfig.max_image_bytes  # the default: an image file or data: URI above it is refused
 MAX_PIXELS = DataConfig.max_pixels  # the default: an image above it (from its header) is refused
@@ -54,16 +53,27 @@ class Malformed(ValueError):
 
 @dataclasses.dataclass
 class Example:
-    """One accepted task: the image's own encoded bytes and what it shows."""
+    """One accepted task: the image's own encoded bytes; a task's subclass adds what it shows."""
     line: int  # 1-based line number in the annotations file
     image: bytes
     image_format: str  # as TensorFlow names it: jpeg, png, gif, bmp
     width: int
     height: int
     name: str  # the image path, or "data URI of line N"
-    label: int | None = None  # classification: index into the class names
-    boxes: np.ndarray | None = None  # detection: float32 [N, 4] absolute pixel xyxy
-    classes: np.ndarray | None = None  # detection: int32 [N]
+
+    def counted_class(self) -> int | None:
+        """The one class the example is of, where it has one: the ledger records it, the loop counts it."""
+        return None
+
+
+class AnswerSchema(abc.ABC):
+    """What a task's accepted line says about its image (beside `image` and `answer`), read into its Example."""
+    example_type: ClassVar[type[Example]]
+
+    @abc.abstractmethod
+    def says(self, item: dict, width: int, height: int, index: dict[str, int]) -> dict:
+        """The fields `example_type` adds to Example, read from the line `item` (an image of `width` x
+        `height` pixels; `index`: class name -> index); Malformed says why the line cannot be one."""
 
 
 @dataclasses.dataclass
@@ -178,30 +188,20 @@ def task_line(image: str, answer: str | None = None, label: str | None = None, s
     return json.dumps(item, ensure_ascii=False) + "\n"
 
 
-def spans_of(boxes, labels: Sequence[str], scores=None) -> list[dict]:
-    """Pixel xyxy boxes and their class names (and scores) as task spans {x, y, width, height, label[, score]}."""
-    out = []
-    for i, (x_min, y_min, x_max, y_max) in enumerate(np.asarray(boxes, np.float64).reshape(-1, 4).tolist()):
-        span = {"x": x_min, "y": y_min, "width": x_max - x_min, "height": y_max - y_min, "label": labels[i]}
-        if scores is not None:
-            span["score"] = float(scores[i])
-        out.append(span)
-    return out
-
-
-def read_new(path: str | os.PathLike, offset: int = 0, lines_before: int = 0, task: str = "classification",
+def read_new(path: str | os.PathLike, offset: int = 0, lines_before: int = 0, schema: AnswerSchema | None = None,
              class_names: Sequence[str] = (), *, known: Container[str] = frozenset(),
              max_image_bytes: int = MAX_IMAGE_BYTES, max_pixels: int | None = MAX_PIXELS,
              chunk_bytes: int | None = None, digest=None) -> Batch:
     """The complete lines of the JSONL file `path` from byte `offset` on (`lines_before` lines precede it, for
-    the line numbers), parsed as `task` tasks whose labels must be among `class_names`. Lines whose answer's
+    the line numbers), what accepted ones say read by the task's `schema` (labels among `class_names`). Lines
+    whose answer's
     fingerprint is in `known`, or was met earlier in this read, are counted as duplicates, their images not
     read. `max_image_bytes`, `max_pixels`: data.max_image_bytes, data.max_pixels (an image above either is a
     malformed line). `chunk_bytes`: stop after the line that brings the accepted images read to that many bytes
     (Batch.more); None reads to the end. `digest`: a hashlib object updated with every byte consumed. UserError
     when the file is missing or shorter than `offset`."""
-    if task not in TASKS:
-        raise ValueError(f"task {task!r} is not one of {TASKS}")
+    if schema is None:
+        raise ValueError("read_new needs the task's AnswerSchema (what an accepted line says)")
     path = Path(path).expanduser()
     index = {name: i for i, name in enumerate(class_names)}
     longest = max_image_bytes * 4 // 3 + LINE_SLACK  # a data: URI of the largest image, and the task around it
@@ -232,7 +232,7 @@ def read_new(path: str | os.PathLike, offset: int = 0, lines_before: int = 0, ta
                 if not raw.strip():
                     continue
                 try:
-                    answer = parse_line(raw, number, path.parent, task, index, known, taken, max_image_bytes,
+                    answer = parse_line(raw, number, path.parent, schema, index, known, taken, max_image_bytes,
                                         max_pixels)
                 except Malformed as why:
                     batch.malformed.append(f"line {number}: {why}")
@@ -309,7 +309,7 @@ def prefix_digest(path: str | os.PathLike, length: int):
     return digest
 
 
-def parse_line(raw: bytes, number: int, base: Path, task: str, index: dict[str, int],
+def parse_line(raw: bytes, number: int, base: Path, schema: AnswerSchema, index: dict[str, int],
                known: Container[str] = frozenset(), taken: Container[str] = frozenset(),
                max_image_bytes: int = MAX_IMAGE_BYTES, max_pixels: int | None = MAX_PIXELS) -> Answer | None:
     """The line's Answer (with its Example when accepted), None when its fingerprint is in `known` or
@@ -322,7 +322,7 @@ def parse_line(raw: bytes, number: int, base: Path, task: str, index: dict[str, 
         raise Malformed(f"a JSON {type(item).__name__}, not an object")
     answer = item.get("answer")
     if answer not in ANSWERS:
-        raise Malformed(f"answer is {_brief(answer)}, not one of {', '.join(ANSWERS)}")
+        raise Malformed(f"answer is {brief(answer)}, not one of {', '.join(ANSWERS)}")
     image = item.get("image")
     if answer == "accept" and (not isinstance(image, str) or not image):
         raise Malformed("no image (a path or a data: URI)")
@@ -334,12 +334,8 @@ def parse_line(raw: bytes, number: int, base: Path, task: str, index: dict[str, 
         return parsed  # counted only: what it says is never trained on
     data, name = _image_bytes(image, number, base, max_image_bytes)
     image_format, width, height = image_facts(data, name, max_pixels)
-    example = Example(number, data, image_format, width, height, name)
-    if task == "classification":
-        example.label = _class_index(item.get("label"), index, "label")
-    else:
-        example.boxes, example.classes = _spans(item.get("spans"), width, height, index)
-    parsed.example = example
+    parsed.example = schema.example_type(number, data, image_format, width, height, name,
+                                         **schema.says(item, width, height, index))
     return parsed
 
 
@@ -347,7 +343,7 @@ def identity(item: dict, base: Path) -> tuple[str | None, str, str]:
     """(input, question, fingerprint) of a task as annotation tools identify it: `_input_hash` / `_task_hash`
     where present, else the image (its path from `base`, or a hash of its data: URI) and the image with its
     label or spans; the fingerprint adds the answer and what it says to the question."""
-    said = json.dumps([item.get("label"), item.get("spans")], sort_keys=True, ensure_ascii=False)
+    said = json.dumps([item.get(key) for key in SAID], sort_keys=True, ensure_ascii=False)
     image = item.get("image")
     if "_input_hash" in item:
         input_key = f"input:{json.dumps(item['_input_hash'])}"
@@ -366,14 +362,16 @@ def _hash(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:32]
 
 
-def _brief(value) -> str:
+def brief(value) -> str:
+    """A JSON value for a message, cut to 40 characters."""
     text = json.dumps(value)
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def _class_index(label, index: dict[str, int], what: str) -> int:
+def class_index(label, index: dict[str, int], what: str) -> int:
+    """The index of the class name `label` (`what` names it in the Malformed that refuses anything else)."""
     if not isinstance(label, str):
-        raise Malformed(f"{what} is {_brief(label)}, not a class name")
+        raise Malformed(f"{what} is {brief(label)}, not a class name")
     if label not in index:
         raise Malformed(f"{what} {label!r} is not a class of the model ({', '.join(list(index)[:5])}"
                         f"{' ...' if len(index) > 5 else ''})")
@@ -406,33 +404,9 @@ def _image_bytes(image: str, number: int, base: Path, max_bytes: int = MAX_IMAGE
 def image_facts(data: bytes, name: str, max_pixels: int | None = MAX_PIXELS) -> tuple[str, int, int]:
     """(format as `image/format` names it, width, height as shown) of an encoded image that the training decoder
     reads (`shared.data.formats`: its table of formats, EXIF orientation applied), else Malformed saying why."""
-    from shared.data import formats
-
     try:
         found = formats.verify(data, max_pixels)
     except formats.Refused as why:
         raise Malformed(f"image {name} {why}") from None
     return found.format, found.width, found.height
 
-
-def _spans(spans, width: int, height: int, index: dict[str, int]) -> tuple[np.ndarray, np.ndarray]:
-    """Pixel spans {x, y, width, height, label} -> (xyxy boxes clipped to the image, class indices)."""
-    if not isinstance(spans, list):
-        raise Malformed(f"spans is {_brief(spans)}, not a list of boxes")
-    boxes, classes = [], []
-    for i, span in enumerate(spans):
-        if not isinstance(span, dict):
-            raise Malformed(f"span {i} is {_brief(span)}, not an object")
-        values = [span.get(key) for key in ("x", "y", "width", "height")]
-        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
-            raise Malformed(f"span {i} needs finite numbers x, y, width, height (got {_brief(values)})")
-        x, y, w, h = values
-        if w <= 0 or h <= 0:
-            raise Malformed(f"span {i} is empty (width {w}, height {h})")
-        if x < -BOX_TOLERANCE or y < -BOX_TOLERANCE or x + w > width + BOX_TOLERANCE \
-                or y + h > height + BOX_TOLERANCE:
-            raise Malformed(f"span {i} (x {x}, y {y}, width {w}, height {h}) lies outside the {width}x{height} "
-                            f"image")
-        classes.append(_class_index(span.get("label"), index, f"span {i} label"))
-        boxes.append([max(x, 0), max(y, 0), min(x + w, width), min(y + h, height)])
-    return np.asarray(boxes, np.float32).reshape(-1, 4), np.asarray(classes, np.int32)

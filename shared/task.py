@@ -215,3 +215,9 @@ class Task(abc.ABC):
     def test_with_classifier(self, run, classifier) -> dict:
         """`test --run RUN --classifier CLASSIFIER` (for tasks with "classifier" in test_options)."""
         raise NotImplementedError(f"task {self.name} does not test with a classifier")
+
+    # ---- the loop command (tasks with "loop" in commands)
+    def loop_support(self) -> Any:
+        """The task's `shared.loop_support.LoopSupport`: what it supplies to the loop (its annotations, shards,
+        held-out set and round config changes)."""
+        raise NotImplementedError(f"task {self.name} does not support the loop")

@@ -11,6 +11,8 @@ import numpy as np
 from conftest import load_script
 
 from shared import annotations
+from shared.classification.loop import ClassLabel
+from shared.detection.loop import Spans
 
 
 def test_the_annotators_rounds_read_back_with_the_counts_it_wrote(tmp_path):
@@ -22,7 +24,7 @@ def test_the_annotators_rounds_read_back_with_the_counts_it_wrote(tmp_path):
     names = ["a", "b", "c"]
     annotator = bench.Annotator(tmp_path / "tasks.jsonl", rejected=2, ignored=1, class_names=names)
     first = annotator.add_round(bench.classification_tasks(images, labels, 0, 5, tmp_path / "img", names))
-    batch = annotations.read_new(tmp_path / "tasks.jsonl", 0, 0, "classification", names)
+    batch = annotations.read_new(tmp_path / "tasks.jsonl", 0, 0, ClassLabel(), names)
     assert first == {"accepted": 5, "rejected": 2, "ignored": 1, "malformed": 1}
     assert (batch.accepted, batch.rejected, batch.ignored, len(batch.malformed)) == (5, 2, 1, 1)
     table = annotations.AnswerTable()
@@ -34,7 +36,7 @@ def test_the_annotators_rounds_read_back_with_the_counts_it_wrote(tmp_path):
     np.testing.assert_array_equal(np.asarray(Image.open(batch.examples[3].name)), images[3])
 
     annotator.add_round(bench.classification_tasks(images, labels, 5, 4, tmp_path / "img", names))
-    second = annotations.read_new(tmp_path / "tasks.jsonl", batch.end_offset, batch.lines, "classification", names)
+    second = annotations.read_new(tmp_path / "tasks.jsonl", batch.end_offset, batch.lines, ClassLabel(), names)
     assert (second.accepted, second.rejected, second.ignored) == (4, 2, 1)
     assert [example.label for example in second.examples] == [2, 0, 1, 2]
     assert second.malformed[0].startswith("line 17:")
@@ -51,7 +53,7 @@ def test_detection_tasks_carry_the_canvas_boxes_as_spans(tmp_path):
                                             [1, 0])], ["shirt", "bag"])
     annotator = bench.Annotator(tmp_path / "tasks.jsonl", rejected=1, ignored=0)
     annotator.add_round(bench.detection_tasks(split, 0, 1))
-    batch = annotations.read_new(tmp_path / "tasks.jsonl", 0, 0, "detection", ["shirt", "bag"])
+    batch = annotations.read_new(tmp_path / "tasks.jsonl", 0, 0, Spans(), ["shirt", "bag"])
     assert (batch.accepted, batch.rejected) == (1, 1) and len(batch.malformed) == 1
     assert batch.answers[0].task != batch.answers[1].task  # the reject is of no boxes: another question
     np.testing.assert_allclose(batch.examples[0].boxes, [[2, 3, 12, 23], [20, 20, 39, 30]])

@@ -203,6 +203,7 @@ def pipeline_probabilities(run, config_changes: dict | None = None) -> tuple[lis
 @pytest.mark.slow
 def test_every_read_format_gives_the_same_pixels_on_every_path(trained, tmp_path):
     from shared import annotations
+    from shared.classification.loop import ClassLabel
     from shared.data import tfrecord
     from shared.predict import Predictor
 
@@ -237,7 +238,7 @@ def test_every_read_format_gives_the_same_pixels_on_every_path(trained, tmp_path
     # the loop's annotation reader: each file accepted as it is, its size as shown (spans are drawn on it)
     tasks = tmp_path / "tasks.jsonl"
     tasks.write_text("".join(json.dumps({"image": str(p), "answer": "accept", "label": "cat"}) + "\n" for p in paths))
-    batch = annotations.read_new(tasks, task="classification", class_names=["dog", "cat"])
+    batch = annotations.read_new(tasks, schema=ClassLabel(), class_names=["dog", "cat"])
     assert batch.malformed == [] and len(batch.examples) == len(paths)
     for path, example in zip(paths, batch.examples):
         assert example.image == path.read_bytes() and (example.height, example.width) == SHOWN[path.name]
@@ -246,6 +247,7 @@ def test_every_read_format_gives_the_same_pixels_on_every_path(trained, tmp_path
 @pytest.mark.slow
 def test_every_refused_file_is_refused_by_every_path_in_one_line(trained, tmp_path):
     from shared import annotations
+    from shared.classification.loop import ClassLabel
     from shared.config_schema import with_changes
     from shared.data import make_datasets, skipped_images, tfrecord
     from shared.errors import UserError, embedded_user_error
@@ -299,7 +301,7 @@ def test_every_refused_file_is_refused_by_every_path_in_one_line(trained, tmp_pa
     # the loop's annotation reader: each line skipped, named by number, with the reason
     tasks = tmp_path / "tasks.jsonl"
     tasks.write_text("".join(json.dumps({"image": str(p), "answer": "accept", "label": "cat"}) + "\n" for p in paths))
-    batch = annotations.read_new(tasks, task="classification", class_names=["dog", "cat"], max_pixels=MAX_PIXELS)
+    batch = annotations.read_new(tasks, schema=ClassLabel(), class_names=["dog", "cat"], max_pixels=MAX_PIXELS)
     assert batch.examples == [] and len(batch.malformed) == len(paths)
     for number, (path, problem) in enumerate(zip(paths, batch.malformed), start=1):
         assert problem.startswith(f"line {number}: ") and REFUSED[path.name][1] in problem, problem
@@ -310,6 +312,7 @@ def test_a_turned_photo_is_annotated_and_detected_as_shown(tmp_path):
     ingestion takes a box drawn on the shown image, detection decodes and scales boxes to the shown image,
     and an annotation giving the stored size is refused in one line (its tool did not turn it)."""
     from shared import annotations
+    from shared.detection.loop import Spans
     from shared.detection.records import image_size_problem
     from shared.detection.serving import eval_pixels
 
@@ -323,7 +326,7 @@ def test_a_turned_photo_is_annotated_and_detected_as_shown(tmp_path):
     span = {"x": 2, "y": 31, "width": 20, "height": 8, "label": "cat"}  # rows 31-39: only in the shown image
     (tmp_path / "tasks.jsonl").write_text(json.dumps({"image": "turned.jpg", "answer": "accept", "spans": [span]})
                                           + "\n")
-    batch = annotations.read_new(tmp_path / "tasks.jsonl", task="detection", class_names=["cat"])
+    batch = annotations.read_new(tmp_path / "tasks.jsonl", schema=Spans(), class_names=["cat"])
     assert batch.malformed == [] and batch.examples[0].boxes.tolist() == [[2, 31, 22, 39]]
     assert (batch.examples[0].width, batch.examples[0].height) == (30, 40)
 

@@ -25,6 +25,10 @@ from PIL import Image
 from conftest import KILLING_RUNNER, REPO, TINY_MODEL, tiny_tree
 
 from shared import annotations, runs
+from shared import loop_ingest, loop_state
+from shared.classification.loop import ClassLabel
+from shared.detection.loop import Spans, spans_of
+from shared.tasks import task_for
 
 CLASSES = ["class_0", "class_1", "class_2", "class_3"]  # the synthetic source's names, so the source run's
 
@@ -125,7 +129,7 @@ def test_malformed_lines_are_named_by_number_and_skipped_rejected_and_ignored_co
     ]
     path = tmp_path / "tasks.jsonl"
     path.write_text("\n".join(lines) + "\n")
-    batch = annotations.read_new(path, 0, 0, "classification", CLASSES)
+    batch = annotations.read_new(path, 0, 0, ClassLabel(), CLASSES)
     assert (batch.lines, batch.accepted, batch.rejected, batch.ignored) == (12, 2, 1, 1)
     assert [problem.split(":")[0] for problem in batch.malformed] == [f"line {n}" for n in (2, 3, 4, 5, 6, 7, 12)]
     assert "'zebra' is not a class" in batch.malformed[2] and "img/broken.png" in batch.malformed[3]
@@ -147,7 +151,7 @@ def test_detection_spans_outside_the_image_or_of_unknown_labels_are_malformed(tm
              json.dumps({"image": "a.png", "answer": "accept", "spans": "none"}),
              json.dumps({"image": "a.png", "answer": "accept", "spans": []})]  # an image without objects
     (tmp_path / "tasks.jsonl").write_text("\n".join(lines) + "\n")
-    batch = annotations.read_new(tmp_path / "tasks.jsonl", 0, 0, "detection", ["square", "bar"])
+    batch = annotations.read_new(tmp_path / "tasks.jsonl", 0, 0, Spans(), ["square", "bar"])
     assert [p.split(":")[0] for p in batch.malformed] == ["line 2", "line 3", "line 4", "line 5"]
     assert "outside the 40x40 image" in batch.malformed[0] and "'circle'" in batch.malformed[1]
     first = batch.examples[0]
@@ -161,12 +165,12 @@ def test_a_partial_last_line_waits_for_the_next_read(tmp_path):
     append(path, lines[:2])
     with open(path, "a", encoding="utf-8") as handle:
         handle.write(lines[2][:20])  # the tool is still writing it
-    first = annotations.read_new(path, 0, 0, "classification", CLASSES)
+    first = annotations.read_new(path, 0, 0, ClassLabel(), CLASSES)
     assert (first.lines, first.accepted, first.waiting) == (2, 2, True)
     assert first.end_offset == len(("\n".join(lines[:2]) + "\n").encode())
     with open(path, "a", encoding="utf-8") as handle:
         handle.write(lines[2][20:] + "\n")
-    second = annotations.read_new(path, first.end_offset, first.lines, "classification", CLASSES)
+    second = annotations.read_new(path, first.end_offset, first.lines, ClassLabel(), CLASSES)
     assert (second.lines, second.accepted, second.waiting) == (1, 1, False)
     assert second.examples[0].line == 3 and second.examples[0].label == 2
 
@@ -177,7 +181,7 @@ def test_an_annotations_file_that_shrank_is_refused(tmp_path):
     path = tmp_path / "tasks.jsonl"
     path.write_text("{}\n")
     with pytest.raises(UserError, match="only be appended to"):
-        annotations.read_new(path, 100, 5, "classification", CLASSES)
+        annotations.read_new(path, 100, 5, ClassLabel(), CLASSES)
 
 
 def test_steps_schedule_gives_about_the_steps_in_equal_epochs_of_at_most_one_pass():
@@ -201,6 +205,14 @@ def test_a_from_run_with_the_recipes_statistics_differs_in_nothing(tmp_path):
     (folder / "config.yaml").write_text(config.dump())
     changes, differences = follow_run(config, runs.open_run(folder))
     assert differences == [] and "data.mean" not in changes
+
+
+def test_a_round_is_judged_worse_in_the_sense_of_its_tasks_measure():
+    from shared.loop import worse_by
+
+    assert worse_by(0.5, 0.7, higher_is_better=True) == pytest.approx(0.2)  # top-1 fell
+    assert worse_by(0.7, 0.5, higher_is_better=False) == pytest.approx(0.2)  # a loss rose
+    assert worse_by(0.5, 0.7, higher_is_better=False) == pytest.approx(-0.2)  # a loss fell: better
 
 
 def test_the_loop_command_refuses_deblurring_recipes_and_missing_files(tmp_path, capsys):
@@ -237,7 +249,7 @@ def test_classification_rounds_ingest_train_export_and_collect_garbage(tmp_path,
     out = capsys.readouterr().out
     assert "line 15: not JSON" in out and "round 1: 12 examples" in out
 
-    loop = loop_module.open_loop(load_config(str(recipe)), tasks, source_run.path, exports)
+    loop = loop_module.open_loop(task_for(load_config(str(recipe))), tasks, source_run.path, exports)
     assert loop.dir == tmp_path / "runs" / "loops" / "tiny-recipe" and loop.export_name == "tiny-recipe"
     results = []
     for round_number in (2, 3):
@@ -292,7 +304,7 @@ def test_a_metric_that_falls_beyond_the_tolerance_is_not_exported(tmp_path, sour
     recipe = classification_recipe(tmp_path, tree, tolerance=0.0)
     tasks = tmp_path / "tasks.jsonl"
     append(tasks, classification_lines(tmp_path, 0, 8))
-    loop = loop_module.open_loop(load_config(str(recipe)), tasks, source_run.path, tmp_path / "exports")
+    loop = loop_module.open_loop(task_for(load_config(str(recipe))), tasks, source_run.path, tmp_path / "exports")
     first = loop_module.run_round(loop)
     state = state_of(loop.dir)
     state["served"]["metric"] = 2.0  # a served round better than any top-1: the next one falls below it
@@ -467,7 +479,7 @@ def test_the_recipes_test_split_is_the_held_out_set_when_loop_eval_is_null(tmp_p
     recipe = classification_recipe(tmp_path, tree, eval=None)
     tasks = tmp_path / "tasks.jsonl"
     tasks.write_text("")
-    loop = loop_module.open_loop(load_config(str(recipe)), tasks, source_run.path, tmp_path / "exports")
+    loop = loop_module.open_loop(task_for(load_config(str(recipe))), tasks, source_run.path, tmp_path / "exports")
     result = loop_module.run_round(loop)
     assert result.round is None and result.describe() == "no new accepted annotations"
     shards = sorted((loop.dir / "eval").glob("validation-*"))
@@ -485,15 +497,16 @@ def test_the_recipes_test_split_is_the_held_out_set_when_loop_eval_is_null(tmp_p
     other = tmp_path / "other_runs" / "tiny" / "v0001"
     shutil.copytree(source_run.path, other)
     with pytest.raises(UserError, match="--from .* to continue it"):
-        loop_module.run_round(loop_module.open_loop(load_config(str(recipe)), tasks, other, tmp_path / "exports"))
+        loop_module.run_round(loop_module.open_loop(task_for(load_config(str(recipe))), tasks, other,
+                                                    tmp_path / "exports"))
 
 
 def test_task_lines_written_for_an_annotator_read_back_as_the_same_examples(tmp_path):
     png(tmp_path / "a.png", 0, size=40)
     path = tmp_path / "tasks.jsonl"
-    path.write_text(annotations.task_line("a.png", "accept", spans=annotations.spans_of(
+    path.write_text(annotations.task_line("a.png", "accept", spans=spans_of(
         [[2, 3, 12, 23]], ["bar"], scores=[0.9])) + annotations.task_line("a.png", score=0.5, label="square"))
-    batch = annotations.read_new(path, 0, 0, "detection", ["square", "bar"])
+    batch = annotations.read_new(path, 0, 0, Spans(), ["square", "bar"])
     assert batch.accepted == 1 and batch.malformed == ["line 2: answer is null, not one of accept, reject, ignore"]
     np.testing.assert_allclose(batch.examples[0].boxes, [[2, 3, 12, 23]])
     assert batch.examples[0].classes.tolist() == [1]
@@ -501,6 +514,7 @@ def test_task_lines_written_for_an_annotator_read_back_as_the_same_examples(tmp_
 
 def test_a_second_process_on_the_same_loop_folder_is_refused(tmp_path):
     from shared import loop as loop_module
+    from shared.loop_folder import Loop
     from shared.config import load_config
     from shared.errors import UserError
 
@@ -511,7 +525,7 @@ def test_a_second_process_on_the_same_loop_folder_is_refused(tmp_path):
                                "    time.sleep(60)"], cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        loop = loop_module.Loop(load_config(tree=tiny_tree(tmp_path / "runs")), tmp_path / "tasks.jsonl",
+        loop = Loop(task_for(load_config(tree=tiny_tree(tmp_path / "runs"))), tmp_path / "tasks.jsonl",
                                 tmp_path / "run", tmp_path / "exports", loop_dir, "loop")
         with pytest.raises(UserError, match=f"is being written by pid {holder.pid}"):
             loop_module.run_round(loop)
@@ -533,7 +547,7 @@ def test_a_full_disk_while_publishing_a_round_leaves_its_lines_unconsumed(tmp_pa
     recipe = classification_recipe(tmp_path, tree)
     tasks = tmp_path / "tasks.jsonl"
     append(tasks, classification_lines(tmp_path, 0, 4))
-    loop = loop_module.open_loop(load_config(str(recipe)), tasks, source_run.path, tmp_path / "exports")
+    loop = loop_module.open_loop(task_for(load_config(str(recipe))), tasks, source_run.path, tmp_path / "exports")
     fsync_tree = durable.fsync_tree
 
     def full(path):
@@ -583,7 +597,7 @@ def fake_loop(tmp_path: Path, data: dict | None = None, **loop):
                      data=data or {})
     tasks = tmp_path / "tasks.jsonl"
     tasks.touch()
-    return loop_module.open_loop(load_config(tree=tree), tasks, source, tmp_path / "exports")
+    return loop_module.open_loop(task_for(load_config(tree=tree)), tasks, source, tmp_path / "exports")
 
 
 def ingest_only(loop):
@@ -670,12 +684,11 @@ def test_a_re_exported_file_ingests_only_new_answers_and_the_latest_answer_per_i
 
 @pytest.mark.slow
 def test_ingestion_holds_and_commits_one_bounded_chunk_at_a_time(tmp_path, monkeypatch):
-    from shared import loop as loop_module
 
     loop = fake_loop(tmp_path)
     ingest_only(loop)  # the loop started: its held-out set written
     append(loop.annotations, classification_lines(tmp_path, 0, 5) + classification_lines(tmp_path, 10, 1, "reject"))
-    monkeypatch.setattr(loop_module, "CHUNK_BYTES", 1)  # one image a chunk
+    monkeypatch.setattr(loop_ingest, "CHUNK_BYTES", 1)  # one image a chunk
     held, read_new = [], annotations.read_new
 
     def reading(*args, **kwargs):
@@ -683,9 +696,9 @@ def test_ingestion_holds_and_commits_one_bounded_chunk_at_a_time(tmp_path, monke
         held.append(len(batch.examples))
         return batch
 
-    commits, commit = [], loop_module._commit
+    commits, commit = [], loop_state.commit
     monkeypatch.setattr(annotations, "read_new", reading)
-    monkeypatch.setattr(loop_module, "_commit", lambda folder, state: commits.append(state["offset"]) or
+    monkeypatch.setattr(loop_state, "commit", lambda folder, state: commits.append(state["offset"]) or
                         commit(folder, state))
     result = ingest_only(loop)
     assert held == [1, 1, 1, 1, 1, 0] and result.pending == 5  # the last read: the rejected line
@@ -708,7 +721,7 @@ def test_image_fields_name_only_regular_files_within_data_max_image_bytes(tmp_pa
         json.dumps({"image": image, "answer": "accept", "label": "class_0"}) + "\n" for image in images))
     done = []
     reader = threading.Thread(target=lambda: done.append(annotations.read_new(
-        tmp_path / "tasks.jsonl", task="classification", class_names=CLASSES, max_image_bytes=limit)), daemon=True)
+        tmp_path / "tasks.jsonl", schema=ClassLabel(), class_names=CLASSES, max_image_bytes=limit)), daemon=True)
     reader.start()
     reader.join(timeout=30)
     try:
@@ -725,12 +738,11 @@ def test_image_fields_name_only_regular_files_within_data_max_image_bytes(tmp_pa
     assert "data: URI of about" in batch.malformed[4] and f"above data.max_image_bytes {limit}" in batch.malformed[4]
 
 
-CHUNKED_RUNNER = "import shared.loop\nshared.loop.CHUNK_BYTES = 1\n" + KILLING_RUNNER  # a chunk an image
+CHUNKED_RUNNER = "import shared.loop_ingest\nshared.loop_ingest.CHUNK_BYTES = 1\n" + KILLING_RUNNER  # a chunk an image
 
 
 @pytest.mark.slow
 def test_kills_between_chunks_and_in_a_rewrite_lose_nothing_and_duplicate_nothing(tmp_path, source, monkeypatch):
-    from shared import loop as loop_module
     from shared import runner
 
     source_run, tree = source
@@ -759,7 +771,7 @@ def test_kills_between_chunks_and_in_a_rewrite_lose_nothing_and_duplicate_nothin
     state = state_of(loop_dir)
     assert state["pending"] == 6 and "set-000001" in state["sets"] and len(list((loop_dir / "data").iterdir())) > 6
 
-    monkeypatch.setattr(loop_module, "CHUNK_BYTES", 1)
+    monkeypatch.setattr(loop_ingest, "CHUNK_BYTES", 1)
     assert runner.main(command) == 0
     state = state_of(loop_dir)
     assert (state["round"], state["examples"], state["totals"]["accepted"], state["totals"]["replaced"]) == (1, 6, 7, 1)
@@ -778,7 +790,7 @@ def test_no_round_is_exported_below_round_zero_beyond_the_tolerance(tmp_path, so
     recipe = classification_recipe(tmp_path, tree, tolerance=0.0)
     tasks = tmp_path / "tasks.jsonl"
     append(tasks, classification_lines(tmp_path, 0, 4))
-    loop = loop_module.open_loop(load_config(str(recipe)), tasks, source_run.path, tmp_path / "exports")
+    loop = loop_module.open_loop(task_for(load_config(str(recipe))), tasks, source_run.path, tmp_path / "exports")
     monkeypatch.setattr(loop_module, "evaluate_run", lambda loop, run: 2.0)  # above any top-1 a round can reach
     result = loop_module.run_round(loop)
     assert result.round == 1 and result.exported is None
@@ -843,7 +855,7 @@ def test_garbage_collection_removes_only_the_runs_the_loop_trained(tmp_path, sou
     start, other, foreign = copied("v0001"), copied("v0002"), copied("v0003", attempt="0123456789abcdef")
     tasks = tmp_path / "tasks.jsonl"
     tasks.touch()
-    loop = loop_module.open_loop(load_config(str(recipe)), tasks, start, tmp_path / "exports")
+    loop = loop_module.open_loop(task_for(load_config(str(recipe))), tasks, start, tmp_path / "exports")
     results = []
     for first in (0, 10):
         append(tasks, classification_lines(tmp_path, first, 4))

@@ -13,6 +13,8 @@ import pytest
 from PIL import Image
 
 from shared import annotations, runs
+from shared.classification.loop import ClassLabel
+from shared.detection.loop import Spans
 from shared.fashion_mnist import FASHION_MNIST_DIRS
 from shared.predict import Predictor
 
@@ -62,7 +64,7 @@ def test_classification_tasks_round_trip_through_the_annotation_reader(folder_ru
     assert [line["score"] for line in lines] == [round(p.scores[0], 4) for p in want]
     assert [[o["id"] for o in line["options"]] for line in lines] == [p.labels[:2] for p in want]
 
-    batch = annotations.read_new(accept_all(inside, lines), task="classification", class_names=run.class_names())
+    batch = annotations.read_new(accept_all(inside, lines), schema=ClassLabel(), class_names=run.class_names())
     assert batch.malformed == [] and batch.accepted == len(files)
     assert [run.class_names()[e.label] for e in batch.examples] == [line["label"] for line in lines]
     assert [e.name for e in batch.examples] == [str(tmp_path / f) for f in files]
@@ -78,7 +80,7 @@ def test_classification_tasks_round_trip_through_the_annotation_reader(folder_ru
     served = task_lines(outside)
     assert [line["image"] for line in served] == [str(tmp_path / f) for f in files]
     assert [line["label"] for line in served] == [line["label"] for line in lines]
-    batch = annotations.read_new(accept_all(outside, served), task="classification", class_names=run.class_names())
+    batch = annotations.read_new(accept_all(outside, served), schema=ClassLabel(), class_names=run.class_names())
     assert batch.malformed == [] and batch.accepted == len(files)
 
 
@@ -126,7 +128,7 @@ def test_detection_tasks_spans_from_the_run_and_its_saved_model(detection_run, t
     assert printed.splitlines()[0].startswith(f"{images / 'big.png'}  {len(spans['big.png'])} boxes  ")
 
     # the reader takes every accepted suggestion, boxes as written
-    batch = annotations.read_new(accept_all(tasks, lines), task="detection", class_names=names)
+    batch = annotations.read_new(accept_all(tasks, lines), schema=Spans(), class_names=names)
     assert batch.malformed == [] and batch.accepted == len(lines)
     for example, line in zip(batch.examples, lines):
         xyxy = [[s["x"], s["y"], s["x"] + s["width"], s["y"] + s["height"]] for s in line["spans"]]

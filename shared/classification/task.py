@@ -11,6 +11,7 @@ import tensorflow as tf
 
 from shared import data as data_module
 from shared import distill, durable, finetune, modelzoo, plots, runs
+from shared.classification.loop import ClassificationLoop
 from shared.classification.objective import objective
 from shared.config_schema import with_changes
 from shared.class_names import readable
@@ -203,6 +204,9 @@ class ClassificationTask(Task):
         from shared import tflite
 
         return tflite.evaluate_tflite(path, run)
+
+    def loop_support(self):
+        return ClassificationLoop()
 
 
 def _outputs(module, model) -> list[str]:

@@ -45,6 +45,7 @@ from shared.detection.anchors import training_targets
 from shared.detection.config import absolute_paths, check_detection_config, detection_augmentations
 from shared.detection.evaluate import evaluate_detector, summary
 from shared.detection.gallery import GALLERY_FILE, plot_detections
+from shared.detection.loop import DetectionLoop
 from shared.detection.losses import detection_losses
 from shared.detection import validation
 from shared.detection.model import build_detector, head_layer_names, model_anchors
@@ -177,3 +178,6 @@ class DetectionTask(Task):
         from shared.detection import export
 
         return export.evaluate_detection_tflite(path, run)
+
+    def loop_support(self):
+        return DetectionLoop()
