@@ -12,6 +12,7 @@ import tensorflow as tf
 from shared import data as data_module
 from shared import distill, durable, finetune, modelzoo, plots, runs
 from shared.classification.objective import objective
+from shared.classification.predict import Predictor
 from shared.config import with_changes
 from shared.class_names import readable
 from shared.evaluate import ConfidentMistakes, check_class_names, evaluate_model, worst_classes
@@ -187,6 +188,10 @@ class ClassificationTask(Task):
     @classmethod
     def details(cls, metrics):
         return worst_classes_table(metrics)
+
+    @classmethod
+    def open_predictor(cls, source, min_score):
+        return Predictor.open(source, min_score)
 
     def export_saved_model(self, run, export_dir, model_name, keep):
         from shared import export

@@ -52,6 +52,7 @@ from shared.detection import validation
 from shared.detection.metrics import detection_map
 from shared.detection.model import HEAD_PREFIXES, OUTPUT_NAMES, build_detector, model_anchors
 from shared.detection.postprocess import decode_detections
+from shared.detection.predict import Detector
 from shared.errors import UserError
 from shared.evaluate import check_class_names
 from shared.task import Measure, Objective, Phase, Task, TaskData, absolute
@@ -436,6 +437,10 @@ class DetectionTask(Task):
     @classmethod
     def summary(cls, metrics):
         return summary(metrics)
+
+    @classmethod
+    def open_predictor(cls, source, min_score):
+        return Detector.open(source, min_score)
 
     def export_saved_model(self, run, export_dir, model_name, keep):
         from shared.detection import export
