@@ -61,7 +61,6 @@ def first_line(error: BaseException) -> str:
     return " ".join(text.split()) or type(error).__name__
 
 
-
 # ---------------------------------------------------------------- what predict runs
 
 

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from shared.errors import UserError
 from shared.config import with_changes
+from shared.errors import UserError
 from shared.predict import ImagePredictor, Source, export_record, first_line, saved_model_folder
 from shared.runs import Run, open_run, require_idle
 
