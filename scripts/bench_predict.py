@@ -82,8 +82,9 @@ def main(argv: list[str] | None = None) -> int:
 
     def action() -> None:
         from shared import export
-        from shared.predict import Predictor
+        from shared.classification.predict import Predictor
         from shared.runs import open_run
+        from shared.tasks import rebuild
 
         if args.limit < WARMUP:
             raise UserError(f"--limit must be at least {WARMUP} (got {args.limit})")
@@ -95,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
             (scratch / "png").mkdir()
             paths = write_pngs(scratch / "png", args.limit)
             folder = export.export_saved_model(run, scratch / "exports")
-            predictors = {"run (Keras)": Predictor.from_run(run), "SavedModel": Predictor.from_saved_model(folder)}
+            predictors = {"run (Keras)": Predictor.from_run(run, *rebuild(run)),
+                          "SavedModel": Predictor.from_saved_model(folder)}
             rows, tops = [], {}
             for batch in (1, args.batch):
                 for name, predictor in predictors.items():

@@ -1,19 +1,18 @@
-"""Classify images with what a run trained: the run itself (its snapshot and a checkpoint), its SavedModel
-export or its .tflite file, each with the run's own eval preprocessing (`shared.eval_view`).
+"""Predict with what a run trained, whatever its task: the generic layer of the `predict` command. It reads the
+inputs (image paths and / or numpy arrays), runs a task's predictor on them in batches and writes what comes out.
 
-    from shared.predict import Predictor
-    Predictor.from_run("runs/resnet/v0001").predict(["a.jpg"], top_k=5)
-
-Inputs are image paths and / or numpy arrays (H x W [x C], uint8 or float 0-255). Files are read and
-decoded in a tf.data pipeline (in parallel, in order) and classified in batches; a file that cannot be read
-or decoded becomes a `Prediction` with `error` set instead of stopping the rest. `python -m shared.runner
-predict` is the command line (`command` below); for a detection run or export it finds boxes instead
-(`open_predictor` picks `shared.detection.predict.Detector`). `--format tasks` writes the predictions as an
-annotation tool's tasks (`shared.annotations`' format, without an answer): suggestions to accept or correct.
+Files are read and decoded in a tf.data pipeline (in parallel, in order) and run in batches; a file that cannot be
+read or decoded becomes a result with `error` set instead of stopping the rest. What a prediction IS (classes,
+boxes), and the record it writes (its CSV columns, JSON keys, annotation task), belongs to the task's predictor
+(an `ImagePredictor` subclass in its package's predict.py), which the task a `Source` names opens
+(`Task.open_predictor`, called by `shared.tasks.open_predictor`). `python -m shared.runner predict` is the
+command line (`command` below). `--format tasks` writes the predictions as an annotation tool's tasks
+(`shared.annotations`' format, without an answer): suggestions to accept or correct.
 """
 
 from __future__ import annotations
 
+import abc
 import collections
 import contextlib
 import csv
@@ -23,15 +22,16 @@ import json
 import os
 import re
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Protocol
 
 import numpy as np
 
 from shared.errors import UserError
 from shared.eval_view import EvalView
-from shared.runs import Run, open_run
+from shared.export import versions
+from shared.runs import Run
 
 DEFAULT_BATCH = 64
 PROGRESS_FROM = 64  # inputs: fewer finish before a progress bar would help
@@ -39,30 +39,19 @@ OUT_FORMATS = {"csv": ".csv", "jsonl": ".jsonl", "tasks": ".jsonl"}  # --format 
 GLOB_CHARS = frozenset("*?[")
 
 
-@dataclass
-class Prediction:
-    """One input's top-k classes, best first; `error` (and empty lists) when it was skipped."""
+class Result(Protocol):
+    """One input's prediction as a task's predictor makes it; `error` (and nothing found) when it was skipped."""
     input: str | int  # the path, or the array's position among the inputs
-    ids: list[int]
-    names: list[str]
-    scores: list[float]
-    error: str | None = None
-    probabilities: np.ndarray | None = field(default=None, repr=False)  # every class's, for a closer look
-    labels: list[str] = field(default_factory=list)  # the top-k as labels.txt records them (wnids stay wnids)
-
-    def row(self) -> dict:
-        return {"path": self.input, "ids": self.ids, "names": self.names, "scores": self.scores, "error": self.error}
-
-    def task(self) -> dict:
-        """The annotation task's suggestion (without "image" and "answer": no one has answered yet): the top
-        class as the annotation reader expects it, its score, and the top-k as choices."""
-        return {"label": self.labels[0], "score": round(self.scores[0], 4),
-                "options": [{"id": label, "text": name, "score": round(score, 4)}
-                            for label, name, score in zip(self.labels, self.names, self.scores)],
-                "meta": {"score": round(self.scores[0], 4)}}
+    error: str | None
 
     def line(self) -> str:
-        return format_line(self)
+        """What the command prints for it."""
+
+    def row(self) -> dict:
+        """Its --out JSON line."""
+
+    def task(self) -> dict:
+        """The annotation task's suggestion (without "image" and "answer": no one has answered yet)."""
 
 
 def first_line(error: BaseException) -> str:
@@ -72,189 +61,99 @@ def first_line(error: BaseException) -> str:
     return " ".join(text.split()) or type(error).__name__
 
 
-# ---------------------------------------------------------------- the three sources
+# ---------------------------------------------------------------- what predict runs
 
 
-class _Keras:
-    """A run's model rebuilt from its snapshot: batches of eval-view pixels -> probabilities."""
+@dataclass(frozen=True)
+class Source:
+    """What `predict` runs: a run (with a checkpoint), its SavedModel export (a version folder, or a model folder
+    for its newest version) or its .tflite file with the run it was exported from (whose preprocessing and
+    names it takes). The task it names (`task_name`) opens its predictor (`Task.open_predictor`)."""
+    run: Run | None = None
+    saved_model: str | Path | None = None
+    tflite: str | Path | None = None
+    checkpoint: str | Path | None = None  # the run's: last (None), best or a file
+    # (run, checkpoint file) -> (model, config): the one rebuild (`shared.tasks.rebuild`), passed down from the top
+    rebuild: Callable[[Run, Path], tuple[Any, Any]] | None = None
 
-    def __init__(self, model, view: EvalView):
-        import tensorflow as tf
-
-        normalize = view.normalizer()
-        spec = tf.TensorSpec((None, *view.shape), tf.float32)
-        self.forward = tf.function(lambda pixels: tf.cast(model(normalize(pixels), training=False), tf.float32),
-                                   input_signature=[spec])
-        self.view, self.decodes = view, False
-
-    def classify_pixels(self, pixels: np.ndarray) -> np.ndarray:
-        return self.forward(pixels).numpy()
-
-
-class _TFLite:
-    """A .tflite file (batch-1, normalized float input): one invoke per image."""
-
-    def __init__(self, interpreter, view: EvalView):
-        import tensorflow as tf
-
-        self.interpreter, self.view, self.decodes = interpreter, view, False
-        self.normalize = tf.function(view.normalizer())
-
-    def classify_pixels(self, pixels: np.ndarray) -> np.ndarray:
-        from shared.tflite import predict_tflite
-
-        return predict_tflite(self.interpreter, self.normalize(pixels).numpy())
-
-
-class _SavedModel:
-    """An export's signatures: `serving_default` on encoded bytes (it decodes and preprocesses in its graph),
-    `predict_images` on eval-view pixels (for arrays, with the view its export.json records)."""
-
-    def __init__(self, loaded, view: EvalView | None, folder: Path):
-        self.loaded, self.view, self.folder, self.decodes = loaded, view, folder, True
-        self.serve = loaded.signatures["serving_default"]
-        self.names_seen: dict[int, str] | None = None  # id -> label from the outputs, when export.json has none
-
-    def _probabilities(self, outputs) -> np.ndarray:
-        if self.names_seen is not None and "classes" in outputs and "labels" in outputs:
-            for ids, labels in zip(outputs["classes"].numpy(), outputs["labels"].numpy()):
-                self.names_seen.update({int(i): label.decode("utf-8", "replace") for i, label in zip(ids, labels)})
-        return outputs["probabilities"].numpy()
-
-    def classify_encoded(self, encoded: list[bytes]) -> np.ndarray:
-        import tensorflow as tf
-
-        return self._probabilities(self.serve(image_bytes=tf.constant(encoded, tf.string)))
-
-    def classify_pixels(self, pixels: np.ndarray) -> np.ndarray:
-        import tensorflow as tf
-
-        return self._probabilities(self.loaded.signatures["predict_images"](images=tf.constant(pixels)))
-
-
-class Predictor:
-    """Top-k classes of images, from a run, a SavedModel export or a .tflite file (`from_*`)."""
-
-    def __init__(self, backend, class_names: list[str], source: str):
-        from shared.class_names import readable
-
-        self._backend = backend
-        self.class_names = readable(list(class_names))  # ImageNet wnids as words, other names as they are
-        self.label_names = list(class_names)  # as labels.txt records them: what an annotation file names
-        self.source = source  # what it predicts with, for messages
+    @classmethod
+    def of(cls, run: Run | None = None, saved_model: str | Path | None = None, tflite: str | Path | None = None,
+           checkpoint: str | Path | None = None, rebuild: Callable | None = None) -> "Source":
+        """The source the command line names; a .tflite file without --run takes the run whose export/ holds it."""
+        if tflite is not None and run is None and Path(tflite).expanduser().is_file():
+            run = owning_run(Path(tflite).expanduser())  # the file holds no preprocessing: its run's is used
+        return cls(run, saved_model, tflite, checkpoint, rebuild)
 
     @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
+    def task_name(self) -> str | None:
+        """The task the source names, read without TensorFlow: the export's export.json (a model folder: its
+        newest version) or the run's config.yaml; None where neither names one (the default task)."""
+        if self.saved_model is not None:
+            return export_record(saved_model_folder(Path(self.saved_model).expanduser())).get("task")
+        return (self.run.config_dict() or {}).get("task") if self.run is not None else None
 
-    # ---- construction
-    @classmethod
-    def from_run(cls, run: Run | str | Path, checkpoint: str | Path | None = None) -> "Predictor":
-        """The run's model rebuilt from its own snapshot with a checkpoint (`Run.checkpoint`: None or "last",
-        "best" for checkpoints/best.keras kept with train.best, or a file)."""
-        from shared.tasks import rebuild
+    def rebuilt(self) -> tuple[Any, Any]:
+        """The run's model rebuilt from its snapshot with the checkpoint (`Run.checkpoint`), and its config."""
+        return self.rebuild(self.run, self.run.checkpoint(self.checkpoint or "last"))
 
-        run = _classification_run(run)
-        model, config = rebuild(run, run.checkpoint(checkpoint or "last"))
-        names = _run_class_names(run, int(model.output_shape[-1]))
-        return cls(_Keras(model, EvalView.from_config(config)), names, f"run {run.path}")
+    def __str__(self) -> str:
+        if self.saved_model is not None:
+            return f"SavedModel {saved_model_folder(Path(self.saved_model).expanduser())}"
+        return f"TFLite {Path(self.tflite).expanduser()}" if self.tflite is not None else f"run {self.run.path}"
 
-    @classmethod
-    def from_saved_model(cls, folder: str | Path) -> "Predictor":
-        """A version folder written by `export --format saved_model` (a model folder: its highest version)."""
-        import tensorflow as tf
 
-        folder = saved_model_folder(Path(folder).expanduser())
-        try:
-            loaded = tf.saved_model.load(str(folder))
-        except Exception as error:  # a damaged export: TF's own error types vary
-            raise UserError(f"cannot load the SavedModel at {folder}: {first_line(error)}") from error
-        serve = loaded.signatures.get("serving_default")
-        if serve is None or "image_bytes" not in serve.structured_input_signature[1] \
-                or "probabilities" not in serve.structured_outputs:
-            raise UserError(f"the SavedModel at {folder} does not classify encoded images (its serving_default "
-                            f"takes image_bytes and returns probabilities in classification exports)")
-        record = export_record(folder)
-        view = EvalView.from_record(record) if "image_size" in record else None
-        num_classes = int(serve.structured_outputs["probabilities"].shape[-1])
-        backend = _SavedModel(loaded, view, folder)
-        names = record.get("class_names") or record.get("labels")
-        if not names or len(names) != num_classes:  # a foreign export: names from its outputs as they come
-            names = [str(i) for i in range(num_classes)]
-            backend.names_seen = {}
-        return cls(backend, names, f"SavedModel {folder}")
+def checked_min_score(min_score: float | None) -> float | None:
+    """--min-score as given (None: not given), refused outside 0..1 before any source is opened."""
+    if min_score is not None and not 0.0 <= min_score <= 1.0:
+        raise UserError(f"--min-score is {min_score:g}; give a score between 0 and 1")
+    return min_score
 
-    @classmethod
-    def from_tflite(cls, file: str | Path, run: Run | str | Path | None = None) -> "Predictor":
-        """A .tflite file written by `export --format tflite`. It holds the model only: its preprocessing
-        and class names are the run's, found from its place (<run>/export/*.tflite) or given as `run`."""
-        from shared import config as config_module
-        from shared.tflite import load_interpreter
 
-        file = Path(file).expanduser()
-        interpreter = load_interpreter(file, num_threads=os.cpu_count())
-        run = _classification_run(run if run is not None else _owning_run(file))
-        config = config_module.from_dict(run.config_dict())
-        view = EvalView.from_config(config)
-        detail = interpreter.get_input_details()[0]
-        if tuple(detail["shape"][1:]) != view.shape:
-            raise UserError(f"{file} takes images of {tuple(detail['shape'][1:])} but run {run.path} has "
-                            f"{view.shape}: it was not exported from that run; give its own with --run")
-        num_classes = int(interpreter.get_output_details()[0]["shape"][-1])
-        return cls(_TFLite(interpreter, view), _run_class_names(run, num_classes), f"TFLite {file}")
+# ---------------------------------------------------------------- reading inputs, in batches
 
-    # ---- prediction
-    def predict(self, inputs: Iterable[Any], top_k: int = 5, batch_size: int = DEFAULT_BATCH) -> list[Prediction]:
-        """One Prediction per input, in order: image paths (str / Path) and / or numpy arrays (H x W [x C],
+
+class ImagePredictor(abc.ABC):
+    """Runs a backend on images, in batches, one result per input in input order: files read (and, but for a
+    backend that `decodes` them itself, decoded and preprocessed with its eval `view`) in a tf.data pipeline,
+    arrays preprocessed with the view. What a result is, and the record it writes (`csv_header`, `csv_row`,
+    and the result's `line`, `row` and `task`), is the task's subclass's (`_prediction`).
+
+    A backend has `view` (an EvalView, or None) and `decodes`, and `classify_pixels(batch of view pixels)` or,
+    when it decodes, `classify_encoded(list of encoded images)`: one raw result per image."""
+
+    def __init__(self, backend, label_names: list[str], source: str):
+        self._backend = backend
+        self.label_names = list(label_names)  # as labels.txt records them: what an annotation file names
+        self.source = source  # what it predicts with, for messages
+
+    @abc.abstractmethod
+    def _prediction(self, label, result, top_k: int) -> Result:
+        """The Result of one input from the backend's raw result, or from the reason it was skipped (a str)."""
+
+    @abc.abstractmethod
+    def csv_header(self, top_k: int) -> list[str]:
+        """The --out CSV's columns, "path" first and "error" (why an input was skipped) last."""
+
+    @abc.abstractmethod
+    def csv_row(self, result: Any, top_k: int) -> list:
+        """One result's CSV row."""
+
+    def predict(self, inputs: Iterable[Any], top_k: int = 5, batch_size: int = DEFAULT_BATCH) -> list:
+        """One result per input, in order: image paths (str / Path) and / or numpy arrays (H x W [x C],
         uint8 or float 0-255). top_k: at least 1; more than the class count gives every class."""
         return list(self.iter_predict(inputs, top_k, batch_size))
 
-    def iter_predict(self, inputs: Iterable[Any], top_k: int = 5,
-                     batch_size: int = DEFAULT_BATCH) -> Iterator[Prediction]:
-        """`predict`, one Prediction at a time as the batches finish (inputs are read as they come: a
+    def iter_predict(self, inputs: Iterable[Any], top_k: int = 5, batch_size: int = DEFAULT_BATCH) -> Iterator:
+        """`predict`, one result at a time as the batches finish (inputs are read as they come: a
         generator of many paths is never held whole)."""
         if top_k < 1:
             raise UserError(f"--top-k must be at least 1 (got {top_k})")
         if batch_size < 1:
             raise UserError(f"--batch-size must be at least 1 (got {batch_size})")
-        k = min(top_k, self.num_classes)
         for kind, items in itertools.groupby(enumerate(inputs), key=lambda item: _kind(*item)):
             run = self._arrays if kind == "array" else self._files  # each group is used up before the next
             for _, label, result in run(items, batch_size):
-                yield self._prediction(label, result, k)
-
-    def _prediction(self, label, result, k: int) -> Prediction:
-        if isinstance(result, str):
-            return Prediction(label, [], [], [], error=result)
-        ids = np.argsort(-result, kind="stable")[:k]
-        labels = self._labels(ids)
-        return Prediction(label, [int(i) for i in ids], self._names(ids, labels), [float(result[i]) for i in ids],
-                          probabilities=result, labels=labels)
-
-    def _labels(self, ids) -> list[str]:
-        seen = getattr(self._backend, "names_seen", None)
-        if seen:  # a foreign SavedModel: the labels its outputs gave
-            return [seen.get(int(i), str(int(i))) for i in ids]
-        return [self.label_names[int(i)] for i in ids]
-
-    def _names(self, ids, labels: list[str]) -> list[str]:
-        if getattr(self._backend, "names_seen", None):
-            from shared.class_names import readable
-
-            return readable(labels)
-        return [self.class_names[int(i)] for i in ids]
-
-    def csv_header(self, top_k: int) -> list[str]:
-        """The --out CSV's columns: the path, the top-k ids, names and scores, and why an input was skipped."""
-        ranks = range(1, min(top_k, self.num_classes) + 1)
-        return ["path", *(f"{what}_{rank}" for rank in ranks for what in ("id", "name", "score")), "error"]
-
-    def csv_row(self, prediction: Prediction, top_k: int) -> list:
-        """One input's CSV row (a skipped one: empty ranks and its error)."""
-        k = min(top_k, self.num_classes)
-        ranked = [value for i, n, s in zip(prediction.ids, prediction.names, prediction.scores)
-                  for value in (i, n, f"{s:.6g}")]
-        return [prediction.input, *ranked, *[""] * (3 * k - len(ranked)), prediction.error or ""]
+                yield self._prediction(label, result, top_k)
 
     # arrays: preprocessed here with the view, classified as pixels
     def _arrays(self, items, batch_size: int) -> Iterator[tuple[int, int, np.ndarray | str]]:
@@ -270,12 +169,12 @@ class Predictor:
                 except (ValueError, UserError) as error:
                     results[index] = f"not an image array ({first_line(error)})"
             if good:
-                probabilities = self._backend.classify_pixels(np.stack([p for _, p in good]))
-                results.update({index: row for (index, _), row in zip(good, probabilities)})
+                outputs = self._backend.classify_pixels(np.stack([p for _, p in good]))
+                results.update({index: row for (index, _), row in zip(good, outputs)})
             for index, _ in chunk:
                 yield index, index, results[index]
 
-    # files: read (and, but for a SavedModel, decoded and preprocessed) in a tf.data pipeline
+    # files: read (and, but for a backend that decodes them, decoded and preprocessed) in a tf.data pipeline
     def _files(self, items, batch_size: int) -> Iterator[tuple[int, str, np.ndarray | str]]:
         import tensorflow as tf
 
@@ -314,8 +213,8 @@ class Predictor:
             raise failures[0]
 
     def _classify_encoded(self, indexes, encoded: list[bytes]) -> dict:
-        """The SavedModel on a batch of encoded images; when its graph fails to decode one, each again
-        alone, so only the damaged ones are skipped."""
+        """The backend on a batch of encoded images; when its graph fails to decode one, each again alone, so
+        only the damaged ones are skipped."""
         import tensorflow as tf
 
         try:
@@ -336,6 +235,8 @@ class Predictor:
             if result is None:
                 result = _why_unreadable(path, self._backend.view)
             yield index, path, result
+
+
 
 
 def _chunks(items, size: int):
@@ -402,68 +303,11 @@ def _why_undecodable(encoded: bytes, view: EvalView | None) -> str:
     return "the model failed on it"
 
 
-# ---------------------------------------------------------------- the command line's source
-
-
-def source_task(run: Run | None = None, saved_model: str | Path | None = None) -> str:
-    """The task of what predict runs, read without TensorFlow: the export's export.json (a model folder: its
-    newest version) or the run's config.yaml; classification where neither names one."""
-    if saved_model is not None:
-        return export_record(saved_model_folder(Path(saved_model).expanduser())).get("task") or "classification"
-    return ((run.config_dict() or {}).get("task") if run is not None else None) or "classification"
-
-
-def open_predictor(run: Run | None = None, saved_model: str | Path | None = None, tflite: str | Path | None = None,
-                   checkpoint: str | Path | None = None, min_score: float | None = None) -> Predictor:
-    """The predictor for one source, by its task: a `Predictor` (classes) or a
-    `shared.detection.predict.Detector` (boxes, from `min_score` up); `min_score` only applies to detection."""
-    if min_score is not None and not 0.0 <= min_score <= 1.0:
-        raise UserError(f"--min-score is {min_score:g}; give a score between 0 and 1")
-    if tflite is not None and run is None and Path(tflite).expanduser().is_file():
-        run = _owning_run(Path(tflite).expanduser())  # the file holds no preprocessing: its run's is used
-    task = source_task(run, saved_model)
-    if task == "detection":
-        from shared.detection.predict import Detector
-
-        if tflite is not None:
-            return Detector.from_tflite(tflite, run, min_score)
-        if saved_model is not None:
-            return Detector.from_saved_model(saved_model, min_score)
-        return Detector.from_run(run, checkpoint, min_score)
-    if min_score is not None:
-        raise UserError("--min-score applies to detection (a score a box needs); a classifier's predictions are "
-                        "ranked by --top-k")
-    if saved_model is not None:
-        return Predictor.from_saved_model(saved_model)
-    if tflite is not None:
-        return Predictor.from_tflite(tflite, run)
-    return Predictor.from_run(run, checkpoint)
-
-
 # ---------------------------------------------------------------- what the sources need
 
 
-def _classification_run(run: Run | str | Path) -> Run:
-    from shared.runs import require_idle
-    from shared.tasks import task_for
-
-    run = run if isinstance(run, Run) else open_run(run)
-    require_idle(run)  # a live run's checkpoints are still being written
-    task = task_for(run)
-    if task.name != "classification":
-        hint = "; find its boxes with shared.detection.predict.Detector" if task.name == "detection" else ""
-        raise UserError(f"Predictor classifies; run {run.path} is a {task.name} run{hint}")
-    return run
-
-
-def _run_class_names(run: Run, num_classes: int) -> list[str]:
-    names = run.class_names()
-    if not names or len(names) != num_classes:  # a run from before labels.txt: the index is the name
-        return [str(i) for i in range(num_classes)]
-    return names
-
-
-def _owning_run(file: Path) -> Run:
+def owning_run(file: Path) -> Run:
+    """The run a .tflite file was exported into (<run>/export/): it holds the model only, not its preprocessing."""
     folder = file.resolve().parent
     if folder.name == "export" and (folder.parent / "config.yaml").is_file():
         return Run(folder.parent)
@@ -471,10 +315,9 @@ def _owning_run(file: Path) -> Run:
                     f"export/ folder; name the run it was exported from with --run RUN")
 
 
+
 def saved_model_folder(folder: Path) -> Path:
     """The SavedModel version folder `folder` names: itself, or a model folder's highest version."""
-    from shared.export import versions
-
     if (folder / "saved_model.pb").is_file():
         return folder
     found = versions(folder)
@@ -587,11 +430,6 @@ def out_format(out: str | None, fmt: str | None = None) -> str | None:
     return fmt
 
 
-def format_line(prediction: Prediction) -> str:
-    shown = "  ".join(f"{name} {score:.4f}" for name, score in zip(prediction.names, prediction.scores))
-    return f"{prediction.input}  {shown}"
-
-
 def task_image(path: str, folder: str) -> str:
     """An image's path in a tasks file in `folder`: relative to it when the image lies under it (the tasks
     file moves with its images), else absolute (the reader resolves relative paths against that folder,
@@ -612,7 +450,7 @@ def _json_line(row: dict) -> str:
     return line + "\n"
 
 
-def command(predictor_factory: Callable[[], Predictor], arguments: list[str], top_k: int = 5,
+def command(predictor_factory: Callable[[], ImagePredictor], arguments: list[str], top_k: int = 5,
             out: str | None = None, strict: bool = False, batch_size: int = DEFAULT_BATCH,
             fmt: str | None = None) -> None:
     """`python -m shared.runner predict`: print each image's top-k, or boxes, and write each to `out` as `fmt`
@@ -664,7 +502,7 @@ def command(predictor_factory: Callable[[], Predictor], arguments: list[str], to
         raise UserError(f"none of the {skipped} files could be read as an image")
 
 
-def _row_writer(fmt: str, predictor: Predictor, top_k: int, handle, out: Path) -> Callable[[Any], None]:
+def _row_writer(fmt: str, predictor: ImagePredictor, top_k: int, handle, out: Path) -> Callable[[Any], None]:
     """Writes one result to the open --out file: a CSV row (header first), a JSON line, or an annotation task
     (`shared.annotations`' format, no "answer"; a skipped image is no task) with its image as the annotation
     reader finds it from `out`'s folder."""

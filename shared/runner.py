@@ -217,7 +217,9 @@ def _predict(args: argparse.Namespace, argv: list[str]) -> None:
     from shared import predict
 
     def predictor():  # a classifier or a detector, by the source's task
-        return predict.open_predictor(run, args.saved_model, args.tflite, args.checkpoint, args.min_score)
+        from shared.tasks import open_predictor  # the tasks load TensorFlow: after predict's cheap checks
+
+        return open_predictor(run, args.saved_model, args.tflite, args.checkpoint, args.min_score)
 
     predict.command(predictor, args.paths, top_k=args.top_k, out=args.out, strict=args.strict,
                     batch_size=args.batch_size, fmt=args.format)

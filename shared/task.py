@@ -198,6 +198,14 @@ class Task(abc.ABC):
         """What train / test print after the summary line (the worst classes, ...); '' for nothing."""
         return ""
 
+    # ---- predict (command "predict")
+    @classmethod
+    @abc.abstractmethod
+    def open_predictor(cls, source, min_score: float | None) -> Any:
+        """The `shared.predict.ImagePredictor` of this task's `shared.predict.Source`: a run (its model from
+        `source.rebuilt()`), its SavedModel or its TFLite file; `min_score`: --min-score (0..1), None when not
+        given. A task that does not predict raises a UserError."""
+
     # ---- export (commands "export"; run is a finished run)
     @abc.abstractmethod
     def export_saved_model(self, run, export_dir: Path, model_name: str | None, keep: int) -> Path:

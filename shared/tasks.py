@@ -10,6 +10,7 @@ from pathlib import Path
 from shared import config as config_module
 from shared import modelzoo
 from shared.errors import UserError
+from shared.predict import ImagePredictor, Source, checked_min_score
 from shared.runs import Run, require_idle
 from shared.classification.task import ClassificationTask
 from shared.deblur.task import DeblurTask
@@ -50,3 +51,12 @@ def rebuild(run: Run, checkpoint: Path | None = None, training_outputs: bool = F
     model = task.build(module, (data.image_size, data.image_size, data.channels))
     modelzoo.load_weight_file(model, checkpoint, what=f"model built from {run.path / 'model.py'}")
     return (model if training_outputs else task.inference_model(model)), config
+
+
+def open_predictor(run: Run | None = None, saved_model: str | Path | None = None, tflite: str | Path | None = None,
+                   checkpoint: str | Path | None = None, min_score: float | None = None) -> ImagePredictor:
+    """What `predict` runs (a run, its SavedModel or its .tflite file: `shared.predict.Source`), opened by the
+    task it names (`Task.open_predictor`), which rebuilds a run's model with `rebuild` when it needs it."""
+    min_score = checked_min_score(min_score)
+    source = Source.of(run, saved_model, tflite, checkpoint, rebuild)
+    return task_class(source.task_name).open_predictor(source, min_score)

@@ -204,8 +204,9 @@ def pipeline_probabilities(run, config_changes: dict | None = None) -> tuple[lis
 def test_every_read_format_gives_the_same_pixels_on_every_path(trained, tmp_path):
     from shared import annotations
     from shared.classification.loop import ClassLabel
+    from shared.classification.predict import Predictor
     from shared.data import tfrecord
-    from shared.predict import Predictor
+    from shared.tasks import rebuild
 
     run, root, version, _ = trained
     files, from_pipeline = pipeline_probabilities(run)
@@ -214,7 +215,7 @@ def test_every_read_format_gives_the_same_pixels_on_every_path(trained, tmp_path
     paths = [root / "test" / "cat" / name for name in sorted(READ)]
     expected = np.stack([by_name[path.name] for path in paths])
 
-    for predictor in (Predictor.from_run(run), Predictor.from_saved_model(version)):
+    for predictor in (Predictor.from_run(run, *rebuild(run)), Predictor.from_saved_model(version)):
         results = predictor.predict(paths)
         assert [r.error for r in results] == [None] * len(paths), predictor.source
         assert np.abs(np.stack([r.probabilities for r in results]) - expected).max() < 1e-5, predictor.source
@@ -248,10 +249,10 @@ def test_every_read_format_gives_the_same_pixels_on_every_path(trained, tmp_path
 def test_every_refused_file_is_refused_by_every_path_in_one_line(trained, tmp_path):
     from shared import annotations
     from shared.classification.loop import ClassLabel
+    from shared.classification.predict import Predictor
     from shared.config_schema import with_changes
     from shared.data import make_datasets, skipped_images, tfrecord
     from shared.errors import UserError, embedded_user_error
-    from shared.predict import Predictor
     from shared.tasks import rebuild
 
     run, root, version, base = trained
@@ -277,7 +278,7 @@ def test_every_refused_file_is_refused_by_every_path_in_one_line(trained, tmp_pa
     assert sorted(Path(p).name for p in skipped_images(datasets.skips)["test"]) == sorted(REFUSED)
 
     # predict (a run, its SavedModel): a row per file, its error the table's reason
-    for predictor in (Predictor.from_run(run), Predictor.from_saved_model(version)):
+    for predictor in (Predictor.from_run(run, *rebuild(run)), Predictor.from_saved_model(version)):
         for path, result in zip(paths, predictor.predict(paths)):
             assert result.error is not None and REFUSED[path.name][1] in result.error, (predictor.source, path.name)
     # the serving signature itself: a failed request that names the reason, never a crash

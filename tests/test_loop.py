@@ -277,10 +277,11 @@ def test_classification_rounds_ingest_train_export_and_collect_garbage(tmp_path,
         ("0", "0", "0", ""), ("1", "12", "12", "1"), ("2", "6", "18", "2"), ("3", "6", "24", "3")]
     assert all(float(r["seconds"]) > 0 and 0 <= float(r["metric"]) <= 1 for r in rows)
     # round 0: the --from run's top-1 on the held-out images, as predicting them one by one gives it
-    from shared.predict import Predictor
+    from shared.classification.predict import Predictor
+    from shared.tasks import rebuild
 
     held_out = [(tmp_path / "heldout" / "img" / f"{i}.png", CLASSES[i % 4]) for i in range(1000, 1008)]
-    predictions = Predictor.from_run(source_run).predict([str(path) for path, _ in held_out])
+    predictions = Predictor.from_run(source_run, *rebuild(source_run)).predict([str(path) for path, _ in held_out])
     top1 = np.mean([p.labels[0] == label for p, (_, label) in zip(predictions, held_out)])
     assert rows[0]["run"] == str(source_run.path) and float(rows[0]["metric"]) == pytest.approx(top1)
     assert (loop.dir / "rounds.png").stat().st_size > 0

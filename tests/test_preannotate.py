@@ -16,7 +16,8 @@ from shared import annotations, runs
 from shared.classification.loop import ClassLabel
 from shared.detection.loop import Spans
 from shared.fashion_mnist import FASHION_MNIST_DIRS
-from shared.predict import Predictor
+from shared.classification.predict import Predictor
+from shared.tasks import rebuild
 
 from conftest import REPO
 import test_predict
@@ -49,7 +50,7 @@ def test_classification_tasks_round_trip_through_the_annotation_reader(folder_ru
     shutil.copy(next((tmp_path / "photos" / "cat").glob("*.png")), not_utf8)
     monkeypatch.chdir(tmp_path)  # paths on the command line are relative to here, not to the tasks file
     files = sorted(str(p.relative_to(tmp_path)) for p in (tmp_path / "photos").rglob("*.*"))
-    want = Predictor.from_run(run).predict(files)
+    want = Predictor.from_run(run, *rebuild(run)).predict(files)
 
     inside = tmp_path / "photos" / "tasks.jsonl"  # beside the images: paths relative to it
     code, printed, err = run_cli(capsys, "predict", "--run", run.path, "photos", "--format", "tasks", "--out", inside,
@@ -188,9 +189,9 @@ def test_detection_tasks_spans_from_the_run_and_its_saved_model(detection_run, t
     from shared.errors import UserError
 
     with pytest.raises(UserError, match="detects in image files; give paths, not arrays"):
-        Detector.from_run(run).predict([np.zeros((48, 48), np.uint8)])
+        Detector.from_run(run, *rebuild(run)).predict([np.zeros((48, 48), np.uint8)])
     with pytest.raises(UserError, match="is a detection run; find its boxes with shared.detection.predict.Detector"):
-        Predictor.from_run(run)
+        Predictor.from_run(run, *rebuild(run))
 
     # a SavedModel drops boxes under its built-in threshold: a lower --min-score is refused in one line
     strict = shutil.copytree(model_folder / "1", tmp_path / "strict" / "1")

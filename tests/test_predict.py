@@ -15,7 +15,9 @@ import yaml
 from PIL import Image
 
 from shared import runner
-from shared.predict import Paths, Predictor, expand_paths
+from shared.classification.predict import Predictor
+from shared.predict import Paths, expand_paths
+from shared.tasks import rebuild
 
 from conftest import REPO, tiny_tree
 from test_data import make_folder_dataset
@@ -59,8 +61,6 @@ def eval_pipeline_probabilities(run, files: list[Path]) -> np.ndarray:
     import tensorflow as tf
 
     from shared.data import _image_fn, sources
-    from shared.tasks import rebuild
-
     model, config = rebuild(run)
     source = sources.load(config.data)
     assert source.encoding == "path" and not source.fixed_size  # the center-crop view
@@ -77,7 +77,7 @@ def test_run_saved_model_and_tflite_predict_what_the_eval_pipeline_sees(folder_r
     files = sorted((root / "val").rglob("*.*"))
     expected = eval_pipeline_probabilities(run, files)
 
-    from_run = Predictor.from_run(run).predict(files, top_k=10, batch_size=5)  # batches of 5, 5, 2
+    from_run = Predictor.from_run(run, *rebuild(run)).predict(files, top_k=10, batch_size=5)  # batches of 5, 5, 2
     assert [p.input for p in from_run] == [str(f) for f in files]
     got = np.stack([p.probabilities for p in from_run])
     assert np.abs(got - expected).max() < 1e-5
@@ -103,7 +103,8 @@ def test_run_saved_model_and_tflite_predict_what_the_eval_pipeline_sees(folder_r
     pngs = [f for f in files if f.suffix == ".png"]
     arrays = [np.asarray(Image.open(f)) for f in pngs]
     want = expected[[files.index(f) for f in pngs]]
-    for predictor in (Predictor.from_run(run), Predictor.from_saved_model(folder.parent)):  # model folder: newest
+    from_saved = Predictor.from_saved_model(folder.parent)  # a model folder: its newest version
+    for predictor in (Predictor.from_run(run, *rebuild(run)), from_saved):
         result = predictor.predict(arrays)
         assert [p.input for p in result] == list(range(len(arrays)))
         assert np.abs(np.stack([p.probabilities for p in result]) - want).max() < 1e-5
@@ -112,7 +113,7 @@ def test_run_saved_model_and_tflite_predict_what_the_eval_pipeline_sees(folder_r
     damaged = tmp_path / "damaged.png"
     damaged.write_bytes(DAMAGED)
     mixed = [files[0], damaged, tmp_path / "gone.jpg", files[1], np.zeros((2, 2, 2, 2), np.uint8), arrays[0]]
-    for predictor in (Predictor.from_run(run), Predictor.from_saved_model(folder)):
+    for predictor in (Predictor.from_run(run, *rebuild(run)), Predictor.from_saved_model(folder)):
         result = predictor.predict(mixed, batch_size=3)  # the SavedModel retries its failed batch one by one
         assert [p.error is None for p in result] == [True, False, False, True, False, True]
         assert result[1].error.startswith("does not decode") and result[2].error == "No such file or directory"
@@ -213,6 +214,24 @@ def test_other_tasks_are_refused_in_one_line(tmp_path, capsys, task):
     run = fake_run(tmp_path / "runs" / "x" / "v0001", task=task)
     code, _, err = run_cli(capsys, "predict", "--run", run, tmp_path)
     assert_one_line_error(code, err, "predict supports tasks classification, detection", f"not {task}")
+
+
+def test_a_deblur_export_is_refused_by_its_task_in_one_line(tmp_path, capsys):
+    """A SavedModel says its task in export.json, a .tflite file by its run: the task refuses, before TF reads
+    the (here unreadable) model."""
+    image = tmp_path / "a.png"
+    Image.new("RGB", (8, 8)).save(image)
+    version = tmp_path / "exports" / "deblur" / "1"
+    (version / "assets.extra").mkdir(parents=True)
+    (version / "saved_model.pb").write_bytes(b"not a model")
+    (version / "assets.extra" / "export.json").write_text(json.dumps({"task": "deblur"}))
+    code, _, err = run_cli(capsys, "predict", "--saved-model", version.parent, image)
+    assert_one_line_error(code, err, "predict does not run deblur models", f"SavedModel {version}")
+    run = fake_run(tmp_path / "runs" / "unet" / "v0001", task="deblur")
+    (run / "export").mkdir()
+    (run / "export" / "model.tflite").write_bytes(b"not a model")
+    code, _, err = run_cli(capsys, "predict", "--tflite", run / "export" / "model.tflite", image)
+    assert_one_line_error(code, err, "predict does not run deblur models", "TFLite")
 
 
 def test_bad_input_is_one_line_before_any_model_loads(tmp_path, capsys):

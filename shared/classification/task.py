@@ -13,6 +13,7 @@ from shared import data as data_module
 from shared import distill, durable, finetune, modelzoo, plots, runs
 from shared.classification.loop import ClassificationLoop
 from shared.classification.objective import objective
+from shared.classification.predict import Predictor
 from shared.config_schema import with_changes
 from shared.class_names import readable
 from shared.commands import ALL_COMMANDS
@@ -189,6 +190,10 @@ class ClassificationTask(Task):
     @classmethod
     def details(cls, metrics):
         return worst_classes_table(metrics)
+
+    @classmethod
+    def open_predictor(cls, source, min_score):
+        return Predictor.open(source, min_score)
 
     def export_saved_model(self, run, export_dir, model_name, keep):
         from shared import export

@@ -88,6 +88,11 @@ class DeblurTask(Task):
     def summary(cls, metrics):
         return deblur_evaluate.summary(metrics)
 
+    @classmethod
+    def open_predictor(cls, source, min_score):
+        raise UserError(f"predict does not run {cls.name} models ({source}): it lists the classes or boxes of "
+                        f"a classification or detection run, SavedModel or TFLite file")
+
     def export_saved_model(self, run, export_dir, model_name, keep):
         from shared.deblur import export
 

@@ -1,15 +1,17 @@
 """Boxes in image files, from a detection run (its snapshot and a checkpoint), its SavedModel export or its
-TFLite file: the detection side of `shared.predict`.
+TFLite file: the detection side of `shared.predict`, which reads the inputs.
 
     from shared.detection.predict import Detector
-    Detector.from_run("runs/resnet/v0002", min_score=0.3).predict(["a.jpg"])   # [Detections, ...]
+    from shared.tasks import rebuild
+    run = open_run("runs/resnet/v0002")
+    Detector.from_run(run, *rebuild(run), min_score=0.3).predict(["a.jpg"])   # [Detections, ...]
 
 A run and a SavedModel run the same function on encoded bytes (`shared.detection.serving.
 detection_serving_functions`: decode, resize, normalize, detect, per-class NMS); a TFLite file gets the same
 decoding, resizing and normalization and runs its own post-processing op. Boxes come in the pixels of each
 image as read.
-`Detector` reuses `Predictor`'s reading of files (a tf.data pipeline, input order, a damaged file skipped with
-its reason); only what a result is differs.
+`Detector` is an `ImagePredictor`: it reads files as every task's predictor does (a tf.data pipeline, input
+order, a damaged file skipped with its reason); what a result is, and the record it writes, are its own.
 """
 
 from __future__ import annotations
@@ -20,9 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
+from shared.config_schema import with_changes
 from shared.errors import UserError
-from shared.predict import Predictor, export_record, first_line, saved_model_folder
-from shared.runs import Run, open_run
+from shared.predict import ImagePredictor, Source, export_record, first_line, saved_model_folder
+from shared.runs import Run, open_run, require_idle
 
 SHOWN_BOXES = 3  # boxes named in an image's printed line, best first
 
@@ -119,25 +122,30 @@ class _TFLiteBoxes(_Boxes):
         return results
 
 
-class Detector(Predictor):
+class Detector(ImagePredictor):
     """Boxes in image files, from a detection run, its SavedModel export or its TFLite file (`from_*`);
-    `predict` and `iter_predict` as Predictor's (top_k does not apply), each result a `Detections`."""
+    `predict` and `iter_predict` as every ImagePredictor's (top_k does not apply), each result a `Detections`."""
 
     # ---- construction
     @classmethod
-    def from_run(cls, run: Run | str | Path, checkpoint: str | Path | None = None,
-                 min_score: float | None = None) -> "Detector":
-        """The run's detector rebuilt from its own snapshot with a checkpoint (`Run.checkpoint`), the export's
-        decoding; `min_score` (default the run's detection.score_threshold) is also its NMS threshold, so it
-        may be lower than the run's."""
+    def open(cls, source: Source, min_score: float | None = None) -> "Detector":
+        """What `predict` runs for a detection source (`shared.predict.Source`), from `min_score` up."""
+        if source.tflite is not None:
+            return cls.from_tflite(source.tflite, source.run, min_score)
+        if source.saved_model is not None:
+            return cls.from_saved_model(source.saved_model, min_score)
+        return cls.from_run(source.run, *source.rebuilt(), min_score)
+
+    @classmethod
+    def from_run(cls, run: Run | str | Path, detector, config, min_score: float | None = None) -> "Detector":
+        """The run's detector as `shared.tasks.rebuild(run, checkpoint)` gives it (model, config), with the
+        export's decoding; `min_score` (default the run's detection.score_threshold) is also its NMS threshold,
+        so it may be lower than the run's."""
         import tensorflow as tf
 
-        from shared.config_schema import with_changes
         from shared.detection.serving import detection_serving_functions
-        from shared.tasks import rebuild
 
         run = _detection_run(run)
-        detector, config = rebuild(run, run.checkpoint(checkpoint or "last"))
         min_score = _min_score(min_score, config.detection.score_threshold)
         config = with_changes(config, {"detection.score_threshold": min_score})
         names = run.class_names() or [str(i) for i in range(config.data.num_classes)]
@@ -193,7 +201,7 @@ class Detector(Predictor):
         return cls(_TFLiteBoxes(file, config, nms, min_score), names, f"TFLite {file}")
 
     # ---- results
-    def _prediction(self, label, result, k: int) -> Detections:
+    def _prediction(self, label, result, top_k: int) -> Detections:
         if isinstance(result, str):
             return Detections(label, error=result)
         boxes, classes, scores = result
@@ -221,14 +229,13 @@ class Detector(Predictor):
 
 
 def _detection_run(run: Run | str | Path) -> Run:
-    from shared.runs import require_idle
-
     run = run if isinstance(run, Run) else open_run(run)
     require_idle(run)
     task = (run.config_dict() or {}).get("task") or "classification"
     if task != "detection":
         raise UserError(f"Detector finds boxes; run {run.path} is a {task} run"
-                        + ("; classify with shared.predict.Predictor" if task == "classification" else ""))
+                        + ("; classify with shared.classification.predict.Predictor" if task == "classification"
+                           else ""))
     return run
 
 

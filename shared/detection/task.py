@@ -51,6 +51,7 @@ from shared.detection import validation
 from shared.detection.model import build_detector, head_layer_names, model_anchors
 from shared.detection.starting_weights import initialize_backbone
 from shared.detection.validation import validation_split
+from shared.detection.predict import Detector
 from shared.errors import UserError
 from shared.evaluate import check_class_names
 from shared.task import Measure, Objective, Phase, Task, TaskData
@@ -158,6 +159,10 @@ class DetectionTask(Task):
     @classmethod
     def summary(cls, metrics):
         return summary(metrics)
+
+    @classmethod
+    def open_predictor(cls, source, min_score):
+        return Detector.open(source, min_score)
 
     def export_saved_model(self, run, export_dir, model_name, keep):
         from shared.detection import export
