@@ -32,7 +32,8 @@ from shared.callbacks import (AtomicBackupAndRestore, BestCheckpoint, DurableCSV
 from shared.config import Config, with_changes
 from shared.errors import UserError, embedded_user_error
 from shared.progress import keras_verbosity
-from shared.task import Phase, Task
+from shared.task import Phase, Rebuilt, Task
+from shared.tasks import rebuild, task_for
 
 
 @contextlib.contextmanager
@@ -139,9 +140,21 @@ def continuation_of(source: runs.Run, epochs: int) -> Continuation:
 
 
 def _task(config: Config) -> Task:
-    from shared.tasks import task_for  # the tasks build on this module's neighbours, not the other way
-
     return task_for(config)
+
+
+def _rebuilt(run: runs.Run, checkpoint: Path | None = None, training_outputs: bool = False) -> Rebuilt:
+    """Another run's model rebuilt (`shared.tasks.rebuild`), to hand down to the task's hooks."""
+    model, config = rebuild(run, checkpoint, training_outputs=training_outputs)
+    return Rebuilt(run, model, config, checkpoint or run.checkpoint("last"))
+
+
+def _starting_run(config: Config) -> Rebuilt | None:
+    """The run init.from_run names (or whose checkpoint init.weights is) rebuilt as it trained, auxiliary heads
+    kept; None for a weight file of no run."""
+    with finetune.named_init(config.init, config.where):
+        named = finetune.source_run(config.init)
+        return _rebuilt(*named, training_outputs=True) if named is not None else None
 
 
 def test(run: runs.Run | str | Path, checkpoint: str | Path | None = None, changes: dict | None = None,
@@ -152,7 +165,6 @@ def test(run: runs.Run | str | Path, checkpoint: str | Path | None = None, chang
     (labels.txt), in the same order. Redraws the task's figure in the run folder unless not `draw`.
     `changes`: config keys to test it with instead of its own (the loop tests a run on its held-out set)."""
     from shared import config as config_module
-    from shared.tasks import rebuild
 
     run = run if isinstance(run, runs.Run) else runs.open_run(run)
     weights = run.checkpoint(checkpoint or "last")  # before the data: a run without a checkpoint says so first
@@ -238,8 +250,10 @@ def _run_training(task: Task, config: Config, argv: list[str] | None, resumed: r
         config = task.config  # resolved: the one the run records
         provenance = continued.describe() if continued else ""
         if (config.init.from_run or config.init.weights) and not restoring and not continued:
-            provenance = task.initialize(model, module, data)
-        trainer = task.trainer(model, data)  # the model that fit() trains
+            provenance = task.initialize(model, module, data, _starting_run(config))
+        distills = config.distill.teacher and "distill" in task.commands  # a task that does not, ignores it
+        teacher = _rebuilt(runs.open_run(config.distill.teacher)) if distills else None
+        trainer = task.trainer(model, data, teacher)  # the model that fit() trains
     distribute.patch_multi_worker_build(trainer, placement)
     train_data, val_data = task.fit_data(model, module, data)
     head = task.head_layer_names(module, model, data.input_shape) if any(phase.freeze for phase in phases) else set()
@@ -442,8 +456,6 @@ def _test_last_checkpoint(task: Task, run: runs.Run, data) -> tuple[dict, Callab
     """The test figures of the checkpoint the run records as its last, on the model `test --run` rebuilds
     from it (float32, from the run's model.py and config), so the two always agree; the model in memory
     can differ (it computes in bfloat16 under mixed precision, or holds a restored backup's weights)."""
-    from shared.tasks import rebuild
-
     last = run.last_checkpoint()
     model, _ = rebuild(run)  # the same file: nothing else writes checkpoints now
     return (*task.evaluate(model, data), last)

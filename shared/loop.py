@@ -828,7 +828,7 @@ def _export(loop: Loop, state: dict) -> Path | None:
     """The round's run as the next SavedModel version, unless its metric fell by more than loop.tolerance
     below the served round's or round 0's (the --from run's); a version already exported from this run (a
     kill before the state said so) is the round's export, never a second one."""
-    from shared.tasks import task_for
+    from shared.tasks import rebuild, task_for
 
     current, served, tolerance = state["current"], state.get("served"), loop.config.loop.tolerance
     model_dir = loop.export_dir / loop.export_name
@@ -846,7 +846,7 @@ def _export(loop: Loop, state: dict) -> Path | None:
                   f"{best:.4f}; {stays}", flush=True)
             return None
     run = runs.open_run(current["run"])
-    return task_for(run).export_saved_model(run, loop.export_dir, model_name=loop.export_name,
+    return task_for(run).export_saved_model(rebuild(run)[0], run, loop.export_dir, model_name=loop.export_name,
                                             keep=loop.config.loop.keep)
 
 

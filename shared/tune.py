@@ -474,9 +474,9 @@ def measure(run, wanted: list[str]) -> dict[str, float]:
         values["macs"] = float(multiply_adds(model))
     if metrics & set(TFLITE_METRICS):
         from shared import tflite  # written alongside; imported only when a study asks for it
-        from shared.tasks import task_for
+        from shared.tasks import rebuild, task_for
 
-        path, _ = task_for(run).export_tflite(run, "int8", "float")  # a detector: its default TFLite form
+        path, _ = task_for(run).export_tflite(rebuild(run)[0], run, "int8", "float")  # a detector: its default form
         path = Path(path)
         values["tflite_int8_mb"] = path.stat().st_size / 1e6
         if "latency_ms" in metrics:

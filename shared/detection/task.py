@@ -54,7 +54,7 @@ from shared.detection.model import HEAD_PREFIXES, OUTPUT_NAMES, build_detector, 
 from shared.detection.postprocess import decode_detections
 from shared.errors import UserError
 from shared.evaluate import check_class_names
-from shared.task import Measure, Objective, Phase, Task, TaskData, absolute
+from shared.task import Measure, Objective, Phase, Rebuilt, Task, TaskData, absolute
 
 GALLERY_FILE = "detections.png"
 GALLERY_IMAGES = 16  # test images drawn in detections.png
@@ -178,24 +178,19 @@ def _normalization_note(source_run: runs.Run | None, config: Config) -> str:
             f"run with mean {mean} std {std}; set data.mean / data.std to match)")
 
 
-def initialize_backbone(config: Config, detector: keras.Model, module) -> str:
-    """Copy init.from_run's (or init.weights') layers into `detector` by name; returns the line for the run's
-    notes. Every backbone layer must be in the source with the same shapes (else a UserError naming them and
-    the differing hyperparameters); pyramid and head layers are copied where the source has them shaped
-    alike (a detection run), else they keep their fresh initialization."""
+def initialize_backbone(config: Config, detector: keras.Model, module, source: Rebuilt | None) -> str:
+    """Copy init.from_run's (or init.weights') layers into `detector` by name (`source`: that run, rebuilt;
+    None for a weight file of no run); returns the line for the run's notes. Every backbone layer must be in
+    the source with the same shapes (else a UserError naming them and the differing hyperparameters);
+    pyramid and head layers are copied where the source has them shaped alike (a detection run), else they
+    keep their fresh initialization."""
     init, data, where = config.init, config.data, config.where
     input_shape = (data.image_size, data.image_size, data.channels)
     hparams = config.model.hparams
     key = f"init.from_run {init.from_run}" if init.from_run else f"init.weights {init.weights}"
-    source_run = None
-    try:
-        if init.from_run:
-            source_run = runs.open_run(init.from_run)
-            source = finetune.source_from_run(source_run)  # a classification or a detection run
-        else:
-            source = finetune.source_from_file(Path(init.weights), module, hparams, input_shape)
-    except UserError as error:
-        raise UserError(f"{key}{where}: {error}") from None
+    source_run = source.run if source is not None and init.from_run else None  # a classification or detection run
+    with finetune.named_init(init, where):
+        source = finetune.source_model(init, module, hparams, input_shape, source)
     head = head_layer_names(detector)
     matching = finetune.match_layers(source.model, detector, head)
     if matching.conflicts:
@@ -401,8 +396,8 @@ class DetectionTask(Task):
         return build_detector(module, config.model.hparams, config.data.num_classes, input_shape[0], input_shape[-1],
                               config.detection)
 
-    def initialize(self, model, module, data) -> str:
-        return initialize_backbone(self.config, model, module)
+    def initialize(self, model, module, data, source) -> str:
+        return initialize_backbone(self.config, model, module, source)
 
     def fit_data(self, model, module, data):
         detection = self.config.detection
@@ -437,12 +432,12 @@ class DetectionTask(Task):
     def summary(cls, metrics):
         return summary(metrics)
 
-    def export_saved_model(self, run, export_dir, model_name, keep):
+    def export_saved_model(self, model, run, export_dir, model_name, keep):
         from shared.detection import export
 
         return export.export_detection_saved_model(run, export_dir, model_name=model_name, keep=keep)
 
-    def export_tflite(self, run, quantize, io, raw_outputs=False, nms="regular"):
+    def export_tflite(self, model, run, quantize, io, raw_outputs=False, nms="regular"):
         from shared.detection import export
 
         path = export.export_detection_tflite(run, quantize=quantize, io=io, raw_outputs=raw_outputs, nms=nms)
