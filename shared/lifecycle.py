@@ -29,11 +29,11 @@ from shared import distribute, durable, finetune, modelzoo, optim, plots, runs
 from shared.callbacks import (AtomicBackupAndRestore, BestCheckpoint, DurableCSVLogger, EpochCheckpoint,
                               LearningRateLogger, NonFiniteLoss, ResumableEarlyStopping, StopOnNonFiniteLoss,
                               StopOnSignal, backup_state, logged_metrics, monitor_mode)
-from shared.config import Config, with_changes
+from shared.config import Config, InitConfig, with_changes
 from shared.errors import UserError, embedded_user_error
 from shared.progress import keras_verbosity
 from shared.task import Phase, Rebuilt, Task
-from shared.tasks import rebuild, task_for
+from shared.tasks import rebuild, rebuilt, task_for
 
 
 @contextlib.contextmanager
@@ -143,18 +143,12 @@ def _task(config: Config) -> Task:
     return task_for(config)
 
 
-def _rebuilt(run: runs.Run, checkpoint: Path | None = None, training_outputs: bool = False) -> Rebuilt:
-    """Another run's model rebuilt (`shared.tasks.rebuild`), to hand down to the task's hooks."""
-    model, config = rebuild(run, checkpoint, training_outputs=training_outputs)
-    return Rebuilt(run, model, config, checkpoint or run.checkpoint("last"))
-
-
-def _starting_run(config: Config) -> Rebuilt | None:
+def starting_run(init: InitConfig, where: str = "") -> Rebuilt | None:
     """The run init.from_run names (or whose checkpoint init.weights is) rebuilt as it trained, auxiliary heads
-    kept; None for a weight file of no run."""
-    with finetune.named_init(config.init, config.where):
-        named = finetune.source_run(config.init)
-        return _rebuilt(*named, training_outputs=True) if named is not None else None
+    kept, for `Task.initialize`; None for a weight file of no run. `where`: as `finetune.initialize_from`'s."""
+    with finetune.named_init(init, where):
+        named = finetune.source_run(init)
+        return rebuilt(*named, training_outputs=True) if named is not None else None
 
 
 def test(run: runs.Run | str | Path, checkpoint: str | Path | None = None, changes: dict | None = None,
@@ -250,9 +244,9 @@ def _run_training(task: Task, config: Config, argv: list[str] | None, resumed: r
         config = task.config  # resolved: the one the run records
         provenance = continued.describe() if continued else ""
         if (config.init.from_run or config.init.weights) and not restoring and not continued:
-            provenance = task.initialize(model, module, data, _starting_run(config))
+            provenance = task.initialize(model, module, data, starting_run(config.init, config.where))
         distills = config.distill.teacher and "distill" in task.commands  # a task that does not, ignores it
-        teacher = _rebuilt(runs.open_run(config.distill.teacher)) if distills else None
+        teacher = rebuilt(runs.open_run(config.distill.teacher)) if distills else None
         trainer = task.trainer(model, data, teacher)  # the model that fit() trains
     distribute.patch_multi_worker_build(trainer, placement)
     train_data, val_data = task.fit_data(model, module, data)

@@ -206,13 +206,10 @@ def _test(args: argparse.Namespace, argv: list[str]) -> None:
         classifier = _open_idle_run(args.classifier)
         _check_option(task, "classifier", "test_options", "applies to", "runs", f"; run {run.path} is a "
                       f"{task.name} run")
-        from shared.task import Rebuilt
-        from shared.tasks import rebuild, task_for
+        from shared.tasks import rebuild, rebuilt, task_for
 
         model, _ = rebuild(run)
-        classifier_model, classifier_config = rebuild(classifier)
-        rebuilt = Rebuilt(classifier, classifier_model, classifier_config, classifier.checkpoint("last"))
-        print(task.summary(task_for(run).test_with_classifier(model, run, rebuilt)))
+        print(task.summary(task_for(run).test_with_classifier(model, run, rebuilt(classifier))))
         return
     from shared.lifecycle import test
 
@@ -274,14 +271,13 @@ def _export(args: argparse.Namespace, argv: list[str]) -> None:
         print(f"exported {path}\n{serving_command(args.export_dir, path.parent.name)}")
         return
     # a task's own TFLite options (Task.tflite_options), where not at their defaults
-    from shared.tasks import TASKS, task_for
+    from shared.tasks import TASKS, rebuild, task_for
 
     defaults = {key: value for other in TASKS.values() for key, value in other.tflite_options.items()}
     options = {key: getattr(args, key) for key, default in defaults.items() if getattr(args, key) != default}
     for key in options:
         _check_option(task, key, "tflite_options", "is for", "runs (their TFLite post-processing); leave it out")
 
-    from shared.tasks import rebuild
     from shared.tflite import check_mode
 
     check_mode(args.quantize, args.io)  # before the model is rebuilt

@@ -14,7 +14,7 @@ from shared.runs import Run, require_idle
 from shared.classification.task import ClassificationTask
 from shared.deblur.task import DeblurTask
 from shared.detection.task import DetectionTask
-from shared.task import Task
+from shared.task import Rebuilt, Task
 
 TASKS: dict[str, type[Task]] = {"classification": ClassificationTask, "detection": DetectionTask,
                                 "deblur": DeblurTask}
@@ -50,3 +50,10 @@ def rebuild(run: Run, checkpoint: Path | None = None, training_outputs: bool = F
     model = task.build(module, (data.image_size, data.image_size, data.channels))
     modelzoo.load_weight_file(model, checkpoint, what=f"model built from {run.path / 'model.py'}")
     return (model if training_outputs else task.inference_model(model)), config
+
+
+def rebuilt(run: Run, checkpoint: Path | None = None, training_outputs: bool = False) -> Rebuilt:
+    """`rebuild`'s model and config with the run and checkpoint they came from: what a command hands down to
+    the hooks that use another run (init.from_run's source, distill.teacher, test --classifier)."""
+    model, config = rebuild(run, checkpoint, training_outputs)
+    return Rebuilt(run, model, config, checkpoint or run.checkpoint("last"))
