@@ -36,6 +36,8 @@ def main(argv: list[str]) -> int:
     from shared import lifecycle
     from shared.config import load_config
     from shared.deblur.task import evaluate_with_classifier
+    from shared.runs import open_run
+    from shared.tasks import rebuild, rebuilt
 
     started = time.time()
     if args.run:
@@ -43,7 +45,8 @@ def main(argv: list[str]) -> int:
     else:
         run_path = lifecycle.train(load_config(args.config, args.set), argv=["bench_deblur.py", *argv]).path
     trained = time.time() - started
-    metrics = evaluate_with_classifier(run_path, args.classifier)
+    run = open_run(run_path)
+    metrics = evaluate_with_classifier(rebuild(run)[0], run, rebuilt(open_run(args.classifier)))
     c = metrics["classifier"]
     took = "" if args.run else f"{trained:.0f} s to train and test, "
     print(f"run {run_path} ({took}{metrics['examples']} test images)")

@@ -25,8 +25,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from shared import tflite  # noqa: E402
+from shared.classification import tflite as classification_tflite  # noqa: E402
 from shared.errors import run_cli  # noqa: E402
 from shared.runs import Run, open_run  # noqa: E402
+from shared.tasks import rebuild  # noqa: E402
 
 QUICK = Path(__file__).resolve().parent.parent / "models" / "resnet" / "quick.yaml"
 GOALS = {"size": 0.28, "latency": 0.7, "acc_drop_points": 1.0}
@@ -54,15 +56,16 @@ def main(argv: list[str] | None = None) -> int:
 def bench(args: argparse.Namespace) -> None:
     run = open_run(args.run) if args.run else train_small_run(Path(tempfile.mkdtemp(prefix="bench-export-")))
     print(f"run {run.path}; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores", flush=True)
+    model, config = rebuild(run)
     paths = {
-        "float32": tflite.convert(run, "none"),
-        "int8 (float I/O)": tflite.convert(run, "int8", io="float"),
-        "int8 (int8 I/O)": tflite.convert(run, "int8", io="int8"),
+        "float32": classification_tflite.convert(model, config, run, "none"),
+        "int8 (float I/O)": classification_tflite.convert(model, config, run, "int8", io="float"),
+        "int8 (int8 I/O)": classification_tflite.convert(model, config, run, "int8", io="int8"),
     }
     latencies = dict(zip(paths, tflite.interleaved_latency_ms(list(paths.values()), rounds=args.rounds,
                                                               runs=args.runs)))
     int8 = min(("int8 (float I/O)", "int8 (int8 I/O)"), key=latencies.__getitem__)
-    accuracy = {name: tflite.evaluate_tflite(paths[name], run) for name in ("float32", int8)}
+    accuracy = {name: classification_tflite.evaluate_tflite(paths[name], run, config) for name in ("float32", int8)}
 
     keras_top1 = (run.test_metrics() or {}).get("top1")
     if keras_top1 is not None:

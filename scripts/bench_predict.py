@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def action() -> None:
-        from shared import export
+        from shared.classification import export
         from shared.classification.predict import Predictor
         from shared.runs import open_run
         from shared.tasks import rebuild
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             scratch = Path(scratch)
             (scratch / "png").mkdir()
             paths = write_pngs(scratch / "png", args.limit)
-            folder = export.export_saved_model(run, scratch / "exports")
+            folder = export.export_saved_model(*rebuild(run), run, scratch / "exports")
             predictors = {"run (Keras)": Predictor.from_run(run, *rebuild(run)),
                           "SavedModel": Predictor.from_saved_model(folder)}
             rows, tops = [], {}

@@ -10,30 +10,30 @@ and log(softmax(z)) = z - logsumexp(z) differs from z by a constant per example.
 
 How the train runner uses it:
 
-    teacher = load_teacher(config.distill.teacher, datasets.num_classes, datasets.input_shape,
+    teacher = load_teacher(rebuilt_teacher_run, datasets.num_classes, datasets.input_shape,
                            normalization=data_normalization(config.data), class_names=datasets.class_names)
     model = Distiller(student, teacher, config.distill.temperature, config.distill.alpha)
     compile_classifier(model, ...); model.fit(...)       # the usual compiled losses and top1/top5 metrics
     model.student                                    # what is saved, evaluated and exported
 
 `Distiller.save` writes the student alone, so a run's checkpoints load into the student's own model.py
-(`shared.tasks.rebuild`) like any other run's.
+(`shared.tasks.rebuild`) like any other run's. The teacher comes rebuilt (`shared.task.Rebuilt`) from the
+command at the top (`shared.lifecycle`), which rebuilds every run it uses once.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import keras
 import numpy as np
 from keras import ops
 
-from shared import config as config_module
 from shared.config_schema import DataConfig
 from shared.errors import UserError
 from shared.modelzoo import MAIN_OUTPUT
-from shared.runs import Run, open_run
+from shared.runs import Run
+from shared.task import Rebuilt
 
 # Probabilities are clipped here before the log: a float32 softmax underflows to exactly 0 for very
 # confident models, and log(0) would make the loss (and 0 * inf its gradient) NaN. 1e-20 keeps 1/p
@@ -150,12 +150,12 @@ def renormalization(student: Normalization, teacher: Normalization) -> tuple[lis
     return (s_std / t_std).tolist(), ((s_mean - t_mean) / t_std).tolist()
 
 
-def load_teacher(path: str | Path | Run, num_classes: int, input_shape: tuple,
+def load_teacher(teacher: Rebuilt, num_classes: int, input_shape: tuple,
                  normalization: Normalization | None = None,
                  class_names: Sequence[str] | None = None) -> keras.Model:
-    """The finished run at `path` as a frozen teacher for a student with `num_classes` classes and
-    `input_shape` (image_size, image_size, channels) inputs: its model rebuilt from the run's own
-    model.py, config and last checkpoint (the classifier alone, auxiliary heads dropped).
+    """The finished run `teacher` (its model rebuilt from the run's own model.py, config and last checkpoint,
+    the classifier alone: `shared.tasks.rebuild`) as a frozen teacher for a student with `num_classes` classes
+    and `input_shape` (image_size, image_size, channels) inputs.
 
     `normalization`: the student's (mean, std) on the 0-255 scale (`data_normalization(config.data)`).
     When the teacher was trained with other statistics, the returned model starts with a `Renormalize`
@@ -164,10 +164,8 @@ def load_teacher(path: str | Path | Run, num_classes: int, input_shape: tuple,
     `class_names`: the student's classes in index order; checked against the teacher run's labels.txt
     (the same count of different classes, or of the same classes in another order, would teach nonsense).
 
-    Build it under the same tf.distribute strategy scope (and dtype policy) as the student."""
-    run = path if isinstance(path, Run) else open_run(path)
-    teacher_config = config_module.from_dict(run.config_dict())
-    data = teacher_config.data
+    Rebuild it under the same tf.distribute strategy scope (and dtype policy) as the student."""
+    run, data = teacher.run, teacher.config.data
     size = f"{input_shape[0]}x{input_shape[1]}x{input_shape[2]}"
     teacher_size = f"{data.image_size}x{data.image_size}x{data.channels}"
     if (data.image_size, data.image_size, data.channels) != tuple(input_shape):
@@ -186,9 +184,7 @@ def load_teacher(path: str | Path | Run, num_classes: int, input_shape: tuple,
         raise UserError(f"teacher run {run.path} was trained on other classes: class {where} is {theirs!r} "
                         f"there and {mine!r} here; distill on the teacher's dataset and classes")
 
-    from shared.tasks import rebuild  # the tasks build on distill: imported when called
-
-    teacher, _ = rebuild(run)
+    teacher = teacher.model
     if teacher.output_shape[-1] != num_classes:  # the config may predate a resolved num_classes
         raise _class_count_error(run, teacher.output_shape[-1], num_classes)
     teacher.trainable = False

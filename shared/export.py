@@ -1,17 +1,12 @@
-"""Export a finished run as a SavedModel for TensorFlow Serving.
+"""Publishing a SavedModel for TensorFlow Serving: the export folder, whatever the model serves.
 
 The layout is the one TF Serving watches: `<export_dir>/<model_name>/<version>/` with integer versions;
 it serves the highest and hot-swaps when a higher one appears, so exporting after each training round
-(train-in-the-loop) updates a running server with no restart. Each version holds two signatures:
-
-    serving_default  image_bytes: [N] tf.string, encoded JPEG / PNG (REST: {"b64": ...})
-    predict_images   images: [N, S, S, C] float32, 0-255 pixels already at the run's image size
-
-both preprocessing inside the graph exactly as the run's eval pipeline does, and both returning
-`probabilities` [N, classes], `classes` [N, k] int32 top-k ids, `labels` [N, k] class names (ImageNet
-wnids as words, shared.class_names.readable) and
-`scores` [N, k]. A version appears by a rename of a finished folder, so a watching server never
-sees half a model; `<export_dir>/models.config` lists every model for a multi-model server.
+(train-in-the-loop) updates a running server with no restart. Every version holds two endpoints
+(`write_archive`): `serving_default` on encoded image bytes and `predict_images` on float pixels; what they
+return is the task's (each task's `export.py`). A version appears by a rename of a finished folder
+(`publish`), so a watching server never sees half a model; older versions are pruned to the newest `keep`,
+and `<export_dir>/models.config` lists every model for a multi-model server.
 """
 
 from __future__ import annotations
@@ -26,11 +21,10 @@ import time
 from pathlib import Path
 
 from shared.errors import UserError
-from shared.eval_view import EvalView, resizes_pixels  # noqa: F401 (resizes_pixels: shared.deblur.export)
 from shared.durable import DiskFull, atomic_write, disk_space_checked, fsync_dir, fsync_tree
 from shared.locks import FileLock, holder, read_record
 from shared.names import check_plain_name
-from shared.runs import Run, open_run
+from shared.runs import Run
 
 CONFIG_FILE = "models.config"
 LOCK_FILE = ".export.lock"  # in the export folder: exports there publish, prune and list one at a time
@@ -41,7 +35,6 @@ DELETING_PREFIX = ".deleting-"  # a pruned version on its way out
 SERVING_PATH = "/models"  # where the tensorflow/serving image looks for models
 SERVING_DEFAULT = "serving_default"
 PREDICT_IMAGES = "predict_images"
-OUTPUT_KEYS = ("probabilities", "classes", "labels", "scores")
 VERSION_RE = re.compile(r"^\d+$")  # TF Serving's version folders: all digits
 MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -154,7 +147,7 @@ def write_models_config(export_dir: Path) -> Path:
 
 def serving_command(export_dir: str | Path, model_name: str) -> str:
     """Two lines: the `docker run` that serves the model with TF Serving's REST API on port 8501, and a
-    `curl` that classifies one image through it (the bytes travel base64-encoded as {"b64": ...})."""
+    `curl` that sends one image through it (the bytes travel base64-encoded as {"b64": ...})."""
     source = shlex.quote(f"{Path(export_dir).expanduser().resolve() / model_name}:{SERVING_PATH}/{model_name}")
     docker = (f"docker run -p 8501:8501 -v {source} -e MODEL_NAME={shlex.quote(model_name)} "
               f"tensorflow/serving")
@@ -162,34 +155,6 @@ def serving_command(export_dir: str | Path, model_name: str) -> str:
             'image.jpg)"\'"}}]}')
     curl = f"curl -d '{body}' http://localhost:8501/v1/models/{model_name}:predict"
     return f"{docker}\n{curl}"
-
-
-# ---------------------------------------------------------------- the serving functions
-
-
-def _serving_functions(model, view: EvalView, class_names: list[str], top_k: int):
-    """(bytes_fn, images_fn): the two endpoints as plain functions of batched tensors, preprocessing with
-    the run's eval view (`view.pixels`: shared.data.preprocess.eval_view, as the eval pipeline does)."""
-    import tensorflow as tf
-
-    size, channels = view.image_size, view.channels
-    normalize = view.normalizer()
-
-    def classify(pixels):
-        probabilities = tf.cast(model(normalize(pixels), training=False), tf.float32)
-        scores, classes = tf.math.top_k(probabilities, k=min(top_k, len(class_names)))
-        return {"probabilities": probabilities, "classes": tf.cast(classes, tf.int32),
-                "labels": tf.gather(tf.constant(class_names, tf.string), classes), "scores": scores}
-
-    def bytes_fn(image_bytes):
-        pixels = tf.map_fn(view.pixels, image_bytes,
-                           fn_output_signature=tf.TensorSpec((size, size, channels), tf.float32))
-        return classify(pixels)
-
-    def images_fn(images):
-        return classify(images)
-
-    return bytes_fn, images_fn
 
 
 # ---------------------------------------------------------------- export
@@ -209,47 +174,6 @@ def write_archive(model, bytes_fn, images_fn, image_shape: tuple[int, int, int],
     archive.add_endpoint(PREDICT_IMAGES, images_fn,
                          input_signature=[tf.TensorSpec([None, *image_shape], tf.float32, name="images")])
     archive.write_out(str(target), verbose=False)
-
-
-def _write_saved_model(model, config, class_names: list[str], top_k: int, target: Path) -> dict:
-    """Write the SavedModel into `target` (an empty folder) with Keras' ExportArchive, which tracks the
-    model's variables for tf.saved_model.save; returns the preprocessing it built in."""
-    view = EvalView.from_config(config)
-    bytes_fn, images_fn = _serving_functions(model, view, class_names, top_k)
-    write_archive(model, bytes_fn, images_fn, view.shape, target)
-    return view.record()
-
-
-def export_saved_model(run: Run | str | Path, export_dir: Path, model_name: str | None = None,
-                       version: int | None = None, keep: int = 5, top_k: int = 5) -> Path:
-    """Export the run's last checkpoint to `<export_dir>/<model_name>/<version>/` and return that path.
-
-    model_name: default the run's model name. version: default one past the highest there (TF Serving
-    serves the highest). keep: how many numeric versions to leave, the newest. top_k: how many classes
-    the `classes` / `labels` / `scores` outputs hold (at most the class count).
-    The version appears by renaming a finished hidden folder; then older versions are pruned and
-    `<export_dir>/models.config` is rewritten."""
-    from shared.class_names import readable
-    from shared.tasks import rebuild
-
-    run = run if isinstance(run, Run) else open_run(run)
-    if top_k < 1:
-        raise UserError(f"top_k must be at least 1 (got {top_k})")
-    model_dir = target_folder(run, export_dir, model_name or run.model_name, version, keep)
-
-    model, config = rebuild(run)
-    names = run.class_names()
-    num_classes = int(model.output_shape[-1])
-    if not names or len(names) != num_classes:  # a run from before labels.txt: the index is the name
-        names = [str(i) for i in range(num_classes)]
-
-    labels = readable(names)  # what the `labels` output says: ImageNet wnids as words
-
-    def write(staging: Path) -> dict:
-        preprocessing = _write_saved_model(model, config, labels, top_k, staging)
-        return {**preprocessing, "top_k": min(top_k, len(names)), "labels": labels, "class_names": names}
-
-    return publish(run, export_dir, model_dir, version, keep, write)
 
 
 def target_folder(run: Run, export_dir: str | Path, model_name: str, version: int | None, keep: int) -> Path:

@@ -1,10 +1,12 @@
 """Starting weights for fine-tuning: copy another model's weights into a freshly built one, by layer name,
 and freeze layers.
 
-The source is either a finished run (`init.from_run`: its model rebuilt from its own snapshotted model.py and
-config.yaml, with its last checkpoint) or a weight file (`init.weights`: a `.keras` checkpoint, a `.weights.h5`,
-or a Keras 2 `.h5` such as Keras Applications' ImageNet downloads). Weight files load by layer order, so they go
-first into a twin of the new model at the file's class count (or into its backbone, for a no-top file).
+The source is either a finished run (`init.from_run`, or a checkpoint inside a run folder: its model rebuilt
+from its own snapshotted model.py and config.yaml by the command at the top, which hands it down as a
+`shared.task.Rebuilt`; `source_run` says which run that is) or a weight file (`init.weights`: a `.keras`
+checkpoint, a `.weights.h5`, or a Keras 2 `.h5` such as Keras Applications' ImageNet downloads). Weight files
+load by layer order, so they go first into a twin of the new model at the file's class count (or into its
+backbone, for a no-top file).
 
 The classifier head (every layer of `build` that `backbone` does not have) may change shape, since a new
 data set has another class count: its layers are copied where shapes agree and otherwise keep their fresh
@@ -13,6 +15,7 @@ initialization. Everywhere else the two models must agree, or the error says whi
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import fnmatch
 import inspect
@@ -21,6 +24,7 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
+from typing import Iterator
 
 import h5py
 import keras
@@ -30,6 +34,7 @@ from shared.config_schema import InitConfig
 from shared.errors import UserError
 from shared.modelzoo import MAIN_OUTPUT
 from shared.runs import Run, open_run
+from shared.task import Rebuilt
 
 BACKBONE_PATTERN = "backbone"  # train.freeze: every layer but the classifier head
 MAX_LISTED = 5  # layers (or hyperparameters) named in one error message
@@ -79,29 +84,33 @@ class Source:
     has_classifier: bool = True  # False for a no-top weight file
 
 
-def source_from_run(run: Run, checkpoint: Path | None = None) -> Source:
-    """The run's model (any task) rebuilt from its snapshotted model.py and config.yaml, auxiliary heads
-    kept, with `checkpoint` (default: its last one) loaded."""
-    from shared.tasks import rebuild
+def source_run(init: InitConfig) -> tuple[Run, Path | None] | None:
+    """The finished run whose model holds `init`'s starting weights, and the checkpoint to load (None: its
+    last): `init.from_run`, or a `.keras` checkpoint inside a run folder (that run's, rebuilt from its own
+    snapshot: its hyperparameters may differ from the new model's). None for a weight file of no run."""
+    if init.from_run:
+        return open_run(init.from_run), None
+    path = Path(init.weights).expanduser()
+    if not path.is_file():
+        raise UserError(f"weight file not found: {path}")
+    run = _owning_run(path)
+    return (run, path.resolve()) if run is not None else None
 
-    model, config = rebuild(run, checkpoint, training_outputs=True)
-    checkpoint = checkpoint or run.last_checkpoint()
-    data = config.data  # resolved at training time: num_classes is the data set's
-    return Source(model, f"{run.path} ({checkpoint.relative_to(run.path)}, model built from its snapshotted "
-                         f"model.py)", hparams=dict(config.model.hparams),
+
+def source_from_run(source: Rebuilt) -> Source:
+    """The rebuilt run's model (any task, auxiliary heads kept) as a source of starting weights."""
+    run, data = source.run, source.config.data  # resolved at training time: num_classes is the data set's
+    return Source(source.model, f"{run.path} ({source.checkpoint.relative_to(run.path)}, model built from its "
+                                f"snapshotted model.py)", hparams=dict(source.config.model.hparams),
                   input_shape=(data.image_size, data.image_size, data.channels))
 
 
 def source_from_file(path: Path, module: ModuleType, hparams: dict, input_shape: tuple) -> Source:
-    """A weight file loaded by layer order into a twin of the new model: `build` at the file's class count,
-    or `backbone` for a no-top file. A `.keras` checkpoint inside a run folder is that run's, rebuilt from
-    its own snapshot instead (its hyperparameters may differ from the new model's)."""
+    """A weight file (of no run: `source_run`) loaded by layer order into a twin of the new model: `build` at
+    the file's class count, or `backbone` for a no-top file."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise UserError(f"weight file not found: {path}")
-    run = _owning_run(path)
-    if run is not None:
-        return source_from_run(run, path.resolve())
     shapes = read_layer_shapes(path)
     if MAIN_OUTPUT in shapes:
         num_classes = shapes[MAIN_OUTPUT][0][-1]  # the kernel is (features, classes)
@@ -175,13 +184,25 @@ def _text(value) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def source_model(init: InitConfig, module: ModuleType, hparams: dict, input_shape: tuple) -> Source:
-    """The model holding `init`'s starting weights: a run's (`init.from_run`) or a file's (`init.weights`)."""
-    if init.from_run:
-        return source_from_run(open_run(init.from_run))
-    if init.weights:
+def source_model(init: InitConfig, module: ModuleType, hparams: dict, input_shape: tuple,
+                 source: Rebuilt | None) -> Source:
+    """The model holding `init`'s starting weights: the rebuilt `source` run's (`source_run` names it), else
+    the weight file's (`init.weights`)."""
+    if source is not None:
+        return source_from_run(source)
+    if init.weights and not init.from_run:
         return source_from_file(Path(init.weights), module, hparams, input_shape)
-    raise ValueError("init has neither from_run nor weights: there are no starting weights to load")
+    raise ValueError("init names a run that was not rebuilt, or no starting weights at all")
+
+
+@contextlib.contextmanager
+def named_init(init: InitConfig, where: str = "") -> Iterator[None]:
+    """A UserError about the starting weights, prefixed with the config key that named them (and `where`)."""
+    key = f"init.from_run {init.from_run}" if init.from_run else f"init.weights {init.weights}"
+    try:
+        yield
+    except UserError as error:
+        raise UserError(f"{key}{where}: {error}") from None
 
 
 # ---------------------------------------------------------------- copying by name
@@ -287,16 +308,15 @@ def describe(source: Source, model: keras.Model, matching: Matching) -> str:
 
 
 def initialize_from(init: InitConfig, model: keras.Model, module: ModuleType, hparams: dict, input_shape: tuple,
-                    where: str = "") -> str:
+                    where: str = "", source: Rebuilt | None = None) -> str:
     """Copy `init`'s starting weights into the freshly built `model`, layer by layer by name, and return a
     one-line description for the run's notes. Head layers whose shapes differ keep their fresh
     initialization; any other layer that the source lacks or shapes differently is a UserError naming the
-    layers and the fix. `where` (e.g. " (in recipe.yaml)") follows the config key in error messages."""
+    layers and the fix. `where` (e.g. " (in recipe.yaml)") follows the config key in error messages. `source`:
+    the run `source_run` names, rebuilt (None for a weight file of no run)."""
     key = f"init.from_run {init.from_run}" if init.from_run else f"init.weights {init.weights}"
-    try:
-        source = source_model(init, module, hparams, input_shape)
-    except UserError as error:
-        raise UserError(f"{key}{where}: {error}") from None
+    with named_init(init, where):
+        source = source_model(init, module, hparams, input_shape, source)
     matching = match_layers(source.model, model, head_layer_names(module, model, hparams, input_shape))
     if matching.conflicts:
         raise UserError(f"{key}{where} does not fit this model outside its classifier head: "

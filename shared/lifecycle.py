@@ -30,10 +30,11 @@ from shared.callbacks import (DurableCSVLogger, LearningRateLogger, NonFiniteLos
 from shared.checkpoints import (CheckpointPolicy, Continuation, Start, backup_state, check_resumable,
                                 continuation_of, decide_start, record_continuation, remove_partials, start_from,
                                 truncate_metrics)
-from shared.config_schema import Config, with_changes
+from shared.config_schema import Config, InitConfig, with_changes
 from shared.errors import UserError, embedded_user_error, first_line
 from shared.progress import keras_verbosity
-from shared.task import Task
+from shared.task import Rebuilt, Task
+from shared.tasks import rebuild, rebuilt, task_for
 
 
 @contextlib.contextmanager
@@ -104,9 +105,15 @@ def continue_run(path: str | Path, epochs: int, argv: list[str] | None = None,
 
 
 def _task(config: Config) -> Task:
-    from shared.tasks import task_for  # the tasks build on this module's neighbours, not the other way
-
     return task_for(config)
+
+
+def starting_run(init: InitConfig, where: str = "") -> Rebuilt | None:
+    """The run init.from_run names (or whose checkpoint init.weights is) rebuilt as it trained, auxiliary heads
+    kept, for `Task.initialize`; None for a weight file of no run. `where`: as `finetune.initialize_from`'s."""
+    with finetune.named_init(init, where):
+        named = finetune.source_run(init)
+        return rebuilt(*named, training_outputs=True) if named is not None else None
 
 
 def test(run: runs.Run | str | Path, checkpoint: str | Path | None = None, changes: dict | None = None,
@@ -117,7 +124,6 @@ def test(run: runs.Run | str | Path, checkpoint: str | Path | None = None, chang
     (labels.txt), in the same order. Redraws the task's figure in the run folder unless not `draw`.
     `changes`: config keys to test it with instead of its own (the loop tests a run on its held-out set)."""
     from shared import config as config_module
-    from shared.tasks import rebuild
 
     run = run if isinstance(run, runs.Run) else runs.open_run(run)
     weights = run.checkpoint(checkpoint or "last")  # before the data: a run without a checkpoint says so first
@@ -145,8 +151,10 @@ def _run_training(task: Task, argv: list[str] | None, resumed: runs.Run | None =
         config = task.config  # resolved: the one the run records
         provenance = start.continuation.describe() if start.continuation else ""
         if start.kind == "init":
-            provenance = task.initialize(model, module, data)
-        trainer = task.trainer(model, data)  # the model that fit() trains
+            provenance = task.initialize(model, module, data, starting_run(config.init, config.where))
+        distills = config.distill.teacher and "distill" in task.commands  # a task that does not, ignores it
+        teacher = rebuilt(runs.open_run(config.distill.teacher)) if distills else None
+        trainer = task.trainer(model, data, teacher)  # the model that fit() trains
     distribute.patch_multi_worker_build(trainer, placement)
     train_data, val_data = task.fit_data(model, module, data)
     head = task.head_layer_names(module, model, data.input_shape) if any(phase.freeze for phase in phases) else set()
@@ -353,8 +361,6 @@ def _test_last_checkpoint(task: Task, run: runs.Run, data) -> tuple[dict, Callab
     """The test figures of the checkpoint the run records as its last, on the model `test --run` rebuilds
     from it (float32, from the run's model.py and config), so the two always agree; the model in memory
     can differ (it computes in bfloat16 under mixed precision, or holds a restored backup's weights)."""
-    from shared.tasks import rebuild
-
     last = run.last_checkpoint()
     model, _ = rebuild(run)  # the same file: nothing else writes checkpoints now
     return (*task.evaluate(model, data), last)

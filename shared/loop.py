@@ -41,7 +41,6 @@ import uuid
 from pathlib import Path
 from typing import Callable, Iterator
 
-from shared import config as config_module
 from shared import durable, lifecycle, loop_state, runs
 from shared.annotations import AnswerTable, Batch
 from shared.config_schema import Config, with_changes
@@ -54,6 +53,7 @@ from shared.loop_garbage import collect_garbage
 from shared.loop_ingest import ingest, write_held_out
 from shared.loop_report import write_rounds
 from shared.task import Task
+from shared.tasks import rebuild
 
 DEFAULT_TASK = Config.__dataclass_fields__["task"].default  # what a config without `task:` has
 FOLLOWED = ("image_size", "channels", "normalize", "mean", "std", "crop_fraction")  # data keys: what a model sees
@@ -412,8 +412,9 @@ def _export(loop: Loop, state: dict) -> Path | None:
                   f"{best:.4f}; {stays}", flush=True)
             return None
     run = runs.open_run(current["run"])
-    task = loop.task.bound(config_module.from_dict(run.config_dict()))
-    return task.export_saved_model(run, loop.export_dir, model_name=loop.export_name, keep=loop.config.loop.keep)
+    model, config = rebuild(run)
+    return loop.task.bound(config).export_saved_model(model, run, loop.export_dir, model_name=loop.export_name,
+                                                      keep=loop.config.loop.keep)
 
 
 def worse_by(metric: float, best: float, higher_is_better: bool) -> float:

@@ -119,17 +119,18 @@ def _test(args: argparse.Namespace, argv: list[str]) -> None:
         classifier = _open_idle_run(args.classifier)
         _check_option(task, "classifier", "test_options", "applies to", "runs", f"; run {run.path} is a "
                       f"{task.name} run")
-        from shared.tasks import task_for
+        from shared.tasks import rebuild, rebuilt, task_for
 
-        print(task.summary(task_for(run).test_with_classifier(run, classifier)))
+        model, _ = rebuild(run)
+        print(task.summary(task_for(run).test_with_classifier(model, run, rebuilt(classifier))))
         return
-    from shared.evaluate import evaluate
+    from shared.lifecycle import test
 
     if args.checkpoint is None:
-        print(_results(task, evaluate(run)))
+        print(_results(task, test(run)))
         return
     checkpoint = run.checkpoint(args.checkpoint)  # a run without best.keras answers before TensorFlow loads
-    print(_results(task, evaluate(run, checkpoint), f"{checkpoint}: "))
+    print(_results(task, test(run, checkpoint), f"{checkpoint}: "))
 
 
 def _preview(args: argparse.Namespace, argv: list[str]) -> None:
@@ -173,22 +174,28 @@ def _export(args: argparse.Namespace, argv: list[str]) -> None:
     run = _open_idle_run(args.run)
     task = _check_supported("export", _run_task(run))
     if args.format == "saved_model":
-        from shared.export import serving_command
+        from shared.export import serving_command, target_folder
 
-        from shared.tasks import task_for
+        target_folder(run, args.export_dir, args.name or run.model_name, None, args.keep)  # before TensorFlow loads
+        from shared.tasks import rebuild, task_for
 
-        path = task_for(run).export_saved_model(run, args.export_dir, model_name=args.name, keep=args.keep)
+        model, _ = rebuild(run)
+        path = task_for(run).export_saved_model(model, run, args.export_dir, model_name=args.name, keep=args.keep)
         print(f"exported {path}\n{serving_command(args.export_dir, path.parent.name)}")
         return
     # a task's own TFLite options (Task.tflite_options), where not at their defaults
-    from shared.tasks import TASKS, task_for
+    from shared.tasks import TASKS, rebuild, task_for
 
     defaults = {key: value for other in TASKS.values() for key, value in other.tflite_options.items()}
     options = {key: getattr(args, key) for key, default in defaults.items() if getattr(args, key) != default}
     for key in options:
         _check_option(task, key, "tflite_options", "is for", "runs (their TFLite post-processing); leave it out")
 
-    path, beside = task_for(run).export_tflite(run, quantize=args.quantize, io=args.io, **options)
+    from shared.tflite import check_mode
+
+    check_mode(args.quantize, args.io)  # before the model is rebuilt
+    model, _ = rebuild(run)
+    path, beside = task_for(run).export_tflite(model, run, quantize=args.quantize, io=args.io, **options)
     print(f"exported {path} ({path.stat().st_size / 1e6:.2f} MB)" + (f" {beside}" if beside else ""))
     if args.evaluate:
         print(f"LiteRT {task.summary(task_for(run).evaluate_tflite(path, run))}")
@@ -198,8 +205,10 @@ def _size(args: argparse.Namespace, argv: list[str]) -> None:
     run = _open_idle_run(args.run)
     _check_supported("size", _run_task(run))
     from shared import size_report
+    from shared.tasks import rebuild, task_for
 
-    print(size_report.format_table(size_report.size_report(run)))
+    model, _ = rebuild(run)
+    print(size_report.format_table(size_report.size_report(task_for(run), model, run)))
 
 
 def _predict(args: argparse.Namespace, argv: list[str]) -> None:

@@ -13,13 +13,15 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from shared import sizing, tflite
 from shared.errors import UserError
 from shared.durable import atomic_write
 from shared.frozen import thaw
-from shared.runs import Run, open_run
+from shared.runs import Run
+from shared.task import Task
 
 FORMATS = ("keras", "saved_model", "tflite float32", "tflite float16", "tflite dynamic", "tflite int8")
-TFLITE_MODES = {  # report format -> (quantize, io) of shared.tflite.convert
+TFLITE_MODES = {  # report format -> (quantize, io) of Task.export_tflite
     "tflite float32": ("none", "float"),
     "tflite float16": ("float16", "float"),
     "tflite dynamic": ("dynamic", "float"),
@@ -47,24 +49,20 @@ def _saved_model_bytes(model) -> int:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def size_report(run: Run | str | Path, formats: Sequence[str] = FORMATS, latency_runs: int = 30) -> dict:
-    """Measure the run's model in each of `formats` (see FORMATS; also "tflite int8 int8io") and save the
+def size_report(task: Task, model, run: Run, formats: Sequence[str] = FORMATS, latency_runs: int = 30) -> dict:
+    """Measure the run's `model` (rebuilt from its last checkpoint by the command: `shared.tasks.rebuild`; `task`
+    bound to the run's config) in each of `formats` (see FORMATS; also "tflite int8 int8io") and save the
     report as `<run>/size.json` and `<run>/size.md`; returns the report.
 
     Sizes: the .keras checkpoint (it includes the optimizer state), a SavedModel exported for sizing
-    only, and each TFLite variant written by `shared.tflite.convert` into `<run>/export/`. Latency:
+    only, and each TFLite variant written by `Task.export_tflite` into `<run>/export/`. Latency:
     batch 1, median of `latency_runs` calls, for the Keras model (TensorFlow's thread pool) and for
     each TFLite variant (LiteRT, one thread, measured in interleaved rounds); the SavedModel has none."""
-    from shared import sizing, tflite
-    from shared.tasks import rebuild, task_for
-
-    run = run if isinstance(run, Run) else open_run(run)
     unknown = [name for name in formats if name not in ("keras", "saved_model", *TFLITE_MODES)]
     if unknown:
         raise UserError(f"unknown size-report format(s) {', '.join(map(repr, unknown))}; "
                         f"choose from {', '.join(['keras', 'saved_model', *TFLITE_MODES])}")
-    model, config = rebuild(run)
-    task = task_for(run)
+    config = task.config
     data = config.data
     input_shape = (data.image_size, data.image_size, data.channels)
     entries: dict[str, dict] = {}
@@ -81,7 +79,7 @@ def size_report(run: Run | str | Path, formats: Sequence[str] = FORMATS, latency
         else:
             quantize, io = TFLITE_MODES[name]
             try:
-                path, beside = task.export_tflite(run, quantize, io)
+                path, beside = task.export_tflite(model, run, quantize, io)
             except UserError as error:  # e.g. ops without int8 kernels: report it, measure the rest
                 entries[name] = {"path": None, "bytes": None, "latency_ms": None, "error": str(error)}
                 continue

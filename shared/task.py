@@ -79,6 +79,16 @@ class TaskData:
     records: dict = dataclasses.field(default_factory=dict)
 
 
+@dataclasses.dataclass(frozen=True)
+class Rebuilt:
+    """Another finished run's model as `shared.tasks.rebuild` builds it, by the command at the top, which hands
+    it down (init.from_run's source, distill.teacher, test --classifier's classifier)."""
+    run: Any  # shared.runs.Run
+    model: Any  # keras.Model
+    config: Any  # the run's own Config
+    checkpoint: Path  # the checkpoint loaded into `model`
+
+
 class Task(abc.ABC):
     """The interface every task implements, bound to one config (`self.config`). The lifecycle calls, in
     order: check -> plan_phases -> resolve -> datasets -> (bound to the config the data resolved) build ->
@@ -150,11 +160,13 @@ class Task(abc.ABC):
         return model
 
     @abc.abstractmethod
-    def initialize(self, model, module, data: TaskData) -> str:
-        """Copy init.from_run's / init.weights' layers into `model`; returns the line for the run's notes."""
+    def initialize(self, model, module, data: TaskData, source: Rebuilt | None) -> str:
+        """Copy init.from_run's / init.weights' layers into `model`; returns the line for the run's notes.
+        `source`: the run they come from, rebuilt (None for a weight file outside a run folder)."""
 
-    def trainer(self, model, data: TaskData) -> Any:
-        """The model fit() trains (a distillation wrapper around `model`, say); checkpoints see `model`."""
+    def trainer(self, model, data: TaskData, teacher: Rebuilt | None) -> Any:
+        """The model fit() trains (a distillation wrapper around `model` and the rebuilt `teacher` run, say);
+        checkpoints see `model`."""
         return model
 
     def fit_data(self, model, module, data: TaskData) -> tuple[Any, Any]:
@@ -206,13 +218,13 @@ class Task(abc.ABC):
         `source.rebuilt()`), its SavedModel or its TFLite file; `min_score`: --min-score (0..1), None when not
         given. A task that does not predict raises a UserError."""
 
-    # ---- export (commands "export"; run is a finished run)
+    # ---- export (command "export"; `model` is the finished `run`'s, rebuilt by the command: shared.tasks.rebuild)
     @abc.abstractmethod
-    def export_saved_model(self, run, export_dir: Path, model_name: str | None, keep: int) -> Path:
+    def export_saved_model(self, model, run, export_dir: Path, model_name: str | None, keep: int) -> Path:
         """The SavedModel version written under `export_dir` (shared.export's versioning and publishing)."""
 
     @abc.abstractmethod
-    def export_tflite(self, run, quantize: str, io: str, **options) -> tuple[Path, str]:
+    def export_tflite(self, model, run, quantize: str, io: str, **options) -> tuple[Path, str]:
         """The .tflite file and a line saying what was written beside it ('' when nothing); `options`: the
         task's own `tflite_options`."""
 
@@ -220,8 +232,9 @@ class Task(abc.ABC):
     def evaluate_tflite(self, path: Path, run) -> dict:
         """The test figures of a .tflite file on the run's test split."""
 
-    def test_with_classifier(self, run, classifier) -> dict:
-        """`test --run RUN --classifier CLASSIFIER` (for tasks with "classifier" in test_options)."""
+    def test_with_classifier(self, model, run, classifier: Rebuilt) -> dict:
+        """`test --run RUN --classifier CLASSIFIER` (for tasks with "classifier" in test_options): `model` is
+        the run's, rebuilt."""
         raise NotImplementedError(f"task {self.name} does not test with a classifier")
 
     # ---- the loop command (tasks with "loop" in commands)

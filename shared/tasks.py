@@ -15,7 +15,7 @@ from shared.runs import Run, require_idle
 from shared.classification.task import ClassificationTask
 from shared.deblur.task import DeblurTask
 from shared.detection.task import DetectionTask
-from shared.task import Task
+from shared.task import Rebuilt, Task
 
 TASKS: dict[str, type[Task]] = {"classification": ClassificationTask, "detection": DetectionTask,
                                 "deblur": DeblurTask}
@@ -60,3 +60,10 @@ def open_predictor(run: Run | None = None, saved_model: str | Path | None = None
     min_score = checked_min_score(min_score)
     source = Source.of(run, saved_model, tflite, checkpoint, rebuild)
     return task_class(source.task_name).open_predictor(source, min_score)
+
+
+def rebuilt(run: Run, checkpoint: Path | None = None, training_outputs: bool = False) -> Rebuilt:
+    """`rebuild`'s model and config with the run and checkpoint they came from: what a command hands down to
+    the hooks that use another run (init.from_run's source, distill.teacher, test --classifier)."""
+    model, config = rebuild(run, checkpoint, training_outputs)
+    return Rebuilt(run, model, config, checkpoint or run.checkpoint("last"))

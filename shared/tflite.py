@@ -1,9 +1,9 @@
-"""TensorFlow Lite export of a run's model, and the LiteRT checks that go with it: accuracy on the
-run's test split and batch-1 CPU latency.
+"""TensorFlow Lite conversion of a built model and running the result with LiteRT (batch-1 CPU latency
+included); what a task's file takes and returns, and how it is checked, is the task's (its `export.py`).
 
-The exported model takes what the Keras model takes: one *normalized* float32 image of the run's size,
+The converted model takes what the Keras model takes: one *normalized* float32 image of the run's size,
 shape (1, image_size, image_size, channels), i.e. (pixel - data.mean) / data.std with the statistics in
-the run's config.yaml; it returns the class probabilities. Quantization modes:
+the run's config.yaml. Quantization modes:
 
     none      float32 weights and activations
     float16   weights stored as float16 (dequantized to float32 when the model loads): half the size
@@ -22,7 +22,6 @@ whole SavedModel (3-4x slower); it is the fallback should TF's freezing helper m
 
 from __future__ import annotations
 
-import os
 import statistics
 import time
 import warnings
@@ -33,17 +32,13 @@ import numpy as np
 
 from shared.durable import atomic_write
 from shared.errors import UserError
-from shared.runs import Run, open_run
+from shared.runs import Run
 
 QUANTIZE_MODES = ("none", "float16", "dynamic", "int8")
 IO_TYPES = ("float", "int8")
 EXPORT_DIR = "export"
 # In a fully-integer model only these ops may touch float tensors (the float I/O boundary).
 _BOUNDARY_OPS = {"QUANTIZE", "DEQUANTIZE"}
-
-
-def _as_run(run: Run | str | Path) -> Run:
-    return run if isinstance(run, Run) else open_run(run)
 
 
 def check_mode(quantize: str, io: str = "float") -> None:
@@ -60,27 +55,6 @@ def check_mode(quantize: str, io: str = "float") -> None:
 def default_path(run: Run, quantize: str, io: str = "float") -> Path:
     """`<run>/export/model_<quantize>[_int8io].tflite`."""
     return run.path / EXPORT_DIR / f"model_{quantize}{'_int8io' if io == 'int8' else ''}.tflite"
-
-
-def representative_dataset(run: Run, config, count: int = 200) -> Callable[[], Iterator[list[np.ndarray]]]:
-    """A generator factory of `count` single normalized training images, for int8 calibration.
-
-    The images come from the run's training split through `make_datasets`, with the augmentations
-    switched off: calibration should see the images inference will see (center crop, no mixing),
-    not flipped, cropped or MixUp-blended ones. The shuffle (seeded) still mixes the classes."""
-    from shared import data as data_module
-    from shared import modelzoo
-    from shared.config_schema import with_changes
-
-    config = with_changes(config, {"data.augment": [], "data.batch_augment": []})
-    datasets = data_module.make_datasets(config, modelzoo.load_augment_module(run.path),
-                                         recorded=data_module.split.read(run.path))  # a folder's recorded split
-    count = max(1, min(count, datasets.num_train))
-
-    def generate():
-        for image, _ in datasets.train.unbatch().take(count):
-            yield [image.numpy()[None].astype(np.float32)]
-    return generate
 
 
 def frozen_converter(model, input_shape: tuple):
@@ -126,28 +100,26 @@ def non_int8_ops(content: bytes) -> list[str]:
     return sorted(set(found))
 
 
-def convert(run: Run | str | Path, quantize: str = "none", io: str = "float", out_path: Path | None = None,
-            representative_images: int = 200) -> Path:
-    """Convert the run's model (its own model.py snapshot and last checkpoint) to a .tflite file and
-    return its path (default `<run>/export/model_<quantize>[_int8io].tflite`, written atomically).
-    `representative_images`: training images used to calibrate the int8 activation ranges."""
+def convert(model, input_shape: tuple, out_path: Path, quantize: str = "none", io: str = "float",
+            representative: Callable[[], Iterator[list[np.ndarray]]] | None = None, source: str = "") -> Path:
+    """Convert `model` (one image of `input_shape` in) to a .tflite file written atomically at `out_path`, and
+    return that path. `representative`: a generator factory of single normalized images that calibrates the int8
+    activation ranges (quantize=int8 needs it); `source`: where the model comes from (its run folder), for
+    error messages."""
     check_mode(quantize, io)
     import tensorflow as tf
 
-    from shared.tasks import rebuild
-
-    run = _as_run(run)
-    model, config = rebuild(run)
-    data = config.data
-    converter = frozen_converter(model, (data.image_size, data.image_size, data.channels))
+    converter = frozen_converter(model, tuple(input_shape))
     if quantize == "float16":
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
         converter.target_spec.supported_types = [tf.float16]
     elif quantize == "dynamic":
         converter.optimizations = [tf.lite.Optimize.DEFAULT]  # no representative data: weights only
     elif quantize == "int8":
+        if representative is None:
+            raise ValueError("quantize=int8 needs representative images to calibrate on")
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
-        converter.representative_dataset = representative_dataset(run, config, representative_images)
+        converter.representative_dataset = representative
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
         if io == "int8":
             converter.inference_input_type = tf.int8
@@ -164,16 +136,15 @@ def convert(run: Run | str | Path, quantize: str = "none", io: str = "float", ou
         reason = " ".join(str(error).split())[:400]
         hint = "; quantize=dynamic (int8 weights, float activations) or float16 may work" \
             if quantize == "int8" else ""
-        raise UserError(f"TFLite conversion (quantize={quantize}) of {run.path} failed: {reason}{hint}") from error
+        raise UserError(f"TFLite conversion (quantize={quantize}) of {source} failed: {reason}{hint}") from error
     if quantize == "int8":
         floating = non_int8_ops(content)
         if floating:
-            raise UserError(f"the model of {run.path} cannot be fully int8-quantized: op(s) {', '.join(floating)} "
+            raise UserError(f"the model of {source} cannot be fully int8-quantized: op(s) {', '.join(floating)} "
                             f"have no int8 kernel and would stay float; use quantize=dynamic (int8 weights, "
                             f"float activations) or float16 instead")
-    out = Path(out_path) if out_path is not None else default_path(run, quantize, io)
-    atomic_write(out, content)
-    return out
+    atomic_write(Path(out_path), content)
+    return Path(out_path)
 
 
 # ---------------------------------------------------------------- running the .tflite
@@ -217,35 +188,6 @@ def predict_tflite(interpreter, images: np.ndarray) -> np.ndarray:
         interpreter.invoke()
         outputs.append(_dequantize(interpreter.get_tensor(target["index"]), target)[0])
     return np.stack(outputs)
-
-
-def evaluate_tflite(path: Path | str, run: Run | str | Path, limit: int | None = None) -> dict:
-    """Top-1 / top-5 of the .tflite model on the run's test split (its first `limit` examples when
-    given), with `examples` the number evaluated. Uses every core: this is about accuracy, not speed."""
-    from shared import config as config_module
-    from shared import data as data_module
-    from shared import modelzoo
-
-    run = _as_run(run)
-    config = config_module.from_dict(run.config_dict())
-    datasets = data_module.make_datasets(config, modelzoo.load_augment_module(run.path),
-                                         recorded=data_module.split.read(run.path))  # a folder's recorded split
-    test = datasets.test.unbatch()
-    if limit is not None:
-        test = test.take(limit)
-    interpreter = load_interpreter(path, num_threads=os.cpu_count())
-    k = min(5, datasets.num_classes)
-    top1 = top5 = count = 0
-    for images, labels in test.batch(256):
-        probabilities = predict_tflite(interpreter, images.numpy())
-        labels = labels.numpy()
-        top1 += int((probabilities.argmax(axis=1) == labels).sum())
-        top_k = np.argsort(-probabilities, axis=1)[:, :k]
-        top5 += int((top_k == labels[:, None]).any(axis=1).sum())
-        count += len(labels)
-    if count == 0:
-        raise UserError("the test split is empty; check data.test_split and data.limit_test")
-    return {"top1": top1 / count, "top5": top5 / count, "examples": count}
 
 
 class _Timed:

@@ -4,7 +4,7 @@ tested and exported without them."""
 import json
 
 from shared.config import load_config
-from shared.evaluate import evaluate
+from shared.lifecycle import test as evaluate
 from shared.lifecycle import train
 
 from conftest import tiny_tree

@@ -179,7 +179,7 @@ def test_keep_checkpoints_and_best_in_a_run(tmp_path, capsys):
     capsys.readouterr()
     assert runner("test", "--run", str(run.path), "--checkpoint", "best") == 0
     shown = capsys.readouterr().out
-    from shared.evaluate import evaluate
+    from shared.lifecycle import test as evaluate
 
     best = evaluate(run, "best")
     assert f"best.keras: test top-1 {best['top1']:.4f}" in shown
@@ -310,7 +310,7 @@ def test_a_continued_folder_run_keeps_the_recorded_split(tmp_path):
     assert recorded and sorted(p.relative_to(run.path) for p in (run.path / "split").iterdir()) == recorded
     for path in recorded:
         assert (run.path / path).read_bytes() == (source.path / path).read_bytes()
-    from shared.evaluate import evaluate
+    from shared.lifecycle import test as evaluate
 
     assert evaluate(run)["examples"] == source.test_metrics()["examples"]  # the re-test reads the run's split
 

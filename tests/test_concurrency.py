@@ -128,7 +128,8 @@ with export_lock(export_dir):
 def test_an_export_publishes_only_once_the_lock_is_free(trained_run, tmp_path):
     import threading
 
-    from shared import export
+    from shared.classification.export import export_saved_model
+    from shared.tasks import rebuild
 
     run, _ = trained_run
     export_dir = tmp_path / "exports"
@@ -137,7 +138,7 @@ def test_an_export_publishes_only_once_the_lock_is_free(trained_run, tmp_path):
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     published = []
     exporting = threading.Thread(target=lambda: published.append(
-        export.export_saved_model(run, export_dir, model_name="tiny", keep=1)))
+        export_saved_model(*rebuild(run), run, export_dir, model_name="tiny", keep=1)))
     exporting.start()
     try:
         assert holder.stdout.readline() == "held\n"
@@ -175,6 +176,8 @@ def test_what_a_killed_export_left_goes_with_the_next_export_and_a_live_one_stay
     import signal
 
     from shared import export
+    from shared.classification.export import export_saved_model
+    from shared.tasks import rebuild
 
     run, _ = trained_run
     export_dir = tmp_path / "exports"
@@ -196,7 +199,7 @@ def test_what_a_killed_export_left_goes_with_the_next_export_and_a_live_one_stay
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert writer.stdout.readline() == "writing\n"
-        published = export.export_saved_model(run, export_dir, model_name="tiny")
+        published = export_saved_model(*rebuild(run), run, export_dir, model_name="tiny")
         assert published == export_dir / "tiny" / "1"
         assert sorted(p.name for p in (export_dir / "tiny").iterdir()) == sorted(["1", live.name])
         assert not left.exists() and not half_pruned.exists()

@@ -308,7 +308,7 @@ def test_a_source_without_the_key_its_row_requires_is_refused_when_the_config_lo
 def test_every_source_is_one_row_of_the_table_that_the_config_and_the_export_read():
     from shared.config_schema import DataConfig
     from shared.data import sources
-    from shared.export import resizes_pixels
+    from shared.eval_view import resizes_pixels
     from shared.source_facts import SOURCES
 
     choices = next(f for f in dataclasses.fields(DataConfig) if f.name == "source").metadata["choices"]

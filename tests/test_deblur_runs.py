@@ -52,11 +52,12 @@ def test_a_deblurring_run_trains_tests_and_starts_from_a_classifier_backbone(run
 
 def test_the_classifier_view_of_sharp_blurred_and_restored_images(runs):
     classifier, restorer = runs
-    metrics = evaluate_with_classifier(restorer, classifier)
+    restorer_model, _ = tasks.rebuild(restorer)
+    metrics = evaluate_with_classifier(restorer_model, restorer, tasks.rebuilt(classifier))
     with pytest.raises(UserError, match="needs a deblurring run"):
-        evaluate_with_classifier(classifier, classifier)
+        evaluate_with_classifier(tasks.rebuild(classifier)[0], classifier, tasks.rebuilt(classifier))
     with pytest.raises(UserError, match="needs a classification run"):
-        evaluate_with_classifier(restorer, restorer)
+        evaluate_with_classifier(restorer_model, restorer, tasks.rebuilt(restorer))
     result = metrics["classifier"]
     assert set(result) >= {"top1_sharp", "top1_blurred", "top1_restored", "recovered", "examples"}
     assert result["examples"] == 32
@@ -84,11 +85,11 @@ def test_saved_model_and_tflite_match_the_keras_restorer(runs, tmp_path):
     _, restorer = runs
     model, config = tasks.rebuild(restorer)
     pixels = _test_pixels(restorer)
-    folder = export.export_saved_model(restorer, tmp_path / "exports")
-    tflite_path = export.convert_tflite(restorer)
-    tflite_metrics = export.evaluate_tflite(tflite_path, restorer)
+    folder = export.export_saved_model(model, config, restorer, tmp_path / "exports")
+    tflite_path = export.convert_tflite(model, config, restorer)
+    tflite_metrics = DeblurTask(config).evaluate_tflite(tflite_path, restorer)
     with pytest.raises(UserError, match="use quantize none, float16 or dynamic"):
-        export.convert_tflite(restorer, quantize="int8")
+        export.convert_tflite(model, config, restorer, quantize="int8")
     to_pixels, from_pixels = pixel_mapping(from_dict(restorer.config_dict()))
     normalized = from_pixels(tf.constant(pixels, tf.float32))
     expected = np.clip(to_pixels(model(normalized)).numpy(), 0, 255)

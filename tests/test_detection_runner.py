@@ -88,7 +88,6 @@ def trained(generated, source, tmp_path_factory) -> runs.Run:
 def test_training_through_the_runner_records_map_and_provenance(trained, source):
     from shared.detection.model import backbone_layer_names
     from shared.tasks import rebuild
-    from shared.finetune import source_from_run
 
     assert trained.status()["status"] == "finished"
     metrics = trained.test_metrics()
@@ -109,7 +108,7 @@ def test_training_through_the_runner_records_map_and_provenance(trained, source)
 
     # epoch 1 trained the heads on the frozen copied backbone; epoch 2 every layer
     detector, _ = rebuild(trained)  # the last checkpoint: epoch 2
-    classifier = source_from_run(source).model
+    classifier, _ = rebuild(source, training_outputs=True)
     layers = [name for name in backbone_layer_names(detector) if detector.get_layer(name).weights]
 
     def same(name):

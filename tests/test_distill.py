@@ -16,7 +16,7 @@ from shared.config_schema import DataConfig, with_changes
 from shared.distill import (Distiller, Renormalize, cross_entropy, data_normalization, distillation_loss,
                             load_teacher, student_of)
 from shared.errors import UserError
-from shared.tasks import rebuild
+from shared.tasks import rebuild, rebuilt
 from shared.finetune import unfreeze_all
 from shared.modelzoo import MODELS_DIR, load_model_module, resolve_hparams
 from shared.classification.objective import compile_classifier
@@ -91,14 +91,14 @@ def test_saturated_probabilities_stay_finite():
 def test_a_teacher_for_other_classes_or_images_is_refused(trained_run):
     run, _ = trained_run
     with pytest.raises(UserError, match=r"predicts 4 classes but the student's data has 7"):
-        load_teacher(run.path, 7, SHAPE)
+        load_teacher(rebuilt(run), 7, SHAPE)
     with pytest.raises(UserError, match=r"takes 16x16x3 images but the student's are 32x32x3.*data.image_size: 16"):
-        load_teacher(run.path, CLASSES, (32, 32, 3))
+        load_teacher(rebuilt(run), CLASSES, (32, 32, 3))
     with pytest.raises(UserError, match=r"16x16x1.*data.channels: 3"):
-        load_teacher(run.path, CLASSES, (16, 16, 1))
+        load_teacher(rebuilt(run), CLASSES, (16, 16, 1))
     names = run.class_names()
     with pytest.raises(UserError, match=r"other classes: class 1"):
-        load_teacher(run.path, CLASSES, SHAPE, class_names=[names[0], "cat", *names[2:]])
+        load_teacher(rebuilt(run), CLASSES, SHAPE, class_names=[names[0], "cat", *names[2:]])
 
 
 def test_the_teacher_sees_its_own_normalization(trained_run):
@@ -108,7 +108,7 @@ def test_the_teacher_sees_its_own_normalization(trained_run):
     own = (pixels - np.float32(127.5)) / np.float32(36.0)
 
     # The same statistics as the teacher: the teacher itself, frozen, no conversion.
-    same = load_teacher(run.path, CLASSES, SHAPE, normalization=(SYNTHETIC_MEAN, SYNTHETIC_STD),
+    same = load_teacher(rebuilt(run), CLASSES, SHAPE, normalization=(SYNTHETIC_MEAN, SYNTHETIC_STD),
                         class_names=run.class_names())
     assert not any(isinstance(layer, Renormalize) for layer in same.layers) and not same.trainable_weights
     np.testing.assert_allclose(same(own, training=False), reference(own, training=False), atol=1e-6)
@@ -116,7 +116,7 @@ def test_the_teacher_sees_its_own_normalization(trained_run):
     # A student fed pixels / 255 (data.normalize off): the teacher still gets (pixels - 127.5) / 36.
     student_normalization = data_normalization(DataConfig(normalize=False, channels=3))
     assert student_normalization == ([0.0] * 3, [255.0] * 3)
-    teacher = load_teacher(run.path, CLASSES, SHAPE, normalization=student_normalization)
+    teacher = load_teacher(rebuilt(run), CLASSES, SHAPE, normalization=student_normalization)
     assert not teacher.trainable_weights
     inside = teacher(pixels / np.float32(255.0), training=False)
     np.testing.assert_allclose(inside, reference(own, training=False), atol=1e-5)
@@ -124,7 +124,7 @@ def test_the_teacher_sees_its_own_normalization(trained_run):
 
     # Other per-channel statistics (ImageNet's, say) convert as well.
     imagenet = ([123.675, 116.28, 103.53], [58.395, 57.12, 57.375])
-    teacher = load_teacher(run.path, CLASSES, SHAPE, normalization=imagenet)
+    teacher = load_teacher(rebuilt(run), CLASSES, SHAPE, normalization=imagenet)
     student_batch = (pixels - np.float32(imagenet[0])) / np.float32(imagenet[1])
     np.testing.assert_allclose(teacher(student_batch, training=False), reference(own, training=False), atol=1e-5)
 
@@ -148,7 +148,7 @@ def test_a_distiller_trains_the_student_only_and_its_checkpoint_is_the_student(t
     config, module = student_config(tmp_path / "runs")
     keras.utils.set_random_seed(0)
     student = module.build(CLASSES, SHAPE, **config.model.hparams)
-    teacher = load_teacher(teacher_run.path, CLASSES, SHAPE, normalization=data_normalization(config.data),
+    teacher = load_teacher(rebuilt(teacher_run), CLASSES, SHAPE, normalization=data_normalization(config.data),
                            class_names=teacher_run.class_names())
     distiller = Distiller(student, teacher, temperature=4.0, alpha=0.9)
     unfreeze_all(distiller)  # what the runner's _freeze does first: the teacher must stay out of training
@@ -174,8 +174,8 @@ def test_a_distiller_trains_the_student_only_and_its_checkpoint_is_the_student(t
     assert any(not np.array_equal(b, a) for b, a in zip(student_before, student.get_weights(), strict=True))
 
     # The run's checkpoint is the student: the unchanged evaluation path rebuilds it from its model.py.
-    rebuilt, _ = rebuild(run)
-    np.testing.assert_allclose(rebuilt(x, training=False), distiller(x, training=False), atol=1e-5)
+    student_model, _ = rebuild(run)
+    np.testing.assert_allclose(student_model(x, training=False), distiller(x, training=False), atol=1e-5)
     np.testing.assert_allclose(distiller.predict(x, verbose=0), student(x, training=False), atol=1e-5)
     student.save(tmp_path / "student.keras")
     reloaded = keras.saving.load_model(tmp_path / "student.keras")

@@ -16,9 +16,11 @@ import tensorflow as tf
 from PIL import Image
 
 from shared import export
+from shared.classification import export as classification_export
 from shared.durable import DiskFull
 from shared.errors import UserError
-from shared.runs import Run
+from shared.runs import Run, open_run
+from shared.tasks import rebuild
 
 # Run in a fresh process without the project on the path: the SavedModel must stand on its own.
 SERVE = r"""
@@ -41,6 +43,12 @@ json.dump(result, open(out, "w"))
 """
 
 
+def export_saved_model(run, export_dir: Path, **options) -> Path:
+    """The run exported as the `export` command does it: its model rebuilt, then published."""
+    run = run if isinstance(run, Run) else open_run(run)
+    return classification_export.export_saved_model(*rebuild(run), run, export_dir, **options)
+
+
 def png(pixels: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="PNG")
@@ -52,7 +60,7 @@ def saved_model(trained_run, tmp_path_factory) -> Path:
     """One export of the trained run, shared: each export costs seconds of tracing and writing."""
     run, _ = trained_run
     export_dir = tmp_path_factory.mktemp("export")
-    folder = export.export_saved_model(run, export_dir, top_k=3)
+    folder = export_saved_model(run, export_dir, top_k=3)
     assert folder == export_dir / "resnet" / "1"
     return folder
 
@@ -94,7 +102,7 @@ def test_served_model_equals_the_eval_pipeline(trained_run, saved_model, tmp_pat
     names = run.class_names()
     for key, count in (("bytes", len(images)), ("images", len(pixels))):
         result = served[key]
-        assert set(result) - {"dtypes"} == set(export.OUTPUT_KEYS)
+        assert set(result) - {"dtypes"} == set(classification_export.OUTPUT_KEYS)
         assert result["dtypes"] == {"probabilities": "float32", "classes": "int32", "labels": "string",
                                     "scores": "float32"}
         probabilities = np.array(result["probabilities"])
@@ -121,16 +129,16 @@ def test_versions_increment_and_old_ones_are_pruned(trained_run, saved_model, tm
     export_dir = tmp_path / "export"
     for version in ("1", "2"):  # earlier exports, copied: a real one costs seconds
         shutil.copytree(saved_model, export_dir / "tiny" / version)
-    assert export.export_saved_model(run, export_dir, model_name="tiny", keep=2).name == "3"
+    assert export_saved_model(run, export_dir, model_name="tiny", keep=2).name == "3"
     assert sorted(p.name for p in (export_dir / "tiny").iterdir()) == ["2", "3"]  # no hidden leftovers
     config = (export_dir / export.CONFIG_FILE).read_text()
     assert 'name: "tiny"' in config and 'base_path: "/models/tiny"' in config
     assert 'model_platform: "tensorflow"' in config and config.count("config {") == 1
 
     with pytest.raises(UserError, match="exists already"):
-        export.export_saved_model(run, export_dir, model_name="tiny", version=3)
+        export_saved_model(run, export_dir, model_name="tiny", version=3)
     with pytest.raises(UserError, match="keep"):
-        export.export_saved_model(run, export_dir, model_name="tiny", keep=0)
+        export_saved_model(run, export_dir, model_name="tiny", keep=0)
 
 
 def test_a_failed_export_leaves_no_version(trained_run, tmp_path, monkeypatch):
@@ -146,7 +154,7 @@ def test_a_failed_export_leaves_no_version(trained_run, tmp_path, monkeypatch):
     # module, only took effect after an earlier test had exported)
     monkeypatch.setattr(export, "write_archive", broken)
     with pytest.raises(OSError, match="disk full"):
-        export.export_saved_model(run, tmp_path / "export")
+        export_saved_model(run, tmp_path / "export")
     assert list(model_dir.iterdir()) == []
     assert not (tmp_path / "export" / export.CONFIG_FILE).exists()
 
@@ -157,16 +165,16 @@ def test_foreign_files_and_untrained_runs_are_refused(trained_run, tmp_path):
     model_dir.mkdir(parents=True)
     (model_dir / "notes.txt").write_text("mine")
     with pytest.raises(UserError, match="notes.txt"):
-        export.export_saved_model(run, tmp_path / "export")
+        export_saved_model(run, tmp_path / "export")
     (model_dir / "notes.txt").unlink()
     (model_dir / "7").mkdir()  # numeric, but not a SavedModel
     with pytest.raises(UserError, match="7"):
-        export.export_saved_model(run, tmp_path / "export")
+        export_saved_model(run, tmp_path / "export")
 
     untrained = tmp_path / "runs" / "resnet" / "v0001"
     shutil.copytree(run.path, untrained, ignore=shutil.ignore_patterns("*.keras"))
     with pytest.raises(UserError, match="train it first"):
-        export.export_saved_model(untrained, tmp_path / "other")
+        export_saved_model(untrained, tmp_path / "other")
     assert not (tmp_path / "other").exists()
 
 
@@ -190,7 +198,7 @@ def test_a_full_disk_during_export_is_one_line_and_keeps_earlier_versions(traine
 
     monkeypatch.setattr(tf.saved_model, "save", full)
     with pytest.raises(DiskFull) as caught:
-        export.export_saved_model(run, export_dir)
+        export_saved_model(run, export_dir)
     message = str(caught.value)
     assert "\n" not in message and f"disk full while writing {export_dir / 'resnet'} (" in message
     assert "free there" in message
@@ -215,7 +223,7 @@ def test_a_full_disk_writing_models_config_keeps_the_old_one(trained_run, saved_
 
     monkeypatch.setattr(os, "fsync", full)
     with pytest.raises(DiskFull) as caught:
-        export.export_saved_model(run, export_dir, keep=1)
+        export_saved_model(run, export_dir, keep=1)
     message = str(caught.value)
     assert "\n" not in message
     assert message.startswith(f"exported {export_dir / 'resnet' / '2'}, but disk full while writing "
@@ -227,7 +235,7 @@ def test_a_full_disk_writing_models_config_keeps_the_old_one(trained_run, saved_
 
 
 def test_a_full_disk_writing_a_tflite_file_keeps_the_earlier_one(trained_run, tmp_path, monkeypatch):
-    from shared import tflite
+    from shared.classification import tflite
 
     run, _ = trained_run
     out = tmp_path / "model.tflite"
@@ -241,7 +249,7 @@ def test_a_full_disk_writing_a_tflite_file_keeps_the_earlier_one(trained_run, tm
 
     monkeypatch.setattr(os, "fsync", full)
     with pytest.raises(DiskFull) as caught:
-        tflite.convert(run, out_path=out)
+        tflite.convert(*rebuild(run), run, out_path=out)
     assert "\n" not in str(caught.value) and str(caught.value).startswith(f"disk full while writing {out} (")
     assert out.read_bytes() == b"the earlier export" and sorted(tmp_path.iterdir()) == [out]
 
@@ -273,7 +281,7 @@ def test_an_explicit_version_overtaken_during_the_export_is_refused_not_pruned(t
 
     monkeypatch.setattr(export, "write_archive", write_while_another_export_publishes)
     with pytest.raises(UserError, match="version 2 would be pruned at once"):
-        export.export_saved_model(run, tmp_path / "export", version=2, keep=1)
+        export_saved_model(run, tmp_path / "export", version=2, keep=1)
     assert sorted(p.name for p in model_dir.iterdir()) == ["1", "3"]  # nothing published, nothing pruned
 
 

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from shared.config import load_config
-from shared.evaluate import evaluate
+from shared.lifecycle import test as evaluate
 from shared.lifecycle import train
 
 QUICK = Path(__file__).resolve().parent.parent / "models" / "resnet" / "quick.yaml"

@@ -75,7 +75,7 @@ def test_a_kill_at_each_commit_point_of_an_epoch_end_loses_nothing(tmp_path, cap
     records the figure `test --run` gives for the last checkpoint."""
     import keras
 
-    from shared.evaluate import evaluate
+    from shared.lifecycle import test as evaluate
     from shared.lifecycle import resume
 
     config = tmp_path / "config.yaml"
@@ -133,7 +133,7 @@ def test_the_recorded_figure_is_the_one_test_gives_for_the_last_checkpoint(tmp_p
     """Trained in bfloat16 with EMA, the run still records what `test --run` computes from its last checkpoint
     (rebuilt in float32): the figure is never the model in memory's own."""
     from shared.config import load_config
-    from shared.evaluate import evaluate
+    from shared.lifecycle import test as evaluate
     from shared.lifecycle import train
 
     run = train(load_config(tree=tiny_model_tree(tmp_path, epochs=1, ema_momentum=0.9, precision="mixed_bfloat16")))

@@ -14,6 +14,7 @@ from keras.src.legacy.saving import legacy_h5_format
 from shared.config_schema import InitConfig
 from shared.errors import UserError
 from shared.finetune import freeze_layers, head_layer_names, initialize_from, unfreeze_all
+from shared.lifecycle import starting_run
 from shared.modelzoo import MODELS_DIR, load_model_module, load_weight_file, resolve_hparams
 
 resnet = load_model_module(MODELS_DIR / "resnet")
@@ -22,6 +23,11 @@ googlenet = load_model_module(MODELS_DIR / "googlenet")
 
 TINY_RESNET = {"depth": 18, "width": 4, "small_input": True}  # conftest.tiny_tree's model
 SHAPE = (16, 16, 3)
+
+
+def initialize(init: InitConfig, model, module, hparams: dict, shape: tuple, where: str = "") -> str:
+    """initialize_from with init's source run rebuilt first, as a run's lifecycle hands it down."""
+    return initialize_from(init, model, module, hparams, shape, where, starting_run(init, where))
 
 
 def tiny_resnet(num_classes: int, **changes):
@@ -52,7 +58,7 @@ def test_run_weights_fill_the_backbone_and_the_new_head_keeps_its_initialization
     model, hparams = tiny_resnet(7)
     fresh_kernel = model.get_layer("predictions").kernel.numpy()
 
-    note = initialize_from(InitConfig(from_run=str(run.path)), model, resnet, hparams, SHAPE)
+    note = initialize(InitConfig(from_run=str(run.path)), model, resnet, hparams, SHAPE)
 
     head = head_layer_names(resnet, model, hparams, SHAPE)
     assert head == {"avg_pool", "predictions"}
@@ -70,7 +76,7 @@ def test_same_class_count_copies_the_head_too_and_a_run_checkpoint_file_is_read_
     load_weight_file(source, run.checkpoints()[0])
     model, hparams = tiny_resnet(4)
     monkeypatch.chdir(run.path)  # a relative path, as a recipe would give it
-    note = initialize_from(InitConfig(weights="checkpoints/epoch-0001.keras"), model, resnet, hparams, SHAPE)
+    note = initialize(InitConfig(weights="checkpoints/epoch-0001.keras"), model, resnet, hparams, SHAPE)
     assert_backbone_copied(model, source, head=set())
     assert "epoch-0001.keras, model built from its snapshotted model.py" in note and "head copied too" in note
 
@@ -82,7 +88,7 @@ def test_a_backbone_that_does_not_fit_is_an_error_naming_layers_and_hyperparamet
                                         r"classifier head: conv1_conv kernel is \(3, 3, 3, 4\) in the source, "
                                         r"\(3, 3, 3, 8\) here, conv1_bn gamma .* and \d+ more; .*model.width 4 "
                                         r"there, 8 here"):
-        initialize_from(InitConfig(from_run=str(run.path)), model, resnet, hparams, SHAPE, where=" (in x.yaml)")
+        initialize(InitConfig(from_run=str(run.path)), model, resnet, hparams, SHAPE, where=" (in x.yaml)")
 
 
 def test_runs_without_checkpoints_and_missing_runs_are_user_errors(trained_run, tmp_path):
@@ -91,11 +97,11 @@ def test_runs_without_checkpoints_and_missing_runs_are_user_errors(trained_run, 
     shutil.copytree(run.path, untrained, ignore=shutil.ignore_patterns("*.keras"))
     model, hparams = tiny_resnet(7)
     with pytest.raises(UserError, match=r"init.from_run .*v0001 \(in x.yaml\): run .* has no checkpoint"):
-        initialize_from(InitConfig(from_run=str(untrained)), model, resnet, hparams, SHAPE, where=" (in x.yaml)")
+        initialize(InitConfig(from_run=str(untrained)), model, resnet, hparams, SHAPE, where=" (in x.yaml)")
     with pytest.raises(UserError, match="no run at"):
-        initialize_from(InitConfig(from_run=str(tmp_path / "nowhere")), model, resnet, hparams, SHAPE)
+        initialize(InitConfig(from_run=str(tmp_path / "nowhere")), model, resnet, hparams, SHAPE)
     with pytest.raises(UserError, match="weight file not found"):
-        initialize_from(InitConfig(weights=str(tmp_path / "none.h5")), model, resnet, hparams, SHAPE)
+        initialize(InitConfig(weights=str(tmp_path / "none.h5")), model, resnet, hparams, SHAPE)
 
 
 def save_keras2_h5(model, path) -> None:
@@ -116,7 +122,7 @@ def test_weight_files_of_every_format_load_into_a_model_with_another_class_count
     else:
         source.save(path)
     model, hparams = tiny_resnet(7)
-    note = initialize_from(InitConfig(weights=str(path)), model, resnet, hparams, SHAPE)
+    note = initialize(InitConfig(weights=str(path)), model, resnet, hparams, SHAPE)
     assert_backbone_copied(model, source, head_layer_names(resnet, model, hparams, SHAPE))
     assert model.get_layer("predictions").kernel.shape == (32, 7)
     assert "built for 4 classes" in note and "re-initialized for 7 classes (was 4)" in note
@@ -134,7 +140,7 @@ def test_keras_applications_mobilenet_v2_files_with_and_without_top_give_identic
     hparams = resolve_hparams(mobilenet_v2, {"alpha": 0.35})
     for file_name, why in [("top.h5", "for 10 classes (was 1000)"), ("no_top.h5", "(the source has no classifier)")]:
         model = mobilenet_v2.build(10, shape, **hparams)
-        note = initialize_from(InitConfig(weights=str(tmp_path / file_name)), model, mobilenet_v2, hparams, shape)
+        note = initialize(InitConfig(weights=str(tmp_path / file_name)), model, mobilenet_v2, hparams, shape)
         features = keras.Model(model.input, model.get_layer("out_relu").output)(images, training=False).numpy()
         assert np.abs(features - expected).max() < 1e-4
         assert f"head predictions re-initialized {why}" in note and "Keras 2 HDF5" in note

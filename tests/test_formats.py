@@ -166,8 +166,9 @@ def trained(tmp_path_factory):
     """A tiny run on a folder whose test split holds one file of each read format (center-crop view at
     16 px), trained one epoch, with its SavedModel export."""
     from shared.config import load_config
-    from shared.export import export_saved_model
+    from shared.classification.export import export_saved_model
     from shared.lifecycle import train
+    from shared.tasks import rebuild
 
     base = tmp_path_factory.mktemp("formats")
     root = base / "images"
@@ -183,7 +184,7 @@ def trained(tmp_path_factory):
     tree = tiny_tree(base / "runs", train={"epochs": 1, "batch_size": 4})
     tree["data"] = {"source": "folder", "path": str(root), "image_size": 16, "max_pixels": MAX_PIXELS}
     run = train(load_config(tree=tree), argv=["pytest"])
-    version = export_saved_model(run, base / "exports")
+    version = export_saved_model(*rebuild(run), run, base / "exports")
     return run, root, version, base
 
 

@@ -15,7 +15,8 @@ from shared.config import load_config
 from shared.data import sources
 from shared.data.tfrecord import read_dataset, write_shards
 from shared.errors import UserError, embedded_user_error, run_cli
-from shared.evaluate import evaluate, evaluate_model
+from shared.classification.evaluate import evaluate_model
+from shared.lifecycle import test as evaluate
 
 from conftest import tiny_tree
 from test_data import config_for, fake_fashion_dir, make_folder_dataset

@@ -310,7 +310,9 @@ def train_tree(tmp_path, root: Path, **train) -> dict:
 
 @pytest.mark.slow
 def test_a_run_records_its_split_and_weights_and_test_reads_them_back(tmp_path):
-    from shared import lifecycle, tflite
+    from shared import lifecycle
+    from shared.classification import tflite
+    from shared.tasks import rebuild
 
     root = make_class_folders(tmp_path / "imgs", {"cat": 12, "dog": 6, "猫": 4})
     run = lifecycle.train(load_config(tree=train_tree(tmp_path, root, class_weight="auto")), argv=["pytest"])
@@ -329,8 +331,8 @@ def test_a_run_records_its_split_and_weights_and_test_reads_them_back(tmp_path):
     make_class_folders(root, {"cat": 20, "dog": 20, "eel": 3}, seed=5)  # new images, and a new class
     again = lifecycle.test(run)
     assert again["examples"] == tested and again["top1"] == trained["top1"]
-    tflite_file = tflite.convert(run)  # the export's check runs on the recorded test split too
-    assert tflite.evaluate_tflite(tflite_file, run)["examples"] == tested
+    tflite_file = tflite.convert(*rebuild(run), run)  # the export's check runs on the recorded test split too
+    assert tflite.evaluate_tflite(tflite_file, run, rebuild(run)[1])["examples"] == tested
 
 
 @pytest.mark.slow

@@ -13,7 +13,7 @@ import tensorflow as tf
 from shared import plots
 from shared.config import load_config
 from shared.data import Datasets
-from shared.evaluate import ConfidentMistakes, evaluate_model, per_class_results, worst_classes
+from shared.classification.evaluate import ConfidentMistakes, evaluate_model, per_class_results, worst_classes
 from shared.task import TaskData
 from shared.classification.task import ClassificationTask, summary
 

@@ -212,7 +212,7 @@ def test_each_mistake_is_titled_with_its_image_cut_in_the_middle_to_fit():
 
 
 def test_the_confident_mistakes_know_their_places_in_the_pass():
-    from shared.evaluate import ConfidentMistakes
+    from shared.classification.evaluate import ConfidentMistakes
 
     mistakes = ConfidentMistakes(limit=3)
     images = np.zeros((4, 2, 2, 1), np.float32)

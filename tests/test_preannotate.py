@@ -42,7 +42,8 @@ def accept_all(tasks_file: Path, lines: list[dict]) -> Path:
 
 @pytest.mark.slow
 def test_classification_tasks_round_trip_through_the_annotation_reader(folder_run, tmp_path, monkeypatch, capsys):
-    from shared import export
+    from shared.classification import export
+    from shared.tasks import rebuild
 
     run, root = folder_run
     shutil.copytree(root / "val", tmp_path / "photos")
@@ -72,7 +73,7 @@ def test_classification_tasks_round_trip_through_the_annotation_reader(folder_ru
     assert str(not_utf8) in [e.name for e in batch.examples]
 
     # elsewhere (and from the newest export in a model folder): absolute paths, the same labels
-    folder = export.export_saved_model(run, tmp_path / "exports")
+    folder = export.export_saved_model(*rebuild(run), run, tmp_path / "exports")
     outside = tmp_path / "elsewhere" / "tasks.jsonl"
     outside.parent.mkdir()
     code, _, err = run_cli(capsys, "predict", "--saved-model", folder.parent, "photos", "--format", "tasks",

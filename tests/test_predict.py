@@ -71,7 +71,8 @@ def eval_pipeline_probabilities(run, files: list[Path]) -> np.ndarray:
 
 @pytest.mark.slow
 def test_run_saved_model_and_tflite_predict_what_the_eval_pipeline_sees(folder_run, tmp_path):
-    from shared import export, tflite
+    from shared.classification import export, tflite
+    from shared.tasks import rebuild
 
     run, root = folder_run
     files = sorted((root / "val").rglob("*.*"))
@@ -87,7 +88,7 @@ def test_run_saved_model_and_tflite_predict_what_the_eval_pipeline_sees(folder_r
     assert from_run[0].names == [NAMES[i] for i in from_run[0].ids]
     assert np.allclose(from_run[0].scores, np.sort(expected[0])[::-1])
 
-    folder = export.export_saved_model(run, tmp_path / "exports")
+    folder = export.export_saved_model(*rebuild(run), run, tmp_path / "exports")
     served = Predictor.from_saved_model(folder).predict(files, top_k=2, batch_size=4)
     assert np.abs(np.stack([p.probabilities for p in served]) - expected).max() < 1e-5
     assert [p.names for p in served] == [p.names[:2] for p in from_run]
@@ -128,7 +129,7 @@ def test_run_saved_model_and_tflite_predict_what_the_eval_pipeline_sees(folder_r
     with pytest.raises(Exception, match="has no assets.extra/export.json"):
         bare.predict(arrays)
 
-    lite = tflite.convert(run)  # <run>/export/model_none.tflite: the run's preprocessing is found from there
+    lite = tflite.convert(*rebuild(run), run)  # <run>/export/model_none.tflite: the run's preprocessing is there
     from_lite = Predictor.from_tflite(lite).predict(files)
     assert np.abs(np.stack([p.probabilities for p in from_lite]) - expected).max() < 1e-4
     alone = shutil.copy(lite, tmp_path / "model.tflite")

@@ -9,7 +9,7 @@ import yaml
 from shared import runs
 from shared.config import load_config
 from shared.errors import UserError
-from shared.evaluate import evaluate
+from shared.lifecycle import test as evaluate
 from shared.lifecycle import train
 
 from conftest import tiny_tree

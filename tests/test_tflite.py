@@ -1,4 +1,5 @@
-"""TFLite export (shared.tflite) and the size report (shared.size_report) on the tiny trained run.
+"""TFLite export (shared.tflite, shared.classification.tflite) and the size report (shared.size_report) on the
+tiny trained run.
 
 Conversions are the slow part (seconds each), so the size report's own conversions (float32, float16,
 dynamic, int8 into <run>/export/) are made once per module and reused by the other tests."""
@@ -12,8 +13,10 @@ import numpy as np
 import pytest
 
 from shared import tflite
+from shared.classification import tflite as classification_tflite
 from shared.errors import UserError
 from shared.runs import Run
+from shared.tasks import rebuild, task_for
 
 pytestmark = pytest.mark.slow  # every test reads the module's conversions, seconds each
 
@@ -33,14 +36,13 @@ def run(trained_run, tmp_path_factory) -> Run:
 def report(run) -> dict:
     from shared.size_report import size_report
 
-    return size_report(run, latency_runs=5)
+    return size_report(task_for(run), rebuild(run)[0], run, latency_runs=5)
 
 
 @pytest.fixture(scope="module")
 def keras_and_images(run):
     """The run's Keras model and 16 of its test images with labels."""
     from shared import data as data_module
-    from shared.tasks import rebuild
 
     model, config = rebuild(run)
     images, labels = next(iter(data_module.make_datasets(config).test.unbatch().batch(16)))
@@ -103,7 +105,7 @@ def test_int8_has_int8_weights_and_keeps_accuracy(run, report, keras_and_images)
     agree = (tflite.predict_tflite(tflite.load_interpreter(path), images).argmax(1)
              == model(images, training=False).numpy().argmax(1)).mean()
     assert agree >= 0.75
-    metrics = tflite.evaluate_tflite(path, run)
+    metrics = classification_tflite.evaluate_tflite(path, run, task_for(run).config)
     keras_top1 = run.test_metrics()["top1"]
     assert metrics["examples"] == run.test_metrics()["examples"]
     assert abs(metrics["top1"] - keras_top1) <= 0.15
@@ -112,7 +114,7 @@ def test_int8_has_int8_weights_and_keeps_accuracy(run, report, keras_and_images)
 
 def test_int8_io(run, report, keras_and_images, tmp_path):
     out = tmp_path / "int8io.tflite"
-    assert tflite.convert(run, "int8", io="int8", out_path=out) == out
+    assert classification_tflite.convert(*rebuild(run), run, "int8", io="int8", out_path=out) == out
     interpreter = tflite.load_interpreter(out)
     assert np.dtype(interpreter.get_input_details()[0]["dtype"]) == np.int8
     assert np.dtype(interpreter.get_output_details()[0]["dtype"]) == np.int8
@@ -122,7 +124,7 @@ def test_int8_io(run, report, keras_and_images, tmp_path):
     assert np.allclose(probabilities.sum(axis=1), 1.0, atol=0.05)
     float_io = tflite.predict_tflite(tflite.load_interpreter(_path(run, report, "tflite int8")), images)
     assert (probabilities.argmax(1) == float_io.argmax(1)).mean() >= 0.9
-    metrics = tflite.evaluate_tflite(out, run, limit=16)
+    metrics = classification_tflite.evaluate_tflite(out, run, task_for(run).config, limit=16)
     assert metrics["examples"] == 16 and 0.0 <= metrics["top1"] <= 1.0
     assert tflite.default_path(run, "int8", "int8").name == "model_int8_int8io.tflite"
 
@@ -134,26 +136,22 @@ def test_int8_io(run, report, keras_and_images, tmp_path):
 ])
 def test_bad_mode_or_io_is_a_user_error(run, tmp_path, quantize, io, message):
     with pytest.raises(UserError, match=message):
-        tflite.convert(run, quantize, io=io, out_path=tmp_path / "x.tflite")
+        classification_tflite.convert(*rebuild(run), run, quantize, io=io, out_path=tmp_path / "x.tflite")
     assert not (tmp_path / "x.tflite").exists()
 
 
-def test_op_without_int8_kernel_is_a_user_error(run, tmp_path, monkeypatch):
+def test_op_without_int8_kernel_is_a_user_error(run, tmp_path):
     """SIN has no int8 kernel: the converter would keep it in float; convert() must refuse."""
     import keras
-
-    from shared import config as config_module
-    from shared import tasks
 
     inputs = keras.Input((16, 16, 3))
     x = keras.layers.Conv2D(4, 3)(inputs)
     x = keras.layers.Lambda(keras.ops.sin)(x)
     outputs = keras.layers.Dense(4, activation="softmax")(keras.layers.GlobalAveragePooling2D()(x))
     model = keras.Model(inputs, outputs)
-    monkeypatch.setattr(tasks, "rebuild",
-                        lambda _run: (model, config_module.from_dict(run.config_dict())))
     with pytest.raises(UserError, match=r"SIN.*quantize=dynamic"):
-        tflite.convert(run, "int8", out_path=tmp_path / "sin.tflite", representative_images=8)
+        classification_tflite.convert(model, task_for(run).config, run, "int8", out_path=tmp_path / "sin.tflite",
+                                      representative_images=8)
     assert not (tmp_path / "sin.tflite").exists()
 
 

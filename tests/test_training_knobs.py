@@ -81,7 +81,7 @@ def tiny_run(tmp_path, **train):
 
 @pytest.mark.slow
 def test_label_smoothing_and_ema_train_and_retest_the_same(tmp_path):
-    from shared.evaluate import evaluate
+    from shared.lifecycle import test as evaluate
 
     run = tiny_run(tmp_path, label_smoothing=0.1, ema_momentum=0.9, optimizer={"name": "sgd", "nesterov": True})
     recorded = run.test_metrics()

@@ -16,8 +16,10 @@ from shared.classification.objective import objective
 from shared.classification.predict import Predictor
 from shared.config_schema import with_changes
 from shared.class_names import readable
+from shared.classification import export, tflite
+from shared.classification.evaluate import ConfidentMistakes, evaluate_model, worst_classes
 from shared.commands import ALL_COMMANDS
-from shared.evaluate import ConfidentMistakes, check_class_names, evaluate_model, worst_classes
+from shared.evaluate import check_class_names
 from shared.modelzoo import MAIN_OUTPUT
 from shared.source_facts import SOURCES
 from shared.task import Measure, Task, TaskData
@@ -115,19 +117,18 @@ class ClassificationTask(Task):
     def inference_model(self, model):
         return modelzoo.inference_model(model)  # auxiliary heads are for training only
 
-    def initialize(self, model, module, data) -> str:
+    def initialize(self, model, module, data, source) -> str:
         config = self.config
         return finetune.initialize_from(config.init, model, module, config.model.hparams, data.input_shape,
-                                        config.where)
+                                        config.where, source)
 
-    def trainer(self, model, data):
+    def trainer(self, model, data, teacher):
         """With distill.teacher set: the student wrapped with its frozen teacher (Hinton et al. 2015);
         checkpoints, evaluation and export see the student alone."""
         config = self.config
-        if not config.distill.teacher:
+        if teacher is None:
             return model
-        teacher_run = runs.open_run(config.distill.teacher)
-        teacher = distill.load_teacher(teacher_run, data.details.num_classes, data.input_shape,
+        teacher = distill.load_teacher(teacher, data.details.num_classes, data.input_shape,
                                        normalization=distill.data_normalization(config.data),
                                        class_names=data.class_names)
         return distill.Distiller(model, teacher, config.distill.temperature, config.distill.alpha)
@@ -195,20 +196,14 @@ class ClassificationTask(Task):
     def open_predictor(cls, source, min_score):
         return Predictor.open(source, min_score)
 
-    def export_saved_model(self, run, export_dir, model_name, keep):
-        from shared import export
+    def export_saved_model(self, model, run, export_dir, model_name, keep):
+        return export.export_saved_model(model, self.config, run, export_dir, model_name=model_name, keep=keep)
 
-        return export.export_saved_model(run, export_dir, model_name=model_name, keep=keep)
-
-    def export_tflite(self, run, quantize, io, **options):
-        from shared import tflite
-
-        return tflite.convert(run, quantize=quantize, io=io), ""
+    def export_tflite(self, model, run, quantize, io, **options):
+        return tflite.convert(model, self.config, run, quantize=quantize, io=io), ""
 
     def evaluate_tflite(self, path, run):
-        from shared import tflite
-
-        return tflite.evaluate_tflite(path, run)
+        return tflite.evaluate_tflite(path, run, self.config)
 
     def loop_support(self):
         return ClassificationLoop()

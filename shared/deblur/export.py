@@ -1,6 +1,7 @@
 """Export of a deblurring run: a TF Serving SavedModel (encoded image bytes in, restored image out) and a
-TFLite file (one normalized image in, the normalized restored image out), both from the run's own snapshot
-and last checkpoint, published and written as the classification exports are (shared.export, shared.tflite).
+TFLite file (one normalized image in, the normalized restored image out), both of the run's model rebuilt from
+its own snapshot and last checkpoint (`shared.tasks.rebuild`, by the command), published and written by the
+generic layer (shared.export, shared.tflite).
 
 SavedModel endpoints (shared.export.write_archive):
 * `serving_default`: image_bytes [N] string -> {"restored": [N, S, S, C] float32 pixels 0-255}; each image
@@ -10,37 +11,30 @@ SavedModel endpoints (shared.export.write_archive):
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
+import tensorflow as tf
 
+from shared import export, tflite
+from shared.data import normalization_statistics, preprocess
+from shared.deblur.data import pixel_mapping
+from shared.deblur.evaluate import evaluate_restorer
 from shared.errors import UserError
-from shared.runs import Run, open_run
+from shared.eval_view import resizes_pixels
+from shared.runs import Run
 
 OUTPUT = "restored"
 
 
-def _as_run(run: Run | str | Path) -> Run:
-    return run if isinstance(run, Run) else open_run(run)
-
-
-def _rebuild(run: Run):
-    from shared import config as config_module
-    from shared.tasks import rebuild
-
-    config = config_module.from_dict(run.config_dict())
+def _check_deblur(run: Run, config) -> None:
     if config.task != "deblur":
         raise UserError(f"run {run.path} is a {config.task} run, not a deblurring run (task: deblur)")
-    return rebuild(run)
 
 
 def serving_functions(model, config, resize: bool):
     """(bytes_fn, images_fn): encoded images / float pixels 0-255 -> {"restored": pixels 0-255, clipped}."""
-    import tensorflow as tf
-
-    from shared.data import preprocess
-    from shared.deblur.data import pixel_mapping
-
     data = config.data
     size, channels = data.image_size, data.channels
     to_pixels, from_pixels = pixel_mapping(config)
@@ -64,18 +58,15 @@ def serving_functions(model, config, resize: bool):
     return bytes_fn, restore
 
 
-def export_saved_model(run: Run | str | Path, export_dir: Path, model_name: str | None = None,
+def export_saved_model(model, config, run: Run, export_dir: str | Path, model_name: str | None = None,
                        version: int | None = None, keep: int = 5) -> Path:
-    """The run's restorer as `<export_dir>/<model_name>/<version>/` (shared.export's folder rules: version
-    numbering, pruning, models.config, atomic publication); returns that path."""
-    from shared import export
-    from shared.data import normalization_statistics
-
-    run = _as_run(run)
+    """The run's restorer `model` (with the run's `config`) as `<export_dir>/<model_name>/<version>/`
+    (shared.export's folder rules: version numbering, pruning, models.config, atomic publication); returns that
+    path."""
+    _check_deblur(run, config)
     model_dir = export.target_folder(run, export_dir, model_name or run.model_name, version, keep)
-    model, config = _rebuild(run)
     data = config.data
-    resize = export.resizes_pixels(config)
+    resize = resizes_pixels(config)
     bytes_fn, images_fn = serving_functions(model, config, resize)
     mean, std = normalization_statistics(data) if data.normalize else (None, None)
 
@@ -88,49 +79,25 @@ def export_saved_model(run: Run | str | Path, export_dir: Path, model_name: str 
     return export.publish(run, export_dir, model_dir, version, keep, write)
 
 
-def convert_tflite(run: Run | str | Path, quantize: str = "none", io: str = "float",
+def convert_tflite(model, config, run: Run, quantize: str = "none", io: str = "float",
                    out_path: Path | None = None) -> Path:
-    """The run's restorer as a .tflite file (default `<run>/export/restorer_<quantize>.tflite`, written
-    atomically): input one normalized image (1, S, S, C), output the normalized restored image."""
-    import tensorflow as tf
-
-    from shared import tflite
-    from shared.durable import atomic_write
-
+    """The run's restorer `model` (with the run's `config`) as a .tflite file (default
+    `<run>/export/restorer_<quantize>.tflite`, written atomically): input one normalized image (1, S, S, C),
+    output the normalized restored image."""
     tflite.check_mode(quantize, io)
     if quantize == "int8" or io != "float":
         raise UserError(f"--quantize {quantize} --io {io}: a restorer's TFLite file has float input and output and "
                         f"int8 activations would coarsen the restored pixels; use quantize none, float16 or dynamic")
-    run = _as_run(run)
-    model, config = _rebuild(run)
+    _check_deblur(run, config)
     data = config.data
-    converter = tflite.frozen_converter(model, (data.image_size, data.image_size, data.channels))
-    if quantize in ("float16", "dynamic"):
-        converter.optimizations = [tf.lite.Optimize.DEFAULT]
-        if quantize == "float16":
-            converter.target_spec.supported_types = [tf.float16]
-    try:
-        content = converter.convert()
-    except Exception as error:  # the converter's errors are not public types
-        reason = " ".join(str(error).split())[:400]
-        raise UserError(f"TFLite conversion (quantize={quantize}) of {run.path} failed: {reason}") from error
     out = Path(out_path) if out_path is not None else run.path / "export" / f"restorer_{quantize}.tflite"
-    atomic_write(out, content)
-    return out
+    return tflite.convert(model, (data.image_size, data.image_size, data.channels), out, quantize, io,
+                          source=str(run.path))
 
 
-def evaluate_tflite(path: Path | str, run: Run | str | Path, limit: int | None = None) -> dict:
-    """PSNR / SSIM of the .tflite restorer on the run's test pairs (the first `limit` test images when given)."""
-    import os
-
-    from shared import config as config_module
-    from shared import tflite
-    from shared.deblur.evaluate import evaluate_restorer
-    from shared.deblur.task import DeblurTask
-
-    run = _as_run(run)
-    config = config_module.from_dict(run.config_dict())
-    test = DeblurTask(config).test_data(run).details.test
+def evaluate_tflite(path: Path | str, test, config, limit: int | None = None) -> dict:
+    """PSNR / SSIM of the .tflite restorer on the `test` pairs of a run with `config` (`DeblurTask.test_data`),
+    the first `limit` test images when given."""
     if limit is not None:
         test = test.unbatch().take(limit).batch(config.train.batch_size)
     interpreter = tflite.load_interpreter(path, num_threads=os.cpu_count())

@@ -15,12 +15,13 @@ from shared import data as data_module
 from shared import durable, finetune, modelzoo, runs
 from shared.data import blur
 from shared.deblur import evaluate as deblur_evaluate
+from shared.deblur import export
 from shared.deblur.data import make_pairs
 from shared.deblur.model import build_restorer, head_layer_names
 from shared.errors import UserError
 from shared.evaluate import check_class_names
 from shared.frozen import thaw
-from shared.task import Objective, Task, TaskData
+from shared.task import Objective, Rebuilt, Task, TaskData
 
 
 class DeblurTask(Task):
@@ -55,12 +56,12 @@ class DeblurTask(Task):
         return build_restorer(module, self.config.model.hparams, input_shape[0], input_shape[-1],
                               self.config.deblur.decoder_channels)
 
-    def initialize(self, model, module, data) -> str:
+    def initialize(self, model, module, data, source) -> str:
         config = self.config
         # The classification rule fits: every backbone layer from the source, the decoder (the layers the
         # model's backbone() does not have) freshly initialized unless the source has them alike.
         return finetune.initialize_from(config.init, model, module, config.model.hparams, data.input_shape,
-                                        config.where)
+                                        config.where, source)
 
     def head_layer_names(self, module, model, input_shape):
         return head_layer_names(model)
@@ -93,44 +94,33 @@ class DeblurTask(Task):
         raise UserError(f"predict does not run {cls.name} models ({source}): it lists the classes or boxes of "
                         f"a classification or detection run, SavedModel or TFLite file")
 
-    def export_saved_model(self, run, export_dir, model_name, keep):
-        from shared.deblur import export
+    def export_saved_model(self, model, run, export_dir, model_name, keep):
+        return export.export_saved_model(model, self.config, run, export_dir, model_name=model_name, keep=keep)
 
-        return export.export_saved_model(run, export_dir, model_name=model_name, keep=keep)
-
-    def export_tflite(self, run, quantize, io, **options):
-        from shared.deblur import export
-
-        return export.convert_tflite(run, quantize=quantize, io=io), ""
+    def export_tflite(self, model, run, quantize, io, **options):
+        return export.convert_tflite(model, self.config, run, quantize=quantize, io=io), ""
 
     def evaluate_tflite(self, path, run):
-        from shared.deblur import export
+        return export.evaluate_tflite(path, self.test_data(run).details.test, self.config)
 
-        return export.evaluate_tflite(path, run)
-
-    def test_with_classifier(self, run, classifier):
-        return evaluate_with_classifier(run, classifier)
+    def test_with_classifier(self, model, run, classifier):
+        return evaluate_with_classifier(model, run, classifier)
 
 
-def evaluate_with_classifier(run: runs.Run | str | Path, classifier: runs.Run | str | Path) -> dict:
+def evaluate_with_classifier(restorer, run: runs.Run, classifier: Rebuilt) -> dict:
     """`test --run DEBLUR_RUN --classifier CLASSIFICATION_RUN`: the deblurring run's test figures (as
-    `test --run`) plus metrics["classifier"]: the classifier's top-1 on the sharp, blurred and restored test
-    images, and the share of the top-1 lost to blur that restoring recovers. Written to the deblurring run's
-    classifier_metrics.json (the run's own test_metrics.json stays as training wrote it)."""
-    from shared.tasks import rebuild
-
-    run = run if isinstance(run, runs.Run) else runs.open_run(run)
-    classifier_run = classifier if isinstance(classifier, runs.Run) else runs.open_run(classifier)
+    `test --run`, of `restorer`, the run's model rebuilt) plus metrics["classifier"]: the rebuilt `classifier`'s
+    top-1 on the sharp, blurred and restored test images, and the share of the top-1 lost to blur that restoring
+    recovers. Written to the deblurring run's classifier_metrics.json (the run's own test_metrics.json stays as
+    training wrote it)."""
+    classifier_run, classifier_model, classifier_config = classifier.run, classifier.model, classifier.config
     config = config_module.from_dict(run.config_dict())
     if config.task != "deblur":
         raise UserError(f"run {run.path} is a {config.task} run; --classifier needs a deblurring run (task: deblur)")
-    classifier_config = config_module.from_dict(classifier_run.config_dict())
     task = DeblurTask(config)
     data = task.test_data(run)
     deblur_evaluate.check_classifier(classifier_config, config, classifier_run.class_names(), data.class_names,
                                      f"--classifier {classifier_run.path}")
-    restorer, _ = rebuild(run)
-    classifier_model, classifier_config = rebuild(classifier_run)
     metrics, draw = task.evaluate(restorer, data)
     draw(run.path)
     metrics["classifier"] = {"run": str(classifier_run.path.resolve()),

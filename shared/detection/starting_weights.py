@@ -6,7 +6,6 @@ detection run whose shapes agree, otherwise they keep their fresh initialization
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import keras
 
@@ -15,6 +14,7 @@ from shared.config_schema import Config
 from shared.detection.datasets import detection_normalization
 from shared.detection.model import head_layer_names
 from shared.errors import UserError
+from shared.task import Rebuilt
 
 
 def _normalization_note(source_run: runs.Run | None, config: Config) -> str:
@@ -33,24 +33,19 @@ def _normalization_note(source_run: runs.Run | None, config: Config) -> str:
             f"run with mean {mean} std {std}; set data.mean / data.std to match)")
 
 
-def initialize_backbone(config: Config, detector: keras.Model, module) -> str:
-    """Copy init.from_run's (or init.weights') layers into `detector` by name; returns the line for the run's
-    notes. Every backbone layer must be in the source with the same shapes (else a UserError naming them and
-    the differing hyperparameters); pyramid and head layers are copied where the source has them shaped
-    alike (a detection run), else they keep their fresh initialization."""
+def initialize_backbone(config: Config, detector: keras.Model, module, source: Rebuilt | None) -> str:
+    """Copy init.from_run's (or init.weights') layers into `detector` by name (`source`: that run, rebuilt;
+    None for a weight file of no run); returns the line for the run's notes. Every backbone layer must be in
+    the source with the same shapes (else a UserError naming them and the differing hyperparameters);
+    pyramid and head layers are copied where the source has them shaped alike (a detection run), else they
+    keep their fresh initialization."""
     init, data, where = config.init, config.data, config.where
     input_shape = (data.image_size, data.image_size, data.channels)
     hparams = config.model.hparams
     key = f"init.from_run {init.from_run}" if init.from_run else f"init.weights {init.weights}"
-    source_run = None
-    try:
-        if init.from_run:
-            source_run = runs.open_run(init.from_run)
-            source = finetune.source_from_run(source_run)  # a classification or a detection run
-        else:
-            source = finetune.source_from_file(Path(init.weights), module, hparams, input_shape)
-    except UserError as error:
-        raise UserError(f"{key}{where}: {error}") from None
+    source_run = source.run if source is not None and init.from_run else None  # a classification or detection run
+    with finetune.named_init(init, where):
+        source = finetune.source_model(init, module, hparams, input_shape, source)
     head = head_layer_names(detector)
     matching = finetune.match_layers(source.model, detector, head)
     if matching.conflicts:

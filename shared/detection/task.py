@@ -124,8 +124,8 @@ class DetectionTask(Task):
         return build_detector(module, config.model.hparams, config.data.num_classes, input_shape[0], input_shape[-1],
                               config.detection)
 
-    def initialize(self, model, module, data) -> str:
-        return initialize_backbone(self.config, model, module)
+    def initialize(self, model, module, data, source) -> str:
+        return initialize_backbone(self.config, model, module, source)
 
     def fit_data(self, model, module, data):
         detection = self.config.detection
@@ -164,12 +164,12 @@ class DetectionTask(Task):
     def open_predictor(cls, source, min_score):
         return Detector.open(source, min_score)
 
-    def export_saved_model(self, run, export_dir, model_name, keep):
+    def export_saved_model(self, model, run, export_dir, model_name, keep):
         from shared.detection import export
 
         return export.export_detection_saved_model(run, export_dir, model_name=model_name, keep=keep)
 
-    def export_tflite(self, run, quantize, io, raw_outputs=False, nms="regular"):
+    def export_tflite(self, model, run, quantize, io, raw_outputs=False, nms="regular"):
         from shared.detection import export
 
         path = export.export_detection_tflite(run, quantize=quantize, io=io, raw_outputs=raw_outputs, nms=nms)

@@ -173,7 +173,7 @@ def measure(run, wanted: list[str]) -> dict[str, float]:
         values["params"] = float(trainable_parameters(model))
         values["macs"] = float(multiply_adds(model))
     if metrics & set(TFLITE_METRICS):
-        path, _ = task_for(run).export_tflite(run, "int8", "float")  # a detector: its default TFLite form
+        path, _ = task_for(run).export_tflite(rebuild(run)[0], run, "int8", "float")  # the task's default form
         path = Path(path)
         values["tflite_int8_mb"] = path.stat().st_size / 1e6
         if "latency_ms" in metrics:
