@@ -118,7 +118,7 @@ class Predictor(ImagePredictor):
 
     # ---- construction
     @classmethod
-    def open(cls, source: Source, min_score: float | None = None) -> "Predictor":
+    def for_source(cls, source: Source, min_score: float | None = None) -> "Predictor":
         """What `predict` runs for a classification source (`shared.predict.Source`); `min_score` is refused:
         a classifier ranks its classes by --top-k."""
         if min_score is not None:

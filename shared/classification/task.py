@@ -194,7 +194,7 @@ class ClassificationTask(Task):
 
     @classmethod
     def open_predictor(cls, source, min_score):
-        return Predictor.open(source, min_score)
+        return Predictor.for_source(source, min_score)
 
     def export_saved_model(self, model, run, export_dir, model_name, keep):
         return export.export_saved_model(model, self.config, run, export_dir, model_name=model_name, keep=keep)

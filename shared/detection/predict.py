@@ -128,7 +128,7 @@ class Detector(ImagePredictor):
 
     # ---- construction
     @classmethod
-    def open(cls, source: Source, min_score: float | None = None) -> "Detector":
+    def for_source(cls, source: Source, min_score: float | None = None) -> "Detector":
         """What `predict` runs for a detection source (`shared.predict.Source`), from `min_score` up."""
         if source.tflite is not None:
             return cls.from_tflite(source.tflite, source.run, min_score)

@@ -162,7 +162,7 @@ class DetectionTask(Task):
 
     @classmethod
     def open_predictor(cls, source, min_score):
-        return Detector.open(source, min_score)
+        return Detector.for_source(source, min_score)
 
     def export_saved_model(self, model, run, export_dir, model_name, keep):
         from shared.detection import export
