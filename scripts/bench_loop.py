@@ -109,7 +109,7 @@ def detection_tasks(split, first: int, count: int) -> list[dict]:
 
 def round_steps(steps: int, per_round: int, rounds: int, batch_size: int) -> list[int]:
     """The steps each round trains (loop.steps rounded up to whole equal epochs over the examples so far)."""
-    from shared.loop import steps_schedule
+    from shared.loop.rounds import steps_schedule
 
     out = []
     for number in range(1, rounds + 1):
@@ -165,8 +165,8 @@ def recipe_config(task: str, out: Path, data_root: Path | None, holdout: int, st
 
 def bench(task: str, rounds: int, per_round: int, steps: int, holdout: int, source: Path | None,
           out: Path, changes: tuple[str, ...] = ()) -> dict:
-    from shared import loop as loop_module
-    from shared.loop_folder import STATE_FILE
+    from shared.loop import rounds as loop_module
+    from shared.loop.folder import STATE_FILE
     from shared.tasks import task_for
 
     out.mkdir(parents=True, exist_ok=True)

@@ -236,7 +236,7 @@ def _predict(args: argparse.Namespace, argv: list[str]) -> None:
 
 def _loop(args: argparse.Namespace, argv: list[str]) -> None:
     config = _config(args, list(args.set) + ([f"run.notes={_yaml_string(args.notes)}"] if args.notes else []))
-    from shared import loop
+    from shared.loop import rounds as loop
     from shared.tasks import task_for
 
     session = loop.open_loop(task_for(config), args.annotations, args.from_run, args.export_dir,

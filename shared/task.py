@@ -239,6 +239,6 @@ class Task(abc.ABC):
 
     # ---- the loop command (tasks with "loop" in commands)
     def loop_support(self) -> Any:
-        """The task's `shared.loop_support.LoopSupport`: what it supplies to the loop (its annotations, shards,
+        """The task's `shared.loop.support.LoopSupport`: what it supplies to the loop (its annotations, shards,
         held-out set and round config changes)."""
         raise NotImplementedError(f"task {self.name} does not support the loop")

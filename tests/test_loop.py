@@ -25,7 +25,8 @@ from PIL import Image
 from conftest import KILLING_RUNNER, REPO, TINY_MODEL, tiny_tree
 
 from shared import annotations, runs
-from shared import loop_ingest, loop_state
+from shared.loop import ingest as loop_ingest
+from shared.loop import state as loop_state
 from shared.classification.loop import ClassLabel
 from shared.detection.loop import Spans, spans_of
 from shared.tasks import task_for
@@ -185,7 +186,7 @@ def test_an_annotations_file_that_shrank_is_refused(tmp_path):
 
 
 def test_steps_schedule_gives_about_the_steps_in_equal_epochs_of_at_most_one_pass():
-    from shared.loop import steps_schedule
+    from shared.loop.rounds import steps_schedule
 
     assert steps_schedule(100, 12, 8) == (2, 50)  # 2 batches a pass: 50 epochs of 2
     assert steps_schedule(4, 1000, 8) == (4, 1)  # fewer steps than a pass
@@ -196,7 +197,7 @@ def test_steps_schedule_gives_about_the_steps_in_equal_epochs_of_at_most_one_pas
 def test_a_from_run_with_the_recipes_statistics_differs_in_nothing(tmp_path):
     """The run's config.yaml holds lists, the recipe's frozen config tuples: the same numbers are no difference."""
     from shared.config import load_config
-    from shared.loop import follow_run
+    from shared.loop.rounds import follow_run
 
     tree = tiny_tree(tmp_path / "runs", data={"mean": [120.0, 110.0, 100.0], "std": [60.0, 61.0, 62.0]})
     config = load_config(tree=tree)
@@ -208,7 +209,7 @@ def test_a_from_run_with_the_recipes_statistics_differs_in_nothing(tmp_path):
 
 
 def test_a_round_is_judged_worse_in_the_sense_of_its_tasks_measure():
-    from shared.loop import worse_by
+    from shared.loop.rounds import worse_by
 
     assert worse_by(0.5, 0.7, higher_is_better=True) == pytest.approx(0.2)  # top-1 fell
     assert worse_by(0.7, 0.5, higher_is_better=False) == pytest.approx(0.2)  # a loss rose
@@ -233,7 +234,7 @@ def test_the_loop_command_refuses_deblurring_recipes_and_missing_files(tmp_path,
 
 @pytest.mark.slow
 def test_classification_rounds_ingest_train_export_and_collect_garbage(tmp_path, source, capsys):
-    from shared import loop as loop_module
+    from shared.loop import rounds as loop_module
     from shared import runner
     from shared.config import load_config
 
@@ -298,7 +299,7 @@ def test_classification_rounds_ingest_train_export_and_collect_garbage(tmp_path,
 
 @pytest.mark.slow
 def test_a_metric_that_falls_beyond_the_tolerance_is_not_exported(tmp_path, source):
-    from shared import loop as loop_module
+    from shared.loop import rounds as loop_module
     from shared.config import load_config
 
     source_run, tree = source
@@ -472,7 +473,7 @@ def test_the_recipes_test_split_is_the_held_out_set_when_loop_eval_is_null(tmp_p
 
     import tensorflow as tf
 
-    from shared import loop as loop_module
+    from shared.loop import rounds as loop_module
     from shared.config import load_config
     from shared.errors import UserError
 
@@ -514,8 +515,8 @@ def test_task_lines_written_for_an_annotator_read_back_as_the_same_examples(tmp_
 
 
 def test_a_second_process_on_the_same_loop_folder_is_refused(tmp_path):
-    from shared import loop as loop_module
-    from shared.loop_folder import Loop
+    from shared.loop import rounds as loop_module
+    from shared.loop.folder import Loop
     from shared.config import load_config
     from shared.errors import UserError
 
@@ -541,7 +542,7 @@ def test_a_full_disk_while_publishing_a_round_leaves_its_lines_unconsumed(tmp_pa
     import errno
 
     from shared import durable
-    from shared import loop as loop_module
+    from shared.loop import rounds as loop_module
     from shared.config import load_config
 
     source_run, tree = source
@@ -584,7 +585,7 @@ def record_labels(folder: Path, pattern: str = "*/train-*") -> list[int]:
 def fake_loop(tmp_path: Path, data: dict | None = None, **loop):
     """A loop from a --from run that is only its labels and config (enough to ingest; no round trains), with a
     held-out file whose first image is answered twice (the later label wins there too)."""
-    from shared import loop as loop_module
+    from shared.loop import rounds as loop_module
     from shared.config import load_config
 
     source = tmp_path / "source_runs" / "tiny" / "v0001"
@@ -603,7 +604,7 @@ def fake_loop(tmp_path: Path, data: dict | None = None, **loop):
 
 def ingest_only(loop):
     """A run_round that ingests and never trains (a round needs more new answers than there are)."""
-    from shared import loop as loop_module
+    from shared.loop import rounds as loop_module
 
     result = loop_module.run_round(loop, min_new=10**9)
     assert result.round is None
@@ -739,7 +740,7 @@ def test_image_fields_name_only_regular_files_within_data_max_image_bytes(tmp_pa
     assert "data: URI of about" in batch.malformed[4] and f"above data.max_image_bytes {limit}" in batch.malformed[4]
 
 
-CHUNKED_RUNNER = "import shared.loop_ingest\nshared.loop_ingest.CHUNK_BYTES = 1\n" + KILLING_RUNNER  # a chunk an image
+CHUNKED_RUNNER = "import shared.loop.ingest\nshared.loop.ingest.CHUNK_BYTES = 1\n" + KILLING_RUNNER  # a chunk an image
 
 
 @pytest.mark.slow
@@ -784,7 +785,7 @@ def test_kills_between_chunks_and_in_a_rewrite_lose_nothing_and_duplicate_nothin
 
 @pytest.mark.slow
 def test_no_round_is_exported_below_round_zero_beyond_the_tolerance(tmp_path, source, monkeypatch, capsys):
-    from shared import loop as loop_module
+    from shared.loop import rounds as loop_module
     from shared.config import load_config
 
     source_run, tree = source
@@ -838,7 +839,7 @@ def test_rounds_see_what_the_from_run_saw_count_class_weights_and_print_a_line_a
 def test_garbage_collection_removes_only_the_runs_the_loop_trained(tmp_path, source):
     import shutil
 
-    from shared import loop as loop_module
+    from shared.loop import rounds as loop_module
     from shared.config import load_config
 
     source_run, tree = source

@@ -16,9 +16,9 @@ from shared.annotations import SHOWN_PROBLEMS, AnswerSchema, AnswerTable, Exampl
 from shared.data import class_weights, sources
 from shared.data.tfrecord import image_example, read_image_file, shard_name
 from shared.errors import UserError
-from shared import loop_folder
-from shared.loop_folder import EVAL, EVAL_PREFIX, Loop
-from shared.loop_support import LoopSupport
+from shared.loop import folder as loop_folder
+from shared.loop.folder import EVAL, EVAL_PREFIX, Loop
+from shared.loop.support import LoopSupport
 
 
 @dataclasses.dataclass

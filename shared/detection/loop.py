@@ -20,8 +20,8 @@ from shared.detection.label_map import read_class_list, write_label_map
 from shared.detection.records import DetectionRecord, DetectionSplit
 from shared.detection.tfod import write_tfod_records
 from shared.errors import UserError
-from shared.loop_folder import EVAL, EVAL_PREFIX, Loop
-from shared.loop_support import LoopSupport
+from shared.loop.folder import EVAL, EVAL_PREFIX, Loop
+from shared.loop.support import LoopSupport
 
 LABEL_MAP_FILE = "label_map.pbtxt"  # beside the loop's labels.txt: how its records number the classes
 BOX_TOLERANCE = 1.0  # pixels a span may stick out of its image (annotation tools round); it is clipped

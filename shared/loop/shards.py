@@ -12,9 +12,9 @@ import tensorflow as tf
 from shared import durable
 from shared.annotations import Example
 from shared.data.tfrecord import shard_name
-from shared.loop_folder import DATA, IDS_FILE, TRAIN_PREFIX
-from shared.loop_state import commit
-from shared.loop_support import LoopSupport
+from shared.loop.folder import DATA, IDS_FILE, TRAIN_PREFIX
+from shared.loop.state import commit
+from shared.loop.support import LoopSupport
 
 
 def ids(folder: Path) -> list[int]:

@@ -11,7 +11,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from shared import durable, plots
-from shared.loop_folder import ROUNDS_CSV, ROUNDS_PNG
+from shared.loop.folder import ROUNDS_CSV, ROUNDS_PNG
 
 CSV_COLUMNS = ("round", "new", "examples", "metric", "exported_version", "seconds", "run")
 

@@ -1,6 +1,6 @@
 """Ingestion (`shared.annotations`): the lines added to the annotations file since the last read, in chunks of
 at most CHUNK_BYTES of images, each chunk committed on its own: its new accepted examples as one shard set
-(`shared.loop_shards`), its answers appended to the ledger (`shared.loop_state`). When an answer replaces or
+(`shared.loop.shards`), its answers appended to the ledger (`shared.loop.state`). When an answer replaces or
 withdraws an example of an older set, that set is rewritten without it in the same commit, so the shard sets
 always hold exactly the current examples, each input at most once. A file that no longer starts with the bytes
 consumed (an export that rewrote it) is said in one line and read again from its start: the answers taken
@@ -14,11 +14,12 @@ import os
 import shutil
 from pathlib import Path
 
-from shared import annotations, durable, loop_state
+from shared import annotations, durable
+from shared.loop import state as loop_state
 from shared.annotations import AnswerTable, Batch
 from shared.errors import UserError
-from shared.loop_folder import DATA, EVAL, EVAL_PREFIX, Loop, class_names
-from shared.loop_shards import copy_set, holders, ids, write_set
+from shared.loop.folder import DATA, EVAL, EVAL_PREFIX, Loop, class_names
+from shared.loop.shards import copy_set, holders, ids, write_set
 
 CHUNK_BYTES = 64 << 20  # images held in memory at once while ingesting: a chunk is committed at this size
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from shared import durable
 from shared.annotations import AnswerTable, Batch
 from shared.errors import UserError
-from shared.loop_folder import DATA, EVAL, IDS_FILE, LEDGER_FILE, STATE_FILE, Loop
+from shared.loop.folder import DATA, EVAL, IDS_FILE, LEDGER_FILE, STATE_FILE, Loop
 
 STATE_VERSION = 2  # 2: shard sets listed in the state, the answers ledger
 STAGES = ("ingested", "trained", "exported", "done")

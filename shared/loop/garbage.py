@@ -12,8 +12,8 @@ import shutil
 from pathlib import Path
 
 from shared import runs
-from shared.loop_folder import Loop
-from shared.loop_shards import merge_old_sets
+from shared.loop.folder import Loop
+from shared.loop.shards import merge_old_sets
 
 
 def collect_garbage(loop: Loop, state: dict) -> None:

@@ -4,10 +4,10 @@
                                  [--once | --watch]
 
 The loop is generic; the recipe's task supplies what is particular to it (`Task.loop_support()`, a
-`shared.loop_support.LoopSupport`: how its annotations read, its shards, its held-out set, its config changes)
-and the figure a round is judged by (`Task.judged_by`). Ingestion: `shared.loop_ingest`; the commit point and
-the answers ledger: `shared.loop_state`; shard sets: `shared.loop_shards`; garbage: `shared.loop_garbage`;
-rounds.csv and rounds.png: `shared.loop_report`.
+`shared.loop.support.LoopSupport`: how its annotations read, its shards, its held-out set, its config changes)
+and the figure a round is judged by (`Task.judged_by`). Ingestion: `shared.loop.ingest`; the commit point and
+the answers ledger: `shared.loop.state`; shard sets: `shared.loop.shards`; garbage: `shared.loop.garbage`;
+rounds.csv and rounds.png: `shared.loop.report`.
 
 A round, once new accepted examples are in: round 0 (the `--from` run's figure on the held-out set, once) ->
 a finetune of the previous round's run (the first round: of `--from`) over ALL the shard sets, through the
@@ -41,17 +41,18 @@ import uuid
 from pathlib import Path
 from typing import Callable, Iterator
 
-from shared import durable, lifecycle, loop_state, runs
+from shared import durable, lifecycle, runs
+from shared.loop import state as loop_state
 from shared.annotations import AnswerTable, Batch
 from shared.config_schema import Config, with_changes
 from shared.frozen import thaw
 from shared.errors import UserError
 from shared.export import versions
 from shared.locks import folder_writer
-from shared.loop_folder import DATA, EVAL, EVAL_PREFIX, LABELS_FILE, LEDGER_FILE, TRAIN_PREFIX, Loop, default_dir
-from shared.loop_garbage import collect_garbage
-from shared.loop_ingest import ingest, write_held_out
-from shared.loop_report import write_rounds
+from shared.loop.folder import DATA, EVAL, EVAL_PREFIX, LABELS_FILE, LEDGER_FILE, TRAIN_PREFIX, Loop, default_dir
+from shared.loop.garbage import collect_garbage
+from shared.loop.ingest import ingest, write_held_out
+from shared.loop.report import write_rounds
 from shared.task import Task
 from shared.tasks import rebuild
 

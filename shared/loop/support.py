@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from shared.annotations import AnswerSchema, AnswerTable, Example
-from shared.loop_folder import Loop
+from shared.loop.folder import Loop
 
 
 class LoopSupport(abc.ABC):

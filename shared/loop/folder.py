@@ -1,9 +1,9 @@
 """A loop and its folder's layout: what a loop command names, and the names of the files it keeps.
 
-    <loop>/state.json       the commit point (`shared.loop_state`)
+    <loop>/state.json       the commit point (`shared.loop.state`)
     <loop>/answers.jsonl    the ledger: every answer taken
     <loop>/labels.txt       the classes the loop trains (its task may write more beside it)
-    <loop>/data/set-NNNNNN/ a shard set: TRAIN_PREFIX shards and ids.txt (`shared.loop_shards`)
+    <loop>/data/set-NNNNNN/ a shard set: TRAIN_PREFIX shards and ids.txt (`shared.loop.shards`)
     <loop>/eval/            the held-out set: EVAL_PREFIX shards
     <loop>/rounds.csv, rounds.png
 """
