@@ -99,12 +99,13 @@ sys.exit(runner.main(sys.argv[1:]))
 # Files whose tests each train, export or kill processes for tens of seconds, independently of one another:
 # one file on one worker would be the run's tail, so each of their tests is a work unit of its own (a module
 # fixture is then built at most once per worker).
-SPLIT_BY_TEST = {"test_loop.py"}
+SPLIT_BY_TEST = {"test_loop.py", "test_training_knobs.py", "test_concurrency.py"}
 
 # Files that take a minute or more on one worker, heaviest first. Handed out before everything else, so the
 # many quick files fill in around them instead of a heavy file starting last and running alone.
-HEAVY_FIRST = ["test_loop.py", "test_detection_runner.py", "test_own_folders.py", "test_checkpoints.py",
-               "test_distribute.py", "test_tune.py"]
+HEAVY_FIRST = ["test_loop.py", "test_training_knobs.py", "test_detection_runner.py", "test_export.py",
+               "test_concurrency.py", "test_own_folders.py", "test_checkpoints.py", "test_distribute.py",
+               "test_faults.py", "test_tune.py"]
 
 
 def _file_of(scope: str) -> str:

@@ -289,7 +289,6 @@ FULL_DISK = {
 }
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("where", list(FULL_DISK))
 def test_a_full_disk_is_one_line_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys, where):
     import keras
