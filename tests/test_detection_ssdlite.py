@@ -36,7 +36,6 @@ def consumer(net: keras.Model, layer: keras.layers.Layer, call: int = 0) -> kera
     return found[0]
 
 
-@pytest.mark.slow
 def test_ssdlite_puts_batchnorm_and_relu6_between_depthwise_and_pointwise():
     net = detector("ssdlite")
     added = [layer for layer in net.layers if layer.name.startswith(model.HEAD_PREFIXES)]

@@ -81,7 +81,6 @@ def test_paper_form_count_and_multiply_adds(paper_model):
     assert len([layer for layer in model.layers if isinstance(layer, googlenet.LocalResponseNormalization)]) == 2
 
 
-@pytest.mark.slow
 def test_aux_heads_only_when_asked_and_dropped_for_inference():
     shape = (64, 64, 3)
     plain = googlenet.build(10, shape, width=0.25)
