@@ -101,11 +101,13 @@ sys.exit(runner.main(sys.argv[1:]))
 # fixture is then built at most once per worker).
 SPLIT_BY_TEST = {"test_loop.py", "test_training_knobs.py", "test_concurrency.py"}
 
-# Files that take a minute or more on one worker, heaviest first. Handed out before everything else, so the
-# many quick files fill in around them instead of a heavy file starting last and running alone.
-HEAVY_FIRST = ["test_loop.py", "test_training_knobs.py", "test_detection_runner.py", "test_export.py",
-               "test_concurrency.py", "test_own_folders.py", "test_checkpoints.py", "test_distribute.py",
-               "test_faults.py", "test_tune.py"]
+# The files that take longest on one worker (`--durations`), heaviest first. Handed out before everything else,
+# so the many quick files fill in around them instead of a heavy file starting last and running alone (plain
+# loadscope hands out the files with the most tests first: the heavy files of few tests came last). A file
+# missing here only loses its place in the order.
+HEAVY_FIRST = ["test_loop.py", "test_training_knobs.py", "test_detection_runner.py", "test_deblur_runs.py",
+               "test_export.py", "test_distribute.py", "test_concurrency.py", "test_own_folders.py",
+               "test_checkpoints.py", "test_detection_tflite.py", "test_faults.py", "test_tune.py"]
 
 
 def _file_of(scope: str) -> str:
