@@ -99,15 +99,17 @@ sys.exit(runner.main(sys.argv[1:]))
 # Files whose tests each train, export or kill processes for tens of seconds, independently of one another:
 # one file on one worker would be the run's tail, so each of their tests is a work unit of its own (a module
 # fixture is then built at most once per worker).
-SPLIT_BY_TEST = {"test_loop.py", "test_training_knobs.py", "test_concurrency.py"}
+SPLIT_BY_TEST = {"test_loop.py", "test_training_knobs.py", "test_detection_distribute.py", "test_distribute.py",
+                 "test_concurrency.py", "test_resume.py"}
 
 # The files that take longest on one worker (`--durations`), heaviest first. Handed out before everything else,
 # so the many quick files fill in around them instead of a heavy file starting last and running alone (plain
 # loadscope hands out the files with the most tests first: the heavy files of few tests came last). A file
 # missing here only loses its place in the order.
-HEAVY_FIRST = ["test_loop.py", "test_training_knobs.py", "test_detection_runner.py", "test_deblur_runs.py",
-               "test_export.py", "test_distribute.py", "test_concurrency.py", "test_own_folders.py",
-               "test_checkpoints.py", "test_detection_tflite.py", "test_faults.py", "test_tune.py"]
+HEAVY_FIRST = ["test_loop.py", "test_training_knobs.py", "test_detection_distribute.py", "test_detection_runner.py",
+               "test_deblur_runs.py", "test_export.py", "test_distribute.py", "test_resume.py", "test_concurrency.py",
+               "test_own_folders.py", "test_checkpoints.py", "test_detection_tflite.py", "test_faults.py",
+               "test_tune.py"]
 
 
 def _file_of(scope: str) -> str:
