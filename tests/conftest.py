@@ -145,6 +145,16 @@ def pytest_xdist_make_scheduler(config, log):
 
 
 @pytest.fixture
+def one_conv_model(tmp_path) -> dict:
+    """The model section of TINY_MODEL (one convolution, written into tmp_path): for runs whose model is not what
+    a test checks, it builds and traces in a fraction of the tiny ResNet's time. Its runs go to runs/tiny/."""
+    folder = tmp_path / "one_conv_model"
+    folder.mkdir(exist_ok=True)
+    (folder / "model.py").write_text(TINY_MODEL)
+    return {"name": "tiny", "path": str(folder)}
+
+
+@pytest.fixture
 def model_copy(tmp_path) -> Path:
     """A private copy of models/resnet, free to edit."""
     target = tmp_path / "resnet_copy"
