@@ -94,6 +94,66 @@ sys.exit(runner.main(sys.argv[1:]))
 '''
 
 
+# ---------------------------------------------------------------- scheduling under `-n 2 --dist loadscope`
+
+# Files whose tests each train, export or kill processes for tens of seconds, independently of one another:
+# one file on one worker would be the run's tail, so each of their tests is a work unit of its own (a module
+# fixture is then built at most once per worker).
+SPLIT_BY_TEST = {"test_loop.py", "test_training_knobs.py", "test_detection_distribute.py", "test_distribute.py",
+                 "test_concurrency.py", "test_resume.py"}
+
+# The files that take longest on one worker (`--durations`), heaviest first. Handed out before everything else,
+# so the many quick files fill in around them instead of a heavy file starting last and running alone (plain
+# loadscope hands out the files with the most tests first: the heavy files of few tests came last). A file
+# missing here only loses its place in the order.
+HEAVY_FIRST = ["test_loop.py", "test_training_knobs.py", "test_detection_distribute.py", "test_detection_runner.py",
+               "test_deblur_runs.py", "test_export.py", "test_distribute.py", "test_resume.py", "test_concurrency.py",
+               "test_own_folders.py", "test_checkpoints.py", "test_detection_tflite.py", "test_faults.py",
+               "test_tune.py"]
+
+
+def _file_of(scope: str) -> str:
+    return scope.split("::", 1)[0].rsplit("/", 1)[-1]
+
+
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist: without the plugin (`-p no:xdist`) it is never called
+def pytest_xdist_make_scheduler(config, log):
+    if config.getvalue("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class HeavyFirstScheduling(LoadScopeScheduling):
+        """loadscope (a file's tests on one worker, for its module fixtures), with SPLIT_BY_TEST's files split
+        per test and HEAVY_FIRST's files handed out first."""
+
+        def _split_scope(self, nodeid: str) -> str:
+            return nodeid if _file_of(nodeid) in SPLIT_BY_TEST else super()._split_scope(nodeid)
+
+        def _assign_work_unit(self, node) -> None:
+            def rank(scope: str) -> int:
+                name = _file_of(scope)
+                return HEAVY_FIRST.index(name) if name in HEAVY_FIRST else len(HEAVY_FIRST)
+
+            first = min(self.workqueue, key=rank)  # min keeps the queue's order among equals
+            self.workqueue.move_to_end(first, last=False)
+            super()._assign_work_unit(node)
+
+    return HeavyFirstScheduling(config, log)
+
+
+# ---------------------------------------------------------------- fixtures
+
+
+@pytest.fixture
+def one_conv_model(tmp_path) -> dict:
+    """The model section of TINY_MODEL (one convolution, written into tmp_path): for runs whose model is not what
+    a test checks, it builds and traces in a fraction of the tiny ResNet's time. Its runs go to runs/tiny/."""
+    folder = tmp_path / "one_conv_model"
+    folder.mkdir(exist_ok=True)
+    (folder / "model.py").write_text(TINY_MODEL)
+    return {"name": "tiny", "path": str(folder)}
+
+
 @pytest.fixture
 def model_copy(tmp_path) -> Path:
     """A private copy of models/resnet, free to edit."""

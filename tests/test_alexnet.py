@@ -154,6 +154,7 @@ def test_small_input_at_28_px(two_towers):
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_one_training_epoch_on_random_images():
     keras.utils.set_random_seed(0)
     # Single tower: Conv2D(groups=2) runs through XLA on CPU and makes a fit ~3x slower (forward is tested above).

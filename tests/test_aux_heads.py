@@ -3,6 +3,8 @@ tested and exported without them."""
 
 import json
 
+import pytest
+
 from shared.config import load_config
 from shared.lifecycle import test as evaluate
 from shared.lifecycle import train
@@ -26,6 +28,7 @@ def build(num_classes=10, input_shape=(16, 16, 3), aux_heads: bool = True):
 '''
 
 
+@pytest.mark.slow
 def test_aux_heads_are_trained_with_their_weight_and_dropped_for_testing(tmp_path):
     folder = tmp_path / "auxnet"
     folder.mkdir()

@@ -67,6 +67,7 @@ def test_nonexistent_run_for_test(tmp_path, capsys):
     assert_one_line_error(code, err, "no run at", "shared.runs list")
 
 
+@pytest.mark.slow
 def test_corrupt_image_in_a_folder_dataset_names_the_file(tmp_path, capsys):
     root = make_folder_dataset(tmp_path / "imgs", per_class=3)
     bad = root / "train" / "dog" / "broken.jpg"

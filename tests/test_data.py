@@ -272,6 +272,7 @@ def _two_batches(tmp_path, seed: int):
     return [next(iterator)[0].numpy() for _ in range(2)]
 
 
+@pytest.mark.slow
 def test_deterministic_pipeline_repeats_exactly_under_a_seed(tmp_path):
     first, again, other = _two_batches(tmp_path, 3), _two_batches(tmp_path, 3), _two_batches(tmp_path, 4)
     for a, b in zip(first, again):

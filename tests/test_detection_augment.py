@@ -118,6 +118,7 @@ def test_bad_entries_are_one_line_user_errors(entries, fragment):
     assert fragment in str(error.value) and "\n" not in str(error.value)
 
 
+@pytest.mark.slow
 def test_make_dataset_with_all_three_is_seeded_and_boxes_stay_on_the_object(tmp_path):
     path = tmp_path / "object.png"
     Image.fromarray(object_image()[..., 0].astype(np.uint8)).save(path)

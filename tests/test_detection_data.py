@@ -387,6 +387,7 @@ def test_drop_invalid_boxes_pads_and_compacts():
     assert (out_boxes.numpy()[0, 2:] == -1).all()
 
 
+@pytest.mark.slow
 def test_deterministic_batches_under_a_seed(generated):
     def batches(seed: int):
         config = detection_config(generated, train={"batch_size": 4, "seed": seed})

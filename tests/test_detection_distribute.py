@@ -29,6 +29,7 @@ def python(script: str, timeout: int = 300) -> subprocess.CompletedProcess:
     return result
 
 
+@pytest.mark.slow
 def test_losses_under_a_mirrored_strategy_equal_one_device_on_the_global_batch():
     # The two halves have different numbers of positive anchors (3 and 1): a mean of per-replica
     # sum / positives would differ from the global sum / positives.

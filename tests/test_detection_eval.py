@@ -116,6 +116,7 @@ def generated(tmp_path_factory):
     return tiny_canvases(tmp_path_factory.mktemp("canvases"))
 
 
+@pytest.mark.slow
 @needs_fashion_mnist
 def test_eval_every_logs_validation_map_for_best_and_early_stopping(generated, tmp_path):
     import csv

@@ -143,6 +143,7 @@ def detection_config() -> object:
                       "train": {"batch_size": 2}, "detection": {"max_boxes": 4}})
 
 
+@pytest.mark.slow
 def test_a_corrupt_image_is_named_when_the_pipeline_reaches_it(tmp_path, capsys):
     records = []
     for i in range(5):

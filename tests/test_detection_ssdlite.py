@@ -91,6 +91,7 @@ def test_ssdlite_keeps_the_signal_that_the_unnormalized_depthwise_head_shrinks()
     assert ssdlite > 0.1 and depthwise < ssdlite / 10, (ssdlite, depthwise)
 
 
+@pytest.mark.slow
 def test_ssdlite_trains_a_step_and_updates_its_batchnorm():
     net = detector("ssdlite")
     config = DetectionConfig(strides=[8, 16], fpn_channels=8, head="ssdlite", head_depth=1)

@@ -128,6 +128,7 @@ def test_weight_files_of_every_format_load_into_a_model_with_another_class_count
     assert "built for 4 classes" in note and "re-initialized for 7 classes (was 4)" in note
 
 
+@pytest.mark.slow
 def test_keras_applications_mobilenet_v2_files_with_and_without_top_give_identical_features(tmp_path):
     shape = (32, 32, 3)
     app = keras.applications.MobileNetV2(weights=None, input_shape=shape, alpha=0.35)

@@ -55,7 +55,7 @@ def test_tfrecord_label_outside_the_classes_names_the_shard(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("on_corrupt", ["error", "skip"])
-def test_training_on_a_shard_with_a_bad_label_is_one_line_from_the_cli(tmp_path, capsys, on_corrupt):
+def test_training_on_a_shard_with_a_bad_label_is_one_line_from_the_cli(tmp_path, capsys, on_corrupt, one_conv_model):
     """Also with data.on_corrupt: skip, which drops undecodable images: a wrong label is no damaged image (before
     the fix it was dropped as one; with every label wrong the run "finished" having trained on nothing)."""
     from shared.lifecycle import train
@@ -65,6 +65,7 @@ def test_training_on_a_shard_with_a_bad_label_is_one_line_from_the_cli(tmp_path,
                                               "test_split": "validation", "image_size": 8,
                                               "on_corrupt": on_corrupt},
                      train={"epochs": 1, "batch_size": 8})
+    tree["model"] = one_conv_model
     assert run_cli(lambda: train(load_config(tree=tree), argv=["pytest"])) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err
@@ -73,7 +74,7 @@ def test_training_on_a_shard_with_a_bad_label_is_one_line_from_the_cli(tmp_path,
         assert f"{root / 'train-00000-of-00001'} holds image/class/label 10, outside 0-9 for 10 classes" in err
     else:  # checked after the skipping, where the shard is no longer known
         assert err.startswith("error: a TFRecord example holds image/class/label 10, outside 0-9 for 10 classes")
-    (run_dir,) = (tmp_path / "runs" / "resnet").iterdir()
+    (run_dir,) = (tmp_path / "runs" / "tiny").iterdir()
     status = runs.Run(run_dir).status()
     # the line names the run it marked failed; status.json holds the reason
     assert status["status"] == "failed" and err == f"error: {status['error']} (run {run_dir} is marked failed)"
@@ -121,13 +122,14 @@ def test_evaluation_refuses_labels_outside_the_classes():
 
 
 @pytest.mark.slow
-def test_test_run_refuses_data_whose_classes_were_renamed(tmp_path, capsys):
+def test_test_run_refuses_data_whose_classes_were_renamed(tmp_path, capsys, one_conv_model):
     from shared.lifecycle import train
 
     root = make_folder_dataset(tmp_path / "imgs", per_class=3)
     tree = tiny_tree(tmp_path / "runs", data={"source": "folder", "path": str(root), "test_split": "val",
                                               "num_classes": None, "image_size": 8},
                      train={"epochs": 1, "batch_size": 9})
+    tree["model"] = one_conv_model
     run = train(load_config(tree=tree), argv=["pytest"])
     assert run.class_names() == ["cat", "dog", "fox"]
     for split in ("train", "val"):  # the same count of classes, one of them another

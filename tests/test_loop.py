@@ -629,7 +629,6 @@ def test_the_answer_table_keeps_the_latest_answer_per_input():
     assert table.ids() == {2} and table.class_counts(2) == [0, 1]
 
 
-@pytest.mark.slow
 def test_a_re_exported_file_ingests_only_new_answers_and_the_latest_answer_per_input_wins(tmp_path, capsys):
     loop = fake_loop(tmp_path)
     tasks = loop.annotations
@@ -684,7 +683,6 @@ def test_a_re_exported_file_ingests_only_new_answers_and_the_latest_answer_per_i
     assert state["class_counts"] == [0, 0, 1, 2]
 
 
-@pytest.mark.slow
 def test_ingestion_holds_and_commits_one_bounded_chunk_at_a_time(tmp_path, monkeypatch):
 
     loop = fake_loop(tmp_path)
@@ -867,7 +865,6 @@ def test_garbage_collection_removes_only_the_runs_the_loop_trained(tmp_path, sou
     assert not results[0].run.exists() and results[1].run.is_dir()  # keep 1: the loop's older round run goes
 
 
-@pytest.mark.slow
 def test_the_recipes_test_split_as_held_out_set_names_damaged_images_or_skips_them(tmp_path, capsys):
     from shared.errors import UserError
 
@@ -887,7 +884,6 @@ def test_the_recipes_test_split_as_held_out_set_names_damaged_images_or_skips_th
     assert "left out 1 test image(s)" in capsys.readouterr().out
 
 
-@pytest.mark.slow
 def test_an_image_name_that_is_not_utf8_is_ingested_and_recognized_again(tmp_path):
     loop = fake_loop(tmp_path)
     name = os.fsdecode(b"img/caf\xe9.png")  # JSON holds it as \udce9, the file system as the byte

@@ -18,7 +18,7 @@ from shared.config import load_config
 from shared.data import class_weights, make_datasets, sources, split
 from shared.errors import UserError
 
-from conftest import REPO, tiny_tree
+from conftest import REPO, TINY_MODEL, tiny_tree
 
 COUNTS = {"cat": 10, "dog": 5, "猫 ü": 2, "solo": 1}  # a Unicode class and a class of one image
 
@@ -303,6 +303,9 @@ def test_resolved_weights_are_recorded_in_the_config_and_load_again(tmp_path):
 
 def train_tree(tmp_path, root: Path, **train) -> dict:
     tree = tiny_tree(tmp_path / "runs", train={"epochs": 1, "batch_size": 8, **train})
+    (tmp_path / "tiny_model").mkdir(exist_ok=True)  # what is checked is the data, not the model: the smallest one
+    (tmp_path / "tiny_model" / "model.py").write_text(TINY_MODEL)
+    tree["model"] = {"name": "tiny", "path": str(tmp_path / "tiny_model")}
     tree["data"] = {"source": "folder", "path": str(root), "image_size": 12, "channels": 3,
                     "test_fraction": 0.25, "val_fraction": 0.2}
     return tree
@@ -434,7 +437,7 @@ def test_bad_class_weights_stop_before_a_run_folder(tmp_path, weights, problem):
     root = make_class_folders(tmp_path / "imgs", {"cat": 3, "dog": 3})
     with pytest.raises(UserError, match=problem):
         lifecycle.train(load_config(tree=train_tree(tmp_path, root, class_weight=weights)), argv=["pytest"])
-    assert not (tmp_path / "runs" / "resnet").exists()
+    assert not (tmp_path / "runs" / "tiny").exists()
 
 
 @pytest.mark.parametrize("task", ["classification", "deblur", "detection"])
