@@ -80,14 +80,12 @@ def interleaved_latency_ms(paths: list[Path], image, threads: int, repeats: int)
     return [statistics.median(collected) for collected in samples]
 
 
-def first_test_image(run):
+def first_test_image(run, config):
     """The run's first test image as the detector is fed it: [1, S, S, C] float32, normalized."""
     import numpy as np
 
-    from shared import config as config_module
     from shared.detection import datasets as detection_data
 
-    config = config_module.from_dict(run.config_dict())
     _, test, _ = detection_data.load_detection_data(config)
     for images, _ in detection_data.make_dataset(test.limit(1), config, training=False):
         return images.numpy()[:1].astype(np.float32)
@@ -95,8 +93,9 @@ def first_test_image(run):
 
 
 def bench(args: argparse.Namespace) -> None:
-    from shared.detection.export import evaluate_detection_tflite, export_detection_tflite
+    from shared.detection.tflite import evaluate_detection_tflite, export_detection_tflite
     from shared.runs import open_run
+    from shared.tasks import rebuild
 
     if args.threads < 1 or args.repeats < 1:
         raise UserError("--threads and --repeats must be at least 1")
@@ -106,13 +105,15 @@ def bench(args: argparse.Namespace) -> None:
     folder = None if args.into_run else Path(tempfile.mkdtemp(prefix="bench-detection-export-"))
     print(f"run {run.path}; files in {folder or run.path / 'export'}; load average "
           f"{os.getloadavg()[0]:.2f} on {os.cpu_count()} cores", flush=True)
-    paths = {name: export_detection_tflite(run, quantize, out_path=None if folder is None
+    detector, config = rebuild(run)  # once, for both files
+    paths = {name: export_detection_tflite(detector, config, run, quantize, out_path=None if folder is None
                                            else folder / f"detector_{quantize}.tflite")
              for name, quantize in QUANTIZE.items()}
-    latencies = interleaved_latency_ms(list(paths.values()), first_test_image(run), args.threads, args.repeats)
+    latencies = interleaved_latency_ms(list(paths.values()), first_test_image(run, config), args.threads,
+                                       args.repeats)
     rows = {}
     for (name, path), latency in zip(paths.items(), latencies):
-        metrics = evaluate_detection_tflite(path, run)
+        metrics = evaluate_detection_tflite(path, config)
         rows[name] = {"bytes": path.stat().st_size, "latency_ms": latency,
                       "map50": metrics["mAP50"], "map": metrics["mAP"], "examples": metrics["examples"]}
     keras = run.test_metrics() or {}

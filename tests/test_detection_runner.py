@@ -268,7 +268,7 @@ def test_saved_model_on_bytes_equals_the_keras_pipeline(trained, generated, tmp_
 @pytest.mark.slow
 def test_tflite_raw_outputs_and_numpy_decoding_match_keras(trained, capsys):
     from shared.detection import datasets as detection_data
-    from shared.detection import export, tflite_inference as inference
+    from shared.detection import tflite, tflite_inference as inference
     from shared.detection.model import model_anchors
     from shared.detection.postprocess import decode_detections
     from shared.tasks import rebuild
@@ -278,7 +278,7 @@ def test_tflite_raw_outputs_and_numpy_decoding_match_keras(trained, capsys):
     assert path.is_file() and str(path) in capsys.readouterr().out
     detector, config = rebuild(trained)
     anchors = model_anchors(detector, config.detection).numpy()
-    np.testing.assert_array_equal(np.load(path.parent / export.ANCHORS_FILE), anchors)
+    np.testing.assert_array_equal(np.load(path.parent / tflite.ANCHORS_FILE), anchors)
 
     from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
@@ -301,7 +301,7 @@ def test_tflite_raw_outputs_and_numpy_decoding_match_keras(trained, capsys):
     scores = rng.normal(-1.5, 2.0, size=(2, len(anchors), 10)).astype(np.float32)
     config = with_changes(config, {"detection.score_threshold": 0.3, "detection.max_detections": 40})
     want = decode_detections(anchors, {"boxes": deltas, "classes": scores}, config.detection, SIZE)
-    got = export.decode_tflite_outputs(deltas, scores, anchors, SIZE, 0.3, config.detection.nms_iou, 40)
+    got = inference.decode_tflite_outputs(deltas, scores, anchors, SIZE, 0.3, config.detection.nms_iou, 40)
     assert_same_detections(got, {k: v.numpy() for k, v in want.items()})
-    single = export.decode_tflite_outputs(deltas[0], scores[0], anchors, SIZE, 0.3, config.detection.nms_iou, 40)
+    single = inference.decode_tflite_outputs(deltas[0], scores[0], anchors, SIZE, 0.3, config.detection.nms_iou, 40)
     np.testing.assert_array_equal(single["classes"], got["classes"][0])

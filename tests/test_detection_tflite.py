@@ -53,25 +53,27 @@ def test_default_tflite_ends_in_the_postprocess_op_and_finds_what_the_saved_mode
     import tensorflow as tf
     from ai_edge_litert.interpreter import Interpreter
 
-    from shared.detection import export, tflite_inference as inference
+    from shared.detection import export, tflite, tflite_inference as inference
+    from shared.tasks import rebuild
 
     assert runner.main(["export", "--run", str(trained.path), "--format", "tflite", "--evaluate"]) == 0
     out = capsys.readouterr().out
     path = trained.path / "export" / "detector_none.tflite"
-    assert str(path) in out and export.POSTPROCESS_OP in out and "LiteRT" in out and "mAP" in out, out
-    assert (path.parent / export.LABELS_FILE).read_text().splitlines() == trained.class_names()
+    assert str(path) in out and tflite.POSTPROCESS_OP in out and "LiteRT" in out and "mAP" in out, out
+    assert (path.parent / tflite.LABELS_FILE).read_text().splitlines() == trained.class_names()
     assert json.loads((path.parent / inference.INFO_FILE).read_text())["models"][path.name]["form"] == "postprocess"
 
     interpreter = Interpreter(model_path=str(path))
     interpreter.allocate_tensors()
-    assert export.POSTPROCESS_OP in {op["op_name"] for op in interpreter._get_ops_details()}
+    assert tflite.POSTPROCESS_OP in {op["op_name"] for op in interpreter._get_ops_details()}
     outputs = interpreter.get_output_details()
-    assert [d["name"] for d in outputs] == list(export.SIGNATURE_OUTPUTS)  # by position, as apps read them
+    assert [d["name"] for d in outputs] == list(tflite.SIGNATURE_OUTPUTS)  # by position, as apps read them
     assert [tuple(d["shape"]) for d in outputs][-1] == (1,)
 
     images, pixels, config = split_images(trained)
     size = config.data.image_size
-    saved = tf.saved_model.load(str(export.export_detection_saved_model(trained, tmp_path / "serving")))
+    saved = tf.saved_model.load(str(export.export_detection_saved_model(*rebuild(trained), trained,
+                                                                        tmp_path / "serving")))
     want = {k: v.numpy() for k, v in saved.signatures["predict_images"](images=tf.constant(pixels)).items()}
     compared = 0
     for i, image in enumerate(images):
@@ -92,7 +94,8 @@ def test_default_tflite_ends_in_the_postprocess_op_and_finds_what_the_saved_mode
 def test_raw_outputs_option_and_int8_with_float_io(trained, capsys):
     from ai_edge_litert.interpreter import Interpreter
 
-    from shared.detection import export
+    from shared.detection import tflite
+    from shared.tasks import rebuild
 
     assert runner.main(["export", "--run", str(trained.path), "--format", "tflite", "--raw-outputs"]) == 0
     raw = trained.path / "export" / "detector_none_raw.tflite"
@@ -115,7 +118,7 @@ def test_raw_outputs_option_and_int8_with_float_io(trained, capsys):
     assert np.int8 in kinds  # weights and activations quantized, not only float ops
     float_path = trained.path / "export" / "detector_none.tflite"
     if not float_path.is_file():
-        export.export_detection_tflite(trained)
+        tflite.export_detection_tflite(*rebuild(trained), trained)
     print(f"int8 {path.stat().st_size} B vs float32 {float_path.stat().st_size} B; {out.strip().splitlines()[-1]}")
     assert path.stat().st_size < 0.4 * float_path.stat().st_size
 
@@ -123,7 +126,6 @@ def test_raw_outputs_option_and_int8_with_float_io(trained, capsys):
     from tensorflow.lite.tools import flatbuffer_utils
 
     from shared.detection.model import model_anchors
-    from shared.tasks import rebuild
 
     model = flatbuffer_utils.read_model(str(path))
     graph = model.subgraphs[0]
@@ -133,7 +135,7 @@ def test_raw_outputs_option_and_int8_with_float_io(trained, capsys):
     assert source.type == 9 and model.buffers[source.buffer].data is not None  # INT8, a constant
     assert model.buffers[graph.tensors[op.inputs[2]].buffer].data is None
     detector, config = rebuild(trained)
-    want = export.center_size_anchors(model_anchors(detector, config.detection).numpy(), config.data.image_size)
+    want = tflite.center_size_anchors(model_anchors(detector, config.detection).numpy(), config.data.image_size)
     scale, zero_point = source.quantization.scale[0], source.quantization.zeroPoint[0]
     stored = np.frombuffer(bytes(model.buffers[source.buffer].data), np.int8).reshape(want.shape)
     np.testing.assert_allclose((stored.astype(np.float32) - zero_point) * scale, want, atol=scale / 2 + 1e-6)
@@ -146,7 +148,8 @@ def test_int8_input_for_edge_accelerators_finds_what_float_input_finds(trained, 
     images it finds the float-input int8 file's detections, and --evaluate and predict quantize for it."""
     from ai_edge_litert.interpreter import Interpreter
 
-    from shared.detection import export, tflite_inference as inference
+    from shared.detection import tflite, tflite_inference as inference
+    from shared.tasks import rebuild
 
     assert runner.main(["export", "--run", str(trained.path), "--format", "tflite", "--quantize", "int8",
                         "--io", "int8", "--evaluate"]) == 0
@@ -160,7 +163,7 @@ def test_int8_input_for_edge_accelerators_finds_what_float_input_finds(trained, 
     assert json.loads((path.parent / inference.INFO_FILE).read_text())["models"][path.name]["io"] == "int8"
     float_input = trained.path / "export" / "detector_int8.tflite"
     if not float_input.is_file():
-        export.export_detection_tflite(trained, quantize="int8")
+        tflite.export_detection_tflite(*rebuild(trained), trained, quantize="int8")
     images, _, config = split_images(trained)
     size = config.data.image_size
     ours = inference.predict_tflite_postprocess(inference.tflite_interpreter(path, 1), images, size)
@@ -180,7 +183,8 @@ def test_int8_input_for_edge_accelerators_finds_what_float_input_finds(trained, 
 def test_fast_nms_option_writes_its_own_file(trained, capsys):
     from tensorflow.lite.tools import flatbuffer_utils
 
-    from shared.detection import export, tflite_inference as inference
+    from shared.detection import tflite, tflite_inference as inference
+    from shared.tasks import rebuild
 
     def op_options(path: Path) -> bytes:
         model = flatbuffer_utils.read_model(str(path))
@@ -197,7 +201,7 @@ def test_fast_nms_option_writes_its_own_file(trained, capsys):
     assert info[fast.name]["nms"] == "fast"
     regular = trained.path / "export" / "detector_none.tflite"
     if not regular.is_file():
-        export.export_detection_tflite(trained)
+        tflite.export_detection_tflite(*rebuild(trained), trained)
     assert op_options(fast) != op_options(regular)  # use_regular_nms false: the only attribute that differs
     assert len(op_options(fast)) == len(op_options(regular))
 
@@ -207,17 +211,17 @@ def test_clipped_encodings_decode_to_the_clipped_boxes_the_op_scales_expect():
     decoding of the raw deltas clipped to the image (normalized, y first): hand-checked on one anchor too."""
     import re
 
-    from shared.detection import export
+    from shared.detection import tflite
     from shared.detection.anchors import decode
 
     size = 40
     anchors = np.array([[0, 0, 20, 10], [30, 30, 40, 40], [10, 5, 30, 25]], np.float32)  # xyxy pixels
     deltas = np.array([[[-3.0, 0.0, 0.0, 0.0], [4.0, 4.0, 2.0, 1.0], [0.5, -0.5, -1.0, 1.0]]], np.float32)
-    attributes = dict(re.findall(r'key: "(\w)_scale" value \{ f: ([\d.]+)', export.postprocess_signature(
+    attributes = dict(re.findall(r'key: "(\w)_scale" value \{ f: ([\d.]+)', tflite.postprocess_signature(
         type("Detection", (), {"max_detections": 5, "score_threshold": 0.1, "nms_iou": 0.5})(), 3)))
     scale = {key: float(value) for key, value in attributes.items()}
-    centre_size = export.center_size_anchors(anchors, size)
-    encoded = export.clipped_encodings(deltas, centre_size).numpy()[0]
+    centre_size = tflite.center_size_anchors(anchors, size)
+    encoded = tflite.clipped_encodings(deltas, centre_size).numpy()[0]
     # the op's decoding (TFLite's detection_postprocess.cc DecodeCenterSizeBoxes)
     ty, tx, th, tw = encoded.T
     ya, xa, ha, wa = centre_size.T
@@ -235,12 +239,12 @@ def postprocess_only_file(tmp_path: Path, nms: str, num_classes: int, boxes: int
     box encodings and scores as inputs, unit anchors on a row."""
     import tensorflow as tf
 
-    from shared.detection import export
+    from shared.detection import tflite
 
     detection = type("Detection", (), {"max_detections": 20, "score_threshold": 0.05, "nms_iou": 0.5})()
     anchors = np.array([[0.5, (i + 0.5) / boxes, 0.9, 0.9 / boxes] for i in range(boxes)], np.float32)
 
-    @tf.function(experimental_implements=export.postprocess_signature(detection, num_classes, nms))
+    @tf.function(experimental_implements=tflite.postprocess_signature(detection, num_classes, nms))
     def postprocess(box_encodings, class_predictions, anchors):  # noqa: ARG001 (the op reads them)
         return (tf.constant(0.0), tf.constant(0.0), tf.constant(0.0), tf.constant(0.0))
 
@@ -260,7 +264,7 @@ def op_classes(path: Path, threads: int, scores: np.ndarray) -> list[int]:
     """The classes the file's op finds for `scores` [boxes, classes] on `threads` LiteRT threads, sorted."""
     from ai_edge_litert.interpreter import Interpreter
 
-    from shared.detection import export
+    from shared.detection import tflite
 
     interpreter = Interpreter(model_path=str(path), num_threads=threads)
     interpreter.allocate_tensors()
@@ -268,7 +272,7 @@ def op_classes(path: Path, threads: int, scores: np.ndarray) -> list[int]:
     interpreter.set_tensor(encodings["index"], np.zeros((1, scores.shape[0], 4), np.float32))
     interpreter.set_tensor(predictions["index"], scores[None])
     interpreter.invoke()
-    (op,) = [op for op in interpreter._get_ops_details() if op["op_name"] == export.POSTPROCESS_OP]
+    (op,) = [op for op in interpreter._get_ops_details() if op["op_name"] == tflite.POSTPROCESS_OP]
     _, classes, _, count = (interpreter.get_tensor(index)[0] for index in op["outputs"])
     return sorted(int(c) for c in classes[:int(count)])
 

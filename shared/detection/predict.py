@@ -81,13 +81,13 @@ class _TFLiteBoxes(_Boxes):
     """A detection .tflite ending in the post-processing op, one invoke per image: decoded and resized as
     the evaluation pipeline does, normalized as the run's detection.json says, boxes scaled back to each
     image's pixels. One LiteRT thread unless the file's NMS is the class-agnostic one: the op's per-class
-    NMS on N threads skips class N (`export.postprocess_signature`)."""
+    NMS on N threads skips class N (`tflite.postprocess_signature`)."""
 
     def __init__(self, path: Path, config, nms: str, min_score: float):
         import tensorflow as tf
 
         from shared.data import preprocess
-        from shared.detection import export, serving, tflite_inference
+        from shared.detection import serving, tflite, tflite_inference
 
         data = config.data
         self.size = data.image_size
@@ -96,7 +96,7 @@ class _TFLiteBoxes(_Boxes):
         self.interpreter = tflite_inference.tflite_interpreter(path, num_threads=None if nms == "fast" else 1)
         if not tflite_inference.is_postprocess_file(self.interpreter):
             raise UserError(f"{path} has the raw outputs (--raw-outputs); predict reads the default form, "
-                            f"ending in {export.POSTPROCESS_OP}: export it without --raw-outputs")
+                            f"ending in {tflite.POSTPROCESS_OP}: export it without --raw-outputs")
         shape = tuple(int(n) for n in self.interpreter.get_input_details()[0]["shape"][1:])
         if shape != (self.size, self.size, data.channels):
             raise UserError(f"{path} takes images of {shape} but its run has {(self.size, self.size, data.channels)}: "

@@ -44,12 +44,15 @@ from shared.detection import datasets as detection_data
 from shared.detection.anchors import training_targets
 from shared.detection.config import absolute_paths, check_detection_config, detection_augmentations
 from shared.detection.evaluate import evaluate_detector, summary
+from shared.detection.export import export_detection_saved_model
 from shared.detection.gallery import GALLERY_FILE, plot_detections
 from shared.detection.loop import DetectionLoop
 from shared.detection.losses import detection_losses
 from shared.detection import validation
 from shared.detection.model import build_detector, head_layer_names, model_anchors
 from shared.detection.starting_weights import initialize_backbone
+from shared.detection import tflite
+from shared.detection.tflite_inference import INFO_FILE
 from shared.detection.validation import validation_split
 from shared.detection.predict import Detector
 from shared.errors import UserError
@@ -165,24 +168,19 @@ class DetectionTask(Task):
         return Detector.for_source(source, min_score)
 
     def export_saved_model(self, model, run, export_dir, model_name, keep):
-        from shared.detection import export
-
-        return export.export_detection_saved_model(run, export_dir, model_name=model_name, keep=keep)
+        return export_detection_saved_model(model, self.config, run, export_dir, model_name=model_name, keep=keep)
 
     def export_tflite(self, model, run, quantize, io, raw_outputs=False, nms="regular"):
-        from shared.detection import export
-
-        path = export.export_detection_tflite(run, quantize=quantize, io=io, raw_outputs=raw_outputs, nms=nms)
+        path = tflite.export_detection_tflite(model, self.config, run, quantize=quantize, io=io,
+                                             raw_outputs=raw_outputs, nms=nms)
         if raw_outputs:
-            return path, (f"with {path.parent / export.ANCHORS_FILE} and {path.parent / export.INFO_FILE} beside "
-                          f"it (decode outside: shared.detection.export.decode_tflite_outputs)")
-        return path, (f"ending in {export.POSTPROCESS_OP} (outputs boxes, classes, scores, count), "
-                      f"with {path.parent / export.LABELS_FILE} beside it")
+            return path, (f"with {path.parent / tflite.ANCHORS_FILE} and {path.parent / INFO_FILE} beside "
+                          f"it (decode outside: shared.detection.tflite_inference.decode_tflite_outputs)")
+        return path, (f"ending in {tflite.POSTPROCESS_OP} (outputs boxes, classes, scores, count), "
+                      f"with {path.parent / tflite.LABELS_FILE} beside it")
 
     def evaluate_tflite(self, path, run):
-        from shared.detection import export
-
-        return export.evaluate_detection_tflite(path, run)
+        return tflite.evaluate_detection_tflite(path, self.config)
 
     def loop_support(self):
         return DetectionLoop()

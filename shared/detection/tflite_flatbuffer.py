@@ -13,7 +13,7 @@ def anchors_in_int8(content: bytes, op_name: str) -> bytes:
     op's constant inputs in float32, and the anchors ([A, 4] float32) are the largest constant of a small
     detector's int8 file. One scale over 0 to their largest value (at least 1: the image side) puts each within
     half a step (1/510 of the image side, or of that value) of its float32 value, as the int8 anchor constants
-    in the graph before the op (`export.clipped_encodings`) are; the op's own quantized (uint8) form stores its
+    in the graph before the op (`tflite.clipped_encodings`) are; the op's own quantized (uint8) form stores its
     anchors so too."""
     from tensorflow.lite.python import schema_py_generated as schema
     from tensorflow.lite.tools import flatbuffer_utils

@@ -1,5 +1,6 @@
 """Running a detection .tflite file with LiteRT: its interpreter, which output is which (`detection.json`
-records it), and per image the raw outputs or the post-processing op's detections.
+records it), and per image the raw outputs or the post-processing op's detections; the raw outputs decoded
+into detections in numpy (`decode_tflite_outputs`).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from shared.detection.boxes import decode_boxes, non_max_suppression
 from shared.errors import UserError
 
 INFO_FILE = "detection.json"
@@ -115,3 +117,33 @@ def predict_tflite_postprocess(interpreter, images: np.ndarray, image_size: int)
         found.append((yx[:, [1, 0, 3, 2]].astype(np.float32), classes[:count].astype(np.int32),
                       scores[:count].astype(np.float32)))
     return found
+
+
+def decode_tflite_outputs(box_deltas: np.ndarray, class_logits: np.ndarray, anchors: np.ndarray,
+                          image_size: int, score_threshold: float = 0.05, nms_iou: float = 0.5,
+                          max_detections: int = 100) -> dict[str, np.ndarray]:
+    """The TFLite file's raw outputs (box deltas [N, A, 4] or [A, 4], class logits [N, A, C] or [A, C]) to
+    detections, in numpy: decode the deltas on `anchors` (anchors.npy), clip to the image, sigmoid scores,
+    per-class NMS, the best `max_detections` over all classes. The result has decode_detections' form:
+    {"boxes" [N, D, 4], "classes" [N, D] (-1 padding), "scores" [N, D], "num_detections" [N]}, D =
+    max_detections (no batch axis if the inputs had none). Thresholds: the run's detection.json."""
+    box_deltas, class_logits = np.asarray(box_deltas, np.float32), np.asarray(class_logits, np.float32)
+    batched = box_deltas.ndim == 3
+    if not batched:
+        box_deltas, class_logits = box_deltas[None], class_logits[None]
+    boxes = np.clip(decode_boxes(anchors, box_deltas), 0.0, float(image_size))
+    scores = 1.0 / (1.0 + np.exp(-class_logits))
+    count, d = len(boxes), int(max_detections)
+    out = {"boxes": np.zeros((count, d, 4), np.float32), "classes": np.full((count, d), -1, np.int32),
+           "scores": np.zeros((count, d), np.float32), "num_detections": np.zeros(count, np.int32)}
+    for n in range(count):
+        found = []  # (score, class, anchor)
+        for c in range(scores.shape[-1]):
+            for index in non_max_suppression(boxes[n], scores[n, :, c], nms_iou, score_threshold, d):
+                found.append((scores[n, index, c], c, index))
+        found.sort(key=lambda item: -item[0])
+        found = found[:d]
+        for slot, (score, c, index) in enumerate(found):
+            out["boxes"][n, slot], out["classes"][n, slot], out["scores"][n, slot] = boxes[n, index], c, score
+        out["num_detections"][n] = len(found)
+    return out if batched else {key: value[0] for key, value in out.items()}
