@@ -107,14 +107,10 @@ class Task(abc.ABC):
     test_options: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, config) -> None:
+        missing = [fact for fact in ("name", "commands") if not getattr(type(self), fact, None)]
+        if missing:  # like a missing hook, at construction rather than mid-run
+            raise TypeError(f"task class {type(self).__name__} does not set {', '.join(missing)}")
         self.config = config
-
-    def __init_subclass__(cls, **kwargs) -> None:
-        super().__init_subclass__(**kwargs)
-        if not getattr(cls, "__abstractmethods__", None):
-            missing = [name for name in ("name", "commands") if not hasattr(cls, name)]
-            if missing:
-                raise TypeError(f"task class {cls.__name__} does not set {', '.join(missing)}")
 
     def bound(self, config) -> "Task":
         """This task bound to another config (the same task: the config resolved further, a run's own)."""

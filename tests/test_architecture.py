@@ -182,6 +182,12 @@ def test_task_is_abstract_and_a_task_missing_a_hook_fails_at_construction():
 
     with pytest.raises(TypeError, match="abstract"):
         Partial(config)
+
+    class Unnamed(TASKS["deblur"]):  # every hook, but no name to be chosen by
+        name = ""
+
+    with pytest.raises(TypeError, match="does not set name"):
+        Unnamed(config)
     for name, task_class in TASKS.items():
         task = task_class(config)
         assert task.name == name and task.config is config and task.commands
