@@ -1,8 +1,9 @@
 """Keras-native training of the canonical ILSVRC classifiers, with every run snapshotted.
 
-The flow is one way: config -> data -> model -> fit -> run snapshot. Each concept has one module:
-`config`, `data`, `modelzoo`, `optim`, `lifecycle`, `evaluate`, `runs`, and the CLI in `runner` (installed as
-the `ilsvrc-canon` command by `shared.cli`).
+The flow is one way: config -> task -> data -> model -> fit -> run snapshot. Each concept has one home: the
+generic layer at the top (`config`, `lifecycle`, `checkpoints`, `runs`, `export`, `predict`, the `loop` and
+`tuning` packages, the commands in `commands` and `runner`, installed as `ilsvrc-canon` by `cli`) and one
+package per task (`classification`, `detection`, `deblur`). docs/architecture.md maps them.
 """
 
 import os
