@@ -19,11 +19,9 @@ from shared.fashion_mnist import FASHION_MNIST_DIRS
 from shared.classification.predict import Predictor
 from shared.tasks import rebuild
 
-from conftest import REPO
-import test_predict
+from conftest import REPO, TINY_MODEL, tiny_tree
+from test_data import make_folder_dataset
 from test_predict import CLASSES, assert_one_line_error, fake_run, run_cli
-
-folder_run = test_predict.folder_run  # its tiny trained classification run, a fixture here too
 
 HAS_FASHION_MNIST = (Path(FASHION_MNIST_DIRS[0]) / "train-images-idx3-ubyte.gz").is_file()
 
@@ -38,6 +36,24 @@ def accept_all(tasks_file: Path, lines: list[dict]) -> Path:
     accepted = tasks_file.with_name("accepted.jsonl")
     accepted.write_text("".join(json.dumps({**line, "answer": "accept"}) + "\n" for line in lines), encoding="utf-8")
     return accepted
+
+
+@pytest.fixture(scope="module")
+def folder_run(tmp_path_factory):
+    """test_predict's folder of JPEG / PNG files of 40 x 30 px (center-cropped to 16 px) with TINY_MODEL (one
+    convolution) trained on it for one epoch: the tasks are checked against the run's own predictions, so the
+    model need not be a ResNet, and one convolution builds, traces and exports in a fraction of its time."""
+    from shared.config import load_config
+    from shared.lifecycle import train
+
+    base = tmp_path_factory.mktemp("preannotate_classification")
+    root = make_folder_dataset(base / "images", classes=CLASSES, per_class=4)
+    (base / "tiny").mkdir()
+    (base / "tiny" / "model.py").write_text(TINY_MODEL)
+    tree = tiny_tree(base / "runs", train={"epochs": 1, "batch_size": 8})
+    tree["data"] = {"source": "folder", "path": str(root), "test_split": "val", "image_size": 16}
+    tree["model"] = {"name": "tiny", "path": str(base / "tiny")}
+    return train(load_config(tree=tree), argv=["pytest"]), root
 
 
 @pytest.mark.slow
