@@ -22,6 +22,12 @@ TINY = ["model.width=4", "detection.fpn_channels=8", "detection.head_depth=1", "
         f"data.image_size={SIZE}", "detection.score_threshold=0.0", "train.verbose=0"]
 
 
+@pytest.fixture(scope="module")
+def canvases(tmp_path_factory) -> Path:
+    """The tiny canvas set, generated once for the runs of this file (read only)."""
+    return tiny_canvases(tmp_path_factory.mktemp("canvases"))
+
+
 def python(script: str, timeout: int = 300) -> subprocess.CompletedProcess:
     result = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], cwd=REPO, capture_output=True,
                             text=True, timeout=timeout)
@@ -61,10 +67,9 @@ def test_losses_under_a_mirrored_strategy_equal_one_device_on_the_global_batch()
 @pytest.mark.slow
 @pytest.mark.skipif(not (Path(FASHION_MNIST_DIRS[0]) / "train-images-idx3-ubyte.gz").is_file(),
                     reason="Fashion-MNIST IDX files not installed")
-def test_mirrored_detection_run_on_two_logical_cpus(tmp_path):
-    data = tiny_canvases(tmp_path / "canvases")
+def test_mirrored_detection_run_on_two_logical_cpus(canvases, tmp_path):
     overrides = [*TINY, "train.batch_size=4", "distribute.strategy=mirrored", f"run.dir={tmp_path / 'runs'}",
-                 *data_overrides(data)]
+                 *data_overrides(canvases)]
     args = ["--config", str(REPO / "models" / "resnet" / "detect.yaml"),
             *[arg for item in overrides for arg in ("--set", item)]]
     result = python(f"""
@@ -92,10 +97,9 @@ def test_mirrored_detection_run_on_two_logical_cpus(tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(not (Path(FASHION_MNIST_DIRS[0]) / "train-images-idx3-ubyte.gz").is_file(),
                     reason="Fashion-MNIST IDX files not installed")
-def test_multi_worker_detection_run_with_two_local_processes(tmp_path):
-    data = tiny_canvases(tmp_path / "canvases")
+def test_multi_worker_detection_run_with_two_local_processes(canvases, tmp_path):
     overrides = [*TINY, "train.batch_size=4", "train.epochs=2", "distribute.strategy=multi_worker",
-                 f"run.dir={tmp_path / 'runs'}", *data_overrides(data)]
+                 f"run.dir={tmp_path / 'runs'}", *data_overrides(canvases)]
     args = ["--config", str(REPO / "models" / "resnet" / "detect.yaml"),
             *[arg for item in overrides for arg in ("--set", item)]]
     workers = [f"127.0.0.1:{port}" for port in free_ports(2)]

@@ -12,15 +12,16 @@ import textwrap
 import pytest
 import yaml
 
-from conftest import REPO, TINY_MODEL, free_ports, tiny_tree
+from conftest import REPO, free_ports, tiny_tree
 from shared.config_schema import DistributeConfig
 from shared.errors import UserError
 
 pytestmark = pytest.mark.slow  # every test trains across devices or worker processes
 
 
-def test_mirrored_on_two_logical_cpus(tmp_path):
+def test_mirrored_on_two_logical_cpus(tmp_path, one_conv_model):
     tree = tiny_tree(tmp_path / "runs", train={"epochs": 1, "batch_size": 16, "verbose": 0, "lr": {"base": 0.05}})
+    tree["model"] = one_conv_model  # the strategy is what is checked, not the model
     tree["distribute"] = {"strategy": "mirrored"}
     script = textwrap.dedent(f"""
         from shared.distribute import split_cpu
@@ -39,8 +40,9 @@ def test_mirrored_on_two_logical_cpus(tmp_path):
     assert json.loads(open(f"{run_dir}/status.json").read())["status"] == "finished"
 
 
-def test_multi_worker_with_two_local_processes(tmp_path):
+def test_multi_worker_with_two_local_processes(tmp_path, one_conv_model):
     tree = tiny_tree(tmp_path / "runs", train={"epochs": 2, "batch_size": 16, "verbose": 0, "lr": {"base": 0.05}})
+    tree["model"] = one_conv_model  # the strategy is what is checked, not the model
     tree["distribute"] = {"strategy": "multi_worker"}
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump(tree))
@@ -56,7 +58,7 @@ def test_multi_worker_with_two_local_processes(tmp_path):
     for process, (_, err) in zip(processes, outputs):
         assert process.returncode == 0, err[-3000:]
     assert "MultiWorkerMirroredStrategy, 2 replicas, 2 workers" in outputs[0][0]
-    (run_dir,) = (tmp_path / "runs" / "resnet").iterdir()  # only the chief keeps a run folder
+    (run_dir,) = (tmp_path / "runs" / "tiny").iterdir()  # only the chief keeps a run folder
     assert json.loads((run_dir / "status.json").read_text())["status"] == "finished"
     assert (run_dir / "checkpoints" / "epoch-0002.keras").is_file()
 
@@ -81,7 +83,8 @@ def test_auto_is_the_default_strategy_on_one_device(monkeypatch):
 
 
 @pytest.mark.parametrize("ending", ["finishes", "fails"])
-def test_a_non_chief_workers_scratch_run_is_removed_however_training_ends(tmp_path, monkeypatch, ending):
+def test_a_non_chief_workers_scratch_run_is_removed_however_training_ends(tmp_path, monkeypatch, ending,
+                                                                           one_conv_model):
     """A non-chief worker trains into a scratch run under the temporary folder; it goes when training ends,
     also when training fails (it was left behind then)."""
     import tempfile
@@ -98,11 +101,9 @@ def test_a_non_chief_workers_scratch_run_is_removed_however_training_ends(tmp_pa
     monkeypatch.setattr(tempfile, "tempdir", str(temporary))
     monkeypatch.setattr(distribute, "make_placement", lambda settings: distribute.Placement(
         tf.distribute.get_strategy(), 1, False, "a non-chief worker"))
-    (tmp_path / "tiny").mkdir()
-    (tmp_path / "tiny" / "model.py").write_text(TINY_MODEL)
     tree = tiny_tree(tmp_path / "runs", data={"synthetic_train": 32, "synthetic_test": 16},
                      train={"epochs": 1, "batch_size": 16, "verbose": 0, "lr": {"base": 0.05}})
-    tree["model"] = {"name": "tiny", "path": str(tmp_path / "tiny")}
+    tree["model"] = one_conv_model
     scratch = []
 
     class WorkerLost(keras.callbacks.Callback):
