@@ -68,15 +68,16 @@ def test_nonexistent_run_for_test(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_corrupt_image_in_a_folder_dataset_names_the_file(tmp_path, capsys):
+def test_corrupt_image_in_a_folder_dataset_names_the_file(tmp_path, capsys, one_conv_model):
     root = make_folder_dataset(tmp_path / "imgs", per_class=3)
     bad = root / "train" / "dog" / "broken.jpg"
     bad.write_bytes(b"\xff\xd8\xff\xe0 truncated, not a real JPEG")
     tree = tiny_tree(tmp_path / "runs", train={"epochs": 1, "batch_size": 4})
     tree["data"] = {"source": "folder", "path": str(root), "test_split": "val", "image_size": 16}
+    tree["model"] = one_conv_model  # the data is what is checked: the smallest model
     code, _, err = run_cli(capsys, "--config", write_config(tmp_path, tree))
     assert_one_line_error(code, err, "corrupt or unreadable image", str(bad), "marked failed")
-    (run_dir,) = (tmp_path / "runs" / "resnet").iterdir()
+    (run_dir,) = (tmp_path / "runs" / "tiny").iterdir()
     assert yaml.safe_load((run_dir / "status.json").read_text())["status"] == "failed"
 
 
@@ -89,13 +90,15 @@ def test_real_process_prints_one_line_and_exit_code(tmp_path):
 
 
 @pytest.mark.slow
-def test_train_then_test_from_the_command_line(tmp_path, capsys):
-    path = write_config(tmp_path, tiny_tree(tmp_path / "runs", train={"epochs": 1}))
+def test_train_then_test_from_the_command_line(tmp_path, capsys, one_conv_model):
+    tree = tiny_tree(tmp_path / "runs", train={"epochs": 1})
+    tree["model"] = one_conv_model  # the command's plumbing and printing are checked, not the model
+    path = write_config(tmp_path, tree)
     code, out, err = run_cli(capsys, "--config", path, "--notes", "cli: smoke", "--set", "data.synthetic_train=64",
                              "--set", "data.val_fraction=0.25")
     assert code == 0, err
     assert "test top-1" in out and "48 training / 16 validation / 64 test images" in out
-    (run_dir,) = (tmp_path / "runs" / "resnet").iterdir()
+    (run_dir,) = (tmp_path / "runs" / "tiny").iterdir()
     assert "cli: smoke" in (run_dir / "notes.md").read_text()
     assert "val_top1" in (run_dir / "metrics.csv").read_text().splitlines()[0]  # validated every epoch
     # the summary line, then the worst classes, then the closing line (what the folder holds, what comes next)
@@ -107,7 +110,7 @@ def test_train_then_test_from_the_command_line(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_corrupt_images_are_skipped_named_once_and_counted_once(tmp_path, capsys):
+def test_corrupt_images_are_skipped_named_once_and_counted_once(tmp_path, capsys, one_conv_model):
     root = make_folder_dataset(tmp_path / "imgs", per_class=3)
     (root / "train" / "dog" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated, not a real JPEG")
     (root / "train" / "cat" / "text.png").write_text("not an image\n")
@@ -115,9 +118,10 @@ def test_corrupt_images_are_skipped_named_once_and_counted_once(tmp_path, capsys
     tree = tiny_tree(tmp_path / "runs", train={"epochs": 4, "batch_size": 4})
     tree["data"] = {"source": "folder", "path": str(root), "test_split": "val", "image_size": 16,
                     "on_corrupt": "skip"}
+    tree["model"] = one_conv_model  # the data is what is checked: the smallest model
     code, out, err = run_cli(capsys, "--config", write_config(tmp_path, tree))
     assert code == 0, err
-    (run_dir,) = (tmp_path / "runs" / "resnet").iterdir()
+    (run_dir,) = (tmp_path / "runs" / "tiny").iterdir()
     metrics = yaml.safe_load((run_dir / "test_metrics.json").read_text())
     # read in each of 4 epochs, each counted and named once
     assert metrics["skipped_train_images"] == 2 and metrics["skipped_test_images"] == 1

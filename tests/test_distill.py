@@ -90,15 +90,16 @@ def test_saturated_probabilities_stay_finite():
 @pytest.mark.slow
 def test_a_teacher_for_other_classes_or_images_is_refused(trained_run):
     run, _ = trained_run
+    teacher = rebuilt(run)  # one rebuild for the four refusals: each is refused before its model is touched
     with pytest.raises(UserError, match=r"predicts 4 classes but the student's data has 7"):
-        load_teacher(rebuilt(run), 7, SHAPE)
+        load_teacher(teacher, 7, SHAPE)
     with pytest.raises(UserError, match=r"takes 16x16x3 images but the student's are 32x32x3.*data.image_size: 16"):
-        load_teacher(rebuilt(run), CLASSES, (32, 32, 3))
+        load_teacher(teacher, CLASSES, (32, 32, 3))
     with pytest.raises(UserError, match=r"16x16x1.*data.channels: 3"):
-        load_teacher(rebuilt(run), CLASSES, (16, 16, 1))
+        load_teacher(teacher, CLASSES, (16, 16, 1))
     names = run.class_names()
     with pytest.raises(UserError, match=r"other classes: class 1"):
-        load_teacher(rebuilt(run), CLASSES, SHAPE, class_names=[names[0], "cat", *names[2:]])
+        load_teacher(teacher, CLASSES, SHAPE, class_names=[names[0], "cat", *names[2:]])
 
 
 def test_the_teacher_sees_its_own_normalization(trained_run):

@@ -2,6 +2,7 @@
 appear atomically and are pruned, and user mistakes are one-line errors."""
 
 import errno
+import functools
 import io
 import json
 import os
@@ -43,10 +44,17 @@ json.dump(result, open(out, "w"))
 """
 
 
+@functools.cache
+def rebuilt(path: Path) -> tuple:
+    """The model and config of the finished run at `path`, rebuilt once for this module's exports: an export
+    only reads them. A run that cannot be rebuilt raises each time (nothing is cached)."""
+    return rebuild(open_run(path))
+
+
 def export_saved_model(run, export_dir: Path, **options) -> Path:
     """The run exported as the `export` command does it: its model rebuilt, then published."""
     run = run if isinstance(run, Run) else open_run(run)
-    return classification_export.export_saved_model(*rebuild(run), run, export_dir, **options)
+    return classification_export.export_saved_model(*rebuilt(run.path), run, export_dir, **options)
 
 
 def png(pixels: np.ndarray) -> bytes:
@@ -68,9 +76,8 @@ def saved_model(trained_run, tmp_path_factory) -> Path:
 def eval_pipeline_probabilities(run: Run, images: list[np.ndarray]) -> np.ndarray:
     """The Keras model's probabilities on pixels preprocessed by the project's own eval map."""
     from shared.data import _image_fn, sources
-    from shared.tasks import rebuild
 
-    model, config = rebuild(run)
+    model, config = rebuilt(run.path)
     eval_fn = _image_fn(config, sources.load(config.data), None)
     return np.concatenate([model(eval_fn(tf.constant(image), 0)[0][None], training=False).numpy()
                            for image in images])
@@ -249,7 +256,7 @@ def test_a_full_disk_writing_a_tflite_file_keeps_the_earlier_one(trained_run, tm
 
     monkeypatch.setattr(os, "fsync", full)
     with pytest.raises(DiskFull) as caught:
-        tflite.convert(*rebuild(run), run, out_path=out)
+        tflite.convert(*rebuilt(run.path), run, out_path=out)
     assert "\n" not in str(caught.value) and str(caught.value).startswith(f"disk full while writing {out} (")
     assert out.read_bytes() == b"the earlier export" and sorted(tmp_path.iterdir()) == [out]
 

@@ -78,7 +78,8 @@ def test_run_saved_model_and_tflite_predict_what_the_eval_pipeline_sees(folder_r
     files = sorted((root / "val").rglob("*.*"))
     expected = eval_pipeline_probabilities(run, files)
 
-    from_run = Predictor.from_run(run, *rebuild(run)).predict(files, top_k=10, batch_size=5)  # batches of 5, 5, 2
+    rebuilt = rebuild(run)  # one model for the run's predictors: each prediction only reads it
+    from_run = Predictor.from_run(run, *rebuilt).predict(files, top_k=10, batch_size=5)  # batches of 5, 5, 2
     assert [p.input for p in from_run] == [str(f) for f in files]
     got = np.stack([p.probabilities for p in from_run])
     assert np.abs(got - expected).max() < 1e-5
@@ -105,7 +106,7 @@ def test_run_saved_model_and_tflite_predict_what_the_eval_pipeline_sees(folder_r
     arrays = [np.asarray(Image.open(f)) for f in pngs]
     want = expected[[files.index(f) for f in pngs]]
     from_saved = Predictor.from_saved_model(folder.parent)  # a model folder: its newest version
-    for predictor in (Predictor.from_run(run, *rebuild(run)), from_saved):
+    for predictor in (Predictor.from_run(run, *rebuilt), from_saved):
         result = predictor.predict(arrays)
         assert [p.input for p in result] == list(range(len(arrays)))
         assert np.abs(np.stack([p.probabilities for p in result]) - want).max() < 1e-5
@@ -114,7 +115,7 @@ def test_run_saved_model_and_tflite_predict_what_the_eval_pipeline_sees(folder_r
     damaged = tmp_path / "damaged.png"
     damaged.write_bytes(DAMAGED)
     mixed = [files[0], damaged, tmp_path / "gone.jpg", files[1], np.zeros((2, 2, 2, 2), np.uint8), arrays[0]]
-    for predictor in (Predictor.from_run(run, *rebuild(run)), Predictor.from_saved_model(folder)):
+    for predictor in (Predictor.from_run(run, *rebuilt), Predictor.from_saved_model(folder)):
         result = predictor.predict(mixed, batch_size=3)  # the SavedModel retries its failed batch one by one
         assert [p.error is None for p in result] == [True, False, False, True, False, True]
         assert result[1].error.startswith("does not decode") and result[2].error == "No such file or directory"
