@@ -316,12 +316,10 @@ def test_a_continued_folder_run_keeps_the_recorded_split(tmp_path):
 
 
 @pytest.mark.slow
-def test_best_keras_only_ever_holds_a_committed_epoch(tmp_path):
+def test_best_keras_only_ever_holds_a_committed_epoch(tmp_path, capsys):
     """Every epoch's rate is lower, so each is the best so far. Killed after epoch 2's copy is written but
     before its backup commits, best.keras is still epoch 1's (the resume redoes epoch 2); the resume then
     ends with the last epoch's and no staged copy left."""
-    import sys
-
     from shared.checkpoints import backup_state
 
     run_dir = killed_at(".best-epoch-0002.keras:after:1", tmp_path, tiny_run_tree(
@@ -332,9 +330,7 @@ def test_best_keras_only_ever_holds_a_committed_epoch(tmp_path):
     assert (checkpoints / ".best-epoch-0002.keras").is_file()
     assert (checkpoints / "best.keras").read_bytes() == (checkpoints / "epoch-0001.keras").read_bytes()
 
-    resumed = subprocess.run([sys.executable, "-m", "shared.runner", "--resume", str(run_dir)], cwd=REPO,
-                             capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr
+    assert runner("--resume", str(run_dir)) == 0, capsys.readouterr().err  # in this process: only a kill needs its own
     assert sorted(p.name for p in checkpoints.iterdir()) == ["best.keras", "epoch-0001.keras", "epoch-0002.keras",
                                                              "epoch-0003.keras"]
     assert (checkpoints / "best.keras").read_bytes() == (checkpoints / "epoch-0003.keras").read_bytes()
@@ -342,17 +338,16 @@ def test_best_keras_only_ever_holds_a_committed_epoch(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_run_killed_after_its_early_stop_is_not_trained_further(tmp_path):
+def test_a_run_killed_after_its_early_stop_is_not_trained_further(tmp_path, capsys):
     """Killed once the stopping epoch's backup is committed (while it tests): the resume trains nothing more,
     tests and records the stop at that epoch."""
-    import sys
-
     run_dir = killed_at("training_metadata.json:after:3", tmp_path, tiny_run_tree(
         tmp_path, epochs=6, early_stopping={"monitor": "lr", "patience": 2, "mode": "max"}))
-    resumed = subprocess.run([sys.executable, "-m", "shared.runner", "--resume", str(run_dir)], cwd=REPO,
-                             capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr
-    assert "stopped early after epoch 3 of 6" in resumed.stdout
+    capsys.readouterr()
+    code = runner("--resume", str(run_dir))  # in this process: only the kill needs one of its own
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "stopped early after epoch 3 of 6" in out
     assert len(rows(run_dir)) == 3 and sorted(p.name for p in (run_dir / "checkpoints").iterdir())[-1] == \
         "epoch-0003.keras"
     assert json.loads((run_dir / "test_metrics.json").read_text())["stopped_early"]["epoch"] == 3

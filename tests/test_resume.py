@@ -44,9 +44,19 @@ def wait_for_backup(runs_dir: Path, process: subprocess.Popen, epochs: int, time
     raise AssertionError("no backup appeared in time")
 
 
-def resume(run_dir: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "shared.runner", "--resume", str(run_dir)], cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
+def cli(capsys, *args: str) -> tuple[int, str, str]:
+    """The runner's main() in this process (what a fresh `python -m shared.runner` runs, without a second
+    TensorFlow start): its exit status, stdout and stderr. The kills themselves are of a subprocess."""
+    from shared import runner
+
+    capsys.readouterr()
+    code = runner.main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def resume(run_dir: Path, capsys) -> tuple[int, str, str]:
+    return cli(capsys, "--resume", str(run_dir))
 
 
 def metric_epochs(run_dir: Path) -> list[int]:
@@ -59,7 +69,7 @@ def status(run_dir: Path) -> str:
 
 
 @pytest.mark.slow
-def test_sigkill_mid_epoch_then_resume(tmp_path):
+def test_sigkill_mid_epoch_then_resume(tmp_path, capsys):
     process = start(tmp_path, slow_tree(tmp_path / "runs", ema_momentum=0.99))  # checkpoints hold the averages
     run_dir = wait_for_backup(tmp_path / "runs", process, epochs=1)
     time.sleep(0.7)  # into epoch 2
@@ -69,9 +79,9 @@ def test_sigkill_mid_epoch_then_resume(tmp_path):
     done = json.loads((run_dir / "backup/phase-1/training_metadata.json").read_text())["epoch"]
     assert 1 <= done < EPOCHS
 
-    result = resume(run_dir)
-    assert result.returncode == 0, result.stderr
-    assert f"resuming after epoch {done} of {EPOCHS}" in result.stdout
+    code, out, err = resume(run_dir, capsys)
+    assert code == 0, err
+    assert f"resuming after epoch {done} of {EPOCHS}" in out
     assert status(run_dir) == "finished"
     assert metric_epochs(run_dir) == list(range(EPOCHS))  # none duplicated, none missing
     assert (run_dir / "checkpoints" / f"epoch-{EPOCHS:04d}.keras").is_file()
@@ -79,10 +89,9 @@ def test_sigkill_mid_epoch_then_resume(tmp_path):
     metrics = json.loads((run_dir / "test_metrics.json").read_text())
     assert metrics["checkpoint"] == f"checkpoints/epoch-{EPOCHS:04d}.keras"
     # the checkpoint is readable and re-tests to the recorded figure
-    retest = subprocess.run([sys.executable, "-m", "shared.runner", "test", "--run", str(run_dir)], cwd=REPO,
-                            capture_output=True, text=True, timeout=300)
-    assert retest.returncode == 0, retest.stderr
-    assert f"top-1 {metrics['top1']:.4f}  top-5 {metrics['top5']:.4f}  loss {metrics['loss']:.4f}" in retest.stdout
+    code, out, err = cli(capsys, "test", "--run", str(run_dir))
+    assert code == 0, err
+    assert f"top-1 {metrics['top1']:.4f}  top-5 {metrics['top5']:.4f}  loss {metrics['loss']:.4f}" in out
     # the optimizer continued: its step counter covers every epoch's batches exactly once
     steps = 2048 // 32
     import keras
@@ -91,7 +100,7 @@ def test_sigkill_mid_epoch_then_resume(tmp_path):
 
 
 @pytest.mark.slow
-def test_sigterm_saves_and_marks_interrupted(tmp_path):
+def test_sigterm_saves_and_marks_interrupted(tmp_path, capsys):
     process = start(tmp_path, slow_tree(tmp_path / "runs"))
     run_dir = wait_for_backup(tmp_path / "runs", process, epochs=1)
     process.send_signal(signal.SIGTERM)
@@ -101,8 +110,8 @@ def test_sigterm_saves_and_marks_interrupted(tmp_path):
     assert status(run_dir) == "interrupted"
     assert (run_dir / "checkpoints" / "interrupted.keras").is_file()
 
-    result = resume(run_dir)
-    assert result.returncode == 0, result.stderr
+    code, _, err = resume(run_dir, capsys)
+    assert code == 0, err
     assert status(run_dir) == "finished"
     assert metric_epochs(run_dir) == list(range(EPOCHS))
 
@@ -117,11 +126,12 @@ def test_resume_refuses_a_finished_run(trained_run, capsys):
 
 
 @pytest.mark.slow
-def test_nan_loss_stops_with_a_clear_message(tmp_path):
+def test_nan_loss_stops_with_a_clear_message(tmp_path, capsys):
     tree = tiny_tree(tmp_path / "runs", train={"epochs": 2, "verbose": 0, "lr": {"base": 1.0e+30}})
-    process = start(tmp_path, tree)
-    _, err = process.communicate(timeout=300)
-    assert process.returncode == 2, err
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(tree))
+    code, _, err = cli(capsys, "--config", str(config))
+    assert code == 2, err
     assert "loss became" in err and "Traceback" not in err
     (run_dir,) = (tmp_path / "runs" / "resnet").iterdir()
     assert status(run_dir) == "failed"

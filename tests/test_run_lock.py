@@ -73,7 +73,11 @@ def snapshot(folder: Path) -> dict:
 
 
 @pytest.mark.slow
-def test_every_command_refuses_a_live_run_with_one_line(live_copy, tmp_path):
+def test_every_command_refuses_a_live_run_with_one_line(live_copy, tmp_path, capsys):
+    # The holder is the second process; each command runs in this one (the same main() the console calls),
+    # which spares a TensorFlow start per command.
+    from shared import runner
+
     config = str(REPO / "models" / "resnet" / "quick.yaml")
     elsewhere = f"run.dir={tmp_path / 'other_runs'}"
     before = snapshot(live_copy)
@@ -82,10 +86,12 @@ def test_every_command_refuses_a_live_run_with_one_line(live_copy, tmp_path):
                      ["export", "--run", str(live_copy), "--format", "tflite"], ["size", "--run", str(live_copy)],
                      ["finetune", "--config", config, "--from", str(live_copy), "--set", elsewhere],
                      ["distill", "--config", config, "--teacher", str(live_copy), "--set", elsewhere]):
-            result = cli(*args)
-            assert result.returncode == 2, (args, result.stderr)
-            assert len(result.stderr.strip().splitlines()) == 1, (args, result.stderr)
-            assert result.stderr.startswith("error: run ") and in_use(holder.pid) in result.stderr, args
+            capsys.readouterr()
+            code = runner.main(args)
+            err = capsys.readouterr().err
+            assert code == 2, (args, err)
+            assert len(err.strip().splitlines()) == 1, (args, err)
+            assert err.startswith("error: run ") and in_use(holder.pid) in err, args
     assert snapshot(live_copy) == before  # nothing written, nothing redrawn
     assert not (tmp_path / "other_runs").exists()
 
@@ -170,20 +176,24 @@ class ProbeThenInterrupt(keras.callbacks.Callback):
         self.result = None
 
     def on_epoch_end(self, epoch, logs=None):
-        (run_dir,) = self.runs_dir.glob("resnet/v*")
+        (run_dir,) = self.runs_dir.glob("*/v*")
         self.result = cli("test", "--run", str(run_dir))
         raise KeyboardInterrupt
 
 
 @pytest.mark.slow
-def test_training_holds_the_lock_and_resume_trusts_the_backup_over_a_damaged_status(tmp_path, capsys):
+def test_training_holds_the_lock_and_resume_trusts_the_backup_over_a_damaged_status(tmp_path, capsys,
+                                                                                     one_conv_model):
     from shared.lifecycle import resume
 
     probe = ProbeThenInterrupt(tmp_path / "runs")
+    # the lock is what is checked, not the model: one convolution, two batches an epoch
+    tree = tiny_tree(tmp_path / "runs", data={"synthetic_train": 64, "synthetic_test": 32}, train={"epochs": 2})
+    tree["model"] = one_conv_model
     with pytest.raises(KeyboardInterrupt):
-        train(load_config(tree=tiny_tree(tmp_path / "runs", train={"epochs": 2})), callbacks=[probe])
+        train(load_config(tree=tree), callbacks=[probe])
     assert probe.result.returncode == 2 and in_use(os.getpid()) in probe.result.stderr
-    (run_dir,) = (tmp_path / "runs" / "resnet").iterdir()
+    (run_dir,) = (tmp_path / "runs" / "tiny").iterdir()
     run = runs.Run(run_dir)
     assert runs.lock_holder(run) is None and runs.shown_status(run) == "interrupted"  # released when it stopped
 

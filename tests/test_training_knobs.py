@@ -72,18 +72,24 @@ def test_bad_knobs(change, fragment):
         load_config(tree={"train": change})
 
 
-def tiny_run(tmp_path, **train):
+def tiny_run(tmp_path, model: dict | None = None, **train):
+    """One epoch of 2 batches: these runs check plumbing, not learning. `model`: another model section (the
+    tiny ResNet's by default)."""
     from shared.lifecycle import train as run_training
 
-    tree = tiny_tree(tmp_path / "runs", train={"epochs": 1, "verbose": 0, "lr": {"base": 0.05}, **train})
+    tree = tiny_tree(tmp_path / "runs", data={"synthetic_train": 64, "synthetic_test": 32},
+                     train={"epochs": 1, "verbose": 0, "lr": {"base": 0.05}, **train})
+    if model is not None:
+        tree["model"] = model
     return run_training(load_config(tree=tree))
 
 
 @pytest.mark.slow
-def test_label_smoothing_and_ema_train_and_retest_the_same(tmp_path):
+def test_label_smoothing_and_ema_train_and_retest_the_same(tmp_path, one_conv_model):
     from shared.lifecycle import test as evaluate
 
-    run = tiny_run(tmp_path, label_smoothing=0.1, ema_momentum=0.9, optimizer={"name": "sgd", "nesterov": True})
+    run = tiny_run(tmp_path, one_conv_model, label_smoothing=0.1, ema_momentum=0.9,
+                   optimizer={"name": "sgd", "nesterov": True})
     recorded = run.test_metrics()
     assert recorded["weights"] == "ema"
     assert evaluate(run)["top1"] == recorded["top1"]  # the checkpoint holds the averaged weights
@@ -91,10 +97,10 @@ def test_label_smoothing_and_ema_train_and_retest_the_same(tmp_path):
 
 
 @pytest.mark.slow
-def test_mixed_bfloat16_keeps_float32_probabilities(tmp_path):
+def test_mixed_bfloat16_keeps_float32_probabilities(tmp_path, one_conv_model):
     from shared.modelzoo import build_model, load_model_module, model_dir
 
-    run = tiny_run(tmp_path, precision="mixed_bfloat16")
+    run = tiny_run(tmp_path, one_conv_model, precision="mixed_bfloat16")  # the ResNet is built in bfloat16 below
     assert run.status()["status"] == "finished"
     assert keras.config.dtype_policy().name == "float32"  # the global policy is restored
     module = load_model_module(model_dir("resnet"))
@@ -124,7 +130,7 @@ def test_freeze_by_pattern_keeps_those_weights(tmp_path):
 @pytest.mark.slow
 def test_finetune_and_finetune_all_from_a_run(tmp_path, trained_run, capsys):
     source, _ = trained_run
-    tree = tiny_tree(tmp_path / "runs", data={"num_classes": 3, "synthetic_train": 128},
+    tree = tiny_tree(tmp_path / "runs", data={"num_classes": 3, "synthetic_train": 64, "synthetic_test": 32},
                      train={"epochs": 2, "verbose": 0, "lr": {"base": 0.05}})
     tree["model"]["path"] = source.config_dict()["model"]["path"]
     config = tmp_path / "finetune.yaml"
@@ -181,7 +187,8 @@ def test_preview_lr_sweep_and_find_batch_commands(tmp_path, capsys):
 @pytest.mark.slow
 def test_distill_command_trains_a_student_that_retests_alone(tmp_path, trained_run, capsys):
     teacher, _ = trained_run
-    tree = tiny_tree(tmp_path / "runs", train={"epochs": 1, "verbose": 0, "lr": {"base": 0.05}})
+    tree = tiny_tree(tmp_path / "runs", data={"synthetic_train": 64, "synthetic_test": 32},
+                     train={"epochs": 1, "verbose": 0, "lr": {"base": 0.05}})
     tree["model"]["width"] = 2  # a smaller student; cross-architecture pairs: tests/test_distill.py
     config = tmp_path / "student.yaml"
     config.write_text(yaml.safe_dump(tree))
