@@ -120,7 +120,10 @@ def _file_of(scope: str) -> str:
 def pytest_xdist_make_scheduler(config, log):
     if config.getvalue("dist") != "loadscope":
         return None
-    from xdist.scheduler import LoadScopeScheduling
+    try:  # pytest-xdist (the test extra) calls this hook, so it is there; its scheduler module may move
+        from xdist.scheduler import LoadScopeScheduling
+    except ImportError:
+        return None  # xdist's own loadscope
 
     class HeavyFirstScheduling(LoadScopeScheduling):
         """loadscope (a file's tests on one worker, for its module fixtures), with SPLIT_BY_TEST's files split
