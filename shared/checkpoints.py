@@ -47,8 +47,6 @@ def monitor_mode(monitor: str, mode: str = "auto") -> str:
 
 def monitored_value(monitor: str, logs: dict | None, what: str) -> float:
     """The monitored value of an epoch's logs; a UserError naming the logged keys if it is not there."""
-    from shared.errors import UserError
-
     logs = logs or {}
     if monitor not in logs:
         raise UserError(f"{what} is {monitor!r}, which this run does not log; it logs: "

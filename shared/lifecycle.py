@@ -24,6 +24,7 @@ from typing import Callable, Iterator
 
 import keras
 
+from shared import config as config_module
 from shared import distribute, durable, finetune, modelzoo, optim, plots, runs
 from shared.callbacks import (DurableCSVLogger, LearningRateLogger, NonFiniteLoss, StopOnNonFiniteLoss, StopOnSignal,
                               logged_metrics)
@@ -71,7 +72,7 @@ def train(config: Config, argv: list[str] | None = None, callbacks: list | tuple
     finished run. `callbacks`: extra Keras callbacks, run after the runner's own (a tuner's pruning hook).
     `config` is frozen: the run resolves a new one (hyperparameters, class count, absolute paths) in
     `prepare`, which its config.yaml records."""
-    return _run_training(_task(config), argv, extra_callbacks=callbacks)
+    return _run_training(task_for(config), argv, extra_callbacks=callbacks)
 
 
 def resume(path: str | Path, argv: list[str] | None = None) -> runs.Run:
@@ -80,10 +81,8 @@ def resume(path: str | Path, argv: list[str] | None = None) -> runs.Run:
     run = runs.open_run(path)
     runs.lock_run(run, argv)  # before anything is read or written: a live run is refused here
     check_resumable(run)
-    from shared import config as config_module
-
     config = config_module.from_dict(run.config_dict())
-    return _run_training(_task(config), argv, resumed=run)
+    return _run_training(task_for(config), argv, resumed=run)
 
 
 def continue_run(path: str | Path, epochs: int, argv: list[str] | None = None,
@@ -94,18 +93,12 @@ def continue_run(path: str | Path, epochs: int, argv: list[str] | None = None,
     config and model.py otherwise. Its metrics.csv starts with the source's rows up to that epoch, so the
     curves show the whole training; the source run is not changed. `callbacks`: as `train`'s. Interrupted, the
     new run resumes in place like any other."""
-    from shared import config as config_module
-
     source = runs.open_run(path)
     runs.require_idle(source)
     continuation = continuation_of(source, epochs)
     tree = source.config_dict()
     config = config_module.from_dict({**tree, "train": {**tree.get("train", {}), "epochs": epochs}})
-    return _run_training(_task(config), argv, continuation=continuation, extra_callbacks=callbacks)
-
-
-def _task(config: Config) -> Task:
-    return task_for(config)
+    return _run_training(task_for(config), argv, continuation=continuation, extra_callbacks=callbacks)
 
 
 def starting_run(init: InitConfig, where: str = "") -> Rebuilt | None:
@@ -123,12 +116,10 @@ def test(run: runs.Run | str | Path, checkpoint: str | Path | None = None, chang
     checkpoint file (`runs.Run.checkpoint`). Refuses (UserError) data whose class names are not the run's
     (labels.txt), in the same order. Redraws the task's figure in the run folder unless not `draw`.
     `changes`: config keys to test it with instead of its own (the loop tests a run on its held-out set)."""
-    from shared import config as config_module
-
     run = run if isinstance(run, runs.Run) else runs.open_run(run)
     weights = run.checkpoint(checkpoint or "last")  # before the data: a run without a checkpoint says so first
     config = with_changes(config_module.from_dict(run.config_dict()), changes or {})
-    task = _task(config)
+    task = task_for(config)
     data = task.test_data(run)  # checked against the run's classes before the model loads
     model, _ = rebuild(run, weights)
     metrics, redraw = task.evaluate(model, data)
