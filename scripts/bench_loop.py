@@ -229,7 +229,7 @@ def bench(task: str, rounds: int, per_round: int, steps: int, holdout: int, sour
     total = sum(planned)
     print(f"reference: one run over all {rounds * per_round} labels for {total} steps from {source}", flush=True)
     reference_config = recipe_config(task, out, data_root, holdout, total, folder / "reference" / served_name, "null",
-                                     changes)
+                                     (*changes, "loop.schedule=restart"))  # one run: the recipe's own schedule
     reference_loop = loop_module.open_loop(task_for(reference_config), tasks_file, source,
                                            export_dir=folder / "reference" / "exports",
                                            argv=["bench_loop.py", task, "reference"])
@@ -238,6 +238,10 @@ def bench(task: str, rounds: int, per_round: int, steps: int, holdout: int, sour
     reference_seconds = time.monotonic() - started
     per_epoch, epochs = loop_module.steps_schedule(total, reference.examples, batch_size)
     source_metric = loop_module.round_zero_metric(state)  # round 0: the source run on the held-out set
+    # A round's time besides its steps: its seconds less its steps at the one run's pace (its training time a
+    # step, one compilation spread over all its steps); round 1 also measures round 0, so it is left out.
+    per_step = json.loads((reference.run / "test_metrics.json").read_text())["train_seconds"] / (per_epoch * epochs)
+    overheads = [row["seconds"] - steps * per_step for row, steps in zip(rows[1:], planned[1:])]
     summary = {"task": task, "rows": rows, "source_metric": source_metric, "steps": planned, "totals": totals,
                "source": str(source),
                "reference": {"metric": reference.metric, "steps": per_epoch * epochs, "seconds": reference_seconds,
@@ -245,7 +249,8 @@ def bench(task: str, rounds: int, per_round: int, steps: int, holdout: int, sour
                "settings": {"rounds": rounds, "per_round": per_round, "steps": steps, "holdout": holdout,
                             "batch_size": batch_size, "recipe": str(RECIPES[task].relative_to(REPO)),
                             "set": list(changes)},
-               "loop": str(loop.dir)}
+               "loop": str(loop.dir), "overhead": float(np.mean(overheads)) if overheads else None,
+               "seconds_a_step": per_step}
     (folder / "bench_loop.json").write_text(json.dumps(summary, indent=1) + "\n")
     plot(summary, folder / "bench_loop.png")
     return summary
@@ -328,6 +333,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="the run the loops start from (default: train one, quick.yaml 5 epochs on 1000 images)")
     parser.add_argument("--set", dest="changes", action="append", default=[], metavar="KEY=VALUE",
                         help="a recipe override for the loop's rounds and the one run alike (repeatable)")
+    parser.add_argument("--seeds", default="0", metavar="S,S,...",
+                        help="train.seed of the rounds and the one run, one bench each (default 0; the source run "
+                             "is trained once)")
     parser.add_argument("--out-dir", type=Path, help="where everything goes (default: a new temporary folder)")
     args = parser.parse_args(argv)
     for name in ("rounds", "per_round", "steps", "holdout"):
@@ -336,27 +344,72 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def seeds_table(summaries: list[dict]) -> str:
+    """One line per seed (last round, one run, the gap, the largest fall from one round to the next) and
+    their mean: what the loop's goal is judged on."""
+    task = summaries[0]["task"]
+    lines = [f"| seed | rounds 1-{len(summaries[0]['rows'])} {METRIC_NAME[task]} | last round | one run | gap | "
+             f"largest fall between rounds | seconds a round besides its steps |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    gaps, falls = [], []
+    for summary in summaries:
+        metrics = [row["metric"] for row in summary["rows"]]
+        last, reference = metrics[-1], summary["reference"]["metric"]
+        gap = None if last is None or reference is None else reference - last
+        fall = max((before - after for before, after in zip(metrics, metrics[1:])
+                    if before is not None and after is not None), default=0.0)
+        gaps.append(gap)
+        falls.append(fall)
+        overhead = summary.get("overhead")
+        lines.append(f"| {summary['seed']} | {' '.join(_value(m) for m in metrics)} | {_value(last)} | "
+                     f"{_value(reference)} | {_value(gap)} | {fall:.4f} | "
+                     f"{'-' if overhead is None else f'{overhead:.1f}'} |")
+    known = [gap for gap in gaps if gap is not None]
+    if known:
+        lines.append(f"| mean | | {_value(np.mean([s['rows'][-1]['metric'] for s in summaries]))} | "
+                     f"{_value(np.mean([s['reference']['metric'] for s in summaries]))} | "
+                     f"{_value(float(np.mean(known)))} | {max(falls):.4f} (largest) | |")
+    return "\n".join(lines)
+
+
+def parse_seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise SystemExit(f"error: --seeds {text!r} is not a comma-separated list of integers (e.g. 0,1,2)") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise SystemExit(f"error: --seeds {text!r} must name at least one seed, each once")
+    return seeds
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     out = (args.out_dir or Path(tempfile.mkdtemp(prefix="bench-loop-"))).resolve()
     tasks = ["classification", "detection"] if args.task == "both" else [args.task]
+    seeds = parse_seeds(args.seeds)
     source = args.source.resolve() if args.source else None
-    summaries = []
+    results: dict[str, list[dict]] = {}
     for task in tasks:
         sizes = {name: getattr(args, name) or default for name, default in DEFAULTS[task].items()}
-        summary = bench(task, source=source, out=out, changes=tuple(args.changes), **sizes)
-        source = Path(summary["source"])  # both tasks start from the same run
-        summaries.append(summary)
-        print(table(summary), flush=True)
+        for seed in seeds:
+            where = out if len(seeds) == 1 else out / f"seed-{seed}"
+            changes = (*args.changes, f"train.seed={seed}")
+            summary = bench(task, source=source, out=where, changes=changes, **sizes)
+            summary["seed"] = seed
+            source = Path(summary["source"])  # every seed and both tasks start from the same run
+            results.setdefault(task, []).append(summary)
+            print(table(summary), flush=True)
     print(f"\nCPU: {cpu_line()}")
-    for summary in summaries:
-        settings = summary["settings"]
-        changed = f" with --set {' '.join(settings['set'])}" if settings["set"] else ""
-        print(f"\n{summary['task']}: {settings['recipe']}{changed}, {settings['rounds']} rounds of "
-              f"{settings['per_round']} labels, loop.steps {settings['steps']} (batch {settings['batch_size']}), "
-              f"{settings['holdout']} held-out images, source {summary['source']}; plot "
-              f"{out / summary['task'] / 'bench_loop.png'}")
-        print(table(summary))
+    for task, summaries in results.items():
+        for summary in summaries:
+            settings = summary["settings"]
+            changed = f" with --set {' '.join(settings['set'])}" if settings["set"] else ""
+            print(f"\n{summary['task']}, seed {summary['seed']}: {settings['recipe']}{changed}, {settings['rounds']} "
+                  f"rounds of {settings['per_round']} labels, loop.steps {settings['steps']} (batch "
+                  f"{settings['batch_size']}), {settings['holdout']} held-out images, source {summary['source']}; "
+                  f"plot {Path(summary['loop']).parent / 'bench_loop.png'}")
+            print(table(summary))
+        print(f"\n{task}, {len(summaries)} seed(s):\n{seeds_table(summaries)}")
     return 0
 
 

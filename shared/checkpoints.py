@@ -21,8 +21,10 @@ import math
 import shutil
 import time
 from pathlib import Path
+from typing import Iterator
 
 import keras
+import numpy
 
 from shared import durable, modelzoo, runs
 from shared.config_schema import Config
@@ -416,15 +418,62 @@ def start_from(trainer: keras.Model, checkpoint: Path, config: Config, backup: A
                 epoch: int) -> None:
     """A continued run's start: the checkpoint's weights and optimizer state in the compiled trainer,
     committed as the backup after `epoch` epochs, which `fit` restores (and `--resume` finds)."""
+    load_training_state(trainer, checkpoint, config)
+    backup.set_model(trainer)
+    backup.commit(epoch)
+
+
+def load_training_state(trainer: keras.Model, checkpoint: Path, config: Config) -> int:
+    """A checkpoint's weights and optimizer state in the compiled trainer; returns the optimizer's step count."""
     if not trainer.optimizer.built:
         trainer.optimizer.build(trainer.trainable_variables)  # its slots must exist to be loaded
-    modelzoo.load_weight_file(trainer, checkpoint, what=f"model of {checkpoint}")
+    with _learning_rate_either_way(trainer.optimizer):
+        modelzoo.load_weight_file(trainer, checkpoint, what=f"model and optimizer of {checkpoint}")
     if config.train.ema_momentum is not None:
         swap = keras.callbacks.SwapEMAWeights()  # the checkpoint holds the averages as the weights:
         swap.set_model(trainer)
         swap.on_test_begin()  # swap back, raw weights into the model, the averages into the optimizer
-    backup.set_model(trainer)
-    backup.commit(epoch)
+    return int(keras.ops.convert_to_numpy(trainer.optimizer.iterations))
+
+
+@contextlib.contextmanager
+def _learning_rate_either_way(optimizer: keras.optimizers.Optimizer) -> Iterator[None]:
+    """Keras gives an optimizer with a fixed rate a learning-rate variable (second, after the step count) and
+    one with a schedule none, and skips a saved state of the other kind whole (with a warning only). Matched
+    here across that one difference: a saved rate the optimizer lacks is dropped, a rate it has and the file
+    lacks keeps its value; every other count mismatch stays Keras' own."""
+    own = optimizer.load_own_variables
+
+    def load(store):
+        saved = [store[str(index)] for index in range(len(store.keys()))]
+        variables = optimizer.variables
+        if len(saved) == len(variables) + 1 and numpy.ndim(saved[1]) == 0 and variables[1].name != "learning_rate":
+            del saved[1]
+        elif len(saved) + 1 == len(variables) and variables[1].name == "learning_rate":
+            saved.insert(1, keras.ops.convert_to_numpy(variables[1]))
+        own({str(index): value for index, value in enumerate(saved)})
+
+    optimizer.load_own_variables = load
+    try:
+        yield
+    finally:
+        del optimizer.load_own_variables  # the class's own again
+
+
+def carry_optimizer_state(trainer: keras.Model, run: runs.Run, config: Config) -> None:
+    """init.optimizer_state: the init run's last checkpoint, weights and optimizer state, in the compiled
+    trainer, recorded in the run's status.json (`optimizer_from`: the checkpoint and its step count). The
+    schedule must begin at that step (`train.lr.start_step`): a mismatch is refused, not trained on."""
+    source = runs.open_run(config.init.from_run)
+    checkpoint = source.last_checkpoint()
+    if checkpoint is None:
+        raise UserError(f"init.from_run {source.path} has no epoch checkpoint in {source.checkpoint_dir}, so no "
+                        f"optimizer state to carry; set init.optimizer_state: false")
+    step = load_training_state(trainer, checkpoint, config)
+    if step != config.train.lr.start_step:
+        raise UserError(f"init.from_run {checkpoint} holds an optimizer at step {step} but train.lr.start_step "
+                        f"is {config.train.lr.start_step}; set train.lr.start_step: {step}")
+    run.set_status("running", optimizer_from={"checkpoint": str(checkpoint), "step": step})
 
 
 def record_continuation(run: runs.Run, continued: Continuation) -> None:

@@ -96,6 +96,8 @@ class LearningRateConfig(DeeplyFrozen):
     warmup_epochs: float = 0.0  # linear warmup from 0 before the schedule starts
     power: float = 1.0  # polynomial: (1 - t/T)^power from base to end
     end: float = 0.0  # polynomial: the final rate
+    start_step: int = 0  # the optimizer's step count where this schedule begins: 0, unless the optimizer state
+    # is carried in (init.optimizer_state), whose step count goes on; set by the loop, leave it 0
 
 
 @dataclass(frozen=True)
@@ -146,6 +148,8 @@ class InitConfig(DeeplyFrozen):
     # train the new head on a frozen backbone; finetune_all: every layer, at lr * lr_scale
     lr_scale: float = 0.1  # finetune_all: the learning rate is train.lr.base times this
     head_epochs: int = 0  # finetune_all: first train the head alone for this many epochs (warm start)
+    optimizer_state: bool = False  # with from_run: also its last checkpoint's optimizer state (momentum, step
+    # count), training going on as one (the same model and optimizer); the loop's continued rounds set it
 
 
 @dataclass(frozen=True)
@@ -221,6 +225,11 @@ class LoopConfig(DeeplyFrozen):
     """Training in the loop (`python -m shared.runner loop`): rounds of new annotations -> finetune -> export."""
     dir: str | None = None  # the loop's folder (data, state, rounds.csv); None: <run.dir>/loops/<model>-<recipe stem>
     steps: int = 100  # training steps per round, over all examples so far (rounded up to whole equal epochs)
+    schedule: str = field(default="cosine", metadata={"choices": ("cosine", "constant", "restart")})  # rounds
+    # after the first continue the previous round's training (its weights and optimizer state) at lr_scale x the
+    # recipe's rate: cosine, decaying to 0 within each round; constant; restart: each round the recipe's whole
+    # schedule from a fresh optimizer (the first round always is)
+    lr_scale: float = 0.3  # cosine, constant: the continued rounds' rate, a fraction of the recipe's base rate
     eval: str | None = None  # the held-out annotations (JSONL); None: the recipe's own test split
     tolerance: float | None = 0.01  # export unless the metric fell by more than this; null: always export
     keep: int = 3  # newest data shard sets, export versions and round runs kept (older data sets are merged)

@@ -119,6 +119,8 @@ RANGES: dict[str, Range] = {
     "loop.keep": AT_LEAST_ONE,
     "loop.min_new": AT_LEAST_ONE,
     "loop.poll_seconds": POSITIVE,
+    "loop.lr_scale": POSITIVE,
+    "train.lr.start_step": NON_NEGATIVE,
 }
 
 
@@ -253,6 +255,9 @@ def check_consistency(config: Config, provenance: dict) -> None:
                         "name the run or weight file to start from")
     if config.init.head_epochs >= train.epochs and config.init.mode == "finetune_all":
         raise UserError(f"init.head_epochs is {config.init.head_epochs}; it must be in [0, train.epochs)")
+    if config.init.optimizer_state and not config.init.from_run:
+        raise UserError("init.optimizer_state is true but init.from_run is not set; name the run whose optimizer "
+                        "state to carry, or set init.optimizer_state: false")
     if config.init.from_run and config.init.weights:
         raise UserError("init.from_run and init.weights are both set; start from one of them")
     if train.lr.schedule == "plateau" and train.lr.warmup_epochs:

@@ -28,9 +28,9 @@ from shared import config as config_module
 from shared import distribute, durable, finetune, modelzoo, optim, plots, runs
 from shared.callbacks import (DurableCSVLogger, LearningRateLogger, NonFiniteLoss, StopOnNonFiniteLoss, StopOnSignal,
                               logged_metrics)
-from shared.checkpoints import (CheckpointPolicy, Continuation, Start, backup_state, check_resumable,
-                                continuation_of, decide_start, record_continuation, remove_partials, start_from,
-                                truncate_metrics)
+from shared.checkpoints import (CheckpointPolicy, Continuation, Start, backup_state, carry_optimizer_state,
+                                check_resumable, continuation_of, decide_start, record_continuation, remove_partials,
+                                start_from, truncate_metrics)
 from shared.config_schema import Config, InitConfig, with_changes
 from shared.errors import UserError, embedded_user_error, first_line
 from shared.progress import keras_verbosity
@@ -192,6 +192,8 @@ def _run_training(task: Task, argv: list[str] | None, resumed: runs.Run | None =
                 phase_callbacks = _callbacks(config, run, index, val_data is not None, policy, task_callbacks)
                 if start.kind == "continue" and epoch <= start.epoch < phase.until_epoch:
                     start_from(trainer, start.continuation.checkpoint, config, phase_callbacks[-1], start.epoch)
+                if start.kind == "init" and config.init.optimizer_state and index == 0:
+                    carry_optimizer_state(trainer, run, config)
                 with _unknown_validation_length_allowed(val_data):
                     trainer.fit(train_data, epochs=phase.until_epoch, initial_epoch=epoch,
                                 steps_per_epoch=data.steps_per_epoch, validation_data=val_data,

@@ -33,6 +33,26 @@ class WarmupThen(keras.optimizers.schedules.LearningRateSchedule):
 
 
 @keras.saving.register_keras_serializable(package="shared")
+class FromStep(keras.optimizers.schedules.LearningRateSchedule):
+    """`schedule` counted from the optimizer's step `start`: a training that carries a finished training's
+    optimizer state in (its step count goes on, as Adam's bias correction needs) runs its own schedule."""
+
+    def __init__(self, schedule, start: int):
+        self.schedule = schedule
+        self.start = start
+
+    def __call__(self, step):
+        return self.schedule(keras.ops.maximum(keras.ops.cast(step, "float32") - float(self.start), 0.0))
+
+    def get_config(self):
+        return {"schedule": keras.saving.serialize_keras_object(self.schedule), "start": self.start}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(keras.saving.deserialize_keras_object(config["schedule"]), config["start"])
+
+
+@keras.saving.register_keras_serializable(package="shared")
 class _Constant(keras.optimizers.schedules.LearningRateSchedule):
     def __init__(self, value: float):
         self.value = value
@@ -54,6 +74,15 @@ def base_learning_rate(train: TrainConfig, replicas: int = 1, scale: float = 1.0
 
 
 def learning_rate(train: TrainConfig, steps_per_epoch: int, replicas: int = 1, scale: float = 1.0):
+    """The configured schedule over `train.epochs` of `steps_per_epoch`, from the optimizer's step
+    `lr.start_step` on (a float where the rate never changes with the step)."""
+    schedule = _schedule(train, steps_per_epoch, replicas, scale)
+    if train.lr.start_step and isinstance(schedule, keras.optimizers.schedules.LearningRateSchedule):
+        return FromStep(schedule, train.lr.start_step)
+    return schedule
+
+
+def _schedule(train: TrainConfig, steps_per_epoch: int, replicas: int, scale: float):
     lr = train.lr
     base = base_learning_rate(train, replicas, scale)
     warmup_steps = int(round(lr.warmup_epochs * steps_per_epoch))

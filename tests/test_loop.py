@@ -435,8 +435,21 @@ def test_kills_at_each_commit_point_of_a_round_lose_nothing_and_duplicate_nothin
     # the next round after a kill between its publish and its commit: the lines read again
     append(tasks, classification_lines(tmp_path, 60, 3))
     killed_at("set-000002:after:1", command)
+    # round 2 continues round 1's training: killed during it, it starts again from round 1's last checkpoint
+    # with that checkpoint's optimizer state (its step count: round 1's steps)
+    round_one = runs.Run(Path(state["history"][1]["run"]))
+    carried = {"checkpoint": str(round_one.last_checkpoint()),
+               "step": round_one.config_dict()["train"]["steps_per_epoch"] * round_one.config_dict()["train"]["epochs"]}
+    assert carried["step"] > 0
+    killed_at("epoch-0001.keras:after:1", command)
+    dead_attempt = sorted((tmp_path / "runs" / "tiny").iterdir())[-1]
+    assert runs.Run(dead_attempt).status()["optimizer_from"] == carried
     assert runner.main(command) == 0
     state = state_of(loop_dir)
+    round_two = runs.Run(Path(state["history"][2]["run"]))
+    assert round_two.path != dead_attempt and round_two.status()["optimizer_from"] == carried
+    assert round_two.config_dict()["init"]["optimizer_state"] is True
+    assert round_two.config_dict()["train"]["lr"]["start_step"] == carried["step"]
     assert (state["round"], state["examples"]) == (2, 15)
     assert count_records(loop_dir / "data", "*/train-*") == 15
     assert exported_versions(exports, "tiny-recipe") == [2]  # keep 1: the served one

@@ -41,7 +41,7 @@ import uuid
 from pathlib import Path
 from typing import Callable, Iterator
 
-from shared import durable, lifecycle, runs
+from shared import durable, lifecycle, optim, runs
 from shared.loop import state as loop_state
 from shared.annotations import AnswerTable, Batch
 from shared.config_schema import Config, with_changes
@@ -306,7 +306,26 @@ def round_config(loop: Loop, state: dict) -> Config:
                "run.notes": notes + (f"\n\n{config.run.notes.strip()}" if config.run.notes.strip() else ""),
                **follow_run(config, runs.open_run(start))[0],
                **loop.task.loop_support().data_changes(loop, f"{DATA}/*/{TRAIN_PREFIX}")}
+    changes.update(continued_schedule(config, state["previous_run"]))
     return with_changes(config, {**changes, **loop.task.loop_support().round_changes(loop, state, epochs)})
+
+
+def continued_schedule(config: Config, previous_run: str | None) -> dict:
+    """The config changes that make a round after the first go on with the previous round's training: its
+    weights and optimizer state (momentum, step count) carried in, at loop.lr_scale x the recipe's rate,
+    constant or decaying to 0 within the round (loop.schedule), the schedule counted from the optimizer's step
+    where the previous round ended. None for the first round (a finetune of --from with the recipe's own
+    schedule) or with `loop.schedule: restart` (every round so)."""
+    if previous_run is None or config.loop.schedule == "restart":
+        return {}
+    previous = runs.open_run(previous_run)
+    trained = previous.config_dict().get("train") or {}
+    last = previous.last_checkpoint()
+    epochs = int(runs.CHECKPOINT_RE.match(last.name).group(1)) if last is not None else 0
+    step = int((trained.get("lr") or {}).get("start_step") or 0) + epochs * int(trained.get("steps_per_epoch") or 0)
+    return {"init.optimizer_state": True, "train.lr.start_step": step, "train.lr.schedule": config.loop.schedule,
+            "train.lr.base": optim.base_learning_rate(config.train) * config.loop.lr_scale,
+            "train.lr.base_batch_size": None, "train.lr.warmup_epochs": 0.0}
 
 
 def follow_run(config: Config, run: runs.Run) -> tuple[dict, list[str]]:
@@ -350,9 +369,12 @@ def _train(loop: Loop, state: dict) -> runs.Run:
     if differences:
         print(f"round {current['round']}: follows --from {state['from_run']} in what the model sees, not the "
               f"recipe: {'; '.join(differences)}", flush=True)
+    lr = config.train.lr
+    how = (f"continuing its training (optimizer step {lr.start_step}) at a {lr.schedule} rate from {lr.base:g}"
+           if config.init.optimizer_state else f"with the recipe's {lr.schedule} schedule")
     print(f"round {current['round']}: training from {start.path} on {current['examples']} examples "
           f"({current['new']} new) for {config.train.steps_per_epoch * config.train.epochs} steps "
-          f"({config.train.epochs} epochs of {config.train.steps_per_epoch})", flush=True)
+          f"({config.train.epochs} epochs of {config.train.steps_per_epoch}), {how}", flush=True)
     return lifecycle.train(config, argv=list(loop.argv) or None)
 
 
