@@ -160,6 +160,9 @@ def test_random_order_is_a_seeded_shuffle_and_file_order_is_unchanged(bright, tm
 
 
 def test_order_with_another_format_or_seed_without_random_is_one_line(tmp_path, capsys):
+    from shared import commands
+
+    assert commands.ORDERS == annotation_tasks.ORDERS  # the command table cannot import the project
     image = gray(tmp_path / "a.png", 10)
     run = tmp_path / "runs" / "x" / "v0001"  # refused before the run is read
     for extra, fragments in ((["--out", tmp_path / "p.csv", "--order", "uncertainty"], ["--order uncertainty",
@@ -259,7 +262,8 @@ def test_the_pool_leaves_out_answered_images_and_is_rewritten_after_a_round(brig
 
     run, _, tree = bright
     pool = tmp_path / "pool"
-    images = [gray(pool / f"{i:02d}.png", level) for i, level in enumerate(LEVELS[:8])]
+    for i, level in enumerate(LEVELS[:8]):
+        gray(pool / f"{i:02d}.png", level)
     held_out = [json.dumps({"image": str(gray(tmp_path / "heldout" / f"{i}.png", level)), "answer": "accept",
                             "label": CLASSES[i % 3]}) for i, level in enumerate((10, 120, 250))]
     (tmp_path / "heldout.jsonl").write_text("\n".join(held_out) + "\n")
@@ -306,3 +310,11 @@ def test_pool_options_are_refused_in_one_line_before_the_loop_starts(tmp_path):
             loop_pool.check_pool(*arguments, annotations)
     assert loop_pool.check_pool(tmp_path / "pool", tmp_path / "t.jsonl", None, annotations) == \
         (tmp_path / "pool", tmp_path / "t.jsonl", "uncertainty")
+
+
+def test_the_loop_command_refuses_a_pool_without_watch_in_one_line(tmp_path, capsys):
+    gray(tmp_path / "pool" / "a.png", 3)
+    code, _, err = run_cli(capsys, "loop", "--config", REPO / "models" / "resnet" / "quick.yaml", "--annotations",
+                           tmp_path / "answers.jsonl", "--from", tmp_path / "run", "--pool", tmp_path / "pool",
+                           "--tasks-out", tmp_path / "tasks.jsonl", "--once")
+    assert_one_line_error(code, err, "--pool rewrites --tasks-out as rounds finish; add --watch")
