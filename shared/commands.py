@@ -15,8 +15,10 @@ import argparse
 import dataclasses
 from typing import Callable
 
-# predict --order, loop --order (the file order aside): shared.annotation_tasks.ORDERS, which imports the project
+# predict --order and loop --order: shared.annotation_tasks.ORDERS (a test keeps them equal; this table imports
+# nothing of the project)
 ORDERS = ("file", "uncertainty", "margin", "entropy", "random")
+
 
 @dataclasses.dataclass(frozen=True)
 class Command:

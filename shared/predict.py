@@ -42,6 +42,7 @@ PROGRESS_FROM = 64  # inputs: fewer finish before a progress bar would help
 OUT_FORMATS = {"csv": ".csv", "jsonl": ".jsonl", "tasks": ".jsonl"}  # --format -> the --out extension it writes
 GLOB_CHARS = frozenset("*?[")
 
+
 class Result(Protocol):
     """One input's prediction as a task's predictor makes it; `error` (and nothing found) when it was skipped."""
     input: str | int  # the path, or the array's position among the inputs

@@ -239,10 +239,9 @@ def _predict(args: argparse.Namespace, argv: list[str]) -> None:
 
 def _loop(args: argparse.Namespace, argv: list[str]) -> None:
     config = _config(args, list(args.set) + ([f"run.notes={_yaml_string(args.notes)}"] if args.notes else []))
+    from shared.errors import UserError
     from shared.loop import rounds as loop
     from shared.tasks import task_for
-
-    from shared.errors import UserError
 
     if args.pool and not args.watch:
         raise UserError("--pool rewrites --tasks-out as rounds finish; add --watch")
