@@ -278,6 +278,7 @@ def test_the_pool_leaves_out_answered_images_and_is_rewritten_after_a_round(brig
               "loop": {"steps": 2, "eval": str(tmp_path / "heldout.jsonl"), "tolerance": None,
                        "dir": str(tmp_path / "loop")}}
     tasks_out = pool / "tasks.jsonl"
+    (pool / ".partial-0123456789ab-tasks.jsonl").write_text('{"image": "half')  # a kill while it was written
     loop = rounds.open_loop(task_for(load_config(tree=recipe)), answers, run.path, tmp_path / "exports",
                             pool=pool, tasks_out=tasks_out, order="margin")
     said = []
@@ -291,7 +292,7 @@ def test_the_pool_leaves_out_answered_images_and_is_rewritten_after_a_round(brig
     assert sorted(line["image"] for line in lines) == ["01.png", "02.png", "04.png", "06.png"]
     margins = [line["meta"]["margin"] for line in lines]
     assert margins == sorted(margins, reverse=True)
-    assert not [p for p in pool.iterdir() if p.name.startswith(".partial-")]
+    assert not [p for p in pool.iterdir() if p.name.startswith(".partial-")]  # what a kill left is cleared
 
 
 def test_pool_options_are_refused_in_one_line_before_the_loop_starts(tmp_path):
