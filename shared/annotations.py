@@ -85,6 +85,7 @@ class Answer:
     input: str | None  # the input's identity (None: a line without an image, which can only be counted)
     task: str | None  # the question's identity
     example: Example | None = None  # accepted ones
+    image: str | None = None  # the image's own identity (its path, its data), whatever `_input_hash` says
 
 
 @dataclasses.dataclass
@@ -329,7 +330,7 @@ def parse_line(raw: bytes, number: int, base: Path, schema: AnswerSchema, index:
     input_key, task_key, fingerprint = identity(item, base)
     if fingerprint in known or fingerprint in taken:
         return None
-    parsed = Answer(number, answer, fingerprint, input_key, task_key)
+    parsed = Answer(number, answer, fingerprint, input_key, task_key, image=image_identity(item, base))
     if answer != "accept":
         return parsed  # counted only: what it says is never trained on
     data, name = _image_bytes(image, number, base, max_image_bytes)
@@ -344,18 +345,21 @@ def identity(item: dict, base: Path) -> tuple[str | None, str, str]:
     where present, else the image (its path from `base`, or a hash of its data: URI) and the image with its
     label or spans; the fingerprint adds the answer and what it says to the question."""
     said = json.dumps([item.get(key) for key in SAID], sort_keys=True, ensure_ascii=False)
-    image = item.get("image")
-    if "_input_hash" in item:
-        input_key = f"input:{json.dumps(item['_input_hash'])}"
-    elif isinstance(image, str) and image.startswith("data:"):
-        input_key = f"data:{_hash(image)}"
-    elif isinstance(image, str) and image:
-        path = Path(image).expanduser()
-        input_key = f"path:{os.path.normpath(path if path.is_absolute() else base / path)}"
-    else:
-        input_key = None
+    input_key = f"input:{json.dumps(item['_input_hash'])}" if "_input_hash" in item else image_identity(item, base)
     task_key = f"task:{json.dumps(item['_task_hash'])}" if "_task_hash" in item else f"{input_key}|{said}"
     return input_key, task_key, _hash(json.dumps([task_key, item.get("answer"), said], ensure_ascii=False))
+
+
+def image_identity(item: dict, base: Path) -> str | None:
+    """A task's image as an input: `path:<normalized absolute path>` (a relative path from `base`), or a hash of
+    its data: URI; None without an image."""
+    image = item.get("image")
+    if isinstance(image, str) and image.startswith("data:"):
+        return f"data:{_hash(image)}"
+    if isinstance(image, str) and image:
+        path = Path(image).expanduser()
+        return f"path:{os.path.normpath(path if path.is_absolute() else base / path)}"
+    return None
 
 
 def _hash(text: str) -> str:

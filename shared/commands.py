@@ -15,6 +15,10 @@ import argparse
 import dataclasses
 from typing import Callable
 
+# predict --order and loop --order: shared.annotation_tasks.ORDERS (a test keeps them equal; this table imports
+# nothing of the project)
+ORDERS = ("file", "uncertainty", "margin", "entropy", "random")
+
 
 @dataclasses.dataclass(frozen=True)
 class Command:
@@ -106,6 +110,11 @@ def predict_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", choices=("csv", "jsonl", "tasks"),
                         help="what --out holds (default: by its extension); tasks: one annotation task per image "
                              "with the prediction as its suggestion (FILE.jsonl)")
+    parser.add_argument("--order", choices=ORDERS,
+                        help="--format tasks: the images the model is least sure of first (uncertainty, margin or "
+                             "entropy, each task's score in its meta), a seeded shuffle (random) or as given (file, "
+                             "the default)")
+    parser.add_argument("--seed", type=int, help="--order random: the shuffle's seed (default 0)")
     parser.add_argument("--min-score", type=float,
                         help="detection: boxes from this score up (default the run's detection.score_threshold)")
     parser.add_argument("--strict", action="store_true", help="stop at the first unreadable file (default: skip it)")
@@ -119,6 +128,12 @@ def loop_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--from", dest="from_run", required=True, metavar="RUN",
                         help="the run the first round starts from")
     parser.add_argument("--export-dir", default="exports", help="the TF Serving model base folder (default exports)")
+    parser.add_argument("--pool", metavar="FOLDER",
+                        help="unlabelled images: after each round (and at the start) rewrite --tasks-out with those "
+                             "not yet annotated, the ones the newest model is least sure of first")
+    parser.add_argument("--tasks-out", metavar="FILE.jsonl", help="--pool: the annotation tasks file to rewrite")
+    parser.add_argument("--order", choices=ORDERS,
+                        help="--pool: the tasks' order (default uncertainty; see predict --order)")
     when = parser.add_mutually_exclusive_group()
     when.add_argument("--once", action="store_true", help="one round with what is new, then exit (the default)")
     when.add_argument("--watch", action="store_true",

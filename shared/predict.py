@@ -7,7 +7,9 @@ boxes), and the record it writes (its CSV columns, JSON keys, annotation task), 
 (an `ImagePredictor` subclass in its package's predict.py), which the task a `Source` names opens
 (`Task.open_predictor`, called by `shared.tasks.open_predictor`). `python -m shared.runner predict` is the
 command line (`command` below). `--format tasks` writes the predictions as an annotation tool's tasks
-(`shared.annotations`' format, without an answer): suggestions to accept or correct.
+(`shared.annotations`' format, without an answer): suggestions to accept or correct, in input order or, with
+`--order`, the images the model is least sure of first (`task_file`; what a prediction's score is, its task says:
+`Result.informativeness`).
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from typing import Any, Callable, Iterable, Iterator, Protocol
 
 import numpy as np
 
+from shared.annotation_tasks import DEFAULT_SEED, SCORED_ORDERS, checked_order, json_line, task_file
+from shared.durable import partial_path
 from shared.errors import UserError
 from shared.eval_view import EvalView
 from shared.export import versions
@@ -52,6 +56,10 @@ class Result(Protocol):
 
     def task(self) -> dict:
         """The annotation task's suggestion (without "image" and "answer": no one has answered yet)."""
+
+    def informativeness(self, order: str) -> float:
+        """How much an annotator's answer to it would teach the model, by one of SCORED_ORDERS: the higher,
+        the sooner it is asked."""
 
 
 def first_line(error: BaseException) -> str:
@@ -430,37 +438,19 @@ def out_format(out: str | None, fmt: str | None = None) -> str | None:
     return fmt
 
 
-def task_image(path: str, folder: str) -> str:
-    """An image's path in a tasks file in `folder`: relative to it when the image lies under it (the tasks
-    file moves with its images), else absolute (the reader resolves relative paths against that folder,
-    not against where predict ran)."""
-    absolute = os.path.abspath(path)
-    relative = os.path.relpath(absolute, folder)
-    return absolute if relative.split(os.sep)[0] == os.pardir else relative
-
-
-def _json_line(row: dict) -> str:
-    """Unicode as it is; a file name that is not UTF-8 as \\udcXX escapes (os.fsencode gets its bytes back), so
-    the file stays valid UTF-8 JSON."""
-    line = json.dumps(row, ensure_ascii=False)
-    try:
-        line.encode("utf-8")
-    except UnicodeEncodeError:
-        line = json.dumps(row)
-    return line + "\n"
-
-
 def command(predictor_factory: Callable[[], ImagePredictor], arguments: list[str], top_k: int = 5,
             out: str | None = None, strict: bool = False, batch_size: int = DEFAULT_BATCH,
-            fmt: str | None = None) -> None:
+            fmt: str | None = None, order: str | None = None, seed: int | None = None) -> None:
     """`python -m shared.runner predict`: print each image's top-k, or boxes, and write each to `out` as `fmt`
     says (`out_format`) as it comes, nothing held in memory; a file that cannot be read is one line on stderr
     and a row with its `error` (csv, jsonl), or with `strict` the end of the command (a UserError). `out`
-    appears whole when every input was read: a stopped command leaves no half file."""
-    from shared.durable import partial_path
+    appears whole when every input was read: a stopped command leaves no half file. `order` (tasks only,
+    `checked_order`): the order of the tasks file (`task_file`), `seed` that of --order random."""
     from shared.progress import progress_bar
 
     fmt = out_format(out, fmt)
+    order = checked_order(order, fmt, seed)
+    seed = DEFAULT_SEED if seed is None else seed
     if top_k < 1:
         raise UserError(f"--top-k must be at least 1 (got {top_k})")
     paths = iter(Paths(arguments).check())
@@ -472,10 +462,12 @@ def command(predictor_factory: Callable[[], ImagePredictor], arguments: list[str
     read = skipped = 0
     with contextlib.ExitStack() as stack:
         write = None
-        if fmt is not None:  # closed, then published (or removed, when the command stops) in that order
+        if fmt == "tasks":  # published (or removed, when the command stops) when the stack closes
+            write = stack.enter_context(task_file(Path(out), order, seed))
+        elif fmt is not None:  # closed, then published (or removed, when the command stops) in that order
             partial = stack.enter_context(partial_path(Path(out)))
             handle = stack.enter_context(open(partial, "w", encoding="utf-8", errors="surrogateescape", newline=""))
-            write = _row_writer(fmt, predictor, top_k, handle, Path(out))
+            write = _row_writer(fmt, predictor, top_k, handle)
         if bar is not None:
             stack.callback(bar.close)
         for prediction in predictor.iter_predict(itertools.chain(head, paths), top_k, batch_size):
@@ -494,7 +486,9 @@ def command(predictor_factory: Callable[[], ImagePredictor], arguments: list[str
                 write(prediction)
     if fmt is not None:
         kept = "" if fmt == "tasks" or not skipped else f" (and {skipped} skipped, each with its error)"
-        print(f"wrote {read} {'tasks' if fmt == 'tasks' else 'predictions'}{kept} to {out}")
+        ordered = "" if order == "file" else f", {order} order" + (" (highest first)" if order in SCORED_ORDERS
+                                                                    else f" (seed {seed})")
+        print(f"wrote {read} {'tasks' if fmt == 'tasks' else 'predictions'}{kept} to {out}{ordered}")
     if skipped:
         print(f"skipped {skipped} file{'s' if skipped > 1 else ''} that could not be read as images",
               file=sys.stderr)
@@ -502,22 +496,13 @@ def command(predictor_factory: Callable[[], ImagePredictor], arguments: list[str
         raise UserError(f"none of the {skipped} files could be read as an image")
 
 
-def _row_writer(fmt: str, predictor: ImagePredictor, top_k: int, handle, out: Path) -> Callable[[Any], None]:
-    """Writes one result to the open --out file: a CSV row (header first), a JSON line, or an annotation task
-    (`shared.annotations`' format, no "answer"; a skipped image is no task) with its image as the annotation
-    reader finds it from `out`'s folder."""
+def _row_writer(fmt: str, predictor: ImagePredictor, top_k: int, handle) -> Callable[[Any], None]:
+    """Writes one result to the open --out file: a CSV row (header first) or a JSON line."""
     if fmt == "csv":
         writer = csv.writer(handle, lineterminator="\n")
         writer.writerow(predictor.csv_header(top_k))
         return lambda result: writer.writerow(predictor.csv_row(result, top_k))
-    if fmt == "jsonl":
-        return lambda result: handle.write(_json_line(result.row()))
-    folder = os.path.abspath(out.parent)
-
-    def task(result) -> None:
-        if result.error is None:
-            handle.write(_json_line({"image": task_image(result.input, folder), **result.task()}))
-    return task
+    return lambda result: handle.write(json_line(result.row()))
 
 
 def _say(bar, line: str, stream) -> None:

@@ -15,8 +15,11 @@
     python -m shared.runner export --run runs/resnet/v0003 --format saved_model|tflite [--quantize int8]
     python -m shared.runner size --run runs/resnet/v0003
     python -m shared.runner loop --config models/resnet/quick.yaml --annotations tasks.jsonl --from runs/resnet/v0003
+    python -m shared.runner loop ... --watch --pool photos/ --tasks-out photos/tasks.jsonl [--order uncertainty]
     python -m shared.runner predict --run runs/resnet/v0003 photos/ a.jpg '*.png' [--top-k 5 --out preds.csv]
     python -m shared.runner predict --saved-model exports/resnet photos/ --format tasks --out photos/tasks.jsonl
+    python -m shared.runner predict --run runs/resnet/v0003 photos/ --format tasks --out photos/tasks.jsonl \
+        --order uncertainty|margin|entropy|random|file [--seed 0]
 
 Every command goes through its config's or run's task (`shared.tasks.TASKS`: classification, detection, ...):
 a command the task does not support (`Task.commands`) is refused in one place, `_check_supported`, with one
@@ -231,16 +234,19 @@ def _predict(args: argparse.Namespace, argv: list[str]) -> None:
         return open_predictor(run, args.saved_model, args.tflite, args.checkpoint, args.min_score)
 
     predict.command(predictor, args.paths, top_k=args.top_k, out=args.out, strict=args.strict,
-                    batch_size=args.batch_size, fmt=args.format)
+                    batch_size=args.batch_size, fmt=args.format, order=args.order, seed=args.seed)
 
 
 def _loop(args: argparse.Namespace, argv: list[str]) -> None:
     config = _config(args, list(args.set) + ([f"run.notes={_yaml_string(args.notes)}"] if args.notes else []))
+    from shared.errors import UserError
     from shared.loop import rounds as loop
     from shared.tasks import task_for
 
+    if args.pool and not args.watch:
+        raise UserError("--pool rewrites --tasks-out as rounds finish; add --watch")
     session = loop.open_loop(task_for(config), args.annotations, args.from_run, args.export_dir,
-                             ["-m", "shared.runner", *argv])
+                             ["-m", "shared.runner", *argv], args.pool, args.tasks_out, args.order)
     try:
         if args.watch:
             loop.run_rounds(session, watch=True, report=lambda line: print(line, flush=True))

@@ -153,6 +153,16 @@ def test_detection_tasks_spans_from_the_run_and_its_saved_model(detection_run, t
         np.testing.assert_allclose(example.boxes, xyxy, atol=0.02)
         assert [names[c] for c in example.classes] == [s["label"] for s in line["spans"]]
 
+    # --order margin: the image whose least confident box is nearest a coin toss first, with its score in meta
+    ordered = tmp_path / "ordered.jsonl"
+    assert run_cli(capsys, "predict", "--run", run.path, images, "--format", "tasks", "--out", ordered, "--order",
+                   "margin")[0] == 0
+    margin = {name: max(1 - abs(2 * s["score"] - 1) for s in found) for name, found in spans.items()}
+    ranked = sorted(margin, key=lambda name: -margin[name])  # stable: ties in file order
+    ordered_lines = task_lines(ordered)
+    assert [Path(line["image"]).name for line in ordered_lines] == ranked
+    assert [line["meta"]["margin"] for line in ordered_lines] == pytest.approx([margin[n] for n in ranked], abs=1e-4)
+
     # the export answers what the run does; the served boxes on bytes are the spans
     assert run_cli(capsys, "export", "--run", run.path, "--format", "saved_model", "--export-dir",
                    tmp_path / "exports")[0] == 0

@@ -50,6 +50,19 @@ class Prediction:
                             for label, name, score in zip(self.labels, self.names, self.scores)],
                 "meta": {"score": round(self.scores[0], 4)}}
 
+    def informativeness(self, order: str) -> float:
+        """From every class's probability p, sorted p1 >= p2 >= ...: uncertainty 1 - p1 (least confidence),
+        margin 1 - (p1 - p2) (two classes it cannot tell apart), entropy -sum p ln p (spread over many)."""
+        p = np.sort(np.asarray(self.probabilities, np.float64))[::-1]
+        if order == "uncertainty":
+            return float(1.0 - p[0])
+        if order == "margin":
+            return float(1.0 - (p[0] - (p[1] if len(p) > 1 else 0.0)))
+        if order == "entropy":
+            p = p[p > 0]  # p ln p -> 0 as p -> 0
+            return float(-np.sum(p * np.log(p)))
+        raise ValueError(f"no {order!r} score for a classification")
+
     def line(self) -> str:
         shown = "  ".join(f"{name} {score:.4f}" for name, score in zip(self.names, self.scores))
         return f"{self.input}  {shown}"

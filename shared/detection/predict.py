@@ -45,6 +45,25 @@ class Detections:
         """The annotation task's suggestion (without "image" and "answer": no one has answered yet)."""
         return {"spans": self.spans, "meta": {"boxes": len(self.spans)}}
 
+    def informativeness(self, order: str) -> float:
+        """The image's least confident box's, from each box's score s (the chance it is right): uncertainty
+        1 - s, margin 1 - |2s - 1| (s against 1 - s), entropy -s ln s - (1 - s) ln(1 - s). An image without a
+        box scores 0 (last): nothing reached --min-score, so the model is sure it holds none of its classes
+        and there is no suggestion to correct; a lower --min-score lets its faint boxes be scored."""
+        s = np.clip(np.array([span["score"] for span in self.spans], np.float64), 0.0, 1.0)
+        if not s.size:
+            return 0.0
+        if order == "uncertainty":
+            per_box = 1.0 - s
+        elif order == "margin":
+            per_box = 1.0 - np.abs(2.0 * s - 1.0)
+        elif order == "entropy":
+            with np.errstate(divide="ignore", invalid="ignore"):  # 0 ln 0 -> 0 at s = 0 or 1
+                per_box = -np.nan_to_num(s * np.log(s)) - np.nan_to_num((1.0 - s) * np.log(1.0 - s))
+        else:
+            raise ValueError(f"no {order!r} score for detections")
+        return float(per_box.max())
+
     def line(self, shown: int = SHOWN_BOXES) -> str:
         best = "  ".join(f"{s['label']} {s['score']:.4f} @{s['x']:g},{s['y']:g} {s['width']:g}x{s['height']:g}"
                          for s in self.spans[:shown])

@@ -29,7 +29,8 @@ TRAIN_PREFIX, EVAL_PREFIX = "train", "validation"
 @dataclasses.dataclass(frozen=True)
 class Loop:
     """What a loop command names: the recipe's task (bound to the recipe, with its loop: section), the
-    annotations, where it starts and where it exports."""
+    annotations, where it starts and where it exports, and the pool of unlabelled images it orders for the
+    annotator."""
     task: Task
     annotations: Path
     from_run: Path
@@ -37,6 +38,9 @@ class Loop:
     dir: Path
     export_name: str  # the served model's name: the loop folder's name
     argv: tuple = ()
+    pool: Path | None = None  # unlabelled images, scored after each round (`shared.loop.pool`)
+    tasks_out: Path | None = None  # the tasks file the pool is written to, most informative first
+    order: str = "uncertainty"  # shared.annotation_tasks.ORDERS (`shared.loop.pool.DEFAULT_ORDER`)
 
     @property
     def config(self) -> Config:

@@ -80,7 +80,8 @@ def commit_chunk(loop: Loop, state: dict, table: AnswerTable, where: dict[int, s
             else:
                 batch.withdrawn += 1
         entries.append({"fingerprint": answer.fingerprint, "input": answer.input, "task": answer.task,
-                        "answer": answer.answer, "id": number, "label": label})
+                        "answer": answer.answer, "id": number, "label": label,
+                        **({"image": answer.image} if answer.image not in (None, answer.input) else {})})
     sets, counter, replaced = list(state["sets"]), state["next_set"], []
     names = class_names(loop.dir)
     kept = [(number, example) for number, example in new.items() if number not in dead]

@@ -52,6 +52,7 @@ from shared.locks import folder_writer
 from shared.loop.folder import DATA, EVAL, EVAL_PREFIX, LABELS_FILE, LEDGER_FILE, TRAIN_PREFIX, Loop, default_dir
 from shared.loop.garbage import collect_garbage
 from shared.loop.ingest import ingest, write_held_out
+from shared.loop.pool import check_pool, refresh_pool
 from shared.loop.report import write_rounds
 from shared.task import Task
 from shared.tasks import rebuild
@@ -83,10 +84,13 @@ class RoundResult:
 
 
 def open_loop(task: Task, annotations_file: str | os.PathLike, from_run: str | os.PathLike,
-              export_dir: str | os.PathLike = "exports", argv: list[str] | None = None) -> Loop:
+              export_dir: str | os.PathLike = "exports", argv: list[str] | None = None,
+              pool: str | os.PathLike | None = None, tasks_out: str | os.PathLike | None = None,
+              order: str | None = None) -> Loop:
     """Check a loop command before anything is written (`task`: the recipe's, bound to it, one that supports
-    the `loop` command): the annotations file and the --from run exist (the run idle). Paths become absolute
-    (runs record them)."""
+    the `loop` command): the annotations file and the --from run exist (the run idle), and the `pool` of
+    unlabelled images written to `tasks_out` in `order` (`shared.loop.pool.check_pool`). Paths become absolute (runs
+    record them)."""
     config = task.config
     annotations_file = Path(annotations_file).expanduser().resolve()
     if not annotations_file.is_file():
@@ -100,7 +104,7 @@ def open_loop(task: Task, annotations_file: str | os.PathLike, from_run: str | o
     folder = Path(config.loop.dir).expanduser() if config.loop.dir else default_dir(config)
     folder = folder.resolve()
     return Loop(task, annotations_file, source.path.resolve(), Path(export_dir).expanduser().resolve(), folder,
-                folder.name, tuple(argv or ()))
+                folder.name, tuple(argv or ()), *check_pool(pool, tasks_out, order, annotations_file))
 
 
 # ---------------------------------------------------------------- the rounds
@@ -150,11 +154,13 @@ def run_rounds(loop: Loop, watch: bool = True, rounds: int | None = None,
         if watch:
             report(f"loop {loop.dir}: watching {loop.annotations} every {loop.config.loop.poll_seconds:g} s (a round "
                    f"at {min_new} new accepted tasks); Ctrl-C or SIGTERM stops")
+        refresh_pool(loop, report)  # the annotator's first tasks, before any round
         while not stop() and (rounds is None or len(done) < rounds):
             result = run_round(loop, min_new=min_new)
             if result.round is not None:
                 done.append(result)
                 report(result.describe())
+                refresh_pool(loop, report)  # the pool re-scored by the new round's model
                 continue
             if not watch:
                 break

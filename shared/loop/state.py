@@ -5,7 +5,7 @@
 whatever a kill left beyond them (a published set, ledger lines, a set a rewrite replaced) is removed when the
 loop next starts (`reconcile`), so a chunk cut short is read again. `<loop>/answers.jsonl`, the ledger, holds
 the fingerprint, input, question, answer and example number of every answer taken; replayed (`replay`) it is
-the `AnswerTable`: which example each input has now.
+the `AnswerTable`: which example each input has now (and `answered_inputs`: which inputs have any answer).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from typing import Iterator
 
 from shared import durable
 from shared.annotations import AnswerTable, Batch
@@ -103,12 +104,28 @@ def reconcile(folder: Path, state: dict) -> None:
 def replay(folder: Path, state: dict) -> AnswerTable:
     """The committed ledger replayed into an AnswerTable."""
     table = AnswerTable()
-    ledger = folder / LEDGER_FILE
-    if state["ledger_bytes"]:
-        with open(ledger, "rb") as handle:
-            for raw in handle.read(state["ledger_bytes"]).splitlines():
-                table.take(**json.loads(raw))
+    for entry in _ledger(folder, state):
+        entry.pop("image", None)  # the image's own identity, beside an annotation tool's _input_hash
+        table.take(**entry)
     return table
+
+
+def answered_inputs(folder: Path, state: dict) -> set[str]:
+    """Every input the committed ledger has an answer for (accept, reject or ignore), as the annotation
+    reader identifies it (`shared.annotations.identity`), and its image's own identity where an annotation
+    tool's `_input_hash` stood for it (ledgers from before that was recorded: the input alone)."""
+    answered = set()
+    for entry in _ledger(folder, state):
+        answered.update(key for key in (entry["input"], entry.get("image")) if key is not None)
+    return answered
+
+
+def _ledger(folder: Path, state: dict) -> Iterator[dict]:
+    """The committed ledger's entries, in order."""
+    if state["ledger_bytes"]:
+        with open(folder / LEDGER_FILE, "rb") as handle:
+            for raw in handle.read(state["ledger_bytes"]).splitlines():
+                yield json.loads(raw)
 
 
 def append_ledger(folder: Path, committed: int, entries: list[dict]) -> int:
