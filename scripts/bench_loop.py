@@ -256,6 +256,80 @@ def bench(task: str, rounds: int, per_round: int, steps: int, holdout: int, sour
     return summary
 
 
+# ---------------------------------------------------------------- asking for the right labels
+
+
+def bench_order(order: str, rounds: int, per_round: int, steps: int, holdout: int, pool_size: int, source: Path,
+                out: Path, changes: tuple[str, ...] = ()) -> dict:
+    """Active learning, simulated: a pool of `pool_size` unlabelled Fashion-MNIST training images (ones the
+    source run did not see); before each round the loop's newest model scores the pool
+    (`shared.loop.pool.write_pool_tasks`, the file `loop --pool --tasks-out` rewrites) and the annotator labels
+    the first `per_round` tasks in `order`, with their true labels; then a round. Returns the held-out figure
+    per round."""
+    from shared.fashion_mnist import FASHION_MNIST_CLASSES, FASHION_MNIST_DIRS, read_split
+    from shared.loop import rounds as loop_module
+    from shared.loop.pool import write_pool_tasks
+    from shared.loop.state import answered_inputs, read_state
+    from shared.tasks import task_for
+
+    images, labels = read_split(Path(FASHION_MNIST_DIRS[0]), "train")
+    if SOURCE_EXAMPLES + pool_size > len(images) or rounds * per_round > pool_size:
+        raise SystemExit(f"error: --pool {pool_size} must hold {rounds} x {per_round} labels and fit the "
+                         f"{len(images) - SOURCE_EXAMPLES} training images the source run did not see")
+    pool = out / "pool"
+    if not pool.is_dir():  # shared by the orders: the same images
+        classification_tasks(images, labels, SOURCE_EXAMPLES, pool_size, pool / ".partial", FASHION_MNIST_CLASSES)
+        (pool / ".partial").rename(pool / "images")
+    truth = {str((pool / "images" / f"train_{index:05d}.png").resolve()): FASHION_MNIST_CLASSES[int(labels[index])]
+             for index in range(SOURCE_EXAMPLES, SOURCE_EXAMPLES + pool_size)}
+    folder = out / order
+    tasks_out, answers = folder / "tasks.jsonl", folder / "answers.jsonl"
+    annotator = Annotator(answers, class_names=list(FASHION_MNIST_CLASSES))
+    config = recipe_config("classification", out, None, holdout, steps, folder / "resnet-quick", changes=changes)
+    loop = loop_module.open_loop(task_for(config), answers, source, export_dir=folder / "exports",
+                                 argv=["bench_loop.py", "order", order])
+    seed = next((int(c.split("=", 1)[1]) for c in changes if c.startswith("train.seed=")), 0)
+    run, rows = source, []
+    for number in range(1, rounds + 1):
+        annotated = answered_inputs(loop.dir, read_state(loop.dir)) if number > 1 else set()
+        started = time.monotonic()
+        write_pool_tasks(run, pool / "images", tasks_out, order, annotated=annotated, seed=seed + number)
+        scoring = time.monotonic() - started
+        with open(tasks_out, encoding="utf-8") as handle:
+            chosen = [json.loads(line) for _, line in zip(range(per_round), handle)]
+        accepted = []
+        for task in chosen:
+            image = Path(task["image"]) if Path(task["image"]).is_absolute() else tasks_out.parent / task["image"]
+            accepted.append({"image": task["image"], "label": truth[str(image.resolve())]})
+        annotator.add_round(accepted)
+        result = loop_module.run_round(loop)
+        print(f"{order}: {result.describe()} (pool scored in {scoring:.1f} s)", flush=True)
+        rows.append({"round": result.round, "labels": result.examples, "metric": result.metric,
+                     "scoring_seconds": scoring})
+        run = result.run
+    return {"order": order, "rows": rows, "seed": seed}
+
+
+def orders_table(results: list[dict]) -> str:
+    """Held-out top-1 per round and order at equal labels, and how many labels each order needs to reach the
+    last order's (the baseline's, e.g. random) final figure."""
+    names = [result["order"] for result in results]
+    lines = [f"| round | labels | {' | '.join(names)} |", "| --- | --- |" + " --- |" * len(names)]
+    for index, row in enumerate(results[0]["rows"]):
+        lines.append(f"| {row['round']} | {row['labels']} | "
+                     + " | ".join(_value(result["rows"][index]["metric"]) for result in results) + " |")
+    baseline = results[-1]
+    final, labels = baseline["rows"][-1]["metric"], baseline["rows"][-1]["labels"]
+    lines.append("")
+    for result in results[:-1]:
+        reached = next((row for row in result["rows"] if row["metric"] is not None and final is not None
+                        and row["metric"] >= final), None)
+        lines.append(f"{result['order']} reaches {baseline['order']}'s final {_value(final)} ({labels} labels) "
+                     + (f"at round {reached['round']}: {reached['labels']} labels, "
+                        f"{100 * reached['labels'] / labels:.0f} % of them" if reached else "in no round"))
+    return "\n".join(lines)
+
+
 def _load_make_detection_dataset():
     import importlib.util
 
@@ -336,6 +410,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seeds", default="0", metavar="S,S,...",
                         help="train.seed of the rounds and the one run, one bench each (default 0; the source run "
                              "is trained once)")
+    parser.add_argument("--orders", metavar="ORDER,ORDER,...",
+                        help="instead: active learning, classification, the annotator labelling a pool in each order "
+                             "(e.g. uncertainty,random: the last is the baseline)")
+    parser.add_argument("--pool", type=int, default=10000, help="--orders: unlabelled images in the pool (10000)")
     parser.add_argument("--out-dir", type=Path, help="where everything goes (default: a new temporary folder)")
     args = parser.parse_args(argv)
     for name in ("rounds", "per_round", "steps", "holdout"):
@@ -388,6 +466,8 @@ def main(argv: list[str] | None = None) -> int:
     tasks = ["classification", "detection"] if args.task == "both" else [args.task]
     seeds = parse_seeds(args.seeds)
     source = args.source.resolve() if args.source else None
+    if args.orders:
+        return main_orders(args, out, seeds, source)
     results: dict[str, list[dict]] = {}
     for task in tasks:
         sizes = {name: getattr(args, name) or default for name, default in DEFAULTS[task].items()}
@@ -410,6 +490,31 @@ def main(argv: list[str] | None = None) -> int:
                   f"plot {Path(summary['loop']).parent / 'bench_loop.png'}")
             print(table(summary))
         print(f"\n{task}, {len(summaries)} seed(s):\n{seeds_table(summaries)}")
+    return 0
+
+
+def main_orders(args: argparse.Namespace, out: Path, seeds: list[int], source: Path | None) -> int:
+    from shared.annotation_tasks import ORDERS
+
+    orders = [order.strip() for order in args.orders.split(",") if order.strip()]
+    unknown = [order for order in orders if order not in ORDERS]
+    if unknown or len(orders) < 2:
+        raise SystemExit(f"error: --orders {args.orders!r}: give two or more of {', '.join(ORDERS)}")
+    sizes = {name: getattr(args, name) or default for name, default in DEFAULTS["classification"].items()}
+    out.mkdir(parents=True, exist_ok=True)
+    source = source or train_source(out, sizes["holdout"])
+    tables = []
+    for seed in seeds:
+        where = out / "active" / f"seed-{seed}"
+        results = [bench_order(order, pool_size=args.pool, source=source, out=where,
+                               changes=(*args.changes, f"train.seed={seed}"), **sizes) for order in orders]
+        (where / "bench_orders.json").write_text(json.dumps(results, indent=1) + "\n")
+        tables.append(f"\nseed {seed}: {sizes['rounds']} rounds of {sizes['per_round']} labels from a pool of "
+                      f"{args.pool}, loop.steps {sizes['steps']}, {sizes['holdout']} held-out images, source "
+                      f"{source}\n{orders_table(results)}")
+        print(tables[-1], flush=True)
+    print(f"\nCPU: {cpu_line()}")
+    print("\n".join(tables))
     return 0
 
 
