@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 import numpy as np  # noqa: E402
 
-from shared import annotations  # noqa: E402
+from shared import annotations, runs  # noqa: E402
 from shared.detection.loop import spans_of  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -105,17 +105,6 @@ def detection_tasks(split, first: int, count: int) -> list[dict]:
 
 
 # ---------------------------------------------------------------- steps
-
-
-def round_steps(steps: int, per_round: int, rounds: int, batch_size: int) -> list[int]:
-    """The steps each round trains (loop.steps rounded up to whole equal epochs over the examples so far)."""
-    from shared.loop.rounds import steps_schedule
-
-    out = []
-    for number in range(1, rounds + 1):
-        per_epoch, epochs = steps_schedule(steps, number * per_round, batch_size)
-        out.append(per_epoch * epochs)
-    return out
 
 
 # ---------------------------------------------------------------- the bench
@@ -216,8 +205,10 @@ def bench(task: str, rounds: int, per_round: int, steps: int, holdout: int, sour
         if result.round is None:
             raise SystemExit(f"error: round {number} found nothing new to train on ({result.describe()})")
         print(result.describe(), flush=True)
+        trained = runs.open_run(result.run).config_dict()["train"]
         rows.append({"round": result.round, "examples": result.examples, "metric": result.metric,
-                     "exported": result.exported.name if result.exported else "-", "seconds": result.seconds})
+                     "exported": result.exported.name if result.exported else "-", "seconds": result.seconds,
+                     "steps": trained["epochs"] * trained["steps_per_epoch"]})
     state = json.loads((loop.dir / STATE_FILE).read_text())
     totals = {key: state["totals"][key] for key in written}
     if totals != written or state["examples"] != written["accepted"]:
@@ -225,7 +216,7 @@ def bench(task: str, rounds: int, per_round: int, steps: int, holdout: int, sour
                          f"{state['examples']} examples")
 
     batch_size = config.train.batch_size
-    planned = round_steps(steps, per_round, rounds, batch_size)
+    planned = [row["steps"] for row in rows]
     total = sum(planned)
     print(f"reference: one run over all {rounds * per_round} labels for {total} steps from {source}", flush=True)
     reference_config = recipe_config(task, out, data_root, holdout, total, folder / "reference" / served_name, "null",
@@ -434,19 +425,19 @@ def seeds_table(summaries: list[dict]) -> str:
         metrics = [row["metric"] for row in summary["rows"]]
         last, reference = metrics[-1], summary["reference"]["metric"]
         gap = None if last is None or reference is None else reference - last
-        fall = max((before - after for before, after in zip(metrics, metrics[1:])
+        fall = max((round(before - after, 6) for before, after in zip(metrics, metrics[1:])
                     if before is not None and after is not None), default=0.0)
         gaps.append(gap)
         falls.append(fall)
         overhead = summary.get("overhead")
         lines.append(f"| {summary['seed']} | {' '.join(_value(m) for m in metrics)} | {_value(last)} | "
-                     f"{_value(reference)} | {_value(gap)} | {fall:.4f} | "
+                     f"{_value(reference)} | {_value(gap)} | {f'{fall:.4f}' if fall > 0 else 'none'} | "
                      f"{'-' if overhead is None else f'{overhead:.1f}'} |")
     known = [gap for gap in gaps if gap is not None]
     if known:
         lines.append(f"| mean | | {_value(np.mean([s['rows'][-1]['metric'] for s in summaries]))} | "
                      f"{_value(np.mean([s['reference']['metric'] for s in summaries]))} | "
-                     f"{_value(float(np.mean(known)))} | {max(falls):.4f} (largest) | |")
+                     f"{_value(float(np.mean(known)))} | {max(max(falls), 0.0):.4f} (largest) | |")
     return "\n".join(lines)
 
 

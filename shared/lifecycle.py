@@ -141,7 +141,9 @@ def _run_training(task: Task, argv: list[str] | None, resumed: runs.Run | None =
         folder, module, model, data, task = prepare(task, start.snapshot, placement.replicas, start_epoch=start.epoch)
         config = task.config  # resolved: the one the run records
         provenance = start.continuation.describe() if start.continuation else ""
-        if start.kind == "init":
+        if start.kind == "init" and config.init.optimizer_state:  # the whole state is loaded once compiled
+            provenance = f"weights and optimizer state from {config.init.from_run} (its last checkpoint)"
+        elif start.kind == "init":
             provenance = task.initialize(model, module, data, starting_run(config.init, config.where))
         distills = config.distill.teacher and "distill" in task.commands  # a task that does not, ignores it
         teacher = rebuilt(runs.open_run(config.distill.teacher)) if distills else None

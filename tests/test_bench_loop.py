@@ -60,8 +60,29 @@ def test_detection_tasks_carry_the_canvas_boxes_as_spans(tmp_path):
     assert batch.examples[0].classes.tolist() == [1, 0]
 
 
-def test_round_steps_are_the_loops_whole_epochs_over_the_examples_so_far():
+def test_the_seeds_table_gives_each_seeds_gap_to_one_run_and_its_largest_fall_between_rounds():
     bench = load_script("bench_loop")
-    # batch 128: 500 examples are 4 batches (25 epochs of 4), 1000 are 8 (13 epochs of 8 = 104), ...
-    assert bench.round_steps(100, 500, 6, 128) == [100, 104, 108, 105, 100, 100]
-    assert bench.round_steps(50, 150, 4, 16) == [50, 51, 50, 50]
+
+    def summary(seed, metrics, reference):
+        return {"task": "classification", "seed": seed, "rows": [{"metric": m} for m in metrics],
+                "reference": {"metric": reference}, "overhead": 4.0}
+
+    table = bench.seeds_table([summary(0, [0.70, 0.80, 0.79, 0.84], 0.85), summary(1, [0.72, 0.81, 0.83, 0.86], 0.86)])
+    rows = table.splitlines()
+    assert rows[2] == "| 0 | 0.7000 0.8000 0.7900 0.8400 | 0.8400 | 0.8500 | 0.0100 | 0.0100 | 4.0 |"
+    assert rows[3] == "| 1 | 0.7200 0.8100 0.8300 0.8600 | 0.8600 | 0.8600 | 0.0000 | none | 4.0 |"
+    assert rows[4].startswith("| mean | | 0.8500 | 0.8550 | 0.0050 | 0.0100 (largest) |")
+
+
+def test_the_orders_table_says_how_many_labels_an_order_needs_to_reach_the_baselines_final_figure():
+    bench = load_script("bench_loop")
+
+    def result(order, metrics):
+        return {"order": order, "rows": [{"round": i + 1, "labels": 500 * (i + 1), "metric": m}
+                                         for i, m in enumerate(metrics)]}
+
+    table = bench.orders_table([result("uncertainty", [0.70, 0.79, 0.83, 0.85]),
+                                result("margin", [0.6, 0.7, 0.75, 0.8]), result("random", [0.72, 0.78, 0.80, 0.82])])
+    assert "| 2 | 1000 | 0.7900 | 0.7000 | 0.7800 |" in table
+    assert "uncertainty reaches random's final 0.8200 (2000 labels) at round 3: 1500 labels, 75 % of them" in table
+    assert "margin reaches random's final 0.8200 (2000 labels) in no round" in table
