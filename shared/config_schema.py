@@ -45,6 +45,8 @@ class DataConfig(DeeplyFrozen):
     data_dir: str | None = None  # TFDS data_dir
     manual_dir: str | None = None  # TFDS manual_dir (ImageNet tars)
     label_offset: int = 0  # tfrecord: added to stored labels (-1 for 1-based shards from imagenet_to_gcs.py)
+    oversample: dict = field(default_factory=dict)  # tfrecord: {glob of train shards under data.path: N}, each
+    # such shard read N times a pass (the loop's newest annotations); {}: every shard once
     train_split: str = "train"
     test_split: str = "test"  # the held-out split evaluated after training
     image_size: int = 224
@@ -230,6 +232,8 @@ class LoopConfig(DeeplyFrozen):
     # recipe's rate: cosine, decaying to 0 within each round; constant; restart: each round the recipe's whole
     # schedule from a fresh optimizer (the first round always is)
     lr_scale: float = 0.3  # cosine, constant: the continued rounds' rate, a fraction of the recipe's base rate
+    oversample_new: int = 1  # a round reads the examples new since the previous round this many times a pass
+    # (the older ones once), so the newest are not seen only a few times; classification (its tfrecord shards)
     eval: str | None = None  # the held-out annotations (JSONL); None: the recipe's own test split
     tolerance: float | None = 0.01  # export unless the metric fell by more than this; null: always export
     keep: int = 3  # newest data shard sets, export versions and round runs kept (older data sets are merged)

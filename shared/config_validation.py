@@ -120,6 +120,7 @@ RANGES: dict[str, Range] = {
     "loop.min_new": AT_LEAST_ONE,
     "loop.poll_seconds": POSITIVE,
     "loop.lr_scale": POSITIVE,
+    "loop.oversample_new": AT_LEAST_ONE,
     "train.lr.start_step": NON_NEGATIVE,
 }
 
@@ -255,6 +256,13 @@ def check_consistency(config: Config, provenance: dict) -> None:
                         "name the run or weight file to start from")
     if config.init.head_epochs >= train.epochs and config.init.mode == "finetune_all":
         raise UserError(f"init.head_epochs is {config.init.head_epochs}; it must be in [0, train.epochs)")
+    if data.oversample and data.source != "tfrecord":
+        raise UserError(f"data.oversample is set but data.source is {data.source}; it reads tfrecord shards more "
+                        f"than once: use data.source tfrecord, or data.oversample: {{}}")
+    for pattern, times in data.oversample.items():
+        if not isinstance(pattern, str) or isinstance(times, bool) or not isinstance(times, int) or times < 1:
+            raise UserError(f"data.oversample {{{pattern!r}: {times!r}}}: give a shard glob and a whole number of "
+                            f"reads of at least 1")
     if config.init.optimizer_state and not config.init.from_run:
         raise UserError("init.optimizer_state is true but init.from_run is not set; name the run whose optimizer "
                         "state to carry, or set init.optimizer_state: false")

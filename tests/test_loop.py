@@ -298,6 +298,36 @@ def test_classification_rounds_ingest_train_export_and_collect_garbage(tmp_path,
 
 
 @pytest.mark.slow
+def test_a_round_reads_the_examples_new_since_the_last_round_oversample_new_times(tmp_path, source, capsys):
+    from shared.config import load_config
+    from shared.lifecycle import test as test_run
+    from shared.loop import rounds as loop_module
+
+    source_run, tree = source
+    recipe = classification_recipe(tmp_path, tree, oversample_new=3)
+    tasks = tmp_path / "tasks.jsonl"
+    append(tasks, classification_lines(tmp_path, 0, 12))
+    loop = loop_module.open_loop(task_for(load_config(str(recipe))), tasks, source_run.path, tmp_path / "exports")
+    first = loop_module.run_round(loop)
+    assert "12 training / 0 validation" in capsys.readouterr().out  # round 1: every example is new, read once
+    assert runs.open_run(first.run).config_dict()["data"]["oversample"] == {}
+    assert state_of(loop.dir)["fresh"] == []
+    append(tasks, classification_lines(tmp_path, 100, 6))
+    second = loop_module.run_round(loop)
+    state = state_of(loop.dir)
+    newest = state["sets"][-1]
+    recorded = runs.open_run(second.run).config_dict()["data"]
+    assert recorded["oversample"] == {f"data/{newest}/train-*": 3}
+    assert "30 training / 0 validation" in capsys.readouterr().out  # 12 old once, 6 new three times
+    assert state["fresh"] == []
+    # the run re-tests after its newest set is gone (merged by the loop later): said in one line, read once
+    merged = loop.dir / "data" / newest
+    merged.rename(loop.dir / "data" / "set-999999")
+    assert test_run(second.run, draw=False)["examples"] == 8
+    assert f"data.oversample 'data/{newest}/train-*' matches none of the train shards" in capsys.readouterr().out
+
+
+@pytest.mark.slow
 def test_a_metric_that_falls_beyond_the_tolerance_is_not_exported(tmp_path, source):
     from shared.loop import rounds as loop_module
     from shared.config import load_config

@@ -17,7 +17,7 @@ from shared.data import class_weights, sources
 from shared.data.tfrecord import image_example, read_image_file, shard_name
 from shared.errors import UserError
 from shared.loop import folder as loop_folder
-from shared.loop.folder import EVAL, EVAL_PREFIX, Loop
+from shared.loop.folder import DATA, EVAL, EVAL_PREFIX, TRAIN_PREFIX, Loop
 from shared.loop.support import LoopSupport
 
 
@@ -96,6 +96,9 @@ class ClassificationLoop(LoopSupport):
         return {"data.source": "tfrecord", "data.path": str(loop.dir), "data.label_offset": 0,
                 "data.train_split": train, "data.test_split": f"{EVAL}/{EVAL_PREFIX}", "data.val_fraction": 0.0,
                 "data.test_fraction": 0.0}
+
+    def oversample_changes(self, sets: list[str], times: int) -> dict:
+        return {"data.oversample": {f"{DATA}/{name}/{TRAIN_PREFIX}-*": times for name in sets}}
 
     def round_changes(self, loop: Loop, state: dict, epochs: int) -> dict:
         """`train.class_weight: auto` counted from the loop's current examples (the tfrecord source lists no

@@ -9,6 +9,7 @@ keys it requires, its kind of images) is its row of `shared.source_facts.SOURCES
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import os
 import socket
 import sys
@@ -329,6 +330,23 @@ def ilsvrc_source(config: DataConfig) -> Source:
 # ---------------------------------------------------------------- tfrecord
 
 
+def _oversampled(root: Path, files: list[str], count: int, oversample) -> tuple[list[str], int]:
+    """The train shards with those `oversample` names ({glob under root: N}) listed N times, and the records a
+    pass then reads. A glob that names none of them is said in one line, not refused: a loop round's run names
+    its newest shard sets, which the loop may merge later, and its test (which builds the train split too)
+    must still run."""
+    from shared.data import tfrecord  # as tfrecord_source: TensorFlow's shard reader, loaded with it
+
+    extra = []
+    for pattern, times in oversample.items():
+        matched = [name for name in files if fnmatch.fnmatchcase(name, str(root / pattern))]
+        if not matched:
+            print(f"data.oversample {pattern!r} matches none of the train shards under {root} (a glob relative to "
+                  f"data.path): they are read once each", flush=True)
+        extra += matched * (times - 1)
+    return files + extra, count + (tfrecord.count_records(extra) if extra else 0)
+
+
 TFRECORD_PREFIXES = {"val": "validation"}  # Model Garden names the ImageNet val shards validation-*
 
 
@@ -351,6 +369,8 @@ def tfrecord_source(config: DataConfig) -> Source:
         prefix = TFRECORD_PREFIXES.get(split, split)
         files = tfrecord.resolve_files(str(root / f"{prefix}-*-of-*"))
         count = counts.get(prefix) or tfrecord.count_records(files)  # without counts.json: read once
+        if role == "train" and config.oversample:
+            files, count = _oversampled(root, files, count, config.oversample)
         # A fixed file order when a validation split is carved off train; else shuffle shards each epoch.
         shuffle = role == "train" and config.val_fraction == 0
         dataset = tfrecord.read_dataset(files, label_offset=config.label_offset, shuffle_files=shuffle, seed=0,

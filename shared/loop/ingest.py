@@ -83,6 +83,7 @@ def commit_chunk(loop: Loop, state: dict, table: AnswerTable, where: dict[int, s
                         "answer": answer.answer, "id": number, "label": label,
                         **({"image": answer.image} if answer.image not in (None, answer.input) else {})})
     sets, counter, replaced = list(state["sets"]), state["next_set"], []
+    fresh = list(state.get("fresh", []))  # the sets of examples new since the last round (loop.oversample_new)
     names = class_names(loop.dir)
     kept = [(number, example) for number, example in new.items() if number not in dead]
     if kept:
@@ -91,6 +92,7 @@ def commit_chunk(loop: Loop, state: dict, table: AnswerTable, where: dict[int, s
             partial.mkdir()
             write_set(partial, support, [example for _, example in kept], [number for number, _ in kept], names)
         sets.append(name)
+        fresh.append(name)
         where.update((number, name) for number, _ in kept)
     hit = {where[number] for number in dead if number in where}
     for name in [name for name in sets if name in hit]:
@@ -98,16 +100,18 @@ def commit_chunk(loop: Loop, state: dict, table: AnswerTable, where: dict[int, s
         rewritten, counter = f"set-{counter:06d}", counter + 1
         if copy_set([loop.dir / DATA / name], loop.dir / DATA / rewritten, dead):
             sets[position] = rewritten
+            fresh = [rewritten if old == name else old for old in fresh]
             where.update((number, rewritten) for number in ids(loop.dir / DATA / rewritten))
         else:
             del sets[position]
+            fresh = [old for old in fresh if old != name]
         replaced.append(name)
     for number in dead:
         where.pop(number, None)
     ledger_bytes = loop_state.append_ledger(loop.dir, state["ledger_bytes"], entries)
     loop_state.add_counts(state, batch)
     state.update(offset=batch.end_offset, lines=lines, consumed_sha256=consumed_sha256, ledger_bytes=ledger_bytes,
-                 sets=sets, next_set=counter, next_id=next_id, examples=len(table.live),
+                 sets=sets, fresh=fresh, next_set=counter, next_id=next_id, examples=len(table.live),
                  pending=state["pending"] + batch.accepted, stamp=stamp, **support.ingested_facts(table, names))
     loop_state.commit(loop.dir, state)
     for name in replaced:

@@ -238,6 +238,7 @@ def _finish(loop: Loop, state: dict, started: float, batch: Batch | None) -> Rou
         state["previous_run"] = current["run"]
         write_rounds(loop.dir, state["history"], judged_by(loop).key)
         collect_garbage(loop, state)
+        state["fresh"] = []  # the next round's new examples are in sets still to come
         state["stage"] = "done"
         loop_state.commit(loop.dir, state)
     version = current.get("exported_version")
@@ -313,6 +314,9 @@ def round_config(loop: Loop, state: dict) -> Config:
                **follow_run(config, runs.open_run(start))[0],
                **loop.task.loop_support().data_changes(loop, f"{DATA}/*/{TRAIN_PREFIX}")}
     changes.update(continued_schedule(config, state["previous_run"]))
+    fresh = [name for name in state.get("fresh", []) if name in state["sets"]]
+    if config.loop.oversample_new > 1 and fresh and len(fresh) < len(state["sets"]):  # all new: all alike
+        changes.update(loop.task.loop_support().oversample_changes(fresh, config.loop.oversample_new))
     return with_changes(config, {**changes, **loop.task.loop_support().round_changes(loop, state, epochs)})
 
 

@@ -45,6 +45,11 @@ class LoopSupport(abc.ABC):
         """The config keys that point a run's data at the loop's shards (`train`: a glob of shard-set folders
         under the loop folder, e.g. "data/*/train") and its held-out set."""
 
+    def oversample_changes(self, sets: list[str], times: int) -> dict:
+        """The config keys that make a round read the shard sets `sets` (names under the loop's data folder)
+        `times` times a pass; {} where the task's data cannot (loop.oversample_new is then without effect)."""
+        return {}
+
     def round_changes(self, loop: Loop, state: dict, epochs: int) -> dict:
         """The task's own config changes for a round of `epochs` epochs, beside the loop's."""
         return {}
