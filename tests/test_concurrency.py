@@ -79,6 +79,21 @@ def test_two_tune_workers_share_a_new_study(tmp_path, sampler, trials):
 # ---------------------------------------------------------------- exports into one folder
 
 
+@pytest.fixture(scope="module")
+def one_conv_run(tmp_path_factory):
+    """A finished run of the one-convolution model: what the export tests check is the versions, the locks and
+    the folder, and each exporting process traces the model (the tiny ResNet's seconds in each)."""
+    from shared.config import load_config
+    from shared.lifecycle import train
+
+    base = tmp_path_factory.mktemp("one_conv_run")
+    (base / "tiny").mkdir()
+    (base / "tiny" / "model.py").write_text(TINY_MODEL)
+    tree = tiny_tree(base / "runs", train={"epochs": 1}, data={"synthetic_train": 64, "synthetic_test": 32})
+    tree["model"] = {"name": "tiny", "path": str(base / "tiny"), "width": 4}
+    return train(load_config(tree=tree), argv=["pytest"])
+
+
 def fake_version(folder: Path) -> None:
     """An earlier export, as far as numbering and pruning can tell (a real one costs seconds)."""
     folder.mkdir(parents=True)
@@ -86,8 +101,8 @@ def fake_version(folder: Path) -> None:
 
 
 @pytest.mark.slow
-def test_three_exports_at_once_take_their_own_versions(trained_run, tmp_path):
-    run, _ = trained_run
+def test_three_exports_at_once_take_their_own_versions(one_conv_run, tmp_path):
+    run = one_conv_run
     export_dir = tmp_path / "exports"
     for version in (1, 2, 3):
         fake_version(export_dir / "tiny" / str(version))
@@ -125,13 +140,13 @@ with export_lock(export_dir):
 
 
 @pytest.mark.slow
-def test_an_export_publishes_only_once_the_lock_is_free(trained_run, tmp_path):
+def test_an_export_publishes_only_once_the_lock_is_free(one_conv_run, tmp_path):
     import threading
 
     from shared.classification.export import export_saved_model
     from shared.tasks import rebuild
 
-    run, _ = trained_run
+    run = one_conv_run
     export_dir = tmp_path / "exports"
     fake_version(export_dir / "tiny" / "1")
     holder = subprocess.Popen([sys.executable, "-c", HOLD_EXPORT_LOCK, str(export_dir)], cwd=REPO, env=ENV,

@@ -123,11 +123,12 @@ def test_the_command_line_tests_with_a_classifier_and_exports(runs, tmp_path, ca
 
 def test_a_deblurring_run_killed_mid_epoch_resumes_and_retests_to_its_figures(tmp_path, capsys):
     from shared import runner
-    from tests.test_resume import EPOCHS, metric_epochs, slow_tree, start, status, wait_for_backup
+    from tests.test_resume import metric_epochs, slow_tree, start, status, wait_for_backup
 
-    tree = slow_tree(tmp_path / "runs", optimizer={"name": "adam"}, lr={"base": 1e-3})
+    epochs = 2  # the kill lands in epoch 2: the resume trains one epoch
+    tree = slow_tree(tmp_path / "runs", optimizer={"name": "adam"}, lr={"base": 1e-3}, epochs=epochs)
     tree["task"] = "deblur"
-    tree["data"]["channels"] = 1
+    tree["data"].update(channels=1, synthetic_train=1024)  # epochs of a second or more still
     tree["deblur"] = {"decoder_channels": 4, "gallery": 2, "blur": [{"gaussian": {"sigma": [1.0, 2.0]}}, "noise"]}
     process = start(tmp_path, tree)
     run_dir = wait_for_backup(tmp_path / "runs", process, epochs=1)
@@ -136,7 +137,7 @@ def test_a_deblurring_run_killed_mid_epoch_resumes_and_retests_to_its_figures(tm
     assert status(run_dir) == "running"
     # The kill is what needs a process of its own; the resume and the re-test run here (no TF start-up each).
     assert runner.main(["--resume", str(run_dir)]) == 0, capsys.readouterr().err
-    assert status(run_dir) == "finished" and metric_epochs(run_dir) == list(range(EPOCHS))
+    assert status(run_dir) == "finished" and metric_epochs(run_dir) == list(range(epochs))
     metrics = json.loads((run_dir / "test_metrics.json").read_text())
     capsys.readouterr()
     assert runner.main(["test", "--run", str(run_dir)]) == 0

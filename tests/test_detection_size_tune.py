@@ -40,11 +40,26 @@ def detection_config(generated: Path, runs_dir: Path, **tune):
                        [*overrides(generated, runs_dir), *(f"tune.{key}={value}" for key, value in tune.items())])
 
 
+@pytest.fixture(scope="module")
+def study(generated, tmp_path_factory):
+    """The two-trial detection study (model.width 2 and 4 of the tiny recipe), run once: its config and result.
+    Its trials are the tiny detection runs the size report measures too (a copy: `size` writes into the run)."""
+    config = detection_config(generated, tmp_path_factory.mktemp("study") / "runs", study="det", sampler="grid",
+                              trials=2, objectives="[{metric: map50, direction: maximize}, {metric: latency_ms}]",
+                              constraints="{latency_ms: 1000.0}", space="{model.width: {choice: [2, 4]}}")
+    return config, tune_module.tune(config)
+
+
 @pytest.mark.slow
-def test_size_of_a_detection_run(generated, tmp_path, capsys):
-    args = [arg for item in overrides(generated, tmp_path / "runs") for arg in ("--set", item)]
-    assert runner.main(["--config", str(REPO / "models" / "resnet" / "detect.yaml"), *args]) == 0
-    (run_dir,) = (tmp_path / "runs" / "resnet").iterdir()
+def test_size_of_a_detection_run(study, tmp_path, capsys):
+    import shutil
+
+    config, _ = study
+    trials = optuna.load_study(study_name="det", storage=storage_url(config)).trials
+    (trained,) = [Path(t.user_attrs["run"]) for t in trials if t.params["model.width"] == 4]
+    run_dir = tmp_path / "resnet" / "v0001"
+    shutil.copytree(trained, run_dir)
+    assert runs.Run(run_dir).status()["status"] == "finished"
     capsys.readouterr()
     assert runner.main(["size", "--run", str(run_dir)]) == 0
     assert "| tflite float32 |" in capsys.readouterr().out
@@ -70,11 +85,8 @@ def test_classification_metrics_are_refused_for_detection_before_training(genera
 
 
 @pytest.mark.slow
-def test_a_detection_study_with_map50_and_latency(generated, tmp_path):
-    config = detection_config(generated, tmp_path / "runs", study="det", sampler="grid", trials=2,
-                              objectives="[{metric: map50, direction: maximize}, {metric: latency_ms}]",
-                              constraints="{latency_ms: 1000.0}", space="{model.width: {choice: [2, 4]}}")
-    result = tune_module.tune(config)
+def test_a_detection_study_with_map50_and_latency(study):
+    config, result = study
     study = optuna.load_study(study_name="det", storage=storage_url(config))
     complete = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
     assert len(complete) == 2 and {t.params["model.width"] for t in complete} == {2, 4}

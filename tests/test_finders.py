@@ -19,9 +19,11 @@ from conftest import tiny_tree
 
 
 @pytest.mark.slow
-def test_lr_range_test_sweeps_exponentially_and_plots(tmp_path):
+def test_lr_range_test_sweeps_exponentially_and_plots(tmp_path, one_conv_model):
     # Label smoothing: the labels must reach the loss one-hot, as training feeds them.
-    config = load_config(tree=tiny_tree(tmp_path / "runs", train={"batch_size": 16, "label_smoothing": 0.1}))
+    tree = tiny_tree(tmp_path / "runs", train={"batch_size": 16, "label_smoothing": 0.1})
+    tree["model"] = {**one_conv_model, "width": 4}  # the sweep is checked, not the model
+    config = load_config(tree=tree)
     out = tmp_path / "plots" / "lr.png"
     result = lr_range_test(config, min_lr=1e-4, max_lr=10.0, steps=20, out_png=out)
     lrs, losses = result["lrs"], result["losses"]
@@ -36,7 +38,7 @@ def test_lr_range_test_sweeps_exponentially_and_plots(tmp_path):
     with Image.open(out) as image:
         assert image.format == "PNG" and image.size[0] > 100
     assert [p.name for p in out.parent.iterdir()] == ["lr.png"]  # no temporary file left behind
-    assert config.train.lr.base == 0.05 and config.model.hparams == {"depth": 18, "width": 4, "small_input": True}
+    assert config.train.lr.base == 0.05 and config.model.hparams == {"width": 4}  # the config is left as it was
     report = lr_report(result)
     assert "suggested lr" in report and "train.lr.base=" in report and str(out) in report
 
@@ -153,8 +155,10 @@ def test_batch_search_lets_other_errors_through_and_checks_arguments():
 
 
 @pytest.mark.slow
-def test_default_probe_trains_the_config_model(tmp_path):
-    config = load_config(tree=tiny_tree(tmp_path / "runs"))
+def test_default_probe_trains_the_config_model(tmp_path, one_conv_model):
+    tree = tiny_tree(tmp_path / "runs")
+    tree["model"] = one_conv_model  # the one-convolution model: four batch sizes, four tracings
+    config = load_config(tree=tree)
     probe = TrainStepProbe(config, steps=2)
     result = find_batch_size(config, max_batch=64, probe=probe)
     assert result["batch_size"] == 64 and result["limit_reached"] is True

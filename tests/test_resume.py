@@ -20,9 +20,21 @@ EPOCHS = 3
 
 
 def slow_tree(runs_dir: Path, **train) -> dict:
-    """Epochs of a couple of seconds, so a signal can land in the middle of one."""
+    """Epochs of a couple of seconds of the tiny ResNet, so a signal can land in the middle of one."""
     return tiny_tree(runs_dir, data={"synthetic_train": 2048, "image_size": 24},
                      train={"epochs": EPOCHS, "batch_size": 32, "verbose": 0, "lr": {"base": 0.05}, **train})
+
+
+IMAGES, BATCH = 4096, 8  # many small steps: an epoch of a second or more without a model that is slow to build
+
+
+def many_steps_tree(runs_dir: Path, model: dict, **train) -> dict:
+    """Epochs of a second or more of the one-convolution `model` (what is checked is the recovery, not the
+    model), so a signal can land in the middle of one."""
+    tree = tiny_tree(runs_dir, data={"synthetic_train": IMAGES},
+                     train={"epochs": EPOCHS, "batch_size": BATCH, "verbose": 0, "lr": {"base": 0.05}, **train})
+    tree["model"] = model
+    return tree
 
 
 def start(tmp_path: Path, tree: dict, *extra: str) -> subprocess.Popen:
@@ -37,7 +49,7 @@ def wait_for_backup(runs_dir: Path, process: subprocess.Popen, epochs: int, time
     deadline = time.time() + timeout
     while time.time() < deadline:
         assert process.poll() is None, process.communicate()
-        for state in runs_dir.glob("resnet/v*/backup/phase-1/training_metadata.json"):
+        for state in runs_dir.glob("*/v*/backup/phase-1/training_metadata.json"):
             if json.loads(state.read_text())["epoch"] >= epochs:
                 return state.parents[2]
         time.sleep(0.05)
@@ -69,10 +81,11 @@ def status(run_dir: Path) -> str:
 
 
 @pytest.mark.slow
-def test_sigkill_mid_epoch_then_resume(tmp_path, capsys):
-    process = start(tmp_path, slow_tree(tmp_path / "runs", ema_momentum=0.99))  # checkpoints hold the averages
+def test_sigkill_mid_epoch_then_resume(tmp_path, capsys, one_conv_model):
+    # EMA: the checkpoints hold the averages
+    process = start(tmp_path, many_steps_tree(tmp_path / "runs", one_conv_model, ema_momentum=0.99))
     run_dir = wait_for_backup(tmp_path / "runs", process, epochs=1)
-    time.sleep(0.7)  # into epoch 2
+    time.sleep(0.3)  # into epoch 2
     process.kill()
     process.wait()
     assert status(run_dir) == "running"  # SIGKILL leaves no chance to say anything
@@ -93,15 +106,15 @@ def test_sigkill_mid_epoch_then_resume(tmp_path, capsys):
     assert code == 0, err
     assert f"top-1 {metrics['top1']:.4f}  top-5 {metrics['top5']:.4f}  loss {metrics['loss']:.4f}" in out
     # the optimizer continued: its step counter covers every epoch's batches exactly once
-    steps = 2048 // 32
+    steps = IMAGES // BATCH
     import keras
     model = keras.saving.load_model(run_dir / "checkpoints" / f"epoch-{EPOCHS:04d}.keras", compile=True)
     assert int(model.optimizer.iterations.numpy()) == EPOCHS * steps
 
 
 @pytest.mark.slow
-def test_sigterm_saves_and_marks_interrupted(tmp_path, capsys):
-    process = start(tmp_path, slow_tree(tmp_path / "runs"))
+def test_sigterm_saves_and_marks_interrupted(tmp_path, capsys, one_conv_model):
+    process = start(tmp_path, many_steps_tree(tmp_path / "runs", one_conv_model))
     run_dir = wait_for_backup(tmp_path / "runs", process, epochs=1)
     process.send_signal(signal.SIGTERM)
     _, err = process.communicate(timeout=120)
@@ -126,14 +139,15 @@ def test_resume_refuses_a_finished_run(trained_run, capsys):
 
 
 @pytest.mark.slow
-def test_nan_loss_stops_with_a_clear_message(tmp_path, capsys):
+def test_nan_loss_stops_with_a_clear_message(tmp_path, capsys, one_conv_model):
     tree = tiny_tree(tmp_path / "runs", train={"epochs": 2, "verbose": 0, "lr": {"base": 1.0e+30}})
+    tree["model"] = one_conv_model  # what is checked is the stop, not the model
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump(tree))
     code, _, err = cli(capsys, "--config", str(config))
     assert code == 2, err
     assert "loss became" in err and "Traceback" not in err
-    (run_dir,) = (tmp_path / "runs" / "resnet").iterdir()
+    (run_dir,) = (tmp_path / "runs" / "tiny").iterdir()
     assert status(run_dir) == "failed"
     assert not list((run_dir / "checkpoints").glob("epoch-*.keras"))  # no broken weights saved
 

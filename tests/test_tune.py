@@ -340,7 +340,7 @@ def test_values_another_worker_is_training_are_waited_for_and_reused(tmp_path, t
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # study.ask, standing in for a worker that dies
 def test_a_trial_waiting_for_a_worker_that_died_trains_the_values_itself(tmp_path, tiny_model, monkeypatch,
                                                                        capsys):
-    monkeypatch.setattr(tune_storage, "HEARTBEAT_S", 3)  # stale after 6 s instead of 2 minutes
+    monkeypatch.setattr(tune_storage, "HEARTBEAT_S", 1)  # stale after 2 s instead of 2 minutes
     monkeypatch.setattr(tune_trial, "WAIT_S", 0.2)
     config = study_config(tmp_path, tiny_model, study="orphan", sampler="random", trials=2,
                           space={"train.lr.base": {"choice": [0.05]}})
