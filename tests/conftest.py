@@ -107,6 +107,7 @@ SPLIT_BY_TEST = {"test_loop.py", "test_training_knobs.py", "test_detection_distr
 # loadscope hands out the files with the most tests first: the heavy files of few tests came last). A file
 # missing here only loses its place in the order.
 HEAVY_FIRST = ["test_loop.py", "test_training_knobs.py", "test_detection_distribute.py", "test_detection_runner.py",
+               "test_detection_size_tune.py",
                "test_deblur_runs.py", "test_export.py", "test_distribute.py", "test_resume.py", "test_concurrency.py",
                "test_own_folders.py", "test_checkpoints.py", "test_detection_tflite.py", "test_faults.py",
                "test_tune.py"]
