@@ -133,7 +133,7 @@ def loop_arguments(parser: argparse.ArgumentParser) -> None:
                              "not yet annotated, the ones the newest model is least sure of first")
     parser.add_argument("--tasks-out", metavar="FILE.jsonl", help="--pool: the annotation tasks file to rewrite")
     parser.add_argument("--order", choices=ORDERS,
-                        help="--pool: the tasks' order (default uncertainty; see predict --order)")
+                        help="--pool: the tasks' order (default margin; see predict --order)")
     when = parser.add_mutually_exclusive_group()
     when.add_argument("--once", action="store_true", help="one round with what is new, then exit (the default)")
     when.add_argument("--watch", action="store_true",

@@ -310,7 +310,7 @@ def test_pool_options_are_refused_in_one_line_before_the_loop_starts(tmp_path):
         with pytest.raises(UserError, match=fragment):
             loop_pool.check_pool(*arguments, annotations)
     assert loop_pool.check_pool(tmp_path / "pool", tmp_path / "t.jsonl", None, annotations) == \
-        (tmp_path / "pool", tmp_path / "t.jsonl", "uncertainty")
+        (tmp_path / "pool", tmp_path / "t.jsonl", "margin")  # the default: it did best in bench_loop --orders
 
 
 def test_the_loop_command_refuses_a_pool_without_watch_in_one_line(tmp_path, capsys):

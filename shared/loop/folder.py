@@ -40,7 +40,7 @@ class Loop:
     argv: tuple = ()
     pool: Path | None = None  # unlabelled images, scored after each round (`shared.loop.pool`)
     tasks_out: Path | None = None  # the tasks file the pool is written to, most informative first
-    order: str = "uncertainty"  # shared.annotation_tasks.ORDERS (`shared.loop.pool.DEFAULT_ORDER`)
+    order: str = "margin"  # shared.annotation_tasks.ORDERS (`shared.loop.pool.DEFAULT_ORDER`)
 
     @property
     def config(self) -> Config:

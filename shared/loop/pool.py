@@ -10,7 +10,7 @@ scored by that run's model and written as `predict --format tasks --order ORDER`
 
 From a script, with any finished run:
 
-    write_pool_tasks("runs/resnet/v0007", "photos", "photos/tasks.jsonl", order="uncertainty",
+    write_pool_tasks("runs/resnet/v0007", "photos", "photos/tasks.jsonl", order="margin",
                      annotated=answered_inputs(loop_dir, read_state(loop_dir)))
 """
 
@@ -27,7 +27,7 @@ from shared.loop.folder import Loop
 from shared.loop.state import answered_inputs, read_state
 from shared.predict import DEFAULT_BATCH, Paths
 
-DEFAULT_ORDER = "uncertainty"  # the loop asks first for what its newest model is least sure of
+DEFAULT_ORDER = "margin"  # the loop asks first where its newest model hesitates most between two classes
 
 
 def write_pool_tasks(run: runs.Run | str | os.PathLike, pool: str | os.PathLike, tasks_out: str | os.PathLike,
@@ -56,7 +56,7 @@ def write_pool_tasks(run: runs.Run | str | os.PathLike, pool: str | os.PathLike,
 
 def check_pool(pool: str | os.PathLike | None, tasks_out: str | os.PathLike | None, order: str | None,
                annotations: Path) -> tuple[Path | None, Path | None, str]:
-    """(pool, tasks file, order) as a `Loop` holds them (absolute paths; the order by default uncertainty),
+    """(pool, tasks file, order) as a `Loop` holds them (absolute paths; the order by default margin),
     refused in one line before the loop starts: --tasks-out or --order without --pool or the other way round,
     a pool without images, a tasks file that is not .jsonl or is the annotations file itself."""
     if pool is None:
