@@ -2,7 +2,8 @@
 and the last round is compared with ONE training run on all the same labels for the same total steps.
 
     python scripts/bench_loop.py [--task classification|detection|both] [--rounds N] [--per-round N]
-        [--steps N] [--holdout N] [--from RUN] [--set KEY=VALUE ...] [--out-dir DIR]
+        [--steps N] [--holdout N] [--from RUN] [--set KEY=VALUE ...] [--seeds 0,1,2] [--out-dir DIR]
+    python scripts/bench_loop.py --orders margin,random [--pool 10000] [...]     # active learning, simulated
 
 Classification (models/resnet/quick.yaml): Fashion-MNIST training images, written as PNG files, each round
 `--per-round` accepted tasks (default 6 rounds of 500, 100 steps a round) plus a few rejected and ignored
@@ -14,9 +15,12 @@ Fashion-MNIST training images (not among the annotated ones; for detection its b
 a run. The reference is a second loop folder following the same annotations file from the same source run:
 its one round ingests everything and trains for the rounds' total steps, judged on the same held-out set.
 
-Prints a table per task (round, examples so far, held-out top-1 or mAP@[.5:.95], exported version, seconds a
-round), the CPU, and `last round X vs one run Y`; draws DIR/<task>/bench_loop.png (the loop's metric per
-round and the one-run reference).
+Prints a table per task and seed (round, examples so far, held-out top-1 or mAP@[.5:.95], exported version,
+seconds a round), the CPU, `last round X vs one run Y`, and a table of the seeds (each one's gap to one run, its
+largest fall between rounds, a round's seconds besides its steps); draws DIR/<task>/bench_loop.png (the loop's
+metric per round and the one-run reference). With --orders (classification): held-out top-1 per round for each
+order in which the simulated annotator labels a pool (`bench_order`), and how many labels each order needs to
+reach the last order's final figure.
 """
 
 from __future__ import annotations
