@@ -67,6 +67,7 @@ def slots(variables) -> list:
     return [value for name, value in variables if name != "learning_rate"]
 
 
+@pytest.mark.slow  # trains runs (the module's source, and more)
 def test_the_optimizer_state_goes_on_from_the_source_across_a_fixed_rate_and_a_schedule(source):
     from shared.lifecycle import train
 
@@ -90,6 +91,7 @@ def test_the_optimizer_state_goes_on_from_the_source_across_a_fixed_rate_and_a_s
     assert int(slots(again.variables)[0]) == STEPS + 8 and again.rate == pytest.approx(0.01)
 
 
+@pytest.mark.slow  # trains runs (the module's source, and more)
 def test_a_start_step_other_than_the_checkpoints_is_refused(source):
     from shared.lifecycle import train
 
@@ -114,6 +116,7 @@ def test_a_schedule_from_a_step_counts_from_there_and_saves_its_start():
     assert again.start == 5 and float(again(10)) == pytest.approx(0.5)
 
 
+@pytest.mark.slow  # trains runs (the module's source, and more)
 def test_rounds_after_the_first_continue_the_previous_rounds_training(source):
     from shared.loop.rounds import continued_schedule
 
