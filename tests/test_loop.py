@@ -103,6 +103,20 @@ def classification_recipe(tmp_path: Path, tree: dict, **loop) -> Path:
     return path
 
 
+def annotated_loop(tmp_path: Path, source, accepted: int, **loop):
+    """(a loop of `classification_recipe(**loop)` from the source run, its annotations file) whose file holds
+    `accepted` accepted tasks."""
+    from shared.config import load_config
+    from shared.loop import rounds as loop_module
+
+    source_run, tree = source
+    recipe = classification_recipe(tmp_path, tree, **loop)
+    tasks = tmp_path / "tasks.jsonl"
+    append(tasks, classification_lines(tmp_path, 0, accepted))
+    return loop_module.open_loop(task_for(load_config(str(recipe))), tasks, source_run.path,
+                                 tmp_path / "exports"), tasks
+
+
 def state_of(loop_dir: Path) -> dict:
     return json.loads((loop_dir / "state.json").read_text())
 
@@ -299,15 +313,10 @@ def test_classification_rounds_ingest_train_export_and_collect_garbage(tmp_path,
 
 @pytest.mark.slow
 def test_a_round_reads_the_examples_new_since_the_last_round_oversample_new_times(tmp_path, source, capsys):
-    from shared.config import load_config
     from shared.lifecycle import test as test_run
     from shared.loop import rounds as loop_module
 
-    source_run, tree = source
-    recipe = classification_recipe(tmp_path, tree, oversample_new=3)
-    tasks = tmp_path / "tasks.jsonl"
-    append(tasks, classification_lines(tmp_path, 0, 12))
-    loop = loop_module.open_loop(task_for(load_config(str(recipe))), tasks, source_run.path, tmp_path / "exports")
+    loop, tasks = annotated_loop(tmp_path, source, 12, oversample_new=3)
     first = loop_module.run_round(loop)
     assert "12 training / 0 validation" in capsys.readouterr().out  # round 1: every example is new, read once
     assert runs.open_run(first.run).config_dict()["data"]["oversample"] == {}
@@ -330,13 +339,8 @@ def test_a_round_reads_the_examples_new_since_the_last_round_oversample_new_time
 @pytest.mark.slow
 def test_a_metric_that_falls_beyond_the_tolerance_is_not_exported(tmp_path, source):
     from shared.loop import rounds as loop_module
-    from shared.config import load_config
 
-    source_run, tree = source
-    recipe = classification_recipe(tmp_path, tree, tolerance=0.0)
-    tasks = tmp_path / "tasks.jsonl"
-    append(tasks, classification_lines(tmp_path, 0, 8))
-    loop = loop_module.open_loop(task_for(load_config(str(recipe))), tasks, source_run.path, tmp_path / "exports")
+    loop, tasks = annotated_loop(tmp_path, source, 8, tolerance=0.0)
     first = loop_module.run_round(loop)
     state = state_of(loop.dir)
     state["served"]["metric"] = 2.0  # a served round better than any top-1: the next one falls below it
