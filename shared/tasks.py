@@ -30,6 +30,11 @@ def task_class(name: str | None) -> type[Task]:
         raise UserError(f"task {name!r} is not one of {', '.join(TASKS)}") from None
 
 
+def recorded_task(run: Run) -> str:
+    """The task a run's config.yaml names (a config without `task:` has the default)."""
+    return (run.config_dict() or {}).get("task") or DEFAULT_TASK
+
+
 def task_for(config_or_run) -> Task:
     """The Task of a Config or a Run (its snapshotted config.yaml), bound to that config."""
     config = config_or_run

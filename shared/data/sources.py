@@ -337,14 +337,16 @@ def _oversampled(root: Path, files: list[str], count: int, oversample) -> tuple[
     must still run."""
     from shared.data import tfrecord  # as tfrecord_source: TensorFlow's shard reader, loaded with it
 
-    extra = []
+    extra, added = [], 0
     for pattern, times in oversample.items():
         matched = [name for name in files if fnmatch.fnmatchcase(name, str(root / pattern))]
         if not matched:
             print(f"data.oversample {pattern!r} matches none of the train shards under {root} (a glob relative to "
                   f"data.path): they are read once each", flush=True)
-        extra += matched * (times - 1)
-    return files + extra, count + (tfrecord.count_records(extra) if extra else 0)
+        elif times > 1:  # each matched shard counted once, not once per extra read
+            extra += matched * (times - 1)
+            added += tfrecord.count_records(matched) * (times - 1)
+    return files + extra, count + added
 
 
 TFRECORD_PREFIXES = {"val": "validation"}  # Model Garden names the ImageNet val shards validation-*

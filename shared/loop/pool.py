@@ -85,14 +85,14 @@ def refresh_pool(loop: Loop, report: Callable[[str], None] = print) -> int | Non
     (the newest round's, else --from), leaving out what the ledger has answers for; the number of tasks. A
     --from run of another task than the loop's (a backbone) cannot predict its tasks: the first round's run
     writes the first file."""
-    from shared.tasks import DEFAULT_TASK
+    from shared.tasks import recorded_task  # the tasks load TensorFlow
 
     if loop.pool is None:
         return None
     state = read_state(loop.dir)
     newest = (state or {}).get("previous_run") or str(loop.from_run)
     run = runs.open_run(newest)
-    if ((run.config_dict() or {}).get("task") or DEFAULT_TASK) != loop.task.name:
+    if recorded_task(run) != loop.task.name:
         report(f"pool {loop.pool}: run {newest} is not a {loop.task.name} run; the tasks come after the first round")
         return None
     for stale in loop.tasks_out.parent.glob(f".partial-*-{loop.tasks_out.name}"):  # a kill while writing it

@@ -55,9 +55,8 @@ from shared.loop.ingest import ingest, write_held_out
 from shared.loop.pool import check_pool, refresh_pool
 from shared.loop.report import write_rounds
 from shared.task import Task
-from shared.tasks import rebuild
+from shared.tasks import rebuild, recorded_task
 
-DEFAULT_TASK = Config.__dataclass_fields__["task"].default  # what a config without `task:` has
 FOLLOWED = ("image_size", "channels", "normalize", "mean", "std", "crop_fraction")  # data keys: what a model sees
 
 
@@ -287,11 +286,6 @@ def _initial_class_names(loop: Loop) -> list[str]:
     return loop.task.loop_support().classes_without_run(loop)
 
 
-def recorded_task(run: runs.Run) -> str:
-    """The task a run's config.yaml names (a config without `task:` has the default)."""
-    return (run.config_dict() or {}).get("task") or DEFAULT_TASK
-
-
 # ---------------------------------------------------------------- training, round 0, export
 
 
@@ -344,7 +338,7 @@ def follow_run(config: Config, run: runs.Run) -> tuple[dict, list[str]]:
     already); a run of another task (a backbone) lends only its normalization."""
     recorded = run.config_dict() or {}
     data = recorded.get("data") or {}
-    if (recorded.get("task") or DEFAULT_TASK) != config.task:
+    if recorded_task(run) != config.task:
         if data.get("mean") and data.get("std") and len(data["mean"]) == config.data.channels:
             return {"data.normalize": data.get("normalize", True), "data.mean": data["mean"],
                     "data.std": data["std"]}, []
