@@ -211,7 +211,10 @@ class DistillConfig(DeeplyFrozen):
 class TuneConfig(DeeplyFrozen):
     """Hyperparameter search with Optuna: `python -m shared.runner tune --config models/<m>/tune.yaml`."""
     study: str | None = None  # None: <model>-<config file stem>
-    storage: str | None = None  # an SQLAlchemy URL; None: sqlite:///<run.dir>/tuning.db
+    storage: str | None = None  # an SQLAlchemy URL (sqlite:///..., postgresql+psycopg://...) or journal:PATH;
+    # None: sqlite:///<run.dir>/tuning.db
+    heartbeat_seconds: int = 60  # SQL storages: a running trial beats this often; a trial without a beat for twice
+    # as long (its worker died) is failed and queued again
     sampler: str = field(default="tpe", metadata={"choices": ("grid", "random", "tpe", "nsga2")})
     trials: int = 10
     objectives: list = field(default_factory=lambda: [{"metric": "top1", "direction": "maximize"}])

@@ -114,6 +114,7 @@ RANGES: dict[str, Range] = {
     "distill.alpha": UNIT,
     "tune.trials": AT_LEAST_ONE,
     "tune.seed": NON_NEGATIVE,
+    "tune.heartbeat_seconds": AT_LEAST_ONE,
     "loop.steps": AT_LEAST_ONE,
     "loop.tolerance": NON_NEGATIVE,
     "loop.keep": AT_LEAST_ONE,

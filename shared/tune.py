@@ -9,10 +9,11 @@ trial (user attribute `run`). The study lives in an SQL database (default
 - rerunning the same command resumes it: only the trials still missing run (completed and pruned
   ones count);
 - several processes given the same storage share the study: started together, they create it one
-  at a time (a lock file beside the SQLite file), each draws its own seed stream, they start no more
-  than tune.trials between them, and values one worker is training another waits for and reuses;
+  at a time (a lock beside the SQLite or journal file, or on the PostgreSQL server), each draws its own
+  seed stream, they start no more than tune.trials between them, and values one worker is training
+  another waits for and reuses;
 - a trial left RUNNING by a killed process is failed by Optuna's heartbeat once it is stale
-  (shared.tuning.storage.HEARTBEAT_S * 2 without a beat) and queued again once with the same values.
+  (tune.heartbeat_seconds x 2 without a beat; SQL storages) and queued again once with the same values.
 
 Space entries: `{choice: [a, b]}`, `{int: [lo, hi], step: 2, log: false}`,
 `{float: [lo, hi], log: true}`. Objectives: `{metric, direction}` with a metric the task measures
@@ -44,7 +45,8 @@ from shared.tuning.metrics import (Objective, TrialFailed, check_metric_needs, m
                                    parse_objectives, task_measures)
 from shared.tuning.report import report
 from shared.tuning.space import grid_values, parse_space
-from shared.tuning.storage import open_storage, quiet_experimental, storage_url, study_lock, study_name
+from shared.tuning.storage import (AdvisoryLock, open_storage, quiet_experimental, storage_url, study_lock,
+                                   study_name)
 from shared.tuning.trial import make_objective
 
 PRUNE_STARTUP_TRIALS = 5  # MedianPruner: no pruning until this many trials have finished
@@ -99,8 +101,9 @@ def tune(config: Config, argv: list[str] | None = None) -> dict:
     lock = study_lock(config, url)
     # Workers started together: one at a time creates the tables and the study and takes a worker number.
     with lock:
-        study = optuna.create_study(storage=open_storage(url), study_name=name, load_if_exists=True,
-                                    directions=[o.direction for o in objectives], pruner=_make_pruner(monitor))
+        study = optuna.create_study(storage=open_storage(url, settings.heartbeat_seconds), study_name=name,
+                                    load_if_exists=True, directions=[o.direction for o in objectives],
+                                    pruner=_make_pruner(monitor))
         _check_same_objectives(study, objectives, url)
         with quiet_experimental():
             optuna.storages.fail_stale_trials(study)  # a killed process's trials: failed, queued again
@@ -119,11 +122,13 @@ def tune(config: Config, argv: list[str] | None = None) -> dict:
     return report(study, config, objectives, constraints, list(space), url)
 
 
-def run_trials(study: optuna.Study, objective, wanted: int, most_failed: int, lock: FileLock) -> None:
+def run_trials(study: optuna.Study, objective, wanted: int, most_failed: int,
+               lock: FileLock | AdvisoryLock) -> None:
     """Start trials until `wanted` are complete, pruned or running, counting every worker's, or until
     `most_failed` of those started here have failed (failed trials do not count towards `wanted`: a study
     whose every trial fails would never end). The count and the new trial are one step under the study
-    lock, so workers together never start more than `wanted`."""
+    lock, so workers together never start more than `wanted`; a trial of a worker that died (its heartbeat
+    stale) is failed before the count, so its queued retry runs instead of being counted as running."""
     ended: list[TrialState] = []
     while ended.count(TrialState.FAIL) < most_failed:
         lock.acquire()
@@ -136,6 +141,8 @@ def run_trials(study: optuna.Study, objective, wanted: int, most_failed: int, lo
             return objective(trial)
 
         try:
+            with quiet_experimental():  # a dead worker's trial counts no more: failed, and queued again
+                optuna.storages.fail_stale_trials(study)
             if _counted_trials(study) >= wanted:
                 return
             study.optimize(started, n_trials=1, catch=(TrialFailed,), gc_after_trial=True,

@@ -13,7 +13,6 @@ from optuna.trial import TrialState
 
 from shared import tune as tune_module
 from shared.classification.task import ClassificationTask
-from shared.tuning import storage as tune_storage
 from shared.tuning import trial as tune_trial
 from shared.tuning.metrics import Objective, TrialFailed, monitored_names, parse_objectives
 from shared.tuning.space import grid_values, parse_space
@@ -258,12 +257,12 @@ def test_a_pruned_trial_marks_its_run(tmp_path, tiny_model, monkeypatch):
 
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # study.ask, standing in for a dead worker
-def test_a_trial_left_running_by_a_killed_process_is_run_again(tmp_path, tiny_model, monkeypatch):
-    monkeypatch.setattr(tune_storage, "HEARTBEAT_S", 1)  # stale after 2 s instead of 2 minutes
+def test_a_trial_left_running_by_a_killed_process_is_run_again(tmp_path, tiny_model):
     config = study_config(tmp_path, tiny_model, study="killed", sampler="random", trials=1,
-                          space={"train.lr.base": {"choice": [0.01, 0.05]}})
+                          space={"train.lr.base": {"choice": [0.01, 0.05]}},
+                          heartbeat_seconds=1)  # stale after 2 s instead of 2 minutes
     # What a process killed mid-trial leaves behind: a RUNNING trial whose heartbeat stopped.
-    storage = open_storage(storage_url(config))
+    storage = open_storage(storage_url(config), heartbeat_seconds=1)
     study = optuna.create_study(storage=storage, study_name="killed", direction="maximize")
     dead = study.ask({"train.lr.base": CategoricalDistribution([0.01, 0.05])})
     storage.record_heartbeat(dead._trial_id)
@@ -340,11 +339,11 @@ def test_values_another_worker_is_training_are_waited_for_and_reused(tmp_path, t
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # study.ask, standing in for a worker that dies
 def test_a_trial_waiting_for_a_worker_that_died_trains_the_values_itself(tmp_path, tiny_model, monkeypatch,
                                                                        capsys):
-    monkeypatch.setattr(tune_storage, "HEARTBEAT_S", 1)  # stale after 2 s instead of 2 minutes
     monkeypatch.setattr(tune_trial, "WAIT_S", 0.2)
     config = study_config(tmp_path, tiny_model, study="orphan", sampler="random", trials=2,
-                          space={"train.lr.base": {"choice": [0.05]}})
-    storage = open_storage(storage_url(config))
+                          space={"train.lr.base": {"choice": [0.05]}},
+                          heartbeat_seconds=1)  # stale after 2 s instead of 2 minutes
+    storage = open_storage(storage_url(config), heartbeat_seconds=1)
     study = optuna.create_study(storage=storage, study_name="orphan", direction="maximize")
     dead = study.ask({"train.lr.base": CategoricalDistribution([0.05])})
     dead.set_user_attr(tune_trial.CLAIM, True)

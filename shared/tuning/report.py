@@ -16,7 +16,7 @@ from shared.config_schema import Config
 from shared.durable import atomic_write
 from shared.tuning.metrics import Objective
 from shared.tuning.space import describe_values, format_value, trial_config
-from shared.tuning.storage import sqlite_file, trial_tag
+from shared.tuning.storage import study_file, trial_tag
 
 
 def best_trials(study: optuna.Study) -> list[FrozenTrial]:
@@ -64,8 +64,8 @@ def report(study: optuna.Study, config: Config, objectives: list[Objective], con
 
 
 def _output_dir(config: Config, url: str) -> Path:
-    """Next to the SQLite file; for a server database, <run.dir>/tune."""
-    database = sqlite_file(url)
+    """Next to the SQLite or journal file; for a server database, <run.dir>/tune."""
+    database = study_file(url)
     return database.parent if database is not None else Path(config.run.dir) / "tune"
 
 
