@@ -58,6 +58,8 @@ class DataConfig(DeeplyFrozen):
     augment: list = field(default_factory=list)  # names or {name: {arg: value}}, see shared.data.augment
     batch_augment: list = field(default_factory=list)  # MixUp / CutMix on whole batches (soft labels)
     crop_fraction: float = 0.875  # eval: resize to image_size / crop_fraction, center-crop image_size
+    dct_scaling: bool | None = None  # a JPEG crop at least 2x image_size decoded at 1/2, 1/4 or 1/8 scale (never
+    # below image_size); None: on for a new run (recorded true), off for runs recorded before the key
     val_fraction: float = 0.0  # carve a validation split off train, evaluated every epoch
     # folder source with only PATH/<class>/* (no split folders): the share of each class held out for testing
     test_fraction: float = 0.0

@@ -43,6 +43,7 @@ class EvalView:
     mean: tuple[float, ...] | None
     std: tuple[float, ...] | None
     max_pixels: int | None = None  # encoded images above this many pixels are refused (data.max_pixels)
+    dct_scaling: bool = False  # a JPEG's central crop decoded at a DCT scale (data.dct_scaling)
 
     @classmethod
     def from_config(cls, config) -> "EvalView":
@@ -55,7 +56,8 @@ class EvalView:
 
             mean, std = normalization_statistics(data)
         return cls(data.image_size, data.channels, resizes_pixels(config), data.crop_fraction, data.normalize,
-                   tuple(mean) if mean else None, tuple(std) if std else None, data.max_pixels)
+                   tuple(mean) if mean else None, tuple(std) if std else None, data.max_pixels,
+                   bool(data.dct_scaling))
 
     @classmethod
     def from_record(cls, record: dict) -> "EvalView":
@@ -63,13 +65,15 @@ class EvalView:
         mean, std = record.get("mean"), record.get("std")
         return cls(int(record["image_size"]), int(record["channels"]), record["preprocessing"] == RESIZE,
                    float(record["crop_fraction"]), bool(record["normalize"]),
-                   tuple(mean) if mean else None, tuple(std) if std else None, record.get("max_pixels"))
+                   tuple(mean) if mean else None, tuple(std) if std else None, record.get("max_pixels"),
+                   bool(record.get("dct_scaling", False)))  # exports before the key decoded in full
 
     def record(self) -> dict:
         return {"image_size": self.image_size, "channels": self.channels,
                 "preprocessing": RESIZE if self.whole else CENTER_CROP, "crop_fraction": self.crop_fraction,
                 "normalize": self.normalize, "mean": list(self.mean) if self.mean else None,
-                "std": list(self.std) if self.std else None, "max_pixels": self.max_pixels}
+                "std": list(self.std) if self.std else None, "max_pixels": self.max_pixels,
+                "dct_scaling": self.dct_scaling}
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -81,7 +85,7 @@ class EvalView:
         from shared.data import preprocess
 
         return preprocess.eval_view(image, self.image_size, self.crop_fraction, self.channels, self.whole,
-                                    self.max_pixels, name)
+                                    self.max_pixels, name, self.dct_scaling)
 
     def normalizer(self):
         """pixels -> what the model takes ((pixel - mean) / std, or pixel / 255 when normalization is off)."""

@@ -266,6 +266,8 @@ def prepare(task: Task, model_folder: Path | None = None, replicas: int = 1, sta
     task = task.bound(with_changes(config, {"model.hparams": modelzoo.resolve_hparams(
         module, config.model.hparams, config.where)}))
     task = task.bound(task.resolve())
+    if model_folder is None and task.config.data.dct_scaling is None:  # a new run: on, and recorded so
+        task = task.bound(with_changes(task.config, {"data.dct_scaling": True}))
     keras.utils.set_random_seed(task.config.train.seed)
     data = task.datasets(folder, replicas, start_epoch=start_epoch)
     task = task.bound(data.config)

@@ -66,9 +66,11 @@ class RandomResizedCrop:
         return tf.image.resize(cropped, [self.image_size, self.image_size])
 
     def from_encoded(self, data: tf.Tensor, channels: int, max_pixels: int | None = None,
-                     name: tf.Tensor | str = "") -> tf.Tensor:
-        """The box sampled on the image as shown (its EXIF orientation applied), decoded alone."""
-        cropped = formats.decode_crop(data, channels, lambda shown: tf.stack(self.window(shown)), max_pixels, name)
+                     name: tf.Tensor | str = "", dct_scaling: bool = False) -> tf.Tensor:
+        """The box sampled on the image as shown (its EXIF orientation applied), decoded alone (a JPEG's at a DCT
+        scale with `dct_scaling`: `formats.decode_crop`'s target)."""
+        cropped = formats.decode_crop(data, channels, lambda shown: tf.stack(self.window(shown)), max_pixels, name,
+                                      target=self.image_size if dct_scaling else None)
         return tf.image.resize(cropped, [self.image_size] * 2)
 
 

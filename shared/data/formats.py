@@ -56,6 +56,7 @@ IFD_ENTRIES = 16  # IFD0's entries are sorted by tag: the orientation (0x0112) c
 ORIENTATION_TAG = 0x0112
 
 HEAD = 32  # bytes of any other file's header compared and read
+DCT_RATIOS = (1, 2, 4, 8)  # libjpeg decodes at 1/1, 1/2, 1/4 or 1/8 of each side (its DCT scaling)
 
 
 def _signature(*parts: tuple[int, bytes]) -> list[int]:
@@ -341,36 +342,62 @@ def stored_window(window, orientation: tf.Tensor, stored_shape: tf.Tensor) -> tf
     return tf.linalg.matvec(tf.gather(tf.constant(WINDOWS, tf.int32), tf.cast(orientation - 1, tf.int32)), values)
 
 
-def _jpeg_pixels(data: tf.Tensor, channels: int, window: tf.Tensor | None = None) -> tf.Tensor:
+def _jpeg_pixels(data: tf.Tensor, channels: int, window: tf.Tensor | None = None,
+                 target: int | None = None) -> tf.Tensor:
     """A JPEG (its stored `window` only, when given: `decode_and_crop_jpeg` skips the blocks outside it, the
     main saving of the ImageNet input pipeline) straight to 3 channels by libjpeg, which converts gray and CMYK;
-    for 1 channel as stored, then `to_channels` (libjpeg cannot take CMYK to gray)."""
+    for 1 channel as stored, then `to_channels` (libjpeg cannot take CMYK to gray). With a `target` side (what
+    the window is resized to next), the window is decoded at the smallest DCT scale that keeps it at least
+    `target` on both sides (`dct_ratio`)."""
     def decoded(wanted):
         if window is None:
             return tf.io.decode_jpeg(data, channels=wanted)
-        return tf.image.decode_and_crop_jpeg(data, window, channels=wanted)
+        if target is None:
+            return tf.image.decode_and_crop_jpeg(data, window, channels=wanted)
+        branches = [lambda ratio=ratio: tf.image.decode_and_crop_jpeg(data, scaled_window(window, ratio),
+                                                                        channels=wanted, ratio=ratio)
+                    for ratio in DCT_RATIOS]
+        return tf.switch_case(dct_ratio(window, target), branches)
     return decoded(3) if channels == 3 else to_channels(decoded(0), channels)
+
+
+def dct_ratio(window: tf.Tensor, target: int) -> tf.Tensor:
+    """The index in DCT_RATIOS of the largest ratio r with the window's shorter side at least r x `target`:
+    libjpeg's DCT scaling then decodes 1/r of each side, never fewer than `target` pixels."""
+    side = tf.minimum(window[2], window[3])
+    return tf.reduce_sum(tf.cast(side >= tf.constant(DCT_RATIOS[1:], tf.int32) * target, tf.int32))
+
+
+def scaled_window(window: tf.Tensor, ratio: int) -> tf.Tensor:
+    """A window [top, left, height, width] of the full-size pixels in the pixels decoded at 1/`ratio`
+    (`decode_and_crop_jpeg` takes its window there): the scaled pixels that cover it, so at least 1/ratio of
+    its height and width, and inside the scaled image (ceil(side / ratio))."""
+    top, left = window[0] // ratio, window[1] // ratio
+    bottom, right = -((-(window[0] + window[2])) // ratio), -((-(window[1] + window[3])) // ratio)
+    return tf.stack([top, left, bottom - top, right - left])
 
 
 Window = Callable[[tf.Tensor], tf.Tensor]  # the shown [height, width] (int32) -> [top, left, height, width]
 
 
 def decode_crop(data: tf.Tensor, channels: int, window: Window | None = None, max_pixels: int | None = None,
-                name: tf.Tensor | str = "") -> tf.Tensor:
+                name: tf.Tensor | str = "", target: int | None = None) -> tf.Tensor:
     """One encoded image as uint8 pixels as it is shown (the first frame, its EXIF orientation applied) of
     `channels`; only the window that `window` picks from its shown size, when given (None: all of it). Refused
-    in one line naming it (`name`) when its header says so, before it is decoded."""
+    in one line naming it (`name`) when its header says so, before it is decoded. `target`: the side the window
+    is resized to next; a JPEG window at least twice that is decoded at a DCT scale (1/2, 1/4, 1/8), never below
+    `target` (None: at full size)."""
     def read(route):
         header = _header(data, route)
         with tf.control_dependencies([_required(header, name, max_pixels)]):
             shown = tf.cast(header.shown_shape, tf.int32)
             box = tf.cast(window(shown), tf.int32) if window is not None else None
             if route == PLAIN_JPEG:
-                return _jpeg_pixels(data, channels, box)
+                return _jpeg_pixels(data, channels, box, target)
             if route == EXIF_JPEG:
                 stored = stored_window(box, header.orientation, tf.stack([header.height, header.width])) \
                     if box is not None else None
-                return orient(_jpeg_pixels(data, channels, stored), header.orientation)
+                return orient(_jpeg_pixels(data, channels, stored, target), header.orientation)
             image = to_channels(tf.io.decode_image(data, channels=channels if channels == 3 else 0,
                                                    expand_animations=False), channels)
             return image if box is None else tf.slice(image, tf.stack([box[0], box[1], 0]),

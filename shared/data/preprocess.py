@@ -41,11 +41,12 @@ def center_crop_window(shape: tf.Tensor, crop_fraction: float) -> tuple:
 
 
 def decode_center_crop(data: tf.Tensor, image_size: int, crop_fraction: float, channels: int,
-                       max_pixels: int | None = None, name: tf.Tensor | str = "") -> tf.Tensor:
-    """Eval preprocessing of an encoded image: decode only the central crop of the shown image, resize to
-    image_size."""
+                       max_pixels: int | None = None, name: tf.Tensor | str = "",
+                       dct_scaling: bool = False) -> tf.Tensor:
+    """Eval preprocessing of an encoded image: decode only the central crop of the shown image (a JPEG at a DCT
+    scale with `dct_scaling`, never below image_size), resize to image_size."""
     cropped = formats.decode_crop(data, channels, lambda shown: tf.stack(center_crop_window(shown, crop_fraction)),
-                                  max_pixels, name)
+                                  max_pixels, name, target=image_size if dct_scaling else None)
     return tf.image.resize(cropped, [image_size, image_size])
 
 
@@ -69,17 +70,18 @@ def center_crop(image: tf.Tensor, image_size: int, crop_fraction: float) -> tf.T
 
 
 def eval_view(image: tf.Tensor, image_size: int, crop_fraction: float, channels: int, whole: bool,
-              max_pixels: int | None = None, name: tf.Tensor | str = "") -> tf.Tensor:
+              max_pixels: int | None = None, name: tf.Tensor | str = "", dct_scaling: bool = False) -> tf.Tensor:
     """The eval view of one image, as float32 0-255 pixels of (image_size, image_size, channels), not yet
     normalized. `image`: encoded bytes (a tf.string scalar: JPEG, PNG, ...) or decoded pixels (H, W, C).
     `whole`: resize the whole image (sources of fixed-size arrays, seen whole in training) instead of taking
     the central `crop_fraction` square. Encoded images above `max_pixels` (from the header) are refused in one
-    line naming `name`. The one definition of eval preprocessing: the eval pipeline
+    line naming `name`; `dct_scaling`: a JPEG's crop decoded at a DCT scale (`decode_center_crop`). The one
+    definition of eval preprocessing: the eval pipeline
     (shared.data._image_fn), the SavedModel's serving signature and shared.predict all call it."""
     if image.dtype == tf.string:
         if not whole:  # decode only the central crop (a JPEG skips the blocks outside it)
-            return tf.ensure_shape(decode_center_crop(image, image_size, crop_fraction, channels, max_pixels, name),
-                                   (image_size, image_size, channels))
+            return tf.ensure_shape(decode_center_crop(image, image_size, crop_fraction, channels, max_pixels, name,
+                                                      dct_scaling), (image_size, image_size, channels))
         image = decode(image, channels, max_pixels, name)
     image = tf.cast(formats.to_channels(image, channels), tf.float32)
     image = resize(image, image_size) if whole else center_crop(image, image_size, crop_fraction)
