@@ -3,12 +3,14 @@ ImageNet layout: OUT/train-00000-of-01024 ..., OUT/validation-00000-of-00128 ...
 folder names, one a line, in label order: label 0 is the first line).
 
     python scripts/make_tfrecords.py SRC OUT [--train-shards 1024] [--val-shards 128] [--splits train val]
-                                             [--skip-corrupt]
+                                             [--skip-corrupt] [--max-side 320 [--quality 90]]
 
 Labels are 0-based, classes the sorted folder names of SRC/train (shared by every split); the images keep
-their bytes (no re-encoding) and go into the shards in the same fixed, class-mixed order the `folder` source
-uses. Interrupted? Run the same command again: complete shards are kept, the rest written. A second run into
-the same OUT while one is writing there stops at once, naming the process that writes.
+their bytes (no re-encoding; with --max-side N, an image longer than N on its long side is stored resized to N
+there, as a JPEG of --quality, recorded in OUT/encoding.json) and go into the shards in the same fixed,
+class-mixed order the `folder` source uses. Interrupted? Run the same command again: complete shards are kept,
+the rest written. A second run into the same OUT while one is writing there stops at once, naming the process
+that writes.
 """
 
 from __future__ import annotations
@@ -40,6 +42,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-pixels", type=int, default=100_000_000,
                         help="refuse images above this many pixels, as training's data.max_pixels does "
                              "(default 100000000)")
+    parser.add_argument("--max-side", type=int, metavar="N",
+                        help="store images longer than N px on their long side resized to N (as JPEG), so training "
+                             "decodes what it needs (e.g. 320 for 224 px training); default: their own bytes")
+    parser.add_argument("--quality", type=int, default=90, help="--max-side: the JPEG quality (default 90)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser.parse_args(argv)
 
@@ -75,6 +81,10 @@ def run(args: argparse.Namespace) -> None:
     for flag, value in (("--train-shards", args.train_shards), ("--val-shards", args.val_shards)):
         if value < 1:
             raise UserError(f"{flag} must be at least 1, not {value}")
+    if args.max_side is not None and args.max_side < 16:
+        raise UserError(f"--max-side must be at least 16 px, not {args.max_side}")
+    if not 1 <= args.quality <= 100:
+        raise UserError(f"--quality must be 1-100, not {args.quality}")
     prefixes = [PREFIXES.get(split, split) for split in args.splits]
     if len(set(prefixes)) != len(prefixes):
         raise UserError(f"--splits {' '.join(args.splits)} names one split twice; give each split once")
@@ -107,13 +117,28 @@ def write_all(args: argparse.Namespace, class_names: list[str], prefixes: list[s
             num_shards = len(files)
         shards = write_shards(files, labels, [class_names[label] for label in labels], args.out, prefix,
                               num_shards, progress=not args.no_progress, skip_corrupt=args.skip_corrupt,
-                              max_pixels=args.max_pixels)
+                              max_pixels=args.max_pixels, max_side=args.max_side, quality=args.quality)
         written = len(shards) - len(shards.reused)
         print(f"{prefix}: {len(files) - len(shards.corrupt)} images of {args.src / split} in {num_shards} shards "
               f"{args.out}/{prefix}-*-of-{num_shards:05d} (wrote {written}, kept {len(shards.reused)} complete"
               f"{f', skipped {len(shards.corrupt)} unreadable' if shards.corrupt else ''})", flush=True)
     print(f"labels: {args.out / 'labels.txt'} ({len(class_names)} classes, label = line number - 1)")
+    write_encoding(args.out, args.max_side, args.quality)
     write_counts(args.out, prefixes)
+
+
+def write_encoding(out: Path, max_side: int | None, quality: int) -> None:
+    """encoding.json: how the images are stored (their own bytes, or bounded to max_side as JPEGs of quality), so
+    a reader knows what a decode costs and which quality it trains on. Written once every split's shards are, whose
+    plans refuse a rerun with other values (shared.data.tfrecord.write_shards) before any shard is written."""
+    import json
+
+    from shared.durable import atomic_write
+
+    record = ({"images": "as they are (their own bytes)"} if max_side is None else
+              {"images": "re-encoded where longer than max_side", "max_side": max_side, "format": "jpeg",
+               "quality": quality, "resize": "area (antialiased), EXIF orientation applied"})
+    atomic_write(out / "encoding.json", json.dumps(record, indent=2, sort_keys=True) + "\n")
 
 
 def write_counts(out: Path, prefixes: list[str]) -> None:

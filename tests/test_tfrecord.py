@@ -188,7 +188,7 @@ def test_script(tmp_path):
     assert "validation: 3 images, fewer than 5 shards: writing 3 shards" in result.stdout
     assert "train: 9 images" in result.stdout and "labels.txt (3 classes" in result.stdout
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == [
-        "counts.json", "labels.txt", "train-00000-of-00002", "train-00001-of-00002",
+        "counts.json", "encoding.json", "labels.txt", "train-00000-of-00002", "train-00001-of-00002",
         "validation-00000-of-00003", "validation-00001-of-00003", "validation-00002-of-00003"]
     assert (out / "labels.txt").read_text().split() == read_labels(out / "labels.txt") == list(CLASSES)
     files, labels, _ = list_folder_split(src, "val", list(CLASSES))
@@ -199,6 +199,7 @@ def test_script(tmp_path):
     assert parsed["image/class/synset"].numpy().decode() == CLASSES[int(parsed["image/class/label"])]
 
     assert json.loads((out / "counts.json").read_text()) == {"train": 9, "validation": 3}
+    assert json.loads((out / "encoding.json").read_text()) == {"images": "as they are (their own bytes)"}
 
     # The shards feed training as data.source tfrecord: fused decode-and-crop from the stored bytes.
     from shared.config import load_config
@@ -319,3 +320,47 @@ def test_half_shards_of_a_killed_writer_are_removed(source, tmp_path):
         (out / name).write_bytes(b"half a shard")  # what SIGKILL mid-shard leaves (new and older names)
     write_shards(files, labels, None, out, "train", 3, progress=False)
     assert partial_files(out) == []
+
+
+def test_max_side_stores_large_images_bounded_and_a_rerun_with_another_is_refused(tmp_path, capsys):
+    """--max-side: images longer than N are stored as shown (EXIF orientation applied), area-resized to N on their
+    long side, as JPEGs of --quality; smaller ones keep their bytes; encoding.json says so; resumable as ever."""
+    src = tmp_path / "src"
+    y, x = np.mgrid[0:300, 0:400]
+    picture = np.stack([x * 255 // 400, y * 255 // 300, np.full_like(x, 90)], -1).astype(np.uint8)
+    for split in ("train", "val"):
+        folder = src / split / "n01440764"
+        folder.mkdir(parents=True)
+        Image.fromarray(picture).save(folder / "wide.JPEG", "JPEG", quality=95)
+        exif = Image.Exif()
+        exif[0x0112] = 6  # shown turned a quarter: 300 wide, 400 high
+        Image.fromarray(picture).save(folder / "phone.JPEG", "JPEG", quality=95, exif=exif.tobytes())
+        Image.fromarray(picture).save(folder / "drawing.png", "PNG")
+        Image.fromarray(picture[:40, :50]).save(folder / "small.JPEG", "JPEG")
+    out = tmp_path / "out"
+    script = load_script("make_tfrecords")
+    args = [str(src), str(out), "--train-shards", "2", "--val-shards", "1", "--max-side", "64", "--quality", "85",
+            "--no-progress"]
+    assert script.main(args) == 0
+    assert json.loads((out / "encoding.json").read_text())["max_side"] == 64
+    assert json.loads((out / "encoding.json").read_text())["quality"] == 85
+    records = [tf.io.parse_single_example(record, FEATURES)
+               for record in tf.data.TFRecordDataset(sorted(str(p) for p in out.glob("validation-*")))]
+    shapes = [(int(parsed["image/height"]), int(parsed["image/width"])) for parsed in records]
+    assert sorted(shapes) == [(40, 50), (48, 64), (48, 64), (64, 48)]  # the phone photo as shown: portrait
+    stored = dict(zip(shapes, records))
+    small = stored[(40, 50)]
+    assert small["image/encoded"].numpy() == (src / "val" / "n01440764" / "small.JPEG").read_bytes()
+    portrait = tf.io.decode_jpeg(stored[(64, 48)]["image/encoded"]).numpy().astype(int)
+    assert stored[(64, 48)]["image/format"].numpy() == b"jpeg" and portrait.shape == (64, 48, 3)
+    expected = np.asarray(Image.fromarray(picture).transpose(Image.Transpose.ROTATE_270).resize((48, 64),
+                                                                                              Image.BOX)).astype(int)
+    assert np.abs(portrait - expected).mean() < 4  # the picture as shown, resized, not stored sideways
+
+    (out / "train-00001-of-00002").unlink()  # a writer killed before its last shard: the rerun finishes it
+    capsys.readouterr()
+    assert script.main(args) == 0
+    assert "skipped 1 of 2 shards already complete" in capsys.readouterr().out
+    assert script.main([*args[:6], "--max-side", "128", "--no-progress"]) == 2  # not mixed with 64 px shards
+    assert "were written from another image list" in capsys.readouterr().err
+    assert json.loads((out / "encoding.json").read_text())["max_side"] == 64

@@ -17,6 +17,7 @@ applied to 0-based shards, it stops the read at the first class-0 record (a labe
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from pathlib import Path
@@ -29,6 +30,8 @@ from shared.data import checks
 from shared.durable import atomic_write, partial_path
 from shared.errors import UserError
 from shared.locks import folder_writer
+
+DEFAULT_QUALITY = 90  # --max-side's JPEG quality
 
 AUTOTUNE = tf.data.AUTOTUNE
 
@@ -86,12 +89,39 @@ def read_image_file(path: str, max_pixels: int | None = DataConfig.max_pixels,
     return data, found.format, found.height, found.width
 
 
-def example_from_file(path: str, label: int, synset: str | None,
-                      max_pixels: int | None = DataConfig.max_pixels) -> tf.train.Example:
+def example_from_file(path: str, label: int, synset: str | None, max_pixels: int | None = DataConfig.max_pixels,
+                      max_side: int | None = None, quality: int = DEFAULT_QUALITY) -> tf.train.Example:
     """One Model Garden record from an image file: its raw bytes (no re-encoding), the format read from the
-    content (a PNG named .JPEG gets `png`), height, width (as shown), label and, when given, the synset."""
+    content (a PNG named .JPEG gets `png`), height, width (as shown), label and, when given, the synset. With
+    `max_side`, an image longer than that on its long side is stored re-encoded (`bounded`)."""
     data, image_format, height, width = read_image_file(path, max_pixels)
+    if max_side is not None and max(height, width) > max_side:
+        data, height, width = bounded(data, max_side, quality)
+        image_format = "jpeg"
     return image_example(data, image_format, height, width, label, synset)
+
+
+def bounded(data: bytes, max_side: int, quality: int = DEFAULT_QUALITY) -> tuple[bytes, int, int]:
+    """An image as shown (its EXIF orientation applied, first frame, RGB) resized to `max_side` on its long side
+    (area-averaged: antialiased) and encoded as a JPEG of `quality`: (bytes, height, width). A training decode
+    then costs what the model needs, not what the camera took (FFCV's max_resolution)."""
+    encoded, height, width = _bounded_fn(max_side, quality)(tf.constant(data))
+    return encoded.numpy(), int(height), int(width)
+
+
+@functools.cache
+def _bounded_fn(max_side: int, quality: int):
+    from shared.data import formats
+
+    @tf.function(input_signature=[tf.TensorSpec((), tf.string)])
+    def run(data):
+        image = formats.decode(data, 3)
+        shape = tf.cast(tf.shape(image)[:2], tf.float32)
+        size = tf.maximum(1, tf.cast(tf.round(shape * (max_side / tf.reduce_max(shape))), tf.int32))
+        resized = tf.image.resize(image, size, method="area")
+        pixels = tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8)
+        return tf.io.encode_jpeg(pixels, quality=quality), size[0], size[1]
+    return run
 
 
 def image_example(data: bytes, image_format: str, height: int, width: int, label: int,
@@ -114,10 +144,12 @@ def shard_name(prefix: str, index: int, num_shards: int) -> str:
     return f"{prefix}-{index:05d}-of-{num_shards:05d}"
 
 
-def _plan_digest(files: list[str], labels: list[int], synsets: list[str] | None, num_shards: int) -> str:
+def _plan_digest(files: list[str], labels: list[int], synsets: list[str] | None, num_shards: int,
+                 encoding: str = "") -> str:
     """A digest of what goes where: file (class folder and name, so moving the dataset does not change it),
-    label and synset in order, and the shard count."""
-    digest = hashlib.sha256(f"{num_shards}\n".encode())
+    label and synset in order, the shard count and how images are stored (`encoding`: empty for their own
+    bytes, the shards of earlier releases)."""
+    digest = hashlib.sha256(f"{num_shards}\n".encode() + (f"{encoding}\n".encode() if encoding else b""))
     for i, (path, label) in enumerate(zip(files, labels)):
         name = "/".join(Path(path).parts[-2:])
         digest.update(f"{name}\t{label}\t{synsets[i] if synsets else ''}\n".encode())
@@ -147,7 +179,8 @@ def _remove_partial_shards(output_dir: Path, prefix: str) -> None:
 
 def write_shards(files: list[str], labels: list[int], synsets: list[str] | None, output_dir: Path,
                  prefix: str, num_shards: int, progress: bool = True, skip_corrupt: bool = False,
-                 max_pixels: int | None = DataConfig.max_pixels) -> Shards:
+                 max_pixels: int | None = DataConfig.max_pixels, max_side: int | None = None,
+                 quality: int = DEFAULT_QUALITY) -> Shards:
     """Write `files` (in the caller's order: shuffle first) as `num_shards` contiguous chunks named
     `{prefix}-{i:05d}-of-{num_shards:05d}` in `output_dir`, and return their paths (a `Shards` list, whose
     `.corrupt` names the unreadable files skipped and `.reused` the shards kept from an earlier run).
@@ -158,7 +191,9 @@ def write_shards(files: list[str], labels: list[int], synsets: list[str] | None,
     `skip_corrupt`, which leaves it out, counts it and prints the count; an image above `max_pixels` (read from
     its header) is refused the same way, as training would refuse it. One process writes a folder at a
     time (`shared.locks.folder_writer`: another gets a UserError naming it); a full disk is a DiskFull naming
-    the shard, which is not left behind.
+    the shard, which is not left behind. `max_side`: images longer than that on their long side are stored
+    re-encoded at that size, as JPEGs of `quality` (`bounded`); the plan's digest holds both, so a rerun with
+    other values is refused rather than mixing shards of two sizes.
     """
     if len(files) != len(labels) or (synsets is not None and len(synsets) != len(files)):
         raise ValueError("files, labels and synsets must have the same length")
@@ -166,15 +201,16 @@ def write_shards(files: list[str], labels: list[int], synsets: list[str] | None,
 
     def example_at(j: int) -> tf.train.Example | None:
         try:
-            return example_from_file(files[j], labels[j], synsets[j] if synsets else None, max_pixels)
+            return example_from_file(files[j], labels[j], synsets[j] if synsets else None, max_pixels, max_side,
+                                     quality)
         except UserError as why:
             if not skip_corrupt:
                 raise UserError(f"{why}; {SKIP_HINT}") from None
             corrupt.append(files[j])
             return None
 
-    shards = write_example_shards(len(files), example_at, _plan_digest(files, labels, synsets, num_shards),
-                                  output_dir, prefix, num_shards, progress)
+    digest = _plan_digest(files, labels, synsets, num_shards, "" if max_side is None else f"{max_side}:{quality}")
+    shards = write_example_shards(len(files), example_at, digest, output_dir, prefix, num_shards, progress)
     if corrupt:
         print(f"{prefix}: skipped {len(corrupt)} unreadable image file(s), first {corrupt[0]}", flush=True)
     shards.corrupt = corrupt
