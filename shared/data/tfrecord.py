@@ -152,7 +152,8 @@ def _plan_digest(files: list[str], labels: list[int], synsets: list[str] | None,
     digest = hashlib.sha256(f"{num_shards}\n".encode() + (f"{encoding}\n".encode() if encoding else b""))
     for i, (path, label) in enumerate(zip(files, labels)):
         name = "/".join(Path(path).parts[-2:])
-        digest.update(f"{name}\t{label}\t{synsets[i] if synsets else ''}\n".encode())
+        # a file name that is not UTF-8 (its bytes as surrogate escapes) is hashed as its bytes
+        digest.update(f"{name}\t{label}\t{synsets[i] if synsets else ''}\n".encode("utf-8", "surrogateescape"))
     return digest.hexdigest()
 
 
