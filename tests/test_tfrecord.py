@@ -364,3 +364,15 @@ def test_max_side_stores_large_images_bounded_and_a_rerun_with_another_is_refuse
     assert script.main([*args[:6], "--max-side", "128", "--no-progress"]) == 2  # not mixed with 64 px shards
     assert "were written from another image list" in capsys.readouterr().err
     assert json.loads((out / "encoding.json").read_text())["max_side"] == 64
+
+
+def test_a_file_name_that_is_not_utf8_is_written(tmp_path):
+    """A class folder holding a file whose name is Latin-1 bytes (a surrogate-escaped str in Python)."""
+    from shared.data.tfrecord import write_shards
+
+    folder = tmp_path / "src" / "train" / "n01440764"
+    folder.mkdir(parents=True)
+    name = folder / os.fsdecode(b"caf\xe9.jpg")
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(name, "JPEG")
+    shards = write_shards([str(name)], [0], None, tmp_path / "out", "train", 1, progress=False)
+    assert count_records(shards) == 1
