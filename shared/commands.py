@@ -18,6 +18,8 @@ from typing import Callable
 # predict --order and loop --order: shared.annotation_tasks.ORDERS (a test keeps them equal; this table imports
 # nothing of the project)
 ORDERS = ("file", "uncertainty", "margin", "entropy", "random")
+# test --views: shared.classification.views.VIEWS (a test keeps them equal)
+TEST_VIEWS = ("center", "flip", "10crop", "multiscale", "144crop")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,6 +148,10 @@ def retest_arguments(parser: argparse.ArgumentParser) -> None:
                                              "checkpoint file")
     parser.add_argument("--classifier", metavar="RUN",
                         help="deblurring runs: also a classification run's top-1 on sharp, blurred and restored images")
+    parser.add_argument("--views", choices=TEST_VIEWS,
+                        help="classification runs: test views, softmax averaged over each image's crops: center (the "
+                             "run's own), flip, 10crop (AlexNet, ResNet), multiscale (ResNet), 144crop (GoogLeNet); "
+                             "recorded in the run's test_metrics.json")
 
 
 COMMANDS: tuple[Command, ...] = (

@@ -33,6 +33,7 @@ from shared.checkpoints import (CheckpointPolicy, Continuation, Start, backup_st
                                 start_from, truncate_metrics)
 from shared.config_schema import Config, InitConfig, with_changes
 from shared.errors import UserError, embedded_user_error, first_line
+from shared.locks import FileLock
 from shared.progress import keras_verbosity
 from shared.task import Rebuilt, Task
 from shared.tasks import rebuild, rebuilt, task_for
@@ -110,19 +111,33 @@ def starting_run(init: InitConfig, where: str = "") -> Rebuilt | None:
 
 
 def test(run: runs.Run | str | Path, checkpoint: str | Path | None = None, changes: dict | None = None,
-         draw: bool = True) -> dict:
+         draw: bool = True, views: str | None = None) -> dict:
     """Re-test a finished run on its test split from its own snapshot (model.py, config.yaml, last
     checkpoint): the figures equal those recorded at training time. `checkpoint`: last (default), best, or a
     checkpoint file (`runs.Run.checkpoint`). Refuses (UserError) data whose class names are not the run's
     (labels.txt), in the same order. Redraws the task's figure in the run folder unless not `draw`.
-    `changes`: config keys to test it with instead of its own (the loop tests a run on its held-out set)."""
+    `changes`: config keys to test it with instead of its own (the loop tests a run on its held-out set).
+    `views`: test views of a task that has them (`Task.test_options`; classification: center, flip, 10crop,
+    multiscale, 144crop, `shared.classification.views`); their figures (top-1, top-5, loss) are recorded in the
+    run's test_metrics.json under `by_view` when the last checkpoint is tested, and no figure is redrawn."""
     run = run if isinstance(run, runs.Run) else runs.open_run(run)
     weights = run.checkpoint(checkpoint or "last")  # before the data: a run without a checkpoint says so first
     config = with_changes(config_module.from_dict(run.config_dict()), changes or {})
     task = task_for(config)
     data = task.test_data(run)  # checked against the run's classes before the model loads
+    if views is not None:
+        data = task.with_views(data, views)
     model, _ = rebuild(run, weights)
     metrics, redraw = task.evaluate(model, data)
+    if views is not None:
+        metrics["views"] = views
+        if checkpoint in (None, "last"):
+            with FileLock(run.path / ".test_metrics.lock"):  # two `test --views` at once: both recorded
+                recorded = run.test_metrics() or {}
+                figures = {key: metrics[key] for key in ("top1", "top5", "loss", "examples") if key in metrics}
+                run.write_json("test_metrics.json",
+                               {**recorded, "by_view": {**(recorded.get("by_view") or {}), views: figures}})
+        return metrics
     if draw:
         redraw(run.path)
     return metrics

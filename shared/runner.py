@@ -127,13 +127,16 @@ def _test(args: argparse.Namespace, argv: list[str]) -> None:
         model, _ = rebuild(run)
         print(task.summary(task_for(run).test_with_classifier(model, run, rebuilt(classifier))))
         return
+    if args.views:
+        _check_option(task, "views", "test_options", "applies to", "runs", f"; run {run.path} is a {task.name} run")
     from shared.lifecycle import test
 
+    views = f"{args.views} views: " if args.views else ""
     if args.checkpoint is None:
-        print(_results(task, test(run)))
+        print(_results(task, test(run, views=args.views), views))
         return
     checkpoint = run.checkpoint(args.checkpoint)  # a run without best.keras answers before TensorFlow loads
-    print(_results(task, test(run, checkpoint), f"{checkpoint}: "))
+    print(_results(task, test(run, checkpoint, views=args.views), f"{checkpoint}: {views}"))
 
 
 def _preview(args: argparse.Namespace, argv: list[str]) -> None:

@@ -339,7 +339,7 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
     return out
 
 
-LIST_COLUMNS = ("run", "status", "top1", "notes")  # besides config keys (dotted), what --columns may name
+LIST_COLUMNS = ("run", "status", "top1", "views", "notes")  # besides config keys (dotted), what --columns may name
 # differing keys shown first to last, as far as the width allows: the tasks' own sections between these
 FIRST_SECTIONS, LAST_SECTIONS = ("model", "train", "data", "init", "distill"), ("loop", "tune", "distribute", "run")
 SECTION_ORDER = (*FIRST_SECTIONS, *(field.name for field in dataclasses.fields(Config)
@@ -372,7 +372,8 @@ def table(runs: list[Run], width: int | None = None, columns: list[str] | None =
             raise UserError(f"--columns names {unknown[0]!r}, which is neither a column ({', '.join(LIST_COLUMNS)}) "
                             f"nor a config key of these runs (e.g. {', '.join(differing[:3] or keys[:3])})")
     cells = [_row(run, config) for run, config in zip(runs, configs)]
-    chosen = list(columns) if columns is not None else ["run", "status", "top1"]
+    chosen = list(columns) if columns is not None else ["run", "status", "top1"] + (
+        ["views"] if any(row["views"] != "-" for row in cells) else [])
     left_out: list[str] = []
     if columns is None:
         notes_width = min(NOTES_MIN_WIDTH, max(len(row["notes"]) for row in cells)) if any(
@@ -400,8 +401,11 @@ def _row(run: Run, config: dict | None) -> dict[str, str]:
     """A run's cells by column name (config keys dotted)."""
     metrics = run.test_metrics() or {}
     top1 = metrics.get("top1")
+    by_view = metrics.get("by_view") if isinstance(metrics.get("by_view"), dict) else {}
+    views = ", ".join(f"{name} {figures['top1']:.4f}" for name, figures in sorted(by_view.items())
+                      if isinstance(figures, dict) and isinstance(figures.get("top1"), float))
     row = {"run": f"{run.model_name}/{run.version}", "status": shown_status(run),
-           "top1": f"{top1:.4f}" if isinstance(top1, float) else "-"}
+           "top1": f"{top1:.4f}" if isinstance(top1, float) else "-", "views": views or "-"}
     if config is None:
         return {**row, "notes": "(config.yaml damaged)", "config": None}
     notes = str(config.get("run.notes") or "").strip()

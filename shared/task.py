@@ -233,6 +233,11 @@ class Task(abc.ABC):
         the run's, rebuilt."""
         raise NotImplementedError(f"task {self.name} does not test with a classifier")
 
+    def with_views(self, data: TaskData, views: str) -> TaskData:
+        """`test --run RUN --views NAME` (for tasks with "views" in test_options): `data` (test_data's) with its
+        test split seen through those views."""
+        raise NotImplementedError(f"task {self.name} has no test views")
+
     # ---- the loop command (tasks with "loop" in commands)
     def loop_support(self) -> Any:
         """The task's `shared.loop.support.LoopSupport`: what it supplies to the loop (its annotations, shards,

@@ -147,7 +147,7 @@ def test_list_columns_chooses_the_columns(tmp_path, capsys):
     assert runs.main(["list", "--dir", str(root), "--columns", "run,train.lr.bsae"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --columns names 'train.lr.bsae', which is neither a column (run, status, "
-                          "top1, notes)")
+                          "top1, views, notes)")
     assert "\n" not in err
 
 

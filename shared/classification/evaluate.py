@@ -83,14 +83,26 @@ def worst_classes(per_class: list[dict], count: int = WORST_CLASSES) -> list[dic
     return sorted(tested, key=lambda entry: (entry["f1"], -entry["support"]))[:count]
 
 
+def _averaged(model, images: tf.Tensor) -> tf.Tensor:
+    """The model's class probabilities of a batch [B, S, S, C], or of a batch of views [B, V, S, S, C]: each
+    image's probabilities averaged over its V views (the papers average the softmax)."""
+    if images.shape.rank != 5:
+        return model(images, training=False)
+    shape = tf.shape(images)
+    flat = tf.reshape(images, tf.concat([[shape[0] * shape[1]], shape[2:]], 0))
+    probabilities = model(flat, training=False)
+    return tf.reduce_mean(tf.reshape(probabilities, [shape[0], shape[1], -1]), axis=1)
+
+
 def evaluate_model(model, dataset: tf.data.Dataset, num_classes: int, class_names: list[str] | None = None,
                    mistakes: ConfidentMistakes | None = None) -> dict:
     """Top-1, top-5 and mean cross-entropy (without any weight penalty), the confusion matrix, per-class
     precision / recall / F1 / support with their macro averages (`per_class_results`); `mistakes`, when given,
-    collects the most confident wrong predictions in the same pass."""
+    collects the most confident wrong predictions in the same pass. Images [B, V, S, S, C] (`test --views`) are
+    judged by their views' averaged probabilities."""
     if class_names is not None and len(class_names) != num_classes:
         raise ValueError(f"{len(class_names)} class names for {num_classes} classes")
-    forward = tf.function(lambda images: model(images, training=False), reduce_retracing=True)
+    forward = tf.function(lambda images: _averaged(model, images), reduce_retracing=True)
     confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
     top5_hits, loss_sum, count = 0, 0.0, 0
     k = min(5, num_classes)
@@ -103,8 +115,9 @@ def evaluate_model(model, dataset: tf.data.Dataset, num_classes: int, class_name
                             f"{num_classes} classes; fix the data's labels or its class list")
         predicted = probabilities.argmax(axis=1)
         np.add.at(confusion, (labels, predicted), 1)
-        if mistakes is not None:
-            mistakes.update(images, labels, predicted, probabilities[np.arange(len(labels)), predicted])
+        if mistakes is not None:  # of several views, the first (the central crop) is what errors.png shows
+            shown = images[:, 0] if images.shape.rank == 5 else images
+            mistakes.update(shown, labels, predicted, probabilities[np.arange(len(labels)), predicted])
         top_k = np.argsort(-probabilities, axis=1)[:, :k]
         top5_hits += int((top_k == labels[:, None]).any(axis=1).sum())
         loss_sum += float(-np.log(np.clip(probabilities[np.arange(len(labels)), labels], 1e-12, None)).sum())

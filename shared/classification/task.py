@@ -18,6 +18,7 @@ from shared.config_schema import with_changes
 from shared.class_names import readable
 from shared.classification import export, tflite
 from shared.classification.evaluate import ConfidentMistakes, evaluate_model, worst_classes
+from shared.classification.views import view_maker, views_dataset
 from shared.commands import ALL_COMMANDS
 from shared.evaluate import check_class_names
 from shared.modelzoo import MAIN_OUTPUT
@@ -84,6 +85,7 @@ class ClassificationTask(Task):
     name = "classification"
     commands = ALL_COMMANDS
     distributes = True
+    test_options = frozenset({"views"})
     measures = {"top1": Measure("top1", True), "top5": Measure("top5", True), "loss": Measure("loss", False),
                 "val_loss": Measure(None, False)}
 
@@ -157,6 +159,7 @@ class ClassificationTask(Task):
         datasets = data.details
         mistakes = ConfidentMistakes(MISTAKES_SHOWN)
         metrics = evaluate_model(model, datasets.test, datasets.num_classes, data.class_names, mistakes)
+        metrics["views"] = "center"  # the run's eval view (`test --views` names others)
         skipped = data_module.skipped_images(datasets.skips) if datasets.skips is not None else {}
         metrics.update({f"skipped_{split}_images": len(names) for split, names in skipped.items()})
 
@@ -183,6 +186,23 @@ class ClassificationTask(Task):
         data = self.bound(config).datasets(run.path)
         check_class_names(data.class_names, run)
         return data
+
+    def with_views(self, data, views):
+        import dataclasses
+
+        from shared.data import preprocess
+        from shared.eval_view import resizes_pixels
+
+        datasets, config = data.details, data.details.config
+        raw = datasets.source.test.take(config.data.limit_test) if config.data.limit_test else datasets.source.test
+        if config.data.on_corrupt == "skip" and datasets.source.encoding is not None:
+            raw = raw.ignore_errors()  # as the plain test split skips what does not decode
+        read = tf.io.read_file if datasets.source.encoding == "path" else (lambda image: image)
+        normalize = preprocess.normalizer(config.data.mean, config.data.std, config.data.normalize,
+                                          config.data.image_size)
+        test = views_dataset(raw, view_maker(views, config, resizes_pixels(config)), normalize, read,
+                             config.train.batch_size)
+        return dataclasses.replace(data, details=dataclasses.replace(datasets, test=test))
 
     @classmethod
     def summary(cls, metrics):
