@@ -190,23 +190,29 @@ def test_serve_data_refuses_a_worker_without_a_dispatcher_that_answers():
 # A trainer reading a pipeline through the service: each example's "decoding" on a worker leaves a marker file
 # named by its id in MARKS (the workers are other processes); the ids the trainer received, on stdout.
 READER = """
-import json, sys, uuid
+import json, sys
+import keras
 import tensorflow as tf
 from shared.config import from_dict
+from shared.data import make_datasets
 from shared.data.service import distribute_train, pipeline_id
 
 marks, address, mode, share, batches = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "share", int(sys.argv[5])
 service = from_dict({"data": {"service": {"dispatcher": address, "mode": mode, "share": share}}}).data.service
 
+keras.utils.set_random_seed(0)  # as a run does (shared.lifecycle.prepare): the same graph in every process
+training = make_datasets(from_dict({"data": {"source": "synthetic", "image_size": 8, "num_classes": 2,
+                                             "synthetic_train": 16, "synthetic_test": 4}})).train
+
 def decode(index):
     name = tf.strings.join([marks, "/", tf.strings.as_string(index), "-", tf.strings.as_string(
-        tf.random.uniform([], maxval=2**31, dtype=tf.int64))])
+        tf.timestamp(), precision=9), "-", tf.strings.as_string(tf.random.uniform([], maxval=2**31, dtype=tf.int64))])
     with tf.control_dependencies([tf.io.write_file(name, "")]):
         return tf.identity(index)
 
 pipeline = tf.data.Dataset.range(64).shuffle(64, seed=1).repeat().map(decode).batch(4)
 read = [int(i) for batch in distribute_train(pipeline, service).take(batches) for i in batch.numpy()]
-print(json.dumps({"ids": read, "pipeline": pipeline_id(pipeline)}))
+print(json.dumps({"ids": read, "pipeline": pipeline_id(pipeline), "training": pipeline_id(training)}))
 """
 
 
@@ -268,7 +274,8 @@ def test_a_shared_job_decodes_each_image_once_for_two_concurrent_trainers(cluste
     marks.mkdir()
     readers = [_read(marks, cluster.address, "parallel_epochs", batches=32, share=True) for _ in range(2)]
     first, second = (_result(reader) for reader in readers)
-    assert first["pipeline"] == second["pipeline"]  # built in two processes: the same job
+    # built in two processes: the same job, and the same id for a run's training pipeline
+    assert first["pipeline"] == second["pipeline"] and first["training"] == second["training"]
     for result in (first, second):
         assert len(result["ids"]) == 128 and set(result["ids"]) == set(range(64))  # each read two passes
     decoded = _decodes(marks)

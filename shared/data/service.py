@@ -55,8 +55,12 @@ def check_reachable(address: str, what: str = "data.service.dispatcher", timeout
 
 def pipeline_id(dataset) -> str:
     """The same id for the same pipeline built in any process (the trainers a shared job joins): a hash of the
-    dataset's graph with TensorFlow's per-process function and node counters left out."""
-    graph = dataset._as_serialized_graph(strip_device_assignment=True).numpy()  # no public API serializes one
+    dataset's graph, its maps written in key order, with TensorFlow's per-process function and node counters left
+    out. (Unseeded random ops draw their seeds per process: a run sets train.seed before building its data.)"""
+    import tensorflow as tf
+
+    serialized = dataset._as_serialized_graph(strip_device_assignment=True).numpy()  # no public API serializes one
+    graph = tf.compat.v1.GraphDef.FromString(serialized).SerializeToString(deterministic=True)
     return "pipeline-" + hashlib.sha256(re.sub(rb"_\d+", b"_", graph)).hexdigest()[:20]
 
 
