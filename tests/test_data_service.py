@@ -8,6 +8,7 @@ import json
 import os
 import queue
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -142,6 +143,20 @@ def test_an_unreachable_dispatcher_is_one_user_error_within_seconds():
     message = str(refused.value)
     assert "\n" not in message and f"no tf.data service dispatcher answers at localhost:{port}" in message
     assert f"serve-data dispatcher --port {port}" in message
+
+
+def test_a_port_where_something_else_listens_is_refused_within_seconds_not_a_hang():
+    from shared.data.service import check_reachable
+
+    with socket.socket() as silent:  # accepts connections, never answers: the service's own client waits an hour
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        address = f"127.0.0.1:{silent.getsockname()[1]}"
+        started = time.time()
+        with pytest.raises(UserError, match=f"no tf.data service dispatcher answers at {address} "
+                                            r"\(data.service.dispatcher\): no answer within 1 s; start one"):
+            check_reachable(address, timeout=1)
+        assert time.time() - started < 4
 
 
 def test_the_service_off_leaves_the_training_pipeline_as_it_is():

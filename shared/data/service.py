@@ -34,23 +34,31 @@ REACH_SECONDS = 3.0  # how long a dispatcher may take to accept a connection bef
 HEARTBEAT_MS = 1000
 WORKER_TIMEOUT_MS = 5000
 CHECK_MS = 1000
-MODES = ("distributed_epoch", "parallel_epochs")
+VERSION_METHOD = "/tensorflow.data.DispatcherService/GetVersion"  # every dispatcher answers it
 
 
 def check_reachable(address: str, what: str = "data.service.dispatcher", timeout: float = REACH_SECONDS) -> None:
-    """A UserError within `timeout` seconds when nothing accepts a connection at `address` (the service's own
-    client would retry for an hour)."""
+    """A UserError within `timeout` seconds unless a tf.data service dispatcher answers at `address` (asked for
+    its version: the service's own client would retry for an hour, and hang on a port where something else
+    listens)."""
+    import grpc  # TensorFlow's own dependency
+
     try:
         host, port = split_address(address)
     except ValueError:
         raise UserError(f"{what} is {address!r}; give the HOST:PORT `serve-data dispatcher` prints") from None
+    fix = f"start one with `serve-data dispatcher --port {port}` there, or correct the address"
     try:
-        with socket.create_connection((host, port), timeout=timeout):
-            pass
-    except OSError as error:
-        why = error.strerror or type(error).__name__.replace("Error", " error").lower()
-        raise UserError(f"no tf.data service dispatcher answers at {address} ({what}): {why}; start one with "
-                        f"`serve-data dispatcher --port {port}` there, or correct the address") from None
+        with grpc.insecure_channel(f"{host}:{port}") as channel:
+            channel.unary_unary(VERSION_METHOD)(b"", timeout=timeout)
+    except grpc.RpcError as error:
+        if error.code() == grpc.StatusCode.UNAVAILABLE:  # refused, unreachable, no such host: the last reason
+            why = (error.details() or "unavailable").rsplit(": ", 1)[-1]
+        elif error.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+            why = f"no answer within {timeout:g} s"
+        else:
+            why = f"something else listens there ({error.code().name.lower()})"
+        raise UserError(f"no tf.data service dispatcher answers at {address} ({what}): {why}; {fix}") from None
 
 
 def pipeline_id(dataset) -> str:
