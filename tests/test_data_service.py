@@ -320,6 +320,28 @@ def test_a_run_trains_through_the_service_and_a_killed_worker_does_not_stop_it(c
 
 
 @pytest.mark.slow
+def test_concurrent_runs_of_one_pipeline_with_share_read_one_job(cluster, tmp_path, one_conv_model):
+    """Two runs at once, as two tune trials that tune a key outside the pipeline (the learning rate)."""
+    cluster.dispatcher()
+    cluster.worker()
+    runs = []
+    for trial, rate in enumerate((0.05, 0.01)):
+        folder = tmp_path / f"trial{trial}"
+        folder.mkdir()
+        tree = _service_tree(folder, one_conv_model, cluster.address, mode="parallel_epochs", share=True)
+        tree["train"]["lr"]["base"] = rate
+        runs.append(_train(folder, tree))
+    jobs = set()
+    for run in runs:
+        assert run.wait(300) == 0, _output(run)
+        line = next(line for line in _output(run).splitlines() if line.startswith("training input from"))
+        assert line.startswith(f"training input from the tf.data service at {cluster.address} (parallel_epochs, "
+                               f"shared job pipeline-")
+        jobs.add(line)
+    assert len(jobs) == 1  # the same pipeline in two processes: one job
+
+
+@pytest.mark.slow
 def test_a_dispatcher_restarted_from_its_work_dir_resumes(cluster, tmp_path, one_conv_model):
     dispatcher = cluster.dispatcher(fault_tolerant=True)
     assert f"journal in {cluster.work_dir}" in dispatcher.line
