@@ -107,29 +107,20 @@ def serve(role: str, port: int = 0, work_dir: str | None = None, dispatcher: str
     dispatcher): its journal, so a dispatcher restarted on it resumes its datasets and jobs. `dispatcher` (a
     worker): the dispatcher's HOST:PORT; `host`: the name clients reach this worker by (default: localhost for a
     dispatcher on this machine, else this machine's name). Prints where it listens, and that it stopped."""
-    import tensorflow as tf
-
-    api = tf.data.experimental.service
-    if role == "dispatcher":
-        if work_dir:
-            os.makedirs(work_dir, exist_ok=True)
-        server = api.DispatchServer(api.DispatcherConfig(port=port, work_dir=work_dir,
-                                                         fault_tolerant_mode=bool(work_dir),
-                                                         worker_timeout_ms=WORKER_TIMEOUT_MS,
-                                                         job_gc_check_interval_ms=CHECK_MS))
-        where = f"{host or socket.getfqdn()}:{server._server.bound_port()}"  # the bound port of --port 0
-        print(f"tf.data service dispatcher listening on {where}"
-                 + (f", journal in {work_dir}" if work_dir else " (no --work-dir: not fault tolerant)"), flush=True)
-    else:
+    if role == "worker":
         check_reachable(dispatcher, "--dispatcher")
         if host is None:
             local = split_address(dispatcher)[0] in ("localhost", "127.0.0.1", "::1")
             host = "localhost" if local else socket.getfqdn()
-        server = api.WorkerServer(api.WorkerConfig(dispatcher_address=dispatcher.removeprefix("grpc://"),
-                                                   worker_address=f"{host}:%port%", port=port,
-                                                   data_transfer_address=f"{host}:%dts_port%",
-                                                   heartbeat_interval_ms=HEARTBEAT_MS))
-        where = f"{host}:{server._server.bound_port()}"
+    try:
+        server = _start_server(role, port, work_dir, dispatcher, host)
+    except RuntimeError:  # TensorFlow says only "Could not start gRPC server"
+        raise UserError(f"the {role} could not listen on port {port}: is it in use? choose another --port") from None
+    where = f"{host or socket.getfqdn()}:{server._server.bound_port()}"  # the port --port 0 was given
+    if role == "dispatcher":
+        print(f"tf.data service dispatcher listening on {where}"
+              + (f", journal in {work_dir}" if work_dir else " (no --work-dir: not fault tolerant)"), flush=True)
+    else:
         print(f"tf.data service worker listening on {where}, for the dispatcher at {dispatcher}", flush=True)
     stop = threading.Event()
     received = []
@@ -147,3 +138,19 @@ def serve(role: str, port: int = 0, work_dir: str | None = None, dispatcher: str
             signal.signal(sig, handler)
         server.stop()
     print(f"tf.data service {role} at {where} stopped ({received[0]})", flush=True)
+
+
+def _start_server(role: str, port: int, work_dir: str | None, dispatcher: str | None, host: str | None):
+    import tensorflow as tf
+
+    api = tf.data.experimental.service
+    if role == "dispatcher":
+        if work_dir:
+            os.makedirs(work_dir, exist_ok=True)
+        return api.DispatchServer(api.DispatcherConfig(port=port, work_dir=work_dir, fault_tolerant_mode=bool(work_dir),
+                                                       worker_timeout_ms=WORKER_TIMEOUT_MS,
+                                                       job_gc_check_interval_ms=CHECK_MS))
+    return api.WorkerServer(api.WorkerConfig(dispatcher_address=dispatcher.removeprefix("grpc://"),
+                                             worker_address=f"{host}:%port%", port=port,
+                                             data_transfer_address=f"{host}:%dts_port%",
+                                             heartbeat_interval_ms=HEARTBEAT_MS))
