@@ -6,7 +6,7 @@ network. Evaluation stays local.
 training pipeline to the service. In `distributed_epoch` mode the dispatcher deals the training examples out to
 the workers one by one, pass after pass over the training split (the pipeline's repeat runs in the dispatcher), so
 each example is read once a pass. One endless job rather than a job per pass: a pass that a lost worker had a
-share of would never end, and training would stall there. In `parallel_epochs` mode every worker runs the whole
+share of did not end (TensorFlow 2.21), and training stalled there. In `parallel_epochs` mode every worker runs the whole
 stream on its own.
 `share` puts every trainer of the same pipeline on one job through the service's cross-trainer cache (concurrent
 tune trials: each reads the whole stream, each image decoded once for all of them).
@@ -27,10 +27,10 @@ import uuid
 from shared.config_validation import split_address
 from shared.errors import UserError
 
-REACH_SECONDS = 3.0  # how long a dispatcher may take to accept a connection before a run is refused
+REACH_SECONDS = 3.0  # how long a dispatcher may take to answer before a run is refused
 # A worker heartbeats this often, and one silent for WORKER_TIMEOUT_MS is dropped with its share of the pass (the
-# dispatcher looks every CHECK_MS), so the trainer goes on with the others; with the service's defaults (30 s,
-# and a look every 10 minutes) training stalled that long on a lost worker.
+# dispatcher looks every CHECK_MS), so the trainer goes on with the others; with the service's defaults (a
+# heartbeat every 30 s, a look every 10 minutes) training stalled for minutes on a lost worker.
 HEARTBEAT_MS = 1000
 WORKER_TIMEOUT_MS = 5000
 CHECK_MS = 1000
