@@ -6,8 +6,8 @@ network. Evaluation stays local.
 training pipeline to the service. In `distributed_epoch` mode the dispatcher deals the training examples out to
 the workers one by one, pass after pass over the training split (the pipeline's repeat runs in the dispatcher), so
 each example is read once a pass. One endless job rather than a job per pass: a pass that a lost worker had a
-share of did not end (TensorFlow 2.21), and training stalled there. In `parallel_epochs` mode every worker runs the whole
-stream on its own.
+share of did not end (TensorFlow 2.21), and training stalled there. In `parallel_epochs` mode every worker runs
+the whole stream on its own.
 `share` puts every trainer of the same pipeline on one job through the service's cross-trainer cache (concurrent
 tune trials: each reads the whole stream, each image decoded once for all of them).
 
