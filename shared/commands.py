@@ -154,6 +154,17 @@ def retest_arguments(parser: argparse.ArgumentParser) -> None:
                              "recorded in the run's test_metrics.json")
 
 
+def serve_data_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("role", choices=("dispatcher", "worker"),
+                        help="dispatcher: hands out the work (one per cluster); worker: runs the training pipeline")
+    parser.add_argument("--port", type=int, default=0, help="the port to listen on (default: any free one, printed)")
+    parser.add_argument("--work-dir", metavar="DIR",
+                        help="dispatcher: keep its journal in DIR, so a dispatcher restarted on it resumes its jobs")
+    parser.add_argument("--dispatcher", metavar="HOST:PORT", help="worker: the dispatcher it works for")
+    parser.add_argument("--host", help="the name the trainer and workers reach this machine by (default: localhost "
+                                       "for a dispatcher on this machine, else this machine's name)")
+
+
 COMMANDS: tuple[Command, ...] = (
     Command("train", "train from a config, then test (the default command)", train_arguments,
             also_checks=("resume",)),  # train --resume RUN
@@ -170,6 +181,8 @@ COMMANDS: tuple[Command, ...] = (
             predict_arguments),
     Command("loop", "train in the loop: new annotations -> finetune -> a new served version", loop_arguments),
     Command("test", "re-test a finished run from its own snapshot", retest_arguments),
+    Command("serve-data", "run a tf.data service dispatcher or worker for data.service (until stopped)",
+            serve_data_arguments),
     Command("runs", "list the runs (runs list [MODEL]) or diff two (runs diff RUN RUN), as python -m shared.runs",
             runner=False),
     Command("prune", "free disk: keep the newest N checkpoints of each run, skip live runs "

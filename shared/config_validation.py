@@ -271,5 +271,33 @@ def check_consistency(config: Config, provenance: dict) -> None:
         raise UserError("init.from_run and init.weights are both set; start from one of them")
     if train.lr.schedule == "plateau" and train.lr.warmup_epochs:
         raise UserError("train.lr.schedule plateau does not combine with train.lr.warmup_epochs; set it to 0")
+    _check_data_service(data, provenance)
     if train.lr.schedule == "step" and not train.lr.milestones:
         raise UserError("train.lr.schedule is step but train.lr.milestones is empty; list the epochs, e.g. [30, 60]")
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """(host, port) of a tf.data service HOST:PORT (a grpc:// prefix allowed); ValueError when it is not that."""
+    host, _, port = address.removeprefix("grpc://").rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{address!r} is not HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+def _check_data_service(data, provenance: dict) -> None:
+    """data.service: a HOST:PORT dispatcher, a mode that can share, no skipped-image log (kept in the trainer)."""
+    service = data.service
+    if service.dispatcher is None:
+        return
+    try:
+        split_address(service.dispatcher)
+    except ValueError:
+        raise UserError(f"config key data.service.dispatcher{where_from('data.service.dispatcher', provenance)} is "
+                        f"{service.dispatcher!r}; give the HOST:PORT `serve-data dispatcher` prints, e.g. "
+                        f"localhost:5050") from None
+    if service.share and service.mode != "parallel_epochs":
+        raise UserError("data.service.share needs data.service.mode: parallel_epochs (a shared distributed_epoch "
+                        "job would split each pass among its trainers)")
+    if data.on_corrupt == "skip":
+        raise UserError("data.on_corrupt: skip does not combine with data.service (the service's workers would "
+                        "skip images the run could not name); use data.on_corrupt: error")

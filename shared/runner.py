@@ -20,6 +20,8 @@
     python -m shared.runner predict --saved-model exports/resnet photos/ --format tasks --out photos/tasks.jsonl
     python -m shared.runner predict --run runs/resnet/v0003 photos/ --format tasks --out photos/tasks.jsonl \
         --order uncertainty|margin|entropy|random|file [--seed 0]
+    python -m shared.runner serve-data dispatcher --port 5050 [--work-dir DIR]   # the tf.data service (data.service)
+    python -m shared.runner serve-data worker --dispatcher HOST:5050 [--port P]
 
 Every command goes through its config's or run's task (`shared.tasks.TASKS`: classification, detection, ...):
 a command the task does not support (`Task.commands`) is refused in one place, `_check_supported`, with one
@@ -261,6 +263,21 @@ def _loop(args: argparse.Namespace, argv: list[str]) -> None:
                                 f"in {session.dir}") from None
 
 
+def _serve_data(args: argparse.Namespace, argv: list[str]) -> None:
+    from shared.errors import UserError
+
+    if args.role == "worker" and not args.dispatcher:
+        raise UserError("serve-data worker needs --dispatcher HOST:PORT (what `serve-data dispatcher` printed)")
+    for option, role in (("dispatcher", "worker"), ("work_dir", "dispatcher")):
+        if getattr(args, option) and args.role != role:
+            raise UserError(f"--{option.replace('_', '-')} is for serve-data {role}; leave it out")
+    if not 0 <= args.port < 65536:
+        raise UserError(f"--port is {args.port}; give a port in 1..65535 (or 0: any free one)")
+    from shared.data import service
+
+    service.serve(args.role, args.port, work_dir=args.work_dir, dispatcher=args.dispatcher, host=args.host)
+
+
 def finetune_overrides(args: argparse.Namespace) -> list[str]:
     """What `finetune` / `finetune-all` mean, as config keys (so the run's config.yaml records them);
     the user's own --set values come after and win."""
@@ -378,7 +395,7 @@ def _cli_text(text: str) -> str:
 # supports which command is each Task's `commands`.
 HANDLERS = {"train": _train, "finetune": _train, "finetune-all": _train, "distill": _train, "tune": _tune,
             "preview": _preview, "lr-sweep": _lr_sweep, "find-batch": _find_batch, "export": _export, "size": _size,
-            "predict": _predict, "loop": _loop, "test": _test}
+            "predict": _predict, "loop": _loop, "test": _test, "serve-data": _serve_data}
 
 
 if __name__ == "__main__":

@@ -335,7 +335,9 @@ def make_datasets(config: Config, model_augment: ModuleType | None = None,
         steps = min(steps, train_config.steps_per_epoch)
     train = train.shuffle(min(data.shuffle_buffer, num_train), seed=train_config.seed,
                           reshuffle_each_iteration=True).repeat()
-    if start_epoch:  # skipped before decoding and augmenting: only the shuffle runs over them
+    # skipped before decoding and augmenting: only the shuffle runs over them (on tf.data service workers the
+    # order is theirs anyway, and each would skip as much of the stream: a resumed run starts a new pass there)
+    if start_epoch and not data.service.dispatcher:
         train = train.skip(start_epoch * steps * batch)
     names = {split: source.files.get(split) for split in ("train", "val", "test")}
     skips = {"train": SkipLog(names["train"]), "test": SkipLog(names["test"], finite=True),
