@@ -92,7 +92,7 @@ def test_pca_lighting_takes_images_whose_channel_count_the_graph_does_not_know()
 
 
 def alexnet_on_a_folder(tmp_path, channels: int) -> list[str]:
-    """models/alexnet/run.yaml (random_resized_crop, flip, pca_lighting) on a folder of tiny PNGs, grayscale
+    """models/alexnet/run.yaml (alexnet_crop, flip, pca_lighting) on a folder of tiny PNGs, grayscale
     and RGB mixed, at a small width."""
     from PIL import Image
 
@@ -175,3 +175,21 @@ def test_recipes_load_and_match_build(recipe):
     hparams = modelzoo.resolve_hparams(alexnet, config.model.hparams)
     assert config.model.name == "alexnet" and hparams["small_input"] == (recipe == "quick.yaml")
     shared_augment.build(config.data.augment, config.data.image_size, model_augment=alexnet_augment)
+
+
+def test_the_papers_crop_is_a_random_patch_of_the_resized_central_square():
+    """Krizhevsky et al. 2012: shorter side to 256, the central 256 x 256, a random 224 x 224 patch of it."""
+    (entry,) = shared_augment.build(["alexnet_crop"], 224)
+    assert entry.crops_raw_image and entry.fn.resize == 256
+    rows, cols = np.mgrid[0:300, 0:400].astype(np.float32)
+    image = tf.constant(np.stack([rows, cols, np.zeros_like(rows)], -1))  # each pixel holds its row and column
+    for _ in range(5):
+        patch = entry.fn(image).numpy()
+        assert patch.shape == (224, 224, 3)
+        # the central square is columns 50-349 of the 300 rows, scaled by 256 / 300: a patch lies inside it
+        assert patch[..., 1].min() >= 50 - 1 and patch[..., 1].max() <= 349 + 1
+    encoded = tf.io.encode_png(tf.cast(tf.minimum(image, 255), tf.uint8))
+    assert entry.fn.from_encoded(encoded, 3).shape == (224, 224, 3)
+    assert entry.fn.from_encoded(encoded, 3, dct_scaling=True).shape == (224, 224, 3)
+    with pytest.raises(Exception, match="smaller than the crop"):
+        shared_augment.build([{"alexnet_crop": {"resize": 200}}], 224)

@@ -2,7 +2,7 @@
 
 Each entry is a name, or a one-key mapping `{name: {argument: value}}`. A name resolves, in order, to:
 1. a function of the model folder's own `augment.py` (snapshotted with the run);
-2. a generator below (`random_crop`, `random_resized_crop`, `horizontal_flip`);
+2. a generator below (`random_crop`, `random_resized_crop`, `alexnet_crop`, `horizontal_flip`);
 3. any Keras augmentation layer by class name (`RandomRotation: {factor: 0.05}`, `RandomContrast`, ...).
 
 A generator takes its arguments (plus `image_size` when it asks for it) and returns a function
@@ -83,13 +83,56 @@ def random_resized_crop(image_size: int, scale: tuple = (0.08, 1.0), ratio: tupl
 random_resized_crop.crops_raw_image = True
 
 
+class AlexNetCrop:
+    """AlexNet's training crop (Krizhevsky et al. 2012, sections 2 and 4.1): the image's shorter side resized to
+    `resize` (256 for 224), its central `resize` x `resize` square, and a random `image_size` patch of that. On
+    encoded images it decodes only the central square (a JPEG at a DCT scale with `dct_scaling`, never below
+    `resize`)."""
+
+    crops_raw_image = True
+
+    def __init__(self, image_size: int, resize: int | None = None, seed: int | None = None):
+        resize = resize or round(image_size * 256 / 224)
+        if resize < image_size:
+            raise ValueError(f"resize {resize} is smaller than the crop, image_size {image_size}")
+        self.image_size, self.resize, self.seed = image_size, resize, seed
+
+    def _patch(self, square: tf.Tensor) -> tf.Tensor:
+        square = tf.image.resize(tf.cast(square, tf.float32), [self.resize, self.resize])
+        return tf.image.random_crop(square, [self.image_size, self.image_size, tf.shape(square)[-1]], seed=self.seed)
+
+    def __call__(self, image: tf.Tensor) -> tf.Tensor:
+        shape = tf.shape(image)
+        side = tf.minimum(shape[0], shape[1])
+        return self._patch(tf.slice(image, tf.stack([(shape[0] - side) // 2, (shape[1] - side) // 2, 0]),
+                                    tf.stack([side, side, -1])))
+
+    def from_encoded(self, data: tf.Tensor, channels: int, max_pixels: int | None = None,
+                     name: tf.Tensor | str = "", dct_scaling: bool = False) -> tf.Tensor:
+        """The central square of the image as shown, decoded alone, resized, and a random patch of it."""
+        def square(shown):
+            side = tf.minimum(shown[0], shown[1])
+            return tf.stack([(shown[0] - side) // 2, (shown[1] - side) // 2, side, side])
+        return self._patch(formats.decode_crop(data, channels, square, max_pixels, name,
+                                               target=self.resize if dct_scaling else None))
+
+
+def alexnet_crop(image_size: int, resize: int | None = None, seed: int | None = None) -> AlexNetCrop:
+    """AlexNet's crop: shorter side to `resize` (default 256 x image_size / 224), centre square, random
+    image_size patch (add horizontal_flip for the paper's reflections)."""
+    return AlexNetCrop(image_size, resize, seed)
+
+
+alexnet_crop.crops_raw_image = True
+
+
 def horizontal_flip(seed: int | None = None) -> AugmentFn:
     """Mirror left-right with probability 1/2. TF's own op: keras.layers.RandomFlip("horizontal") does
     the same but cost 25 % of the ImageNet train pipeline's throughput here (scripts/bench_input.py)."""
     return lambda image: tf.image.random_flip_left_right(image, seed=seed)
 
 
-GENERATORS = {f.__name__: f for f in (random_crop, random_resized_crop, horizontal_flip)}
+GENERATORS = {f.__name__: f for f in (random_crop, random_resized_crop, alexnet_crop, horizontal_flip)}
 KERAS_LAYERS = sorted(name for name in dir(keras.layers) if name.startswith("Random") or name in
                       ("RandAugment", "AutoContrast", "Equalization", "Solarization"))
 
