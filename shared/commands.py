@@ -79,7 +79,8 @@ def find_batch_arguments(parser: argparse.ArgumentParser) -> None:
 
 def export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run", required=True, help="a run folder, e.g. runs/resnet/v0003")
-    parser.add_argument("--format", required=True, choices=("saved_model", "tflite"))
+    parser.add_argument("--format", required=True, choices=("saved_model", "tflite", "onnx"),
+                        help="onnx: <run>/export/model.onnx (detector_raw.onnx, restorer.onnx), with .[onnx]")
     parser.add_argument("--export-dir", default="exports",
                         help="saved_model: the TF Serving model base folder (default exports)")
     parser.add_argument("--name", help="saved_model: the served model's name (default: the run's model)")

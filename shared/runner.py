@@ -191,6 +191,16 @@ def _export(args: argparse.Namespace, argv: list[str]) -> None:
         path = task_for(run).export_saved_model(model, run, args.export_dir, model_name=args.name, keep=args.keep)
         print(f"exported {path}\n{serving_command(args.export_dir, path.parent.name)}")
         return
+    if args.format == "onnx":
+        from shared.onnx_export import check_installed
+
+        check_installed()  # before TensorFlow loads
+        from shared.tasks import rebuild, task_for
+
+        model, _ = rebuild(run)
+        path = task_for(run).export_onnx(model, run)
+        print(f"exported {path} ({path.stat().st_size / 1e6:.2f} MB; its input, classes and run in its metadata)")
+        return
     # a task's own TFLite options (Task.tflite_options), where not at their defaults
     from shared.tasks import TASKS, rebuild, task_for
 

@@ -228,6 +228,26 @@ class Task(abc.ABC):
     def evaluate_tflite(self, path: Path, run) -> dict:
         """The test figures of a .tflite file on the run's test split."""
 
+    onnx_file: ClassVar[str] = "model.onnx"  # `export --format onnx` writes <run>/export/<onnx_file>
+
+    def export_onnx(self, model, run) -> Path:
+        """`export --format onnx`: the inference model (`inference_model`: its raw outputs) as an ONNX file, with
+        what a reader needs to feed it in its metadata (`onnx_metadata`)."""
+        from shared.onnx_export import export_onnx
+
+        return export_onnx(self.inference_model(model), run.path / "export" / self.onnx_file, self.onnx_metadata(run))
+
+    def onnx_metadata(self, run) -> dict[str, str]:
+        """The ONNX file's metadata_props: the input it takes (the data keys of its preprocessing), its classes
+        and the run, each a string (JSON where not one)."""
+        import json
+
+        data = self.config.data
+        preprocessing = {key: getattr(data, key) for key in ("image_size", "channels", "normalize", "mean", "std",
+                                                             "crop_fraction")}
+        return {"task": self.name, "run": str(run.path), "labels": json.dumps(run.class_names() or []),
+                "preprocessing": json.dumps(preprocessing, default=list)}
+
     def test_with_classifier(self, model, run, classifier: Rebuilt) -> dict:
         """`test --run RUN --classifier CLASSIFIER` (for tasks with "classifier" in test_options): `model` is
         the run's, rebuilt."""

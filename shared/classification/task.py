@@ -222,6 +222,14 @@ class ClassificationTask(Task):
     def export_tflite(self, model, run, quantize, io, **options):
         return tflite.convert(model, self.config, run, quantize=quantize, io=io), ""
 
+    def onnx_metadata(self, run):
+        import json
+
+        from shared.eval_view import EvalView
+
+        # the eval view exactly as the TFLite file and the SavedModel record it (crop or resize, statistics)
+        return {**super().onnx_metadata(run), "preprocessing": json.dumps(EvalView.from_config(self.config).record())}
+
     def evaluate_tflite(self, path, run):
         return tflite.evaluate_tflite(path, run, self.config)
 

@@ -29,6 +29,7 @@ class DeblurTask(Task):
     commands = frozenset({"train", "resume", "test", "finetune", "finetune-all", "export", "size"})
     distributes = False
     test_options = frozenset({"classifier"})
+    onnx_file = "restorer.onnx"
 
     def check(self) -> None:
         config = self.config

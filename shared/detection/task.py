@@ -70,6 +70,7 @@ class DetectionTask(Task):
     distributes = True  # mirrored and multi-worker; check() refuses tpu
     measures = {"map": Measure("mAP", True), "map50": Measure("mAP50", True), "map75": Measure("mAP75", True)}
     tflite_options = {"raw_outputs": False, "nms": "regular"}
+    onnx_file = "detector_raw.onnx"  # the raw box deltas and class logits per anchor, as the raw TFLite file
 
     def check(self) -> None:
         check_detection_config(self.config)
