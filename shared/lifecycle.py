@@ -67,13 +67,16 @@ def sigterm_as_interrupt():
     stop.check()  # a signal during the last batch still stops the run before testing
 
 
-def train(config: Config, argv: list[str] | None = None, callbacks: list | tuple = (), draw: bool = True) -> runs.Run:
+def train(config: Config, argv: list[str] | None = None, callbacks: list | tuple = (), draw: bool = True,
+          tested: Callable[[keras.Model], None] | None = None) -> runs.Run:
     """Train as the config says (its task's model and data), test on the held-out split, and return the
     finished run. `callbacks`: extra Keras callbacks, run after the runner's own (a tuner's pruning hook);
-    `draw`: False leaves out the run's figures (curves.png and the task's), which `test --run` draws later.
+    `draw`: False leaves out the run's figures (curves.png and the task's), which `test --run` draws later;
+    `tested`: gets the model the test rebuilt from the last checkpoint once the run is finished (what
+    `shared.tasks.rebuild(run)` gives: an export that follows need not build it again).
     `config` is frozen: the run resolves a new one (hyperparameters, class count, absolute paths) in
     `prepare`, which its config.yaml records."""
-    return _run_training(task_for(config), argv, extra_callbacks=callbacks, draw=draw)
+    return _run_training(task_for(config), argv, extra_callbacks=callbacks, draw=draw, tested=tested)
 
 
 def resume(path: str | Path, argv: list[str] | None = None) -> runs.Run:
@@ -131,7 +134,7 @@ def test(run: runs.Run | str | Path, checkpoint: str | Path | None = None, chang
 
 def _run_training(task: Task, argv: list[str] | None, resumed: runs.Run | None = None,
                   continuation: Continuation | None = None, extra_callbacks: list | tuple = (),
-                  draw: bool = True) -> runs.Run:
+                  draw: bool = True, tested: Callable[[keras.Model], None] | None = None) -> runs.Run:
     # ---- everything checked before a run folder exists
     # The strategy first: the multi-worker runtime must be set up before any TensorFlow work, and a
     # task's checks may build layers (the detection augmentations do).
@@ -212,7 +215,7 @@ def _run_training(task: Task, argv: list[str] | None, resumed: runs.Run | None =
                       f"{stopper.patience} epochs", flush=True)
         if not placement.is_chief:  # its figures would go with its scratch folder
             return run
-        metrics, redraw, last = _test_last_checkpoint(task, run, data)
+        metrics, redraw, last, tested_model = _test_last_checkpoint(task, run, data)
         if draw:
             with durable.disk_space_checked(run.path / "curves.png"):
                 plots.plot_curves(run.path / "metrics.csv", run.path / "curves.png")
@@ -229,6 +232,8 @@ def _run_training(task: Task, argv: list[str] | None, resumed: runs.Run | None =
         # run. A kill before it leaves a tested run without a backup, which --resume marks finished.
         shutil.rmtree(run.path / "backup", ignore_errors=True)
         run.set_status("finished", ended=_now(), **outcome)
+    if tested is not None:
+        tested(tested_model)
     return run
 
 
@@ -358,13 +363,14 @@ def _unknown_validation_length_allowed(val_data) -> Iterator[None]:
         yield
 
 
-def _test_last_checkpoint(task: Task, run: runs.Run, data) -> tuple[dict, Callable, Path]:
+def _test_last_checkpoint(task: Task, run: runs.Run, data) -> tuple[dict, Callable, Path, keras.Model]:
     """The test figures of the checkpoint the run records as its last, on the model `test --run` rebuilds
     from it (float32, from the run's model.py and config), so the two always agree; the model in memory
-    can differ (it computes in bfloat16 under mixed precision, or holds a restored backup's weights)."""
+    can differ (it computes in bfloat16 under mixed precision, or holds a restored backup's weights). Returns
+    (metrics, what draws the figures, the checkpoint, the rebuilt model)."""
     last = run.last_checkpoint()
     model, _ = rebuild(run)  # the same file: nothing else writes checkpoints now
-    return (*task.evaluate(model, data), last)
+    return (*task.evaluate(model, data), last, model)
 
 
 def _disk_full(error: BaseException) -> bool:

@@ -892,10 +892,15 @@ def test_no_round_is_exported_below_round_zero_beyond_the_tolerance(tmp_path, so
 
 
 @pytest.mark.slow
-def test_rounds_see_what_the_from_run_saw_count_class_weights_and_print_a_line_a_phase(tmp_path, source, capsys):
+def test_rounds_see_what_the_from_run_saw_count_class_weights_and_print_a_line_a_phase(tmp_path, source, capsys,
+                                                                                     monkeypatch):
     import copy
 
     from shared import runner
+    from shared.loop import rounds as loop_module
+
+    rebuilt = []  # the export takes the model the round's test rebuilt: no second build
+    monkeypatch.setattr(loop_module, "rebuild", lambda *args, **kwargs: rebuilt.append(args) or 1 / 0)
 
     source_run, tree = source
     tree = copy.deepcopy(tree)
@@ -919,6 +924,7 @@ def test_rounds_see_what_the_from_run_saw_count_class_weights_and_print_a_line_a
     trained = runs.open_run(state["history"][-1]["run"])
     assert [path.name for path in trained.checkpoint_dir.glob("*.keras")] == ["epoch-0001.keras"]
     assert not list(trained.path.glob("*.png"))
+    assert rebuilt == [] and state["served"]["round"] == 1
     assert "follows --from" in out and "data.image_size 16 (the recipe: 12)" in out
     # auto: n / (k x count) over the loop's examples, 1.0 for a class without any
     assert recorded["train"]["class_weight"] == {"class_0": 0.5, "class_1": 0.75, "class_2": 1.5, "class_3": 1.0}

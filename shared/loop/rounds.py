@@ -41,6 +41,7 @@ import uuid
 from pathlib import Path
 from typing import Callable, Iterator
 
+from shared import config as config_module
 from shared import durable, lifecycle, optim, runs
 from shared.loop import state as loop_state
 from shared.annotations import AnswerTable, Batch
@@ -215,18 +216,19 @@ def _finish(loop: Loop, state: dict, started: float, batch: Batch | None) -> Rou
         state["stage"] = stage
         loop_state.commit(loop.dir, state)
 
+    tested: list = []  # the model the round's test rebuilt, which its export takes (a kill between: rebuilt again)
     if state["stage"] == "ingested":
         # the attempt's id, committed before its run folder exists: what garbage collection may remove
         current["attempt"] = uuid.uuid4().hex
         state.setdefault("attempts", []).append(current["attempt"])
         loop_state.commit(loop.dir, state)
-        run = _train(loop, state)
+        run = _train(loop, state, tested.append)
         metric = _number((run.test_metrics() or {}).get(judged_by(loop).key))
         print(f"round {current['round']}: held-out {judged_by(loop).key} {_shown(metric)} (round 0, the --from run: "
               f"{_shown(round_zero_metric(state))})", flush=True)
         commit("trained", run=str(run.path.resolve()), metric=metric)
     if state["stage"] == "trained":
-        version = _export(loop, state)
+        version = _export(loop, state, tested[0] if tested else None)
         if version is not None:
             state["served"] = {"round": current["round"], "version": int(version.name), "metric": current["metric"]}
             print(f"round {current['round']}: exported version {version.name} to {version}", flush=True)
@@ -389,7 +391,7 @@ def steps_schedule(steps: int, examples: int, batch_size: int) -> tuple[int, int
     return math.ceil(steps / epochs), epochs
 
 
-def _train(loop: Loop, state: dict) -> runs.Run:
+def _train(loop: Loop, state: dict, tested: Callable) -> runs.Run:
     start = runs.open_run(state["previous_run"] or state["from_run"])
     runs.require_idle(start)
     config, current = round_config(loop, state), state["current"]
@@ -403,7 +405,7 @@ def _train(loop: Loop, state: dict) -> runs.Run:
     print(f"round {current['round']}: training from {start.path} on {current['examples']} examples "
           f"({current['new']} new) for {round_steps(config.train)} steps "
           f"({config.train.epochs} epochs of {config.train.steps or config.train.steps_per_epoch}), {how}", flush=True)
-    return lifecycle.train(config, argv=list(loop.argv) or None, draw=False)  # the loop draws rounds.png
+    return lifecycle.train(config, argv=list(loop.argv) or None, draw=False, tested=tested)  # the loop: rounds.png
 
 
 def _round_zero(loop: Loop, state: dict) -> None:
@@ -439,10 +441,11 @@ def evaluate_run(loop: Loop, run: runs.Run) -> float | None:
     return _number(metrics.get(judged_by(loop).key))
 
 
-def _export(loop: Loop, state: dict) -> Path | None:
+def _export(loop: Loop, state: dict, model=None) -> Path | None:
     """The round's run as the next SavedModel version, unless its metric is worse by more than loop.tolerance
     than the served round's or round 0's (the --from run's), in the sense of the task's measure; a version already
-    exported from this run (a kill before the state said so) is the round's export, never a second one."""
+    exported from this run (a kill before the state said so) is the round's export, never a second one. `model`:
+    the run's model as its test rebuilt it, else rebuilt here."""
     current, served, tolerance = state["current"], state.get("served"), loop.config.loop.tolerance
     model_dir = loop.export_dir / loop.export_name
     already = exported_version(model_dir, Path(current["run"]))
@@ -463,7 +466,10 @@ def _export(loop: Loop, state: dict) -> Path | None:
                   f"{best:.4f}; {stays}", flush=True)
             return None
     run = runs.open_run(current["run"])
-    model, config = rebuild(run)
+    if model is None:
+        model, config = rebuild(run)
+    else:
+        config = config_module.from_dict(run.config_dict())
     return loop.task.bound(config).export_saved_model(model, run, loop.export_dir, model_name=loop.export_name,
                                                       keep=loop.config.loop.keep)
 
