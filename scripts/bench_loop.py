@@ -212,7 +212,7 @@ def bench(task: str, rounds: int, per_round: int, steps: int, holdout: int, sour
         trained = runs.open_run(result.run).config_dict()["train"]
         rows.append({"round": result.round, "examples": result.examples, "metric": result.metric,
                      "exported": result.exported.name if result.exported else "-", "seconds": result.seconds,
-                     "steps": trained["epochs"] * trained["steps_per_epoch"]})
+                     "steps": loop_module.round_steps(trained)})
     state = json.loads((loop.dir / STATE_FILE).read_text())
     totals = {key: state["totals"][key] for key in written}
     if totals != written or state["examples"] != written["accepted"]:
@@ -231,15 +231,15 @@ def bench(task: str, rounds: int, per_round: int, steps: int, holdout: int, sour
     started = time.monotonic()
     reference = loop_module.run_round(reference_loop)
     reference_seconds = time.monotonic() - started
-    per_epoch, epochs = loop_module.steps_schedule(total, reference.examples, batch_size)
+    reference_steps = loop_module.round_steps(runs.open_run(reference.run).config_dict()["train"])
     source_metric = loop_module.round_zero_metric(state)  # round 0: the source run on the held-out set
     # A round's time besides its steps: its seconds less its steps at the one run's pace (its training time a
     # step, one compilation spread over all its steps); round 1 also measures round 0, so it is left out.
-    per_step = json.loads((reference.run / "test_metrics.json").read_text())["train_seconds"] / (per_epoch * epochs)
+    per_step = json.loads((reference.run / "test_metrics.json").read_text())["train_seconds"] / reference_steps
     overheads = [row["seconds"] - steps * per_step for row, steps in zip(rows[1:], planned[1:])]
     summary = {"task": task, "rows": rows, "source_metric": source_metric, "steps": planned, "totals": totals,
                "source": str(source),
-               "reference": {"metric": reference.metric, "steps": per_epoch * epochs, "seconds": reference_seconds,
+               "reference": {"metric": reference.metric, "steps": reference_steps, "seconds": reference_seconds,
                              "examples": reference.examples},
                "settings": {"rounds": rounds, "per_round": per_round, "steps": steps, "holdout": holdout,
                             "batch_size": batch_size, "recipe": str(RECIPES[task].relative_to(REPO)),

@@ -134,6 +134,8 @@ class TrainConfig(DeeplyFrozen):
     epochs: int = 10
     batch_size: int = 128
     steps_per_epoch: int | None = None  # cap on steps per epoch; None: the whole training split
+    steps: int | None = None  # one epoch of exactly this many steps over the repeating training stream (more
+    # than one pass where the data is smaller; train.epochs must be 1); None: epochs of steps_per_epoch
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     lr: LearningRateConfig = field(default_factory=LearningRateConfig)
     weight_decay: float = 0.0  # on convolution and dense kernels (not biases or batch norm)

@@ -68,6 +68,7 @@ RANGES: dict[str, Range] = {
     "train.epochs": AT_LEAST_ONE,
     "train.batch_size": AT_LEAST_ONE,
     "train.steps_per_epoch": AT_LEAST_ONE,
+    "train.steps": AT_LEAST_ONE,
     "train.optimizer.momentum": FRACTION,
     "train.optimizer.rho": FRACTION,
     "train.optimizer.epsilon": POSITIVE,
@@ -269,6 +270,9 @@ def check_consistency(config: Config, provenance: dict) -> None:
                         "state to carry, or set init.optimizer_state: false")
     if config.init.from_run and config.init.weights:
         raise UserError("init.from_run and init.weights are both set; start from one of them")
+    if train.steps is not None and train.epochs != 1:
+        raise UserError(f"train.steps is {train.steps} but train.epochs is {train.epochs}; train.steps makes one "
+                        f"epoch of that many steps: set train.epochs: 1, or train.steps: null")
     if train.lr.schedule == "plateau" and train.lr.warmup_epochs:
         raise UserError("train.lr.schedule plateau does not combine with train.lr.warmup_epochs; set it to 0")
     _check_data_service(data, provenance)

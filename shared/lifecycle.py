@@ -69,12 +69,16 @@ def sigterm_as_interrupt():
     stop.check()  # a signal during the last batch still stops the run before testing
 
 
-def train(config: Config, argv: list[str] | None = None, callbacks: list | tuple = ()) -> runs.Run:
+def train(config: Config, argv: list[str] | None = None, callbacks: list | tuple = (), draw: bool = True,
+          tested: Callable[[keras.Model], None] | None = None) -> runs.Run:
     """Train as the config says (its task's model and data), test on the held-out split, and return the
-    finished run. `callbacks`: extra Keras callbacks, run after the runner's own (a tuner's pruning hook).
+    finished run. `callbacks`: extra Keras callbacks, run after the runner's own (a tuner's pruning hook);
+    `draw`: False leaves out the run's figures (curves.png and the task's), which `test --run` draws later;
+    `tested`: gets the model the test rebuilt from the last checkpoint once the run is finished (what
+    `shared.tasks.rebuild(run)` gives: an export that follows need not build it again).
     `config` is frozen: the run resolves a new one (hyperparameters, class count, absolute paths) in
     `prepare`, which its config.yaml records."""
-    return _run_training(task_for(config), argv, extra_callbacks=callbacks)
+    return _run_training(task_for(config), argv, extra_callbacks=callbacks, draw=draw, tested=tested)
 
 
 def resume(path: str | Path, argv: list[str] | None = None) -> runs.Run:
@@ -145,7 +149,8 @@ def test(run: runs.Run | str | Path, checkpoint: str | Path | None = None, chang
 
 
 def _run_training(task: Task, argv: list[str] | None, resumed: runs.Run | None = None,
-                  continuation: Continuation | None = None, extra_callbacks: list | tuple = ()) -> runs.Run:
+                  continuation: Continuation | None = None, extra_callbacks: list | tuple = (),
+                  draw: bool = True, tested: Callable[[keras.Model], None] | None = None) -> runs.Run:
     # ---- everything checked before a run folder exists
     # The strategy first: the multi-worker runtime must be set up before any TensorFlow work, and a
     # task's checks may build layers (the detection augmentations do).
@@ -227,9 +232,10 @@ def _run_training(task: Task, argv: list[str] | None, resumed: runs.Run | None =
                       f"{stopper.patience} epochs", flush=True)
         if not placement.is_chief:  # its figures would go with its scratch folder
             return run
-        metrics, draw, last = _test_last_checkpoint(task, run, data)
-        with durable.disk_space_checked(run.path / "curves.png"):
-            plots.plot_curves(run.path / "metrics.csv", run.path / "curves.png")
+        metrics, redraw, last, tested_model = _test_last_checkpoint(task, run, data)
+        if draw:
+            with durable.disk_space_checked(run.path / "curves.png"):
+                plots.plot_curves(run.path / "metrics.csv", run.path / "curves.png")
         metrics["train_seconds"] = round(time.time() - started, 1)
         if config.train.ema_momentum is not None:
             metrics["weights"] = "ema"
@@ -237,11 +243,14 @@ def _run_training(task: Task, argv: list[str] | None, resumed: runs.Run | None =
         outcome = policy.outcome()
         metrics.update(outcome)
         run.write_json("test_metrics.json", metrics)
-        draw(run.path)
+        if draw:
+            redraw(run.path)
         # Before "finished": a kill after it would leave the backup for good, as no command resumes a finished
         # run. A kill before it leaves a tested run without a backup, which --resume marks finished.
         shutil.rmtree(run.path / "backup", ignore_errors=True)
         run.set_status("finished", ended=_now(), **outcome)
+    if tested is not None:
+        tested(tested_model)
     return run
 
 
@@ -288,6 +297,8 @@ def prepare(task: Task, model_folder: Path | None = None, replicas: int = 1, sta
     keras.utils.set_random_seed(task.config.train.seed)
     data = task.datasets(folder, replicas, start_epoch=start_epoch)
     task = task.bound(data.config)
+    if task.config.train.steps:  # one epoch of exactly that many steps: the training stream repeats
+        data = dataclasses.replace(data, steps_per_epoch=task.config.train.steps)
     return folder, module, task.build(module, data.input_shape), data, task
 
 
@@ -371,13 +382,14 @@ def _unknown_validation_length_allowed(val_data) -> Iterator[None]:
         yield
 
 
-def _test_last_checkpoint(task: Task, run: runs.Run, data) -> tuple[dict, Callable, Path]:
+def _test_last_checkpoint(task: Task, run: runs.Run, data) -> tuple[dict, Callable, Path, keras.Model]:
     """The test figures of the checkpoint the run records as its last, on the model `test --run` rebuilds
     from it (float32, from the run's model.py and config), so the two always agree; the model in memory
-    can differ (it computes in bfloat16 under mixed precision, or holds a restored backup's weights)."""
+    can differ (it computes in bfloat16 under mixed precision, or holds a restored backup's weights). Returns
+    (metrics, what draws the figures, the checkpoint, the rebuilt model)."""
     last = run.last_checkpoint()
     model, _ = rebuild(run)  # the same file: nothing else writes checkpoints now
-    return (*task.evaluate(model, data), last)
+    return (*task.evaluate(model, data), last, model)
 
 
 def _disk_full(error: BaseException) -> bool:

@@ -208,6 +208,46 @@ def test_steps_schedule_gives_about_the_steps_in_equal_epochs_of_at_most_one_pas
     assert (per_epoch, epochs) == (3, 4) and per_epoch <= 3
 
 
+@pytest.mark.parametrize("lr", [{"schedule": "cosine", "warmup_epochs": 0.5},
+                                {"schedule": "exponential", "decay_epochs": 1.5, "gamma": 0.5, "warmup_epochs": 0.3},
+                                {"schedule": "polynomial", "power": 2.0}, {"schedule": "constant"}])
+def test_a_rounds_epochs_become_one_epoch_of_their_steps_at_the_same_rates(tmp_path, lr):
+    """One checkpoint a round: its passes trained as one epoch, the optimizer's rate the same at every step."""
+    from shared import optim
+    from shared.config import load_config
+    from shared.loop.rounds import as_one_epoch, round_steps
+
+    config = load_config(tree=tiny_tree(tmp_path, train={"epochs": 25, "steps_per_epoch": 4, "batch_size": 8,
+                                                         "lr": {"base": 0.1, **lr}}))
+    one = as_one_epoch(task_for(config), config)
+    assert (one.train.epochs, one.train.steps, round_steps(one.train), round_steps(config.train)) == (1, 100, 100, 100)
+
+    def rates(train, steps_per_epoch: int) -> list[float]:
+        schedule = optim.learning_rate(train, steps_per_epoch)
+        return [float(schedule(step)) if callable(schedule) else schedule for step in range(101)]
+
+    assert rates(one.train, 100) == pytest.approx(rates(config.train, 4))
+
+
+@pytest.mark.parametrize("train", [{"lr": {"schedule": "step", "milestones": [10]}},
+                                   {"lr": {"schedule": "plateau"}}, {"early_stopping": {"monitor": "loss"}},
+                                   {"epochs": 1}])
+def test_a_round_whose_epochs_mean_more_than_a_length_keeps_them(tmp_path, train):
+    from shared.config import load_config
+    from shared.loop.rounds import as_one_epoch
+
+    config = load_config(tree=tiny_tree(tmp_path, train={"epochs": 25, "steps_per_epoch": 4, **train}))
+    assert as_one_epoch(task_for(config), config) is config
+
+
+def test_train_steps_needs_one_epoch(tmp_path):
+    from shared.config import load_config
+    from shared.errors import UserError
+
+    with pytest.raises(UserError, match="train.steps is 10 but train.epochs is 3"):
+        load_config(tree=tiny_tree(tmp_path, train={"epochs": 3, "steps": 10}))
+
+
 def test_a_from_run_with_the_recipes_statistics_differs_in_nothing(tmp_path):
     """The run's config.yaml holds lists, the recipe's frozen config tuples: the same numbers are no difference."""
     from shared.config import load_config
@@ -424,6 +464,7 @@ def killed_at(kill_at: str, command: list[str]) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_kills_at_each_commit_point_of_a_round_lose_nothing_and_duplicate_nothing(tmp_path, source, capsys):
     from shared import runner
+    from shared.loop.rounds import round_steps
 
     source_run, tree = source
     recipe = classification_recipe(tmp_path, tree, keep=1)
@@ -473,7 +514,7 @@ def test_kills_at_each_commit_point_of_a_round_lose_nothing_and_duplicate_nothin
     # with that checkpoint's optimizer state (its step count: round 1's steps)
     round_one = runs.Run(Path(state["history"][1]["run"]))
     carried = {"checkpoint": str(round_one.last_checkpoint()),
-               "step": round_one.config_dict()["train"]["steps_per_epoch"] * round_one.config_dict()["train"]["epochs"]}
+               "step": round_steps(round_one.config_dict()["train"])}
     assert carried["step"] > 0
     killed_at("epoch-0001.keras:after:1", command)
     dead_attempt = sorted((tmp_path / "runs" / "tiny").iterdir())[-1]
@@ -851,10 +892,15 @@ def test_no_round_is_exported_below_round_zero_beyond_the_tolerance(tmp_path, so
 
 
 @pytest.mark.slow
-def test_rounds_see_what_the_from_run_saw_count_class_weights_and_print_a_line_a_phase(tmp_path, source, capsys):
+def test_rounds_see_what_the_from_run_saw_count_class_weights_and_print_a_line_a_phase(tmp_path, source, capsys,
+                                                                                     monkeypatch):
     import copy
 
     from shared import runner
+    from shared.loop import rounds as loop_module
+
+    rebuilt = []  # the export takes the model the round's test rebuilt: no second build
+    monkeypatch.setattr(loop_module, "rebuild", lambda *args, **kwargs: rebuilt.append(args) or 1 / 0)
 
     source_run, tree = source
     tree = copy.deepcopy(tree)
@@ -873,7 +919,12 @@ def test_rounds_see_what_the_from_run_saw_count_class_weights_and_print_a_line_a
     state = state_of(tmp_path / "runs" / "loops" / "tiny-recipe")
     recorded = runs.open_run(state["history"][-1]["run"]).config_dict()
     assert recorded["data"]["image_size"] == 16
-    assert (recorded["train"]["epochs"], recorded["train"]["steps_per_epoch"]) == (6, 1)
+    # 6 passes of one batch, trained as one epoch of 6 steps: one checkpoint; the loop draws no run figures
+    assert (recorded["train"]["epochs"], recorded["train"]["steps"]) == (1, 6)
+    trained = runs.open_run(state["history"][-1]["run"])
+    assert [path.name for path in trained.checkpoint_dir.glob("*.keras")] == ["epoch-0001.keras"]
+    assert not list(trained.path.glob("*.png"))
+    assert rebuilt == [] and state["served"]["round"] == 1
     assert "follows --from" in out and "data.image_size 16 (the recipe: 12)" in out
     # auto: n / (k x count) over the loop's examples, 1.0 for a class without any
     assert recorded["train"]["class_weight"] == {"class_0": 0.5, "class_1": 0.75, "class_2": 1.5, "class_3": 1.0}

@@ -41,6 +41,7 @@ import uuid
 from pathlib import Path
 from typing import Callable, Iterator
 
+from shared import config as config_module
 from shared import durable, lifecycle, optim, runs
 from shared.loop import state as loop_state
 from shared.annotations import AnswerTable, Batch
@@ -215,18 +216,19 @@ def _finish(loop: Loop, state: dict, started: float, batch: Batch | None) -> Rou
         state["stage"] = stage
         loop_state.commit(loop.dir, state)
 
+    tested: list = []  # the model the round's test rebuilt, which its export takes (a kill between: rebuilt again)
     if state["stage"] == "ingested":
         # the attempt's id, committed before its run folder exists: what garbage collection may remove
         current["attempt"] = uuid.uuid4().hex
         state.setdefault("attempts", []).append(current["attempt"])
         loop_state.commit(loop.dir, state)
-        run = _train(loop, state)
+        run = _train(loop, state, tested.append)
         metric = _number((run.test_metrics() or {}).get(judged_by(loop).key))
         print(f"round {current['round']}: held-out {judged_by(loop).key} {_shown(metric)} (round 0, the --from run: "
               f"{_shown(round_zero_metric(state))})", flush=True)
         commit("trained", run=str(run.path.resolve()), metric=metric)
     if state["stage"] == "trained":
-        version = _export(loop, state)
+        version = _export(loop, state, tested[0] if tested else None)
         if version is not None:
             state["served"] = {"round": current["round"], "version": int(version.name), "metric": current["metric"]}
             print(f"round {current['round']}: exported version {version.name} to {version}", flush=True)
@@ -291,8 +293,8 @@ def _initial_class_names(loop: Loop) -> list[str]:
 
 def round_config(loop: Loop, state: dict) -> Config:
     """The recipe as this round trains it: from the previous round's run (the first: --from), over every
-    shard set of the loop, tested on its held-out set, for about loop.steps steps (whole epochs of equal
-    length: the pipeline repeats, so steps may exceed the examples), seeing what the starting run saw
+    shard set of the loop, tested on its held-out set, for about loop.steps steps (whole passes of equal
+    length, trained as one epoch where the schedule allows: `as_one_epoch`), seeing what the starting run saw
     (`follow_run`), quiet (one line a phase), `train.class_weight: auto` counted from the loop's examples."""
     config, current = loop.config, state["current"]
     start = state["previous_run"] or state["from_run"]
@@ -300,7 +302,7 @@ def round_config(loop: Loop, state: dict) -> Config:
     notes = (f"loop {loop.dir}, round {current['round']}: {current['examples']} annotated examples "
              f"({current['new']} new, annotation lines 1-{current['annotation_lines']} of {loop.annotations}); "
              f"started from {start}")
-    changes = {"init.from_run": start, "init.weights": None, "train.epochs": epochs,
+    changes = {"init.from_run": start, "init.weights": None, "train.epochs": epochs, "train.steps": None,
                "train.steps_per_epoch": per_epoch, "train.keep_checkpoints": config.train.keep_checkpoints or 1,
                "train.verbose": 0, "loop.dir": str(loop.dir), "loop.attempt": current.get("attempt"),
                "data.limit_train": None, "data.limit_test": None, "data.num_classes": None,
@@ -311,7 +313,30 @@ def round_config(loop: Loop, state: dict) -> Config:
     fresh = [name for name in state.get("fresh", []) if name in state["sets"]]
     if config.loop.oversample_new > 1 and fresh and len(fresh) < len(state["sets"]):  # all new: all alike
         changes.update(loop.task.loop_support().oversample_changes(fresh, config.loop.oversample_new))
-    return with_changes(config, {**changes, **loop.task.loop_support().round_changes(loop, state, epochs)})
+    changes.update(loop.task.loop_support().round_changes(loop, state, epochs))
+    return as_one_epoch(loop.task, with_changes(config, changes))
+
+
+def as_one_epoch(task: Task, config: Config) -> Config:
+    """The round's epochs as ONE epoch of all their steps over the repeating training stream (`train.steps`): one
+    checkpoint and one backup a round, not one an epoch; a kill during training retrains the whole round anyway.
+    The optimizer sees the same rates: its schedule counts steps, and what it says in epochs (warmup, exponential
+    decay) is rescaled to the same steps. Left in epochs where an epoch is more than a length: step milestones,
+    plateau, a monitored best checkpoint or early stop, a task's phases (a frozen stretch)."""
+    train = config.train
+    if (train.epochs == 1 or train.lr.schedule in ("step", "plateau") or train.best.monitor
+            or train.early_stopping.monitor or len(task.bound(config).plan_phases()) > 1):
+        return config
+    return with_changes(config, {"train.steps": train.steps_per_epoch * train.epochs, "train.epochs": 1,
+                                 "train.steps_per_epoch": None,
+                                 "train.lr.warmup_epochs": train.lr.warmup_epochs / train.epochs,
+                                 "train.lr.decay_epochs": train.lr.decay_epochs / train.epochs})
+
+
+def round_steps(train) -> int:
+    """The steps a round's run trains (`train:` of its config, or of its config.yaml as a dict)."""
+    get = train.get if isinstance(train, dict) else lambda key: getattr(train, key)
+    return int(get("steps") or 0) or int(get("steps_per_epoch") or 0) * int(get("epochs") or 0)
 
 
 def continued_schedule(config: Config, previous_run: str | None) -> dict:
@@ -326,7 +351,8 @@ def continued_schedule(config: Config, previous_run: str | None) -> dict:
     trained = previous.config_dict().get("train") or {}
     last = previous.last_checkpoint()
     epochs = int(runs.CHECKPOINT_RE.match(last.name).group(1)) if last is not None else 0
-    step = int((trained.get("lr") or {}).get("start_step") or 0) + epochs * int(trained.get("steps_per_epoch") or 0)
+    per_epoch = int(trained.get("steps") or trained.get("steps_per_epoch") or 0)
+    step = int((trained.get("lr") or {}).get("start_step") or 0) + epochs * per_epoch
     return {"init.optimizer_state": True, "train.lr.start_step": step, "train.lr.schedule": config.loop.schedule,
             "train.lr.base": optim.base_learning_rate(config.train) * config.loop.lr_scale,
             "train.lr.base_batch_size": None, "train.lr.warmup_epochs": 0.0}
@@ -365,7 +391,7 @@ def steps_schedule(steps: int, examples: int, batch_size: int) -> tuple[int, int
     return math.ceil(steps / epochs), epochs
 
 
-def _train(loop: Loop, state: dict) -> runs.Run:
+def _train(loop: Loop, state: dict, tested: Callable) -> runs.Run:
     start = runs.open_run(state["previous_run"] or state["from_run"])
     runs.require_idle(start)
     config, current = round_config(loop, state), state["current"]
@@ -377,9 +403,9 @@ def _train(loop: Loop, state: dict) -> runs.Run:
     how = (f"continuing its training (optimizer step {lr.start_step}) at a {lr.schedule} rate from {lr.base:g}"
            if config.init.optimizer_state else f"with the recipe's {lr.schedule} schedule")
     print(f"round {current['round']}: training from {start.path} on {current['examples']} examples "
-          f"({current['new']} new) for {config.train.steps_per_epoch * config.train.epochs} steps "
-          f"({config.train.epochs} epochs of {config.train.steps_per_epoch}), {how}", flush=True)
-    return lifecycle.train(config, argv=list(loop.argv) or None)
+          f"({current['new']} new) for {round_steps(config.train)} steps "
+          f"({config.train.epochs} epochs of {config.train.steps or config.train.steps_per_epoch}), {how}", flush=True)
+    return lifecycle.train(config, argv=list(loop.argv) or None, draw=False, tested=tested)  # the loop: rounds.png
 
 
 def _round_zero(loop: Loop, state: dict) -> None:
@@ -415,10 +441,11 @@ def evaluate_run(loop: Loop, run: runs.Run) -> float | None:
     return _number(metrics.get(judged_by(loop).key))
 
 
-def _export(loop: Loop, state: dict) -> Path | None:
+def _export(loop: Loop, state: dict, model=None) -> Path | None:
     """The round's run as the next SavedModel version, unless its metric is worse by more than loop.tolerance
     than the served round's or round 0's (the --from run's), in the sense of the task's measure; a version already
-    exported from this run (a kill before the state said so) is the round's export, never a second one."""
+    exported from this run (a kill before the state said so) is the round's export, never a second one. `model`:
+    the run's model as its test rebuilt it, else rebuilt here."""
     current, served, tolerance = state["current"], state.get("served"), loop.config.loop.tolerance
     model_dir = loop.export_dir / loop.export_name
     already = exported_version(model_dir, Path(current["run"]))
@@ -439,7 +466,10 @@ def _export(loop: Loop, state: dict) -> Path | None:
                   f"{best:.4f}; {stays}", flush=True)
             return None
     run = runs.open_run(current["run"])
-    model, config = rebuild(run)
+    if model is None:
+        model, config = rebuild(run)
+    else:
+        config = config_module.from_dict(run.config_dict())
     return loop.task.bound(config).export_saved_model(model, run, loop.export_dir, model_name=loop.export_name,
                                                       keep=loop.config.loop.keep)
 
