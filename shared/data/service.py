@@ -41,7 +41,10 @@ def check_reachable(address: str, what: str = "data.service.dispatcher", timeout
     """A UserError within `timeout` seconds unless a tf.data service dispatcher answers at `address` (asked for
     its version: the service's own client would retry for an hour, and hang on a port where something else
     listens)."""
-    import grpc  # TensorFlow's own dependency
+    try:
+        import grpc  # TensorFlow's own dependency (grpcio)
+    except ImportError:  # a TensorFlow built without it
+        raise UserError("data.service needs grpcio, which TensorFlow installs: pip install grpcio") from None
 
     try:
         host, port = split_address(address)
