@@ -115,6 +115,7 @@ RANGES: dict[str, Range] = {
     "tune.trials": AT_LEAST_ONE,
     "tune.seed": NON_NEGATIVE,
     "loop.steps": AT_LEAST_ONE,
+    "loop.passes": POSITIVE,
     "loop.tolerance": NON_NEGATIVE,
     "loop.keep": AT_LEAST_ONE,
     "loop.min_new": AT_LEAST_ONE,
