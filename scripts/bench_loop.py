@@ -223,8 +223,9 @@ def bench(task: str, rounds: int, per_round: int, steps: int, holdout: int, sour
     planned = [row["steps"] for row in rows]
     total = sum(planned)
     print(f"reference: one run over all {rounds * per_round} labels for {total} steps from {source}", flush=True)
+    # One run: the recipe's own schedule, for exactly the rounds' total steps (loop.passes would add more).
     reference_config = recipe_config(task, out, data_root, holdout, total, folder / "reference" / served_name, "null",
-                                     (*changes, "loop.schedule=restart"))  # one run: the recipe's own schedule
+                                     (*changes, "loop.schedule=restart", "loop.passes=null"))
     reference_loop = loop_module.open_loop(task_for(reference_config), tasks_file, source,
                                            export_dir=folder / "reference" / "exports",
                                            argv=["bench_loop.py", task, "reference"])

@@ -245,6 +245,9 @@ class LoopConfig(DeeplyFrozen):
     """Training in the loop (`python -m shared.runner loop`): rounds of new annotations -> finetune -> export."""
     dir: str | None = None  # the loop's folder (data, state, rounds.csv); None: <run.dir>/loops/<model>-<recipe stem>
     steps: int = 100  # training steps per round, over all examples so far (rounded up to whole equal epochs)
+    passes: float | None = None  # a round trains for about passes x its examples / train.batch_size steps,
+    # at least loop.steps (steps grow with the annotations: the last round, with every label, gets the most);
+    # null: loop.steps every round
     schedule: str = field(default="cosine", metadata={"choices": ("cosine", "constant", "restart")})  # rounds
     # after the first continue the previous round's training (its weights and optimizer state) at lr_scale x the
     # recipe's rate: cosine, decaying to 0 within each round; constant; restart: each round the recipe's whole

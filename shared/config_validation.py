@@ -117,6 +117,7 @@ RANGES: dict[str, Range] = {
     "tune.seed": NON_NEGATIVE,
     "tune.heartbeat_seconds": AT_LEAST_ONE,
     "loop.steps": AT_LEAST_ONE,
+    "loop.passes": POSITIVE,
     "loop.tolerance": NON_NEGATIVE,
     "loop.keep": AT_LEAST_ONE,
     "loop.min_new": AT_LEAST_ONE,

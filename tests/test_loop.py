@@ -991,3 +991,23 @@ def test_an_image_name_that_is_not_utf8_is_ingested_and_recognized_again(tmp_pat
     assert (ingest_only(loop).pending, state_of(loop.dir)["examples"]) == (1, 1)
     append(loop.annotations, [line])  # the same answer again: the ledger knows it
     assert ingest_only(loop).batch.duplicates == 1 and record_labels(loop.dir / "data") == [1]
+
+
+def test_loop_passes_grows_a_rounds_steps_with_its_examples_and_loop_steps_stays_the_floor():
+    from shared.loop.rounds import planned_steps
+
+    assert planned_steps(100, None, 3000, 128) == 100  # null: loop.steps every round, as before
+    assert [planned_steps(100, 7, examples, 128) for examples in (500, 2000, 3000)] == [100, 110, 165]
+    assert [planned_steps(1, 7, examples, 128) for examples in (500, 1000)] == [28, 55]  # 7 x 500 / 128 = 27.3
+
+
+def test_a_rounds_config_trains_for_loop_passes_over_its_examples(tmp_path):
+    from shared.loop.rounds import round_config, round_steps
+
+    loop = fake_loop(tmp_path, steps=1, passes=3)
+    append(loop.annotations, classification_lines(tmp_path, 0, 64))
+    ingest_only(loop)
+    state = {**state_of(loop.dir), "current": {"round": 1, "examples": 64, "new": 64, "annotation_lines": 64}}
+    config = round_config(loop, state)
+    # 3 passes over 64 examples at batch 32: 6 steps (as one epoch where the schedule allows), not loop.steps' 1
+    assert round_steps(config.train) == 6

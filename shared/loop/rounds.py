@@ -293,12 +293,13 @@ def _initial_class_names(loop: Loop) -> list[str]:
 
 def round_config(loop: Loop, state: dict) -> Config:
     """The recipe as this round trains it: from the previous round's run (the first: --from), over every
-    shard set of the loop, tested on its held-out set, for about loop.steps steps (whole passes of equal
+    shard set of the loop, tested on its held-out set, for about `planned_steps` steps (whole passes of equal
     length, trained as one epoch where the schedule allows: `as_one_epoch`), seeing what the starting run saw
     (`follow_run`), quiet (one line a phase), `train.class_weight: auto` counted from the loop's examples."""
     config, current = loop.config, state["current"]
     start = state["previous_run"] or state["from_run"]
-    per_epoch, epochs = steps_schedule(config.loop.steps, current["examples"], config.train.batch_size)
+    steps = planned_steps(config.loop.steps, config.loop.passes, current["examples"], config.train.batch_size)
+    per_epoch, epochs = steps_schedule(steps, current["examples"], config.train.batch_size)
     notes = (f"loop {loop.dir}, round {current['round']}: {current['examples']} annotated examples "
              f"({current['new']} new, annotation lines 1-{current['annotation_lines']} of {loop.annotations}); "
              f"started from {start}")
@@ -381,6 +382,15 @@ def follow_run(config: Config, run: runs.Run) -> tuple[dict, list[str]]:
     if config.data.num_classes is not None and classes and config.data.num_classes != classes:
         differences.append(f"its {classes} classes (the recipe: data.num_classes {config.data.num_classes})")
     return changes, differences
+
+
+def planned_steps(steps: int, passes: float | None, examples: int, batch_size: int) -> int:
+    """A round's training steps: `steps` (loop.steps), or with loop.passes about `passes` passes over the
+    examples so far when that is more, so every round sees its data alike and the later rounds, with more
+    labels, train longer."""
+    if passes is None:
+        return steps
+    return max(steps, math.ceil(passes * examples / batch_size))
 
 
 def steps_schedule(steps: int, examples: int, batch_size: int) -> tuple[int, int]:
