@@ -244,8 +244,9 @@ def test_two_make_tfrecords_into_one_folder(tmp_path):
         assert line.startswith(f"error: {out} is being written by pid ") and line.endswith(
             "; wait for it or choose another folder")
     assert sorted(p.name for p in out.iterdir()) == [
-        ".train.plan", ".validation.plan", ".writer.lock", "counts.json", "labels.txt", "train-00000-of-00003",
-        "train-00001-of-00003", "train-00002-of-00003", "validation-00000-of-00002", "validation-00001-of-00002"]
+        ".train.plan", ".validation.plan", ".writer.lock", "counts.json", "encoding.json", "labels.txt",
+        "train-00000-of-00003", "train-00001-of-00003", "train-00002-of-00003", "validation-00000-of-00002",
+        "validation-00001-of-00002"]
     assert count_records(str(out / "train-*")) == 9 and count_records(str(out / "validation-*")) == 3
     assert len(read_labels(out / "labels.txt")) == 3
 

@@ -271,10 +271,11 @@ def test_distributed_epoch_reads_each_example_once_a_pass(cluster, tmp_path):
     read = _result(_read(marks, cluster.address, "distributed_epoch", batches=40))["ids"]  # 160: 2.5 passes
     assert len(read) == 160 and set(read) == set(range(64))
     decoded = _decodes(marks)
-    # the dispatcher dealt the ids out pass after pass: every id as often as any other, give or take the last
-    # pass's partial share (each worker also decoded a few batches ahead of what was read)
+    # the dispatcher dealt the ids out pass after pass: every id about as often as any other. One endless job
+    # repeats in the dispatcher, so a fast worker may start the next pass's ids while a slow one (a loaded CPU)
+    # holds the last of this pass's: two passes in flight at most, never one id dealt twice in a pass
     assert set(decoded) == set(range(64))
-    assert max(decoded.values()) - min(decoded.values()) <= 1, decoded
+    assert max(decoded.values()) - min(decoded.values()) <= 2, decoded
     assert 160 <= sum(decoded.values()) < 160 + 64
 
 
