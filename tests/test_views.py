@@ -96,3 +96,13 @@ def test_views_are_refused_by_a_task_without_them(tmp_path, capsys):
     (run_dir / "status.json").write_text('{"status": "finished"}')
     assert runner.main(["test", "--run", str(run_dir), "--views", "10crop"]) == 2
     assert "--views applies to classification runs; run" in capsys.readouterr().err
+
+
+def test_an_image_that_does_not_decode_is_left_out_where_the_run_skips_them():
+    good = tf.io.encode_png(tf.zeros((20, 30, 3), tf.uint8))
+    raw = tf.data.Dataset.from_tensor_slices(([good, tf.constant(b"\x89PNG\r\n\x1a\n broken"), good], [0, 1, 2]))
+    make = views.ViewMaker("10crop", 16, 0.875, 3, whole=False)
+    batches = views.views_dataset(raw, make, lambda x: x, lambda x: x, 64, skip_undecodable=True)
+    assert [labels.numpy().tolist() for _, labels in batches] == [[0, 2]]
+    with pytest.raises(tf.errors.InvalidArgumentError):
+        list(views.views_dataset(raw, make, lambda x: x, lambda x: x, 64))

@@ -5,6 +5,7 @@ exported as a SavedModel or a TFLite file."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import tensorflow as tf
@@ -20,6 +21,7 @@ from shared.classification import export, tflite
 from shared.classification.evaluate import ConfidentMistakes, evaluate_model, worst_classes
 from shared.classification.views import view_maker, views_dataset
 from shared.commands import ALL_COMMANDS
+from shared.eval_view import resizes_pixels
 from shared.evaluate import check_class_names
 from shared.modelzoo import MAIN_OUTPUT
 from shared.source_facts import SOURCES
@@ -188,20 +190,14 @@ class ClassificationTask(Task):
         return data
 
     def with_views(self, data, views):
-        import dataclasses
-
-        from shared.data import preprocess
-        from shared.eval_view import resizes_pixels
-
         datasets, config = data.details, data.details.config
         raw = datasets.source.test.take(config.data.limit_test) if config.data.limit_test else datasets.source.test
-        if config.data.on_corrupt == "skip" and datasets.source.encoding is not None:
-            raw = raw.ignore_errors()  # as the plain test split skips what does not decode
         read = tf.io.read_file if datasets.source.encoding == "path" else (lambda image: image)
-        normalize = preprocess.normalizer(config.data.mean, config.data.std, config.data.normalize,
-                                          config.data.image_size)
+        normalize = data_module.preprocess.normalizer(config.data.mean, config.data.std, config.data.normalize,
+                                                      config.data.image_size)
+        skip = config.data.on_corrupt == "skip" and datasets.source.encoding is not None  # as the plain test split
         test = views_dataset(raw, view_maker(views, config, resizes_pixels(config)), normalize, read,
-                             config.train.batch_size)
+                             config.train.batch_size, skip_undecodable=skip)
         return dataclasses.replace(data, details=dataclasses.replace(datasets, test=test))
 
     @classmethod

@@ -130,10 +130,13 @@ def view_maker(name: str, config, whole: bool) -> ViewMaker:
 
 
 def views_dataset(raw: tf.data.Dataset, make: ViewMaker, normalize: Callable, read: Callable,
-                  batch_size: int) -> tf.data.Dataset:
+                  batch_size: int, skip_undecodable: bool = False) -> tf.data.Dataset:
     """(images, labels) batches with images [B, V, S, S, C], normalized: `raw` yields (image, label) as a source
-    stores them, `read` turns a stored image into what `make` takes (a path into its bytes)."""
+    stores them, `read` turns a stored image into what `make` takes (a path into its bytes). `skip_undecodable`
+    (data.on_corrupt: skip): an image that does not decode is left out, as the run's own test split leaves it."""
     def fn(image, label):
         return normalize(make(read(image))), label
-    return raw.map(fn, num_parallel_calls=tf.data.AUTOTUNE).batch(max(1, batch_size // make.count)) \
-        .prefetch(tf.data.AUTOTUNE)
+    views = raw.map(fn, num_parallel_calls=tf.data.AUTOTUNE)
+    if skip_undecodable:
+        views = views.ignore_errors()
+    return views.batch(max(1, batch_size // make.count)).prefetch(tf.data.AUTOTUNE)
