@@ -171,7 +171,7 @@ def main() -> None:
         make_photos(root, args.images)
         config = load_config(tree={
             "data": {"source": "folder", "path": str(root), "test_split": "val", "image_size": IMAGE_SIZE,
-                     "augment": ["random_resized_crop", "horizontal_flip"]},
+                     "augment": ["random_resized_crop", "horizontal_flip"], "dct_scaling": True},  # as a new run
             "train": {"batch_size": args.batch}})
         datasets = make_datasets(config)
         files = datasets.source.files["train"]
