@@ -120,11 +120,6 @@ def serve(role: str, port: int = 0, work_dir: str | None = None, dispatcher: str
     except RuntimeError:  # TensorFlow says only "Could not start gRPC server"
         raise UserError(f"the {role} could not listen on port {port}: is it in use? choose another --port") from None
     where = f"{host or socket.getfqdn()}:{server._server.bound_port()}"  # the port --port 0 was given
-    if role == "dispatcher":
-        print(f"tf.data service dispatcher listening on {where}"
-              + (f", journal in {work_dir}" if work_dir else " (no --work-dir: not fault tolerant)"), flush=True)
-    else:
-        print(f"tf.data service worker listening on {where}, for the dispatcher at {dispatcher}", flush=True)
     stop = threading.Event()
     received = []
 
@@ -132,7 +127,14 @@ def serve(role: str, port: int = 0, work_dir: str | None = None, dispatcher: str
         received.append(signal.Signals(signum).name)
         stop.set()
 
+    # The handlers go in before the line is printed: a supervisor that signals as soon as it reads the line must
+    # reach them, not the default action.
     previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    if role == "dispatcher":
+        print(f"tf.data service dispatcher listening on {where}"
+              + (f", journal in {work_dir}" if work_dir else " (no --work-dir: not fault tolerant)"), flush=True)
+    else:
+        print(f"tf.data service worker listening on {where}, for the dispatcher at {dispatcher}", flush=True)
     try:
         while not stop.wait(1.0):  # a timed wait: signals are handled between waits
             pass
