@@ -172,3 +172,6 @@ def compile_trainer(trainer: keras.Model, objective, train: TrainConfig, steps_p
     the optimizer `train:` describes, its schedule spanning `train.epochs` of `steps_per_epoch`."""
     trainer.compile(optimizer=make_optimizer(train, steps_per_epoch, replicas, lr_scale), loss=objective.loss,
                     loss_weights=objective.loss_weights, metrics=objective.metrics, jit_compile=train.jit_compile)
+    # Its slots now, not in the first traced step: variables made during a trace make TensorFlow trace the whole
+    # train step a second time. Keras builds it early itself only under an explicit distribution strategy.
+    trainer.optimizer.build(trainer.trainable_variables)
