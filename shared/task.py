@@ -253,6 +253,8 @@ class Task(abc.ABC):
         the run's, rebuilt."""
         raise NotImplementedError(f"task {self.name} does not test with a classifier")
 
+    test_views: ClassVar[tuple[str, ...]] = ()  # the views `with_views` takes (and a study's `top1@flip` names)
+
     def with_views(self, data: TaskData, views: str) -> TaskData:
         """`test --run RUN --views NAME` (for tasks with "views" in test_options): `data` (test_data's) with its
         test split seen through those views."""

@@ -14,7 +14,7 @@ from optuna.trial import TrialState
 from shared import tune as tune_module
 from shared.classification.task import ClassificationTask
 from shared.tuning import trial as tune_trial
-from shared.tuning.metrics import Objective, TrialFailed, monitored_names, parse_objectives
+from shared.tuning.metrics import Objective, TrialFailed, check_metric_needs, monitored_names, parse_objectives
 from shared.tuning.space import grid_values, parse_space
 from shared.tuning.storage import open_storage, storage_url, study_name
 from shared.config import load_config
@@ -132,6 +132,38 @@ def test_a_study_optimizes_what_its_task_measures_in_the_measures_sense(tmp_path
     with pytest.raises(UserError, match="metric map is not measured for task: classification; choose from top1, loss, "
                                         "params"):
         tune_module.tune(config)
+
+
+def test_a_test_view_and_the_runs_time_are_metrics_a_study_may_optimize(tmp_path, tiny_model):
+    config = study_config(tmp_path, tiny_model, objectives=["top1@10crop", "loss@flip", "train_seconds"])
+    assert parse_objectives(config) == [Objective("top1@10crop", "maximize"), Objective("loss@flip", "minimize"),
+                                        Objective("train_seconds", "minimize")]
+    space = {"space": {"train.lr.base": {"choice": [0.01, 0.1]}}}
+    for objectives, message in ((["top1@flp"], r"did you mean top1@flip\?"),
+                                (["val_loss@flip"], r"did you mean loss@flip\?"),  # views apply to test figures
+                                (["train_second"], r"did you mean train_seconds\?")):
+        with pytest.raises(UserError, match=message):
+            tune_module.tune(study_config(tmp_path, tiny_model, objectives=objectives, **space))
+    # a task without test views refuses a figure through one, naming what it measures
+    detection = load_config(tree={**tiny_tree(tmp_path / "runs"), "task": "detection",
+                                  "tune": {"objectives": ["map"]}})
+    with pytest.raises(UserError, match="metric top1@flip is not measured for task: detection"):
+        check_metric_needs(detection, {"top1@flip"}, {})
+    # a figure through a view follows its single-view figure from epoch to epoch
+    measures = {"top1": Measure("top1", True)}
+    assert monitored_names("top1@10crop", measures, validating=False) == ("top1", "predictions_top1")
+    assert monitored_names("train_seconds", measures, validating=False) is None
+
+
+@pytest.mark.slow
+def test_a_trial_is_judged_by_its_run_tested_through_a_view_and_by_its_time(tmp_path, tiny_model):
+    config = study_config(tmp_path, tiny_model, sampler="random", trials=1, objectives=["top1@flip", "train_seconds"],
+                          space={"train.lr.base": {"choice": [0.05]}})
+    tune_module.tune(config)
+    (trial,) = stored_study(config, "tiny-tune").get_trials(states=(TrialState.COMPLETE,))
+    recorded = Run(Path(trial.user_attrs["run"])).test_metrics()
+    assert trial.values == [recorded["by_view"]["flip"]["top1"], recorded["train_seconds"]]
+    assert recorded["views"] == "center" and recorded["train_seconds"] > 0  # the run's own figures stay
 
 
 def test_a_measure_is_pruned_on_under_its_own_name():

@@ -19,7 +19,7 @@ from shared.config_schema import with_changes
 from shared.class_names import readable
 from shared.classification import export, tflite
 from shared.classification.evaluate import ConfidentMistakes, evaluate_model, worst_classes
-from shared.classification.views import view_maker, views_dataset
+from shared.classification.views import VIEWS, view_maker, views_dataset
 from shared.commands import ALL_COMMANDS
 from shared.eval_view import resizes_pixels
 from shared.evaluate import check_class_names
@@ -88,6 +88,7 @@ class ClassificationTask(Task):
     commands = ALL_COMMANDS
     distributes = True
     test_options = frozenset({"views"})
+    test_views = tuple(VIEWS)
     measures = {"top1": Measure("top1", True), "top5": Measure("top5", True), "loss": Measure("loss", False),
                 "val_loss": Measure(None, False)}
 

@@ -15,6 +15,7 @@ from optuna.distributions import BaseDistribution
 from shared import plots, tflite
 from shared.config_schema import Config
 from shared.frozen import thaw
+from shared.lifecycle import test
 from shared.errors import UserError
 from shared.sizing import multiply_adds, trainable_parameters
 from shared.task import Measure
@@ -25,6 +26,9 @@ from shared.tuning.space import candidate_values
 SIZE_METRICS = ("params", "macs")  # trainable parameters; multiply-adds of one image's forward pass
 # size of the int8 TFLite file (10^6 bytes); median batch-1 LiteRT latency of the int8 TFLite model
 TFLITE_METRICS = ("tflite_int8_mb", "latency_ms")
+# the run's wall seconds from its data to its test figures (test_metrics.json's train_seconds)
+RUN_METRICS = ("train_seconds",)
+VIEW_SEPARATOR = "@"  # top1@flip: a test figure measured through one of the task's test views (`test --views`)
 DIRECTIONS = ("minimize", "maximize")
 VALIDATION_PREFIX = "val_"  # Keras logs a figure of the validation split under this prefix
 
@@ -52,16 +56,31 @@ def task_measures(config: Config) -> Mapping[str, Measure]:
     return task_class(config.task).measures
 
 
-def _every_metric(measures: Mapping[str, Measure]) -> dict[str, bool]:
-    """Every metric name a study may give -> higher_is_better: every task's measures (a name another task
-    measures is refused later as not measured for this one, not as a typo), this task's sense first, then
-    the size and latency figures."""
+def split_view(metric: str) -> tuple[str, str | None]:
+    """`top1@flip` -> ("top1", "flip"); a name without a view -> (name, None)."""
+    base, _, view = metric.partition(VIEW_SEPARATOR)
+    return base, view or None
+
+
+def _with_views(task) -> dict[str, bool]:
+    """A task's measures and, for each of its test figures, that figure through each of its test views."""
+    senses = {name: declared.higher_is_better for name, declared in task.measures.items()}
+    senses.update({f"{name}{VIEW_SEPARATOR}{view}": declared.higher_is_better
+                   for name, declared in task.measures.items() if declared.key is not None
+                   for view in task.test_views})
+    return senses
+
+
+def _every_metric(config: Config) -> dict[str, bool]:
+    """Every metric name a study may give -> higher_is_better: every task's measures and views (a name another
+    task measures is refused later as not measured for this one, not as a typo), this task's sense first, then
+    the size, latency and time figures."""
     senses: dict[str, bool] = {}
     for task in TASKS.values():
-        for name, declared in task.measures.items():
-            senses.setdefault(name, declared.higher_is_better)
-    senses.update({name: declared.higher_is_better for name, declared in measures.items()})
-    senses.update(dict.fromkeys((*SIZE_METRICS, *TFLITE_METRICS), False))
+        for name, higher in _with_views(task).items():
+            senses.setdefault(name, higher)
+    senses.update(_with_views(task_class(config.task)))
+    senses.update(dict.fromkeys((*SIZE_METRICS, *TFLITE_METRICS, *RUN_METRICS), False))
     return senses
 
 
@@ -75,7 +94,7 @@ def parse_objectives(config: Config) -> list[Objective]:
         name, higher = next(((n, m.higher_is_better) for n, m in measures.items()), ("params", False))
         raise UserError(f"tune.objectives is empty; give at least one, e.g. [{{metric: {name}, direction: "
                         f"{direction(higher)}}}]")
-    senses = _every_metric(measures)
+    senses = _every_metric(config)
     objectives = []
     for entry in entries:
         if isinstance(entry, str):
@@ -99,7 +118,7 @@ def parse_objectives(config: Config) -> list[Objective]:
 
 def parse_constraints(config: Config) -> dict[str, float]:
     """`tune.constraints`: metric -> upper bound (a trial is feasible when every value <= its bound)."""
-    senses = _every_metric(task_measures(config))
+    senses = _every_metric(config)
     constraints = {}
     for metric, bound in (config.tune.constraints or {}).items():
         _known(metric, senses, "tune.constraints metric")
@@ -122,7 +141,7 @@ def check_metric_needs(config: Config, metrics: set[str], space: dict[str, BaseD
     """Fail before any training when a metric cannot be measured with this config."""
     task = task_class(config.task)
     for metric in sorted(metrics):
-        declared = task.measures.get(metric)
+        declared = task.measures.get(metric)  # a figure through a view is a test figure: needs no validation split
         # A figure read from the history under Keras' validation prefix is logged only with a validation split.
         if declared is None or declared.key is not None or not metric.startswith(VALIDATION_PREFIX):
             continue
@@ -133,10 +152,13 @@ def check_metric_needs(config: Config, metrics: set[str], space: dict[str, BaseD
             instead = f" or use {tested} (the test split)" if tested in task.measures else ""
             raise UserError(f"metric {metric} needs a validation split, but data.val_fraction is 0; set "
                             f"data.val_fraction (e.g. 0.1){instead}")
-    foreign = sorted(m for m in metrics if m not in task.measures and m not in (*SIZE_METRICS, *TFLITE_METRICS))
+    measured = {*_with_views(task), *SIZE_METRICS, *TFLITE_METRICS, *RUN_METRICS}
+    foreign = sorted(m for m in metrics if m not in measured)
     if foreign:
+        views = f", a test figure through a view ({', '.join(task.test_views)}: e.g. " \
+                f"{next(iter(task.measures))}{VIEW_SEPARATOR}{task.test_views[1]})" if task.test_views else ""
         raise UserError(f"metric {foreign[0]} is not measured for task: {task.name}; choose from "
-                        f"{', '.join([*task.measures, *SIZE_METRICS, *TFLITE_METRICS])}")
+                        f"{', '.join([*task.measures, *SIZE_METRICS, *TFLITE_METRICS, *RUN_METRICS])}{views}")
 
 
 def monitored_names(metric: str, measures: Mapping[str, Measure], validating: bool) -> tuple[str, ...] | None:
@@ -144,6 +166,7 @@ def monitored_names(metric: str, measures: Mapping[str, Measure], validating: bo
     ones when there is a validation split; a history figure such as val_loss names its own split), main-output
     names of multi-output models second; None when the metric is no measure (sizes, latency), so there is
     nothing to prune on."""
+    metric = split_view(metric)[0]  # a figure through a test view follows its single-view figure per epoch
     if metric not in measures:
         return None
     logged = metric.removeprefix(VALIDATION_PREFIX)
@@ -168,6 +191,16 @@ def measure(run, wanted: list[str]) -> dict[str, float]:
             raise TrialFailed(f"run {run.path} recorded no test {key}")
         else:
             values[name] = float(tested[key])
+    for view in sorted({split_view(name)[1] for name in metrics} - {None}):
+        figures = test(run, views=view)  # recorded in the run's test_metrics.json under by_view
+        for name in metrics:
+            base, seen_through = split_view(name)
+            if seen_through == view:
+                values[name] = float(figures[measures[base].key])
+    if "train_seconds" in metrics:
+        if not isinstance(tested.get("train_seconds"), (int, float)):
+            raise TrialFailed(f"run {run.path} recorded no train_seconds")
+        values["train_seconds"] = float(tested["train_seconds"])
     if metrics & set(SIZE_METRICS):
         model = _architecture(run)
         values["params"] = float(trainable_parameters(model))
