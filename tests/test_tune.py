@@ -14,7 +14,8 @@ from optuna.trial import TrialState
 from shared import tune as tune_module
 from shared.classification.task import ClassificationTask
 from shared.tuning import trial as tune_trial
-from shared.tuning.metrics import Objective, TrialFailed, check_metric_needs, monitored_names, parse_objectives
+from shared.tuning.metrics import (Objective, TrialFailed, check_metric_needs, monitored_names, parse_constraints,
+                                   parse_objectives)
 from shared.tuning.space import grid_values, parse_space
 from shared.tuning.storage import open_storage, storage_url, study_name
 from shared.config import load_config
@@ -83,6 +84,10 @@ def test_the_example_search_space_parses():
     assert {"train.lr.base", "model.width", "train.weight_decay"} <= set(space)
     assert [o.metric for o in parse_objectives(config)] == ["top1", "params"]
     assert config.tune.sampler == "nsga2" and study_name(config) == "resnet-tune"
+    quick = load_config(REPO / "models" / "resnet" / "tune_quick.yaml")  # the main job's own study
+    assert "train.epochs" in parse_space(quick.tune.space, quick)
+    assert [o.metric for o in parse_objectives(quick)] == ["top1", "train_seconds"]
+    assert parse_constraints(quick) == {"train_seconds": 300.0}
 
 
 @pytest.mark.parametrize("space, message", [
