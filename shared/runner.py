@@ -156,10 +156,7 @@ def _tune(args: argparse.Namespace, argv: list[str]) -> None:
     config = _config(args, list(args.set) + ([f"run.notes={_yaml_string(args.notes)}"] if args.notes else []))
     from shared import tune
 
-    result = tune.tune(config, argv=["-m", "shared.runner", *argv])
-    print(result["table"])
-    if result.get("plot"):
-        print(f"plot: {result['plot']}")
+    tune.tune(config, argv=["-m", "shared.runner", *argv])  # it prints the front, its recipes and the plot
 
 
 def _lr_sweep(args: argparse.Namespace, argv: list[str]) -> None:

@@ -171,6 +171,21 @@ def test_a_trial_is_judged_by_its_run_tested_through_a_view_and_by_its_time(tmp_
     assert recorded["views"] == "center" and recorded["train_seconds"] > 0  # the run's own figures stay
 
 
+@pytest.mark.slow
+def test_the_tune_command_prints_the_best_trial_once(tmp_path, tiny_model, capsys):
+    from shared import runner
+
+    tree = tiny_tree(tmp_path / "runs", train={"epochs": 1}, data={"synthetic_train": 64, "synthetic_test": 32})
+    tree["model"] = {"name": "tiny", "path": str(tiny_model), "width": 4}
+    tree["tune"] = {"sampler": "random", "trials": 1, "objectives": ["top1"],
+                    "space": {"train.lr.base": {"choice": [0.05]}}}
+    recipe = tmp_path / "study.yaml"
+    recipe.write_text(yaml.safe_dump(tree))
+    assert runner.main(["tune", "--config", str(recipe)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("best trial:") == 1 and out.count("plot: ") == 1 and out.count("trial 0 config: ") == 1
+
+
 def test_a_measure_is_pruned_on_under_its_own_name():
     measures = {"map": Measure("mAP", True), "val_loss": Measure(None, False)}
     assert monitored_names("map", measures, validating=True) == ("val_map", "val_predictions_map")
