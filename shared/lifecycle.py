@@ -25,7 +25,7 @@ from typing import Callable, Iterator
 import keras
 
 from shared import config as config_module
-from shared import distribute, durable, finetune, modelzoo, optim, plots, runs
+from shared import distribute, durable, finetune, mlflow_log, modelzoo, optim, plots, runs
 from shared.callbacks import (DurableCSVLogger, LearningRateLogger, NonFiniteLoss, StopOnNonFiniteLoss, StopOnSignal,
                               logged_metrics)
 from shared.checkpoints import (CheckpointPolicy, Continuation, Start, backup_state, carry_optimizer_state,
@@ -156,6 +156,8 @@ def _run_training(task: Task, argv: list[str] | None, resumed: runs.Run | None =
     # task's checks may build layers (the detection augmentations do).
     placement = distribute.make_placement(task.config.distribute) if task.distributes else _one_device()
     task.check()
+    if task.config.track:  # a missing extra is said before the run folder exists
+        mlflow_log.import_mlflow()
     phases = task.plan_phases()
     start = decide_start(task.config, phases, resumed, continuation)  # once: fresh, init, resume or continue
     with precision_policy(task.config.train.precision), placement.strategy.scope():
@@ -249,6 +251,8 @@ def _run_training(task: Task, argv: list[str] | None, resumed: runs.Run | None =
         # run. A kill before it leaves a tested run without a backup, which --resume marks finished.
         shutil.rmtree(run.path / "backup", ignore_errors=True)
         run.set_status("finished", ended=_now(), **outcome)
+    if config.track:  # after "finished": a tracking server that fails is a warning, never the run's failure
+        mlflow_log.track(run.path, config.track_uri)
     if tested is not None:
         tested(tested_model)
     return run
