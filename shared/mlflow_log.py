@@ -50,6 +50,7 @@ def import_mlflow():
     """The mlflow module, or a one-line UserError naming the extra that installs it."""
     try:
         import mlflow
+        import mlflow.entities
     except ImportError:
         raise UserError("experiment tracking with MLflow needs the mlflow extra: pip install -e '.[mlflow]' "
                         "(mlflow-skinny)") from None
@@ -271,9 +272,7 @@ def _quoted(value: str) -> str:
 
 def _log_params(client, run, params: dict[str, str]) -> None:
     """The parameters not yet logged (MLflow's are written once: a value never changes)."""
-    from mlflow.entities import Param
-
-    new = [Param(key, value) for key, value in params.items() if key not in run.data.params]
+    new = [import_mlflow().entities.Param(key, value) for key, value in params.items() if key not in run.data.params]
     for start in range(0, len(new), PARAM_BATCH):
         client.log_batch(run.info.run_id, params=new[start:start + PARAM_BATCH])
 
@@ -281,8 +280,7 @@ def _log_params(client, run, params: dict[str, str]) -> None:
 def _log_metrics(client, run, folder: Path) -> None:
     """The epochs not yet logged (by step, each name's history read once), and the test figures that are new or
     changed (a later `test --views` adds figures)."""
-    from mlflow.entities import Metric
-
+    Metric = import_mlflow().entities.Metric  # noqa: N806 - MLflow's class
     now = int(time.time() * 1000)
     rows = _epoch_rows(folder)
     logged = {name: {point.step for point in client.get_metric_history(run.info.run_id, name)}

@@ -1,0 +1,167 @@
+"""Experiment tracking in MLflow (shared/mlflow_log.py): a run folder logged to a local store and read back with
+MLflow's own client; the same run logged twice is one MLflow run; tune trials are children of their study's run;
+a tracking server that does not answer is a warning, never a failed run; the extra missing is one line."""
+
+from __future__ import annotations
+
+import builtins
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import TINY_MODEL, free_ports, tiny_tree
+from shared import mlflow_log, runs
+from shared.config import load_config
+from shared.errors import UserError
+from shared.lifecycle import train
+from shared.tuning.storage import trial_tag
+
+mlflow = pytest.importorskip("mlflow")
+
+EPOCHS = 2
+
+
+def tiny_config(tmp_path: Path, epochs: int = EPOCHS, **top):
+    """A one-convolution model on 64 synthetic images: a run in a few seconds. `top`: top-level keys and sections."""
+    model = tmp_path / "tiny_model"
+    model.mkdir(exist_ok=True)
+    (model / "model.py").write_text(TINY_MODEL)
+    tree = tiny_tree(tmp_path / "runs", train={"epochs": epochs}, data={"synthetic_train": 64, "synthetic_test": 32})
+    tree["model"] = {"name": "tiny", "path": str(model), "width": 4}
+    return load_config(tree={**tree, **top})
+
+
+@pytest.fixture(scope="module")
+def tracked_run(tmp_path_factory) -> runs.Run:
+    """One run trained with `track: mlflow`: logged at its end to the default store under its runs root."""
+    return train(tiny_config(tmp_path_factory.mktemp("tracked"), track="mlflow"), argv=["pytest"])
+
+
+def client_of(run: runs.Run):
+    return mlflow.MlflowClient(mlflow_log.default_uri(run.path.parent.parent))
+
+
+def logged_runs(client, experiment: str = "tiny") -> list:
+    return client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+
+
+def test_a_tracked_run_is_logged_at_its_end(tracked_run):
+    assert (tracked_run.path.parent.parent / "mlflow.db").is_file()  # the default: a store in the runs root
+    client = client_of(tracked_run)
+    (logged,) = logged_runs(client)
+    assert logged.info.run_name == f"tiny/{tracked_run.version}" and logged.info.status == "FINISHED"
+    assert logged.data.tags[mlflow_log.RUN_FOLDER_TAG] == str(tracked_run.path.resolve())
+
+    config = tracked_run.config_dict()  # the parameters are the resolved config's values
+    params = logged.data.params
+    assert params["train.epochs"] == str(EPOCHS) and params["model.name"] == "tiny" and params["track"] == "mlflow"
+    assert float(params["train.lr.base"]) == config["train"]["lr"]["base"]
+    assert params["data.source"] == "synthetic" and params["data.augment"] == "[]" and params["track_uri"] == "null"
+    assert params["run.dir"] == config["run"]["dir"]
+
+    for name in ("loss", "top1"):  # one point per epoch, as metrics.csv has them
+        history = client.get_metric_history(logged.info.run_id, name)
+        assert sorted(point.step for point in history) == list(range(EPOCHS))
+    figures = tracked_run.test_metrics()
+    assert logged.data.metrics["test.top1"] == figures["top1"] and logged.data.metrics["test.loss"] == figures["loss"]
+
+    files = {item.path for item in client.list_artifacts(logged.info.run_id)}
+    assert {"config.yaml", "model.py", "notes.md", "test_metrics.json", "metrics.csv", "curves.png"} <= files
+    assert not (Path.cwd() / "mlruns").exists()  # the files went beside the store, not into the working folder
+
+
+def test_logging_again_updates_the_same_mlflow_run(tracked_run, capsys):
+    client = client_of(tracked_run)
+    (before,) = logged_runs(client)
+    figures = tracked_run.test_metrics()
+    tracked_run.write_json("test_metrics.json", {**figures, "by_view": {"flip": {"top1": 0.5}}})  # a later test
+    assert runs.main(["log-to-mlflow", str(tracked_run.path)]) == 0
+    assert before.info.run_id in capsys.readouterr().out
+    (after,) = logged_runs(client)
+    assert after.info.run_id == before.info.run_id
+    assert len(client.get_metric_history(after.info.run_id, "loss")) == EPOCHS  # no epoch twice
+    assert after.data.metrics["test.by_view.flip.top1"] == 0.5
+
+
+def test_a_tune_trial_is_a_child_of_its_study_run(tracked_run, tmp_path):
+    """A trial's run (its notes begin with the trial tag) nests under the study's run, one per study."""
+    uri = mlflow_log.default_uri(tracked_run.path.parent.parent)  # the store exists: no new database to set up
+    trials = []
+    for number in (0, 1):
+        folder = tmp_path / "studied" / f"v{900 + number}"  # experiment "studied"
+        shutil.copytree(tracked_run.path, folder)
+        config = (folder / "config.yaml").read_text()
+        (folder / "config.yaml").write_text(config.replace("notes: a tiny test run",
+                                                           f"notes: '{trial_tag('lr-study', number)}: lr=0.1'"))
+        trials.append(mlflow_log.log_run(folder, uri))
+    client = mlflow.MlflowClient(uri)
+    (study,) = [run for run in logged_runs(client, "studied") if run.info.run_name == "lr-study"]
+    assert study.data.tags[mlflow_log.STUDY_TAG] == "lr-study"
+    for run_id in trials:
+        assert client.get_run(run_id).data.tags[mlflow_log.PARENT_TAG] == study.info.run_id
+    assert len(logged_runs(client, "studied")) == 1 + 2  # the study and its two trials
+
+
+@pytest.mark.slow
+def test_a_study_with_tracking_logs_its_trials_as_children(tmp_path):
+    from shared.tune import tune
+
+    tune(tiny_config(tmp_path, epochs=1, track="mlflow", tune={
+        "study": "s", "sampler": "random", "trials": 2, "prune": False,
+        "space": {"train.lr.base": {"float": [0.01, 0.1]}}}), argv=["pytest"])
+    client = mlflow.MlflowClient(mlflow_log.default_uri(tmp_path / "runs"))
+    logged = logged_runs(client)
+    (study,) = [run for run in logged if run.info.run_name == "s"]
+    children = [run for run in logged if run.data.tags.get(mlflow_log.PARENT_TAG) == study.info.run_id]
+    assert sorted(run.info.run_name for run in children) == ["tiny/v0001", "tiny/v0002"]
+
+
+def test_a_tracking_server_that_does_not_answer_is_one_warning(tracked_run, tmp_path, capsys):
+    folder = tmp_path / "tiny" / "v0001"
+    shutil.copytree(tracked_run.path, folder)
+    (port,) = free_ports(1)
+    started = time.monotonic()
+    assert mlflow_log.track(folder, f"http://127.0.0.1:{port}") is None
+    assert time.monotonic() - started < 20
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("warning: the run was not logged to MLflow")
+    assert f"log-to-mlflow {folder}" in lines[0]
+    with pytest.raises(UserError, match=f"MLflow at http://127.0.0.1:{port} did not take run"):
+        mlflow_log.log_command(folder, f"http://127.0.0.1:{port}")
+
+
+def test_a_run_whose_tracking_fails_still_finishes(tmp_path, capsys):
+    (port,) = free_ports(1)
+    run = train(tiny_config(tmp_path, track="mlflow", track_uri=f"http://127.0.0.1:{port}"), argv=["pytest"])
+    assert run.status()["status"] == "finished" and run.test_metrics()["top1"] >= 0
+    assert "warning: the run was not logged to MLflow" in capsys.readouterr().out
+
+
+def test_without_the_extra_tracking_is_refused_in_one_line(tmp_path, tracked_run, monkeypatch):
+    real_import = builtins.__import__
+
+    def no_mlflow(name, *args, **kwargs):
+        if name == "mlflow" or name.startswith("mlflow."):
+            raise ImportError(f"No module named {name!r}")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_mlflow)
+    with pytest.raises(UserError, match=r"pip install -e '\.\[mlflow\]'") as error:
+        mlflow_log.log_run(tracked_run.path)
+    assert "\n" not in str(error.value)
+    with pytest.raises(UserError, match=r"\.\[mlflow\]"):  # before any run folder exists
+        train(tiny_config(tmp_path, track="mlflow"), argv=["pytest"])
+    assert not (tmp_path / "runs" / "tiny").exists()
+
+
+def test_track_is_mlflow_or_null(tmp_path):
+    assert tiny_config(tmp_path).track is None
+    with pytest.raises(UserError, match="config key track is 'wandb'; choose one of mlflow"):
+        tiny_config(tmp_path, track="wandb")
+
+
+def test_the_trial_note_is_read_as_the_tuner_writes_it():
+    assert mlflow_log._study_of({"run": {"notes": f"{trial_tag('resnet-tune', 12)}: lr=0.1\n\nwhy"}}) == "resnet-tune"
+    assert mlflow_log._study_of({"run": {"notes": "a run that mentions tune study x trial 1: later"}}) is None
