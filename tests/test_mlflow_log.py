@@ -157,7 +157,7 @@ def test_without_the_extra_tracking_is_refused_in_one_line(tmp_path, tracked_run
 
 
 def test_track_is_mlflow_or_null(tmp_path):
-    assert tiny_config(tmp_path).track is None
+    assert tiny_config(tmp_path).track is None and tiny_config(tmp_path, track=None).track is None  # `track: null`
     with pytest.raises(UserError, match="config key track is 'wandb'; choose one of mlflow"):
         tiny_config(tmp_path, track="wandb")
 
