@@ -198,9 +198,12 @@ def _run_training(task: Task, argv: list[str] | None, resumed: runs.Run | None =
         print(f"resuming after epoch {start.epoch} of {config.train.epochs}", flush=True)
 
     policy = CheckpointPolicy(run, config, phases)
+    tracking = [mlflow_log.epoch_tracker(run.path, config.track_uri)] if config.track and placement.is_chief else []
     stopped = policy.restore_stop(list(start.saved))  # stopped before a kill: no more training
     started = time.time()
-    with _scratch_removed(run, placement.is_chief), failures_marked(run, model, data.undecodable):
+    # Tracking outermost: it logs the run once its status is final; a tracking server that fails is a warning line
+    with mlflow_log.logged_at_end(tracking), _scratch_removed(run, placement.is_chief), \
+            failures_marked(run, model, data.undecodable):
         with sigterm_as_interrupt() as stop_callbacks:
             epoch = 0
             for index, phase in enumerate(phases):
@@ -224,7 +227,7 @@ def _run_training(task: Task, argv: list[str] | None, resumed: runs.Run | None =
                     trainer.fit(train_data, epochs=phase.until_epoch, initial_epoch=epoch,
                                 steps_per_epoch=data.steps_per_epoch, validation_data=val_data,
                                 verbose=keras_verbosity(config.train.verbose), shuffle=False,
-                                callbacks=[*stop_callbacks, *phase_callbacks, *extra_callbacks])
+                                callbacks=[*stop_callbacks, *phase_callbacks, *tracking, *extra_callbacks])
                 epoch = phase.until_epoch
                 stopped = policy.stopped_early()
             if stopped:
@@ -251,8 +254,6 @@ def _run_training(task: Task, argv: list[str] | None, resumed: runs.Run | None =
         # run. A kill before it leaves a tested run without a backup, which --resume marks finished.
         shutil.rmtree(run.path / "backup", ignore_errors=True)
         run.set_status("finished", ended=_now(), **outcome)
-    if config.track:  # after "finished": a tracking server that fails is a warning, never the run's failure
-        mlflow_log.track(run.path, config.track_uri)
     if tested is not None:
         tested(tested_model)
     return run

@@ -71,11 +71,12 @@ def resolve_uri(run_folder: str | Path, uri: str | None = None) -> str:
     return recorded or os.environ.get("MLFLOW_TRACKING_URI") or default_uri(folder.parent.parent)
 
 
-def log_run(run_folder: str | Path, tracking_uri: str | None = None, parent: str | None = None) -> str:
+def log_run(run_folder: str | Path, tracking_uri: str | None = None, parent: str | None = None,
+            files: bool = True) -> str:
     """Log the run folder to MLflow (`tracking_uri`, or as `resolve_uri` decides) and return the MLflow run's
     id. Logging the same folder again updates that MLflow run: new epochs' metrics, changed test figures, the
     files as they are now, the status. `parent`: an MLflow run id to nest it under; None: its study's run when
-    it is a tune trial."""
+    it is a tune trial. `files`: False leaves the files out (an epoch's end adds only its metrics row)."""
     mlflow = import_mlflow()
     folder = Path(run_folder).resolve()
     uri = resolve_uri(folder, tracking_uri)
@@ -96,7 +97,7 @@ def log_run(run_folder: str | Path, tracking_uri: str | None = None, parent: str
             client.set_tag(run_id, PARENT_TAG, parent)
         _log_params(client, run, _params(config))
         _log_metrics(client, run, folder)
-        for path in _artifacts(folder):
+        for path in _artifacts(folder) if files else ():
             client.log_artifact(run_id, str(path))
         _log_status(client, run, folder)
     return run_id
@@ -115,6 +116,45 @@ def track(run_folder: str | Path, tracking_uri: str | None = None) -> str | None
               f"{time.monotonic() - started:.0f} s); it is kept in {run_folder}, log it later with: python -m "
               f"shared.runs log-to-mlflow {run_folder}", flush=True)
         return None
+
+
+def epoch_tracker(run_folder: str | Path, tracking_uri: str | None = None):
+    """A Keras callback that logs the run at each epoch's end, after its metrics row is on disk (the metrics and
+    the parameters), and whose `finish()` logs it whole once it is finished (`track`). A tracking server that
+    fails is one warning line for the whole run: nothing more is sent to it."""
+    import keras
+
+    class EpochTracker(keras.callbacks.Callback):
+        failed = False
+
+        def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+            if self.failed:
+                return
+            try:
+                log_run(run_folder, tracking_uri, files=False)
+            except Exception as error:  # noqa: BLE001 - training goes on, whatever MLflow says
+                self.failed = True
+                print(f"warning: epoch {epoch + 1} was not logged to MLflow at {resolve_uri(run_folder, tracking_uri)}"
+                      f" ({first_line(error)[:300]}); training goes on without it, log the run later with: python -m "
+                      f"shared.runs log-to-mlflow {run_folder}", flush=True)
+
+        def finish(self) -> None:
+            if not self.failed:
+                self.failed = track(run_folder, tracking_uri) is None
+
+    return EpochTracker()
+
+
+@contextlib.contextmanager
+def logged_at_end(trackers: list) -> Iterator[None]:
+    """The `epoch_tracker`s' runs logged whole when training ends, however it ends: finished, or failed or
+    interrupted (after the lifecycle has marked the folder so), so MLflow never shows a run that is over as
+    running."""
+    try:
+        yield
+    finally:
+        for tracker in trackers:
+            tracker.finish()
 
 
 def log_command(run_folder: str | Path, tracking_uri: str | None = None) -> str:

@@ -9,6 +9,7 @@ import shutil
 import time
 from pathlib import Path
 
+import keras
 import pytest
 
 from conftest import TINY_MODEL, free_ports, tiny_tree
@@ -33,10 +34,31 @@ def tiny_config(tmp_path: Path, epochs: int = EPOCHS, **top):
     return load_config(tree={**tree, **top})
 
 
+class MlflowProbe(keras.callbacks.Callback):
+    """What MLflow holds of the run at each epoch's end (after the run's own callbacks): (loss points, status)."""
+
+    def __init__(self, root: Path):
+        super().__init__()
+        self.root, self.seen = root, []
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        client = mlflow.MlflowClient(mlflow_log.default_uri(self.root))
+        (run,) = logged_runs(client)
+        self.seen.append((len(client.get_metric_history(run.info.run_id, "loss")), run.info.status))
+
+
 @pytest.fixture(scope="module")
-def tracked_run(tmp_path_factory) -> runs.Run:
-    """One run trained with `track: mlflow`: logged at its end to the default store under its runs root."""
-    return train(tiny_config(tmp_path_factory.mktemp("tracked"), track="mlflow"), argv=["pytest"])
+def tracked(tmp_path_factory) -> tuple[runs.Run, MlflowProbe]:
+    """One run trained with `track: mlflow` into the default store under its runs root, and what MLflow held of
+    it at each epoch's end."""
+    folder = tmp_path_factory.mktemp("tracked")
+    probe = MlflowProbe(folder / "runs")
+    return train(tiny_config(folder, track="mlflow"), argv=["pytest"], callbacks=[probe]), probe
+
+
+@pytest.fixture(scope="module")
+def tracked_run(tracked) -> runs.Run:
+    return tracked[0]
 
 
 def client_of(run: runs.Run):
@@ -45,6 +67,11 @@ def client_of(run: runs.Run):
 
 def logged_runs(client, experiment: str = "tiny") -> list:
     return client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+
+
+def test_each_epoch_is_logged_at_its_end(tracked):
+    _, probe = tracked
+    assert probe.seen == [(1, "RUNNING"), (2, "RUNNING")]
 
 
 def test_a_tracked_run_is_logged_at_its_end(tracked_run):
@@ -69,7 +96,8 @@ def test_a_tracked_run_is_logged_at_its_end(tracked_run):
 
     files = {item.path for item in client.list_artifacts(logged.info.run_id)}
     assert {"config.yaml", "model.py", "notes.md", "test_metrics.json", "metrics.csv", "curves.png"} <= files
-    assert not (Path.cwd() / "mlruns").exists()  # the files went beside the store, not into the working folder
+    # beside the store, not in MLflow's default ./mlruns of whatever folder the command ran in
+    assert logged.info.artifact_uri.startswith((tracked_run.path.parent.parent / "mlartifacts" / "tiny").as_uri())
 
 
 def test_logging_again_updates_the_same_mlflow_run(tracked_run, capsys):
@@ -136,7 +164,21 @@ def test_a_run_whose_tracking_fails_still_finishes(tmp_path, capsys):
     (port,) = free_ports(1)
     run = train(tiny_config(tmp_path, track="mlflow", track_uri=f"http://127.0.0.1:{port}"), argv=["pytest"])
     assert run.status()["status"] == "finished" and run.test_metrics()["top1"] >= 0
-    assert "warning: the run was not logged to MLflow" in capsys.readouterr().out
+    warnings = [line for line in capsys.readouterr().out.splitlines() if "MLflow" in line]
+    assert len(warnings) == 1 and warnings[0].startswith("warning: epoch 1 was not logged to MLflow")  # once a run
+
+
+class FailAtSecondEpoch(keras.callbacks.Callback):
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        if epoch == 1:
+            raise RuntimeError("a failure in the second epoch")
+
+
+def test_a_run_that_fails_ends_failed_in_mlflow(tmp_path):
+    with pytest.raises(RuntimeError, match="second epoch"):
+        train(tiny_config(tmp_path, track="mlflow"), argv=["pytest"], callbacks=[FailAtSecondEpoch()])
+    (logged,) = logged_runs(mlflow.MlflowClient(mlflow_log.default_uri(tmp_path / "runs")))
+    assert logged.info.status == "FAILED" and logged.data.metrics["loss"] > 0  # its first epoch logged
 
 
 def test_without_the_extra_tracking_is_refused_in_one_line(tmp_path, tracked_run, monkeypatch):
