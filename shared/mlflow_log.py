@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+from shared.config_schema import Config
 from shared.config_yaml import read_yaml_file
 from shared.errors import UserError, first_line
 
@@ -186,6 +187,32 @@ def experiment_id(client, name: str, uri: str) -> str:
         if found is None:
             raise
         return found.experiment_id
+
+
+def track_study(config: Config, summary: dict) -> str | None:
+    """A study's own run at the study's end (`track: mlflow`, `shared.tune.tune`'s `summary`): its tune section as
+    parameters, each best trial's figures as `best.<metric>` (step: the trial's number), its plot and the best
+    trials' recipes as files, and finished. Returns its id; a tracking server that fails is one warning line."""
+    uri = config.track_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_uri(config.run.dir)
+    try:
+        mlflow = import_mlflow()
+        with _http_limits():
+            client = mlflow.MlflowClient(uri)
+            run_id = study_run(client, experiment_id(client, config.model.name, uri), summary["study"])
+            _log_params(client, client.get_run(run_id), _params({"tune": config.to_dict()["tune"]}))
+            now = int(time.time() * 1000)
+            client.log_batch(run_id, metrics=[mlflow.entities.Metric(f"best.{metric}", float(value), now, best["trial"])
+                                              for best in summary["best"] for metric, value in best["values"].items()
+                                              if VALID_NAME.match(metric)])
+            for path in [summary.get("plot"), *(best.get("config") for best in summary["best"])]:
+                if path and Path(path).is_file():
+                    client.log_artifact(run_id, str(path))
+            client.set_terminated(run_id, "FINISHED")
+        return run_id
+    except Exception as error:  # noqa: BLE001 - the study is done and stored, whatever MLflow says
+        print(f"warning: study {summary['study']} was not logged to MLflow at {uri} ({first_line(error)[:300]})",
+              flush=True)
+        return None
 
 
 def study_run(client, experiment: str, study: str) -> str:

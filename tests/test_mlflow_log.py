@@ -136,7 +136,7 @@ def test_a_tune_trial_is_a_child_of_its_study_run(tracked_run, tmp_path):
 def test_a_study_with_tracking_logs_its_trials_as_children(tmp_path):
     from shared.tune import tune
 
-    tune(tiny_config(tmp_path, epochs=1, track="mlflow", tune={
+    summary = tune(tiny_config(tmp_path, epochs=1, track="mlflow", tune={
         "study": "s", "sampler": "random", "trials": 2, "prune": False,
         "space": {"train.lr.base": {"float": [0.01, 0.1]}}}), argv=["pytest"])
     client = mlflow.MlflowClient(mlflow_log.default_uri(tmp_path / "runs"))
@@ -144,6 +144,12 @@ def test_a_study_with_tracking_logs_its_trials_as_children(tmp_path):
     (study,) = [run for run in logged if run.info.run_name == "s"]
     children = [run for run in logged if run.data.tags.get(mlflow_log.PARENT_TAG) == study.info.run_id]
     assert sorted(run.info.run_name for run in children) == ["tiny/v0001", "tiny/v0002"]
+    assert all(run.info.status == "FINISHED" for run in logged)  # the study's run too, at the study's end
+    assert study.data.params["tune.trials"] == "2" and study.data.params["tune.sampler"] == "random"
+    (best,) = summary["best"]
+    assert study.data.metrics["best.top1"] == best["values"]["top1"]
+    assert {item.path for item in client.list_artifacts(study.info.run_id)} == {
+        Path(summary["plot"]).name, Path(best["config"]).name}
 
 
 def test_a_tracking_server_that_does_not_answer_is_one_warning(tracked_run, tmp_path, capsys):
