@@ -9,8 +9,9 @@ training) and logs it to an MLflow tracking URI, so the folder stays the source 
                  folder's absolute path, by which a second log finds and updates the same MLflow run
 
 A tune trial's run (its notes begin `tune study <name> trial <n>:`, `shared.tuning.storage.trial_tag`) is logged
-as a child of its study's run (`mlflow.parentRunId`), which the first of its trials creates. `track: mlflow`
-logs each run at its end (`track`); `python -m shared.runs log-to-mlflow RUN` logs one after the fact.
+as a child of its study's run (`mlflow.parentRunId`), which the first of its trials creates and `track_study`
+completes at the study's end. `track: mlflow` logs each run as it trains (`epoch_tracker`: each epoch's row, then
+the whole run when training ends); `python -m shared.runs log-to-mlflow RUN` logs one after the fact.
 MLflow is an optional extra (`.[mlflow]`), imported only here and only when asked for.
 """
 
@@ -371,6 +372,8 @@ def _log_status(client, run, folder: Path) -> None:
     ended = STATUSES.get(status.get("status"))
     if ended is not None and (run.info.status != ended or run.info.end_time is None):
         client.set_terminated(run.info.run_id, ended, end_time=_millis(status.get("ended") or status.get("updated")))
+    elif status.get("status") == "running" and run.info.status != "RUNNING":  # resumed
+        client.update_run(run.info.run_id, status="RUNNING")
 
 
 @contextlib.contextmanager

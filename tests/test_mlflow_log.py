@@ -152,6 +152,22 @@ def test_a_study_with_tracking_logs_its_trials_as_children(tmp_path):
         Path(summary["plot"]).name, Path(best["config"]).name}
 
 
+@pytest.mark.slow
+def test_a_pruned_trial_ends_killed_in_mlflow(tmp_path, monkeypatch):
+    import optuna
+
+    from shared import tune as tune_module
+
+    # Any loss is above -1: the trial is pruned after its first epoch (as tests/test_tune.py prunes one).
+    monkeypatch.setattr(tune_module, "_make_pruner", lambda monitor: optuna.pruners.ThresholdPruner(upper=-1.0))
+    tune_module.tune(tiny_config(tmp_path, track="mlflow", tune={
+        "study": "p", "sampler": "random", "trials": 1, "objectives": [{"metric": "loss", "direction": "minimize"}],
+        "space": {"train.lr.base": {"float": [0.01, 0.1]}}}))
+    logged = logged_runs(mlflow.MlflowClient(mlflow_log.default_uri(tmp_path / "runs")))
+    (trial,) = [run for run in logged if run.info.run_name == "tiny/v0001"]
+    assert trial.info.status == "KILLED" and len(trial.data.metrics) > 0
+
+
 def test_a_tracking_server_that_does_not_answer_is_one_warning(tracked_run, tmp_path, capsys):
     folder = tmp_path / "tiny" / "v0001"
     shutil.copytree(tracked_run.path, folder)
