@@ -132,6 +132,17 @@ def test_a_tune_trial_is_a_child_of_its_study_run(tracked_run, tmp_path):
     assert len(logged_runs(client, "studied")) == 1 + 2  # the study and its two trials
 
 
+def test_the_mlflow_status_follows_the_folders(tracked_run, tmp_path):
+    """Interrupted: KILLED; resumed: RUNNING again; finished: FINISHED."""
+    folder = tmp_path / "followed" / "v0001"
+    shutil.copytree(tracked_run.path, folder)
+    uri = mlflow_log.default_uri(tracked_run.path.parent.parent)
+    client = mlflow.MlflowClient(uri)
+    for status, expected in (("interrupted", "KILLED"), ("running", "RUNNING"), ("finished", "FINISHED")):
+        runs.Run(folder).set_status(status)
+        assert client.get_run(mlflow_log.log_run(folder, uri, files=False)).info.status == expected
+
+
 @pytest.mark.slow
 def test_a_study_with_tracking_logs_its_trials_as_children(tmp_path):
     from shared.tune import tune
