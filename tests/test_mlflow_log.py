@@ -69,6 +69,12 @@ def logged_runs(client, experiment: str = "tiny") -> list:
     return client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
 
 
+def runs_of(client, folder: Path) -> list:
+    """The MLflow runs of a run folder (by its tag): one, however often it was logged."""
+    return [run for run in logged_runs(client, folder.parent.name)
+            if run.data.tags.get(mlflow_log.RUN_FOLDER_TAG) == str(folder.resolve())]
+
+
 def test_each_epoch_is_logged_at_its_end(tracked):
     _, probe = tracked
     assert probe.seen == [(1, "RUNNING"), (2, "RUNNING")]
@@ -77,7 +83,7 @@ def test_each_epoch_is_logged_at_its_end(tracked):
 def test_a_tracked_run_is_logged_at_its_end(tracked_run):
     assert (tracked_run.path.parent.parent / "mlflow.db").is_file()  # the default: a store in the runs root
     client = client_of(tracked_run)
-    (logged,) = logged_runs(client)
+    (logged,) = runs_of(client, tracked_run.path)
     assert logged.info.run_name == f"tiny/{tracked_run.version}" and logged.info.status == "FINISHED"
     assert logged.data.tags[mlflow_log.RUN_FOLDER_TAG] == str(tracked_run.path.resolve())
 
@@ -102,12 +108,12 @@ def test_a_tracked_run_is_logged_at_its_end(tracked_run):
 
 def test_logging_again_updates_the_same_mlflow_run(tracked_run, capsys):
     client = client_of(tracked_run)
-    (before,) = logged_runs(client)
+    (before,) = runs_of(client, tracked_run.path)
     figures = tracked_run.test_metrics()
     tracked_run.write_json("test_metrics.json", {**figures, "by_view": {"flip": {"top1": 0.5}}})  # a later test
     assert runs.main(["log-to-mlflow", str(tracked_run.path)]) == 0
     assert before.info.run_id in capsys.readouterr().out
-    (after,) = logged_runs(client)
+    (after,) = runs_of(client, tracked_run.path)
     assert after.info.run_id == before.info.run_id
     assert len(client.get_metric_history(after.info.run_id, "loss")) == EPOCHS  # no epoch twice
     assert after.data.metrics["test.by_view.flip.top1"] == 0.5
@@ -207,10 +213,12 @@ class FailAtSecondEpoch(keras.callbacks.Callback):
             raise RuntimeError("a failure in the second epoch")
 
 
-def test_a_run_that_fails_ends_failed_in_mlflow(tmp_path):
+def test_a_run_that_fails_ends_failed_in_mlflow(tracked_run, tmp_path):
+    uri = mlflow_log.default_uri(tracked_run.path.parent.parent)  # the store exists: no new database to set up
     with pytest.raises(RuntimeError, match="second epoch"):
-        train(tiny_config(tmp_path, track="mlflow"), argv=["pytest"], callbacks=[FailAtSecondEpoch()])
-    (logged,) = logged_runs(mlflow.MlflowClient(mlflow_log.default_uri(tmp_path / "runs")))
+        train(tiny_config(tmp_path, track="mlflow", track_uri=uri), argv=["pytest"], callbacks=[FailAtSecondEpoch()])
+    folder = (tmp_path / "runs" / "tiny" / "v0001").resolve()
+    (logged,) = runs_of(mlflow.MlflowClient(uri), folder)
     assert logged.info.status == "FAILED" and logged.data.metrics["loss"] > 0  # its first epoch logged
 
 
