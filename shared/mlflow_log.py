@@ -217,11 +217,23 @@ def track_study(config: Config, summary: dict) -> str | None:
 
 
 def study_run(client, experiment: str, study: str) -> str:
-    """The id of a study's parent run (run name: the study), created by the first of its trials logged."""
-    found = _find_run(client, experiment, {STUDY_TAG: study})
-    if found is not None:
-        return found.info.run_id
-    return client.create_run(experiment, run_name=study, tags={STUDY_TAG: study}).info.run_id
+    """The id of a study's parent run (run name: the study), created by the first of its trials logged. A
+    study's workers log at once and may each create one: every worker then keeps the earliest created (start
+    time, then id), and a creator whose run is not it deletes its own."""
+    found = _study_runs(client, experiment, study)
+    if found:
+        return found[0].info.run_id
+    own = client.create_run(experiment, run_name=study, tags={STUDY_TAG: study}).info.run_id
+    first = _study_runs(client, experiment, study)[0].info.run_id
+    if first != own:
+        client.delete_run(own)
+    return first
+
+
+def _study_runs(client, experiment: str, study: str) -> list:
+    """A study's runs, the earliest created first."""
+    found = client.search_runs([experiment], filter_string=f"tags.`{STUDY_TAG}` = {_quoted(study)}")
+    return sorted(found, key=lambda run: (run.info.start_time, run.info.run_id))
 
 
 # ---------------------------------------------------------------- reading the run folder

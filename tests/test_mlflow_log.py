@@ -149,6 +149,24 @@ def test_the_mlflow_status_follows_the_folders(tracked_run, tmp_path):
         assert client.get_run(mlflow_log.log_run(folder, uri, files=False)).info.status == expected
 
 
+def test_workers_that_create_a_study_run_at_once_keep_one(tracked_run, monkeypatch):
+    """Another worker's study run, not yet found when this one looked: this one's is deleted, the earlier kept."""
+    client = client_of(tracked_run)
+    experiment = mlflow_log.experiment_id(client, "raced", mlflow_log.default_uri(tracked_run.path.parent.parent))
+    other = client.create_run(experiment, run_name="s", start_time=int(time.time() * 1000) - 1000,
+                              tags={mlflow_log.STUDY_TAG: "s"}).info.run_id  # a second before this one's
+    real_search, searches = client.search_runs, []
+
+    def first_search_finds_nothing(*args, **kwargs):
+        searches.append(args)
+        return [] if len(searches) == 1 else real_search(*args, **kwargs)
+
+    monkeypatch.setattr(client, "search_runs", first_search_finds_nothing)
+    assert mlflow_log.study_run(client, experiment, "s") == other
+    assert [run.info.run_id for run in real_search([experiment])] == [other]  # its own deleted
+    assert mlflow_log.study_run(client, experiment, "s") == other
+
+
 @pytest.mark.slow
 def test_a_study_with_tracking_logs_its_trials_as_children(tmp_path):
     from shared.tune import tune
