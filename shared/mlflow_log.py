@@ -141,8 +141,12 @@ def epoch_tracker(run_folder: str | Path, tracking_uri: str | None = None):
                       f"shared.runs log-to-mlflow {run_folder}", flush=True)
 
         def finish(self) -> None:
-            if not self.failed:
-                self.failed = track(run_folder, tracking_uri) is None
+            if self.failed:
+                return
+            run_id = track(run_folder, tracking_uri)
+            self.failed = run_id is None
+            if run_id is not None:
+                print(f"logged to MLflow at {resolve_uri(run_folder, tracking_uri)}: run {run_id}", flush=True)
 
     return EpochTracker()
 

@@ -80,6 +80,13 @@ def test_each_epoch_is_logged_at_its_end(tracked):
     assert probe.seen == [(1, "RUNNING"), (2, "RUNNING")]
 
 
+def test_a_tracked_run_says_where_it_was_logged(tmp_path, tracked_run, capsys):
+    uri = mlflow_log.default_uri(tracked_run.path.parent.parent)
+    train(tiny_config(tmp_path, epochs=1, track="mlflow", track_uri=uri), argv=["pytest"])
+    (logged,) = runs_of(mlflow.MlflowClient(uri), tmp_path / "runs" / "tiny" / "v0001")
+    assert f"logged to MLflow at {uri}: run {logged.info.run_id}" in capsys.readouterr().out
+
+
 def test_a_tracked_run_is_logged_at_its_end(tracked_run):
     assert (tracked_run.path.parent.parent / "mlflow.db").is_file()  # the default: a store in the runs root
     client = client_of(tracked_run)
