@@ -184,7 +184,8 @@ COMMANDS: tuple[Command, ...] = (
     Command("test", "re-test a finished run from its own snapshot", retest_arguments),
     Command("serve-data", "run a tf.data service dispatcher or worker for data.service (until stopped)",
             serve_data_arguments),
-    Command("runs", "list the runs (runs list [MODEL]) or diff two (runs diff RUN RUN), as python -m shared.runs",
+    Command("runs", "list the runs (runs list [MODEL]), diff two (runs diff RUN RUN) or log one to MLflow "
+                    "(runs log-to-mlflow RUN), as python -m shared.runs",
             runner=False),
     Command("prune", "free disk: keep the newest N checkpoints of each run, skip live runs "
                      "(scripts/prune_checkpoints.sh)", runner=False),

@@ -152,7 +152,7 @@ def _build_section(section, tree: dict, provenance: dict, prefix: str):
                             f"got {value!r}")
         value = ints_to_floats(value, f.type)
         choices = f.metadata.get("choices")
-        if choices and value not in choices:
+        if choices and value is not None and value not in choices:  # null: a key that may be off
             raise UserError(f"config key {dotted}{where_from(dotted, provenance)} is {value!r}; "
                             f"choose one of {', '.join(map(str, choices))}")
         check_value(dotted, value, provenance)

@@ -283,6 +283,9 @@ class Config(DeeplyFrozen):
     tune: TuneConfig = field(default_factory=TuneConfig)
     loop: LoopConfig = field(default_factory=LoopConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    track: str | None = field(default=None, metadata={"choices": ("mlflow",)})  # mlflow: log each run to MLflow
+    # (the .[mlflow] extra; shared/mlflow_log.py); null: the run folder and TensorBoard only
+    track_uri: str | None = None  # the MLflow tracking URI; null: MLFLOW_TRACKING_URI, else sqlite:///<run.dir>/mlflow.db
     source_file: str | None = field(default=None, metadata={"internal": True})  # the recipe it was read from
     provenance: dict = field(default_factory=dict, metadata={"internal": True})  # dotted key -> file or --set
 

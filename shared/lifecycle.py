@@ -25,7 +25,7 @@ from typing import Callable, Iterator
 import keras
 
 from shared import config as config_module
-from shared import distribute, durable, finetune, modelzoo, optim, plots, runs
+from shared import distribute, durable, finetune, mlflow_log, modelzoo, optim, plots, runs
 from shared.callbacks import (DurableCSVLogger, LearningRateLogger, NonFiniteLoss, StopOnNonFiniteLoss, StopOnSignal,
                               logged_metrics)
 from shared.checkpoints import (CheckpointPolicy, Continuation, Start, backup_state, carry_optimizer_state,
@@ -156,6 +156,8 @@ def _run_training(task: Task, argv: list[str] | None, resumed: runs.Run | None =
     # task's checks may build layers (the detection augmentations do).
     placement = distribute.make_placement(task.config.distribute) if task.distributes else _one_device()
     task.check()
+    if task.config.track:  # a missing extra is said before the run folder exists
+        mlflow_log.import_mlflow()
     phases = task.plan_phases()
     start = decide_start(task.config, phases, resumed, continuation)  # once: fresh, init, resume or continue
     with precision_policy(task.config.train.precision), placement.strategy.scope():
@@ -196,9 +198,12 @@ def _run_training(task: Task, argv: list[str] | None, resumed: runs.Run | None =
         print(f"resuming after epoch {start.epoch} of {config.train.epochs}", flush=True)
 
     policy = CheckpointPolicy(run, config, phases)
+    tracking = [mlflow_log.epoch_tracker(run.path, config.track_uri)] if config.track and placement.is_chief else []
     stopped = policy.restore_stop(list(start.saved))  # stopped before a kill: no more training
     started = time.time()
-    with _scratch_removed(run, placement.is_chief), failures_marked(run, model, data.undecodable):
+    # Tracking outermost: it logs the run once its status is final; a tracking server that fails is a warning line
+    with mlflow_log.logged_at_end(tracking), _scratch_removed(run, placement.is_chief), \
+            failures_marked(run, model, data.undecodable):
         with sigterm_as_interrupt() as stop_callbacks:
             epoch = 0
             for index, phase in enumerate(phases):
@@ -222,7 +227,7 @@ def _run_training(task: Task, argv: list[str] | None, resumed: runs.Run | None =
                     trainer.fit(train_data, epochs=phase.until_epoch, initial_epoch=epoch,
                                 steps_per_epoch=data.steps_per_epoch, validation_data=val_data,
                                 verbose=keras_verbosity(config.train.verbose), shuffle=False,
-                                callbacks=[*stop_callbacks, *phase_callbacks, *extra_callbacks])
+                                callbacks=[*stop_callbacks, *phase_callbacks, *tracking, *extra_callbacks])
                 epoch = phase.until_epoch
                 stopped = policy.stopped_early()
             if stopped:

@@ -15,7 +15,8 @@ know, rebuild and re-test it:
     logs/                    TensorBoard
 
 Versions are v0001, v0002, ... (zero-padded so `ls` sorts them), allocated with an atomic mkdir so
-concurrent runs never share a folder. `python -m shared.runs list|diff` reads the store.
+concurrent runs never share a folder. `python -m shared.runs list|diff` reads the store; `log-to-mlflow` logs a
+run to MLflow (shared/mlflow_log.py).
 
 A training process holds an exclusive flock on its run's `run.lock` for as long as it trains (`lock_run`);
 the kernel drops it when the process dies, so a killed run's lock is stale and the next taker simply takes
@@ -487,6 +488,11 @@ def main(argv: list[str] | None = None, prog: str = "python -m shared.runs") -> 
     differ = sub.add_parser("diff", help="vimdiff (or $DIFFTOOL) two runs' model source, config and notes")
     differ.add_argument("a")
     differ.add_argument("b")
+    logger = sub.add_parser("log-to-mlflow", help="log a run (config, epoch metrics, test figures, files) to MLflow; "
+                            "again: updates the same MLflow run (.[mlflow])")
+    logger.add_argument("run")
+    logger.add_argument("--uri", help="the tracking URI (default: the run's track_uri, else MLFLOW_TRACKING_URI, "
+                                      "else sqlite:///<runs root>/mlflow.db)")
     args = parser.parse_args(argv)
 
     def action():
@@ -496,6 +502,10 @@ def main(argv: list[str] | None = None, prog: str = "python -m shared.runs") -> 
             # a terminal's width; piped or redirected, the whole table
             width = shutil.get_terminal_size().columns if sys.stdout.isatty() else None
             print(table(all_runs(Path(args.dir), args.model), width, args.columns))
+        elif args.command == "log-to-mlflow":
+            from shared import mlflow_log  # the optional extra, only for this command
+
+            print(mlflow_log.log_command(open_run(args.run).path, args.uri))
         else:
             text = diff(open_run(args.a), open_run(args.b))
             if text is not None:

@@ -38,6 +38,7 @@ import math
 import optuna
 from optuna.trial import TrialState
 
+from shared import mlflow_log
 from shared.config_schema import Config
 from shared.errors import UserError
 from shared.locks import FileLock
@@ -119,7 +120,10 @@ def tune(config: Config, argv: list[str] | None = None) -> dict:
     if counted < wanted:
         objective = make_objective(config, name, space, objectives, constraints, monitor, argv, lock)
         run_trials(study, objective, wanted, wanted - counted, lock)
-    return report(study, config, objectives, constraints, list(space), url)
+    summary = report(study, config, objectives, constraints, list(space), url)
+    if config.track:  # the study's run in MLflow, whose children its trials' runs are (shared/mlflow_log.py)
+        mlflow_log.track_study(config, summary)
+    return summary
 
 
 def run_trials(study: optuna.Study, objective, wanted: int, most_failed: int,

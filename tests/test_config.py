@@ -93,7 +93,7 @@ def test_dump_is_stable_and_in_schema_order():
     second = load_config(tree={"model": {"depth": 18}, "train": {"epochs": 3}}).dump()
     assert first == second
     assert list(yaml.safe_load(first)) == ["task", "model", "data", "train", "init", "distribute", "detection",
-                                           "deblur", "distill", "tune", "loop", "run"]
+                                           "deblur", "distill", "tune", "loop", "run", "track", "track_uri"]
 
 
 def test_model_hparams_are_checked_against_build_signature():

@@ -12,6 +12,7 @@ import optuna
 from optuna.distributions import BaseDistribution
 from optuna.trial import FrozenTrial, TrialState
 
+from shared import mlflow_log
 from shared.config_schema import Config
 from shared.errors import UserError
 from shared.lifecycle import train
@@ -90,6 +91,8 @@ def make_objective(base_config: Config, study: str, space: dict[str, BaseDistrib
             if run is not None:
                 trial.set_user_attr("run", str(run.path))
                 run.set_status("pruned", ended=time.strftime("%Y-%m-%dT%H:%M:%S"), reason=str(pruned))
+                if config.track:  # the lifecycle logged it failed; now it is pruned
+                    mlflow_log.track(run.path, config.track_uri)
             print(f"trial {trial.number}: {run.path if run else 'no run'} {pruned}", flush=True)
             raise
         except Exception as error:
