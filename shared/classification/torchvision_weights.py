@@ -56,6 +56,12 @@ RESNET_STAGES = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 
 RESNET_BASIC = (18, 34)
 GOOGLENET_MODULES = ("3a", "3b", "4a", "4b", "4c", "4d", "4e", "5a", "5b")
 MOBILENET_V2_BLOCKS = 17
+VARIANT_HINTS = {  # what to change when a file is of another variant (or another model)
+    "alexnet": "is it torchvision's alexnet state dict?",
+    "googlenet": "is it torchvision's googlenet state dict? A file without aux1/aux2 needs --set model.aux_heads=false",
+    "resnet": "give the file's depth: --set model.depth=18|34|50|101|152",
+    "mobilenet_v2": "is it torchvision's mobilenet_v2 state dict (width 1.0)?",
+}
 
 
 # ---------------------------------------------------------------- reading the file
@@ -230,7 +236,7 @@ def mapped_weights(model, model_name: str, hparams: dict, state: dict[str, np.nd
     if model_name not in MAPPINGS:
         raise UserError(f"no torchvision mapping for model {model_name!r}; choose one of {', '.join(MODELS)}")
     weights, rows, used = {}, [], set()
-    variant = _variant(model_name, hparams)
+    described, hint = variant(model_name, hparams), VARIANT_HINTS[model_name]
     for prefix, layer_name, kind, *flatten in MAPPINGS[model_name](hparams):
         layer = model.get_layer(layer_name)
         flatten_shape = tuple(model.get_layer(flatten[0]).input.shape[1:]) if flatten else None
@@ -238,13 +244,13 @@ def mapped_weights(model, model_name: str, hparams: dict, state: dict[str, np.nd
         for name, variable in zip(_torch_tensors(kind, layer), layer.weights):
             key = f"{prefix}.{name}"
             if key not in state:
-                raise UserError(f"{source} does not fit {variant}: tensor {key} is missing (for layer {layer_name}); "
-                                f"is it a torchvision {model_name} state dict of that variant?")
+                raise UserError(f"{source} does not fit {described}: tensor {key} is missing (for layer "
+                                f"{layer_name}); {hint}")
             value = _to_keras(state[key], kind, name, flatten_shape)
             if tuple(value.shape) != tuple(variable.shape):
-                raise UserError(f"{source} does not fit {variant}: tensor {key} has shape {tuple(state[key].shape)}, "
-                                f"layer {layer_name} needs {_torch_shape(variable.shape, kind, name)}; choose the "
-                                f"variant the file is of (--set model....)")
+                raise UserError(f"{source} does not fit {described}: tensor {key} has shape "
+                                f"{tuple(state[key].shape)}, layer {layer_name} needs "
+                                f"{_torch_shape(variable.shape, kind, name)}; {hint}")
             arrays.append(value)
             used.add(key)
             rows.append({"torch": key, "keras": f"{layer_name}/{variable.name}", "layout": _layout(kind, name),
@@ -252,14 +258,13 @@ def mapped_weights(model, model_name: str, hparams: dict, state: dict[str, np.nd
         weights[layer_name] = arrays
     unmapped = [layer.name for layer in model.layers if layer.weights and layer.name not in weights]
     if unmapped:  # a form of the model this mapping does not cover
-        raise UserError(f"{variant} has layers no torchvision tensor maps to ({', '.join(unmapped[:3])}); import "
+        raise UserError(f"{described} has layers no torchvision tensor maps to ({', '.join(unmapped[:3])}); import "
                         f"into torchvision's form of the model (leave its model options at their import values)")
     left = [key for key in state if key not in used]
     if left:
         more = f" (and {len(left) - 1} more)" if len(left) > 1 else ""
-        raise UserError(f"{source} does not fit {variant}: it has tensor {left[0]} (shape "
-                        f"{tuple(state[left[0]].shape)}) that the model does not{more}; choose the variant the file "
-                        f"is of (--set model....)")
+        raise UserError(f"{source} does not fit {described}: it has tensor {left[0]} (shape "
+                        f"{tuple(state[left[0]].shape)}) that the model does not{more}; {hint}")
     return weights, rows
 
 
@@ -275,7 +280,7 @@ def _torch_shape(shape, kind: str, name: str) -> tuple:
     return shape
 
 
-def _variant(model_name: str, hparams: dict) -> str:
+def variant(model_name: str, hparams: dict) -> str:
     if model_name == "resnet":
         return f"resnet{hparams.get('depth')}"
     if model_name == "googlenet":
