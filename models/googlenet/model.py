@@ -108,6 +108,22 @@ class LocalResponseNormalization(layers.Layer):
         return {**super().get_config(), "size": self.size, "alpha": self.alpha, "beta": self.beta, "k": self.k}
 
 
+@keras.saving.register_keras_serializable(package="googlenet")
+class TransformInput(layers.Layer):
+    """torchvision's `transform_input`: channels normalized with the ImageNet mean and std ((v - mean) / std, v in
+    [0, 1]) to (v - 0.5) / 0.5, the range Google's weights were trained on, as torchvision computes it:
+    x * (std / 0.5) + (mean - 0.5) / 0.5. (The constants in the compute dtype: Keras' Rescaling rounds them to
+    float32 under any policy.)"""
+
+    def call(self, x):
+        scale = ops.convert_to_tensor([std / 0.5 for std in IMAGENET_STD], dtype=x.dtype)
+        offset = ops.convert_to_tensor([(mean - 0.5) / 0.5 for mean in IMAGENET_MEAN], dtype=x.dtype)
+        return x * scale + offset
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+
 def channels(count: int, width: float) -> int:
     """A Table 1 channel count scaled by `width` (at least 1)."""
     return max(1, int(round(count * width)))
@@ -192,13 +208,6 @@ def aux_classifier(x, num_classes: int, batch_norm: bool, width: float, name: st
     return layers.Dense(num_classes, activation="softmax", name=name, dtype="float32")(x)
 
 
-def transform_to_unit_range(x):
-    """torchvision's `transform_input`: ImageNet-normalized channels ((v - mean) / std, v in [0, 1]) to
-    (v - 0.5) / 0.5."""
-    return layers.Rescaling(scale=[s / 0.5 for s in IMAGENET_STD], offset=[(m - 0.5) / 0.5 for m in IMAGENET_MEAN],
-                            name="transform_input")(x)
-
-
 def trunk(inputs, batch_norm: bool, small_input: bool, kernel_5x5: int, width: float, padding: str = "same",
           transform_input: bool = False) -> dict:
     """Stem to 5b; returns every inception module's output by its Table 1 name, in network order."""
@@ -208,7 +217,7 @@ def trunk(inputs, batch_norm: bool, small_input: bool, kernel_5x5: int, width: f
         raise ValueError(f"width must be positive, got {width}")
     if padding not in PADDINGS:
         raise ValueError(f"GoogLeNet padding must be one of {', '.join(PADDINGS)}, got {padding!r}")
-    x = transform_to_unit_range(inputs) if transform_input else inputs
+    x = TransformInput(name="transform_input")(inputs) if transform_input else inputs
     x = stem(x, batch_norm, small_input, width, padding)
     modules = {}
     for name, filters in INCEPTION.items():

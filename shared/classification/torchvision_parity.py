@@ -5,11 +5,11 @@ tests/test_torchvision_weights.py and scripts/check_torchvision_parity.py; needs
 
 Random weights as torchvision initializes them give batch-norm running statistics (mean 0, variance 1) that
 do not match the activations, so deep ResNets' logits grow to thousands and an absolute difference says
-little; AlexNet's default initialization (no batch norm) gives logits of order 0.01, where an absolute
-difference says as little. `reference_model` therefore draws AlexNet's weights He-normal (biases N(0, 0.01)) and
-sets each batch norm's running statistics to those of a calibration batch
-(as training would, cumulatively) and draws its gamma from U(0.5, 1.5) and beta from N(0, 0.1): logits stay of
-order 1 to 10, as a trained network's do, and every statistic differs between channels.
+little; AlexNet's default initialization (no batch norm) gives logits of order 0.01, where it says as little.
+`reference_model` therefore draws AlexNet's weights He-normal (biases N(0, 0.01)), and draws each batch norm's
+gamma from U(0.5, 1.5) and beta from N(0, 0.1), then sets its running statistics to those of a calibration batch
+(as training would, cumulatively): logits stay of order 1 to 100, as a trained network's do, and every
+statistic differs between channels.
 """
 
 from __future__ import annotations
@@ -57,7 +57,10 @@ def torchvision_models():
         library.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
         library.define("qnms(Tensor qdets, Tensor scores, float iou_threshold) -> Tensor")
         _STUB_OPS.append(library)
-        import torchvision.models
+        try:
+            import torchvision.models
+        except ImportError:
+            raise UserError(f"the torchvision parity check needs torchvision: {tvw.EXTRA}") from None
     return torch, torchvision.models
 
 
@@ -74,15 +77,14 @@ def reference_model(variant: str, calibration: np.ndarray, seed: int = 0):
             if isinstance(layer, (torch.nn.Conv2d, torch.nn.Linear)):
                 torch.nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
                 torch.nn.init.normal_(layer.bias, 0.0, 0.01)
-    for norm in norms:
-        norm.reset_running_stats()
-        norm.momentum = None  # a cumulative average over the calibration batch
     model.train()
     with torch.no_grad():
-        model(torch.from_numpy(np.ascontiguousarray(calibration.transpose(0, 3, 1, 2))))
-        for norm in norms:
+        for norm in norms:  # gamma and beta first: the statistics are then those of the activations they give
             norm.weight.uniform_(0.5, 1.5)
             norm.bias.normal_(0.0, 0.1)
+            norm.reset_running_stats()
+            norm.momentum = None  # a cumulative average over the calibration batch
+        model(torch.from_numpy(np.ascontiguousarray(calibration.transpose(0, 3, 1, 2))))
     return model.eval()
 
 
@@ -90,8 +92,13 @@ def reference_model(variant: str, calibration: np.ndarray, seed: int = 0):
 class Parity:
     variant: str
     image_size: int
-    max_abs: dict  # what -> max |torchvision logit - ours|
-    logit_scale: dict  # what -> max |torchvision logit|
+    float32: dict  # what -> max |torchvision's logit - ours|, both computing in float32
+    float64: dict  # the same, both computing in float64 from the same float32 weights: the mapping alone
+    torch_rounding: dict  # what -> max |torchvision float32 - torchvision float64|: its own float32 rounding
+    logit_scale: dict  # what -> max |torchvision's logit|
+
+    def worst(self, field: str) -> float:
+        return max(getattr(self, field).values())
 
 
 def torch_logits(model, images: np.ndarray) -> dict[str, np.ndarray]:
@@ -117,7 +124,8 @@ def keras_logits(model, images: np.ndarray) -> dict[str, np.ndarray]:
     import keras
 
     heads = [name for name in ("predictions", "aux1", "aux2") if name in {layer.name for layer in model.layers}]
-    features = keras.Model(model.inputs, [model.get_layer(name).input for name in heads])(images, training=False)
+    features = keras.Model(model.inputs, [model.get_layer(name).input for name in heads])([images],
+                                                                                             training=False)
     features = features if isinstance(features, (list, tuple)) else [features]
     logits = {}
     for name, feature in zip(heads, features):
@@ -140,8 +148,10 @@ def save_state_dict(model, path: Path) -> Path:
     """`model`'s state dict as torch.save writes it (.pth) or as safetensors (.safetensors)."""
     torch, _ = torchvision_models()
     if path.suffix == ".safetensors":
-        from safetensors.torch import save_file
-
+        try:
+            from safetensors.torch import save_file
+        except ImportError:
+            raise UserError(f"writing {path.name} needs the safetensors package: {tvw.EXTRA}") from None
         save_file({key: value.contiguous() for key, value in model.state_dict().items()}, str(path))
     else:
         torch.save(model.state_dict(), path)
@@ -150,19 +160,36 @@ def save_state_dict(model, path: Path) -> Path:
 
 def check(variant: str, batches: dict[str, np.ndarray], folder: Path, calibration: np.ndarray) -> Parity:
     """torchvision's `variant` (random weights) against our import of it on each of `batches` (name ->
-    normalized NHWC images, all of one size)."""
+    normalized NHWC images, all of one size), both computing in float32 (as they run) and in float64 from the same
+    float32 weights, where only the mapping can make them differ; and torchvision's own float32 against its
+    float64, the rounding float32 itself brings (two frameworks' kernels sum in other orders: deep networks
+    amplify that)."""
+    import copy
+
+    import keras
+
     reference = reference_model(variant, calibration)
     state_file = save_state_dict(reference, Path(folder) / f"{variant}.pth")
     size = next(iter(batches.values())).shape[1]
-    ours = imported_model(variant, state_file, size)
-    max_abs, scale = {}, {}
+    ours, previous = {}, keras.config.dtype_policy()
+    for dtype in ("float32", "float64"):
+        keras.config.set_dtype_policy(dtype)
+        try:
+            ours[dtype] = imported_model(variant, state_file, size)
+        finally:
+            keras.config.set_dtype_policy(previous)
+    references = {"float32": reference, "float64": copy.deepcopy(reference).double()}
+    found = {"float32": {}, "float64": {}, "torch_rounding": {}, "logit_scale": {}}
     for batch, images in batches.items():
-        theirs, mine = torch_logits(reference, images), keras_logits(ours, images)
-        for head in theirs:
+        theirs = {dtype: torch_logits(model, images.astype(dtype)) for dtype, model in references.items()}
+        mine = {dtype: keras_logits(model, images.astype(dtype)) for dtype, model in ours.items()}
+        for head in theirs["float32"]:
             key = batch if head == "predictions" else f"{batch} {head}"
-            max_abs[key] = float(np.abs(theirs[head] - mine[head]).max())
-            scale[key] = float(np.abs(theirs[head]).max())
-    return Parity(variant, size, max_abs, scale)
+            for dtype in ("float32", "float64"):
+                found[dtype][key] = float(np.abs(theirs[dtype][head] - mine[dtype][head]).max())
+            found["torch_rounding"][key] = float(np.abs(theirs["float32"][head] - theirs["float64"][head]).max())
+            found["logit_scale"][key] = float(np.abs(theirs["float64"][head]).max())
+    return Parity(variant, size, **found)
 
 
 def normalized(pixels: np.ndarray) -> np.ndarray:

@@ -16,7 +16,7 @@ The one place that knows how torchvision names and lays out its tensors:
   torchvision's model does.
 
 Reading a `.safetensors` file needs the `safetensors` package only; a `.pth` file needs torch (`pip install -e
-'.[torch]'`). Any file that is not a state dict of the chosen variant is refused in one line.
+".[torch]"`). Any file that is not a state dict of the chosen variant is refused in one line.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from shared.errors import UserError, first_line
 
 SOURCE = "torchvision"
 MODELS = ("alexnet", "googlenet", "resnet", "mobilenet_v2")
-EXTRA = "pip install -e '.[torch]'"
+EXTRA = 'pip install -e ".[torch]"'
 SKIPPED_SUFFIX = ".num_batches_tracked"  # torch's batch-norm step counter: state, not a weight
 
 # The build() options with which each model computes torchvision's function (models/<name>/notes.md says why).
@@ -278,6 +278,17 @@ def _torch_shape(shape, kind: str, name: str) -> tuple:
     if name == "weight" and kind == "linear" and len(shape) == 2:
         return (shape[1], shape[0])
     return shape
+
+
+def expected_tensors(model, model_name: str, hparams: dict) -> dict[str, tuple]:
+    """The tensors a torchvision state dict of `model`'s variant holds: torch name -> shape in torch's layout
+    (batch-norm step counters left out)."""
+    shapes = {}
+    for prefix, layer_name, kind, *_ in MAPPINGS[model_name](hparams):
+        layer = model.get_layer(layer_name)
+        for name, variable in zip(_torch_tensors(kind, layer), layer.weights):
+            shapes[f"{prefix}.{name}"] = _torch_shape(variable.shape, kind, name)
+    return shapes
 
 
 def variant(model_name: str, hparams: dict) -> str:
