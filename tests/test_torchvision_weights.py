@@ -249,7 +249,7 @@ def assert_same_function(result) -> None:
 def test_imported_model_computes_torchvisions_function(parity, variant, tmp_path):
     result = parity_check(parity, variant, PARITY_SIZES[variant], tmp_path)
     assert_same_function(result)
-    assert all(scale > 0.5 for scale in result.logit_scale.values()), result  # logits of a trained net's order
+    assert all(scale > 0.1 for scale in result.logit_scale.values()), result  # not a degenerate network
     if variant == "googlenet":  # the auxiliary heads too, though torchvision's eval mode returns only the main logits
         assert {"random images aux1", "random images aux2"} <= set(result.float32)
 
