@@ -248,7 +248,7 @@ def create_imported(config, model_folder: Path, model, class_names: list[str], r
     """A finished run of weights trained elsewhere, which every command takes like a trained run: the snapshot
     `create` writes, labels.txt, `record` (the source file, its SHA-256, the mapping) as imported.json and the
     model as the checkpoint of epoch 0, each written durably under the run's lock. A failure part-way marks the
-    run failed."""
+    run failed (Ctrl-C: interrupted); no checkpoint is left half-written."""
     run = create(config, model_folder, argv, provenance=f"{record['source']} weights from {record['file']} "
                                                        f"(sha256 {record['sha256']}), imported ({IMPORTED_FILE})")
     try:
@@ -256,6 +256,9 @@ def create_imported(config, model_folder: Path, model, class_names: list[str], r
         run.write_json(IMPORTED_FILE, record)
         with partial_path(run.checkpoint_dir / f"epoch-{0:0{VERSION_DIGITS}d}.keras") as partial:
             model.save(partial)
+    except KeyboardInterrupt:
+        run.set_status("interrupted")
+        raise
     except BaseException as error:
         run.set_status("failed", error=f"{type(error).__name__}: {error}")
         raise

@@ -141,6 +141,21 @@ def test_predict_export_and_finetune_from_take_an_imported_run(imported, tmp_pat
     assert finetuned.status()["status"] == "finished" and str(run.path) in (finetuned.path / "notes.md").read_text()
 
 
+def test_an_import_that_fails_part_way_leaves_a_failed_run_without_a_checkpoint(imported, tmp_path, monkeypatch):
+    import keras
+
+    def broken_writer(model, path, *args, **kwargs):
+        Path(path).write_bytes(b"half a checkpoint")
+        raise RuntimeError("the writer broke")
+
+    monkeypatch.setattr(keras.Model, "save", broken_writer)
+    with pytest.raises(RuntimeError):
+        runner.main(import_command(imported[1], tmp_path / "runs"))
+    run = open_run(tmp_path / "runs" / "resnet" / "v0001")
+    assert run.status()["status"] == "failed" and "the writer broke" in run.status()["error"]
+    assert list(run.checkpoint_dir.iterdir()) == []  # the partial file is removed, no epoch-0000.keras
+
+
 # ---------------------------------------------------------------- files that do not fit: one line each
 
 

@@ -119,7 +119,8 @@ class ClassificationTask(Task):
         return modelzoo.build_model(module, self.config.data.num_classes, input_shape, self.config.model.hparams)
 
     @classmethod
-    def import_weights(cls, source, path, model_name, overrides, argv=None):
+    def import_weights(cls, source: str, path: Path, model_name: str, overrides: list[str],
+                       argv: list[str] | None = None) -> runs.Run:
         from shared.classification.imported import import_run
 
         return import_run(cls, source, path, model_name, overrides, argv)
