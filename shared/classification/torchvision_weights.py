@@ -93,6 +93,11 @@ def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:
     return tensors
 
 
+def _reason(error: BaseException) -> str:
+    """A reader's error in one short sentence (torch's zip reader goes on for several)."""
+    return first_line(error).split(". ")[0][:200]
+
+
 def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
     try:
         from safetensors.numpy import load_file
@@ -102,7 +107,7 @@ def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
         loaded = load_file(str(path))
     except Exception as error:  # the Rust reader's own error type: a truncated or damaged file
         raise UserError(f"{path} is not a readable .safetensors file (truncated or damaged?): "
-                        f"{first_line(error)[:200]}") from None
+                        f"{_reason(error)}") from None
     return {name: np.asarray(value, dtype=np.float32) for name, value in loaded.items()
             if not name.endswith(SKIPPED_SUFFIX)}
 
@@ -117,7 +122,7 @@ def _read_torch(path: Path) -> dict[str, np.ndarray]:
         loaded = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as error:  # zip, pickle and weights-only errors alike: the file is not what it should be
         raise UserError(f"{path} is not a torch file torch.load can read as weights (truncated, damaged or not "
-                        f"saved by torch.save?): {first_line(error)[:200]}") from None
+                        f"saved by torch.save?): {_reason(error)}") from None
     if not isinstance(loaded, Mapping):
         raise UserError(f"{path} holds a {type(loaded).__name__}, not a state dict; save model.state_dict()")
     for name, value in loaded.items():
