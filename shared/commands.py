@@ -98,6 +98,18 @@ def export_arguments(parser: argparse.ArgumentParser) -> None:
                              "(fast: right on any number of LiteRT threads; see docs/detection.md)")
 
 
+def import_weights_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--from", dest="source", required=True, choices=("torchvision",),
+                        help="whose state dict FILE is (torchvision: its ImageNet classifiers)")
+    parser.add_argument("file", metavar="FILE",
+                        help="the state dict: .pth (torch.save; reading it needs .[torch]) or .safetensors")
+    parser.add_argument("--model", required=True, help="the model to import into: alexnet, googlenet, resnet (with "
+                                                       "--set model.depth=18|34|50|101|152) or mobilenet_v2")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key of the run, e.g. --set model.depth=50 --set data.image_size=160")
+    parser.add_argument("--notes", help="why this run exists; stored first in the run's notes.md")
+
+
 def size_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run", required=True, help="a run folder, e.g. runs/resnet/v0003")
 
@@ -177,6 +189,8 @@ COMMANDS: tuple[Command, ...] = (
     Command("lr-sweep", "learning-rate range test: loss against a rising rate, and a suggestion", lr_sweep_arguments),
     Command("find-batch", "the largest batch size that fits in device memory", find_batch_arguments),
     Command("export", "a finished run as a TF Serving SavedModel or a TFLite file", export_arguments),
+    Command("import-weights", "a new run holding another framework's trained weights (torchvision's state dicts)",
+            import_weights_arguments),
     Command("size", "parameters, multiply-adds, size on disk and CPU latency of a run's artifacts", size_arguments),
     Command("predict", "top-k classes (or boxes) of image files, folders or globs, by a run or its export",
             predict_arguments),

@@ -14,6 +14,7 @@
     python -m shared.runner find-batch --config models/resnet/run.yaml [--max-batch 1024]
     python -m shared.runner export --run runs/resnet/v0003 --format saved_model|tflite [--quantize int8]
     python -m shared.runner size --run runs/resnet/v0003
+    python -m shared.runner import-weights --from torchvision resnet50.pth --model resnet --set model.depth=50
     python -m shared.runner loop --config models/resnet/quick.yaml --annotations tasks.jsonl --from runs/resnet/v0003
     python -m shared.runner loop ... --watch --pool photos/ --tasks-out photos/tasks.jsonl [--order uncertainty]
     python -m shared.runner predict --run runs/resnet/v0003 photos/ a.jpg '*.png' [--top-k 5 --out preds.csv]
@@ -216,6 +217,19 @@ def _export(args: argparse.Namespace, argv: list[str]) -> None:
         print(f"LiteRT {task.summary(task_for(run).evaluate_tflite(path, run))}")
 
 
+def _import_weights(args: argparse.Namespace, argv: list[str]) -> None:
+    from shared.config import load_config
+    from shared.runs import IMPORTED_FILE
+
+    overrides = list(args.set) + ([f"run.notes={_yaml_string(args.notes)}"] if args.notes else [])
+    task = _check_supported("import-weights", load_config(tree={"model": {"name": args.model}},
+                                                          overrides=overrides).task)
+    run = task.import_weights(args.source, args.file, args.model, overrides, ["-m", "shared.runner", *argv])
+    print(f"imported {args.source} weights {args.file} into {run.path} (the file, its SHA-256 and the mapping: "
+          f"{run.path / IMPORTED_FILE})")
+    print(closing_line(run, task, args.prog))
+
+
 def _size(args: argparse.Namespace, argv: list[str]) -> None:
     run = _open_idle_run(args.run)
     _check_supported("size", _run_task(run))
@@ -401,7 +415,8 @@ def _cli_text(text: str) -> str:
 # Each command's handler (the table, shared.commands, says which commands there are, in order); which task
 # supports which command is each Task's `commands`.
 HANDLERS = {"train": _train, "finetune": _train, "finetune-all": _train, "distill": _train, "tune": _tune,
-            "preview": _preview, "lr-sweep": _lr_sweep, "find-batch": _find_batch, "export": _export, "size": _size,
+            "preview": _preview, "lr-sweep": _lr_sweep, "find-batch": _find_batch, "export": _export,
+            "import-weights": _import_weights, "size": _size,
             "predict": _predict, "loop": _loop, "test": _test, "serve-data": _serve_data}
 
 

@@ -5,6 +5,7 @@ know, rebuild and re-test it:
     notes.md                 the run's notes, then the model folder's notes
     config.yaml              the fully resolved config, in stable key order
     labels.txt               the class names, one per line, in class-index order
+    imported.json            a run of imported weights (`create_imported`): the source file, its SHA-256, the mapping
     environment.json         package versions, git commit and dirtiness, command line, machine
     status.json              running / finished / failed, with times and the error
     run.lock                 who trains it (pid, host, start, command); flock-held while that process lives
@@ -45,7 +46,7 @@ from pathlib import Path
 
 from shared.config_schema import Config
 from shared.config_yaml import UnreadableYaml, read_yaml_file
-from shared.durable import atomic_write
+from shared.durable import atomic_write, partial_path
 from shared import locks
 from shared.errors import UserError, run_cli
 from shared.modelzoo import PROJECT_ROOT
@@ -58,6 +59,7 @@ CHECKPOINT_RE = re.compile(r"^epoch-(\d+)\.keras$")  # checkpoints/epoch-NNNN.ke
 VERSION_DIGITS = 4
 SNAPSHOT_SOURCES = ("model.py", "augment.py")
 LABELS_FILE = "labels.txt"
+IMPORTED_FILE = "imported.json"  # a run made from weights trained elsewhere: where they came from, how they map
 BEST_CHECKPOINT = "best.keras"  # in checkpoints/: the best epoch's checkpoint (train.best)
 DIFF_FILES = ("model.py", "augment.py", "config.yaml", "notes.md")
 PACKAGES = ("tensorflow", "keras", "numpy", "pillow", "pyyaml", "tensorflow-datasets", "tqdm")
@@ -239,6 +241,29 @@ def create(config, model_folder: Path, argv: list[str] | None = None, provenance
     run.write_json("environment.json", environment(argv))
     run.checkpoint_dir.mkdir()
     run.set_status("running", started=time.strftime("%Y-%m-%dT%H:%M:%S"), pid=os.getpid())
+    return run
+
+
+def create_imported(config, model_folder: Path, model, class_names: list[str], record: dict,
+                    argv: list[str] | None = None) -> Run:
+    """A finished run of weights trained elsewhere, which every command takes like a trained run: the snapshot
+    `create` writes, labels.txt, `record` (the source file, its SHA-256, the mapping) as imported.json and the
+    model as the checkpoint of epoch 0, each written durably under the run's lock. A failure part-way marks the
+    run failed (Ctrl-C: interrupted); no checkpoint is left half-written."""
+    run = create(config, model_folder, argv, provenance=f"{record['source']} weights from {record['file']} "
+                                                       f"(sha256 {record['sha256']}), imported ({IMPORTED_FILE})")
+    try:
+        atomic_write(run.path / LABELS_FILE, "".join(f"{name}\n" for name in class_names))
+        run.write_json(IMPORTED_FILE, record)
+        with partial_path(run.checkpoint_dir / f"epoch-{0:0{VERSION_DIGITS}d}.keras") as partial:
+            model.save(partial)
+    except KeyboardInterrupt:
+        run.set_status("interrupted")
+        raise
+    except BaseException as error:
+        run.set_status("failed", error=f"{type(error).__name__}: {error}")
+        raise
+    run.set_status("finished", ended=time.strftime("%Y-%m-%dT%H:%M:%S"), imported=record["source"])
     return run
 
 

@@ -260,6 +260,14 @@ class Task(abc.ABC):
         test split seen through those views."""
         raise NotImplementedError(f"task {self.name} has no test views")
 
+    # ---- import-weights (tasks with "import-weights" in commands)
+    @classmethod
+    def import_weights(cls, source: str, path: Path, model_name: str, overrides: list[str],
+                       argv: list[str] | None = None) -> Any:
+        """`import-weights --from SOURCE FILE --model NAME [--set ...]`: a new finished run (a `shared.runs.Run`)
+        holding the file's weights in `model_name`, built as the task's recipe and `overrides` say."""
+        raise NotImplementedError(f"task {cls.name} does not import weights")
+
     # ---- the loop command (tasks with "loop" in commands)
     def loop_support(self) -> Any:
         """The task's `shared.loop.support.LoopSupport`: what it supplies to the loop (its annotations, shards,

@@ -99,7 +99,8 @@ def test_dump_is_stable_and_in_schema_order():
 def test_model_hparams_are_checked_against_build_signature():
     module = modelzoo.load_model_module(modelzoo.model_dir("resnet"))
     resolved = modelzoo.resolve_hparams(module, {"depth": 18})
-    assert resolved == {"depth": 18, "width": 64, "small_input": False, "conv_bias": False}  # defaults filled in
+    assert resolved == {"depth": 18, "width": 64, "small_input": False, "conv_bias": False, "padding": "same",
+                        "stride_in_3x3": False, "bn_epsilon": 1.001e-5}  # defaults filled in
     with pytest.raises(UserError, match="model.dpeth.*did you mean model.depth"):
         modelzoo.resolve_hparams(module, {"dpeth": 18})
     with pytest.raises(UserError, match="model.small_input must be bool"):

@@ -40,7 +40,7 @@ def test_snapshot_holds_everything_about_the_run(trained_run):
     assert run.last_checkpoint().name == "epoch-0002.keras"
     config = yaml.safe_load((run.path / "config.yaml").read_text())
     assert config["model"] == {"name": "resnet", "path": str(source), "depth": 18, "width": 4, "small_input": True,
-                               "conv_bias": False}
+                               "conv_bias": False, "padding": "same", "stride_in_3x3": False, "bn_epsilon": 1.001e-5}
     assert config["data"]["num_classes"] == 4 and config["train"]["epochs"] == 2
     notes = (run.path / "notes.md").read_text()
     assert "a tiny test run" in notes and "He, Zhang, Ren, Sun" in notes  # run notes, then the model's notes

@@ -119,6 +119,13 @@ class ClassificationTask(Task):
     def build(self, module, input_shape):
         return modelzoo.build_model(module, self.config.data.num_classes, input_shape, self.config.model.hparams)
 
+    @classmethod
+    def import_weights(cls, source: str, path: Path, model_name: str, overrides: list[str],
+                       argv: list[str] | None = None) -> runs.Run:
+        from shared.classification.imported import import_run
+
+        return import_run(cls, source, path, model_name, overrides, argv)
+
     def inference_model(self, model):
         return modelzoo.inference_model(model)  # auxiliary heads are for training only
 
