@@ -20,6 +20,7 @@ import difflib
 import fnmatch
 import inspect
 import io
+import json
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +34,7 @@ from shared import modelzoo
 from shared.config_schema import InitConfig
 from shared.errors import UserError
 from shared.modelzoo import MAIN_OUTPUT
-from shared.runs import Run, open_run
+from shared.runs import IMPORTED_FILE, Run, open_run
 from shared.task import Rebuilt
 
 BACKBONE_PATTERN = "backbone"  # train.freeze: every layer but the classifier head
@@ -315,6 +316,7 @@ def initialize_from(init: InitConfig, model: keras.Model, module: ModuleType, hp
     layers and the fix. `where` (e.g. " (in recipe.yaml)") follows the config key in error messages. `source`:
     the run `source_run` names, rebuilt (None for a weight file of no run)."""
     key = f"init.from_run {init.from_run}" if init.from_run else f"init.weights {init.weights}"
+    source_rebuilt = source
     with named_init(init, where):
         source = source_model(init, module, hparams, input_shape, source)
     matching = match_layers(source.model, model, head_layer_names(module, model, hparams, input_shape))
@@ -322,7 +324,27 @@ def initialize_from(init: InitConfig, model: keras.Model, module: ModuleType, hp
         raise UserError(f"{key}{where} does not fit this model outside its classifier head: "
                         f"{listed(matching.conflicts)}; {fix_suggestion(source, hparams, input_shape)}")
     copy_weights(source.model, model, matching.copied)
-    return describe(source, model, matching)
+    described = describe(source, model, matching)
+    changed = imported_form_changes(source_rebuilt.run if source_rebuilt is not None else None, hparams)
+    if changed:
+        warning = (f"the weights of {init.from_run or init.weights} were imported ({IMPORTED_FILE}) for a model "
+                   f"with {changed}: in this model they compute another function; give it those options "
+                   f"(--set model.KEY=VALUE)")
+        print(f"warning: {warning}", flush=True)
+        described += f"; imported for {changed}: another function here"
+    return described
+
+
+def imported_form_changes(run: Run | None, hparams: dict) -> str:
+    """'' when `run` holds no imported weights or this model's options keep the form they were imported for (the
+    options that compute the source framework's function: `form` in its imported.json), else those options as
+    `key value (here: other)`."""
+    path = run.path / IMPORTED_FILE if run is not None else None
+    if path is None or not path.is_file():
+        return ""
+    form = (json.loads(path.read_text()) or {}).get("form") or {}
+    return ", ".join(f"{key} {value} (here: {hparams.get(key)})" for key, value in sorted(form.items())
+                     if hparams.get(key) != value)
 
 
 # ---------------------------------------------------------------- freezing

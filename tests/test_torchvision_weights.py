@@ -139,6 +139,22 @@ def test_predict_export_and_finetune_from_take_an_imported_run(imported, tmp_pat
     assert runner.main(finetune) == 0
     finetuned = open_run(tmp_path / "runs" / "resnet" / "v0001")
     assert finetuned.status()["status"] == "finished" and str(run.path) in (finetuned.path / "notes.md").read_text()
+    assert "compute another function" not in capsys.readouterr().out  # it kept torchvision's form
+    # the paper's padding instead: the weights fit by shape, but compute another function there, said once
+    assert runner.main([*finetune, "--set", "model.padding=same"]) == 0
+    warned = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning: ")]
+    assert len(warned) == 1 and "padding torch (here: same)" in warned[0] and "another function" in warned[0]
+    assert "padding torch (here: same)" in (tmp_path / "runs" / "resnet" / "v0002" / "notes.md").read_text()
+
+
+def test_only_the_options_an_import_was_made_for_are_compared(imported):
+    from shared.finetune import imported_form_changes
+
+    run, _ = imported
+    form = dict(tvw.TORCHVISION_FORM["resnet"])
+    assert imported_form_changes(run, {**form, "depth": 18, "dropout": 0.3}) == ""
+    assert imported_form_changes(run, {**form, "stride_in_3x3": False}) == "stride_in_3x3 True (here: False)"
+    assert imported_form_changes(None, {}) == ""  # a weight file of no run
 
 
 def test_an_import_that_fails_part_way_leaves_a_failed_run_without_a_checkpoint(imported, tmp_path, monkeypatch):
