@@ -342,7 +342,7 @@ def imported_form_changes(run: Run | None, hparams: dict) -> str:
     path = run.path / IMPORTED_FILE if run is not None else None
     if path is None or not path.is_file():
         return ""
-    form = (json.loads(path.read_text()) or {}).get("form") or {}
+    form = (json.loads(path.read_text(encoding="utf-8")) or {}).get("form") or {}
     return ", ".join(f"{key} {value} (here: {hparams.get(key)})" for key, value in sorted(form.items())
                      if hparams.get(key) != value)
 
