@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
+import logging
 import math
 import os
 import re
@@ -56,6 +57,8 @@ def import_mlflow():
     except ImportError:
         raise UserError("experiment tracking with MLflow needs the mlflow extra: pip install -e '.[mlflow]' "
                         "(mlflow-skinny)") from None
+    # Its "Creating initial MLflow database tables" lines would land in the middle of the first epoch's output.
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
     return mlflow
 
 

@@ -113,6 +113,14 @@ def test_a_tracked_run_is_logged_at_its_end(tracked_run):
     assert logged.info.artifact_uri.startswith((tracked_run.path.parent.parent / "mlartifacts" / "tiny").as_uri())
 
 
+def test_logging_into_a_new_store_says_one_line(tracked_run, tmp_path, capfd):
+    uri = f"sqlite:///{tmp_path / 'new' / 'mlflow.db'}"
+    assert runs.main(["log-to-mlflow", str(tracked_run.path), "--uri", uri]) == 0
+    said = capfd.readouterr()
+    lines = [line for line in (said.out + said.err).splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].endswith(f" in {uri}"), lines  # not MLflow's table-creation lines too
+
+
 def test_logging_again_updates_the_same_mlflow_run(tracked_run, capsys):
     client = client_of(tracked_run)
     (before,) = runs_of(client, tracked_run.path)
