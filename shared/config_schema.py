@@ -318,6 +318,12 @@ def _section_to_dict(section) -> dict:
     return out
 
 
+def as_new_run(config: Config) -> Config:
+    """`config` as a new run records it: keys whose default depends on the run's age settled (data.dct_scaling
+    unset is on for a new run; a run recorded before the key decodes in full, so only new runs get it)."""
+    return config if config.data.dct_scaling is not None else with_changes(config, {"data.dct_scaling": True})
+
+
 def with_changes(section, changes: dict[str, Any]):
     """A copy of `section` (the Config or one of its sections) with the dotted keys in `changes` set, e.g.
     `with_changes(config, {"data.num_classes": 10})`: the config is frozen once loaded, so every resolution

@@ -20,7 +20,6 @@ import difflib
 import fnmatch
 import inspect
 import io
-import json
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -339,10 +338,7 @@ def imported_form_changes(run: Run | None, hparams: dict) -> str:
     """'' when `run` holds no imported weights or this model's options keep the form they were imported for (the
     options that compute the source framework's function: `form` in its imported.json), else those options as
     `key value (here: other)`."""
-    path = run.path / IMPORTED_FILE if run is not None else None
-    if path is None or not path.is_file():
-        return ""
-    form = (json.loads(path.read_text(encoding="utf-8")) or {}).get("form") or {}
+    form = ((run.imported() if run is not None else None) or {}).get("form") or {}
     return ", ".join(f"{key} {value} (here: {hparams.get(key)})" for key, value in sorted(form.items())
                      if hparams.get(key) != value)
 

@@ -31,7 +31,7 @@ from shared.callbacks import (DurableCSVLogger, LearningRateLogger, NonFiniteLos
 from shared.checkpoints import (CheckpointPolicy, Continuation, Start, backup_state, carry_optimizer_state,
                                 check_resumable, continuation_of, decide_start, record_continuation, remove_partials,
                                 start_from, truncate_metrics)
-from shared.config_schema import Config, InitConfig, with_changes
+from shared.config_schema import Config, InitConfig, as_new_run, with_changes
 from shared.data import service as data_service
 from shared.errors import UserError, embedded_user_error, first_line
 from shared.locks import FileLock
@@ -297,8 +297,8 @@ def prepare(task: Task, model_folder: Path | None = None, replicas: int = 1, sta
     task = task.bound(with_changes(config, {"model.hparams": modelzoo.resolve_hparams(
         module, config.model.hparams, config.where)}))
     task = task.bound(task.resolve())
-    if model_folder is None and task.config.data.dct_scaling is None:  # a new run: on, and recorded so
-        task = task.bound(with_changes(task.config, {"data.dct_scaling": True}))
+    if model_folder is None:  # a new run, not one rebuilt from its folder
+        task = task.bound(as_new_run(task.config))
     keras.utils.set_random_seed(task.config.train.seed)
     data = task.datasets(folder, replicas, start_epoch=start_epoch)
     task = task.bound(data.config)

@@ -155,6 +155,11 @@ class Run:
         path = self.path / LABELS_FILE
         return path.read_text(encoding="utf-8").splitlines() if path.is_file() else None
 
+    def imported(self) -> dict | None:
+        """imported.json of a run of weights trained elsewhere (`create_imported`); None for a trained run."""
+        path = self.path / IMPORTED_FILE
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
     def test_metrics(self) -> dict | None:
         path = self.path / "test_metrics.json"
         return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None

@@ -16,7 +16,7 @@ from shared import modelzoo, runs
 from shared.class_names import imagenet_names
 from shared.classification import torchvision_weights as tvw
 from shared.config import load_config
-from shared.config_schema import with_changes
+from shared.config_schema import as_new_run, with_changes
 from shared.errors import UserError
 
 # Model options that make the model compute torchvision's function: a --set may not change them. (aux_heads may
@@ -43,7 +43,7 @@ def import_run(task_class, source: str, path: str | Path, model_name: str, overr
             raise UserError(f"model.{key} is {hparams[key]!r}: torchvision's weights compute its function with "
                             f"{value!r} (models/{model_name}/notes.md); leave model.{key} out")
     task = task_class(with_changes(config, {"model.hparams": hparams}))
-    config = with_changes(task.resolve(), {"data.dct_scaling": True})  # as a new run records it
+    config = as_new_run(task.resolve())
     data = config.data
     model = task_class(config).build(module, (data.image_size, data.image_size, data.channels))
     rows = tvw.load_into(model, model_name, hparams, state, str(path))
