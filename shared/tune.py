@@ -34,6 +34,7 @@ This module runs the study; its parts are in shared/tuning/: what it optimizes (
 from __future__ import annotations
 
 import math
+import time
 
 import optuna
 from optuna.trial import TrialState
@@ -46,8 +47,8 @@ from shared.tuning.metrics import (Objective, TrialFailed, check_metric_needs, m
                                    parse_objectives, task_measures)
 from shared.tuning.report import report
 from shared.tuning.space import grid_values, parse_space
-from shared.tuning.storage import (AdvisoryLock, open_storage, quiet_experimental, storage_url, study_lock,
-                                   study_name)
+from shared.tuning.storage import (AdvisoryLock, journal_file, open_storage, quiet_experimental, storage_url,
+                                   study_lock, study_name)
 from shared.tuning.trial import make_objective
 
 PRUNE_STARTUP_TRIALS = 5  # MedianPruner: no pruning until this many trials have finished
@@ -119,7 +120,8 @@ def tune(config: Config, argv: list[str] | None = None) -> dict:
           f"{max(0, wanted - counted)} more", flush=True)
     if counted < wanted:
         objective = make_objective(config, name, space, objectives, constraints, monitor, argv, lock)
-        run_trials(study, objective, wanted, wanted - counted, lock)
+        run_trials(study, objective, wanted, wanted - counted, lock,
+                   settings.heartbeat_seconds if journal_file(url) is None else None)
     summary = report(study, config, objectives, constraints, list(space), url)
     if config.track:  # the study's run in MLflow, whose children its trials' runs are (shared/mlflow_log.py)
         mlflow_log.track_study(config, summary)
@@ -127,13 +129,17 @@ def tune(config: Config, argv: list[str] | None = None) -> dict:
 
 
 def run_trials(study: optuna.Study, objective, wanted: int, most_failed: int,
-               lock: FileLock | AdvisoryLock) -> None:
+               lock: FileLock | AdvisoryLock, heartbeat_seconds: float | None = None) -> None:
     """Start trials until `wanted` are complete, pruned or running, counting every worker's, or until
     `most_failed` of those started here have failed (failed trials do not count towards `wanted`: a study
     whose every trial fails would never end). The count and the new trial are one step under the study
     lock, so workers together never start more than `wanted`; a trial of a worker that died (its heartbeat
-    stale) is failed before the count, so its queued retry runs instead of being counted as running."""
+    stale) is failed before the count, so its queued retry runs instead of being counted as running. With
+    heartbeats (`heartbeat_seconds`, SQL storages), a worker that finds the count reached while other workers'
+    trials still run waits until they end or go stale: a dead worker's trial is then retried here, not left
+    RUNNING in a study every live worker has left."""
     ended: list[TrialState] = []
+    waiting = None
     while ended.count(TrialState.FAIL) < most_failed:
         lock.acquire()
         held = True
@@ -148,7 +154,18 @@ def run_trials(study: optuna.Study, objective, wanted: int, most_failed: int,
             with quiet_experimental():  # a dead worker's trial counts no more: failed, and queued again
                 optuna.storages.fail_stale_trials(study)
             if _counted_trials(study) >= wanted:
-                return
+                running = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+                if not running or heartbeat_seconds is None:
+                    return
+                if running != waiting:
+                    print(f"study {study.study_name}: waiting for {running} trial(s) other workers are running (a "
+                          f"dead worker's is retried once its heartbeat is {2 * heartbeat_seconds:g} s old)",
+                          flush=True)
+                waiting = running
+                lock.release()
+                held = False
+                time.sleep(heartbeat_seconds)
+                continue
             study.optimize(started, n_trials=1, catch=(TrialFailed,), gc_after_trial=True,
                            callbacks=[lambda _, trial: ended.append(trial.state)])
         finally:

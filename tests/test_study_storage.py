@@ -98,9 +98,10 @@ def test_two_machines_share_a_postgres_study_and_a_killed_worker_s_trial_is_run_
     # Each worker has its own runs folder, as on two machines: only the server is shared, so its advisory lock
     # is what keeps them from starting more than tune.trials or training one value twice.
     # Two trials: when the survivor ends its own, the killed worker's trial still looks RUNNING and would make
-    # the count; only a stale trial failed before the count lets its retry run.
+    # the count; only a stale trial failed before the count lets its retry run. A beat every 3 s (stale after 6)
+    # outlasts the survivor's own trial: it must wait for the dead worker's trial to go stale, not leave it RUNNING.
     paths = [recipe(one_conv_model, tmp_path / f"machine{index}" / "runs", postgres_url, epochs=10,
-                    heartbeat_seconds=1, trials=2) for index in (1, 2)]
+                    heartbeat_seconds=3, trials=2) for index in (1, 2)]
     doomed, survivor = tuner(paths[0]), tuner(paths[1])
     try:
         deadline = time.monotonic() + 240
