@@ -167,6 +167,9 @@ class InitConfig(DeeplyFrozen):
     head_epochs: int = 0  # finetune_all: first train the head alone for this many epochs (warm start)
     optimizer_state: bool = False  # with from_run: also its last checkpoint's optimizer state (momentum, step
     # count), training going on as one (the same model and optimizer); the loop's continued rounds set it
+    shrink: float = 1.0  # shrink and perturb (Ash & Adams 2020, "On Warm-Starting Neural Network Training"):
+    perturb: float = 0.0  # the loaded trainable weights become shrink x theirs + perturb x a fresh initialization
+    # (1.0 and 0.0: as loaded); a warm start then generalizes as a fresh one does; the loop's rounds set them
 
 
 @dataclass(frozen=True)
@@ -253,6 +256,8 @@ class LoopConfig(DeeplyFrozen):
     # recipe's rate: cosine, decaying to 0 within each round; constant; restart: each round the recipe's whole
     # schedule from a fresh optimizer (the first round always is)
     lr_scale: float = 0.3  # cosine, constant: the continued rounds' rate, a fraction of the recipe's base rate
+    shrink: float = 1.0  # rounds after the first: init.shrink and init.perturb (shrink and perturb the previous
+    perturb: float = 0.0  # round's weights towards a fresh initialization); 1.0 and 0.0: off
     oversample_new: int = 1  # a round reads the examples new since the previous round this many times a pass
     # (the older ones once), so the newest are not seen only a few times; classification (its tfrecord shards)
     eval: str | None = None  # the held-out annotations (JSONL); None: the recipe's own test split

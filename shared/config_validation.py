@@ -92,6 +92,8 @@ RANGES: dict[str, Range] = {
     "train.early_stopping.min_delta": NON_NEGATIVE,
     "init.lr_scale": POSITIVE,
     "init.head_epochs": NON_NEGATIVE,
+    "init.shrink": Range(0, 1, low_open=True),
+    "init.perturb": NON_NEGATIVE,
     "detection.strides": AT_LEAST_ONE,
     "detection.fpn_channels": AT_LEAST_ONE,
     "detection.head_depth": NON_NEGATIVE,
@@ -124,6 +126,8 @@ RANGES: dict[str, Range] = {
     "loop.poll_seconds": POSITIVE,
     "loop.lr_scale": POSITIVE,
     "loop.oversample_new": AT_LEAST_ONE,
+    "loop.shrink": Range(0, 1, low_open=True),
+    "loop.perturb": NON_NEGATIVE,
     "train.lr.start_step": NON_NEGATIVE,
 }
 
@@ -269,6 +273,10 @@ def check_consistency(config: Config, provenance: dict) -> None:
     if config.init.optimizer_state and not config.init.from_run:
         raise UserError("init.optimizer_state is true but init.from_run is not set; name the run whose optimizer "
                         "state to carry, or set init.optimizer_state: false")
+    if (config.init.shrink != 1.0 or config.init.perturb != 0.0) and not (config.init.from_run or config.init.weights):
+        raise UserError(f"init.shrink {config.init.shrink:g} / init.perturb {config.init.perturb:g} act on loaded "
+                        f"weights, but neither init.from_run nor init.weights is set; name where the weights come "
+                        f"from, or leave shrink 1 and perturb 0")
     if config.init.from_run and config.init.weights:
         raise UserError("init.from_run and init.weights are both set; start from one of them")
     if train.steps is not None and train.epochs != 1:

@@ -384,3 +384,21 @@ def unfreeze_all(model: keras.Model) -> None:
     model.trainable = True
     for layer in model.layers:  # a functional model's setter does not reach its layers
         layer.trainable = True
+
+
+def fresh_values(model: keras.Model, init: InitConfig) -> list | None:
+    """The freshly built model's trainable weights, which `shrink_and_perturb` draws on; None when the init
+    does not shrink or perturb (nothing is copied)."""
+    if init.shrink == 1.0 and init.perturb == 0.0:
+        return None
+    return {variable.path: variable.numpy() for variable in model.trainable_variables}
+
+
+def shrink_and_perturb(model: keras.Model, fresh: dict, init: InitConfig) -> None:
+    """Each trainable weight as loaded becomes init.shrink x itself + init.perturb x its fresh initialization
+    (`fresh`, from `fresh_values` before loading): Ash & Adams 2020's shrink and perturb, which lets a model
+    warm-started on part of the data generalize as one trained from scratch on all of it (non-trainable
+    statistics, batch norm's moving averages, are left as loaded)."""
+    for variable in model.weights:
+        if variable.path in fresh:
+            variable.assign(init.shrink * variable.numpy() + init.perturb * fresh[variable.path])

@@ -164,10 +164,15 @@ def _run_training(task: Task, argv: list[str] | None, resumed: runs.Run | None =
         folder, module, model, data, task = prepare(task, start.snapshot, placement.replicas, start_epoch=start.epoch)
         config = task.config  # resolved: the one the run records
         provenance = start.continuation.describe() if start.continuation else ""
+        fresh = finetune.fresh_values(model, config.init) if start.kind == "init" else None
         if start.kind == "init" and config.init.optimizer_state:  # the whole state is loaded once compiled
             provenance = f"weights and optimizer state from {config.init.from_run} (its last checkpoint)"
         elif start.kind == "init":
             provenance = task.initialize(model, module, data, starting_run(config.init, config.where))
+            if fresh is not None:
+                finetune.shrink_and_perturb(model, fresh, config.init)
+        if fresh is not None:
+            provenance += f", shrunk x{config.init.shrink:g} and perturbed x{config.init.perturb:g}"
         distills = config.distill.teacher and "distill" in task.commands  # a task that does not, ignores it
         teacher = rebuilt(runs.open_run(config.distill.teacher)) if distills else None
         trainer = task.trainer(model, data, teacher)  # the model that fit() trains
@@ -223,6 +228,8 @@ def _run_training(task: Task, argv: list[str] | None, resumed: runs.Run | None =
                     start_from(trainer, start.continuation.checkpoint, config, phase_callbacks[-1], start.epoch)
                 if start.kind == "init" and config.init.optimizer_state and index == 0:
                     carry_optimizer_state(trainer, run, config)
+                    if fresh is not None:
+                        finetune.shrink_and_perturb(model, fresh, config.init)
                 with _unknown_validation_length_allowed(val_data):
                     trainer.fit(train_data, epochs=phase.until_epoch, initial_epoch=epoch,
                                 steps_per_epoch=data.steps_per_epoch, validation_data=val_data,

@@ -129,3 +129,50 @@ def test_rounds_after_the_first_continue_the_previous_rounds_training(source):
                        "train.lr.base": pytest.approx(0.025), "train.lr.base_batch_size": None,
                        "train.lr.warmup_epochs": 0.0}
     assert runs.Run(run.path).last_checkpoint().name == "epoch-0002.keras"
+
+
+class WeightsAt(keras.callbacks.Callback):
+    """The model's weights (by path) when fit begins."""
+
+    def on_train_begin(self, logs=None):
+        self.values = {v.path: np.array(keras.ops.convert_to_numpy(v)) for v in self.model.weights}
+
+
+@pytest.mark.slow  # trains runs (the module's source, and more)
+@pytest.mark.parametrize("carried", [False, True], ids=["weights", "weights-and-optimizer"])
+def test_shrink_and_perturb_starts_from_shrunk_weights_plus_a_fresh_initialization(source, carried):
+    from shared.lifecycle import train
+    from shared.tasks import rebuild
+
+    run, tree, _ = source
+    loaded = {v.path: np.array(keras.ops.convert_to_numpy(v)) for v in rebuild(run)[0].weights}
+    fresh_run = WeightsAt()  # the same seed builds the same fresh initialization
+    train(load_config(tree={**tree, "train": {**tree["train"], "epochs": 1}}), argv=["pytest"],
+          callbacks=[fresh_run])
+    init = {"from_run": str(run.path), "shrink": 0.4, "perturb": 0.1}
+    train_section = {**tree["train"], "epochs": 1}
+    if carried:
+        init["optimizer_state"] = True
+        train_section["lr"] = {"base": 0.02, "start_step": STEPS}
+    started = WeightsAt()
+    shrunk = train(load_config(tree={**tree, "init": init, "train": train_section}), argv=["pytest"],
+                   callbacks=[started])
+    assert set(started.values) == set(loaded)
+    for path, value in started.values.items():
+        np.testing.assert_allclose(value, 0.4 * loaded[path] + 0.1 * fresh_run.values[path], rtol=1e-5, atol=1e-7)
+    kernel = next(path for path in loaded if path.endswith("conv/kernel"))
+    assert not np.allclose(started.values[kernel], 0.4 * loaded[kernel])  # perturbed, not only shrunk
+    assert "shrunk x0.4 and perturbed x0.1" in (shrunk.path / "notes.md").read_text(encoding="utf-8")
+
+
+def test_shrink_and_perturb_needs_weights_to_act_on(tmp_path):
+    with pytest.raises(UserError, match="init.shrink 0.5 / init.perturb 0 act on loaded weights"):
+        load_config(tree=tree_of(tmp_path, epochs=1) | {"init": {"shrink": 0.5}})
+
+
+def test_rounds_after_the_first_shrink_and_perturb_the_previous_rounds_weights(tmp_path):
+    from shared.loop.rounds import shrunk_start
+
+    config = load_config(tree=tree_of(tmp_path, epochs=1) | {"loop": {"shrink": 0.6, "perturb": 0.01}})
+    assert shrunk_start(config, None) == {}
+    assert shrunk_start(config, "runs/tiny/v0001") == {"init.shrink": 0.6, "init.perturb": 0.01}

@@ -311,6 +311,7 @@ def round_config(loop: Loop, state: dict) -> Config:
                **follow_run(config, runs.open_run(start))[0],
                **loop.task.loop_support().data_changes(loop, f"{DATA}/*/{TRAIN_PREFIX}")}
     changes.update(continued_schedule(config, state["previous_run"]))
+    changes.update(shrunk_start(config, state["previous_run"]))
     fresh = [name for name in state.get("fresh", []) if name in state["sets"]]
     if config.loop.oversample_new > 1 and fresh and len(fresh) < len(state["sets"]):  # all new: all alike
         changes.update(loop.task.loop_support().oversample_changes(fresh, config.loop.oversample_new))
@@ -357,6 +358,15 @@ def continued_schedule(config: Config, previous_run: str | None) -> dict:
     return {"init.optimizer_state": True, "train.lr.start_step": step, "train.lr.schedule": config.loop.schedule,
             "train.lr.base": optim.base_learning_rate(config.train) * config.loop.lr_scale,
             "train.lr.base_batch_size": None, "train.lr.warmup_epochs": 0.0}
+
+
+def shrunk_start(config: Config, previous_run: str | None) -> dict:
+    """The config changes that shrink and perturb the previous round's weights (loop.shrink, loop.perturb) as a
+    round after the first starts from them; none for the first round, which starts from --from as the recipe
+    says."""
+    if previous_run is None:
+        return {}
+    return {"init.shrink": config.loop.shrink, "init.perturb": config.loop.perturb}
 
 
 def follow_run(config: Config, run: runs.Run) -> tuple[dict, list[str]]:
