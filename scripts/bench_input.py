@@ -12,12 +12,15 @@ process's CPU time, so other work on the machine does not change it), what a dec
 
   (e) 12-megapixel photos (4000x3000), full-size decode of each crop window vs (f) DCT-scaled decode
       (`data.dct_scaling`: a window at least 2x the 224 px target decoded at 1/2, 1/4 or 1/8)
+  (e') and (f') their ceiling: the whole 12-MP file decoded alone, at full size and at 1/8 (the most DCT scaling
+      can save: the entropy decoding of every coefficient is left, whatever the scale)
   (g) the ILSVRC-sized photos from TFRecord shards of their own bytes vs (h) from shards written with
       `scripts/make_tfrecords.py --max-side 320` (the same pipeline, DCT scaling on in both)
 
 The photographs are crops of matplotlib's sample photo (grace_hopper.jpg, shipped with matplotlib),
 re-encoded as JPEG at 500x375-like sizes (and upscaled to 4000x3000 for (e) and (f)). The last lines are
-`ratio train/decode_only=X.XX train/pil=Y.YY` and `ratio 12mp dct/full=X.XX ilsvrc max_side_320/original=Y.YY`.
+`ratio train/decode_only=X.XX train/pil=Y.YY` and
+`ratio 12mp dct/full=X.XX (ceiling 1/8 vs full decode Z.ZZ) ilsvrc max_side_320/original=Y.YY`.
 
     python scripts/bench_input.py [--images 512] [--photos-12mp 24] [--batch 64] [--seconds 8]
 """
@@ -138,6 +141,19 @@ def train_rate(data: dict, batch: int, seconds: float) -> float:
                       per_cpu_second=True)
 
 
+def decode_rate(folder: Path, ratio: int, seconds: float) -> float:
+    """Whole JPEG files of `folder` decoded at 1/`ratio` size, one after another in this thread: files per
+    CPU-second."""
+    contents = [tf.io.read_file(str(path)) for path in sorted(folder.rglob("*.jpg"))]
+    tf.io.decode_jpeg(contents[0], channels=3, ratio=ratio)  # the op's first call aside
+    decoded, started = 0, time.process_time()
+    while time.process_time() - started < seconds:
+        for content in contents:
+            tf.io.decode_jpeg(content, channels=3, ratio=ratio)
+            decoded += 1
+    return decoded / (time.process_time() - started)
+
+
 def per_core(root: Path, photos_12mp: int, batch: int, seconds: float) -> dict[str, float]:
     """(e)-(h): 12-MP photos with and without DCT scaling; ILSVRC-sized photos from shards of their own bytes and
     from --max-side 320 shards."""
@@ -149,7 +165,8 @@ def per_core(root: Path, photos_12mp: int, batch: int, seconds: float) -> dict[s
     big = root / "12mp"
     make_photos(big, photos_12mp, [TWELVE_MP, TWELVE_MP[::-1]], noise=4.0)
     results = {"12mp_full": train_rate({"source": "folder", "path": str(big), "dct_scaling": False}, batch, seconds),
-               "12mp_dct": train_rate({"source": "folder", "path": str(big), "dct_scaling": True}, batch, seconds)}
+               "12mp_dct": train_rate({"source": "folder", "path": str(big), "dct_scaling": True}, batch, seconds),
+               "12mp_decode_full": decode_rate(big, 1, seconds), "12mp_decode_eighth": decode_rate(big, 8, seconds)}
     for name, extra in (("original", []), ("max_side_320", ["--max-side", "320"])):
         out = root / f"shards_{name}"
         assert make_tfrecords_script.main([str(root), str(out), "--train-shards", "8", "--val-shards", "2",
@@ -194,6 +211,8 @@ def main() -> None:
     print(f"per core (one thread; images per CPU-second), train pipeline, {min(args.batch, 16)} a batch:")
     labels = {"12mp_full": f"(e) {args.photos_12mp} 12-MP photos, full-size decode",
               "12mp_dct": "(f) the same, DCT-scaled decode",
+              "12mp_decode_full": "(e') whole 12-MP file, decode only, full size",
+              "12mp_decode_eighth": "(f') the same at 1/8 (DCT scaling's ceiling)",
               "ilsvrc_original": "(g) ILSVRC-sized, shards of their own bytes",
               "ilsvrc_max_side_320": "(h) ILSVRC-sized, --max-side 320 shards"}
     for key, label in labels.items():
@@ -201,6 +220,7 @@ def main() -> None:
     print(f"ratio train/decode_only={results['train'] / results['decode_only']:.2f} "
           f"train/pil={results['train'] / results['pil']:.2f}")
     print(f"ratio 12mp dct/full={results['12mp_dct'] / results['12mp_full']:.2f} "
+          f"(ceiling 1/8 vs full decode {results['12mp_decode_eighth'] / results['12mp_decode_full']:.2f}) "
           f"ilsvrc max_side_320/original={results['ilsvrc_max_side_320'] / results['ilsvrc_original']:.2f}")
 
 
