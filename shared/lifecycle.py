@@ -34,6 +34,7 @@ from shared.checkpoints import (CheckpointPolicy, Continuation, Start, backup_st
 from shared.config_schema import Config, InitConfig, as_new_run, with_changes
 from shared.data import service as data_service
 from shared.errors import UserError, embedded_user_error, first_line
+from shared.kept import KeptTrainer, reset_optimizer
 from shared.locks import FileLock
 from shared.progress import keras_verbosity
 from shared.task import Rebuilt, Task
@@ -70,15 +71,22 @@ def sigterm_as_interrupt():
 
 
 def train(config: Config, argv: list[str] | None = None, callbacks: list | tuple = (), draw: bool = True,
-          tested: Callable[[keras.Model], None] | None = None) -> runs.Run:
+          tested: Callable[[keras.Model], None] | None = None, keep: KeptTrainer | None = None) -> runs.Run:
     """Train as the config says (its task's model and data), test on the held-out split, and return the
     finished run. `callbacks`: extra Keras callbacks, run after the runner's own (a tuner's pruning hook);
     `draw`: False leaves out the run's figures (curves.png and the task's), which `test --run` draws later;
     `tested`: gets the model the test rebuilt from the last checkpoint once the run is finished (what
     `shared.tasks.rebuild(run)` gives: an export that follows need not build it again).
+    `keep`: a trainer kept between the runs of this process (`shared.kept`): the run trains the kept model
+    without building or compiling it where their graphs agree, and leaves its own there once finished.
     `config` is frozen: the run resolves a new one (hyperparameters, class count, absolute paths) in
     `prepare`, which its config.yaml records."""
-    return _run_training(task_for(config), argv, extra_callbacks=callbacks, draw=draw, tested=tested)
+    try:
+        return _run_training(task_for(config), argv, extra_callbacks=callbacks, draw=draw, tested=tested, keep=keep)
+    except BaseException:
+        if keep is not None:  # what it holds now is no finished run's state
+            keep.forget()
+        raise
 
 
 def resume(path: str | Path, argv: list[str] | None = None) -> runs.Run:
@@ -150,7 +158,8 @@ def test(run: runs.Run | str | Path, checkpoint: str | Path | None = None, chang
 
 def _run_training(task: Task, argv: list[str] | None, resumed: runs.Run | None = None,
                   continuation: Continuation | None = None, extra_callbacks: list | tuple = (),
-                  draw: bool = True, tested: Callable[[keras.Model], None] | None = None) -> runs.Run:
+                  draw: bool = True, tested: Callable[[keras.Model], None] | None = None,
+                  keep: KeptTrainer | None = None) -> runs.Run:
     # ---- everything checked before a run folder exists
     # The strategy first: the multi-worker runtime must be set up before any TensorFlow work, and a
     # task's checks may build layers (the detection augmentations do).
@@ -160,8 +169,10 @@ def _run_training(task: Task, argv: list[str] | None, resumed: runs.Run | None =
         mlflow_log.import_mlflow()
     phases = task.plan_phases()
     start = decide_start(task.config, phases, resumed, continuation)  # once: fresh, init, resume or continue
+    keep = keep if keep is not None and _keepable(task.config, phases, start, placement) else None
     with precision_policy(task.config.train.precision), placement.strategy.scope():
-        folder, module, model, data, task = prepare(task, start.snapshot, placement.replicas, start_epoch=start.epoch)
+        folder, module, model, data, task = prepare(task, start.snapshot, placement.replicas, start_epoch=start.epoch,
+                                                    kept=keep)
         config = task.config  # resolved: the one the run records
         provenance = start.continuation.describe() if start.continuation else ""
         fresh = finetune.fresh_values(model, config.init) if start.kind == "init" else None
@@ -175,7 +186,7 @@ def _run_training(task: Task, argv: list[str] | None, resumed: runs.Run | None =
             provenance += f", shrunk x{config.init.shrink:g} and perturbed x{config.init.perturb:g}"
         distills = config.distill.teacher and "distill" in task.commands  # a task that does not, ignores it
         teacher = rebuilt(runs.open_run(config.distill.teacher)) if distills else None
-        trainer = task.trainer(model, data, teacher)  # the model that fit() trains
+        trainer = keep.trainer if keep is not None and keep.holds(model) else task.trainer(model, data, teacher)
     distribute.patch_multi_worker_build(trainer, placement)
     train_data, val_data = task.fit_data(model, module, data)
     train_data = data_service.distribute_train(train_data, config.data.service)  # off unless data.service is set
@@ -186,8 +197,8 @@ def _run_training(task: Task, argv: list[str] | None, resumed: runs.Run | None =
     if config.train.best.monitor or config.train.early_stopping.monitor:
         with precision_policy(config.train.precision), placement.strategy.scope():
             _freeze(model, phases[0].freeze, head)
-            compile_phase(task, trainer, model, module, data, phases[0].until_epoch, phases[0].lr_scale,
-                          placement.replicas)
+            _compiled(task, trainer, model, module, data, phases[0].until_epoch, phases[0].lr_scale,
+                      placement.replicas, keep)
             logged = logged_metrics(trainer, train_data, validating=val_data is not None)
             _check_monitors(config, None if logged is None else logged.union(
                 *(getattr(callback, "logged", ()) for callback in task_callbacks)))
@@ -221,8 +232,8 @@ def _run_training(task: Task, argv: list[str] | None, resumed: runs.Run | None =
                 with precision_policy(config.train.precision), placement.strategy.scope():
                     _freeze(model, phase.freeze, head)
                     optim.apply_weight_decay(model, config.train)  # the student's, when distilling
-                    compile_phase(task, trainer, model, module, data, phase.until_epoch - epoch, phase.lr_scale,
-                                  placement.replicas)
+                    rate = _compiled(task, trainer, model, module, data, phase.until_epoch - epoch, phase.lr_scale,
+                                     placement.replicas, keep)
                 phase_callbacks = _callbacks(config, run, index, val_data is not None, policy, task_callbacks)
                 if start.kind == "continue" and epoch <= start.epoch < phase.until_epoch:
                     start_from(trainer, start.continuation.checkpoint, config, phase_callbacks[-1], start.epoch)
@@ -234,7 +245,7 @@ def _run_training(task: Task, argv: list[str] | None, resumed: runs.Run | None =
                     trainer.fit(train_data, epochs=phase.until_epoch, initial_epoch=epoch,
                                 steps_per_epoch=data.steps_per_epoch, validation_data=val_data,
                                 verbose=keras_verbosity(config.train.verbose), shuffle=False,
-                                callbacks=[*stop_callbacks, *phase_callbacks, *tracking, *extra_callbacks])
+                                callbacks=[*stop_callbacks, *rate, *phase_callbacks, *tracking, *extra_callbacks])
                 epoch = phase.until_epoch
                 stopped = policy.stopped_early()
             if stopped:
@@ -261,6 +272,8 @@ def _run_training(task: Task, argv: list[str] | None, resumed: runs.Run | None =
         # run. A kill before it leaves a tested run without a backup, which --resume marks finished.
         shutil.rmtree(run.path / "backup", ignore_errors=True)
         run.set_status("finished", ended=_now(), **outcome)
+    if keep is not None:
+        keep.keep(config, data.input_shape, model, trainer)
     if tested is not None:
         tested(tested_model)
     return run
@@ -287,12 +300,14 @@ def _open_run(start: Start, config: Config, folder: Path, argv: list[str] | None
     return run
 
 
-def prepare(task: Task, model_folder: Path | None = None, replicas: int = 1, start_epoch: int = 0):
+def prepare(task: Task, model_folder: Path | None = None, replicas: int = 1, start_epoch: int = 0,
+            kept: KeptTrainer | None = None):
     """The task's model and data as a run builds them, also for the tools that train a few steps outside a
     run (lr-sweep, find-batch, benchmarks): returns (folder, module, model, TaskData, the task bound to the
     resolved config).
     `model_folder`: where model.py lives (a run folder when resuming), else the config's model;
-    `start_epoch`: epochs already trained, where the training stream starts.
+    `start_epoch`: epochs already trained, where the training stream starts; `kept`: a kept trainer whose model
+    is returned instead of a new one where the run's graph is its (`shared.kept`).
 
     The one point where a run's config is resolved, before any folder exists: the model's hyperparameters
     here, the paths it records in `task.resolve` (absolute), then what the task's data settles (class
@@ -311,7 +326,8 @@ def prepare(task: Task, model_folder: Path | None = None, replicas: int = 1, sta
     task = task.bound(data.config)
     if task.config.train.steps:  # one epoch of exactly that many steps: the training stream repeats
         data = dataclasses.replace(data, steps_per_epoch=task.config.train.steps)
-    return folder, module, task.build(module, data.input_shape), data, task
+    model = kept.model_for(task.config, data.input_shape) if kept is not None else None
+    return folder, module, model or task.build(module, data.input_shape), data, task
 
 
 def compile_phase(task: Task, trainer: keras.Model, model: keras.Model, module, data, epochs: int, lr_scale: float,
@@ -320,6 +336,34 @@ def compile_phase(task: Task, trainer: keras.Model, model: keras.Model, module, 
     (a schedule spans the phase, not the whole run)."""
     optim.compile_trainer(trainer, task.objective(model, module, data), _phase_train_config(task.config, epochs).train,
                           data.steps_per_epoch, replicas, lr_scale)
+
+
+def _compiled(task: Task, trainer: keras.Model, model: keras.Model, module, data, epochs: int, lr_scale: float,
+              replicas: int, keep: KeptTrainer | None) -> list:
+    """`compile_phase`, or with `keep` holding this model compiled already, its optimizer set for this run
+    instead (carried in later, or zeroed as a new one would be) and its rate from this run's schedule. Returns
+    the callbacks fit() needs for the rate (a `StepSchedule` whenever a trainer is kept)."""
+    if keep is None:
+        compile_phase(task, trainer, model, module, data, epochs, lr_scale, replicas)
+        return []
+    train = _phase_train_config(task.config, epochs).train
+    if not keep.holds(model):
+        return optim.compile_trainer(trainer, task.objective(model, module, data), train, data.steps_per_epoch,
+                                     replicas, lr_scale, rate_variable=True)
+    keep.reused += 1
+    if not task.config.init.optimizer_state:
+        reset_optimizer(trainer.optimizer)
+    return [optim.StepSchedule(optim.learning_rate(train, data.steps_per_epoch, replicas, lr_scale))]
+
+
+def _keepable(config: Config, phases: list, start: Start, placement: distribute.Placement) -> bool:
+    """Whether a run can train a kept trainer (`shared.kept`): a run that starts from another run's weights (all
+    of them loaded over the kept model's, as a loop round's are), of one phase on one replica, without
+    what keeps its own state in the optimizer or the model apart from the weights (EMA, a plateau's rate, a
+    teacher), and without perturbing towards a fresh initialization, which a kept model no longer holds."""
+    return (start.kind == "init" and bool(config.init.from_run) and len(phases) == 1 and placement.replicas == 1
+            and config.train.ema_momentum is None and config.train.lr.schedule != "plateau"
+            and not config.distill.teacher and config.init.perturb == 0.0)
 
 
 def _one_device() -> distribute.Placement:

@@ -124,13 +124,32 @@ def decoupled_weight_decay(train: TrainConfig) -> float | None:
     return train.weight_decay if decoupled and train.weight_decay else None
 
 
+class StepSchedule(keras.callbacks.Callback):
+    """Sets the optimizer's learning-rate variable from `schedule` (a schedule or a fixed rate) at the optimizer's
+    step before every batch: the rate the schedule would give inside the step, read from a variable, so another
+    run's schedule needs no new trace of the step (a kept trainer, `shared.kept`)."""
+
+    def __init__(self, schedule):
+        super().__init__()
+        self.schedule = schedule
+
+    def on_train_batch_begin(self, batch, logs=None):
+        optimizer = self.model.optimizer
+        optimizer.learning_rate = self.schedule(optimizer.iterations) if callable(self.schedule) else self.schedule
+
+    def on_train_batch_end(self, batch, logs=None):  # the next step's rate: what a schedule's optimizer reports
+        self.on_train_batch_begin(batch, logs)
+
+
 def make_optimizer(train: TrainConfig, steps_per_epoch: int, replicas: int = 1,
-                   lr_scale: float = 1.0) -> keras.optimizers.Optimizer:
+                   lr_scale: float = 1.0, rate_variable: bool = False) -> keras.optimizers.Optimizer:
     """The configured optimizer with its schedule, decoupled weight decay, gradient clipping and
-    weight EMA (Keras optimizers do all of these natively)."""
+    weight EMA (Keras optimizers do all of these natively). `rate_variable`: a learning-rate variable that a
+    `StepSchedule` sets, instead of the schedule itself."""
     opt = train.optimizer
+    schedule = learning_rate(train, steps_per_epoch, replicas, lr_scale)
     common = {
-        "learning_rate": learning_rate(train, steps_per_epoch, replicas, lr_scale),
+        "learning_rate": float(schedule(train.lr.start_step)) if rate_variable and callable(schedule) else schedule,
         "weight_decay": decoupled_weight_decay(train),
         "clipnorm": opt.clip_norm,
         "global_clipnorm": opt.clip_global_norm,
@@ -167,11 +186,14 @@ def apply_weight_decay(model: keras.Model, train: TrainConfig) -> None:
 
 
 def compile_trainer(trainer: keras.Model, objective, train: TrainConfig, steps_per_epoch: int, replicas: int = 1,
-                    lr_scale: float = 1.0) -> None:
+                    lr_scale: float = 1.0, rate_variable: bool = False) -> list:
     """Compile `trainer` with a task's objective (`shared.task.Objective`: losses, their weights, metrics) and
-    the optimizer `train:` describes, its schedule spanning `train.epochs` of `steps_per_epoch`."""
-    trainer.compile(optimizer=make_optimizer(train, steps_per_epoch, replicas, lr_scale), loss=objective.loss,
-                    loss_weights=objective.loss_weights, metrics=objective.metrics, jit_compile=train.jit_compile)
+    the optimizer `train:` describes, its schedule spanning `train.epochs` of `steps_per_epoch`. Returns the
+    callbacks fit() needs for it: with `rate_variable` (a trainer to keep), the `StepSchedule` of its rate."""
+    trainer.compile(optimizer=make_optimizer(train, steps_per_epoch, replicas, lr_scale, rate_variable),
+                    loss=objective.loss, loss_weights=objective.loss_weights, metrics=objective.metrics,
+                    jit_compile=train.jit_compile)
     # Its slots now, not in the first traced step: variables made during a trace make TensorFlow trace the whole
     # train step a second time. Keras builds it early itself only under an explicit distribution strategy.
     trainer.optimizer.build(trainer.trainable_variables)
+    return [StepSchedule(learning_rate(train, steps_per_epoch, replicas, lr_scale))] if rate_variable else []

@@ -14,6 +14,7 @@ import dataclasses
 from pathlib import Path
 
 from shared.config_schema import Config
+from shared.kept import KeptTrainer
 from shared.task import Task
 
 STATE_FILE = "state.json"
@@ -41,6 +42,9 @@ class Loop:
     pool: Path | None = None  # unlabelled images, scored after each round (`shared.loop.pool`)
     tasks_out: Path | None = None  # the tasks file the pool is written to, most informative first
     order: str = "margin"  # shared.annotation_tasks.ORDERS (`shared.loop.pool.DEFAULT_ORDER`)
+    # the trainer of this process's last round, which the next round trains again where it can (`shared.kept`):
+    # rounds in one process (--watch) build and compile their model once
+    kept: KeptTrainer = dataclasses.field(default_factory=KeptTrainer, compare=False, repr=False)
 
     @property
     def config(self) -> Config:

@@ -425,7 +425,8 @@ def _train(loop: Loop, state: dict, tested: Callable) -> runs.Run:
     print(f"round {current['round']}: training from {start.path} on {current['examples']} examples "
           f"({current['new']} new) for {round_steps(config.train)} steps "
           f"({config.train.epochs} epochs of {config.train.steps or config.train.steps_per_epoch}), {how}", flush=True)
-    return lifecycle.train(config, argv=list(loop.argv) or None, draw=False, tested=tested)  # the loop: rounds.png
+    return lifecycle.train(config, argv=list(loop.argv) or None, draw=False, tested=tested,  # the loop: rounds.png
+                           keep=loop.kept)
 
 
 def _round_zero(loop: Loop, state: dict) -> None:
