@@ -19,6 +19,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Hashable
 
 from shared.errors import UserError
 from shared.durable import DiskFull, atomic_write, disk_space_checked, fsync_dir, fsync_tree
@@ -160,19 +161,33 @@ def serving_command(export_dir: str | Path, model_name: str) -> str:
 # ---------------------------------------------------------------- export
 
 
-def write_archive(model, bytes_fn, images_fn, image_shape: tuple[int, int, int], target: Path) -> None:
+_LAST_ARCHIVE: list = []  # [(model, same_as, its archive)]: the last one `write_archive` was asked to keep
+
+
+def write_archive(model, bytes_fn, images_fn, image_shape: tuple[int, int, int], target: Path,
+                  same_as: Hashable | None = None) -> None:
     """A SavedModel of `model` with the two endpoints every export has: `serving_default` on encoded image
     bytes (first and by that name, so TF Serving's default signature takes bytes) and `predict_images` on
-    float pixels of `image_shape`."""
+    float pixels of `image_shape`. `same_as`: what the endpoints compute besides the model's weights (its
+    preprocessing and outputs), as a key; given, the archive is kept (one, holding its model), and the next
+    call for this very model object with an equal key writes it again instead of tracing new endpoints: they
+    read the model's variables, so it saves their values of the moment (a kept trainer's model, exported
+    round after round by the loop)."""
     import keras
     import tensorflow as tf
 
-    archive = keras.export.ExportArchive()
-    archive.track(model)
-    archive.add_endpoint(SERVING_DEFAULT, bytes_fn,
-                         input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
-    archive.add_endpoint(PREDICT_IMAGES, images_fn,
-                         input_signature=[tf.TensorSpec([None, *image_shape], tf.float32, name="images")])
+    kept = _LAST_ARCHIVE[0] if _LAST_ARCHIVE else None
+    if same_as is not None and kept is not None and kept[0] is model and kept[1] == same_as:
+        archive = kept[2]
+    else:
+        archive = keras.export.ExportArchive()
+        archive.track(model)
+        archive.add_endpoint(SERVING_DEFAULT, bytes_fn,
+                             input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
+        archive.add_endpoint(PREDICT_IMAGES, images_fn,
+                             input_signature=[tf.TensorSpec([None, *image_shape], tf.float32, name="images")])
+        if same_as is not None:
+            _LAST_ARCHIVE[:] = [(model, same_as, archive)]
     archive.write_out(str(target), verbose=False)
 
 

@@ -47,6 +47,7 @@ class KeptTrainer:
     model: keras.Model | None = None
     trainer: keras.Model | None = None
     reused: int = 0  # runs that reused it (for reports and tests)
+    inference: tuple | None = None  # (a model, its task's inference model): `inference_model`
 
     def model_for(self, config: Config, input_shape: tuple) -> keras.Model | None:
         """The kept model when a run of `config` may train it, else None (the run builds its own)."""
@@ -58,12 +59,21 @@ class KeptTrainer:
         """Whether `model` is the kept one, compiled already (the run skips its compile)."""
         return self.model is not None and model is self.model and self.trainer is not None
 
+    def inference_model(self, task, model: keras.Model) -> keras.Model:
+        """`task.inference_model(model)`, made once per kept model: the same object round after round, whose
+        test and export traces are then reused."""
+        made_for, inference = self.inference if self.inference is not None else (None, None)
+        if made_for is not model:
+            inference = task.inference_model(model)
+            self.inference = (model, inference)
+        return inference
+
     def keep(self, config: Config, input_shape: tuple, model: keras.Model, trainer: keras.Model) -> None:
         self.key, self.model, self.trainer = graph_key(config, thaw(input_shape)), model, trainer
 
     def forget(self) -> None:
         """After a run that did not finish: its state is not what a next run may start from."""
-        self.key = self.model = self.trainer = None
+        self.key = self.model = self.trainer = self.inference = None
 
 
 def reset_optimizer(optimizer: keras.optimizers.Optimizer) -> None:

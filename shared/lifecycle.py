@@ -255,7 +255,9 @@ def _run_training(task: Task, argv: list[str] | None, resumed: runs.Run | None =
                       f"{stopper.patience} epochs", flush=True)
         if not placement.is_chief:  # its figures would go with its scratch folder
             return run
-        metrics, redraw, last, tested_model = _test_last_checkpoint(task, run, data)
+        in_memory = keep.inference_model(task, model) if keep is not None and _holds_last_checkpoint(
+            config, stopped) else None
+        metrics, redraw, last, tested_model = _test_last_checkpoint(task, run, data, in_memory)
         if draw:
             with durable.disk_space_checked(run.path / "curves.png"):
                 plots.plot_curves(run.path / "metrics.csv", run.path / "curves.png")
@@ -438,14 +440,24 @@ def _unknown_validation_length_allowed(val_data) -> Iterator[None]:
         yield
 
 
-def _test_last_checkpoint(task: Task, run: runs.Run, data) -> tuple[dict, Callable, Path, keras.Model]:
+def _test_last_checkpoint(task: Task, run: runs.Run, data,
+                          in_memory: keras.Model | None = None) -> tuple[dict, Callable, Path, keras.Model]:
     """The test figures of the checkpoint the run records as its last, on the model `test --run` rebuilds
     from it (float32, from the run's model.py and config), so the two always agree; the model in memory
     can differ (it computes in bfloat16 under mixed precision, or holds a restored backup's weights). Returns
-    (metrics, what draws the figures, the checkpoint, the rebuilt model)."""
+    (metrics, what draws the figures, the checkpoint, the rebuilt model). `in_memory`: the trained model where
+    it computes what the rebuilt one would (`_holds_last_checkpoint`), tested instead of a rebuild: a kept
+    trainer's, whose tests and exports then reuse their traces round after round."""
     last = run.last_checkpoint()
-    model, _ = rebuild(run)  # the same file: nothing else writes checkpoints now
+    model = in_memory if in_memory is not None else rebuild(run)[0]  # the same file: nothing else writes now
     return (*task.evaluate(model, data), last, model)
+
+
+def _holds_last_checkpoint(config: Config, stopped: bool) -> bool:
+    """Whether a run's model in memory, once trained, is its last checkpoint in float32: a run that trained
+    to its end (not stopped early, which may restore other weights) without EMA (whose averaged weights the
+    checkpoint holds) in float32, started afresh (a resumed run may hold a restored backup's weights)."""
+    return not stopped and config.train.ema_momentum is None and config.train.precision == "float32"
 
 
 def _disk_full(error: BaseException) -> bool:

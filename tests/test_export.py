@@ -153,7 +153,7 @@ def test_a_failed_export_leaves_no_version(trained_run, tmp_path, monkeypatch):
     model_dir = tmp_path / "export" / "resnet"
     model_dir.mkdir(parents=True)
 
-    def broken(model, bytes_fn, images_fn, image_shape, target):
+    def broken(model, bytes_fn, images_fn, image_shape, target, same_as=None):
         Path(target, "saved_model.pb").write_bytes(b"half")  # as if it died mid-write
         raise OSError("disk full")
 

@@ -73,3 +73,38 @@ def test_a_kept_rate_follows_the_schedule_step_by_step():
     model.fit(np.zeros((40, 2)), np.zeros((40, 1)), batch_size=4, epochs=1, verbose=0,
               callbacks=[StepSchedule(schedule), Rate()])
     assert seen == pytest.approx([float(schedule(step)) for step in range(10)])
+
+
+def test_an_archive_kept_for_its_model_is_written_again_with_the_weights_of_the_moment(tmp_path):
+    import tensorflow as tf
+
+    from shared.export import write_archive
+
+    model = keras.Sequential([keras.Input((1, 1, 2)), keras.layers.Flatten(), keras.layers.Dense(1, use_bias=False)])
+    traced = []  # Python runs an endpoint's function only while TensorFlow traces it
+
+    def endpoints():
+        def bytes_fn(image_bytes):
+            traced.append("bytes")
+            return {"y": model(tf.ones((tf.shape(image_bytes)[0], 1, 1, 2)))}
+
+        def images_fn(images):
+            traced.append("images")
+            return {"y": model(images)}
+
+        return bytes_fn, images_fn
+
+    def served(folder) -> float:
+        return float(tf.saved_model.load(str(folder)).signatures["predict_images"](
+            images=tf.ones((1, 1, 1, 2)))["y"].numpy()[0, 0])
+
+    model.set_weights([np.array([[1.0], [2.0]], np.float32)])
+    write_archive(model, *endpoints(), (1, 1, 2), tmp_path / "first", same_as="preprocessing A")
+    assert set(traced) == {"bytes", "images"}
+    model.set_weights([np.array([[10.0], [20.0]], np.float32)])
+    traced.clear()
+    write_archive(model, *endpoints(), (1, 1, 2), tmp_path / "second", same_as="preprocessing A")
+    assert traced == []  # the kept archive, not new endpoints
+    assert served(tmp_path / "first") == pytest.approx(3.0) and served(tmp_path / "second") == pytest.approx(30.0)
+    write_archive(model, *endpoints(), (1, 1, 2), tmp_path / "third", same_as="preprocessing B")
+    assert set(traced) == {"bytes", "images"}  # another key: traced anew

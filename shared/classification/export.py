@@ -11,6 +11,7 @@ wnids as words, shared.class_names.readable) and `scores` [N, k].
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import tensorflow as tf
@@ -67,7 +68,8 @@ def export_saved_model(model, config, run: Run, export_dir: str | Path, model_na
     bytes_fn, images_fn = serving_functions(model, view, labels, top_k)
 
     def write(staging: Path) -> dict:
-        export.write_archive(model, bytes_fn, images_fn, view.shape, staging)
+        export.write_archive(model, bytes_fn, images_fn, view.shape, staging,
+                             same_as=(json.dumps(view.record(), sort_keys=True), tuple(labels), top_k))
         return {**view.record(), "top_k": min(top_k, len(names)), "labels": labels, "class_names": names}
 
     return export.publish(run, export_dir, model_dir, version, keep, write)
