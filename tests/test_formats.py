@@ -183,7 +183,7 @@ def trained(tmp_path_factory):
         (test / name).write_bytes(data)
     tree = tiny_tree(base / "runs", train={"epochs": 1, "batch_size": 4})
     tree["data"] = {"source": "folder", "path": str(root), "image_size": 16, "max_pixels": MAX_PIXELS}
-    run = train(load_config(tree=tree), argv=["pytest"])
+    run = train(load_config(tree=tree), argv=["pytest"], draw=False)  # no test looks at its figures
     version = export_saved_model(*rebuild(run), run, base / "exports")
     return run, root, version, base
 
