@@ -19,17 +19,12 @@ from shared.classification.predict import Predictor
 from shared.predict import Paths, expand_paths
 from shared.tasks import rebuild
 
-from conftest import REPO, TINY_MODEL, tiny_tree
+from conftest import REPO, SENSITIVE_MODEL, tiny_tree
 from test_data import make_folder_dataset
 
 DAMAGED = b"\xff\xd8\xff\xe0 truncated, not a real JPEG"
 CLASSES = ("cat", "fox", "n01440764", "n01443537")  # two ImageNet wnids: shown as "tench" and "goldfish"
 NAMES = ["cat", "fox", "tench", "goldfish"]
-# TINY_MODEL without its Rescaling: the run's pipeline hands it normalized pixels already, and rescaled once more
-# they would move the probabilities by less than this file's tolerances for a decoding one level off; at their own
-# scale such a difference shows.
-SENSITIVE_MODEL = TINY_MODEL.replace("keras.layers.Rescaling(1 / 255.0)(inputs)", "inputs")
-assert SENSITIVE_MODEL != TINY_MODEL
 
 
 def run_cli(capsys, *argv):
