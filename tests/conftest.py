@@ -65,6 +65,12 @@ def build(num_classes: int = 10, input_shape: tuple = (16, 16, 3), width: int = 
     return keras.Model(inputs, outputs, name="tiny")
 '''
 
+# TINY_MODEL without its Rescaling, for tests that compare probabilities across paths (predict, export, formats):
+# the runs' pipelines hand it normalized pixels already, and rescaled once more a decoding one level off would move
+# the probabilities by less than those tests' tolerances; at their own scale such a difference shows.
+SENSITIVE_MODEL = TINY_MODEL.replace("keras.layers.Rescaling(1 / 255.0)(inputs)", "inputs")
+assert SENSITIVE_MODEL != TINY_MODEL
+
 # Runs the runner with os.replace and os.rename (every durable rename, every publish) wrapped: SIGKILL this
 # process before or after the n-th rename onto a path named as KILL_AT says ("name:before|after:n").
 KILLING_RUNNER = '''

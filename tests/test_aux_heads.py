@@ -35,7 +35,7 @@ def test_aux_heads_are_trained_with_their_weight_and_dropped_for_testing(tmp_pat
     (folder / "model.py").write_text(AUX_MODEL)
     tree = tiny_tree(tmp_path / "runs", train={"epochs": 1})
     tree["model"] = {"name": "auxnet", "path": str(folder)}
-    run = train(load_config(tree=tree))
+    run = train(load_config(tree=tree), draw=False)  # the figures are drawn by evaluate (test --run) below
     header = (run.path / "metrics.csv").read_text().splitlines()[0].split(",")
     assert "aux_loss" in header and "predictions_top1" in header  # both heads trained, classifier scored
     recorded = json.loads((run.path / "test_metrics.json").read_text())

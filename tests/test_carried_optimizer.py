@@ -40,6 +40,7 @@ class OptimizerAt(keras.callbacks.Callback):
             self._take()
 
 
+# Every run here trains with draw=False: what is checked is the optimizer and the weights, no test looks at a figure.
 def tree_of(base, **train) -> dict:
     (base / "tiny").mkdir(exist_ok=True)
     (base / "tiny" / "model.py").write_text(TINY_MODEL)
@@ -58,7 +59,7 @@ def source(tmp_path_factory):
     base = tmp_path_factory.mktemp("carried")
     tree = tree_of(base, steps_per_epoch=8, lr={"base": 0.05, "schedule": "constant"})  # as a loop round says
     at_end = OptimizerAt("end")
-    run = train(load_config(tree=tree), argv=["pytest"], callbacks=[at_end])
+    run = train(load_config(tree=tree), argv=["pytest"], draw=False, callbacks=[at_end])
     return run, tree, at_end
 
 
@@ -76,7 +77,7 @@ def test_the_optimizer_state_goes_on_from_the_source_across_a_fixed_rate_and_a_s
     tree = {**tree, "init": {"from_run": str(run.path), "optimizer_state": True},
             "train": {**tree["train"], "epochs": 1, "lr": {"base": 0.02, "schedule": "cosine", "start_step": STEPS}}}
     at_begin = OptimizerAt("begin")
-    continued = train(load_config(tree=tree), argv=["pytest"], callbacks=[at_begin])
+    continued = train(load_config(tree=tree), argv=["pytest"], draw=False, callbacks=[at_begin])
     assert len(at_begin.variables) == len(at_end.variables) - 1  # a schedule: no learning-rate variable
     for carried, saved in zip(slots(at_begin.variables), slots(at_end.variables)):
         np.testing.assert_array_equal(carried, saved)
@@ -87,7 +88,7 @@ def test_the_optimizer_state_goes_on_from_the_source_across_a_fixed_rate_and_a_s
     back = {**tree, "init": {"from_run": str(continued.path), "optimizer_state": True},
             "train": {**tree["train"], "lr": {"base": 0.01, "schedule": "constant", "start_step": STEPS + 8}}}
     again = OptimizerAt("begin")
-    train(load_config(tree=back), argv=["pytest"], callbacks=[again])
+    train(load_config(tree=back), argv=["pytest"], draw=False, callbacks=[again])
     assert int(slots(again.variables)[0]) == STEPS + 8 and again.rate == pytest.approx(0.01)
 
 
@@ -147,7 +148,7 @@ def test_shrink_and_perturb_starts_from_shrunk_weights_plus_a_fresh_initializati
     run, tree, _ = source
     loaded = {v.path: np.array(keras.ops.convert_to_numpy(v)) for v in rebuild(run)[0].weights}
     fresh_run = WeightsAt()  # the same seed builds the same fresh initialization
-    train(load_config(tree={**tree, "train": {**tree["train"], "epochs": 1}}), argv=["pytest"],
+    train(load_config(tree={**tree, "train": {**tree["train"], "epochs": 1}}), argv=["pytest"], draw=False,
           callbacks=[fresh_run])
     init = {"from_run": str(run.path), "shrink": 0.4, "perturb": 0.1}
     train_section = {**tree["train"], "epochs": 1}
@@ -155,7 +156,7 @@ def test_shrink_and_perturb_starts_from_shrunk_weights_plus_a_fresh_initializati
         init["optimizer_state"] = True
         train_section["lr"] = {"base": 0.02, "start_step": STEPS}
     started = WeightsAt()
-    shrunk = train(load_config(tree={**tree, "init": init, "train": train_section}), argv=["pytest"],
+    shrunk = train(load_config(tree={**tree, "init": init, "train": train_section}), argv=["pytest"], draw=False,
                    callbacks=[started])
     assert set(started.values) == set(loaded)
     for path, value in started.values.items():

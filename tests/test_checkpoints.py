@@ -31,10 +31,11 @@ def tiny_run_tree(tmp_path: Path, validation: bool = True, **train) -> dict:
 
 
 def train_tree(tree: dict, **kwargs):
+    """The run of `tree`, without its figures: no test here looks at them."""
     from shared.config import load_config
     from shared.lifecycle import train
 
-    return train(load_config(tree=tree), argv=["pytest"], **kwargs)
+    return train(load_config(tree=tree), argv=["pytest"], draw=False, **kwargs)
 
 
 def killed_at(point: str, tmp_path: Path, tree: dict) -> Path:

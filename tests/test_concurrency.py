@@ -91,7 +91,7 @@ def one_conv_run(tmp_path_factory):
     (base / "tiny" / "model.py").write_text(TINY_MODEL)
     tree = tiny_tree(base / "runs", train={"epochs": 1}, data={"synthetic_train": 64, "synthetic_test": 32})
     tree["model"] = {"name": "tiny", "path": str(base / "tiny"), "width": 4}
-    return train(load_config(tree=tree), argv=["pytest"])
+    return train(load_config(tree=tree), argv=["pytest"], draw=False)  # no test looks at its figures
 
 
 def fake_version(folder: Path) -> None:

@@ -392,12 +392,14 @@ def test_a_resumed_run_continues_with_the_service(cluster, tmp_path, one_conv_mo
     assert json.loads((run / "status.json").read_text())["status"] == "finished"
 
 
-@pytest.mark.slow
-def test_an_unreachable_dispatcher_stops_a_run_before_its_folder_exists(tmp_path, one_conv_model):
+def test_an_unreachable_dispatcher_stops_a_run_before_its_folder_exists(tmp_path, one_conv_model, capsys):
+    from shared import runner
+
     port = free_ports(1)[0]
-    training = _train(tmp_path, _service_tree(tmp_path, one_conv_model, f"localhost:{port}"))
-    assert training.wait(300) == 2
-    errors = [line for line in _output(training).splitlines() if line.startswith("error:")]
+    recipe = tmp_path / "recipe.yaml"  # the runner in this process: what is checked is its exit code and message
+    recipe.write_text(yaml.safe_dump(_service_tree(tmp_path, one_conv_model, f"localhost:{port}")))
+    assert runner.main(["--config", str(recipe)]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert errors == [f"error: no tf.data service dispatcher answers at localhost:{port} (data.service.dispatcher): "
                       f"Connection refused; start one with `serve-data dispatcher --port {port}` there, or correct "
                       f"the address"]

@@ -25,7 +25,8 @@ def runs(tmp_path_factory):
     base = tmp_path_factory.mktemp("deblur")
     data = {"channels": 1, "synthetic_train": 64, "synthetic_test": 32}
     classifier = lifecycle.train(load_config(tree=tiny_tree(base / "runs", data=data,
-                                                            train={"epochs": 1, "batch_size": 16})))
+                                                            train={"epochs": 1, "batch_size": 16})),
+                                 draw=False)  # no test looks at the classifier's figures
     tree = tiny_tree(base / "runs", data=data, train={"epochs": 1, "batch_size": 16, "steps_per_epoch": 3,
                                                       "optimizer": {"name": "adam"}, "lr": {"base": 1e-3}},
                      deblur={"decoder_channels": 4, "gallery": 4}, init={"from_run": str(classifier.path)})

@@ -136,7 +136,8 @@ def test_the_recorded_figure_is_the_one_test_gives_for_the_last_checkpoint(tmp_p
     from shared.lifecycle import test as evaluate
     from shared.lifecycle import train
 
-    run = train(load_config(tree=tiny_model_tree(tmp_path, epochs=1, ema_momentum=0.9, precision="mixed_bfloat16")))
+    run = train(load_config(tree=tiny_model_tree(tmp_path, epochs=1, ema_momentum=0.9, precision="mixed_bfloat16")),
+                draw=False)  # the figures are drawn by `test --run` (evaluate) below
     recorded, retest = run.test_metrics(), evaluate(run)
     assert recorded["checkpoint"] == "checkpoints/epoch-0001.keras"
     assert (retest["top1"], retest["loss"], retest["confusion"]) == \

@@ -16,7 +16,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image, ImageOps
 
-from conftest import tiny_tree
+from conftest import SENSITIVE_MODEL, tiny_tree
 from shared.data import formats
 
 RNG = np.random.default_rng(0)
@@ -164,7 +164,8 @@ def test_each_refused_file_is_refused_in_one_line_saying_why(name):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A tiny run on a folder whose test split holds one file of each read format (center-crop view at
-    16 px), trained one epoch, with its SavedModel export."""
+    16 px), trained one epoch, with its SavedModel export. Its model is one convolution (SENSITIVE_MODEL): the
+    pixels are what is compared, and it trains and exports in a fraction of a ResNet's time."""
     from shared.config import load_config
     from shared.classification.export import export_saved_model
     from shared.lifecycle import train
@@ -183,7 +184,10 @@ def trained(tmp_path_factory):
         (test / name).write_bytes(data)
     tree = tiny_tree(base / "runs", train={"epochs": 1, "batch_size": 4})
     tree["data"] = {"source": "folder", "path": str(root), "image_size": 16, "max_pixels": MAX_PIXELS}
-    run = train(load_config(tree=tree), argv=["pytest"])
+    (base / "tiny").mkdir()
+    (base / "tiny" / "model.py").write_text(SENSITIVE_MODEL)
+    tree["model"] = {"name": "tiny", "path": str(base / "tiny")}
+    run = train(load_config(tree=tree), argv=["pytest"], draw=False)  # no test looks at its figures
     version = export_saved_model(*rebuild(run), run, base / "exports")
     return run, root, version, base
 

@@ -19,7 +19,7 @@ from shared.errors import UserError
 from shared.modelzoo import MODELS_DIR, model_dir
 from shared.names import check_plain_name
 
-from conftest import REPO, tiny_tree
+from conftest import REPO, TINY_MODEL, tiny_tree
 
 NOTES = ('Émoji 😀 漢字 テスト, עברית مرحبا, "quotes": colons # hash\n'
          "second line: - dash\n\n  indented")
@@ -35,13 +35,15 @@ def python(*args, env: dict, cwd=REPO) -> subprocess.CompletedProcess:
 
 @pytest.fixture
 def unicode_setup(tmp_path):
-    """A config whose run.dir and model.path hold Unicode, on a tiny synthetic task."""
+    """A config whose run.dir and model.path hold Unicode, on a tiny synthetic task (the one-convolution
+    TINY_MODEL: the paths are what is checked, not the model)."""
     runs = tmp_path / "läufe 実行 😀"
     model = tmp_path / "модель ✓"
-    shutil.copytree(MODELS_DIR / "resnet", model)
+    model.mkdir()
+    (model / "model.py").write_text(TINY_MODEL)
     tree = tiny_tree(runs, train={"epochs": 1, "batch_size": 16},
                      data={"synthetic_train": 32, "synthetic_test": 16})
-    tree["model"]["path"] = str(model)
+    tree["model"] = {"name": "tiny", "path": str(model)}
     del tree["run"]["notes"]
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump(tree, allow_unicode=True), encoding="utf-8")
@@ -49,7 +51,7 @@ def unicode_setup(tmp_path):
 
 
 def the_run(runs: Path) -> Path:
-    (run,) = (runs / "resnet").iterdir()
+    (run,) = (runs / "tiny").iterdir()
     return run
 
 
@@ -66,7 +68,7 @@ def test_unicode_notes_run_dir_and_model_path_survive_a_c_locale(unicode_setup):
     # A stricter locale (no UTF-8 mode: the locale's encoding is ASCII) still reads the run store.
     listed = python("-m", "shared.runs", "list", "--dir", runs, env=STRICT_C_LOCALE)
     assert listed.returncode == 0, listed.stderr.decode("utf-8", "replace")
-    assert f"resnet/{run.name}" in listed.stdout.decode()
+    assert f"tiny/{run.name}" in listed.stdout.decode()
 
 
 def test_unicode_names_print_under_an_ascii_locale(tmp_path):

@@ -226,7 +226,7 @@ def test_the_confident_mistakes_know_their_places_in_the_pass():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("source", ["folder", "fashion_mnist"])
-def test_errors_png_names_each_images_file_or_its_index(tmp_path, monkeypatch, source):
+def test_errors_png_names_each_images_file_or_its_index(tmp_path, monkeypatch, source, one_conv_model):
     """Training draws errors.png with each mistake's file (folder, ilsvrc) or, for arrays, its index in the
     test split; both are checked against the true class the tile shows."""
     from shared.lifecycle import train
@@ -249,7 +249,7 @@ def test_errors_png_names_each_images_file_or_its_index(tmp_path, monkeypatch, s
         data = {"source": "fashion_mnist", "path": str(fake_fashion_dir(tmp_path / "fm")), "num_classes": None,
                 "channels": 1, "image_size": 16}
     tree = tiny_tree(tmp_path / "runs", data=data, train={"epochs": 1, "batch_size": 8})
-    tree["model"]["width"] = 2
+    tree["model"] = one_conv_model  # what is checked is how mistakes are named, not the model
     train(load_config(tree=tree), argv=["pytest"])
     assert drawn["sources"]  # there were mistakes to show
     for true, shown in zip(drawn["true"], drawn["sources"]):

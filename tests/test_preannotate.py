@@ -53,7 +53,7 @@ def folder_run(tmp_path_factory):
     tree = tiny_tree(base / "runs", train={"epochs": 1, "batch_size": 8})
     tree["data"] = {"source": "folder", "path": str(root), "test_split": "val", "image_size": 16}
     tree["model"] = {"name": "tiny", "path": str(base / "tiny")}
-    return train(load_config(tree=tree), argv=["pytest"]), root
+    return train(load_config(tree=tree), argv=["pytest"], draw=False), root  # no test looks at its figures
 
 
 @pytest.mark.slow

@@ -19,7 +19,7 @@ from shared.classification.predict import Predictor
 from shared.predict import Paths, expand_paths
 from shared.tasks import rebuild
 
-from conftest import REPO, tiny_tree
+from conftest import REPO, SENSITIVE_MODEL, tiny_tree
 from test_data import make_folder_dataset
 
 DAMAGED = b"\xff\xd8\xff\xe0 truncated, not a real JPEG"
@@ -45,15 +45,21 @@ def assert_one_line_error(code, err, *fragments):
 @pytest.fixture(scope="module")
 def folder_run(tmp_path_factory):
     """One tiny run on a folder of JPEG / PNG files of 40 x 30 px (center-cropped to 16 px: the view a
-    SavedModel must rebuild from encoded bytes), trained for one epoch."""
+    SavedModel must rebuild from encoded bytes), trained for one epoch. Its model is one convolution
+    (SENSITIVE_MODEL): the predictions are checked against the run's own eval pipeline, so the model need not be
+    a ResNet (the export of one is test_export's), and one convolution builds, exports and converts in a fraction
+    of its time."""
     from shared.config import load_config
     from shared.lifecycle import train
 
     base = tmp_path_factory.mktemp("predict")
     root = make_folder_dataset(base / "images", classes=CLASSES, per_class=4)
+    (base / "tiny").mkdir()
+    (base / "tiny" / "model.py").write_text(SENSITIVE_MODEL)
     tree = tiny_tree(base / "runs", train={"epochs": 1, "batch_size": 8})
     tree["data"] = {"source": "folder", "path": str(root), "test_split": "val", "image_size": 16}
-    return train(load_config(tree=tree), argv=["pytest"]), root
+    tree["model"] = {"name": "tiny", "path": str(base / "tiny")}
+    return train(load_config(tree=tree), argv=["pytest"], draw=False), root  # no test looks at its figures
 
 
 def eval_pipeline_probabilities(run, files: list[Path]) -> np.ndarray:

@@ -189,7 +189,7 @@ def test_training_with_mixup_uses_the_soft_label_loss(tmp_path, one_conv_model):
     tree["model"] = one_conv_model  # what is checked is the loss on mixed labels, not the model
     tree["data"]["batch_augment"] = [{"MixUp": {"alpha": 0.2}}]
     tree["data"]["val_fraction"] = 0.25
-    run = train(load_config(tree=tree))
+    run = train(load_config(tree=tree), draw=False)  # the figures are drawn by evaluate (test --run) below
     header = (run.path / "metrics.csv").read_text().splitlines()[0]
     assert "val_top1" in header and run.status()["status"] == "finished"
     assert evaluate(run)["top1"] == run.test_metrics()["top1"]

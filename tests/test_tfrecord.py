@@ -180,13 +180,21 @@ def run_script(*args):
                           capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
 
 
+def script_in_process(capsys, *args) -> tuple[int, str, str]:
+    """make_tfrecords.py's main() in this process (no second TensorFlow start): exit code, stdout, stderr."""
+    capsys.readouterr()
+    code = load_script("make_tfrecords").main([str(arg) for arg in args])
+    printed = capsys.readouterr()
+    return code, printed.out, printed.err
+
+
 @pytest.mark.slow
-def test_script(tmp_path):
+def test_script(tmp_path, capsys):
     src, out = make_source(tmp_path / "src"), tmp_path / "out"
-    result = run_script(src, out, "--train-shards", 2, "--val-shards", 5, "--no-progress")
-    assert result.returncode == 0, result.stderr
-    assert "validation: 3 images, fewer than 5 shards: writing 3 shards" in result.stdout
-    assert "train: 9 images" in result.stdout and "labels.txt (3 classes" in result.stdout
+    code, printed, err = script_in_process(capsys, src, out, "--train-shards", 2, "--val-shards", 5, "--no-progress")
+    assert code == 0, err
+    assert "validation: 3 images, fewer than 5 shards: writing 3 shards" in printed
+    assert "train: 9 images" in printed and "labels.txt (3 classes" in printed
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == [
         "counts.json", "encoding.json", "labels.txt", "train-00000-of-00002", "train-00001-of-00002",
         "validation-00000-of-00003", "validation-00001-of-00003", "validation-00002-of-00003"]
@@ -214,9 +222,9 @@ def test_script(tmp_path):
     assert images.shape == (9, 16, 16, 3) and sorted(batch_labels.numpy()) == [0, 0, 0, 1, 1, 1, 2, 2, 2]
     assert sorted(next(iter(datasets.test))[1].numpy()) == [0, 1, 2]
 
-    missing = run_script(tmp_path / "nowhere", out)
-    assert missing.returncode == 2 and "Traceback" not in missing.stderr
-    assert missing.stderr.strip().splitlines() == [
+    code, _, err = script_in_process(capsys, tmp_path / "nowhere", out)
+    assert code == 2 and "Traceback" not in err
+    assert err.strip().splitlines() == [
         f"error: folder dataset not found: {tmp_path / 'nowhere'}; pass a folder with train/<class>/ images"]
 
 
