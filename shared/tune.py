@@ -128,6 +128,9 @@ def tune(config: Config, argv: list[str] | None = None) -> dict:
     return summary
 
 
+WAIT_POLL_SECONDS = 1.0  # how often a worker with nothing left to start looks at the others' running trials
+
+
 def run_trials(study: optuna.Study, objective, wanted: int, most_failed: int,
                lock: FileLock | AdvisoryLock, heartbeat_seconds: float | None = None) -> None:
     """Start trials until `wanted` are complete, pruned or running, counting every worker's, or until
@@ -164,7 +167,7 @@ def run_trials(study: optuna.Study, objective, wanted: int, most_failed: int,
                 waiting = running
                 lock.release()
                 held = False
-                time.sleep(heartbeat_seconds)
+                time.sleep(min(WAIT_POLL_SECONDS, heartbeat_seconds))  # a trial that ends is seen within it
                 continue
             study.optimize(started, n_trials=1, catch=(TrialFailed,), gc_after_trial=True,
                            callbacks=[lambda _, trial: ended.append(trial.state)])
