@@ -386,9 +386,9 @@ def unfreeze_all(model: keras.Model) -> None:
         layer.trainable = True
 
 
-def fresh_values(model: keras.Model, init: InitConfig) -> list | None:
-    """The freshly built model's trainable weights, which `shrink_and_perturb` draws on; None when the init
-    does not shrink or perturb (nothing is copied)."""
+def fresh_values(model: keras.Model, init: InitConfig) -> dict | None:
+    """The freshly built model's trainable weights by variable path, which `shrink_and_perturb` draws on; None
+    when the init does not shrink or perturb (nothing is copied)."""
     if init.shrink == 1.0 and init.perturb == 0.0:
         return None
     return {variable.path: variable.numpy() for variable in model.trainable_variables}

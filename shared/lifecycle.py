@@ -333,11 +333,11 @@ def prepare(task: Task, model_folder: Path | None = None, replicas: int = 1, sta
 
 
 def compile_phase(task: Task, trainer: keras.Model, model: keras.Model, module, data, epochs: int, lr_scale: float,
-             replicas: int) -> None:
+             replicas: int, rate_variable: bool = False) -> None:
     """The phase's trainer compiled with the task's objective and the optimizer of the phase's own schedule
-    (a schedule spans the phase, not the whole run)."""
+    (a schedule spans the phase, not the whole run); `rate_variable`: its rate a variable, for a kept trainer."""
     optim.compile_trainer(trainer, task.objective(model, module, data), _phase_train_config(task.config, epochs).train,
-                          data.steps_per_epoch, replicas, lr_scale)
+                          data.steps_per_epoch, replicas, lr_scale, rate_variable)
 
 
 def _compiled(task: Task, trainer: keras.Model, model: keras.Model, module, data, epochs: int, lr_scale: float,
@@ -345,16 +345,15 @@ def _compiled(task: Task, trainer: keras.Model, model: keras.Model, module, data
     """`compile_phase`, or with `keep` holding this model compiled already, its optimizer set for this run
     instead (carried in later, or zeroed as a new one would be) and its rate from this run's schedule. Returns
     the callbacks fit() needs for the rate (a `StepSchedule` whenever a trainer is kept)."""
+    if keep is None or not keep.holds(model):
+        compile_phase(task, trainer, model, module, data, epochs, lr_scale, replicas, rate_variable=keep is not None)
+    else:
+        keep.reused += 1
+        if not task.config.init.optimizer_state:
+            reset_optimizer(trainer.optimizer)
     if keep is None:
-        compile_phase(task, trainer, model, module, data, epochs, lr_scale, replicas)
         return []
     train = _phase_train_config(task.config, epochs).train
-    if not keep.holds(model):
-        return optim.compile_trainer(trainer, task.objective(model, module, data), train, data.steps_per_epoch,
-                                     replicas, lr_scale, rate_variable=True)
-    keep.reused += 1
-    if not task.config.init.optimizer_state:
-        reset_optimizer(trainer.optimizer)
     return [optim.StepSchedule(optim.learning_rate(train, data.steps_per_epoch, replicas, lr_scale))]
 
 
@@ -456,7 +455,7 @@ def _test_last_checkpoint(task: Task, run: runs.Run, data,
 def _holds_last_checkpoint(config: Config, stopped: bool) -> bool:
     """Whether a run's model in memory, once trained, is its last checkpoint in float32: a run that trained
     to its end (not stopped early, which may restore other weights) without EMA (whose averaged weights the
-    checkpoint holds) in float32, started afresh (a resumed run may hold a restored backup's weights)."""
+    checkpoint holds) in float32. Asked only of runs that keep a trainer, which never resume."""
     return not stopped and config.train.ema_momentum is None and config.train.precision == "float32"
 
 

@@ -186,14 +186,13 @@ def apply_weight_decay(model: keras.Model, train: TrainConfig) -> None:
 
 
 def compile_trainer(trainer: keras.Model, objective, train: TrainConfig, steps_per_epoch: int, replicas: int = 1,
-                    lr_scale: float = 1.0, rate_variable: bool = False) -> list:
+                    lr_scale: float = 1.0, rate_variable: bool = False) -> None:
     """Compile `trainer` with a task's objective (`shared.task.Objective`: losses, their weights, metrics) and
-    the optimizer `train:` describes, its schedule spanning `train.epochs` of `steps_per_epoch`. Returns the
-    callbacks fit() needs for it: with `rate_variable` (a trainer to keep), the `StepSchedule` of its rate."""
+    the optimizer `train:` describes, its schedule spanning `train.epochs` of `steps_per_epoch`; with
+    `rate_variable` (a trainer to keep) its rate is a variable, which fit() needs a `StepSchedule` to set."""
     trainer.compile(optimizer=make_optimizer(train, steps_per_epoch, replicas, lr_scale, rate_variable),
                     loss=objective.loss, loss_weights=objective.loss_weights, metrics=objective.metrics,
                     jit_compile=train.jit_compile)
     # Its slots now, not in the first traced step: variables made during a trace make TensorFlow trace the whole
     # train step a second time. Keras builds it early itself only under an explicit distribution strategy.
     trainer.optimizer.build(trainer.trainable_variables)
-    return [StepSchedule(learning_rate(train, steps_per_epoch, replicas, lr_scale))] if rate_variable else []
