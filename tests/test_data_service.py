@@ -5,13 +5,10 @@ from __future__ import annotations
 
 import collections
 import json
-import os
-import queue
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -21,38 +18,11 @@ import yaml
 from shared.config import from_dict
 from shared.errors import UserError
 
-from conftest import REPO, free_ports, tiny_tree
+from conftest import REPO, free_ports, load_script, tiny_tree
 
-# As a user runs them: TensorFlow's C++ log at the project's default (conftest lowers it for the test process)
-ENV = {**{key: value for key, value in os.environ.items() if key != "TF_CPP_MIN_LOG_LEVEL"}, "PYTHONPATH": str(REPO)}
-
-
-class Server:
-    """A `serve-data` process; `line` is the first line it printed (where it listens)."""
-
-    def __init__(self, *args: str, timeout: float = 120):
-        self.process = subprocess.Popen([sys.executable, "-m", "shared.runner", "serve-data", *args], cwd=REPO,
-                                        env=ENV, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        self.lines: queue.Queue = queue.Queue()
-        threading.Thread(target=self._read, daemon=True).start()
-        self.line = self.next_line(timeout)
-
-    def _read(self) -> None:
-        for line in self.process.stdout:
-            self.lines.put(line.rstrip("\n"))
-        self.lines.put(None)
-
-    def next_line(self, timeout: float = 60) -> str | None:
-        return self.lines.get(timeout=timeout)
-
-    def stop(self, sig: int = signal.SIGTERM) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-        try:
-            return self.process.wait(30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            return self.process.wait()
+# The benchmark's servers and reader (scripts/bench_service_share.py): one copy of each
+bench = load_script("bench_service_share")
+ENV, Server = bench.ENV, bench.Server
 
 
 @pytest.fixture
@@ -210,63 +180,9 @@ def test_serve_data_refuses_a_worker_without_a_dispatcher_that_answers_and_a_por
 
 
 # ---------------------------------------------------------------- reading through the service
-
-# A trainer reading a pipeline through the service: each example's "decoding" on a worker leaves a marker file
-# named by its id in MARKS (the workers are other processes); the ids the trainer received, on stdout.
-READER = """
-import json, sys
-import keras
-import tensorflow as tf
-from shared.config import from_dict
-from shared.data import make_datasets
-from shared.data.service import distribute_train, pipeline_id
-
-marks, address, mode, share, batches = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "share", int(sys.argv[5])
-passes = int(sys.argv[6]) or None  # 0: endless, as a training stream
-service = from_dict({"data": {"service": {"dispatcher": address, "mode": mode, "share": share}}}).data.service
-
-keras.utils.set_random_seed(0)  # as a run does (shared.lifecycle.prepare): the same graph in every process
-training = make_datasets(from_dict({"data": {"source": "synthetic", "image_size": 8, "num_classes": 2,
-                                             "synthetic_train": 16, "synthetic_test": 4}})).train
-
-def decode(index):
-    name = tf.strings.join([marks, "/", tf.strings.as_string(index), "-", tf.strings.as_string(
-        tf.timestamp(), precision=9), "-", tf.strings.as_string(tf.random.uniform([], maxval=2**31, dtype=tf.int64))])
-    with tf.control_dependencies([tf.io.write_file(name, "")]):
-        return tf.identity(index)
-
-pipeline = tf.data.Dataset.range(64).shuffle(64, seed=1).repeat(passes).map(decode).batch(4)
-stream = distribute_train(pipeline, service)
-# a job's workers each batch their part: its last batches may be short, so a finite job is read by its elements
-stream = stream.unbatch().take(64 * passes).batch(4) if passes else stream.take(batches)
-read = [int(i) for batch in stream for i in batch.numpy()]
-print(json.dumps({"ids": read, "pipeline": pipeline_id(pipeline), "training": pipeline_id(training)}))
-"""
-
-
-def _read(marks: Path, address: str, mode: str, batches: int, share: bool = False,
-          passes: int = 0) -> subprocess.Popen:
-    """The READER on the ids 0-63, shuffled each pass, batched by 4: endless, `batches` batches read; or
-    `passes` passes, read whole (the service's stream is endless: the elements of the first job only)."""
-    return subprocess.Popen([sys.executable, "-c", READER, str(marks), address, mode, "share" if share else "-",
-                             str(batches), str(passes)], cwd=REPO, env=ENV, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-
-
-def _decodes(marks: Path) -> collections.Counter:
-    """Decodes per example id, once the workers' prefetching has settled."""
-    counts, previous = None, -1
-    while counts is None or sum(counts.values()) != previous:
-        previous = -1 if counts is None else sum(counts.values())
-        time.sleep(2)
-        counts = collections.Counter(int(path.name.split("-")[0]) for path in marks.iterdir())
-    return counts
-
-
-def _result(process: subprocess.Popen) -> dict:
-    out, err = process.communicate(timeout=300)
-    assert process.returncode == 0, err[-3000:]
-    return json.loads(out.strip().splitlines()[-1])
+# The benchmark's READER: each example's "decoding" on a worker leaves a marker file named by its id (or its
+# element of the stream) in MARKS (the workers are other processes); the elements a trainer received, on stdout.
+_read, _decodes, _result = bench.read, bench.decodings, bench.result
 
 
 @pytest.mark.slow
@@ -278,7 +194,7 @@ def test_distributed_epoch_reads_each_example_once_a_pass(cluster, tmp_path):
     # A pipeline of three passes, read to its last element: the job's whole output. An endless stream read part way
     # says little of the passes (ids the dispatcher dealt ahead to a worker are undecoded when the reader stops:
     # 2 to 5 decodes of one id in one loaded run); a finished job must hold every id exactly once a pass.
-    read = _result(_read(marks, cluster.address, "distributed_epoch", batches=0, passes=3))["ids"]
+    read = _result(_read(marks, cluster.address, "distributed_epoch", batches=0, passes=3))["elements"]
     assert collections.Counter(read) == {index: 3 for index in range(64)}
     assert min(_decodes(marks).values()) >= 3  # decoded on the workers (the stream read again may start anew)
 
@@ -296,20 +212,25 @@ def test_parallel_epochs_workers_read_the_whole_stream_each(cluster, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_shared_job_decodes_each_image_once_for_two_concurrent_trainers(cluster, tmp_path):
+def test_a_shared_job_decodes_each_element_once_for_two_concurrent_trainers(cluster, tmp_path):
+    """Elements tagged with their place in the stream: with `share` each is decoded once however many trainers
+    read it (without, each trainer's job decodes the stream anew, twice for two trainers: in
+    scripts/bench_service_share.py's table)."""
     cluster.dispatcher()
     cluster.worker()
     marks = tmp_path / "marks"
     marks.mkdir()
-    readers = [_read(marks, cluster.address, "parallel_epochs", batches=32, share=True) for _ in range(2)]
+    readers = [_read(marks, cluster.address, "parallel_epochs", batches=32, share=True, places=True)
+               for _ in range(2)]
     first, second = (_result(reader) for reader in readers)
     # built in two processes: the same job, and the same id for a run's training pipeline
     assert first["pipeline"] == second["pipeline"] and first["training"] == second["training"]
-    for result in (first, second):
-        assert len(result["ids"]) == 128 and set(result["ids"]) == set(range(64))  # each read two passes
+    for result in (first, second):  # 128 elements in a row of the stream hold a whole pass
+        assert len(result["elements"]) == 128 and {e % bench.IDS for e in result["elements"]} == set(range(64))
     decoded = _decodes(marks)
-    # the two trainers read 256 examples between them; the worker decoded each once per pass it made
-    assert sum(decoded.values()) < 256 and max(decoded.values()) - min(decoded.values()) <= 1, decoded
+    assert set(first["elements"]) | set(second["elements"]) <= set(decoded)  # read only what a worker decoded
+    assert max(decoded.values()) == 1, decoded.most_common(3)
+    assert set(first["elements"]) & set(second["elements"])  # one stream: they read the same elements
 
 
 # ---------------------------------------------------------------- training runs
