@@ -7,7 +7,8 @@ trial (user attribute `run`). The study lives in an SQL database (default
 `sqlite:///<run.dir>/tuning.db`), so
 
 - rerunning the same command resumes it: only the trials still missing run (completed and pruned
-  ones count);
+  ones count; a proposal of values already measured reuses their figures and does not count, and 30 such in a
+  row end the study; a space of finitely many points trains at most that many);
 - several processes given the same storage share the study: started together, they create it one
   at a time (a lock beside the SQLite or journal file, or on the PostgreSQL server), each draws its own
   seed stream, they start no more than tune.trials between them, and values one worker is training
@@ -92,9 +93,12 @@ def tune(config: Config, argv: list[str] | None = None) -> dict:
                 raise UserError(f"tune.sampler is grid but tune.space.{key} is a float range; a grid needs "
                                 f"finite values: use {{choice: [...]}} or an int range, or sampler tpe / random")
             grid[key] = values
-        size = math.prod(len(values) for values in grid.values())
+    finite = [grid_values(distribution) for distribution in space.values()]
+    if all(values is not None for values in finite):  # a space of so many points trains no more runs
+        size = math.prod(len(values) for values in finite)
         if wanted > size:
-            print(f"note: tune.trials is {wanted} but the grid has {size} points; running {size}", flush=True)
+            print(f"note: tune.trials is {wanted} but the {'grid' if grid is not None else 'space'} has {size} "
+                  f"points; running {size}", flush=True)
             wanted = size
     url = storage_url(config)
     single = len(objectives) == 1
@@ -128,19 +132,20 @@ def tune(config: Config, argv: list[str] | None = None) -> dict:
     return summary
 
 
+REPEATS_IN_A_ROW = 30  # proposals of measured values in a row that end a study short of tune.trials
 WAIT_POLL_SECONDS = 1.0  # how often a worker with nothing left to start looks at the others' running trials
 
 
 def run_trials(study: optuna.Study, objective, wanted: int, most_failed: int,
                lock: FileLock | AdvisoryLock, heartbeat_seconds: float | None = None) -> None:
-    """Start trials until `wanted` are complete, pruned or running, counting every worker's, or until
-    `most_failed` of those started here have failed (failed trials do not count towards `wanted`: a study
-    whose every trial fails would never end). The count and the new trial are one step under the study
-    lock, so workers together never start more than `wanted`; a trial of a worker that died (its heartbeat
-    stale) is failed before the count, so its queued retry runs instead of being counted as running. With
-    heartbeats (`heartbeat_seconds`, SQL storages), a worker that finds the count reached while other workers'
-    trials still run waits until they end or go stale: a dead worker's trial is then retried here, not left
-    RUNNING in a study every live worker has left."""
+    """Start trials until `wanted` are complete, pruned or running, counting every worker's (those that reused an
+    earlier trial's figures do not count), or until `most_failed` of those started here have failed (failed trials
+    do not count towards `wanted`: a study whose every trial fails would never end). The count and the new trial are
+    one step under the study lock, so workers together never start more than `wanted`; a trial of a worker that died
+    (its heartbeat stale) is failed before the count, so its queued retry runs instead of being counted as running.
+    With heartbeats (`heartbeat_seconds`, SQL storages), a worker that finds the count reached while other workers'
+    trials still run waits until they end or go stale: a dead worker's trial is then retried here, not left RUNNING
+    in a study every live worker has left. REPEATS_IN_A_ROW reused trials in a row end it too."""
     ended: list[TrialState] = []
     waiting = None
     while ended.count(TrialState.FAIL) < most_failed:
@@ -156,6 +161,11 @@ def run_trials(study: optuna.Study, objective, wanted: int, most_failed: int,
         try:
             with quiet_experimental():  # a dead worker's trial counts no more: failed, and queued again
                 optuna.storages.fail_stale_trials(study)
+            repeats = _repeats_in_a_row(study)
+            if repeats >= REPEATS_IN_A_ROW:  # the sampler keeps to measured points: what it finds is found
+                print(f"study {study.study_name}: the last {repeats} trials proposed values already measured; "
+                      f"ending with {_counted_trials(study)} of {wanted} trials trained", flush=True)
+                return
             if _counted_trials(study) >= wanted:
                 running = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
                 if not running or heartbeat_seconds is None:
@@ -177,8 +187,21 @@ def run_trials(study: optuna.Study, objective, wanted: int, most_failed: int,
 
 
 def _counted_trials(study: optuna.Study) -> int:
-    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED,
-                                                        TrialState.RUNNING)))
+    """The trials that count towards tune.trials: those that trained (complete or pruned) or are running. A
+    proposal of values already measured reuses their figures and trains nothing, so it does not count: a small
+    NSGA-II population proposes its best parent again and again, which would end a study trials short."""
+    return sum("same_as" not in trial.user_attrs for trial in study.get_trials(
+        deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)))
+
+
+def _repeats_in_a_row(study: optuna.Study) -> int:
+    """How many of the study's newest finished trials in a row reused an earlier trial's figures."""
+    count = 0
+    for trial in reversed(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))):
+        if "same_as" not in trial.user_attrs:
+            break
+        count += 1
+    return count
 
 
 def _check_same_objectives(study: optuna.Study, objectives: list[Objective], url: str) -> None:

@@ -266,7 +266,7 @@ def test_nsga2_study_gives_a_pareto_front(tmp_path, tiny_model, capsys):
 
     study = stored_study(config, "tiny-tune")
     complete = study.get_trials(states=(TrialState.COMPLETE,))
-    assert len(complete) == 4
+    assert len([t for t in complete if "same_as" not in t.user_attrs]) == 4  # a proposal again does not count
     for trial in complete:
         params = 32 * trial.params["model.width"] + 4
         assert trial.values[1] == params
@@ -276,7 +276,7 @@ def test_nsga2_study_gives_a_pareto_front(tmp_path, tiny_model, capsys):
     for trial in repeats:
         earlier = study.trials[trial.user_attrs["same_as"]]
         assert earlier.params == trial.params and earlier.user_attrs["run"] == trial.user_attrs["run"]
-    assert len(all_runs(tmp_path / "runs", "tiny")) == 4 - len(repeats)
+    assert len(all_runs(tmp_path / "runs", "tiny")) == 4
     front = {t.number for t in study.best_trials if "same_as" not in t.user_attrs}
     assert front and {b["trial"] for b in result["best"]} == front
     assert all(t.values[1] <= bound for t in study.best_trials)  # infeasible trials are never best
@@ -290,6 +290,49 @@ def test_nsga2_study_gives_a_pareto_front(tmp_path, tiny_model, capsys):
         assert f"trial {best['trial']}" in recipe.run.notes
         assert "tune" not in yaml.safe_load(best["config"].read_text())
         assert str(best["run"]) in out
+
+
+def test_proposals_of_measured_values_do_not_count_and_a_sampler_stuck_on_them_ends_the_study(
+        tmp_path, monkeypatch, capsys):
+    """run_trials' count (shared.tuning.trial's objective marks a reused trial `same_as`, as this one does)."""
+    from shared.locks import FileLock
+
+    monkeypatch.setattr(tune_module, "REPEATS_IN_A_ROW", 5)
+    sampler = optuna.samplers.PartialFixedSampler({"x": 1}, optuna.samplers.RandomSampler(seed=0))  # stuck on 1
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'studies.db'}", study_name="s", sampler=sampler)
+    for x in (1, 1, 1, 2, 3):  # as a small NSGA-II population proposes its best parent again and again
+        study.enqueue_trial({"x": x})
+
+    def objective(trial: optuna.Trial) -> float:
+        x = trial.suggest_categorical("x", [1, 2, 3])
+        earlier = next((t for t in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                        if t.params == {"x": x}), None)
+        if earlier is not None:
+            trial.set_user_attr("same_as", earlier.number)
+            return earlier.value
+        return float(x)
+
+    lock = FileLock(tmp_path / "studies.lock")
+    tune_module.run_trials(study, objective, wanted=3, most_failed=3, lock=lock)
+    assert [t.params["x"] for t in study.trials] == [1, 1, 1, 2, 3]  # three trained: two reuses did not count
+    assert tune_module._counted_trials(study) == 3
+    assert "ending" not in capsys.readouterr().out
+
+    tune_module.run_trials(study, objective, wanted=4, most_failed=1, lock=lock)  # only 1 is proposed now
+    assert [t.params["x"] for t in study.trials] == [1, 1, 1, 2, 3] + [1] * 5
+    assert capsys.readouterr().out == ("study s: the last 5 trials proposed values already measured; ending with "
+                                       "3 of 4 trials trained\n")
+
+
+@pytest.mark.slow
+def test_a_space_of_fewer_points_than_trials_trains_each_point_once(tmp_path, tiny_model, capsys):
+    config = study_config(tmp_path, tiny_model, study="few", sampler="random", trials=5,
+                          space={"train.lr.base": {"choice": [0.05]}, "train.epochs": {"int": [1, 2]}})
+    result = tune_module.tune(config)
+    assert "note: tune.trials is 5 but the space has 2 points; running 2" in capsys.readouterr().out
+    trained = [t for t in stored_study(config, "few").trials if "same_as" not in t.user_attrs]
+    assert sorted(t.params["train.epochs"] for t in trained) == [1, 2]
+    assert len(all_runs(tmp_path / "runs", "tiny")) == 2 and result["best"]
 
 
 @pytest.mark.slow
@@ -361,14 +404,15 @@ def test_values_another_worker_is_training_are_waited_for_and_reused(tmp_path, t
 
     monkeypatch.setattr(tune_trial, "WAIT_S", 0.1)
     config = study_config(tmp_path, tiny_model, study="twins", sampler="random", trials=2,
-                          space={"train.lr.base": {"choice": [0.05]}})
-    # Another worker's trial, training the only point there is: RUNNING, its values claimed.
+                          space={"train.lr.base": {"choice": [0.05, 0.01]}})
+    # Another worker's trial, training 0.05: RUNNING, its values claimed; our first trial proposes them too.
     storage = open_storage(storage_url(config))
     study = optuna.create_study(storage=storage, study_name="twins", direction="maximize")
     tune_module._check_same_objectives(study, parse_objectives(config), storage_url(config))
-    other = study.ask({"train.lr.base": CategoricalDistribution([0.05])})
+    other = study.ask({"train.lr.base": CategoricalDistribution([0.05, 0.01])})
     other.set_user_attr(tune_trial.CLAIM, True)
     storage.record_heartbeat(other._trial_id)
+    study.enqueue_trial({"train.lr.base": 0.05})
 
     def other_worker_finishes():
         time.sleep(3.0)  # long after our trial has started waiting
@@ -381,10 +425,13 @@ def test_values_another_worker_is_training_are_waited_for_and_reused(tmp_path, t
     result = tune_module.tune(config)
     finishing.join()
     trials = stored_study(config, "twins").trials
-    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.COMPLETE]
+    assert {t.state for t in trials} == {TrialState.COMPLETE} and result["trials"]["complete"] == len(trials)
     assert trials[1].user_attrs["same_as"] == 0 and trials[1].user_attrs["run"] == "runs/tiny/v0042"
-    assert trials[1].values == [0.5] and result["trials"]["complete"] == 2
-    assert not (tmp_path / "runs" / "tiny").exists()  # nothing trained twice
+    assert trials[1].values == [0.5]
+    # the reuse counted for nothing: the study went on to train the other value, and nothing twice
+    trained = [t for t in trials if "same_as" not in t.user_attrs]
+    assert [t.params["train.lr.base"] for t in trained] == [0.05, 0.01]
+    assert [str(run.path) for run in all_runs(tmp_path / "runs", "tiny")] == [trained[1].user_attrs["run"]]
 
 
 @pytest.mark.slow
@@ -393,21 +440,24 @@ def test_a_trial_waiting_for_a_worker_that_died_trains_the_values_itself(tmp_pat
                                                                        capsys):
     monkeypatch.setattr(tune_trial, "WAIT_S", 0.2)
     config = study_config(tmp_path, tiny_model, study="orphan", sampler="random", trials=2,
-                          space={"train.lr.base": {"choice": [0.05]}},
+                          space={"train.lr.base": {"choice": [0.05, 0.01]}},
                           heartbeat_seconds=1)  # stale after 2 s instead of 2 minutes
     storage = open_storage(storage_url(config), heartbeat_seconds=1)
     study = optuna.create_study(storage=storage, study_name="orphan", direction="maximize")
-    dead = study.ask({"train.lr.base": CategoricalDistribution([0.05])})
+    dead = study.ask({"train.lr.base": CategoricalDistribution([0.05, 0.01])})
     dead.set_user_attr(tune_trial.CLAIM, True)
     storage.record_heartbeat(dead._trial_id)  # its last beat: the worker dies now, mid-training
+    study.enqueue_trial({"train.lr.base": 0.05})  # our first trial proposes the dead one's values
 
     result = tune_module.tune(config)
     assert "trial 1: trial 0 is training the same values; waiting for its figures" in capsys.readouterr().out
     trials = stored_study(config, "orphan").trials
     # Ours waited, saw the dead trial fail, trained the values; the dead one's retry reused ours.
-    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
+    assert trials[0].state == TrialState.FAIL and {t.state for t in trials[1:]} == {TrialState.COMPLETE}
     assert "same_as" not in trials[1].user_attrs and trials[2].user_attrs["same_as"] == 1
-    assert result["trials"]["complete"] == 2 and len(all_runs(tmp_path / "runs", "tiny")) == 1
+    trained = [t for t in trials[1:] if "same_as" not in t.user_attrs]
+    assert sorted(t.params["train.lr.base"] for t in trained) == [0.01, 0.05]
+    assert result["trials"]["complete"] == len(trials) - 1 and len(all_runs(tmp_path / "runs", "tiny")) == 2
 
 
 @pytest.mark.slow
