@@ -84,6 +84,7 @@ def tower_gain(net: keras.Model, into_class_output: str) -> float:
     return float(np.std(after) / np.std(before))
 
 
+@pytest.mark.slow
 def test_ssdlite_keeps_the_signal_that_the_unnormalized_depthwise_head_shrinks():
     # detect.yaml's head width and depth: three depthwise 3x3 from the pyramid sum to the class output
     ssdlite = tower_gain(detector("ssdlite", 32, 2), "head_class_output_depthwise")

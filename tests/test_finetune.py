@@ -51,6 +51,7 @@ def assert_backbone_copied(model, source, head: set) -> None:
             np.testing.assert_array_equal(ours, theirs, err_msg=layer.name)
 
 
+@pytest.mark.slow
 def test_run_weights_fill_the_backbone_and_the_new_head_keeps_its_initialization(trained_run):
     run, _ = trained_run
     source = resnet.build(4, SHAPE, **TINY_RESNET)

@@ -75,11 +75,13 @@ def runs_of(client, folder: Path) -> list:
             if run.data.tags.get(mlflow_log.RUN_FOLDER_TAG) == str(folder.resolve())]
 
 
+@pytest.mark.slow
 def test_each_epoch_is_logged_at_its_end(tracked):
     _, probe = tracked
     assert probe.seen == [(1, "RUNNING"), (2, "RUNNING")]
 
 
+@pytest.mark.slow
 def test_a_tracked_run_says_where_it_was_logged(tmp_path, tracked_run, capsys):
     uri = mlflow_log.default_uri(tracked_run.path.parent.parent)
     train(tiny_config(tmp_path, epochs=1, track="mlflow", track_uri=uri), argv=["pytest"])
@@ -87,6 +89,7 @@ def test_a_tracked_run_says_where_it_was_logged(tmp_path, tracked_run, capsys):
     assert f"logged to MLflow at {uri}: run {logged.info.run_id}" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_a_tracked_run_is_logged_at_its_end(tracked_run):
     assert (tracked_run.path.parent.parent / "mlflow.db").is_file()  # the default: a store in the runs root
     client = client_of(tracked_run)
@@ -113,6 +116,7 @@ def test_a_tracked_run_is_logged_at_its_end(tracked_run):
     assert logged.info.artifact_uri.startswith((tracked_run.path.parent.parent / "mlartifacts" / "tiny").as_uri())
 
 
+@pytest.mark.slow
 def test_logging_into_a_new_store_says_one_line(tracked_run, tmp_path, capfd):
     uri = f"sqlite:///{tmp_path / 'new' / 'mlflow.db'}"
     assert runs.main(["log-to-mlflow", str(tracked_run.path), "--uri", uri]) == 0
@@ -121,6 +125,7 @@ def test_logging_into_a_new_store_says_one_line(tracked_run, tmp_path, capfd):
     assert len(lines) == 1 and lines[0].endswith(f" in {uri}"), lines  # not MLflow's table-creation lines too
 
 
+@pytest.mark.slow
 def test_logging_again_updates_the_same_mlflow_run(tracked_run, capsys):
     client = client_of(tracked_run)
     (before,) = runs_of(client, tracked_run.path)
@@ -134,6 +139,7 @@ def test_logging_again_updates_the_same_mlflow_run(tracked_run, capsys):
     assert after.data.metrics["test.by_view.flip.top1"] == 0.5
 
 
+@pytest.mark.slow
 def test_a_tune_trial_is_a_child_of_its_study_run(tracked_run, tmp_path):
     """A trial's run (its notes begin with the trial tag) nests under the study's run, one per study."""
     uri = mlflow_log.default_uri(tracked_run.path.parent.parent)  # the store exists: no new database to set up
@@ -153,6 +159,7 @@ def test_a_tune_trial_is_a_child_of_its_study_run(tracked_run, tmp_path):
     assert len(logged_runs(client, "studied")) == 1 + 2  # the study and its two trials
 
 
+@pytest.mark.slow
 def test_the_mlflow_status_follows_the_folders(tracked_run, tmp_path):
     """Interrupted: KILLED; resumed: RUNNING again; finished: FINISHED."""
     folder = tmp_path / "followed" / "v0001"
@@ -164,6 +171,7 @@ def test_the_mlflow_status_follows_the_folders(tracked_run, tmp_path):
         assert client.get_run(mlflow_log.log_run(folder, uri, files=False)).info.status == expected
 
 
+@pytest.mark.slow
 def test_workers_that_create_a_study_run_at_once_keep_one(tracked_run, monkeypatch):
     """Another worker's study run, not yet found when this one looked: this one's is deleted, the earlier kept."""
     client = client_of(tracked_run)
@@ -218,6 +226,7 @@ def test_a_pruned_trial_ends_killed_in_mlflow(tmp_path, monkeypatch):
     assert trial.info.status == "KILLED" and len(trial.data.metrics) > 0
 
 
+@pytest.mark.slow
 def test_a_tracking_server_that_does_not_answer_is_one_warning(tracked_run, tmp_path, capsys):
     folder = tmp_path / "tiny" / "v0001"
     shutil.copytree(tracked_run.path, folder)
@@ -246,6 +255,7 @@ class FailAtSecondEpoch(keras.callbacks.Callback):
             raise RuntimeError("a failure in the second epoch")
 
 
+@pytest.mark.slow
 def test_a_run_that_fails_ends_failed_in_mlflow(tracked_run, tmp_path):
     uri = mlflow_log.default_uri(tracked_run.path.parent.parent)  # the store exists: no new database to set up
     with pytest.raises(RuntimeError, match="second epoch"):
@@ -255,6 +265,7 @@ def test_a_run_that_fails_ends_failed_in_mlflow(tracked_run, tmp_path):
     assert logged.info.status == "FAILED" and logged.data.metrics["loss"] > 0  # its first epoch logged
 
 
+@pytest.mark.slow
 def test_without_the_extra_tracking_is_refused_in_one_line(tmp_path, tracked_run, monkeypatch):
     real_import = builtins.__import__
 

@@ -228,6 +228,7 @@ def test_a_class_named_like_a_split_folder_is_a_class(tmp_path):
     assert source.class_names == ["test", "train"] and source.num_test == 2
 
 
+@pytest.mark.slow
 def test_recorded_split_is_read_back_after_images_were_added(tmp_path):
     root = make_class_folders(tmp_path / "imgs", {"cat": 6, "dog": 6})
     config = data_config(tmp_path, root, val_fraction=0.2)

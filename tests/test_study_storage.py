@@ -139,6 +139,7 @@ def test_two_machines_share_a_postgres_study_and_a_killed_worker_s_trial_is_run_
     assert "trial" in out
 
 
+@pytest.mark.slow
 def test_the_study_lock_on_a_server_is_one_lock_for_every_worker(postgres_url, tmp_path, one_conv_model):
     config = load_config(recipe(one_conv_model, tmp_path / "runs", postgres_url))
     first, second = study_lock(config, postgres_url), study_lock(config, postgres_url)
@@ -194,6 +195,7 @@ def test_two_workers_share_a_journal_study(tmp_path, one_conv_model):
     assert (journal.parent / "shared-history.png").is_file()  # the study's plot too
 
 
+@pytest.mark.slow
 def test_a_journal_study_resumes(tmp_path, one_conv_model):
     journal = tmp_path / "studies.log"
     config = load_config(recipe(one_conv_model, tmp_path / "runs", f"journal:{journal}", trials=1))

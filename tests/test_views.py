@@ -68,6 +68,7 @@ def test_googlenet_crops_include_each_square_resized_whole():
     assert tuple(crops[12, 0, 0, :2]) == (0, 42)  # the centre square's top-left corner crop
 
 
+@pytest.mark.slow
 def test_a_run_tested_with_views_records_and_lists_them(trained_run, tmp_path, capsys):
     source, _ = trained_run
     run_dir = tmp_path / "resnet" / "v0001"
