@@ -409,8 +409,10 @@ def test_values_another_worker_is_training_are_waited_for_and_reused(tmp_path, t
     storage = open_storage(storage_url(config))
     study = optuna.create_study(storage=storage, study_name="twins", direction="maximize")
     tune_module._check_same_objectives(study, parse_objectives(config), storage_url(config))
+    study.enqueue_trial({"train.lr.base": 0.05})  # what `ask` takes: the value is not drawn
     other = study.ask({"train.lr.base": CategoricalDistribution([0.05, 0.01])})
     other.set_user_attr(tune_trial.CLAIM, True)
+    assert other.params == {"train.lr.base": 0.05}
     storage.record_heartbeat(other._trial_id)
     study.enqueue_trial({"train.lr.base": 0.05})
 
@@ -444,8 +446,10 @@ def test_a_trial_waiting_for_a_worker_that_died_trains_the_values_itself(tmp_pat
                           heartbeat_seconds=1)  # stale after 2 s instead of 2 minutes
     storage = open_storage(storage_url(config), heartbeat_seconds=1)
     study = optuna.create_study(storage=storage, study_name="orphan", direction="maximize")
+    study.enqueue_trial({"train.lr.base": 0.05})  # what `ask` takes: the value is not drawn
     dead = study.ask({"train.lr.base": CategoricalDistribution([0.05, 0.01])})
     dead.set_user_attr(tune_trial.CLAIM, True)
+    assert dead.params == {"train.lr.base": 0.05}
     storage.record_heartbeat(dead._trial_id)  # its last beat: the worker dies now, mid-training
     study.enqueue_trial({"train.lr.base": 0.05})  # our first trial proposes the dead one's values
 
