@@ -248,13 +248,13 @@ class LoopConfig(DeeplyFrozen):
     """Training in the loop (`python -m shared.runner loop`): rounds of new annotations -> finetune -> export."""
     dir: str | None = None  # the loop's folder (data, state, rounds.csv); None: <run.dir>/loops/<model>-<recipe stem>
     steps: int = 100  # training steps per round, over all examples so far (rounded up to whole equal epochs)
-    passes: float | None = None  # a round trains for about passes x its examples / train.batch_size steps,
+    passes: float | None = 10.0  # a round trains for about passes x its examples / train.batch_size steps,
     # at least loop.steps (steps grow with the annotations: the last round, with every label, gets the most);
-    # null: loop.steps every round
-    schedule: str = field(default="cosine", metadata={"choices": ("cosine", "constant", "restart")})  # rounds
-    # after the first continue the previous round's training (its weights and optimizer state) at lr_scale x the
-    # recipe's rate: cosine, decaying to 0 within each round; constant; restart: each round the recipe's whole
-    # schedule from a fresh optimizer (the first round always is)
+    # null: loop.steps every round. 10 with restart: the last round within a point of one run (docs/loop.md)
+    schedule: str = field(default="restart", metadata={"choices": ("cosine", "constant", "restart")})  # restart:
+    # each round the recipe's whole schedule from the previous round's weights and a fresh optimizer (the first
+    # round always is); rounds after the first continue the previous round's training (its weights and optimizer
+    # state) at lr_scale x the recipe's rate: cosine, decaying to 0 within each round; constant
     lr_scale: float = 0.3  # cosine, constant: the continued rounds' rate, a fraction of the recipe's base rate
     shrink: float = 1.0  # rounds after the first: init.shrink and init.perturb (shrink and perturb the previous
     perturb: float = 0.0  # round's weights towards a fresh initialization); 1.0 and 0.0: off

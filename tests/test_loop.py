@@ -97,7 +97,9 @@ def classification_recipe(tmp_path: Path, tree: dict, **loop) -> Path:
     (held_out / "eval.jsonl").parent.mkdir(parents=True, exist_ok=True)
     (held_out / "eval.jsonl").write_text("\n".join(classification_lines(held_out, 1000, 8)) + "\n")
     recipe = {**tree, "run": {"dir": str(tmp_path / "runs"), "notes": "recipe notes"},
-              "loop": {"steps": 4, "eval": str(held_out / "eval.jsonl"), "tolerance": None, **loop}}
+              # continued rounds of loop.steps (not the defaults, restart and loop.passes): what these tests check
+              "loop": {"steps": 4, "eval": str(held_out / "eval.jsonl"), "tolerance": None, "schedule": "cosine",
+                       "passes": None, **loop}}
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
     return path
