@@ -122,9 +122,9 @@ def test_rounds_after_the_first_continue_the_previous_rounds_training(source):
     from shared.loop.rounds import continued_schedule
 
     run, tree, _ = source
-    config = load_config(tree={**tree, "loop": {"lr_scale": 0.5}})
+    config = load_config(tree={**tree, "loop": {"lr_scale": 0.5, "schedule": "cosine"}})
     assert continued_schedule(config, None) == {}  # the first round: the recipe's own schedule from --from
-    assert continued_schedule(load_config(tree={**tree, "loop": {"schedule": "restart"}}), str(run.path)) == {}
+    assert continued_schedule(load_config(tree=tree), str(run.path)) == {}  # restart, the default: none either
     changes = continued_schedule(config, str(run.path))
     assert changes == {"init.optimizer_state": True, "train.lr.start_step": STEPS, "train.lr.schedule": "cosine",
                        "train.lr.base": pytest.approx(0.025), "train.lr.base_batch_size": None,
