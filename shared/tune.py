@@ -84,18 +84,16 @@ def tune(config: Config, argv: list[str] | None = None) -> dict:
     check_metric_needs(config, {o.metric for o in objectives} | set(constraints), space)
     name = study_name(config)
     wanted = settings.trials
+    points = {key: grid_values(distribution) for key, distribution in space.items()}  # None: a float range
     grid = None
     if settings.sampler == "grid":
-        grid = {}
-        for key, distribution in space.items():
-            values = grid_values(distribution)
-            if values is None:
-                raise UserError(f"tune.sampler is grid but tune.space.{key} is a float range; a grid needs "
-                                f"finite values: use {{choice: [...]}} or an int range, or sampler tpe / random")
-            grid[key] = values
-    finite = [grid_values(distribution) for distribution in space.values()]
-    if all(values is not None for values in finite):  # a space of so many points trains no more runs
-        size = math.prod(len(values) for values in finite)
+        floats = [key for key, values in points.items() if values is None]
+        if floats:
+            raise UserError(f"tune.sampler is grid but tune.space.{floats[0]} is a float range; a grid needs "
+                            f"finite values: use {{choice: [...]}} or an int range, or sampler tpe / random")
+        grid = points
+    if all(values is not None for values in points.values()):  # a space of so many points trains no more runs
+        size = math.prod(len(values) for values in points.values())
         if wanted > size:
             print(f"note: tune.trials is {wanted} but the {'grid' if grid is not None else 'space'} has {size} "
                   f"points; running {size}", flush=True)
