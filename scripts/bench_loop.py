@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -405,7 +406,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="a recipe override for the loop's rounds and the one run alike (repeatable)")
     parser.add_argument("--seeds", default="0", metavar="S,S,...",
                         help="train.seed of the rounds and the one run, one bench each (default 0; the source run "
-                             "is trained once)")
+                             "is trained once; with several, each seed's bench runs in a process of its own)")
     parser.add_argument("--orders", metavar="ORDER,ORDER,...",
                         help="instead: active learning, classification, the annotator labelling a pool in each order "
                              "(e.g. uncertainty,random: the last is the baseline)")
@@ -456,6 +457,21 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
+def bench_in_child(args: argparse.Namespace, task: str, seed: int, source: Path, where: Path) -> dict:
+    """One seed's bench (`bench`) in a new process: the rounds of a loop and its one run share a process, but no
+    seed inherits the models, traces and memory of the seeds before it. Returns the summary it wrote."""
+    command = [sys.executable, __file__, "--task", task, "--seeds", str(seed), "--from", str(source),
+               "--out-dir", str(where)]
+    for name in ("rounds", "per_round", "steps", "holdout"):
+        if getattr(args, name) is not None:
+            command += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
+    for change in args.changes:
+        command += ["--set", change]
+    if subprocess.run(command).returncode != 0:
+        raise SystemExit(f"error: the bench of seed {seed} failed (its output is above)")
+    return json.loads((where / task / "bench_loop.json").read_text())
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     out = (args.out_dir or Path(tempfile.mkdtemp(prefix="bench-loop-"))).resolve()
@@ -467,12 +483,16 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, list[dict]] = {}
     for task in tasks:
         sizes = {name: getattr(args, name) or default for name, default in DEFAULTS[task].items()}
+        if len(seeds) > 1 and source is None:  # every seed and both tasks start from the same run
+            source = train_source(out, DEFAULTS["classification"]["holdout"] if task == "detection"
+                                  else sizes["holdout"])
         for seed in seeds:
-            where = out if len(seeds) == 1 else out / f"seed-{seed}"
-            changes = (*args.changes, f"train.seed={seed}")
-            summary = bench(task, source=source, out=where, changes=changes, **sizes)
+            if len(seeds) == 1:
+                summary = bench(task, source=source, out=out, changes=(*args.changes, f"train.seed={seed}"), **sizes)
+            else:  # each seed's loop in a process of its own, as `loop --watch` runs one loop a process
+                summary = bench_in_child(args, task, seed, source, out / f"seed-{seed}")
             summary["seed"] = seed
-            source = Path(summary["source"])  # every seed and both tasks start from the same run
+            source = Path(summary["source"])
             results.setdefault(task, []).append(summary)
             print(table(summary), flush=True)
     print(f"\nCPU: {cpu_line()}")

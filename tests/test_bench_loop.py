@@ -86,3 +86,31 @@ def test_the_orders_table_says_how_many_labels_an_order_needs_to_reach_the_basel
     assert "| 2 | 1000 | 0.7900 | 0.7000 | 0.7800 |" in table
     assert "uncertainty reaches random's final 0.8200 (2000 labels) at round 3: 1500 labels, 75 % of them" in table
     assert "margin reaches random's final 0.8200 (2000 labels) in no round" in table
+
+
+def test_each_seed_of_several_runs_in_a_process_of_its_own_with_the_benchs_settings(tmp_path, monkeypatch):
+    import json
+    import subprocess
+    from pathlib import Path
+
+    bench = load_script("bench_loop")
+    calls = []
+
+    def child(command, **kwargs):  # what the child would write: its summary, where the parent reads it
+        calls.append(command)
+        where = Path(command[command.index("--out-dir") + 1])
+        (where / "classification").mkdir(parents=True)
+        (where / "classification" / "bench_loop.json").write_text(json.dumps({"source": "SRC", "seed": None}))
+        return subprocess.CompletedProcess(command, 0)
+
+    monkeypatch.setattr(bench.subprocess, "run", child)
+    args = bench.parse_args(["--task", "classification", "--rounds", "2", "--set", "loop.passes=3",
+                             "--seeds", "0,1", "--from", "SRC"])
+    summaries = [bench.bench_in_child(args, "classification", seed, Path("SRC"), tmp_path / f"seed-{seed}")
+                 for seed in (0, 1)]
+    assert [summary["source"] for summary in summaries] == ["SRC", "SRC"]
+    for seed, command in zip((0, 1), calls):
+        tail = command[2:]
+        assert tail[tail.index("--seeds") + 1] == str(seed) and tail[tail.index("--from") + 1] == "SRC"
+        assert tail[tail.index("--rounds") + 1] == "2" and tail[tail.index("--set") + 1] == "loop.passes=3"
+        assert "--per-round" not in tail  # unset: the child's own default
