@@ -88,6 +88,15 @@ def test_the_example_search_space_parses():
     assert "train.epochs" in parse_space(quick.tune.space, quick)
     assert [o.metric for o in parse_objectives(quick)] == ["top1", "train_seconds"]
     assert parse_constraints(quick) == {"train_seconds": 300.0}
+    kernels = load_config(REPO / "models" / "resnet" / "tune_quick_kernels.yaml")  # the study behind quick.yaml
+    space = parse_space(kernels.tune.space, kernels)
+    assert {key: grid_values(value) for key, value in space.items()} == {"train.jit_compile": [True, False],
+                                                                        "train.epochs": [6, 7]}
+    assert kernels.tune.sampler == "grid" and kernels.tune.trials == 4
+    base = load_config(REPO / "models" / "resnet" / "quick.yaml")  # its pick, trial 1, is the main job
+    assert (base.train.epochs, base.train.jit_compile) == (7, False)
+    assert (kernels.train.lr.base, kernels.train.label_smoothing, kernels.train.weight_decay) == \
+        (base.train.lr.base, base.train.label_smoothing, base.train.weight_decay)
 
 
 @pytest.mark.parametrize("space, message", [
