@@ -129,6 +129,11 @@ def cpu_line() -> str:
             f"{load}")
 
 
+def source_holdout(task: str, holdout: int) -> int:
+    """The source run's test images: the classification bench's held-out set (detection holds out canvases)."""
+    return holdout if task == "classification" else DEFAULTS["classification"]["holdout"]
+
+
 def train_source(out: Path, holdout: int):
     from shared.config import load_config
     from shared.lifecycle import train
@@ -195,7 +200,7 @@ def bench(task: str, rounds: int, per_round: int, steps: int, holdout: int, sour
             return detection_tasks(canvases, (number - 1) * per_round, per_round)
 
     if source is None:
-        source = train_source(out, holdout if task == "classification" else DEFAULTS["classification"]["holdout"])
+        source = train_source(out, source_holdout(task, holdout))
     annotator = Annotator(tasks_file, class_names=class_names)
     served_name = f"resnet-{RECIPES[task].stem}"  # the loop folder's name: the export's model name
     config = recipe_config(task, out, data_root, holdout, steps, folder / served_name, changes=changes)
@@ -484,8 +489,7 @@ def main(argv: list[str] | None = None) -> int:
     for task in tasks:
         sizes = {name: getattr(args, name) or default for name, default in DEFAULTS[task].items()}
         if len(seeds) > 1 and source is None:  # every seed and both tasks start from the same run
-            source = train_source(out, DEFAULTS["classification"]["holdout"] if task == "detection"
-                                  else sizes["holdout"])
+            source = train_source(out, source_holdout(task, sizes["holdout"]))
         for seed in seeds:
             if len(seeds) == 1:
                 summary = bench(task, source=source, out=out, changes=(*args.changes, f"train.seed={seed}"), **sizes)
