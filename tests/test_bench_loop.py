@@ -5,6 +5,9 @@ steps the rounds train, which the one-run reference adds up."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+from pathlib import Path
 
 import numpy as np
 
@@ -89,10 +92,6 @@ def test_the_orders_table_says_how_many_labels_an_order_needs_to_reach_the_basel
 
 
 def test_each_seed_of_several_runs_in_a_process_of_its_own_with_the_benchs_settings(tmp_path, monkeypatch):
-    import json
-    import subprocess
-    from pathlib import Path
-
     bench = load_script("bench_loop")
     calls = []
 
