@@ -6,14 +6,15 @@ and the last round is compared with ONE training run on all the same labels for 
     python scripts/bench_loop.py --orders margin,random [--pool 10000] [...]     # active learning, simulated
 
 Classification (models/resnet/quick.yaml): Fashion-MNIST training images, written as PNG files, each round
-`--per-round` accepted tasks (default 6 rounds of 500, 100 steps a round) plus a few rejected and ignored
-tasks and one malformed line, which the loop counts and skips; the held-out set is the first `--holdout`
-(2000) test images (the recipe's test split, `data.limit_test`). Detection (models/resnet/detect.yaml): the
-generated canvas set (scripts/make_detection_dataset.py, 96 px), default 6 rounds of 200 canvases, 100 steps a
-round, 200 held-out canvases. Both start from one source run: quick.yaml for 5 epochs on the first 1000
-Fashion-MNIST training images (not among the annotated ones; for detection its backbone), unless --from names
-a run. The reference is a second loop folder following the same annotations file from the same source run:
-its one round ingests everything and trains for the rounds' total steps, judged on the same held-out set.
+`--per-round` accepted tasks (default 6 rounds of 500, `--steps` 100: at least 100 steps a round, more with the
+recipe's loop.passes) plus a few rejected and ignored tasks and one malformed line, which the loop counts and
+skips; the held-out set is the first `--holdout` (2000) test images (the recipe's test split, `data.limit_test`).
+Detection (models/resnet/detect.yaml): the generated canvas set (scripts/make_detection_dataset.py, 96 px),
+default 6 rounds of 200 canvases, at least 100 steps a round, 200 held-out canvases. Both start from one source
+run: quick.yaml for 5 epochs on the first 1000 Fashion-MNIST training images (not among the annotated ones; for
+detection its backbone), unless --from names a run. The reference is a second loop folder following the same
+annotations file from the same source run: its one round ingests everything and trains for the rounds' total
+steps, judged on the same held-out set.
 
 Prints a table per task and seed (round, examples so far, held-out top-1 or mAP@[.5:.95], exported version,
 seconds a round), the CPU, `last round X vs one run Y`, and a table of the seeds (each one's gap to one run, its
