@@ -483,6 +483,8 @@ def main(argv: list[str] | None = None) -> int:
     out = (args.out_dir or Path(tempfile.mkdtemp(prefix="bench-loop-"))).resolve()
     tasks = ["classification", "detection"] if args.task == "both" else [args.task]
     seeds = parse_seeds(args.seeds)
+    if any(change.split("=", 1)[0].strip() == "train.seed" for change in args.changes):
+        raise SystemExit("error: --set train.seed: the bench sets each seed's train.seed itself; give --seeds instead")
     source = args.source.resolve() if args.source else None
     if args.orders:
         return main_orders(args, out, seeds, source)

@@ -10,6 +10,7 @@ import subprocess
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from conftest import load_script
 
@@ -113,3 +114,12 @@ def test_each_seed_of_several_runs_in_a_process_of_its_own_with_the_benchs_setti
         assert tail[tail.index("--seeds") + 1] == str(seed) and tail[tail.index("--from") + 1] == "SRC"
         assert tail[tail.index("--rounds") + 1] == "2" and tail[tail.index("--set") + 1] == "loop.passes=3"
         assert "--per-round" not in tail  # unset: the child's own default
+
+
+def test_a_train_seed_among_the_sets_is_refused_for_the_seeds_option(tmp_path):
+    # The bench appends each seed's train.seed after the --set options, so one there would be silently overridden.
+    bench = load_script("bench_loop")
+    for extra in ([], ["--orders", "margin,random"]):
+        with pytest.raises(SystemExit, match="give --seeds instead"):
+            bench.main(["--task", "classification", "--set", "train.seed=1", "--out-dir", str(tmp_path), *extra])
+    assert not any(tmp_path.iterdir())  # refused before anything was written
