@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from conftest import load_script
 
 from shared.modelzoo import MODELS_DIR, load_model_module
@@ -70,7 +71,7 @@ def test_width_8_resnet_trains_with_onednn_on_an_avx512_cpu(tmp_path):
 def test_the_kernel_benchmark_measures_a_recipe_with_or_without_label_smoothing(smoothing):
     # With label smoothing the recipe's loss takes one-hot labels (quick.yaml smooths since its third study).
     bench = load_script("bench_cpu_kernels")
-    images_per_second = bench.measure("models/resnet/quick.yaml",
+    images_per_second = bench.measure(str(REPO / "models" / "resnet" / "quick.yaml"),
                                       ["model.width=4", "data.image_size=16", "train.batch_size=16",
                                        f"train.label_smoothing={smoothing}"], images=32, epochs=2)
     assert images_per_second > 0
