@@ -248,9 +248,9 @@ class LoopConfig(DeeplyFrozen):
     """Training in the loop (`python -m shared.runner loop`): rounds of new annotations -> finetune -> export."""
     dir: str | None = None  # the loop's folder (data, state, rounds.csv); None: <run.dir>/loops/<model>-<recipe stem>
     steps: int = 100  # training steps per round, over all examples so far (rounded up to whole equal epochs)
-    passes: float | None = 10.0  # a round trains for about passes x its examples / train.batch_size steps,
+    passes: float | None = 14.0  # a round trains for about passes x its examples / train.batch_size steps,
     # at least loop.steps (steps grow with the annotations: the last round, with every label, gets the most);
-    # null: loop.steps every round. 10 with restart: the last round within a point of one run (docs/loop.md)
+    # null: loop.steps every round. 14 with restart: the last round within a point of one run (docs/loop.md)
     schedule: str = field(default="restart", metadata={"choices": ("cosine", "constant", "restart")})  # restart:
     # each round the recipe's whole schedule from the previous round's weights and a fresh optimizer (the first
     # round always is); rounds after the first continue the previous round's training (its weights and optimizer
