@@ -38,7 +38,7 @@ def measure(config_path: str, overrides: list[str], images: int, epochs: int) ->
 
     from shared import modelzoo
     from shared.config import load_config
-    from shared.classification.objective import compile_classifier
+    from shared.classification.objective import compile_classifier, one_hot_targets
     from shared.lifecycle import prepare
     from shared.tasks import task_for
 
@@ -51,7 +51,7 @@ def measure(config_path: str, overrides: list[str], images: int, epochs: int) ->
     size, channels = datasets.input_shape[0], datasets.input_shape[-1]
     x = np.random.default_rng(0).normal(size=(images, size, size, channels)).astype("float32")
     y = np.arange(images) % datasets.num_classes
-    if config.train.label_smoothing:  # the recipe's loss is then the dense one: one-hot labels
+    if one_hot_targets(config.train):  # the loss the recipe compiles takes one-hot labels
         y = np.eye(datasets.num_classes, dtype="float32")[y]
     compile_classifier(model, config, images // config.train.batch_size, datasets.num_classes,
                        modelzoo.auxiliary_loss_weights(module, model))

@@ -12,12 +12,17 @@ from shared.modelzoo import MAIN_OUTPUT
 from shared.task import Objective
 
 
+def one_hot_targets(train: TrainConfig, soft_labels: bool = False) -> bool:
+    """Whether the loss takes one-hot targets: mixed batches (MixUp, CutMix) or label smoothing."""
+    return soft_labels or bool(train.label_smoothing)
+
+
 def objective(train: TrainConfig, num_classes: int, aux_loss_weights: dict[str, float] | None = None,
               soft_labels: bool = False) -> Objective:
     """Class-index labels use the sparse losses and metrics; one-hot labels (MixUp, CutMix, label smoothing)
     the dense ones."""
     k = min(5, num_classes)
-    if soft_labels or train.label_smoothing:
+    if one_hot_targets(train, soft_labels):
         def make_loss():
             return keras.losses.CategoricalCrossentropy(label_smoothing=train.label_smoothing)
         metrics = [keras.metrics.CategoricalAccuracy(name="top1"),

@@ -13,7 +13,7 @@ import tensorflow as tf
 from shared import data as data_module
 from shared import distill, durable, finetune, modelzoo, plots, runs
 from shared.classification.loop import ClassificationLoop
-from shared.classification.objective import objective
+from shared.classification.objective import objective, one_hot_targets
 from shared.classification.predict import Predictor
 from shared.config_schema import with_changes
 from shared.class_names import readable
@@ -149,7 +149,9 @@ class ClassificationTask(Task):
         datasets = data.details
         config = self.config
         outputs = _outputs(module, model)
-        one_hot = datasets.num_classes if config.train.label_smoothing and not datasets.soft_labels else None
+        # labels the pipeline has not made one-hot already (mixed batches), where the loss wants them so
+        one_hot = (datasets.num_classes if one_hot_targets(config.train) and not datasets.soft_labels
+                   else None)
         train = datasets.train
         if datasets.class_weights is not None:  # training only: validation and test stay unweighted
             train = data_module.class_weights.with_sample_weights(train, datasets.class_weights,
