@@ -63,6 +63,29 @@ def test_per_class_precision_recall_f1_support_from_known_predictions():
     np.testing.assert_array_equal(mistakes.images, rows[[6, 4, 5]])
 
 
+def test_a_model_evaluated_again_reuses_its_trace_reads_its_weights_of_the_moment_and_is_not_kept_alive():
+    import gc
+    import weakref
+
+    from shared.classification.evaluate import _forward
+
+    rows = np.eye(3, dtype=np.float32)[[0, 1, 2, 0, 1]]
+    model = tf.keras.Sequential([tf.keras.Input((3,)), tf.keras.layers.Dense(3, use_bias=False)])
+    model.layers[0].set_weights([np.eye(3, dtype=np.float32)])
+    dataset = tf.data.Dataset.from_tensor_slices((rows, [0, 1, 2, 0, 1])).batch(2)  # a full and a partial batch
+    assert evaluate_model(model, dataset, 3)["top1"] == 1.0
+    traces = _forward(model).experimental_get_tracing_count()
+    model.layers[0].set_weights([np.eye(3, dtype=np.float32)[[1, 2, 0]]])  # now predicts (label + 1) % 3
+    assert evaluate_model(model, dataset, 3)["top1"] == 0.0  # the trace reads the weights as they are now
+    assert _forward(model).experimental_get_tracing_count() == traces  # and was not traced again
+    other = tf.keras.Sequential([tf.keras.Input((3,)), tf.keras.layers.Identity()])
+    assert evaluate_model(other, dataset, 3)["top1"] == 1.0  # another model: its own function
+    gone = weakref.ref(model)
+    del model
+    gc.collect()
+    assert gone() is None  # the cache holds neither the model nor, through its function, a path back to it
+
+
 def test_all_zero_confusion_gives_zeros_not_nan():
     per_class, macro = per_class_results(np.zeros((3, 3), np.int64))
     assert [entry["class"] for entry in per_class] == ["0", "1", "2"]

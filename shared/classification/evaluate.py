@@ -3,6 +3,7 @@ recall / F1 with the worst classes, and the most confident mistakes."""
 
 from __future__ import annotations
 
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -94,6 +95,21 @@ def _averaged(model, images: tf.Tensor) -> tf.Tensor:
     return tf.reduce_mean(tf.reshape(probabilities, [shape[0], shape[1], -1]), axis=1)
 
 
+_FORWARDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its traced forward pass
+
+
+def _forward(model) -> tf.types.experimental.PolymorphicFunction:
+    """`_averaged` of `model` as one tf.function per model object, so a model evaluated again (the loop's kept
+    model, round after round) reuses its traces. It reaches the model through a weak reference: the function
+    neither keeps the model alive nor the model's cache entry."""
+    forward = _FORWARDS.get(model)
+    if forward is None:
+        held = weakref.ref(model)
+        forward = tf.function(lambda images: _averaged(held(), images), reduce_retracing=True)
+        _FORWARDS[model] = forward
+    return forward
+
+
 def evaluate_model(model, dataset: tf.data.Dataset, num_classes: int, class_names: list[str] | None = None,
                    mistakes: ConfidentMistakes | None = None) -> dict:
     """Top-1, top-5 and mean cross-entropy (without any weight penalty), the confusion matrix, per-class
@@ -102,7 +118,7 @@ def evaluate_model(model, dataset: tf.data.Dataset, num_classes: int, class_name
     judged by their views' averaged probabilities."""
     if class_names is not None and len(class_names) != num_classes:
         raise ValueError(f"{len(class_names)} class names for {num_classes} classes")
-    forward = tf.function(lambda images: _averaged(model, images), reduce_retracing=True)
+    forward = _forward(model)
     confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
     top5_hits, loss_sum, count = 0, 0.0, 0
     k = min(5, num_classes)
