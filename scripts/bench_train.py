@@ -69,7 +69,7 @@ def runner_side(path: str, images: int, epochs: int, runs_dir: str) -> float:
 def bare_side(path: str, images: int, epochs: int, runs_dir: str) -> float:
     """The same model and compile settings, fed the runner's own preprocessed arrays by plain fit."""
     from shared import modelzoo
-    from shared.classification.objective import compile_classifier
+    from shared.classification.objective import compile_classifier, one_hot_targets
     from shared.lifecycle import prepare
     from shared.tasks import task_for
 
@@ -82,6 +82,8 @@ def bare_side(path: str, images: int, epochs: int, runs_dir: str) -> float:
         xs.append(batch_images.numpy())
         ys.append(batch_labels.numpy())
     x, y = np.concatenate(xs)[:images], np.concatenate(ys)[:images]
+    if one_hot_targets(config.train, datasets.soft_labels) and y.ndim == 1:  # the loss takes one-hot labels
+        y = np.eye(datasets.num_classes, dtype="float32")[y]
     compile_classifier(model, config, datasets.steps_per_epoch, datasets.num_classes,
                        modelzoo.auxiliary_loss_weights(module, model))
     timer = EpochTimer()
