@@ -32,6 +32,7 @@ from shared.checkpoints import (CheckpointPolicy, Continuation, Start, backup_st
                                 check_resumable, continuation_of, decide_start, record_continuation, remove_partials,
                                 start_from, truncate_metrics)
 from shared.config_schema import Config, InitConfig, as_new_run, with_changes
+from shared.data import ends_promptly
 from shared.data import service as data_service
 from shared.errors import UserError, embedded_user_error, first_line
 from shared.kept import KeptTrainer, reset_optimizer
@@ -190,6 +191,7 @@ def _run_training(task: Task, argv: list[str] | None, resumed: runs.Run | None =
     distribute.patch_multi_worker_build(trainer, placement)
     train_data, val_data = task.fit_data(model, module, data)
     train_data = data_service.distribute_train(train_data, config.data.service)  # off unless data.service is set
+    train_data, val_data = ends_promptly(train_data), ends_promptly(val_data)
     head = task.head_layer_names(module, model, data.input_shape) if any(phase.freeze for phase in phases) else set()
     for phase in phases:  # patterns are checked now, before a run folder exists
         _freeze(model, phase.freeze, head)

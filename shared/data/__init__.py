@@ -153,6 +153,19 @@ def _image_fn(config: Config, source: sources.Source, augmentations: list[augmen
     return fn
 
 
+def ends_promptly(dataset: tf.data.Dataset | None) -> tf.data.Dataset | None:
+    """`dataset` without tf.data's autotuning thread, for a pipeline that `fit` iterates. With TensorFlow 2.21
+    the iterator a `fit` made waits, when `fit` returns, until that thread wakes by itself, and its sleep
+    doubles as the iterator lives, so a fit ended with a stall of up to about half its length
+    (`scripts/bench_fit_end.py`; docs/loop.md). Without the thread, AUTOTUNE takes TensorFlow's fixed
+    defaults."""
+    if dataset is None:
+        return None
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    return dataset.with_options(options)
+
+
 def normalization_statistics(data, source: sources.Source | None = None) -> tuple[list[float], list[float]]:
     """The per-channel mean and std (0-255 scale) the pipeline normalizes with: the config's, else the
     source's fitted to the channels. Runs record them in config.yaml; for older runs (and configs not
