@@ -156,7 +156,7 @@ def _image_fn(config: Config, source: sources.Source, augmentations: list[augmen
 def ends_promptly(dataset: tf.data.Dataset | None) -> tf.data.Dataset | None:
     """`dataset` without tf.data's autotuning thread, for a pipeline that `fit` iterates. With TensorFlow 2.21
     the iterator a `fit` made waits, when `fit` returns, until that thread wakes by itself, and its sleep
-    doubles as the iterator lives, so a fit ended with a stall of up to about half its length
+    doubles as the iterator lives, so a fit could end with a stall nearly as long as its training
     (`scripts/bench_fit_end.py`; docs/loop.md). Without the thread, AUTOTUNE takes TensorFlow's fixed
     defaults."""
     if dataset is None:
