@@ -18,6 +18,7 @@ import keras
 import numpy as np
 
 from shared.config_schema import Config, with_changes
+from shared.data import ends_promptly
 from shared.errors import UserError
 from shared.progress import keras_verbosity
 
@@ -118,6 +119,7 @@ def lr_range_test(config: Config, min_lr: float = 1e-6, max_lr: float = 1.0, ste
         optim.apply_weight_decay(model, config.train)
         compile_phase(task, model, model, module, data, config.train.epochs, 1.0, 1)
     train, _ = task.fit_data(model, module, data)  # the labels as training's loss wants them
+    train = ends_promptly(train)  # as the runner's fit: no wait for tf.data's autotuning thread at the end
     finder = LRRangeTest(min_lr, max_lr, steps)
     # The training set repeats forever, so one "epoch" of `steps` batches never runs short.
     model.fit(train, epochs=1, steps_per_epoch=steps, callbacks=[finder], verbose=_verbosity(config), shuffle=False)
