@@ -125,6 +125,23 @@ def test_folder_source_decodes_jpeg_png_and_grayscale(tmp_path):
     assert sorted(labels.tolist()) == [0] * 4 + [1] * 4 + [2] * 4
 
 
+def test_pipelines_of_one_setting_trace_the_eval_decoder_once(tmp_path):
+    from shared.data import preprocess
+
+    root = make_folder_dataset(tmp_path / "imgs")
+    config = config_for(tmp_path, source="folder", path=str(root), test_split="val", image_size=17)  # a size no
+    # other test of this worker builds, so the count starts here
+    first = make_datasets(config)
+    view = preprocess.encoded_eval_view(17, config.data.crop_fraction, 3, config.data.max_pixels,
+                                        bool(config.data.dct_scaling))
+    traced = view.experimental_get_tracing_count()
+    assert traced == 1
+    second = make_datasets(config)  # as the loop's next round builds its pipelines again
+    assert view.experimental_get_tracing_count() == traced
+    np.testing.assert_array_equal(first_batch(first.test)[0], first_batch(second.test)[0])
+    assert first_batch(first.test)[0].shape == (12, 17, 17, 3)
+
+
 def test_folder_source_errors(tmp_path):
     with pytest.raises(UserError, match="folder dataset not found"):
         make_datasets(config_for(tmp_path, source="folder", path=str(tmp_path / "missing")))

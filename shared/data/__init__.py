@@ -135,8 +135,9 @@ def _image_fn(config: Config, source: sources.Source, augmentations: list[augmen
             encoded = tf.io.read_file(encoded)
         if crop is not None:
             return crop.from_encoded(encoded, data.channels, data.max_pixels, name, bool(data.dct_scaling))
-        return preprocess.eval_view(encoded, data.image_size, data.crop_fraction, data.channels, whole=False,
-                                    max_pixels=data.max_pixels, name=name, dct_scaling=bool(data.dct_scaling))
+        view = preprocess.encoded_eval_view(data.image_size, data.crop_fraction, data.channels, data.max_pixels,
+                                            bool(data.dct_scaling))
+        return view(encoded, tf.convert_to_tensor(name, tf.string))
 
     def from_pixels(image):
         if crop is None:

@@ -7,6 +7,8 @@ a random 224x224 crop"); the normalization can be toggled off (`data.normalize: 
 
 from __future__ import annotations
 
+import functools
+
 import tensorflow as tf
 
 from shared.data import formats
@@ -98,3 +100,18 @@ def normalizer(mean: list[float], std: list[float], enabled: bool, image_size: i
     offset = tf.tile(tf.reshape(tf.constant(mean, tf.float32), [1, 1, -1]), shape)
     scale = tf.tile(tf.reshape(1.0 / tf.constant(std, tf.float32), [1, 1, -1]), shape)
     return lambda image: (image - offset) * scale
+
+
+@functools.lru_cache(maxsize=64)
+def encoded_eval_view(image_size: int, crop_fraction: float, channels: int, max_pixels: int | None,
+                      dct_scaling: bool):
+    """`eval_view` of an encoded image (a tf.string scalar) and the name a refusal gives it, as one `tf.function`
+    per setting: a process that builds many pipelines of one setting (the loop's rounds, a study's trials) traces
+    the decoder's graph of every format once, not once a pipeline."""
+
+    @tf.function
+    def view(image: tf.Tensor, name: tf.Tensor) -> tf.Tensor:
+        return eval_view(image, image_size, crop_fraction, channels, whole=False, max_pixels=max_pixels, name=name,
+                         dct_scaling=dct_scaling)
+
+    return view
