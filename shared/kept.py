@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from shared.config_schema import Config
@@ -48,6 +49,7 @@ class KeptTrainer:
     trainer: keras.Model | None = None
     reused: int = 0  # runs that reused it (for reports and tests)
     inference: tuple | None = None  # (a model, its task's inference model): `inference_model`
+    last_checkpoint: Path | None = None  # the checkpoint `model` holds the weights of, when they are a run's last
 
     def model_for(self, config: Config, input_shape: tuple) -> keras.Model | None:
         """The kept model when a run of `config` may train it, else None (the run builds its own)."""
@@ -68,12 +70,21 @@ class KeptTrainer:
             self.inference = (model, inference)
         return inference
 
-    def keep(self, config: Config, input_shape: tuple, model: keras.Model, trainer: keras.Model) -> None:
+    def holds_weights_of(self, model: keras.Model, checkpoint: Path | None) -> bool:
+        """Whether `model` is the kept one and its weights are `checkpoint`'s (a file of a run whose model it
+        was at its end), so a run starting from that checkpoint need not load it."""
+        return (self.holds(model) and checkpoint is not None and self.last_checkpoint is not None
+                and Path(checkpoint).resolve() == self.last_checkpoint)
+
+    def keep(self, config: Config, input_shape: tuple, model: keras.Model, trainer: keras.Model,
+             last_checkpoint: Path | None = None) -> None:
+        """Keep a finished run's trainer; `last_checkpoint`: its last checkpoint when `model` holds its weights."""
         self.key, self.model, self.trainer = graph_key(config, thaw(input_shape)), model, trainer
+        self.last_checkpoint = Path(last_checkpoint).resolve() if last_checkpoint is not None else None
 
     def forget(self) -> None:
         """After a run that did not finish: its state is not what a next run may start from."""
-        self.key = self.model = self.trainer = self.inference = None
+        self.key = self.model = self.trainer = self.inference = self.last_checkpoint = None
 
 
 def reset_optimizer(optimizer: keras.optimizers.Optimizer) -> None:
@@ -83,3 +94,23 @@ def reset_optimizer(optimizer: keras.optimizers.Optimizer) -> None:
 
     for variable in optimizer.variables:  # the rate too: a StepSchedule sets it before every batch
         variable.assign(keras.ops.zeros(variable.shape, variable.dtype))
+
+
+def set_random_seed(seed: int) -> None:
+    """`keras.utils.set_random_seed(seed)` for a run in a process that keeps trainers, less one side effect:
+    TensorFlow's global seed clears its eager kernel cache (to restart stateful random kernels), which holds every
+    traced function as instantiated and optimized by Grappler, so the kept train step, the kept test's forward
+    pass and their like would each pay that again at their next call (about a second for the loop's ResNet-18).
+    What a run's randomness comes from is reset all the same: Python's, NumPy's and Keras' generators, and the
+    seeds tf.data and TensorFlow's ops draw from the global seed when they are built; Keras' own random ops are
+    stateless (their state is in variables, not kernels)."""
+    import keras
+    from tensorflow.python.eager import context
+
+    eager = context.context()
+    handle = eager._context_handle  # TensorFlow clears the cache only through the handle it holds then
+    eager._context_handle = None
+    try:
+        keras.utils.set_random_seed(seed)
+    finally:
+        eager._context_handle = handle

@@ -35,7 +35,7 @@ from shared.config_schema import Config, InitConfig, as_new_run, with_changes
 from shared.data import ends_promptly
 from shared.data import service as data_service
 from shared.errors import UserError, embedded_user_error, first_line
-from shared.kept import KeptTrainer, reset_optimizer
+from shared.kept import KeptTrainer, reset_optimizer, set_random_seed
 from shared.locks import FileLock
 from shared.progress import keras_verbosity
 from shared.task import Rebuilt, Task
@@ -179,6 +179,9 @@ def _run_training(task: Task, argv: list[str] | None, resumed: runs.Run | None =
         fresh = finetune.fresh_values(model, config.init) if start.kind == "init" else None
         if start.kind == "init" and config.init.optimizer_state:  # the whole state is loaded once compiled
             provenance = f"weights and optimizer state from {config.init.from_run} (its last checkpoint)"
+        elif start.kind == "init" and keep is not None and keep.holds_weights_of(model, _last_checkpoint(config.init)):
+            provenance = (f"weights from {config.init.from_run} ({keep.last_checkpoint.name}, in memory since that run "
+                          f"ended)")
         elif start.kind == "init":
             provenance = task.initialize(model, module, data, starting_run(config.init, config.where))
             if fresh is not None:
@@ -277,7 +280,7 @@ def _run_training(task: Task, argv: list[str] | None, resumed: runs.Run | None =
         shutil.rmtree(run.path / "backup", ignore_errors=True)
         run.set_status("finished", ended=_now(), **outcome)
     if keep is not None:
-        keep.keep(config, data.input_shape, model, trainer)
+        keep.keep(config, data.input_shape, model, trainer, last if _holds_last_checkpoint(config, stopped) else None)
     if tested is not None:
         tested(tested_model)
     return run
@@ -325,7 +328,10 @@ def prepare(task: Task, model_folder: Path | None = None, replicas: int = 1, sta
     task = task.bound(task.resolve())
     if model_folder is None:  # a new run, not one rebuilt from its folder
         task = task.bound(as_new_run(task.config))
-    keras.utils.set_random_seed(task.config.train.seed)
+    if kept is not None:  # the kernels of the traces it keeps stay instantiated
+        set_random_seed(task.config.train.seed)
+    else:
+        keras.utils.set_random_seed(task.config.train.seed)
     data = task.datasets(folder, replicas, start_epoch=start_epoch)
     task = task.bound(data.config)
     if task.config.train.steps:  # one epoch of exactly that many steps: the training stream repeats
@@ -452,6 +458,13 @@ def _test_last_checkpoint(task: Task, run: runs.Run, data,
     last = run.last_checkpoint()
     model = in_memory if in_memory is not None else rebuild(run)[0]  # the same file: nothing else writes now
     return (*task.evaluate(model, data), last, model)
+
+
+def _last_checkpoint(init: InitConfig) -> Path | None:
+    """The last checkpoint of the run init.from_run names (None: none, or the weights come from elsewhere)."""
+    if not init.from_run or init.weights:
+        return None
+    return runs.open_run(init.from_run).last_checkpoint()
 
 
 def _holds_last_checkpoint(config: Config, stopped: bool) -> bool:

@@ -45,9 +45,14 @@ def test_a_second_round_trains_the_kept_model_without_a_new_trace_and_ends_where
             traced = []  # Python runs train_step only while TensorFlow traces it
             model.train_step = lambda data, step=model.train_step, traced=traced: traced.append(1) or step(data)
         second = loop_module.run_round(loop)
+        notes = (second.run / "notes.md").read_text(encoding="utf-8")
         if how == "kept":
             assert loop.kept.reused == 1 and loop.kept.model is model
             assert model.train_function is step and traced == []  # round 1's trace, not a new one
+        if schedule == "restart" and how == "kept":  # round 1's last checkpoint is the kept model's: not loaded again
+            assert f"Starting weights: weights from {first.run} (epoch-0001.keras, in memory since" in notes
+        elif schedule == "restart":
+            assert "model built from its snapshotted model.py" in notes
         ends[how] = first, second
     (kept_first, kept_second), (new_first, new_second) = ends["kept"], ends["none"]
     assert kept_first.metric == new_first.metric and kept_second.metric == new_second.metric
@@ -108,3 +113,33 @@ def test_an_archive_kept_for_its_model_is_written_again_with_the_weights_of_the_
     assert served(tmp_path / "first") == pytest.approx(3.0) and served(tmp_path / "second") == pytest.approx(30.0)
     write_archive(model, *endpoints(), (1, 1, 2), tmp_path / "third", same_as="preprocessing B")
     assert set(traced) == {"bytes", "images"}  # another key: traced anew
+
+
+def test_seeding_a_kept_run_resets_its_randomness_and_keeps_the_instantiated_traces(monkeypatch):
+    import random
+
+    import tensorflow as tf
+    from tensorflow.python.eager import context
+
+    from shared.kept import set_random_seed
+
+    context.ensure_initialized()  # before, there is no cache to clear
+    cleared = []
+    clear = context.pywrap_tfe.TFE_ContextClearCaches
+    monkeypatch.setattr(context.pywrap_tfe, "TFE_ContextClearCaches", lambda handle: cleared.append(1) or clear(handle))
+
+    def draws() -> tuple:
+        order = [int(x) for x in tf.data.Dataset.range(8).shuffle(8).as_numpy_iterator()]  # its seed: the global one
+        layer = keras.layers.Dense(2)
+        layer.build((None, 3))  # a fresh initialization (Keras' global seed generator)
+        return (order, random.random(), float(np.random.rand()), float(keras.random.uniform(())),
+                keras.ops.convert_to_numpy(layer.kernel).tolist())
+
+    keras.utils.set_random_seed(5)
+    assert cleared == [1]  # Keras' own: TensorFlow's seed clears the kernel cache (the test would see it)
+    expected = draws()
+    set_random_seed(5)
+    assert cleared == [1]  # not again
+    assert draws() == expected
+    set_random_seed(6)
+    assert draws() != expected
