@@ -179,11 +179,12 @@ def _run_training(task: Task, argv: list[str] | None, resumed: runs.Run | None =
         fresh = finetune.fresh_values(model, config.init) if start.kind == "init" else None
         if start.kind == "init" and config.init.optimizer_state:  # the whole state is loaded once compiled
             provenance = f"weights and optimizer state from {config.init.from_run} (its last checkpoint)"
-        elif start.kind == "init" and keep is not None and keep.holds_weights_of(model, _last_checkpoint(config.init)):
-            provenance = (f"weights from {config.init.from_run} ({keep.last_checkpoint.name}, in memory since that run "
-                          f"ended)")
         elif start.kind == "init":
-            provenance = task.initialize(model, module, data, starting_run(config.init, config.where))
+            if keep is not None and keep.holds_weights_of(model, _last_checkpoint(config.init)):
+                provenance = (f"weights from {config.init.from_run} ({keep.last_checkpoint.name}, in memory since "
+                              f"that run ended)")
+            else:
+                provenance = task.initialize(model, module, data, starting_run(config.init, config.where))
             if fresh is not None:
                 finetune.shrink_and_perturb(model, fresh, config.init)
         if fresh is not None:

@@ -27,14 +27,14 @@ def last_weights(run_path) -> list[np.ndarray]:
 
 
 @pytest.mark.slow  # trains six tiny rounds
-@pytest.mark.parametrize("schedule", ["cosine", "restart"])
+@pytest.mark.parametrize("schedule, shrink", [("cosine", 1.0), ("restart", 1.0), ("restart", 0.5)])
 def test_a_second_round_trains_the_kept_model_without_a_new_trace_and_ends_where_a_new_one_does(tmp_path, source,
-                                                                                                schedule):
+                                                                                                schedule, shrink):
     ends = {}
     for how in ("kept", "none"):
         folder = tmp_path / how
         folder.mkdir()
-        loop, tasks = annotated_loop(folder, source, 8, schedule=schedule)
+        loop, tasks = annotated_loop(folder, source, 8, schedule=schedule, shrink=shrink)
         if how == "none":  # as rounds in separate processes: each builds and compiles its own, rate scheduled inside
             loop = dataclasses.replace(loop, kept=None)
         first = loop_module.run_round(loop)
