@@ -63,6 +63,7 @@ def test_every_architecture_computes_the_same_function_in_onnx_runtime(name, tmp
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"{name}.onnx"]  # nothing half-written left
 
 
+@pytest.mark.slow  # converts a model
 def test_the_command_writes_the_file_with_its_eval_view_and_classes(trained_run, tmp_path, capsys):
     source, _ = trained_run
     run_dir = tmp_path / "resnet" / "v0001"

@@ -96,6 +96,7 @@ def test_every_command_refuses_a_live_run_with_one_line(live_copy, tmp_path, cap
     assert not (tmp_path / "other_runs").exists()
 
 
+@pytest.mark.slow  # its holder is a process of its own
 def test_library_readers_refuse_a_live_run(live_copy, tmp_path):
     from shared.lifecycle import test as evaluate
     from shared.lifecycle import resume
@@ -110,6 +111,7 @@ def test_library_readers_refuse_a_live_run(live_copy, tmp_path):
     assert runs.Run(live_copy).status()["status"] == "running"
 
 
+@pytest.mark.slow  # its holder is a process of its own
 def test_detection_run_readers_refuse_a_live_run(tmp_path):
     from shared.lifecycle import resume as resume_detection
     from shared.tasks import rebuild
@@ -140,6 +142,7 @@ def test_prune_skips_a_live_run_and_prunes_the_others(tmp_path):
     assert "skipped 1 run(s) still training" in result.stdout
 
 
+@pytest.mark.slow  # its holder is a process of its own
 def test_a_killed_holders_lock_is_taken_over(tmp_path):
     root = runs.runs_root(tmp_path / "runs")
     run = runs.Run(root / "resnet" / "v0001")

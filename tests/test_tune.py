@@ -301,6 +301,7 @@ def test_nsga2_study_gives_a_pareto_front(tmp_path, tiny_model, capsys):
         assert str(best["run"]) in out
 
 
+@pytest.mark.slow  # a study of five proposals in SQLite, with its locks
 def test_proposals_of_measured_values_do_not_count_and_a_sampler_stuck_on_them_ends_the_study(
         tmp_path, monkeypatch, capsys):
     """run_trials' count (shared.tuning.trial's objective marks a reused trial `same_as`, as this one does)."""
