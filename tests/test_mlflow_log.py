@@ -5,6 +5,7 @@ a tracking server that does not answer is a warning, never a failed run; the ext
 from __future__ import annotations
 
 import builtins
+import importlib.util
 import shutil
 import time
 from pathlib import Path
@@ -19,7 +20,15 @@ from shared.errors import UserError
 from shared.lifecycle import train
 from shared.tuning.storage import trial_tag
 
-mlflow = pytest.importorskip("mlflow")
+# Skipped without the extra; imported only where a test reads MLflow back (its import takes seconds, and every
+# xdist worker collects this file, while one runs it).
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("mlflow") is None, reason="mlflow (the extra) not installed")
+
+
+def mlflow_client(uri: str):
+    import mlflow
+
+    return mlflow.MlflowClient(uri)
 
 EPOCHS = 2
 
@@ -42,7 +51,7 @@ class MlflowProbe(keras.callbacks.Callback):
         self.root, self.seen = root, []
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        client = mlflow.MlflowClient(mlflow_log.default_uri(self.root))
+        client = mlflow_client(mlflow_log.default_uri(self.root))
         (run,) = logged_runs(client)
         self.seen.append((len(client.get_metric_history(run.info.run_id, "loss")), run.info.status))
 
@@ -62,7 +71,7 @@ def tracked_run(tracked) -> runs.Run:
 
 
 def client_of(run: runs.Run):
-    return mlflow.MlflowClient(mlflow_log.default_uri(run.path.parent.parent))
+    return mlflow_client(mlflow_log.default_uri(run.path.parent.parent))
 
 
 def logged_runs(client, experiment: str = "tiny") -> list:
@@ -85,7 +94,7 @@ def test_each_epoch_is_logged_at_its_end(tracked):
 def test_a_tracked_run_says_where_it_was_logged(tmp_path, tracked_run, capsys):
     uri = mlflow_log.default_uri(tracked_run.path.parent.parent)
     train(tiny_config(tmp_path, epochs=1, track="mlflow", track_uri=uri), argv=["pytest"])
-    (logged,) = runs_of(mlflow.MlflowClient(uri), tmp_path / "runs" / "tiny" / "v0001")
+    (logged,) = runs_of(mlflow_client(uri), tmp_path / "runs" / "tiny" / "v0001")
     assert f"logged to MLflow at {uri}: run {logged.info.run_id}" in capsys.readouterr().out
 
 
@@ -151,7 +160,7 @@ def test_a_tune_trial_is_a_child_of_its_study_run(tracked_run, tmp_path):
         (folder / "config.yaml").write_text(config.replace("notes: a tiny test run",
                                                            f"notes: '{trial_tag('lr-study', number)}: lr=0.1'"))
         trials.append(mlflow_log.log_run(folder, uri))
-    client = mlflow.MlflowClient(uri)
+    client = mlflow_client(uri)
     (study,) = [run for run in logged_runs(client, "studied") if run.info.run_name == "lr-study"]
     assert study.data.tags[mlflow_log.STUDY_TAG] == "lr-study"
     for run_id in trials:
@@ -165,7 +174,7 @@ def test_the_mlflow_status_follows_the_folders(tracked_run, tmp_path):
     folder = tmp_path / "followed" / "v0001"
     shutil.copytree(tracked_run.path, folder)
     uri = mlflow_log.default_uri(tracked_run.path.parent.parent)
-    client = mlflow.MlflowClient(uri)
+    client = mlflow_client(uri)
     for status, expected in (("interrupted", "KILLED"), ("running", "RUNNING"), ("finished", "FINISHED")):
         runs.Run(folder).set_status(status)
         assert client.get_run(mlflow_log.log_run(folder, uri, files=False)).info.status == expected
@@ -197,7 +206,7 @@ def test_a_study_with_tracking_logs_its_trials_as_children(tmp_path):
     summary = tune(tiny_config(tmp_path, epochs=1, track="mlflow", tune={
         "study": "s", "sampler": "random", "trials": 2, "prune": False,
         "space": {"train.lr.base": {"float": [0.01, 0.1]}}}), argv=["pytest"])
-    client = mlflow.MlflowClient(mlflow_log.default_uri(tmp_path / "runs"))
+    client = mlflow_client(mlflow_log.default_uri(tmp_path / "runs"))
     logged = logged_runs(client)
     (study,) = [run for run in logged if run.info.run_name == "s"]
     children = [run for run in logged if run.data.tags.get(mlflow_log.PARENT_TAG) == study.info.run_id]
@@ -221,7 +230,7 @@ def test_a_pruned_trial_ends_killed_in_mlflow(tmp_path, monkeypatch):
     tune_module.tune(tiny_config(tmp_path, track="mlflow", tune={
         "study": "p", "sampler": "random", "trials": 1, "objectives": [{"metric": "loss", "direction": "minimize"}],
         "space": {"train.lr.base": {"float": [0.01, 0.1]}}}))
-    logged = logged_runs(mlflow.MlflowClient(mlflow_log.default_uri(tmp_path / "runs")))
+    logged = logged_runs(mlflow_client(mlflow_log.default_uri(tmp_path / "runs")))
     (trial,) = [run for run in logged if run.info.run_name == "tiny/v0001"]
     assert trial.info.status == "KILLED" and len(trial.data.metrics) > 0
 
@@ -261,7 +270,7 @@ def test_a_run_that_fails_ends_failed_in_mlflow(tracked_run, tmp_path):
     with pytest.raises(RuntimeError, match="second epoch"):
         train(tiny_config(tmp_path, track="mlflow", track_uri=uri), argv=["pytest"], callbacks=[FailAtSecondEpoch()])
     folder = (tmp_path / "runs" / "tiny" / "v0001").resolve()
-    (logged,) = runs_of(mlflow.MlflowClient(uri), folder)
+    (logged,) = runs_of(mlflow_client(uri), folder)
     assert logged.info.status == "FAILED" and logged.data.metrics["loss"] > 0  # its first epoch logged
 
 

@@ -3,6 +3,7 @@ TFDS's minutes of download retries."""
 
 from __future__ import annotations
 
+import importlib.util
 import socket
 import threading
 import time
@@ -13,7 +14,9 @@ from shared.config_schema import DataConfig
 from shared.data import sources
 from shared.errors import UserError
 
-tfds = pytest.importorskip("tensorflow_datasets")
+# Skipped without tensorflow-datasets; not imported here, where every xdist worker would pay for it
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("tensorflow_datasets") is None,
+                                reason="tensorflow-datasets not installed")
 
 
 @pytest.fixture
