@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import MaxNLocator, NullLocator
 
 DPI = 100
 PANEL_SIZE = (4.0, 3.2)  # inches per curve panel
@@ -175,6 +175,35 @@ def plot_confusion(confusion, class_names: list[str] | None, out_png: Path, norm
 
 # --- image grids -------------------------------------------------------------------------------
 
+CELL_GAP = 0.1  # inches between two cells of a row
+GRID_MARGIN = 0.05  # inches around a grid
+HEADING_INCHES = 0.3  # a grid's heading line (fontsize 9)
+
+
+def cell_grid(rows: int, columns: int, cell: float, title_inches: float, heading: str | None = None,
+              heading_size: int = 9) -> tuple[Figure, list]:
+    """A figure of `rows` x `columns` empty axes (axis lines off), each `cell` inches square under
+    `title_inches` for its title, with `heading` above them all; the axes row by row. Laid out by arithmetic:
+    every size is fixed here, and matplotlib's constrained layout would measure each axes' ticks and titles to
+    find them again (most of a grid's drawing time)."""
+    top = (HEADING_INCHES if heading else 0.0) + title_inches + GRID_MARGIN  # above the first row's images
+    width = columns * cell + (columns - 1) * CELL_GAP + 2 * GRID_MARGIN
+    height = top + rows * cell + (rows - 1) * title_inches + GRID_MARGIN
+    figure = Figure(figsize=(width, height), dpi=DPI)
+    grid = figure.add_gridspec(rows, columns, left=GRID_MARGIN / width, right=1 - GRID_MARGIN / width,
+                               bottom=GRID_MARGIN / height, top=1 - top / height, wspace=CELL_GAP / cell,
+                               hspace=title_inches / cell)
+    if heading:
+        figure.suptitle(heading, fontsize=heading_size, y=1 - GRID_MARGIN / height, va="top")
+    cells = [figure.add_subplot(grid[row, column]) for row in range(rows) for column in range(columns)]
+    for axes in cells:
+        axes.axis("off")
+        for axis in (axes.xaxis, axes.yaxis):  # no ticks to make or measure when a title is placed
+            axis.set_major_locator(NullLocator())
+            axis.set_visible(False)
+    return figure, cells
+
+
 def grid_figure(images, titles: list[str] | None = None, columns: int = 8) -> Figure:
     """Images [N, H, W, C] (C 1 or 3, any value range) in a grid, `columns` wide, each stretched to
     [0, 1] on its own so normalized images are visible."""
@@ -185,10 +214,8 @@ def grid_figure(images, titles: list[str] | None = None, columns: int = 8) -> Fi
         raise ValueError(f"{len(titles)} titles for {len(images)} images")
     columns = max(1, min(columns, len(images)))
     rows = math.ceil(len(images) / columns)
-    title_room = 0.25 if titles else 0.0
-    figure = Figure(figsize=(GRID_CELL * columns, (GRID_CELL + title_room) * rows), dpi=DPI, layout="constrained")
-    for index, axes in enumerate(figure.subplots(rows, columns, squeeze=False).flat):
-        axes.axis("off")
+    figure, cells = cell_grid(rows, columns, GRID_CELL, title_inches=0.25 if titles else 0.0)
+    for index, axes in enumerate(cells):
         if index >= len(images):
             continue  # the unused cells of the last row
         image = _unit_range(images[index])
@@ -236,13 +263,10 @@ def errors_figure(images, true_names: list[str], predicted_names: list[str], sco
         return figure
     columns = max(1, min(columns, len(images)))
     rows = math.ceil(len(images) / columns)
-    title_inches = 0.4 if sources is None else 0.55  # two title lines per image, or three
-    figure = Figure(figsize=(GRID_CELL * columns, (GRID_CELL + title_inches) * rows + 0.3), dpi=DPI,
-                    layout="constrained")
-    figure.suptitle(f"the {len(images)} most confident mistakes (true / predicted score"
-                    f"{'' if sources is None else ' / image'})", fontsize=9)
-    for index, axes in enumerate(figure.subplots(rows, columns, squeeze=False).flat):
-        axes.axis("off")
+    figure, cells = cell_grid(rows, columns, GRID_CELL, title_inches=0.4 if sources is None else 0.55,
+                              heading=f"the {len(images)} most confident mistakes (true / predicted score"
+                                      f"{'' if sources is None else ' / image'})")  # two title lines, or three
+    for index, axes in enumerate(cells):
         if index >= len(images):
             continue
         image = _unnormalized(images[index], mean, std) if mean is not None and std is not None \

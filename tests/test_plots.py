@@ -211,6 +211,31 @@ def test_each_mistake_is_titled_with_its_image_cut_in_the_middle_to_fit():
         plots.errors_figure(images, ["cat"] * 3, ["dog"] * 3, [0.9, 0.8, 0.7], sources=sources[:2])
 
 
+def test_grid_titles_sit_above_their_images_inside_the_figure_and_under_the_heading():
+    """Grids are laid out by arithmetic (`plots.cell_grid`): the room it leaves must hold three title lines."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    images = np.zeros((6, 8, 8, 3), np.float32)
+    sources = ["ILSVRC2012_val_00012345.JPEG"] * 6
+    figures = [plots.errors_figure(images, ["T-shirt/top"] * 6, ["Ankle boot"] * 6, [0.93] * 6, columns=3,
+                                   sources=sources),
+               plots.errors_figure(images, ["T-shirt/top"] * 6, ["Ankle boot"] * 6, [0.93] * 6, columns=3),
+               plots.grid_figure(images, ["Ankle boot 0.93"] * 6, columns=3)]
+    for figure in figures:
+        renderer = FigureCanvasAgg(figure).get_renderer()
+        figure.draw(renderer)  # places the titles and fits each image into its cell
+        cells = [axes.get_window_extent(renderer) for axes in figure.axes]
+        titles = [axes.title.get_window_extent(renderer) for axes in figure.axes]
+        headings = [text.get_window_extent(renderer) for text in figure.texts]
+        for title in titles + headings:
+            assert figure.bbox.x0 <= title.x0 and title.x1 <= figure.bbox.x1
+            assert figure.bbox.y0 <= title.y0 and title.y1 <= figure.bbox.y1
+            assert not any(title.overlaps(cell) for cell in cells)
+        for heading in headings:
+            assert not any(heading.overlaps(title) for title in titles)
+        assert len(figure.axes) == 6 and len({round(cell.height, 3) for cell in cells}) == 1
+
+
 def test_the_confident_mistakes_know_their_places_in_the_pass():
     from shared.classification.evaluate import ConfidentMistakes
 

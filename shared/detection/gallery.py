@@ -39,16 +39,14 @@ def detections_figure(images: np.ndarray, detections: list, truth: list, class_n
     predictions scoring at least `min_score` (see `_shown`) in their class's colour, labelled with class and
     score."""
     from matplotlib import colormaps
-    from matplotlib.figure import Figure
     from matplotlib.patches import Rectangle
 
     count = len(images)
     columns = max(1, min(columns, count))
     rows = max(1, math.ceil(count / columns))
-    figure = Figure(figsize=(2.6 * columns, 2.8 * rows), dpi=plots.DPI, layout="constrained")
+    figure, cells = plots.cell_grid(rows, columns, 2.5, title_inches=0.25)
     palette = list(colormaps["tab10"].colors)
-    for index, axes in enumerate(figure.subplots(rows, columns, squeeze=False).flat):
-        axes.axis("off")
+    for index, axes in enumerate(cells):
         if index >= count:
             continue
         image = images[index] / 255.0
