@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import importlib.util
 import os
 import shutil
@@ -13,6 +15,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import pytest
 
+from shared import runs
 from shared.modelzoo import MODELS_DIR
 
 REPO = Path(__file__).resolve().parent.parent
@@ -172,16 +175,39 @@ def model_copy(tmp_path) -> Path:
     return target
 
 
+@contextlib.contextmanager
+def _session_lock(path: Path):
+    """An exclusive lock on `path` (created) held for the block: one xdist worker at a time."""
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory):
-    """One finished tiny run (from a private copy of the model source), shared by read-only tests."""
+    """One finished tiny run (from a private copy of the model source), for read-only tests. Trained once a
+    session: the first xdist worker to ask trains it under a lock in the folder the workers share, and every
+    worker tests its own copy of the run folder, so no two workers ever share a run."""
     from shared.config import load_config
     from shared.lifecycle import train
 
-    base = tmp_path_factory.mktemp("trained")
-    source = base / "resnet_src"
-    shutil.copytree(MODELS_DIR / "resnet", source)
-    tree = tiny_tree(base / "runs")
-    tree["model"]["path"] = str(source)
-    run = train(load_config(tree=tree), argv=["pytest"])
-    return run, source
+    base = tmp_path_factory.getbasetemp()
+    shared = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "trained_run"
+    shared.mkdir(exist_ok=True)
+    source = shared / "resnet_src"
+    with _session_lock(shared / ".lock"):
+        if not (shared / "trained").exists():
+            shutil.rmtree(source, ignore_errors=True)  # a worker that failed to train left it
+            shutil.rmtree(shared / "runs", ignore_errors=True)
+            shutil.copytree(MODELS_DIR / "resnet", source)
+            tree = tiny_tree(shared / "runs")
+            tree["model"]["path"] = str(source)
+            train(load_config(tree=tree), argv=["pytest"])
+            (shared / "trained").touch()
+    own = tmp_path_factory.mktemp("trained")
+    shutil.copytree(shared / "runs", own / "runs")
+    (folder,) = (own / "runs" / "resnet").iterdir()
+    return runs.Run(folder), source
