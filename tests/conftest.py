@@ -10,6 +10,7 @@ import shutil
 import socket
 from pathlib import Path
 from types import ModuleType
+from typing import Callable
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -186,28 +187,58 @@ def _session_lock(path: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def once_a_session(tmp_path_factory, name: str, make: Callable[[Path], None]) -> Path:
+    """The folder `name` that `make(folder)` fills once a test session: the first xdist worker to ask makes it,
+    under a lock, in the folder the workers share; the others wait for it and find it made. Read only: a test
+    copies what it changes (`copied_run`)."""
+    base = tmp_path_factory.getbasetemp()
+    folder = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / name
+    with _session_lock(folder.with_name(f".{name}.lock")):
+        if not (folder / ".made").exists():
+            shutil.rmtree(folder, ignore_errors=True)  # what a worker that failed to make it left
+            folder.mkdir()
+            make(folder)
+            (folder / ".made").touch()
+    return folder
+
+
+def copied_run(tmp_path_factory, runs_dir: Path) -> runs.Run:
+    """A copy, in this worker's own temporary folder, of the one run under `runs_dir` (runs/<model>/vNNNN)."""
+    own = tmp_path_factory.mktemp(runs_dir.parent.name) / "runs"
+    shutil.copytree(runs_dir, own)
+    (folder,) = (path for model in own.iterdir() if model.is_dir() for path in model.glob("v[0-9]*"))
+    return runs.Run(folder)
+
+
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory):
-    """One finished tiny run (from a private copy of the model source), for read-only tests. Trained once a
-    session: the first xdist worker to ask trains it under a lock in the folder the workers share, and every
-    worker tests its own copy of the run folder, so no two workers ever share a run."""
-    from shared.config import load_config
-    from shared.lifecycle import train
+    """One finished tiny run (from a private copy of the model source), for read-only tests: trained once a
+    session (`once_a_session`), each worker testing its own copy of the run folder."""
+    def make(folder: Path) -> None:
+        from shared.config import load_config
+        from shared.lifecycle import train
 
-    base = tmp_path_factory.getbasetemp()
-    shared = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "trained_run"
-    shared.mkdir(exist_ok=True)
-    source = shared / "resnet_src"
-    with _session_lock(shared / ".lock"):
-        if not (shared / "trained").exists():
-            shutil.rmtree(source, ignore_errors=True)  # a worker that failed to train left it
-            shutil.rmtree(shared / "runs", ignore_errors=True)
-            shutil.copytree(MODELS_DIR / "resnet", source)
-            tree = tiny_tree(shared / "runs")
-            tree["model"]["path"] = str(source)
-            train(load_config(tree=tree), argv=["pytest"])
-            (shared / "trained").touch()
-    own = tmp_path_factory.mktemp("trained")
-    shutil.copytree(shared / "runs", own / "runs")
-    (folder,) = (own / "runs" / "resnet").iterdir()
-    return runs.Run(folder), source
+        shutil.copytree(MODELS_DIR / "resnet", folder / "resnet_src")
+        tree = tiny_tree(folder / "runs")
+        tree["model"]["path"] = str(folder / "resnet_src")
+        train(load_config(tree=tree), argv=["pytest"])
+
+    shared = once_a_session(tmp_path_factory, "trained_run", make)
+    return copied_run(tmp_path_factory, shared / "runs"), shared / "resnet_src"
+
+
+@pytest.fixture(scope="session")
+def tiny_detector(tmp_path_factory) -> runs.Run:
+    """A tiny detector trained from scratch through the CLI on the detection tests' canvas set (the recipe of
+    test_detection_runner.py: 2 epochs on 16 canvases of 48 px), once a session (`once_a_session`); each worker
+    gets its own copy of the run folder, free to export into."""
+    def make(folder: Path) -> None:
+        from shared import runner
+        from test_detection_runner import TINY, data_overrides, tiny_canvases
+
+        tiny_canvases(folder / "data")
+        overrides = [*TINY, *data_overrides(folder / "data"), f"run.dir={folder / 'runs'}"]
+        assert runner.main(["--config", str(REPO / "models" / "resnet" / "detect.yaml"),
+                            *[arg for item in overrides for arg in ("--set", item)]]) == 0
+
+    return copied_run(tmp_path_factory, once_a_session(tmp_path_factory, "tiny_detector", make) / "runs")

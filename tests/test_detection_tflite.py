@@ -23,16 +23,8 @@ pytestmark = pytest.mark.skipif(not (Path(FASHION_MNIST_DIRS[0]) / "train-images
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> runs.Run:
-    from test_detection_runner import TINY, data_overrides, tiny_canvases
-
-    base = tmp_path_factory.mktemp("detection_tflite")
-    tiny_canvases(base / "data")
-    overrides = [*TINY, *data_overrides(base / "data"), f"run.dir={base / 'runs'}"]
-    assert runner.main(["--config", str(REPO / "models" / "resnet" / "detect.yaml"),
-                        *[arg for item in overrides for arg in ("--set", item)]]) == 0
-    (folder,) = (base / "runs" / "resnet").iterdir()
-    return runs.Run(folder)
+def trained(tiny_detector) -> runs.Run:
+    return tiny_detector
 
 
 def split_images(run: runs.Run):

@@ -19,7 +19,7 @@ from shared.fashion_mnist import FASHION_MNIST_DIRS
 from shared.classification.predict import Predictor
 from shared.tasks import rebuild
 
-from conftest import REPO, TINY_MODEL, tiny_tree
+from conftest import TINY_MODEL, tiny_tree
 from test_data import make_folder_dataset
 from test_predict import CLASSES, assert_one_line_error, fake_run, run_cli
 
@@ -103,18 +103,9 @@ def test_classification_tasks_round_trip_through_the_annotation_reader(folder_ru
 
 
 @pytest.fixture(scope="module")
-def detection_run(tmp_path_factory) -> runs.Run:
-    """One epoch of a tiny detector on 16 generated Fashion-MNIST canvases (48 px), from scratch."""
-    from shared import runner
-    from test_detection_runner import TINY, data_overrides, tiny_canvases
-
-    base = tmp_path_factory.mktemp("preannotate_detection")
-    tiny_canvases(base / "data")
-    overrides = [*TINY, *data_overrides(base / "data"), "train.epochs=1", f"run.dir={base / 'runs'}"]
-    assert runner.main(["--config", str(REPO / "models" / "resnet" / "detect.yaml"),
-                        *[arg for item in overrides for arg in ("--set", item)]]) == 0
-    (folder,) = (base / "runs" / "resnet").iterdir()
-    return runs.Run(folder)
+def detection_run(tiny_detector) -> runs.Run:
+    """The tiny detector of the detection runner's tests (2 epochs on 16 generated canvases, 48 px)."""
+    return tiny_detector
 
 
 @pytest.mark.slow
