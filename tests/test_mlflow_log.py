@@ -26,9 +26,7 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("mlflow") is None, reas
 
 
 def mlflow_client(uri: str):
-    import mlflow
-
-    return mlflow.MlflowClient(uri)
+    return mlflow_log.import_mlflow().MlflowClient(uri)
 
 EPOCHS = 2
 
