@@ -263,9 +263,10 @@ def errors_figure(images, true_names: list[str], predicted_names: list[str], sco
         return figure
     columns = max(1, min(columns, len(images)))
     rows = math.ceil(len(images) / columns)
-    figure, cells = cell_grid(rows, columns, GRID_CELL, title_inches=0.4 if sources is None else 0.55,
+    title_inches = 0.4 if sources is None else 0.55  # two title lines per image, or three
+    figure, cells = cell_grid(rows, columns, GRID_CELL, title_inches,
                               heading=f"the {len(images)} most confident mistakes (true / predicted score"
-                                      f"{'' if sources is None else ' / image'})")  # two title lines, or three
+                                      f"{'' if sources is None else ' / image'})")
     for index, axes in enumerate(cells):
         if index >= len(images):
             continue
