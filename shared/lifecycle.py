@@ -240,6 +240,7 @@ def _run_training(task: Task, argv: list[str] | None, resumed: runs.Run | None =
                     optim.apply_weight_decay(model, config.train)  # the student's, when distilling
                     rate = _compiled(task, trainer, model, module, data, phase.until_epoch - epoch, phase.lr_scale,
                                      placement.replicas, keep)
+                    built_before_fit(trainer, train_data)
                 phase_callbacks = _callbacks(config, run, index, val_data is not None, policy, task_callbacks)
                 if start.kind == "continue" and epoch <= start.epoch < phase.until_epoch:
                     start_from(trainer, start.continuation.checkpoint, config, phase_callbacks[-1], start.epoch)
@@ -364,6 +365,16 @@ def _compiled(task: Task, trainer: keras.Model, model: keras.Model, module, data
         return []
     train = _phase_train_config(task.config, epochs).train
     return [optim.StepSchedule(optim.learning_rate(train, data.steps_per_epoch, replicas, lr_scale))]
+
+
+def built_before_fit(trainer: keras.Model, train_data) -> None:
+    """The compiled losses and metrics built now, on the data's element spec, as Keras builds them before fit only
+    under an explicit distribution strategy: built in the first traced step instead (each output's loss tracker of
+    a detector or of aux heads), their variables would make TensorFlow trace the whole train step twice."""
+    try:
+        trainer._symbolic_build(data_batch=train_data.element_spec)
+    except Exception:  # a custom train_step (a distiller): Keras builds it in its first step, as it would anyway
+        pass
 
 
 def _keepable(config: Config, phases: list, start: Start, placement: distribute.Placement) -> bool:

@@ -204,3 +204,40 @@ def test_distill_command_trains_a_student_that_retests_alone(tmp_path, trained_r
     assert runner.main(["test", "--run", str(student_dir)]) == 0  # the checkpoint is the student alone
     assert f"top-1 {metrics['top1']:.4f}" in capsys.readouterr().out
     assert runner.main(["distill", "--config", str(config), "--teacher", str(tmp_path / "nope")]) == 2
+
+
+# TINY_MODEL with an auxiliary head, the shape of GoogLeNet's outputs (a dict naming the classifier "predictions")
+AUX_MODEL = '''
+import keras
+
+AUX_LOSS_WEIGHTS = {"aux": 0.3}
+
+
+def build(num_classes: int = 10, input_shape: tuple = (16, 16, 3), aux_heads: bool = True):
+    inputs = keras.Input(input_shape)
+    x = keras.layers.Conv2D(4, 3, activation="relu")(keras.layers.Rescaling(1 / 255.0)(inputs))
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    outputs = {"predictions": keras.layers.Dense(num_classes, activation="softmax", name="predictions")(x)}
+    if aux_heads:
+        outputs["aux"] = keras.layers.Dense(num_classes, activation="softmax", name="aux")(x)
+    return keras.Model(inputs, outputs, name="tiny_aux")
+'''
+
+
+def test_a_model_with_auxiliary_heads_traces_its_train_step_once(tmp_path, monkeypatch):
+    """Each output's loss tracker is a variable: made in the first traced step (Keras' way without an explicit
+    strategy), it makes TensorFlow trace the whole step again; the lifecycle builds them before fit."""
+    from keras.src.backend.tensorflow.trainer import TensorFlowTrainer
+
+    traces = []
+    step = TensorFlowTrainer.train_step
+    monkeypatch.setattr(TensorFlowTrainer, "train_step", lambda self, data: traces.append(1) or step(self, data))
+    (tmp_path / "aux_model").mkdir()
+    (tmp_path / "aux_model" / "model.py").write_text(AUX_MODEL)
+    tree = tiny_tree(tmp_path / "runs", train={"epochs": 2})
+    tree["model"] = {"name": "tiny_aux", "path": str(tmp_path / "aux_model")}
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(tree))
+    assert runner.main(["--config", str(tmp_path / "recipe.yaml")]) == 0
+    assert len(traces) == 1
+    (run,) = (tmp_path / "runs" / "tiny_aux").iterdir()
+    assert "aux_loss" in (run / "metrics.csv").read_text().splitlines()[0]  # the trackers are there, built early
