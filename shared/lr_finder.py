@@ -101,7 +101,7 @@ def lr_range_test(config: Config, min_lr: float = 1e-6, max_lr: float = 1.0, ste
     minimum's rate / 10), "stopped" ("diverged", "nan" or None), "steps" (requested), "batch_size",
     "base_batch_size"}; with `out_png`, also writes the loss-vs-rate plot there and adds "plot"."""
     from shared import optim
-    from shared.lifecycle import compile_phase, precision_policy, prepare
+    from shared.lifecycle import built_before_fit, compile_phase, precision_policy, prepare
     from shared.tasks import task_for
 
     _check_arguments(min_lr, max_lr, steps)
@@ -120,6 +120,7 @@ def lr_range_test(config: Config, min_lr: float = 1e-6, max_lr: float = 1.0, ste
         compile_phase(task, model, model, module, data, config.train.epochs, 1.0, 1)
     train, _ = task.fit_data(model, module, data)  # the labels as training's loss wants them
     train = ends_promptly(train)  # as the runner's fit: no wait for tf.data's autotuning thread at the end
+    built_before_fit(model, train)  # as the runner's fit: one trace of the step
     finder = LRRangeTest(min_lr, max_lr, steps)
     # The training set repeats forever, so one "epoch" of `steps` batches never runs short.
     model.fit(train, epochs=1, steps_per_epoch=steps, callbacks=[finder], verbose=_verbosity(config), shuffle=False)
