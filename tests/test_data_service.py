@@ -25,28 +25,60 @@ bench = load_script("bench_service_share")
 ENV, Server = bench.ENV, bench.Server
 
 
+class Cluster:
+    """Starts a dispatcher (`dispatcher(*args)`) and workers (`worker()`) on a free port; `stop()` stops them all."""
+
+    def __init__(self, work_dir: Path):
+        self.port = free_ports(1)[0]
+        self.address = f"localhost:{self.port}"
+        self.work_dir = work_dir
+        self.started: list[Server] = []
+
+    def dispatcher(self, fault_tolerant: bool = False) -> Server:
+        extra = ["--work-dir", str(self.work_dir)] if fault_tolerant else []
+        self.started.append(Server("dispatcher", "--port", str(self.port), *extra))
+        return self.started[-1]
+
+    def worker(self) -> Server:
+        self.started.append(Server("worker", "--dispatcher", self.address))
+        return self.started[-1]
+
+    def stop(self) -> None:
+        for server in self.started:
+            server.stop(signal.SIGKILL)
+
+
 @pytest.fixture
 def cluster(tmp_path):
-    """Starts a dispatcher (`dispatcher(*args)`) and workers (`worker()`) on free ports; stops them all after."""
-    started: list[Server] = []
-    port = free_ports(1)[0]
+    """A cluster of the test's own, for the tests that start, stop or kill its servers."""
+    started = Cluster(tmp_path / "dispatcher")
+    yield started
+    started.stop()
 
-    class Cluster:
-        address = f"localhost:{port}"
-        work_dir = tmp_path / "dispatcher"
 
-        def dispatcher(self, fault_tolerant: bool = False) -> Server:
-            extra = ["--work-dir", str(self.work_dir)] if fault_tolerant else []
-            started.append(Server("dispatcher", "--port", str(port), *extra))
-            return started[-1]
+def _running(tmp_path_factory, workers: int):
+    started = Cluster(tmp_path_factory.mktemp("dispatcher"))
+    started.dispatcher()
+    for _ in range(workers):
+        started.worker()
+    return started
 
-        def worker(self) -> Server:
-            started.append(Server("worker", "--dispatcher", self.address))
-            return started[-1]
 
-    yield Cluster()
-    for server in started:
-        server.stop(signal.SIGKILL)
+@pytest.fixture(scope="module")
+def two_workers(tmp_path_factory):
+    """A dispatcher and two workers, started once for the tests that only read or train through them (each test's
+    jobs are its own: its pipeline, its marks folder); every process a cluster starts first imports TensorFlow."""
+    started = _running(tmp_path_factory, 2)
+    yield started
+    started.stop()
+
+
+@pytest.fixture(scope="module")
+def one_worker(tmp_path_factory):
+    """A dispatcher and one worker, likewise: for the shared jobs, whose elements one worker decodes once each."""
+    started = _running(tmp_path_factory, 1)
+    yield started
+    started.stop()
 
 
 def _service_tree(tmp_path: Path, model: dict, address: str, **service) -> dict:
@@ -186,41 +218,35 @@ _read, _decodes, _result = bench.read, bench.decodings, bench.result
 
 
 @pytest.mark.slow
-def test_distributed_epoch_reads_each_example_once_a_pass(cluster, tmp_path):
-    cluster.dispatcher()
-    cluster.worker(), cluster.worker()
+def test_distributed_epoch_reads_each_example_once_a_pass(two_workers, tmp_path):
     marks = tmp_path / "marks"
     marks.mkdir()
     # A pipeline of three passes, read to its last element: the job's whole output. An endless stream read part way
     # says little of the passes (ids the dispatcher dealt ahead to a worker are undecoded when the reader stops:
     # 2 to 5 decodes of one id in one loaded run); a finished job must hold every id exactly once a pass.
-    read = _result(_read(marks, cluster.address, "distributed_epoch", batches=0, passes=3))["elements"]
+    read = _result(_read(marks, two_workers.address, "distributed_epoch", batches=0, passes=3))["elements"]
     assert collections.Counter(read) == {index: 3 for index in range(64)}
     assert min(_decodes(marks).values()) >= 3  # decoded on the workers (the stream read again may start anew)
 
 
 @pytest.mark.slow
-def test_parallel_epochs_workers_read_the_whole_stream_each(cluster, tmp_path):
+def test_parallel_epochs_workers_read_the_whole_stream_each(two_workers, tmp_path):
     """The contrast that makes the test above able to fail: two workers each read every example."""
-    cluster.dispatcher()
-    cluster.worker(), cluster.worker()
     marks = tmp_path / "marks"
     marks.mkdir()
-    _result(_read(marks, cluster.address, "parallel_epochs", batches=16))  # 64 examples: one pass's worth
+    _result(_read(marks, two_workers.address, "parallel_epochs", batches=16))  # 64 examples: one pass's worth
     decoded = _decodes(marks)
     assert sum(decoded.values()) >= 2 * 32 and max(decoded.values()) >= 2  # both workers went over the ids
 
 
 @pytest.mark.slow
-def test_a_shared_job_decodes_each_element_once_for_two_concurrent_trainers(cluster, tmp_path):
+def test_a_shared_job_decodes_each_element_once_for_two_concurrent_trainers(one_worker, tmp_path):
     """Elements tagged with their place in the stream: with `share` each is decoded once however many trainers
     read it (without, each trainer's job decodes the stream anew, twice for two trainers: in
     scripts/bench_service_share.py's table)."""
-    cluster.dispatcher()
-    cluster.worker()
     marks = tmp_path / "marks"
     marks.mkdir()
-    readers = [_read(marks, cluster.address, "parallel_epochs", batches=32, share=True, places=True)
+    readers = [_read(marks, one_worker.address, "parallel_epochs", batches=32, share=True, places=True)
                for _ in range(2)]
     first, second = (_result(reader) for reader in readers)
     # built in two processes: the same job, and the same id for a run's training pipeline
@@ -255,22 +281,20 @@ def test_a_run_trains_through_the_service_and_a_killed_worker_does_not_stop_it(c
 
 
 @pytest.mark.slow
-def test_concurrent_runs_of_one_pipeline_with_share_read_one_job(cluster, tmp_path, one_conv_model):
+def test_concurrent_runs_of_one_pipeline_with_share_read_one_job(one_worker, tmp_path, one_conv_model):
     """Two runs at once, as two tune trials that tune a key outside the pipeline (the learning rate)."""
-    cluster.dispatcher()
-    cluster.worker()
     runs = []
     for trial, rate in enumerate((0.05, 0.01)):
         folder = tmp_path / f"trial{trial}"
         folder.mkdir()
-        tree = _service_tree(folder, one_conv_model, cluster.address, mode="parallel_epochs", share=True)
+        tree = _service_tree(folder, one_conv_model, one_worker.address, mode="parallel_epochs", share=True)
         tree["train"]["lr"]["base"] = rate
         runs.append(_train(folder, tree))
     jobs = set()
     for run in runs:
         assert run.wait(300) == 0, _output(run)
         line = next(line for line in _output(run).splitlines() if line.startswith("training input from"))
-        assert line.startswith(f"training input from the tf.data service at {cluster.address} (parallel_epochs, "
+        assert line.startswith(f"training input from the tf.data service at {one_worker.address} (parallel_epochs, "
                                f"shared job pipeline-")
         jobs.add(line)
     assert len(jobs) == 1  # the same pipeline in two processes: one job
@@ -294,10 +318,8 @@ def test_a_dispatcher_restarted_from_its_work_dir_resumes(cluster, tmp_path, one
 
 
 @pytest.mark.slow
-def test_a_resumed_run_continues_with_the_service(cluster, tmp_path, one_conv_model):
-    cluster.dispatcher()
-    cluster.worker(), cluster.worker()
-    tree = _service_tree(tmp_path, one_conv_model, cluster.address)
+def test_a_resumed_run_continues_with_the_service(two_workers, tmp_path, one_conv_model):
+    tree = _service_tree(tmp_path, one_conv_model, two_workers.address)
     tree["data"].update(synthetic_train=2048)
     tree["train"].update(epochs=4)
     training = _train(tmp_path, tree)
@@ -308,7 +330,7 @@ def test_a_resumed_run_continues_with_the_service(cluster, tmp_path, one_conv_mo
     resumed = _train(tmp_path, tree, "--resume", str(run))
     assert resumed.wait(300) == 0, _output(resumed)
     output = _output(resumed)
-    assert f"training input from the tf.data service at {cluster.address}" in output
+    assert f"training input from the tf.data service at {two_workers.address}" in output
     assert "resuming after epoch" in output
     assert json.loads((run / "status.json").read_text())["status"] == "finished"
 
