@@ -14,15 +14,28 @@ import keras
 from shared import durable
 
 
+def built_before_fit(trainer: keras.Model, train_data) -> bool:
+    """Builds the compiled losses and metrics now, on the data's element spec, as Keras builds them before fit only
+    under an explicit distribution strategy: built in the first traced step instead (each output's loss tracker of
+    a detector or of aux heads), their variables would make TensorFlow trace the whole train step twice. False
+    where it cannot be done beforehand (a custom train_step, a distiller's: Keras builds it in its first step)."""
+    try:
+        trainer._symbolic_build(data_batch=train_data.element_spec)  # Keras' own build before fit
+    except Exception:
+        return False
+    return True
+
+
 def logged_metrics(trainer: keras.Model, train_data, validating: bool) -> set[str] | None:
     """The keys of the epoch logs that `trainer.fit(train_data)` will write (compiled metrics, their val_
     copies when validating, and LearningRateLogger's lr), found by building the compiled trainer on the
     data's element spec, without a batch; None when that cannot be known beforehand (a trainer whose
     metrics only exist after a real step)."""
+    if not built_before_fit(trainer, train_data):
+        return None  # a custom train_step: the callbacks check the logs at the first epoch's end instead
     try:
-        trainer._symbolic_build(data_batch=train_data.element_spec)  # Keras' own build before fit
         names = set(trainer.get_metrics_result())
-    except Exception:  # a custom train_step: the callbacks check the logs at the first epoch's end instead
+    except Exception:
         return None
     return names | {f"val_{name}" for name in names if validating} | {"lr"}
 

@@ -27,7 +27,7 @@ import keras
 from shared import config as config_module
 from shared import distribute, durable, finetune, mlflow_log, modelzoo, optim, plots, runs
 from shared.callbacks import (DurableCSVLogger, LearningRateLogger, NonFiniteLoss, StopOnNonFiniteLoss, StopOnSignal,
-                              logged_metrics)
+                              built_before_fit, logged_metrics)
 from shared.checkpoints import (CheckpointPolicy, Continuation, Start, backup_state, carry_optimizer_state,
                                 check_resumable, continuation_of, decide_start, record_continuation, remove_partials,
                                 start_from, truncate_metrics)
@@ -365,16 +365,6 @@ def _compiled(task: Task, trainer: keras.Model, model: keras.Model, module, data
         return []
     train = _phase_train_config(task.config, epochs).train
     return [optim.StepSchedule(optim.learning_rate(train, data.steps_per_epoch, replicas, lr_scale))]
-
-
-def built_before_fit(trainer: keras.Model, train_data) -> None:
-    """The compiled losses and metrics built now, on the data's element spec, as Keras builds them before fit only
-    under an explicit distribution strategy: built in the first traced step instead (each output's loss tracker of
-    a detector or of aux heads), their variables would make TensorFlow trace the whole train step twice."""
-    try:
-        trainer._symbolic_build(data_batch=train_data.element_spec)
-    except Exception:  # a custom train_step (a distiller): Keras builds it in its first step, as it would anyway
-        pass
 
 
 def _keepable(config: Config, phases: list, start: Start, placement: distribute.Placement) -> bool:

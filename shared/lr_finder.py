@@ -17,6 +17,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
+from shared.callbacks import built_before_fit
 from shared.config_schema import Config, with_changes
 from shared.data import ends_promptly
 from shared.errors import UserError
@@ -101,7 +102,7 @@ def lr_range_test(config: Config, min_lr: float = 1e-6, max_lr: float = 1.0, ste
     minimum's rate / 10), "stopped" ("diverged", "nan" or None), "steps" (requested), "batch_size",
     "base_batch_size"}; with `out_png`, also writes the loss-vs-rate plot there and adds "plot"."""
     from shared import optim
-    from shared.lifecycle import built_before_fit, compile_phase, precision_policy, prepare
+    from shared.lifecycle import compile_phase, precision_policy, prepare
     from shared.tasks import task_for
 
     _check_arguments(min_lr, max_lr, steps)
