@@ -77,7 +77,7 @@ def study_lock(config: Config, url: str) -> FileLock | AdvisoryLock:
     if database is not None:
         return FileLock(database.with_name(f".{database.name}.lock"))
     if make_url(url).get_backend_name() == "postgresql":
-        return AdvisoryLock(url, study_name(config))
+        return AdvisoryLock(url, f"ilsvrc-canon tune {study_name(config)}")
     return FileLock(Path(config.run.dir) / "tune" / f".{study_name(config)}.lock")
 
 
@@ -100,8 +100,13 @@ def open_storage(url: str, heartbeat_seconds: int = 60) -> optuna.storages.BaseS
         engine_kwargs = {"connect_args": {"timeout": 60}}  # several workers on one file wait, not fail
     elif url.startswith("postgresql"):
         engine_kwargs = {"connect_args": {"connect_timeout": CONNECT_TIMEOUT_S}}  # a server that is down: seconds
+    # Optuna makes its tables when a storage first opens a database: workers that start at once on a new
+    # PostgreSQL database race to (optuna/optuna#1092, "duplicate key value violates unique constraint
+    # pg_type_typname_nsp_index"), so there they open it one at a time.
+    one_at_a_time = AdvisoryLock(url, "ilsvrc-canon tune tables") if url.startswith("postgresql") \
+        else contextlib.nullcontext()
     try:
-        with quiet_experimental():
+        with one_at_a_time, quiet_experimental():
             return optuna.storages.RDBStorage(
                 url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_seconds,
                 heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY))
@@ -124,14 +129,14 @@ def _storage_hint(url: str, error: BaseException) -> str:
 
 
 class AdvisoryLock:
-    """The study lock on a PostgreSQL server: a session-level advisory lock keyed by the study's name, held on
-    one connection of this worker. The server drops it when the connection ends, however the worker ends.
-    Re-entrant, as FileLock is (PostgreSQL counts a session's locks on one key)."""
+    """A lock on a PostgreSQL server (the study's, keyed by its name; the one its tables are made under): a
+    session-level advisory lock keyed by `name`, held on one connection of this worker. The server drops it when
+    the connection ends, however the worker ends. Re-entrant, as FileLock is (PostgreSQL counts a session's locks
+    on one key)."""
 
     def __init__(self, url: str, name: str):
         self.url = url
-        self.key = int.from_bytes(hashlib.sha256(f"ilsvrc-canon tune {name}".encode()).digest()[:8], "big",
-                                  signed=True)
+        self.key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
         self._connection = None
         self._depth = 0
 
