@@ -72,12 +72,16 @@ print(json.dumps({"elements": read, "pipeline": pipeline_id(pipeline), "training
 """.replace("IDS", str(IDS))
 
 
+# How the processes start: subprocess.Popen's arguments (tests/test_data_service.py forks them instead).
+START = subprocess.Popen
+
+
 class Server:
     """A `serve-data` process; `line` is the first line it printed (where it listens)."""
 
     def __init__(self, *args: str, timeout: float = 120):
-        self.process = subprocess.Popen([sys.executable, "-m", "shared.runner", "serve-data", *args], cwd=REPO,
-                                        env=ENV, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        self.process = START([sys.executable, "-m", "shared.runner", "serve-data", *args], cwd=REPO,
+                             env=ENV, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         self.lines: queue.Queue = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
         self.line = self.next_line(timeout)
@@ -104,9 +108,9 @@ def read(marks: Path, address: str, mode: str, batches: int, share: bool = False
          places: bool = False) -> subprocess.Popen:
     """The READER in a process of its own: `batches` batches of 4 of the endless stream, or `passes` passes of a
     finite job read whole; its elements tagged with their places when `places`."""
-    return subprocess.Popen([sys.executable, "-c", READER, str(marks), address, mode, "share" if share else "-",
-                             str(batches), str(passes), "places" if places else "-"], cwd=REPO, env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return START([sys.executable, "-c", READER, str(marks), address, mode, "share" if share else "-",
+                  str(batches), str(passes), "places" if places else "-"], cwd=REPO, env=ENV,
+                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def result(process: subprocess.Popen) -> dict:

@@ -6,7 +6,6 @@ probabilities are a fixed function of an image's brightness, so every score is c
 import json
 import os
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from shared.detection.predict import Detections
 from shared.loop import pool as loop_pool
 from shared.loop import state as loop_state
 
+import forked
 from conftest import KILLING_RUNNER, REPO
 from test_predict import assert_one_line_error, run_cli
 
@@ -236,8 +236,8 @@ def test_a_kill_before_the_tasks_file_is_published_leaves_the_old_one_whole(brig
     out.write_text('{"image": "old.png"}\n')
     command = ["predict", "--run", str(run.path), str(images[0].parent), "--format", "tasks", "--out", str(out),
                "--order", "uncertainty"]
-    result = subprocess.run([sys.executable, "-c", KILLING_RUNNER, *command], cwd=REPO, capture_output=True,
-                            text=True, timeout=300, env={**os.environ, "KILL_AT": "tasks.jsonl:before:1"})
+    result = forked.run([sys.executable, "-c", KILLING_RUNNER, *command], cwd=REPO, capture_output=True,
+                        text=True, timeout=300, env={**os.environ, "KILL_AT": "tasks.jsonl:before:1"})
     assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
     assert out.read_text() == '{"image": "old.png"}\n'
 

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import yaml
 
+import forked
 from conftest import KILLING_RUNNER, REPO, TINY_MODEL, tiny_tree
 
 STEPS = 2  # 64 training images (of 80, 0.2 validation) in batches of 32
@@ -47,8 +48,8 @@ def killed_at(point: str, tmp_path: Path, tree: dict) -> Path:
 
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump(tree))
-    killed = subprocess.run([sys.executable, "-c", KILLING_RUNNER, "--config", str(config)], cwd=REPO,
-                            capture_output=True, text=True, timeout=300, env={**os.environ, "KILL_AT": point})
+    killed = forked.run([sys.executable, "-c", KILLING_RUNNER, "--config", str(config)], cwd=REPO,
+                        capture_output=True, text=True, timeout=300, env={**os.environ, "KILL_AT": point})
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     (run_dir,) = (tmp_path / "runs" / "tiny").iterdir()
     return run_dir

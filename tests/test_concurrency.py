@@ -15,6 +15,7 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
+import forked
 from conftest import REPO, load_script, tiny_tree
 
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "2"}
@@ -34,8 +35,8 @@ def build(num_classes: int = 10, input_shape: tuple = (16, 16, 3), width: int = 
 
 def together(*commands: list[str]) -> list[subprocess.CompletedProcess]:
     """Start every command, then wait for all: they race from the first line."""
-    started = [subprocess.Popen(command, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True) for command in commands]
+    started = [forked.popen(command, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True) for command in commands]
     results = []
     for process, command in zip(started, commands):
         out, err = process.communicate(timeout=300)
@@ -150,8 +151,8 @@ def test_an_export_publishes_only_once_the_lock_is_free(one_conv_run, tmp_path):
     run = one_conv_run
     export_dir = tmp_path / "exports"
     fake_version(export_dir / "tiny" / "1")
-    holder = subprocess.Popen([sys.executable, "-c", HOLD_EXPORT_LOCK, str(export_dir)], cwd=REPO, env=ENV,
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    holder = forked.popen([sys.executable, "-c", HOLD_EXPORT_LOCK, str(export_dir)], cwd=REPO, env=ENV,
+                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     published = []
     exporting = threading.Thread(target=lambda: published.append(
         export_saved_model(*rebuild(run), run, export_dir, model_name="tiny", keep=1)))
@@ -197,9 +198,9 @@ def test_what_a_killed_export_left_goes_with_the_next_export_and_a_live_one_stay
 
     run, _ = trained_run
     export_dir = tmp_path / "exports"
-    killed = subprocess.Popen([sys.executable, "-m", "shared.runner", "export", "--run", str(run.path), "--format",
-                               "saved_model", "--export-dir", str(export_dir), "--name", "tiny"], cwd=REPO, env=ENV,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    killed = forked.popen([sys.executable, "-m", "shared.runner", "export", "--run", str(run.path), "--format",
+                           "saved_model", "--export-dir", str(export_dir), "--name", "tiny"], cwd=REPO, env=ENV,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
     while not list((export_dir / "tiny").glob(f"{export.STAGING_PREFIX}*/saved_model.pb")):
         assert killed.poll() is None and time.monotonic() < deadline, "the export ended before it was killed"
@@ -211,8 +212,8 @@ def test_what_a_killed_export_left_goes_with_the_next_export_and_a_live_one_stay
     (half_pruned / "variables").mkdir(parents=True)
     live = export_dir / "tiny" / f"{export.STAGING_PREFIX}live"
     live.mkdir()
-    writer = subprocess.Popen([sys.executable, "-c", HOLD_STAGING_LOCK, str(live)], cwd=REPO, env=ENV,
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    writer = forked.popen([sys.executable, "-c", HOLD_STAGING_LOCK, str(live)], cwd=REPO, env=ENV,
+                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert writer.stdout.readline() == "writing\n"
         published = export_saved_model(*rebuild(run), run, export_dir, model_name="tiny")
@@ -266,8 +267,8 @@ def test_make_detection_dataset_refuses_a_folder_being_written(tmp_path, capsys)
 
     script = load_script("make_detection_dataset")
     out = tmp_path / "out"
-    holder = subprocess.Popen([sys.executable, "-c", HOLD_FOLDER, str(out)], cwd=REPO, env=ENV,
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    holder = forked.popen([sys.executable, "-c", HOLD_FOLDER, str(out)], cwd=REPO, env=ENV,
+                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline() == "held\n"
         assert script.main([str(out), "--train", "2", "--test", "1", "--no-progress"]) == 2
@@ -287,8 +288,8 @@ def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
     from shared.locks import FileLock
 
     lock = FileLock(tmp_path / ".some.lock")
-    holder = subprocess.Popen([sys.executable, "-c", HOLD_FOLDER, str(tmp_path / "out")], cwd=REPO, env=ENV,
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    holder = forked.popen([sys.executable, "-c", HOLD_FOLDER, str(tmp_path / "out")], cwd=REPO, env=ENV,
+                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline() == "held\n"
     writer_lock = FileLock(tmp_path / "out" / ".writer.lock")
     assert not writer_lock.acquire(blocking=False)  # held by the other process
@@ -321,8 +322,8 @@ def test_a_refusal_names_the_holder_that_has_just_taken_the_lock(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / WRITER_LOCK).write_text('{"pid": 999999999, "host": "%s", "started": "long ago"}' % os.uname().nodename)
-    holder = subprocess.Popen([sys.executable, "-c", LOCK_THEN_WRITE_RECORD_LATE, str(out / WRITER_LOCK)],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    holder = forked.popen([sys.executable, "-c", LOCK_THEN_WRITE_RECORD_LATE, str(out / WRITER_LOCK)],
+                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline() == "locked\n"
         with pytest.raises(UserError, match=rf"is being written by pid {holder.pid} on .* since now;"):

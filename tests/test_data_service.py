@@ -18,10 +18,12 @@ import yaml
 from shared.config import from_dict
 from shared.errors import UserError
 
+import forked
 from conftest import REPO, free_ports, load_script, tiny_tree
 
 # The benchmark's servers and reader (scripts/bench_service_share.py): one copy of each
 bench = load_script("bench_service_share")
+bench.START = forked.popen
 ENV, Server = bench.ENV, bench.Server
 
 
@@ -94,7 +96,7 @@ def _train(tmp_path: Path, tree: dict, *args: str) -> subprocess.Popen:
     command = [sys.executable, "-m", "shared.runner", *(args or ("--config", str(recipe)))]
     path = tmp_path / f"train-{len(list(tmp_path.glob('train-*')))}.out"
     with path.open("w") as output:
-        process = subprocess.Popen(command, cwd=REPO, env=ENV, stdout=output, stderr=subprocess.STDOUT, text=True)
+        process = forked.popen(command, cwd=REPO, env=ENV, stdout=output, stderr=subprocess.STDOUT, text=True)
     process.output_path = path
     return process
 
@@ -203,8 +205,8 @@ def test_serve_data_refuses_a_worker_without_a_dispatcher_that_answers_and_a_por
                             f"no tf.data service dispatcher answers at localhost:{port} (--dispatcher)"),
                            (["dispatcher", "--dispatcher", "localhost:1"], "--dispatcher is for serve-data worker")):
         started = time.time()
-        result = subprocess.run([sys.executable, "-m", "shared.runner", "serve-data", *args], cwd=REPO, env=ENV,
-                                capture_output=True, text=True, timeout=120)
+        result = forked.run([sys.executable, "-m", "shared.runner", "serve-data", *args], cwd=REPO, env=ENV,
+                            capture_output=True, text=True, timeout=120)
         assert result.returncode == 2, result
         assert expected in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
         assert time.time() - started < 60

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from shared.fashion_mnist import FASHION_MNIST_DIRS
+import forked
 from conftest import free_ports
 from test_detection_runner import SIZE, data_overrides, tiny_canvases
 
@@ -29,8 +30,8 @@ def canvases(tmp_path_factory) -> Path:
 
 
 def python(script: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], cwd=REPO, capture_output=True,
-                            text=True, timeout=timeout)
+    result = forked.run([sys.executable, "-c", textwrap.dedent(script)], cwd=REPO, capture_output=True,
+                        text=True, timeout=timeout)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
@@ -107,8 +108,8 @@ def test_multi_worker_detection_run_with_two_local_processes(canvases, tmp_path)
     for index in range(2):
         env = {**os.environ, "TF_CONFIG": json.dumps({"cluster": {"worker": workers},
                                                       "task": {"type": "worker", "index": index}})}
-        processes.append(subprocess.Popen([sys.executable, "-m", "shared.runner", *args], cwd=REPO, env=env,
-                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        processes.append(forked.popen([sys.executable, "-m", "shared.runner", *args], cwd=REPO, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     outputs = [p.communicate(timeout=600) for p in processes]
     for process, (_, err) in zip(processes, outputs):
         assert process.returncode == 0, err[-3000:]

@@ -12,6 +12,7 @@ import textwrap
 import pytest
 import yaml
 
+import forked
 from conftest import REPO, free_ports, tiny_tree
 from shared.config_schema import DistributeConfig
 from shared.errors import UserError
@@ -31,7 +32,7 @@ def test_mirrored_on_two_logical_cpus(tmp_path, one_conv_model):
         run = train(load_config(tree={tree!r}))
         print("RESULT", run.path)
     """)
-    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
+    result = forked.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "MirroredStrategy, 2 replicas" in result.stdout
     # 256 examples, global batch 16 x 2 = 32: 8 steps per epoch
@@ -51,9 +52,9 @@ def test_multi_worker_with_two_local_processes(tmp_path, one_conv_model):
     for index in range(2):
         env = {**os.environ, "TF_CONFIG": json.dumps({"cluster": {"worker": workers},
                                                       "task": {"type": "worker", "index": index}})}
-        processes.append(subprocess.Popen([sys.executable, "-m", "shared.runner", "--config", str(config)],
-                                          cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                          text=True))
+        processes.append(forked.popen([sys.executable, "-m", "shared.runner", "--config", str(config)],
+                                      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True))
     outputs = [p.communicate(timeout=400) for p in processes]
     for process, (_, err) in zip(processes, outputs):
         assert process.returncode == 0, err[-3000:]

@@ -7,7 +7,6 @@ import io
 import json
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
+import forked
 from shared import export
 from shared.classification import export as classification_export
 from shared.durable import DiskFull
@@ -99,8 +99,8 @@ def test_served_model_equals_the_eval_pipeline(trained_run, saved_model, tmp_pat
     folder = saved_model
     out = tmp_path / "served.json"
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"TF_CPP_MIN_LOG_LEVEL": "2"}
-    subprocess.run([sys.executable, "-c", SERVE, str(folder), *map(str, files), str(out)],
-                   cwd=tmp_path, env=env, check=True, timeout=120)
+    forked.run([sys.executable, "-c", SERVE, str(folder), *map(str, files), str(out)],
+               cwd=tmp_path, env=env, check=True, timeout=120)
     served = json.loads(out.read_text())
 
     assert {"serving_default", "predict_images"} <= set(served["signatures"])

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+import forked
 from conftest import KILLING_RUNNER, REPO, TINY_MODEL, tiny_tree
 
 EPOCHS = 3
@@ -36,8 +37,8 @@ def tiny_model_tree(tmp_path: Path, **train) -> dict:
 
 
 def killed_at(kill_at: str, *args: str) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "-c", KILLING_RUNNER, *args], cwd=REPO, capture_output=True,
-                            text=True, timeout=300, env={**os.environ, "KILL_AT": kill_at})
+    result = forked.run([sys.executable, "-c", KILLING_RUNNER, *args], cwd=REPO, capture_output=True,
+                        text=True, timeout=300, env={**os.environ, "KILL_AT": kill_at})
     assert result.returncode == -signal.SIGKILL, result.stderr
     return result
 
@@ -169,8 +170,8 @@ sys.exit(runner.main(sys.argv[1:]))
 def killed_at_finished(tmp_path: Path, when: str) -> Path:
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump(tiny_model_tree(tmp_path, epochs=1)))
-    result = subprocess.run([sys.executable, "-c", KILLED_AT_FINISHED, "--config", str(config)], cwd=REPO,
-                            capture_output=True, text=True, timeout=300, env={**os.environ, "KILL_AT_FINISHED": when})
+    result = forked.run([sys.executable, "-c", KILLED_AT_FINISHED, "--config", str(config)], cwd=REPO,
+                        capture_output=True, text=True, timeout=300, env={**os.environ, "KILL_AT_FINISHED": when})
     assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
     (run_dir,) = (tmp_path / "runs" / "tiny").iterdir()
     assert (run_dir / "test_metrics.json").is_file()  # it was killed after testing

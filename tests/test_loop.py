@@ -22,6 +22,7 @@ import pytest
 import yaml
 from PIL import Image
 
+import forked
 from conftest import KILLING_RUNNER, REPO, TINY_MODEL, tiny_tree
 
 from shared import annotations, runs
@@ -457,8 +458,8 @@ def test_a_detection_round_end_to_end(tmp_path):
 
 
 def killed_at(kill_at: str, command: list[str]) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "-c", KILLING_RUNNER, *command], cwd=REPO, capture_output=True,
-                            text=True, timeout=300, env={**os.environ, "KILL_AT": kill_at})
+    result = forked.run([sys.executable, "-c", KILLING_RUNNER, *command], cwd=REPO, capture_output=True,
+                        text=True, timeout=300, env={**os.environ, "KILL_AT": kill_at})
     assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
     return result
 
@@ -540,10 +541,10 @@ def test_sigterm_while_watching_stops_with_nothing_half_way(tmp_path, source):
     recipe = classification_recipe(tmp_path, tree, poll_seconds=0.2, min_new=5)
     tasks = tmp_path / "tasks.jsonl"
     append(tasks, classification_lines(tmp_path, 0, 2))  # fewer than min_new: it waits
-    process = subprocess.Popen([sys.executable, "-m", "shared.runner", "loop", "--config", str(recipe),
-                                "--annotations", str(tasks), "--from", str(source_run.path), "--export-dir",
-                                str(tmp_path / "exports"), "--watch"], cwd=REPO, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+    process = forked.popen([sys.executable, "-m", "shared.runner", "loop", "--config", str(recipe),
+                            "--annotations", str(tasks), "--from", str(source_run.path), "--export-dir",
+                            str(tmp_path / "exports"), "--watch"], cwd=REPO, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
     loop_dir = tmp_path / "runs" / "loops" / "tiny-recipe"
     for line in process.stdout:
         if "waiting: 2 of 5" in line:  # SIGTERM's handler is in place, the lines were read
@@ -612,9 +613,9 @@ def test_a_second_process_on_the_same_loop_folder_is_refused(tmp_path):
 
     loop_dir = tmp_path / "loop"
     loop_dir.mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom shared.locks import folder_writer\n"
-                               f"with folder_writer({str(loop_dir)!r}):\n    print('held', flush=True)\n"
-                               "    time.sleep(60)"], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    holder = forked.popen([sys.executable, "-c", "import sys, time\nfrom shared.locks import folder_writer\n"
+                           f"with folder_writer({str(loop_dir)!r}):\n    print('held', flush=True)\n"
+                           "    time.sleep(60)"], cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
         loop = Loop(task_for(load_config(tree=tiny_tree(tmp_path / "runs"))), tmp_path / "tasks.jsonl",
@@ -844,8 +845,8 @@ def test_kills_between_chunks_and_in_a_rewrite_lose_nothing_and_duplicate_nothin
     loop_dir = tmp_path / "runs" / "loops" / "tiny-recipe"
 
     def killed(kill_at: str) -> None:
-        result = subprocess.run([sys.executable, "-c", CHUNKED_RUNNER, *command], cwd=REPO, capture_output=True,
-                                text=True, timeout=300, env={**os.environ, "KILL_AT": kill_at})
+        result = forked.run([sys.executable, "-c", CHUNKED_RUNNER, *command], cwd=REPO, capture_output=True,
+                            text=True, timeout=300, env={**os.environ, "KILL_AT": kill_at})
         assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
 
     killed("state.json:after:3")  # the loop's first state, then two chunks committed

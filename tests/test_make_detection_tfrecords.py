@@ -20,6 +20,7 @@ from shared.detection.label_map import read_class_list
 from shared.detection.records import DetectionRecord, DetectionSplit
 from shared.detection.voc import write_voc
 
+import forked
 from conftest import load_script
 
 REPO = Path(__file__).resolve().parent.parent
@@ -224,8 +225,8 @@ def test_killed_between_shards_a_rerun_finishes_with_the_same_output(images, tmp
     assert convert([*args, "--out", str(tmp_path / "clean")]) == 0
 
     out = tmp_path / "out"
-    writer = subprocess.Popen([sys.executable, "-c", SLOW_WRITER, str(SCRIPT), *args, "--out", str(out)],
-                              cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    writer = forked.popen([sys.executable, "-c", SLOW_WRITER, str(SCRIPT), *args, "--out", str(out)],
+                          cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
     while not (out / "train-00000-of-00004").exists():
         assert writer.poll() is None and time.monotonic() < deadline, writer.communicate()

@@ -18,6 +18,7 @@ from shared.config import load_config
 from shared.data import class_weights, make_datasets, sources, split
 from shared.errors import UserError
 
+import forked
 from conftest import REPO, TINY_MODEL, tiny_tree
 
 COUNTS = {"cat": 10, "dog": 5, "猫 ü": 2, "solo": 1}  # a Unicode class and a class of one image
@@ -368,7 +369,6 @@ def test_a_damaged_image_among_many(tmp_path, on_corrupt):
 def test_skip_with_not_one_readable_image_is_one_line_before_a_run_folder(tmp_path):
     """data.on_corrupt: skip over a folder of damaged files: one line, no run folder (it spun forever over the
     endless training stream, dropping every image: run in a subprocess with a timeout, so a hang fails)."""
-    import subprocess
     import sys
 
     root = tmp_path / "imgs"
@@ -380,8 +380,8 @@ def test_skip_with_not_one_readable_image_is_one_line_before_a_run_folder(tmp_pa
     tree["data"]["on_corrupt"] = "skip"
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump(tree))
-    result = subprocess.run([sys.executable, "-m", "shared.runner", "--config", str(config)], cwd=REPO,
-                            capture_output=True, text=True, timeout=300)
+    result = forked.run([sys.executable, "-m", "shared.runner", "--config", str(config)], cwd=REPO,
+                        capture_output=True, text=True, timeout=300)
     assert result.returncode == 2, result.stderr[-2000:]
     (line,) = result.stderr.strip().splitlines()[-1:]
     assert line.startswith("error: not one of the ") and "training images of " in line and "decodes" in line

@@ -19,6 +19,7 @@ from shared.classification.predict import Predictor
 from shared.predict import Paths, expand_paths
 from shared.tasks import rebuild
 
+import forked
 from conftest import REPO, SENSITIVE_MODEL, tiny_tree
 from test_data import make_folder_dataset
 
@@ -189,8 +190,8 @@ def test_the_command_skips_damaged_files_lists_them_and_writes_csv_and_jsonl(fol
 
     # a reader that has gone (`| head -1`; here closed before the first line): no traceback, --out gets every image
     piped = tmp_path / "piped.jsonl"
-    process = subprocess.Popen([sys.executable, "-m", "shared.runner", "predict", "--run", str(run.path), str(images),
-                                "--out", str(piped)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process = forked.popen([sys.executable, "-m", "shared.runner", "predict", "--run", str(run.path), str(images),
+                            "--out", str(piped)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     process.stdout.close()
     stderr = process.stderr.read().decode()
     assert process.wait(timeout=120) == 0 and "Traceback" not in stderr and "BrokenPipe" not in stderr
@@ -281,8 +282,8 @@ time.sleep(60)
 def test_a_run_still_training_is_refused(tmp_path, capsys):
     """A real second process holds the run's training lock."""
     run = fake_run(tmp_path / "runs" / "resnet" / "v0001")
-    holder = subprocess.Popen([sys.executable, "-c", LOCK_AND_WAIT, str(run)], cwd=REPO, stdout=subprocess.PIPE,
-                              text=True)
+    holder = forked.popen([sys.executable, "-c", LOCK_AND_WAIT, str(run)], cwd=REPO, stdout=subprocess.PIPE,
+                          text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
         code, _, err = run_cli(capsys, "predict", "--run", run, tmp_path)

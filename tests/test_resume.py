@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+import forked
 from conftest import REPO, tiny_tree
 
 EPOCHS = 3
@@ -40,8 +41,8 @@ def many_steps_tree(runs_dir: Path, model: dict, **train) -> dict:
 def start(tmp_path: Path, tree: dict, *extra: str) -> subprocess.Popen:
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump(tree))
-    return subprocess.Popen([sys.executable, "-m", "shared.runner", "--config", str(config), *extra],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return forked.popen([sys.executable, "-m", "shared.runner", "--config", str(config), *extra],
+                        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def wait_for_backup(runs_dir: Path, process: subprocess.Popen, epochs: int, timeout: float = 240) -> Path:

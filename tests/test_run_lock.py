@@ -20,6 +20,7 @@ from shared import runs
 from shared.config import load_config
 from shared.lifecycle import train
 
+import forked
 from conftest import REPO, tiny_tree
 
 HOLD = ("import sys, time; from pathlib import Path; from shared import runs; "
@@ -30,8 +31,8 @@ PRUNE = REPO / "scripts" / "prune_checkpoints.sh"
 @contextlib.contextmanager
 def held(run_dir: Path):
     """A second process that holds the run's lock until the block ends (then it is killed)."""
-    process = subprocess.Popen([sys.executable, "-c", HOLD, str(run_dir)], cwd=REPO, stdout=subprocess.PIPE,
-                               text=True)
+    process = forked.popen([sys.executable, "-c", HOLD, str(run_dir)], cwd=REPO, stdout=subprocess.PIPE,
+                           text=True)
     try:
         assert process.stdout.readline().strip() == "locked"
         yield process
@@ -42,8 +43,8 @@ def held(run_dir: Path):
 
 def refused_elsewhere(run_dir: Path) -> str:
     """Another process trying to take the lock: its error output (it must fail)."""
-    result = subprocess.run([sys.executable, "-c", HOLD, str(run_dir)], cwd=REPO, capture_output=True, text=True,
-                            timeout=60)
+    result = forked.run([sys.executable, "-c", HOLD, str(run_dir)], cwd=REPO, capture_output=True, text=True,
+                        timeout=60)
     assert result.returncode != 0 and "locked" not in result.stdout
     return result.stderr
 
@@ -63,8 +64,8 @@ def live_copy(trained_run, tmp_path) -> Path:
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "shared.runner", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=120)
+    return forked.run([sys.executable, "-m", "shared.runner", *args], cwd=REPO, capture_output=True, text=True,
+                      timeout=120)
 
 
 def snapshot(folder: Path) -> dict:

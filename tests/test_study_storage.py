@@ -18,6 +18,7 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
+import forked
 from conftest import REPO, free_ports, tiny_tree
 from shared import tune as tune_module
 from shared.config import load_config
@@ -84,8 +85,8 @@ def recipe(model: dict, runs_dir: Path, storage: str, epochs: int = 1, **tune) -
 
 
 def tuner(path: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "shared.runner", "tune", "--config", str(path)], cwd=REPO,
-                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return forked.popen([sys.executable, "-m", "shared.runner", "tune", "--config", str(path)], cwd=REPO,
+                        env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def states(study: optuna.Study) -> list[TrialState]:
@@ -112,10 +113,12 @@ def test_two_machines_share_a_postgres_study_and_a_killed_worker_s_trial_is_run_
     try:
         deadline = time.monotonic() + 240
         study = None
+        storage = None
         while time.monotonic() < deadline:  # both workers inside a trial of the new study
             time.sleep(0.2)
-            try:
-                study = optuna.load_study(study_name="shared", storage=postgres_url)
+            try:  # opened as the workers open it: one at a time while Optuna makes its tables
+                storage = storage or open_storage(postgres_url)
+                study = optuna.load_study(study_name="shared", storage=storage)
             except KeyError:  # not created yet
                 continue
             if training(study) == 2:
@@ -153,8 +156,8 @@ def test_the_study_lock_on_a_server_is_one_lock_for_every_worker(postgres_url, t
     code = ("import sys; from shared.tuning.storage import AdvisoryLock; lock = AdvisoryLock(sys.argv[1], 'x'); "
             "lock.key = int(sys.argv[2]); lock.acquire(); print('locked', flush=True); sys.stdin.read()")
     with first, first:  # re-entrant within a worker
-        holder = subprocess.Popen([sys.executable, "-c", code, postgres_url, str(first.key)], cwd=REPO, env=ENV,
-                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        holder = forked.popen([sys.executable, "-c", code, postgres_url, str(first.key)], cwd=REPO, env=ENV,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         time.sleep(3.0)
         assert holder.poll() is None  # another worker waits while this one holds it
     try:
@@ -167,6 +170,36 @@ def test_the_study_lock_on_a_server_is_one_lock_for_every_worker(postgres_url, t
     finally:
         if holder.poll() is None:
             holder.kill()
+
+
+def test_workers_opening_a_new_database_at_once_each_open_it(postgres_url):
+    """Optuna makes its tables when a storage first opens a database; workers started together on a new one
+    raced to (a duplicate-key error in PostgreSQL's catalog, optuna/optuna#1092). Four at once, each with its own
+    connections as on four machines, on a database no storage has opened: every one opens it."""
+    import threading
+
+    import sqlalchemy
+
+    server = sqlalchemy.create_engine(postgres_url, poolclass=sqlalchemy.pool.NullPool)
+    with server.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+        connection.execute(sqlalchemy.text("CREATE DATABASE fresh"))
+    url = postgres_url.rsplit("/", 1)[0] + "/fresh"
+    start, failures = threading.Barrier(4), []
+
+    def open_at_once() -> None:
+        start.wait()
+        try:
+            open_storage(url)
+        except UserError as error:
+            failures.append(str(error))
+
+    workers = [threading.Thread(target=open_at_once) for _ in range(4)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=120)
+    assert failures == []
+    assert optuna.get_all_study_summaries(url) == []  # the tables are there, and empty
 
 
 def test_an_unreachable_server_is_one_line_within_seconds(tmp_path):

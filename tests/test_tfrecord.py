@@ -18,6 +18,7 @@ from shared.data.tfrecord import (FEATURES, count_records, example_from_file, re
 from shared.durable import DiskFull
 from shared.errors import UserError
 
+import forked
 from conftest import load_script
 
 REPO = Path(__file__).resolve().parent.parent
@@ -176,8 +177,8 @@ def test_no_files(tmp_path):
 
 def run_script(*args):
     env = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "2"}
-    return subprocess.run([sys.executable, str(REPO / "scripts" / "make_tfrecords.py"), *map(str, args)],
-                          capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    return forked.run([sys.executable, str(REPO / "scripts" / "make_tfrecords.py"), *map(str, args)],
+                      capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
 
 
 def script_in_process(capsys, *args) -> tuple[int, str, str]:
@@ -245,8 +246,8 @@ def test_a_second_writer_of_a_folder_is_refused(source, tmp_path):
     _, files, labels, _ = source
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    holder = subprocess.Popen([sys.executable, "-c", HOLD_FOLDER, str(out)], cwd=REPO, env=env,
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    holder = forked.popen([sys.executable, "-c", HOLD_FOLDER, str(out)], cwd=REPO, env=env,
+                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline() == "held\n"
         with pytest.raises(UserError) as caught:
