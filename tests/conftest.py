@@ -117,11 +117,12 @@ SPLIT_BY_TEST = {"test_loop.py", "test_training_knobs.py", "test_detection_distr
 # so the many quick files fill in around them instead of a heavy file starting last and running alone (plain
 # loadscope hands out the files with the most tests first: the heavy files of few tests came last). A file
 # missing here only loses its place in the order.
-HEAVY_FIRST = ["test_data_service.py", "test_loop.py", "test_tune.py", "test_deblur_runs.py", "test_training_knobs.py",
-               "test_detection_distribute.py", "test_detection_runner.py", "test_preannotate.py",
-               "test_study_storage.py", "test_detection_size_tune.py", "test_faults.py", "test_kept_trainer.py",
-               "test_export.py", "test_distribute.py", "test_resume.py", "test_concurrency.py", "test_checkpoints.py",
-               "test_own_folders.py", "test_detection_tflite.py"]
+HEAVY_FIRST = ["test_tune.py", "test_detection_runner.py", "test_deblur_runs.py", "test_data_service.py",
+               "test_preannotate.py", "test_detection_size_tune.py", "test_torchvision_weights.py",
+               "test_study_storage.py", "test_models.py", "test_onnx.py", "test_loop.py", "test_detection_model.py",
+               "test_mlflow_log.py", "test_detection_tflite.py", "test_detection_distribute.py", "test_console.py",
+               "test_training_knobs.py", "test_fashion_training.py", "test_cpu_kernels.py", "test_predict.py",
+               "test_fit_on_jax.py", "test_own_folders.py", "test_detection_eval.py", "test_kept_trainer.py"]
 
 
 def _file_of(scope: str) -> str:
