@@ -22,6 +22,7 @@ import atexit
 import json
 import os
 import select
+import shutil
 import signal
 import socket
 import struct
@@ -174,8 +175,16 @@ def serve(path: str) -> None:
     listener.bind(path)
     listener.listen(64)
     print("ready", flush=True)
+    parent = os.getppid()
+    listener.settimeout(5)
     while True:
-        connection, _ = listener.accept()
+        try:
+            connection, _ = listener.accept()
+        except TimeoutError:
+            if os.getppid() != parent:  # the test process died without killing this server: end with it
+                os._exit(0)
+            continue
+        connection.settimeout(None)
         request, fds = _receive(connection)
         pid = os.fork()
         if pid == 0:
@@ -209,7 +218,9 @@ class _Server:
         with cls.lock:
             process, path = cls.started.get(key, (None, ""))
             if process is None or process.poll() is not None:
-                path = os.path.join(tempfile.mkdtemp(prefix="forked-"), "socket")
+                folder = tempfile.mkdtemp(prefix="forked-")
+                atexit.register(shutil.rmtree, folder, True)
+                path = os.path.join(folder, "socket")
                 server_env = {name: value for name, value in os.environ.items() if name not in IMPORT_TIME}
                 server_env.update({name: value for name, value in zip(IMPORT_TIME, key) if value is not None})
                 process = subprocess.Popen(
