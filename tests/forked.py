@@ -96,6 +96,8 @@ def _child(request: dict, fds: list[int]) -> None:
         os.environ.update(request["env"])
         mode, *rest = request["args"]
         target = rest.pop(0) if mode in ("-m", "-c") else mode
+        # the server's own first entries (its `-c` folder, the tests) out; the command's own go in below
+        sys.path[:] = [entry for entry in sys.path if entry not in ("", str(REPO / "tests"))]
         for entry in reversed(request["env"].get("PYTHONPATH", "").split(os.pathsep)):
             if entry and entry not in sys.path:
                 sys.path.insert(0, entry)
@@ -155,7 +157,7 @@ def _child(request: dict, fds: list[int]) -> None:
         atexit._run_exitfuncs()
         sys.stdout.flush()
         sys.stderr.flush()
-    except BaseException:  # noqa: BLE001 - a failing flush cannot change the status any more
+    except BaseException:  # a failing flush cannot change the status any more
         pass
     os._exit(status)
 

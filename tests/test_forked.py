@@ -14,7 +14,8 @@ import forked
 
 COMMANDS = {
     "argv, folder, environment, status": ["-c", "import os, sys; print(os.getcwd(), os.environ['PROBE'], sys.argv, "
-                                          "sys.path[0] == ''); sys.exit(3)", "a b", "c"],
+                                          "sys.path[:2]); sys.exit(3)", "a b", "c"],
+    "the module path of python -m": ["-m", "site"],
     "SystemExit with a message": ["-c", "raise SystemExit('bye')"],
     "an exception": ["-c", "raise ValueError('boom')"],
     "KeyboardInterrupt": ["-c", "raise KeyboardInterrupt"],
