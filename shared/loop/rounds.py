@@ -50,6 +50,7 @@ from shared.frozen import thaw
 from shared.errors import UserError
 from shared.export import versions
 from shared.locks import folder_writer
+from shared.source_facts import SOURCES
 from shared.loop.folder import DATA, EVAL, EVAL_PREFIX, LABELS_FILE, LEDGER_FILE, TRAIN_PREFIX, Loop, default_dir
 from shared.loop.garbage import collect_garbage
 from shared.loop.ingest import ingest, write_held_out
@@ -371,7 +372,8 @@ def shrunk_start(config: Config, previous_run: str | None) -> dict:
 
 def follow_run(config: Config, run: runs.Run) -> tuple[dict, list[str]]:
     """(config changes, where the recipe differed) that make the loop's rounds see what `run` saw: its image
-    size, channels, normalization and eval crop, when it has the recipe's task (its classes are the loop's
+    size, channels, normalization and eval crop (the whole image for a run of fixed-size arrays, such as
+    Fashion-MNIST's), when it has the recipe's task (its classes are the loop's
     already); a run of another task (a backbone) lends only its normalization."""
     recorded = run.config_dict() or {}
     data = recorded.get("data") or {}
@@ -388,10 +390,20 @@ def follow_run(config: Config, run: runs.Run) -> tuple[dict, list[str]]:
         changes[f"data.{key}"] = value
         if recipe is not None:  # the recipe left the statistics to the data: nothing it said differs
             differences.append(f"data.{key} {value} (the recipe: {recipe})")
+    if config.data.crop_fraction != 1.0:
+        changes.update(whole_view(data))
     classes = len(run.class_names() or [])
     if config.data.num_classes is not None and classes and config.data.num_classes != classes:
         differences.append(f"its {classes} classes (the recipe: data.num_classes {config.data.num_classes})")
     return changes, differences
+
+
+def whole_view(data: dict) -> dict:
+    """The change that shows the loop's images as a run of fixed-size arrays (Fashion-MNIST's) saw its own:
+    whole. The loop's images are encoded, and the eval view center-crops encoded images by data.crop_fraction;
+    {} for a run of encoded images or files, which saw that crop already. `data`: the run's recorded data."""
+    facts = SOURCES.get(data.get("source"))
+    return {"data.crop_fraction": 1.0} if facts is not None and facts.fixed_size else {}
 
 
 def planned_steps(steps: int, passes: float | None, examples: int, batch_size: int) -> int:
@@ -457,7 +469,8 @@ def evaluate_run(loop: Loop, run: runs.Run) -> float | None:
     if recorded_task(run) != loop.task.name:
         return None
     held_out = loop.task.loop_support().data_changes(loop, f"{EVAL}/{EVAL_PREFIX}")
-    metrics = lifecycle.test(run, changes={**held_out, "data.limit_train": None, "data.limit_test": None,
+    metrics = lifecycle.test(run, changes={**held_out, **whole_view(run.config_dict().get("data") or {}),
+                                           "data.limit_train": None, "data.limit_test": None,
                                            "data.num_classes": None}, draw=False)
     return _number(metrics.get(judged_by(loop).key))
 
