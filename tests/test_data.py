@@ -222,6 +222,26 @@ def test_model_folder_augment_py_is_used(tmp_path, model_copy):
     assert float(invert.fn(tf.zeros((4, 4, 1)))[0, 0, 0]) == 255.0
 
 
+def test_a_model_folder_augmentation_with_python_control_flow_on_tensors_runs_in_the_pipeline(tmp_path, model_copy):
+    # the pipeline's own functions are traced without autograph; a user's `if` on a tensor still needs it
+    (model_copy / "augment.py").write_text(
+        "import tensorflow as tf\n\n\ndef invert_dark():\n    def fn(image):\n"
+        "        if tf.reduce_mean(image) < 128.0:\n            image = 255.0 - image\n        return image\n"
+        "    return fn\n")
+    for split in ("train", "test"):
+        for name, value in (("dark", 0), ("light", 255)):
+            (tmp_path / "images" / split / name).mkdir(parents=True)
+            for i in range(2):
+                Image.new("L", (8, 8), value).save(tmp_path / "images" / split / name / f"{i}.png")
+    config = load_config(tree=tiny_tree(
+        tmp_path / "runs", model={"path": str(model_copy)},
+        data={"source": "folder", "path": str(tmp_path / "images"), "image_size": 8, "channels": 1,
+              "num_classes": None, "augment": ["invert_dark"], "normalize": False, "shuffle_buffer": 1}))
+    from shared.modelzoo import load_augment_module
+    images, _ = next(iter(make_datasets(config, model_augment=load_augment_module(model_copy)).train))
+    assert np.all(images.numpy() == 1.0)  # 255 scaled to 1: the dark ones inverted, the light kept
+
+
 def encoded(tmp_path, fmt: str, size=(48, 36), mode="RGB") -> tf.Tensor:
     pixels = np.random.default_rng(3).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
     path = tmp_path / f"image.{fmt}"

@@ -109,7 +109,7 @@ def encoded_eval_view(image_size: int, crop_fraction: float, channels: int, max_
     per setting: a process that builds many pipelines of one setting (the loop's rounds, a study's trials) traces
     the decoder's graph of every format once, not once a pipeline."""
 
-    @tf.function
+    @tf.function(autograph=False)
     def view(image: tf.Tensor, name: tf.Tensor) -> tf.Tensor:
         return eval_view(image, image_size, crop_fraction, channels, whole=False, max_pixels=max_pixels, name=name,
                          dct_scaling=dct_scaling)
