@@ -123,3 +123,19 @@ def test_a_train_seed_among_the_sets_is_refused_for_the_seeds_option(tmp_path):
         with pytest.raises(SystemExit, match="give --seeds instead"):
             bench.main(["--task", "classification", "--set", "train.seed=1", "--out-dir", str(tmp_path), *extra])
     assert not any(tmp_path.iterdir())  # refused before anything was written
+
+
+def test_the_orders_bench_trains_its_own_source_to_convergence_and_the_rounds_bench_briefly(tmp_path, monkeypatch):
+    bench = load_script("bench_loop")
+    asked = []
+
+    def train_source(out, holdout, epochs=bench.SOURCE_EPOCHS):
+        asked.append(epochs)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(bench, "train_source", train_source)
+    for extra in (["--orders", "uncertainty,random"], []):
+        with pytest.raises(RuntimeError, match="stop here"):
+            bench.main(["--task", "classification", "--seeds", "0,1", "--out-dir", str(tmp_path), *extra])
+    assert asked == [bench.ORDERS_SOURCE_EPOCHS, bench.SOURCE_EPOCHS]
+    assert bench.ORDERS_SOURCE_EPOCHS > bench.SOURCE_EPOCHS
