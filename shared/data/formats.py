@@ -28,7 +28,7 @@ from shared.data import checks
 
 # The decoders are written as graph code (tf.cond and tf.switch_case, no Python control flow on tensors), so a
 # function that calls them (a tf.data map, an export's serving signature) need not have autograph convert them:
-# that conversion cost more than the rest of a pipeline's tracing (docs/testing.md).
+# that conversion cost more than the rest of a pipeline's tracing (docs/testing.md, "traced without autograph").
 _graph_code = tf.autograph.experimental.do_not_convert
 
 # (format, what is read, what is refused): the table of formats in docs/configs-and-data.md.
