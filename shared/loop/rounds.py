@@ -48,9 +48,9 @@ from shared.annotations import AnswerTable, Batch
 from shared.config_schema import Config, with_changes
 from shared.frozen import thaw
 from shared.errors import UserError
+from shared.eval_view import resizes_pixels
 from shared.export import versions
 from shared.locks import folder_writer
-from shared.source_facts import SOURCES
 from shared.loop.folder import DATA, EVAL, EVAL_PREFIX, LABELS_FILE, LEDGER_FILE, TRAIN_PREFIX, Loop, default_dir
 from shared.loop.garbage import collect_garbage
 from shared.loop.ingest import ingest, write_held_out
@@ -399,11 +399,11 @@ def follow_run(config: Config, run: runs.Run) -> tuple[dict, list[str]]:
 
 
 def whole_view(data: dict) -> dict:
-    """The change that shows the loop's images as a run of fixed-size arrays (Fashion-MNIST's) saw its own:
-    whole. The loop's images are encoded, and the eval view center-crops encoded images by data.crop_fraction;
-    {} for a run of encoded images or files, which saw that crop already. `data`: the run's recorded data."""
-    facts = SOURCES.get(data.get("source"))
-    return {"data.crop_fraction": 1.0} if facts is not None and facts.fixed_size else {}
+    """The change that shows the loop's images as a run whose eval view resized them whole (fixed-size arrays,
+    such as Fashion-MNIST's) saw its own: whole. The loop's images are encoded, and the eval view center-crops
+    encoded images by data.crop_fraction; {} for a run that saw that crop already. `data`: the run's recorded
+    data section; `resizes_pixels` answers as it does for the run's predict and export."""
+    return {"data.crop_fraction": 1.0} if resizes_pixels(config_module.from_dict({"data": data})) else {}
 
 
 def planned_steps(steps: int, passes: float | None, examples: int, batch_size: int) -> int:
