@@ -141,6 +141,70 @@ def test_confusion_of_sixty_classes_has_no_cell_text_or_tick_labels(tmp_path):
         plots.confusion_figure(confusion, names[:3])
 
 
+# --- layout by arithmetic -----------------------------------------------------------------------
+
+def assert_laid_out(figure) -> None:
+    """What constrained layout guaranteed, checked on the drawn figure: every text inside the figure, and no
+    axes' texts (tick labels, axis labels, title) over another axes (a colorbar, the next panel)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    renderer = FigureCanvasAgg(figure).get_renderer()
+    figure.draw(renderer)
+    inside = figure.bbox.padded(1)  # antialiasing's pixel
+    for axes in figure.axes:
+        # The axes' texts as drawn: the ticks' labels in view and the axis label, the title and the offset.
+        boxes = {"x axis": axes.xaxis.get_tightbbox(renderer), "y axis": axes.yaxis.get_tightbbox(renderer),
+                 "title": axes.title.get_window_extent(renderer) if axes.get_title() else None}
+        for name, box in boxes.items():
+            if box is None:
+                continue
+            assert inside.x0 <= box.x0 and box.x1 <= inside.x1 and inside.y0 <= box.y0 and box.y1 <= inside.y1, \
+                f"the {name} of {axes.get_title() or axes} leaves the figure: {box} of {figure.bbox}"
+            for other in figure.axes:
+                if other is not axes and other not in axes._twinned_axes.get_siblings(axes):
+                    assert not box.overlaps(other.get_window_extent(renderer)), f"the {name} over another axes"
+
+
+@pytest.mark.parametrize("csv_text", [FULL_CSV, TRAIN_ONLY_CSV, AUX_HEADS_CSV,
+                                      "epoch,loss,lr\n0,123456.0,1e-6\n1,1500.0,3e-6\n",  # wide labels, an offset
+                                      "epoch,loss,top1\n0,2.0,0.30010\n1,1.5,0.30020\n"])
+def test_curve_panels_leave_room_for_their_labels(tmp_path, csv_text):
+    figure = plots.curves_figure(plots.read_metrics(write(tmp_path / "m.csv", csv_text)))
+    assert_laid_out(figure)
+    widths = {round(axes.get_position().width, 6) for axes in figure.axes}
+    assert len(widths) == 1 and widths.pop() > 0.5 / len(figure.axes)  # equal panels, most of their slot
+
+
+@pytest.mark.parametrize("size, names, normalize", [
+    (3, ["cat", "dog", "fox"], True), (10, None, True), (4, ["a_folder_name_of_cats", "dogs", "fox", "emu"], True),
+    (20, [f"a_very_long_class_name_{index}" for index in range(20)], False), (60, None, True)])
+def test_the_confusion_map_leaves_room_for_names_title_and_colorbar(size, names, normalize):
+    rng = np.random.default_rng(size)
+    confusion = np.diag(rng.integers(600, 1000, size)) + rng.integers(0, 80, (size, size))
+    figure = plots.confusion_figure(confusion, names, normalize)
+    assert_laid_out(figure)
+    heat_map, colorbar = figure.axes
+    position = heat_map.get_position()
+    assert position.width == pytest.approx(position.height)  # square, as imshow draws it
+    assert position.width > 0.45 and colorbar.get_position().x0 > position.x1
+
+
+def test_place_axes_leaves_room_for_a_twin_axis():
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(5.0, 3.2), dpi=plots.DPI)
+    axes = figure.subplots()
+    axes.plot([0, 1, 2], [0.6, 0.7, 0.75])
+    axes.set_xlabel("round")
+    axes.set_ylabel("held-out top1")
+    twin = axes.twinx()
+    twin.bar([0, 1, 2], [0, 2_000_000, 4_000_000])
+    twin.set_ylabel("examples so far")
+    plots.place_axes(figure, axes, twin)
+    assert_laid_out(figure)
+    assert axes.get_position().bounds == twin.get_position().bounds
+
+
 # --- image grids ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("channels", [1, 3])
@@ -154,15 +218,78 @@ def test_image_grid_grows_with_rows(tmp_path, channels):
     assert leftovers(tmp_path) == []
 
 
-def test_image_grid_shows_each_image_in_unit_range_and_gray_for_one_channel():
+def test_image_grid_shows_each_image_in_unit_range_and_gray_for_one_channel(tmp_path):
     images = np.stack([np.full((4, 4, 1), -3.0), np.linspace(-5, 5, 16).reshape(4, 4, 1)])
-    figure = plots.grid_figure(images, None, columns=8)
-    first, second = (axes.images[0] for axes in figure.axes)
-    assert second.get_cmap().name == "gray"
-    np.testing.assert_allclose([second.get_array().min(), second.get_array().max()], [0, 1])
-    assert np.all(first.get_array() == 0)  # a flat image does not divide by zero
+    out = plots.image_grid(images, None, tmp_path / "grid.png", columns=8)
+    layout = plots.grid_layout(2, 2, plots.GRID_CELL, title_inches=0.0)  # two columns: only two images
+    first, second = (box_pixels(out, layout.image_box(index, 4, 4)) for index in range(2))
+    assert np.all(first == 0)  # a flat image does not divide by zero: black
+    assert (second[..., 0] == second[..., 1]).all() and (second[..., 1] == second[..., 2]).all()  # gray
+    assert [second.min(), second.max()] == [0, 255]  # stretched to the full range
+    assert second[0, 0, 0] == 0 and second[-1, -1, 0] == 255  # -5 top left, 5 bottom right
     with pytest.raises(ValueError, match="titles for"):
         plots.grid_figure(images, ["only one"])
+
+
+def box_pixels(png: Path, box: tuple[int, int, int, int]) -> np.ndarray:
+    """The RGB pixels of a PNG inside `box` (x, y, width, height from the top left corner)."""
+    x, y, width, height = box
+    with Image.open(png) as image:
+        return np.asarray(image.convert("RGB"))[y:y + height, x:x + width]
+
+
+def test_a_grid_puts_image_k_in_cell_k_enlarged_and_fitted_with_its_aspect(tmp_path):
+    """Each image is one colour (its blue channel says which); a wide one fits the cell's width, centred."""
+    count, columns = 7, 3
+    images = np.zeros((count, 6, 6, 3), np.float32)
+    images[..., 1] = 1.0  # green 1 and red 0: the stretch to [0, 1] leaves every colour as it is
+    images[..., 2] = np.arange(count)[:, None, None] / count
+    out = plots.image_grid(images, None, tmp_path / "grid.png", columns=columns)
+    layout = plots.grid_layout(count, columns, plots.GRID_CELL, title_inches=0.0)
+    with Image.open(out) as png:
+        assert png.size == (layout.width, layout.height)
+    for index in range(count):
+        box = layout.image_box(index, 6, 6)
+        assert box[2] == box[3] == layout.cell
+        pixels = box_pixels(out, box).reshape(-1, 3)
+        assert (pixels == pixels[0]).all()  # the whole box, nothing else drawn over it
+        assert pixels[0].tolist() == [0, 255, int(255 * index / count)]
+
+    wide = np.zeros((2, 4, 8, 1), np.float32)
+    wide[:, :2] = 1.0  # top half white, bottom half black
+    layout = plots.grid_layout(2, 2, 1.0, title_inches=0.0)
+    canvas = plots.montage(wide, layout)
+    x, y, width, height = layout.image_box(1, 4, 8)
+    cell_x, cell_y = layout.cell_origin(1)
+    assert (width, height) == (layout.cell, layout.cell // 2) and y - cell_y == layout.cell // 4 and x == cell_x
+    assert (canvas[y:y + height // 2, x:x + width] == 255).all()
+    assert (canvas[y + height // 2:y + height, x:x + width] == 0).all()
+    assert (canvas[cell_y:y, x:x + width] == 255).all()  # above the image: the cell's white
+
+
+def test_the_detection_gallery_draws_each_images_boxes_over_it_clipped_to_it(tmp_path):
+    """Image 1 of 2 (black) has a true box (dashed white) and a prediction of class 1 (tab10 orange) running
+    past its right and bottom edges: both lines sit where the image's pixels put them, none outside it."""
+    from shared.detection import gallery
+
+    images = np.zeros((2, 8, 8, 3), np.float32)
+    truth = [(np.zeros((0, 4)), np.zeros(0, int)), (np.array([[0.0, 0.0, 4.0, 4.0]]), np.array([0]))]
+    detections = [(np.zeros((0, 4)), np.zeros(0, int), np.zeros(0)),
+                  (np.array([[3.5, 3.5, 20.0, 7.5]]), np.array([1]), np.array([0.9]))]
+    out = gallery.plot_detections({"images": images, "detections": detections, "truth": truth}, ["a", "b"],
+                                  tmp_path / "detections.png")
+    layout = plots.grid_layout(2, 2, gallery.GALLERY_CELL, title_inches=0.25)
+    assert (box_pixels(out, layout.image_box(0, 8, 8)) == 0).all()  # nothing over the first image
+    x, y, width, height = layout.image_box(1, 8, 8)
+    scale = width / 8  # pixel i of the image spans i - 0.5 to i + 0.5, as imshow has it
+    with Image.open(out) as png:
+        pixels = np.asarray(png.convert("RGB")).astype(int)
+    orange = np.argwhere((pixels == [255, 127, 14]).all(axis=-1))  # rows, columns
+    assert len(orange) and orange.min(axis=0) == pytest.approx([y + 4 * scale, x + 4 * scale], abs=2)
+    assert (orange.max(axis=0) < [y + height, x + width]).all()  # clipped to the image
+    white = np.argwhere((pixels[y:y + height, x:x + width] == 255).all(axis=-1))
+    assert white.min(axis=0) == pytest.approx([0.5 * scale] * 2, abs=2)
+    assert white.max(axis=0) == pytest.approx([4.5 * scale] * 2, abs=2)
 
 
 # --- augmentation preview ------------------------------------------------------------------------
@@ -202,38 +329,72 @@ def test_each_mistake_is_titled_with_its_image_cut_in_the_middle_to_fit():
     images = np.zeros((3, 4, 4, 3), np.float32)
     sources = ["cat-1.png", "ILSVRC2012_val_00012345.JPEG", "test #7"]
     figure = plots.errors_figure(images, ["cat"] * 3, ["dog"] * 3, [0.9, 0.8, 0.7], sources=sources)
-    titles = [axes.get_title().splitlines() for axes in figure.axes if axes.get_title()]
+    titles = [title.splitlines() for title in image_titles(figure)]
     assert [lines[2] for lines in titles] == ["cat-1.png", "ILSVRC…012345.JPEG", "test #7"]
     assert all(len(lines[2]) <= plots.TITLE_CHARS for lines in titles)
     unnamed = plots.errors_figure(images, ["cat"] * 3, ["dog"] * 3, [0.9, 0.8, 0.7])
-    assert [len(axes.get_title().splitlines()) for axes in unnamed.axes] == [2, 2, 2]
+    assert [title.splitlines() for title in image_titles(unnamed)] == [["cat", "dog 0.90"], ["cat", "dog 0.80"],
+                                                                        ["cat", "dog 0.70"]]
     with pytest.raises(ValueError, match="2 sources"):
         plots.errors_figure(images, ["cat"] * 3, ["dog"] * 3, [0.9, 0.8, 0.7], sources=sources[:2])
 
 
-def test_grid_titles_sit_above_their_images_inside_the_figure_and_under_the_heading():
-    """Grids are laid out by arithmetic (`plots.cell_grid`): the room it leaves must hold three title lines."""
+def image_titles(figure) -> list[str]:
+    """The texts of a grid figure but its heading: each image's title, in the images' order."""
+    return [text.get_text() for text in figure.texts if text.get_text() != figure.get_suptitle()]
+
+
+def test_grid_titles_sit_above_their_images_inside_the_figure_and_under_the_heading(tmp_path):
+    """Grids are laid out by arithmetic (`plots.grid_layout`): the room it leaves must hold three title lines.
+    The images are one colour that black text on white never makes, found in the PNG: no title may reach into
+    them."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     images = np.zeros((6, 8, 8, 3), np.float32)
+    colour = {"mean": [0.0, 128.0, 255.0], "std": [1.0] * 3}  # shown unnormalized
     sources = ["ILSVRC2012_val_00012345.JPEG"] * 6
     figures = [plots.errors_figure(images, ["T-shirt/top"] * 6, ["Ankle boot"] * 6, [0.93] * 6, columns=3,
-                                   sources=sources),
-               plots.errors_figure(images, ["T-shirt/top"] * 6, ["Ankle boot"] * 6, [0.93] * 6, columns=3),
-               plots.grid_figure(images, ["Ankle boot 0.93"] * 6, columns=3)]
+                                   sources=sources, **colour),
+               plots.errors_figure(images, ["T-shirt/top"] * 6, ["Ankle boot"] * 6, [0.93] * 6, columns=3, **colour),
+               plots.grid_figure(images + [0.0, 0.5, 1.0], ["Ankle boot 0.93"] * 6, columns=3)]
     for figure in figures:
+        out = plots.save_figure(figure, tmp_path / "grid.png")
+        with Image.open(out) as png:
+            pixels = np.asarray(png.convert("RGB"))
+        cells = colour_boxes(pixels)
+        assert len(cells) == 6 and len({(box[2], box[3]) for box in cells}) == 1  # whole, none drawn over
         renderer = FigureCanvasAgg(figure).get_renderer()
-        figure.draw(renderer)  # places the titles and fits each image into its cell
-        cells = [axes.get_window_extent(renderer) for axes in figure.axes]
-        titles = [axes.title.get_window_extent(renderer) for axes in figure.axes]
-        headings = [text.get_window_extent(renderer) for text in figure.texts]
-        for title in titles + headings:
-            assert figure.bbox.x0 <= title.x0 and title.x1 <= figure.bbox.x1
-            assert figure.bbox.y0 <= title.y0 and title.y1 <= figure.bbox.y1
-            assert not any(title.overlaps(cell) for cell in cells)
+        height = pixels.shape[0]
+        extents = [text.get_window_extent(renderer) for text in figure.texts]
+        titles = [e for text, e in zip(figure.texts, extents) if text.get_text() != figure.get_suptitle()]
+        headings = [e for text, e in zip(figure.texts, extents) if text.get_text() == figure.get_suptitle()]
+        assert len(titles) == 6 and len(headings) == (1 if figure.get_suptitle() else 0)
+        for box in titles + headings:
+            assert figure.bbox.x0 <= box.x0 and box.x1 <= figure.bbox.x1
+            assert figure.bbox.y0 <= box.y0 and box.y1 <= figure.bbox.y1
+            for x, y, width, tall in cells:  # pixels from the top; the extents from the bottom
+                assert box.x1 <= x or box.x0 >= x + width or height - box.y0 <= y or height - box.y1 >= y + tall
         for heading in headings:
             assert not any(heading.overlaps(title) for title in titles)
-        assert len(figure.axes) == 6 and len({round(cell.height, 3) for cell in cells}) == 1
+
+
+def colour_boxes(pixels: np.ndarray) -> list[tuple[int, int, int, int]]:
+    """(x, y, width, height) of each rectangle of the one colour (not gray) in a grid's pixels, row by row. A
+    rectangle must be whole: any other pixel inside it (a title drawn over the image) fails."""
+    coloured = pixels[(pixels[..., 0] != pixels[..., 1])]
+    values, counts = np.unique(coloured, axis=0, return_counts=True)
+    mask = (pixels == values[np.argmax(counts)]).all(axis=-1)
+
+    def runs(flags: np.ndarray) -> list[tuple[int, int]]:
+        edges = np.flatnonzero(np.diff(np.concatenate([[0], flags.astype(int), [0]])))
+        return list(zip(edges[::2], edges[1::2]))
+
+    boxes = []
+    for top, bottom in runs(mask.any(axis=1)):
+        for left, right in runs(mask[top:bottom].any(axis=0)):
+            assert mask[top:bottom, left:right].all(), f"something drawn over the image at {left}, {top}"
+            boxes.append((int(left), int(top), int(right - left), int(bottom - top)))
+    return boxes
 
 
 def test_the_confident_mistakes_know_their_places_in_the_pass():

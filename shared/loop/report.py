@@ -31,7 +31,7 @@ def write_rounds(folder: Path, history: list[dict], metric: str) -> None:
 def plot_rounds(history: list[dict], out_png: Path, metric: str = "metric") -> Path:
     """The held-out metric per round (round 0: the --from run, a dashed floor; exported rounds filled), with
     the examples so far on a second axis."""
-    figure = Figure(figsize=(5.0, 3.2), dpi=plots.DPI, layout="constrained")
+    figure = Figure(figsize=(5.0, 3.2), dpi=plots.DPI)
     axes = figure.subplots()
     numbers = [entry["round"] for entry in history]
     metrics = [entry.get("metric") if entry.get("metric") is not None else float("nan") for entry in history]
@@ -51,4 +51,5 @@ def plot_rounds(history: list[dict], out_png: Path, metric: str = "metric") -> P
     second.set_ylabel("examples so far")
     axes.set_zorder(second.get_zorder() + 1)
     axes.patch.set_visible(False)
+    plots.place_axes(figure, axes, second)  # margins by arithmetic (constrained layout drew ticks for them)
     return plots.save_figure(figure, out_png)

@@ -103,8 +103,9 @@ def plot_study(study: optuna.Study, objectives: list[Objective], out_png: Path) 
         return None
     feasible = [t for t in complete if all(v <= 0 for v in t.constraints.values())]
     infeasible = [t for t in complete if t not in feasible]
-    figure = Figure(figsize=(6.0, 4.5), dpi=plots.DPI, layout="constrained")
+    figure = Figure(figsize=(6.0, 4.5), dpi=plots.DPI)
     axes = figure.subplots()
+    beside = 0.0  # inches of labels beside the points that may stick out of the axes on the right
     if len(objectives) == 2:
         front = sorted(best_trials(study), key=lambda t: t.values[0])
         others = [t for t in feasible if t not in front]
@@ -125,6 +126,7 @@ def plot_study(study: optuna.Study, objectives: list[Objective], out_png: Path) 
             labels.setdefault(tuple(trial.values), []).append(str(trial.number))
         for (x, y), numbers in labels.items():
             axes.annotate(",".join(numbers), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        beside = max(plots.text_width(",".join(numbers), 8) for numbers in labels.values()) + 4 / 72
         axes.set_xlabel(objectives[0].label)
         axes.set_ylabel(objectives[1].label)
         axes.set_title(f"{study.study_name}: Pareto front")
@@ -145,4 +147,5 @@ def plot_study(study: optuna.Study, objectives: list[Objective], out_png: Path) 
         axes.set_title(f"{study.study_name}: optimization history")
     axes.grid(alpha=0.3)
     axes.legend()
+    plots.place_axes(figure, axes, right=beside)  # margins by arithmetic (constrained layout drew ticks for them)
     return plots.save_figure(figure, out_png)
