@@ -146,6 +146,11 @@ def test_evaluation_of_a_known_restorer(tmp_path):
     assert perfect["psnr_restored"] == float("inf") and perfect["ssim_restored"] == pytest.approx(1.0, abs=1e-5)
     assert gallery["sharp"].shape == (config.deblur.gallery, 16, 16, 1)
     assert deblur_evaluate.plot_gallery(gallery, tmp_path / "deblur.png").stat().st_size > 0
+    count = config.deblur.gallery  # a column per image: blurred (with its PSNR), restored (perfect), sharp
+    titles = [text.get_text() for text in deblur_evaluate.gallery_figure(gallery).texts]
+    assert [title.split(" ")[0] for title in titles] == ["blurred"] * count + ["restored"] * count + ["sharp"] * count
+    assert all(title.endswith(" dB") for title in titles[:count])
+    assert titles[count:2 * count] == ["restored inf dB"] * count
 
 
 # ---------------------------------------------------------------- the restorer

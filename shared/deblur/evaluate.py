@@ -13,12 +13,13 @@ import numpy as np
 import tensorflow as tf
 from matplotlib.figure import Figure
 
+from shared import plots
 from shared.config_schema import Config
 from shared.deblur.data import pixel_mapping
 from shared.errors import UserError
-from shared.plots import save_figure
 
 FIGURE_FILE = "deblur.png"
+GALLERY_CELL = 1.4  # inches per image in deblur.png
 SSIM_FILTER = 11  # tf.image.ssim's default Gaussian window, narrowed for images smaller than it
 
 
@@ -87,26 +88,25 @@ def summary(metrics: dict) -> str:
     return line
 
 
-def plot_gallery(gallery: dict, out_png: Path) -> Path:
-    """deblur.png: one column per test image, rows blurred / restored / sharp (PSNR against sharp above)."""
+def gallery_figure(gallery: dict) -> Figure:
+    """One column per test image, rows blurred / restored / sharp, each titled with its row and (blurred,
+    restored) its PSNR against the sharp image; one picture (`plots.montage_figure`)."""
     count = len(gallery["sharp"])
-    figure = Figure(figsize=(1.4 * count + 0.8, 4.6))
-    axes = figure.subplots(3, count, squeeze=False)
-    for row, name in enumerate(("blurred", "restored", "sharp")):
+    images, titles = [], []
+    for name in ("blurred", "restored", "sharp"):
         for column in range(count):
             image = gallery[name][column]
-            axis = axes[row][column]
-            shown = image[..., 0] if image.shape[-1] == 1 else image
-            axis.imshow(np.clip(shown, 0, 255).astype(np.uint8), cmap="gray" if image.shape[-1] == 1 else None,
-                        vmin=0, vmax=255)
-            axis.set_xticks([])
-            axis.set_yticks([])
-            if name != "sharp":
-                value = float(psnr(gallery["sharp"][column][None], image[None])[0])
-                axis.set_title(f"{value:.1f} dB", fontsize=8)
-        axes[row][0].set_ylabel(name)
-    figure.tight_layout()
-    return save_figure(figure, out_png)
+            images.append(np.clip(image, 0, 255) / 255.0)
+            value = "" if name == "sharp" else \
+                f" {float(psnr(gallery['sharp'][column][None], image[None])[0]):.1f} dB"
+            titles.append(f"{name}{value}")
+    layout = plots.grid_layout(len(images), count, GALLERY_CELL, title_inches=0.25)
+    return plots.montage_figure(layout, images, titles, title_size=8)
+
+
+def plot_gallery(gallery: dict, out_png: Path) -> Path:
+    """deblur.png: `gallery_figure` written to `out_png`."""
+    return plots.save_figure(gallery_figure(gallery), out_png)
 
 
 # ---------------------------------------------------------------- what a classifier makes of it
