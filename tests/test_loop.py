@@ -650,9 +650,10 @@ def test_a_second_process_on_the_same_loop_folder_is_refused(tmp_path):
 
     loop_dir = tmp_path / "loop"
     loop_dir.mkdir()
-    holder = forked.popen([sys.executable, "-c", "import sys, time\nfrom shared.locks import folder_writer\n"
-                           f"with folder_writer({str(loop_dir)!r}):\n    print('held', flush=True)\n"
-                           "    time.sleep(60)"], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    # A process of its own that imports no TensorFlow (a tenth of a second), so a plain interpreter.
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom shared.locks import folder_writer\n"
+                               f"with folder_writer({str(loop_dir)!r}):\n    print('held', flush=True)\n"
+                               "    time.sleep(60)"], cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
         loop = Loop(task_for(load_config(tree=tiny_tree(tmp_path / "runs"))), tmp_path / "tasks.jsonl",
