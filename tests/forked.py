@@ -10,7 +10,9 @@ folder, environment, standard streams and arguments, runs the module or code as 
 process: the test can signal it, kill it, read its pipes. What differs from a fresh interpreter is only what
 happens while the interpreter and those modules load: environment variables read at import time come from
 the test process, not the command. Tests about start-up itself (TensorFlow's log at import, the console
-command, CPU kernels chosen by environment) start real interpreters with `subprocess`.
+command, CPU kernels chosen by environment) start real interpreters with `subprocess`, and so do the small
+processes that import no TensorFlow (a lock holder: a tenth of a second), which would otherwise start a server
+(seconds) in a test process that needs none, as under `-m "not slow"`.
 
 `Popen(args, ...)` and `run(args, ...)` take `subprocess`'s arguments; a command that is not
 `[sys.executable, "-m" | "-c", ...]` goes to `subprocess` unchanged.

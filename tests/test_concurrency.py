@@ -151,8 +151,8 @@ def test_an_export_publishes_only_once_the_lock_is_free(one_conv_run, tmp_path):
     run = one_conv_run
     export_dir = tmp_path / "exports"
     fake_version(export_dir / "tiny" / "1")
-    holder = forked.popen([sys.executable, "-c", HOLD_EXPORT_LOCK, str(export_dir)], cwd=REPO, env=ENV,
-                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_EXPORT_LOCK, str(export_dir)], cwd=REPO, env=ENV,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     published = []
     exporting = threading.Thread(target=lambda: published.append(
         export_saved_model(*rebuild(run), run, export_dir, model_name="tiny", keep=1)))
@@ -212,8 +212,8 @@ def test_what_a_killed_export_left_goes_with_the_next_export_and_a_live_one_stay
     (half_pruned / "variables").mkdir(parents=True)
     live = export_dir / "tiny" / f"{export.STAGING_PREFIX}live"
     live.mkdir()
-    writer = forked.popen([sys.executable, "-c", HOLD_STAGING_LOCK, str(live)], cwd=REPO, env=ENV,
-                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    writer = subprocess.Popen([sys.executable, "-c", HOLD_STAGING_LOCK, str(live)], cwd=REPO, env=ENV,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert writer.stdout.readline() == "writing\n"
         published = export_saved_model(*rebuild(run), run, export_dir, model_name="tiny")
@@ -267,8 +267,8 @@ def test_make_detection_dataset_refuses_a_folder_being_written(tmp_path, capsys)
 
     script = load_script("make_detection_dataset")
     out = tmp_path / "out"
-    holder = forked.popen([sys.executable, "-c", HOLD_FOLDER, str(out)], cwd=REPO, env=ENV,
-                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_FOLDER, str(out)], cwd=REPO, env=ENV,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline() == "held\n"
         assert script.main([str(out), "--train", "2", "--test", "1", "--no-progress"]) == 2
@@ -288,8 +288,8 @@ def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
     from shared.locks import FileLock
 
     lock = FileLock(tmp_path / ".some.lock")
-    holder = forked.popen([sys.executable, "-c", HOLD_FOLDER, str(tmp_path / "out")], cwd=REPO, env=ENV,
-                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_FOLDER, str(tmp_path / "out")], cwd=REPO, env=ENV,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline() == "held\n"
     writer_lock = FileLock(tmp_path / "out" / ".writer.lock")
     assert not writer_lock.acquire(blocking=False)  # held by the other process
@@ -322,8 +322,8 @@ def test_a_refusal_names_the_holder_that_has_just_taken_the_lock(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / WRITER_LOCK).write_text('{"pid": 999999999, "host": "%s", "started": "long ago"}' % os.uname().nodename)
-    holder = forked.popen([sys.executable, "-c", LOCK_THEN_WRITE_RECORD_LATE, str(out / WRITER_LOCK)],
-                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen([sys.executable, "-c", LOCK_THEN_WRITE_RECORD_LATE, str(out / WRITER_LOCK)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline() == "locked\n"
         with pytest.raises(UserError, match=rf"is being written by pid {holder.pid} on .* since now;"):

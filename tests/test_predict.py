@@ -282,8 +282,8 @@ time.sleep(60)
 def test_a_run_still_training_is_refused(tmp_path, capsys):
     """A real second process holds the run's training lock."""
     run = fake_run(tmp_path / "runs" / "resnet" / "v0001")
-    holder = forked.popen([sys.executable, "-c", LOCK_AND_WAIT, str(run)], cwd=REPO, stdout=subprocess.PIPE,
-                          text=True)
+    holder = subprocess.Popen([sys.executable, "-c", LOCK_AND_WAIT, str(run)], cwd=REPO, stdout=subprocess.PIPE,
+                              text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
         code, _, err = run_cli(capsys, "predict", "--run", run, tmp_path)

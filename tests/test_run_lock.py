@@ -31,8 +31,8 @@ PRUNE = REPO / "scripts" / "prune_checkpoints.sh"
 @contextlib.contextmanager
 def held(run_dir: Path):
     """A second process that holds the run's lock until the block ends (then it is killed)."""
-    process = forked.popen([sys.executable, "-c", HOLD, str(run_dir)], cwd=REPO, stdout=subprocess.PIPE,
-                           text=True)
+    process = subprocess.Popen([sys.executable, "-c", HOLD, str(run_dir)], cwd=REPO, stdout=subprocess.PIPE,
+                               text=True)
     try:
         assert process.stdout.readline().strip() == "locked"
         yield process
@@ -43,8 +43,8 @@ def held(run_dir: Path):
 
 def refused_elsewhere(run_dir: Path) -> str:
     """Another process trying to take the lock: its error output (it must fail)."""
-    result = forked.run([sys.executable, "-c", HOLD, str(run_dir)], cwd=REPO, capture_output=True, text=True,
-                        timeout=60)
+    result = subprocess.run([sys.executable, "-c", HOLD, str(run_dir)], cwd=REPO, capture_output=True, text=True,
+                            timeout=60)
     assert result.returncode != 0 and "locked" not in result.stdout
     return result.stderr
 
