@@ -281,15 +281,15 @@ def test_the_detection_gallery_draws_each_images_boxes_over_it_clipped_to_it(tmp
     layout = plots.grid_layout(2, 2, gallery.GALLERY_CELL, title_inches=0.25)
     assert (box_pixels(out, layout.image_box(0, 8, 8)) == 0).all()  # nothing over the first image
     x, y, width, height = layout.image_box(1, 8, 8)
-    scale = width / 8  # pixel i of the image spans i - 0.5 to i + 0.5, as imshow has it
+    scale = width / 8  # box coordinates are continuous: pixel i of the image spans i to i + 1
     with Image.open(out) as png:
         pixels = np.asarray(png.convert("RGB")).astype(int)
     orange = np.argwhere((pixels == [255, 127, 14]).all(axis=-1))  # rows, columns
-    assert len(orange) and orange.min(axis=0) == pytest.approx([y + 4 * scale, x + 4 * scale], abs=2)
+    assert len(orange) and orange.min(axis=0) == pytest.approx([y + 3.5 * scale, x + 3.5 * scale], abs=2)
     assert (orange.max(axis=0) < [y + height, x + width]).all()  # clipped to the image
     white = np.argwhere((pixels[y:y + height, x:x + width] == 255).all(axis=-1))
-    assert white.min(axis=0) == pytest.approx([0.5 * scale] * 2, abs=2)
-    assert white.max(axis=0) == pytest.approx([4.5 * scale] * 2, abs=2)
+    assert white.min(axis=0) == pytest.approx([0, 0], abs=2)  # the box's edge is the image's
+    assert white.max(axis=0) == pytest.approx([4 * scale] * 2, abs=2)
 
 
 # --- augmentation preview ------------------------------------------------------------------------

@@ -73,11 +73,11 @@ def detections_figure(images: np.ndarray, detections: list, truth: list, class_n
 
 def _in_grid(box, where: tuple[int, int, int, int], shape: tuple[int, ...]) -> tuple[float, float, float, float]:
     """An xyxy box in an image's pixels, in the grid's pixels when the image is shown at `where` (x, y, width,
-    height). Pixel centres are whole numbers, as imshow puts them: pixel 0 spans -0.5 to 0.5."""
+    height). Box coordinates are continuous, as COCO's and VOC's boxes are read: pixel 0 spans 0 to 1, so a box
+    (0, 0, W, H) is the whole image."""
     x, y, width, height = where
     across, down = width / shape[1], height / shape[0]
-    return (x + (box[0] + 0.5) * across, y + (box[1] + 0.5) * down, x + (box[2] + 0.5) * across,
-            y + (box[3] + 0.5) * down)
+    return x + box[0] * across, y + box[1] * down, x + box[2] * across, y + box[3] * down
 
 
 def _outline(figure, box: tuple[float, float, float, float], transform, clip, **style) -> tuple[float, ...]:
