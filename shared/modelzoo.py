@@ -7,10 +7,13 @@ Importing from a path (not as a package) is what lets a run rebuild its model fr
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib.util
 import inspect
 import sys
+import tempfile
+import zipfile
 from pathlib import Path
 from types import ModuleType
 
@@ -20,6 +23,7 @@ from shared.names import check_plain_name
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 MODELS_DIR = PROJECT_ROOT / "models"
 BUILD_ARGS = ("num_classes", "input_shape")  # supplied by the runner from the data, not by the config
+KERAS_VARIABLES = "model.weights.h5"  # the member of a .keras archive that holds the variables (Keras' own layout)
 MAIN_OUTPUT = "predictions"  # a model with auxiliary heads returns a dict; this key is the classifier
 
 
@@ -147,8 +151,27 @@ def load_weight_file(model, path, what: str = "model") -> None:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Keras warns once per unmatched layer before it raises
-            model.load_weights(str(path))
+            if path.suffix == ".keras":
+                _load_archive_weights(model, path)
+            else:
+                model.load_weights(str(path))
+    except zipfile.BadZipFile as error:
+        raise UserError(f"weight file {path} is not a Keras archive ({error}): give a .keras file a run or "
+                        f"model.save() wrote, or a .weights.h5") from None
     except (ValueError, KeyError, OSError) as error:
         reason = " ".join(str(error).split())[:300]
         raise UserError(f"weight file {path} does not fit the {what}: {reason}; build the model with the "
                         f"hyperparameters the file was saved with") from None
+
+
+def _load_archive_weights(model, path: Path) -> None:
+    """`model.load_weights` of a .keras archive, from its variables file unpacked to a temporary folder first: h5py
+    seeks back and forth in that file, and Python's zipfile before 3.13 reads a member again from its start at
+    each seek back, which made a ResNet-50 checkpoint several times slower to load in place (docs/runs.md)."""
+    with zipfile.ZipFile(path) as archive, contextlib.ExitStack() as cleanup:
+        try:
+            scratch = cleanup.enter_context(tempfile.TemporaryDirectory(prefix="weights-"))
+            unpacked = archive.extract(KERAS_VARIABLES, scratch)
+        except OSError:  # no room for the copy: read the variables in the archive, slowly
+            unpacked = path
+        model.load_weights(str(unpacked))

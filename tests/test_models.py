@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import keras
 import numpy as np
 import pytest
@@ -85,3 +87,47 @@ def test_weight_file_that_does_not_fit_is_a_clear_error(tmp_path):
         load_weight_file(resnet.build(1000, (32, 32, 3), depth=50), path)  # no conv biases
     with pytest.raises(UserError, match="weight file not found"):
         load_weight_file(resnet.build(10, (32, 32, 3), depth=18), tmp_path / "missing.h5")
+
+
+def test_a_keras_archive_loads_unpacked_or_in_place_and_a_file_that_is_no_archive_is_one_line(tmp_path, monkeypatch):
+    """A .keras checkpoint's variables are read from a temporary copy (zipfile seeks slowly before Python 3.13);
+    with no room for the copy they are read in the archive; either way the model ends with the saved weights."""
+    import tempfile
+
+    def tiny(seed: int) -> keras.Model:
+        keras.utils.set_random_seed(seed)
+        return keras.Sequential([keras.Input((3,)), keras.layers.Dense(4), keras.layers.Dense(2)])
+
+    saved = tiny(0)
+    saved.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9), loss="mse")
+    saved.optimizer.build(saved.trainable_variables)  # a run's checkpoint holds the optimizer's slots too
+    path = tmp_path / "epoch-0001.keras"
+    saved.save(path)
+    expected = [w.numpy() for w in saved.weights]
+
+    import zipfile
+
+    extracted = []
+    extract = zipfile.ZipFile.extract
+
+    def recorded(self, *args, **kwargs):
+        extracted.append(extract(self, *args, **kwargs))
+        return extracted[-1]
+
+    monkeypatch.setattr(zipfile.ZipFile, "extract", recorded)
+    unpacked = tiny(1)
+    load_weight_file(unpacked, path)
+    assert [Path(p).name for p in extracted] == ["model.weights.h5"] and not Path(extracted[0]).exists()
+    assert all(np.array_equal(a, w.numpy()) for a, w in zip(expected, unpacked.weights))
+
+    def no_room(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(tempfile, "TemporaryDirectory", no_room)
+    in_place = tiny(2)
+    load_weight_file(in_place, path)
+    assert all(np.array_equal(a, w.numpy()) for a, w in zip(expected, in_place.weights))
+
+    (tmp_path / "notes.keras").write_text("not an archive")
+    with pytest.raises(UserError, match=r"notes\.keras is not a Keras archive \(File is not a zip file\)"):
+        load_weight_file(tiny(3), tmp_path / "notes.keras")
