@@ -177,7 +177,8 @@ def run_trials(study: optuna.Study, objective, wanted: int, most_failed: int,
                 held = False
                 time.sleep(min(WAIT_POLL_SECONDS, heartbeat_seconds))  # a trial that ends is seen within it
                 continue
-            study.optimize(started, n_trials=1, catch=(TrialFailed,), gc_after_trial=True,
+            # No gc_after_trial: each trial starts with keras.backend.clear_session(), which collects already.
+            study.optimize(started, n_trials=1, catch=(TrialFailed,),
                            callbacks=[lambda _, trial: ended.append(trial.state)])
         finally:
             if held:
