@@ -27,6 +27,7 @@ import keras
 import tensorflow as tf
 
 from shared.data import formats
+from shared.data.formats import graph_code
 from shared.errors import UserError
 from shared.frozen import thaw
 
@@ -35,6 +36,7 @@ AugmentFn = Callable[[tf.Tensor], tf.Tensor]
 
 def random_crop(image_size: int, padding: int = 4, seed: int | None = None) -> AugmentFn:
     """Pad by `padding` pixels of zeros, then crop `image_size` at a random place (CIFAR/ResNet style)."""
+    @graph_code
     def crop(image):
         padded = tf.pad(image, [[padding, padding], [padding, padding], [0, 0]])
         return tf.image.random_crop(padded, [image_size, image_size, tf.shape(image)[-1]], seed=seed)
@@ -53,6 +55,7 @@ class RandomResizedCrop:
                              f"got scale {list(scale)}, ratio {list(ratio)}")
         self.image_size, self.scale, self.ratio, self.seed = image_size, tuple(scale), tuple(ratio), seed
 
+    @graph_code
     def window(self, shape: tf.Tensor) -> tuple:
         begin, size, _ = tf.image.sample_distorted_bounding_box(
             tf.concat([shape[:2], [1]], axis=0), bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]),
@@ -60,11 +63,13 @@ class RandomResizedCrop:
             max_attempts=10, use_image_if_no_bounding_boxes=True, seed=self.seed or 0)
         return begin[0], begin[1], size[0], size[1]
 
+    @graph_code
     def __call__(self, image: tf.Tensor) -> tf.Tensor:
         top, left, height, width = self.window(tf.shape(image))
         cropped = tf.slice(image, tf.stack([top, left, 0]), tf.stack([height, width, -1]))
         return tf.image.resize(cropped, [self.image_size, self.image_size])
 
+    @graph_code
     def from_encoded(self, data: tf.Tensor, channels: int, max_pixels: int | None = None,
                      name: tf.Tensor | str = "", dct_scaling: bool = False) -> tf.Tensor:
         """The box sampled on the image as shown (its EXIF orientation applied), decoded alone (a JPEG's at a DCT
@@ -97,16 +102,19 @@ class AlexNetCrop:
             raise ValueError(f"resize {resize} is smaller than the crop, image_size {image_size}")
         self.image_size, self.resize, self.seed = image_size, resize, seed
 
+    @graph_code
     def _patch(self, square: tf.Tensor) -> tf.Tensor:
         square = tf.image.resize(tf.cast(square, tf.float32), [self.resize, self.resize])
         return tf.image.random_crop(square, [self.image_size, self.image_size, tf.shape(square)[-1]], seed=self.seed)
 
+    @graph_code
     def __call__(self, image: tf.Tensor) -> tf.Tensor:
         shape = tf.shape(image)
         side = tf.minimum(shape[0], shape[1])
         return self._patch(tf.slice(image, tf.stack([(shape[0] - side) // 2, (shape[1] - side) // 2, 0]),
                                     tf.stack([side, side, -1])))
 
+    @graph_code
     def from_encoded(self, data: tf.Tensor, channels: int, max_pixels: int | None = None,
                      name: tf.Tensor | str = "", dct_scaling: bool = False) -> tf.Tensor:
         """The central square of the image as shown, decoded alone, resized, and a random patch of it."""
@@ -129,7 +137,7 @@ alexnet_crop.crops_raw_image = True
 def horizontal_flip(seed: int | None = None) -> AugmentFn:
     """Mirror left-right with probability 1/2. TF's own op: keras.layers.RandomFlip("horizontal") does
     the same but cost 25 % of the ImageNet train pipeline's throughput here (scripts/bench_input.py)."""
-    return lambda image: tf.image.random_flip_left_right(image, seed=seed)
+    return graph_code(lambda image: tf.image.random_flip_left_right(image, seed=seed))
 
 
 GENERATORS = {f.__name__: f for f in (random_crop, random_resized_crop, alexnet_crop, horizontal_flip)}

@@ -26,10 +26,11 @@ import tensorflow as tf
 
 from shared.data import checks
 
-# The decoders are written as graph code (tf.cond and tf.switch_case, no Python control flow on tensors), so a
-# function that calls them (a tf.data map, an export's serving signature) need not have autograph convert them:
-# that conversion cost more than the rest of a pipeline's tracing (docs/testing.md, "traced without autograph").
-_graph_code = tf.autograph.experimental.do_not_convert
+# The decoders, the eval views and the augmentation generators are written as graph code (tf.cond and
+# tf.switch_case, Python `if` only on static values), so a function that calls them (a tf.data map, an export's
+# serving signature) need not have autograph convert them: that conversion cost more than the rest of a pipeline's
+# tracing (docs/testing.md, "traced without autograph").
+graph_code = tf.autograph.experimental.do_not_convert
 
 # (format, what is read, what is refused): the table of formats in docs/configs-and-data.md.
 FORMATS = (
@@ -295,7 +296,7 @@ def _header(data: tf.Tensor, route: int) -> Header:
     return Header(tf.constant(KINDS.index("jpeg")), height, width, orientation, tf.constant(""))
 
 
-@_graph_code
+@graph_code
 def inspect(data: tf.Tensor, max_pixels: int | None = None) -> Header:
     """The header of one encoded image (a tf.string scalar), read from its first bytes without decoding it;
     `problem` says why it is refused: an empty or unknown file, a variant TensorFlow decodes wrongly or not at
@@ -386,7 +387,7 @@ def scaled_window(window: tf.Tensor, ratio: int) -> tf.Tensor:
 Window = Callable[[tf.Tensor], tf.Tensor]  # the shown [height, width] (int32) -> [top, left, height, width]
 
 
-@_graph_code
+@graph_code
 def decode_crop(data: tf.Tensor, channels: int, window: Window | None = None, max_pixels: int | None = None,
                 name: tf.Tensor | str = "", target: int | None = None) -> tf.Tensor:
     """One encoded image as uint8 pixels as it is shown (the first frame, its EXIF orientation applied) of
@@ -414,7 +415,7 @@ def decode_crop(data: tf.Tensor, channels: int, window: Window | None = None, ma
     return image
 
 
-@_graph_code
+@graph_code
 def decode(data: tf.Tensor, channels: int, max_pixels: int | None = None, name: tf.Tensor | str = "") -> tf.Tensor:
     """One encoded image as uint8 pixels (height, width, channels) as it is shown (`decode_crop`, whole)."""
     return decode_crop(data, channels, None, max_pixels, name)

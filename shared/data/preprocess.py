@@ -12,14 +12,17 @@ import functools
 import tensorflow as tf
 
 from shared.data import formats
+from shared.data.formats import graph_code
 
 
+@graph_code
 def decode(data: tf.Tensor, channels: int, max_pixels: int | None = None, name: tf.Tensor | str = "") -> tf.Tensor:
     """Decode one encoded image to uint8 with `channels`, as shown (`shared.data.formats`: the one decoder, its
     table of formats; a refused image fails in one line naming `name`)."""
     return formats.decode(data, channels, max_pixels, name)
 
 
+@graph_code
 def decode_and_crop(data: tf.Tensor, window: tuple, channels: int, max_pixels: int | None = None,
                     name: tf.Tensor | str = "") -> tf.Tensor:
     """Decode only the crop window [top, left, height, width] of the shown image: for a JPEG,
@@ -28,11 +31,13 @@ def decode_and_crop(data: tf.Tensor, window: tuple, channels: int, max_pixels: i
     return formats.decode_crop(data, channels, lambda shown: tf.stack(window), max_pixels, name)
 
 
+@graph_code
 def encoded_shape(data: tf.Tensor) -> tf.Tensor:
     """[height, width] of an encoded image as shown, read from its header without decoding it."""
     return tf.cast(formats.inspect(data).shown_shape, tf.int32)
 
 
+@graph_code
 def center_crop_window(shape: tf.Tensor, crop_fraction: float) -> tuple:
     """The central square covering `crop_fraction` of the short side: cropping it and resizing to S is
     the standard eval view (resize the short side to S / crop_fraction, take the central S x S)."""
@@ -42,6 +47,7 @@ def center_crop_window(shape: tf.Tensor, crop_fraction: float) -> tuple:
     return (height - side) // 2, (width - side) // 2, side, side
 
 
+@graph_code
 def decode_center_crop(data: tf.Tensor, image_size: int, crop_fraction: float, channels: int,
                        max_pixels: int | None = None, name: tf.Tensor | str = "",
                        dct_scaling: bool = False) -> tf.Tensor:
@@ -52,6 +58,7 @@ def decode_center_crop(data: tf.Tensor, image_size: int, crop_fraction: float, c
     return tf.image.resize(cropped, [image_size, image_size])
 
 
+@graph_code
 def resize(image: tf.Tensor, image_size: int) -> tf.Tensor:
     """Plain resize of a square image, skipped when it already has the size (also when the size is only
     known at run time, as for a decoded file)."""
@@ -64,6 +71,7 @@ def resize(image: tf.Tensor, image_size: int) -> tf.Tensor:
                    lambda: image, lambda: tf.image.resize(image, [image_size, image_size]))
 
 
+@graph_code
 def center_crop(image: tf.Tensor, image_size: int, crop_fraction: float) -> tf.Tensor:
     """The eval view of decoded pixels: the same central window as `decode_center_crop`, resized."""
     top, left, height, width = center_crop_window(tf.shape(image), crop_fraction)
@@ -71,6 +79,7 @@ def center_crop(image: tf.Tensor, image_size: int, crop_fraction: float) -> tf.T
     return tf.image.resize(cropped, [image_size, image_size])
 
 
+@graph_code
 def eval_view(image: tf.Tensor, image_size: int, crop_fraction: float, channels: int, whole: bool,
               max_pixels: int | None = None, name: tf.Tensor | str = "", dct_scaling: bool = False) -> tf.Tensor:
     """The eval view of one image, as float32 0-255 pixels of (image_size, image_size, channels), not yet
@@ -95,11 +104,11 @@ def normalizer(mean: list[float], std: list[float], enabled: bool, image_size: i
     normalization is off. The constants are tiled to the full image shape: TF's CPU kernels broadcast a
     3-wide last axis slowly (measured 25-30 % of the whole train pipeline), full-shape operands do not."""
     if not enabled:
-        return lambda image: image * (1.0 / 255.0)
+        return graph_code(lambda image: image * (1.0 / 255.0))
     shape = [image_size, image_size, 1]
     offset = tf.tile(tf.reshape(tf.constant(mean, tf.float32), [1, 1, -1]), shape)
     scale = tf.tile(tf.reshape(1.0 / tf.constant(std, tf.float32), [1, 1, -1]), shape)
-    return lambda image: (image - offset) * scale
+    return graph_code(lambda image: (image - offset) * scale)
 
 
 @functools.lru_cache(maxsize=64)
