@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import gc
 import importlib.util
 import os
 import shutil
@@ -155,6 +156,13 @@ def pytest_xdist_make_scheduler(config, log):
             super()._assign_work_unit(node)
 
     return HeavyFirstScheduling(config, log)
+
+
+def pytest_collection_finish(session) -> None:
+    """Collected, a process has imported TensorFlow, Keras, the package and every test file: objects that live as
+    long as it does. Frozen out of the garbage collector's sight, they are no longer walked by each full
+    collection, which the tests' many short-lived graphs and models trigger again and again."""
+    gc.freeze()
 
 
 # ---------------------------------------------------------------- fixtures
