@@ -156,7 +156,7 @@ def load_weight_file(model, path, what: str = "model") -> None:
             else:
                 model.load_weights(str(path))
     except zipfile.BadZipFile as error:
-        raise UserError(f"weight file {path} is not a Keras archive ({error}): give a .keras file a run or "
+        raise UserError(f"weight file {path} is damaged or not a Keras archive ({error}): give a .keras file a run or "
                         f"model.save() wrote, or a .weights.h5") from None
     except (ValueError, KeyError, OSError) as error:
         reason = " ".join(str(error).split())[:300]

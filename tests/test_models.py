@@ -129,5 +129,5 @@ def test_a_keras_archive_loads_unpacked_or_in_place_and_a_file_that_is_no_archiv
     assert all(np.array_equal(a, w.numpy()) for a, w in zip(expected, in_place.weights))
 
     (tmp_path / "notes.keras").write_text("not an archive")
-    with pytest.raises(UserError, match=r"notes\.keras is not a Keras archive \(File is not a zip file\)"):
+    with pytest.raises(UserError, match=r"notes\.keras is damaged or not a Keras archive \(File is not a zip file\)"):
         load_weight_file(tiny(3), tmp_path / "notes.keras")
