@@ -144,15 +144,16 @@ def test_make_dataset_with_all_three_is_seeded_and_boxes_stay_on_the_object(tmp_
 
 @pytest.mark.slow
 def test_a_tiny_detection_run_trains_with_ssd_crop_expand_and_color_jitter(tmp_path):
+    from conftest import tiny_backbone
     from test_detection_runner import REPO, TINY, data_overrides, tiny_canvases
 
     generated = tiny_canvases(tmp_path / "canvases")
     runs_dir = tmp_path / "runs"
     augment = "[{ssd_crop: {min_object_covered: [0.3, 0.7]}}, {expand: {max_ratio: 2}}, flip, color_jitter]"
-    overrides = [*TINY, *data_overrides(generated), f"run.dir={runs_dir}", "train.epochs=1",
+    overrides = [*TINY, tiny_backbone(tmp_path), *data_overrides(generated), f"run.dir={runs_dir}", "train.epochs=1",
                  f"data.augment={augment}"]
     code = runner.main(["--config", str(REPO / "models" / "resnet" / "detect.yaml"),
                         *[arg for item in overrides for arg in ("--set", item)]])
     assert code == 0
-    (run_dir,) = (runs_dir / "resnet").iterdir()
+    (run_dir,) = (runs_dir / "tiny_backbone").iterdir()
     assert (Path(run_dir) / "metrics.csv").is_file()

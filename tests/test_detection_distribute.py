@@ -15,7 +15,7 @@ import pytest
 
 from shared.fashion_mnist import FASHION_MNIST_DIRS
 import forked
-from conftest import free_ports
+from conftest import free_ports, tiny_backbone
 from test_detection_runner import SIZE, data_overrides, tiny_canvases
 
 REPO = Path(__file__).resolve().parent.parent
@@ -69,7 +69,8 @@ def test_losses_under_a_mirrored_strategy_equal_one_device_on_the_global_batch()
 @pytest.mark.skipif(not (Path(FASHION_MNIST_DIRS[0]) / "train-images-idx3-ubyte.gz").is_file(),
                     reason="Fashion-MNIST IDX files not installed")
 def test_mirrored_detection_run_on_two_logical_cpus(canvases, tmp_path):
-    overrides = [*TINY, "train.batch_size=4", "distribute.strategy=mirrored", f"run.dir={tmp_path / 'runs'}",
+    overrides = [*TINY, tiny_backbone(tmp_path), "train.batch_size=4", "distribute.strategy=mirrored",
+                 f"run.dir={tmp_path / 'runs'}",
                  *data_overrides(canvases)]
     args = ["--config", str(REPO / "models" / "resnet" / "detect.yaml"),
             *[arg for item in overrides for arg in ("--set", item)]]
@@ -82,7 +83,7 @@ def test_mirrored_detection_run_on_two_logical_cpus(canvases, tmp_path):
     assert "MirroredStrategy, 2 replicas" in result.stdout
     # 16 training images at the global batch 4 x 2 = 8: 2 steps per epoch
     assert "2 steps x 1 epochs" in result.stdout, result.stdout[-2000:]
-    (run_dir,) = (tmp_path / "runs" / "resnet").iterdir()
+    (run_dir,) = (tmp_path / "runs" / "tiny_backbone").iterdir()
     assert json.loads((run_dir / "status.json").read_text())["status"] == "finished"
     rows = (run_dir / "metrics.csv").read_text().strip().splitlines()
     header, last = rows[0].split(","), rows[-1].split(",")
@@ -99,7 +100,8 @@ def test_mirrored_detection_run_on_two_logical_cpus(canvases, tmp_path):
 @pytest.mark.skipif(not (Path(FASHION_MNIST_DIRS[0]) / "train-images-idx3-ubyte.gz").is_file(),
                     reason="Fashion-MNIST IDX files not installed")
 def test_multi_worker_detection_run_with_two_local_processes(canvases, tmp_path):
-    overrides = [*TINY, "train.batch_size=4", "train.epochs=2", "distribute.strategy=multi_worker",
+    overrides = [*TINY, tiny_backbone(tmp_path), "train.batch_size=4", "train.epochs=2",
+                 "distribute.strategy=multi_worker",
                  f"run.dir={tmp_path / 'runs'}", *data_overrides(canvases)]
     args = ["--config", str(REPO / "models" / "resnet" / "detect.yaml"),
             *[arg for item in overrides for arg in ("--set", item)]]
@@ -115,7 +117,7 @@ def test_multi_worker_detection_run_with_two_local_processes(canvases, tmp_path)
         assert process.returncode == 0, err[-3000:]
     assert "MultiWorkerMirroredStrategy, 2 replicas, 2 workers" in outputs[0][0]
     assert "2 steps x 2 epochs" in outputs[0][0], outputs[0][0][-2000:]  # 16 images, global batch 4 x 2
-    (run_dir,) = (tmp_path / "runs" / "resnet").iterdir()  # only the chief keeps a run folder
+    (run_dir,) = (tmp_path / "runs" / "tiny_backbone").iterdir()  # only the chief keeps a run folder
     assert json.loads((run_dir / "status.json").read_text())["status"] == "finished"
     assert (run_dir / "checkpoints" / "epoch-0002.keras").is_file()
     assert 0.0 <= json.loads((run_dir / "test_metrics.json").read_text())["mAP50"] <= 1.0

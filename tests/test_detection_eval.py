@@ -97,10 +97,12 @@ def test_validation_map_evaluates_first_every_nth_and_last_epoch_and_carries_bet
 
 
 def tiny_run(generated, runs_dir, *extra):
+    from conftest import tiny_backbone
     from test_detection_runner import REPO, TINY, data_overrides
     from shared import runner
 
-    overrides = [*TINY, *data_overrides(generated), f"run.dir={runs_dir}", "data.augment=[]", *extra]
+    overrides = [*TINY, tiny_backbone(runs_dir), *data_overrides(generated), f"run.dir={runs_dir}", "data.augment=[]",
+                 *extra]
     return runner.main(["--config", str(REPO / "models" / "resnet" / "detect.yaml"),
                         *[arg for item in overrides for arg in ("--set", item)]])
 
@@ -126,7 +128,7 @@ def test_eval_every_logs_validation_map_for_best_and_early_stopping(generated, t
                     "detection.eval_protocol=voc", "train.best.monitor=val_map",
                     "train.early_stopping.monitor=val_map50", "train.early_stopping.patience=5")
     assert code == 0
-    (run,) = (tmp_path / "resnet").iterdir()
+    (run,) = (tmp_path / "tiny_backbone").iterdir()
     rows = list(csv.DictReader(open(run / "metrics.csv")))
     assert len(rows) == 3 and all(0.0 <= float(row["val_map"]) <= 1.0 for row in rows)
     assert all(row["val_map"] == row["val_map50"] for row in rows)  # VOC's mAP is AP@.5
@@ -149,7 +151,7 @@ def test_eval_every_logs_validation_map_for_best_and_early_stopping(generated, t
 def test_validation_map_monitors_need_eval_every(generated, tmp_path, capsys, extra, message):
     assert tiny_run(generated, tmp_path, *extra) == 2
     assert message in capsys.readouterr().err
-    assert not (tmp_path / "resnet").exists()  # refused before a run folder exists
+    assert not (tmp_path / "tiny_backbone").exists()  # refused before a run folder exists
 
 
 def test_voc_difficult_flags_reach_the_evaluation(tmp_path):

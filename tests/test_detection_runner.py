@@ -182,10 +182,11 @@ def test_a_full_disk_in_a_detection_run_is_one_line_and_keeps_the_last_good_chec
     """The detection runner shares the classification runner's failure handling (failures_marked)."""
     import keras
 
+    from conftest import tiny_backbone
     from test_faults import fail_figure, fail_writer, partials
 
     runs_dir = tmp_path / "runs"
-    overrides = [*TINY, *data_overrides(generated), f"run.dir={runs_dir}"]
+    overrides = [*TINY, tiny_backbone(tmp_path), *data_overrides(generated), f"run.dir={runs_dir}"]
     if where == "checkpoint":
         fail_writer(monkeypatch, "save", "epoch-0002.keras")
         named, kept = "checkpoints/epoch-0002.keras", 1
@@ -196,7 +197,7 @@ def test_a_full_disk_in_a_detection_run_is_one_line_and_keeps_the_last_good_chec
                         *[arg for item in overrides for arg in ("--set", item)]])
     monkeypatch.undo()
     err = capsys.readouterr().err
-    (run_dir,) = (runs_dir / "resnet").iterdir()
+    (run_dir,) = (runs_dir / "tiny_backbone").iterdir()
     assert code == 2 and err.count("\n") == 1, err
     assert err.startswith(f"error: disk full while writing {run_dir / named} (") and "is marked failed" in err, err
     assert json.loads((run_dir / "status.json").read_text())["status"] == "failed"

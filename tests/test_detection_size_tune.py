@@ -17,6 +17,7 @@ from shared.config import load_config
 from shared.errors import UserError
 from shared.fashion_mnist import FASHION_MNIST_DIRS
 import test_detection_runner
+from conftest import tiny_backbone
 from test_detection_runner import SIZE
 
 REPO = Path(__file__).resolve().parent.parent
@@ -29,7 +30,7 @@ pytestmark = pytest.mark.skipif(not (Path(FASHION_MNIST_DIRS[0]) / "train-images
 
 
 def overrides(generated: Path, runs_dir: Path) -> list[str]:
-    return [*TINY, f"run.dir={runs_dir}", f"data.path={generated / 'images'}",
+    return [*TINY, tiny_backbone(runs_dir.parent), f"run.dir={runs_dir}", f"data.path={generated / 'images'}",
             f"detection.train_annotations={generated / 'annotations' / 'train.json'}",
             f"detection.test_annotations={generated / 'annotations' / 'test.json'}"]
 
@@ -57,7 +58,7 @@ def test_size_of_a_detection_run(study, tmp_path, capsys):
     config, _ = study
     trials = optuna.load_study(study_name="det", storage=storage_url(config)).trials
     (trained,) = [Path(t.user_attrs["run"]) for t in trials if t.params["model.width"] == 4]
-    run_dir = tmp_path / "resnet" / "v0001"
+    run_dir = tmp_path / "tiny_backbone" / "v0001"
     shutil.copytree(trained, run_dir)
     assert runs.Run(run_dir).status()["status"] == "finished"
     capsys.readouterr()
@@ -73,7 +74,7 @@ def test_size_of_a_detection_run(study, tmp_path, capsys):
         assert path.name.startswith("detector_") and entry["bytes"] == path.stat().st_size > 0, name
         assert entry["latency_ms"] > 0, name
     assert report["formats"]["tflite float16"]["bytes"] < report["formats"]["tflite float32"]["bytes"]
-    assert (run_dir / "size.md").read_text().startswith("# Size of resnet")
+    assert (run_dir / "size.md").read_text().startswith("# Size of tiny_backbone")
 
 
 def test_classification_metrics_are_refused_for_detection_before_training(generated, tmp_path):
@@ -81,7 +82,7 @@ def test_classification_metrics_are_refused_for_detection_before_training(genera
                               space="{model.width: {choice: [2, 4]}}")
     with pytest.raises(UserError, match="metric top1 is not measured for task: detection; choose from map, map50"):
         tune_module.tune(config)
-    assert not (tmp_path / "runs" / "resnet").exists()
+    assert not (tmp_path / "runs" / "tiny_backbone").exists()
 
 
 @pytest.mark.slow

@@ -157,7 +157,7 @@ def test_detection_tasks_spans_from_the_run_and_its_saved_model(detection_run, t
     # the export answers what the run does; the served boxes on bytes are the spans
     assert run_cli(capsys, "export", "--run", run.path, "--format", "saved_model", "--export-dir",
                    tmp_path / "exports")[0] == 0
-    model_folder = tmp_path / "exports" / "resnet_detection"
+    model_folder = tmp_path / "exports" / f"{run.config_dict()['model']['name']}_detection"
     served_tasks = tmp_path / "served.jsonl"
     code, _, err = run_cli(capsys, "predict", "--saved-model", model_folder, images, "--format", "tasks",
                            "--out", served_tasks)
