@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 import tensorflow as tf
+import yaml
 
 from shared import lifecycle, tasks
 from shared.config import load_config
@@ -124,18 +125,23 @@ def test_the_command_line_tests_with_a_classifier_and_exports(runs, tmp_path, ca
 
 def test_a_deblurring_run_killed_mid_epoch_resumes_and_retests_to_its_figures(tmp_path, capsys):
     from shared import runner
-    from tests.test_resume import metric_epochs, slow_tree, start, status, wait_for_backup
+    from tests.conftest import tiny_backbone
+    from tests.test_resume import many_steps_tree, metric_epochs, start, status, wait_for_backup
 
     epochs = 2  # the kill lands in epoch 2: the resume trains one epoch
-    tree = slow_tree(tmp_path / "runs", optimizer={"name": "adam"}, lr={"base": 1e-3}, epochs=epochs)
+    # what is checked is the recovery, not the backbone: the tiny one, in epochs of a second or more of small steps
+    model = yaml.safe_load(tiny_backbone(tmp_path).split("=", 1)[1])
+    tree = many_steps_tree(tmp_path / "runs", model, optimizer={"name": "adam"}, lr={"base": 1e-3}, epochs=epochs)
     tree["task"] = "deblur"
-    tree["data"].update(channels=1, synthetic_train=1024)  # epochs of a second or more still
+    tree["data"].update(channels=1, synthetic_train=1024)
     tree["deblur"] = {"decoder_channels": 4, "gallery": 2, "blur": [{"gaussian": {"sigma": [1.0, 2.0]}}, "noise"]}
     process = start(tmp_path, tree)
     run_dir = wait_for_backup(tmp_path / "runs", process, epochs=1)
     process.kill()  # SIGKILL: no chance to save anything more
     process.wait()
     assert status(run_dir) == "running"
+    backup = json.loads((run_dir / "backup" / "phase-1" / "training_metadata.json").read_text())
+    assert backup["epoch"] == 1  # killed inside epoch 2
     # The kill is what needs a process of its own; the resume and the re-test run here (no TF start-up each).
     assert runner.main(["--resume", str(run_dir)]) == 0, capsys.readouterr().err
     assert status(run_dir) == "finished" and metric_epochs(run_dir) == list(range(epochs))
