@@ -6,6 +6,7 @@ import contextlib
 import fcntl
 import gc
 import importlib.util
+import json
 import os
 import shutil
 import socket
@@ -103,13 +104,20 @@ def build(num_classes: int = 10, input_shape: tuple = (48, 48, 1), width: int = 
 '''
 
 
-def tiny_backbone(folder: Path) -> str:
-    """TINY_BACKBONE written into folder/tiny_backbone_src, as the `--set` that makes it a recipe's whole model
-    section (detect.yaml's ResNet hyperparameters do not apply to it). Its runs go to runs/tiny_backbone/."""
+def tiny_backbone_model(folder: Path) -> dict:
+    """The model section of TINY_BACKBONE, written into folder/tiny_backbone_src. Its runs go to
+    runs/tiny_backbone/."""
     target = folder / "tiny_backbone_src"
     target.mkdir(parents=True, exist_ok=True)
     (target / "model.py").write_text(TINY_BACKBONE)
-    return f"model={{name: tiny_backbone, path: '{target}', width: 4}}"
+    return {"name": "tiny_backbone", "path": str(target), "width": 4}
+
+
+def tiny_backbone(folder: Path) -> str:
+    """`tiny_backbone_model(folder)` as the `--set` that makes it a recipe's whole model section (detect.yaml's
+    ResNet hyperparameters do not apply to it)."""
+    return f"model={json.dumps(tiny_backbone_model(folder))}"  # JSON is YAML's flow style
+
 
 # Runs the runner with os.replace and os.rename (every durable rename, every publish) wrapped: SIGKILL this
 # process before or after the n-th rename onto a path named as KILL_AT says ("name:before|after:n").

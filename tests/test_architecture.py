@@ -197,7 +197,7 @@ def test_task_is_abstract_and_a_task_missing_a_hook_fails_at_construction():
 
 
 @pytest.mark.slow
-def test_training_leaves_the_callers_config_unchanged(tmp_path):
+def test_training_leaves_the_callers_config_unchanged(tmp_path, one_conv_model):
     import copy
 
     from shared.config import load_config
@@ -205,7 +205,8 @@ def test_training_leaves_the_callers_config_unchanged(tmp_path):
 
     from conftest import tiny_tree
 
-    config = load_config(tree=tiny_tree(tmp_path / "runs", train={"epochs": 1}, data={"synthetic_train": 64}))
+    tree = tiny_tree(tmp_path / "runs", train={"epochs": 1}, data={"synthetic_train": 64})
+    config = load_config(tree={**tree, "model": one_conv_model})
     before = copy.deepcopy(config)
     run = train(config)
     assert config == before

@@ -9,7 +9,6 @@ import json
 import numpy as np
 import pytest
 import tensorflow as tf
-import yaml
 
 from shared import lifecycle, tasks
 from shared.config import load_config
@@ -125,13 +124,13 @@ def test_the_command_line_tests_with_a_classifier_and_exports(runs, tmp_path, ca
 
 def test_a_deblurring_run_killed_mid_epoch_resumes_and_retests_to_its_figures(tmp_path, capsys):
     from shared import runner
-    from tests.conftest import tiny_backbone
+    from tests.conftest import tiny_backbone_model
     from tests.test_resume import many_steps_tree, metric_epochs, start, status, wait_for_backup
 
     epochs = 2  # the kill lands in epoch 2: the resume trains one epoch
     # what is checked is the recovery, not the backbone: the tiny one, in epochs of a second or more of small steps
-    model = yaml.safe_load(tiny_backbone(tmp_path).split("=", 1)[1])
-    tree = many_steps_tree(tmp_path / "runs", model, optimizer={"name": "adam"}, lr={"base": 1e-3}, epochs=epochs)
+    tree = many_steps_tree(tmp_path / "runs", tiny_backbone_model(tmp_path), optimizer={"name": "adam"},
+                           lr={"base": 1e-3}, epochs=epochs)
     tree["task"] = "deblur"
     tree["data"].update(channels=1, synthetic_train=1024)
     tree["deblur"] = {"decoder_channels": 4, "gallery": 2, "blur": [{"gaussian": {"sigma": [1.0, 2.0]}}, "noise"]}
