@@ -1,6 +1,6 @@
 """Deblurring runs end to end through the run lifecycle (task: deblur): train, test --run, the classifier's
 view, init.from_run of a classification run's backbone, and export parity (SavedModel on image bytes,
-TFLite). Tiny: 16 px synthetic images, a width-4 ResNet-18, a few steps."""
+TFLite). Tiny: 16 px synthetic images, conftest.TINY_BACKBONE (three convolutions), a few steps."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from shared import lifecycle, tasks
 from shared.config import load_config
 from shared.errors import UserError
 from shared.deblur.task import DeblurTask, evaluate_with_classifier
-from tests.conftest import tiny_tree
+from tests.conftest import tiny_backbone_model, tiny_tree
 
 pytestmark = pytest.mark.slow  # two trainings and two exports: about a minute on 2 cores
 
@@ -23,14 +23,15 @@ pytestmark = pytest.mark.slow  # two trainings and two exports: about a minute o
 def runs(tmp_path_factory):
     """(classification run, deblurring run started from its backbone), both finished."""
     base = tmp_path_factory.mktemp("deblur")
+    model = tiny_backbone_model(base)  # the lifecycle is what is checked: on a backbone quick to trace and export
     data = {"channels": 1, "synthetic_train": 64, "synthetic_test": 32}
-    classifier = lifecycle.train(load_config(tree=tiny_tree(base / "runs", data=data,
-                                                            train={"epochs": 1, "batch_size": 16})),
+    tree = tiny_tree(base / "runs", data=data, train={"epochs": 1, "batch_size": 16})
+    classifier = lifecycle.train(load_config(tree={**tree, "model": model}),
                                  draw=False)  # no test looks at the classifier's figures
     tree = tiny_tree(base / "runs", data=data, train={"epochs": 1, "batch_size": 16, "steps_per_epoch": 3,
                                                       "optimizer": {"name": "adam"}, "lr": {"base": 1e-3}},
                      deblur={"decoder_channels": 4, "gallery": 4}, init={"from_run": str(classifier.path)})
-    tree["task"] = "deblur"
+    tree["task"], tree["model"] = "deblur", model
     return classifier, lifecycle.train(load_config(tree=tree))
 
 
@@ -124,7 +125,6 @@ def test_the_command_line_tests_with_a_classifier_and_exports(runs, tmp_path, ca
 
 def test_a_deblurring_run_killed_mid_epoch_resumes_and_retests_to_its_figures(tmp_path, capsys):
     from shared import runner
-    from tests.conftest import tiny_backbone_model
     from tests.test_resume import many_steps_tree, metric_epochs, start, status, wait_for_backup
 
     epochs = 2  # the kill lands in epoch 2: the resume trains one epoch

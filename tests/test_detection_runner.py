@@ -2,8 +2,9 @@
 a tiny generated Fashion-MNIST canvas set, starting from a classification run's backbone with the backbone
 frozen for the first epoch; `test --run` reproducing the recorded mAP; bad starting weights refused before a
 run folder exists; the SavedModel (bytes in) equal to the Keras pipeline, and the TFLite file's raw outputs
-equal to the Keras detector's, with the numpy decoding equal to decode_detections. Tiny sizes (16 train /
-8 test images at 48 px, ResNet-18 width 4): the whole file runs in about a minute on two CPU cores."""
+equal to the Keras detector's, with the numpy decoding equal to decode_detections (those two on the session's
+`tiny_detector`, whose backbone is conftest.TINY_BACKBONE). Tiny sizes (16 train / 8 test images at 48 px,
+ResNet-18 width 4)."""
 
 from __future__ import annotations
 
@@ -240,15 +241,16 @@ def assert_same_detections(got: dict, want: dict, scale: float = 1.0) -> None:
 
 
 @pytest.mark.slow
-def test_saved_model_on_bytes_equals_the_keras_pipeline(trained, generated, tmp_path, capsys):
+def test_saved_model_on_bytes_equals_the_keras_pipeline(tiny_detector, tmp_path, capsys):
     from shared.detection import datasets as detection_data
     from shared.tasks import rebuild
 
+    trained = tiny_detector  # the export is what is checked, not the backbone
     export_dir = tmp_path / "exports"
     assert runner.main(["export", "--run", str(trained.path), "--format", "saved_model",
                         "--export-dir", str(export_dir)]) == 0
-    folder = export_dir / "resnet_detection" / "1"
-    assert folder.is_dir() and "resnet_detection" in capsys.readouterr().out
+    folder = export_dir / "tiny_backbone_detection" / "1"
+    assert folder.is_dir() and "tiny_backbone_detection" in capsys.readouterr().out
     info = json.loads((folder / "assets.extra" / "export.json").read_text())
     assert info["task"] == "detection" and info["image_size"] == SIZE
 
@@ -281,12 +283,14 @@ def test_saved_model_on_bytes_equals_the_keras_pipeline(trained, generated, tmp_
 
 
 @pytest.mark.slow
-def test_tflite_raw_outputs_and_numpy_decoding_match_keras(trained, capsys):
+def test_tflite_raw_outputs_and_numpy_decoding_match_keras(tiny_detector, capsys):
     from shared.detection import datasets as detection_data
     from shared.detection import tflite, tflite_inference as inference
     from shared.detection.model import model_anchors
     from shared.detection.postprocess import decode_detections
     from shared.tasks import rebuild
+
+    trained = tiny_detector
 
     assert runner.main(["export", "--run", str(trained.path), "--format", "tflite", "--raw-outputs"]) == 0
     path = trained.path / "export" / "detector_none_raw.tflite"
