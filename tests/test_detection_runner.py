@@ -51,12 +51,14 @@ def data_overrides(root: Path) -> list[str]:
             f"detection.test_annotations={root / 'annotations' / 'test.json'}"]
 
 
-def classification_run(root: Path, width: int) -> runs.Run:
-    """A finished-looking classification run of ResNet-18 (small_input, 1 channel) at `width`: an untrained
-    model saved as its checkpoint (training it would only cost time; its weights are what is copied)."""
-    folder = modelzoo.model_dir("resnet")
+def classification_run(root: Path, width: int, model: dict | None = None) -> runs.Run:
+    """A finished-looking classification run of ResNet-18 (small_input, 1 channel) at `width`, or of the
+    `model` section given: an untrained model saved as its checkpoint (training it would only cost time; its
+    weights are what is copied)."""
+    model = model or {"name": "resnet", "depth": 18, "width": width, "small_input": True}
+    folder = modelzoo.model_dir(model["name"], model.get("path"))
     module = modelzoo.load_model_module(folder)
-    config = from_dict({"model": {"name": "resnet", "depth": 18, "width": width, "small_input": True},
+    config = from_dict({"model": model,
                         "data": {"source": "synthetic", "image_size": 28, "channels": 1, "num_classes": 10},
                         "run": {"dir": str(root)}})
     config = with_changes(config, {"model.hparams": modelzoo.resolve_hparams(module, config.model.hparams)})

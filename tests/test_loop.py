@@ -420,24 +420,27 @@ def detection_lines(folder: Path, first: int, count: int) -> list[str]:
 
 @pytest.mark.slow
 def test_a_detection_round_end_to_end(tmp_path):
+    from conftest import tiny_backbone, tiny_backbone_model
     from test_detection_runner import SIZE, TINY, classification_run
 
     from shared import runner
     from shared.detection.tfod import read_tfod_records
 
-    backbone = classification_run(tmp_path / "backbone_runs", width=4)
+    # the round is what is checked: from a classification run of the tiny backbone, quick to trace and export
+    backbone = classification_run(tmp_path / "backbone_runs", width=4, model=tiny_backbone_model(tmp_path))
     (tmp_path / "classes.txt").write_text("square\nbar\n")
     (tmp_path / "heldout").mkdir()
     (tmp_path / "heldout" / "eval.jsonl").write_text("\n".join(detection_lines(tmp_path / "heldout", 500, 4)) + "\n")
     tasks = tmp_path / "tasks.jsonl"
     append(tasks, detection_lines(tmp_path, 0, 8))
-    overrides = [*TINY, "train.batch_size=4", f"run.dir={tmp_path / 'runs'}", "loop.steps=3", "loop.tolerance=null",
+    overrides = [*TINY, tiny_backbone(tmp_path), "train.batch_size=4", f"run.dir={tmp_path / 'runs'}",
+                 "loop.steps=3", "loop.tolerance=null",
                  f"loop.eval={tmp_path / 'heldout' / 'eval.jsonl'}", f"detection.label_map={tmp_path / 'classes.txt'}"]
     command = ["loop", "--config", str(REPO / "models" / "resnet" / "detect.yaml"), "--annotations", str(tasks),
                "--from", str(backbone.path), "--export-dir", str(tmp_path / "exports"),
                *[arg for item in overrides for arg in ("--set", item)]]
     assert runner.main(command) == 0
-    loop_dir = tmp_path / "runs" / "loops" / "resnet-detect"
+    loop_dir = tmp_path / "runs" / "loops" / "tiny_backbone-detect"
     state = state_of(loop_dir)
     assert (state["round"], state["stage"], state["examples"]) == (1, "done", 8)
     train = read_tfod_records(str(loop_dir / "data" / "*" / "train-*.tfrecord"), loop_dir / "label_map.pbtxt")
@@ -447,8 +450,8 @@ def test_a_detection_round_end_to_end(tmp_path):
     metrics = run.test_metrics()
     assert run.config_dict()["task"] == "detection" and metrics["examples"] == 4 and "mAP" in metrics
     assert state["history"][1]["metric"] == pytest.approx(metrics["mAP"])
-    assert exported_versions(tmp_path / "exports", "resnet-detect") == [1]
-    assert (tmp_path / "exports" / "resnet-detect" / "1" / "saved_model.pb").is_file()
+    assert exported_versions(tmp_path / "exports", "tiny_backbone-detect") == [1]
+    assert (tmp_path / "exports" / "tiny_backbone-detect" / "1" / "saved_model.pb").is_file()
     rows = (loop_dir / "rounds.csv").read_text().splitlines()
     assert rows[1] == f"0,0,0,,,{state['history'][0]['seconds']},{backbone.path}"  # a backbone: no round-0 mAP
     assert rows[2].startswith("1,8,8,")  # round, new, examples
