@@ -77,11 +77,11 @@ def build(num_classes: int = 10, input_shape: tuple = (16, 16, 3), width: int = 
 SENSITIVE_MODEL = TINY_MODEL.replace("keras.layers.Rescaling(1 / 255.0)(inputs)", "inputs")
 assert SENSITIVE_MODEL != TINY_MODEL
 
-# A tiny detection backbone (model.path): feature maps of strides 4 and 8, for detection runs whose backbone is
-# not what a test checks (the runner's failures, evaluation during training, distribution, export and
-# pre-annotation of a trained detector). It traces and trains in about half the time of the width-4 ResNet-18
-# that detect.yaml's recipe otherwise gives; the tests of that backbone (copied from a classification run,
-# frozen, mismatched) keep it.
+# A tiny backbone (model.path): feature maps of strides 4 and 8, for detection, deblurring and finetuning runs
+# whose backbone is not what a test checks (the runner's failures, evaluation during training, distribution,
+# export and pre-annotation of a trained detector, freezing). It traces and trains in about half the time of the
+# width-4 ResNet-18 that detect.yaml's recipe otherwise gives; the tests of that backbone (copied from a
+# classification run, frozen, mismatched) keep it.
 TINY_BACKBONE = '''
 import keras
 
