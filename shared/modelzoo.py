@@ -169,6 +169,10 @@ def _load_archive_weights(model, path: Path) -> None:
     seeks back and forth in that file, and Python's zipfile before 3.13 reads a member again from its start at
     each seek back, which made a ResNet-50 checkpoint several times slower to load in place (docs/runs.md)."""
     with zipfile.ZipFile(path) as archive, contextlib.ExitStack() as cleanup:
+        if KERAS_VARIABLES not in archive.namelist():  # another zip, or Keras' npz layout (load_weights reads h5 only)
+            held = ", ".join(sorted(archive.namelist())[:5]) or "nothing"
+            raise UserError(f"weight file {path} holds no {KERAS_VARIABLES} (it holds {held}): give a .keras file a "
+                            f"run or model.save() wrote, or a .weights.h5")
         try:
             scratch = cleanup.enter_context(tempfile.TemporaryDirectory(prefix="weights-"))
             unpacked = archive.extract(KERAS_VARIABLES, scratch)

@@ -131,3 +131,10 @@ def test_a_keras_archive_loads_unpacked_or_in_place_and_a_file_that_is_no_archiv
     (tmp_path / "notes.keras").write_text("not an archive")
     with pytest.raises(UserError, match=r"notes\.keras is damaged or not a Keras archive \(File is not a zip file\)"):
         load_weight_file(tiny(3), tmp_path / "notes.keras")
+    # a zip, but not of Keras' h5 layout (here Keras' own npz one, which model.load_weights cannot read either)
+    from keras.src.saving import saving_lib
+
+    saving_lib.save_model(saved, tmp_path / "npz.keras", weights_format="npz")
+    with pytest.raises(UserError, match=r"npz\.keras holds no model\.weights\.h5 \(it holds config\.json, "
+                                        r"metadata\.json, model\.weights\.npz\): give a \.keras file"):
+        load_weight_file(tiny(4), tmp_path / "npz.keras")
