@@ -43,6 +43,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 from shared import modelzoo  # noqa: E402  (these modules are free of TensorFlow)
+from shared.callbacks import built_before_fit  # noqa: E402
 from shared.classification.objective import compile_classifier  # noqa: E402
 from shared.config import load_config  # noqa: E402
 from shared.config_schema import with_changes  # noqa: E402
@@ -155,6 +156,8 @@ def fit(args) -> int:
         targets = keras.utils.to_categorical(labels, num_classes) if smoothing else labels
         if aux:
             targets = {name: targets for name in outputs}
+        if epoch == 0:  # as the runner's fit: losses built now, so the step is traced once, not twice
+            built_before_fit(model, (images, targets))
         logs = model.fit(images, targets, batch_size=train.batch_size, epochs=epoch + 1, initial_epoch=epoch,
                          shuffle=False, verbose=0).history
         train_top1 = logs[f"{modelzoo.MAIN_OUTPUT}_top1" if aux else "top1"][-1]

@@ -15,12 +15,13 @@ from shared import durable
 
 
 def built_before_fit(trainer: keras.Model, train_data) -> bool:
-    """Builds the compiled losses and metrics now, on the data's element spec, as Keras builds them before fit only
-    under an explicit distribution strategy: built in the first traced step instead (each output's loss tracker of
-    a detector or of aux heads), their variables would make TensorFlow trace the whole train step twice. False
-    where it cannot be done beforehand (a custom train_step, a distiller's: Keras builds it in its first step)."""
+    """Builds the compiled losses and metrics now, on the data's element spec (a tf.data.Dataset, or one batch of
+    arrays: (x, y)), as Keras builds them before fit only under an explicit distribution strategy: built in the
+    first traced step instead (each output's loss tracker of a detector or of aux heads), their variables would
+    make TensorFlow trace the whole train step twice. False where it cannot be done beforehand (a custom
+    train_step, a distiller's: Keras builds it in its first step)."""
     try:
-        trainer._symbolic_build(data_batch=train_data.element_spec)  # Keras' own build before fit
+        trainer._symbolic_build(data_batch=getattr(train_data, "element_spec", train_data))  # Keras' own build
     except Exception:
         return False
     return True
