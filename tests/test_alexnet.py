@@ -6,6 +6,7 @@ import pytest
 import tensorflow as tf
 
 from shared import modelzoo
+from shared.callbacks import built_before_fit
 from shared.config import load_config
 from shared.data import augment as shared_augment
 from shared.errors import UserError
@@ -164,6 +165,7 @@ def test_one_training_epoch_on_random_images():
     images = np.random.default_rng(0).uniform(-1, 1, (32, 32, 32, 3)).astype("float32")
     labels = np.arange(32) % 10
     before = [w.numpy().copy() for w in model.trainable_weights]
+    assert built_before_fit(model, (images, labels))  # the optimizer's slots now: the step traced once, not twice
     history = model.fit(images, labels, batch_size=32, epochs=1, verbose=0)
     assert np.isfinite(history.history["loss"][0])
     assert all(not np.array_equal(b, w.numpy()) for b, w in zip(before, model.trainable_weights))

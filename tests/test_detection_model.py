@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from shared.callbacks import built_before_fit
 from shared.config_schema import DetectionConfig
 from shared.detection import anchors as anchors_lib
 from shared.detection import losses, metrics, model, postprocess
@@ -268,6 +269,7 @@ def test_detector_outputs_names_and_training(name, head, eager):
     data = random_batches(2, 2, num_classes).map(anchors_lib.training_targets(anchors, config))
     detector.compile(optimizer=keras.optimizers.Adam(3e-3), loss=losses.detection_losses(config),
                      run_eagerly=eager, jit_compile=False)
+    assert built_before_fit(detector, data)  # as the runner: the loss trackers built now, the step traced once
     history = detector.fit(data, epochs=2 if eager else 4, verbose=0, shuffle=False).history
     assert all(np.isfinite(history["loss"]))
     assert history["loss"][-1] < history["loss"][0]
