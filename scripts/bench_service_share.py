@@ -121,12 +121,13 @@ def result(process: subprocess.Popen) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
-def decodings(marks: Path) -> collections.Counter:
-    """Decodings per element (example id, or tagged element), once the workers' prefetching has settled."""
+def decodings(marks: Path, settle_seconds: float = 2.0) -> collections.Counter:
+    """Decodings per element (example id, or tagged element), once the workers' prefetching has settled: no new
+    decoding for `settle_seconds` (0 for a lower bound, which later decodings cannot undo: the marks as they are)."""
     counts, previous = None, -1
     while counts is None or sum(counts.values()) != previous:
         previous = -1 if counts is None else sum(counts.values())
-        time.sleep(2)
+        time.sleep(settle_seconds)
         counts = collections.Counter(int(path.name.split("-")[0]) for path in marks.iterdir())
     return counts
 
