@@ -82,8 +82,14 @@ class EvalView:
     def pixels(self, image, name="an input image"):
         """One image (encoded bytes, or decoded H x W x C pixels) -> float32 0-255 pixels of `shape`; an
         encoded one the formats table refuses fails in one line naming it (`name`)."""
+        import tensorflow as tf
+
         from shared.data import preprocess
 
+        if image.dtype == tf.string:  # the decoder traced once a process (a serving signature, predict's pipeline)
+            view = preprocess.encoded_eval_view(self.image_size, self.crop_fraction, self.channels, self.max_pixels,
+                                                self.dct_scaling, self.whole)
+            return view(image, tf.convert_to_tensor(name, tf.string))
         return preprocess.eval_view(image, self.image_size, self.crop_fraction, self.channels, self.whole,
                                     self.max_pixels, name, self.dct_scaling)
 

@@ -113,14 +113,14 @@ def normalizer(mean: list[float], std: list[float], enabled: bool, image_size: i
 
 @functools.lru_cache(maxsize=64)
 def encoded_eval_view(image_size: int, crop_fraction: float, channels: int, max_pixels: int | None,
-                      dct_scaling: bool):
+                      dct_scaling: bool, whole: bool = False):
     """`eval_view` of an encoded image (a tf.string scalar) and the name a refusal gives it, as one `tf.function`
-    per setting: a process that builds many pipelines of one setting (the loop's rounds, a study's trials) traces
-    the decoder's graph of every format once, not once a pipeline."""
+    per setting: a process that builds many pipelines or exports of one setting (the loop's rounds, a study's
+    trials) traces the decoder's graph of every format once, not once a pipeline or a serving signature."""
 
     @tf.function(autograph=False)
     def view(image: tf.Tensor, name: tf.Tensor) -> tf.Tensor:
-        return eval_view(image, image_size, crop_fraction, channels, whole=False, max_pixels=max_pixels, name=name,
+        return eval_view(image, image_size, crop_fraction, channels, whole=whole, max_pixels=max_pixels, name=name,
                          dct_scaling=dct_scaling)
 
     return view
