@@ -131,12 +131,18 @@ def test_served_model_equals_the_eval_pipeline(trained_run, saved_model, tmp_pat
 
 
 @pytest.mark.slow
-def test_versions_increment_and_old_ones_are_pruned(trained_run, saved_model, tmp_path):
+def test_versions_increment_and_old_ones_are_pruned(trained_run, saved_model, tmp_path, monkeypatch):
+    from shared.data import formats
+
     run, _ = trained_run
     export_dir = tmp_path / "export"
     for version in ("1", "2"):  # earlier exports, copied: a real one costs seconds
         shutil.copytree(saved_model, export_dir / "tiny" / version)
+    traced = []  # Python builds the decoder's graph only while a function using it is traced
+    monkeypatch.setattr(formats, "decode_crop", lambda *args, decode_crop=formats.decode_crop, **kwargs:
+                        traced.append(1) or decode_crop(*args, **kwargs))
     assert export_saved_model(run, export_dir, model_name="tiny", keep=2).name == "3"
+    assert traced == []  # the decoder this process traced for the fixture's export, not a new one
     assert sorted(p.name for p in (export_dir / "tiny").iterdir()) == ["2", "3"]  # no hidden leftovers
     config = (export_dir / export.CONFIG_FILE).read_text()
     assert 'name: "tiny"' in config and 'base_path: "/models/tiny"' in config
