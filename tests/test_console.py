@@ -21,6 +21,7 @@ import yaml
 from shared import cli, runner, runs
 from shared.progress import keras_verbosity, no_color, progress_bar
 
+import forked
 from conftest import REPO
 from test_prune import make_runs, remaining
 
@@ -173,15 +174,15 @@ def test_no_color_is_set_only_by_a_non_empty_value(monkeypatch):
     assert no_color()
 
 
-def in_terminal(code: str, no_color: str | None, timeout: float = 300) -> bytes:
-    """What `python -c code` writes to a terminal (a pseudo-terminal of 80 columns), NO_COLOR set or not."""
+def in_terminal(code: str, no_color: str | None, timeout: float = 300, start=subprocess.Popen) -> bytes:
+    """What `python -c code` writes to a terminal (a pseudo-terminal of 80 columns), NO_COLOR set or not;
+    `start`: forked.popen for code that imports TensorFlow (no new interpreter to pay for)."""
     env = {key: value for key, value in os.environ.items() if key != "NO_COLOR"}
     if no_color is not None:
         env["NO_COLOR"] = no_color
     leader, follower = pty.openpty()
     fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))  # tqdm sizes its bar by it
-    child = subprocess.Popen([sys.executable, "-c", code], stdin=follower, stdout=follower, stderr=follower,
-                             cwd=REPO, env=env)
+    child = start([sys.executable, "-c", code], stdin=follower, stdout=follower, stderr=follower, cwd=REPO, env=env)
     os.close(follower)
     output = b""
     try:
@@ -253,7 +254,7 @@ train(load_config(tree=tree), argv=["test"])
 @pytest.mark.slow
 def test_training_in_a_terminal_has_no_colour_under_no_color(tmp_path):
     code = TRAINING_IN_A_TERMINAL.replace("sys.argv[1]", repr(str(tmp_path / "runs")))
-    plain, _, no_color = in_terminal(code, None).partition(b"=== NO_COLOR ===")
+    plain, _, no_color = in_terminal(code, None, start=forked.popen).partition(b"=== NO_COLOR ===")
     assert COLOUR.search(plain)  # Keras' bar on a terminal is coloured
     assert re.search(rb"2/2 - \d+s", no_color), no_color  # the one line per epoch of verbose=2
     assert not COLOUR.search(no_color), no_color
