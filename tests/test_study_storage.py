@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import select
 import shutil
 import signal
 import subprocess
@@ -154,14 +155,17 @@ def test_the_study_lock_on_a_server_is_one_lock_for_every_worker(postgres_url, t
     first, second = study_lock(config, postgres_url), study_lock(config, postgres_url)
     assert isinstance(first, AdvisoryLock) and first.key == second.key
     code = ("import sys; from shared.tuning.storage import AdvisoryLock; lock = AdvisoryLock(sys.argv[1], 'x'); "
-            "lock.key = int(sys.argv[2]); lock.acquire(); print('locked', flush=True); sys.stdin.read()")
+            "lock.key = int(sys.argv[2]); print('asking', flush=True); lock.acquire(); print('locked', flush=True); "
+            "sys.stdin.read()")
     with first, first:  # re-entrant within a worker
         holder = forked.popen([sys.executable, "-c", code, postgres_url, str(first.key)], cwd=REPO, env=ENV,
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        time.sleep(3.0)
-        assert holder.poll() is None  # another worker waits while this one holds it
+        said = holder.stdout.fileno()  # read raw: a buffered reader could take "locked" in with "asking"
+        assert os.read(said, 100) == b"asking\n"
+        assert not select.select([said], [], [], 1.0)[0]  # another worker waits while this one holds it
     try:
-        assert holder.stdout.readline() == "locked\n"  # ... and takes it once released
+        # ... and takes it once released
+        assert select.select([said], [], [], 30)[0] and os.read(said, 100) == b"locked\n"
         holder.send_signal(signal.SIGKILL)  # a worker that dies holding it: the server drops its lock
         holder.wait(timeout=30)
         started = time.monotonic()
