@@ -149,6 +149,17 @@ def test_two_machines_share_a_postgres_study_and_a_killed_worker_s_trial_is_run_
     assert "trial" in out
 
 
+def line_of(fd: int, timeout: float = 30) -> bytes:
+    """The next line a process writes to the pipe `fd`, read a byte at a time: nothing after it is taken."""
+    line = b""
+    while not line.endswith(b"\n") and select.select([fd], [], [], timeout)[0]:
+        byte = os.read(fd, 1)
+        if not byte:
+            break
+        line += byte
+    return line
+
+
 @pytest.mark.slow
 def test_the_study_lock_on_a_server_is_one_lock_for_every_worker(postgres_url, tmp_path, one_conv_model):
     config = load_config(recipe(one_conv_model, tmp_path / "runs", postgres_url))
@@ -157,22 +168,22 @@ def test_the_study_lock_on_a_server_is_one_lock_for_every_worker(postgres_url, t
     code = ("import sys; from shared.tuning.storage import AdvisoryLock; lock = AdvisoryLock(sys.argv[1], 'x'); "
             "lock.key = int(sys.argv[2]); print('asking', flush=True); lock.acquire(); print('locked', flush=True); "
             "sys.stdin.read()")
-    with first, first:  # re-entrant within a worker
-        holder = forked.popen([sys.executable, "-c", code, postgres_url, str(first.key)], cwd=REPO, env=ENV,
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        said = holder.stdout.fileno()  # read raw: a buffered reader could take "locked" in with "asking"
-        assert os.read(said, 100) == b"asking\n"
-        assert not select.select([said], [], [], 1.0)[0]  # another worker waits while this one holds it
+    holder = None
     try:
-        # ... and takes it once released
-        assert select.select([said], [], [], 30)[0] and os.read(said, 100) == b"locked\n"
+        with first, first:  # re-entrant within a worker
+            holder = forked.popen([sys.executable, "-c", code, postgres_url, str(first.key)], cwd=REPO, env=ENV,
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            said = holder.stdout.fileno()  # read raw: a buffered reader could take "locked" in with "asking"
+            assert line_of(said) == b"asking\n"
+            assert not select.select([said], [], [], 1.0)[0]  # another worker waits while this one holds it
+        assert line_of(said) == b"locked\n"  # ... and takes it once released
         holder.send_signal(signal.SIGKILL)  # a worker that dies holding it: the server drops its lock
         holder.wait(timeout=30)
         started = time.monotonic()
         with second:
             assert time.monotonic() - started < 10
     finally:
-        if holder.poll() is None:
+        if holder is not None and holder.poll() is None:
             holder.kill()
 
 
