@@ -111,7 +111,9 @@ def normalizer(mean: list[float], std: list[float], enabled: bool, image_size: i
     return graph_code(lambda image: (image - offset) * scale)
 
 
-@functools.lru_cache(maxsize=64)
+# Few: a traced decoder holds thousands of Python objects for as long as it is cached, and every full garbage
+# collection walks them all; a process uses one or two views (a loop's, a study's), a test process dozens.
+@functools.lru_cache(maxsize=2)
 def encoded_eval_view(image_size: int, crop_fraction: float, channels: int, max_pixels: int | None,
                       dct_scaling: bool, whole: bool = False):
     """`eval_view` of an encoded image (a tf.string scalar) and the name a refusal gives it, as one `tf.function`
