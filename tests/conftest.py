@@ -15,20 +15,21 @@ from types import ModuleType
 from typing import Callable
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-# pytest-xdist runs several workers side by side; TensorFlow sizes each of its thread pools to every core, so N
-# workers would run N times the threads the cores have and spin on each other. Each worker (and what it starts:
-# forked commands and subprocesses inherit the environment) gets its share of the cores instead. Read when
-# TensorFlow makes its first context, so setting it here, before any test runs an op, is in time.
-_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-if _WORKERS > 1:
-    _share = str(max(1, len(os.sched_getaffinity(0)) // _WORKERS))
-    os.environ.setdefault("TF_NUM_INTRAOP_THREADS", _share)
-    os.environ.setdefault("TF_NUM_INTEROP_THREADS", _share)
 
 import pytest
 
 from shared import runs
 from shared.modelzoo import MODELS_DIR
+
+# pytest-xdist runs several workers side by side; TensorFlow sizes each of its thread pools to every core, so N
+# workers would run N times the threads the cores have and spin on each other. Each worker (and what it starts:
+# forked commands and subprocesses inherit the environment) gets its share of the cores instead. Read when
+# TensorFlow makes its first context, so setting it here, after importing it but before any test runs an op, is in time.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    _share = str(max(1, len(os.sched_getaffinity(0)) // _WORKERS))
+    os.environ.setdefault("TF_NUM_INTRAOP_THREADS", _share)
+    os.environ.setdefault("TF_NUM_INTEROP_THREADS", _share)
 
 REPO = Path(__file__).resolve().parent.parent
 
