@@ -17,6 +17,7 @@ import zipfile
 from pathlib import Path
 from types import ModuleType
 
+from shared import keras_saving
 from shared.errors import UserError
 from shared.names import check_plain_name
 
@@ -107,6 +108,7 @@ def resolve_hparams(module: ModuleType, hparams: dict, where: str = "") -> dict:
 
 def build_model(module: ModuleType, num_classes: int, input_shape: tuple, hparams: dict):
     """Call the model's `build`; a ValueError from it (a bad depth, say) is the user's to fix."""
+    keras_saving.install()  # the model's checkpoints save and load without Keras redoing its skip sets per layer
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in hparams.items()}
     try:
         return module.build(num_classes=num_classes, input_shape=tuple(input_shape), **kwargs)

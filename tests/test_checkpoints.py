@@ -435,3 +435,27 @@ def test_prune_script_never_deletes_best_or_interrupted(tmp_path):
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in folder.iterdir()) == ["best.keras", "epoch-0003.keras", "interrupted.keras"]
+
+
+def test_a_checkpoint_save_after_a_model_build_makes_no_reference_objects(tmp_path, monkeypatch):
+    """Keras stores each kind of object's attribute skip set under one key and looks it up under another
+    (shared/keras_saving.py), so each save made a plain `Layer()` per layer it walked. Building a model through the
+    model zoo keeps the sets: a second save makes none, also after `clear_session`."""
+    import keras
+    from keras.src.layers.layer import Layer
+    from keras.src.saving import saving_lib
+
+    from shared.modelzoo import MODELS_DIR, build_model, load_model_module
+
+    model = build_model(load_model_module(MODELS_DIR / "resnet"), 4, (16, 16, 3),
+                        {"depth": 18, "width": 4, "small_input": True})
+    model.save(tmp_path / "first.keras")
+    keras.backend.clear_session(free_memory=False)
+    made = []
+    init = Layer.__init__
+    monkeypatch.setattr(Layer, "__init__", lambda self, *a, **k: (made.append(1) if type(self) is Layer else None,
+                                                                   init(self, *a, **k))[1])
+    model.save(tmp_path / "second.keras")
+    model.load_weights(tmp_path / "second.keras")
+    assert made == []
+    assert saving_lib.get_attr_skipset("Layer") is saving_lib.get_attr_skipset("Layer")
