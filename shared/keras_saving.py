@@ -6,7 +6,8 @@ per kind and keep them, but it stores each under `saving_attr_skipset_<kind>` an
 `saving_attr_skiplist_<kind>` (Keras 3.15), so it never finds one: every layer of every checkpoint makes a fresh
 reference `Layer()` and lists its attributes again. `install` keeps each kind's set once per process, where that
 lookup misses; a Keras that finds its own stored sets is left as it is. The sets depend only on Keras' classes, so
-one per kind is what Keras intends. scripts/bench_checkpoint.py measures a save and a load with and without it.
+one per kind is what Keras intends. scripts/bench_checkpoint.py measures a save and a load with and without it
+(Keras' own function is the installed one's `__wrapped__`).
 """
 
 from __future__ import annotations
@@ -27,9 +28,3 @@ def install() -> None:
         return
     saving_lib.get_attr_skipset = functools.cache(skipset)
 
-
-def uninstall() -> None:
-    """Keras' own lookup again (for scripts/bench_checkpoint.py, which measures both)."""
-    from keras.src.saving import saving_lib
-
-    saving_lib.get_attr_skipset = getattr(saving_lib.get_attr_skipset, "__wrapped__", saving_lib.get_attr_skipset)
